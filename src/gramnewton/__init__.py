@@ -1,0 +1,21 @@
+"""gramnewton: the Gram-Gauss-Newton method for training neural networks on regression tasks."""
+
+from .kernels import GramEngine, GramSystem, ReferenceEngine
+from .optim import GramGaussNewton, check_per_sample_independence
+from .solve import SingularGramError, SolveInfo, damped_solve
+from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
+
+__all__ = [
+    "GramEngine",
+    "GramGaussNewton",
+    "GramGaussNewtonStep",
+    "GramSystem",
+    "ReferenceEngine",
+    "SingularGramError",
+    "SolveInfo",
+    "apply_direction",
+    "check_per_sample_independence",
+    "damped_solve",
+    "full_batch_step",
+    "gram_gauss_newton_direction",
+]

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``gramnewton`` CLI (the only package code that prints)."""

