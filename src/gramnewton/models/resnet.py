@@ -16,7 +16,6 @@ average pooling).
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -27,6 +26,7 @@ from .layers import ScalarBias, ScalarScale
 from .registry import register_model
 
 STAGE_WIDTHS = (16, 32, 64)
+LAYERS_PER_BRANCH = 2  # Fixup's m: two convolutions per residual branch
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -117,19 +117,24 @@ class ResNet(nn.Module):
         return lambda channels: nn.GroupNorm(min(groups, channels), channels)
 
     def reset_parameters(self) -> None:
-        """He initialisation; for Fixup, the rescaled branches and zero-initialised layers."""
+        """He initialisation (``fan_out``); for Fixup, the rescaled branches and zero-initialised layers."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if self.norm == "fixup":
-            self.zero_init_last()
+            self.fixup_init()
 
-    def zero_init_last(self) -> None:
-        """Fixup: scale ``conv1`` of each branch by ``L^(-1/2)``, zero ``conv2`` and the final layer."""
+    @torch.no_grad()
+    def fixup_init(self) -> None:
+        """Fixup rules 1-2 on top of He init: zero ``conv2`` of each branch and the final layer,
+        scale the other branch convolution by ``L^(-1/(2m-2))``.
+
+        The official code (hongyi-zhang/Fixup, ``fixup_resnet_cifar.py``) draws ``conv1`` with
+        std ``sqrt(2 / (cout * 9)) * L^(-1/2)``, i.e. He ``fan_out`` rescaled, which this matches.
+        """
+        branch_scale = self.num_branches ** (-1.0 / (2 * LAYERS_PER_BRANCH - 2))
         for block in self.blocks:
-            fan_in = block.conv1.weight[0].numel()
-            std = math.sqrt(2.0 / fan_in) * self.num_branches ** (-0.5)
-            nn.init.normal_(block.conv1.weight, 0.0, std)
+            block.conv1.weight.mul_(branch_scale)
             nn.init.zeros_(block.conv2.weight)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
