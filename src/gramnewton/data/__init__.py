@@ -1,7 +1,21 @@
-"""Regression data sets: the embedded rotated-digit tasks and loaders for the paper's data."""
+"""Regression data sets: the embedded rotated-digit tasks, the rotated Fashion-MNIST stand-in,
+loaders for local copies of AFAD-Lite and RSNA Bone Age, and tabular sets."""
 
-from . import rotated  # noqa: F401  (registers the builders)
+from . import afad, fashion, rotated, rsna, tabular  # noqa: F401  (registers the builders)
+from .bad import BadDataError
 from .base import TargetScale, TensorRegressionDataset
+from .cache import default_cache_dir
+from .idx import IDXError, read_idx
 from .registry import get_dataset, list_datasets, register_dataset
 
-__all__ = ["TargetScale", "TensorRegressionDataset", "get_dataset", "list_datasets", "register_dataset"]
+__all__ = [
+    "BadDataError",
+    "IDXError",
+    "TargetScale",
+    "TensorRegressionDataset",
+    "default_cache_dir",
+    "get_dataset",
+    "list_datasets",
+    "read_idx",
+    "register_dataset",
+]

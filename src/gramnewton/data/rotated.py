@@ -41,6 +41,16 @@ def rotate(images: Tensor, degrees: Tensor) -> Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def random_angles(n: int, generator: torch.Generator) -> Tensor:
+    """``(n,)`` float64 angles drawn uniformly from ``[-MAX_ANGLE, MAX_ANGLE]`` degrees."""
+    return (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * MAX_ANGLE
+
+
+def rotated_dataset(images: Tensor, angles: Tensor, name: str) -> TensorRegressionDataset:
+    """``images`` ``(n, C, H, W)`` rotated by ``angles`` ``(n,)`` degrees, target ``angle / MAX_ANGLE``."""
+    return TensorRegressionDataset(rotate(images, angles), (angles / MAX_ANGLE).float(), ANGLE_SCALE, name)
+
+
 def rotated_split(images: Tensor, split: str, seed: int, name: str) -> TensorRegressionDataset:
     """Rotate every image by a seeded angle and return the ``split`` part.
 
@@ -51,12 +61,11 @@ def rotated_split(images: Tensor, split: str, seed: int, name: str) -> TensorReg
     """
     gen = torch.Generator().manual_seed(seed)
     n = images.shape[0]
-    angles = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * MAX_ANGLE
+    angles = random_angles(n, gen)
     order = torch.randperm(n, generator=gen)
     n_train = int(round(TRAIN_FRACTION * n))
     index = order[:n_train] if split == "train" else order[n_train:]
-    rotated = rotate(images[index], angles[index])
-    return TensorRegressionDataset(rotated, (angles[index] / MAX_ANGLE).float(), ANGLE_SCALE, name)
+    return rotated_dataset(images[index], angles[index], name)
 
 
 @lru_cache(maxsize=1)
