@@ -1,6 +1,7 @@
 """gramnewton: the Gram-Gauss-Newton method for training neural networks on regression tasks."""
 
-from .kernels import GramEngine, GramSystem, ReferenceEngine
+from .convert import convert_batchnorm
+from .kernels import GramEngine, GramSystem, HooksEngine, ReferenceEngine
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
@@ -10,11 +11,13 @@ __all__ = [
     "GramGaussNewton",
     "GramGaussNewtonStep",
     "GramSystem",
+    "HooksEngine",
     "ReferenceEngine",
     "SingularGramError",
     "SolveInfo",
     "apply_direction",
     "check_per_sample_independence",
+    "convert_batchnorm",
     "damped_solve",
     "full_batch_step",
     "gram_gauss_newton_direction",

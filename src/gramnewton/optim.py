@@ -58,8 +58,8 @@ class GramGaussNewton(Optimizer):
         lam: scale of the Gram matrix.
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``.
-        engine: ``"auto"`` (fastest supported), ``"reference"`` (dense Jacobian, any model), or
-            an engine instance.
+        engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
+            ``"reference"`` (dense Jacobian, any model), or an engine instance.
         solve_dtype: dtype of the ``(b*k, b*k)`` solve, e.g. ``torch.float64``.
 
     ``lam`` and ``alpha`` live in ``param_groups`` and must agree across groups (one system is

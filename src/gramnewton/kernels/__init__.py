@@ -2,5 +2,6 @@
 
 from .base import Closure, GramEngine, GramSystem, residuals_2d
 from .functional import ReferenceEngine, jacobian_rows
+from .hooks import HooksEngine
 
-__all__ = ["Closure", "GramEngine", "GramSystem", "ReferenceEngine", "jacobian_rows", "residuals_2d"]
+__all__ = ["Closure", "GramEngine", "GramSystem", "HooksEngine", "ReferenceEngine", "jacobian_rows", "residuals_2d"]

@@ -333,3 +333,15 @@ class HooksEngine:
         call.grads.append(grad)
         if len(call.grads) == self._columns:
             self._finish(call)
+
+
+def supports_any(model: nn.Module, params: Iterable[Tensor]) -> bool:
+    """Whether any of ``params`` belongs to a module of ``model`` that the hooks engine handles."""
+    wanted = {id(p) for p in params}
+    for module in model.modules():
+        handler = handler_for(module)
+        if handler is None or handler.unsupported(module) is not None:
+            continue
+        if any(id(p) in wanted for p in module.parameters(recurse=False)):
+            return True
+    return False

@@ -1,0 +1,53 @@
+"""Model surgery that makes a network usable with Gram-Gauss-Newton."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def group_count(channels: int, groups: int) -> int:
+    """The largest divisor of ``channels`` that is at most ``groups`` (at least 1).
+
+    GroupNorm needs ``channels % groups == 0``; rounding to a divisor avoids both invalid
+    counts and the silent ``GroupNorm(C, C)``-for-small-``C`` mistakes of a fixed rule.
+    """
+    if channels < 1 or groups < 1:
+        raise ValueError(f"channels and groups must be positive, got channels={channels}, groups={groups}")
+    return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
+
+
+def convert_batchnorm(model: nn.Module, groups: int = 8) -> nn.Module:
+    """Replace every BatchNorm (1d/2d/3d, SyncBatchNorm) in ``model`` by GroupNorm, in place.
+
+    BatchNorm in training mode couples the samples of a batch, which the per-sample Gram matrix
+    cannot express; GroupNorm normalises each sample on its own. Each replacement has
+    :func:`group_count` ``(C, groups)`` groups, the same ``eps``, and the BatchNorm's affine
+    parameters copied (so a pretrained scale and shift are kept). Running statistics are dropped.
+
+    Args:
+        model: the network; a bare BatchNorm module is replaced and returned.
+        groups: the wanted number of groups per layer (paper: 8).
+
+    Returns:
+        ``model`` itself, or the new GroupNorm when ``model`` was a BatchNorm.
+    """
+    if isinstance(model, _BatchNorm):
+        return _group_norm_like(model, groups)
+    for name, child in model.named_children():
+        converted = convert_batchnorm(child, groups)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model
+
+
+def _group_norm_like(bn: _BatchNorm, groups: int) -> nn.GroupNorm:
+    channels = bn.num_features
+    gn = nn.GroupNorm(group_count(channels, groups), channels, eps=bn.eps, affine=bn.affine)
+    if bn.affine:
+        gn = gn.to(bn.weight)
+        with torch.no_grad():
+            gn.weight.copy_(bn.weight)
+            gn.bias.copy_(bn.bias)
+    return gn

@@ -1,0 +1,338 @@
+"""The hooks engine against the reference engine and a dense ``torch.func.jacrev`` Jacobian.
+
+Every case runs in float64 under three cost-model settings: as chosen (``auto``), every weight
+materialised (``dense``) and every weight that can be factorised factorised (``factored``), so
+both code paths of each layer are checked. Agreement is required to 1e-10 relative.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+import gramnewton
+from gramnewton.kernels import HooksEngine, ReferenceEngine, layers
+from gramnewton.kernels.select import select_engine
+from gramnewton.models import ScalarBias, ScalarScale, TwoLayerNet, get_model
+
+RTOL = 1e-10
+
+
+class Tied(nn.Module):
+    """Embedding whose weight is shared with the output layer (two supported modules)."""
+
+    def __init__(self, vocab: int = 7, dim: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.out = nn.Linear(dim, vocab)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.emb(idx).mean(1)))
+
+
+class Reused(nn.Module):
+    """One Linear called twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class Foreign(nn.Module):
+    """A parameter used outside its module (``x @ emb.weight.T``): the hooks cannot see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 3)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = torch.tanh(self.emb(idx).mean(1))
+        return h @ self.emb.weight.T
+
+
+class Unknown(nn.Module):
+    """A module with a raw parameter and no handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.w = nn.Parameter(torch.randn(4, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x)) @ self.w
+
+
+def seq(*mods: nn.Module) -> nn.Module:
+    return nn.Sequential(*mods)
+
+
+def images(c: int, h: int, w: int | None = None) -> Callable[[int], Tensor]:
+    return lambda b: torch.randn(b, c, h, h if w is None else w)
+
+
+def tokens(vocab: int, length: int) -> Callable[[int], Tensor]:
+    return lambda b: torch.randint(0, vocab, (b, length))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[int], Tensor]
+    batch: int = 4
+    eval_mode: bool = False
+    reference_params: int = 0  # parameter tensors expected to go to the reference engine
+    extra: dict = field(default_factory=dict)
+
+
+CASES = [
+    Case("linear", lambda: seq(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)), lambda b: torch.randn(b, 5)),
+    Case("linear_nobias_k3", lambda: seq(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)), lambda b: torch.randn(b, 5)),
+    Case("linear_sequence", lambda: seq(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2), nn.Flatten()), lambda b: torch.randn(b, 16, 2)),
+    Case("linear_2_leading_dims", lambda: seq(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten()), lambda b: torch.randn(b, 2, 3, 6)),
+    Case("conv1d", lambda: seq(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(4, 2, 2, dilation=2), nn.Flatten()), lambda b: torch.randn(b, 3, 11)),
+    Case("conv1d_groups_same", lambda: seq(nn.Conv1d(4, 6, 4, padding="same", groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(54, 1)), lambda b: torch.randn(b, 4, 9)),
+    Case("conv2d_stride_pad", lambda: seq(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)), images(3, 8)),
+    Case("conv2d_dilation_nobias", lambda: seq(nn.Conv2d(2, 3, 3, dilation=2, padding=2, bias=False), nn.Tanh(), nn.Conv2d(3, 1, 2, stride=3)), images(2, 8, 7)),
+    Case("conv2d_groups", lambda: seq(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.Tanh(), nn.Conv2d(6, 6, 1, groups=3), nn.Flatten(), nn.Linear(6 * 25, 1)), images(4, 5)),
+    Case("conv2d_same_even_kernel", lambda: seq(nn.Conv2d(2, 3, (4, 2), padding="same"), nn.Tanh(), nn.Conv2d(3, 1, 3, padding="valid")), images(2, 6)),
+    Case("conv2d_reflect_circular", lambda: seq(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh(), nn.Conv2d(3, 1, 3, padding=2, padding_mode="circular", stride=2)), images(2, 6)),
+    Case("conv2d_1x1_wide", lambda: seq(nn.Conv2d(32, 32, 1), nn.Tanh(), nn.Flatten(), nn.Linear(128, 1)), images(32, 2)),
+    Case("conv3d", lambda: seq(nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 3 * 5, 1)), lambda b: torch.randn(b, 2, 4, 4, 4)),
+    Case("groupnorm", lambda: seq(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 1)), images(2, 5)),
+    Case("layernorm", lambda: seq(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.LayerNorm((3, 6)), nn.Flatten(), nn.Linear(18, 2)), lambda b: torch.randn(b, 3, 5)),
+    Case("batchnorm_eval", lambda: seq(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.BatchNorm1d(27), nn.Linear(27, 1)), images(2, 5), eval_mode=True),
+    Case("scalar_bias_scale", lambda: seq(ScalarBias(), nn.Linear(4, 5), ScalarScale(), nn.Tanh(), ScalarBias(), nn.Linear(5, 1)), lambda b: torch.randn(b, 4)),
+    Case("embedding", lambda: seq(nn.Embedding(9, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)), tokens(9, 4)),
+    Case("resnet8_fixup", lambda: get_model("resnet8_fixup"), images(3, 8)),
+    Case("resnet8_gn", lambda: get_model("resnet8_gn", groups=4), images(3, 8)),
+    Case("resnet8_gn_k3", lambda: get_model("resnet8_gn", num_outputs=3), images(3, 8)),
+    Case("wide_mlp", lambda: get_model("mlp", in_channels=6, hidden=(512,), act="tanh"), lambda b: torch.randn(b, 6), batch=8),
+    Case("two_layer_k2", lambda: TwoLayerNet(5, width=64, num_outputs=2), lambda b: torch.randn(b, 5)),
+    Case("reused_module", Reused, lambda b: torch.randn(b, 4)),
+    Case("tied_embedding_output", Tied, tokens(7, 3)),
+    Case("foreign_use", Foreign, tokens(6, 2), reference_params=1),
+    Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
+]
+
+MODES = ("auto", "dense", "factored")
+
+
+def build(case: Case) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = case.model().double()
+    # random perturbation: Fixup zero-initialises layers, which would hide most of the Jacobian
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.train(not case.eval_mode)
+    x = case.inputs(case.batch)
+    x = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        k = model(x).reshape(case.batch, -1).shape[1]
+    return model, x, torch.randn(case.batch, k, dtype=torch.float64)
+
+
+def dense_jacobian(model: nn.Module, x: Tensor, params: list[Tensor]) -> Tensor:
+    """``(b*k, m)`` Jacobian of the flattened outputs by ``torch.func.jacrev``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    values = {names[id(p)]: p.detach() for p in params}
+    jac = jacrev(lambda v: functional_call(model, v, (x,)).reshape(-1))(values)
+    return torch.cat([jac[names[id(p)]].reshape(jac[names[id(p)]].shape[0], -1) for p in params], 1)
+
+
+def assert_close(name: str, got: Tensor, want: Tensor) -> None:
+    scale = want.abs().max().clamp_min(1e-300)
+    err = (got - want).abs()
+    if float(err.max() / scale) > RTOL:
+        bad = (err > RTOL * scale).nonzero()[:10]
+        rows = [f"  {tuple(i.tolist())}: got {float(got[tuple(i)]):.12g}, want {float(want[tuple(i)]):.12g}" for i in bad]
+        pytest.fail(f"{name}: max relative error {float(err.max() / scale):.3g} > {RTOL}\n" + "\n".join(rows))
+
+
+@pytest.fixture
+def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "dense":
+        monkeypatch.setattr(layers, "factored_is_cheaper", lambda *a, **k: False)
+    elif request.param == "factored":
+        monkeypatch.setattr(layers, "factored_is_cheaper", lambda *a, **k: True)
+    return request.param
+
+
+@pytest.mark.parametrize("cost_mode", MODES, indirect=True)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
+    model, x, y = build(case)
+    params = list(model.parameters())
+    closure = lambda: model(x).reshape(case.batch, -1) - y  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = HooksEngine(model, params)
+        fast = engine.compute(closure)
+    routed = [w for w in caught if "reference engine" in str(w.message)]
+    assert bool(routed) == bool(case.reference_params), [str(w.message) for w in caught]
+    reference = ReferenceEngine(params).compute(closure)
+    jac = dense_jacobian(model, x, params)
+    v = torch.randn(fast.gram.shape[0], dtype=torch.float64)
+    jt_fast = torch.cat([t.reshape(-1) for t in fast.jt_times(v)])
+    assert [t.shape for t in fast.jt_times(v)] == [p.shape for p in params]
+    assert_close("residuals", fast.residuals, reference.residuals)
+    assert_close("gram vs reference", fast.gram, reference.gram)
+    assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
+    assert_close("J^T v vs reference", jt_fast, torch.cat([t.reshape(-1) for t in reference.jt_times(v)]))
+    assert_close("J^T v vs jacrev", jt_fast, jac.T @ v)
+
+
+def test_cost_model_picks_factors_for_the_wide_two_layer_net() -> None:
+    # Linear(10 -> 4096) at b=128: factorised b^2 (in + out) is far below b^2 in out.
+    assert layers.factored_is_cheaper(128, 1, 10, 4096)
+    # a 3x3 convolution of a ResNet at 32x32: materialised per-sample gradients win
+    assert not layers.factored_is_cheaper(128, 1024, 16 * 9, 16, unfold=True)
+
+
+def test_closure_calling_the_model_twice() -> None:
+    torch.manual_seed(0)
+    model = seq(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    closure = lambda: (model(x1) - model(x2)).squeeze(1)  # noqa: E731
+    fast, ref = HooksEngine(model).compute(closure), ReferenceEngine(list(model.parameters())).compute(closure)
+    assert_close("gram", fast.gram, ref.gram)
+
+
+def test_parameters_the_residuals_do_not_use_get_zeros() -> None:
+    model = seq(nn.Linear(3, 1), nn.Linear(3, 1)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    system = HooksEngine(model).compute(lambda: model[0](x).squeeze(1))
+    update = system.jt_times(torch.ones(4, dtype=torch.float64))
+    assert all(bool((u == 0).all()) for u in update[2:])
+
+
+def test_frozen_parameters_are_left_out() -> None:
+    model = seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    params = [model[0].weight, model[2].bias]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    closure = lambda: model(x).squeeze(1)  # noqa: E731
+    fast, ref = HooksEngine(model, params).compute(closure), ReferenceEngine(params).compute(closure)
+    assert_close("gram", fast.gram, ref.gram)
+
+
+def test_batchnorm_in_training_mode_raises() -> None:
+    model = seq(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.Flatten(), nn.Linear(18, 1))
+    with pytest.raises(ValueError, match="BatchNorm2d in training mode"):
+        HooksEngine(model).compute(lambda: model(torch.randn(4, 1, 5, 5)).squeeze(1))
+
+
+def test_routing_warns_once_per_engine() -> None:
+    model = Unknown()
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="no handler for Unknown"):
+        engine = HooksEngine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.compute(lambda: model(x)[:, 0])
+    assert list(engine.reference_reasons) == [0]  # `w` is registered before the Linear's parameters
+
+
+def test_batch_not_in_dimension_zero_is_routed() -> None:
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)  # Linear sees (b*4, 3) after the reshape below
+    closure = lambda: model(x.reshape(-1, 3)).reshape(5, -1)  # noqa: E731
+    engine = HooksEngine(model)
+    with pytest.warns(UserWarning, match="batch"):
+        fast = engine.compute(closure)
+    assert_close("gram", fast.gram, ReferenceEngine(list(model.parameters())).compute(closure).gram)
+
+
+def test_input_modified_in_place_raises() -> None:
+    lin = nn.Linear(3, 3)
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = x * 1.0
+            out = self.lin(h)
+            h.mul_(2.0)  # Linear does not save its input for the input gradient: autograd is silent
+            return out.sum(1) + h.sum(1)
+
+    model = InPlace()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        HooksEngine(model).compute(lambda: model(torch.randn(4, 3)))
+
+
+def test_hooks_are_removed_and_do_not_fire_later() -> None:
+    model = seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(4, 3)
+    HooksEngine(model).compute(lambda: model(x).squeeze(1))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    model(x).sum().backward()  # an ordinary backward afterwards is unaffected
+    assert model[0].weight.grad is not None
+
+
+def test_select_engine_and_optimizer_default() -> None:
+    model = get_model("resnet8_fixup")
+    params = list(model.parameters())
+    assert isinstance(select_engine(params, model, "auto"), HooksEngine)
+    assert isinstance(select_engine(params, model, "hooks"), HooksEngine)
+    assert isinstance(select_engine(params, None, "auto"), ReferenceEngine)
+    assert isinstance(gramnewton.GramGaussNewton(model).engine, HooksEngine)
+    with pytest.raises(ValueError, match="needs the model"):
+        select_engine(params, None, "hooks")
+    raw = Unknown()
+    assert isinstance(select_engine([raw.w], raw, "auto"), ReferenceEngine)
+
+
+def test_optimizer_step_matches_reference_engine() -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    results = []
+    for engine in ("auto", "reference"):
+        torch.manual_seed(2)
+        model = get_model("resnet8_gn", groups=4).double()
+        opt = gramnewton.GramGaussNewton(model, alpha=0.1, weight_decay=1e-3, engine=engine)
+        opt.step(lambda: model(x).squeeze(1) - y)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert_close("parameters after one step", results[0], results[1])
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "expected"), [(16, 8, 8), (6, 4, 3), (7, 8, 7), (7, 4, 1), (12, 5, 4), (3, 8, 3), (64, 32, 32)]
+)
+def test_group_count(channels: int, groups: int, expected: int) -> None:
+    from gramnewton.convert import group_count
+
+    assert group_count(channels, groups) == expected
+
+
+def test_convert_batchnorm_replaces_every_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = get_model("resnet8_bn")
+    bn = model.norm1
+    with torch.no_grad():
+        bn.weight.uniform_()
+    out = gramnewton.convert_batchnorm(model, groups=8)
+    assert out is model
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert isinstance(model.norm1, nn.GroupNorm) and model.norm1.num_groups == 8
+    assert torch.equal(model.norm1.weight, bn.weight)
+    engine = gramnewton.GramGaussNewton(model).engine
+    assert isinstance(engine, HooksEngine) and not engine.reference_reasons
+
+
+def test_convert_batchnorm_bare_module_and_odd_channels() -> None:
+    gn = gramnewton.convert_batchnorm(nn.BatchNorm1d(6, affine=False), groups=4)
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 3 and not gn.affine
+    with pytest.raises(ValueError, match="positive"):
+        gramnewton.convert_batchnorm(nn.BatchNorm2d(4), groups=0)
