@@ -21,6 +21,16 @@ from gramnewton.data.fashion import DEFAULT_ROOT
 from gramnewton.data.rotated import rotate
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these ops are tiny, and on a shared machine OpenMP threads that wait
+    for each other make them up to 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_registry_lists_every_dataset() -> None:
     expected = {"rotated-digits", "rotated-mnist", "rotated-fashion-mnist", "afad-lite", "rsna-bone-age", "diabetes", "concrete", "diamonds"}
     assert set(list_datasets()) == expected
@@ -407,8 +417,9 @@ def test_rsna_bad_row_named_or_skipped(tmp_path: Path, row: list[str], message: 
 def test_rsna_corrupt_png_named_or_skipped(tmp_path: Path) -> None:
     images = rsna_tree(tmp_path)
     (images / "1380.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(BadDataError, match="1380.png"):
+    with pytest.raises(BadDataError, match="1380.png") as info:
         load_rsna(tmp_path)
+    assert "boneage-training-dataset.csv, row 5" in str(info.value)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         parts = load_rsna(tmp_path, skip_bad=True)

@@ -10,7 +10,9 @@ import argparse
 import importlib
 from typing import Sequence
 
-COMMAND_MODULES = ("gramnewton.commands.demo",)
+COMMAND_MODULES = (
+    "gramnewton.commands.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

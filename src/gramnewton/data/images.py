@@ -27,7 +27,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """
     pixels = np.asarray(image, dtype=np.float64)
     peak = pixels.max() if pixels.size else 0.0
-    return Image.fromarray(np.round(pixels * (255.0 / peak if peak > 0 else 0.0)).astype(np.uint8), "L")
+    return Image.fromarray(np.round(pixels * (255.0 / peak if peak > 0 else 0.0)).astype(np.uint8))
 
 
 def decode_image(path: Path, size: int, mode: str) -> np.ndarray:
@@ -40,7 +40,7 @@ def decode_image(path: Path, size: int, mode: str) -> np.ndarray:
         image.draft(mode, (size, size))
         if image.mode.startswith("I"):
             image = _to_8bit(image)
-        pixels = np.asarray(image.convert(mode).resize((size, size), Image.Resampling.BILINEAR))
+        pixels = np.asarray(image.convert(mode).resize((size, size), Image.BILINEAR))
     return pixels.reshape(size, size, CHANNELS[mode]).transpose(2, 0, 1)
 
 
@@ -52,8 +52,12 @@ def load_images(
     bad: BadItems,
     cache: bool = True,
     cache_dir: str | Path | None = None,
+    sources: Sequence[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode ``paths`` (or read them from the cache) and report the unreadable ones to ``bad``.
+
+    ``sources`` optionally says where each path came from (``"labels.csv, row 7"``), so a
+    report names the row as well as the file.
 
     Returns:
         ``images`` ``(n_ok, C, size, size)`` uint8 and ``keep`` ``(len(paths),)`` bool, true for
@@ -65,23 +69,26 @@ def load_images(
     def build() -> Entry:
         images = np.zeros((len(paths), CHANNELS[mode], size, size), dtype=np.uint8)
         keep = np.ones(len(paths), dtype=bool)
-        failed: list[list[str]] = []
+        failed: list[tuple[int, str]] = []
         for i, path in enumerate(tqdm(paths, desc=f"decoding {name}", unit="img", leave=False, disable=None)):
             try:
                 images[i] = decode_image(path, size, mode)
             except DECODE_ERRORS as exc:
                 reason = f"cannot decode image ({type(exc).__name__}: {exc})"
                 if not bad.skip_bad:
-                    bad.report(str(path), reason)  # raises at once: no point decoding the rest
+                    bad.report(describe(i), reason)  # raises at once: no point decoding the rest
                 keep[i] = False
-                failed.append([str(path), reason])
+                failed.append((i, reason))
         kept = images if keep.all() else images[keep]  # no 0.7 GB copy in the common case
         return {"images": torch.from_numpy(kept), "keep": torch.from_numpy(keep), "failed": failed}
+
+    def describe(i: int) -> str:
+        return f"{paths[i]} ({sources[i]})" if sources is not None else str(paths[i])
 
     params = {"size": size, "mode": mode, "version": 1}
     entry = cached(name, paths, params, build, cache_dir) if cache else build()
     # Failures are reported here, also for a cache hit, so skip_bad=False still refuses a
     # cached entry that was built with skip_bad=True.
-    for path, reason in entry["failed"]:
-        bad.report(path, reason)
+    for i, reason in entry["failed"]:
+        bad.report(describe(int(i)), reason)
     return entry["images"], entry["keep"]

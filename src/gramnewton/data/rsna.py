@@ -35,10 +35,11 @@ BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 
 class Record(NamedTuple):
-    """One usable CSV row: the image file and its bone age in months."""
+    """One usable CSV row: the image file, its bone age in months, and where the row is."""
 
     image: Path
     months: float
+    row: str
 
 
 def training_image_dir(root: Path) -> Path:
@@ -110,7 +111,7 @@ def _parse_row(
     if image_id not in images:
         bad.report(at, f"no image {image_id}.png for id {image_id!r}")
         return None
-    return Record(images[image_id], months)
+    return Record(images[image_id], months, at)
 
 
 def png_index(folders: list[Path]) -> dict[str, Path]:
@@ -160,7 +161,9 @@ def rsna_bone_age(
         parts = {p: [train_rows[i] for i in split_indices(len(train_rows), p, seed)] for p in ("train", "test")}
     scale = fit_scale(torch.tensor([r.months for r in parts["train"] if r is not None]), "months")
     records = [r for r in parts[split] if r is not None]
-    images, keep = load_images(f"rsna-bone-age-{split}", [r.image for r in records], size, "L", bad, cache=cache, cache_dir=cache_dir)
+    images, keep = load_images(
+        f"rsna-bone-age-{split}", [r.image for r in records], size, "L", bad, cache, cache_dir, [r.row for r in records]
+    )
     bad.warn()
     months = torch.tensor([r.months for r in records], dtype=torch.float64)[keep]
     targets = ((months - scale.mean) / scale.std).float()

