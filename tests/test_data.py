@@ -21,10 +21,11 @@ from gramnewton.data.fashion import DEFAULT_ROOT
 from gramnewton.data.rotated import rotate
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: these ops are tiny, and on a shared machine OpenMP threads that wait
-    for each other make them up to 100x slower."""
+    for each other make them up to 100x slower. (Runs after conftest's autouse fixture, which
+    sets the thread count for every test.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
