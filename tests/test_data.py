@@ -180,6 +180,9 @@ def test_afad_counts_labels_split(tmp_path: Path) -> None:
     assert (len(train), len(test)) == (10, 2)  # 12 images, round(0.8 * 12) = 10
     x, y = train[0]
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+    xb, yb = train[torch.tensor([0, 2, 4])]  # batches are read with an index tensor
+    assert xb.shape == (3, 3, 64, 64) and xb.dtype == torch.float32 and yb.shape == (3,)
+    assert train.inputs.dtype == torch.uint8  # stored compactly
     # Targets are normalised by the training ages; the scale maps them back to years.
     assert train.scale.unit == "years"
     assert train.scale.mean == pytest.approx(np.mean(ages_of(train)))
