@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from .base import Closure, GramSystem, residuals_2d
 from .functional import jacobian_rows, split_like
@@ -46,12 +45,13 @@ class _Call:
 
     module: nn.Module
     handler: LayerHandler
-    input: Tensor | None
+    input: Tensor | None  # None when the handler does not need it
     version: int
-    output_rows: int
+    rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
     edge: GradientEdge
     params: dict[str, Tensor] = field(default_factory=dict)
     grads: list[Tensor] = field(default_factory=list)
+    done: bool = False
 
 
 class _ForeignUse(TorchFunctionMode):
@@ -64,10 +64,12 @@ class _ForeignUse(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         current = self.stack[-1] if self.stack else None
-        for leaf in tree_flatten((args, kwargs))[0]:
-            owner = self.owners.get(id(leaf)) if isinstance(leaf, Tensor) else None
-            if owner is not None and current not in owner:
-                self.found.add(id(leaf))
+        for arg in (*args, *kwargs.values()):
+            # parameters reach operations directly or in a flat list (torch.cat, F.linear's args)
+            for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
+                owner = self.owners.get(id(leaf))
+                if owner is not None and current not in owner:
+                    self.found.add(id(leaf))
         return func(*args, **kwargs)
 
 
@@ -157,6 +159,7 @@ class HooksEngine:
         self.last_timings: dict[str, float] = {}
         self._finish: Any = None  # set only while this engine's own backward pass runs
         self._columns = 1
+        self._expected: set[int] = set()
 
     @property
     def hooked_modules(self) -> list[nn.Module]:
@@ -222,7 +225,9 @@ class HooksEngine:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return  # e.g. run under no_grad: nothing to differentiate
             x = args[0] if args else next(iter(kwargs.values()))
-            call = _Call(module, handler, x.detach(), x._version, output.shape[0] if output.dim() else 0, get_gradient_edge(output), dict(own))
+            rows = (x.shape[0] if x.dim() else 0, output.shape[0] if output.dim() else 0)
+            kept = x.detach() if handler.needs_input else None
+            call = _Call(module, handler, kept, x._version, rows, get_gradient_edge(output), dict(own))
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -243,8 +248,7 @@ class HooksEngine:
         exactly; returns the ids of all reference parameters."""
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
         for call in calls:
-            rows = call.input.shape[0] if call.input.dim() else 0
-            if rows != b or call.output_rows != b:
+            if call.rows != (b, b):
                 for p in call.params.values():
                     dynamic.setdefault(id(p), f"{type(call.module).__name__} input/output do not have the batch ({b}) as dimension 0")
         new = {i: r for i, r in dynamic.items() if i not in self._warned}
@@ -282,14 +286,14 @@ class HooksEngine:
 
         def finish(call: _Call) -> None:
             a, grads = call.input, call.grads
-            call.input, call.grads = None, []  # free the factors as soon as they are used
-            if a._version != call.version:
+            call.input, call.grads, call.done = None, [], True  # free the factors as soon as they are used
+            if a is not None and a._version != call.version:
                 raise RuntimeError(
                     f"the input of a {type(call.module).__name__} was modified in place after the module used it; "
                     "the hooks engine needs it unchanged (avoid in-place operations on it)"
                 )
             g = grads[0] if k == 1 else torch.stack(grads, 1).flatten(0, 1)
-            if k > 1:  # one row per (sample, output): the sample's input is shared by its k rows
+            if k > 1 and a is not None:  # one row per (sample, output): the sample's input is shared by its k rows
                 a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
             names = call.params
             t0 = time.perf_counter()
@@ -309,13 +313,13 @@ class HooksEngine:
                 timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
-        self._finish, self._columns = finish, k
+        self._finish, self._columns, self._expected = finish, k, {id(c) for c in expected}
         try:
             for c in range(k):
                 torch.autograd.grad(residuals[:, c].sum(), inputs=sinks, retain_graph=c < k - 1)
         finally:
             self._finish = None
-        missing = [c for c in expected if c.input is not None]
+        missing = [c for c in expected if not c.done]
         if missing:
             raise RuntimeError(
                 f"the backward pass did not reach {len(missing)} hooked module call(s) "
@@ -328,7 +332,7 @@ class HooksEngine:
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:
         # Gated: the hooks stay on the outputs and fire again in any other backward pass.
-        if self._finish is None or call.input is None or not call.params:
+        if self._finish is None or call.done or id(call) not in self._expected:
             return
         call.grads.append(grad)
         if len(call.grads) == self._columns:

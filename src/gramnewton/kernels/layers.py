@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,14 @@ class Factored:
     def jt_times(self, v: Tensor) -> Tensor:
         """``sum_i v_i sum_s g_is a_is^T`` flattened, ``(groups * kout * kin,)``."""
         n, groups, positions, kin = self.a.shape
-        weighted = (self.g * v.view(n, 1, 1, 1)).transpose(0, 1).reshape(groups, n * positions, -1)
-        return torch.bmm(weighted.transpose(1, 2), self.a.transpose(0, 1).reshape(groups, n * positions, kin)).reshape(-1)
+        kout = self.g.shape[3]
+        # weight the smaller factor by v
+        a, g = (self.a * v.view(n, 1, 1, 1), self.g) if kin <= kout else (self.a, self.g * v.view(n, 1, 1, 1))
+        if groups == 1:
+            return (g.reshape(n * positions, kout).T @ a.reshape(n * positions, kin)).reshape(-1)
+        a = a.transpose(0, 1).reshape(groups, n * positions, kin)
+        g = g.transpose(0, 1).reshape(groups, n * positions, kout)
+        return torch.bmm(g.transpose(1, 2), a).reshape(-1)
 
     def dense(self) -> Dense:
         """The per-sample gradients, ``(n, groups * kout * kin)``."""
@@ -123,17 +129,20 @@ class LayerHandler:
         unsupported: ``module -> reason`` when this instance cannot be handled exactly
             (its parameters then go to the reference engine), ``None`` when it can.
         check: raises when the module must not be used for GGN at all (BatchNorm in training).
+        needs_input: False when ``contributions`` ignores ``a`` (it then gets ``None``): the
+            engine must not keep such an input alive, autograd may free it early.
     """
 
     contributions: Contributions
     unsupported: Callable[[nn.Module], "str | None"] = lambda module: None
     check: Callable[[nn.Module], None] = lambda module: None
+    needs_input: bool = True
 
 
 HANDLERS: dict[type, LayerHandler] = {}
 
 
-def register_handler(*types: type, **options: Callable) -> Callable[[Contributions], Contributions]:
+def register_handler(*types: type, **options: Any) -> Callable[[Contributions], Contributions]:
     """Register ``contributions`` for exactly these module types (subclasses are not matched:
     a subclass may change ``forward``)."""
 
@@ -157,8 +166,8 @@ def _sum_to_rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1, keepdim=True)
 
 
-@register_handler(ScalarBias)
-def _scalar_bias(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+@register_handler(ScalarBias, needs_input=False)
+def _scalar_bias(module: nn.Module, a: Tensor | None, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     # d(x + b)/db sums the output gradient over every entry of the sample.
     return {"bias": Dense(_sum_to_rows(g))}
 
