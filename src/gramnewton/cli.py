@@ -12,6 +12,7 @@ from typing import Sequence
 
 COMMAND_MODULES = (
     "gramnewton.commands.demo",
+    "gramnewton.commands.theory",
 )
 
 

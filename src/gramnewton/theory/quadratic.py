@@ -35,7 +35,8 @@ class QuadraticRun:
     """One width, one network seed. Lists are indexed by step ``t``.
 
     Attributes:
-        residual_norms: ``||f_t - y||``, ``t = 0..T``.
+        residual_norms: ``||f_t - y||``, ``t = 0..T``; ``T < steps`` when round-off was reached
+            early (further steps only stir round-off).
         constants: ``C_t``, ``t = 0..T-1``; ``None`` where ``||f_{t+1} - y||`` is at round-off.
         lambda_min: ``lambda_min(G_t)``, ``t = 0..T-1``.
         drift: ``||G_t - G_0||_2 / ||G_0||_2``, ``t = 0..T-1``.
@@ -62,7 +63,7 @@ def quadratic_run(
 ) -> QuadraticRun:
     """Run ``steps`` full-batch GGN steps at width ``width``; ``x`` ``(n, d)``, ``y`` ``(n,)``, ``kernel`` ``(n, n)``."""
     model = seeded_two_layer(x.shape[1], width, act, seed)
-    trace = run_full_batch(model, x, y, steps, engine)
+    trace = run_full_batch(model, x, y, steps, engine, stop_below=RESIDUAL_FLOOR)
     norms = [float(r.norm()) for r in trace.residuals]
     g0 = trace.grams[0]
     g0_norm = float(torch.linalg.matrix_norm(g0, 2))
@@ -72,7 +73,7 @@ def quadratic_run(
         residual_norms=norms,
         constants=[
             math.sqrt(width) * norms[t + 1] / norms[t] ** 2 if norms[t + 1] > RESIDUAL_FLOOR else None
-            for t in range(steps)
+            for t in range(len(trace.grams))
         ],
         lambda_min=[least_eigenvalue(g) for g in trace.grams],
         drift=[float(torch.linalg.matrix_norm(g - g0, 2)) / g0_norm for g in trace.grams],
@@ -81,7 +82,9 @@ def quadratic_run(
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ``log y`` against ``log x``."""
+    """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points)."""
+    if len(xs) < 2:
+        return float("nan")
     lx = [math.log(v) for v in xs]
     ly = [math.log(v) for v in ys]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)
@@ -90,9 +93,13 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
 
 @dataclass(frozen=True)
 class QuadraticRow:
-    """Medians over seeds at one width (``None`` where no seed had a measurable ``C``)."""
+    """Medians over seeds at one width (``None`` where no seed had a measurable ``C``).
+
+    ``constants[t]`` is the median of ``C_t`` over the seeds where it was measurable.
+    """
 
     width: int
+    constants: list[float | None]
     constant_max: float | None
     drift_max: float
     lambda_min_g0: float
@@ -120,6 +127,7 @@ class QuadraticStudy:
             out.append(
                 QuadraticRow(
                     width=width,
+                    constants=[_median_at(runs, t) for t in range(self.steps)],
                     constant_max=statistics.median(consts) if consts else None,
                     drift_max=statistics.median(max(r.drift) for r in runs),
                     lambda_min_g0=statistics.median(r.lambda_min[0] for r in runs),
@@ -130,17 +138,23 @@ class QuadraticStudy:
         return out
 
     def slopes(self, min_width: int = 0) -> dict[str, float]:
-        """Log-log slopes against ``M`` (widths ``>= min_width``) of the median ``drift_max``,
-        ``constant_max`` and ``kernel_error`` (Theorem 1 expects ``<= -1/2``, ``<= 0``, ``-1/2``)."""
+        """Log-log slopes against ``M`` (widths ``>= min_width``) of the medians of ``drift_max``,
+        ``kernel_error`` and ``C_0``, ``C_1`` (Theorem 1's bounds: ``<= -1/2``; ``K`` is a Monte
+        Carlo mean over ``M`` neurons: ``-1/2``; ``C_t``: ``<= 0``)."""
         rows = [r for r in self.rows() if r.width >= min_width]
-        with_c = [r for r in rows if r.constant_max is not None]
-        return {
+        out = {
             "drift": loglog_slope([r.width for r in rows], [r.drift_max for r in rows]),
-            "constant": loglog_slope([r.width for r in with_c], [r.constant_max for r in with_c])
-            if len(with_c) > 1
-            else float("nan"),
             "kernel_error": loglog_slope([r.width for r in rows], [r.kernel_error for r in rows]),
         }
+        for t in (0, 1):
+            with_c = [r for r in rows if r.constants[t] is not None]
+            out[f"C_{t}"] = loglog_slope([r.width for r in with_c], [r.constants[t] for r in with_c])
+        return out
+
+
+def _median_at(runs: list[QuadraticRun], t: int) -> float | None:
+    values = [r.constants[t] for r in runs if t < len(r.constants) and r.constants[t] is not None]
+    return statistics.median(values) if values else None
 
 
 def _steps_to_floor(norms: list[float]) -> int:

@@ -42,10 +42,17 @@ class FullBatchTrace:
     grams: list[Tensor]
 
 
-def run_full_batch(model: nn.Module, x: Tensor, y: Tensor, steps: int, engine: str = "closed_form") -> FullBatchTrace:
-    """Full-batch GGN (Eq. 9, ``lam = 1``, ``alpha = 0``) on ``x`` ``(n, d)``, ``y`` ``(n,)``."""
+def run_full_batch(
+    model: nn.Module, x: Tensor, y: Tensor, steps: int, engine: str = "closed_form", stop_below: float = 0.0
+) -> FullBatchTrace:
+    """Full-batch GGN (Eq. 9, ``lam = 1``, ``alpha = 0``) on ``x`` ``(n, d)``, ``y`` ``(n,)``.
+
+    Stops early, with fewer entries in the trace, once ``||f_t - y|| <= stop_below``.
+    """
     residuals, grams = [], []
     for _ in range(steps):
+        if float(residual(model, x, y).norm()) <= stop_below:
+            break
         step = full_batch_step(
             trainable(model), lambda: model(x).squeeze(1) - y, engine=make_engine(engine, model, x)
         )
