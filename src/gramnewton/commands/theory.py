@@ -100,18 +100,17 @@ def run_minibatch(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     x, y = sphere_data(args.n, args.d, args.seed)
     kernel = ntk_limit(x, activation(args.act))
-    limit_sgd = best_sgd_rate(kernel, args.batch_size)
     study = MinibatchStudy(
         n=args.n, d=args.d, batch_size=args.batch_size, epochs=args.epochs, act=args.act,
         lambda_0=least_eigenvalue(kernel), rho_a_limit=spectral_radius(iteration_matrix(kernel, args.batch_size)),
-        rho_sgd_limit=limit_sgd.rho, sgd_lr_limit=limit_sgd.lr,
+        sgd_limit=best_sgd_rate(kernel, args.batch_size),
     )
     for p in tqdm(args.widths, desc="theory minibatch", unit="width"):
         study.runs.append(minibatch_run(x, y, 2**p, args.batch_size, args.epochs, args.seed, args.act, args.engine))
     print(f"\nTheorem 2, cyclic mini-batch GGN: n={args.n}, d={args.d}, b={args.batch_size}, {args.epochs} epochs, "
           f"{args.act}; lambda_0 = {study.lambda_0:.4g}; from K: rho(A) = {study.rho_a_limit:.4f}, "
-          f"best SGD rho = {study.rho_sgd_limit:.4f} (lr {study.sgd_lr_limit:.3g}, {limit_sgd.lr_batch:.3g} "
-          f"= 1/max lambda_max(G_BB) gives {limit_sgd.rho_batch:.4f})")
+          f"best SGD rho = {study.sgd_limit.rho:.4f} (lr {study.sgd_limit.lr:.3g}; lr {study.sgd_limit.lr_batch:.3g} "
+          f"= 1/max lambda_max(G_BB) gives {study.sgd_limit.rho_batch:.4f})")
     print("contraction = geometric mean of ||e_(t+1)k||/||e_tk|| over the second half of the epochs; "
           "pred = the same for the linear map from G_0")
     print(f"{'M':>8} {'rho(A)':>8} {'GGN':>8} {'GGN pred':>8} {'SGD lr':>8} {'rho SGD':>8} {'SGD':>8} {'SGD pred':>8} "

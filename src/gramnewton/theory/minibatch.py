@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .closed_form import make_engine
-from .gauss_seidel import best_sgd_rate, iteration_matrix, sgd_epoch_matrix, spectral_radius
+from .gauss_seidel import SgdRate, best_sgd_rate, iteration_matrix, sgd_epoch_matrix, spectral_radius
 from .quadratic import RESIDUAL_FLOOR, seeded_two_layer
 from .runs import ggn_batch_step, run_epochs, sgd_batch_step
 
@@ -103,7 +103,11 @@ def minibatch_run(
 
 @dataclass
 class MinibatchStudy:
-    """All runs of ``gramnewton theory minibatch``; ``rho_a_limit`` and ``rho_sgd_limit`` come from ``K``."""
+    """All runs of ``gramnewton theory minibatch``; the ``*_limit`` rates come from ``K``.
+
+    ``sgd_limit`` is :func:`~gramnewton.theory.gauss_seidel.best_sgd_rate` of ``K`` (best and
+    per-batch ``1 / lambda_max`` learning rates with their per-epoch spectral radii).
+    """
 
     n: int
     d: int
@@ -112,8 +116,7 @@ class MinibatchStudy:
     act: str
     lambda_0: float
     rho_a_limit: float
-    rho_sgd_limit: float
-    sgd_lr_limit: float
+    sgd_limit: SgdRate
     runs: list[MinibatchRun] = field(default_factory=list)
 
     def first_matching_width(self, tol: float = 0.05) -> int | None:
