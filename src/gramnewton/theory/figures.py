@@ -78,7 +78,9 @@ def plot_minibatch(study: MinibatchStudy, path: str | Path) -> Path:
     ax[0].set(xlabel="epoch", ylabel="||e_(t+1)k|| / ||e_tk||", title="GGN per-epoch contraction",
               ylim=(min(0.8, study.rho_a_limit - 0.05), 1.01))
     ax[0].legend(fontsize=6, ncol=2)
-    ax[1].set(xlabel="epoch", ylabel="||f - y||", title="residual (GGN solid, SGD dotted)")
+    # A diverging SGD run (small M) would squash every other curve.
+    top = 10 * max(run.ggn_norms[0] for run in study.runs)
+    ax[1].set(xlabel="epoch", ylabel="||f - y||", title="residual (GGN solid, SGD dotted)", ylim=(None, top))
     ax[1].legend(fontsize=6, ncol=2)
     ms = [r.width for r in study.runs]
     ax[2].semilogx(ms, [r.ggn_contraction for r in study.runs], "o-", label="GGN measured")
