@@ -3,7 +3,7 @@
 Not a test. For every (model, batch) the methods are interleaved in one process: each round
 runs one step of every method, so a slow phase of the machine hits all of them alike; the figure
 reported is the median over rounds, and its ratio to the SGD step of the same run. Peak memory is
-the peak resident set of a fresh child process that runs only that method (import and data
+the peak resident set (``VmHWM``) of a fresh child process that runs only that method (import and data
 included, so the ratio to SGD's is a conservative one; the JSON also has the peak above the
 resident set just before the first step).
 
@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -166,13 +165,14 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
 
 def peak_memory(model_name: str, batch: int, method: str, steps: int = 2) -> dict:
     """Peak RSS (MB) of a child process that builds the model and runs ``steps`` steps of ``method``."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     code = (
-        "import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import step_cost as s; "
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import step_cost as s; "
         "torch.set_num_threads(int(sys.argv[5])); model, x, y = s.setup(sys.argv[2], int(sys.argv[3])); "
         "step, _ = s.make_step(sys.argv[4], model, x, y); "
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "before = s.high_water_kb(); "
         f"[step() for _ in range({steps})]; "
-        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(before, s.high_water_kb())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(Path(__file__).parent), model_name, str(batch), method, str(torch.get_num_threads())],
@@ -180,6 +180,14 @@ def peak_memory(model_name: str, batch: int, method: str, steps: int = 2) -> dic
     ).stdout.split()
     before, peak = int(out[-2]) / 1024, int(out[-1]) / 1024
     return {"peak_rss_mb": peak, "peak_above_start_mb": peak - before}
+
+
+def high_water_kb() -> int:
+    """Peak resident set of this process so far (``VmHWM``), in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def reference_skip_reason(model_name: str, batch: int, limit: int) -> str | None:
@@ -191,9 +199,82 @@ def reference_skip_reason(model_name: str, batch: int, limit: int) -> str | None
     return None
 
 
+COST_MODEL_CASES = {
+    # name: (module, input shape)
+    "linear 10->4096 (two-layer net), b=128": (lambda: nn.Linear(10, 4096, bias=False), (128, 10)),
+    "linear 64->1 (ResNet head), b=128": (lambda: nn.Linear(64, 1, bias=False), (128, 64)),
+    "linear 32->32 over 16 positions, b=32": (lambda: nn.Linear(32, 32, bias=False), (32, 16, 32)),
+    "conv1x1 64->64 at 4x4, b=32": (lambda: nn.Conv2d(64, 64, 1, bias=False), (32, 64, 4, 4)),
+    "conv3x3 16->16 at 8x8, b=32": (lambda: nn.Conv2d(16, 16, 3, padding=1, bias=False), (32, 16, 8, 8)),
+    "conv3x3 16->16 at 32x32, b=128 (ResNet stage 1)": (lambda: nn.Conv2d(16, 16, 3, padding=1, bias=False), (128, 16, 32, 32)),
+}
+
+
+def check_cost_model(reps: int) -> dict:
+    """Time both weight forms (Gram + ``J^T v``) of single layers against the cost model's choice."""
+    from gramnewton.kernels import layers
+
+    out = {}
+    for name, (build, shape) in COST_MODEL_CASES.items():
+        torch.manual_seed(0)
+        module, x = build(), torch.randn(*shape)
+        with torch.no_grad():
+            g = torch.randn_like(module(x))
+        n = shape[0]
+        positions = g[0].numel() // g.shape[1] if isinstance(module, nn.Conv2d) else g[0].numel() // g.shape[-1]
+        timings: dict[str, float | None] = {"factorised": None}  # None: its (n*S)^2 temporaries do not fit
+        forms = [("materialised", False)] + ([("factorised", True)] if (n * positions) ** 2 <= layers.MAX_FACTORED_ENTRIES else [])
+        for form, forced in forms:
+            original = layers.factored_is_cheaper
+            layers.factored_is_cheaper = lambda *a, _f=forced, **k: _f
+            try:
+                handler = layers.handler_for(module)
+                ts = []
+                for _ in range(reps + 1):
+                    start = time.perf_counter()
+                    piece = handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"]
+                    gram = torch.zeros(n, n)
+                    piece.add_gram(gram)
+                    piece.jt_times(torch.randn(n))
+                    ts.append(time.perf_counter() - start)
+                timings[form] = statistics.median(ts[1:])
+            finally:
+                layers.factored_is_cheaper = original
+        picked = layers.handler_for(module).contributions(module, x, g, frozenset({"weight"}), True)["weight"]
+        choice = "factorised" if isinstance(picked, layers.Factored) else "materialised"
+        faster = min((f for f in timings if timings[f] is not None), key=timings.get)
+        out[name] = {"seconds": timings, "model_choice": choice, "measured_faster": faster}
+    return out
+
+
+def render_cost_model(check: dict) -> list[str]:
+    lines = ["", "## Cost model check (materialised vs factorised weight Gram, one layer)", "",
+             "| layer | materialised s | factorised s | cost model picks | measured faster |", "|---|---|---|---|---|"]
+    for name, c in check.items():
+        fact = "too large" if c["seconds"]["factorised"] is None else f"{c['seconds']['factorised']:.5f}"
+        lines.append(f"| {name} | {c['seconds']['materialised']:.5f} | {fact} | {c['model_choice']} | {c['measured_faster']} |")
+    return lines
+
+
+BEGIN, END = "<!-- step_cost:begin -->", "<!-- step_cost:end -->"
+
+
+def write_doc(path: Path, generated: str) -> None:
+    """Replace the generated part of ``path`` (between the markers), keeping hand-written text."""
+    block = f"{BEGIN}\n{generated}{END}\n"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def render_markdown(results: dict) -> str:
     lines = [
-        "# Step cost: GGN against SGD and Adam",
+        "## Step cost: GGN against SGD and Adam",
         "",
         "Generated by `benchmarks/step_cost.py` from `benchmarks/results/step_cost.json`; every row is one",
         "run of that script (methods interleaved, medians of the timed steps, 2 threads, `OMP_WAIT_POLICY=PASSIVE`).",
@@ -204,7 +285,7 @@ def render_markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors = []
-    for key in sorted(results):
+    for key in sorted(k for k in results if k != "cost_model"):
         for run in results[key]:
             m = run["methods"]
             ratio = lambda name: f"{m[name]['ratio_to_sgd']:.2f}" if name in m else run.get("skipped", {}).get(name, "-")  # noqa: E731
@@ -231,7 +312,9 @@ def render_markdown(results: dict) -> str:
         for run, f in floors:
             lines.append(f"| {run['batch']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
                          f"{run['methods']['ggn_fast']['median_s']:.4f} | {f.get('ggn_fast_over_floor', float('nan')):.2f} |")
-    skipped = {reason for runs in results.values() for run in runs for reason in run.get("skipped", {}).values()}
+    if "cost_model" in results:
+        lines += render_cost_model(results["cost_model"][-1])
+    skipped = {reason for key, runs in results.items() if key != "cost_model" for run in runs for reason in run.get("skipped", {}).values()}
     if skipped:
         lines += ["", "Skipped:", *[f"- {reason}" for reason in sorted(skipped)]]
     return "\n".join(lines) + "\n"
@@ -246,6 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ref-max-batch", type=int, default=32, help="largest batch for the reference engine on ResNets")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--cost-model", action="store_true", help="only time single layers against the Linear/Conv cost model")
     p.add_argument("--allocator", choices=["jemalloc", "system"], default="jemalloc" if Path(JEMALLOC).exists() else "system")
     p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default="PASSIVE")
     p.add_argument("--threads", type=int, default=2)
@@ -270,6 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     allocator = ensure_environment(args)
     torch.set_num_threads(args.threads)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.cost_model:
+        results.setdefault("cost_model", []).append(check_cost_model(args.reps))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        write_doc(args.doc, render_markdown(results))
+        print("\n".join(render_cost_model(results["cost_model"][-1])))
+        return
     for model_name in args.models:
         for batch in args.batch:
             started = datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -285,8 +376,7 @@ def main(argv: list[str] | None = None) -> None:
             results.setdefault(f"{model_name}/b{batch}", []).append(run)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))
-            args.doc.parent.mkdir(parents=True, exist_ok=True)
-            args.doc.write_text(render_markdown(results))
+            write_doc(args.doc, render_markdown(results))
             m = run["methods"]
             print(f"{model_name} b={batch}: " + ", ".join(f"{k} {v['median_s']:.3f}s ({v['ratio_to_sgd']:.2f}x)" for k, v in m.items() if "median_s" in v), flush=True)
 

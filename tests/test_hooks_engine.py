@@ -221,14 +221,25 @@ def test_frozen_parameters_are_left_out() -> None:
     model = seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     params = [model[0].weight, model[2].bias]
     x = torch.randn(5, 3, dtype=torch.float64)
-    closure = lambda: model(x).squeeze(1)  # noqa: E731
+    closure = lambda: model(x)  # noqa: E731  (the residuals are the last Linear's own output)
     fast, ref = HooksEngine(model, params).compute(closure), ReferenceEngine(params).compute(closure)
     assert_close("gram", fast.gram, ref.gram)
 
 
-def test_batchnorm_in_training_mode_raises() -> None:
-    model = seq(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.Flatten(), nn.Linear(18, 1))
-    with pytest.raises(ValueError, match="BatchNorm2d in training mode"):
+def test_residuals_independent_of_hooked_parameters() -> None:
+    model = Unknown().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning):
+        engine = HooksEngine(model, [model.w, model.lin.bias])
+    closure = lambda: torch.tanh(x[:, :2] * 1.0) @ model.w[:2]  # noqa: E731
+    fast, ref = engine.compute(closure), ReferenceEngine([model.w, model.lin.bias]).compute(closure)
+    assert_close("gram", fast.gram, ref.gram)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(2), nn.BatchNorm2d(2, affine=False), nn.SyncBatchNorm(2, affine=False)])
+def test_batchnorm_in_training_mode_raises(norm: nn.Module) -> None:
+    model = seq(nn.Conv2d(1, 2, 3), norm, nn.Flatten(), nn.Linear(18, 1))
+    with pytest.raises(ValueError, match="BatchNorm.* in training mode"):
         HooksEngine(model).compute(lambda: model(torch.randn(4, 1, 5, 5)).squeeze(1))
 
 

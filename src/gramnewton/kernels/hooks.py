@@ -27,16 +27,17 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, residuals_2d
 from .functional import jacobian_rows, split_like
-from .layers import Dense, LayerHandler, Piece, handler_for
+from .layers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
 
 
 @dataclass(eq=False)
@@ -129,11 +130,13 @@ class HooksEngine:
         reasons: dict[int, str] = {}
         owned: set[int] = set()
         self._modules: list[tuple[nn.Module, LayerHandler, dict[str, Tensor]]] = []
-        self._checks: list[tuple[nn.Module, LayerHandler]] = []
+        self._checks: list[tuple[nn.Module, Callable[[nn.Module], None]]] = []
         for name, module in model.named_modules():
             handler = handler_for(module)
             if handler is not None:
-                self._checks.append((module, handler))
+                self._checks.append((module, handler.check))
+            elif isinstance(module, _BatchNorm):  # e.g. SyncBatchNorm: couples samples when training
+                self._checks.append((module, batch_norm_check))
             own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in wanted}
             if not own:
                 continue
@@ -168,8 +171,8 @@ class HooksEngine:
 
     def compute(self, closure: Closure) -> GramSystem:
         """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``."""
-        for module, handler in self._checks:
-            handler.check(module)
+        for module, check in self._checks:
+            check(module)
         timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
         start = time.perf_counter()
         residuals, calls, foreign = self._forward_with_hooks(closure)
@@ -277,10 +280,10 @@ class HooksEngine:
         for call in calls:
             nodes.setdefault(call.edge.node, []).append(call)
         pieces: dict[int, Piece] = {}
-        if not calls:
-            return pieces
-        reachable, sinks = _sink_edges(residuals.grad_fn, nodes)
+        reachable, sinks = _sink_edges(residuals.grad_fn, nodes) if calls else (set(), [])
         expected = [c for c in calls if c.edge.node in reachable]
+        if not expected:  # the residuals depend on no hooked parameter
+            return pieces
         pending = dict(uses)
         partial: dict[int, Dense] = {}
 

@@ -319,7 +319,8 @@ def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, facto
     return _affine_pieces(x_hat, g, len(module.normalized_shape), names)
 
 
-def _batch_norm_check(module: nn.Module) -> None:
+def batch_norm_check(module: nn.Module) -> None:
+    """Raise for a BatchNorm module in training mode (its outputs couple the samples)."""
     if module.training:
         raise ValueError(
             f"{type(module).__name__} in training mode normalises with batch statistics, so each output "
@@ -334,7 +335,7 @@ def _batch_norm_unsupported(module: nn.Module) -> str | None:
     return None
 
 
-@register_handler(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, unsupported=_batch_norm_unsupported, check=_batch_norm_check)
+@register_handler(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, unsupported=_batch_norm_unsupported, check=batch_norm_check)
 def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     # eval mode: a fixed per-channel affine map of the input, normalised by the running statistics
     x_hat = F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
