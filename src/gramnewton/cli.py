@@ -12,6 +12,9 @@ from typing import Sequence
 
 COMMAND_MODULES = (
     "gramnewton.commands.demo",
+    "gramnewton.commands.train",
+    "gramnewton.commands.plot",
+    "gramnewton.commands.reproduce",
     "gramnewton.commands.theory",
 )
 

@@ -42,3 +42,30 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_heatmap(values: Sequence[Sequence[float]], xs: Sequence[float], ys: Sequence[float], path: str | Path, *,
+                 title: str = "", xlabel: str = "lam", ylabel: str = "alpha", label: str = "train loss") -> Path:
+    """Grey-scale grid, lighter = higher (the paper's Fig. 2c), each cell annotated with its value.
+
+    Args:
+        values: ``values[j][i]`` belongs to ``(xs[i], ys[j])``; NaN cells (diverged) are left white.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.1 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
+    image = ax.imshow(values, cmap="gray", origin="lower", aspect="auto")
+    for j, row in enumerate(values):
+        for i, value in enumerate(row):
+            ax.text(i, j, f"{value:.3g}", ha="center", va="center", color="tab:red", fontsize=8)
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(image, ax=ax, label=label)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

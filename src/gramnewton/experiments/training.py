@@ -98,14 +98,19 @@ class EpochRecord:
 
 
 def train_epoch(step: TrainStep, dataset: Dataset, batch_size: int, seed: int, epoch: int,
-                deadline: float = float("inf"), on_batch: Callable[[float], None] | None = None) -> tuple[int, float]:
+                deadline: float = float("inf"), on_batch: Callable[[float], None] | None = None,
+                losses: list[float] | None = None) -> tuple[int, float]:
     """Run one epoch of ``step`` (stopping early past ``deadline``, a ``time.perf_counter`` value).
 
+    ``losses``, when given, holds the losses of the batches of this epoch already taken (they are
+    skipped: an epoch interrupted after them resumes exactly) and receives each new batch's loss
+    as soon as its step is done, so an exception raised by ``on_batch`` leaves it consistent.
+
     Returns:
-        ``(steps taken, mean of the per-batch losses)``.
+        ``(steps taken in the epoch, mean of the per-batch losses)``.
     """
-    losses: list[float] = []
-    for x, y in batches(dataset, batch_order(len(dataset), batch_size, seed, epoch)):
+    losses = [] if losses is None else losses
+    for x, y in batches(dataset, batch_order(len(dataset), batch_size, seed, epoch)[len(losses):]):
         losses.append(float(step(x, y)))
         if on_batch is not None:
             on_batch(losses[-1])
