@@ -20,7 +20,7 @@ from torch import Tensor
 from .closed_form import make_engine
 from .gauss_seidel import SgdRate, best_sgd_rate, iteration_matrix, sgd_epoch_matrix, spectral_radius
 from .quadratic import RESIDUAL_FLOOR, seeded_two_layer
-from .runs import ggn_batch_step, run_epochs, sgd_batch_step
+from .runs import ggn_batch_step, residual, run_epochs, sgd_batch_step
 
 
 def tail_contraction(norms: list[float]) -> float:
@@ -77,7 +77,7 @@ def minibatch_run(
     """GGN and SGD from the same initialisation at width ``width``; ``x`` ``(n, d)``, ``y`` ``(n,)``."""
     model = seeded_two_layer(x.shape[1], width, act, seed)
     twin = copy.deepcopy(model)
-    e0 = (model(x).squeeze(1) - y).detach()
+    e0 = residual(model, x, y)
     g0 = make_engine(engine, model, x).compute(lambda: model(x).squeeze(1) - y).gram
     a_mat = iteration_matrix(g0, batch_size)
     sgd = best_sgd_rate(g0, batch_size)
@@ -121,8 +121,15 @@ class MinibatchStudy:
 
     def first_matching_width(self, tol: float = 0.05) -> int | None:
         """Smallest width from which on ``1 - contraction`` is within ``tol`` (relative) of ``1 - rho(A)``."""
-        ok = [abs(math.log((1 - r.ggn_contraction) / (1 - r.rho_a))) <= tol for r in self.runs]
+        ok = [_close_rates(r.ggn_contraction, r.rho_a, tol) for r in self.runs]
         for i, run in enumerate(self.runs):
             if all(ok[i:]):
                 return run.width
         return None
+
+
+def _close_rates(rate: float, reference: float, tol: float) -> bool:
+    """``1 - rate`` within a factor ``exp(tol)`` of ``1 - reference`` (``False`` for NaN or a rate >= 1)."""
+    if not (rate < 1 and reference < 1):
+        return False
+    return abs(math.log((1 - rate) / (1 - reference))) <= tol
