@@ -14,7 +14,6 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from .closed_form import make_engine
