@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .damping import GainRatioDamping, gain_ratio
 from .kernels import Closure, GramEngine
 from .kernels.select import select_engine
 from .update import GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
@@ -61,6 +62,10 @@ class GramGaussNewton(Optimizer):
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
             ``"reference"`` (dense Jacobian, any model), or an engine instance.
         solve_dtype: dtype of the ``(b*k, b*k)`` solve, e.g. ``torch.float64``.
+        adaptive_damping: ``True`` or a :class:`~gramnewton.damping.GainRatioDamping` to adapt
+            ``alpha`` after every step by Levenberg-Marquardt's gain ratio (one extra forward
+            pass without gradients per step; steps that increase the batch loss are undone).
+            ``alpha`` in ``param_groups`` then holds the current value. Default: fixed ``alpha``.
 
     ``lam`` and ``alpha`` live in ``param_groups`` and must agree across groups (one system is
     solved for all parameters); ``weight_decay`` may differ per group.
@@ -81,6 +86,7 @@ class GramGaussNewton(Optimizer):
         weight_decay: float = 0.0,
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
+        adaptive_damping: bool | GainRatioDamping = False,
     ):
         _check_hyper(lam, alpha, weight_decay)
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
@@ -93,7 +99,9 @@ class GramGaussNewton(Optimizer):
             raise ValueError("GramGaussNewton got no parameter that requires grad")
         self.engine = select_engine(trainable, self.model, engine)
         self.solve_dtype = solve_dtype
+        self.damping = GainRatioDamping() if adaptive_damping is True else (adaptive_damping or None)
         self.last_step: GramGaussNewtonStep | None = None
+        self.last_gain_ratio: float | None = None
 
     def _shared(self, key: str) -> float:
         values = {group[key] for group in self.param_groups}
@@ -121,6 +129,7 @@ class GramGaussNewton(Optimizer):
         result = gram_gauss_newton_direction(
             self.engine, closure, lam=self._shared("lam"), alpha=self._shared("alpha"), solve_dtype=self.solve_dtype
         )
+        backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
@@ -129,7 +138,26 @@ class GramGaussNewton(Optimizer):
                 state = self.state[p]
                 state["step"] = state.get("step", torch.tensor(0.0)) + 1
         self.last_step = result
+        if self.damping is not None:
+            self._adapt_damping(closure, result, backup)
         return result.loss
+
+    @torch.no_grad()
+    def _adapt_damping(self, closure: Closure, result: GramGaussNewtonStep, backup: list[Tensor]) -> None:
+        """Gain ratio on the same batch; new ``alpha``; undo the step if it made things worse."""
+        new_residuals = closure()
+        if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
+            raise ValueError("closure returned residuals of a different shape when re-evaluated")
+        r = result.residuals.reshape(-1)
+        predicted = r - result.gram.to(r.dtype) @ result.coefficients.to(r.dtype)
+        rho = gain_ratio(r, predicted, new_residuals.reshape(-1))
+        self.last_gain_ratio = rho
+        alpha = self.damping.next_alpha(self._shared("alpha"), rho)
+        for group in self.param_groups:
+            group["alpha"] = alpha
+        if rho < self.damping.reject_below:
+            for p, old in zip(self.engine.params, backup):
+                p.copy_(old)
 
 
 def _check_hyper(lam: float, alpha: float, weight_decay: float) -> None:

@@ -1,0 +1,74 @@
+"""Adaptive damping: Levenberg-Marquardt's gain-ratio rule for ``alpha``.
+
+After a step ``delta = -J^T c`` with ``c = (lam G + alpha I)^{-1} r``, the linearised model
+predicts the residual ``r - G c``. The gain ratio compares the actual with the predicted
+decrease of the batch's squared residual:
+
+    rho = (||r||^2 - ||r_new||^2) / (||r||^2 - ||r - G c||^2).
+
+``rho`` near 1 means the linearisation is trusted: damping is lowered (longer steps); ``rho``
+small or negative means the step left the region where the linear model holds: damping is
+raised and, when ``rho < reject_below``, the step is undone. This is the rule of Marquardt
+(1963) as used by K-FAC (Martens & Grosse 2015, Section 6.5) on each mini-batch; it costs one
+extra forward pass without gradients per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class GainRatioDamping:
+    """Rule for adapting ``alpha`` from the gain ratio.
+
+    Attributes:
+        low, high: ``rho < low`` multiplies ``alpha`` by ``factor``; ``rho > high`` divides it.
+        factor: multiplicative change of ``alpha`` (> 1).
+        reject_below: steps with ``rho`` below this are undone (parameters restored).
+        min_alpha, max_alpha: bounds on ``alpha``.
+    """
+
+    low: float = 0.25
+    high: float = 0.75
+    factor: float = 2.0
+    reject_below: float = 0.0
+    min_alpha: float = 1e-8
+    max_alpha: float = 1e8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low < self.high:
+            raise ValueError(f"need 0 <= low < high, got low={self.low}, high={self.high}")
+        if not self.factor > 1:
+            raise ValueError(f"Invalid damping factor: {self.factor} (must be > 1)")
+        if not 0 < self.min_alpha <= self.max_alpha:
+            raise ValueError(f"need 0 < min_alpha <= max_alpha, got {self.min_alpha}, {self.max_alpha}")
+
+    def next_alpha(self, alpha: float, rho: float) -> float:
+        """``alpha`` for the next step given this step's gain ratio."""
+        if rho < self.low:
+            alpha = max(alpha, self.min_alpha) * self.factor
+        elif rho > self.high:
+            alpha = alpha / self.factor
+        return min(max(alpha, self.min_alpha), self.max_alpha)
+
+
+def gain_ratio(residuals: Tensor, predicted: Tensor, new_residuals: Tensor) -> float:
+    """Actual over predicted decrease of the squared residual.
+
+    Args:
+        residuals: ``(n,)`` residuals before the step.
+        predicted: ``(n,)`` residuals the linearised model predicts after it (``r - G c``).
+        new_residuals: ``(n,)`` residuals after it (any non-finite entry gives ``-inf``).
+    """
+    before = float(residuals.double().pow(2).sum())
+    after = float(new_residuals.double().pow(2).sum())
+    if not math.isfinite(after):
+        return -math.inf
+    predicted_decrease = before - float(predicted.double().pow(2).sum())
+    if predicted_decrease <= 0:  # the model predicts no progress: judge by the sign alone
+        return 1.0 if after < before else -math.inf
+    return (before - after) / predicted_decrease
