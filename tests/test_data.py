@@ -21,17 +21,6 @@ from gramnewton.data.fashion import DEFAULT_ROOT
 from gramnewton.data.rotated import rotate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these ops are tiny, and on a shared machine OpenMP threads that wait
-    for each other make them up to 100x slower. (Runs after conftest's autouse fixture, which
-    sets the thread count for every test.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registry_lists_every_dataset() -> None:
     expected = {"rotated-digits", "rotated-mnist", "rotated-fashion-mnist", "afad-lite", "rsna-bone-age", "diabetes", "concrete", "diamonds"}
     assert set(list_datasets()) == expected

@@ -17,17 +17,6 @@ RESNETS = [f"resnet{d}_{n}" for d in (8, 20, 32) for n in ("fixup", "gn", "bn")]
 FLAT_MODELS = ("two_layer", "mlp")  # take the flattened input dimension as in_channels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these ops are tiny, and on a shared machine OpenMP threads that wait
-    for each other make them up to 100x slower. (Runs after conftest's autouse fixture, which
-    sets the thread count for every test.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name: str, channels: int, size: int, num_outputs: int = 1) -> nn.Module:
     torch.manual_seed(0)
     in_channels = channels * size * size if name in FLAT_MODELS else channels

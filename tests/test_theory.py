@@ -30,12 +30,6 @@ from gramnewton.theory import (
 N, P, B = 12, 30, 4  # samples, parameters of the linear model, batch size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second intra-op thread only adds synchronisation (10x slower on a busy machine).
-    torch.set_num_threads(1)
-
-
 def linear_problem(seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
     """``f(x) = w . x`` with ``P > N`` parameters: its Gram matrix ``X X^T`` is constant and invertible."""
     torch.manual_seed(seed)
