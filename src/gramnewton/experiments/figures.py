@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 
 X_LABELS = {"epoch": "epoch", "seconds": "training time (s)"}
 
@@ -54,7 +55,10 @@ def plot_heatmap(values: Sequence[Sequence[float]], xs: Sequence[float], ys: Seq
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(1.1 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
-    image = ax.imshow(values, cmap="gray", origin="lower", aspect="auto")
+    finite = [v for row in values for v in row if v == v and v not in (float("inf"), float("-inf"))]
+    # Losses span orders of magnitude (a diverged cell next to a converged one): log colours.
+    norm = LogNorm() if finite and min(finite) > 0 else None
+    image = ax.imshow(values, cmap="gray", origin="lower", aspect="auto", norm=norm)
     for j, row in enumerate(values):
         for i, value in enumerate(row):
             ax.text(i, j, f"{value:.3g}", ha="center", va="center", color="tab:red", fontsize=8)

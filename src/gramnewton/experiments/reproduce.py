@@ -181,11 +181,11 @@ def draw(figure: str, budget: Budget, paths: Mapping[str, str | None], out: Path
 
     if figure == "fig1":
         return [plot_curves(curves(f"{t}_{r}" for r in FIG1_RUNS), png(f"fig1_{tag[t]}"), metrics=("train_loss",),
-                            title=f"Fig. 1: training loss, {label}", log=False)
+                            title=f"Fig. 1: training loss, {label} (log scale)", log=True)
                 for t, label in (("afad", afad), ("rsna", rsna))]
     if figure == "fig3":
         return [plot_curves(curves(f"afad_{r}" for r in FIG1_RUNS), png(f"fig3_{tag['afad']}"), metrics=("test_loss",),
-                            title=f"Fig. 3: test loss, {afad}", log=False)]
+                            title=f"Fig. 3: test loss, {afad} (log scale)", log=True)]
     if figure == "fig4":
         return [plot_curves(curves(f"rsna_{r}" for r in FIG4_RUNS), png(f"fig4_{tag['rsna']}"),
                             title=f"Fig. 4: all baselines, {rsna} (log scale)", log=True)]
@@ -196,7 +196,7 @@ def draw(figure: str, budget: Budget, paths: Mapping[str, str | None], out: Path
         values = [[final[(lam, alpha)] for lam in budget.lams] for alpha in budget.alphas]
         return [
             plot_curves(curves(f"rsna_{r}" for r in FIG1_RUNS), png(f"fig2a_{tag['rsna']}"), metrics=("test_loss",),
-                        title=f"Fig. 2a: test loss, {rsna}", log=False),
+                        title=f"Fig. 2a: test loss, {rsna} (log scale)", log=True),
             plot_curves({f"lam={p[0]:g}, alpha={p[1]:g}": grid[p] for p in fig2b_points(budget, final)}, png(f"fig2b_{tag['rsna']}"),
                         metrics=("train_loss",), xs=("epoch",), title=f"Fig. 2b: GGN lam/alpha, {rsna}", log=True),
             plot_heatmap(values, budget.lams, budget.alphas, png(f"fig2c_{tag['rsna']}"),
