@@ -198,7 +198,7 @@ def draw(figure: str, budget: Budget, paths: Mapping[str, str | None], out: Path
             plot_curves(curves(f"rsna_{r}" for r in FIG1_RUNS), png(f"fig2a_{tag['rsna']}"), metrics=("test_loss",),
                         title=f"Fig. 2a: test loss, {rsna} (log scale)", log=True),
             plot_curves({f"lam={p[0]:g}, alpha={p[1]:g}": grid[p] for p in fig2b_points(budget, final)}, png(f"fig2b_{tag['rsna']}"),
-                        metrics=("train_loss",), xs=("epoch",), title=f"Fig. 2b: GGN lam/alpha, {rsna}", log=True),
+                        metrics=("train_loss",), title=f"Fig. 2b: GGN lam/alpha, {rsna}", log=True),
             plot_heatmap(values, budget.lams, budget.alphas, png(f"fig2c_{tag['rsna']}"),
                          title=f"Fig. 2c: train loss at epoch {budget.grid_epochs}, {rsna}"),
         ]
