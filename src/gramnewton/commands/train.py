@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: checkpoint saved in {out}; continue with --resume")
         return 130
+    except FileNotFoundError as error:  # a data set or warm-start run that is not there
+        print(f"error: {error}")
+        return 2
     last = rows[-1]
     print(f"{config['name'] or args.config.stem}: epoch {last['epoch']:g}, {last['seconds']:.1f} s of training, "
           f"train MSE {last['train_loss']:.4g}, test MSE {last['test_loss']:.4g}, test RMSE {last['test_rmse']:.4g}")
