@@ -164,11 +164,6 @@ class HooksEngine:
         self._columns = 1
         self._expected: set[int] = set()
 
-    @property
-    def hooked_modules(self) -> list[nn.Module]:
-        """Modules whose parameters the fast path handles."""
-        return [m for m, _, _ in self._modules]
-
     def compute(self, closure: Closure) -> GramSystem:
         """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``."""
         for module, check in self._checks:
