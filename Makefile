@@ -14,7 +14,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]" "$(TORCH)"
+	$(PIP) install -q -e ".[dev,tabular]" "$(TORCH)"
 	touch $(STAMP)
 
 install: $(STAMP)

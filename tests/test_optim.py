@@ -154,7 +154,7 @@ def test_duplicated_samples_with_alpha_zero_give_finite_step():
     x = torch.randn(3, 3, 4, dtype=torch.float64).repeat(2, 1, 1)
     y = torch.randn(3, 1, dtype=torch.float64).repeat(2, 1)
     opt = GramGaussNewton(model, alpha=0.0)
-    before = float((model(x) - y).pow(2).mean())
+    before = float((model(x) - y).detach().pow(2).mean())
     opt.step(lambda: model(x) - y)
     assert torch.isfinite(flat_params(model)).all()
     assert opt.last_step.solve_info.method in ("jitter", "eigh")
