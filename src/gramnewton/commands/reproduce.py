@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("figures", nargs="+", choices=[*FIGURES, "all"])
     p.add_argument("--afad", help="local AFAD-LITE folder (default: stand-in rotated-fashion-mnist)")
     p.add_argument("--rsna", help="local RSNA Bone Age folder (default: stand-in rotated-mnist)")
-    p.add_argument("--budget", choices=["quick", "paper"], default="quick",
-                   help="quick: minutes on 2 CPU cores (see experiments/reproduce.py BUDGETS); paper: the paper's settings")
+    p.add_argument("--budget", choices=["quick", "long", "paper"], default="quick",
+                   help="quick: minutes on 2 CPU cores; long: twice quick's data and epochs; paper: the paper's "
+                        "settings (see BUDGETS in experiments/reproduce.py)")
     p.add_argument("--test-budget", dest="budget", action="store_const", const="test", help=argparse.SUPPRESS)
     p.add_argument("--configs", type=Path, default=CONFIGS_DIR, help="folder of the base TOML configs")
     p.add_argument("--out", type=Path, help="output folder (default runs/reproduce-<budget>)")
