@@ -1,12 +1,14 @@
 """gramnewton: the Gram-Gauss-Newton method for training neural networks on regression tasks."""
 
 from .convert import convert_batchnorm
+from .damping import GainRatioDamping
 from .kernels import GramEngine, GramSystem, HooksEngine, ReferenceEngine
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
+    "GainRatioDamping",
     "GramEngine",
     "GramGaussNewton",
     "GramGaussNewtonStep",
