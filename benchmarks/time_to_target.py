@@ -598,6 +598,10 @@ def first_failures(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fmt_load(load: Any) -> str:
+    return "?" if not load else "/".join(f"{x:.1f}" for x in load)
+
+
 def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# Time to target: GGN against TLM, L-BFGS, Adam, SGD and K-FAC", "",
@@ -605,7 +609,8 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, {THREADS} threads (`torch.set_num_threads`), "
         f"allocator {meta.get('allocator', '?')}, `OMP_WAIT_POLICY={meta.get('omp_wait_policy', '?')}`; each run in its own forked process "
         f"with its address space capped at {meta.get('memory_cap_gib', '?')} GiB (`RLIMIT_AS`); run started {meta.get('started', '?')} "
-        f"at commit {meta.get('git', '?')}; command `{meta.get('command', '?')}`.", "",
+        f"at commit {meta.get('git', '?')}; command `{meta.get('command', '?')}`. Load average (1, 5, 15 min) at the start "
+        f"{fmt_load(meta.get('load_average_at_start'))}, at the end {fmt_load(meta.get('load_average_at_end'))} (2 cores).", "",
         "Columns: seconds of training (evaluation excluded) until the full training MSE is at most 1e-1, 1e-2, 1e-3 times "
         "its initial value, median over seeds (a seed that never gets there counts as infinitely late; `-` = the median "
         "seed did not get there). *Time vs GGN* is the other method's time divided by GGN's (so `5.0x` means GGN was 5 times "
@@ -687,9 +692,11 @@ def main(argv: list[str] | None = None) -> None:
                         "omp_wait_policy": env["OMP_WAIT_POLICY"], "kfac_available": kfac_available(),
                         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                         "command": " ".join(["python", "benchmarks/time_to_target.py", *sys.argv[1:]]),
-                        "targets": TARGETS, "stop_factor": STOP_FACTOR, "git": git_state()}
+                        "targets": TARGETS, "stop_factor": STOP_FACTOR, "git": git_state(),
+                        "load_average_at_start": os.getloadavg()}
         for name in args.tasks:
             data["tasks"][name] = run_task(TASKS[name], optimizers, args, lambda s: print(s, flush=True))
+            data["meta"]["load_average_at_end"] = os.getloadavg()  # other jobs on the machine skew timings
             save_results(data)  # after every task, so an interrupted run keeps what it measured
     write_report(data["tasks"], data["meta"])
 
