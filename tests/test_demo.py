@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 from gramnewton.cli import main
 from gramnewton.experiments.demo import SWEEP_GRID, best_settings, sweep_points
@@ -22,7 +23,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_sweep_grid_and_winner_selection():
     points = sweep_points()
-    assert len(points) == sum(len(v) for axes in SWEEP_GRID.values() for v in axes.values())
+    assert len(points) == sum(math.prod(len(v) for v in axes.values()) for axes in SWEEP_GRID.values())
+    assert ("GGN", {"lam": 4.0, "alpha": 3.0}) in points
     results = [("SGD", {"lr": 0.1}, float("nan")), ("SGD", {"lr": 0.01}, 0.3), ("SGD", {"lr": 0.03}, 0.2),
                ("GGN", {"alpha": 0.1}, 0.05)]
     assert best_settings(results) == {"SGD": {"lr": 0.03}, "GGN": {"alpha": 0.1}}

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=int, default=DemoConfig.max_epochs)
     p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
-    p.add_argument("--target", type=float, default=0.02, help="train MSE whose time to reach is reported")
+    p.add_argument("--target", type=float, default=0.1, help="train MSE whose time to reach is reported")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--sweep", action="store_true",
