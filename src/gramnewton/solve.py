@@ -36,9 +36,10 @@ class SolveInfo:
 
 def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
     """``lam * G + alpha * I``, symmetrised. ``gram`` is ``(n, n)``."""
-    n = gram.shape[0]
-    mat = lam * gram + alpha * torch.eye(n, dtype=gram.dtype, device=gram.device)
-    return 0.5 * (mat + mat.T)
+    mat = lam * gram
+    mat = 0.5 * (mat + mat.T)
+    mat.diagonal().add_(alpha)  # in place: no (n, n) identity allocated every step
+    return mat
 
 
 def _pivots_ok(chol: Tensor, mat: Tensor) -> bool:
@@ -80,7 +81,6 @@ def damped_solve(
     if not bool(torch.isfinite(mat).all()):
         raise SingularGramError("the Gram matrix has NaN or Inf entries; no parameter was changed")
     n = mat.shape[0]
-    eye = torch.eye(n, dtype=work, device=mat.device)
     scale = float(mat.diagonal().abs().mean()) or 1.0
     eps = torch.finfo(work).eps
 
@@ -90,7 +90,8 @@ def damped_solve(
 
     for j in range(max_jitter_tries):
         jitter = scale * (10.0**j) * max(eps, 1e-10) * n
-        jittered = mat + jitter * eye
+        jittered = mat.clone()
+        jittered.diagonal().add_(jitter)
         chol, info = torch.linalg.cholesky_ex(jittered)
         if int(info) == 0 and _pivots_ok(chol, jittered):
             x = torch.cholesky_solve(b, chol).squeeze(1)
