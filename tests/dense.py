@@ -38,6 +38,8 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, what: str) -> No
     rel = float(err.max() / expected.abs().max().clamp_min(1e-300))
     if rel >= rtol:
         worst = torch.topk(err.reshape(-1), min(5, err.numel())).indices
-        rows = "\n".join(f"  [{int(i)}] got {float(actual.reshape(-1)[i]):.17g} expected {float(expected.reshape(-1)[i]):.17g}"
-                         for i in worst)
+        rows = "\n".join(
+            f"  [{int(i)}] got {float(actual.reshape(-1)[i]):.17g} expected {float(expected.reshape(-1)[i]):.17g}"
+            for i in worst
+        )
         raise AssertionError(f"{what}: relative error {rel:.3g} >= {rtol:g}; largest differences:\n{rows}")

@@ -15,14 +15,31 @@ import pytest
 import torch
 from PIL import Image
 
-from gramnewton.data import BadDataError, IDXError, TargetScale, default_cache_dir, get_dataset, list_datasets, read_idx
-from gramnewton.data import images as images_module
-from gramnewton.data.fashion import DEFAULT_ROOT
-from gramnewton.data.rotated import rotate
+from gramnewton.lab.data import (
+    BadDataError,
+    IDXError,
+    TargetScale,
+    default_cache_dir,
+    get_dataset,
+    list_datasets,
+    read_idx,
+)
+from gramnewton.lab.data import images as images_module
+from gramnewton.lab.data.fashion import DEFAULT_ROOT
+from gramnewton.lab.data.rotated import rotate
 
 
 def test_registry_lists_every_dataset() -> None:
-    expected = {"rotated-digits", "rotated-mnist", "rotated-fashion-mnist", "afad-lite", "rsna-bone-age", "diabetes", "concrete", "diamonds"}
+    expected = {
+        "rotated-digits",
+        "rotated-mnist",
+        "rotated-fashion-mnist",
+        "afad-lite",
+        "rsna-bone-age",
+        "diabetes",
+        "concrete",
+        "diamonds",
+    }
     assert set(list_datasets()) == expected
 
 
@@ -67,7 +84,10 @@ def test_read_idx_big_endian_types(tmp_path: Path) -> None:
     [
         (gzip.compress(b"\x01\x02\x08\x01\x00\x00\x00\x01\x05"), "bad magic"),
         (gzip.compress(b"\x00\x00\x42\x01\x00\x00\x00\x01\x05"), "unknown IDX type"),
-        (gzip.compress(b"\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x02\x00\x00\x00\x02" + bytes(7)), "needs 8 data bytes"),
+        (
+            gzip.compress(b"\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x02\x00\x00\x00\x02" + bytes(7)),
+            "needs 8 data bytes",
+        ),
         (gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x01\x05")[:-6], "corrupt gzip"),
         (b"", "bad magic"),
     ],
@@ -120,7 +140,9 @@ def test_rotated_fashion_mnist_corrupt_file_is_named(tmp_path: Path) -> None:
         get_dataset("rotated-fashion-mnist", root=str(tmp_path), split="test")
 
 
-@pytest.mark.skipif(not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed (run `make data`)")
+@pytest.mark.skipif(
+    not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed (run `make data`)"
+)
 def test_real_fashion_mnist() -> None:
     assert read_idx(DEFAULT_ROOT / "train-images-idx3-ubyte.gz", ndim=3).shape == (60000, 28, 28)
     assert read_idx(DEFAULT_ROOT / "train-labels-idx1-ubyte.gz", ndim=1).shape == (60000,)
@@ -155,7 +177,10 @@ def afad_tree(parent: Path) -> list[Path]:
 
 
 def load_afad(root: Path, cache_dir: Path, **kwargs):
-    return {s: get_dataset("afad-lite", root=str(root), split=s, cache_dir=str(cache_dir), **kwargs) for s in ("train", "test")}
+    return {
+        s: get_dataset("afad-lite", root=str(root), split=s, cache_dir=str(cache_dir), **kwargs)
+        for s in ("train", "test")
+    }
 
 
 def ages_of(dataset) -> list[float]:
@@ -291,15 +316,25 @@ def test_unreadable_cache_entry_is_rebuilt(tmp_path: Path) -> None:
 
 def test_sixteen_bit_images_keep_their_contrast(tmp_path: Path) -> None:
     path = tmp_path / "deep.png"
-    Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 64)).save(path)
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 64).save(path)
     pixels = images_module.decode_image(path, 8, "L")
     assert pixels.shape == (1, 8, 8) and pixels.max() == 255 and len(np.unique(pixels)) > 32
 
 
 # ---------------------------------------------------------------- RSNA Bone Age
 
-RSNA_ROWS = [(1377, 180.0, "False"), (1378, 12.0, "True"), (1379, 94.0, "False"), (1380, 120.5, "True"), (1381, 36.0, "True"),
-             (1382, 200.0, "False"), (1383, 150.0, "True"), (1384, 60.0, "False"), (1385, 132.0, "True"), (1386, 84.0, "False")]
+RSNA_ROWS = [
+    (1377, 180.0, "False"),
+    (1378, 12.0, "True"),
+    (1379, 94.0, "False"),
+    (1380, 120.5, "True"),
+    (1381, 36.0, "True"),
+    (1382, 200.0, "False"),
+    (1383, 150.0, "True"),
+    (1384, 60.0, "False"),
+    (1385, 132.0, "True"),
+    (1386, 84.0, "False"),
+]
 
 
 def write_png(path: Path, value: float) -> None:
@@ -371,7 +406,9 @@ def test_rsna_validation_csv_is_the_test_split(tmp_path: Path) -> None:
         writer.writerow(["Image ID", "male", "Bone Age (months)"])
         writer.writerows([(i, male, m) for i, m, male in validation])
     for image_id, months, _ in validation:
-        write_png(tmp_path / "boneage-validation-dataset-1" / "boneage-validation-dataset-1" / f"{image_id}.png", months)
+        write_png(
+            tmp_path / "boneage-validation-dataset-1" / "boneage-validation-dataset-1" / f"{image_id}.png", months
+        )
     parts = load_rsna(tmp_path)
     assert (len(parts["train"]), len(parts["test"])) == (10, 3)
     assert months_of(parts["test"]) == [48.0, 100.0, 160.0]

@@ -5,14 +5,30 @@ from __future__ import annotations
 import csv
 import math
 
-from gramnewton.cli import main
-from gramnewton.experiments.demo import SWEEP_GRID, best_settings, sweep_points
+from gramnewton.lab.cli import main
+from gramnewton.lab.experiments.demo import SWEEP_GRID, best_settings, sweep_points
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--dataset", "rotated-digits", "--seconds", "1", "--max-epochs", "1",
-                 "--batch-size", "64", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--dataset",
+                "rotated-digits",
+                "--seconds",
+                "1",
+                "--max-epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert {r["optimizer"] for r in rows} == {"GGN", "SGD", "Adam"}
     assert all(r["epoch"] in ("0", "1") for r in rows)
@@ -25,6 +41,10 @@ def test_sweep_grid_and_winner_selection():
     points = sweep_points()
     assert len(points) == sum(math.prod(len(v) for v in axes.values()) for axes in SWEEP_GRID.values())
     assert ("GGN", {"lam": 4.0, "alpha": 3.0}) in points
-    results = [("SGD", {"lr": 0.1}, float("nan")), ("SGD", {"lr": 0.01}, 0.3), ("SGD", {"lr": 0.03}, 0.2),
-               ("GGN", {"alpha": 0.1}, 0.05)]
+    results = [
+        ("SGD", {"lr": 0.1}, float("nan")),
+        ("SGD", {"lr": 0.01}, 0.3),
+        ("SGD", {"lr": 0.03}, 0.2),
+        ("GGN", {"alpha": 0.1}, 0.05),
+    ]
     assert best_settings(results) == {"SGD": {"lr": 0.03}, "GGN": {"alpha": 0.1}}

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from gramnewton.cli import main
-from gramnewton.experiments.config import dumps, load_config, parse_override, resolve
-from gramnewton.experiments.metrics import read_rows
-from gramnewton.experiments.runner import run_experiment
+from gramnewton.lab.cli import main
+from gramnewton.lab.experiments.config import dumps, load_config, parse_override, resolve
+from gramnewton.lab.experiments.metrics import read_rows
+from gramnewton.lab.experiments.runner import run_experiment
 
 TINY = """
 name = "tiny"
@@ -30,7 +30,12 @@ batch_size = 64
 epochs = 3
 threads = 1
 """
-HYPER = {"ggn": "alpha = 0.3", "sgd": "lr = 0.05", "adam": "lr = 0.001", "kfac": "lr = 0.02\ninverse_every = 2\nfactor_every = 1"}
+HYPER = {
+    "ggn": "alpha = 0.3",
+    "sgd": "lr = 0.05",
+    "adam": "lr = 0.001",
+    "kfac": "lr = 0.02\ninverse_every = 2\nfactor_every = 1",
+}
 
 
 def tiny_config(tmp_path, optimizer="ggn"):
@@ -39,11 +44,16 @@ def tiny_config(tmp_path, optimizer="ggn"):
     return path
 
 
-@pytest.mark.parametrize("text, expected", [("optimizer.alpha=0.1", ("optimizer.alpha", 0.1)),
-                                            ("train.epochs=3", ("train.epochs", 3)),
-                                            ("data.name=rotated-mnist", ("data.name", "rotated-mnist")),
-                                            ('data.root="/a b"', ("data.root", "/a b")),
-                                            ("data.kwargs={ size = 32 }", ("data.kwargs", {"size": 32}))])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("optimizer.alpha=0.1", ("optimizer.alpha", 0.1)),
+        ("train.epochs=3", ("train.epochs", 3)),
+        ("data.name=rotated-mnist", ("data.name", "rotated-mnist")),
+        ('data.root="/a b"', ("data.root", "/a b")),
+        ("data.kwargs={ size = 32 }", ("data.kwargs", {"size": 32})),
+    ],
+)
 def test_parse_override(text, expected):
     assert parse_override(text) == expected
 
@@ -90,7 +100,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer):
     assert saved["epoch"] == 1 and len(saved["batch_losses"]) == 2 and saved["step"] == 6
     resumed = run_experiment(load_config(path), tmp_path / "ctrl-c", resume=True)
     assert _losses(resumed) == _losses(full)
-    assert _losses(read_rows(tmp_path / "ctrl-c" / "metrics.csv")) == _losses(read_rows(tmp_path / "full" / "metrics.csv"))
+    assert _losses(read_rows(tmp_path / "ctrl-c" / "metrics.csv")) == _losses(
+        read_rows(tmp_path / "full" / "metrics.csv")
+    )
 
 
 def test_resume_refuses_another_config(tmp_path):
@@ -108,8 +120,21 @@ def test_train_command_plot_and_warm_start(tmp_path, capsys):
     saved = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     assert set(saved) >= {"model", "optimizer", "epoch", "step", "seconds", "rng", "rows"} and saved["epoch"] == 2
     # Warm start of an SGD run from the Adam run: epoch 0 evaluates the Adam run's final weights.
-    assert main(["train", str(tiny_config(tmp_path, "sgd")), "--out", str(tmp_path / "b"), "--set", "train.epochs=1",
-                 "--set", f"warm_start.run={tmp_path / 'a'}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_config(tmp_path, "sgd")),
+                "--out",
+                str(tmp_path / "b"),
+                "--set",
+                "train.epochs=1",
+                "--set",
+                f"warm_start.run={tmp_path / 'a'}",
+            ]
+        )
+        == 0
+    )
     a, b = read_rows(tmp_path / "a" / "metrics.csv"), read_rows(tmp_path / "b" / "metrics.csv")
     assert b[0]["test_loss"] == pytest.approx(a[-1]["test_loss"], rel=1e-6)
     png = tmp_path / "curves.png"
@@ -120,7 +145,7 @@ def test_train_command_plot_and_warm_start(tmp_path, capsys):
 def test_warm_start_adapts_input_channels_and_head():
     from torch import nn
 
-    from gramnewton.experiments.setup import _adapt
+    from gramnewton.lab.experiments.setup import _adapt
 
     rgb = torch.randn(16, 3, 3, 3)
     gray = _adapt(rgb, torch.zeros(16, 1, 3, 3))
@@ -136,7 +161,10 @@ def test_reproduce_test_budget(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stand-in" in printed
     names = {p.name for p in (tmp_path / "figures").iterdir()}
-    assert {"reproduce_fig2a_rsna-standin-rotated-digits.png", "reproduce_fig2c_rsna-standin-rotated-digits.png"} <= names
+    assert {
+        "reproduce_fig2a_rsna-standin-rotated-digits.png",
+        "reproduce_fig2c_rsna-standin-rotated-digits.png",
+    } <= names
     # A second call reuses every finished run.
     assert main(["reproduce", "fig2", "--test-budget", "--out", str(tmp_path)]) == 0
     assert "ran in" not in capsys.readouterr().out

@@ -8,8 +8,8 @@ both code paths of each layer are checked. Agreement is required to 1e-10 relati
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 import gramnewton
-from gramnewton.kernels import HooksEngine, ReferenceEngine, layers
-from gramnewton.kernels.select import select_engine
-from gramnewton.models import ScalarBias, ScalarScale, TwoLayerNet, get_model
+from gramnewton.engines import HooksEngine, ReferenceEngine, handlers
+from gramnewton.engines.select import select_engine
+from gramnewton.lab.models import ScalarBias, ScalarScale, TwoLayerNet, get_model
 
 RTOL = 1e-10
 
@@ -97,27 +97,109 @@ class Case:
 
 CASES = [
     Case("linear", lambda: seq(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)), lambda b: torch.randn(b, 5)),
-    Case("linear_nobias_k3", lambda: seq(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)), lambda b: torch.randn(b, 5)),
-    Case("linear_sequence", lambda: seq(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2), nn.Flatten()), lambda b: torch.randn(b, 16, 2)),
-    Case("linear_2_leading_dims", lambda: seq(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten()), lambda b: torch.randn(b, 2, 3, 6)),
-    Case("conv1d", lambda: seq(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(4, 2, 2, dilation=2), nn.Flatten()), lambda b: torch.randn(b, 3, 11)),
-    Case("conv1d_groups_same", lambda: seq(nn.Conv1d(4, 6, 4, padding="same", groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(54, 1)), lambda b: torch.randn(b, 4, 9)),
-    Case("conv2d_stride_pad", lambda: seq(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)), images(3, 8)),
-    Case("conv2d_dilation_nobias", lambda: seq(nn.Conv2d(2, 3, 3, dilation=2, padding=2, bias=False), nn.Tanh(), nn.Conv2d(3, 1, 2, stride=3)), images(2, 8, 7)),
-    Case("conv2d_groups", lambda: seq(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.Tanh(), nn.Conv2d(6, 6, 1, groups=3), nn.Flatten(), nn.Linear(6 * 25, 1)), images(4, 5)),
-    Case("conv2d_same_even_kernel", lambda: seq(nn.Conv2d(2, 3, (4, 2), padding="same"), nn.Tanh(), nn.Conv2d(3, 1, 3, padding="valid")), images(2, 6)),
-    Case("conv2d_reflect_circular", lambda: seq(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh(), nn.Conv2d(3, 1, 3, padding=2, padding_mode="circular", stride=2)), images(2, 6)),
-    Case("conv2d_1x1_wide", lambda: seq(nn.Conv2d(32, 32, 1), nn.Tanh(), nn.Flatten(), nn.Linear(128, 1)), images(32, 2)),
-    Case("conv3d", lambda: seq(nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 3 * 5, 1)), lambda b: torch.randn(b, 2, 4, 4, 4)),
-    Case("groupnorm", lambda: seq(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 1)), images(2, 5)),
-    Case("layernorm", lambda: seq(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.LayerNorm((3, 6)), nn.Flatten(), nn.Linear(18, 2)), lambda b: torch.randn(b, 3, 5)),
-    Case("batchnorm_eval", lambda: seq(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.BatchNorm1d(27), nn.Linear(27, 1)), images(2, 5), eval_mode=True),
-    Case("scalar_bias_scale", lambda: seq(ScalarBias(), nn.Linear(4, 5), ScalarScale(), nn.Tanh(), ScalarBias(), nn.Linear(5, 1)), lambda b: torch.randn(b, 4)),
+    Case(
+        "linear_nobias_k3",
+        lambda: seq(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)),
+        lambda b: torch.randn(b, 5),
+    ),
+    Case(
+        "linear_sequence",
+        lambda: seq(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2), nn.Flatten()),
+        lambda b: torch.randn(b, 16, 2),
+    ),
+    Case(
+        "linear_2_leading_dims",
+        lambda: seq(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten()),
+        lambda b: torch.randn(b, 2, 3, 6),
+    ),
+    Case(
+        "conv1d",
+        lambda: seq(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(4, 2, 2, dilation=2), nn.Flatten()),
+        lambda b: torch.randn(b, 3, 11),
+    ),
+    Case(
+        "conv1d_groups_same",
+        lambda: seq(nn.Conv1d(4, 6, 4, padding="same", groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(54, 1)),
+        lambda b: torch.randn(b, 4, 9),
+    ),
+    Case(
+        "conv2d_stride_pad",
+        lambda: seq(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)),
+        images(3, 8),
+    ),
+    Case(
+        "conv2d_dilation_nobias",
+        lambda: seq(nn.Conv2d(2, 3, 3, dilation=2, padding=2, bias=False), nn.Tanh(), nn.Conv2d(3, 1, 2, stride=3)),
+        images(2, 8, 7),
+    ),
+    Case(
+        "conv2d_groups",
+        lambda: seq(
+            nn.Conv2d(4, 6, 3, groups=2, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(6, 6, 1, groups=3),
+            nn.Flatten(),
+            nn.Linear(6 * 25, 1),
+        ),
+        images(4, 5),
+    ),
+    Case(
+        "conv2d_same_even_kernel",
+        lambda: seq(nn.Conv2d(2, 3, (4, 2), padding="same"), nn.Tanh(), nn.Conv2d(3, 1, 3, padding="valid")),
+        images(2, 6),
+    ),
+    Case(
+        "conv2d_reflect_circular",
+        lambda: seq(
+            nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+            nn.Tanh(),
+            nn.Conv2d(3, 1, 3, padding=2, padding_mode="circular", stride=2),
+        ),
+        images(2, 6),
+    ),
+    Case(
+        "conv2d_1x1_wide", lambda: seq(nn.Conv2d(32, 32, 1), nn.Tanh(), nn.Flatten(), nn.Linear(128, 1)), images(32, 2)
+    ),
+    Case(
+        "conv3d",
+        lambda: seq(
+            nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 3 * 5, 1)
+        ),
+        lambda b: torch.randn(b, 2, 4, 4, 4),
+    ),
+    Case(
+        "groupnorm",
+        lambda: seq(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 1)),
+        images(2, 5),
+    ),
+    Case(
+        "layernorm",
+        lambda: seq(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.LayerNorm((3, 6)), nn.Flatten(), nn.Linear(18, 2)),
+        lambda b: torch.randn(b, 3, 5),
+    ),
+    Case(
+        "batchnorm_eval",
+        lambda: seq(
+            nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.BatchNorm1d(27), nn.Linear(27, 1)
+        ),
+        images(2, 5),
+        eval_mode=True,
+    ),
+    Case(
+        "scalar_bias_scale",
+        lambda: seq(ScalarBias(), nn.Linear(4, 5), ScalarScale(), nn.Tanh(), ScalarBias(), nn.Linear(5, 1)),
+        lambda b: torch.randn(b, 4),
+    ),
     Case("embedding", lambda: seq(nn.Embedding(9, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)), tokens(9, 4)),
     Case("resnet8_fixup", lambda: get_model("resnet8_fixup"), images(3, 8)),
     Case("resnet8_gn", lambda: get_model("resnet8_gn", groups=4), images(3, 8)),
     Case("resnet8_gn_k3", lambda: get_model("resnet8_gn", num_outputs=3), images(3, 8)),
-    Case("wide_mlp", lambda: get_model("mlp", in_channels=6, hidden=(512,), act="tanh"), lambda b: torch.randn(b, 6), batch=8),
+    Case(
+        "wide_mlp",
+        lambda: get_model("mlp", in_channels=6, hidden=(512,), act="tanh"),
+        lambda b: torch.randn(b, 6),
+        batch=8,
+    ),
     Case("two_layer_k2", lambda: TwoLayerNet(5, width=64, num_outputs=2), lambda b: torch.randn(b, 5)),
     Case("reused_module", Reused, lambda b: torch.randn(b, 4)),
     Case("tied_embedding_output", Tied, tokens(7, 3)),
@@ -156,16 +238,18 @@ def assert_close(name: str, got: Tensor, want: Tensor) -> None:
     err = (got - want).abs()
     if float(err.max() / scale) > RTOL:
         bad = (err > RTOL * scale).nonzero()[:10]
-        rows = [f"  {tuple(i.tolist())}: got {float(got[tuple(i)]):.12g}, want {float(want[tuple(i)]):.12g}" for i in bad]
+        rows = [
+            f"  {tuple(i.tolist())}: got {float(got[tuple(i)]):.12g}, want {float(want[tuple(i)]):.12g}" for i in bad
+        ]
         pytest.fail(f"{name}: max relative error {float(err.max() / scale):.3g} > {RTOL}\n" + "\n".join(rows))
 
 
 @pytest.fixture
 def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "dense":
-        monkeypatch.setattr(layers, "factored_is_cheaper", lambda *a, **k: False)
+        monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     elif request.param == "factored":
-        monkeypatch.setattr(layers, "factored_is_cheaper", lambda *a, **k: True)
+        monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
     return request.param
 
 
@@ -195,9 +279,9 @@ def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
 
 def test_cost_model_picks_factors_for_the_wide_two_layer_net() -> None:
     # Linear(10 -> 4096) at b=128: factorised b^2 (in + out) is far below b^2 in out.
-    assert layers.factored_is_cheaper(128, 1, 10, 4096)
+    assert handlers.factored_is_cheaper(128, 1, 10, 4096)
     # a 3x3 convolution of a ResNet at 32x32: materialised per-sample gradients win
-    assert not layers.factored_is_cheaper(128, 1024, 16 * 9, 16, unfold=True)
+    assert not handlers.factored_is_cheaper(128, 1024, 16 * 9, 16, unfold=True)
 
 
 def test_closure_calling_the_model_twice() -> None:
@@ -236,7 +320,9 @@ def test_residuals_independent_of_hooked_parameters() -> None:
     assert_close("gram", fast.gram, ref.gram)
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm2d(2), nn.BatchNorm2d(2, affine=False), nn.SyncBatchNorm(2, affine=False)])
+@pytest.mark.parametrize(
+    "norm", [nn.BatchNorm2d(2), nn.BatchNorm2d(2, affine=False), nn.SyncBatchNorm(2, affine=False)]
+)
 def test_batchnorm_in_training_mode_raises(norm: nn.Module) -> None:
     model = seq(nn.Conv2d(1, 2, 3), norm, nn.Flatten(), nn.Linear(18, 1))
     with pytest.raises(ValueError, match="BatchNorm.* in training mode"):
@@ -319,7 +405,8 @@ def test_optimizer_step_matches_reference_engine() -> None:
 
 
 @pytest.mark.parametrize(
-    ("channels", "groups", "expected"), [(16, 8, 8), (6, 4, 3), (7, 8, 7), (7, 4, 1), (12, 5, 4), (3, 8, 3), (64, 32, 32)]
+    ("channels", "groups", "expected"),
+    [(16, 8, 8), (6, 4, 3), (7, 8, 7), (7, 4, 1), (12, 5, 4), (3, 8, 3), (64, 32, 32)],
 )
 def test_group_count(channels: int, groups: int, expected: int) -> None:
     from gramnewton.convert import group_count

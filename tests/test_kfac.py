@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gramnewton.baselines.kfac import KFAC
+from gramnewton.lab.baselines.kfac import KFAC
 
 LR, DAMPING = 0.5, 0.1
 LAYERS = {
@@ -26,8 +26,12 @@ def explicit_factors(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tupl
         (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
         xp = nn.functional.pad(x, (pw, pw, ph, ph))
         out = layer(x)
-        rows = [xp[i, :, r * sh: r * sh + kh, c * sw: c * sw + kw].reshape(-1)
-                for i in range(b) for r in range(out.shape[2]) for c in range(out.shape[3])]
+        rows = [
+            xp[i, :, r * sh : r * sh + kh, c * sw : c * sw + kw].reshape(-1)
+            for i in range(b)
+            for r in range(out.shape[2])
+            for c in range(out.shape[3])
+        ]
         a = torch.stack(rows)
     else:
         a = x
@@ -36,7 +40,7 @@ def explicit_factors(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tupl
     A = a.T @ a / a.shape[0]
     G = torch.zeros(layer.weight.shape[0], layer.weight.shape[0], dtype=x.dtype)
     for i in range(b):
-        s = layer(x[i: i + 1]).detach().requires_grad_(True)
+        s = layer(x[i : i + 1]).detach().requires_grad_(True)
         loss_i = (s.flatten(2).mean(2) - y[i]).pow(2).mean() if s.dim() == 4 else (s - y[i]).pow(2).mean()
         (g,) = torch.autograd.grad(loss_i, s)
         g = g.movedim(1, -1).reshape(-1, s.shape[1])
@@ -64,9 +68,11 @@ def test_preconditioned_gradient_matches_explicit_formula(name):
     grad = layer.weight.grad.reshape(layer.weight.shape[0], -1)
     if layer.bias is not None:
         grad = torch.cat([grad, layer.bias.grad.unsqueeze(1)], 1)
-    shift = DAMPING ** 0.5
-    expected = torch.linalg.solve(G + shift * torch.eye(len(G), dtype=G.dtype),
-                                  torch.linalg.solve(A + shift * torch.eye(len(A), dtype=A.dtype), grad.T).T)
+    shift = DAMPING**0.5
+    expected = torch.linalg.solve(
+        G + shift * torch.eye(len(G), dtype=G.dtype),
+        torch.linalg.solve(A + shift * torch.eye(len(A), dtype=A.dtype), grad.T).T,
+    )
     opt.step()
     step = torch.cat([(b - p.detach()).reshape(p.shape[0], -1) for b, p in zip(before, layer.parameters())], 1) / LR
     torch.testing.assert_close(step, expected, rtol=1e-10, atol=1e-12)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gramnewton import GramGaussNewton
-from gramnewton.models import ResNet, ScalarBias, ScalarScale, TwoLayerNet, get_model, list_models, register_model
+from gramnewton.lab.models import ResNet, ScalarBias, ScalarScale, TwoLayerNet, get_model, list_models, register_model
 
 SIZES = (8, 28, 32, 64)
 RESNETS = [f"resnet{d}_{n}" for d in (8, 20, 32) for n in ("fixup", "gn", "bn")]

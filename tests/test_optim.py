@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from dense import assert_close, dense_jacobian, dense_step, flat_params
 from torch import nn
 
-from dense import assert_close, dense_jacobian, dense_step, flat_params
 from gramnewton import GramGaussNewton, SingularGramError, full_batch_step
-from gramnewton.models import get_model
+from gramnewton.lab.models import get_model
 
 
 def _mlp() -> nn.Module:
@@ -18,8 +18,15 @@ def _mlp() -> nn.Module:
 
 
 def _gn_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Tanh(),
-                         nn.Conv2d(8, 4, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.Tanh(),
+        nn.Conv2d(8, 4, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 2),
+    )
 
 
 def _fixup() -> nn.Module:
@@ -98,9 +105,15 @@ def test_weight_decay_is_decoupled():
     assert_close(flat_params(model), expected, 1e-10, "decoupled weight decay")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(alpha=-0.1), "alpha"), (dict(lam=0.0), "lam"), (dict(lam=-1.0), "lam"), (dict(weight_decay=1.0), "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(alpha=-0.1), "alpha"),
+        (dict(lam=0.0), "lam"),
+        (dict(lam=-1.0), "lam"),
+        (dict(weight_decay=1.0), "weight_decay"),
+    ],
+)
 def test_invalid_hyper_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GramGaussNewton(_mlp(), **kwargs)

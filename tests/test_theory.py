@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gramnewton import cli
-from gramnewton.kernels import ReferenceEngine
-from gramnewton.theory import (
+from gramnewton.engines import ReferenceEngine
+from gramnewton.lab.theory import (
     TwoLayerEngine,
     block_split,
     ggn_batch_step,
@@ -130,10 +130,48 @@ def test_tail_contraction_of_a_geometric_sequence():
 
 def test_theory_commands_run_end_to_end(tmp_path, capsys):
     q_out, m_out = tmp_path / "q", tmp_path / "m"
-    assert cli.main(["theory", "quadratic", "--n", "8", "--d", "3", "--widths", "6,8", "--seeds", "1",
-                     "--steps", "3", "--out", str(q_out)]) == 0
-    assert cli.main(["theory", "minibatch", "--n", "8", "--d", "3", "--batch-size", "4", "--widths", "6,8",
-                     "--epochs", "4", "--out", str(m_out)]) == 0
+    assert (
+        cli.main(
+            [
+                "theory",
+                "quadratic",
+                "--n",
+                "8",
+                "--d",
+                "3",
+                "--widths",
+                "6,8",
+                "--seeds",
+                "1",
+                "--steps",
+                "3",
+                "--out",
+                str(q_out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "theory",
+                "minibatch",
+                "--n",
+                "8",
+                "--d",
+                "3",
+                "--batch-size",
+                "4",
+                "--widths",
+                "6,8",
+                "--epochs",
+                "4",
+                "--out",
+                str(m_out),
+            ]
+        )
+        == 0
+    )
     quadratic = json.loads((q_out / "quadratic.json").read_text())
     minibatch = json.loads((m_out / "minibatch.json").read_text())
     assert [r["width"] for r in quadratic["rows"]] == [64, 256]

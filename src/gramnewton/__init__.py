@@ -2,7 +2,7 @@
 
 from .convert import convert_batchnorm
 from .damping import GainRatioDamping
-from .kernels import GramEngine, GramSystem, HooksEngine, ReferenceEngine
+from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction

@@ -1,35 +1,43 @@
-"""``gramnewton`` command line: each sub-command lives in a module of :mod:`gramnewton.commands`.
+"""Entry point of the ``gramnewton`` command: the commands live in :mod:`gramnewton.lab`.
 
-A command module exposes ``register(subparsers)``, which adds its parser and sets
-``run=callable(args) -> int`` as a default.
+This module imports nothing beyond the standard library until the lab's dependencies are known
+to be installed, so that a core-only install answers with one line naming the extra.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-from typing import Sequence
+import sys
+from collections.abc import Sequence
+from importlib.util import find_spec
 
-COMMAND_MODULES = (
-    "gramnewton.commands.demo",
-    "gramnewton.commands.train",
-    "gramnewton.commands.plot",
-    "gramnewton.commands.reproduce",
-    "gramnewton.commands.theory",
-)
+# import name -> distribution name of the lab extra's dependencies
+LAB_REQUIREMENTS = {
+    "numpy": "numpy",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "PIL": "Pillow",
+    "sklearn": "scikit-learn",
+    "mlxtend": "mlxtend",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gramnewton", description="Gram-Gauss-Newton training and experiments.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(subparsers)
-    return parser
+def missing_lab_requirements() -> list[str]:
+    """Distribution names of the lab extra that are not installed."""
+    return [dist for module, dist in LAB_REQUIREMENTS.items() if find_spec(module) is None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    missing = missing_lab_requirements()
+    if missing:
+        print(
+            f"error: the gramnewton command needs the lab extra ({', '.join(missing)} missing): "
+            "pip install 'gramnewton[lab]'",
+            file=sys.stderr,
+        )
+        return 2
+    from .lab.cli import main as lab_main
+
+    return lab_main(argv)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .damping import GainRatioDamping, gain_ratio
-from .kernels import Closure, GramEngine
-from .kernels.select import select_engine
+from .engines import Closure, GramEngine
+from .engines.select import select_engine
 from .update import GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
 
 

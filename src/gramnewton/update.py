@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .kernels import Closure, GramEngine, ReferenceEngine
+from .engines import Closure, GramEngine, ReferenceEngine
 from .solve import SingularGramError, SolveInfo, damped_solve
 
 

@@ -1,0 +1,5 @@
+"""``python -m gramnewton`` runs the command line (also under ``torchrun``)."""
+
+from .cli import main
+
+raise SystemExit(main())

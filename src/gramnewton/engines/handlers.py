@@ -1,0 +1,372 @@
+"""Per-layer handlers for the hooks engine: one module's per-sample Jacobian from saved factors.
+
+Index conventions (BackPACK-style, stated once for every handler):
+    ``n`` rows, one per (sample, output) pair, sample-major (row ``i * k + c``);
+    ``a``: the module's input for those rows, ``(n, ...)`` (an input shared by the ``k`` rows of
+    one sample is repeated); ``g``: the gradient of output ``c`` of sample ``i`` with respect to
+    the module's output, shaped like the output, ``(n, ...)``.
+A handler returns, for each requested parameter name, a :class:`Piece`: either the materialised
+per-sample gradients (:class:`Dense`, ``(n, numel)``) or the factors of a Linear/Conv weight
+(:class:`Factored`) whose Gram matrix is ``(A A^T) * (G G^T)`` summed over positions.
+
+Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import ScalarBias, ScalarScale
+
+# Measured on the 2-core CPU (docs/design.md, "Cost model"): ``F.unfold`` runs about 10x slower than the
+# convolution with the same shapes, so im2col is charged 10 convolutions' worth of multiply-adds.
+UNFOLD_PENALTY = 10.0
+# The factorised Gram builds an ``(n*S, n*S)`` matrix; above this many entries it is not used.
+MAX_FACTORED_ENTRIES = 1 << 24
+
+
+@dataclass
+class Dense:
+    """Materialised per-sample gradients of one parameter, ``jac`` of shape ``(n, numel)``."""
+
+    jac: Tensor
+
+    def add_gram(self, gram: Tensor) -> None:
+        """``gram += jac jac^T`` (``(n, n)``)."""
+        gram.addmm_(self.jac, self.jac.T)
+
+    def jt_times(self, v: Tensor) -> Tensor:
+        """``jac^T v`` for ``v`` of shape ``(n,)``; returns ``(numel,)``."""
+        return self.jac.T @ v
+
+    def dense(self) -> Dense:
+        return self
+
+
+@dataclass
+class Factored:
+    """Per-sample weight gradients ``sum_s g_s a_s^T`` kept as their factors, per group.
+
+    Attributes:
+        a: ``(n, groups, S, kin)`` inputs (im2col patches for convolutions) at ``S`` positions.
+        g: ``(n, groups, S, kout)`` output gradients at the same positions.
+    The parameter is laid out ``(groups * kout, kin)``, as Linear and Conv weights are.
+    """
+
+    a: Tensor
+    g: Tensor
+
+    def add_gram(self, gram: Tensor) -> None:
+        """``gram[i, j] += sum_{group, s, s'} (a_is . a_js') (g_is . g_js')``."""
+        n, groups, positions, _ = self.a.shape
+        for j in range(groups):
+            a = self.a[:, j].reshape(n * positions, -1)
+            g = self.g[:, j].reshape(n * positions, -1)
+            if positions == 1:
+                gram.addcmul_(a @ a.T, g @ g.T)
+            else:
+                gram.add_(((a @ a.T) * (g @ g.T)).view(n, positions, n, positions).sum((1, 3)))
+
+    def jt_times(self, v: Tensor) -> Tensor:
+        """``sum_i v_i sum_s g_is a_is^T`` flattened, ``(groups * kout * kin,)``."""
+        n, groups, positions, kin = self.a.shape
+        kout = self.g.shape[3]
+        # weight the smaller factor by v
+        a, g = (self.a * v.view(n, 1, 1, 1), self.g) if kin <= kout else (self.a, self.g * v.view(n, 1, 1, 1))
+        if groups == 1:
+            return (g.reshape(n * positions, kout).T @ a.reshape(n * positions, kin)).reshape(-1)
+        a = a.transpose(0, 1).reshape(groups, n * positions, kin)
+        g = g.transpose(0, 1).reshape(groups, n * positions, kout)
+        return torch.bmm(g.transpose(1, 2), a).reshape(-1)
+
+    def dense(self) -> Dense:
+        """The per-sample gradients, ``(n, groups * kout * kin)``."""
+        n = self.a.shape[0]
+        return Dense(torch.einsum("ngso,ngsi->ngoi", self.g, self.a).reshape(n, -1))
+
+
+Piece = Dense | Factored
+
+
+def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
+    """Cost model (multiply-adds) choosing between the two forms of a weight's Gram matrix.
+
+    With ``n`` rows, ``S = positions``, per-group sizes ``kin`` and ``kout``:
+        materialised: ``n*S*groups*kin*kout`` (per-sample gradients) ``+ n^2*groups*kin*kout``
+            (``J J^T``);
+        factorised: ``groups*(n*S)^2*(kin + kout)`` (``A A^T`` and ``G G^T``) ``+ (n*S)^2``
+            (their product and block sums) ``+ UNFOLD_PENALTY*n*S*groups*kin*kout`` when the
+            input must be unfolded (a convolution other than 1x1, stride 1, no padding).
+    ``J^T r`` costs the same ``n*S*groups*kin*kout`` either way and is left out. The factorised
+    form is also refused when its ``(n*S, n*S)`` temporaries exceed ``MAX_FACTORED_ENTRIES``.
+    """
+    rows = n * positions
+    if rows * rows > MAX_FACTORED_ENTRIES:
+        return False
+    weight = groups * kin * kout
+    materialised = rows * weight + n * n * weight
+    factored = groups * rows * rows * (kin + kout) + rows * rows + (UNFOLD_PENALTY * rows * weight if unfold else 0.0)
+    return factored < materialised
+
+
+Contributions = Callable[[nn.Module, Tensor, Tensor, frozenset, bool], "dict[str, Piece]"]
+
+
+@dataclass(frozen=True)
+class LayerHandler:
+    """How the hooks engine treats one module type.
+
+    Attributes:
+        contributions: ``(module, a, g, names, factored_ok) -> {name: Piece}`` for the requested
+            parameter names; ``factored_ok`` is False when the caller needs :class:`Dense` pieces
+            (a parameter used more than once in the forward pass).
+        unsupported: ``module -> reason`` when this instance cannot be handled exactly
+            (its parameters then go to the reference engine), ``None`` when it can.
+        check: raises when the module must not be used for GGN at all (BatchNorm in training).
+        needs_input: False when ``contributions`` ignores ``a`` (it then gets ``None``): the
+            engine must not keep such an input alive, autograd may free it early.
+    """
+
+    contributions: Contributions
+    unsupported: Callable[[nn.Module], str | None] = lambda module: None
+    check: Callable[[nn.Module], None] = lambda module: None
+    needs_input: bool = True
+
+
+HANDLERS: dict[type, LayerHandler] = {}
+
+
+def register_handler(*types: type, **options: Any) -> Callable[[Contributions], Contributions]:
+    """Register ``contributions`` for exactly these module types (subclasses are not matched:
+    a subclass may change ``forward``)."""
+
+    def decorator(fn: Contributions) -> Contributions:
+        for t in types:
+            if t in HANDLERS:
+                raise ValueError(f"a handler for {t.__name__} is already registered")
+            HANDLERS[t] = LayerHandler(fn, **options)
+        return fn
+
+    return decorator
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler of ``module``'s exact type, or ``None``."""
+    return HANDLERS.get(type(module))
+
+
+def _sum_to_rows(x: Tensor) -> Tensor:
+    """``(n, ...)`` -> ``(n, 1)`` sum over everything but the rows."""
+    return x.reshape(x.shape[0], -1).sum(1, keepdim=True)
+
+
+@register_handler(ScalarBias, needs_input=False)
+def _scalar_bias(
+    module: nn.Module, a: Tensor | None, g: Tensor, names: frozenset, factored_ok: bool
+) -> dict[str, Piece]:
+    # d(x + b)/db sums the output gradient over every entry of the sample.
+    return {"bias": Dense(_sum_to_rows(g))}
+
+
+@register_handler(ScalarScale)
+def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+    return {"scale": Dense(_sum_to_rows(g * a))}
+
+
+@register_handler(nn.Linear)
+def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+    n, out_features = g.shape[0], module.out_features
+    a3 = a.reshape(n, -1, module.in_features)  # (n, S, in): all leading dimensions are positions
+    g3 = g.reshape(n, -1, out_features)
+    pieces: dict[str, Piece] = {}
+    if "weight" in names:
+        positions = a3.shape[1]
+        if factored_ok and factored_is_cheaper(n, positions, module.in_features, out_features):
+            pieces["weight"] = Factored(a3.unsqueeze(1), g3.unsqueeze(1))
+        elif positions == 1:
+            pieces["weight"] = Dense((g3[:, 0, :, None] * a3[:, 0, None, :]).reshape(n, -1))
+        else:
+            pieces["weight"] = Dense(torch.bmm(g3.transpose(1, 2), a3).reshape(n, -1))
+    if "bias" in names:
+        pieces["bias"] = Dense(g3.sum(1))
+    return pieces
+
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _conv_unsupported(module: nn.Module) -> str | None:
+    if module.transposed:  # pragma: no cover - ConvNd subclasses registered here are never transposed
+        return "transposed convolution"
+    return None
+
+
+def _conv_padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The input as the convolution sees it, and the zero padding still to apply.
+
+    Non-zero padding modes and ``padding='same'`` (possibly asymmetric) are applied here, so the
+    per-sample kernels below only ever see symmetric integer zero padding.
+    """
+    dims = _CONV_DIMS[type(module)]
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * dims
+    if module.padding == "valid":
+        return x, (0,) * dims
+    if module.padding == "same":
+        pads: list[int] = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0,) * dims
+    return x, tuple(module.padding)
+
+
+def _conv_weight_per_sample(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Tensor:
+    """Per-sample weight gradients ``(n, numel)`` by one grouped weight-gradient convolution.
+
+    The rows are folded into the channels, ``(1, n*C, ...)``, with ``n * groups`` groups: the
+    batched weight gradient of that convolution is the stack of the per-sample ones, computed by
+    the same fast kernel as an ordinary weight gradient (no im2col).
+    """
+    n = x.shape[0]
+    weight = module.weight
+    grouped = g.new_empty(1).expand(n * weight.shape[0], *weight.shape[1:])
+    grads = torch.ops.aten.convolution_backward(
+        g.reshape(1, n * g.shape[1], *g.shape[2:]),
+        x.reshape(1, n * x.shape[1], *x.shape[2:]),
+        grouped,
+        None,
+        list(module.stride),
+        list(padding),
+        list(module.dilation),
+        False,
+        [0] * len(padding),
+        n * module.groups,
+        (False, True, False),
+    )[1]
+    return grads.reshape(n, -1)
+
+
+def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Factored:
+    """im2col factors ``(n, groups, S, kin)`` and ``(n, groups, S, kout)`` of a 1-d or 2-d convolution."""
+    n, groups = x.shape[0], module.groups
+    if x.dim() == 3:  # a 1-d convolution is a 2-d one of height 1
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, dilation, pad, stride = (
+            (1, *module.kernel_size),
+            (1, *module.dilation),
+            (0, *padding),
+            (1, *module.stride),
+        )
+    else:
+        kernel, dilation, pad, stride = module.kernel_size, module.dilation, padding, module.stride
+    patches = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)  # (n, Cin*K, S)
+    positions = patches.shape[2]
+    a = patches.view(n, groups, -1, positions).transpose(2, 3)
+    gf = g.reshape(n, groups, -1, positions).transpose(2, 3)
+    return Factored(a, gf)
+
+
+@register_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, unsupported=_conv_unsupported)
+def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+    n = g.shape[0]
+    pieces: dict[str, Piece] = {}
+    if "weight" in names:
+        x, padding = _conv_padded_input(module, a)
+        groups, kout = module.groups, module.out_channels // module.groups
+        kin = module.weight[0].numel()
+        positions = math.prod(g.shape[2:])
+        trivial = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride) and not any(padding)
+        use_factors = (
+            factored_ok
+            and x.dim() in (3, 4)
+            and factored_is_cheaper(n, positions, kin, kout, groups, unfold=not trivial)
+        )
+        if use_factors:
+            pieces["weight"] = _conv_factors(module, x, g, padding)
+        else:
+            pieces["weight"] = Dense(_conv_weight_per_sample(module, x, g, padding))
+    if "bias" in names:
+        pieces["bias"] = Dense(g.reshape(n, g.shape[1], -1).sum(2))
+    return pieces
+
+
+def _affine_pieces(x_hat: Tensor, g: Tensor, channel_dims: int, names: frozenset) -> dict[str, Piece]:
+    """Per-sample gradients of an elementwise affine ``w * x_hat + b``.
+
+    ``x_hat`` and ``g`` are ``(n, P..., C...)`` after moving: the last ``channel_dims`` axes are
+    the parameter's axes, everything between rows and them is summed over.
+    """
+    n = g.shape[0]
+    width = math.prod(g.shape[g.dim() - channel_dims :])
+    pieces: dict[str, Piece] = {}
+    if "weight" in names:
+        pieces["weight"] = Dense((g * x_hat).reshape(n, -1, width).sum(1))
+    if "bias" in names:
+        pieces["bias"] = Dense(g.reshape(n, -1, width).sum(1))
+    return pieces
+
+
+@register_handler(nn.GroupNorm)
+def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+    x_hat = F.group_norm(a, module.num_groups, None, None, module.eps)
+    # channels are axis 1: move them last so the affine parameters' axis is trailing
+    return _affine_pieces(x_hat.movedim(1, -1), g.movedim(1, -1), 1, names)
+
+
+@register_handler(nn.LayerNorm)
+def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+    x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    return _affine_pieces(x_hat, g, len(module.normalized_shape), names)
+
+
+def batch_norm_check(module: nn.Module) -> None:
+    """Raise for a BatchNorm module in training mode (its outputs couple the samples)."""
+    if module.training:
+        raise ValueError(
+            f"{type(module).__name__} in training mode normalises with batch statistics, so each output "
+            "depends on the whole batch and the per-sample Gram matrix is undefined. Put it in eval mode, "
+            "or replace it with GroupNorm (gramnewton.convert_batchnorm)."
+        )
+
+
+def _batch_norm_unsupported(module: nn.Module) -> str | None:
+    if not module.track_running_stats:
+        return "BatchNorm without running statistics uses batch statistics even in eval mode"
+    return None
+
+
+@register_handler(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, unsupported=_batch_norm_unsupported, check=batch_norm_check
+)
+def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+    # eval mode: a fixed per-channel affine map of the input, normalised by the running statistics
+    x_hat = F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+    return _affine_pieces(x_hat.movedim(1, -1), g.movedim(1, -1), 1, names)
+
+
+def _embedding_unsupported(module: nn.Module) -> str | None:
+    if module.sparse:
+        return "sparse Embedding gradients"
+    if module.scale_grad_by_freq:
+        return "scale_grad_by_freq makes the gradient depend on the whole batch"
+    return None
+
+
+@register_handler(nn.Embedding, unsupported=_embedding_unsupported)
+def _embedding(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+    n, (vocab, dim) = g.shape[0], module.weight.shape
+    index = a.reshape(n, -1) + torch.arange(n, device=a.device).unsqueeze(1) * vocab
+    jac = g.new_zeros(n * vocab, dim)
+    jac.index_add_(0, index.reshape(-1), g.reshape(-1, dim))
+    jac = jac.view(n, vocab, dim)
+    if module.padding_idx is not None:  # the padding row receives no gradient
+        jac[:, module.padding_idx] = 0
+    return {"weight": Dense(jac.reshape(n, -1))}

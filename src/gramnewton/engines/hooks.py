@@ -1,0 +1,361 @@
+"""Fast engine: the Gram matrix from per-layer factors of one forward and one backward pass.
+
+How a step runs (docs/design.md, "The hooks engine"):
+1. Forward with forward hooks on every supported module: each call's input is kept and a tensor
+   hook is put on its output. A ``TorchFunctionMode`` watches the forward for a parameter used
+   outside its own module (e.g. ``x @ emb.weight.T``), which the hooks could not see.
+2. Backward of ``residuals[:, c].sum()`` for each output column ``c`` (``k`` passes, the graph is
+   retained between them) with ``torch.autograd.grad`` whose ``inputs`` are only the hooked
+   outputs nearest the graph's leaves: no weight-gradient kernel runs. Samples are independent,
+   so the gradient reaching a layer's output holds every sample's own output gradient.
+3. As soon as a call has all its ``k`` output gradients, its handler (:mod:`.layers`) forms the
+   per-sample gradients (or the factors) of its parameters, which are added to the Gram matrix
+   with one ``addmm_`` and kept for ``J^T v`` (one contraction per layer, no second backward).
+
+Rows of the Gram matrix are sample-major: row ``i * k + c`` is sample ``i``, output ``c``.
+
+Exactness: a module called several times in one forward (or a parameter shared by two supported
+modules) is handled exactly by summing its per-sample gradients over the calls. Parameters of
+unknown modules, of modules whose input or output does not have the batch as dimension 0, or used
+outside their module go to the reference engine (:func:`.reference.jacobian_rows`) with a
+one-time warning. BatchNorm in training mode raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from .base import Closure, GramSystem, residuals_2d
+from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
+from .reference import jacobian_rows, split_like
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call of a hooked module during the forward pass."""
+
+    module: nn.Module
+    handler: LayerHandler
+    input: Tensor | None  # None when the handler does not need it
+    version: int
+    rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
+    edge: GradientEdge
+    params: dict[str, Tensor] = field(default_factory=dict)
+    grads: list[Tensor] = field(default_factory=list)
+    done: bool = False
+
+
+class _ForeignUse(TorchFunctionMode):
+    """Records hooked parameters that an operation uses outside the module owning them."""
+
+    def __init__(self, owners: dict[int, set[int]], stack: list[int], found: set[int]):
+        super().__init__()
+        self.owners, self.stack, self.found = owners, stack, found
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        current = self.stack[-1] if self.stack else None
+        for arg in (*args, *kwargs.values()):
+            # parameters reach operations directly or in a flat list (torch.cat, F.linear's args)
+            for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
+                owner = self.owners.get(id(leaf))
+                if owner is not None and current not in owner:
+                    self.found.add(id(leaf))
+        return func(*args, **kwargs)
+
+
+def _sink_edges(root: Any, nodes: dict[Any, list[_Call]]) -> tuple[set[Any], list[GradientEdge]]:
+    """Graph nodes reachable from ``root``, and the hooked edges with no hooked node below them.
+
+    Asking ``autograd.grad`` for only these edges makes it run every hooked node (each lies on a
+    path from ``root`` to one of them) and no weight-gradient kernel.
+    """
+
+    def children(node: Any) -> list[Any]:
+        return [nxt for nxt, _ in node.next_functions if nxt is not None]
+
+    visited, post = {root}, []
+    stack = [(root, iter(children(root)))]
+    while stack:  # iterative post-order: children before parents
+        node, it = stack[-1]
+        for nxt in it:
+            if nxt not in visited:
+                visited.add(nxt)
+                stack.append((nxt, iter(children(nxt))))
+                break
+        else:
+            stack.pop()
+            post.append(node)
+    below: dict[Any, bool] = {}
+    for node in post:
+        below[node] = any(nxt in nodes or below[nxt] for nxt in children(node))
+    sinks = {}
+    for node, calls in nodes.items():
+        if node in visited and not below[node]:
+            for call in calls:
+                sinks[(node, call.edge.output_nr)] = call.edge
+    return visited, list(sinks.values())
+
+
+class HooksEngine:
+    """Gram system of ``model``'s residuals from per-layer factors (see the module docstring).
+
+    Args:
+        model: the network; the closure must call it (any number of times).
+        params: the parameters to differentiate, default ``model.parameters()``.
+
+    Attributes:
+        params: as given; ``jt_times`` returns one tensor per entry, in this order.
+        reference_reasons: parameter index -> why it goes to the reference engine (static part).
+        last_timings: seconds spent in the last ``compute``: ``forward``, ``reference``,
+            ``backward`` (including the hooks' work), ``per_sample`` and ``gram`` (inside hooks).
+
+    Raises:
+        ValueError: from ``compute``, when a BatchNorm module is in training mode.
+    """
+
+    def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None):
+        self.model = model
+        self.params: list[Tensor] = list(model.parameters() if params is None else params)
+        wanted = {id(p) for p in self.params}
+        reasons: dict[int, str] = {}
+        owned: set[int] = set()
+        self._modules: list[tuple[nn.Module, LayerHandler, dict[str, Tensor]]] = []
+        self._checks: list[tuple[nn.Module, Callable[[nn.Module], None]]] = []
+        for name, module in model.named_modules():
+            handler = handler_for(module)
+            if handler is not None:
+                self._checks.append((module, handler.check))
+            elif isinstance(module, _BatchNorm):  # e.g. SyncBatchNorm: couples samples when training
+                self._checks.append((module, batch_norm_check))
+            own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in wanted}
+            if not own:
+                continue
+            owned.update(id(p) for p in own.values())
+            reason = f"no handler for {type(module).__name__}" if handler is None else handler.unsupported(module)
+            if reason is not None:
+                reasons.update({id(p): f"{name or 'model'}: {reason}" for p in own.values()})
+            else:
+                self._modules.append((module, handler, own))
+        reasons.update({id(p): "not a parameter of any module of the model" for p in self.params if id(p) not in owned})
+        # a parameter shared with an unsupported module cannot be split between two engines
+        self._modules = [(m, h, {n: p for n, p in own.items() if id(p) not in reasons}) for m, h, own in self._modules]
+        self._modules = [(m, h, own) for m, h, own in self._modules if own]
+        self._static_reference = set(reasons)
+        self.reference_reasons = {i: reasons[id(p)] for i, p in enumerate(self.params) if id(p) in reasons}
+        self._warned: set[int] = set(self._static_reference)
+        if reasons:
+            detail = "; ".join(sorted(set(reasons.values())))
+            warnings.warn(
+                f"HooksEngine: {len(self.reference_reasons)} parameter tensor(s) use the slow reference engine ({detail})",
+                stacklevel=2,
+            )
+        self.last_timings: dict[str, float] = {}
+        self._finish: Any = None  # set only while this engine's own backward pass runs
+        self._columns = 1
+        self._expected: set[int] = set()
+
+    def compute(self, closure: Closure) -> GramSystem:
+        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``."""
+        for module, check in self._checks:
+            check(module)
+        timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
+        start = time.perf_counter()
+        residuals, calls, foreign = self._forward_with_hooks(closure)
+        timings["forward"] = time.perf_counter() - start
+        b, k = residuals.shape
+        reference_ids = self._route(calls, foreign, b)
+
+        start = time.perf_counter()
+        reference_params = [p for p in self.params if id(p) in reference_ids]
+        gram = residuals.new_zeros(b * k, b * k)
+        jac_reference = None
+        if reference_params:
+            jac_reference = jacobian_rows(residuals, reference_params).detach()
+            gram.addmm_(jac_reference, jac_reference.T)
+        timings["reference"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        pieces = self._backward(residuals, calls, gram, timings)
+        timings["backward"] = time.perf_counter() - start
+        self.last_timings = timings
+
+        def jt_times(v: Tensor) -> list[Tensor]:
+            v = v.to(gram.dtype)
+            from_reference = iter(split_like(jac_reference.T @ v, reference_params)) if reference_params else iter(())
+            out = []
+            for p in self.params:
+                if id(p) in reference_ids:
+                    out.append(next(from_reference))
+                elif id(p) in pieces:
+                    out.append(pieces[id(p)].jt_times(v).view_as(p))
+                else:  # the residuals do not depend on it
+                    out.append(torch.zeros_like(p))
+            return out
+
+        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+
+    def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call], set[int]]:
+        """Run the closure with forward hooks; returns the residuals ``(b, k)``, the hooked calls
+        and the ids of parameters used outside their modules."""
+        calls: list[_Call] = []
+        stack: list[int] = []
+        owners: dict[int, set[int]] = {}
+        for module, _, own in self._modules:
+            for p in own.values():
+                owners.setdefault(id(p), set()).add(id(module))
+        foreign: set[int] = set()
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            stack.append(id(module))
+
+        def post_hook(
+            handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Any
+        ) -> None:
+            stack.pop()
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return  # e.g. run under no_grad: nothing to differentiate
+            x = args[0] if args else next(iter(kwargs.values()))
+            rows = (x.shape[0] if x.dim() else 0, output.shape[0] if output.dim() else 0)
+            kept = x.detach() if handler.needs_input else None
+            call = _Call(module, handler, kept, x._version, rows, get_gradient_edge(output), dict(own))
+            output.register_hook(functools.partial(self._on_grad, call))
+            calls.append(call)
+
+        handles = []
+        try:
+            for module, handler, own in self._modules:
+                handles.append(module.register_forward_pre_hook(pre_hook))
+                handles.append(
+                    module.register_forward_hook(functools.partial(post_hook, handler, own), with_kwargs=True)
+                )
+            with torch.enable_grad(), _ForeignUse(owners, stack, foreign):
+                residuals = residuals_2d(closure())
+        finally:
+            for handle in handles:
+                handle.remove()
+        return residuals, calls, foreign
+
+    def _route(self, calls: list[_Call], foreign: set[int], b: int) -> set[int]:
+        """Move to the reference engine, for this step, the parameters the hooks cannot see
+        exactly; returns the ids of all reference parameters."""
+        dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
+        for call in calls:
+            if call.rows != (b, b):
+                for p in call.params.values():
+                    dynamic.setdefault(
+                        id(p), f"{type(call.module).__name__} input/output do not have the batch ({b}) as dimension 0"
+                    )
+        new = {i: r for i, r in dynamic.items() if i not in self._warned}
+        if new:
+            self._warned.update(new)
+            warnings.warn(
+                f"HooksEngine: {len(new)} parameter tensor(s) use the slow reference engine "
+                f"({'; '.join(sorted(set(new.values())))})",
+                stacklevel=4,
+            )
+        reference = self._static_reference | set(dynamic)
+        for call in calls:
+            call.params = {n: p for n, p in call.params.items() if id(p) not in reference}
+        return {id(p) for p in self.params if id(p) in reference}
+
+    def _backward(
+        self, residuals: Tensor, calls: list[_Call], gram: Tensor, timings: dict[str, float]
+    ) -> dict[int, Piece]:
+        """Backward pass(es) that feed every active call its output gradients; returns the
+        finished piece of each hooked parameter (its Gram part already added to ``gram``)."""
+        calls = [c for c in calls if c.params]
+        b, k = residuals.shape
+        uses: dict[int, int] = {}
+        for call in calls:
+            for p in call.params.values():
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        nodes: dict[Any, list[_Call]] = {}
+        for call in calls:
+            nodes.setdefault(call.edge.node, []).append(call)
+        pieces: dict[int, Piece] = {}
+        reachable, sinks = _sink_edges(residuals.grad_fn, nodes) if calls else (set(), [])
+        expected = [c for c in calls if c.edge.node in reachable]
+        if not expected:  # the residuals depend on no hooked parameter
+            return pieces
+        pending = dict(uses)
+        partial: dict[int, Dense] = {}
+
+        def finish(call: _Call) -> None:
+            a, grads = call.input, call.grads
+            call.input, call.grads, call.done = None, [], True  # free the factors as soon as they are used
+            if a is not None and a._version != call.version:
+                raise RuntimeError(
+                    f"the input of a {type(call.module).__name__} was modified in place after the module used it; "
+                    "the hooks engine needs it unchanged (avoid in-place operations on it)"
+                )
+            g = grads[0] if k == 1 else torch.stack(grads, 1).flatten(0, 1)
+            if k > 1 and a is not None:  # one row per (sample, output): the sample's input is shared by its k rows
+                a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
+            names = call.params
+            t0 = time.perf_counter()
+            new = call.handler.contributions(
+                call.module, a, g, frozenset(names), all(uses[id(p)] == 1 for p in names.values())
+            )
+            timings["per_sample"] += time.perf_counter() - t0
+            for name, piece in new.items():
+                pid = id(names[name])
+                if uses[pid] > 1:  # several calls: their per-sample gradients add up
+                    dense = piece.dense()
+                    partial[pid] = dense if pid not in partial else Dense(partial[pid].jac + dense.jac)
+                    pending[pid] -= 1
+                    if pending[pid]:
+                        continue
+                    piece = partial.pop(pid)
+                t0 = time.perf_counter()
+                piece.add_gram(gram)
+                timings["gram"] += time.perf_counter() - t0
+                pieces[pid] = piece
+
+        self._finish, self._columns, self._expected = finish, k, {id(c) for c in expected}
+        try:
+            for c in range(k):
+                torch.autograd.grad(residuals[:, c].sum(), inputs=sinks, retain_graph=c < k - 1)
+        finally:
+            self._finish = None
+        missing = [c for c in expected if not c.done]
+        if missing:
+            raise RuntimeError(
+                f"the backward pass did not reach {len(missing)} hooked module call(s) "
+                f"({', '.join(sorted({type(c.module).__name__ for c in missing}))}); was an output modified in place?"
+            )
+        for pid, dense in partial.items():  # calls that the residuals do not depend on add nothing
+            dense.add_gram(gram)
+            pieces[pid] = dense
+        return pieces
+
+    def _on_grad(self, call: _Call, grad: Tensor) -> None:
+        # Gated: the hooks stay on the outputs and fire again in any other backward pass.
+        if self._finish is None or call.done or id(call) not in self._expected:
+            return
+        call.grads.append(grad)
+        if len(call.grads) == self._columns:
+            self._finish(call)
+
+
+def supports_any(model: nn.Module, params: Iterable[Tensor]) -> bool:
+    """Whether any of ``params`` belongs to a module of ``model`` that the hooks engine handles."""
+    wanted = {id(p) for p in params}
+    for module in model.modules():
+        handler = handler_for(module)
+        if handler is None or handler.unsupported(module) is not None:
+            continue
+        if any(id(p) in wanted for p in module.parameters(recurse=False)):
+            return True
+    return False

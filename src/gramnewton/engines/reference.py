@@ -1,0 +1,78 @@
+"""Reference engine: exact per-sample Jacobians for any differentiable model.
+
+It materialises ``J`` of shape ``(b*k, m)`` with batched vector-Jacobian products
+(``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the backward pass),
+falling back to one backward pass per row when an operation has no batching rule. It is slow and
+memory-hungry on purpose: it is the ground truth that faster engines are checked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Closure, GramSystem, residuals_2d
+
+
+def jacobian_rows(outputs: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Jacobian of the flattened ``outputs`` w.r.t. ``params``.
+
+    Args:
+        outputs: any shape, ``n`` entries in total, part of an autograd graph.
+        params: the ``m`` parameters, in the order their columns appear.
+
+    Returns:
+        ``(n, m_total)`` tensor; row ``r`` is the gradient of ``outputs.reshape(-1)[r]``.
+        Parameters that ``outputs`` does not depend on get zero columns.
+    """
+    flat = outputs.reshape(-1)
+    n = flat.numel()
+    eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
+    try:
+        grads = torch.autograd.grad(
+            flat, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True, retain_graph=True
+        )
+    except RuntimeError:
+        # Some operations have no vmap rule for their backward: one row at a time is always exact.
+        rows = [torch.autograd.grad(flat[r], params, allow_unused=True, retain_graph=True) for r in range(n)]
+        grads = tuple(
+            None
+            if all(row[j] is None for row in rows)
+            else torch.stack([torch.zeros_like(p) if row[j] is None else row[j] for row in rows])
+            for j, p in enumerate(params)
+        )
+    columns = [
+        torch.zeros(n, p.numel(), dtype=flat.dtype, device=flat.device) if g is None else g.reshape(n, -1)
+        for g, p in zip(grads, params)
+    ]
+    return torch.cat(columns, dim=1)
+
+
+def split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """Split a ``(m_total,)`` vector into tensors shaped like ``params``."""
+    sizes = [p.numel() for p in params]
+    return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, sizes), params)]
+
+
+class ReferenceEngine:
+    """Exact Gram system through a dense per-sample Jacobian ``J`` of shape ``(b*k, m)``.
+
+    Correct for any model whose residuals are differentiable in ``params``, including models
+    that couple samples (the Jacobian is then the true one of the coupled outputs).
+    """
+
+    def __init__(self, params: Iterable[Tensor]):
+        self.params: list[Tensor] = list(params)
+
+    def compute(self, closure: Closure) -> GramSystem:
+        with torch.enable_grad():
+            residuals = residuals_2d(closure())
+        jac = jacobian_rows(residuals, self.params).detach()
+        gram = jac @ jac.T
+
+        def jt_times(v: Tensor) -> list[Tensor]:
+            return split_like(jac.T @ v.to(jac.dtype), self.params)
+
+        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)

@@ -1,0 +1,193 @@
+"""``gramnewton theory quadratic|minibatch``: Theorems 1 and 2 measured on the two-layer net of Eq. 12."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..models import activation
+from ..theory.closed_form import ENGINES
+from ..theory.data import sphere_data
+from ..theory.figures import plot_minibatch, plot_quadratic
+from ..theory.gauss_seidel import best_sgd_rate, iteration_matrix, spectral_radius
+from ..theory.minibatch import MinibatchStudy, minibatch_run
+from ..theory.ntk import least_eigenvalue, ntk_limit
+from ..theory.quadratic import QuadraticStudy, quadratic_run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("theory", help="measure the convergence theorems on the wide two-layer net")
+    studies = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
+
+    q = studies.add_parser("quadratic", help="Theorem 1: full-batch GGN, quadratic rate against width")
+    _common(q, n=64, out="runs/theory/quadratic")
+    q.add_argument(
+        "--widths",
+        type=_exponents,
+        default=list(range(8, 19)),
+        help="log2 of the widths, e.g. 8:18 or 8,12,16 (default 8:18)",
+    )
+    q.add_argument("--steps", type=int, default=8, help="GGN steps T (default 8; stops at round-off)")
+    q.add_argument("--seeds", type=int, default=3, help="network initialisations per width (default 3)")
+    q.set_defaults(run=run_quadratic)
+
+    m = studies.add_parser("minibatch", help="Theorem 2: cyclic mini-batch GGN against rho(A), and SGD")
+    _common(m, n=32, out="runs/theory/minibatch")
+    m.add_argument(
+        "--widths", type=_exponents, default=list(range(4, 17, 2)), help="log2 of the widths (default 4:16:2)"
+    )
+    m.add_argument("--batch-size", type=int, default=8, help="b; n must be a multiple (default 8)")
+    m.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
+    m.set_defaults(run=run_minibatch)
+
+
+def _common(p: argparse.ArgumentParser, n: int, out: str) -> None:
+    p.add_argument("--n", type=int, default=n, help=f"samples (default {n})")
+    p.add_argument("--d", type=int, default=10, help="input dimension (default 10)")
+    p.add_argument("--act", default="softplus", help="activation of Eq. 12 (default softplus)")
+    p.add_argument("--seed", type=int, default=0, help="data seed and first network seed (default 0)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="closed_form",
+        help="Gram engine: closed form of Eq. 12 (default) or the dense reference engine",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: these problems are small, and on a shared "
+        "machine extra threads made steps up to 50x slower)",
+    )
+    p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+
+
+def _exponents(text: str) -> list[int]:
+    """``8:18`` (inclusive), ``4:16:2`` or ``8,12,16``."""
+    if ":" in text:
+        parts = [int(v) for v in text.split(":")]
+        return list(range(parts[0], parts[1] + 1, parts[2] if len(parts) > 2 else 1))
+    return [int(v) for v in text.split(",")]
+
+
+def run_quadratic(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    x, y = sphere_data(args.n, args.d, args.seed)
+    kernel = ntk_limit(x, activation(args.act))
+    study = QuadraticStudy(n=args.n, d=args.d, steps=args.steps, act=args.act, lambda_0=least_eigenvalue(kernel))
+    jobs = [(2**p, args.seed + s) for p in args.widths for s in range(args.seeds)]
+    for width, seed in tqdm(jobs, desc="theory quadratic", unit="run"):
+        study.runs.append(quadratic_run(x, y, kernel, width, args.steps, seed, args.act, args.engine))
+    rows = study.rows()
+    print(
+        f"\nTheorem 1, full-batch GGN: n={args.n}, d={args.d}, {args.act}, lambda_0 = lambda_min(K) = "
+        f"{study.lambda_0:.4g}; medians over {args.seeds} seeds"
+    )
+    print("C_t = sqrt(M) ||f_(t+1)-y|| / ||f_t-y||^2 ('-': f_(t+1) at round-off); drift = max_t ||G_t-G_0||/||G_0||")
+    print(
+        f"{'M':>8} {'C_0':>7} {'C_1':>7} {'C_2':>7} {'drift':>9} {'|G0-K|/|K|':>10} {'lmin(G0)':>9} {'steps':>5}"
+        f"   log10||f_t-y|| (seed {args.seed})"
+    )
+    for row in rows:
+        first = next(r for r in study.runs if r.width == row.width and r.seed == args.seed)
+        digits = " ".join(f"{math.log10(v):6.1f}" for v in first.residual_norms)
+        cs = " ".join("      -" if c is None else f"{c:7.3g}" for c in (row.constants + [None] * 3)[:3])
+        print(
+            f"{row.width:>8} {cs} {row.drift_max:>9.2e} {row.kernel_error:>10.2e} {row.lambda_min_g0:>9.3g} "
+            f"{row.steps_to_floor:>5g}   {digits}"
+        )
+    slopes = study.slopes()
+    wide = study.slopes(min_width=2**12)
+    print(
+        "log-log slopes against M (all widths / M >= 4096): "
+        + ", ".join(f"{k} {slopes[k]:.2f} / {wide[k]:.2f}" for k in slopes)
+    )
+    payload = {
+        "config": _config(args),
+        "study": asdict(study),
+        "rows": [asdict(r) for r in rows],
+        "slopes": slopes,
+        "slopes_from_4096": wide,
+    }
+    _write(args.out, payload, "quadratic")
+    plot_quadratic(study, args.out / "quadratic.png")
+    print(f"wrote {args.out / 'quadratic.json'} and {args.out / 'quadratic.png'}")
+    return 0
+
+
+def run_minibatch(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    x, y = sphere_data(args.n, args.d, args.seed)
+    kernel = ntk_limit(x, activation(args.act))
+    study = MinibatchStudy(
+        n=args.n,
+        d=args.d,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        act=args.act,
+        lambda_0=least_eigenvalue(kernel),
+        rho_a_limit=spectral_radius(iteration_matrix(kernel, args.batch_size)),
+        sgd_limit=best_sgd_rate(kernel, args.batch_size),
+    )
+    for p in tqdm(args.widths, desc="theory minibatch", unit="width"):
+        study.runs.append(minibatch_run(x, y, 2**p, args.batch_size, args.epochs, args.seed, args.act, args.engine))
+    print(
+        f"\nTheorem 2, cyclic mini-batch GGN: n={args.n}, d={args.d}, b={args.batch_size}, {args.epochs} epochs, "
+        f"{args.act}; lambda_0 = {study.lambda_0:.4g}; from K: rho(A) = {study.rho_a_limit:.4f}, "
+        f"best SGD rho = {study.sgd_limit.rho:.4f} (lr {study.sgd_limit.lr:.3g}; lr {study.sgd_limit.lr_batch:.3g} "
+        f"= 1/max lambda_max(G_BB) gives {study.sgd_limit.rho_batch:.4f})"
+    )
+    print(
+        "contraction = geometric mean of ||e_(t+1)k||/||e_tk|| over the second half of the epochs; "
+        "pred = the same for the linear map from G_0"
+    )
+    print(
+        f"{'M':>8} {'rho(A)':>8} {'GGN':>8} {'GGN pred':>8} {'SGD lr':>8} {'rho SGD':>8} {'SGD':>8} {'SGD pred':>8} "
+        f"{'GGN end':>9} {'SGD end':>9}"
+    )
+    for r in study.runs:
+        print(
+            f"{r.width:>8} {r.rho_a:>8.4f} {r.ggn_contraction:>8.4f} {r.ggn_predicted_contraction:>8.4f} "
+            f"{r.sgd_lr:>8.3g} {r.rho_sgd:>8.4f} {r.sgd_contraction:>8.4f} {r.sgd_predicted_contraction:>8.4f} "
+            f"{r.ggn_norms[-1]:>9.2e} {r.sgd_norms[-1]:>9.2e}"
+        )
+    width = study.first_matching_width()
+    print(
+        "GGN contraction within 5% of rho(A) (in 1 - rate) from M = "
+        + ("none" if width is None else str(width))
+        + " on"
+    )
+    payload = {"config": _config(args), "study": asdict(study), "first_matching_width": width}
+    _write(args.out, payload, "minibatch")
+    plot_minibatch(study, args.out / "minibatch.png")
+    print(f"wrote {args.out / 'minibatch.json'} and {args.out / 'minibatch.png'}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "run"}
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and Inf become ``null``: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write(out: Path, payload: dict[str, Any], name: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(_finite(payload), indent=1))
+    return path

@@ -1,0 +1,101 @@
+"""``gramnewton train CONFIG``: one experiment run with metrics.csv, checkpoints and --resume."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..experiments.config import load_config
+from ..experiments.reproduce import CONFIGS_DIR
+from ..experiments.runner import run_experiment
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train one experiment config (TOML) with checkpoints and resume")
+    p.add_argument(
+        "config",
+        type=config_path,
+        help="TOML experiment file, or the name of a packaged config (e.g. afad_ggn_fixup; see gramnewton.lab.configs)",
+    )
+    p.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optimizer.alpha=0.1 (repeatable)",
+    )
+    p.set_defaults(run=run)
+
+
+def config_path(text: str) -> Path:
+    """A TOML file as given, else the packaged config of that name (``afad_ggn_fixup``)."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    packaged = CONFIGS_DIR / f"{path.stem}.toml"
+    return packaged if packaged.is_file() else path
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / args.config.stem
+    try:
+        rows = train_with_progress(config, out, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: checkpoint saved in {out}; continue with --resume")
+        return 130
+    except FileNotFoundError as error:  # a data set or warm-start run that is not there
+        print(f"error: {error}")
+        return 2
+    last = rows[-1]
+    print(
+        f"{config['name'] or args.config.stem}: epoch {last['epoch']:g}, {last['seconds']:.1f} s of training, "
+        f"train MSE {last['train_loss']:.4g}, test MSE {last['test_loss']:.4g}, test RMSE {last['test_rmse']:.4g}"
+    )
+    print(f"wrote {out / 'metrics.csv'} and {out / 'checkpoint.pt'}")
+    return 0
+
+
+def train_with_progress(
+    config: dict[str, Any], out: Path, *, resume: bool = False, desc: str = ""
+) -> list[dict[str, Any]]:
+    """:func:`run_experiment` with a tqdm bar; Ctrl-C stops after the current step (checkpointed)."""
+    with tqdm(desc=desc or config["name"] or "train", unit="step", leave=False) as bar, _deferred_interrupt() as stop:
+
+        def on_batch(loss: float) -> None:
+            bar.set_postfix_str(f"loss={loss:.4f}")
+            bar.update()
+            if stop():
+                raise KeyboardInterrupt
+
+        return run_experiment(config, out, resume=resume, on_batch=on_batch)
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """SIGINT sets a flag instead of interrupting mid-update; a second Ctrl-C interrupts at once."""
+    hit: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
