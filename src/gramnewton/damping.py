@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -72,3 +73,30 @@ def gain_ratio(residuals: Tensor, predicted: Tensor, new_residuals: Tensor) -> f
     if predicted_decrease <= 0:  # the model predicts no progress: judge by the sign alone
         return 1.0 if after < before else -math.inf
     return (before - after) / predicted_decrease
+
+
+def leave_one_out_ridge(gram: Tensor, residuals: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+    """Leave-one-out error of the step's kernel fit on its own batch, for every ridge in ``grid``.
+
+    The step of Eq. 11 changes the batch's outputs by ``-G c = -(1/lam) H_s r`` with the hat
+    matrix ``H_s = G (G + s I)^{-1}`` and the ridge ``s = alpha / lam``: kernel ridge regression
+    of the residuals ``r`` on the Gram ``G``. Its leave-one-out residuals have the closed form
+    ``e_i(s) = [(I - H_s) r]_i / (1 - [H_s]_ii)`` (exact for kernel ridge regression), so one
+    eigendecomposition ``G = U diag(g) U^T`` prices every ``s``: ``I - H_s = U diag(s / (g + s)) U^T``.
+
+    Args:
+        gram: ``(n, n)`` Gram matrix ``J J^T`` (``n = b*k``), symmetric positive semi-definite.
+        residuals: ``n`` residuals (any shape with ``n`` entries).
+        grid: ``(S,)`` positive ridges ``s``.
+
+    Returns:
+        ``(loo, ridges)``: ``(S,)`` mean squared leave-one-out residual per ridge, and ``grid`` in
+        float64.
+    """
+    g, u = torch.linalg.eigh(gram.double())
+    g = g.clamp_min(0.0)
+    s = grid.double()
+    keep = s[None, :] / (g[:, None] + s[None, :])  # (n, S): eigenvalues of I - H_s
+    fit_residual = u @ (keep * (u.T @ residuals.reshape(-1).double())[:, None])  # (n, S): (I - H_s) r
+    leverage_complement = (u * u) @ keep  # (n, S): diag(I - H_s)
+    return (fit_residual / leverage_complement).pow(2).mean(0), s

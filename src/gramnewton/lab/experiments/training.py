@@ -137,33 +137,44 @@ def fit(
     max_seconds: float = float("inf"),
     seed: int = 0,
     on_batch: Callable[[float], None] | None = None,
+    eval_every: float | None = None,
 ) -> list[EpochRecord]:
     """Train until ``max_epochs`` epochs or ``max_seconds`` of training time, whichever is first.
 
     Evaluates the full train and test MSE before training (epoch 0) and after each epoch; the
-    last epoch may be partial when the time budget runs out. Evaluation time is not counted.
+    last epoch may be partial when the time budget runs out. With ``eval_every`` it also
+    evaluates at the first step past every multiple of ``eval_every`` training seconds (a record
+    of the epoch in progress, so curves can be read at fixed times). Evaluation time is not
+    counted.
     """
     step = make_train_step(model, optimizer)
     model.train()
-    records = [
-        EpochRecord(0, 0, 0.0, float("nan"), mean_squared_error(model, train_set), mean_squared_error(model, test_set))
-    ]
-    seconds, steps = 0.0, 0
-    for epoch in range(1, max_epochs + 1):
-        start = time.perf_counter()
-        taken, running = train_epoch(step, train_set, batch_size, seed, epoch, start + max_seconds - seconds, on_batch)
-        seconds += time.perf_counter() - start
-        steps += taken
-        records.append(
-            EpochRecord(
-                epoch,
-                steps,
-                seconds,
-                running,
-                mean_squared_error(model, train_set),
-                mean_squared_error(model, test_set),
-            )
+
+    def record(epoch: int, steps: int, seconds: float, running: float) -> EpochRecord:
+        return EpochRecord(
+            epoch, steps, seconds, running, mean_squared_error(model, train_set), mean_squared_error(model, test_set)
         )
+
+    records = [record(0, 0, 0.0, float("nan"))]
+    seconds, steps = 0.0, 0
+    next_mark = eval_every or float("inf")
+    batches_per_epoch = len(batch_order(len(train_set), batch_size, seed, 0))
+    for epoch in range(1, max_epochs + 1):
+        losses: list[float] = []
+        while True:  # the epoch, interrupted at each evaluation mark
+            start, before = time.perf_counter(), len(losses)
+            stop = min(max_seconds, next_mark) - seconds
+            taken, running = train_epoch(step, train_set, batch_size, seed, epoch, start + stop, on_batch, losses)
+            seconds += time.perf_counter() - start
+            steps += taken - before
+            if taken == batches_per_epoch or seconds >= max_seconds:
+                break
+            records.append(record(epoch, steps, seconds, running))
+            while next_mark <= seconds:
+                next_mark += eval_every
+        records.append(record(epoch, steps, seconds, running))
+        while next_mark <= seconds:
+            next_mark += eval_every
         if seconds >= max_seconds:
             break
     return records
