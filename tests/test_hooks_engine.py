@@ -275,6 +275,12 @@ def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
     assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
     assert_close("J^T v vs reference", jt_fast, torch.cat([t.reshape(-1) for t in reference.jt_times(v)]))
     assert_close("J^T v vs jacrev", jt_fast, jac.T @ v)
+    u = [torch.randn_like(p) for p in params]  # a direction in parameter space
+    u_flat = torch.cat([t.reshape(-1) for t in u])
+    assert_close("J u vs jacrev", fast.j_times(u), jac @ u_flat)
+    assert_close("J u vs reference", fast.j_times(u), reference.j_times(u))
+    assert_close("dense J vs jacrev", fast.jacobian(), jac)
+    assert_close("reference dense J vs jacrev", reference.jacobian(), jac)
 
 
 def test_cost_model_picks_factors_for_the_wide_two_layer_net() -> None:

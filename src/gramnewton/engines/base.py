@@ -1,8 +1,9 @@
 """The engine interface: what an optimizer needs from a per-sample Jacobian.
 
 An engine runs the user's closure (the forward pass on a mini-batch, returning per-sample
-residuals) and returns a :class:`GramSystem`: the residuals, the Gram matrix ``G = J J^T`` and a
-way to multiply ``J^T`` by a vector, without the optimizer knowing how ``J`` was obtained.
+residuals) and returns a :class:`GramSystem`: the residuals, the Gram matrix ``G = J J^T`` and
+ways to multiply ``J^T`` and ``J`` by a vector, without the optimizer knowing how ``J`` was
+obtained.
 
 Row convention (shared by every engine): the residuals ``(b, k)`` are flattened sample-major,
 so row ``i * k + c`` of ``J`` and of ``G`` belongs to sample ``i``, output ``c``.
@@ -29,11 +30,20 @@ class GramSystem:
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major.
         jt_times: maps ``v`` of shape ``(b*k,)`` to ``J^T v`` as one tensor per parameter,
             shaped like the parameter (zeros for parameters the outputs do not depend on).
+        j_times: maps ``v``, one tensor per parameter (shaped like it, in the engine's
+            ``params`` order), to ``J v`` of shape ``(b*k,)``: the per-sample directional
+            derivatives, from what the engine already holds (no forward or backward pass).
+            ``None`` when the engine cannot (momentum then refuses to run).
+        jacobian: returns the dense ``J`` of shape ``(b*k, m)``, columns in ``params`` order
+            (the hooks engine materialises it on demand); ``None`` when the engine cannot
+            (the parameter-space solve then refuses to run).
     """
 
     residuals: Tensor
     gram: Tensor
     jt_times: Callable[[Tensor], list[Tensor]]
+    j_times: Callable[[Sequence[Tensor]], Tensor] | None = None
+    jacobian: Callable[[], Tensor] | None = None
 
 
 class GramEngine(Protocol):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, residuals_2d
 from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
-from .reference import jacobian_rows, split_like
+from .reference import flatten, jacobian_rows, split_like
 
 
 @dataclass(eq=False)
@@ -167,7 +167,8 @@ class HooksEngine:
         self._expected: set[int] = set()
 
     def compute(self, closure: Closure) -> GramSystem:
-        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``."""
+        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``,
+        ``J v`` and the dense ``J`` (materialised from the pieces only when asked for)."""
         for module, check in self._checks:
             check(module)
         timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
@@ -204,7 +205,33 @@ class HooksEngine:
                     out.append(torch.zeros_like(p))
             return out
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            out = gram.new_zeros(b * k)
+            if reference_params:
+                out += jac_reference @ flatten(
+                    [t for p, t in zip(self.params, v) if id(p) in reference_ids], gram.dtype
+                )
+            for p, t in zip(self.params, v):
+                if id(p) in pieces:  # parameters the residuals do not depend on add nothing
+                    out += pieces[id(p)].j_times(t.reshape(-1).to(gram.dtype))
+            return out
+
+        def jacobian() -> Tensor:
+            sizes = [p.numel() for p in reference_params]
+            from_reference = iter(torch.split(jac_reference, sizes, 1)) if reference_params else iter(())
+            columns = []
+            for p in self.params:
+                if id(p) in reference_ids:
+                    columns.append(next(from_reference))
+                elif id(p) in pieces:
+                    columns.append(pieces[id(p)].dense().jac)
+                else:
+                    columns.append(gram.new_zeros(b * k, p.numel()))
+            return torch.cat(columns, 1)
+
+        return GramSystem(
+            residuals=residuals.detach(), gram=gram, jt_times=jt_times, j_times=j_times, jacobian=jacobian
+        )
 
     def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call], set[int]]:
         """Run the closure with forward hooks; returns the residuals ``(b, k)``, the hooked calls
