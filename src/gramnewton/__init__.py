@@ -1,13 +1,16 @@
 """gramnewton: the Gram-Gauss-Newton method for training neural networks on regression tasks."""
 
 from .convert import convert_batchnorm
-from .damping import GainRatioDamping
+from .damping import DampingDecision, DampingRule, GainRatioDamping
+from .diagnostics import StepDiagnostics
 from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
+    "DampingDecision",
+    "DampingRule",
     "GainRatioDamping",
     "GramEngine",
     "GramGaussNewton",
@@ -17,6 +20,7 @@ __all__ = [
     "ReferenceEngine",
     "SingularGramError",
     "SolveInfo",
+    "StepDiagnostics",
     "apply_direction",
     "check_per_sample_independence",
     "convert_batchnorm",
