@@ -13,7 +13,9 @@ from torch.optim import Optimizer
 from .damping import DampingRule, GainRatioDamping, gain_ratio
 from .diagnostics import StepDiagnostics
 from .engines import Closure, GramEngine
+from .engines.base import closure_residuals
 from .engines.select import select_engine
+from .solve import check_damping
 from .update import SOLVE_SPACES, GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
 
 
@@ -58,7 +60,8 @@ class GramGaussNewton(Optimizer):
     Symbols of Eq. 11 and their arguments:
         - :math:`w`: ``params_or_model`` (the parameters to train).
         - :math:`f(w, x_B) - y_B`: what ``closure()`` returns, per sample, unreduced,
-          shape ``(b,)`` or ``(b, k)``.
+          shape ``(b,)`` or ``(b, k)``; or the pair ``(f(w, x_B), y_B)``, whose shapes must
+          match (no broadcasting; the targets are cast to the outputs' dtype).
         - :math:`J_B`: per-sample Jacobian ``(b*k, m)`` of those residuals, rows sample-major
           (row ``i*k + c`` is sample ``i``, output ``c``); never formed by the fast engine in
           sample space.
@@ -148,9 +151,12 @@ class GramGaussNewton(Optimizer):
             The mean of the squared residuals before the update (detached scalar).
 
         Raises:
-            ValueError: bad residuals (shape, NaN/Inf, no dependence on the parameters) or a
-                batch-coupling module; no parameter is changed.
-            SingularGramError: no finite step; no parameter is changed.
+            ValueError: bad hyper-parameters, bad residuals (shape, broadcast, dtype, NaN/Inf, no
+                dependence on the parameters) or a batch-coupling module; nothing is changed.
+            SingularGramError: no finite step (the loss, Gram matrix, coefficients or direction
+                overflows); nothing is changed.
+            Any error of the closure's re-evaluation or of the damping rule restores the
+            parameters and the state before it propagates.
         """
         if closure is None:
             raise ValueError("GramGaussNewton.step needs a closure that returns per-sample residuals")
@@ -201,7 +207,7 @@ class GramGaussNewton(Optimizer):
         Any error while re-evaluating restores the parameters before it propagates.
         """
         try:
-            new_residuals = closure()
+            new_residuals = closure_residuals(closure())
             if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
             rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))
@@ -248,10 +254,7 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, alpha: float, momentum
 
 
 def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float) -> None:
-    if not lam > 0:
-        raise ValueError(f"Invalid lam value: {lam} (must be > 0)")
-    if not alpha >= 0:
-        raise ValueError(f"Invalid alpha (damping) value: {alpha} (must be >= 0)")
+    check_damping(lam, alpha)
     if not 0 <= weight_decay < 1:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be in [0, 1))")
     if not 0 <= momentum < 1:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
 from .engines.reference import flatten, split_like
-from .solve import SingularGramError, SolveInfo, damped_solve
+from .solve import SingularGramError, SolveInfo, check_damping, damped_solve
 
 SOLVE_SPACES = ("auto", "sample", "parameter")
 
@@ -99,11 +99,19 @@ def gram_gauss_newton_direction(
     space (``(m, m)``); see :func:`choose_solve_space`.
 
     Raises:
-        SingularGramError: the update is not finite (parameters are untouched: nothing applied).
-        ValueError: momentum or the parameter space asked of an engine that cannot provide
-            ``J v`` or ``J``.
+        ValueError: ``lam`` or ``alpha`` out of range, bad residuals, or momentum or the
+            parameter space asked of an engine that cannot provide ``J v`` or ``J`` (nothing applied).
+        SingularGramError: the loss, Gram matrix, coefficients or direction is not finite
+            (parameters are untouched: nothing applied).
     """
+    check_damping(lam, alpha)
     system = engine.compute(closure)
+    r = system.residuals.reshape(-1)
+    if not bool(torch.isfinite(r.pow(2).sum())):  # finite residuals whose squares overflow
+        raise SingularGramError(
+            f"the squared residuals overflow {r.dtype} (loss not finite; largest |residual| "
+            f"{float(r.abs().max()):.3g}); rescale the targets or use a float64 model; no parameter was changed"
+        )
     use_momentum = bool(momentum) and previous is not None
     if use_momentum and system.j_times is None:
         raise ValueError("momentum needs J v, which this engine does not provide (GramSystem.j_times is None)")
