@@ -257,3 +257,24 @@ def test_engine_without_j_times_refuses_momentum_and_changes_nothing():
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GramGaussNewton(_small_mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("space", ["sample", "parameter"])
+def test_momentum_with_cross_entropy_matches_dense_formula(space):
+    """For a general loss the same minimiser: ``(lam J^T H J + alpha I) phi_t = J^T g + alpha mu phi_{t-1}``."""
+    from test_classification import _derivatives, _mlp, _sum_loss
+
+    model = _mlp(3).double()
+    twin = copy.deepcopy(model)
+    lam, alpha, mu = 0.8, 0.4, 0.7
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, momentum=mu, loss="cross_entropy", solve_space=space)
+    phi = torch.zeros_like(flat_params(model))
+    for _ in range(3):
+        x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+        jac, _, g, h = _derivatives(twin, x, _sum_loss("cross_entropy", y))
+        mat = lam * jac.T @ h @ jac + alpha * torch.eye(jac.shape[1], dtype=jac.dtype)
+        phi = torch.linalg.solve(mat, jac.T @ g + alpha * mu * phi)
+        _set_flat(twin, flat_params(twin) - phi)
+        opt.step(lambda: (model(x), y))
+        assert_close(flat_params(model), flat_params(twin), 1e-9, f"cross-entropy momentum step ({space} space)")
+    assert opt.last_diagnostics.solve_space == space

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .damping import DampingRule, GainRatioDamping, gain_ratio
+from .damping import DampingRule, GainRatioDamping, gain_ratio, loss_gain_ratio
 from .diagnostics import StepDiagnostics
 from .engines import Closure, GramEngine
 from .engines.base import closure_residuals
 from .engines.select import select_engine
+from .generalized import LossClosure, check_curvature, predicted_decrease
+from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
 from .update import SOLVE_SPACES, GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
 
@@ -91,6 +93,19 @@ class GramGaussNewton(Optimizer):
             the push-through identity (Levenberg-Marquardt; needs the dense ``J``, so only for
             small ``m``); ``"auto"`` (default) the parameter space when ``m < b*k`` (see
             :func:`~gramnewton.update.choose_solve_space`).
+        loss: ``"mse"`` (Eq. 11; the closure returns residuals ``f - y``), ``"cross_entropy"``,
+            ``"binary_cross_entropy"`` or a :class:`~gramnewton.losses.Loss` instance. For a loss
+            other than ``"mse"`` the closure returns ``(outputs, targets)`` (for cross-entropy
+            ``(logits (b, k), labels (b,))`` int64, or probabilities ``(b, k)``) and the step is the
+            damped generalized Gauss-Newton step of the summed loss ``sum_i l_i``,
+            ``w <- (1 - wd) w - (lam J^T H J + alpha I)^{-1} J^T g``, solved in sample space
+            (:mod:`gramnewton.generalized`); the gain ratio of adaptive damping then compares
+            loss decreases. Momentum and ``solve_space`` apply to it unchanged, with ``r`` and
+            ``J`` those of the pseudo-residuals (``u`` and ``B^T J``).
+        curvature: output-Hessian estimate for a loss other than ``"mse"``: ``"exact"`` (``k``
+            backward passes, a ``(b*k, b*k)`` Gram), ``"top_c"`` (``top_c + 1`` passes) or
+            ``"gradient"`` (one pass, ``(b, b)``); see :mod:`gramnewton.generalized`.
+        top_c: number of output coordinates kept exactly by ``curvature="top_c"``.
 
     ``lam``, ``alpha`` and ``momentum`` live in ``param_groups`` and must agree across groups (one
     system is solved for all parameters); ``weight_decay`` may differ per group. After every step
@@ -116,10 +131,18 @@ class GramGaussNewton(Optimizer):
         adaptive_damping: bool | DampingRule = False,
         momentum: float = 0.0,
         solve_space: str = "auto",
+        loss: str | Loss = "mse",
+        curvature: str = "exact",
+        top_c: int = 1,
     ):
         _check_hyper(lam, alpha, weight_decay, momentum)
         if solve_space not in SOLVE_SPACES:
             raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
+        self.loss = get_loss(loss)
+        check_curvature(curvature, top_c)
+        if isinstance(self.loss, SquaredError) and curvature != "exact":
+            raise ValueError("curvature estimates apply to losses other than 'mse' (its output Hessian is I)")
+        self.curvature, self.top_c = curvature, top_c
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum))
@@ -147,8 +170,12 @@ class GramGaussNewton(Optimizer):
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         """Take one step on the mini-batch whose residuals ``closure()`` returns.
 
+        With ``loss="mse"`` ``closure()`` returns the residuals ``(b,)`` or ``(b, k)``; with
+        another loss it returns ``(outputs, targets)``.
+
         Returns:
-            The mean of the squared residuals before the update (detached scalar).
+            The batch's mean loss before the update (detached scalar): for ``"mse"`` the mean of
+            the squared residuals, else the mean of ``l_i``.
 
         Raises:
             ValueError: bad hyper-parameters, bad residuals (shape, broadcast, dtype, NaN/Inf, no
@@ -164,10 +191,13 @@ class GramGaussNewton(Optimizer):
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"])
         if self.model is not None:
             check_per_sample_independence(self.model)
+        general = (
+            None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
+        )
         lam, alpha, momentum = self._shared("lam"), self._shared("alpha"), self._shared("momentum")
         result = gram_gauss_newton_direction(
             self.engine,
-            closure,
+            general or closure,
             lam=lam,
             alpha=alpha,
             solve_dtype=self.solve_dtype,
@@ -175,6 +205,8 @@ class GramGaussNewton(Optimizer):
             previous=self._momentum_buffers() if momentum else None,
             solve_space=self.solve_space,
         )
+        if general is not None:
+            result = replace(result, mean_loss=general.per_sample.mean())
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
@@ -182,7 +214,7 @@ class GramGaussNewton(Optimizer):
             apply_direction(params, [updates[id(p)] for p in params], group["weight_decay"])
         diagnostics = _diagnostics(result, lam, alpha, momentum)
         if self.damping is not None:
-            diagnostics = self._adapt_damping(closure, result, backup, diagnostics)
+            diagnostics = self._adapt_damping(closure, result, backup, diagnostics, general)
         if not diagnostics.rejected:
             for p in self.engine.params:
                 state = self.state[p]
@@ -200,20 +232,30 @@ class GramGaussNewton(Optimizer):
 
     @torch.no_grad()
     def _adapt_damping(
-        self, closure: Closure, result: GramGaussNewtonStep, backup: list[Tensor], diagnostics: StepDiagnostics
+        self,
+        closure: Closure,
+        result: GramGaussNewtonStep,
+        backup: list[Tensor],
+        diagnostics: StepDiagnostics,
+        general: LossClosure | None,
     ) -> StepDiagnostics:
         """Gain ratio on the same batch; the rule's new ``alpha``; undo the step if it rejects it.
 
-        Any error while re-evaluating restores the parameters before it propagates.
+        Any error while re-evaluating or deciding restores the parameters before it propagates.
         """
         try:
-            new_residuals = closure_residuals(closure())
-            if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
-                raise ValueError("closure returned residuals of a different shape when re-evaluated")
-            rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))
-            diagnostics = replace(
-                diagnostics, loss_after=float(new_residuals.detach().double().pow(2).mean()), gain_ratio=rho
-            )
+            if general is not None:
+                after = general.loss_sum()
+                before = float(general.per_sample.double().sum())
+                rho = loss_gain_ratio(before, after, predicted_decrease(result.residuals, result.predicted))
+                loss_after = after / general.per_sample.numel()
+            else:
+                new_residuals = closure_residuals(closure())
+                if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
+                    raise ValueError("closure returned residuals of a different shape when re-evaluated")
+                rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))
+                loss_after = float(new_residuals.detach().double().pow(2).mean())
+            diagnostics = replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
             decision = self.damping.update(diagnostics.alpha, rho, diagnostics)
         except BaseException:
             _restore(self.engine.params, backup)
@@ -233,14 +275,22 @@ def _restore(params: list[Tensor], backup: list[Tensor]) -> None:
 
 
 def _diagnostics(result: GramGaussNewtonStep, lam: float, alpha: float, momentum: float) -> StepDiagnostics:
-    """The cheap scalars of a computed step (before any re-evaluation)."""
-    loss_before = float(result.residuals.double().pow(2).mean())
-    predicted_loss = float(result.predicted.double().pow(2).mean())
+    """The cheap scalars of a computed step (before any re-evaluation).
+
+    The predicted decrease is in the units of ``result.loss``: the mean squared residual, or for
+    a general loss the mean of ``l_i`` (half the decrease of ``||u||^2``, per sample).
+    """
+    if result.mean_loss is None:
+        loss_before = float(result.residuals.double().pow(2).mean())
+        decrease = loss_before - float(result.predicted.double().pow(2).mean())
+    else:
+        loss_before = float(result.mean_loss)
+        decrease = predicted_decrease(result.residuals, result.predicted) / result.residuals.shape[0]
     info = result.solve_info
     return StepDiagnostics(
         loss_before=loss_before,
         loss_after=None,
-        predicted_decrease=loss_before - predicted_loss,
+        predicted_decrease=decrease,
         gain_ratio=None,
         alpha=alpha,
         lam=lam,

@@ -36,6 +36,9 @@ class GramGaussNewtonStep:
         predicted: ``(b*k,)`` residuals the linearised model predicts after the step,
             ``f - y - J phi_t`` (the denominator of the gain ratio).
         solve_space: ``"sample"`` (the ``(b*k, b*k)`` system) or ``"parameter"`` (``(m, m)``).
+        mean_loss: the batch's mean loss before the update when the step is that of a general
+            loss (:mod:`gramnewton.generalized`; ``residuals`` then hold the pseudo-residuals
+            ``u``), else ``None``.
     """
 
     direction: list[Tensor]
@@ -45,11 +48,13 @@ class GramGaussNewtonStep:
     solve_info: SolveInfo
     predicted: Tensor
     solve_space: str = "sample"
+    mean_loss: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
-        """Mean squared residual before the update (a detached scalar)."""
-        return self.residuals.pow(2).mean()
+        """Mean loss before the update (a detached scalar): the mean squared residual, or
+        ``mean_loss`` for a general loss."""
+        return self.residuals.pow(2).mean() if self.mean_loss is None else self.mean_loss
 
 
 def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) -> str:
