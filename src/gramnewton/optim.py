@@ -11,7 +11,9 @@ from torch.optim import Optimizer
 
 from .damping import GainRatioDamping, gain_ratio
 from .engines import Closure, GramEngine
+from .engines.base import closure_residuals
 from .engines.select import select_engine
+from .solve import check_damping
 from .update import GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
 
 
@@ -46,7 +48,8 @@ class GramGaussNewton(Optimizer):
     Symbols of Eq. 11 and their arguments:
         - :math:`w`: ``params_or_model`` (the parameters to train).
         - :math:`f(w, x_B) - y_B`: what ``closure()`` returns, per sample, unreduced,
-          shape ``(b,)`` or ``(b, k)``.
+          shape ``(b,)`` or ``(b, k)``; or the pair ``(f(w, x_B), y_B)``, whose shapes must
+          match (no broadcasting; the targets are cast to the outputs' dtype).
         - :math:`J_B`: per-sample Jacobian ``(b*k, m)`` of those residuals, rows sample-major
           (row ``i*k + c`` is sample ``i``, output ``c``); never formed by the fast engine.
         - :math:`\lambda`: ``lam > 0``. :math:`\alpha`: ``alpha >= 0`` (acts as an inverse learning
@@ -117,9 +120,12 @@ class GramGaussNewton(Optimizer):
             The mean of the squared residuals before the update (detached scalar).
 
         Raises:
-            ValueError: bad residuals (shape, NaN/Inf, no dependence on the parameters) or a
-                batch-coupling module; no parameter is changed.
-            SingularGramError: no finite step; no parameter is changed.
+            ValueError: bad hyper-parameters, bad residuals (shape, broadcast, dtype, NaN/Inf, no
+                dependence on the parameters) or a batch-coupling module; nothing is changed.
+            SingularGramError: no finite step (the loss, Gram matrix, coefficients or direction
+                overflows); nothing is changed.
+            Any error of the closure's re-evaluation (adaptive damping) restores the
+            parameters and the state before it propagates.
         """
         if closure is None:
             raise ValueError("GramGaussNewton.step needs a closure that returns per-sample residuals")
@@ -131,6 +137,7 @@ class GramGaussNewton(Optimizer):
             self.engine, closure, lam=self._shared("lam"), alpha=self._shared("alpha"), solve_dtype=self.solve_dtype
         )
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
+        steps = {p: self.state[p].get("step") for p in self.engine.params} if self.damping else {}
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
@@ -138,15 +145,31 @@ class GramGaussNewton(Optimizer):
             for p in params:
                 state = self.state[p]
                 state["step"] = state.get("step", torch.tensor(0.0)) + 1
-        self.last_step = result
         if self.damping is not None:
-            self._adapt_damping(closure, result, backup)
+            try:
+                self._adapt_damping(closure, result, backup)
+            except BaseException:  # the re-evaluation failed: undo the step and its bookkeeping
+                self._restore(backup, steps)
+                raise
+        self.last_step = result
         return result.loss
+
+    @torch.no_grad()
+    def _restore(self, backup: list[Tensor], steps: dict[Tensor, Tensor | None]) -> None:
+        for p, old in zip(self.engine.params, backup):
+            p.copy_(old)
+        for p, step in steps.items():
+            if step is None:
+                self.state[p].pop("step", None)
+                if not self.state[p]:
+                    del self.state[p]
+            else:
+                self.state[p]["step"] = step
 
     @torch.no_grad()
     def _adapt_damping(self, closure: Closure, result: GramGaussNewtonStep, backup: list[Tensor]) -> None:
         """Gain ratio on the same batch; new ``alpha``; undo the step if it made things worse."""
-        new_residuals = closure()
+        new_residuals = closure_residuals(closure())
         if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
             raise ValueError("closure returned residuals of a different shape when re-evaluated")
         r = result.residuals.reshape(-1)
@@ -162,9 +185,6 @@ class GramGaussNewton(Optimizer):
 
 
 def _check_hyper(lam: float, alpha: float, weight_decay: float) -> None:
-    if not lam > 0:
-        raise ValueError(f"Invalid lam value: {lam} (must be > 0)")
-    if not alpha >= 0:
-        raise ValueError(f"Invalid alpha (damping) value: {alpha} (must be >= 0)")
+    check_damping(lam, alpha)
     if not 0 <= weight_decay < 1:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be in [0, 1))")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .engines import Closure, GramEngine, ReferenceEngine
-from .solve import SingularGramError, SolveInfo, damped_solve
+from .solve import SingularGramError, SolveInfo, check_damping, damped_solve
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,18 @@ def gram_gauss_newton_direction(
     """Compute the update of Eq. 11 for the residuals returned by ``closure``.
 
     Raises:
-        SingularGramError: the update is not finite (parameters are untouched: nothing applied).
+        ValueError: ``lam`` or ``alpha`` out of range, or bad residuals (nothing applied).
+        SingularGramError: the loss, Gram matrix, coefficients or direction is not finite
+            (parameters are untouched: nothing applied).
     """
+    check_damping(lam, alpha)
     system = engine.compute(closure)
     rhs = system.residuals.reshape(-1)
+    if not bool(torch.isfinite(rhs.pow(2).sum())):  # finite residuals whose squares overflow
+        raise SingularGramError(
+            f"the squared residuals overflow {rhs.dtype} (loss not finite; largest |residual| "
+            f"{float(rhs.abs().max()):.3g}); rescale the targets or use a float64 model; no parameter was changed"
+        )
     coefficients, info = damped_solve(system.gram, rhs, lam, alpha, dtype=solve_dtype)
     direction = [-d for d in system.jt_times(coefficients)]
     if not all(bool(torch.isfinite(d).all()) for d in direction):

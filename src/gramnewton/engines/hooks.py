@@ -38,7 +38,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .base import Closure, GramSystem, residuals_2d
+from .base import Closure, GramSystem, params_dtype, residuals_2d
 from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
 from .locality import Region, params_off_module_paths
 from .reference import jacobian_rows, split_like
@@ -132,6 +132,7 @@ class HooksEngine:
     def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None):
         self.model = model
         self.params: list[Tensor] = list(model.parameters() if params is None else params)
+        self._dtype = params_dtype(self.params)
         wanted = {id(p) for p in self.params}
         reasons: dict[int, str] = {}
         owned: set[int] = set()
@@ -250,7 +251,7 @@ class HooksEngine:
                     module.register_forward_hook(functools.partial(post_hook, handler, own), with_kwargs=True)
                 )
             with torch.enable_grad(), _ForeignUse(owners, stack, foreign):
-                residuals = residuals_2d(closure())
+                residuals = residuals_2d(closure(), self._dtype)
         finally:
             for handle in handles:
                 handle.remove()
