@@ -1,5 +1,6 @@
 """gramnewton: the Gram-Gauss-Newton method for training neural networks on regression tasks."""
 
+from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
 from .damping import GainRatioDamping
 from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
@@ -8,6 +9,7 @@ from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
+    "AllocatorTuning",
     "GainRatioDamping",
     "GramEngine",
     "GramGaussNewton",
@@ -23,4 +25,5 @@ __all__ = [
     "damped_solve",
     "full_batch_step",
     "gram_gauss_newton_direction",
+    "tune_allocator",
 ]
