@@ -162,6 +162,12 @@ class PermutedDense:
         """``J^T v`` in the parameter's layout, ``(numel,)``, for ``v`` of shape ``(n,)``."""
         return (self.jac.T @ v).view(self.shape).permute(self.perm).reshape(-1)
 
+    def j_times(self, v: Tensor) -> Tensor:
+        """``J v`` for ``v`` in the parameter's layout, ``(numel,)``; returns ``(n,)``."""
+        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
+        layout = [self.shape[p] for p in self.perm]  # the parameter's shape
+        return self.jac @ v.view(layout).permute(inverse).reshape(-1)
+
     def dense(self) -> Dense:
         """The per-sample gradients in the parameter's layout, ``(n, numel)``."""
         n = self.jac.shape[0]
