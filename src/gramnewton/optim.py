@@ -6,10 +6,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .damping import GainRatioDamping, gain_ratio
+from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
 from .engines.select import select_engine
 from .update import GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
@@ -67,6 +70,17 @@ class GramGaussNewton(Optimizer):
             ``alpha`` after every step by Levenberg-Marquardt's gain ratio (one extra forward
             pass without gradients per step; steps that increase the batch loss are undone).
             ``alpha`` in ``param_groups`` then holds the current value. Default: fixed ``alpha``.
+        distributed: data parallelism over ``torch.distributed`` (:mod:`gramnewton.distributed`),
+            each rank's closure returning its own shard's residuals: ``"exact"`` (the step of the
+            union of all ranks' batches, to round-off), ``"local"`` (each rank solves its own
+            system, the steps are averaged: DDP's communication), ``"auto"`` (exact when
+            ``torch.distributed`` is initialised with more than one process, else off) or
+            ``None`` (off). Rank 0's parameters (and the model's buffers) are broadcast to every
+            rank at construction.
+            The model may be a plain module (recommended) or a ``DistributedDataParallel``
+            wrapper, whose forward passes then run under ``no_sync()`` (GGN never reads
+            ``.grad``, so DDP's gradient all-reduce would be wasted).
+        process_group: the ranks to span (default: the whole world).
 
     ``lam`` and ``alpha`` live in ``param_groups`` and must agree across groups (one system is
     solved for all parameters); ``weight_decay`` may differ per group.
@@ -88,8 +102,11 @@ class GramGaussNewton(Optimizer):
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
         adaptive_damping: bool | GainRatioDamping = False,
+        distributed: str | None = "auto",
+        process_group: dist.ProcessGroup | None = None,
     ):
         _check_hyper(lam, alpha, weight_decay)
+        self.distributed = resolve_mode(distributed, process_group)
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay))
@@ -98,9 +115,19 @@ class GramGaussNewton(Optimizer):
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not trainable:
             raise ValueError("GramGaussNewton got no parameter that requires grad")
-        self.engine = select_engine(trainable, self.model, engine)
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        self.engine = select_engine(trainable, module, engine)
         self.solve_dtype = solve_dtype
         self.damping = GainRatioDamping() if adaptive_damping is True else (adaptive_damping or None)
+        self.communicator: Communicator | None = None
+        if self.distributed is not None:
+            if self.distributed == "local" and self.damping is not None:
+                raise ValueError("adaptive_damping needs distributed='exact' (local steps have no common gain ratio)")
+            self.communicator = Communicator(process_group)
+            # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
+            self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
+            if self.distributed == "exact":
+                self.engine = ExactGramEngine(self.engine, self.communicator)
         self.last_step: GramGaussNewtonStep | None = None
         self.last_gain_ratio: float | None = None
 
@@ -127,9 +154,13 @@ class GramGaussNewton(Optimizer):
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"])
         if self.model is not None:
             check_per_sample_independence(self.model)
-        result = gram_gauss_newton_direction(
-            self.engine, closure, lam=self._shared("lam"), alpha=self._shared("alpha"), solve_dtype=self.solve_dtype
-        )
+        closure = self._without_ddp_sync(closure)
+        hyper = dict(lam=self._shared("lam"), alpha=self._shared("alpha"), solve_dtype=self.solve_dtype)
+        if self.distributed == "local":
+            result, loss = local_direction(self.engine, closure, self.communicator, **hyper)
+        else:
+            result = gram_gauss_newton_direction(self.engine, closure, **hyper)
+            loss = result.loss
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
@@ -141,12 +172,24 @@ class GramGaussNewton(Optimizer):
         self.last_step = result
         if self.damping is not None:
             self._adapt_damping(closure, result, backup)
-        return result.loss
+        return loss
+
+    def _without_ddp_sync(self, closure: Closure) -> Closure:
+        """``closure`` run under DDP's ``no_sync()``: no gradient all-reduce is prepared."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return closure
+        model = self.model
+
+        def unsynced() -> Tensor:
+            with model.no_sync():
+                return closure()
+
+        return unsynced
 
     @torch.no_grad()
     def _adapt_damping(self, closure: Closure, result: GramGaussNewtonStep, backup: list[Tensor]) -> None:
         """Gain ratio on the same batch; new ``alpha``; undo the step if it made things worse."""
-        new_residuals = closure()
+        new_residuals = self.engine.evaluate(closure) if self.distributed == "exact" else closure()
         if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
             raise ValueError("closure returned residuals of a different shape when re-evaluated")
         r = result.residuals.reshape(-1)
