@@ -120,6 +120,36 @@ def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: boo
         assert all(p.grad is None for p in model.parameters())
 
 
+def _cross_entropy(engine: str, mode: str, adaptive: bool = False) -> None:
+    """Cross-entropy (closures return (logits, labels)): exact = single process on the union
+    batch; local = the shard-size-weighted mean of the single-process steps of the shards."""
+    model, data = _setup("groupnorm_cnn", seed=11)
+    single = _rank0_copy(model)
+    data = [
+        (x, torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(i))) for i, (x, _) in enumerate(data)
+    ]
+    kwargs = dict(alpha=0.05, loss="cross_entropy", engine=engine, adaptive_damping=adaptive)
+    opt = GramGaussNewton(model, distributed=mode, **kwargs)
+    reference = GramGaussNewton(single, distributed=None, **kwargs)
+    for i, (x, y) in enumerate(data):
+        loss = opt.step(lambda: (model(_shard(x)), _shard(y)))
+        if mode == "exact":
+            reference_loss = reference.step(lambda: (single(x), y))
+            assert opt.param_groups[0]["alpha"] == reference.param_groups[0]["alpha"]
+        else:
+            start, d = flat_params(single), 0
+            with torch.no_grad():
+                reference_loss = torch.nn.functional.cross_entropy(single(x), y)
+            for lo, hi in ((0, SHARDS[0]), (SHARDS[0], sum(SHARDS))):
+                twin = copy.deepcopy(single)
+                GramGaussNewton(twin, distributed=None, **kwargs).step(lambda: (twin(x[lo:hi]), y[lo:hi]))
+                d = d + (hi - lo) / sum(SHARDS) * (flat_params(twin) - start)
+            torch.nn.utils.vector_to_parameters(start + d, single.parameters())
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: cross-entropy, {mode} mode")
+        assert_close(loss, reference_loss, 1e-12, f"step {i}: cross-entropy loss of the union batch")
+        _same_on_all_ranks(model)
+
+
 def _allreduce(bucket: dist.GradBucket) -> torch.futures.Future:
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
@@ -214,6 +244,9 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-hooks-mlp-lam-wd": lambda: _exact("mlp", "hooks", lam=0.5, alpha=0.0, wd=0.01),
     "exact-hooks-groupnorm_cnn-ddp": lambda: _exact("groupnorm_cnn", "hooks", lam=2.0, alpha=3.0, wd=0.0, ddp=True),
     "exact-adaptive-damping": _adaptive,
+    "exact-cross-entropy-hooks": lambda: _cross_entropy("hooks", "exact"),
+    "exact-cross-entropy-reference-adaptive": lambda: _cross_entropy("reference", "exact", adaptive=True),
+    "local-cross-entropy-hooks": lambda: _cross_entropy("hooks", "local"),
     "local-hooks-mlp": lambda: _local("mlp", "hooks", alpha=0.1),
     "local-reference-groupnorm_cnn": lambda: _local("groupnorm_cnn", "reference", alpha=0.5),
     **{

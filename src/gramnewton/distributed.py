@@ -56,7 +56,7 @@ every rank and so raise on every rank.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -178,6 +178,32 @@ class Communicator:
         self._count("all_reduce", 2 * (self.world - 1) / self.world * tensor.numel() * tensor.element_size())
         return tensor
 
+    def gather(self, fn: Callable[[], Tensor]) -> Tensor:
+        """Every rank's ``fn()`` (``(n_p, ...)``) concatenated in rank order; an error in any
+        rank's ``fn`` raises on every rank (see "Errors")."""
+        value, error = None, None
+        try:
+            value = fn()
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                raise TypeError(f"expected a tensor with a batch dimension, got {type(value).__name__}")
+        except Exception as caught:
+            error = caught
+        table = self.agree(error, [0.0] if error else [float(value.shape[0])])
+        return self.all_gather_rows(value, [int(n) for n in table[:, 0]])
+
+    def total(self, fn: Callable[[], Sequence[float]], width: int) -> Tensor:
+        """The sum over the ranks of ``fn()`` (``width`` numbers), float64 ``(width,)``, the same
+        on every rank; an error in any rank's ``fn`` raises on every rank."""
+        values, error = [0.0] * width, None
+        try:
+            values = [float(v) for v in fn()]
+            if len(values) != width:
+                raise ValueError(f"expected {width} numbers, got {len(values)}")
+        except Exception as caught:
+            error = caught
+            values = [0.0] * width  # every rank must hand the exchange the same number of values
+        return self.agree(error, values).sum(0)
+
     def bounds(self, m: int) -> list[tuple[int, int]]:
         """The contiguous column range ``[lo, hi)`` of ``m`` owned by each rank."""
         return [(r * m // self.world, (r + 1) * m // self.world) for r in range(self.world)]
@@ -233,20 +259,6 @@ class ExactGramEngine:
 
         return GramSystem(residuals=residuals, gram=gram, jt_times=jt_times)
 
-    def evaluate(self, closure: Closure) -> Tensor:
-        """Every rank's ``closure()`` residuals stacked ``(B, k)`` (collective; without gradients)."""
-        residuals, error = None, None
-        try:
-            with torch.no_grad():
-                residuals = closure()
-            if not isinstance(residuals, Tensor) or residuals.dim() not in (1, 2):
-                raise ValueError("closure must return per-sample residuals of shape (b,) or (b, k)")
-            residuals = residuals.reshape(residuals.shape[0], -1)
-        except Exception as caught:
-            error = caught
-        table = self.comm.agree(error, (0, 0) if error else tuple(residuals.shape))
-        return self.comm.all_gather_rows(residuals, [int(n) for n in table[:, 0]])
-
 
 def local_direction(
     engine: GramEngine,
@@ -256,19 +268,23 @@ def local_direction(
     lam: float,
     alpha: float,
     solve_dtype: torch.dtype | None = None,
+    losses: Callable[[GramGaussNewtonStep], Tensor],
 ) -> tuple[GramGaussNewtonStep, Tensor]:
     """Local mode (module docstring): ``d = sum_p (b_p / B) d_p`` from each rank's own step ``d_p``.
 
+    Args:
+        losses: the step's per-sample (or per-entry) losses, whose mean over the union batch
+            is returned (e.g. the squared residuals).
+
     Returns:
         The rank's own step (its ``residuals``, ``gram`` and ``coefficients`` are this rank's)
-        with ``direction`` replaced by the combined one, and the mean squared residual over the
-        union batch.
+        with ``direction`` replaced by the combined one, and the mean loss over the union batch.
     """
     step, error, stats = None, None, (0.0, 0.0, 0.0)
     try:
         step = gram_gauss_newton_direction(engine, closure, lam=lam, alpha=alpha, solve_dtype=solve_dtype)
-        r = step.residuals.double()
-        stats = (float(r.shape[0]), float(r.pow(2).sum()), float(r.numel()))
+        values = losses(step).detach().double()
+        stats = (float(step.residuals.shape[0]), float(values.sum()), float(values.numel()))
     except Exception as caught:  # reported to every rank by agree() before the all-reduce
         error = caught
     table = comm.agree(error, stats)
@@ -277,5 +293,5 @@ def local_direction(
     direction = split_like(comm.all_reduce_(flat), engine.params)
     if not bool(torch.isfinite(flat).all()):  # identical on every rank: all raise together
         raise SingularGramError("the combined distributed step is not finite; increase alpha; no parameter was changed")
-    loss = (table[:, 1].sum() / table[:, 2].sum()).to(step.residuals.dtype)
+    loss = (table[:, 1].sum() / table[:, 2].sum()).to(step.residuals.dtype)  # same order on every rank
     return replace(step, direction=direction), loss
