@@ -3,13 +3,16 @@ classification through the generalized Gauss-Newton step of :mod:`gramnewton.gen
 
 from .convert import convert_batchnorm
 from .damping import GainRatioDamping
-from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
+from .engines import FunctionalEngine, FunctionalResidual, GramEngine, GramSystem, HooksEngine, ReferenceEngine, Term
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
+    "FunctionalEngine",
+    "FunctionalResidual",
+    "Term",
     "BinaryCrossEntropy",
     "CrossEntropy",
     "GainRatioDamping",
