@@ -1,6 +1,7 @@
 """gramnewton: the Gram-Gauss-Newton method for training neural networks (regression, and
 classification through the generalized Gauss-Newton step of :mod:`gramnewton.generalized`)."""
 
+from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
 from .damping import GainRatioDamping
 from .engines import FunctionalEngine, FunctionalResidual, GramEngine, GramSystem, HooksEngine, ReferenceEngine, Term
@@ -10,11 +11,11 @@ from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
-    "FunctionalEngine",
-    "FunctionalResidual",
-    "Term",
+    "AllocatorTuning",
     "BinaryCrossEntropy",
     "CrossEntropy",
+    "FunctionalEngine",
+    "FunctionalResidual",
     "GainRatioDamping",
     "GramEngine",
     "GramGaussNewton",
@@ -26,10 +27,12 @@ __all__ = [
     "SingularGramError",
     "SolveInfo",
     "SquaredError",
+    "Term",
     "apply_direction",
     "check_per_sample_independence",
     "convert_batchnorm",
     "damped_solve",
     "full_batch_step",
     "gram_gauss_newton_direction",
+    "tune_allocator",
 ]
