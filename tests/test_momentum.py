@@ -234,7 +234,7 @@ def test_gain_ratio_rule_rejects_with_momentum():
 def test_engine_without_j_times_refuses_momentum_and_changes_nothing():
     class NoJv(ReferenceEngine):
         def compute(self, closure):
-            return dataclasses.replace(super().compute(closure), j_times=None, jacobian=None)
+            return dataclasses.replace(super().compute(closure), j_times=None, jacobian_columns=None)
 
     model = _small_mlp().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)

@@ -5,7 +5,7 @@ from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
 from .damping import DampingDecision, DampingRule, GainRatioDamping
 from .diagnostics import StepDiagnostics
-from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
+from .engines import FunctionalEngine, FunctionalResidual, GramEngine, GramSystem, HooksEngine, ReferenceEngine, Term
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
@@ -17,6 +17,8 @@ __all__ = [
     "CrossEntropy",
     "DampingDecision",
     "DampingRule",
+    "FunctionalEngine",
+    "FunctionalResidual",
     "GainRatioDamping",
     "GramEngine",
     "GramGaussNewton",
@@ -29,6 +31,7 @@ __all__ = [
     "SolveInfo",
     "SquaredError",
     "StepDiagnostics",
+    "Term",
     "apply_direction",
     "check_per_sample_independence",
     "convert_batchnorm",

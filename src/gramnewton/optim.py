@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .damping import DampingRule, GainRatioDamping, gain_ratio, loss_gain_ratio
 from .diagnostics import StepDiagnostics
+from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
 from .engines.base import closure_residuals
 from .engines.select import select_engine
@@ -80,7 +83,9 @@ class GramGaussNewton(Optimizer):
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``.
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
-            ``"reference"`` (dense Jacobian, any model), or an engine instance.
+            ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
+            and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
+            physics-informed residual), or an engine instance.
         solve_dtype: dtype of the small solve, e.g. ``torch.float64``.
         adaptive_damping: ``True`` (a :class:`~gramnewton.damping.GainRatioDamping`) or any
             :class:`~gramnewton.damping.DampingRule` to adapt ``alpha`` after every step from
@@ -106,6 +111,17 @@ class GramGaussNewton(Optimizer):
             backward passes, a ``(b*k, b*k)`` Gram), ``"top_c"`` (``top_c + 1`` passes) or
             ``"gradient"`` (one pass, ``(b, b)``); see :mod:`gramnewton.generalized`.
         top_c: number of output coordinates kept exactly by ``curvature="top_c"``.
+        distributed: data parallelism over ``torch.distributed`` (:mod:`gramnewton.distributed`),
+            each rank's closure returning its own shard's residuals (or outputs and targets):
+            ``"exact"`` (the step of the union of all ranks' batches, to round-off),
+            ``"local"`` (each rank solves its own system, the steps are averaged: DDP's
+            communication), ``"auto"`` (exact when ``torch.distributed`` is initialised with
+            more than one process, else off) or ``None`` (off). Rank 0's parameters (and the
+            model's buffers) are broadcast to every rank at construction. The model may be a
+            plain module (recommended) or a ``DistributedDataParallel`` wrapper, whose forward
+            passes then run under ``no_sync()`` (GGN never reads ``.grad``, so DDP's gradient
+            all-reduce would be wasted). The returned loss is the union batch's.
+        process_group: the ranks to span (default: the whole world).
 
     ``lam``, ``alpha`` and ``momentum`` live in ``param_groups`` and must agree across groups (one
     system is solved for all parameters); ``weight_decay`` may differ per group. After every step
@@ -134,10 +150,13 @@ class GramGaussNewton(Optimizer):
         loss: str | Loss = "mse",
         curvature: str = "exact",
         top_c: int = 1,
+        distributed: str | None = "auto",
+        process_group: dist.ProcessGroup | None = None,
     ):
         _check_hyper(lam, alpha, weight_decay, momentum)
         if solve_space not in SOLVE_SPACES:
             raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
+        self.distributed = resolve_mode(distributed, process_group)
         self.loss = get_loss(loss)
         check_curvature(curvature, top_c)
         if isinstance(self.loss, SquaredError) and curvature != "exact":
@@ -151,12 +170,22 @@ class GramGaussNewton(Optimizer):
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not trainable:
             raise ValueError("GramGaussNewton got no parameter that requires grad")
-        self.engine = select_engine(trainable, self.model, engine)
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        self.engine = select_engine(trainable, module, engine)
         self.solve_dtype = solve_dtype
         self.solve_space = solve_space
         self.damping: DampingRule | None = (
             GainRatioDamping() if adaptive_damping is True else (adaptive_damping or None)
         )
+        self.communicator: Communicator | None = None
+        if self.distributed is not None:
+            if self.distributed == "local" and self.damping is not None:
+                raise ValueError("adaptive_damping needs distributed='exact' (local steps have no common gain ratio)")
+            self.communicator = Communicator(process_group)
+            # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
+            self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
+            if self.distributed == "exact":
+                self.engine = ExactGramEngine(self.engine, self.communicator)
         self.last_step: GramGaussNewtonStep | None = None
         self.last_gain_ratio: float | None = None
         self.last_diagnostics: StepDiagnostics | None = None
@@ -191,13 +220,12 @@ class GramGaussNewton(Optimizer):
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"])
         if self.model is not None:
             check_per_sample_independence(self.model)
+        closure = self._without_ddp_sync(closure)
         general = (
             None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
         )
         lam, alpha, momentum = self._shared("lam"), self._shared("alpha"), self._shared("momentum")
-        result = gram_gauss_newton_direction(
-            self.engine,
-            general or closure,
+        hyper = dict(
             lam=lam,
             alpha=alpha,
             solve_dtype=self.solve_dtype,
@@ -205,8 +233,17 @@ class GramGaussNewton(Optimizer):
             previous=self._momentum_buffers() if momentum else None,
             solve_space=self.solve_space,
         )
-        if general is not None:
-            result = replace(result, mean_loss=general.per_sample.mean())
+        if self.distributed == "local":
+            losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
+            result, loss = local_direction(self.engine, general or closure, self.communicator, losses=losses, **hyper)
+            if general is not None:  # this rank's own batch, as the single-process step records it
+                result = replace(result, mean_loss=general.per_sample.mean())
+        else:
+            result = gram_gauss_newton_direction(self.engine, general or closure, **hyper)
+            if general is not None:
+                total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
+                result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample.dtype))
+            loss = result.loss
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
@@ -223,7 +260,25 @@ class GramGaussNewton(Optimizer):
                     state["momentum_buffer"] = -updates[id(p)].detach()
         self.last_step = result
         self.last_diagnostics = diagnostics
-        return result.loss
+        return loss
+
+    def _without_ddp_sync(self, closure: Closure) -> Closure:
+        """``closure`` run under DDP's ``no_sync()``: no gradient all-reduce is prepared."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return closure
+        model = self.model
+
+        def unsynced() -> Any:
+            with model.no_sync():
+                return closure()
+
+        return unsynced
+
+    def _total(self, fn: Callable[[], tuple[float, ...]], width: int) -> Tensor:
+        """``fn()`` summed over the ranks in exact mode (errors raised on every rank), else as is."""
+        if self.distributed == "exact":
+            return self.communicator.total(fn, width)
+        return torch.tensor([float(v) for v in fn()], dtype=torch.float64)
 
     def _momentum_buffers(self) -> list[Tensor] | None:
         """``phi_{t-1}`` per parameter, or ``None`` before the first step (``phi_0 = 0``)."""
@@ -239,18 +294,22 @@ class GramGaussNewton(Optimizer):
         diagnostics: StepDiagnostics,
         general: LossClosure | None,
     ) -> StepDiagnostics:
-        """Gain ratio on the same batch; the rule's new ``alpha``; undo the step if it rejects it.
+        """Gain ratio on the same batch (the union batch in exact mode); the rule's new ``alpha``;
+        undo the step if it rejects it.
 
         Any error while re-evaluating or deciding restores the parameters before it propagates.
         """
         try:
             if general is not None:
-                after = general.loss_sum()
-                before = float(general.per_sample.double().sum())
+                before = float(self._total(lambda: (general.per_sample.double().sum(),), 1))
+                after = float(self._total(lambda: (general.loss_sum(),), 1))
                 rho = loss_gain_ratio(before, after, predicted_decrease(result.residuals, result.predicted))
-                loss_after = after / general.per_sample.numel()
+                loss_after = after / result.residuals.shape[0]
             else:
-                new_residuals = closure_residuals(closure())
+                if self.distributed == "exact":  # the union batch's residuals, in rank order
+                    new_residuals = self.communicator.gather(lambda: closure_residuals(closure()).reshape(-1))
+                else:
+                    new_residuals = closure_residuals(closure())
                 if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
                     raise ValueError("closure returned residuals of a different shape when re-evaluated")
                 rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))

@@ -69,12 +69,12 @@ def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) ->
     """
     if solve_space not in SOLVE_SPACES:
         raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
-    if solve_space == "parameter" and system.jacobian is None:
+    if solve_space == "parameter" and system.jacobian_columns is None:
         raise ValueError("solve_space='parameter' needs the dense Jacobian, which this engine does not provide")
     if solve_space != "auto":
         return solve_space
     rows = system.gram.shape[0]
-    return "parameter" if system.jacobian is not None and num_params < rows else "sample"
+    return "parameter" if system.jacobian_columns is not None and num_params < rows else "sample"
 
 
 def gram_gauss_newton_direction(
@@ -167,7 +167,7 @@ def _parameter_space(
     use_momentum: bool,
 ) -> GramGaussNewtonStep:
     """``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}`` (Levenberg-Marquardt's system)."""
-    jac = system.jacobian()
+    jac = system.jacobian_columns(0, sum(p.numel() for p in params))
     r = system.residuals.reshape(-1)
     rhs = jac.T @ r.to(jac.dtype)
     if use_momentum:

@@ -34,16 +34,19 @@ class GramSystem:
             ``params`` order), to ``J v`` of shape ``(b*k,)``: the per-sample directional
             derivatives, from what the engine already holds (no forward or backward pass).
             ``None`` when the engine cannot (momentum then refuses to run).
-        jacobian: returns the dense ``J`` of shape ``(b*k, m)``, columns in ``params`` order
-            (the hooks engine materialises it on demand); ``None`` when the engine cannot
-            (the parameter-space solve then refuses to run).
+        jacobian_columns: ``(start, stop) -> J[:, start:stop]`` of shape ``(b*k, stop - start)``,
+            the columns of the flat parameter vector (parameters flattened and concatenated in
+            ``engine.params`` order); materialises only the parameters overlapping the range.
+            ``None`` for an engine that cannot materialise ``J`` (data-parallel exact mode and
+            the parameter-space solve need it, see :mod:`gramnewton.distributed` and
+            :func:`gramnewton.update.choose_solve_space`).
     """
 
     residuals: Tensor
     gram: Tensor
     jt_times: Callable[[Tensor], list[Tensor]]
     j_times: Callable[[Sequence[Tensor]], Tensor] | None = None
-    jacobian: Callable[[], Tensor] | None = None
+    jacobian_columns: Callable[[int, int], Tensor] | None = None
 
 
 class GramEngine(Protocol):
@@ -54,6 +57,29 @@ class GramEngine(Protocol):
     def compute(self, closure: Closure) -> GramSystem:
         """Run ``closure`` once and return the Gram system of its residuals."""
         ...
+
+
+def slice_columns(block: Callable[[int], Tensor], sizes: Sequence[int], rows: Tensor, start: int, stop: int) -> Tensor:
+    """Columns ``start:stop`` of the ``(n, sum(sizes))`` matrix whose column blocks are ``block(i)``.
+
+    Args:
+        block: ``i -> (n, sizes[i])``, called only for the blocks overlapping the range.
+        sizes: the width of each block (a parameter's ``numel``).
+        rows: any ``(n, ...)`` tensor giving ``n``, the dtype and the device of an empty result.
+        start, stop: ``0 <= start <= stop <= sum(sizes)``.
+
+    Returns:
+        ``(n, stop - start)``.
+    """
+    parts, offset = [], 0
+    for i, size in enumerate(sizes):
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            parts.append(block(i)[:, lo - offset : hi - offset])
+        offset += size
+    if not parts:
+        return rows.new_zeros(rows.shape[0], 0)
+    return torch.cat(parts, dim=1)
 
 
 ClosureResult = Tensor | tuple[Tensor, Tensor]

@@ -84,6 +84,13 @@ class ReferenceEngine:
         def j_times(v: Sequence[Tensor]) -> Tensor:
             return jac @ flatten(v, jac.dtype)
 
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return jac[:, start:stop]
+
         return GramSystem(
-            residuals=residuals.detach(), gram=gram, jt_times=jt_times, j_times=j_times, jacobian=lambda: jac
+            residuals=residuals.detach(),
+            gram=gram,
+            jt_times=jt_times,
+            j_times=j_times,
+            jacobian_columns=jacobian_columns,
         )
