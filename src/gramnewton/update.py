@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .engines import Closure, GramEngine, ReferenceEngine
-from .solve import SingularGramError, SolveInfo, damped_solve
+from .solve import SingularGramError, SolveInfo, check_damping, damped_solve
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class GramGaussNewtonStep:
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``.
         coefficients: ``(b*k,)`` solution ``(lam G + alpha I)^{-1} (f - y)``.
         solve_info: how the damped system was solved.
+        mean_loss: the batch's mean loss before the update when the step is that of a general
+            loss (:mod:`gramnewton.generalized`; ``residuals`` then hold the pseudo-residuals
+            ``u``), else ``None``.
     """
 
     direction: list[Tensor]
@@ -34,11 +37,13 @@ class GramGaussNewtonStep:
     gram: Tensor
     coefficients: Tensor
     solve_info: SolveInfo
+    mean_loss: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
-        """Mean squared residual before the update (a detached scalar)."""
-        return self.residuals.pow(2).mean()
+        """Mean loss before the update (a detached scalar): the mean squared residual, or
+        ``mean_loss`` for a general loss."""
+        return self.residuals.pow(2).mean() if self.mean_loss is None else self.mean_loss
 
 
 def gram_gauss_newton_direction(
@@ -52,10 +57,18 @@ def gram_gauss_newton_direction(
     """Compute the update of Eq. 11 for the residuals returned by ``closure``.
 
     Raises:
-        SingularGramError: the update is not finite (parameters are untouched: nothing applied).
+        ValueError: ``lam`` or ``alpha`` out of range, or bad residuals (nothing applied).
+        SingularGramError: the loss, Gram matrix, coefficients or direction is not finite
+            (parameters are untouched: nothing applied).
     """
+    check_damping(lam, alpha)
     system = engine.compute(closure)
     rhs = system.residuals.reshape(-1)
+    if not bool(torch.isfinite(rhs.pow(2).sum())):  # finite residuals whose squares overflow
+        raise SingularGramError(
+            f"the squared residuals overflow {rhs.dtype} (loss not finite; largest |residual| "
+            f"{float(rhs.abs().max()):.3g}); rescale the targets or use a float64 model; no parameter was changed"
+        )
     coefficients, info = damped_solve(system.gram, rhs, lam, alpha, dtype=solve_dtype)
     direction = [-d for d in system.jt_times(coefficients)]
     if not all(bool(torch.isfinite(d).all()) for d in direction):

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .base import Closure, GramSystem, residuals_2d
+from .base import Closure, GramSystem, params_dtype, residuals_2d
 
 
 def jacobian_rows(outputs: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -65,10 +65,11 @@ class ReferenceEngine:
 
     def __init__(self, params: Iterable[Tensor]):
         self.params: list[Tensor] = list(params)
+        self._dtype = params_dtype(self.params)
 
     def compute(self, closure: Closure) -> GramSystem:
         with torch.enable_grad():
-            residuals = residuals_2d(closure())
+            residuals = residuals_2d(closure(), self._dtype)
         jac = jacobian_rows(residuals, self.params).detach()
         gram = jac @ jac.T
 
