@@ -1,6 +1,7 @@
 """gramnewton: the Gram-Gauss-Newton method for training neural networks (regression, and
 classification through the generalized Gauss-Newton step of :mod:`gramnewton.generalized`)."""
 
+from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
 from .damping import GainRatioDamping
 from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
@@ -10,6 +11,7 @@ from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
+    "AllocatorTuning",
     "BinaryCrossEntropy",
     "CrossEntropy",
     "GainRatioDamping",
@@ -29,4 +31,5 @@ __all__ = [
     "damped_solve",
     "full_batch_step",
     "gram_gauss_newton_direction",
+    "tune_allocator",
 ]

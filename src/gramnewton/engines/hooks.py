@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d
-from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
+from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
 from .reference import jacobian_rows, split_like
 
@@ -342,7 +342,7 @@ class HooksEngine:
                         continue
                     piece = partial.pop(pid)
                 t0 = time.perf_counter()
-                piece.add_gram(gram)
+                piece.add_gram_lower(gram)
                 timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
@@ -359,8 +359,9 @@ class HooksEngine:
                 f"({', '.join(sorted({type(c.module).__name__ for c in missing}))}); was an output modified in place?"
             )
         for pid, dense in partial.items():  # calls that the residuals do not depend on add nothing
-            dense.add_gram(gram)
+            dense.add_gram_lower(gram)
             pieces[pid] = dense
+        mirror_lower(gram)  # the pieces filled the lower triangle
         return pieces
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:
