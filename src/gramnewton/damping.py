@@ -1,10 +1,20 @@
-"""Adaptive damping: Levenberg-Marquardt's gain-ratio rule for ``alpha``.
+"""Adaptive damping: the rule interface and Levenberg-Marquardt's gain-ratio rule for ``alpha``.
+
+Interface (what :class:`~gramnewton.GramGaussNewton` calls, once per step, after re-evaluating
+the batch's residuals at the new parameters): a :class:`DampingRule` gets the ``alpha`` the step
+was solved with, the step's gain ratio and its :class:`~gramnewton.diagnostics.StepDiagnostics`,
+and returns a :class:`DampingDecision`: the ``alpha`` for the next step and whether to keep the
+step. A rejected step is undone: parameters and momentum as before it, not counted as a step.
 
 After a step ``delta = -J^T c`` with ``c = (lam G + alpha I)^{-1} r``, the linearised model
 predicts the residual ``r - G c``. The gain ratio compares the actual with the predicted
 decrease of the batch's squared residual:
 
     rho = (||r||^2 - ||r_new||^2) / (||r||^2 - ||r - G c||^2).
+
+For a general loss (:mod:`gramnewton.generalized`) it compares the decrease of ``sum_i l_i`` with
+the one the quadratic model predicts, ``1/2 (||u||^2 - ||u - B^T G B c||^2)``
+(:func:`loss_gain_ratio`); for the square loss both forms agree.
 
 ``rho`` near 1 means the linearisation is trusted: damping is lowered (longer steps); ``rho``
 small or negative means the step left the region where the linear model holds: damping is
@@ -17,9 +27,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from .diagnostics import StepDiagnostics
+
+
+@dataclass(frozen=True)
+class DampingDecision:
+    """What a :class:`DampingRule` decided: next ``alpha`` and whether the step is kept."""
+
+    alpha: float
+    accept: bool
+
+
+class DampingRule(Protocol):
+    """Adapts ``alpha`` after every step; may keep state of its own (e.g. a smoothed ratio)."""
+
+    def update(self, alpha: float, gain_ratio: float, diagnostics: StepDiagnostics) -> DampingDecision:
+        """Decide from this step's ``gain_ratio`` (``-inf`` for a non-finite new loss) and its
+        diagnostics (``rejected`` is still ``False`` there)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,10 @@ class GainRatioDamping:
             alpha = alpha / self.factor
         return min(max(alpha, self.min_alpha), self.max_alpha)
 
+    def update(self, alpha: float, gain_ratio: float, diagnostics: StepDiagnostics) -> DampingDecision:
+        """:meth:`next_alpha`, and reject the step when ``gain_ratio < reject_below``."""
+        return DampingDecision(self.next_alpha(alpha, gain_ratio), gain_ratio >= self.reject_below)
+
 
 def gain_ratio(residuals: Tensor, predicted: Tensor, new_residuals: Tensor) -> float:
     """Actual over predicted decrease of the squared residual.
@@ -67,9 +101,17 @@ def gain_ratio(residuals: Tensor, predicted: Tensor, new_residuals: Tensor) -> f
     """
     before = float(residuals.double().pow(2).sum())
     after = float(new_residuals.double().pow(2).sum())
+    return loss_gain_ratio(before, after, before - float(predicted.double().pow(2).sum()))
+
+
+def loss_gain_ratio(before: float, after: float, predicted_decrease: float) -> float:
+    """Actual over predicted decrease of a loss: ``(before - after) / predicted_decrease``.
+
+    ``after`` not finite gives ``-inf``; a model that predicts no progress (``<= 0``) is judged by
+    the sign of the actual change alone (``1`` or ``-inf``).
+    """
     if not math.isfinite(after):
         return -math.inf
-    predicted_decrease = before - float(predicted.double().pow(2).sum())
     if predicted_decrease <= 0:  # the model predicts no progress: judge by the sign alone
         return 1.0 if after < before else -math.inf
     return (before - after) / predicted_decrease

@@ -9,12 +9,17 @@ Order of attempts, each only if the previous one failed:
 3. Symmetric eigendecomposition, inverting only eigenvalues above ``n * eps * max|eig|`` (the
    minimum-norm, pseudo-inverse solution, consistent with the minimum-norm reading of Eq. 9).
 
-The solution is never NaN for finite input: if even step 3 yields a non-finite value,
-:class:`SingularGramError` is raised.
+The solution is never NaN for finite input: if the accepted solution is not finite (e.g. it
+overflows), :class:`SingularGramError` is raised.
+
+Precision: bfloat16 and float16 systems are solved in float32 (no Cholesky exists for them and
+their 8 or 11 bits could not resolve the damped system); float32 and float64 ones in their own
+dtype unless ``dtype`` says otherwise. The solution is cast back to the right-hand side's dtype.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,16 +27,40 @@ from torch import Tensor
 
 
 class SingularGramError(RuntimeError):
-    """The damped Gram system could not be solved to a finite value."""
+    """No finite Gram-Gauss-Newton step: the loss, Gram matrix, solution or direction is NaN or Inf."""
+
+
+def check_damping(lam: float, alpha: float) -> None:
+    """Raise ``ValueError`` unless ``0 < lam < inf`` and ``0 <= alpha < inf`` (NaN is refused)."""
+    if not 0 < lam < math.inf:
+        raise ValueError(f"Invalid lam value: {lam} (must be finite and > 0)")
+    if not 0 <= alpha < math.inf:
+        raise ValueError(f"Invalid alpha (damping) value: {alpha} (must be finite and >= 0)")
+
+
+def solve_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a ``dtype`` system is solved in: float32 for bfloat16/float16, else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 @dataclass(frozen=True)
 class SolveInfo:
-    """How a damped system was solved: ``method`` is ``"cholesky"``, ``"jitter"`` or ``"eigh"``."""
+    """How a damped system was solved: ``method`` is ``"cholesky"``, ``"jitter"`` or ``"eigh"``.
+
+    ``condition`` estimates the condition number of the matrix that was factorised: the squared
+    ratio of the largest to the smallest Cholesky pivot (a lower bound), or of the largest to the
+    smallest kept eigenvalue.
+    """
 
     method: str
     jitter: float = 0.0
     rank: int | None = None
+    condition: float | None = None
+
+
+def _cholesky_condition(chol: Tensor) -> float:
+    pivots = chol.diagonal().abs()
+    return float((pivots.max() / pivots.min()) ** 2)
 
 
 def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
@@ -65,17 +94,20 @@ def damped_solve(
         rhs: ``(n,)`` right-hand side (the flattened residuals).
         lam: ``lam > 0``, scale of the Gram matrix.
         alpha: ``alpha >= 0``, Tikhonov damping.
-        dtype: solve in this dtype (e.g. ``torch.float64``); the result is cast back.
+        dtype: solve in this dtype (e.g. ``torch.float64``); the result is cast back. Default:
+            the Gram's dtype, float32 for bfloat16/float16.
         max_jitter_tries: number of jittered Cholesky attempts before the eigendecomposition.
 
     Returns:
         ``x`` of shape ``(n,)`` in ``rhs``'s dtype, and a :class:`SolveInfo`.
 
     Raises:
+        ValueError: ``lam`` or ``alpha`` out of range (see :func:`check_damping`).
         SingularGramError: the input is not finite or no finite solution was found.
     """
+    check_damping(lam, alpha)
     out_dtype = rhs.dtype
-    work = dtype or gram.dtype
+    work = dtype or solve_dtype_for(gram.dtype)
     mat = damped_matrix(gram.to(work), lam, alpha)
     b = rhs.to(work).unsqueeze(1)
     if not bool(torch.isfinite(mat).all()):
@@ -86,7 +118,8 @@ def damped_solve(
 
     chol, info = torch.linalg.cholesky_ex(mat)
     if int(info) == 0 and _pivots_ok(chol, mat):
-        return torch.cholesky_solve(b, chol).squeeze(1).to(out_dtype), SolveInfo("cholesky")
+        x = _finite(torch.cholesky_solve(b, chol).squeeze(1), out_dtype)
+        return x, SolveInfo("cholesky", condition=_cholesky_condition(chol))
 
     for j in range(max_jitter_tries):
         jitter = scale * (10.0**j) * max(eps, 1e-10) * n
@@ -96,15 +129,23 @@ def damped_solve(
         if int(info) == 0 and _pivots_ok(chol, jittered):
             x = torch.cholesky_solve(b, chol).squeeze(1)
             if bool(torch.isfinite(x).all()):
-                return x.to(out_dtype), SolveInfo("jitter", jitter=jitter)
+                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=_cholesky_condition(chol))
 
     evals, evecs = torch.linalg.eigh(mat)
     cutoff = n * eps * float(evals.abs().max())
     keep = evals > cutoff
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
     x = evecs @ (inv * (evecs.T @ b.squeeze(1)))
-    if not bool(torch.isfinite(x).all()):
+    condition = float(evals.max() / evals[keep].min()) if bool(keep.any()) else None
+    return _finite(x, out_dtype), SolveInfo("eigh", rank=int(keep.sum()), condition=condition)
+
+
+def _finite(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` cast to ``dtype``, or :class:`SingularGramError` if it is (or becomes) not finite."""
+    out = x.to(dtype)
+    if not bool(torch.isfinite(out).all()):
         raise SingularGramError(
-            "the damped Gram system has no finite solution; increase alpha; no parameter was changed"
+            "the solution of the damped Gram system is not finite (overflow or a singular system); "
+            "increase alpha or rescale the targets; no parameter was changed"
         )
-    return x.to(out_dtype), SolveInfo("eigh", rank=int(keep.sum()))
+    return out

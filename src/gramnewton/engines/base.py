@@ -1,8 +1,9 @@
 """The engine interface: what an optimizer needs from a per-sample Jacobian.
 
 An engine runs the user's closure (the forward pass on a mini-batch, returning per-sample
-residuals) and returns a :class:`GramSystem`: the residuals, the Gram matrix ``G = J J^T`` and a
-way to multiply ``J^T`` by a vector, without the optimizer knowing how ``J`` was obtained.
+residuals) and returns a :class:`GramSystem`: the residuals, the Gram matrix ``G = J J^T`` and
+ways to multiply ``J^T`` and ``J`` by a vector, without the optimizer knowing how ``J`` was
+obtained.
 
 Row convention (shared by every engine): the residuals ``(b, k)`` are flattened sample-major,
 so row ``i * k + c`` of ``J`` and of ``G`` belongs to sample ``i``, output ``c``.
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-Closure = Callable[[], Tensor]
+Closure = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,23 @@ class GramSystem:
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major.
         jt_times: maps ``v`` of shape ``(b*k,)`` to ``J^T v`` as one tensor per parameter,
             shaped like the parameter (zeros for parameters the outputs do not depend on).
+        j_times: maps ``v``, one tensor per parameter (shaped like it, in the engine's
+            ``params`` order), to ``J v`` of shape ``(b*k,)``: the per-sample directional
+            derivatives, from what the engine already holds (no forward or backward pass).
+            ``None`` when the engine cannot (momentum then refuses to run).
+        jacobian_columns: ``(start, stop) -> J[:, start:stop]`` of shape ``(b*k, stop - start)``,
+            the columns of the flat parameter vector (parameters flattened and concatenated in
+            ``engine.params`` order); materialises only the parameters overlapping the range.
+            ``None`` for an engine that cannot materialise ``J`` (data-parallel exact mode and
+            the parameter-space solve need it, see :mod:`gramnewton.distributed` and
+            :func:`gramnewton.update.choose_solve_space`).
     """
 
     residuals: Tensor
     gram: Tensor
     jt_times: Callable[[Tensor], list[Tensor]]
+    j_times: Callable[[Sequence[Tensor]], Tensor] | None = None
+    jacobian_columns: Callable[[int, int], Tensor] | None = None
 
 
 class GramEngine(Protocol):
@@ -46,13 +59,94 @@ class GramEngine(Protocol):
         ...
 
 
-def residuals_2d(residuals: Tensor) -> Tensor:
-    """Validate a closure's return value and view it as ``(b, k)``.
+def slice_columns(block: Callable[[int], Tensor], sizes: Sequence[int], rows: Tensor, start: int, stop: int) -> Tensor:
+    """Columns ``start:stop`` of the ``(n, sum(sizes))`` matrix whose column blocks are ``block(i)``.
+
+    Args:
+        block: ``i -> (n, sizes[i])``, called only for the blocks overlapping the range.
+        sizes: the width of each block (a parameter's ``numel``).
+        rows: any ``(n, ...)`` tensor giving ``n``, the dtype and the device of an empty result.
+        start, stop: ``0 <= start <= stop <= sum(sizes)``.
+
+    Returns:
+        ``(n, stop - start)``.
+    """
+    parts, offset = [], 0
+    for i, size in enumerate(sizes):
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            parts.append(block(i)[:, lo - offset : hi - offset])
+        offset += size
+    if not parts:
+        return rows.new_zeros(rows.shape[0], 0)
+    return torch.cat(parts, dim=1)
+
+
+ClosureResult = Tensor | tuple[Tensor, Tensor]
+# How many autograd nodes ``_refuse_broadcast`` walks back from the residuals at most, and the
+# element-wise operations (``-``, ``+``, ``*``, ``/``) in which it looks for the broadcast.
+_BROADCAST_WALK = 16
+_ELEMENTWISE = frozenset({"SubBackward0", "RsubBackward1", "AddBackward0", "MulBackward0", "DivBackward0"})
+
+
+def params_dtype(params: Sequence[Tensor]) -> torch.dtype | None:
+    """The one floating dtype of ``params``, or ``None`` when they mix dtypes."""
+    dtypes = {p.dtype for p in params}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Residuals ``outputs - targets`` of the square loss, with the shapes checked (no broadcasting).
+
+    Args:
+        outputs: ``(b,)`` or ``(b, k)`` model outputs.
+        targets: the same shape, or ``(b,)`` against ``(b, 1)`` outputs (and ``(b, 1)`` against
+            ``(b,)``); cast to the outputs' dtype (float64 targets with a float32 model are fine).
+
+    Returns:
+        ``outputs - targets`` shaped like ``outputs``.
+    """
+    if not isinstance(outputs, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError(
+            f"closure returned ({type(outputs).__name__}, {type(targets).__name__}); expected (outputs, targets) tensors"
+        )
+    if outputs.dim() not in (1, 2):
+        raise ValueError(f"closure must return outputs of shape (b,) or (b, k), got {tuple(outputs.shape)}")
+    b, k = outputs.shape[0], outputs[0].numel()
+    if targets.shape != outputs.shape and not (k == 1 and targets.shape in ((b,), (b, 1))):
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(outputs.shape)}; "
+            "they must have the same shape ((b,) targets go with (b,) or (b, 1) outputs)"
+        )
+    return outputs - targets.reshape(outputs.shape).to(outputs.dtype)
+
+
+def closure_residuals(value: ClosureResult) -> Tensor:
+    """The residual tensor of a closure's return value: a tensor as is, a pair
+    ``(outputs, targets)`` by :func:`square_loss_residuals` (a loss other than the square loss
+    plugs in here)."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise TypeError(f"closure returned a tuple of {len(value)} items; expected (outputs, targets)")
+        return square_loss_residuals(*value)
+    return value
+
+
+def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tensor:
+    """Validate a closure's return value (residuals, or ``(outputs, targets)``) and view it as ``(b, k)``.
+
+    Args:
+        value: ``(b,)`` or ``(b, k)`` residuals, or ``(outputs, targets)`` (see
+            :func:`square_loss_residuals`).
+        dtype: the parameters' dtype; residuals of another dtype are refused (e.g. float64
+            targets promote a float32 model's residuals: the Gram would mix dtypes).
 
     Raises:
         TypeError: not a tensor.
-        ValueError: wrong shape, no batch, or a non-finite entry.
+        ValueError: wrong shape or dtype, no batch, a non-finite entry, or a residual ``(b, b)``
+            that comes from broadcasting ``(b, 1)`` outputs against ``(b,)`` targets.
     """
+    residuals = closure_residuals(value)
     if not isinstance(residuals, Tensor):
         raise TypeError(f"closure must return a tensor of per-sample residuals, got {type(residuals).__name__}")
     if residuals.dim() not in (1, 2):
@@ -64,6 +158,11 @@ def residuals_2d(residuals: Tensor) -> Tensor:
         raise ValueError(f"closure returned an empty residual tensor of shape {tuple(residuals.shape)}")
     if not residuals.is_floating_point():
         raise TypeError(f"residuals must be floating point, got {residuals.dtype}")
+    if dtype is not None and residuals.dtype != dtype:
+        raise ValueError(
+            f"residuals are {residuals.dtype} but the parameters are {dtype} (e.g. {residuals.dtype} targets); "
+            f"return (outputs, targets) from the closure, which casts the targets, or cast them to {dtype}"
+        )
     bad = ~torch.isfinite(residuals.detach())
     if bool(bad.any()):
         count = int(bad.sum())
@@ -76,4 +175,38 @@ def residuals_2d(residuals: Tensor) -> Tensor:
             "residuals do not depend on any parameter being optimized (requires_grad is False); "
             "run the forward pass inside the closure"
         )
+    _refuse_broadcast(residuals)
     return residuals if residuals.dim() == 2 else residuals.unsqueeze(1)
+
+
+def _refuse_broadcast(residuals: Tensor) -> None:
+    """Raise for ``(b, b)`` residuals made by broadcasting ``(b, 1)`` outputs against ``(b,)`` targets.
+
+    The autograd graph shows it: walking back from the residuals through nodes that produce a
+    ``(b, b)`` tensor, an element-wise operation combines a constant (the targets: no graph) with
+    a tensor of only ``b`` entries (the outputs) into ``(b, b)``. A model with ``b`` genuine outputs has no such
+    node. Uses ``Node._input_metadata`` (the shapes a node's gradients have); skipped where the
+    installed PyTorch lacks it.
+    """
+    b = residuals.shape[0]
+    if residuals.dim() != 2 or residuals.shape[1] != b or b < 2:
+        return
+    node, seen = residuals.grad_fn, 0
+    while node is not None and seen < _BROADCAST_WALK:
+        seen += 1
+        parents = [(n, i) for n, i in node.next_functions if n is not None]
+        shapes = [_output_shape(n, i) for n, i in parents]
+        constant = len(parents) < len(node.next_functions)
+        if constant and node.name() in _ELEMENTWISE and any(s is not None and s.numel() == b for s in shapes):
+            raise ValueError(
+                f"the residuals have shape ({b}, {b}): outputs of shape ({b}, 1) were broadcast against "
+                f"targets of shape ({b},) (or the reverse); return (outputs, targets) from the closure, "
+                "or make the shapes equal (model(x).squeeze(1) - y, or y.unsqueeze(1))"
+            )
+        same = [n for (n, _), s in zip(parents, shapes) if s is not None and tuple(s) == (b, b)]
+        node = same[0] if len(same) == 1 else None
+
+
+def _output_shape(node: Any, index: int) -> torch.Size | None:
+    metadata = getattr(node, "_input_metadata", None)
+    return torch.Size(metadata[index].shape) if metadata is not None and index < len(metadata) else None

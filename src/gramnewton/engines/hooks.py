@@ -18,7 +18,9 @@ Exactness: a module called several times in one forward (or a parameter shared b
 modules) is handled exactly by summing its per-sample gradients over the calls. Parameters of
 unknown modules, of modules whose input or output does not have the batch as dimension 0, or used
 outside their module go to the reference engine (:func:`.reference.jacobian_rows`) with a
-one-time warning. BatchNorm in training mode raises.
+one-time warning, as do parameters that the residuals reach other than through their module's
+output (a residual with input derivatives, e.g. a Laplacian; see :mod:`.locality`). BatchNorm in
+training mode raises.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +38,10 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .base import Closure, GramSystem, residuals_2d
-from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
-from .reference import jacobian_rows, split_like
+from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
+from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
+from .locality import Region, params_off_module_paths
+from .reference import flatten, jacobian_rows, split_like
 
 
 @dataclass(eq=False)
@@ -52,6 +55,7 @@ class _Call:
     rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
     edge: GradientEdge
     params: dict[str, Tensor] = field(default_factory=dict)
+    input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
     grads: list[Tensor] = field(default_factory=list)
     done: bool = False
 
@@ -128,6 +132,7 @@ class HooksEngine:
     def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None):
         self.model = model
         self.params: list[Tensor] = list(model.parameters() if params is None else params)
+        self._dtype = params_dtype(self.params)
         wanted = {id(p) for p in self.params}
         reasons: dict[int, str] = {}
         owned: set[int] = set()
@@ -167,7 +172,8 @@ class HooksEngine:
         self._expected: set[int] = set()
 
     def compute(self, closure: Closure) -> GramSystem:
-        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``."""
+        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``,
+        ``J v`` and the dense ``J`` (materialised from the pieces only when asked for)."""
         for module, check in self._checks:
             check(module)
         timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
@@ -175,7 +181,7 @@ class HooksEngine:
         residuals, calls, foreign = self._forward_with_hooks(closure)
         timings["forward"] = time.perf_counter() - start
         b, k = residuals.shape
-        reference_ids = self._route(calls, foreign, b)
+        reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), b)
 
         start = time.perf_counter()
         reference_params = [p for p in self.params if id(p) in reference_ids]
@@ -204,7 +210,41 @@ class HooksEngine:
                     out.append(torch.zeros_like(p))
             return out
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            out = gram.new_zeros(b * k)
+            if reference_params:
+                out += jac_reference @ flatten(
+                    [t for p, t in zip(self.params, v) if id(p) in reference_ids], gram.dtype
+                )
+            for p, t in zip(self.params, v):
+                if id(p) in pieces:  # parameters the residuals do not depend on add nothing
+                    out += pieces[id(p)].j_times(t.reshape(-1).to(gram.dtype))
+            return out
+
+        reference_offsets, offset = {}, 0  # where each reference parameter's columns start in jac_reference
+        for p in reference_params:
+            reference_offsets[id(p)], offset = offset, offset + p.numel()
+
+        def block(i: int) -> Tensor:
+            """``(b*k, numel)`` per-sample Jacobian of parameter ``i``."""
+            p = self.params[i]
+            if id(p) in reference_ids:
+                start = reference_offsets[id(p)]
+                return jac_reference[:, start : start + p.numel()]
+            if id(p) in pieces:
+                return pieces[id(p)].dense().jac
+            return gram.new_zeros(b * k, p.numel())
+
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return slice_columns(block, [p.numel() for p in self.params], gram, start, stop)
+
+        return GramSystem(
+            residuals=residuals.detach(),
+            gram=gram,
+            jt_times=jt_times,
+            j_times=j_times,
+            jacobian_columns=jacobian_columns,
+        )
 
     def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call], set[int]]:
         """Run the closure with forward hooks; returns the residuals ``(b, k)``, the hooked calls
@@ -229,7 +269,12 @@ class HooksEngine:
             x = args[0] if args else next(iter(kwargs.values()))
             rows = (x.shape[0] if x.dim() else 0, output.shape[0] if output.dim() else 0)
             kept = x.detach() if handler.needs_input else None
-            call = _Call(module, handler, kept, x._version, rows, get_gradient_edge(output), dict(own))
+            inputs = frozenset(
+                get_gradient_edge(t).node
+                for t in (*args, *kwargs.values())
+                if isinstance(t, Tensor) and t.requires_grad
+            )
+            call = _Call(module, handler, kept, x._version, rows, get_gradient_edge(output), dict(own), inputs)
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -241,16 +286,29 @@ class HooksEngine:
                     module.register_forward_hook(functools.partial(post_hook, handler, own), with_kwargs=True)
                 )
             with torch.enable_grad(), _ForeignUse(owners, stack, foreign):
-                residuals = residuals_2d(closure())
+                residuals = residuals_2d(closure(), self._dtype)
         finally:
             for handle in handles:
                 handle.remove()
         return residuals, calls, foreign
 
-    def _route(self, calls: list[_Call], foreign: set[int], b: int) -> set[int]:
+    def _off_path(self, residuals: Tensor, calls: list[_Call]) -> set[int]:
+        """Ids of hooked parameters that the residuals reach other than through their modules'
+        outputs, e.g. through an input derivative (see :mod:`.locality`)."""
+        regions = [Region(c.edge.node, c.input_nodes, frozenset(map(id, c.params.values()))) for c in calls]
+        hooked = {id(p) for _, _, own in self._modules for p in own.values()}
+        return params_off_module_paths(residuals.grad_fn, regions, hooked)
+
+    def _route(self, calls: list[_Call], foreign: set[int], off_path: set[int], b: int) -> set[int]:
         """Move to the reference engine, for this step, the parameters the hooks cannot see
         exactly; returns the ids of all reference parameters."""
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
+        for i in off_path:
+            dynamic.setdefault(
+                i,
+                "reached by a path that bypasses its module's output, e.g. an input derivative "
+                "(torch.autograd.grad with create_graph=True)",
+            )
         for call in calls:
             if call.rows != (b, b):
                 for p in call.params.values():
@@ -319,7 +377,7 @@ class HooksEngine:
                         continue
                     piece = partial.pop(pid)
                 t0 = time.perf_counter()
-                piece.add_gram(gram)
+                piece.add_gram_lower(gram)
                 timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
@@ -336,8 +394,9 @@ class HooksEngine:
                 f"({', '.join(sorted({type(c.module).__name__ for c in missing}))}); was an output modified in place?"
             )
         for pid, dense in partial.items():  # calls that the residuals do not depend on add nothing
-            dense.add_gram(gram)
+            dense.add_gram_lower(gram)
             pieces[pid] = dense
+        mirror_lower(gram)  # the pieces filled the lower triangle
         return pieces
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:

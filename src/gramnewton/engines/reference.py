@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .base import Closure, GramSystem, residuals_2d
+from .base import Closure, GramSystem, params_dtype, residuals_2d
 
 
 def jacobian_rows(outputs: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -56,6 +56,11 @@ def split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, sizes), params)]
 
 
+def flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """One ``(m_total,)`` vector of ``tensors`` in order (the inverse of :func:`split_like`)."""
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
 class ReferenceEngine:
     """Exact Gram system through a dense per-sample Jacobian ``J`` of shape ``(b*k, m)``.
 
@@ -65,14 +70,27 @@ class ReferenceEngine:
 
     def __init__(self, params: Iterable[Tensor]):
         self.params: list[Tensor] = list(params)
+        self._dtype = params_dtype(self.params)
 
     def compute(self, closure: Closure) -> GramSystem:
         with torch.enable_grad():
-            residuals = residuals_2d(closure())
+            residuals = residuals_2d(closure(), self._dtype)
         jac = jacobian_rows(residuals, self.params).detach()
         gram = jac @ jac.T
 
         def jt_times(v: Tensor) -> list[Tensor]:
             return split_like(jac.T @ v.to(jac.dtype), self.params)
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            return jac @ flatten(v, jac.dtype)
+
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return jac[:, start:stop]
+
+        return GramSystem(
+            residuals=residuals.detach(),
+            gram=gram,
+            jt_times=jt_times,
+            j_times=j_times,
+            jacobian_columns=jacobian_columns,
+        )

@@ -1,0 +1,251 @@
+"""Bad input to the optimizer core: a clear error and nothing changed, or the right result.
+
+Each test is a row of the "Optimizer core" table of docs/reliability.md. "Nothing changed" is
+checked on the parameters, the optimizer state and ``param_groups``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from dense import assert_close, dense_step, flat_params
+from torch import Tensor, nn
+
+from gramnewton import GramGaussNewton, SingularGramError, damped_solve, full_batch_step
+from gramnewton.damping import GainRatioDamping
+
+ENGINES = ["auto", "reference"]
+
+
+def _mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+
+def _snapshot(opt: GramGaussNewton) -> tuple[list[Tensor], dict, list[dict]]:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {i: copy.deepcopy(dict(opt.state[p])) for i, p in enumerate(params) if p in opt.state}
+    params = [p.detach().clone() for p in params]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return params, state, groups
+
+
+def _assert_unchanged(opt: GramGaussNewton, before: tuple[list[Tensor], dict, list[dict]]) -> None:
+    params, state, groups = _snapshot(opt)
+    assert all(torch.equal(a, b) for a, b in zip(params, before[0])), "parameters changed"
+    assert state.keys() == before[1].keys(), "optimizer state changed"
+    for key in state:
+        assert all(torch.equal(torch.as_tensor(state[key][s]), torch.as_tensor(before[1][key][s])) for s in state[key])
+    assert groups == before[2], "param_groups changed"
+
+
+# --- item 3: broadcast residuals, (outputs, targets) closures -------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_broadcast_residual_is_refused_with_the_fix(engine: str) -> None:
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    opt = GramGaussNewton(model, engine=engine)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"broadcast.*\(outputs, targets\)"):
+        opt.step(lambda: model(x) - y)  # (6, 1) - (6,) -> (6, 6)
+    _assert_unchanged(opt, before)
+
+
+def test_genuine_square_outputs_are_not_taken_for_a_broadcast() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
+    GramGaussNewton(model, alpha=0.1).step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, "(b, b) outputs")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("out_shape,target_shape", [((6, 1), (6,)), ((6,), (6,)), ((6,), (6, 1)), ((6, 1), (6, 1))])
+def test_outputs_targets_tuple_is_the_square_loss(engine: str, out_shape: tuple, target_shape: tuple) -> None:
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
+    opt = GramGaussNewton(model, alpha=0.1, engine=engine)
+    loss = opt.step(lambda: (model(x).reshape(out_shape), y.reshape(target_shape)))
+    assert_close(flat_params(model), expected, 1e-10, f"{out_shape} outputs, {target_shape} targets")
+    assert math.isclose(float(loss), float(opt.last_step.residuals.pow(2).mean()))
+
+
+@pytest.mark.parametrize(
+    "outputs,targets,match",
+    [
+        ((6, 2), (6,), r"targets of shape \(6,\) do not match outputs of shape \(6, 2\)"),
+        ((6, 1), (5,), r"targets of shape \(5,\) do not match"),
+        ((6, 1), (1, 6), r"targets of shape \(1, 6\) do not match"),
+        ((6, 2, 2), (6, 2, 2), r"outputs of shape \(b,\) or \(b, k\)"),
+    ],
+)
+def test_outputs_targets_shapes_are_checked(outputs: tuple, targets: tuple, match: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, math.prod(outputs[1:])).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    opt = GramGaussNewton(model)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step(lambda: (model(x).reshape(outputs), torch.zeros(targets, dtype=torch.float64)))
+    _assert_unchanged(opt, before)
+
+
+def test_closure_returning_a_bad_tuple_is_refused() -> None:
+    model = _mlp()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    opt = GramGaussNewton(model)
+    with pytest.raises(TypeError, match=r"\(outputs, targets\)"):
+        opt.step(lambda: (model(x), model(x), model(x)))
+
+
+# --- item 4: overflow ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_overflowing_loss_is_refused(engine: str) -> None:
+    model = _mlp(torch.float32)
+    x, y = torch.randn(6, 3), 1e30 * torch.randn(6)  # finite residuals whose squares overflow float32
+    opt = GramGaussNewton(model, engine=engine)
+    before = _snapshot(opt)
+    with pytest.raises(SingularGramError, match="not finite"):
+        opt.step(lambda: model(x).squeeze(1) - y)
+    _assert_unchanged(opt, before)
+
+
+def test_overflowing_coefficients_are_refused() -> None:
+    # a finite, well-conditioned Gram with a huge right-hand side: the Cholesky solution overflows
+    gram = 1e-30 * torch.eye(3)
+    with pytest.raises(SingularGramError, match="not finite"):
+        damped_solve(gram, torch.full((3,), 1e30), 1.0, 0.0)
+
+
+def test_overflowing_gram_is_refused() -> None:
+    model = _mlp(torch.float32)
+    x, y = torch.randn(6, 3), torch.randn(6)
+    opt = GramGaussNewton(model)
+    before = _snapshot(opt)
+    with pytest.raises(SingularGramError, match="NaN or Inf|not finite"):
+        # residuals equal to -y (finite, small) whose Jacobian is 1e25 J: J J^T overflows float32
+        opt.step(lambda: 1e25 * (model(x) - model(x).detach()).squeeze(1) - y)
+    _assert_unchanged(opt, before)
+
+
+# --- item 5: adaptive damping whose re-evaluation raises ----------------------------------------------
+
+
+def test_adaptive_damping_restores_everything_when_the_reevaluation_raises() -> None:
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    opt = GramGaussNewton(model, adaptive_damping=GainRatioDamping())
+    opt.step(lambda: model(x).squeeze(1) - y)  # a first, successful step: state exists
+    before = _snapshot(opt)
+    last = opt.last_step, opt.last_gain_ratio
+    calls = []
+
+    def closure() -> Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("data loader died")
+        return model(x).squeeze(1) - y
+
+    with pytest.raises(RuntimeError, match="data loader died"):
+        opt.step(closure)
+    _assert_unchanged(opt, before)
+    assert (opt.last_step, opt.last_gain_ratio) == last
+
+
+def test_adaptive_damping_reevaluation_with_another_shape_restores() -> None:
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    opt = GramGaussNewton(model, adaptive_damping=True)
+    before = _snapshot(opt)
+    calls = []
+
+    def closure() -> Tensor:
+        calls.append(1)
+        return model(x).squeeze(1) - y if len(calls) == 1 else model(x[:4]).squeeze(1) - y[:4]
+
+    with pytest.raises(ValueError, match="different shape"):
+        opt.step(closure)
+    _assert_unchanged(opt, before)
+
+
+def test_adaptive_damping_accepts_outputs_targets_closures() -> None:
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    opt = GramGaussNewton(model, adaptive_damping=True)
+    opt.step(lambda: (model(x), y))
+    assert opt.last_gain_ratio is not None and math.isfinite(opt.last_gain_ratio)
+
+
+# --- item 13: dtypes and hyper-parameters ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_low_precision_model_solves_in_float32(dtype: torch.dtype, engine: str) -> None:
+    model = _mlp(dtype)
+    twin = copy.deepcopy(model).double()
+    x, y = torch.randn(6, 3), torch.randn(6)
+    expected = flat_params(twin) + dense_step(twin, x.double(), y.double(), 1.0, 1.0)
+    opt = GramGaussNewton(model, alpha=1.0, engine=engine)
+    opt.step(lambda: model(x.to(dtype)).squeeze(1) - y.to(dtype))
+    assert opt.last_step.solve_info.method == "cholesky"
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert_close(flat_params(model).double(), expected, 0.05, f"{dtype} step")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_float64_targets_with_a_float32_model(engine: str) -> None:
+    model = _mlp(torch.float32)
+    x, y = torch.randn(6, 3), torch.randn(6, dtype=torch.float64)
+    opt = GramGaussNewton(model, engine=engine)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"float64.*float32.*\(outputs, targets\)"):
+        opt.step(lambda: model(x).squeeze(1) - y)
+    _assert_unchanged(opt, before)
+    opt.step(lambda: (model(x), y))  # the tuple form casts the targets to the outputs' dtype
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"alpha": math.inf}, "alpha"),
+        ({"alpha": math.nan}, "alpha"),
+        ({"lam": math.inf}, "lam"),
+        ({"lam": math.nan}, "lam"),
+        ({"weight_decay": math.nan}, "weight_decay"),
+    ],
+)
+def test_non_finite_hyper_parameters_are_refused(kwargs: dict, match: str) -> None:
+    model = _mlp()
+    with pytest.raises(ValueError, match=f"Invalid {match}"):
+        GramGaussNewton(model, **kwargs)
+    opt = GramGaussNewton(model)
+    opt.param_groups[0].update(kwargs)  # set after construction: refused at the step
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"Invalid {match}"):
+        opt.step(lambda: model(x).squeeze(1))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": math.inf}, {"lam": math.inf}, {"lam": 0.0}, {"alpha": -1.0}])
+def test_full_batch_step_and_damped_solve_validate_hyper_parameters(kwargs: dict) -> None:
+    model = _mlp()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    before = flat_params(model)
+    with pytest.raises(ValueError, match="Invalid"):
+        full_batch_step(model.parameters(), lambda: model(x).squeeze(1), **kwargs)
+    assert torch.equal(flat_params(model), before)
+    args = {"lam": 1.0, "alpha": 0.0, **kwargs}
+    with pytest.raises(ValueError, match="Invalid"):
+        damped_solve(torch.eye(2), torch.ones(2), args["lam"], args["alpha"])
