@@ -288,7 +288,7 @@ class _BatchChosen:
     def __init__(self, alpha: float):
         self.alpha, self.systems, self.seen = alpha, [], []
 
-    def choose_alpha(self, alpha, system):
+    def choose_alpha(self, alpha, system, lam):
         self.systems.append((alpha, system))
         return self.alpha
 

@@ -235,7 +235,7 @@ class GramGaussNewton(Optimizer):
             momentum=momentum,
             previous=self._momentum_buffers() if momentum else None,
             solve_space=self.solve_space,
-            choose_alpha=None if choose is None else lambda system: choose(alpha, system),
+            choose_alpha=None if choose is None else lambda system: choose(alpha, system, lam),
         )
         if self.distributed == "local":
             losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
