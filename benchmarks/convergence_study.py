@@ -8,9 +8,9 @@ variants and records, for every step ``t`` (with ``phi_t`` the step taken):
   (``--held`` samples, never used for a step) before and after it;
 - ``predicted``: the MSE the linearised model predicts for the own batch (``r - G c``);
 - ``rho``: the gain ratio ``(before - after) / (before - predicted)`` on the own batch;
-- ``rho_held``: the same ratio on the held-back batch, whose linear prediction ``r_h - J_h phi``
-  needs ``J_h phi`` (a forward-mode product, computed here by finite differences of the
-  network along ``phi``, in float64 on a copy: the step's transfer to unseen samples);
+- ``predictable``: ``1 - min_s LOO(s) / mean(r^2)``, the share of the batch's residual that the
+  kernel predicts from the batch's other samples (:func:`gramnewton.damping.leave_one_out_ridge`;
+  ``ridge_loo`` the best ridge ``s``, ``ridge_used`` the step's ``alpha / lam``);
 - ``transfer``: held-back decrease over own-batch decrease;
 - ``phi_norm``: ``||phi_t||``; ``alpha``: the damping used; ``rejected``.
 
@@ -31,7 +31,6 @@ Writes ``benchmarks/results/convergence_study.json`` and ``docs/figures/converge
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -70,20 +69,6 @@ VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
 def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float(residuals(model(x), y).double().pow(2).mean())
-
-
-def directional(model: nn.Module, phi: list[torch.Tensor], x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """``J_x phi`` (``(n, k)``) by a central difference of the network along ``phi``, in float64."""
-    m = copy.deepcopy(model).double()
-    params = list(m.parameters())
-    base = [p.detach().clone() for p in params]
-    out = []
-    with torch.no_grad():
-        for sign in (1.0, -1.0):
-            for p, b, d in zip(params, base, phi):
-                p.copy_(b + sign * eps * d.double())
-            out.append(m(x.double()))
-    return (out[0] - out[1]) / (2 * eps)
 
 
 def run_variant(name: str, epochs: float, held: int, seed: int) -> dict[str, Any]:
@@ -129,8 +114,6 @@ def run_variant(name: str, epochs: float, held: int, seed: int) -> dict[str, Any
             for p, v in zip(opt.engine.params, before_params):
                 p.copy_(v)
         with torch.no_grad():
-            held_pred = (residuals(model(xh), yh).double() - directional(model, phi, xh)).pow(2).mean()
-        with torch.no_grad():
             for p, v in zip(opt.engine.params, after_params):
                 p.copy_(v)
         rejected = all(torch.equal(a, b) for a, b in zip(after_params, before_params))
@@ -150,11 +133,7 @@ def run_variant(name: str, epochs: float, held: int, seed: int) -> dict[str, Any
                 predicted=pred,
                 held_before=held_before,
                 held_after=held_after,
-                held_predicted=float(held_pred),
                 rho=(batch_before - batch_after) / (batch_before - pred) if batch_before > pred else math.nan,
-                rho_held=(held_before - held_after) / (held_before - float(held_pred))
-                if held_before > float(held_pred)
-                else math.nan,
                 transfer=(held_before - held_after) / (batch_before - batch_after)
                 if batch_before != batch_after
                 else math.nan,
@@ -200,9 +179,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             batch_decrease=statistics.mean(r["batch_before"] - r["batch_after"] for r in part),
             held_decrease=statistics.mean(r["held_before"] - r["held_after"] for r in part),
             predicted_decrease=statistics.mean(r["batch_before"] - r["predicted"] for r in part),
-            held_predicted_decrease=statistics.mean(r["held_before"] - r["held_predicted"] for r in part),
             rho=med("rho"),
-            rho_held=med("rho_held"),
             phi_norm=med("phi_norm"),
             alpha=med("alpha"),
             rejected=sum(r["rejected"] for r in part) / len(part),

@@ -128,3 +128,17 @@ def test_bad_settings_are_refused():
     for kwargs in ({"smoothing": 0.0}, {"span": (1.0, 0.1)}, {"points": 1}, {"max_samples": 1}):
         with pytest.raises(ValueError):
             CrossValidatedDamping(**kwargs)
+
+
+def test_shipped_defaults():
+    from gramnewton.damping import GainRatioDamping
+
+    opt = GramGaussNewton(nn.Linear(3, 1))
+    assert (opt.param_groups[0]["lam"], opt.param_groups[0]["alpha"]) == (32.0, 0.3)
+    assert isinstance(opt.damping, GainRatioDamping) and opt.param_groups[0]["momentum"] == 0.0
+    assert GramGaussNewton(nn.Linear(3, 1), adaptive_damping=False).damping is None
+    assert isinstance(
+        GramGaussNewton(nn.Linear(3, 1), adaptive_damping="cross_validated").damping, CrossValidatedDamping
+    )
+    with pytest.raises(ValueError, match="unknown damping rule"):
+        GramGaussNewton(nn.Linear(3, 1), adaptive_damping="newton")

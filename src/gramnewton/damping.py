@@ -244,3 +244,21 @@ class CrossValidatedDamping(DampingRule):
             return DampingDecision(alpha, True)
         self.floor = self.curvature.next_alpha(alpha, gain_ratio)
         return DampingDecision(alpha, gain_ratio >= self.curvature.reject_below)
+
+
+DAMPING_RULES = {"gain_ratio": GainRatioDamping, "cross_validated": CrossValidatedDamping}
+
+
+def damping_rule(spec: bool | str | DampingRule | None) -> DampingRule | None:
+    """The rule an optimizer's ``adaptive_damping`` names: ``False``/``None`` none (fixed
+    ``alpha``), ``True`` or ``"gain_ratio"`` a :class:`GainRatioDamping`, ``"cross_validated"`` a
+    :class:`CrossValidatedDamping` (a fresh one: rules keep state), or the rule itself."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return GainRatioDamping()
+    if isinstance(spec, str):
+        if spec not in DAMPING_RULES:
+            raise ValueError(f"unknown damping rule {spec!r}; expected one of {', '.join(DAMPING_RULES)}")
+        return DAMPING_RULES[spec]()
+    return spec
