@@ -67,7 +67,9 @@ class GramGaussNewton(Optimizer):
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``.
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
-            ``"reference"`` (dense Jacobian, any model), or an engine instance.
+            ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
+            and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
+            physics-informed residual), or an engine instance.
         solve_dtype: dtype of the ``(b*k, b*k)`` solve, e.g. ``torch.float64``.
         adaptive_damping: ``True`` or a :class:`~gramnewton.damping.GainRatioDamping` to adapt
             ``alpha`` after every step by Levenberg-Marquardt's gain ratio (one extra forward

@@ -18,7 +18,9 @@ Exactness: a module called several times in one forward (or a parameter shared b
 modules) is handled exactly by summing its per-sample gradients over the calls. Parameters of
 unknown modules, of modules whose input or output does not have the batch as dimension 0, or used
 outside their module go to the reference engine (:func:`.reference.jacobian_rows`) with a
-one-time warning. BatchNorm in training mode raises.
+one-time warning, as do parameters that the residuals reach other than through their module's
+output (a residual with input derivatives, e.g. a Laplacian; see :mod:`.locality`). BatchNorm in
+training mode raises.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d
-from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
+from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
+from .locality import Region, params_off_module_paths
 from .reference import jacobian_rows, split_like
 
 
@@ -52,6 +55,7 @@ class _Call:
     rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
     edge: GradientEdge
     params: dict[str, Tensor] = field(default_factory=dict)
+    input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
     grads: list[Tensor] = field(default_factory=list)
     done: bool = False
 
@@ -176,7 +180,7 @@ class HooksEngine:
         residuals, calls, foreign = self._forward_with_hooks(closure)
         timings["forward"] = time.perf_counter() - start
         b, k = residuals.shape
-        reference_ids = self._route(calls, foreign, b)
+        reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), b)
 
         start = time.perf_counter()
         reference_params = [p for p in self.params if id(p) in reference_ids]
@@ -230,7 +234,12 @@ class HooksEngine:
             x = args[0] if args else next(iter(kwargs.values()))
             rows = (x.shape[0] if x.dim() else 0, output.shape[0] if output.dim() else 0)
             kept = x.detach() if handler.needs_input else None
-            call = _Call(module, handler, kept, x._version, rows, get_gradient_edge(output), dict(own))
+            inputs = frozenset(
+                get_gradient_edge(t).node
+                for t in (*args, *kwargs.values())
+                if isinstance(t, Tensor) and t.requires_grad
+            )
+            call = _Call(module, handler, kept, x._version, rows, get_gradient_edge(output), dict(own), inputs)
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -248,10 +257,23 @@ class HooksEngine:
                 handle.remove()
         return residuals, calls, foreign
 
-    def _route(self, calls: list[_Call], foreign: set[int], b: int) -> set[int]:
+    def _off_path(self, residuals: Tensor, calls: list[_Call]) -> set[int]:
+        """Ids of hooked parameters that the residuals reach other than through their modules'
+        outputs, e.g. through an input derivative (see :mod:`.locality`)."""
+        regions = [Region(c.edge.node, c.input_nodes, frozenset(map(id, c.params.values()))) for c in calls]
+        hooked = {id(p) for _, _, own in self._modules for p in own.values()}
+        return params_off_module_paths(residuals.grad_fn, regions, hooked)
+
+    def _route(self, calls: list[_Call], foreign: set[int], off_path: set[int], b: int) -> set[int]:
         """Move to the reference engine, for this step, the parameters the hooks cannot see
         exactly; returns the ids of all reference parameters."""
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
+        for i in off_path:
+            dynamic.setdefault(
+                i,
+                "reached by a path that bypasses its module's output, e.g. an input derivative "
+                "(torch.autograd.grad with create_graph=True)",
+            )
         for call in calls:
             if call.rows != (b, b):
                 for p in call.params.values():
@@ -320,7 +342,7 @@ class HooksEngine:
                         continue
                     piece = partial.pop(pid)
                 t0 = time.perf_counter()
-                piece.add_gram(gram)
+                piece.add_gram_lower(gram)
                 timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
@@ -337,8 +359,9 @@ class HooksEngine:
                 f"({', '.join(sorted({type(c.module).__name__ for c in missing}))}); was an output modified in place?"
             )
         for pid, dense in partial.items():  # calls that the residuals do not depend on add nothing
-            dense.add_gram(gram)
+            dense.add_gram_lower(gram)
             pieces[pid] = dense
+        mirror_lower(gram)  # the pieces filled the lower triangle
         return pieces
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:
