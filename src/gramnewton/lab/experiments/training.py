@@ -348,6 +348,11 @@ class ProgressBar(Callback):
         self.bar.close()
 
 
+def seconds_to_accuracy(records: list[EpochRecord], target: float) -> float | None:
+    """Training seconds at the first evaluation whose test accuracy is at least ``target`` (None if never)."""
+    return next((r.seconds for r in records if r.test_accuracy >= target), None)
+
+
 def seconds_to_target(records: list[EpochRecord], target: float) -> float | None:
     """Training seconds at the first evaluation whose train MSE is at most ``target`` (None if never)."""
     return next((r.seconds for r in records if r.train_loss <= target), None)
