@@ -12,6 +12,7 @@ from test_data import fashion_tree
 
 from gramnewton import GramGaussNewton
 from gramnewton.lab.baselines import KFAC
+from gramnewton.lab.commands.train import config_path
 from gramnewton.lab.data import TensorClassificationDataset, accuracy, get_dataset, is_classification
 from gramnewton.lab.experiments.config import load_config
 from gramnewton.lab.experiments.metrics import read_rows
@@ -110,3 +111,19 @@ def test_train_step_losses_and_mismatch():
     assert float(make_train_step(model, sgd, "cross_entropy")(x, y)) == pytest.approx(before, rel=1e-6)
     loss, acc = evaluate(model, get_dataset("digits", split="test"), "cross_entropy")
     assert loss > 0 and 0 <= acc <= 1
+
+
+CONFIGS = ["mnist_ggn_fixup", "mnist_sgd_fixup", "mnist_adam_fixup", "mnist_kfac_fixup", "digits_ggn_fixup"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packaged_classification_configs_train(tmp_path, name):
+    overrides = ["train.epochs=1", "data.train_subset=64", "data.test_subset=32", "train.threads=1"]
+    config = load_config(config_path(name), overrides)
+    rows = run_experiment(config, tmp_path / name)
+    assert [r["epoch"] for r in rows] == [0, 1] and 0 <= rows[-1]["test_accuracy"] <= 1
+
+
+def test_fashion_mnist_config_names_the_data(tmp_path):
+    config = load_config(config_path("fashion_mnist_ggn_fixup"))
+    assert config["data"]["name"] == "fashion-mnist" and config["optimizer"]["loss"] == "cross_entropy"
