@@ -1,8 +1,9 @@
 """The hooks engine against the reference engine and a dense ``torch.func.jacrev`` Jacobian.
 
-Every case runs in float64 under three cost-model settings: as chosen (``auto``), every weight
-materialised (``dense``) and every weight that can be factorised factorised (``factored``), so
-both code paths of each layer are checked; the convolution cases also run with each per-sample
+Every case runs in float64 under four cost-model settings: as chosen (``auto``), every weight
+materialised (``dense``), every weight that can be factorised factorised (``factored``) and
+every convolution weight kept as its input and output gradient (``kept``, :class:`KeptConv`),
+so every code path of each layer is checked; the convolution cases also run with each per-sample
 weight-gradient path forced (``grouped``, ``patches``). Agreement is required to 1e-10 relative.
 Cases with at least ``SYRK_MIN_ROWS`` Gram rows exercise the symmetric (lower-triangle) update.
 """
@@ -229,7 +230,7 @@ CASES = [
     Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
 ]
 
-MODES = ("auto", "dense", "factored")
+MODES = ("auto", "dense", "factored", "kept")
 
 
 def build(case: Case) -> tuple[nn.Module, Tensor, Tensor]:
@@ -272,6 +273,9 @@ def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     elif request.param == "factored":
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
+    elif request.param == "kept":
+        monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+        monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
     return request.param
 
 
@@ -317,6 +321,51 @@ def test_conv_weight_paths(case: Case, path: str, monkeypatch: pytest.MonkeyPatc
     check_against_reference(case)
     if path == "grouped" or any(isinstance(m, nn.Conv2d) and m.groups == 1 for m in case.model().modules()):
         assert paths.used[path] > before, f"the {path} path did not run"
+
+
+CONV_LAYERS = [
+    (nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), (6, 3, 7, 7)),
+    (nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(1, 2), bias=False), (5, 2, 6, 5)),
+    (nn.Conv1d(4, 6, 3, groups=2, padding=1), (5, 4, 9)),
+    (nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (3, 2, 4, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("path", ["grouped", "patches"])
+@pytest.mark.parametrize("layer", range(len(CONV_LAYERS)))
+def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``J^T v`` and ``J v`` of every conv weight piece against its materialised ``J`` (float64)."""
+    module, shape = CONV_LAYERS[layer]
+    torch.manual_seed(layer)
+    module = module.double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        g = torch.randn_like(module(x))
+    monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", path)
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    handler = handlers.handler_for(module)
+    pieces = [handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"]]
+    monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
+    pieces.append(handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"])
+    assert isinstance(pieces[1], handlers.KeptConv)
+    n = shape[0]
+    # the reference: per-sample gradients by autograd, one sample at a time
+    rows = []
+    for i in range(n):
+        (grad,) = torch.autograd.grad((module(x[i : i + 1]) * g[i : i + 1]).sum(), module.weight)
+        rows.append(grad.reshape(-1))
+    jac = torch.stack(rows)
+    v, w = torch.randn(n, dtype=torch.float64), torch.randn(jac.shape[1], dtype=torch.float64)
+    for piece in pieces:
+        assert_close(f"{type(piece).__name__} dense", piece.dense().jac, jac)
+        assert_close(f"{type(piece).__name__} J^T v", piece.jt_times(v), jac.T @ v)
+        if not isinstance(piece, handlers.Dense):  # Dense's J v is checked where it is defined
+            assert_close(f"{type(piece).__name__} J v", piece.j_times(w), jac @ w)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        piece.add_gram_lower(gram)
+        handlers.mirror_lower(gram)
+        assert_close(f"{type(piece).__name__} Gram", gram, jac @ jac.T)
 
 
 @pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 128])

@@ -150,13 +150,87 @@ class PermutedDense:
         """``J^T v`` in the parameter's layout, ``(numel,)``, for ``v`` of shape ``(n,)``."""
         return (self.jac.T @ v).view(self.shape).permute(self.perm).reshape(-1)
 
+    def j_times(self, v: Tensor) -> Tensor:
+        """``J v`` for ``v`` ``(numel,)`` in the parameter's layout; returns ``(n,)``."""
+        param_shape = [self.shape[p] for p in self.perm]
+        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
+        return self.jac @ v.reshape(param_shape).permute(inverse).reshape(-1)
+
     def dense(self) -> Dense:
         """The per-sample gradients in the parameter's layout, ``(n, numel)``."""
         n = self.jac.shape[0]
         return Dense(self.jac.view(n, *self.shape).permute(0, *(p + 1 for p in self.perm)).reshape(n, -1))
 
 
-Piece = Dense | Factored | PermutedDense
+@dataclass
+class KeptConv:
+    """A convolution weight's per-sample gradients kept as the layer's input and output gradient.
+
+    Used where the per-sample gradients ``(n, numel)`` are much larger than ``x`` and ``g``
+    (deep layers at low resolution), so they need not stay in memory until ``J^T v``: the Gram
+    part is added from per-sample gradients that are formed, used and dropped at once, ``J^T v``
+    is one batched weight-gradient convolution of the ``v``-weighted output gradients (the kernel
+    of SGD's backward) and ``J v`` one convolution of ``x`` by ``v``.
+
+    Attributes:
+        module: the convolution (hyper-parameters and weight shape).
+        x: ``(n, C_in, ...)`` input as the convolution sees it, before the zero ``padding``.
+        g: ``(n, C_out, ...)`` output gradients.
+        padding: symmetric zero padding still to apply, per spatial dimension.
+        per_sample: forms the per-sample gradients (the measured path, :data:`CONV_WEIGHT_PATHS`).
+    """
+
+    module: nn.Module
+    x: Tensor
+    g: Tensor
+    padding: tuple[int, ...]
+    per_sample: Callable[[], Dense | PermutedDense]
+
+    def add_gram_lower(self, gram: Tensor) -> None:
+        """``gram += J J^T``, lower triangle; ``J`` is freed on return."""
+        self.per_sample().add_gram_lower(gram)
+
+    def jt_times(self, v: Tensor) -> Tensor:
+        """``sum_i v_i J_i`` by one weight-gradient convolution; ``(numel,)`` for ``v`` ``(n,)``."""
+        m = self.module
+        weighted = self.g * v.to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
+        grad = torch.ops.aten.convolution_backward(
+            weighted,
+            self.x,
+            self.g.new_empty(1).expand(m.weight.shape),
+            None,
+            list(m.stride),
+            list(self.padding),
+            list(m.dilation),
+            False,
+            [0] * len(self.padding),
+            m.groups,
+            (False, True, False),
+        )[1]
+        return grad.reshape(-1).to(v.dtype)
+
+    def j_times(self, v: Tensor) -> Tensor:
+        """``J v``: row ``i`` is ``<g_i, conv(x_i, V)>`` for ``v`` ``(numel,)``; returns ``(n,)``."""
+        m = self.module
+        out = torch.ops.aten.convolution(
+            self.x,
+            v.to(self.x.dtype).view(m.weight.shape),
+            None,
+            list(m.stride),
+            list(self.padding),
+            list(m.dilation),
+            False,
+            [0] * len(self.padding),
+            m.groups,
+        )
+        return (out * self.g).flatten(1).sum(1).to(v.dtype)
+
+    def dense(self) -> Dense:
+        """The per-sample gradients, ``(n, numel)``, formed again."""
+        return self.per_sample().dense()
+
+
+Piece = Dense | Factored | PermutedDense | KeptConv
 
 
 class MeasuredChoice:
@@ -205,6 +279,10 @@ CONV_WEIGHT_PATHS = MeasuredChoice()
 # The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
+# A convolution weight used once keeps ``(x, g)`` instead of its per-sample gradients
+# (:class:`KeptConv`) when those are more than this many times larger, per sample: it saves
+# memory at the price of one batched weight-gradient convolution in ``J^T v``.
+KEEP_FACTORS_ABOVE = 4
 
 
 def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
@@ -446,7 +524,14 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
         else:
             key = (type(module), tuple(x.shape), tuple(g.shape), module.kernel_size, module.stride)
             key += (module.dilation, padding, module.groups, x.dtype, x.device)
-            _, pieces["weight"] = CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding))
+
+            def per_sample() -> Dense | PermutedDense:
+                return CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding))[1]
+
+            if factored_ok and module.weight.numel() > KEEP_FACTORS_ABOVE * (x[0].numel() + g[0].numel()):
+                pieces["weight"] = KeptConv(module, x, g, padding, per_sample)
+            else:
+                pieces["weight"] = per_sample()
     if "bias" in names:
         pieces["bias"] = Dense(g.reshape(n, g.shape[1], -1).sum(2))
     return pieces
