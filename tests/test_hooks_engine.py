@@ -398,7 +398,7 @@ def test_measured_choice_keeps_the_fastest_and_caches_it() -> None:
 
     assert choice("k", {"slow": slow, "fast": fast}) == ("fast", "fast")
     assert choice("k", {"slow": slow, "fast": fast}) == ("fast", "fast")
-    assert calls == {"slow": 2, "fast": 3} and choice.choices == {"k": "fast"}
+    assert calls == {"slow": 2, "fast": 4} and choice.choices == {"k": "fast"}
     choice.forced = "slow"
     assert choice("k", {"slow": slow, "fast": fast}) == ("slow", "slow")
 
@@ -560,3 +560,39 @@ def test_convert_batchnorm_bare_module_and_odd_channels() -> None:
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 3 and not gn.affine
     with pytest.raises(ValueError, match="positive"):
         gramnewton.convert_batchnorm(nn.BatchNorm2d(4), groups=0)
+
+
+@pytest.mark.parametrize("keep_above", [0, float("inf")], ids=["kept_conv_scratch", "kept_buffers"])
+def test_workspace_buffers_are_reused_and_stale_systems_raise(
+    keep_above: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steady state: the second step reuses every workspace buffer (same storage), its results
+    are exact, and a system of the first step, whose buffers were written over, refuses to run."""
+    monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", "patches")
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", keep_above)
+    case = next(c for c in CASES if c.name == "conv2d_b36_syrk")
+    model, x, y = build(case)
+    params = list(model.parameters())
+    closure = lambda: model(x).reshape(case.batch, -1) - y  # noqa: E731
+    engine = HooksEngine(model, params)
+    first = engine.compute(closure)
+    storages = {k: b.untyped_storage().data_ptr() for k, b in engine.workspace._buffers.items()}
+    assert storages and engine.workspace.nbytes > 0
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1.1)
+    second = engine.compute(closure)
+    assert {k: b.untyped_storage().data_ptr() for k, b in engine.workspace._buffers.items()} == storages
+    reference = ReferenceEngine(params).compute(closure)
+    v = torch.randn(second.gram.shape[0], dtype=torch.float64)
+    assert_close("gram, second step", second.gram, reference.gram)
+    assert_close(
+        "J^T v, second step",
+        torch.cat([t.reshape(-1) for t in second.jt_times(v)]),
+        torch.cat([t.reshape(-1) for t in reference.jt_times(v)]),
+    )
+    if keep_above == float("inf"):  # per-sample gradients kept in the workspace until J^T v
+        with pytest.raises(RuntimeError, match="later step"):
+            first.jt_times(v)
