@@ -4,7 +4,7 @@ classification through the generalized Gauss-Newton step of :mod:`gramnewton.gen
 from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
 from .damping import GainRatioDamping
-from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
+from .engines import FunctionalEngine, FunctionalResidual, GramEngine, GramSystem, HooksEngine, ReferenceEngine, Term
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
@@ -14,6 +14,8 @@ __all__ = [
     "AllocatorTuning",
     "BinaryCrossEntropy",
     "CrossEntropy",
+    "FunctionalEngine",
+    "FunctionalResidual",
     "GainRatioDamping",
     "GramEngine",
     "GramGaussNewton",
@@ -25,6 +27,7 @@ __all__ = [
     "SingularGramError",
     "SolveInfo",
     "SquaredError",
+    "Term",
     "apply_direction",
     "check_per_sample_independence",
     "convert_batchnorm",
