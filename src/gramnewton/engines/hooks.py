@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,8 @@ from torch.overrides import TorchFunctionMode
 from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
 from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
-from .reference import jacobian_rows, split_like
+from .reference import flatten, jacobian_rows, split_like
+from .workspace import Workspace, activated
 
 
 @dataclass(eq=False)
@@ -122,6 +123,9 @@ class HooksEngine:
     Attributes:
         params: as given; ``jt_times`` returns one tensor per entry, in this order.
         reference_reasons: parameter index -> why it goes to the reference engine (static part).
+        workspace: buffers reused across steps while shapes repeat (:mod:`.workspace`); a
+            :class:`GramSystem` is valid until the next ``compute`` (a stale one raises);
+            ``workspace.clear()`` frees them.
         last_timings: seconds spent in the last ``compute``: ``forward``, ``reference``,
             ``backward`` (including the hooks' work), ``per_sample`` and ``gram`` (inside hooks).
 
@@ -167,12 +171,14 @@ class HooksEngine:
                 stacklevel=2,
             )
         self.last_timings: dict[str, float] = {}
+        self.workspace = Workspace()
         self._finish: Any = None  # set only while this engine's own backward pass runs
         self._columns = 1
         self._expected: set[int] = set()
 
     def compute(self, closure: Closure) -> GramSystem:
-        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``."""
+        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``,
+        ``J v`` and the dense ``J`` (materialised from the pieces only when asked for)."""
         for module, check in self._checks:
             check(module)
         timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
@@ -192,7 +198,9 @@ class HooksEngine:
         timings["reference"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pieces = self._backward(residuals, calls, gram, timings)
+        self.workspace.new_step()  # the previous step's kept buffers are written over from here on
+        with activated(self.workspace):
+            pieces = self._backward(residuals, calls, gram, timings)
         timings["backward"] = time.perf_counter() - start
         self.last_timings = timings
 
@@ -207,6 +215,17 @@ class HooksEngine:
                     out.append(pieces[id(p)].jt_times(v).view_as(p))
                 else:  # the residuals do not depend on it
                     out.append(torch.zeros_like(p))
+            return out
+
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            out = gram.new_zeros(b * k)
+            if reference_params:
+                out += jac_reference @ flatten(
+                    [t for p, t in zip(self.params, v) if id(p) in reference_ids], gram.dtype
+                )
+            for p, t in zip(self.params, v):
+                if id(p) in pieces:  # parameters the residuals do not depend on add nothing
+                    out += pieces[id(p)].j_times(t.reshape(-1).to(gram.dtype))
             return out
 
         reference_offsets, offset = {}, 0  # where each reference parameter's columns start in jac_reference
@@ -226,7 +245,13 @@ class HooksEngine:
         def jacobian_columns(start: int, stop: int) -> Tensor:
             return slice_columns(block, [p.numel() for p in self.params], gram, start, stop)
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times, jacobian_columns=jacobian_columns)
+        return GramSystem(
+            residuals=residuals.detach(),
+            gram=gram,
+            jt_times=jt_times,
+            j_times=j_times,
+            jacobian_columns=jacobian_columns,
+        )
 
     def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call], set[int]]:
         """Run the closure with forward hooks; returns the residuals ``(b, k)``, the hooked calls
