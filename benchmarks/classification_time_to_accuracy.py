@@ -6,7 +6,8 @@ a budget of training seconds, evaluation after every epoch, evaluation time not 
 
 1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID` on seed 0 for
    ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
-   accuracy (ties: the sooner one to the highest accuracy target reached);
+   accuracy (ties: the sooner one to the highest accuracy target reached). ``--settings-from
+   RESULT.json`` skips it and takes the winners of an earlier run (e.g. mnist from digits);
 2. the winners on ``--seeds`` (default 0 1 2) for ``--seconds`` each, the four optimizers of a
    seed run one after the other in this process.
 
@@ -17,7 +18,8 @@ training seconds and epochs); the summary table is printed as markdown.
 Usage::
 
     python benchmarks/classification_time_to_accuracy.py --dataset digits --grid-seconds 20 --seconds 30
-    python benchmarks/classification_time_to_accuracy.py --dataset mnist --grid-seconds 40 --seconds 60
+    python benchmarks/classification_time_to_accuracy.py --dataset mnist --seconds 90 \
+        --settings-from benchmarks/results/classification_digits.json
 """
 
 from __future__ import annotations
@@ -156,10 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings-from", type=Path, default=None, help="winners of this result JSON; no grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    points, best = grid(args)
+    if args.settings_from is None:
+        points, best = grid(args)
+    else:
+        points, best = [], json.loads(args.settings_from.read_text())["winners"]
     print("winners:", best, flush=True)
     seeds = {}
     for seed in args.seeds:
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "started": started,
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "setting": {k: v for k, v in vars(args).items()},
+        "setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "threads": torch.get_num_threads(),
         "grid": points,
         "winners": best,
