@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from dense import assert_close, dense_step, flat_params
+from dense import assert_close, dense_jacobian, dense_step, flat_params
 from torch import Tensor, nn
 
 from gramnewton import GramGaussNewton, SingularGramError, damped_solve, full_batch_step
@@ -249,3 +249,110 @@ def test_full_batch_step_and_damped_solve_validate_hyper_parameters(kwargs: dict
     args = {"lam": 1.0, "alpha": 0.0, **kwargs}
     with pytest.raises(ValueError, match="Invalid"):
         damped_solve(torch.eye(2), torch.ones(2), args["lam"], args["alpha"])
+
+
+# --- item 2: rows of a hooked module that are not the samples -----------------------------------------
+
+T = B = 4  # sequence length equal to the batch size: dimension 0 has the batch's size, but is time
+
+
+class SeqLinear(nn.Module):
+    """Linear on a sequence-first ``(T, b, d)`` tensor, mean over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 5), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inp(x)).mean(0))
+
+
+class SeqTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=False)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.layer(self.inp(x)).mean(0))
+
+
+class SeqLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.out = nn.LSTM(3, 5, batch_first=False), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.lstm(x)[0]).mean(0)  # the head sees (T, b, 5)
+
+
+class SeqAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(3, 4), nn.MultiheadAttention(4, 2), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(self.attn(h, h, h, need_weights=False)[0][-1])
+
+
+class Flipped(nn.Module):
+    """Batch-first, but the rows reach the Linear in reverse order: row i is sample b-1-i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inp(x.flip(0))).flip(0))
+
+
+class Centred(nn.Module):
+    """Couples the samples after a Linear (``h - h.mean(0)``), as BatchNorm would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 5), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        return self.out(torch.tanh(h - h.mean(0)))
+
+
+ROW_CASES = {
+    "linear_seq_first": (SeqLinear, (T, B, 3)),
+    "transformer_seq_first": (SeqTransformer, (T, B, 3)),
+    "lstm_seq_first": (SeqLSTM, (T, B, 3)),
+    "attention_seq_first": (SeqAttention, (T, B, 3)),
+    "flipped_rows": (Flipped, (B, 3)),
+    "centred_batch": (Centred, (B, 3)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:HooksEngine")
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.parametrize("name", ROW_CASES)
+def test_rows_that_are_not_samples_give_the_exact_gram_and_step(name: str) -> None:
+    from gramnewton.engines import HooksEngine
+
+    build, shape = ROW_CASES[name]
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        k = model(x).reshape(B, -1).shape[1]
+    y = torch.randn(B, k, dtype=torch.float64)
+    closure = lambda: model(x).reshape(B, -1) - y  # noqa: E731
+    engine = HooksEngine(model)
+    with pytest.warns(UserWarning, match="rows of its output are not the samples"):
+        system = engine.compute(closure)
+    jac = dense_jacobian(model, x)
+    assert_close(system.gram, jac @ jac.T, 1e-10, f"{name}: Gram")
+    v = torch.randn(B * k, dtype=torch.float64)
+    assert_close(torch.cat([t.reshape(-1) for t in system.jt_times(v)]), jac.T @ v, 1e-10, f"{name}: J^T v")
+    engine.compute(closure)  # the verdict is kept: same Gram again without a second warning
+    expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
+    opt = GramGaussNewton(model, alpha=0.1, engine=engine)
+    opt.step(closure)
+    assert_close(flat_params(model), expected, 1e-10, f"{name}: parameters after one step")
