@@ -6,6 +6,10 @@ decrease of the batch's squared residual:
 
     rho = (||r||^2 - ||r_new||^2) / (||r||^2 - ||r - G c||^2).
 
+For a general loss (:mod:`gramnewton.generalized`) it compares the decrease of ``sum_i l_i`` with
+the one the quadratic model predicts, ``1/2 (||u||^2 - ||u - B^T G B c||^2)``
+(:func:`loss_gain_ratio`); for the square loss both forms agree.
+
 ``rho`` near 1 means the linearisation is trusted: damping is lowered (longer steps); ``rho``
 small or negative means the step left the region where the linear model holds: damping is
 raised and, when ``rho < reject_below``, the step is undone. This is the rule of Marquardt
@@ -66,9 +70,17 @@ def gain_ratio(residuals: Tensor, predicted: Tensor, new_residuals: Tensor) -> f
     """
     before = float(residuals.double().pow(2).sum())
     after = float(new_residuals.double().pow(2).sum())
+    return loss_gain_ratio(before, after, before - float(predicted.double().pow(2).sum()))
+
+
+def loss_gain_ratio(before: float, after: float, predicted_decrease: float) -> float:
+    """Actual over predicted decrease of a loss: ``(before - after) / predicted_decrease``.
+
+    ``after`` not finite gives ``-inf``; a model that predicts no progress (``<= 0``) is judged by
+    the sign of the actual change alone (``1`` or ``-inf``).
+    """
     if not math.isfinite(after):
         return -math.inf
-    predicted_decrease = before - float(predicted.double().pow(2).sum())
     if predicted_decrease <= 0:  # the model predicts no progress: judge by the sign alone
         return 1.0 if after < before else -math.inf
     return (before - after) / predicted_decrease

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .damping import GainRatioDamping, gain_ratio
+from .damping import GainRatioDamping, gain_ratio, loss_gain_ratio
 from .engines import Closure, GramEngine
 from .engines.base import closure_residuals
 from .engines.select import select_engine
+from .generalized import LossClosure, check_curvature, predicted_decrease
+from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
 from .update import GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
 
@@ -70,6 +73,18 @@ class GramGaussNewton(Optimizer):
             ``alpha`` after every step by Levenberg-Marquardt's gain ratio (one extra forward
             pass without gradients per step; steps that increase the batch loss are undone).
             ``alpha`` in ``param_groups`` then holds the current value. Default: fixed ``alpha``.
+        loss: ``"mse"`` (Eq. 11; the closure returns residuals ``f - y``), ``"cross_entropy"``,
+            ``"binary_cross_entropy"`` or a :class:`~gramnewton.losses.Loss` instance. For a loss
+            other than ``"mse"`` the closure returns ``(outputs, targets)`` (for cross-entropy
+            ``(logits (b, k), labels (b,))`` int64, or probabilities ``(b, k)``) and the step is the
+            damped generalized Gauss-Newton step of the summed loss ``sum_i l_i``,
+            ``w <- (1 - wd) w - (lam J^T H J + alpha I)^{-1} J^T g``, solved in sample space
+            (:mod:`gramnewton.generalized`); the gain ratio of adaptive damping then compares
+            loss decreases.
+        curvature: output-Hessian estimate for a loss other than ``"mse"``: ``"exact"`` (``k``
+            backward passes, a ``(b*k, b*k)`` Gram), ``"top_c"`` (``top_c + 1`` passes) or
+            ``"gradient"`` (one pass, ``(b, b)``); see :mod:`gramnewton.generalized`.
+        top_c: number of output coordinates kept exactly by ``curvature="top_c"``.
 
     ``lam`` and ``alpha`` live in ``param_groups`` and must agree across groups (one system is
     solved for all parameters); ``weight_decay`` may differ per group.
@@ -91,8 +106,16 @@ class GramGaussNewton(Optimizer):
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
         adaptive_damping: bool | GainRatioDamping = False,
+        loss: str | Loss = "mse",
+        curvature: str = "exact",
+        top_c: int = 1,
     ):
         _check_hyper(lam, alpha, weight_decay)
+        self.loss = get_loss(loss)
+        check_curvature(curvature, top_c)
+        if isinstance(self.loss, SquaredError) and curvature != "exact":
+            raise ValueError("curvature estimates apply to losses other than 'mse' (its output Hessian is I)")
+        self.curvature, self.top_c = curvature, top_c
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay))
@@ -116,8 +139,12 @@ class GramGaussNewton(Optimizer):
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         """Take one step on the mini-batch whose residuals ``closure()`` returns.
 
+        With ``loss="mse"`` ``closure()`` returns the residuals ``(b,)`` or ``(b, k)``; with
+        another loss it returns ``(outputs, targets)``.
+
         Returns:
-            The mean of the squared residuals before the update (detached scalar).
+            The batch's mean loss before the update (detached scalar): for ``"mse"`` the mean of
+            the squared residuals, else the mean of ``l_i``.
 
         Raises:
             ValueError: bad hyper-parameters, bad residuals (shape, broadcast, dtype, NaN/Inf, no
@@ -133,9 +160,18 @@ class GramGaussNewton(Optimizer):
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"])
         if self.model is not None:
             check_per_sample_independence(self.model)
-        result = gram_gauss_newton_direction(
-            self.engine, closure, lam=self._shared("lam"), alpha=self._shared("alpha"), solve_dtype=self.solve_dtype
+        general = (
+            None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
         )
+        result = gram_gauss_newton_direction(
+            self.engine,
+            general or closure,
+            lam=self._shared("lam"),
+            alpha=self._shared("alpha"),
+            solve_dtype=self.solve_dtype,
+        )
+        if general is not None:
+            result = replace(result, mean_loss=general.per_sample.mean())
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         steps = {p: self.state[p].get("step") for p in self.engine.params} if self.damping else {}
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
@@ -147,7 +183,7 @@ class GramGaussNewton(Optimizer):
                 state["step"] = state.get("step", torch.tensor(0.0)) + 1
         if self.damping is not None:
             try:
-                self._adapt_damping(closure, result, backup)
+                self._adapt_damping(closure, result, backup, general)
             except BaseException:  # the re-evaluation failed: undo the step and its bookkeeping
                 self._restore(backup, steps)
                 raise
@@ -167,14 +203,21 @@ class GramGaussNewton(Optimizer):
                 self.state[p]["step"] = step
 
     @torch.no_grad()
-    def _adapt_damping(self, closure: Closure, result: GramGaussNewtonStep, backup: list[Tensor]) -> None:
+    def _adapt_damping(
+        self, closure: Closure, result: GramGaussNewtonStep, backup: list[Tensor], general: LossClosure | None
+    ) -> None:
         """Gain ratio on the same batch; new ``alpha``; undo the step if it made things worse."""
-        new_residuals = closure_residuals(closure())
-        if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
-            raise ValueError("closure returned residuals of a different shape when re-evaluated")
-        r = result.residuals.reshape(-1)
-        predicted = r - result.gram.to(r.dtype) @ result.coefficients.to(r.dtype)
-        rho = gain_ratio(r, predicted, new_residuals.reshape(-1))
+        if general is not None:
+            before = float(general.per_sample.double().sum())
+            predicted_loss = predicted_decrease(result.residuals, result.gram, result.coefficients)
+            rho = loss_gain_ratio(before, general.loss_sum(), predicted_loss)
+        else:
+            new_residuals = closure_residuals(closure())
+            if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
+                raise ValueError("closure returned residuals of a different shape when re-evaluated")
+            r = result.residuals.reshape(-1)
+            predicted = r - result.gram.to(r.dtype) @ result.coefficients.to(r.dtype)
+            rho = gain_ratio(r, predicted, new_residuals.reshape(-1))
         self.last_gain_ratio = rho
         alpha = self.damping.next_alpha(self._shared("alpha"), rho)
         for group in self.param_groups:

@@ -27,6 +27,9 @@ class GramGaussNewtonStep:
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``.
         coefficients: ``(b*k,)`` solution ``(lam G + alpha I)^{-1} (f - y)``.
         solve_info: how the damped system was solved.
+        mean_loss: the batch's mean loss before the update when the step is that of a general
+            loss (:mod:`gramnewton.generalized`; ``residuals`` then hold the pseudo-residuals
+            ``u``), else ``None``.
     """
 
     direction: list[Tensor]
@@ -34,11 +37,13 @@ class GramGaussNewtonStep:
     gram: Tensor
     coefficients: Tensor
     solve_info: SolveInfo
+    mean_loss: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
-        """Mean squared residual before the update (a detached scalar)."""
-        return self.residuals.pow(2).mean()
+        """Mean loss before the update (a detached scalar): the mean squared residual, or
+        ``mean_loss`` for a general loss."""
+        return self.residuals.pow(2).mean() if self.mean_loss is None else self.mean_loss
 
 
 def gram_gauss_newton_direction(

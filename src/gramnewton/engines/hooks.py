@@ -19,7 +19,9 @@ modules) is handled exactly by summing its per-sample gradients over the calls. 
 unknown modules, of modules whose input or output does not have the batch as dimension 0, whose
 output rows are not the samples (checked, not guessed: :mod:`.rows`; e.g. a sequence-first
 ``(T, b, d)`` input with ``T == b``), or used outside their module go to the reference engine
-(:func:`.reference.jacobian_rows`) with a one-time warning. BatchNorm in training mode raises.
+(:func:`.reference.jacobian_rows`) with a one-time warning, as do parameters that the residuals
+reach other than through their module's output (a residual with input derivatives, e.g. a
+Laplacian; see :mod:`.locality`). BatchNorm in training mode raises.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d
 from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
+from .locality import Region, params_off_module_paths
 from .reference import jacobian_rows, split_like
 from .rows import children, graph_signature, post_order, rows_not_samples
 
@@ -58,6 +61,7 @@ class _Call:
     out_shape: tuple[int, ...]
     edge: GradientEdge
     params: dict[str, Tensor] = field(default_factory=dict)
+    input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
     grads: list[Tensor] = field(default_factory=list)
     done: bool = False
 
@@ -167,7 +171,7 @@ class HooksEngine:
         residuals, calls, foreign = self._forward_with_hooks(closure)
         timings["forward"] = time.perf_counter() - start
         post = post_order(residuals.grad_fn)
-        reference_ids = self._route(calls, foreign, residuals, post)
+        reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), residuals, post)
         b, k = residuals.shape
 
         start = time.perf_counter()
@@ -222,8 +226,13 @@ class HooksEngine:
             x = args[0] if args else next(iter(kwargs.values()))
             rows = (x.shape[0] if x.dim() else 0, output.shape[0] if output.dim() else 0)
             kept = x.detach() if handler.needs_input else None
+            inputs = frozenset(
+                get_gradient_edge(t).node
+                for t in (*args, *kwargs.values())
+                if isinstance(t, Tensor) and t.requires_grad
+            )
             edge = get_gradient_edge(output)
-            call = _Call(module, handler, kept, x._version, rows, tuple(output.shape), edge, dict(own))
+            call = _Call(module, handler, kept, x._version, rows, tuple(output.shape), edge, dict(own), inputs)
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -241,11 +250,26 @@ class HooksEngine:
                 handle.remove()
         return residuals, calls, foreign
 
-    def _route(self, calls: list[_Call], foreign: set[int], residuals: Tensor, post: list[Any]) -> set[int]:
+    def _off_path(self, residuals: Tensor, calls: list[_Call]) -> set[int]:
+        """Ids of hooked parameters that the residuals reach other than through their modules'
+        outputs, e.g. through an input derivative (see :mod:`.locality`)."""
+        regions = [Region(c.edge.node, c.input_nodes, frozenset(map(id, c.params.values()))) for c in calls]
+        hooked = {id(p) for _, _, own in self._modules for p in own.values()}
+        return params_off_module_paths(residuals.grad_fn, regions, hooked)
+
+    def _route(
+        self, calls: list[_Call], foreign: set[int], off_path: set[int], residuals: Tensor, post: list[Any]
+    ) -> set[int]:
         """Move to the reference engine, for this step, the parameters the hooks cannot see
         exactly; returns the ids of all reference parameters."""
         b = residuals.shape[0]
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
+        for i in off_path:
+            dynamic.setdefault(
+                i,
+                "reached by a path that bypasses its module's output, e.g. an input derivative "
+                "(torch.autograd.grad with create_graph=True)",
+            )
         for call in calls:
             if call.rows != (b, b):
                 for p in call.params.values():

@@ -1,0 +1,76 @@
+"""Which parameters does a residual reach only through their modules' outputs?
+
+The hooks engine computes ``dr_i / dw`` for a parameter ``w`` of a hooked module as
+``sum_calls (dr_i / d out_call) (d out_call / d w)``: the chain rule through the module's output,
+with the module's own local derivative. That is exact only if every path of the autograd graph
+from the residuals to ``w`` enters the module's *local region* (the nodes between the module's
+output and its inputs) through the module's output. A residual that differentiates the network
+with respect to its inputs (``torch.autograd.grad(..., create_graph=True)``, e.g. a Laplacian)
+breaks this: the double-backward nodes hold ``w`` itself (``grad_in = grad_out @ w``), so the
+graph reaches ``w`` without passing through the output.
+
+:func:`params_off_module_paths` walks the graph once and returns the parameters reached by such a
+path; the engine routes them to an exact engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Region:
+    """The local region of one module call in the autograd graph.
+
+    Attributes:
+        output: the autograd node that produced the module's output.
+        inputs: the autograd nodes of the module's tensor inputs (where the region ends).
+        params: ids of the parameters this call owns (reaching them inside the region is fine).
+    """
+
+    output: Any
+    inputs: frozenset[Any]
+    params: frozenset[int]
+
+
+def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Iterable[int]) -> set[int]:
+    """Ids in ``watched`` of parameters that ``root`` reaches by a path outside their modules.
+
+    A path is fine if its last hooked region, entered through that region's output node, owns
+    the parameter and the path stays inside the region (does not leave through an input node)
+    until the parameter's ``AccumulateGrad`` node. Any other path to a watched parameter (through
+    a double-backward node, a view of the weight used elsewhere, another module's region) makes
+    the parameter "off path". Each node is visited at most once per region state.
+
+    Args:
+        root: ``residuals.grad_fn``.
+        regions: one per hooked module call.
+        watched: ids of the parameters the hooks engine would compute.
+    """
+    watched = set(watched)
+    at_output: dict[Any, list[int]] = {}
+    for index, region in enumerate(regions):
+        at_output.setdefault(region.output, []).append(index)
+    found: set[int] = set()
+    seen: set[tuple[Any, int]] = set()
+    stack: list[tuple[Any, int]] = [(root, -1)]  # (node, index of the region it is in, -1: none)
+    while stack:
+        node, where = stack.pop()
+        if (node, where) in seen:
+            continue
+        seen.add((node, where))
+        if where >= 0 and node in regions[where].inputs:
+            stack.append((node, -1))  # left the module through one of its inputs
+            continue
+        if where < 0 and node in at_output:
+            stack.extend((node, index) for index in at_output[node])
+            continue
+        variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
+        if variable is not None:
+            if id(variable) in watched and (where < 0 or id(variable) not in regions[where].params):
+                found.add(id(variable))
+            continue
+        stack.extend((child, where) for child, _ in node.next_functions if child is not None)
+    return found

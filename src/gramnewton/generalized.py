@@ -1,0 +1,159 @@
+r"""The generalized Gauss-Newton step of a general loss, computed in sample space.
+
+For ``L = sum_i l_i(f_i)`` (see :mod:`gramnewton.losses`) the damped generalized Gauss-Newton step is
+
+    delta = -(lam J^T H J + alpha I)^{-1} J^T g,
+
+``J`` the ``(b*k, m)`` Jacobian of the outputs, ``H = blockdiag(H_i)``, ``g = (g_i)``. With
+``H_i = B_i B_i^T`` (``B_i`` is ``(k, q)``) and ``B_i u_i = g_i``, the push-through identity turns it
+into a ``(b*q, b*q)`` system:
+
+    delta = -J^T B (lam B^T G B + alpha I)^{-1} u,        G = J J^T.
+
+``B^T J`` is the Jacobian of the *pseudo-residuals* ``z_i = B_i^T f_i`` (``B_i`` held fixed), so any
+:class:`~gramnewton.engines.GramEngine` computes ``B^T G B`` and ``J^T B v`` unchanged when the
+closure it runs returns ``z_i = B_i^T (f_i - f_i.detached) + u_i``: its value is ``u_i`` (the
+right-hand side) and its Jacobian is ``B_i^T J_i``. :class:`LossClosure` builds that closure.
+For ``l_i = 1/2 ||f_i - y_i||^2`` (``B_i = I``, ``u_i = r_i``) this is Eq. 11.
+
+Curvature estimates (``curvature=``), each a factor ``B_i`` with ``q`` columns (``q`` backward
+passes and a ``(b*q, b*q)`` Gram):
+
+- ``"exact"``: the loss's own factor (``q = k`` for cross-entropy): the step above, exactly.
+- ``"top_c"``: ``H_i`` projected on the subspace ``V_i`` spanned by the ``c`` output coordinates
+  with the largest ``|g_i|`` and by ``g_i`` restricted to the other coordinates:
+  ``H_i ~ V_i V_i^T H_i V_i V_i^T`` (``q = c + 1``). ``g_i`` lies in ``V_i``, so the sample-space
+  form stays exact for this curvature. With ``c = k - 1`` it is the exact ``H_i``.
+- ``"gradient"``: ``"top_c"`` with ``c = 0``: the curvature along ``g_i`` alone,
+  ``H_i ~ g_i g_i^T (g_i^T H_i g_i) / ||g_i||^4`` (``q = 1``: one backward pass, a ``(b, b)`` Gram,
+  the cost of a scalar regression step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .losses import Loss
+
+CURVATURES = ("exact", "top_c", "gradient")
+
+
+def check_curvature(curvature: str, top_c: int) -> None:
+    """Raise ``ValueError`` for an unknown curvature estimate or a negative ``top_c``."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"Invalid curvature: {curvature!r}; expected one of {CURVATURES}")
+    if isinstance(top_c, bool) or not isinstance(top_c, int) or top_c < 0:
+        raise ValueError(f"Invalid top_c: {top_c!r} (must be an int >= 0)")
+
+
+def split_pair(value: Any, loss: Loss) -> tuple[Tensor, Any]:
+    """The closure's ``(outputs, targets)`` pair, with a clear error for anything else."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(
+            f"with loss={loss.name!r} the closure must return a pair (outputs, targets), e.g. "
+            f"(logits (b, k), labels (b,)), got {type(value).__name__}"
+        )
+    return value[0], value[1]
+
+
+def subspace_factor(basis: Tensor, sqrt_h: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Factor of ``H_i`` projected on the orthonormal columns of ``basis``, and its ``u_i``.
+
+    Args:
+        basis: ``(b, k, d)`` orthonormal columns ``V_i`` (a zero column is allowed and ignored).
+        sqrt_h: ``(b, k, q)`` factor ``B_i`` of ``H_i``.
+        grad: ``(b, k)`` gradients ``g_i``, lying in the span of ``V_i``.
+
+    Returns:
+        ``(b, k, d)`` factor ``V_i Q_i Lam_i^{1/2}`` of ``V_i V_i^T H_i V_i V_i^T`` (``Q_i Lam_i Q_i^T``
+        the eigendecomposition of ``M_i = V_i^T H_i V_i``) and ``(b, d)`` ``u_i = Lam_i^{-1/2} Q_i^T V_i^T g_i``;
+        eigenvalues below ``d * eps * max eig`` are dropped (pseudo-inverse), their columns set to 0.
+    """
+    projected = sqrt_h.transpose(1, 2) @ basis  # B_i^T V_i, (b, q, d)
+    evals, evecs = torch.linalg.eigh(projected.transpose(1, 2) @ projected)
+    d = basis.shape[2]
+    cutoff = d * torch.finfo(evals.dtype).eps * evals.amax(1, keepdim=True)
+    keep = evals > cutoff.clamp_min(torch.finfo(evals.dtype).tiny)
+    root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()
+    inv_root = torch.where(keep, 1.0 / torch.where(keep, root, torch.ones_like(root)), torch.zeros_like(root))
+    factor = (basis @ evecs) * root.unsqueeze(1)
+    u = inv_root * (evecs.transpose(1, 2) @ (basis.transpose(1, 2) @ grad.unsqueeze(2))).squeeze(2)
+    return factor, u
+
+
+def top_basis(grad: Tensor, c: int) -> Tensor:
+    """``(b, k, c + 1)`` orthonormal basis: the unit vectors of the ``c`` largest ``|g_ic|`` and
+    ``g_i`` on the remaining coordinates, normalised (a zero column when nothing remains)."""
+    b, k = grad.shape
+    c = min(c, k - 1)
+    top = grad.abs().topk(c, dim=1).indices  # (b, c)
+    units = torch.nn.functional.one_hot(top, k).to(grad.dtype).transpose(1, 2)  # (b, k, c)
+    rest = grad.scatter(1, top, 0.0)
+    norm = rest.norm(dim=1, keepdim=True)
+    rest = torch.where(norm > 0, rest / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(rest))
+    return torch.cat([units, rest.unsqueeze(2)], dim=2)
+
+
+def output_factor(
+    loss: Loss, outputs: Tensor, targets: Tensor, curvature: str = "exact", top_c: int = 1
+) -> tuple[Tensor, Tensor]:
+    """``(B, u)`` of the chosen curvature estimate: ``(b, k, q)`` and ``(b, q)`` with ``B_i u_i = g_i``.
+
+    ``outputs`` ``(b, k)`` detached, ``targets`` as returned by ``loss.check``.
+    """
+    sqrt_h = loss.hessian_sqrt(outputs, targets)
+    grad = loss.gradient(outputs, targets)
+    if curvature == "exact":
+        return sqrt_h, loss.sqrt_solve(outputs, targets, sqrt_h, grad)
+    return subspace_factor(top_basis(grad, 0 if curvature == "gradient" else top_c), sqrt_h, grad)
+
+
+class LossClosure:
+    """Wraps a closure returning ``(outputs, targets)`` into one returning the pseudo-residuals.
+
+    Calling it runs the user's closure, validates the pair (``loss.check``), and returns
+    ``z`` ``(b, q)`` with value ``u`` and Jacobian ``B^T J`` (module docstring). It records the
+    per-sample losses ``(b,)`` of that call in ``per_sample`` (detached).
+    """
+
+    def __init__(self, loss: Loss, closure: Callable[[], Any], curvature: str = "exact", top_c: int = 1):
+        check_curvature(curvature, top_c)
+        self.loss, self.closure, self.curvature, self.top_c = loss, closure, curvature, top_c
+        self.per_sample: Tensor | None = None
+
+    def evaluate(self) -> tuple[Tensor, Tensor]:
+        """Run the closure; return the validated outputs ``(b, k)`` (graph kept) and targets."""
+        outputs, targets = split_pair(self.closure(), self.loss)
+        targets = self.loss.check(outputs, targets)
+        return outputs, targets
+
+    def __call__(self) -> Tensor:
+        outputs, targets = self.evaluate()
+        detached = outputs.detach()
+        sqrt_h, u = output_factor(self.loss, detached, targets, self.curvature, self.top_c)
+        self.per_sample = self.loss.per_sample(detached, targets)
+        # value u exactly (outputs - detached is exactly 0), Jacobian B^T J
+        return ((outputs - detached).unsqueeze(1) @ sqrt_h.to(outputs.dtype)).squeeze(1) + u.to(outputs.dtype)
+
+    @torch.no_grad()
+    def loss_sum(self) -> float:
+        """Re-run the closure and return ``sum_i l_i`` (``inf`` when not finite), e.g. after a step."""
+        outputs, targets = split_pair(self.closure(), self.loss)
+        if not isinstance(outputs, Tensor) or not bool(torch.isfinite(outputs).all()):
+            return float("inf")
+        return float(self.loss.per_sample(outputs.detach(), self.loss.check(outputs, targets)).double().sum())
+
+
+def predicted_decrease(u: Tensor, gram: Tensor, coefficients: Tensor) -> float:
+    """Decrease of ``sum_i l_i`` predicted by the quadratic model for ``delta = -J^T B c``:
+    ``-(g^T J delta + 1/2 delta^T J^T H J delta) = 1/2 (||u||^2 - ||u - B^T G B c||^2)``.
+
+    ``u`` ``(b, q)``, ``gram`` ``B^T G B`` ``(b*q, b*q)``, ``coefficients`` ``c`` ``(b*q,)``.
+    """
+    u = u.reshape(-1).double()
+    rest = u - gram.double() @ coefficients.double()
+    return 0.5 * float(u.pow(2).sum() - rest.pow(2).sum())
