@@ -356,3 +356,65 @@ def test_rows_that_are_not_samples_give_the_exact_gram_and_step(name: str) -> No
     opt = GramGaussNewton(model, alpha=0.1, engine=engine)
     opt.step(closure)
     assert_close(flat_params(model), expected, 1e-10, f"{name}: parameters after one step")
+
+
+# --- item 7: full_batch_step with alpha = 0 on an ill-conditioned problem -------------------------------
+
+
+def _wide_tanh_fit(seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """A 1-256-1 tanh net and 16 points of sin(3x) on [-1, 1], float64."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(1, 256), nn.Tanh(), nn.Linear(256, 1)).double()
+    x = torch.linspace(-1, 1, 16, dtype=torch.float64).unsqueeze(1)
+    return model, x, torch.sin(3 * x).squeeze(1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_batch_alpha_zero_interpolates_to_1e_20_in_10_steps(seed: int) -> None:
+    model, x, y = _wide_tanh_fit(seed)
+    losses = []
+    for _ in range(10):
+        step = full_batch_step(model.parameters(), lambda: model(x).squeeze(1) - y, alpha=0.0)
+        assert step.solve_info.method == "svd"
+        with torch.no_grad():
+            losses.append(float((model(x).squeeze(1) - y).pow(2).sum()))
+        if losses[-1] < 1e-20:
+            break
+    assert losses[-1] < 1e-20, f"||r||^2 per step: {losses}"
+
+
+def test_jacobian_solve_matches_the_pseudo_inverse_and_the_damped_formula() -> None:
+    from gramnewton.solve import jacobian_solve
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 7, dtype=torch.float64)
+    jac = torch.cat([a, 2 * a])  # rank 3 of 6: the minimum-norm least-squares step
+    rhs = torch.randn(6, dtype=torch.float64)
+    jt_c, c, info = jacobian_solve(jac, rhs, 2.0, 0.0)
+    assert info.method == "svd" and info.rank == 3
+    assert_close(jt_c, torch.linalg.pinv(jac) @ rhs / 2.0, 1e-10, "J^T c at alpha = 0")
+    assert_close(jac.T @ c, jt_c, 1e-10, "c consistent with J^T c")
+    jt_c, c, _ = jacobian_solve(a, rhs[:3], 2.0, 0.5)
+    expected = torch.linalg.solve(2.0 * a @ a.T + 0.5 * torch.eye(3, dtype=torch.float64), rhs[:3])
+    assert_close(c, expected, 1e-10, "c at alpha > 0")
+    assert_close(jt_c, a.T @ expected, 1e-10, "J^T c at alpha > 0")
+
+
+def test_row_check_passes_ordinary_float32_models_and_runs_once_per_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from gramnewton.engines import HooksEngine, hooks
+    from gramnewton.lab.models import get_model
+
+    runs = []
+    check = hooks.rows_not_samples
+    monkeypatch.setattr(hooks, "rows_not_samples", lambda *a: runs.append(1) or check(*a))
+    torch.manual_seed(0)
+    model = get_model("resnet8_gn", groups=4)  # float32: the tolerance must absorb rounding
+    engine = HooksEngine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no parameter may be routed
+        for batch in (4, 4, 3, 4):
+            x = torch.randn(batch, 3, 8, 8)
+            engine.compute(lambda: model(x).squeeze(1))
+    assert len(runs) == 2  # batch 4 checked once, batch 3 once

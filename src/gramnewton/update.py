@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .engines import Closure, GramEngine, ReferenceEngine
-from .solve import SingularGramError, SolveInfo, check_damping, damped_solve
+from .engines.reference import split_like
+from .solve import SingularGramError, SolveInfo, check_damping, damped_solve, jacobian_solve
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,12 @@ def gram_gauss_newton_direction(
             f"the squared residuals overflow {rhs.dtype} (loss not finite; largest |residual| "
             f"{float(rhs.abs().max()):.3g}); rescale the targets or use a float64 model; no parameter was changed"
         )
-    coefficients, info = damped_solve(system.gram, rhs, lam, alpha, dtype=solve_dtype)
-    direction = [-d for d in system.jt_times(coefficients)]
+    if alpha == 0 and system.jacobian is not None:  # undamped: G would square cond(J) (see solve.py)
+        jt_c, coefficients, info = jacobian_solve(system.jacobian, rhs, lam, alpha, dtype=solve_dtype)
+        direction = [-d for d in split_like(jt_c, engine.params)]
+    else:
+        coefficients, info = damped_solve(system.gram, rhs, lam, alpha, dtype=solve_dtype)
+        direction = [-d for d in system.jt_times(coefficients)]
     if not all(bool(torch.isfinite(d).all()) for d in direction):
         raise SingularGramError(
             "the Gram-Gauss-Newton step is not finite (overflow in J^T r); increase alpha or use "
@@ -100,8 +105,10 @@ def full_batch_step(
     """Full-batch GGN, Eq. 9: ``w <- w - J^T G^{-1} (f - y)`` over the whole data set.
 
     ``closure`` must return the residuals of *all* ``n`` samples; ``alpha = 0`` (the paper's
-    full-batch method) is the default, and a singular ``G`` falls back to the minimum-norm
-    solution (see :mod:`gramnewton.solve`). The parameters are updated in place.
+    full-batch method) is the default. With ``alpha = 0`` and the default reference engine the
+    step is solved from ``J`` by a rank-revealing SVD (``-(1/lam) J^+ (f - y)``, the minimum-norm
+    least-squares step; cut-off in :mod:`gramnewton.solve`), not from ``G``, whose condition
+    number is squared. The parameters are updated in place.
 
     Returns:
         The applied :class:`GramGaussNewtonStep` (its ``gram`` is ``G_t``, its ``residuals``

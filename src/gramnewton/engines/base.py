@@ -29,11 +29,15 @@ class GramSystem:
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major.
         jt_times: maps ``v`` of shape ``(b*k,)`` to ``J^T v`` as one tensor per parameter,
             shaped like the parameter (zeros for parameters the outputs do not depend on).
+        jacobian: ``(b*k, m)`` Jacobian ``J``, columns in the engine's parameter order, when the
+            engine has it (the reference engine); ``None`` otherwise. An undamped solve uses it
+            instead of ``G`` (:func:`gramnewton.solve.jacobian_solve`).
     """
 
     residuals: Tensor
     gram: Tensor
     jt_times: Callable[[Tensor], list[Tensor]]
+    jacobian: Tensor | None = None
 
 
 class GramEngine(Protocol):

@@ -76,4 +76,4 @@ class ReferenceEngine:
         def jt_times(v: Tensor) -> list[Tensor]:
             return split_like(jac.T @ v.to(jac.dtype), self.params)
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times, jacobian=jac)

@@ -59,7 +59,7 @@ def post_order(root: Any) -> list[Any]:
 def graph_signature(post: Sequence[Any], calls: Hashable) -> tuple:
     """What a verdict of :func:`rows_not_samples` depends on: the graph's node types and fan-out
     in post-order, and ``calls`` (the hooked calls' modules and shapes)."""
-    return (tuple((node.name(), len(node.next_functions)) for node in post), calls)
+    return (tuple((type(node), len(node.next_functions)) for node in post), calls)
 
 
 def rows_not_samples(residuals: Tensor, edges: Sequence[GradientEdge]) -> list[bool]:
