@@ -14,10 +14,15 @@ Usage (the full grid takes long; run subsets, results are merged into the JSON):
 
     python benchmarks/step_cost.py --models fixup32 fixup64 --batch 128 --reps 7
     python benchmarks/step_cost.py --models two_layer --batch 32 128 256
+    python benchmarks/step_cost.py --models fixup32 --batch 128 --allocators system   # one allocator
 
-``--allocator jemalloc`` (default when ``libjemalloc.so.2`` is installed) re-executes the script
-with jemalloc keeping freed pages (glibc re-maps large buffers every step; docs/performance.md).
-It also sets ``OMP_WAIT_POLICY`` (default ``PASSIVE``): on a 2-core machine shared with other
+Allocators (``--allocators``, default ``tuned system`` plus ``jemalloc`` when ``libjemalloc.so.2``
+is installed): every (model, batch) is run once per allocator, each in a fresh child process,
+back to back. ``tuned`` is glibc after ``gramnewton.tune_allocator()`` (what the ``gramnewton``
+command does; the default here too), ``system`` is glibc as a user gets it, ``jemalloc`` is
+``LD_PRELOAD``-ed with freed pages kept. Minor page faults per step (pages the kernel had to map
+and zero: the allocator's cost) are recorded with every method.
+The children also set ``OMP_WAIT_POLICY`` (default ``PASSIVE``): on a 2-core machine shared with other
 jobs, OpenMP threads that spin at barriers made a small ``(32, 4096)`` product 100x slower with
 2 threads (63 ms against 0.6 ms passive); the setting is recorded with every run.
 """
@@ -29,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,14 +45,18 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from gramnewton import GramGaussNewton
+from gramnewton import tune_allocator
 from gramnewton.engines import GramSystem, HooksEngine, ReferenceEngine
+from gramnewton.lab.experiments.optimizers import build_optimizer
+from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import TwoLayerNet, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+ALLOCATORS = ("tuned", "system", "jemalloc")
 METHODS = ("sgd", "adam", "ggn_fast", "ggn_ref")
 
 
@@ -86,36 +96,51 @@ class TimedEngine:
         return GramSystem(system.residuals, system.gram, jt_times)
 
 
-def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Callable[[], None], Callable[[], dict]]:
-    """A function doing one step of ``method`` and one returning its last breakdown."""
+def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Callable[[], Tensor], Callable[[], dict]]:
+    """A function doing one step of ``method`` and one returning its last breakdown.
+
+    Every optimizer comes from the lab's factory and steps through
+    :func:`~gramnewton.lab.experiments.training.make_train_step`, as in training.
+    """
     if method in ("sgd", "adam"):
-        opt = (
-            torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-            if method == "sgd"
-            else torch.optim.Adam(model.parameters(), lr=1e-6)
-        )
-        times: dict[str, float] = {}
-
-        def step() -> None:
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss = (model(x).squeeze(1) - y).pow(2).mean()
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            opt.step()
-            times.update(forward=t1 - t0, backward=t2 - t1, optimizer_step=time.perf_counter() - t2)
-
-        return step, lambda: dict(times)
+        opt = build_optimizer({"name": method, "lr": 1e-6}, model)  # SGD: the factory's momentum 0.9
+        return _bound(make_train_step(model, opt), x, y), first_order_breakdown(model, opt)
     params = list(model.parameters())
     engine = TimedEngine(HooksEngine(model, params) if method == "ggn_fast" else ReferenceEngine(params))
     # a large alpha keeps the weights (and so the timings) where they are over many steps
-    ggn = GramGaussNewton(model, alpha=1e6, engine=engine)
+    ggn = build_optimizer({"name": "ggn", "alpha": 1e6, "engine": engine}, model)
+    return _bound(make_train_step(model, ggn), x, y), lambda: dict(engine.times)
 
-    def ggn_step() -> None:
-        ggn.step(lambda: model(x).squeeze(1) - y)
 
-    return ggn_step, lambda: dict(engine.times)
+def _bound(step: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    return lambda: step(x, y)
+
+
+def first_order_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], dict]:
+    """Hooks that split a first-order step into forward, backward (to the last gradient
+    accumulated) and the rest (the optimizer's update); returns the last step's split.
+
+    One Python call per parameter and step is the hooks' overhead (microseconds).
+    """
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> Callable[..., None]:
+        return lambda *_: marks.__setitem__(name, time.perf_counter())
+
+    model.register_forward_pre_hook(mark("start"))
+    model.register_forward_hook(mark("forward"))
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(mark("backward"))
+    optimizer.register_step_post_hook(mark("end"))
+
+    def breakdown() -> dict:
+        return {
+            "forward": marks["forward"] - marks["start"],
+            "backward": marks["backward"] - marks["forward"],
+            "optimizer_step": marks["end"] - marks["backward"],
+        }
+
+    return breakdown
 
 
 def gram_floor_step(b: int, d: int, width: int) -> Callable[[], None]:
@@ -147,14 +172,21 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
     if model_name == "two_layer":
         steps["gram_products"] = gram_floor_step(batch, 10, 4096)
     times: dict[str, list[float]] = {m: [] for m in steps}
+    faults: dict[str, list[int]] = {m: [] for m in steps}
+    system: dict[str, list[float]] = {m: [] for m in steps}
     parts: dict[str, list[dict]] = {m: [] for m in steps}
-    for rnd in range(warmup + reps):
+    # a bar of rounds / total rounds, shown on a terminal only
+    for rnd in tqdm(range(warmup + reps), desc=f"{model_name} b={batch}", unit="round", leave=False, disable=None):
         for method, step in steps.items():
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             step()
             elapsed = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
             if rnd >= warmup:
                 times[method].append(elapsed)
+                faults[method].append(after.ru_minflt - usage.ru_minflt)
+                system[method].append(after.ru_stime - usage.ru_stime)
                 parts[method].append(breakdowns.get(method, dict)())
     result = {}
     for method, ts in times.items():
@@ -163,6 +195,9 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
             "median_s": med,
             "times_s": ts,
             "ratio_to_sgd": med / statistics.median(times["sgd"]) if "sgd" in times else None,
+            # pages the kernel mapped (and zeroed) during a step, and the kernel time: the allocator's cost
+            "minor_faults_per_step": statistics.median(faults[method]),
+            "system_s_per_step": statistics.median(system[method]),
         }
         keys = set().union(*parts[method]) if parts[method] else set()
         if keys:
@@ -176,12 +211,12 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
     return result
 
 
-def peak_memory(model_name: str, batch: int, method: str, steps: int = 2) -> dict:
+def peak_memory(model_name: str, batch: int, method: str, allocator: str, steps: int = 2) -> dict:
     """Peak RSS (MB) of a child process that builds the model and runs ``steps`` steps of ``method``."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     code = (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import step_cost as s; "
-        "torch.set_num_threads(int(sys.argv[5])); model, x, y = s.setup(sys.argv[2], int(sys.argv[3])); "
+        "s.apply_allocator(sys.argv[6]); torch.set_num_threads(int(sys.argv[5])); model, x, y = s.setup(sys.argv[2], int(sys.argv[3])); "
         "step, _ = s.make_step(sys.argv[4], model, x, y); "
         "before = s.high_water_kb(); "
         f"[step() for _ in range({steps})]; "
@@ -197,6 +232,7 @@ def peak_memory(model_name: str, batch: int, method: str, steps: int = 2) -> dic
             str(batch),
             method,
             str(torch.get_num_threads()),
+            allocator,
         ],
         capture_output=True,
         text=True,
@@ -264,7 +300,7 @@ def check_cost_model(reps: int) -> dict:
                     start = time.perf_counter()
                     piece = handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"]
                     gram = torch.zeros(n, n)
-                    piece.add_gram(gram)
+                    piece.add_gram_lower(gram)
                     piece.jt_times(torch.randn(n))
                     ts.append(time.perf_counter() - start)
                 timings[form] = statistics.median(ts[1:])
@@ -309,53 +345,75 @@ def write_doc(path: Path, generated: str) -> None:
     path.write_text(text)
 
 
+ALLOCATOR_TITLES = {
+    "system": "system glibc, as a user gets it (no tuning, no LD_PRELOAD)",
+    "tuned": "glibc after `gramnewton.tune_allocator()` (what the `gramnewton` command and the benchmarks do)",
+    "jemalloc": f"jemalloc, `LD_PRELOAD={JEMALLOC}` `MALLOC_CONF={JEMALLOC_CONF}`",
+}
+
+
+def render_run(run: dict) -> str:
+    """One table row: timings, ratios, faults, memory and the GGN breakdown of one run."""
+    m = run["methods"]
+
+    def ratio(name: str) -> str:
+        return f"{m[name]['ratio_to_sgd']:.2f}" if name in m else ("skipped" if name in run.get("skipped", {}) else "-")
+
+    mem = run.get("memory", {})
+    mem_ratio = (
+        f"{mem['ggn_fast']['peak_rss_mb'] / mem['sgd']['peak_rss_mb']:.2f}"
+        if "ggn_fast" in mem and "sgd" in mem
+        else "-"
+    )
+    bd = m.get("ggn_fast", {}).get("breakdown_s", {})
+    if bd:
+        hooks = bd["per_sample"] + bd["gram"]
+        rest = m["ggn_fast"]["median_s"] - bd["compute"] - bd.get("update_jt", 0.0)
+        parts = f"{bd['forward']:.3f} / {bd['backward'] - hooks:.3f} / {bd['per_sample']:.3f} / {bd['gram']:.3f} / {bd.get('update_jt', 0):.3f} / {rest:.3f}"
+    else:
+        parts = "-"
+    sgd_bd = m["sgd"].get("breakdown_s", {})
+    sgd = f"{m['sgd']['median_s']:.3f}" + (f" ({sgd_bd['forward']:.3f} / {sgd_bd['backward']:.3f})" if sgd_bd else "")
+    faults = " / ".join(
+        f"{m[k]['minor_faults_per_step']:.0f}" if k in m and "minor_faults_per_step" in m[k] else "-"
+        for k in ("sgd", "ggn_fast")
+    )
+    return (
+        f"| {run['model']} | {run['batch']} | {run['started'][:16]} | {run['load_average'][0]:.1f} | {sgd} | "
+        f"{ratio('adam')} | {ratio('ggn_fast')} | {ratio('ggn_ref')} | {mem_ratio} | {faults} | {parts} |"
+    )
+
+
 def render_markdown(results: dict) -> str:
     lines = [
         "## Step cost: GGN against SGD and Adam",
         "",
         "Generated by `benchmarks/step_cost.py` from `benchmarks/results/step_cost.json`; every row is one",
-        "run of that script (methods interleaved, medians of the timed steps, 2 threads, `OMP_WAIT_POLICY=PASSIVE`).",
-        "Allocator: jemalloc keeping freed pages unless the JSON says otherwise. `load`: the machine's",
+        "child process of that script (methods interleaved, medians of the timed steps, 2 threads,",
+        "`OMP_WAIT_POLICY=PASSIVE`), one table per allocator, the stock one first. `load`: the machine's",
         "1-minute load average when the run started (2 cores, shared with other jobs).",
         "Ratios are to the SGD step of the same run. Memory is the peak RSS of a child process running only",
-        "that method, as a ratio to SGD's (absolute figures in the JSON).",
+        "that method, as a ratio to SGD's (absolute figures in the JSON). Faults: minor page faults per step",
+        "(pages the kernel mapped and zeroed for the allocator), SGD / GGN fast.",
+    ]
+    header = [
         "",
-        "| model | b | run | load | SGD s (fwd / bwd) | Adam/SGD | GGN fast/SGD | GGN ref/SGD | mem fast/SGD | GGN fast: fwd / bwd w/o weight grads / per-sample grads / Gram / J^T r / solve+apply (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | b | run | load | SGD s (fwd / bwd) | Adam/SGD | GGN fast/SGD | GGN ref/SGD | mem fast/SGD | faults/step | GGN fast: fwd / bwd w/o weight grads / per-sample grads / Gram / J^T r / solve+apply (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors = []
     configs = [k for k in results if k != "cost_model"]
-    for key in sorted(configs, key=lambda k: (k.split("/b")[0], int(k.split("/b")[1]))):
-        for run in results[key]:
-            m = run["methods"]
-
-            def ratio(name: str, m=m, run=run) -> str:
-                return f"{m[name]['ratio_to_sgd']:.2f}" if name in m else run.get("skipped", {}).get(name, "-")
-
-            ref = ratio("ggn_ref") if "ggn_ref" in m else ("skipped" if "ggn_ref" in run.get("skipped", {}) else "-")
-            mem = run.get("memory", {})
-            mem_ratio = (
-                f"{mem['ggn_fast']['peak_rss_mb'] / mem['sgd']['peak_rss_mb']:.2f}"
-                if "ggn_fast" in mem and "sgd" in mem
-                else "-"
-            )
-            bd = m.get("ggn_fast", {}).get("breakdown_s", {})
-            if bd:
-                hooks = bd["per_sample"] + bd["gram"]
-                rest = m["ggn_fast"]["median_s"] - bd["compute"] - bd.get("update_jt", 0.0)
-                parts = f"{bd['forward']:.3f} / {bd['backward'] - hooks:.3f} / {bd['per_sample']:.3f} / {bd['gram']:.3f} / {bd.get('update_jt', 0):.3f} / {rest:.3f}"
-            else:
-                parts = "-"
-            sgd_bd = m["sgd"].get("breakdown_s", {})
-            sgd = f"{m['sgd']['median_s']:.3f}" + (
-                f" ({sgd_bd['forward']:.3f} / {sgd_bd['backward']:.3f})" if sgd_bd else ""
-            )
-            lines.append(
-                f"| {run['model']} | {run['batch']} | {run['started'][:16]} | {run['load_average'][0]:.1f} | {sgd} | "
-                f"{ratio('adam')} | {ratio('ggn_fast')} | {ref} | {mem_ratio} | {parts} |"
-            )
-            if "gram_floor" in m:
-                floors.append((run, m["gram_floor"]))
+    runs = [run for key in configs for run in results[key] if "allocator_name" in run]
+    runs.sort(key=lambda r: (r["model"], r["batch"], r["started"]))
+    for allocator in ("system", "tuned", "jemalloc"):
+        mine = [run for run in runs if run["allocator_name"] == allocator]
+        if not mine:
+            continue
+        lines += ["", f"### Allocator: {ALLOCATOR_TITLES[allocator]}", *header]
+        for run in mine:
+            lines.append(render_run(run))
+            if "gram_floor" in run["methods"]:
+                floors.append((run, run["methods"]["gram_floor"]))
     if floors:
         lines += [
             "",
@@ -363,12 +421,12 @@ def render_markdown(results: dict) -> str:
             "",
             "Floor = SGD step + the bare factorised Gram products `(A A^T) * (G G^T)` (A: b x 10, G: b x 4096).",
             "",
-            "| b | run | Gram flops | floor s | GGN fast s | GGN fast / floor |",
-            "|---|---|---|---|---|---|",
+            "| b | allocator | run | Gram flops | floor s | GGN fast s | GGN fast / floor |",
+            "|---|---|---|---|---|---|---|",
         ]
         for run, f in floors:
             lines.append(
-                f"| {run['batch']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
+                f"| {run['batch']} | {run['allocator_name']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
                 f"{run['methods']['ggn_fast']['median_s']:.4f} | {f.get('ggn_fast_over_floor', float('nan')):.2f} |"
             )
     if "cost_model" in results:
@@ -397,9 +455,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cost-model", action="store_true", help="only time single layers against the Linear/Conv cost model"
     )
-    p.add_argument(
-        "--allocator", choices=["jemalloc", "system"], default="jemalloc" if Path(JEMALLOC).exists() else "system"
-    )
+    default_allocators = [a for a in ALLOCATORS if a != "jemalloc" or Path(JEMALLOC).exists()]
+    p.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=default_allocators)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measures one allocator
     p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default="PASSIVE")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_cost.json")
@@ -407,20 +465,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_environment(args: argparse.Namespace) -> str:
-    """Re-execute with the requested allocator and OpenMP wait policy (both act only at process
-    start); returns a description of the allocator."""
-    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy)
-    if args.allocator == "jemalloc":
+def allocator_env(allocator: str, omp_wait_policy: str) -> dict[str, str]:
+    """Environment of a child measuring ``allocator`` (both settings act only at process start)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env["OMP_WAIT_POLICY"] = omp_wait_policy
+    if allocator == "jemalloc":
         env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
-    if any(os.environ.get(k) != v for k, v in env.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    return f"jemalloc ({JEMALLOC_CONF})" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+    return env
+
+
+def apply_allocator(allocator: str) -> str:
+    """Set up ``allocator`` in this (fresh) process; returns how it ended up, for the record."""
+    if allocator == "jemalloc":
+        if "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
+            raise SystemExit("jemalloc requested but not preloaded")
+        return f"jemalloc ({JEMALLOC_CONF})"
+    if allocator == "tuned":
+        tuning = tune_allocator()
+        if tuning.applied:
+            return "glibc tuned (" + ", ".join(f"{k}={v}" for k, v in tuning.settings.items()) + ")"
+        return f"glibc, not tuned: {tuning.reason}"
+    return "glibc (system defaults)"
+
+
+def run_children(args: argparse.Namespace) -> None:
+    """One child process per (model, batch, allocator), back to back; each appends its run."""
+    common = ["--methods", *args.methods, "--reps", str(args.reps), "--warmup", str(args.warmup)]
+    common += ["--ref-max-batch", str(args.ref_max_batch), "--threads", str(args.threads)]
+    common += ["--omp-wait-policy", args.omp_wait_policy, "--out", str(args.out), "--doc", str(args.doc)]
+    common += ["--no-memory"] if args.no_memory else []
+    for model_name in args.models:
+        for batch in args.batch:
+            for allocator in args.allocators:
+                cmd = [sys.executable, __file__, "--child", "--models", model_name, "--batch", str(batch)]
+                cmd += ["--allocators", allocator, *common]
+                subprocess.run(cmd, check=True, env=allocator_env(allocator, args.omp_wait_policy))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    allocator = ensure_environment(args)
+    if not args.child and not args.cost_model:
+        run_children(args)
+        return
+    if args.cost_model and os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy:
+        os.execve(sys.executable, [sys.executable, *sys.argv], allocator_env("tuned", args.omp_wait_policy))
+    allocator = apply_allocator(args.allocators[0])
     torch.set_num_threads(args.threads)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.cost_model:
@@ -439,6 +528,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model": model_name,
                 "batch": batch,
                 "started": started,
+                "allocator_name": args.allocators[0],
                 "allocator": allocator,
                 "threads": torch.get_num_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -446,18 +536,25 @@ def main(argv: list[str] | None = None) -> None:
                 "machine": platform.processor() or platform.machine(),
                 "load_average": os.getloadavg(),
                 "methods": time_config(model_name, batch, methods, args.reps, args.warmup),
+                "load_average_after": os.getloadavg(),
             }
             if skip and "ggn_ref" in args.methods:
                 run["skipped"] = {"ggn_ref": skip}
             if not args.no_memory:
-                run["memory"] = {m: peak_memory(model_name, batch, m) for m in methods if m in ("sgd", "ggn_fast")}
+                run["memory"] = {
+                    m: peak_memory(model_name, batch, m, args.allocators[0])
+                    for m in methods
+                    if m in ("sgd", "ggn_fast")
+                }
+            # re-read: other children of the same run may have written in between
+            results = json.loads(args.out.read_text()) if args.out.exists() else {}
             results.setdefault(f"{model_name}/b{batch}", []).append(run)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))
             write_doc(args.doc, render_markdown(results))
             m = run["methods"]
             print(
-                f"{model_name} b={batch}: "
+                f"{model_name} b={batch} [{args.allocators[0]}, load {run['load_average'][0]:.1f}]: "
                 + ", ".join(
                     f"{k} {v['median_s']:.3f}s ({v['ratio_to_sgd']:.2f}x)" for k, v in m.items() if "median_s" in v
                 ),

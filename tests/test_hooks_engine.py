@@ -2,7 +2,9 @@
 
 Every case runs in float64 under three cost-model settings: as chosen (``auto``), every weight
 materialised (``dense``) and every weight that can be factorised factorised (``factored``), so
-both code paths of each layer are checked. Agreement is required to 1e-10 relative.
+both code paths of each layer are checked; the convolution cases also run with each per-sample
+weight-gradient path forced (``grouped``, ``patches``). Agreement is required to 1e-10 relative.
+Cases with at least ``SYRK_MIN_ROWS`` Gram rows exercise the symmetric (lower-triangle) update.
 """
 
 from __future__ import annotations
@@ -190,6 +192,26 @@ CASES = [
         lambda: seq(ScalarBias(), nn.Linear(4, 5), ScalarScale(), nn.Tanh(), ScalarBias(), nn.Linear(5, 1)),
         lambda b: torch.randn(b, 4),
     ),
+    Case(
+        "conv2d_b36_syrk",
+        lambda: seq(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(4, 3, 3, stride=2, padding=1, bias=False),
+            nn.Flatten(),
+            nn.Linear(27, 1),
+        ),
+        images(2, 6),
+        batch=36,
+    ),
+    Case(
+        "conv2d_k2_odd_rows_syrk",
+        lambda: seq(
+            nn.Conv2d(3, 5, (3, 2), dilation=(1, 2), padding=(2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(5 * 7 * 5, 2)
+        ),
+        images(3, 5),
+        batch=17,
+    ),
     Case("embedding", lambda: seq(nn.Embedding(9, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)), tokens(9, 4)),
     Case("resnet8_fixup", lambda: get_model("resnet8_fixup"), images(3, 8)),
     Case("resnet8_gn", lambda: get_model("resnet8_gn", groups=4), images(3, 8)),
@@ -253,9 +275,7 @@ def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return request.param
 
 
-@pytest.mark.parametrize("cost_mode", MODES, indirect=True)
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
+def check_against_reference(case: Case) -> None:
     model, x, y = build(case)
     params = list(model.parameters())
     closure = lambda: model(x).reshape(case.batch, -1) - y  # noqa: E731
@@ -275,6 +295,63 @@ def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
     assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
     assert_close("J^T v vs reference", jt_fast, torch.cat([t.reshape(-1) for t in reference.jt_times(v)]))
     assert_close("J^T v vs jacrev", jt_fast, jac.T @ v)
+
+
+@pytest.mark.parametrize("cost_mode", MODES, indirect=True)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
+    check_against_reference(case)
+
+
+CONV2D_CASES = [c for c in CASES if c.name.startswith(("conv2d", "resnet8", "groupnorm", "batchnorm"))]
+
+
+@pytest.mark.parametrize("path", ["grouped", "patches"])
+@pytest.mark.parametrize("case", CONV2D_CASES, ids=[c.name for c in CONV2D_CASES])
+def test_conv_weight_paths(case: Case, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = handlers.CONV_WEIGHT_PATHS
+    monkeypatch.setattr(paths, "forced", path)
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))  # offer it for every shape
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    before = paths.used[path]
+    check_against_reference(case)
+    if path == "grouped" or any(isinstance(m, nn.Conv2d) and m.groups == 1 for m in case.model().modules()):
+        assert paths.used[path] > before, f"the {path} path did not run"
+
+
+@pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 128])
+def test_symmetric_update_then_mirror_equals_full_product(n: int) -> None:
+    torch.manual_seed(n)
+    jacs = [torch.randn(n, m, dtype=torch.float64) for m in (1, 7, 300)]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for jac in jacs:
+        handlers.add_gram_lower(gram, jac)
+    if n >= handlers.SYRK_MIN_ROWS:  # the upper-right block is not computed before mirroring
+        assert float((gram - gram.T).abs().max()) > 1.0
+    handlers.mirror_lower(gram)
+    assert_close("mirrored lower update", gram, sum(j @ j.T for j in jacs))
+
+
+def test_measured_choice_keeps_the_fastest_and_caches_it() -> None:
+    import time
+
+    choice = handlers.MeasuredChoice()
+    calls = {"slow": 0, "fast": 0}
+
+    def slow() -> str:
+        calls["slow"] += 1
+        time.sleep(0.02)
+        return "slow"
+
+    def fast() -> str:
+        calls["fast"] += 1
+        return "fast"
+
+    assert choice("k", {"slow": slow, "fast": fast}) == ("fast", "fast")
+    assert choice("k", {"slow": slow, "fast": fast}) == ("fast", "fast")
+    assert calls == {"slow": 2, "fast": 3} and choice.choices == {"k": "fast"}
+    choice.forced = "slow"
+    assert choice("k", {"slow": slow, "fast": fast}) == ("slow", "slow")
 
 
 def test_cost_model_picks_factors_for_the_wide_two_layer_net() -> None:

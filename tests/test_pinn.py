@@ -16,8 +16,8 @@ from dense import assert_close
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from gramnewton import GramGaussNewton
-from gramnewton.engines import HooksEngine, ReferenceEngine
+from gramnewton import GramGaussNewton, pinn
+from gramnewton.engines import FunctionalEngine, FunctionalResidual, HooksEngine, ReferenceEngine, Term
 
 RTOL = 1e-10
 
@@ -93,3 +93,167 @@ def test_reference_engine_is_exact_for_an_autograd_laplacian():
     jac = dense_poisson_jacobian(model, x)
     system = ReferenceEngine(list(model.parameters())).compute(lambda: autograd_poisson_closure(model, x))
     assert_close(system.gram, jac @ jac.T, RTOL, "reference Gram")
+
+
+# ---- the functional engine and gramnewton.pinn ----------------------------------------------
+
+
+def poisson_parts(model: nn.Module, n_in: int = 10, n_bd: int = 6, weight: float = 3.0):
+    """2-D Poisson, ``-Laplace u = f`` inside, ``u = 0`` on the boundary of the unit square."""
+    u = pinn.pointwise(model)
+    x_in = pinn.sample_interior(n_in, [0, 0], [1, 1])
+    x_bd = pinn.sample_boundary(n_bd, [0, 0], [1, 1])
+    interior = (lambda p, x: -pinn.laplacian(lambda y: u(p, y), x) - source(x), x_in)
+    boundary = (lambda p, x: u(p, x), x_bd, weight)
+    return interior, boundary
+
+
+def heat_parts(model: nn.Module, n_in: int = 9, n_init: int = 5, n_bd: int = 4):
+    """1-D heat equation in ``z = (t, x)``: ``u_t - u_xx = 0``, ``u(0, x) = sin(pi x)``, ``u(t, 0) = u(t, 1) = 0``."""
+    u = pinn.pointwise(model)
+
+    def pde(p, z):
+        def v(y):
+            return u(p, y)
+
+        return pinn.gradient(v, z)[0] - pinn.laplacian(v, z, dims=[1])
+
+    z_in = pinn.sample_interior(n_in, [0, 0], [1, 1])
+    z_init = torch.stack([torch.zeros(n_init, dtype=torch.float64), torch.rand(n_init, dtype=torch.float64)], 1)
+    z_bd = torch.stack([torch.rand(n_bd, dtype=torch.float64), (torch.arange(n_bd) % 2).double()], 1)
+    return (
+        (pde, z_in),
+        (lambda p, z: u(p, z) - torch.sin(math.pi * z[1]), z_init, 10.0),
+        (lambda p, z: u(p, z), z_bd, 2.0),
+    )
+
+
+def dense_rows(model: nn.Module, parts) -> tuple[Tensor, Tensor]:
+    """Residuals ``(b,)`` and ``(b, m)`` Jacobian of the weighted parts, by ``jacrev`` of the whole
+    batch at once (no per-sample ``vmap`` of a Jacobian, unlike the engine)."""
+    names, params = zip(*model.named_parameters())
+
+    def residuals(*ps: Tensor) -> Tensor:
+        p = dict(zip(names, ps))
+        rows = []
+        for fn, x, *weight in parts:
+            scale = math.sqrt((weight[0] if weight else 1.0) / x.shape[0])
+            rows.append(scale * torch.stack([fn(p, xi) for xi in x]))
+        return torch.cat(rows)
+
+    jac = jacrev(residuals, argnums=tuple(range(len(params))))(*params)
+    return residuals(*params).detach(), torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+
+
+PROBLEMS = {"poisson": (poisson_parts, 2), "heat": (heat_parts, 2)}
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_functional_engine_matches_dense_jacrev(problem, chunk):
+    build, d = PROBLEMS[problem]
+    model = mlp(d=d)
+    parts = build(model)
+    r, jac = dense_rows(model, parts)
+    closure = pinn.residual(dict(model.named_parameters()), *parts)
+    system = FunctionalEngine(list(model.parameters()), chunk_size=chunk).compute(closure)
+    assert_close(system.residuals.reshape(-1), r, RTOL, f"{problem} residuals")
+    assert_close(system.gram, jac @ jac.T, RTOL, f"{problem} Gram")
+    v = torch.randn(jac.shape[0], dtype=torch.float64)
+    jt_v = torch.cat([t.reshape(-1) for t in system.jt_times(v)])
+    assert_close(jt_v, jac.T @ v, RTOL, f"{problem} J^T v")
+    assert_close(closure().reshape(-1), r, RTOL, f"{problem} residuals of the eager closure")
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference", "functional"])
+def test_every_engine_takes_the_step_of_the_dense_formula(engine):
+    """The same weighted Poisson residual through GramGaussNewton: Eq. 11 by the explicit formula."""
+    model = mlp()
+    parts = poisson_parts(model)
+    r, jac = dense_rows(model, parts)
+    lam, alpha = 1.0, 1e-3
+    expected = -jac.T @ torch.linalg.solve(lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype), r)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # auto: the routing warning, tested above
+        opt.step(pinn.residual(dict(model.named_parameters()), *parts))
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert_close(after - before, expected, 1e-9, f"{engine} step")
+
+
+def test_functional_engine_gives_zero_columns_to_parameters_the_closure_lacks():
+    model = mlp()
+    extra = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    parts = poisson_parts(model)
+    system = FunctionalEngine([*model.parameters(), extra]).compute(
+        pinn.residual(dict(model.named_parameters()), *parts)
+    )
+    v = torch.randn(system.gram.shape[0], dtype=torch.float64)
+    assert torch.equal(system.jt_times(v)[-1], torch.zeros(3, dtype=torch.float64))
+
+
+def test_functional_engine_routes_a_plain_closure_to_the_reference_engine():
+    model = mlp()
+    x = torch.rand(8, 2, dtype=torch.float64)
+    jac = dense_poisson_jacobian(model, x)
+    engine = FunctionalEngine(list(model.parameters()))
+    with pytest.warns(UserWarning, match="reference engine"):
+        system = engine.compute(lambda: autograd_poisson_closure(model, x))
+    assert_close(system.gram, jac @ jac.T, RTOL, "fallback Gram")
+
+
+def test_functional_engine_refuses_non_finite_residuals_and_changes_nothing():
+    model = mlp()
+    x = pinn.sample_interior(5, [0, 0], [1, 1])
+    closure = pinn.residual(dict(model.named_parameters()), (lambda p, xi: pinn.pointwise(model)(p, xi) / 0.0, x))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = GramGaussNewton(model, engine="functional")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_term_and_residual_validate_their_arguments():
+    x = torch.rand(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dimension 0"):
+        Term(lambda p, a, b: a, (x, torch.rand(3, 2)))
+    with pytest.raises(ValueError, match="at least one Term"):
+        FunctionalResidual({})
+    with pytest.raises(ValueError, match="positive"):
+        pinn.residual({}, (lambda p, xi: xi.sum(), x, 0.0))
+    with pytest.raises(ValueError, match=r"\(n, d\)"):
+        pinn.residual({}, (lambda p, xi: xi.sum(), x[0]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        FunctionalEngine([], chunk_size=0)
+
+
+def test_sampling_stays_in_the_box_and_on_its_faces():
+    low, high = [0.0, -1.0, 2.0], [1.0, 1.0, 2.5]
+    lo, hi = torch.tensor(low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64)
+    inside = pinn.sample_interior(500, low, high)
+    assert inside.shape == (500, 3) and bool(((inside >= lo) & (inside <= hi)).all())
+    edge = pinn.sample_boundary(2000, low, high)
+    on_face = (edge == lo) | (edge == hi)
+    assert bool(((edge >= lo) & (edge <= hi)).all()) and bool((on_face.sum(1) >= 1).all())
+    # faces chosen in proportion to their areas: normal to x0: 2*0.5, to x1: 1*0.5, to x2: 1*2
+    share = on_face.double().mean(0) / on_face.double().mean(0).sum()
+    assert torch.allclose(share, torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64) / 3.5, atol=0.05)
+    with pytest.raises(ValueError, match="low < high"):
+        pinn.sample_interior(3, [0.0, 1.0], [1.0, 1.0])
+
+
+def test_derivative_helpers_and_relative_error():
+    def u(x):
+        return torch.sin(x[0]) * torch.cos(2 * x[1]) + x[2] ** 3
+
+    x = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    s, c = math.sin(0.3), math.cos(-1.4)
+    expected = torch.tensor([math.cos(0.3) * c, -2 * s * math.sin(-1.4), 3 * 1.1**2], dtype=torch.float64)
+    assert_close(pinn.gradient(u, x), expected, 1e-14, "gradient")
+    assert abs(float(pinn.laplacian(u, x)) - (-s * c - 4 * s * c + 6 * 1.1)) < 1e-13
+    assert abs(float(pinn.laplacian(u, x, dims=[2])) - 6 * 1.1) < 1e-13
+    exact = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert pinn.relative_l2(exact + torch.tensor([0.3, -0.4], dtype=torch.float64), exact) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="shape"):
+        pinn.relative_l2(exact, exact[:1])

@@ -1,17 +1,21 @@
 """gramnewton: the Gram-Gauss-Newton method for training neural networks (regression, and
 classification through the generalized Gauss-Newton step of :mod:`gramnewton.generalized`)."""
 
+from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
 from .damping import GainRatioDamping
-from .engines import GramEngine, GramSystem, HooksEngine, ReferenceEngine
+from .engines import FunctionalEngine, FunctionalResidual, GramEngine, GramSystem, HooksEngine, ReferenceEngine, Term
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
+    "AllocatorTuning",
     "BinaryCrossEntropy",
     "CrossEntropy",
+    "FunctionalEngine",
+    "FunctionalResidual",
     "GainRatioDamping",
     "GramEngine",
     "GramGaussNewton",
@@ -23,10 +27,12 @@ __all__ = [
     "SingularGramError",
     "SolveInfo",
     "SquaredError",
+    "Term",
     "apply_direction",
     "check_per_sample_independence",
     "convert_batchnorm",
     "damped_solve",
     "full_batch_step",
     "gram_gauss_newton_direction",
+    "tune_allocator",
 ]

@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from .allocator import tune_allocator
+
+    tune_allocator()  # explicit here, never at import; GRAMNEWTON_TUNE_ALLOCATOR=0 turns it off
     from .lab.cli import main as lab_main
 
     return lab_main(argv)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .damping import GainRatioDamping, gain_ratio, loss_gain_ratio
+from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
 from .engines.base import closure_residuals
 from .engines.select import select_engine
@@ -67,7 +70,9 @@ class GramGaussNewton(Optimizer):
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``.
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
-            ``"reference"`` (dense Jacobian, any model), or an engine instance.
+            ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
+            and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
+            physics-informed residual), or an engine instance.
         solve_dtype: dtype of the ``(b*k, b*k)`` solve, e.g. ``torch.float64``.
         adaptive_damping: ``True`` or a :class:`~gramnewton.damping.GainRatioDamping` to adapt
             ``alpha`` after every step by Levenberg-Marquardt's gain ratio (one extra forward
@@ -85,6 +90,17 @@ class GramGaussNewton(Optimizer):
             backward passes, a ``(b*k, b*k)`` Gram), ``"top_c"`` (``top_c + 1`` passes) or
             ``"gradient"`` (one pass, ``(b, b)``); see :mod:`gramnewton.generalized`.
         top_c: number of output coordinates kept exactly by ``curvature="top_c"``.
+        distributed: data parallelism over ``torch.distributed`` (:mod:`gramnewton.distributed`),
+            each rank's closure returning its own shard's residuals (or outputs and targets):
+            ``"exact"`` (the step of the union of all ranks' batches, to round-off),
+            ``"local"`` (each rank solves its own system, the steps are averaged: DDP's
+            communication), ``"auto"`` (exact when ``torch.distributed`` is initialised with
+            more than one process, else off) or ``None`` (off). Rank 0's parameters (and the
+            model's buffers) are broadcast to every rank at construction. The model may be a
+            plain module (recommended) or a ``DistributedDataParallel`` wrapper, whose forward
+            passes then run under ``no_sync()`` (GGN never reads ``.grad``, so DDP's gradient
+            all-reduce would be wasted). The returned loss is the union batch's.
+        process_group: the ranks to span (default: the whole world).
 
     ``lam`` and ``alpha`` live in ``param_groups`` and must agree across groups (one system is
     solved for all parameters); ``weight_decay`` may differ per group.
@@ -109,8 +125,11 @@ class GramGaussNewton(Optimizer):
         loss: str | Loss = "mse",
         curvature: str = "exact",
         top_c: int = 1,
+        distributed: str | None = "auto",
+        process_group: dist.ProcessGroup | None = None,
     ):
         _check_hyper(lam, alpha, weight_decay)
+        self.distributed = resolve_mode(distributed, process_group)
         self.loss = get_loss(loss)
         check_curvature(curvature, top_c)
         if isinstance(self.loss, SquaredError) and curvature != "exact":
@@ -124,9 +143,19 @@ class GramGaussNewton(Optimizer):
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not trainable:
             raise ValueError("GramGaussNewton got no parameter that requires grad")
-        self.engine = select_engine(trainable, self.model, engine)
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        self.engine = select_engine(trainable, module, engine)
         self.solve_dtype = solve_dtype
         self.damping = GainRatioDamping() if adaptive_damping is True else (adaptive_damping or None)
+        self.communicator: Communicator | None = None
+        if self.distributed is not None:
+            if self.distributed == "local" and self.damping is not None:
+                raise ValueError("adaptive_damping needs distributed='exact' (local steps have no common gain ratio)")
+            self.communicator = Communicator(process_group)
+            # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
+            self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
+            if self.distributed == "exact":
+                self.engine = ExactGramEngine(self.engine, self.communicator)
         self.last_step: GramGaussNewtonStep | None = None
         self.last_gain_ratio: float | None = None
 
@@ -160,18 +189,22 @@ class GramGaussNewton(Optimizer):
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"])
         if self.model is not None:
             check_per_sample_independence(self.model)
+        closure = self._without_ddp_sync(closure)
         general = (
             None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
         )
-        result = gram_gauss_newton_direction(
-            self.engine,
-            general or closure,
-            lam=self._shared("lam"),
-            alpha=self._shared("alpha"),
-            solve_dtype=self.solve_dtype,
-        )
-        if general is not None:
-            result = replace(result, mean_loss=general.per_sample.mean())
+        hyper = dict(lam=self._shared("lam"), alpha=self._shared("alpha"), solve_dtype=self.solve_dtype)
+        if self.distributed == "local":
+            losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
+            result, loss = local_direction(self.engine, general or closure, self.communicator, losses=losses, **hyper)
+            if general is not None:  # this rank's own batch, as the single-process step records it
+                result = replace(result, mean_loss=general.per_sample.mean())
+        else:
+            result = gram_gauss_newton_direction(self.engine, general or closure, **hyper)
+            if general is not None:
+                total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
+                result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample.dtype))
+            loss = result.loss
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         steps = {p: self.state[p].get("step") for p in self.engine.params} if self.damping else {}
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
@@ -188,7 +221,25 @@ class GramGaussNewton(Optimizer):
                 self._restore(backup, steps)
                 raise
         self.last_step = result
-        return result.loss
+        return loss
+
+    def _without_ddp_sync(self, closure: Closure) -> Closure:
+        """``closure`` run under DDP's ``no_sync()``: no gradient all-reduce is prepared."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return closure
+        model = self.model
+
+        def unsynced() -> Any:
+            with model.no_sync():
+                return closure()
+
+        return unsynced
+
+    def _total(self, fn: Callable[[], tuple[float, ...]], width: int) -> Tensor:
+        """``fn()`` summed over the ranks in exact mode (errors raised on every rank), else as is."""
+        if self.distributed == "exact":
+            return self.communicator.total(fn, width)
+        return torch.tensor([float(v) for v in fn()], dtype=torch.float64)
 
     @torch.no_grad()
     def _restore(self, backup: list[Tensor], steps: dict[Tensor, Tensor | None]) -> None:
@@ -208,11 +259,14 @@ class GramGaussNewton(Optimizer):
     ) -> None:
         """Gain ratio on the same batch; new ``alpha``; undo the step if it made things worse."""
         if general is not None:
-            before = float(general.per_sample.double().sum())
+            before = float(self._total(lambda: (general.per_sample.double().sum(),), 1))
             predicted_loss = predicted_decrease(result.residuals, result.gram, result.coefficients)
-            rho = loss_gain_ratio(before, general.loss_sum(), predicted_loss)
+            rho = loss_gain_ratio(before, float(self._total(lambda: (general.loss_sum(),), 1)), predicted_loss)
         else:
-            new_residuals = closure_residuals(closure())
+            if self.distributed == "exact":  # the union batch's residuals, in rank order
+                new_residuals = self.communicator.gather(lambda: closure_residuals(closure()).reshape(-1))
+            else:
+                new_residuals = closure_residuals(closure())
             if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
             r = result.residuals.reshape(-1)

@@ -1,7 +1,19 @@
 """Engines that compute the per-sample Gram matrix ``G = J J^T`` and ``J^T r``."""
 
 from .base import Closure, GramEngine, GramSystem, residuals_2d
+from .functional import FunctionalEngine, FunctionalResidual, Term
 from .hooks import HooksEngine
 from .reference import ReferenceEngine, jacobian_rows
 
-__all__ = ["Closure", "GramEngine", "GramSystem", "HooksEngine", "ReferenceEngine", "jacobian_rows", "residuals_2d"]
+__all__ = [
+    "Closure",
+    "FunctionalEngine",
+    "FunctionalResidual",
+    "GramEngine",
+    "GramSystem",
+    "HooksEngine",
+    "ReferenceEngine",
+    "Term",
+    "jacobian_rows",
+    "residuals_2d",
+]

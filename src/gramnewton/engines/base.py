@@ -29,14 +29,20 @@ class GramSystem:
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major.
         jt_times: maps ``v`` of shape ``(b*k,)`` to ``J^T v`` as one tensor per parameter,
             shaped like the parameter (zeros for parameters the outputs do not depend on).
-        jacobian: ``(b*k, m)`` Jacobian ``J``, columns in the engine's parameter order, when the
-            engine has it (the reference engine); ``None`` otherwise. An undamped solve uses it
-            instead of ``G`` (:func:`gramnewton.solve.jacobian_solve`).
+        jacobian_columns: ``(start, stop) -> J[:, start:stop]`` of shape ``(b*k, stop - start)``,
+            the columns of the flat parameter vector (parameters flattened and concatenated in
+            ``engine.params`` order); materialises only the parameters overlapping the range.
+            ``None`` for an engine that cannot materialise ``J`` (data-parallel exact mode
+            needs it, see :mod:`gramnewton.distributed`).
+        jacobian: ``(b*k, m)`` Jacobian ``J``, columns in the same order, when the engine holds
+            it already (the reference engine: no extra cost); ``None`` otherwise. An undamped
+            solve uses it instead of ``G`` (:func:`gramnewton.solve.jacobian_solve`).
     """
 
     residuals: Tensor
     gram: Tensor
     jt_times: Callable[[Tensor], list[Tensor]]
+    jacobian_columns: Callable[[int, int], Tensor] | None = None
     jacobian: Tensor | None = None
 
 
@@ -48,6 +54,29 @@ class GramEngine(Protocol):
     def compute(self, closure: Closure) -> GramSystem:
         """Run ``closure`` once and return the Gram system of its residuals."""
         ...
+
+
+def slice_columns(block: Callable[[int], Tensor], sizes: Sequence[int], rows: Tensor, start: int, stop: int) -> Tensor:
+    """Columns ``start:stop`` of the ``(n, sum(sizes))`` matrix whose column blocks are ``block(i)``.
+
+    Args:
+        block: ``i -> (n, sizes[i])``, called only for the blocks overlapping the range.
+        sizes: the width of each block (a parameter's ``numel``).
+        rows: any ``(n, ...)`` tensor giving ``n``, the dtype and the device of an empty result.
+        start, stop: ``0 <= start <= stop <= sum(sizes)``.
+
+    Returns:
+        ``(n, stop - start)``.
+    """
+    parts, offset = [], 0
+    for i, size in enumerate(sizes):
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            parts.append(block(i)[:, lo - offset : hi - offset])
+        offset += size
+    if not parts:
+        return rows.new_zeros(rows.shape[0], 0)
+    return torch.cat(parts, dim=1)
 
 
 ClosureResult = Tensor | tuple[Tensor, Tensor]

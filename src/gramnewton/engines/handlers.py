@@ -6,16 +6,25 @@ Index conventions (BackPACK-style, stated once for every handler):
     one sample is repeated); ``g``: the gradient of output ``c`` of sample ``i`` with respect to
     the module's output, shaped like the output, ``(n, ...)``.
 A handler returns, for each requested parameter name, a :class:`Piece`: either the materialised
-per-sample gradients (:class:`Dense`, ``(n, numel)``) or the factors of a Linear/Conv weight
-(:class:`Factored`) whose Gram matrix is ``(A A^T) * (G G^T)`` summed over positions.
+per-sample gradients (:class:`Dense`, ``(n, numel)``; :class:`PermutedDense` when their columns
+come out in another order) or the factors of a Linear/Conv weight (:class:`Factored`) whose Gram
+matrix is ``(A A^T) * (G G^T)`` summed over positions.
 
-Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count.
+Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count. How a
+2-d convolution's per-sample weight gradients are computed (one grouped convolution, or patches
+and a batched GEMM) is chosen per layer shape by timing both once (:class:`MeasuredChoice`).
+
+Pieces add their Gram part with ``add_gram_lower``: only the lower triangle is guaranteed (a
+symmetric rank-k update, :func:`add_gram_lower`); the engine mirrors it once at the end
+(:func:`mirror_lower`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +39,31 @@ from ..nn import ScalarBias, ScalarScale
 UNFOLD_PENALTY = 10.0
 # The factorised Gram builds an ``(n*S, n*S)`` matrix; above this many entries it is not used.
 MAX_FACTORED_ENTRIES = 1 << 24
+# Below this many rows the symmetric update is one full product (two half-size products cost more
+# in call overhead than the quarter of the multiply-adds they save).
+SYRK_MIN_ROWS = 32
+
+
+def add_gram_lower(gram: Tensor, jac: Tensor) -> None:
+    """Symmetric rank-k update of the lower triangle: ``tril(gram) += tril(jac jac^T)``.
+
+    ``gram`` is ``(n, n)``, ``jac`` ``(n, numel)``. The rows are split in halves ``[J1; J2]``:
+    ``G[:h, :h] += J1 J1^T`` and ``G[h:, :] += J2 J^T`` (the bottom block row, its diagonal block
+    included), 3/4 of the multiply-adds of ``J J^T``. The upper-right block is not updated:
+    :func:`mirror_lower` fills it from the lower triangle once every piece is added.
+    """
+    n = jac.shape[0]
+    if n < SYRK_MIN_ROWS:
+        gram.addmm_(jac, jac.T)
+        return
+    h = n // 2
+    gram[:h, :h].addmm_(jac[:h], jac[:h].T)
+    gram[h:].addmm_(jac[h:], jac.T)
+
+
+def mirror_lower(gram: Tensor) -> None:
+    """Make ``gram`` ``(n, n)`` symmetric from its lower triangle (in place)."""
+    gram.copy_(torch.tril(gram) + torch.tril(gram, -1).mT)
 
 
 @dataclass
@@ -38,9 +72,9 @@ class Dense:
 
     jac: Tensor
 
-    def add_gram(self, gram: Tensor) -> None:
-        """``gram += jac jac^T`` (``(n, n)``)."""
-        gram.addmm_(self.jac, self.jac.T)
+    def add_gram_lower(self, gram: Tensor) -> None:
+        """``gram += jac jac^T`` (``(n, n)``), lower triangle (:func:`add_gram_lower`)."""
+        add_gram_lower(gram, self.jac)
 
     def jt_times(self, v: Tensor) -> Tensor:
         """``jac^T v`` for ``v`` of shape ``(n,)``; returns ``(numel,)``."""
@@ -63,8 +97,8 @@ class Factored:
     a: Tensor
     g: Tensor
 
-    def add_gram(self, gram: Tensor) -> None:
-        """``gram[i, j] += sum_{group, s, s'} (a_is . a_js') (g_is . g_js')``."""
+    def add_gram_lower(self, gram: Tensor) -> None:
+        """``gram[i, j] += sum_{group, s, s'} (a_is . a_js') (g_is . g_js')`` (the whole matrix)."""
         n, groups, positions, _ = self.a.shape
         for j in range(groups):
             a = self.a[:, j].reshape(n * positions, -1)
@@ -92,7 +126,85 @@ class Factored:
         return Dense(torch.einsum("ngso,ngsi->ngoi", self.g, self.a).reshape(n, -1))
 
 
-Piece = Dense | Factored
+@dataclass
+class PermutedDense:
+    """Per-sample gradients whose columns are a permutation of the parameter's entries.
+
+    Attributes:
+        jac: ``(n, numel)``; each row laid out as ``shape`` (a conv weight from patches:
+            ``(kout, kh, kw, kin)``).
+        perm: takes ``shape`` to the parameter's layout (``(0, 3, 1, 2)`` for that conv weight).
+    The Gram matrix does not depend on the column order; ``J^T v`` is permuted back (``numel``
+    entries, not ``n * numel``).
+    """
+
+    jac: Tensor
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    def add_gram_lower(self, gram: Tensor) -> None:
+        """``gram += jac jac^T``, lower triangle (:func:`add_gram_lower`)."""
+        add_gram_lower(gram, self.jac)
+
+    def jt_times(self, v: Tensor) -> Tensor:
+        """``J^T v`` in the parameter's layout, ``(numel,)``, for ``v`` of shape ``(n,)``."""
+        return (self.jac.T @ v).view(self.shape).permute(self.perm).reshape(-1)
+
+    def dense(self) -> Dense:
+        """The per-sample gradients in the parameter's layout, ``(n, numel)``."""
+        n = self.jac.shape[0]
+        return Dense(self.jac.view(n, *self.shape).permute(0, *(p + 1 for p in self.perm)).reshape(n, -1))
+
+
+Piece = Dense | Factored | PermutedDense
+
+
+class MeasuredChoice:
+    """Chooses, per key (a layer's shapes), the fastest of several exact implementations.
+
+    The first call with a new key runs every candidate twice and keeps the fastest (best of two
+    times, so a one-time start-up cost does not decide); later calls run only that one. All
+    candidates compute the same values, so the choice changes speed, never results.
+
+    Attributes:
+        choices: key -> chosen candidate name, for this process.
+        forced: a candidate name to use whenever it is offered (tests, benchmarks), or ``None``.
+        used: how many times each candidate ran (timing runs excluded).
+    """
+
+    def __init__(self) -> None:
+        self.choices: dict[Hashable, str] = {}
+        self.forced: str | None = None
+        self.used: Counter[str] = Counter()
+
+    def __call__(self, key: Hashable, candidates: dict[str, Callable[[], Any]]) -> tuple[str, Any]:
+        """Run the chosen candidate for ``key``; returns its name and result."""
+        name = self.forced if self.forced in candidates else self.choices.get(key)
+        if name is None and len(candidates) == 1:
+            name = next(iter(candidates))
+        if name is not None:
+            self.used[name] += 1
+            return name, candidates[name]()
+        best: tuple[float, str, Any] | None = None
+        for name, run in candidates.items():
+            for _ in range(2):
+                start = time.perf_counter()
+                result = run()
+                elapsed = time.perf_counter() - start
+                if best is None or elapsed < best[0]:
+                    best = (elapsed, name, result)
+                del result  # keep only the best result alive
+        assert best is not None
+        self.choices[key] = best[1]
+        self.used[best[1]] += 1
+        return best[1], best[2]
+
+
+# How 2-d convolutions get their per-sample weight gradients (see ``_conv``).
+CONV_WEIGHT_PATHS = MeasuredChoice()
+# The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
+# most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
+MAX_PATCHES_OVER_GRADIENTS = 4
 
 
 def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
@@ -254,6 +366,46 @@ def _conv_weight_per_sample(module: nn.Module, x: Tensor, g: Tensor, padding: tu
     return grads.reshape(n, -1)
 
 
+def _conv2d_weight_per_sample_patches(
+    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]
+) -> PermutedDense:
+    """Per-sample weight gradients of a 2-d convolution with ``groups == 1`` by patches and one
+    batched GEMM: ``J_i = g_i (kout, S) @ P_i (S, kh*kw*kin)``.
+
+    The patches are gathered from the channels-last padded input with a strided view and one copy
+    (channel runs are contiguous, unlike ``F.unfold``'s); their columns, and so the gradients', come
+    out ordered ``(kh, kw, kin)``: the piece carries that permutation instead of copying ``J``.
+    """
+    n, kin = x.shape[:2]
+    ph, pw = padding
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    xp = xp.contiguous(memory_format=torch.channels_last)
+    sn, sc, sh, sw = xp.stride()
+    (kh, kw), (dh, dw), (st_h, st_w) = module.kernel_size, module.dilation, module.stride
+    ho, wo = g.shape[2:]
+    patches = xp.as_strided((n, ho, wo, kh, kw, kin), (sn, st_h * sh, st_w * sw, dh * sh, dw * sw, sc))
+    patches = patches.reshape(n, ho * wo, kh * kw * kin)
+    kout = g.shape[1]
+    jac = torch.bmm(g.reshape(n, kout, ho * wo), patches).reshape(n, -1)
+    return PermutedDense(jac, (kout, kh, kw, kin), (0, 3, 1, 2))
+
+
+def _conv_weight_paths(
+    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]
+) -> dict[str, Callable[[], Piece]]:
+    """The exact ways to get a convolution's per-sample weight gradients for these shapes."""
+    paths: dict[str, Callable[[], Piece]] = {"grouped": lambda: Dense(_conv_weight_per_sample(module, x, g, padding))}
+    positions = math.prod(g.shape[2:])
+    if (
+        x.dim() == 4
+        and module.groups == 1
+        and x.device.type == "cpu"  # elsewhere the grouped convolution's kernels are the tuned ones
+        and positions <= MAX_PATCHES_OVER_GRADIENTS * module.out_channels
+    ):
+        paths["patches"] = lambda: _conv2d_weight_per_sample_patches(module, x, g, padding)
+    return paths
+
+
 def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Factored:
     """im2col factors ``(n, groups, S, kin)`` and ``(n, groups, S, kout)`` of a 1-d or 2-d convolution."""
     n, groups = x.shape[0], module.groups
@@ -292,7 +444,9 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
         if use_factors:
             pieces["weight"] = _conv_factors(module, x, g, padding)
         else:
-            pieces["weight"] = Dense(_conv_weight_per_sample(module, x, g, padding))
+            key = (type(module), tuple(x.shape), tuple(g.shape), module.kernel_size, module.stride)
+            key += (module.dilation, padding, module.groups, x.dtype, x.device)
+            _, pieces["weight"] = CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding))
     if "bias" in names:
         pieces["bias"] = Dense(g.reshape(n, g.shape[1], -1).sum(2))
     return pieces

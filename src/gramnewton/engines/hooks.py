@@ -39,8 +39,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .base import Closure, GramSystem, params_dtype, residuals_2d
-from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for
+from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
+from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
 from .reference import jacobian_rows, split_like
 from .rows import children, graph_signature, post_order, rows_not_samples
@@ -201,7 +201,24 @@ class HooksEngine:
                     out.append(torch.zeros_like(p))
             return out
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+        reference_offsets, offset = {}, 0  # where each reference parameter's columns start in jac_reference
+        for p in reference_params:
+            reference_offsets[id(p)], offset = offset, offset + p.numel()
+
+        def block(i: int) -> Tensor:
+            """``(b*k, numel)`` per-sample Jacobian of parameter ``i``."""
+            p = self.params[i]
+            if id(p) in reference_ids:
+                start = reference_offsets[id(p)]
+                return jac_reference[:, start : start + p.numel()]
+            if id(p) in pieces:
+                return pieces[id(p)].dense().jac
+            return gram.new_zeros(b * k, p.numel())
+
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return slice_columns(block, [p.numel() for p in self.params], gram, start, stop)
+
+        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times, jacobian_columns=jacobian_columns)
 
     def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call], set[int]]:
         """Run the closure with forward hooks; returns the residuals ``(b, k)``, the hooked calls
@@ -361,7 +378,7 @@ class HooksEngine:
                         continue
                     piece = partial.pop(pid)
                 t0 = time.perf_counter()
-                piece.add_gram(gram)
+                piece.add_gram_lower(gram)
                 timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
@@ -378,8 +395,9 @@ class HooksEngine:
                 f"({', '.join(sorted({type(c.module).__name__ for c in missing}))}); was an output modified in place?"
             )
         for pid, dense in partial.items():  # calls that the residuals do not depend on add nothing
-            dense.add_gram(gram)
+            dense.add_gram_lower(gram)
             pieces[pid] = dense
+        mirror_lower(gram)  # the pieces filled the lower triangle
         return pieces
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:

@@ -76,4 +76,9 @@ class ReferenceEngine:
         def jt_times(v: Tensor) -> list[Tensor]:
             return split_like(jac.T @ v.to(jac.dtype), self.params)
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times, jacobian=jac)
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return jac[:, start:stop]
+
+        return GramSystem(
+            residuals=residuals.detach(), gram=gram, jt_times=jt_times, jacobian_columns=jacobian_columns, jacobian=jac
+        )
