@@ -56,11 +56,22 @@ def solve_dtype_for(dtype: torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class SolveInfo:
     """How a damped system was solved: ``method`` is ``"cholesky"``, ``"jitter"``, ``"eigh"`` (from
-    ``G``) or ``"svd"`` (from ``J``); ``rank``: singular values or eigenvalues kept."""
+    ``G``) or ``"svd"`` (from ``J``); ``rank``: singular values or eigenvalues kept.
+
+    ``condition`` estimates the condition number of the matrix that was factorised: the squared
+    ratio of the largest to the smallest Cholesky pivot (a lower bound), or of the largest to the
+    smallest kept eigenvalue (for ``"svd"``: of ``lam G + alpha I`` from the kept singular values).
+    """
 
     method: str
     jitter: float = 0.0
     rank: int | None = None
+    condition: float | None = None
+
+
+def _cholesky_condition(chol: Tensor) -> float:
+    pivots = chol.diagonal().abs()
+    return float((pivots.max() / pivots.min()) ** 2)
 
 
 def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
@@ -118,7 +129,8 @@ def damped_solve(
 
     chol, info = torch.linalg.cholesky_ex(mat)
     if int(info) == 0 and _pivots_ok(chol, mat):
-        return _finite(torch.cholesky_solve(b, chol).squeeze(1), out_dtype), SolveInfo("cholesky")
+        x = _finite(torch.cholesky_solve(b, chol).squeeze(1), out_dtype)
+        return x, SolveInfo("cholesky", condition=_cholesky_condition(chol))
 
     for j in range(max_jitter_tries):
         jitter = scale * (10.0**j) * max(eps, 1e-10) * n
@@ -128,14 +140,15 @@ def damped_solve(
         if int(info) == 0 and _pivots_ok(chol, jittered):
             x = torch.cholesky_solve(b, chol).squeeze(1)
             if bool(torch.isfinite(x).all()):
-                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter)
+                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=_cholesky_condition(chol))
 
     evals, evecs = torch.linalg.eigh(mat)
     cutoff = n * eps * float(evals.abs().max())
     keep = evals > cutoff
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
     x = evecs @ (inv * (evecs.T @ b.squeeze(1)))
-    return _finite(x, out_dtype), SolveInfo("eigh", rank=int(keep.sum()))
+    condition = float(evals.max() / evals[keep].min()) if bool(keep.any()) else None
+    return _finite(x, out_dtype), SolveInfo("eigh", rank=int(keep.sum()), condition=condition)
 
 
 def _finite(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -181,6 +194,9 @@ def jacobian_solve(
     cutoff = max(jac.shape) * torch.finfo(work).eps * float(s.max()) if s.numel() else 0.0
     keep = s > cutoff
     u, s, vh = u[:, keep], s[keep], vh[keep]
-    projected = (u.T @ r) / (lam * s * s + alpha)
+    damped = lam * s * s + alpha  # eigenvalues of lam G + alpha I along the kept directions
+    projected = (u.T @ r) / damped
     jt_c = vh.T @ (s * projected)
-    return _finite(jt_c, rhs.dtype), _finite(u @ projected, rhs.dtype), SolveInfo("svd", rank=int(keep.sum()))
+    condition = float(damped.max() / damped.min()) if s.numel() else None
+    info = SolveInfo("svd", rank=int(keep.sum()), condition=condition)
+    return _finite(jt_c, rhs.dtype), _finite(u @ projected, rhs.dtype), info
