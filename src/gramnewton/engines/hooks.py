@@ -44,6 +44,7 @@ from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for,
 from .locality import Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
 from .rows import children, graph_signature, post_order, rows_not_samples
+from .workspace import Workspace, activated
 
 # Forward signatures whose row check (:mod:`.rows`) is remembered; more are forgotten at once.
 MAX_ROW_VERDICTS = 64
@@ -112,6 +113,9 @@ class HooksEngine:
     Attributes:
         params: as given; ``jt_times`` returns one tensor per entry, in this order.
         reference_reasons: parameter index -> why it goes to the reference engine (static part).
+        workspace: buffers reused across steps while shapes repeat (:mod:`.workspace`); a
+            :class:`GramSystem` is valid until the next ``compute`` (a stale one raises);
+            ``workspace.clear()`` frees them.
         last_timings: seconds spent in the last ``compute``: ``forward``, ``reference``,
             ``backward`` (including the hooks' work), ``per_sample`` and ``gram`` (inside hooks).
 
@@ -157,6 +161,7 @@ class HooksEngine:
                 stacklevel=2,
             )
         self.last_timings: dict[str, float] = {}
+        self.workspace = Workspace()
         self._finish: Any = None  # set only while this engine's own backward pass runs
         self._columns = 1
         self._expected: set[int] = set()
@@ -185,7 +190,9 @@ class HooksEngine:
         timings["reference"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pieces = self._backward(residuals, calls, gram, timings, post)
+        self.workspace.new_step()  # the previous step's kept buffers are written over from here on
+        with activated(self.workspace):
+            pieces = self._backward(residuals, calls, gram, timings, post)
         timings["backward"] = time.perf_counter() - start
         self.last_timings = timings
 
