@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from ...losses import SquaredError
 from ...optim import GramGaussNewton
 from ..baselines import KFAC
 from ..data.classification import accuracy, is_classification
@@ -57,29 +58,32 @@ def residuals(outputs: Tensor, targets: Tensor) -> Tensor:
     return outputs - targets
 
 
-def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str = "mse") -> TrainStep:
+def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str | None = None) -> TrainStep:
     """``step(x, y)``: one optimizer step on the batch, returning its mean ``loss`` before the update.
 
     The single place that knows how each kind of optimizer takes a step: Gram-Gauss-Newton gets
-    a closure returning the per-sample residuals ``(b, k)`` (``loss="mse"``) or ``(logits, labels)``
-    (``loss="cross_entropy"``; the optimizer must be built with the same ``loss``); any other
-    optimizer gets the usual ``zero_grad``, :func:`batch_loss` ``backward`` and ``step`` (with a
-    closure, for L-BFGS and K-FAC; K-FAC with ``loss="cross_entropy"`` also gets its sampled
-    Fisher backward).
+    a closure returning the per-sample residuals ``(b, k)`` (with the square loss) or
+    ``(outputs, targets)`` (with another loss, e.g. ``"cross_entropy"``: logits and labels); any
+    other optimizer gets the usual ``zero_grad``, :func:`batch_loss` ``backward`` and ``step``
+    (with a closure, for L-BFGS and K-FAC; K-FAC with ``loss="cross_entropy"`` also gets its
+    sampled-Fisher backward). ``loss`` (``"mse"`` or ``"cross_entropy"``, see :func:`task_loss`)
+    defaults to the optimizer's own (GGN, K-FAC), else ``"mse"``; an optimizer built with another
+    loss is refused.
     """
-    if loss not in TASK_LOSSES:
-        raise ValueError(f"unknown task loss {loss!r}; expected one of {TASK_LOSSES}")
-    own = getattr(optimizer, "loss", None)
+    own = getattr(optimizer, "loss", None) if isinstance(optimizer, (GramGaussNewton, KFAC)) else None
     own = getattr(own, "name", own)  # GramGaussNewton holds a Loss object, K-FAC a name
-    if isinstance(optimizer, (GramGaussNewton, KFAC)) and own != loss:
+    loss = loss or own or "mse"
+    if own is not None and own != loss:
         raise ValueError(
             f"the task's loss is {loss!r} but {type(optimizer).__name__} was built with loss={own!r}; "
             f"set loss = {loss!r} in the optimizer's settings"
         )
     if isinstance(optimizer, GramGaussNewton):
-        if loss == "cross_entropy":
-            return lambda x, y: optimizer.step(lambda: (model(x), y))
-        return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+        if isinstance(optimizer.loss, SquaredError):
+            return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+        return lambda x, y: optimizer.step(lambda: (model(x), y))
+    if loss not in TASK_LOSSES:
+        raise ValueError(f"unknown task loss {loss!r} for a first-order optimizer; expected one of {TASK_LOSSES}")
     fisher = isinstance(optimizer, KFAC) and loss == "cross_entropy"
 
     def first_order_step(x: Tensor, y: Tensor) -> Tensor:
