@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_data import fashion_tree
+from test_experiments import TINY
 
 from gramnewton import GramGaussNewton
 from gramnewton.lab.baselines import KFAC
@@ -55,24 +56,8 @@ def test_labels_are_validated_and_accuracy():
 
 # ---------------------------------------------------------------- the training loop on classification
 
-CLASSIFY = """
-name = "tiny-classify"
-seed = 1
-[model]
-name = "mlp"
-kwargs = {{ in_channels = 64, hidden = [32] }}
-[data]
-name = "digits"
-train_subset = 256
-test_subset = 128
-[optimizer]
-name = "{optimizer}"
-{hyper}
-[train]
-batch_size = 64
-epochs = 3
-threads = 1
-"""
+# the runner tests' tiny config, on the classification data set
+CLASSIFY = TINY.replace('name = "rotated-digits"', 'name = "digits"')
 CLASSIFY_HYPER = {
     "ggn": 'loss = "cross_entropy"\nalpha = 1.0\nadaptive_damping = true',
     "sgd": "lr = 0.1",
