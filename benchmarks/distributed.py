@@ -1,0 +1,206 @@
+"""Data-parallel GGN on this machine: 2 processes x 1 thread (gloo, 127.0.0.1) against 1 process x 2 threads.
+
+Not a test. Per model and union batch ``B`` (``B/2`` samples per rank):
+
+- ``step``: median step time over interleaved rounds of, in 2 spawned processes with 1 thread
+  each, GGN ``distributed="exact"``, GGN ``distributed="local"`` and an SGD step under
+  ``DistributedDataParallel`` (DDP's gradient all-reduce: the communication baseline); and, in this
+  process with 2 threads, the single-process GGN step on the union batch and an SGD step.
+  Bytes per step and rank are *counted*: GGN's from ``GramGaussNewton.communicator.sent_bytes``
+  (the tensors handed to each collective, under ring / pairwise algorithms), DDP's from a comm
+  hook that sees every gradient bucket; the bytes that crossed the loopback interface
+  (``/proc/net/dev``, both ranks, TCP framing included; other jobs' loopback traffic too) are
+  recorded as a cross-check.
+- ``convergence``: train MSE per epoch of exact, local and single-process GGN on the same data,
+  batches and initial weights, through ``gramnewton.lab.experiments.training``.
+
+``torch.set_num_threads`` is set explicitly (1 per rank, 2 single-process); the load average is
+recorded next to every measurement. JSON in ``benchmarks/results/distributed.json`` (merged).
+
+Usage::
+
+    python benchmarks/distributed.py step --models two_layer fixup8 fixup32 --batch 128
+    python benchmarks/distributed.py convergence --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gramnewton import GramGaussNewton
+from gramnewton.lab.models import TwoLayerNet, get_model
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "distributed.json"
+WORLD = 2
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "two_layer": (lambda: TwoLayerNet(10, width=4096), (10,)),
+    "fixup8": (lambda: get_model("resnet8_fixup", in_channels=3), (3, 32, 32)),
+    "fixup32": (lambda: get_model("resnet32_fixup", in_channels=3), (3, 32, 32)),
+}
+
+
+def loopback_bytes() -> int:
+    """Bytes received on the loopback interface so far (every process on the machine)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            return int(fields.split()[0])
+    return 0
+
+
+def setup(name: str, batch: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """The model (weights perturbed off Fixup's zeros) and a union batch, the same on every rank."""
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    model = build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model, torch.randn(batch, *shape), torch.randn(batch, 1)
+
+
+def _ggn_step(opt: GramGaussNewton, model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
+    return lambda: opt.step(lambda: model(x) - y)
+
+
+def _sgd_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+
+    return step
+
+
+def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(minutes=10))
+    steps, counters = {}, {}
+    for mode in ("exact", "local"):
+        model, x, y = setup(name, batch)
+        shard = slice(rank * batch // WORLD, (rank + 1) * batch // WORLD)
+        opt = GramGaussNewton(model, alpha=1.0, distributed=mode)
+        steps[f"ggn_{mode}"] = _ggn_step(opt, model, x[shard], y[shard])
+        counters[f"ggn_{mode}"] = opt.communicator.sent_bytes
+    model, x, y = setup(name, batch)
+    ddp = DistributedDataParallel(model)
+    ddp_bytes: dict[str, int] = {"all_reduce": 0}
+
+    def counting_hook(state, bucket):  # noqa: ANN001 - DDP rejects string annotations (postponed evaluation)
+        buffer = bucket.buffer()
+        ddp_bytes["all_reduce"] += int(2 * (WORLD - 1) / WORLD * buffer.numel() * buffer.element_size())
+        return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0] / WORLD)
+
+    ddp.register_comm_hook(None, counting_hook)
+    steps["ddp_sgd"] = _sgd_step(ddp, x[rank * batch // WORLD : (rank + 1) * batch // WORLD], y[:1].expand(batch // WORLD, 1))
+    counters["ddp_sgd"] = ddp_bytes
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    sent: dict[str, list[int]] = {m: [] for m in steps}
+    wire: dict[str, list[int]] = {m: [] for m in steps}
+    for rnd in range(rounds + 1):  # round 0 warms up
+        for method, step in steps.items():
+            dist.barrier()
+            before_sent, before_wire = sum(counters[method].values()), loopback_bytes()
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            dist.barrier()
+            if rnd:
+                times[method].append(elapsed)
+                sent[method].append(sum(counters[method].values()) - before_sent)
+                wire[method].append(loopback_bytes() - before_wire)
+    if rank == 0:
+        detail = {m: dict(c) for m, c in counters.items()}
+        Path(out).write_text(json.dumps({"times_s": times, "sent_bytes": sent, "loopback_bytes": wire, "by_collective": detail}))
+    dist.destroy_process_group()
+
+
+def _single_process(name: str, batch: int, rounds: int) -> dict[str, list[float]]:
+    torch.set_num_threads(2)
+    model, x, y = setup(name, batch)
+    steps = {"ggn_single": _ggn_step(GramGaussNewton(model, alpha=1.0, distributed=None), model, x, y)}
+    model, x, y = setup(name, batch)
+    steps["sgd_single"] = _sgd_step(model, x, y)
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for rnd in range(rounds + 1):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if rnd:
+                times[method].append(time.perf_counter() - start)
+    return times
+
+
+def bench_step(name: str, batch: int, rounds: int) -> dict:
+    """Both layouts, one after the other (the single process first), with the load around each."""
+    model = MODELS[name][0]()
+    m = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    load_before = os.getloadavg()
+    single = _single_process(name, batch, rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        mp.spawn(_rank_worker, args=(os.path.join(tmp, "store"), name, batch, rounds, out), nprocs=WORLD)
+        ranks = json.loads(Path(out).read_text())
+    result = {
+        "model": name,
+        "params": m,
+        "batch_union": batch,
+        "batch_per_rank": batch // WORLD,
+        "world": WORLD,
+        "threads": {"per_rank": 1, "single_process": 2},
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "methods": {},
+        "by_collective_total": ranks["by_collective"],
+    }
+    for method, ts in {**single, **ranks["times_s"]}.items():
+        entry = {"median_s": statistics.median(ts), "times_s": ts}
+        if method in ranks["sent_bytes"]:
+            entry["sent_bytes_per_rank"] = statistics.median(ranks["sent_bytes"][method])
+            entry["loopback_bytes_both_ranks"] = statistics.median(ranks["loopback_bytes"][method])
+        result["methods"][method] = entry
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("step")
+    s.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    s.add_argument("--batch", type=int, default=128, help="union batch (half per rank)")
+    s.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.what == "step":
+        for name in args.models:
+            run = bench_step(name, args.batch, args.rounds)
+            results.setdefault("step", {})[f"{name}/b{args.batch}"] = run
+            args.out.write_text(json.dumps(results, indent=1))
+            print(json.dumps({m: round(e["median_s"], 4) for m, e in run["methods"].items()}), run["load_average_before"], file=sys.stderr)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
