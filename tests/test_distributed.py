@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dense import assert_close, dense_step, flat_params
+from dense import assert_close, dense_jacobian, dense_step, flat_params
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -177,6 +177,34 @@ def _local(name: str, engine: str, alpha: float) -> None:
         _same_on_all_ranks(model)
 
 
+def _momentum(mode: str, engine: str) -> None:
+    """Sample-space momentum: exact = the single-process momentum step on the union batch;
+    local = ``phi_t = mu phi_{t-1} + sum_p (b_p / B) J_p^T c_p`` with the shared ``phi_{t-1}``."""
+    model, data = _setup("groupnorm_cnn", seed=13)
+    single = _rank0_copy(model)
+    lam, alpha, mu = 0.8, 0.3, 0.6
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=mode)
+    reference = GramGaussNewton(single, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=None)
+    phi = torch.zeros_like(flat_params(single))
+    for i, (x, y) in enumerate(data):
+        opt.step(lambda: model(_shard(x)) - _shard(y))
+        if mode == "exact":
+            reference.step(lambda: single(x) - y)
+        else:
+            combined, start = mu * phi, 0
+            for b in SHARDS:
+                jac = dense_jacobian(single, x[start : start + b])
+                with torch.no_grad():
+                    r = (single(x[start : start + b]) - y[start : start + b]).reshape(-1)
+                mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
+                combined = combined + b / sum(SHARDS) * jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ phi)
+                start += b
+            phi = combined
+            torch.nn.utils.vector_to_parameters(flat_params(single) - phi, single.parameters())
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: momentum, {mode} mode")
+        _same_on_all_ranks(model)
+
+
 def _adaptive() -> None:
     model, data = _setup("mlp", seed=3)
     single = _rank0_copy(model)
@@ -269,6 +297,9 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-hooks-mlp-lam-wd": lambda: _exact("mlp", "hooks", lam=0.5, alpha=0.0, wd=0.01),
     "exact-hooks-groupnorm_cnn-ddp": lambda: _exact("groupnorm_cnn", "hooks", lam=2.0, alpha=3.0, wd=0.0, ddp=True),
     "exact-adaptive-damping": _adaptive,
+    "exact-momentum-hooks": lambda: _momentum("exact", "hooks"),
+    "exact-momentum-reference": lambda: _momentum("exact", "reference"),
+    "local-momentum-hooks": lambda: _momentum("local", "hooks"),
     "exact-cross-entropy-hooks": lambda: _cross_entropy("hooks", "exact"),
     "exact-cross-entropy-reference-adaptive": lambda: _cross_entropy("reference", "exact", adaptive=True),
     "local-cross-entropy-hooks": lambda: _cross_entropy("hooks", "local"),

@@ -1,4 +1,10 @@
-"""Adaptive damping: Levenberg-Marquardt's gain-ratio rule for ``alpha``.
+"""Adaptive damping: the rule interface and Levenberg-Marquardt's gain-ratio rule for ``alpha``.
+
+Interface (what :class:`~gramnewton.GramGaussNewton` calls, once per step, after re-evaluating
+the batch's residuals at the new parameters): a :class:`DampingRule` gets the ``alpha`` the step
+was solved with, the step's gain ratio and its :class:`~gramnewton.diagnostics.StepDiagnostics`,
+and returns a :class:`DampingDecision`: the ``alpha`` for the next step and whether to keep the
+step. A rejected step is undone: parameters and momentum as before it, not counted as a step.
 
 After a step ``delta = -J^T c`` with ``c = (lam G + alpha I)^{-1} r``, the linearised model
 predicts the residual ``r - G c``. The gain ratio compares the actual with the predicted
@@ -21,8 +27,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import Tensor
+
+from .diagnostics import StepDiagnostics
+
+
+@dataclass(frozen=True)
+class DampingDecision:
+    """What a :class:`DampingRule` decided: next ``alpha`` and whether the step is kept."""
+
+    alpha: float
+    accept: bool
+
+
+class DampingRule(Protocol):
+    """Adapts ``alpha`` after every step; may keep state of its own (e.g. a smoothed ratio)."""
+
+    def update(self, alpha: float, gain_ratio: float, diagnostics: StepDiagnostics) -> DampingDecision:
+        """Decide from this step's ``gain_ratio`` (``-inf`` for a non-finite new loss) and its
+        diagnostics (``rejected`` is still ``False`` there)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,10 @@ class GainRatioDamping:
         elif rho > self.high:
             alpha = alpha / self.factor
         return min(max(alpha, self.min_alpha), self.max_alpha)
+
+    def update(self, alpha: float, gain_ratio: float, diagnostics: StepDiagnostics) -> DampingDecision:
+        """:meth:`next_alpha`, and reject the step when ``gain_ratio < reject_below``."""
+        return DampingDecision(self.next_alpha(alpha, gain_ratio), gain_ratio >= self.reject_below)
 
 
 def gain_ratio(residuals: Tensor, predicted: Tensor, new_residuals: Tensor) -> float:

@@ -58,13 +58,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem
-from .engines.reference import split_like
+from .engines.reference import flatten, split_like
 from .solve import SingularGramError
 from .update import GramGaussNewtonStep, gram_gauss_newton_direction
 
@@ -257,7 +258,11 @@ class ExactGramEngine:
             flat = torch.cat([s[: b - a] for s, (a, b) in zip(slices, bounds)])
             return split_like(flat, self.params)
 
-        return GramSystem(residuals=residuals, gram=gram, jt_times=jt_times)
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            # J v = sum over ranks of J[:, S_rank] v[S_rank]: one all-reduce of (B*k,)
+            return comm.all_reduce_(jac @ flatten(v, jac.dtype)[lo:hi])
+
+        return GramSystem(residuals=residuals, gram=gram, jt_times=jt_times, j_times=j_times)
 
 
 def local_direction(
@@ -265,16 +270,18 @@ def local_direction(
     closure: Closure,
     comm: Communicator,
     *,
-    lam: float,
-    alpha: float,
-    solve_dtype: torch.dtype | None = None,
     losses: Callable[[GramGaussNewtonStep], Tensor],
+    **options: Any,
 ) -> tuple[GramGaussNewtonStep, Tensor]:
     """Local mode (module docstring): ``d = sum_p (b_p / B) d_p`` from each rank's own step ``d_p``.
 
     Args:
         losses: the step's per-sample (or per-entry) losses, whose mean over the union batch
             is returned (e.g. the squared residuals).
+        options: :func:`~gramnewton.update.gram_gauss_newton_direction`'s keywords (``lam``,
+            ``alpha``, ``solve_dtype``, ``momentum`` with ``previous``, ``solve_space``). With
+            momentum every rank holds the same ``phi_{t-1}``, so the combined step is
+            ``phi_t = mu phi_{t-1} + sum_p (b_p / B) J_p^T c_p``.
 
     Returns:
         The rank's own step (its ``residuals``, ``gram`` and ``coefficients`` are this rank's)
@@ -282,7 +289,7 @@ def local_direction(
     """
     step, error, stats = None, None, (0.0, 0.0, 0.0)
     try:
-        step = gram_gauss_newton_direction(engine, closure, lam=lam, alpha=alpha, solve_dtype=solve_dtype)
+        step = gram_gauss_newton_direction(engine, closure, **options)
         values = losses(step).detach().double()
         stats = (float(step.residuals.shape[0]), float(values.sum()), float(values.numel()))
     except Exception as caught:  # reported to every rank by agree() before the all-reduce
