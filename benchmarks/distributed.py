@@ -12,7 +12,11 @@ Not a test. Per model and union batch ``B`` (``B/2`` samples per rank):
   (``/proc/net/dev``, both ranks, TCP framing included; other jobs' loopback traffic too) are
   recorded as a cross-check.
 - ``convergence``: train MSE per epoch of exact, local and single-process GGN on the same data,
-  batches and initial weights, through ``gramnewton.lab.experiments.training``.
+  batches and initial weights, through the training CLI itself: ``torchrun --standalone
+  --nproc_per_node=2 -m gramnewton train`` (1 thread per rank) against ``python -m gramnewton
+  train`` (2 threads); figure ``docs/figures/distributed_convergence.png``.
+- ``scaling``: the scaling model of docs/distributed.md evaluated at 8, 64 and 512 GPUs for the
+  parameter counts of the models above (assumptions in :data:`ASSUMPTIONS`).
 
 ``torch.set_num_threads`` is set explicitly (1 per rank, 2 single-process); the load average is
 recorded next to every measurement. JSON in ``benchmarks/results/distributed.json`` (merged).
@@ -21,6 +25,7 @@ Usage::
 
     python benchmarks/distributed.py step --models two_layer fixup8 fixup32 --batch 128
     python benchmarks/distributed.py convergence --epochs 10
+    python benchmarks/distributed.py scaling
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,7 +99,9 @@ def _sgd_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
 
 def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(minutes=10))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(minutes=10)
+    )
     steps, counters = {}, {}
     for mode in ("exact", "local"):
         model, x, y = setup(name, batch)
@@ -111,7 +119,9 @@ def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out:
         return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0] / WORLD)
 
     ddp.register_comm_hook(None, counting_hook)
-    steps["ddp_sgd"] = _sgd_step(ddp, x[rank * batch // WORLD : (rank + 1) * batch // WORLD], y[:1].expand(batch // WORLD, 1))
+    steps["ddp_sgd"] = _sgd_step(
+        ddp, x[rank * batch // WORLD : (rank + 1) * batch // WORLD], y[:1].expand(batch // WORLD, 1)
+    )
     counters["ddp_sgd"] = ddp_bytes
     times: dict[str, list[float]] = {m: [] for m in steps}
     sent: dict[str, list[int]] = {m: [] for m in steps}
@@ -130,7 +140,9 @@ def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out:
                 wire[method].append(loopback_bytes() - before_wire)
     if rank == 0:
         detail = {m: dict(c) for m, c in counters.items()}
-        Path(out).write_text(json.dumps({"times_s": times, "sent_bytes": sent, "loopback_bytes": wire, "by_collective": detail}))
+        Path(out).write_text(
+            json.dumps({"times_s": times, "sent_bytes": sent, "loopback_bytes": wire, "by_collective": detail})
+        )
     dist.destroy_process_group()
 
 
@@ -182,6 +194,153 @@ def bench_step(name: str, batch: int, rounds: int) -> dict:
     return result
 
 
+# The wide two-layer net of Eq. 12 (d = 10, M = 4096) on the 10 diabetes features; ResNet-8 Fixup
+# on the 8x8 rotated digits. Batch 64 (32 per rank), float32 models, fixed alpha.
+TASKS = {
+    "two_layer": {
+        "name": "diabetes-two-layer",
+        "model": {"name": "two_layer"},
+        "data": {"name": "diabetes"},
+        "optimizer": {"name": "ggn", "alpha": 1.0},
+        "train": {"batch_size": 64, "weight_decay": 0.0},
+    },
+    "fixup8": {
+        "name": "digits-resnet8-fixup",
+        "model": {"name": "resnet8_fixup"},
+        "data": {"name": "rotated-digits", "train_subset": 512, "test_subset": 256},
+        "optimizer": {"name": "ggn", "alpha": 1.0},
+        "train": {"batch_size": 64, "weight_decay": 0.0},
+    },
+}
+LAYOUTS = {  # name -> (launcher, threads per process, config overrides)
+    "single": ([sys.executable, "-m", "gramnewton"], 2, []),
+    "exact": (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD}",
+            "-m",
+            "gramnewton",
+        ],
+        1,
+        ["optimizer.distributed=exact"],
+    ),
+    "local": (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD}",
+            "-m",
+            "gramnewton",
+        ],
+        1,
+        ["optimizer.distributed=local"],
+    ),
+}
+
+
+def convergence(epochs: int, folder: Path) -> dict:
+    """Train every task in every layout through the CLI; the metrics rows of each run."""
+    from gramnewton.lab.experiments.config import dumps, resolve
+    from gramnewton.lab.experiments.metrics import read_rows
+
+    results = {}
+    for task, raw in TASKS.items():
+        config = resolve(raw, [f"train.epochs={epochs}"])
+        path = folder / f"{task}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dumps(config))
+        for layout, (launcher, threads, overrides) in LAYOUTS.items():
+            out = folder / task / layout
+            sets = [a for o in [f"train.threads={threads}", *overrides] for a in ("--set", o)]
+            load = os.getloadavg()
+            subprocess.run(
+                [*launcher, "train", str(path), "--out", str(out), *sets],
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
+            rows = read_rows(out / "metrics.csv")
+            results[f"{task}/{layout}"] = {
+                "load_average_before": load,
+                "load_average_after": os.getloadavg(),
+                "rows": rows,
+            }
+            print(task, layout, [round(r["train_loss"], 4) for r in rows], file=sys.stderr)
+    return results
+
+
+def convergence_figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
+    for ax, task in zip(axes, TASKS):
+        for layout, style in zip(LAYOUTS, ("-", "--", ":")):
+            rows = results[f"{task}/{layout}"]["rows"]
+            label = {"single": "1 process x 2 threads", "exact": "exact, 2 x 1", "local": "local, 2 x 1"}[layout]
+            ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], style, marker="o", ms=3, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train MSE")
+        ax.set_title(TASKS[task]["name"])
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# Assumptions of the scaling model (docs/distributed.md): NCCL bus bandwidth per GPU, latency per
+# collective, the GEMM and Cholesky rates of one GPU, 4-byte entries, k = 1 output.
+ASSUMPTIONS = {
+    "bandwidth_Bps": {8: 200e9, 64: 50e9, 512: 50e9},  # NVLink/NVSwitch in one node; InfiniBand 400 Gb/s per GPU beyond
+    "latency_s": {8: 10e-6, 64: 30e-6, 512: 50e-6},
+    "gemm_flops": 50e12,  # TF32 GEMM, sustained
+    "cholesky_flops": 10e12,  # a (B, B) factorisation on one GPU
+    "entry_bytes": 4,
+    "batch_per_gpu": 128,
+}
+
+
+def scaling(params: dict[str, int]) -> dict:
+    """Per step and GPU: bytes and seconds of communication and of the extra compute of the exact
+    mode, against local mode (= DDP's all-reduce), from the formulas of gramnewton.distributed."""
+    a, b, s = ASSUMPTIONS, ASSUMPTIONS["batch_per_gpu"], ASSUMPTIONS["entry_bytes"]
+    table = {}
+    for name, m in params.items():
+        for p in (8, 64, 512):
+            q, n = (p - 1) / p, p * b
+            exact_entries = q * (b * m + 2 * n * n + n + m)
+            local_entries = 2 * q * m
+            bw, lat = a["bandwidth_Bps"][p], a["latency_s"][p]
+            exact_comm = s * exact_entries / bw + 4 * lat  # status, residuals, all-to-all, Gram (+ direction)
+            local_comm = s * local_entries / bw + 2 * lat
+            gram = 2 * n * n * m / p / a["gemm_flops"]  # the partial Gram J[:, S_r] J[:, S_r]^T
+            local_gram = 2 * b * b * m / a["gemm_flops"]
+            solve = (n**3 / 3) / a["cholesky_flops"]  # replicated on every GPU
+            local_solve = (b**3 / 3) / a["cholesky_flops"]
+            table[f"{name}/P{p}"] = {
+                "params": m,
+                "union_batch": n,
+                "exact_bytes": s * exact_entries,
+                "local_bytes": s * local_entries,
+                "gram_matrix_bytes": s * n * n,
+                "exact_comm_s": exact_comm,
+                "local_comm_s": local_comm,
+                "exact_gram_s": gram,
+                "local_gram_s": local_gram,
+                "exact_solve_s": solve,
+                "local_solve_s": local_solve,
+                "exact_extra_s": exact_comm + gram + solve - (local_comm + local_gram + local_solve),
+            }
+    return {"assumptions": {k: v for k, v in a.items()}, "table": table}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -189,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     s.add_argument("--batch", type=int, default=128, help="union batch (half per rank)")
     s.add_argument("--rounds", type=int, default=5)
+    c = sub.add_parser("convergence")
+    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument("--runs", type=Path, default=ROOT / "runs" / "distributed")
+    sub.add_parser("scaling")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -198,7 +361,19 @@ def main(argv: list[str] | None = None) -> None:
             run = bench_step(name, args.batch, args.rounds)
             results.setdefault("step", {})[f"{name}/b{args.batch}"] = run
             args.out.write_text(json.dumps(results, indent=1))
-            print(json.dumps({m: round(e["median_s"], 4) for m, e in run["methods"].items()}), run["load_average_before"], file=sys.stderr)
+            print(
+                json.dumps({m: round(e["median_s"], 4) for m, e in run["methods"].items()}),
+                run["load_average_before"],
+                file=sys.stderr,
+            )
+    if args.what == "convergence":
+        results["convergence"] = convergence(args.epochs, args.runs)
+        convergence_figure(results["convergence"], ROOT / "docs" / "figures" / "distributed_convergence.png")
+    if args.what == "scaling":
+        params = {name: sum(p.numel() for p in build().parameters()) for name, (build, _) in MODELS.items()}
+        results["scaling"] = scaling(params)
+        for key, row in results["scaling"]["table"].items():
+            print(key, {k: f"{v:.3g}" for k, v in row.items()}, file=sys.stderr)
     args.out.write_text(json.dumps(results, indent=1))
 
 
