@@ -278,3 +278,49 @@ def test_momentum_with_cross_entropy_matches_dense_formula(space):
         opt.step(lambda: (model(x), y))
         assert_close(flat_params(model), flat_params(twin), 1e-9, f"cross-entropy momentum step ({space} space)")
     assert opt.last_diagnostics.solve_space == space
+
+
+class _BatchChosen:
+    """A rule that sets alpha from the system before the solve and never re-evaluates."""
+
+    measures_gain_ratio = False
+
+    def __init__(self, alpha: float):
+        self.alpha, self.systems, self.seen = alpha, [], []
+
+    def choose_alpha(self, alpha, system):
+        self.systems.append((alpha, system))
+        return self.alpha
+
+    def update(self, alpha, gain_ratio, diagnostics):
+        self.seen.append((alpha, gain_ratio))
+        return DampingDecision(0.123, True)
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+def test_rule_chooses_alpha_before_the_solve_without_reevaluation(engine):
+    name, build, shape, k, b = CASES[1]
+    model = build().double()
+    x, y = torch.randn(b, *shape, dtype=torch.float64), torch.randn(b, k, dtype=torch.float64)
+    rule = _BatchChosen(2.5)
+    expected, _ = dense_spring(model, [(x, y)], 0.9, 2.5, 0.0)
+    jac = dense_jacobian(model, x)
+    calls = []
+    opt = GramGaussNewton(model, lam=0.9, alpha=0.4, engine=engine, adaptive_damping=rule)
+    opt.step(lambda: calls.append(1) or model(x) - y)
+    assert_close(flat_params(model), expected[0], RTOL, "step with the rule's alpha")
+    assert len(calls) == 1, "the batch was re-evaluated"
+    assert rule.systems[0][0] == 0.4 and rule.seen == [(2.5, None)]
+    assert_close(rule.systems[0][1].gram, jac @ jac.T, RTOL, "the Gram the rule saw")
+    d = opt.last_diagnostics
+    assert (d.alpha, d.gain_ratio, d.loss_after, opt.param_groups[0]["alpha"]) == (2.5, None, None, 0.123)
+
+
+def test_rule_choosing_an_invalid_alpha_changes_nothing():
+    model = _small_mlp().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model, adaptive_damping=_BatchChosen(-1.0))
+    before = flat_params(model)
+    with pytest.raises(ValueError, match="alpha"):
+        opt.step(lambda: model(x) - y)
+    assert torch.equal(flat_params(model), before) and not opt.state

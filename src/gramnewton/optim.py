@@ -91,6 +91,8 @@ class GramGaussNewton(Optimizer):
             :class:`~gramnewton.damping.DampingRule` to adapt ``alpha`` after every step from
             Levenberg-Marquardt's gain ratio (one extra forward pass without gradients per step;
             a step the rule rejects is undone: parameters and momentum as before, not counted).
+            A rule may also set each step's ``alpha`` from the batch's Gram system before the
+            solve, and may skip the extra forward pass (:mod:`gramnewton.damping`).
             ``alpha`` in ``param_groups`` then holds the current value. Default: fixed ``alpha``.
         momentum: :math:`\mu` of the sample-space momentum above; ``0`` (default) is Eq. 11.
         solve_space: ``"sample"`` solves the ``(b*k, b*k)`` system above; ``"parameter"`` the
@@ -225,6 +227,7 @@ class GramGaussNewton(Optimizer):
             None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
         )
         lam, alpha, momentum = self._shared("lam"), self._shared("alpha"), self._shared("momentum")
+        choose = getattr(self.damping, "choose_alpha", None)
         hyper = dict(
             lam=lam,
             alpha=alpha,
@@ -232,6 +235,7 @@ class GramGaussNewton(Optimizer):
             momentum=momentum,
             previous=self._momentum_buffers() if momentum else None,
             solve_space=self.solve_space,
+            choose_alpha=None if choose is None else lambda system: choose(alpha, system),
         )
         if self.distributed == "local":
             losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
@@ -249,7 +253,7 @@ class GramGaussNewton(Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
             apply_direction(params, [updates[id(p)] for p in params], group["weight_decay"])
-        diagnostics = _diagnostics(result, lam, alpha, momentum)
+        diagnostics = _diagnostics(result, lam, momentum)
         if self.damping is not None:
             diagnostics = self._adapt_damping(closure, result, backup, diagnostics, general)
         if not diagnostics.rejected:
@@ -300,31 +304,42 @@ class GramGaussNewton(Optimizer):
         Any error while re-evaluating or deciding restores the parameters before it propagates.
         """
         try:
-            if general is not None:
-                before = float(self._total(lambda: (general.per_sample.double().sum(),), 1))
-                after = float(self._total(lambda: (general.loss_sum(),), 1))
-                rho = loss_gain_ratio(before, after, predicted_decrease(result.residuals, result.predicted))
-                loss_after = after / result.residuals.shape[0]
+            if not getattr(self.damping, "measures_gain_ratio", True):
+                decision = self.damping.update(diagnostics.alpha, None, diagnostics)
             else:
-                if self.distributed == "exact":  # the union batch's residuals, in rank order
-                    new_residuals = self.communicator.gather(lambda: closure_residuals(closure()).reshape(-1))
-                else:
-                    new_residuals = closure_residuals(closure())
-                if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
-                    raise ValueError("closure returned residuals of a different shape when re-evaluated")
-                rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))
-                loss_after = float(new_residuals.detach().double().pow(2).mean())
-            diagnostics = replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
-            decision = self.damping.update(diagnostics.alpha, rho, diagnostics)
+                diagnostics = self._measure(closure, result, diagnostics, general)
+                decision = self.damping.update(diagnostics.alpha, diagnostics.gain_ratio, diagnostics)
         except BaseException:
             _restore(self.engine.params, backup)
             raise
-        self.last_gain_ratio = rho
+        self.last_gain_ratio = diagnostics.gain_ratio
         for group in self.param_groups:
             group["alpha"] = decision.alpha
         if not decision.accept:
             _restore(self.engine.params, backup)
         return replace(diagnostics, rejected=not decision.accept)
+
+    @torch.no_grad()
+    def _measure(
+        self, closure: Closure, result: GramGaussNewtonStep, diagnostics: StepDiagnostics, general: LossClosure | None
+    ) -> StepDiagnostics:
+        """Re-evaluate the batch (the union batch in exact mode): diagnostics with the loss after
+        the step and the gain ratio."""
+        if general is not None:
+            before = float(self._total(lambda: (general.per_sample.double().sum(),), 1))
+            after = float(self._total(lambda: (general.loss_sum(),), 1))
+            rho = loss_gain_ratio(before, after, predicted_decrease(result.residuals, result.predicted))
+            loss_after = after / result.residuals.shape[0]
+        else:
+            if self.distributed == "exact":  # the union batch's residuals, in rank order
+                new_residuals = self.communicator.gather(lambda: closure_residuals(closure()).reshape(-1))
+            else:
+                new_residuals = closure_residuals(closure())
+            if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
+                raise ValueError("closure returned residuals of a different shape when re-evaluated")
+            rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))
+            loss_after = float(new_residuals.detach().double().pow(2).mean())
+        return replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
 
 
 @torch.no_grad()
@@ -333,7 +348,7 @@ def _restore(params: list[Tensor], backup: list[Tensor]) -> None:
         p.copy_(old)
 
 
-def _diagnostics(result: GramGaussNewtonStep, lam: float, alpha: float, momentum: float) -> StepDiagnostics:
+def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> StepDiagnostics:
     """The cheap scalars of a computed step (before any re-evaluation).
 
     The predicted decrease is in the units of ``result.loss``: the mean squared residual, or for
@@ -351,7 +366,7 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, alpha: float, momentum
         loss_after=None,
         predicted_decrease=decrease,
         gain_ratio=None,
-        alpha=alpha,
+        alpha=result.alpha,
         lam=lam,
         momentum=momentum,
         jitter=info.jitter,

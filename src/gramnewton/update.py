@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ class GramGaussNewtonStep:
         predicted: ``(b*k,)`` residuals the linearised model predicts after the step,
             ``f - y - J phi_t`` (the denominator of the gain ratio).
         solve_space: ``"sample"`` (the ``(b*k, b*k)`` system) or ``"parameter"`` (``(m, m)``).
+        alpha: the damping the system was solved with.
         mean_loss: the batch's mean loss before the update when the step is that of a general
             loss (:mod:`gramnewton.generalized`; ``residuals`` then hold the pseudo-residuals
             ``u``), else ``None``.
@@ -48,6 +49,7 @@ class GramGaussNewtonStep:
     solve_info: SolveInfo
     predicted: Tensor
     solve_space: str = "sample"
+    alpha: float | None = None
     mean_loss: Tensor | None = None
 
     @property
@@ -87,6 +89,7 @@ def gram_gauss_newton_direction(
     momentum: float = 0.0,
     previous: Sequence[Tensor] | None = None,
     solve_space: str = "sample",
+    choose_alpha: Callable[[GramSystem], float] | None = None,
 ) -> GramGaussNewtonStep:
     r"""Compute the update of Eq. 11, with sample-space momentum (SPRING), for ``closure``'s residuals.
 
@@ -101,7 +104,9 @@ def gram_gauss_newton_direction(
     the minimiser of ``lam ||J phi - r / lam||^2 + alpha ||phi - mu phi_{t-1}||^2``. The first
     form is solved in sample space (``(b*k, b*k)``), the second, equal by the push-through
     identity ``J^T (lam J J^T + alpha I)^{-1} = (lam J^T J + alpha I)^{-1} J^T``, in parameter
-    space (``(m, m)``); see :func:`choose_solve_space`.
+    space (``(m, m)``); see :func:`choose_solve_space`. ``choose_alpha``, when given, replaces
+    ``alpha`` by its value on the computed system (a damping rule's choice for this batch); the
+    returned step records the ``alpha`` it was solved with.
 
     Raises:
         ValueError: ``lam`` or ``alpha`` out of range, bad residuals, or momentum or the
@@ -120,6 +125,9 @@ def gram_gauss_newton_direction(
     use_momentum = bool(momentum) and previous is not None
     if use_momentum and system.j_times is None:
         raise ValueError("momentum needs J v, which this engine does not provide (GramSystem.j_times is None)")
+    if choose_alpha is not None:  # the damping rule sets this step's alpha from its system
+        alpha = choose_alpha(system)
+        check_damping(lam, alpha)
     space = choose_solve_space(solve_space, system, sum(p.numel() for p in engine.params))
     if space == "parameter":
         step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
@@ -130,7 +138,7 @@ def gram_gauss_newton_direction(
             "the Gram-Gauss-Newton step is not finite (overflow in J^T r); increase alpha or use "
             "solve_dtype=torch.float64; no parameter was changed"
         )
-    return step
+    return replace(step, alpha=alpha)
 
 
 def _sample_space(
