@@ -259,7 +259,7 @@ def convergence(epochs: int, folder: Path) -> dict:
             sets = [a for o in [f"train.threads={threads}", *overrides] for a in ("--set", o)]
             load = os.getloadavg()
             subprocess.run(
-                [*launcher, "train", str(path), "--out", str(out), *sets],
+                [*launcher, "train", str(path), "--out", str(out), "--overwrite", *sets],
                 check=True,
                 env={**os.environ, "OMP_NUM_THREADS": str(threads)},
             )

@@ -42,6 +42,7 @@ from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
 from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
+from .workspace import Workspace, activated
 
 
 @dataclass(eq=False)
@@ -122,6 +123,9 @@ class HooksEngine:
     Attributes:
         params: as given; ``jt_times`` returns one tensor per entry, in this order.
         reference_reasons: parameter index -> why it goes to the reference engine (static part).
+        workspace: buffers reused across steps while shapes repeat (:mod:`.workspace`); a
+            :class:`GramSystem` is valid until the next ``compute`` (a stale one raises);
+            ``workspace.clear()`` frees them.
         last_timings: seconds spent in the last ``compute``: ``forward``, ``reference``,
             ``backward`` (including the hooks' work), ``per_sample`` and ``gram`` (inside hooks).
 
@@ -167,6 +171,7 @@ class HooksEngine:
                 stacklevel=2,
             )
         self.last_timings: dict[str, float] = {}
+        self.workspace = Workspace()
         self._finish: Any = None  # set only while this engine's own backward pass runs
         self._columns = 1
         self._expected: set[int] = set()
@@ -193,7 +198,9 @@ class HooksEngine:
         timings["reference"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pieces = self._backward(residuals, calls, gram, timings)
+        self.workspace.new_step()  # the previous step's kept buffers are written over from here on
+        with activated(self.workspace):
+            pieces = self._backward(residuals, calls, gram, timings)
         timings["backward"] = time.perf_counter() - start
         self.last_timings = timings
 
