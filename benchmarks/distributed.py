@@ -15,6 +15,9 @@ Not a test. Per model and union batch ``B`` (``B/2`` samples per rank):
   batches and initial weights, through the training CLI itself: ``torchrun --standalone
   --nproc_per_node=2 -m gramnewton train`` (1 thread per rank) against ``python -m gramnewton
   train`` (2 threads); figure ``docs/figures/distributed_convergence.png``.
+- ``reorder``: how far two single-process float32 runs drift apart when one of them sees every
+  batch in the order the exact mode stacks it (rank 0's share first): round-off alone, the size
+  of the gap any data-parallel run must have.
 - ``scaling``: the scaling model of docs/distributed.md evaluated at 8, 64 and 512 GPUs for the
   parameter counts of the models above (assumptions in :data:`ASSUMPTIONS`).
 
@@ -25,6 +28,7 @@ Usage::
 
     python benchmarks/distributed.py step --models two_layer fixup8 fixup32 --batch 128
     python benchmarks/distributed.py convergence --epochs 10
+    python benchmarks/distributed.py reorder --task fixup8 --steps 24
     python benchmarks/distributed.py scaling
 """
 
@@ -295,6 +299,30 @@ def convergence_figure(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def reorder(task: str, steps: int) -> dict:
+    """Relative parameter gap and both losses per step: batch order ``idx`` against
+    ``[idx[0::2], idx[1::2]]``, same weights, one thread, float32."""
+    from gramnewton.lab.experiments.config import resolve
+    from gramnewton.lab.experiments.setup import build_model, load_data
+    from gramnewton.lab.experiments.training import batch_order, make_train_step
+
+    torch.set_num_threads(1)
+    config = resolve(TASKS[task])
+    data = load_data(config, "train")
+    models = [build_model(config, data) for _ in range(2)]
+    alpha = config["optimizer"]["alpha"]
+    train_steps = [make_train_step(m, GramGaussNewton(m, alpha=alpha, distributed=None)) for m in models]
+    order = [idx for epoch in range(1, 100) for idx in batch_order(len(data), config["train"]["batch_size"], 0, epoch)]
+    rows = []
+    for idx in order[:steps]:
+        stacked = torch.cat([idx[0::WORLD], idx[1::WORLD]])
+        losses = [float(step(*data[i])) for step, i in zip(train_steps, (idx, stacked))]
+        a, b = (torch.nn.utils.parameters_to_vector(m.parameters()).detach() for m in models)
+        rows.append({"loss": losses[0], "loss_reordered": losses[1], "relative_gap": float((a - b).norm() / a.norm())})
+        print(len(rows), rows[-1], file=sys.stderr)
+    return {"task": task, "alpha": alpha, "load_average": os.getloadavg(), "steps": rows}
+
+
 # Assumptions of the scaling model (docs/distributed.md): NCCL bus bandwidth per GPU, latency per
 # collective, the GEMM and Cholesky rates of one GPU, 4-byte entries, k = 1 output.
 ASSUMPTIONS = {
@@ -352,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--epochs", type=int, default=10)
     c.add_argument("--runs", type=Path, default=ROOT / "runs" / "distributed")
     sub.add_parser("scaling")
+    r = sub.add_parser("reorder")
+    r.add_argument("--task", default="fixup8", choices=list(TASKS))
+    r.add_argument("--steps", type=int, default=24)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -369,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "convergence":
         results["convergence"] = convergence(args.epochs, args.runs)
         convergence_figure(results["convergence"], ROOT / "docs" / "figures" / "distributed_convergence.png")
+    if args.what == "reorder":
+        results.setdefault("reorder", {})[args.task] = reorder(args.task, args.steps)
     if args.what == "scaling":
         params = {name: sum(p.numel() for p in build().parameters()) for name, (build, _) in MODELS.items()}
         results["scaling"] = scaling(params)
