@@ -418,3 +418,16 @@ def test_row_check_passes_ordinary_float32_models_and_runs_once_per_signature(mo
             x = torch.randn(batch, 3, 8, 8)
             engine.compute(lambda: model(x).squeeze(1))
     assert len(runs) == 2  # batch 4 checked once, batch 3 once
+
+
+def test_unbatched_convolution_with_as_many_channels_as_samples_is_routed() -> None:
+    from gramnewton.engines import HooksEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3)).double()
+    x = torch.randn(4, 5, 5, dtype=torch.float64)  # (C, H, W): no batch dimension, C == b
+    closure = lambda: model(x).reshape(4, -1)  # noqa: E731  (4 "samples" that are channels)
+    with pytest.warns(UserWarning, match="batch"):
+        system = HooksEngine(model).compute(closure)
+    jac = dense_jacobian(model, x)
+    assert_close(system.gram, jac @ jac.T, 1e-10, "unbatched convolution: Gram")

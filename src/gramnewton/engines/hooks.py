@@ -103,6 +103,13 @@ def _sink_edges(post: list[Any], nodes: dict[Any, list[_Call]]) -> list[Gradient
     return list(sinks.values())
 
 
+def _unbatched(call: _Call) -> bool:
+    """A convolution called on an input without a batch dimension (``(C, H, W)`` for Conv2d):
+    its dimension 0 is channels, even when their number equals the batch size."""
+    module = call.module
+    return isinstance(module, nn.modules.conv._ConvNd) and len(call.out_shape) != len(module.kernel_size) + 2
+
+
 class HooksEngine:
     """Gram system of ``model``'s residuals from per-layer factors (see the module docstring).
 
@@ -313,7 +320,7 @@ class HooksEngine:
                 "(torch.autograd.grad with create_graph=True)",
             )
         for call in calls:
-            if call.rows != (b, b):
+            if call.rows != (b, b) or _unbatched(call):
                 for p in call.params.values():
                     dynamic.setdefault(
                         id(p), f"{type(call.module).__name__} input/output do not have the batch ({b}) as dimension 0"
