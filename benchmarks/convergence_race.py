@@ -129,7 +129,9 @@ def race(specs: list[str], task: str, seconds: float, mark: float, batch: int, s
         load_before=load[0],
         load_after=load[1],
         runs=[
-            dict(spec=r["spec"], steps=r["steps"], marks=r["marks"], alpha_median_last_quarter=_tail_median(r["alphas"]))
+            dict(
+                spec=r["spec"], steps=r["steps"], marks=r["marks"], alpha_median_last_quarter=_tail_median(r["alphas"])
+            )
             for r in runs
         ],
     )
