@@ -147,14 +147,22 @@ def _check_optimizer(section: Mapping[str, Any]) -> None:
             raise ValueError(f"unknown config key optimizer.{key} for {name}{hint}")
         default = parameters[key].default
         kind = bool if isinstance(default, bool) else NUMBERS if isinstance(default, NUMBERS) else type(default)
+        kind = BOOL_OR_STRING if key in BOOL_OR_STRING_KEYS else kind
         if default not in (inspect.Parameter.empty, None) and (
             not isinstance(value, kind) or (kind is NUMBERS and isinstance(value, bool))
         ):
             raise ValueError(f"optimizer.{key} must be {_describe(kind)} (default {default!r}), got {value!r}")
 
 
+# GramGaussNewton's adaptive_damping: true/false or a rule's name ("auto", "gain_ratio", "cross_validated")
+BOOL_OR_STRING: tuple[type, ...] = (bool, str)
+BOOL_OR_STRING_KEYS = frozenset({"adaptive_damping"})
+
+
 def _describe(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", dict: "a table", bool: "true or false"}
+    if kind == BOOL_OR_STRING:
+        return "true, false or a string"
     return "a number" if kind == NUMBERS else names.get(kind, kind.__name__)  # type: ignore[arg-type]
 
 
