@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
 from .engines.reference import flatten, split_like
-from .solve import SingularGramError, SolveInfo, check_damping, damped_solve
+from .solve import SingularGramError, SolveInfo, check_damping, damped_solve, jacobian_solve, parameter_space_solve
 
 SOLVE_SPACES = ("auto", "sample", "parameter")
 
@@ -62,12 +62,14 @@ class GramGaussNewtonStep:
 def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) -> str:
     """The space to solve in: ``solve_space`` unless it is ``"auto"``.
 
-    Cost rule of ``"auto"``: the parameter space when ``m < b*k`` (more residuals than
-    parameters) and the engine can give the dense ``J``. Then the ``(m, m)`` Cholesky
-    (``m^3/3``) is smaller than the ``(b*k, b*k)`` one and forming ``J^T J`` (``b k m^2``) costs
-    less than ``J J^T`` did; and ``G`` has rank at most ``m < b*k``, so ``lam G + alpha I`` has
-    ``b*k - m`` eigenvalues equal to ``alpha``: with small ``alpha`` its solve needs jitter,
-    while ``lam J^T J + alpha I`` is as well conditioned as ``J`` allows.
+    Rule of ``"auto"``: the parameter space when ``m < b*k`` (more residuals than parameters)
+    and the engine can give the dense ``J``. With ``n = b*k``: cost, the sample space's
+    ``(n, n)`` Cholesky is ``n^3/3``, the parameter space's QR of the stacked ``(n + m, m)``
+    matrix ``2 n m^2`` (fewer below ``m = 0.41 n``, at most 6x more just below ``m = n``, where
+    both are small next to the engine's ``n^2 m`` for ``G``); accuracy, ``G`` has rank at most
+    ``m < n``, so ``lam G + alpha I`` has ``n - m`` eigenvalues equal to ``alpha`` and its
+    Cholesky loses ``cond(lam G + alpha I)``-fold in precision, the QR its square root. Measured on the sinc network (``m = 61``, float32, ``alpha = 0.1``,
+    ``benchmarks/solve_space.py``): see ``docs/solve_space.md``.
     """
     if solve_space not in SOLVE_SPACES:
         raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
@@ -132,7 +134,7 @@ def gram_gauss_newton_direction(
     if space == "parameter":
         step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     else:
-        step = _sample_space(system, lam, alpha, solve_dtype, momentum, previous, use_momentum)
+        step = _sample_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     if not all(bool(torch.isfinite(d).all()) for d in step.direction):
         raise SingularGramError(
             "the Gram-Gauss-Newton step is not finite (overflow in J^T r); increase alpha or use "
@@ -143,6 +145,7 @@ def gram_gauss_newton_direction(
 
 def _sample_space(
     system: GramSystem,
+    params: Sequence[Tensor],
     lam: float,
     alpha: float,
     solve_dtype: torch.dtype | None,
@@ -150,11 +153,19 @@ def _sample_space(
     previous: Sequence[Tensor] | None,
     use_momentum: bool,
 ) -> GramGaussNewtonStep:
-    """``phi_t = mu phi_{t-1} + J^T c`` with ``(lam G + alpha I) c = r - lam mu J phi_{t-1}``."""
+    """``phi_t = mu phi_{t-1} + J^T c`` with ``(lam G + alpha I) c = r - lam mu J phi_{t-1}``.
+
+    Without momentum and with ``alpha = 0``, an engine that holds ``J`` (``system.jacobian``) is
+    solved from ``J`` by SVD (:func:`~gramnewton.solve.jacobian_solve`): ``G`` would square its
+    condition number."""
     r = system.residuals.reshape(-1)
     if not use_momentum:  # Eq. 11 exactly, operation for operation
-        coefficients, info = damped_solve(system.gram, r, lam, alpha, dtype=solve_dtype)
-        direction = [-d for d in system.jt_times(coefficients)]
+        if alpha == 0 and system.jacobian is not None:
+            jt_c, coefficients, info = jacobian_solve(system.jacobian, r, lam, alpha, dtype=solve_dtype)
+            direction = [-d for d in split_like(jt_c, params)]
+        else:
+            coefficients, info = damped_solve(system.gram, r, lam, alpha, dtype=solve_dtype)
+            direction = [-d for d in system.jt_times(coefficients)]
         predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
         return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
     j_previous = system.j_times(previous).to(r.dtype)
@@ -174,13 +185,12 @@ def _parameter_space(
     previous: Sequence[Tensor] | None,
     use_momentum: bool,
 ) -> GramGaussNewtonStep:
-    """``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}`` (Levenberg-Marquardt's system)."""
+    """``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}`` (Levenberg-Marquardt's system),
+    solved from the dense ``J`` (:func:`~gramnewton.solve.parameter_space_solve`)."""
     jac = system.jacobian_columns(0, sum(p.numel() for p in params))
     r = system.residuals.reshape(-1)
-    rhs = jac.T @ r.to(jac.dtype)
-    if use_momentum:
-        rhs = rhs + (alpha * momentum) * flatten(previous, jac.dtype)
-    phi, info = damped_solve(jac.T @ jac, rhs, lam, alpha, dtype=solve_dtype)
+    prior = momentum * flatten(previous, jac.dtype) if use_momentum else None
+    phi, info = parameter_space_solve(jac, r.to(jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
     direction = split_like(-phi, params)
     predicted = r - (jac @ phi).to(r.dtype)
     return GramGaussNewtonStep(direction, system.residuals, system.gram, None, info, predicted, "parameter")
@@ -207,8 +217,10 @@ def full_batch_step(
     """Full-batch GGN, Eq. 9: ``w <- w - J^T G^{-1} (f - y)`` over the whole data set.
 
     ``closure`` must return the residuals of *all* ``n`` samples; ``alpha = 0`` (the paper's
-    full-batch method) is the default, and a singular ``G`` falls back to the minimum-norm
-    solution (see :mod:`gramnewton.solve`). The parameters are updated in place.
+    full-batch method) is the default. With ``alpha = 0`` and the default reference engine the
+    step is solved from ``J`` by a rank-revealing SVD (``-(1/lam) J^+ (f - y)``, the minimum-norm
+    least-squares step; cut-off in :mod:`gramnewton.solve`), not from ``G``, whose condition
+    number is squared. The parameters are updated in place.
 
     Returns:
         The applied :class:`GramGaussNewtonStep` (its ``gram`` is ``G_t``, its ``residuals``

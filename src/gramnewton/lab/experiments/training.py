@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from ...losses import SquaredError
 from ...optim import GramGaussNewton
 
 TrainStep = Callable[[Tensor, Tensor], Tensor]
@@ -43,11 +44,15 @@ def make_train_step(model: nn.Module, optimizer: Optimizer) -> TrainStep:
     """``step(x, y)``: one optimizer step on the batch, returning its MSE before the update.
 
     The single place that knows how each kind of optimizer takes a step: Gram-Gauss-Newton gets
-    a closure returning the per-sample residuals ``(b, k)``; any other optimizer gets the usual
-    ``zero_grad``, MSE ``backward`` and ``step`` (with a closure, for L-BFGS and K-FAC).
+    a closure returning the per-sample residuals ``(b, k)`` (with its default ``loss="mse"``) or
+    ``(outputs, targets)`` (with another loss, e.g. ``"cross_entropy"``; the returned value is
+    then that loss's batch mean); any other optimizer gets the usual ``zero_grad``, MSE
+    ``backward`` and ``step`` (with a closure, for L-BFGS and K-FAC).
     """
     if isinstance(optimizer, GramGaussNewton):
-        return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+        if isinstance(optimizer.loss, SquaredError):
+            return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+        return lambda x, y: optimizer.step(lambda: (model(x), y))
 
     def first_order_step(x: Tensor, y: Tensor) -> Tensor:
         losses: list[Tensor] = []
@@ -159,15 +164,28 @@ def fit(
     seconds: float = math.inf,
     state: FitState | None = None,
     callbacks: Sequence[Callback] = (),
+    shard: tuple[int, int] = (0, 1),
 ) -> FitState:
     """Run ``step`` over the seeded epochs of ``dataset`` until ``epochs`` epochs or ``seconds``
     training seconds (the last epoch may then be partial) or a callback asks to stop.
 
     Batches of epoch ``e`` are :func:`batch_order` ``(len(dataset), batch_size, seed, e)``.
     ``state`` (default: a fresh one) is continued and updated in place; it is returned.
+
+    Data parallelism: with ``shard = (rank, world)`` (``torch.distributed``), every process
+    walks the same global batches and steps on its strided share ``idx[rank::world]`` of each
+    (``DistributedSampler``'s split of a batch), so ``batch_size`` is the global batch and a
+    ``distributed="exact"`` GGN run takes the single-process steps. The ranks must stop at the
+    same step: a ``seconds`` budget (each rank's own clock) is refused, and callbacks that stop
+    the run must decide alike on every rank.
     """
     if epochs is None and not math.isfinite(seconds):
         raise ValueError("fit needs a budget: epochs, seconds or both")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard (rank, world) must have 0 <= rank < world, got {shard}")
+    if world > 1 and math.isfinite(seconds):
+        raise ValueError("a seconds budget cannot be used with several processes (their clocks differ); use epochs")
     state = FitState() if state is None else state
     budget = FitBudget(epochs, seconds, math.ceil(len(dataset) / batch_size))
     for callback in callbacks:
@@ -178,7 +196,7 @@ def fit(
             order = batch_order(len(dataset), batch_size, seed, state.epoch + 1)
             for idx in order[len(state.batch_losses) :]:
                 start = time.perf_counter()
-                x, y = dataset[idx]
+                x, y = dataset[idx[rank::world]]
                 loss = float(step(x, y))
                 state.seconds += time.perf_counter() - start
                 state.step += 1
