@@ -79,7 +79,7 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"name": "ggn", "alpha": 1e6, "adaptive_damping": False, "loss": "cross_entropy", "curvature": "gradient"},
         "cross_entropy",
     ),
-    "ggn_mse_k10": ({"name": "ggn", "alpha": 1e6}, "mse"),
+    "ggn_mse_k10": ({"name": "ggn", "alpha": 1e6, "adaptive_damping": False}, "mse"),
 }
 
 
