@@ -30,6 +30,7 @@ jobs, OpenMP threads that spin at barriers made a small ``(32, 4096)`` product 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -45,9 +46,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from gramnewton import GramGaussNewton, tune_allocator
+from gramnewton import tune_allocator
 from gramnewton.engines import GramSystem, HooksEngine, ReferenceEngine
+from gramnewton.lab.experiments.optimizers import build_optimizer
+from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import TwoLayerNet, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,39 +94,54 @@ class TimedEngine:
             self.times["update_jt"] = time.perf_counter() - t0
             return out
 
-        return GramSystem(system.residuals, system.gram, jt_times)
+        return dataclasses.replace(system, jt_times=jt_times)
 
 
-def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Callable[[], None], Callable[[], dict]]:
-    """A function doing one step of ``method`` and one returning its last breakdown."""
+def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Callable[[], Tensor], Callable[[], dict]]:
+    """A function doing one step of ``method`` and one returning its last breakdown.
+
+    Every optimizer comes from the lab's factory and steps through
+    :func:`~gramnewton.lab.experiments.training.make_train_step`, as in training.
+    """
     if method in ("sgd", "adam"):
-        opt = (
-            torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-            if method == "sgd"
-            else torch.optim.Adam(model.parameters(), lr=1e-6)
-        )
-        times: dict[str, float] = {}
-
-        def step() -> None:
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss = (model(x).squeeze(1) - y).pow(2).mean()
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            opt.step()
-            times.update(forward=t1 - t0, backward=t2 - t1, optimizer_step=time.perf_counter() - t2)
-
-        return step, lambda: dict(times)
+        opt = build_optimizer({"name": method, "lr": 1e-6}, model)  # SGD: the factory's momentum 0.9
+        return _bound(make_train_step(model, opt), x, y), first_order_breakdown(model, opt)
     params = list(model.parameters())
     engine = TimedEngine(HooksEngine(model, params) if method == "ggn_fast" else ReferenceEngine(params))
     # a large alpha keeps the weights (and so the timings) where they are over many steps
-    ggn = GramGaussNewton(model, alpha=1e6, engine=engine)
+    ggn = build_optimizer({"name": "ggn", "alpha": 1e6, "engine": engine}, model)
+    return _bound(make_train_step(model, ggn), x, y), lambda: dict(engine.times)
 
-    def ggn_step() -> None:
-        ggn.step(lambda: model(x).squeeze(1) - y)
 
-    return ggn_step, lambda: dict(engine.times)
+def _bound(step: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    return lambda: step(x, y)
+
+
+def first_order_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], dict]:
+    """Hooks that split a first-order step into forward, backward (to the last gradient
+    accumulated) and the rest (the optimizer's update); returns the last step's split.
+
+    One Python call per parameter and step is the hooks' overhead (microseconds).
+    """
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> Callable[..., None]:
+        return lambda *_: marks.__setitem__(name, time.perf_counter())
+
+    model.register_forward_pre_hook(mark("start"))
+    model.register_forward_hook(mark("forward"))
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(mark("backward"))
+    optimizer.register_step_post_hook(mark("end"))
+
+    def breakdown() -> dict:
+        return {
+            "forward": marks["forward"] - marks["start"],
+            "backward": marks["backward"] - marks["forward"],
+            "optimizer_step": marks["end"] - marks["backward"],
+        }
+
+    return breakdown
 
 
 def gram_floor_step(b: int, d: int, width: int) -> Callable[[], None]:
@@ -157,7 +176,8 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
     faults: dict[str, list[int]] = {m: [] for m in steps}
     system: dict[str, list[float]] = {m: [] for m in steps}
     parts: dict[str, list[dict]] = {m: [] for m in steps}
-    for rnd in range(warmup + reps):
+    # a bar of rounds / total rounds, shown on a terminal only
+    for rnd in tqdm(range(warmup + reps), desc=f"{model_name} b={batch}", unit="round", leave=False, disable=None):
         for method, step in steps.items():
             usage = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()

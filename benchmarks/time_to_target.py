@@ -17,9 +17,10 @@ Protocol. Every run is a child process forked from a parent that has only import
 (so its peak RSS is its own, and start-up costs milliseconds): ``torch.set_num_threads(2)``,
 address space capped with ``RLIMIT_AS`` (``--memory-cap-gib``, 8 GiB by default) so that running out
 of memory is a clean, reported failure. The model is built under ``torch.manual_seed(seed)``
-(the same initialisation for every optimizer) and batches come from
-:func:`gramnewton.lab.experiments.training.batch_order` (the same order for every optimizer with the
-same batch size). Training time excludes evaluation: the full training MSE is evaluated whenever
+(the same initialisation for every optimizer), the optimizer from the lab's factory
+(:func:`gramnewton.lab.experiments.optimizers.build_optimizer`, the grid's keys are its
+hyper-parameters) and the loop is :func:`gramnewton.lab.experiments.training.fit` (the same batch
+order for every optimizer with the same batch size). Training time excludes evaluation: the full training MSE is evaluated whenever
 ``max(budget / EVAL_FLOOR, EVAL_GROWTH * elapsed)`` seconds of training have passed since the last
 evaluation (so a time to target is resolved to about 10%, or 0.1 s of a 10 s budget). A run
 stops at its time budget, at a non-finite loss (failure ``nan``), when it runs out of memory
@@ -71,7 +72,16 @@ from gramnewton import GramGaussNewton, SingularGramError
 from gramnewton.lab.data import get_dataset
 from gramnewton.lab.data.base import TensorRegressionDataset
 from gramnewton.lab.experiments.figures import plot_curves
-from gramnewton.lab.experiments.training import TrainStep, batch_order, batches, make_train_step, mean_squared_error
+from gramnewton.lab.experiments.optimizers import build_optimizer
+from gramnewton.lab.experiments.training import (
+    Callback,
+    FitState,
+    ProgressBar,
+    TrainStep,
+    fit,
+    make_train_step,
+    mean_squared_error,
+)
 from gramnewton.lab.models import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,13 +220,13 @@ def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
     full = lambda b: b if b else "full"  # noqa: E731
     if optimizer == "ggn":
         return [
-            {"batch": full(b), "alpha": a, **({"adaptive": True} if adaptive else {})}
+            {"batch": full(b), "alpha": a, **({"adaptive_damping": True} if adaptive else {})}
             for b, a, adaptive in task.ggn_grid
         ]
     if optimizer == "tlm":
         return [{"batch": full(b)} for b in task.tlm_batches]
     if optimizer == "lbfgs":
-        return [{"batch": "full", "history": 100, "max_iter": 5}]
+        return [{"batch": "full", "history_size": 100, "max_iter": 5}]
     if optimizer == "adam":
         return [{"batch": task.batch, "lr": lr} for lr in (3e-3, 1e-2)]
     if optimizer == "sgd":
@@ -233,9 +243,10 @@ def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
 def make_step(optimizer: str, model: nn.Module, config: dict[str, Any]) -> tuple[TrainStep, str]:
     """``step(x, y) -> loss before the step`` for ``optimizer``, and the implementation that runs.
 
-    GGN and the torch optimizers go through :func:`make_train_step`; TLM through its own
-    ``training_step`` (the package's public interface; it returns the loss after the step, so
-    the curve's first point is the shared initial evaluation, not this value).
+    ``config`` less its ``batch`` is the optimizer's hyper-parameters: GGN and the torch
+    optimizers are built by :func:`build_optimizer` and stepped by :func:`make_train_step`; TLM
+    goes through its own ``training_step`` (the package's public interface; it returns the loss
+    after the step, so the curve's first point is the shared initial evaluation, not this value).
     """
     if optimizer == "tlm":
         import torch_levenberg_marquardt as tlm
@@ -246,30 +257,11 @@ def make_step(optimizer: str, model: nn.Module, config: dict[str, Any]) -> tuple
         return (
             lambda x, y: module.training_step(x, y.reshape(len(y), -1))[1]
         ), f"torch-levenberg-marquardt {tlm.__version__}"
-    if optimizer == "ggn":
-        opt: torch.optim.Optimizer = GramGaussNewton(
-            model, lam=1.0, alpha=config["alpha"], adaptive_damping=config.get("adaptive", False)
-        )
-        return make_train_step(model, opt), f"GramGaussNewton, {type(opt.engine).__name__}"
-    if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(
-            model.parameters(),
-            lr=1.0,
-            max_iter=config["max_iter"],
-            history_size=config["history"],
-            line_search_fn="strong_wolfe",
-        )
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
-    elif optimizer == "kfac":
-        from gramnewton.lab.baselines.kfac import KFAC  # type: ignore[import-not-found]
-
-        opt = KFAC(model, lr=config["lr"], inverse_every=config["inverse_every"])
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
-    return make_train_step(model, opt), type(opt).__name__
+    opt = build_optimizer({"name": optimizer, **{k: v for k, v in config.items() if k != "batch"}}, model)
+    implementation = type(opt).__name__
+    if isinstance(opt, GramGaussNewton):
+        implementation += f", {type(opt.engine).__name__}"
+    return make_train_step(model, opt), implementation
 
 
 def peak_rss_mb() -> float:
@@ -299,44 +291,57 @@ class WarningCounter(logging.Handler):
         self.messages.append(record.getMessage()[:200])
 
 
+class BudgetEvaluator(Callback):
+    """Evaluates the full training MSE into :attr:`curve` whenever ``max(budget / EVAL_FLOOR,
+    EVAL_GROWTH * seconds)`` training seconds have passed since the last evaluation, and at the
+    budget; stops the run at a non-finite loss (:attr:`failure` ``nan``) or below ``STOP_FACTOR``
+    times the initial training MSE."""
+
+    def __init__(self, model: nn.Module, train: Dataset, budget: float):
+        self.model, self.train, self.budget = model, train, budget
+        self.initial = mean_squared_error(model, train)
+        self.curve = [{"seconds": 0.0, "steps": 0, "train_loss": self.initial}]
+        self.failure: str | None = None
+
+    def on_step(self, state: FitState, loss: float) -> bool:
+        if not math.isfinite(loss):
+            self.failure = "nan"
+            return True
+        since = state.seconds - self.curve[-1]["seconds"]
+        if since < max(self.budget / EVAL_FLOOR, EVAL_GROWTH * state.seconds) and state.seconds < self.budget:
+            return False
+        self.curve.append(
+            {"seconds": state.seconds, "steps": state.step, "train_loss": mean_squared_error(self.model, self.train)}
+        )
+        last = self.curve[-1]["train_loss"]
+        return not math.isfinite(last) or last <= STOP_FACTOR * self.initial
+
+
 def train_for_budget(
     step: TrainStep, model: nn.Module, train: Dataset, batch: int, seed: int, budget: float
 ) -> dict[str, Any]:
-    """Run ``step`` over seeded epochs for ``budget`` training seconds; evaluate as it goes.
+    """Run ``step`` over seeded epochs (:func:`fit`) for ``budget`` training seconds; evaluate as it goes.
 
     Returns ``curve`` (rows of ``seconds``, ``steps``, ``train_loss``), ``failure`` (None,
     ``nan``, ``oom``, ...) and the initial train MSE.
     """
-    initial = mean_squared_error(model, train)
-    curve = [{"seconds": 0.0, "steps": 0, "train_loss": initial}]
-    seconds, steps, since_eval, failure = 0.0, 0, 0.0, None
-    epoch = 0
-    while failure is None and seconds < budget and curve[-1]["train_loss"] > STOP_FACTOR * initial:
-        epoch += 1
-        for x, y in batches(train, batch_order(len(train), batch, seed, epoch)):
-            start = time.perf_counter()
-            try:
-                loss = float(step(x, y))
-            except (RuntimeError, MemoryError, SingularGramError) as error:
-                failure = classify_failure(error)
-                break
-            elapsed = time.perf_counter() - start
-            seconds, since_eval, steps = seconds + elapsed, since_eval + elapsed, steps + 1
-            if not math.isfinite(loss):
-                failure = "nan"
-                break
-            if since_eval >= max(budget / EVAL_FLOOR, EVAL_GROWTH * seconds) or seconds >= budget:
-                curve.append({"seconds": seconds, "steps": steps, "train_loss": mean_squared_error(model, train)})
-                since_eval = 0.0
-                if (
-                    seconds >= budget
-                    or not math.isfinite(curve[-1]["train_loss"])
-                    or curve[-1]["train_loss"] <= STOP_FACTOR * initial
-                ):
-                    break
+    evaluator = BudgetEvaluator(model, train, budget)
+    state = FitState()
+    bar = ProgressBar(f"{budget:g} s run", leave=False, disable=None)  # shown on a terminal only
+    try:
+        fit(step, train, batch_size=batch, seed=seed, seconds=budget, state=state, callbacks=[evaluator, bar])
+    except (RuntimeError, MemoryError, SingularGramError) as error:
+        evaluator.failure = classify_failure(error)
+    curve, failure = evaluator.curve, evaluator.failure
     if failure is None and not math.isfinite(curve[-1]["train_loss"]):
         failure = "nan"
-    return {"initial_train": initial, "curve": curve, "failure": failure, "seconds": seconds, "steps": steps}
+    return {
+        "initial_train": evaluator.initial,
+        "curve": curve,
+        "failure": failure,
+        "seconds": state.seconds,
+        "steps": state.step,
+    }
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -539,7 +544,8 @@ def fmt(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def render_task(name: str, task_result: dict[str, Any]) -> list[str]:
+def render_task(name: str, task_result: dict[str, Any], figure: Path | None = None) -> list[str]:
+    """The task's table, notes and, when given, its figure embedded right below the table."""
     rows = summarise(task_result)
     ggn = rows.get("ggn")
     lines = [
@@ -580,8 +586,9 @@ def render_task(name: str, task_result: dict[str, Any]) -> list[str]:
         f"Implementations: {implementations}.",
         "",
     ]
-    if (FIGURES / f"bench_{name}.png").exists():
-        lines += [f"![{name}](figures/bench_{name}.png)", ""]
+    if figure is not None:
+        caption = f"{name}: training MSE against training seconds, seed 0, best configuration of each method"
+        lines += [f"![{caption}]({figure.relative_to(DOC.parent).as_posix()})", ""]
     return lines
 
 
@@ -694,7 +701,9 @@ def fmt_load(load: Any) -> str:
     return "?" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
-def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+def render_markdown(results: dict[str, Any], meta: dict[str, Any], figures: dict[str, Path] | None = None) -> str:
+    """The whole of ``docs/benchmarks.md``; ``figures`` (task -> PNG) are embedded with their task."""
+    figures = figures or {}
     lines = [
         "# Time to target: GGN against TLM, L-BFGS, Adam, SGD and K-FAC",
         "",
@@ -728,7 +737,7 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
     ]
     for name in results:
-        lines += render_task(name, results[name])
+        lines += render_task(name, results[name], figures.get(name))
     failures = first_failures(results)
     if failures:
         lines += [
@@ -764,10 +773,10 @@ def plot_task(name: str, task_result: dict[str, Any]) -> Path | None:
 
 
 def write_report(results: dict[str, Any], meta: dict[str, Any]) -> None:
-    for name, task_result in results.items():
-        plot_task(name, task_result)
+    """Draw every task's figure, then write the doc embedding each figure drawn."""
+    figures = {name: plot_task(name, task_result) for name, task_result in results.items()}
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render_markdown(results, meta))
+    DOC.write_text(render_markdown(results, meta, {n: f for n, f in figures.items() if f is not None}))
 
 
 def load_results() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from gramnewton.lab.cli import main
 from gramnewton.lab.experiments.config import dumps, load_config, parse_override, resolve
 from gramnewton.lab.experiments.metrics import read_rows
 from gramnewton.lab.experiments.runner import run_experiment
+from gramnewton.lab.experiments.training import Callback
 
 TINY = """
 name = "tiny"
@@ -86,16 +87,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer):
     run_experiment(load_config(path, ["train.epochs=1"]), tmp_path / "split")
     resumed = run_experiment(load_config(path), tmp_path / "split", resume=True)
     assert _losses(resumed) == _losses(full)
-    # Ctrl-C in the middle of epoch 2 (after its 2nd step), then resumed.
-    calls = []
 
-    def interrupt(loss):
-        calls.append(loss)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
+    # Ctrl-C in the middle of epoch 2 (after its 2nd step), then resumed.
+    class Interrupt(Callback):
+        def on_step(self, state, loss):
+            if state.step == 6:
+                raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_config(path), tmp_path / "ctrl-c", on_batch=interrupt)
+        run_experiment(load_config(path), tmp_path / "ctrl-c", callbacks=[Interrupt()])
     saved = torch.load(tmp_path / "ctrl-c" / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1 and len(saved["batch_losses"]) == 2 and saved["step"] == 6
     resumed = run_experiment(load_config(path), tmp_path / "ctrl-c", resume=True)

@@ -295,6 +295,14 @@ def check_against_reference(case: Case) -> None:
     assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
     assert_close("J^T v vs reference", jt_fast, torch.cat([t.reshape(-1) for t in reference.jt_times(v)]))
     assert_close("J^T v vs jacrev", jt_fast, jac.T @ v)
+    u = [torch.randn_like(p) for p in params]  # a direction in parameter space
+    u_flat = torch.cat([t.reshape(-1) for t in u])
+    assert_close("J u vs jacrev", fast.j_times(u), jac @ u_flat)
+    assert_close("J u vs reference", fast.j_times(u), reference.j_times(u))
+    m = jac.shape[1]
+    for start, stop in ((0, m), (m // 3, m - m // 4)):  # the whole J and a range across parameters
+        assert_close(f"J[:, {start}:{stop}] vs jacrev", fast.jacobian_columns(start, stop), jac[:, start:stop])
+        assert_close("reference J columns", reference.jacobian_columns(start, stop), jac[:, start:stop])
 
 
 @pytest.mark.parametrize("cost_mode", MODES, indirect=True)

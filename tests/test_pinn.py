@@ -82,6 +82,8 @@ def test_auto_engine_is_exact_for_a_laplacian_residual(depth, closure):
     v = torch.randn(12, dtype=torch.float64)
     jt_v = torch.cat([t.reshape(-1) for t in system.jt_times(v)])
     assert_close(jt_v, jac.T @ v, RTOL, "J^T v of an autograd Laplacian residual")
+    u = [torch.randn_like(p) for p in model.parameters()]
+    assert_close(system.j_times(u), jac @ torch.cat([t.reshape(-1) for t in u]), RTOL, "J u, autograd Laplacian")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one-time warning: the second step is silent
         opt.engine.compute(lambda: closure(model, x))
@@ -162,6 +164,9 @@ def test_functional_engine_matches_dense_jacrev(problem, chunk):
     v = torch.randn(jac.shape[0], dtype=torch.float64)
     jt_v = torch.cat([t.reshape(-1) for t in system.jt_times(v)])
     assert_close(jt_v, jac.T @ v, RTOL, f"{problem} J^T v")
+    u = [torch.randn_like(p) for p in model.parameters()]
+    assert_close(system.j_times(u), jac @ torch.cat([t.reshape(-1) for t in u]), RTOL, f"{problem} J u")
+    assert_close(system.jacobian_columns(0, jac.shape[1]), jac, RTOL, f"{problem} dense J")
     assert_close(closure().reshape(-1), r, RTOL, f"{problem} residuals of the eager closure")
 
 

@@ -98,6 +98,8 @@ def test_closed_form_engine_equals_reference_engine():
     assert torch.allclose(fast.gram, ref.gram, rtol=0, atol=1e-10)
     v = torch.randn(7, dtype=torch.float64)
     assert torch.allclose(fast.jt_times(v)[0], ref.jt_times(v)[0], rtol=0, atol=1e-10)
+    u = [torch.randn_like(model.hidden.weight)]
+    assert torch.allclose(fast.j_times(u), ref.j_times(u), rtol=0, atol=1e-10)
 
 
 class GaussSoftplus(nn.Module):

@@ -3,7 +3,8 @@ classification through the generalized Gauss-Newton step of :mod:`gramnewton.gen
 
 from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
-from .damping import GainRatioDamping
+from .damping import DampingDecision, DampingRule, GainRatioDamping
+from .diagnostics import StepDiagnostics
 from .engines import FunctionalEngine, FunctionalResidual, GramEngine, GramSystem, HooksEngine, ReferenceEngine, Term
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
@@ -14,6 +15,8 @@ __all__ = [
     "AllocatorTuning",
     "BinaryCrossEntropy",
     "CrossEntropy",
+    "DampingDecision",
+    "DampingRule",
     "FunctionalEngine",
     "FunctionalResidual",
     "GainRatioDamping",
@@ -27,6 +30,7 @@ __all__ = [
     "SingularGramError",
     "SolveInfo",
     "SquaredError",
+    "StepDiagnostics",
     "Term",
     "apply_direction",
     "check_per_sample_independence",

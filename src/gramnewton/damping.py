@@ -1,4 +1,16 @@
-"""Adaptive damping: Levenberg-Marquardt's gain-ratio rule for ``alpha``.
+"""Adaptive damping: the rule interface and Levenberg-Marquardt's gain-ratio rule for ``alpha``.
+
+Interface (what :class:`~gramnewton.GramGaussNewton` calls; see :class:`DampingRule`):
+
+1. ``choose_alpha(alpha, system)``, optional: after the engine computed the batch's
+   :class:`~gramnewton.engines.GramSystem` (Gram ``G``, residuals ``r``), before the solve: the
+   damping of this step (e.g. chosen by cross-validation on the batch). Default: ``alpha``.
+2. ``update(alpha, gain_ratio, diagnostics)``, once per step, after re-evaluating the batch's
+   residuals at the new parameters (skipped when ``measures_gain_ratio`` is False: one forward
+   pass saved, ``gain_ratio`` is then ``None``): gets the ``alpha`` the step was solved with, the
+   gain ratio and the step's :class:`~gramnewton.diagnostics.StepDiagnostics`, and returns a
+   :class:`DampingDecision`: the ``alpha`` for the next step and whether to keep the step. A
+   rejected step is undone: parameters and momentum as before it, not counted as a step.
 
 After a step ``delta = -J^T c`` with ``c = (lam G + alpha I)^{-1} r``, the linearised model
 predicts the residual ``r - G c``. The gain ratio compares the actual with the predicted
@@ -24,9 +36,42 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .diagnostics import StepDiagnostics
+from .engines.base import GramSystem
+
 
 @dataclass(frozen=True)
-class GainRatioDamping:
+class DampingDecision:
+    """What a :class:`DampingRule` decided: next ``alpha`` and whether the step is kept."""
+
+    alpha: float
+    accept: bool
+
+
+class DampingRule:
+    """Base of the damping rules (the optimizer also accepts any object with ``update``; the two
+    other members are then read with these defaults). A rule may keep state of its own (e.g. a
+    smoothed ratio).
+
+    Attributes:
+        measures_gain_ratio: ``False`` skips the re-evaluation of the batch after the step.
+    """
+
+    measures_gain_ratio: bool = True
+
+    def choose_alpha(self, alpha: float, system: GramSystem) -> float:
+        """The damping of this step from its Gram system (``G`` ``(b*k, b*k)``, residuals
+        ``(b, k)``), before the solve; ``alpha`` is the current one. Default: unchanged."""
+        return alpha
+
+    def update(self, alpha: float, gain_ratio: float | None, diagnostics: StepDiagnostics) -> DampingDecision:
+        """Decide from this step's ``gain_ratio`` (``-inf`` for a non-finite new loss, ``None``
+        when not measured) and its diagnostics (``rejected`` is still ``False`` there)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GainRatioDamping(DampingRule):
     """Rule for adapting ``alpha`` from the gain ratio.
 
     Attributes:
@@ -58,6 +103,10 @@ class GainRatioDamping:
         elif rho > self.high:
             alpha = alpha / self.factor
         return min(max(alpha, self.min_alpha), self.max_alpha)
+
+    def update(self, alpha: float, gain_ratio: float, diagnostics: StepDiagnostics) -> DampingDecision:
+        """:meth:`next_alpha`, and reject the step when ``gain_ratio < reject_below``."""
+        return DampingDecision(self.next_alpha(alpha, gain_ratio), gain_ratio >= self.reject_below)
 
 
 def gain_ratio(residuals: Tensor, predicted: Tensor, new_residuals: Tensor) -> float:

@@ -148,12 +148,12 @@ class LossClosure:
         return float(self.loss.per_sample(outputs.detach(), self.loss.check(outputs, targets)).double().sum())
 
 
-def predicted_decrease(u: Tensor, gram: Tensor, coefficients: Tensor) -> float:
-    """Decrease of ``sum_i l_i`` predicted by the quadratic model for ``delta = -J^T B c``:
-    ``-(g^T J delta + 1/2 delta^T J^T H J delta) = 1/2 (||u||^2 - ||u - B^T G B c||^2)``.
+def predicted_decrease(u: Tensor, predicted: Tensor) -> float:
+    """Decrease of ``sum_i l_i`` predicted by the quadratic model for the step ``delta = -phi``:
+    ``-(g^T J delta + 1/2 delta^T J^T H J delta) = 1/2 (||u||^2 - ||u - B^T J phi||^2)``.
 
-    ``u`` ``(b, q)``, ``gram`` ``B^T G B`` ``(b*q, b*q)``, ``coefficients`` ``c`` ``(b*q,)``.
+    ``u`` ``(b, q)`` pseudo-residuals; ``predicted`` ``(b*q,)`` the linearised ones after the step,
+    ``u - B^T J phi`` (``u - B^T G B c`` without momentum, ``phi = J^T B c``).
     """
     u = u.reshape(-1).double()
-    rest = u - gram.double() @ coefficients.double()
-    return 0.5 * float(u.pow(2).sum() - rest.pow(2).sum())
+    return 0.5 * float(u.pow(2).sum() - predicted.double().pow(2).sum())

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .damping import GainRatioDamping, gain_ratio, loss_gain_ratio
+from .damping import DampingRule, GainRatioDamping, gain_ratio, loss_gain_ratio
+from .diagnostics import StepDiagnostics
+from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
 from .engines.base import closure_residuals
 from .engines.select import select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease
 from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
-from .update import GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
+from .update import SOLVE_SPACES, GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
 
 
 def check_per_sample_independence(model: nn.Module) -> None:
@@ -46,7 +50,17 @@ class GramGaussNewton(Optimizer):
         w \leftarrow (1 - \mathrm{wd})\, w - J_B^\top (\lambda G_B + \alpha I)^{-1} (f(w, x_B) - y_B),
         \qquad G_B = J_B J_B^\top,
 
-    with :math:`J_B` and :math:`f` evaluated at the weights *before* the decay.
+    with :math:`J_B` and :math:`f` evaluated at the weights *before* the decay. With
+    ``momentum`` :math:`\mu > 0` (SPRING, Goldshlager, Abrahamsen & Lin 2024) the step taken,
+    :math:`w \leftarrow (1 - \mathrm{wd})\, w - \phi_t`, is
+
+    .. math::
+        \phi_t = \mu \phi_{t-1} + J_B^\top (\lambda G_B + \alpha I)^{-1} (r_B - \lambda \mu J_B \phi_{t-1}),
+
+    the minimiser of :math:`\lambda \|J_B \phi - r_B / \lambda\|^2 + \alpha \|\phi - \mu \phi_{t-1}\|^2`
+    (:math:`r_B = f(w, x_B) - y_B`; :math:`\mu = 0` is Eq. 11 exactly). :math:`J_B \phi_{t-1}` comes
+    from the engine's per-sample pieces, without another pass; :math:`\phi` is kept in the state
+    (``momentum_buffer``, one per parameter).
 
     Symbols of Eq. 11 and their arguments:
         - :math:`w`: ``params_or_model`` (the parameters to train).
@@ -54,10 +68,12 @@ class GramGaussNewton(Optimizer):
           shape ``(b,)`` or ``(b, k)``; or the pair ``(f(w, x_B), y_B)``, whose shapes must
           match (no broadcasting; the targets are cast to the outputs' dtype).
         - :math:`J_B`: per-sample Jacobian ``(b*k, m)`` of those residuals, rows sample-major
-          (row ``i*k + c`` is sample ``i``, output ``c``); never formed by the fast engine.
+          (row ``i*k + c`` is sample ``i``, output ``c``); never formed by the fast engine in
+          sample space.
         - :math:`\lambda`: ``lam > 0``. :math:`\alpha`: ``alpha >= 0`` (acts as an inverse learning
           rate; the paper uses ``lam=1`` and ``alpha`` in 0.075-0.3). ``alpha=0`` with ``lam=1``
           is Eq. 10; with the whole data set in the closure it is the full-batch Eq. 9.
+        - :math:`\mu`: ``momentum``, in ``[0, 1)``.
         - ``weight_decay`` (wd): decoupled, ``w <- (1 - wd) w`` in the same step.
 
     Args:
@@ -70,11 +86,20 @@ class GramGaussNewton(Optimizer):
             ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
             physics-informed residual), or an engine instance.
-        solve_dtype: dtype of the ``(b*k, b*k)`` solve, e.g. ``torch.float64``.
-        adaptive_damping: ``True`` or a :class:`~gramnewton.damping.GainRatioDamping` to adapt
-            ``alpha`` after every step by Levenberg-Marquardt's gain ratio (one extra forward
-            pass without gradients per step; steps that increase the batch loss are undone).
+        solve_dtype: dtype of the small solve, e.g. ``torch.float64``.
+        adaptive_damping: ``True`` (a :class:`~gramnewton.damping.GainRatioDamping`) or any
+            :class:`~gramnewton.damping.DampingRule` to adapt ``alpha`` after every step from
+            Levenberg-Marquardt's gain ratio (one extra forward pass without gradients per step;
+            a step the rule rejects is undone: parameters and momentum as before, not counted).
+            A rule may also set each step's ``alpha`` from the batch's Gram system before the
+            solve, and may skip the extra forward pass (:mod:`gramnewton.damping`).
             ``alpha`` in ``param_groups`` then holds the current value. Default: fixed ``alpha``.
+        momentum: :math:`\mu` of the sample-space momentum above; ``0`` (default) is Eq. 11.
+        solve_space: ``"sample"`` solves the ``(b*k, b*k)`` system above; ``"parameter"`` the
+            ``(m, m)`` system ``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}``, equal by
+            the push-through identity (Levenberg-Marquardt; needs the dense ``J``, so only for
+            small ``m``); ``"auto"`` (default) the parameter space when ``m < b*k`` (see
+            :func:`~gramnewton.update.choose_solve_space`).
         loss: ``"mse"`` (Eq. 11; the closure returns residuals ``f - y``), ``"cross_entropy"``,
             ``"binary_cross_entropy"`` or a :class:`~gramnewton.losses.Loss` instance. For a loss
             other than ``"mse"`` the closure returns ``(outputs, targets)`` (for cross-entropy
@@ -82,14 +107,28 @@ class GramGaussNewton(Optimizer):
             damped generalized Gauss-Newton step of the summed loss ``sum_i l_i``,
             ``w <- (1 - wd) w - (lam J^T H J + alpha I)^{-1} J^T g``, solved in sample space
             (:mod:`gramnewton.generalized`); the gain ratio of adaptive damping then compares
-            loss decreases.
+            loss decreases. Momentum and ``solve_space`` apply to it unchanged, with ``r`` and
+            ``J`` those of the pseudo-residuals (``u`` and ``B^T J``).
         curvature: output-Hessian estimate for a loss other than ``"mse"``: ``"exact"`` (``k``
             backward passes, a ``(b*k, b*k)`` Gram), ``"top_c"`` (``top_c + 1`` passes) or
             ``"gradient"`` (one pass, ``(b, b)``); see :mod:`gramnewton.generalized`.
         top_c: number of output coordinates kept exactly by ``curvature="top_c"``.
+        distributed: data parallelism over ``torch.distributed`` (:mod:`gramnewton.distributed`),
+            each rank's closure returning its own shard's residuals (or outputs and targets):
+            ``"exact"`` (the step of the union of all ranks' batches, to round-off),
+            ``"local"`` (each rank solves its own system, the steps are averaged: DDP's
+            communication), ``"auto"`` (exact when ``torch.distributed`` is initialised with
+            more than one process, else off) or ``None`` (off). Rank 0's parameters (and the
+            model's buffers) are broadcast to every rank at construction. The model may be a
+            plain module (recommended) or a ``DistributedDataParallel`` wrapper, whose forward
+            passes then run under ``no_sync()`` (GGN never reads ``.grad``, so DDP's gradient
+            all-reduce would be wasted). The returned loss is the union batch's.
+        process_group: the ranks to span (default: the whole world).
 
-    ``lam`` and ``alpha`` live in ``param_groups`` and must agree across groups (one system is
-    solved for all parameters); ``weight_decay`` may differ per group.
+    ``lam``, ``alpha`` and ``momentum`` live in ``param_groups`` and must agree across groups (one
+    system is solved for all parameters); ``weight_decay`` may differ per group. After every step
+    ``last_diagnostics`` (:class:`~gramnewton.diagnostics.StepDiagnostics`) holds the losses,
+    predicted decrease, gain ratio, damping, solve and step norm.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1))
@@ -107,12 +146,19 @@ class GramGaussNewton(Optimizer):
         weight_decay: float = 0.0,
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
-        adaptive_damping: bool | GainRatioDamping = False,
+        adaptive_damping: bool | DampingRule = False,
+        momentum: float = 0.0,
+        solve_space: str = "auto",
         loss: str | Loss = "mse",
         curvature: str = "exact",
         top_c: int = 1,
+        distributed: str | None = "auto",
+        process_group: dist.ProcessGroup | None = None,
     ):
-        _check_hyper(lam, alpha, weight_decay)
+        _check_hyper(lam, alpha, weight_decay, momentum)
+        if solve_space not in SOLVE_SPACES:
+            raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
+        self.distributed = resolve_mode(distributed, process_group)
         self.loss = get_loss(loss)
         check_curvature(curvature, top_c)
         if isinstance(self.loss, SquaredError) and curvature != "exact":
@@ -120,17 +166,31 @@ class GramGaussNewton(Optimizer):
         self.curvature, self.top_c = curvature, top_c
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
-        super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay))
+        super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum))
         for group in self.param_groups:
-            _check_hyper(group["lam"], group["alpha"], group["weight_decay"])
+            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"])
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not trainable:
             raise ValueError("GramGaussNewton got no parameter that requires grad")
-        self.engine = select_engine(trainable, self.model, engine)
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        self.engine = select_engine(trainable, module, engine)
         self.solve_dtype = solve_dtype
-        self.damping = GainRatioDamping() if adaptive_damping is True else (adaptive_damping or None)
+        self.solve_space = solve_space
+        self.damping: DampingRule | None = (
+            GainRatioDamping() if adaptive_damping is True else (adaptive_damping or None)
+        )
+        self.communicator: Communicator | None = None
+        if self.distributed is not None:
+            if self.distributed == "local" and self.damping is not None:
+                raise ValueError("adaptive_damping needs distributed='exact' (local steps have no common gain ratio)")
+            self.communicator = Communicator(process_group)
+            # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
+            self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
+            if self.distributed == "exact":
+                self.engine = ExactGramEngine(self.engine, self.communicator)
         self.last_step: GramGaussNewtonStep | None = None
         self.last_gain_ratio: float | None = None
+        self.last_diagnostics: StepDiagnostics | None = None
 
     def _shared(self, key: str) -> float:
         values = {group[key] for group in self.param_groups}
@@ -153,83 +213,173 @@ class GramGaussNewton(Optimizer):
                 dependence on the parameters) or a batch-coupling module; nothing is changed.
             SingularGramError: no finite step (the loss, Gram matrix, coefficients or direction
                 overflows); nothing is changed.
-            Any error of the closure's re-evaluation (adaptive damping) restores the
+            Any error of the closure's re-evaluation or of the damping rule restores the
             parameters and the state before it propagates.
         """
         if closure is None:
             raise ValueError("GramGaussNewton.step needs a closure that returns per-sample residuals")
         for group in self.param_groups:
-            _check_hyper(group["lam"], group["alpha"], group["weight_decay"])
+            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"])
         if self.model is not None:
             check_per_sample_independence(self.model)
+        closure = self._without_ddp_sync(closure)
         general = (
             None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
         )
-        result = gram_gauss_newton_direction(
-            self.engine,
-            general or closure,
-            lam=self._shared("lam"),
-            alpha=self._shared("alpha"),
+        lam, alpha, momentum = self._shared("lam"), self._shared("alpha"), self._shared("momentum")
+        choose = getattr(self.damping, "choose_alpha", None)
+        hyper = dict(
+            lam=lam,
+            alpha=alpha,
             solve_dtype=self.solve_dtype,
+            momentum=momentum,
+            previous=self._momentum_buffers() if momentum else None,
+            solve_space=self.solve_space,
+            choose_alpha=None if choose is None else lambda system: choose(alpha, system),
         )
-        if general is not None:
-            result = replace(result, mean_loss=general.per_sample.mean())
+        if self.distributed == "local":
+            losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
+            result, loss = local_direction(self.engine, general or closure, self.communicator, losses=losses, **hyper)
+            if general is not None:  # this rank's own batch, as the single-process step records it
+                result = replace(result, mean_loss=general.per_sample.mean())
+        else:
+            result = gram_gauss_newton_direction(self.engine, general or closure, **hyper)
+            if general is not None:
+                total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
+                result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample.dtype))
+            loss = result.loss
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
-        steps = {p: self.state[p].get("step") for p in self.engine.params} if self.damping else {}
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
             apply_direction(params, [updates[id(p)] for p in params], group["weight_decay"])
-            for p in params:
+        diagnostics = _diagnostics(result, lam, momentum)
+        if self.damping is not None:
+            diagnostics = self._adapt_damping(closure, result, backup, diagnostics, general)
+        if not diagnostics.rejected:
+            for p in self.engine.params:
                 state = self.state[p]
                 state["step"] = state.get("step", torch.tensor(0.0)) + 1
-        if self.damping is not None:
-            try:
-                self._adapt_damping(closure, result, backup, general)
-            except BaseException:  # the re-evaluation failed: undo the step and its bookkeeping
-                self._restore(backup, steps)
-                raise
+                if momentum:  # phi_t, the step taken without the decay
+                    state["momentum_buffer"] = -updates[id(p)].detach()
         self.last_step = result
-        return result.loss
+        self.last_diagnostics = diagnostics
+        return loss
 
-    @torch.no_grad()
-    def _restore(self, backup: list[Tensor], steps: dict[Tensor, Tensor | None]) -> None:
-        for p, old in zip(self.engine.params, backup):
-            p.copy_(old)
-        for p, step in steps.items():
-            if step is None:
-                self.state[p].pop("step", None)
-                if not self.state[p]:
-                    del self.state[p]
-            else:
-                self.state[p]["step"] = step
+    def _without_ddp_sync(self, closure: Closure) -> Closure:
+        """``closure`` run under DDP's ``no_sync()``: no gradient all-reduce is prepared."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return closure
+        model = self.model
+
+        def unsynced() -> Any:
+            with model.no_sync():
+                return closure()
+
+        return unsynced
+
+    def _total(self, fn: Callable[[], tuple[float, ...]], width: int) -> Tensor:
+        """``fn()`` summed over the ranks in exact mode (errors raised on every rank), else as is."""
+        if self.distributed == "exact":
+            return self.communicator.total(fn, width)
+        return torch.tensor([float(v) for v in fn()], dtype=torch.float64)
+
+    def _momentum_buffers(self) -> list[Tensor] | None:
+        """``phi_{t-1}`` per parameter, or ``None`` before the first step (``phi_0 = 0``)."""
+        buffers = [self.state[p].get("momentum_buffer") for p in self.engine.params]
+        return None if any(b is None for b in buffers) else buffers
 
     @torch.no_grad()
     def _adapt_damping(
-        self, closure: Closure, result: GramGaussNewtonStep, backup: list[Tensor], general: LossClosure | None
-    ) -> None:
-        """Gain ratio on the same batch; new ``alpha``; undo the step if it made things worse."""
+        self,
+        closure: Closure,
+        result: GramGaussNewtonStep,
+        backup: list[Tensor],
+        diagnostics: StepDiagnostics,
+        general: LossClosure | None,
+    ) -> StepDiagnostics:
+        """Gain ratio on the same batch (the union batch in exact mode); the rule's new ``alpha``;
+        undo the step if it rejects it.
+
+        Any error while re-evaluating or deciding restores the parameters before it propagates.
+        """
+        try:
+            if not getattr(self.damping, "measures_gain_ratio", True):
+                decision = self.damping.update(diagnostics.alpha, None, diagnostics)
+            else:
+                diagnostics = self._measure(closure, result, diagnostics, general)
+                decision = self.damping.update(diagnostics.alpha, diagnostics.gain_ratio, diagnostics)
+        except BaseException:
+            _restore(self.engine.params, backup)
+            raise
+        self.last_gain_ratio = diagnostics.gain_ratio
+        for group in self.param_groups:
+            group["alpha"] = decision.alpha
+        if not decision.accept:
+            _restore(self.engine.params, backup)
+        return replace(diagnostics, rejected=not decision.accept)
+
+    @torch.no_grad()
+    def _measure(
+        self, closure: Closure, result: GramGaussNewtonStep, diagnostics: StepDiagnostics, general: LossClosure | None
+    ) -> StepDiagnostics:
+        """Re-evaluate the batch (the union batch in exact mode): diagnostics with the loss after
+        the step and the gain ratio."""
         if general is not None:
-            before = float(general.per_sample.double().sum())
-            predicted_loss = predicted_decrease(result.residuals, result.gram, result.coefficients)
-            rho = loss_gain_ratio(before, general.loss_sum(), predicted_loss)
+            before = float(self._total(lambda: (general.per_sample.double().sum(),), 1))
+            after = float(self._total(lambda: (general.loss_sum(),), 1))
+            rho = loss_gain_ratio(before, after, predicted_decrease(result.residuals, result.predicted))
+            loss_after = after / result.residuals.shape[0]
         else:
-            new_residuals = closure_residuals(closure())
+            if self.distributed == "exact":  # the union batch's residuals, in rank order
+                new_residuals = self.communicator.gather(lambda: closure_residuals(closure()).reshape(-1))
+            else:
+                new_residuals = closure_residuals(closure())
             if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
-            r = result.residuals.reshape(-1)
-            predicted = r - result.gram.to(r.dtype) @ result.coefficients.to(r.dtype)
-            rho = gain_ratio(r, predicted, new_residuals.reshape(-1))
-        self.last_gain_ratio = rho
-        alpha = self.damping.next_alpha(self._shared("alpha"), rho)
-        for group in self.param_groups:
-            group["alpha"] = alpha
-        if rho < self.damping.reject_below:
-            for p, old in zip(self.engine.params, backup):
-                p.copy_(old)
+            rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))
+            loss_after = float(new_residuals.detach().double().pow(2).mean())
+        return replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
 
 
-def _check_hyper(lam: float, alpha: float, weight_decay: float) -> None:
+@torch.no_grad()
+def _restore(params: list[Tensor], backup: list[Tensor]) -> None:
+    for p, old in zip(params, backup):
+        p.copy_(old)
+
+
+def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> StepDiagnostics:
+    """The cheap scalars of a computed step (before any re-evaluation).
+
+    The predicted decrease is in the units of ``result.loss``: the mean squared residual, or for
+    a general loss the mean of ``l_i`` (half the decrease of ``||u||^2``, per sample).
+    """
+    if result.mean_loss is None:
+        loss_before = float(result.residuals.double().pow(2).mean())
+        decrease = loss_before - float(result.predicted.double().pow(2).mean())
+    else:
+        loss_before = float(result.mean_loss)
+        decrease = predicted_decrease(result.residuals, result.predicted) / result.residuals.shape[0]
+    info = result.solve_info
+    return StepDiagnostics(
+        loss_before=loss_before,
+        loss_after=None,
+        predicted_decrease=decrease,
+        gain_ratio=None,
+        alpha=result.alpha,
+        lam=lam,
+        momentum=momentum,
+        jitter=info.jitter,
+        solve_method=info.method,
+        solve_space=result.solve_space,
+        condition=info.condition,
+        step_norm=float(torch.linalg.vector_norm(torch.stack([d.double().norm() for d in result.direction]))),
+    )
+
+
+def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float) -> None:
     check_damping(lam, alpha)
     if not 0 <= weight_decay < 1:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be in [0, 1))")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"Invalid momentum value: {momentum} (must be in [0, 1))")

@@ -45,11 +45,22 @@ def solve_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class SolveInfo:
-    """How a damped system was solved: ``method`` is ``"cholesky"``, ``"jitter"`` or ``"eigh"``."""
+    """How a damped system was solved: ``method`` is ``"cholesky"``, ``"jitter"`` or ``"eigh"``.
+
+    ``condition`` estimates the condition number of the matrix that was factorised: the squared
+    ratio of the largest to the smallest Cholesky pivot (a lower bound), or of the largest to the
+    smallest kept eigenvalue.
+    """
 
     method: str
     jitter: float = 0.0
     rank: int | None = None
+    condition: float | None = None
+
+
+def _cholesky_condition(chol: Tensor) -> float:
+    pivots = chol.diagonal().abs()
+    return float((pivots.max() / pivots.min()) ** 2)
 
 
 def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
@@ -107,7 +118,8 @@ def damped_solve(
 
     chol, info = torch.linalg.cholesky_ex(mat)
     if int(info) == 0 and _pivots_ok(chol, mat):
-        return _finite(torch.cholesky_solve(b, chol).squeeze(1), out_dtype), SolveInfo("cholesky")
+        x = _finite(torch.cholesky_solve(b, chol).squeeze(1), out_dtype)
+        return x, SolveInfo("cholesky", condition=_cholesky_condition(chol))
 
     for j in range(max_jitter_tries):
         jitter = scale * (10.0**j) * max(eps, 1e-10) * n
@@ -117,14 +129,15 @@ def damped_solve(
         if int(info) == 0 and _pivots_ok(chol, jittered):
             x = torch.cholesky_solve(b, chol).squeeze(1)
             if bool(torch.isfinite(x).all()):
-                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter)
+                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=_cholesky_condition(chol))
 
     evals, evecs = torch.linalg.eigh(mat)
     cutoff = n * eps * float(evals.abs().max())
     keep = evals > cutoff
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
     x = evecs @ (inv * (evecs.T @ b.squeeze(1)))
-    return _finite(x, out_dtype), SolveInfo("eigh", rank=int(keep.sum()))
+    condition = float(evals.max() / evals[keep].min()) if bool(keep.any()) else None
+    return _finite(x, out_dtype), SolveInfo("eigh", rank=int(keep.sum()), condition=condition)
 
 
 def _finite(x: Tensor, dtype: torch.dtype) -> Tensor:

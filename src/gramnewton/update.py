@@ -1,32 +1,42 @@
 """One Gram-Gauss-Newton update as separate units: curvature, solve, apply.
 
-``gram_gauss_newton_direction`` computes ``-J^T (lam G + alpha I)^{-1} (f - y)`` for a closure;
+``gram_gauss_newton_direction`` computes ``-J^T (lam G + alpha I)^{-1} (f - y)`` for a closure
+(with sample-space momentum, in sample or parameter space);
 ``apply_direction`` writes it into the parameters all at once, or not at all.
 ``full_batch_step`` is Eq. 9 of the paper (and Eq. 11 with ``alpha > 0``) as a plain function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from .engines import Closure, GramEngine, ReferenceEngine
+from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
+from .engines.reference import flatten, split_like
 from .solve import SingularGramError, SolveInfo, check_damping, damped_solve
+
+SOLVE_SPACES = ("auto", "sample", "parameter")
 
 
 @dataclass(frozen=True)
 class GramGaussNewtonStep:
-    """A computed, not yet applied, update.
+    """A computed, not yet applied, update ``w <- (1 - wd) w + direction``.
 
     Attributes:
-        direction: one tensor per parameter, ``-J^T (lam G + alpha I)^{-1} (f - y)``.
+        direction: one tensor per parameter, ``-phi_t`` (without momentum
+            ``-J^T (lam G + alpha I)^{-1} (f - y)``).
         residuals: ``(b, k)`` residuals before the update.
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``.
-        coefficients: ``(b*k,)`` solution ``(lam G + alpha I)^{-1} (f - y)``.
+        coefficients: ``(b*k,)`` solution ``c`` of ``(lam G + alpha I) c = f - y - lam mu J phi_{t-1}``
+            (``phi_t = mu phi_{t-1} + J^T c``); ``None`` after a parameter-space solve.
         solve_info: how the damped system was solved.
+        predicted: ``(b*k,)`` residuals the linearised model predicts after the step,
+            ``f - y - J phi_t`` (the denominator of the gain ratio).
+        solve_space: ``"sample"`` (the ``(b*k, b*k)`` system) or ``"parameter"`` (``(m, m)``).
+        alpha: the damping the system was solved with.
         mean_loss: the batch's mean loss before the update when the step is that of a general
             loss (:mod:`gramnewton.generalized`; ``residuals`` then hold the pseudo-residuals
             ``u``), else ``None``.
@@ -35,8 +45,11 @@ class GramGaussNewtonStep:
     direction: list[Tensor]
     residuals: Tensor
     gram: Tensor
-    coefficients: Tensor
+    coefficients: Tensor | None
     solve_info: SolveInfo
+    predicted: Tensor
+    solve_space: str = "sample"
+    alpha: float | None = None
     mean_loss: Tensor | None = None
 
     @property
@@ -46,6 +59,26 @@ class GramGaussNewtonStep:
         return self.residuals.pow(2).mean() if self.mean_loss is None else self.mean_loss
 
 
+def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) -> str:
+    """The space to solve in: ``solve_space`` unless it is ``"auto"``.
+
+    Cost rule of ``"auto"``: the parameter space when ``m < b*k`` (more residuals than
+    parameters) and the engine can give the dense ``J``. Then the ``(m, m)`` Cholesky
+    (``m^3/3``) is smaller than the ``(b*k, b*k)`` one and forming ``J^T J`` (``b k m^2``) costs
+    less than ``J J^T`` did; and ``G`` has rank at most ``m < b*k``, so ``lam G + alpha I`` has
+    ``b*k - m`` eigenvalues equal to ``alpha``: with small ``alpha`` its solve needs jitter,
+    while ``lam J^T J + alpha I`` is as well conditioned as ``J`` allows.
+    """
+    if solve_space not in SOLVE_SPACES:
+        raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
+    if solve_space == "parameter" and system.jacobian_columns is None:
+        raise ValueError("solve_space='parameter' needs the dense Jacobian, which this engine does not provide")
+    if solve_space != "auto":
+        return solve_space
+    rows = system.gram.shape[0]
+    return "parameter" if system.jacobian_columns is not None and num_params < rows else "sample"
+
+
 def gram_gauss_newton_direction(
     engine: GramEngine,
     closure: Closure,
@@ -53,30 +86,104 @@ def gram_gauss_newton_direction(
     lam: float,
     alpha: float,
     solve_dtype: torch.dtype | None = None,
+    momentum: float = 0.0,
+    previous: Sequence[Tensor] | None = None,
+    solve_space: str = "sample",
+    choose_alpha: Callable[[GramSystem], float] | None = None,
 ) -> GramGaussNewtonStep:
-    """Compute the update of Eq. 11 for the residuals returned by ``closure``.
+    r"""Compute the update of Eq. 11, with sample-space momentum (SPRING), for ``closure``'s residuals.
+
+    With ``r = f - y`` ``(b*k,)``, ``J`` ``(b*k, m)``, ``G = J J^T``, ``mu = momentum`` and
+    ``phi_{t-1} = previous`` (one tensor per parameter; ``None`` or ``mu = 0``: Eq. 11 exactly),
+    the step taken is ``w <- (1 - wd) w - phi_t`` with
+
+    .. math::
+        \phi_t = \mu \phi_{t-1} + J^\top (\lambda G + \alpha I)^{-1} (r - \lambda \mu J \phi_{t-1})
+               = (\lambda J^\top J + \alpha I)^{-1} (J^\top r + \alpha \mu \phi_{t-1}),
+
+    the minimiser of ``lam ||J phi - r / lam||^2 + alpha ||phi - mu phi_{t-1}||^2``. The first
+    form is solved in sample space (``(b*k, b*k)``), the second, equal by the push-through
+    identity ``J^T (lam J J^T + alpha I)^{-1} = (lam J^T J + alpha I)^{-1} J^T``, in parameter
+    space (``(m, m)``); see :func:`choose_solve_space`. ``choose_alpha``, when given, replaces
+    ``alpha`` by its value on the computed system (a damping rule's choice for this batch); the
+    returned step records the ``alpha`` it was solved with.
 
     Raises:
-        ValueError: ``lam`` or ``alpha`` out of range, or bad residuals (nothing applied).
+        ValueError: ``lam`` or ``alpha`` out of range, bad residuals, or momentum or the
+            parameter space asked of an engine that cannot provide ``J v`` or ``J`` (nothing applied).
         SingularGramError: the loss, Gram matrix, coefficients or direction is not finite
             (parameters are untouched: nothing applied).
     """
     check_damping(lam, alpha)
     system = engine.compute(closure)
-    rhs = system.residuals.reshape(-1)
-    if not bool(torch.isfinite(rhs.pow(2).sum())):  # finite residuals whose squares overflow
+    r = system.residuals.reshape(-1)
+    if not bool(torch.isfinite(r.pow(2).sum())):  # finite residuals whose squares overflow
         raise SingularGramError(
-            f"the squared residuals overflow {rhs.dtype} (loss not finite; largest |residual| "
-            f"{float(rhs.abs().max()):.3g}); rescale the targets or use a float64 model; no parameter was changed"
+            f"the squared residuals overflow {r.dtype} (loss not finite; largest |residual| "
+            f"{float(r.abs().max()):.3g}); rescale the targets or use a float64 model; no parameter was changed"
         )
-    coefficients, info = damped_solve(system.gram, rhs, lam, alpha, dtype=solve_dtype)
-    direction = [-d for d in system.jt_times(coefficients)]
-    if not all(bool(torch.isfinite(d).all()) for d in direction):
+    use_momentum = bool(momentum) and previous is not None
+    if use_momentum and system.j_times is None:
+        raise ValueError("momentum needs J v, which this engine does not provide (GramSystem.j_times is None)")
+    if choose_alpha is not None:  # the damping rule sets this step's alpha from its system
+        alpha = choose_alpha(system)
+        check_damping(lam, alpha)
+    space = choose_solve_space(solve_space, system, sum(p.numel() for p in engine.params))
+    if space == "parameter":
+        step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
+    else:
+        step = _sample_space(system, lam, alpha, solve_dtype, momentum, previous, use_momentum)
+    if not all(bool(torch.isfinite(d).all()) for d in step.direction):
         raise SingularGramError(
             "the Gram-Gauss-Newton step is not finite (overflow in J^T r); increase alpha or use "
             "solve_dtype=torch.float64; no parameter was changed"
         )
-    return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info)
+    return replace(step, alpha=alpha)
+
+
+def _sample_space(
+    system: GramSystem,
+    lam: float,
+    alpha: float,
+    solve_dtype: torch.dtype | None,
+    momentum: float,
+    previous: Sequence[Tensor] | None,
+    use_momentum: bool,
+) -> GramGaussNewtonStep:
+    """``phi_t = mu phi_{t-1} + J^T c`` with ``(lam G + alpha I) c = r - lam mu J phi_{t-1}``."""
+    r = system.residuals.reshape(-1)
+    if not use_momentum:  # Eq. 11 exactly, operation for operation
+        coefficients, info = damped_solve(system.gram, r, lam, alpha, dtype=solve_dtype)
+        direction = [-d for d in system.jt_times(coefficients)]
+        predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
+        return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
+    j_previous = system.j_times(previous).to(r.dtype)
+    coefficients, info = damped_solve(system.gram, r - (lam * momentum) * j_previous, lam, alpha, dtype=solve_dtype)
+    direction = [-(d + momentum * p.to(d.dtype)) for d, p in zip(system.jt_times(coefficients), previous)]
+    predicted = r - momentum * j_previous - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
+    return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
+
+
+def _parameter_space(
+    system: GramSystem,
+    params: Sequence[Tensor],
+    lam: float,
+    alpha: float,
+    solve_dtype: torch.dtype | None,
+    momentum: float,
+    previous: Sequence[Tensor] | None,
+    use_momentum: bool,
+) -> GramGaussNewtonStep:
+    """``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}`` (Levenberg-Marquardt's system)."""
+    jac = system.jacobian_columns(0, sum(p.numel() for p in params))
+    r = system.residuals.reshape(-1)
+    rhs = jac.T @ r.to(jac.dtype)
+    if use_momentum:
+        rhs = rhs + (alpha * momentum) * flatten(previous, jac.dtype)
+    phi, info = damped_solve(jac.T @ jac, rhs, lam, alpha, dtype=solve_dtype)
+    direction = split_like(-phi, params)
+    predicted = r - (jac @ phi).to(r.dtype)
+    return GramGaussNewtonStep(direction, system.residuals, system.gram, None, info, predicted, "parameter")
 
 
 @torch.no_grad()

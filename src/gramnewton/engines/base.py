@@ -1,8 +1,9 @@
 """The engine interface: what an optimizer needs from a per-sample Jacobian.
 
 An engine runs the user's closure (the forward pass on a mini-batch, returning per-sample
-residuals) and returns a :class:`GramSystem`: the residuals, the Gram matrix ``G = J J^T`` and a
-way to multiply ``J^T`` by a vector, without the optimizer knowing how ``J`` was obtained.
+residuals) and returns a :class:`GramSystem`: the residuals, the Gram matrix ``G = J J^T`` and
+ways to multiply ``J^T`` and ``J`` by a vector, without the optimizer knowing how ``J`` was
+obtained.
 
 Row convention (shared by every engine): the residuals ``(b, k)`` are flattened sample-major,
 so row ``i * k + c`` of ``J`` and of ``G`` belongs to sample ``i``, output ``c``.
@@ -29,11 +30,23 @@ class GramSystem:
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major.
         jt_times: maps ``v`` of shape ``(b*k,)`` to ``J^T v`` as one tensor per parameter,
             shaped like the parameter (zeros for parameters the outputs do not depend on).
+        j_times: maps ``v``, one tensor per parameter (shaped like it, in the engine's
+            ``params`` order), to ``J v`` of shape ``(b*k,)``: the per-sample directional
+            derivatives, from what the engine already holds (no forward or backward pass).
+            ``None`` when the engine cannot (momentum then refuses to run).
+        jacobian_columns: ``(start, stop) -> J[:, start:stop]`` of shape ``(b*k, stop - start)``,
+            the columns of the flat parameter vector (parameters flattened and concatenated in
+            ``engine.params`` order); materialises only the parameters overlapping the range.
+            ``None`` for an engine that cannot materialise ``J`` (data-parallel exact mode and
+            the parameter-space solve need it, see :mod:`gramnewton.distributed` and
+            :func:`gramnewton.update.choose_solve_space`).
     """
 
     residuals: Tensor
     gram: Tensor
     jt_times: Callable[[Tensor], list[Tensor]]
+    j_times: Callable[[Sequence[Tensor]], Tensor] | None = None
+    jacobian_columns: Callable[[int, int], Tensor] | None = None
 
 
 class GramEngine(Protocol):
@@ -44,6 +57,29 @@ class GramEngine(Protocol):
     def compute(self, closure: Closure) -> GramSystem:
         """Run ``closure`` once and return the Gram system of its residuals."""
         ...
+
+
+def slice_columns(block: Callable[[int], Tensor], sizes: Sequence[int], rows: Tensor, start: int, stop: int) -> Tensor:
+    """Columns ``start:stop`` of the ``(n, sum(sizes))`` matrix whose column blocks are ``block(i)``.
+
+    Args:
+        block: ``i -> (n, sizes[i])``, called only for the blocks overlapping the range.
+        sizes: the width of each block (a parameter's ``numel``).
+        rows: any ``(n, ...)`` tensor giving ``n``, the dtype and the device of an empty result.
+        start, stop: ``0 <= start <= stop <= sum(sizes)``.
+
+    Returns:
+        ``(n, stop - start)``.
+    """
+    parts, offset = [], 0
+    for i, size in enumerate(sizes):
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            parts.append(block(i)[:, lo - offset : hi - offset])
+        offset += size
+    if not parts:
+        return rows.new_zeros(rows.shape[0], 0)
+    return torch.cat(parts, dim=1)
 
 
 ClosureResult = Tensor | tuple[Tensor, Tensor]

@@ -20,7 +20,7 @@ Rows (sample-major, shared by every engine): the terms' samples in order, ``k`` 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import jacrev, vmap
 
 from .base import Closure, GramSystem
-from .reference import ReferenceEngine, split_like
+from .reference import ReferenceEngine, flatten, split_like
 
 PerSample = Callable[..., Tensor]
 
@@ -136,7 +136,15 @@ class FunctionalEngine:
             flat = jac.T @ v.to(jac.dtype)
             return split_like(flat, self.params)
 
-        return GramSystem(residuals=residuals, gram=gram, jt_times=jt_times)
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            return jac @ flatten(v, jac.dtype)
+
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return jac[:, start:stop]
+
+        return GramSystem(
+            residuals=residuals, gram=gram, jt_times=jt_times, j_times=j_times, jacobian_columns=jacobian_columns
+        )
 
     def _term_jacobian(self, term: Term, params: dict[str, Tensor], names: list[str | None]) -> tuple[Tensor, Tensor]:
         """``(n, k)`` residuals and ``(n*k, m)`` Jacobian rows of one term (weight applied)."""

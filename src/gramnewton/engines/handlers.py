@@ -80,6 +80,10 @@ class Dense:
         """``jac^T v`` for ``v`` of shape ``(n,)``; returns ``(numel,)``."""
         return self.jac.T @ v
 
+    def j_times(self, v: Tensor) -> Tensor:
+        """``jac v`` for ``v`` of shape ``(numel,)``; returns ``(n,)``."""
+        return self.jac @ v
+
     def dense(self) -> Dense:
         return self
 
@@ -120,6 +124,14 @@ class Factored:
         g = g.transpose(0, 1).reshape(groups, n * positions, kout)
         return torch.bmm(g.transpose(1, 2), a).reshape(-1)
 
+    def j_times(self, v: Tensor) -> Tensor:
+        """Row ``i``: ``sum_{group, s} g_is^T V_group a_is`` for ``v`` of shape ``(groups * kout * kin,)``
+        (``V_group`` its ``(kout, kin)`` block); returns ``(n,)``. Costs what ``jt_times`` costs."""
+        groups, kin, kout = self.a.shape[1], self.a.shape[3], self.g.shape[3]
+        weight = v.view(groups, kout, kin)
+        projected = torch.einsum("ngsi,goi->ngso", self.a, weight)  # V a_is at every position
+        return (projected * self.g).sum((1, 2, 3))
+
     def dense(self) -> Dense:
         """The per-sample gradients, ``(n, groups * kout * kin)``."""
         n = self.a.shape[0]
@@ -149,6 +161,12 @@ class PermutedDense:
     def jt_times(self, v: Tensor) -> Tensor:
         """``J^T v`` in the parameter's layout, ``(numel,)``, for ``v`` of shape ``(n,)``."""
         return (self.jac.T @ v).view(self.shape).permute(self.perm).reshape(-1)
+
+    def j_times(self, v: Tensor) -> Tensor:
+        """``J v`` for ``v`` in the parameter's layout, ``(numel,)``; returns ``(n,)``."""
+        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
+        layout = [self.shape[p] for p in self.perm]  # the parameter's shape
+        return self.jac @ v.view(layout).permute(inverse).reshape(-1)
 
     def dense(self) -> Dense:
         """The per-sample gradients in the parameter's layout, ``(n, numel)``."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +38,10 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .base import Closure, GramSystem, params_dtype, residuals_2d
+from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
 from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
-from .reference import jacobian_rows, split_like
+from .reference import flatten, jacobian_rows, split_like
 
 
 @dataclass(eq=False)
@@ -172,7 +172,8 @@ class HooksEngine:
         self._expected: set[int] = set()
 
     def compute(self, closure: Closure) -> GramSystem:
-        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``."""
+        """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``,
+        ``J v`` and the dense ``J`` (materialised from the pieces only when asked for)."""
         for module, check in self._checks:
             check(module)
         timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
@@ -209,7 +210,41 @@ class HooksEngine:
                     out.append(torch.zeros_like(p))
             return out
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            out = gram.new_zeros(b * k)
+            if reference_params:
+                out += jac_reference @ flatten(
+                    [t for p, t in zip(self.params, v) if id(p) in reference_ids], gram.dtype
+                )
+            for p, t in zip(self.params, v):
+                if id(p) in pieces:  # parameters the residuals do not depend on add nothing
+                    out += pieces[id(p)].j_times(t.reshape(-1).to(gram.dtype))
+            return out
+
+        reference_offsets, offset = {}, 0  # where each reference parameter's columns start in jac_reference
+        for p in reference_params:
+            reference_offsets[id(p)], offset = offset, offset + p.numel()
+
+        def block(i: int) -> Tensor:
+            """``(b*k, numel)`` per-sample Jacobian of parameter ``i``."""
+            p = self.params[i]
+            if id(p) in reference_ids:
+                start = reference_offsets[id(p)]
+                return jac_reference[:, start : start + p.numel()]
+            if id(p) in pieces:
+                return pieces[id(p)].dense().jac
+            return gram.new_zeros(b * k, p.numel())
+
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return slice_columns(block, [p.numel() for p in self.params], gram, start, stop)
+
+        return GramSystem(
+            residuals=residuals.detach(),
+            gram=gram,
+            jt_times=jt_times,
+            j_times=j_times,
+            jacobian_columns=jacobian_columns,
+        )
 
     def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call], set[int]]:
         """Run the closure with forward hooks; returns the residuals ``(b, k)``, the hooked calls

@@ -56,6 +56,11 @@ def split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, sizes), params)]
 
 
+def flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """One ``(m_total,)`` vector of ``tensors`` in order (the inverse of :func:`split_like`)."""
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
 class ReferenceEngine:
     """Exact Gram system through a dense per-sample Jacobian ``J`` of shape ``(b*k, m)``.
 
@@ -76,4 +81,16 @@ class ReferenceEngine:
         def jt_times(v: Tensor) -> list[Tensor]:
             return split_like(jac.T @ v.to(jac.dtype), self.params)
 
-        return GramSystem(residuals=residuals.detach(), gram=gram, jt_times=jt_times)
+        def j_times(v: Sequence[Tensor]) -> Tensor:
+            return jac @ flatten(v, jac.dtype)
+
+        def jacobian_columns(start: int, stop: int) -> Tensor:
+            return jac[:, start:stop]
+
+        return GramSystem(
+            residuals=residuals.detach(),
+            gram=gram,
+            jt_times=jt_times,
+            j_times=j_times,
+            jacobian_columns=jacobian_columns,
+        )

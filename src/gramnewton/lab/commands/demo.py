@@ -11,7 +11,7 @@ from tqdm import tqdm
 from ..experiments.demo import DEMO_SETTINGS, DemoConfig, best_settings, run_demo, sweep_points
 from ..experiments.figures import plot_curves
 from ..experiments.metrics import as_rows, write_rows
-from ..experiments.training import seconds_to_target
+from ..experiments.training import ProgressBar, seconds_to_target
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,13 +38,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, args.max_epochs, args.seed)
     settings = sweep(args, config) if args.sweep else DEMO_SETTINGS
-    with tqdm(desc="demo", unit="step") as bar:
-
-        def on_batch(name: str, loss: float) -> None:
-            bar.set_postfix_str(f"{name} loss={loss:.4f}")
-            bar.update()
-
-        logs = run_demo(config, settings, on_batch)
+    logs = run_demo(config, settings, progress=lambda name: ProgressBar(f"demo {name}"))
     rows = [row for name, records in logs.items() for row in as_rows(records, optimizer=name)]
     write_rows(args.out / "metrics.csv", rows)
     curves = {name: as_rows(records) for name, records in logs.items()}

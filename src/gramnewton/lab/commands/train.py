@@ -9,11 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from ..experiments.config import load_config
 from ..experiments.reproduce import CONFIGS_DIR
 from ..experiments.runner import run_experiment
+from ..experiments.training import Callback, FitState, ProgressBar
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,16 +67,22 @@ def run(args: argparse.Namespace) -> int:
 def train_with_progress(
     config: dict[str, Any], out: Path, *, resume: bool = False, desc: str = ""
 ) -> list[dict[str, Any]]:
-    """:func:`run_experiment` with a tqdm bar; Ctrl-C stops after the current step (checkpointed)."""
-    with tqdm(desc=desc or config["name"] or "train", unit="step", leave=False) as bar, _deferred_interrupt() as stop:
+    """:func:`run_experiment` with a progress bar (steps / total steps); Ctrl-C stops after the
+    current step (checkpointed)."""
+    with _deferred_interrupt() as stop:
+        bar = ProgressBar(desc or config["name"] or "train", leave=False)
+        return run_experiment(config, out, resume=resume, callbacks=[bar, _InterruptAfterStep(stop)])
 
-        def on_batch(loss: float) -> None:
-            bar.set_postfix_str(f"loss={loss:.4f}")
-            bar.update()
-            if stop():
-                raise KeyboardInterrupt
 
-        return run_experiment(config, out, resume=resume, on_batch=on_batch)
+class _InterruptAfterStep(Callback):
+    """Raises ``KeyboardInterrupt`` between steps once ``stop()`` says Ctrl-C was pressed."""
+
+    def __init__(self, stop: Callable[[], bool]):
+        self.stop = stop
+
+    def on_step(self, state: FitState, loss: float) -> None:
+        if self.stop():
+            raise KeyboardInterrupt
 
 
 @contextmanager

@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
-from ...optim import GramGaussNewton
 from ..data import get_dataset
 from ..models import get_model
-from .training import EpochRecord, fit
+from .optimizers import build_optimizer
+from .training import Callback, EpochEvaluator, EpochRecord, fit, make_train_step
 
-OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    "GGN": lambda model, **hp: GramGaussNewton(model, lam=hp.get("lam", 1.0), alpha=hp["alpha"], adaptive_damping=True),
-    "SGD": lambda model, **hp: torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=0.9),
-    "Adam": lambda model, **hp: torch.optim.Adam(model.parameters(), lr=hp["lr"]),
+# The optimizer factory's spec of each demo optimizer, before the swept hyper-parameters.
+BASE_SPECS: dict[str, dict[str, Any]] = {
+    "GGN": {"name": "ggn", "adaptive_damping": True},
+    "SGD": {"name": "sgd"},  # momentum 0.9, the factory's default
+    "Adam": {"name": "adam"},
 }
 SWEEP_GRID: dict[str, dict[str, list[float]]] = {
     "GGN": {"lam": [1.0, 2.0, 4.0, 8.0], "alpha": [0.3, 3.0]},
@@ -64,27 +64,33 @@ def initial_model(config: DemoConfig) -> nn.Module:
 def run_demo(
     config: DemoConfig,
     settings: Mapping[str, Mapping[str, float]] = DEMO_SETTINGS,
-    on_batch: Callable[[str, float], None] | None = None,
+    progress: Callable[[str], Callback] | None = None,
 ) -> dict[str, list[EpochRecord]]:
-    """Train one copy of the initial model per optimizer in ``settings``; returns each log."""
+    """Train one copy of the initial model per optimizer in ``settings`` (label -> hyper-parameters
+    over :data:`BASE_SPECS`) for ``config.seconds`` of training each; returns each log.
+
+    ``progress(label)``, when given, makes a callback for that optimizer's run (a progress bar).
+    """
     train_set = get_dataset(config.dataset, split="train", seed=config.seed)
     test_set = get_dataset(config.dataset, split="test", seed=config.seed)
     init = initial_model(config)
     logs = {}
     for name, hp in settings.items():
         model = copy.deepcopy(init)
-        callback = (lambda loss, _n=name: on_batch(_n, loss)) if on_batch else None
-        logs[name] = fit(
-            model,
-            OPTIMIZERS[name](model, **hp),
+        optimizer = build_optimizer({**BASE_SPECS[name], **hp}, model)
+        evaluator = EpochEvaluator(model, train_set, test_set)
+        model.train()
+        state = fit(
+            make_train_step(model, optimizer),
             train_set,
-            test_set,
             batch_size=config.batch_size,
-            max_epochs=config.max_epochs,
-            max_seconds=config.seconds,
             seed=config.seed,
-            on_batch=callback,
+            epochs=config.max_epochs,
+            seconds=config.seconds,
+            callbacks=[evaluator, *([progress(name)] if progress else [])],
         )
+        evaluator.finish(state)
+        logs[name] = evaluator.records
     return logs
 
 

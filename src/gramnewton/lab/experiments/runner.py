@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,20 +23,26 @@ from torch.optim import Optimizer
 
 from .config import dumps, load_config
 from .metrics import read_rows, write_rows
-from .setup import CHECKPOINT, build_model, build_optimizer, load_data, warm_start
-from .training import EpochRecord, make_train_step, mean_squared_error, train_epoch
+from .optimizers import build_optimizer
+from .setup import CHECKPOINT, build_model, load_data, warm_start
+from .training import Callback, EpochEvaluator, EpochRecord, FitState, fit, make_train_step
 
 CONFIG_FILE, METRICS_FILE = "config.toml", "metrics.csv"
 
 
 def run_experiment(
-    config: Mapping[str, Any], out: str | Path, *, resume: bool = False, on_batch: Callable[[float], None] | None = None
+    config: Mapping[str, Any], out: str | Path, *, resume: bool = False, callbacks: Sequence[Callback] = ()
 ) -> list[dict[str, Any]]:
     """Train the run ``config`` into folder ``out``; return its metric rows (epoch 0 first).
 
     With ``resume``, continue from ``out/checkpoint.pt`` if there is one (its config must equal
-    ``config`` except for ``train.epochs``, which may grow). A ``KeyboardInterrupt`` (raised by
-    ``on_batch``, say, on Ctrl-C) saves a checkpoint after the last finished step and re-raises.
+    ``config`` except for ``train.epochs``, which may grow). ``callbacks`` (progress, say) are
+    passed to :func:`~gramnewton.lab.experiments.training.fit`; a ``KeyboardInterrupt`` (raised
+    by one of them on Ctrl-C, say) saves a checkpoint after the last finished step and re-raises.
+
+    The optimizer is ``config["optimizer"]`` with ``train.weight_decay``: GGN's decay is decoupled
+    (``w <- (1 - wd) w`` each step, see :class:`~gramnewton.GramGaussNewton`); SGD, Adam and K-FAC
+    add ``wd * w`` to the gradient (torch's ``weight_decay``).
 
     Row keys: ``epoch``, ``step``, ``seconds`` (training only), ``running_loss`` (mean of the
     epoch's mini-batch MSEs before each update), ``train_loss`` and ``test_loss`` (full-pass
@@ -53,54 +58,51 @@ def run_experiment(
     model = build_model(config, train_set)
     if config["warm_start"]["run"] and checkpoint is None:
         warm_start(model, config["warm_start"]["run"])
-    optimizer = build_optimizer(config, model)
-    train, epochs = config["train"], config["train"]["epochs"]
-
-    def evaluate(epoch: int) -> tuple[float, float]:
-        if epoch % train["eval_every"] and epoch != epochs:
-            return math.nan, math.nan
-        return mean_squared_error(model, train_set), mean_squared_error(model, test_set)
-
+    train = config["train"]
+    optimizer = build_optimizer({**config["optimizer"], "weight_decay": train["weight_decay"]}, model)
+    evaluator = EpochEvaluator(model, train_set, test_set, every=train["eval_every"], last_epoch=train["epochs"])
+    log = _RunLog(out, model, optimizer, evaluator, train_set.scale)
     if checkpoint is None:
-        state: dict[str, Any] = {
-            "epoch": 0,
-            "step": 0,
-            "seconds": 0.0,
-            "batch_losses": [],
-            "rows": [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluate(0)), train_set.scale)],
-        }
+        state = FitState()
+        log.rows = [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluator.evaluate(0)), train_set.scale)]
     else:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
-        state = {k: checkpoint[k] for k in ("epoch", "step", "seconds", "batch_losses", "rows")}
-    write_rows(out / METRICS_FILE, state["rows"])
-    step = make_train_step(model, optimizer)
+        state = FitState(*(checkpoint[k] for k in ("epoch", "step", "seconds", "batch_losses")))
+        log.rows = checkpoint["rows"]
+    write_rows(out / METRICS_FILE, log.rows)
     model.train()
-    for epoch in range(state["epoch"] + 1, epochs + 1):
-        start, done_before = time.perf_counter(), len(state["batch_losses"])
-        try:
-            _, running = train_epoch(
-                step,
-                train_set,
-                train["batch_size"],
-                config["seed"],
-                epoch,
-                on_batch=on_batch,
-                losses=state["batch_losses"],
-            )
-        except KeyboardInterrupt:
-            state["step"] += len(state["batch_losses"]) - done_before
-            state["seconds"] += time.perf_counter() - start
-            save_checkpoint(out, model, optimizer, state)
-            raise
-        state["step"] += len(state["batch_losses"]) - done_before
-        state["seconds"] += time.perf_counter() - start
-        record = EpochRecord(epoch, state["step"], state["seconds"], running, *evaluate(epoch))
-        state.update(epoch=epoch, batch_losses=[], rows=state["rows"] + [_row(record, train_set.scale)])
-        write_rows(out / METRICS_FILE, state["rows"])
-        save_checkpoint(out, model, optimizer, state)
-    return state["rows"]
+    try:
+        fit(
+            make_train_step(model, optimizer),
+            train_set,
+            batch_size=train["batch_size"],
+            seed=config["seed"],
+            epochs=train["epochs"],
+            state=state,
+            callbacks=[log, *callbacks],
+        )
+    except KeyboardInterrupt:
+        save_checkpoint(out, model, optimizer, {**state.as_dict(), "rows": log.rows})
+        raise
+    return log.rows
+
+
+class _RunLog(Callback):
+    """After every epoch: evaluate (when due), append a metrics row, rewrite metrics.csv, checkpoint."""
+
+    def __init__(self, out: Path, model: nn.Module, optimizer: Optimizer, evaluator: EpochEvaluator, scale: Any):
+        self.out, self.model, self.optimizer, self.evaluator, self.scale = out, model, optimizer, evaluator, scale
+        self.rows: list[dict[str, Any]] = []
+
+    def on_epoch_end(self, state: FitState, running_loss: float) -> None:
+        record = EpochRecord(
+            state.epoch, state.step, state.seconds, running_loss, *self.evaluator.evaluate(state.epoch)
+        )
+        self.rows.append(_row(record, self.scale))
+        write_rows(self.out / METRICS_FILE, self.rows)
+        save_checkpoint(self.out, self.model, self.optimizer, {**state.as_dict(), "rows": self.rows})
 
 
 def _row(record: EpochRecord, scale: Any) -> dict[str, Any]:

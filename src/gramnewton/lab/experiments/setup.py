@@ -1,4 +1,7 @@
-"""Build what a config names: data sets (subset, resized), the model (maybe warm-started), the optimizer."""
+"""Build what a config names: data sets (subset, resized) and the model (maybe warm-started).
+
+The optimizer comes from :func:`gramnewton.lab.experiments.optimizers.build_optimizer`.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from ...optim import GramGaussNewton
-from ..baselines import KFAC
 from ..data import get_dataset
 from ..data.base import TensorRegressionDataset
 from ..models import get_model
@@ -107,23 +107,3 @@ def _adapt(value: Tensor, fresh: Tensor) -> Tensor | None:
     if value.dim() in (1, 2) and value.shape[1:] == fresh.shape[1:]:
         return fresh  # a head with another number of outputs: keep the fresh one
     return None
-
-
-def build_optimizer(config: Mapping[str, Any], model: nn.Module) -> Optimizer:
-    """The optimizer of ``config["optimizer"]`` with ``train.weight_decay``.
-
-    GGN's decay is decoupled (``w <- (1 - wd) w`` each step, see :class:`GramGaussNewton`); SGD,
-    Adam and K-FAC add ``wd * w`` to the gradient (torch's ``weight_decay``). SGD's momentum
-    defaults to 0.9 (the paper's).
-    """
-    hp = {k: v for k, v in config["optimizer"].items() if k != "name"}
-    name, wd = config["optimizer"]["name"], config["train"]["weight_decay"]
-    if name == "ggn":
-        return GramGaussNewton(model, weight_decay=wd, **hp)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), weight_decay=wd, **{"momentum": 0.9, **hp})
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), weight_decay=wd, **hp)
-    if name == "kfac":
-        return KFAC(model, weight_decay=wd, **hp)
-    raise ValueError(f"unknown optimizer {name!r}; expected ggn, sgd, adam or kfac")

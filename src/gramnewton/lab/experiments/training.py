@@ -1,16 +1,21 @@
-"""The training loop shared by the demo, the experiment runner and the benchmarks.
+"""The one training loop (:func:`fit`), shared by the demo, the experiment runner and the benchmarks.
 
 One abstraction unifies Gram-Gauss-Newton and first-order optimizers: :func:`make_train_step`
 returns ``step(x, y) -> loss`` where ``loss`` is the mini-batch mean squared error before the
-update. Data order depends only on ``(seed, epoch)``, so an interrupted run that resumes at an
-epoch boundary sees exactly the batches an uninterrupted run would.
+update. :func:`fit` runs such a step over seeded epochs within a budget of epochs and/or training
+seconds and calls :class:`Callback` objects between steps (evaluation, logging, checkpointing,
+progress), outside the timed region. Data order depends only on ``(seed, epoch)`` and
+:class:`FitState` records the losses of the steps already taken in an unfinished epoch, so a run
+resumed from a saved state (mid-epoch included) takes exactly the steps an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +42,9 @@ def residuals(outputs: Tensor, targets: Tensor) -> Tensor:
 def make_train_step(model: nn.Module, optimizer: Optimizer) -> TrainStep:
     """``step(x, y)``: one optimizer step on the batch, returning its MSE before the update.
 
-    Gram-Gauss-Newton gets a closure returning the per-sample residuals; any other optimizer
-    gets the usual ``zero_grad``, MSE ``backward`` and ``step`` (with a closure, for L-BFGS).
+    The single place that knows how each kind of optimizer takes a step: Gram-Gauss-Newton gets
+    a closure returning the per-sample residuals ``(b, k)``; any other optimizer gets the usual
+    ``zero_grad``, MSE ``backward`` and ``step`` (with a closure, for L-BFGS and K-FAC).
     """
     if isinstance(optimizer, GramGaussNewton):
         return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
@@ -86,6 +92,116 @@ def mean_squared_error(model: nn.Module, dataset: Dataset, batch_size: int = 500
 
 
 @dataclass
+class FitState:
+    """Where a run stands; :func:`fit` updates it in place after every step, so it is consistent
+    whenever a callback runs or an exception (Ctrl-C, a failing step) leaves the loop.
+
+    Attributes:
+        epoch: finished epochs.
+        step: steps taken in all.
+        seconds: training seconds (step calls and batch collation; callbacks excluded).
+        batch_losses: the losses of the steps taken in the unfinished epoch ``epoch + 1``;
+            on resume those batches are skipped.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    batch_losses: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seconds": self.seconds,
+            "batch_losses": list(self.batch_losses),
+        }
+
+
+@dataclass(frozen=True)
+class FitBudget:
+    """What :func:`fit` will run: ``epochs`` (None: unbounded) and ``seconds`` of training,
+    whichever ends first; ``steps_per_epoch`` is ``ceil(n / batch_size)``."""
+
+    epochs: int | None
+    seconds: float
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int | None:
+        return None if self.epochs is None else self.epochs * self.steps_per_epoch
+
+
+class Callback:
+    """Hooks of :func:`fit`, all optional; ``on_step`` and ``on_epoch_end`` stop the run by
+    returning True. They run outside the timed region (evaluation time is not training time)."""
+
+    def on_start(self, state: FitState, budget: FitBudget) -> None:
+        """Before the first step (``state`` may be a resumed one)."""
+
+    def on_step(self, state: FitState, loss: float) -> bool | None:
+        """After every step; ``loss`` is the batch MSE before the update."""
+
+    def on_epoch_end(self, state: FitState, running_loss: float) -> bool | None:
+        """After every finished epoch; ``running_loss`` is the mean of its batch losses."""
+
+    def on_end(self, state: FitState) -> None:
+        """After the last step, also when the loop is left by an exception."""
+
+
+def fit(
+    step: TrainStep,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    epochs: int | None = None,
+    seconds: float = math.inf,
+    state: FitState | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> FitState:
+    """Run ``step`` over the seeded epochs of ``dataset`` until ``epochs`` epochs or ``seconds``
+    training seconds (the last epoch may then be partial) or a callback asks to stop.
+
+    Batches of epoch ``e`` are :func:`batch_order` ``(len(dataset), batch_size, seed, e)``.
+    ``state`` (default: a fresh one) is continued and updated in place; it is returned.
+    """
+    if epochs is None and not math.isfinite(seconds):
+        raise ValueError("fit needs a budget: epochs, seconds or both")
+    state = FitState() if state is None else state
+    budget = FitBudget(epochs, seconds, math.ceil(len(dataset) / batch_size))
+    for callback in callbacks:
+        callback.on_start(state, budget)
+    try:
+        stop = False
+        while not stop and (epochs is None or state.epoch < epochs) and state.seconds < seconds:
+            order = batch_order(len(dataset), batch_size, seed, state.epoch + 1)
+            for idx in order[len(state.batch_losses) :]:
+                start = time.perf_counter()
+                x, y = dataset[idx]
+                loss = float(step(x, y))
+                state.seconds += time.perf_counter() - start
+                state.step += 1
+                state.batch_losses.append(loss)
+                stop = _any(c.on_step(state, loss) for c in callbacks) or state.seconds >= seconds
+                if stop:
+                    break
+            if len(state.batch_losses) == len(order):  # the epoch is finished (also when stopping at its end)
+                running = sum(state.batch_losses) / len(order)
+                state.epoch, state.batch_losses = state.epoch + 1, []
+                stop = _any(c.on_epoch_end(state, running) for c in callbacks) or stop
+        return state
+    finally:
+        for callback in callbacks:
+            callback.on_end(state)
+
+
+def _any(answers: Iterator[bool | None]) -> bool:
+    # every callback runs (a logger after a stopping evaluator still logs): no short-circuit
+    return any([bool(a) for a in answers])
+
+
+@dataclass
 class EpochRecord:
     """One row of a training log; ``seconds`` counts training time only (evaluation excluded)."""
 
@@ -97,76 +213,76 @@ class EpochRecord:
     test_loss: float
 
 
-def train_epoch(
-    step: TrainStep,
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    deadline: float = float("inf"),
-    on_batch: Callable[[float], None] | None = None,
-    losses: list[float] | None = None,
-) -> tuple[int, float]:
-    """Run one epoch of ``step`` (stopping early past ``deadline``, a ``time.perf_counter`` value).
+class EpochEvaluator(Callback):
+    """Evaluates the full train and test MSE before training and after every ``every``-th epoch
+    and ``last_epoch`` (default: the budget's last; NaN in between) into :attr:`records` (epoch 0 first)."""
 
-    ``losses``, when given, holds the losses of the batches of this epoch already taken (they are
-    skipped: an epoch interrupted after them resumes exactly) and receives each new batch's loss
-    as soon as its step is done, so an exception raised by ``on_batch`` leaves it consistent.
+    def __init__(
+        self, model: nn.Module, train_set: Dataset, test_set: Dataset, every: int = 1, last_epoch: int | None = None
+    ):
+        self.model, self.train_set, self.test_set, self.every = model, train_set, test_set, every
+        self.last_epoch = last_epoch
+        self.records: list[EpochRecord] = []
 
-    Returns:
-        ``(steps taken in the epoch, mean of the per-batch losses)``.
-    """
-    losses = [] if losses is None else losses
-    for x, y in batches(dataset, batch_order(len(dataset), batch_size, seed, epoch)[len(losses) :]):
-        losses.append(float(step(x, y)))
-        if on_batch is not None:
-            on_batch(losses[-1])
-        if time.perf_counter() > deadline:
-            break
-    return len(losses), sum(losses) / max(len(losses), 1)
+    def evaluate(self, epoch: int) -> tuple[float, float]:
+        if epoch % self.every and epoch != self.last_epoch:
+            return math.nan, math.nan
+        return mean_squared_error(self.model, self.train_set), mean_squared_error(self.model, self.test_set)
 
+    def on_start(self, state: FitState, budget: FitBudget) -> None:
+        self.last_epoch = budget.epochs if self.last_epoch is None else self.last_epoch
+        if state.epoch == 0 and not state.batch_losses and not self.records:
+            self.records.append(EpochRecord(0, 0, 0.0, math.nan, *self.evaluate(0)))
 
-def fit(
-    model: nn.Module,
-    optimizer: Optimizer,
-    train_set: Dataset,
-    test_set: Dataset,
-    *,
-    batch_size: int,
-    max_epochs: int,
-    max_seconds: float = float("inf"),
-    seed: int = 0,
-    on_batch: Callable[[float], None] | None = None,
-) -> list[EpochRecord]:
-    """Train until ``max_epochs`` epochs or ``max_seconds`` of training time, whichever is first.
-
-    Evaluates the full train and test MSE before training (epoch 0) and after each epoch; the
-    last epoch may be partial when the time budget runs out. Evaluation time is not counted.
-    """
-    step = make_train_step(model, optimizer)
-    model.train()
-    records = [
-        EpochRecord(0, 0, 0.0, float("nan"), mean_squared_error(model, train_set), mean_squared_error(model, test_set))
-    ]
-    seconds, steps = 0.0, 0
-    for epoch in range(1, max_epochs + 1):
-        start = time.perf_counter()
-        taken, running = train_epoch(step, train_set, batch_size, seed, epoch, start + max_seconds - seconds, on_batch)
-        seconds += time.perf_counter() - start
-        steps += taken
-        records.append(
-            EpochRecord(
-                epoch,
-                steps,
-                seconds,
-                running,
-                mean_squared_error(model, train_set),
-                mean_squared_error(model, test_set),
-            )
+    def on_epoch_end(self, state: FitState, running_loss: float) -> None:
+        self.records.append(
+            EpochRecord(state.epoch, state.step, state.seconds, running_loss, *self.evaluate(state.epoch))
         )
-        if seconds >= max_seconds:
-            break
-    return records
+
+    def finish(self, state: FitState) -> None:
+        """Evaluate the partial epoch of a run stopped by its time budget (nothing if none)."""
+        if state.batch_losses and state.step > self.records[-1].step:
+            running = sum(state.batch_losses) / len(state.batch_losses)
+            train, test = mean_squared_error(self.model, self.train_set), mean_squared_error(self.model, self.test_set)
+            self.records.append(EpochRecord(state.epoch + 1, state.step, state.seconds, running, train, test))
+
+
+class ProgressBar(Callback):
+    """A tqdm bar: elapsed / total training seconds when the budget is in seconds, else steps /
+    total steps; ``desc`` names the run (e.g. the optimizer)."""
+
+    def __init__(self, desc: str = "train", **tqdm_kwargs: Any):
+        self.desc, self.tqdm_kwargs = desc, tqdm_kwargs
+        self.bar: Any = None
+        self.timed = False
+
+    def on_start(self, state: FitState, budget: FitBudget) -> None:
+        from tqdm import tqdm
+
+        self.timed = math.isfinite(budget.seconds)
+        if self.timed:
+            self.bar = tqdm(
+                desc=self.desc,
+                total=round(budget.seconds, 1),
+                initial=round(state.seconds, 1),
+                unit="s",
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}{postfix}]",
+                **self.tqdm_kwargs,
+            )
+        else:
+            self.bar = tqdm(
+                desc=self.desc, total=budget.total_steps, initial=state.step, unit="step", **self.tqdm_kwargs
+            )
+
+    def on_step(self, state: FitState, loss: float) -> None:
+        self.bar.set_postfix_str(f"loss={loss:.4f}", refresh=False)
+        if self.timed:
+            self.bar.update(min(state.seconds, self.bar.total) - self.bar.n)
+        else:
+            self.bar.update()
+
+    def on_end(self, state: FitState) -> None:
+        self.bar.close()
 
 
 def seconds_to_target(records: list[EpochRecord], target: float) -> float | None:

@@ -1,0 +1,64 @@
+"""The one optimizer factory: ``{"name": "ggn" | "sgd" | "adam" | "kfac" | "lbfgs", **hyper}`` -> optimizer.
+
+Hyper-parameters are passed through unchanged to the optimizer's constructor, so a new
+``GramGaussNewton`` argument needs no change here; :func:`hyper_parameters` lists the accepted
+names from the constructor's signature (the config layer uses it to refuse unknown keys).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ...optim import GramGaussNewton
+from ..baselines import KFAC
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """How to build one kind: its class, whether it takes the model (else ``model.parameters()``)
+    as first argument, and defaults that differ from the class's own."""
+
+    cls: type[Optimizer]
+    takes_model: bool
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "ggn": OptimizerKind(GramGaussNewton, takes_model=True),
+    # the paper's SGD baseline uses momentum 0.9
+    "sgd": OptimizerKind(torch.optim.SGD, takes_model=False, defaults={"momentum": 0.9}),
+    "adam": OptimizerKind(torch.optim.Adam, takes_model=False),
+    "kfac": OptimizerKind(KFAC, takes_model=True),
+    # full-batch L-BFGS as users run it: a strong-Wolfe line search makes the learning rate moot
+    "lbfgs": OptimizerKind(torch.optim.LBFGS, takes_model=False, defaults={"line_search_fn": "strong_wolfe"}),
+}
+
+
+def hyper_parameters(name: str) -> list[str]:
+    """The keyword arguments the optimizer ``name`` accepts (its constructor's, less the first)."""
+    kind = _kind(name)
+    return list(inspect.signature(kind.cls).parameters)[1:]
+
+
+def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> Optimizer:
+    """``spec["name"]``'s optimizer for ``model`` with the other keys of ``spec`` as keyword
+    arguments (over :attr:`OptimizerKind.defaults`); the constructor validates their values."""
+    kind = _kind(spec.get("name", ""))
+    hyper = {**kind.defaults, **{k: v for k, v in spec.items() if k != "name"}}
+    return kind.cls(model if kind.takes_model else model.parameters(), **hyper)
+
+
+def _kind(name: str) -> OptimizerKind:
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(str(name), OPTIMIZERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown optimizer {name!r}{hint}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]

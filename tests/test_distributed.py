@@ -1,0 +1,331 @@
+"""Data-parallel GGN: 2 processes, gloo on 127.0.0.1, 1 thread each, float64.
+
+One spawn runs every scenario (starting processes costs seconds); each rank records per
+scenario ``"ok"`` or the failure, and the tests below read those records. Shards are uneven
+(rank 0 holds 3 samples, rank 1 holds 2) so that no step is right by symmetry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from dense import assert_close, dense_jacobian, dense_step, flat_params
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gramnewton import GramGaussNewton
+from gramnewton.distributed import resolve_mode
+from gramnewton.lab.models import get_model
+
+WORLD, SHARDS = 2, (3, 2)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 1))
+
+
+def _gn_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Tanh(), nn.Conv2d(8, 4, 3, stride=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 2),
+    )  # fmt: skip
+
+
+def _fixup() -> nn.Module:
+    model = get_model("resnet8_fixup", in_channels=1, num_outputs=1)
+    with torch.no_grad():  # Fixup zero-inits branches and head: perturb so every Jacobian block is non-zero
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _two_layer() -> nn.Module:
+    return get_model("two_layer", in_channels=5, width=64)
+
+
+# name -> (builder, input shape, outputs k)
+MODELS = {
+    "mlp": (_mlp, (3, 4), 1),
+    "groupnorm_cnn": (_gn_cnn, (1, 6, 6), 2),
+    "resnet8_fixup": (_fixup, (1, 8, 8), 1),
+    "two_layer": (_two_layer, (5,), 1),
+}
+
+
+def _setup(name: str, seed: int) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The model (a different init on each rank: the optimizer must broadcast rank 0's) and two
+    union batches of 5 samples (the same on every rank)."""
+    build, shape, k = MODELS[name]
+    torch.manual_seed(seed + 1000 * dist.get_rank())
+    model = build().double()
+    gen = torch.Generator().manual_seed(seed)
+    data = [
+        (torch.randn(sum(SHARDS), *shape, generator=gen, dtype=torch.float64),
+         torch.randn(sum(SHARDS), k, generator=gen, dtype=torch.float64))
+        for _ in range(2)
+    ]  # fmt: skip
+    return model, data
+
+
+def _shard(t: torch.Tensor) -> torch.Tensor:
+    start = sum(SHARDS[: dist.get_rank()])
+    return t[start : start + SHARDS[dist.get_rank()]]
+
+
+def _rank0_copy(model: nn.Module) -> nn.Module:
+    """A single-process twin holding rank 0's initial state."""
+    twin = copy.deepcopy(model)
+    for t in [*twin.parameters(), *twin.buffers()]:
+        dist.broadcast(t.data, src=0)
+    return twin
+
+
+def _same_on_all_ranks(model: nn.Module) -> None:
+    flat = flat_params(model)
+    others = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(others, flat)
+    assert all(torch.equal(o, flat) for o in others), "parameters differ across ranks"
+
+
+def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: bool = False) -> None:
+    model, data = _setup(name, seed=len(name) + int(10 * alpha))
+    single = _rank0_copy(model)
+    trained = DistributedDataParallel(model) if ddp else model
+    counted = []
+    if ddp:  # any gradient all-reduce DDP starts goes through this hook
+        trained.register_comm_hook(None, lambda state, bucket: counted.append(1) or _allreduce(bucket))
+    opt = GramGaussNewton(trained, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed="exact")
+    reference = GramGaussNewton(single, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed=None)
+    assert opt.distributed == "exact" and reference.distributed is None
+    for i, (x, y) in enumerate(data):
+        expected = (1 - wd) * flat_params(single) + dense_step(single, x, y, lam, alpha)
+        loss = opt.step(lambda: trained(_shard(x)) - _shard(y))
+        reference_loss = reference.step(lambda: single(x) - y)
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: exact vs single process")
+        assert_close(flat_params(model), expected, 1e-10, f"step {i}: exact vs the dense formula")
+        assert_close(loss, reference_loss, 1e-12, f"step {i}: loss of the union batch")
+        _same_on_all_ranks(model)
+    if ddp:
+        assert not counted, "DDP ran its gradient all-reduce"
+        assert all(p.grad is None for p in model.parameters())
+
+
+def _cross_entropy(engine: str, mode: str, adaptive: bool = False) -> None:
+    """Cross-entropy (closures return (logits, labels)): exact = single process on the union
+    batch; local = the shard-size-weighted mean of the single-process steps of the shards."""
+    model, data = _setup("groupnorm_cnn", seed=11)
+    single = _rank0_copy(model)
+    data = [
+        (x, torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(i))) for i, (x, _) in enumerate(data)
+    ]
+    kwargs = dict(alpha=0.05, loss="cross_entropy", engine=engine, adaptive_damping=adaptive)
+    opt = GramGaussNewton(model, distributed=mode, **kwargs)
+    reference = GramGaussNewton(single, distributed=None, **kwargs)
+    for i, (x, y) in enumerate(data):
+        loss = opt.step(lambda: (model(_shard(x)), _shard(y)))
+        if mode == "exact":
+            reference_loss = reference.step(lambda: (single(x), y))
+            assert opt.param_groups[0]["alpha"] == reference.param_groups[0]["alpha"]
+        else:
+            start, d = flat_params(single), 0
+            with torch.no_grad():
+                reference_loss = torch.nn.functional.cross_entropy(single(x), y)
+            for lo, hi in ((0, SHARDS[0]), (SHARDS[0], sum(SHARDS))):
+                twin = copy.deepcopy(single)
+                GramGaussNewton(twin, distributed=None, **kwargs).step(lambda: (twin(x[lo:hi]), y[lo:hi]))
+                d = d + (hi - lo) / sum(SHARDS) * (flat_params(twin) - start)
+            torch.nn.utils.vector_to_parameters(start + d, single.parameters())
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: cross-entropy, {mode} mode")
+        assert_close(loss, reference_loss, 1e-12, f"step {i}: cross-entropy loss of the union batch")
+        _same_on_all_ranks(model)
+
+
+def _allreduce(bucket: dist.GradBucket) -> torch.futures.Future:
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def _local(name: str, engine: str, alpha: float) -> None:
+    model, data = _setup(name, seed=7)
+    single = _rank0_copy(model)
+    opt = GramGaussNewton(model, alpha=alpha, engine=engine, distributed="local")
+    for i, (x, y) in enumerate(data):
+        # the documented formula: d = sum_p (b_p / B) d_p, d_p the dense step of shard p alone
+        d, start = 0, 0
+        for b in SHARDS:
+            d = d + b / sum(SHARDS) * dense_step(single, x[start : start + b], y[start : start + b], 1.0, alpha)
+            start += b
+        expected = flat_params(single) + d
+        loss = opt.step(lambda: model(_shard(x)) - _shard(y))
+        assert_close(flat_params(model), expected, 1e-10, f"step {i}: local mode vs its formula")
+        with torch.no_grad():
+            assert_close(loss, (single(x) - y).pow(2).mean(), 1e-12, f"step {i}: loss of the union batch")
+            for p, q in zip(single.parameters(), model.parameters()):
+                p.copy_(q)
+        _same_on_all_ranks(model)
+
+
+def _momentum(mode: str, engine: str) -> None:
+    """Sample-space momentum: exact = the single-process momentum step on the union batch;
+    local = ``phi_t = mu phi_{t-1} + sum_p (b_p / B) J_p^T c_p`` with the shared ``phi_{t-1}``."""
+    model, data = _setup("groupnorm_cnn", seed=13)
+    single = _rank0_copy(model)
+    lam, alpha, mu = 0.8, 0.3, 0.6
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=mode)
+    reference = GramGaussNewton(single, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=None)
+    phi = torch.zeros_like(flat_params(single))
+    for i, (x, y) in enumerate(data):
+        opt.step(lambda: model(_shard(x)) - _shard(y))
+        if mode == "exact":
+            reference.step(lambda: single(x) - y)
+        else:
+            combined, start = mu * phi, 0
+            for b in SHARDS:
+                jac = dense_jacobian(single, x[start : start + b])
+                with torch.no_grad():
+                    r = (single(x[start : start + b]) - y[start : start + b]).reshape(-1)
+                mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
+                combined = combined + b / sum(SHARDS) * jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ phi)
+                start += b
+            phi = combined
+            torch.nn.utils.vector_to_parameters(flat_params(single) - phi, single.parameters())
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: momentum, {mode} mode")
+        _same_on_all_ranks(model)
+
+
+def _adaptive() -> None:
+    model, data = _setup("mlp", seed=3)
+    single = _rank0_copy(model)
+    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, distributed="exact")
+    reference = GramGaussNewton(single, alpha=1e-3, adaptive_damping=True, distributed=None)
+    for x, y in data:
+        opt.step(lambda: model(_shard(x)) - _shard(y))
+        reference.step(lambda: single(x) - y)
+        assert opt.last_gain_ratio == pytest.approx(reference.last_gain_ratio, rel=1e-9)
+        assert opt.param_groups[0]["alpha"] == reference.param_groups[0]["alpha"]
+        assert_close(flat_params(model), flat_params(single), 1e-10, "adaptive damping, exact mode")
+
+
+def _error(mode: str, failing: int, kind: str) -> None:
+    """Bad residuals on one rank: every rank raises, nothing changes, the next step still works."""
+    model, data = _setup("mlp", seed=5)
+    opt = GramGaussNewton(model, alpha=0.1, distributed=mode)
+    x, y = data[0]
+    before, state = flat_params(model).clone(), copy.deepcopy(opt.state_dict())
+
+    def closure() -> torch.Tensor:
+        r = model(_shard(x)) - _shard(y)
+        if dist.get_rank() == failing:
+            if kind == "nan":
+                return r * float("nan")
+            if kind == "raise":
+                raise RuntimeError("data loader broke")
+            return torch.cat([r, r], 1)  # kind == "k": another number of outputs than the other rank
+        return r
+
+    expected = ValueError if kind in ("nan", "k") else RuntimeError
+    try:
+        opt.step(closure)
+    except expected as error:
+        if dist.get_rank() != failing and kind != "k":
+            assert f"rank {failing} of 2 failed" in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {dist.get_rank()} did not raise")
+    assert torch.equal(flat_params(model), before), "parameters changed"
+    assert str(opt.state_dict()) == str(state), "optimizer state changed"
+    opt.step(lambda: model(_shard(x)) - _shard(y))  # the ranks are still in step
+    _same_on_all_ranks(model)
+
+
+def _bytes() -> None:
+    """The counted traffic of an exact step equals the volume stated in gramnewton.distributed."""
+    model, data = _setup("mlp", seed=1)
+    opt = GramGaussNewton(model, distributed="exact", engine="reference")
+    comm = opt.communicator
+    comm.sent_bytes.clear()
+    x, y = data[0]
+    opt.step(lambda: model(_shard(x)) - _shard(y))
+    m, n, b, q = sum(p.numel() for p in model.parameters()), sum(SHARDS), SHARDS[dist.get_rank()], 0.5
+    lo, hi = comm.bounds(m)[dist.get_rank()]
+    sent = dict(comm.sent_bytes)
+    assert sent.pop("all_to_all") == 8 * b * (m - (hi - lo)), "all-to-all: J_p minus the own columns"
+    assert sent.pop("all_reduce") == int(8 * 2 * q * n * n), "Gram all-reduce (ring)"
+    assert sent.pop("all_gather") == 8 * (max(SHARDS) + (m + 1) // 2), "residuals and direction slices"
+    assert sent.pop("status") == 8 * 3 and not sent, sent
+
+
+SCENARIOS: dict[str, Callable[[], None]] = {
+    **{
+        f"exact-{engine}-{name}": (lambda n=name, e=engine: _exact(n, e, lam=1.0, alpha=0.1, wd=0.0))
+        for engine in ("reference", "hooks")
+        for name in MODELS
+    },
+    "exact-hooks-mlp-lam-wd": lambda: _exact("mlp", "hooks", lam=0.5, alpha=0.0, wd=0.01),
+    "exact-hooks-groupnorm_cnn-ddp": lambda: _exact("groupnorm_cnn", "hooks", lam=2.0, alpha=3.0, wd=0.0, ddp=True),
+    "exact-adaptive-damping": _adaptive,
+    "exact-momentum-hooks": lambda: _momentum("exact", "hooks"),
+    "exact-momentum-reference": lambda: _momentum("exact", "reference"),
+    "local-momentum-hooks": lambda: _momentum("local", "hooks"),
+    "exact-cross-entropy-hooks": lambda: _cross_entropy("hooks", "exact"),
+    "exact-cross-entropy-reference-adaptive": lambda: _cross_entropy("reference", "exact", adaptive=True),
+    "local-cross-entropy-hooks": lambda: _cross_entropy("hooks", "local"),
+    "local-hooks-mlp": lambda: _local("mlp", "hooks", alpha=0.1),
+    "local-reference-groupnorm_cnn": lambda: _local("groupnorm_cnn", "reference", alpha=0.5),
+    **{
+        f"error-{mode}-{kind}-rank{failing}": (lambda m=mode, f=failing, k=kind: _error(m, f, k))
+        for mode in ("exact", "local")
+        for failing in (0, 1)
+        for kind in ("nan", "raise")
+    },
+    "error-exact-k": lambda: _error("exact", 1, "k"),
+    "bytes-exact": _bytes,
+}
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    results = {}
+    for name, scenario in SCENARIOS.items():
+        try:
+            scenario()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("distributed")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_ranks(results: list[dict[str, str]], scenario: str) -> None:
+    for rank, by_name in enumerate(results):
+        assert by_name[scenario] == "ok", f"rank {rank}:\n{by_name[scenario]}"
+
+
+def test_modes_without_torch_distributed() -> None:
+    assert resolve_mode("auto") is None and resolve_mode(None) is None
+    for mode in ("exact", "local"):
+        with pytest.raises(ValueError, match="init_process_group"):
+            GramGaussNewton(_mlp(), distributed=mode)
+    with pytest.raises(ValueError, match="Invalid distributed mode"):
+        GramGaussNewton(_mlp(), distributed="sharded")

@@ -1,0 +1,326 @@
+"""Sample-space momentum (SPRING), primal/dual solve, damping-rule interface, diagnostics.
+
+Every step is checked in float64 against the explicit dense formula built on ``jacrev``:
+``phi_t = mu phi_{t-1} + J^T (lam J J^T + alpha I)^{-1} (r - lam mu J phi_{t-1})``,
+``w <- (1 - wd) w - phi_t``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from dense import assert_close, dense_jacobian, flat_params
+from test_optim import CASES
+from torch import Tensor, nn
+
+from gramnewton import GramGaussNewton
+from gramnewton.damping import DampingDecision, GainRatioDamping
+from gramnewton.engines import ReferenceEngine
+from gramnewton.solve import damped_solve
+from gramnewton.update import apply_direction
+
+RTOL = 1e-10
+
+
+def _batches(shape: tuple[int, ...], k: int, b: int, count: int = 3) -> list[tuple[Tensor, Tensor]]:
+    return [(torch.randn(b, *shape, dtype=torch.float64), torch.randn(b, k, dtype=torch.float64)) for _ in range(count)]
+
+
+def _set_flat(model: nn.Module, flat: Tensor) -> None:
+    with torch.no_grad():
+        offset = 0
+        for p in model.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def dense_spring(
+    model: nn.Module, batches: list, lam: float, alpha: float, mu: float, wd: float = 0.0
+) -> tuple[list[Tensor], Tensor]:
+    """Parameters after each step of the explicit formula, and the last ``phi``."""
+    model = copy.deepcopy(model)
+    phi = torch.zeros_like(flat_params(model))
+    trajectory = []
+    for x, y in batches:
+        jac = dense_jacobian(model, x)
+        with torch.no_grad():
+            r = (model(x) - y).reshape(-1)
+        mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
+        phi = mu * phi + jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ phi)
+        _set_flat(model, (1 - wd) * flat_params(model) - phi)
+        trajectory.append(flat_params(model))
+    return trajectory, phi
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+@pytest.mark.parametrize("name,build,shape,k,b", CASES, ids=[c[0] for c in CASES])
+def test_momentum_steps_match_dense_formula(name, build, shape, k, b, engine):
+    model = build().double()
+    batches = _batches(shape, k, b)
+    lam, alpha, mu, wd = 0.7, 0.3, 0.8, 1e-3
+    expected, phi = dense_spring(model, batches, lam, alpha, mu, wd)
+    opt = GramGaussNewton(
+        model, lam=lam, alpha=alpha, momentum=mu, weight_decay=wd, engine=engine, solve_space="sample"
+    )
+    for t, (x, y) in enumerate(batches):
+        opt.step(lambda: model(x) - y)
+        assert_close(flat_params(model), expected[t], RTOL, f"{name} parameters after step {t + 1}")
+    buffers = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    assert_close(buffers, phi, RTOL, f"{name} momentum buffer")
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+def test_zero_momentum_is_todays_step_bit_for_bit(engine):
+    """``momentum=0`` runs Eq. 11 operation for operation: solve, ``-J^T c``, apply."""
+    name, build, shape, k, b = CASES[1]
+    model = build().double()
+    twin = copy.deepcopy(model)
+    opt = GramGaussNewton(model, lam=0.5, alpha=0.2, momentum=0.0, weight_decay=1e-3, engine=engine)
+    twin_engine = GramGaussNewton(twin, engine=engine).engine
+    for x, y in _batches(shape, k, b):
+        opt.step(lambda: model(x) - y)
+        system = twin_engine.compute(lambda: twin(x) - y)
+        c, _ = damped_solve(system.gram, system.residuals.reshape(-1), 0.5, 0.2)
+        apply_direction(list(twin.parameters()), [-d for d in system.jt_times(c)], 1e-3)
+        assert torch.equal(flat_params(model), flat_params(twin))
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
+
+
+def _small_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))  # m = 21
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+@pytest.mark.parametrize("b", [30, 8], ids=["m_below_bk", "m_above_bk"])
+@pytest.mark.parametrize("mu", [0.0, 0.6])
+def test_parameter_space_equals_sample_space(engine, b, mu):
+    torch.manual_seed(3)
+    model = _small_mlp().double()
+    batches = _batches((3,), 1, b)
+    expected, _ = dense_spring(model, batches, 1.3, 0.05, mu)
+    runs = {}
+    for space in ("sample", "parameter", "auto"):
+        trial = copy.deepcopy(model)
+        opt = GramGaussNewton(trial, lam=1.3, alpha=0.05, momentum=mu, engine=engine, solve_space=space)
+        for t, (x, y) in enumerate(batches):
+            opt.step(lambda: trial(x) - y)
+            assert_close(flat_params(trial), expected[t], 1e-9, f"{space} space, step {t + 1}")
+        runs[space] = opt.last_diagnostics.solve_space
+    assert runs == {"sample": "sample", "parameter": "parameter", "auto": "parameter" if b == 30 else "sample"}
+
+
+class _Scripted:
+    """A damping rule that accepts or rejects as scripted and records what it was given."""
+
+    def __init__(self, accepts: list[bool]):
+        self.accepts, self.seen = list(accepts), []
+
+    def update(self, alpha, gain_ratio, diagnostics):
+        self.seen.append((alpha, gain_ratio, diagnostics))
+        return DampingDecision(alpha * 2, self.accepts.pop(0))
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+def test_rejected_step_leaves_parameters_and_momentum_unchanged(engine):
+    name, build, shape, k, b = CASES[0]
+    model = build().double()
+    x1, y1, x2, y2, x3, y3 = (t for batch in _batches(shape, k, b) for t in batch)
+    opt = GramGaussNewton(
+        model, alpha=0.2, momentum=0.7, engine=engine, adaptive_damping=_Scripted([True, False, True])
+    )
+    opt.step(lambda: model(x1) - y1)
+    params, state = flat_params(model), copy.deepcopy(opt.state_dict()["state"])
+    opt.step(lambda: model(x2) - y2)  # rejected
+    assert opt.last_diagnostics.rejected and opt.param_groups[0]["alpha"] == pytest.approx(0.8)
+    assert torch.equal(flat_params(model), params)
+    after = opt.state_dict()["state"]
+    for key in state:
+        assert torch.equal(after[key]["momentum_buffer"], state[key]["momentum_buffer"])
+        assert int(after[key]["step"]) == 1
+    # the next accepted step continues from phi_1 as if the rejected batch had not been seen
+    opt.step(lambda: model(x3) - y3)
+    twin = copy.deepcopy(model)
+    _set_flat(twin, params)
+    expected = _continue(twin, state, (x3, y3), lam=1.0, alpha=0.8, mu=0.7)
+    assert_close(flat_params(model), expected, RTOL, "step after a rejected one")
+
+
+def _continue(model: nn.Module, state: dict, batch: tuple[Tensor, Tensor], lam: float, alpha: float, mu: float):
+    x, y = batch
+    phi = torch.cat([state[i]["momentum_buffer"].reshape(-1) for i in sorted(state)])
+    jac = dense_jacobian(model, x)
+    with torch.no_grad():
+        r = (model(x) - y).reshape(-1)
+    mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
+    return flat_params(model) - (mu * phi + jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ phi))
+
+
+def test_rule_errors_restore_parameters():
+    class Broken:
+        def update(self, alpha, gain_ratio, diagnostics):
+            raise RuntimeError("rule failed")
+
+    model = _small_mlp().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model, momentum=0.5, adaptive_damping=Broken())
+    before = flat_params(model)
+    with pytest.raises(RuntimeError, match="rule failed"):
+        opt.step(lambda: model(x) - y)
+    assert torch.equal(flat_params(model), before)
+    assert all(not opt.state[p] for p in model.parameters())
+
+
+def test_state_dict_round_trip_with_momentum_gives_identical_steps():
+    name, build, shape, k, b = CASES[2]
+    model = build().double()
+    batches = _batches(shape, k, b, count=4)
+    opt = GramGaussNewton(model, lam=0.9, alpha=0.4, momentum=0.6, adaptive_damping=True)
+    for x, y in batches[:2]:
+        opt.step(lambda: model(x) - y)
+    twin = copy.deepcopy(model)
+    twin_opt = GramGaussNewton(twin, adaptive_damping=True)
+    twin_opt.load_state_dict(opt.state_dict())
+    assert twin_opt.param_groups[0]["momentum"] == 0.6
+    for x, y in batches[2:]:
+        opt.step(lambda: model(x) - y)
+        twin_opt.step(lambda: twin(x) - y)
+        assert torch.equal(flat_params(model), flat_params(twin))
+
+
+def test_diagnostics_are_consistent():
+    model = nn.Linear(6, 1, dtype=torch.float64)  # linear: the linearised model is exact
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    rule = _Scripted([True])
+    opt = GramGaussNewton(model, lam=2.0, alpha=0.5, momentum=0.3, adaptive_damping=rule)
+    before = flat_params(model)
+    loss = opt.step(lambda: model(x) - y)
+    d = opt.last_diagnostics
+    assert rule.seen[0][2].gain_ratio == d.gain_ratio and rule.seen[0][0] == 0.5
+    assert d.loss_before == pytest.approx(float(loss), rel=1e-14)
+    assert d.loss_after == pytest.approx(float((model(x) - y).detach().pow(2).mean()), rel=1e-12)
+    assert d.predicted_decrease == pytest.approx(d.loss_before - d.loss_after, rel=1e-9)
+    assert d.gain_ratio == pytest.approx(1.0, abs=1e-9)
+    assert d.step_norm == pytest.approx(float((flat_params(model) - before).norm()), rel=1e-12)
+    assert (d.alpha, d.lam, d.momentum, d.rejected, d.solve_space) == (0.5, 2.0, 0.3, False, "sample")
+    jac = dense_jacobian(model, x)
+    eig = torch.linalg.eigvalsh(2.0 * jac @ jac.T + 0.5 * torch.eye(4, dtype=torch.float64))
+    true_condition = float(eig.max() / eig.min())
+    assert 1.0 <= d.condition <= true_condition * (1 + 1e-9) and d.solve_method == "cholesky"
+    plain = GramGaussNewton(_small_mlp().double())
+    plain.step(lambda: plain.model(x[:, :3]) - y)
+    assert plain.last_diagnostics.loss_after is None and plain.last_diagnostics.gain_ratio is None
+
+
+def test_gain_ratio_rule_rejects_with_momentum():
+    class Sine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.4], dtype=torch.float64))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.sin(3 * self.w * x)
+
+    model = Sine()
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model, alpha=1e-3, momentum=0.5, adaptive_damping=GainRatioDamping())
+    opt.step(lambda: model(x) - y)
+    assert opt.last_diagnostics.rejected and float(model.w.detach()) == 0.4
+    assert "momentum_buffer" not in opt.state[model.w] and "step" not in opt.state[model.w]
+
+
+def test_engine_without_j_times_refuses_momentum_and_changes_nothing():
+    class NoJv(ReferenceEngine):
+        def compute(self, closure):
+            return dataclasses.replace(super().compute(closure), j_times=None, jacobian_columns=None)
+
+    model = _small_mlp().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model, momentum=0.5, engine=NoJv(list(model.parameters())))
+    opt.step(lambda: model(x) - y)  # the first step has no phi_{t-1}: no J v needed
+    before = flat_params(model)
+    with pytest.raises(ValueError, match="j_times"):
+        opt.step(lambda: model(x) - y)
+    assert torch.equal(flat_params(model), before)
+    with pytest.raises(ValueError, match="dense Jacobian"):
+        GramGaussNewton(model, engine=NoJv(list(model.parameters())), solve_space="parameter").step(
+            lambda: model(x) - y
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [(dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"), (dict(solve_space="dual"), "solve_space")],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GramGaussNewton(_small_mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("space", ["sample", "parameter"])
+def test_momentum_with_cross_entropy_matches_dense_formula(space):
+    """For a general loss the same minimiser: ``(lam J^T H J + alpha I) phi_t = J^T g + alpha mu phi_{t-1}``."""
+    from test_classification import _derivatives, _mlp, _sum_loss
+
+    model = _mlp(3).double()
+    twin = copy.deepcopy(model)
+    lam, alpha, mu = 0.8, 0.4, 0.7
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, momentum=mu, loss="cross_entropy", solve_space=space)
+    phi = torch.zeros_like(flat_params(model))
+    for _ in range(3):
+        x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+        jac, _, g, h = _derivatives(twin, x, _sum_loss("cross_entropy", y))
+        mat = lam * jac.T @ h @ jac + alpha * torch.eye(jac.shape[1], dtype=jac.dtype)
+        phi = torch.linalg.solve(mat, jac.T @ g + alpha * mu * phi)
+        _set_flat(twin, flat_params(twin) - phi)
+        opt.step(lambda: (model(x), y))
+        assert_close(flat_params(model), flat_params(twin), 1e-9, f"cross-entropy momentum step ({space} space)")
+    assert opt.last_diagnostics.solve_space == space
+
+
+class _BatchChosen:
+    """A rule that sets alpha from the system before the solve and never re-evaluates."""
+
+    measures_gain_ratio = False
+
+    def __init__(self, alpha: float):
+        self.alpha, self.systems, self.seen = alpha, [], []
+
+    def choose_alpha(self, alpha, system):
+        self.systems.append((alpha, system))
+        return self.alpha
+
+    def update(self, alpha, gain_ratio, diagnostics):
+        self.seen.append((alpha, gain_ratio))
+        return DampingDecision(0.123, True)
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+def test_rule_chooses_alpha_before_the_solve_without_reevaluation(engine):
+    name, build, shape, k, b = CASES[1]
+    model = build().double()
+    x, y = torch.randn(b, *shape, dtype=torch.float64), torch.randn(b, k, dtype=torch.float64)
+    rule = _BatchChosen(2.5)
+    expected, _ = dense_spring(model, [(x, y)], 0.9, 2.5, 0.0)
+    jac = dense_jacobian(model, x)
+    calls = []
+    opt = GramGaussNewton(model, lam=0.9, alpha=0.4, engine=engine, adaptive_damping=rule)
+    opt.step(lambda: calls.append(1) or model(x) - y)
+    assert_close(flat_params(model), expected[0], RTOL, "step with the rule's alpha")
+    assert len(calls) == 1, "the batch was re-evaluated"
+    assert rule.systems[0][0] == 0.4 and rule.seen == [(2.5, None)]
+    assert_close(rule.systems[0][1].gram, jac @ jac.T, RTOL, "the Gram the rule saw")
+    d = opt.last_diagnostics
+    assert (d.alpha, d.gain_ratio, d.loss_after, opt.param_groups[0]["alpha"]) == (2.5, None, None, 0.123)
+
+
+def test_rule_choosing_an_invalid_alpha_changes_nothing():
+    model = _small_mlp().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model, adaptive_damping=_BatchChosen(-1.0))
+    before = flat_params(model)
+    with pytest.raises(ValueError, match="alpha"):
+        opt.step(lambda: model(x) - y)
+    assert torch.equal(flat_params(model), before) and not opt.state
