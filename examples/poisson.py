@@ -105,25 +105,35 @@ def ggn_optimizer(model: nn.Module, alpha: float = 1e-3, **kwargs) -> GramGaussN
 
 
 class LineSearchGGN:
-    """GGN with a grid line search on the step length, the protocol of ENGD-W (arXiv 2505.12149).
+    """GGN with a grid line search on the step length: ENGD-W, and SPRING with ``momentum > 0``
+    (the protocols of arXiv 2505.12149).
 
-    Each step computes ``d = -J^T (G + alpha I)^{-1} r`` with a tiny fixed ``alpha`` (the
-    Gauss-Newton direction, nearly undamped) and moves to ``w + eta d`` for the ``eta`` in
-    ``1, 1/2, 1/4, ...`` with the smallest loss on the step's points (the halving stops at the
-    first ``eta`` that does no better than the previous one; ``eta = 0`` if none decreases it).
-    Each trial costs one evaluation of the residuals, no Jacobian.
+    Each step computes the direction ``d = -phi_t`` of :func:`gramnewton.gram_gauss_newton_direction`
+    with a tiny fixed ``alpha`` (nearly the undamped Gauss-Newton direction; with momentum ``mu``,
+    ``phi_t = mu phi_{t-1} + J^T (G + alpha I)^{-1} (r - mu J phi_{t-1})``) and moves to
+    ``w + eta d`` for the ``eta`` in ``1, 1/2, 1/4, ...`` with the smallest loss on the step's
+    points (the halving stops at the first ``eta`` that does no better than the previous one;
+    ``eta = 0`` if none decreases it). Each trial costs one evaluation of the residuals, no
+    Jacobian. The system is solved in parameter space when there are fewer parameters than
+    residuals (``solve_space="auto"``).
     """
 
-    def __init__(self, model: nn.Module, alpha: float = 1e-10, halvings: int = 30):
+    def __init__(self, model: nn.Module, alpha: float = 1e-10, momentum: float = 0.0, halvings: int = 30):
         self.engine = FunctionalEngine(list(model.parameters()))
-        self.alpha, self.halvings = alpha, halvings
+        self.alpha, self.momentum, self.halvings = alpha, momentum, halvings
+        self.phi: list[Tensor] | None = None  # the previous direction, unscaled (SPRING's phi)
         self.last_eta = 0.0
 
     @torch.no_grad()
     def step(self, residual: FunctionalResidual) -> Tensor:
         """One step; returns the mean squared residual before it (like ``GramGaussNewton.step``)."""
         with torch.enable_grad():
-            found = gram_gauss_newton_direction(self.engine, residual, lam=1.0, alpha=self.alpha)
+            found = gram_gauss_newton_direction(
+                self.engine, residual, lam=1.0, alpha=self.alpha, momentum=self.momentum, previous=self.phi,
+                solve_space="auto",
+            )  # fmt: skip
+        if self.momentum:
+            self.phi = [-d for d in found.direction]
         params, start = self.engine.params, [p.detach().clone() for p in self.engine.params]
         best, self.last_eta, eta = float(found.residuals.pow(2).sum()), 0.0, 1.0
         for _ in range(self.halvings):
@@ -146,6 +156,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="training time budget")
     parser.add_argument("--resample", action="store_true", help="new collocation points every step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--momentum", type=float, default=0.0, help="SPRING momentum of the GGN direction")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--widths", type=int, nargs="+", help="hidden widths (default: the problem's)")
     parser.add_argument("--points", type=int, nargs=2, help="interior and boundary points (default: the problem's)")
@@ -157,7 +168,7 @@ def main() -> None:
     model = make_model(args.dim, widths, args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     error = make_error(model, problem)
-    opt = LineSearchGGN(model)
+    opt = LineSearchGGN(model, momentum=args.momentum)
     residual = make_residual(model, problem, n_in, n_bd, generator)
     print(f"{args.dim}-D Poisson, {sum(p.numel() for p in model.parameters())} parameters, {n_in}+{n_bd} points")
     start, step = time.perf_counter(), 0
