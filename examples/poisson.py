@@ -84,6 +84,24 @@ def make_residual(model: nn.Module, problem: Poisson, n_in: int, n_bd: int, gene
     )
 
 
+def autograd_residual(model: nn.Module, problem: Poisson, residual: FunctionalResidual) -> Callable[[], Tensor]:
+    """The same rows as ``residual`` (its points and weights), with the Laplacian by
+    ``torch.autograd.grad(create_graph=True)`` on the whole batch: what first-order optimizers
+    are given (faster for them than the per-sample ``torch.func`` form, which only the GGN
+    engine needs)."""
+    (x_in,), (x_bd,) = (t.inputs for t in residual.terms)
+    w_in, w_bd = (t.weight for t in residual.terms)
+
+    def closure() -> Tensor:
+        x = x_in.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        lap = sum(torch.autograd.grad(grad[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(problem.dim))
+        interior = w_in * (-lap - problem.source(x_in))
+        return torch.cat([interior, w_bd * (model(x_bd).squeeze(-1) - problem.exact(x_bd))])
+
+    return closure
+
+
 def make_error(model: nn.Module, problem: Poisson, n_eval: int = 10_000, seed: int = 12345) -> Callable[[], float]:
     """Relative L2 error of ``model`` on ``n_eval`` fixed uniform points of the domain."""
     x = pinn.sample_interior(
