@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--problem", choices=sorted(DIMS), default="2d")
     parser.add_argument("--seconds", type=float, default=120.0, help="training seconds per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["ggn", "ggn-lm", "ggn-momentum", "lbfgs"])
+    parser.add_argument("--methods", nargs="*", default=["ggn", "ggn-lm", "ggn-momentum", "lbfgs"])
     parser.add_argument("--tag", default="", help="suffix of the default JSON and figure names")
     parser.add_argument("--adam-lrs", type=float, nargs="*", default=[1e-3, 1e-2])
     parser.add_argument("--eval-every", type=float, default=1.0, help="training seconds between evaluations")
