@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gramnewton import tune_allocator
-from gramnewton.engines import GramSystem, HooksEngine, ReferenceEngine
+from gramnewton.engines import GramSystem, HooksEngine, ReferenceEngine, handlers
 from gramnewton.lab.experiments.optimizers import build_optimizer
 from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import TwoLayerNet, get_model
@@ -277,8 +277,6 @@ COST_MODEL_CASES = {
 
 def check_cost_model(reps: int) -> dict:
     """Time both weight forms (Gram + ``J^T v``) of single layers against the cost model's choice."""
-    from gramnewton.engines import handlers
-
     out = {}
     for name, (build, shape) in COST_MODEL_CASES.items():
         torch.manual_seed(0)
@@ -538,6 +536,11 @@ def main(argv: list[str] | None = None) -> None:
                 "load_average": os.getloadavg(),
                 "methods": time_config(model_name, batch, methods, args.reps, args.warmup),
                 "load_average_after": os.getloadavg(),
+                # the measured per-sample conv weight-gradient path of each layer shape that had a choice
+                "conv_paths": {
+                    f"in {tuple(key[1])} out {tuple(key[2])} stride {key[4]}": name
+                    for key, name in handlers.CONV_WEIGHT_PATHS.choices.items()
+                },
             }
             if skip and "ggn_ref" in args.methods:
                 run["skipped"] = {"ggn_ref": skip}

@@ -310,7 +310,8 @@ def test_unreadable_cache_entry_is_rebuilt(tmp_path: Path) -> None:
     first = get_dataset("afad-lite", root=str(tmp_path), cache_dir=str(cache_dir))
     (entry,) = cache_dir.glob("*.pt")
     entry.write_bytes(b"garbage")
-    again = get_dataset("afad-lite", root=str(tmp_path), cache_dir=str(cache_dir))
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = get_dataset("afad-lite", root=str(tmp_path), cache_dir=str(cache_dir))
     torch.testing.assert_close(again.inputs, first.inputs)
 
 

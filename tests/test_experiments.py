@@ -168,3 +168,15 @@ def test_reproduce_test_budget(tmp_path, capsys):
     # A second call reuses every finished run.
     assert main(["reproduce", "fig2", "--test-budget", "--out", str(tmp_path)]) == 0
     assert "ran in" not in capsys.readouterr().out
+
+
+def test_train_step_gives_a_ggn_classifier_outputs_and_labels():
+    from gramnewton import GramGaussNewton
+    from gramnewton.lab.experiments.training import make_train_step
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, labels = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    step = make_train_step(model, GramGaussNewton(model, loss="cross_entropy", alpha=1.0))
+    before = float(torch.nn.functional.cross_entropy(model(x), labels))
+    assert float(step(x, labels)) == pytest.approx(before, rel=1e-5)
+    assert float(torch.nn.functional.cross_entropy(model(x), labels)) < before

@@ -1,8 +1,9 @@
 """The hooks engine against the reference engine and a dense ``torch.func.jacrev`` Jacobian.
 
-Every case runs in float64 under three cost-model settings: as chosen (``auto``), every weight
-materialised (``dense``) and every weight that can be factorised factorised (``factored``), so
-both code paths of each layer are checked; the convolution cases also run with each per-sample
+Every case runs in float64 under four cost-model settings: as chosen (``auto``), every weight
+materialised (``dense``), every weight that can be factorised factorised (``factored``) and
+every convolution weight kept as its input and output gradient (``kept``, :class:`KeptConv`),
+so every code path of each layer is checked; the convolution cases also run with each per-sample
 weight-gradient path forced (``grouped``, ``patches``). Agreement is required to 1e-10 relative.
 Cases with at least ``SYRK_MIN_ROWS`` Gram rows exercise the symmetric (lower-triangle) update.
 """
@@ -229,7 +230,7 @@ CASES = [
     Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
 ]
 
-MODES = ("auto", "dense", "factored")
+MODES = ("auto", "dense", "factored", "kept")
 
 
 def build(case: Case) -> tuple[nn.Module, Tensor, Tensor]:
@@ -272,6 +273,9 @@ def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     elif request.param == "factored":
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
+    elif request.param == "kept":
+        monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+        monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
     return request.param
 
 
@@ -327,6 +331,50 @@ def test_conv_weight_paths(case: Case, path: str, monkeypatch: pytest.MonkeyPatc
         assert paths.used[path] > before, f"the {path} path did not run"
 
 
+CONV_LAYERS = [
+    (nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), (6, 3, 7, 7)),
+    (nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(1, 2), bias=False), (5, 2, 6, 5)),
+    (nn.Conv1d(4, 6, 3, groups=2, padding=1), (5, 4, 9)),
+    (nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (3, 2, 4, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("path", ["grouped", "patches"])
+@pytest.mark.parametrize("layer", range(len(CONV_LAYERS)))
+def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``J^T v`` and ``J v`` of every conv weight piece against its materialised ``J`` (float64)."""
+    module, shape = CONV_LAYERS[layer]
+    torch.manual_seed(layer)
+    module = module.double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        g = torch.randn_like(module(x))
+    monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", path)
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    handler = handlers.handler_for(module)
+    pieces = [handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"]]
+    monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
+    pieces.append(handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"])
+    assert isinstance(pieces[1], handlers.KeptConv)
+    n = shape[0]
+    # the reference: per-sample gradients by autograd, one sample at a time
+    rows = []
+    for i in range(n):
+        (grad,) = torch.autograd.grad((module(x[i : i + 1]) * g[i : i + 1]).sum(), module.weight)
+        rows.append(grad.reshape(-1))
+    jac = torch.stack(rows)
+    v, w = torch.randn(n, dtype=torch.float64), torch.randn(jac.shape[1], dtype=torch.float64)
+    for piece in pieces:
+        assert_close(f"{type(piece).__name__} dense", piece.dense().jac, jac)
+        assert_close(f"{type(piece).__name__} J^T v", piece.jt_times(v), jac.T @ v)
+        assert_close(f"{type(piece).__name__} J v", piece.j_times(w), jac @ w)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        piece.add_gram_lower(gram)
+        handlers.mirror_lower(gram)
+        assert_close(f"{type(piece).__name__} Gram", gram, jac @ jac.T)
+
+
 @pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 128])
 def test_symmetric_update_then_mirror_equals_full_product(n: int) -> None:
     torch.manual_seed(n)
@@ -357,7 +405,7 @@ def test_measured_choice_keeps_the_fastest_and_caches_it() -> None:
 
     assert choice("k", {"slow": slow, "fast": fast}) == ("fast", "fast")
     assert choice("k", {"slow": slow, "fast": fast}) == ("fast", "fast")
-    assert calls == {"slow": 2, "fast": 3} and choice.choices == {"k": "fast"}
+    assert calls == {"slow": 2, "fast": 4} and choice.choices == {"k": "fast"}
     choice.forced = "slow"
     assert choice("k", {"slow": slow, "fast": fast}) == ("slow", "slow")
 
@@ -519,3 +567,39 @@ def test_convert_batchnorm_bare_module_and_odd_channels() -> None:
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 3 and not gn.affine
     with pytest.raises(ValueError, match="positive"):
         gramnewton.convert_batchnorm(nn.BatchNorm2d(4), groups=0)
+
+
+@pytest.mark.parametrize("keep_above", [0, float("inf")], ids=["kept_conv_scratch", "kept_buffers"])
+def test_workspace_buffers_are_reused_and_stale_systems_raise(
+    keep_above: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steady state: the second step reuses every workspace buffer (same storage), its results
+    are exact, and a system of the first step, whose buffers were written over, refuses to run."""
+    monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", "patches")
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", keep_above)
+    case = next(c for c in CASES if c.name == "conv2d_b36_syrk")
+    model, x, y = build(case)
+    params = list(model.parameters())
+    closure = lambda: model(x).reshape(case.batch, -1) - y  # noqa: E731
+    engine = HooksEngine(model, params)
+    first = engine.compute(closure)
+    storages = {k: b.untyped_storage().data_ptr() for k, b in engine.workspace._buffers.items()}
+    assert storages and engine.workspace.nbytes > 0
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1.1)
+    second = engine.compute(closure)
+    assert {k: b.untyped_storage().data_ptr() for k, b in engine.workspace._buffers.items()} == storages
+    reference = ReferenceEngine(params).compute(closure)
+    v = torch.randn(second.gram.shape[0], dtype=torch.float64)
+    assert_close("gram, second step", second.gram, reference.gram)
+    assert_close(
+        "J^T v, second step",
+        torch.cat([t.reshape(-1) for t in second.jt_times(v)]),
+        torch.cat([t.reshape(-1) for t in reference.jt_times(v)]),
+    )
+    if keep_above == float("inf"):  # per-sample gradients kept in the workspace until J^T v
+        with pytest.raises(RuntimeError, match="later step"):
+            first.jt_times(v)

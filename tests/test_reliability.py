@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from dense import assert_close, dense_step, flat_params
+from dense import assert_close, dense_jacobian, dense_step, flat_params
 from torch import Tensor, nn
 
 from gramnewton import GramGaussNewton, SingularGramError, damped_solve, full_batch_step
@@ -249,3 +249,185 @@ def test_full_batch_step_and_damped_solve_validate_hyper_parameters(kwargs: dict
     args = {"lam": 1.0, "alpha": 0.0, **kwargs}
     with pytest.raises(ValueError, match="Invalid"):
         damped_solve(torch.eye(2), torch.ones(2), args["lam"], args["alpha"])
+
+
+# --- item 2: rows of a hooked module that are not the samples -----------------------------------------
+
+T = B = 4  # sequence length equal to the batch size: dimension 0 has the batch's size, but is time
+
+
+class SeqLinear(nn.Module):
+    """Linear on a sequence-first ``(T, b, d)`` tensor, mean over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 5), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inp(x)).mean(0))
+
+
+class SeqTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=False)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.layer(self.inp(x)).mean(0))
+
+
+class SeqLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.out = nn.LSTM(3, 5, batch_first=False), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.lstm(x)[0]).mean(0)  # the head sees (T, b, 5)
+
+
+class SeqAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(3, 4), nn.MultiheadAttention(4, 2), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(self.attn(h, h, h, need_weights=False)[0][-1])
+
+
+class Flipped(nn.Module):
+    """Batch-first, but the rows reach the Linear in reverse order: row i is sample b-1-i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inp(x.flip(0))).flip(0))
+
+
+class Centred(nn.Module):
+    """Couples the samples after a Linear (``h - h.mean(0)``), as BatchNorm would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 5), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        return self.out(torch.tanh(h - h.mean(0)))
+
+
+ROW_CASES = {
+    "linear_seq_first": (SeqLinear, (T, B, 3)),
+    "transformer_seq_first": (SeqTransformer, (T, B, 3)),
+    "lstm_seq_first": (SeqLSTM, (T, B, 3)),
+    "attention_seq_first": (SeqAttention, (T, B, 3)),
+    "flipped_rows": (Flipped, (B, 3)),
+    "centred_batch": (Centred, (B, 3)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:HooksEngine")
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.parametrize("name", ROW_CASES)
+def test_rows_that_are_not_samples_give_the_exact_gram_and_step(name: str) -> None:
+    from gramnewton.engines import HooksEngine
+
+    build, shape = ROW_CASES[name]
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        k = model(x).reshape(B, -1).shape[1]
+    y = torch.randn(B, k, dtype=torch.float64)
+    closure = lambda: model(x).reshape(B, -1) - y  # noqa: E731
+    engine = HooksEngine(model)
+    with pytest.warns(UserWarning, match="rows of its output are not the samples"):
+        system = engine.compute(closure)
+    jac = dense_jacobian(model, x)
+    assert_close(system.gram, jac @ jac.T, 1e-10, f"{name}: Gram")
+    v = torch.randn(B * k, dtype=torch.float64)
+    assert_close(torch.cat([t.reshape(-1) for t in system.jt_times(v)]), jac.T @ v, 1e-10, f"{name}: J^T v")
+    engine.compute(closure)  # the verdict is kept: same Gram again without a second warning
+    expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
+    opt = GramGaussNewton(model, alpha=0.1, engine=engine)
+    opt.step(closure)
+    assert_close(flat_params(model), expected, 1e-10, f"{name}: parameters after one step")
+
+
+# --- item 7: full_batch_step with alpha = 0 on an ill-conditioned problem -------------------------------
+
+
+def _wide_tanh_fit(seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """A 1-256-1 tanh net and 16 points of sin(3x) on [-1, 1], float64."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(1, 256), nn.Tanh(), nn.Linear(256, 1)).double()
+    x = torch.linspace(-1, 1, 16, dtype=torch.float64).unsqueeze(1)
+    return model, x, torch.sin(3 * x).squeeze(1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_batch_alpha_zero_interpolates_to_1e_20_in_10_steps(seed: int) -> None:
+    model, x, y = _wide_tanh_fit(seed)
+    losses = []
+    for _ in range(10):
+        step = full_batch_step(model.parameters(), lambda: model(x).squeeze(1) - y, alpha=0.0)
+        assert step.solve_info.method == "svd"
+        with torch.no_grad():
+            losses.append(float((model(x).squeeze(1) - y).pow(2).sum()))
+        if losses[-1] < 1e-20:
+            break
+    assert losses[-1] < 1e-20, f"||r||^2 per step: {losses}"
+
+
+def test_jacobian_solve_matches_the_pseudo_inverse_and_the_damped_formula() -> None:
+    from gramnewton.solve import jacobian_solve
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 7, dtype=torch.float64)
+    jac = torch.cat([a, 2 * a])  # rank 3 of 6: the minimum-norm least-squares step
+    rhs = torch.randn(6, dtype=torch.float64)
+    jt_c, c, info = jacobian_solve(jac, rhs, 2.0, 0.0)
+    assert info.method == "svd" and info.rank == 3
+    assert_close(jt_c, torch.linalg.pinv(jac) @ rhs / 2.0, 1e-10, "J^T c at alpha = 0")
+    assert_close(jac.T @ c, jt_c, 1e-10, "c consistent with J^T c")
+    jt_c, c, _ = jacobian_solve(a, rhs[:3], 2.0, 0.5)
+    expected = torch.linalg.solve(2.0 * a @ a.T + 0.5 * torch.eye(3, dtype=torch.float64), rhs[:3])
+    assert_close(c, expected, 1e-10, "c at alpha > 0")
+    assert_close(jt_c, a.T @ expected, 1e-10, "J^T c at alpha > 0")
+
+
+def test_row_check_passes_ordinary_float32_models_and_runs_once_per_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from gramnewton.engines import HooksEngine, hooks
+    from gramnewton.lab.models import get_model
+
+    runs = []
+    check = hooks.rows_not_samples
+    monkeypatch.setattr(hooks, "rows_not_samples", lambda *a: runs.append(1) or check(*a))
+    torch.manual_seed(0)
+    model = get_model("resnet8_gn", groups=4)  # float32: the tolerance must absorb rounding
+    engine = HooksEngine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no parameter may be routed
+        for batch in (4, 4, 3, 4):
+            x = torch.randn(batch, 3, 8, 8)
+            engine.compute(lambda: model(x).squeeze(1))
+    assert len(runs) == 2  # batch 4 checked once, batch 3 once
+
+
+def test_unbatched_convolution_with_as_many_channels_as_samples_is_routed() -> None:
+    from gramnewton.engines import HooksEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3)).double()
+    x = torch.randn(4, 5, 5, dtype=torch.float64)  # (C, H, W): no batch dimension, C == b
+    closure = lambda: model(x).reshape(4, -1)  # noqa: E731  (4 "samples" that are channels)
+    with pytest.warns(UserWarning, match="batch"):
+        system = HooksEngine(model).compute(closure)
+    jac = dense_jacobian(model, x)
+    assert_close(system.gram, jac @ jac.T, 1e-10, "unbatched convolution: Gram")

@@ -18,6 +18,7 @@ LAB_REQUIREMENTS = {
     "PIL": "Pillow",
     "sklearn": "scikit-learn",
     "mlxtend": "mlxtend",
+    "tomli_w": "tomli-w",
 }
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
 from .engines.reference import flatten, split_like
-from .solve import SingularGramError, SolveInfo, check_damping, damped_solve
+from .solve import SingularGramError, SolveInfo, check_damping, damped_solve, jacobian_solve
 
 SOLVE_SPACES = ("auto", "sample", "parameter")
 
@@ -132,7 +132,7 @@ def gram_gauss_newton_direction(
     if space == "parameter":
         step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     else:
-        step = _sample_space(system, lam, alpha, solve_dtype, momentum, previous, use_momentum)
+        step = _sample_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     if not all(bool(torch.isfinite(d).all()) for d in step.direction):
         raise SingularGramError(
             "the Gram-Gauss-Newton step is not finite (overflow in J^T r); increase alpha or use "
@@ -143,6 +143,7 @@ def gram_gauss_newton_direction(
 
 def _sample_space(
     system: GramSystem,
+    params: Sequence[Tensor],
     lam: float,
     alpha: float,
     solve_dtype: torch.dtype | None,
@@ -150,11 +151,19 @@ def _sample_space(
     previous: Sequence[Tensor] | None,
     use_momentum: bool,
 ) -> GramGaussNewtonStep:
-    """``phi_t = mu phi_{t-1} + J^T c`` with ``(lam G + alpha I) c = r - lam mu J phi_{t-1}``."""
+    """``phi_t = mu phi_{t-1} + J^T c`` with ``(lam G + alpha I) c = r - lam mu J phi_{t-1}``.
+
+    Without momentum and with ``alpha = 0``, an engine that holds ``J`` (``system.jacobian``) is
+    solved from ``J`` by SVD (:func:`~gramnewton.solve.jacobian_solve`): ``G`` would square its
+    condition number."""
     r = system.residuals.reshape(-1)
     if not use_momentum:  # Eq. 11 exactly, operation for operation
-        coefficients, info = damped_solve(system.gram, r, lam, alpha, dtype=solve_dtype)
-        direction = [-d for d in system.jt_times(coefficients)]
+        if alpha == 0 and system.jacobian is not None:
+            jt_c, coefficients, info = jacobian_solve(system.jacobian, r, lam, alpha, dtype=solve_dtype)
+            direction = [-d for d in split_like(jt_c, params)]
+        else:
+            coefficients, info = damped_solve(system.gram, r, lam, alpha, dtype=solve_dtype)
+            direction = [-d for d in system.jt_times(coefficients)]
         predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
         return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
     j_previous = system.j_times(previous).to(r.dtype)
@@ -207,8 +216,10 @@ def full_batch_step(
     """Full-batch GGN, Eq. 9: ``w <- w - J^T G^{-1} (f - y)`` over the whole data set.
 
     ``closure`` must return the residuals of *all* ``n`` samples; ``alpha = 0`` (the paper's
-    full-batch method) is the default, and a singular ``G`` falls back to the minimum-norm
-    solution (see :mod:`gramnewton.solve`). The parameters are updated in place.
+    full-batch method) is the default. With ``alpha = 0`` and the default reference engine the
+    step is solved from ``J`` by a rank-revealing SVD (``-(1/lam) J^+ (f - y)``, the minimum-norm
+    least-squares step; cut-off in :mod:`gramnewton.solve`), not from ``G``, whose condition
+    number is squared. The parameters are updated in place.
 
     Returns:
         The applied :class:`GramGaussNewtonStep` (its ``gram`` is ``G_t``, its ``residuals``

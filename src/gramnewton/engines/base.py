@@ -40,6 +40,9 @@ class GramSystem:
             ``None`` for an engine that cannot materialise ``J`` (data-parallel exact mode and
             the parameter-space solve need it, see :mod:`gramnewton.distributed` and
             :func:`gramnewton.update.choose_solve_space`).
+        jacobian: ``(b*k, m)`` Jacobian ``J``, columns in the same order, when the engine holds
+            it already (the reference engine: no extra cost); ``None`` otherwise. An undamped
+            sample-space solve uses it instead of ``G`` (:func:`gramnewton.solve.jacobian_solve`).
     """
 
     residuals: Tensor
@@ -47,6 +50,7 @@ class GramSystem:
     jt_times: Callable[[Tensor], list[Tensor]]
     j_times: Callable[[Sequence[Tensor]], Tensor] | None = None
     jacobian_columns: Callable[[int, int], Tensor] | None = None
+    jacobian: Tensor | None = None
 
 
 class GramEngine(Protocol):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import ScalarBias, ScalarScale
+from . import workspace as ws
 
 # Measured on the 2-core CPU (docs/design.md, "Cost model"): ``F.unfold`` runs about 10x slower than the
 # convolution with the same shapes, so im2col is charged 10 convolutions' worth of multiply-adds.
@@ -146,6 +147,8 @@ class PermutedDense:
         jac: ``(n, numel)``; each row laid out as ``shape`` (a conv weight from patches:
             ``(kout, kh, kw, kin)``).
         perm: takes ``shape`` to the parameter's layout (``(0, 3, 1, 2)`` for that conv weight).
+        stamp: set when ``jac`` lives in an engine's workspace: every use checks that the engine
+            has not started another step since (which would have overwritten it).
     The Gram matrix does not depend on the column order; ``J^T v`` is permuted back (``numel``
     entries, not ``n * numel``).
     """
@@ -153,36 +156,113 @@ class PermutedDense:
     jac: Tensor
     shape: tuple[int, ...]
     perm: tuple[int, ...]
+    stamp: ws.Stamp | None = None
+
+    def _jac(self) -> Tensor:
+        if self.stamp is not None:
+            self.stamp.check()
+        return self.jac
 
     def add_gram_lower(self, gram: Tensor) -> None:
         """``gram += jac jac^T``, lower triangle (:func:`add_gram_lower`)."""
-        add_gram_lower(gram, self.jac)
+        add_gram_lower(gram, self._jac())
 
     def jt_times(self, v: Tensor) -> Tensor:
         """``J^T v`` in the parameter's layout, ``(numel,)``, for ``v`` of shape ``(n,)``."""
-        return (self.jac.T @ v).view(self.shape).permute(self.perm).reshape(-1)
+        return (self._jac().T @ v).view(self.shape).permute(self.perm).reshape(-1)
 
     def j_times(self, v: Tensor) -> Tensor:
-        """``J v`` for ``v`` in the parameter's layout, ``(numel,)``; returns ``(n,)``."""
+        """``J v`` for ``v`` ``(numel,)`` in the parameter's layout; returns ``(n,)``."""
+        param_shape = [self.shape[p] for p in self.perm]
         inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
-        layout = [self.shape[p] for p in self.perm]  # the parameter's shape
-        return self.jac @ v.view(layout).permute(inverse).reshape(-1)
+        return self._jac() @ v.reshape(param_shape).permute(inverse).reshape(-1)
 
     def dense(self) -> Dense:
-        """The per-sample gradients in the parameter's layout, ``(n, numel)``."""
+        """The per-sample gradients in the parameter's layout, ``(n, numel)`` (a new tensor)."""
         n = self.jac.shape[0]
-        return Dense(self.jac.view(n, *self.shape).permute(0, *(p + 1 for p in self.perm)).reshape(n, -1))
+        jac = self._jac().view(n, *self.shape).permute(0, *(p + 1 for p in self.perm))
+        return Dense(jac.clone(memory_format=torch.contiguous_format).view(n, -1))
 
 
-Piece = Dense | Factored | PermutedDense
+@dataclass
+class KeptConv:
+    """A convolution weight's per-sample gradients kept as the layer's input and output gradient.
+
+    Used where the per-sample gradients ``(n, numel)`` are much larger than ``x`` and ``g``
+    (deep layers at low resolution), so they need not stay in memory until ``J^T v``: the Gram
+    part is added from per-sample gradients that are formed, used and dropped at once, ``J^T v``
+    is one batched weight-gradient convolution of the ``v``-weighted output gradients (the kernel
+    of SGD's backward) and ``J v`` one convolution of ``x`` by ``v``.
+
+    Attributes:
+        module: the convolution (hyper-parameters and weight shape).
+        x: ``(n, C_in, ...)`` input as the convolution sees it, before the zero ``padding``.
+        g: ``(n, C_out, ...)`` output gradients.
+        padding: symmetric zero padding still to apply, per spatial dimension.
+        per_sample: ``transient -> piece``, forms the per-sample gradients (the measured path,
+            :data:`CONV_WEIGHT_PATHS`); ``transient=True``: in a scratch buffer, used up at once.
+    """
+
+    module: nn.Module
+    x: Tensor
+    g: Tensor
+    padding: tuple[int, ...]
+    per_sample: Callable[[bool], Dense | PermutedDense]
+
+    def add_gram_lower(self, gram: Tensor) -> None:
+        """``gram += J J^T``, lower triangle; ``J`` is not kept."""
+        self.per_sample(True).add_gram_lower(gram)
+
+    def jt_times(self, v: Tensor) -> Tensor:
+        """``sum_i v_i J_i`` by one weight-gradient convolution; ``(numel,)`` for ``v`` ``(n,)``."""
+        m = self.module
+        weighted = self.g * v.to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
+        grad = torch.ops.aten.convolution_backward(
+            weighted,
+            self.x,
+            self.g.new_empty(1).expand(m.weight.shape),
+            None,
+            list(m.stride),
+            list(self.padding),
+            list(m.dilation),
+            False,
+            [0] * len(self.padding),
+            m.groups,
+            (False, True, False),
+        )[1]
+        return grad.reshape(-1).to(v.dtype)
+
+    def j_times(self, v: Tensor) -> Tensor:
+        """``J v``: row ``i`` is ``<g_i, conv(x_i, V)>`` for ``v`` ``(numel,)``; returns ``(n,)``."""
+        m = self.module
+        out = torch.ops.aten.convolution(
+            self.x,
+            v.to(self.x.dtype).view(m.weight.shape),
+            None,
+            list(m.stride),
+            list(self.padding),
+            list(m.dilation),
+            False,
+            [0] * len(self.padding),
+            m.groups,
+        )
+        return (out * self.g).flatten(1).sum(1).to(v.dtype)
+
+    def dense(self) -> Dense:
+        """The per-sample gradients, ``(n, numel)``, formed again."""
+        return self.per_sample(False).dense()
+
+
+Piece = Dense | Factored | PermutedDense | KeptConv
 
 
 class MeasuredChoice:
     """Chooses, per key (a layer's shapes), the fastest of several exact implementations.
 
-    The first call with a new key runs every candidate twice and keeps the fastest (best of two
-    times, so a one-time start-up cost does not decide); later calls run only that one. All
-    candidates compute the same values, so the choice changes speed, never results.
+    The first call with a new key times every candidate twice (best of two, so a one-time
+    start-up cost does not decide), dropping each result at once (one candidate's output alive at
+    a time, so the trial adds no memory), then runs the fastest; later calls run only that one.
+    All candidates compute the same values, so the choice changes speed, never results.
 
     Attributes:
         choices: key -> chosen candidate name, for this process.
@@ -203,19 +283,18 @@ class MeasuredChoice:
         if name is not None:
             self.used[name] += 1
             return name, candidates[name]()
-        best: tuple[float, str, Any] | None = None
+        seconds = {}
         for name, run in candidates.items():
+            times = []
             for _ in range(2):
                 start = time.perf_counter()
-                result = run()
-                elapsed = time.perf_counter() - start
-                if best is None or elapsed < best[0]:
-                    best = (elapsed, name, result)
-                del result  # keep only the best result alive
-        assert best is not None
-        self.choices[key] = best[1]
-        self.used[best[1]] += 1
-        return best[1], best[2]
+                run()
+                times.append(time.perf_counter() - start)
+            seconds[name] = min(times)
+        name = min(seconds, key=seconds.__getitem__)
+        self.choices[key] = name
+        self.used[name] += 1
+        return name, candidates[name]()
 
 
 # How 2-d convolutions get their per-sample weight gradients (see ``_conv``).
@@ -223,6 +302,10 @@ CONV_WEIGHT_PATHS = MeasuredChoice()
 # The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
+# A convolution weight used once keeps ``(x, g)`` instead of its per-sample gradients
+# (:class:`KeptConv`) when those are more than this many times larger, per sample: it saves
+# memory at the price of one batched weight-gradient convolution in ``J^T v``.
+KEEP_FACTORS_ABOVE = 4
 
 
 def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
@@ -385,7 +468,7 @@ def _conv_weight_per_sample(module: nn.Module, x: Tensor, g: Tensor, padding: tu
 
 
 def _conv2d_weight_per_sample_patches(
-    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]
+    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool = False
 ) -> PermutedDense:
     """Per-sample weight gradients of a 2-d convolution with ``groups == 1`` by patches and one
     batched GEMM: ``J_i = g_i (kout, S) @ P_i (S, kh*kw*kin)``.
@@ -393,6 +476,8 @@ def _conv2d_weight_per_sample_patches(
     The patches are gathered from the channels-last padded input with a strided view and one copy
     (channel runs are contiguous, unlike ``F.unfold``'s); their columns, and so the gradients', come
     out ordered ``(kh, kw, kin)``: the piece carries that permutation instead of copying ``J``.
+    Inside an engine both go to its workspace (``J`` to a scratch buffer when ``transient``, the
+    caller using it up at once), so a steady state allocates neither.
     """
     n, kin = x.shape[:2]
     ph, pw = padding
@@ -401,15 +486,26 @@ def _conv2d_weight_per_sample_patches(
     sn, sc, sh, sw = xp.stride()
     (kh, kw), (dh, dw), (st_h, st_w) = module.kernel_size, module.dilation, module.stride
     ho, wo = g.shape[2:]
-    patches = xp.as_strided((n, ho, wo, kh, kw, kin), (sn, st_h * sh, st_w * sw, dh * sh, dw * sw, sc))
-    patches = patches.reshape(n, ho * wo, kh * kw * kin)
+    view = xp.as_strided((n, ho, wo, kh, kw, kin), (sn, st_h * sh, st_w * sw, dh * sh, dw * sw, sc))
     kout = g.shape[1]
-    jac = torch.bmm(g.reshape(n, kout, ho * wo), patches).reshape(n, -1)
-    return PermutedDense(jac, (kout, kh, kw, kin), (0, 3, 1, 2))
+    shape, perm = (kout, kh, kw, kin), (0, 3, 1, 2)
+    work = ws.active()
+    if work is None:
+        jac = torch.bmm(g.reshape(n, kout, ho * wo), view.reshape(n, ho * wo, kh * kw * kin))
+        return PermutedDense(jac.reshape(n, -1), shape, perm)
+    patches = work.scratch("conv_patches", (n, ho, wo, kh, kw, kin), x)
+    patches.copy_(view)
+    stamp = None
+    if transient:
+        jac = work.scratch("conv_jac", (n, kout, kh * kw * kin), x)
+    else:
+        jac, stamp = work.keep("conv_jac", (n, kout, kh * kw * kin), x)
+    torch.bmm(g.reshape(n, kout, ho * wo), patches.view(n, ho * wo, kh * kw * kin), out=jac)
+    return PermutedDense(jac.view(n, -1), shape, perm, stamp)
 
 
 def _conv_weight_paths(
-    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]
+    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool
 ) -> dict[str, Callable[[], Piece]]:
     """The exact ways to get a convolution's per-sample weight gradients for these shapes."""
     paths: dict[str, Callable[[], Piece]] = {"grouped": lambda: Dense(_conv_weight_per_sample(module, x, g, padding))}
@@ -420,7 +516,7 @@ def _conv_weight_paths(
         and x.device.type == "cpu"  # elsewhere the grouped convolution's kernels are the tuned ones
         and positions <= MAX_PATCHES_OVER_GRADIENTS * module.out_channels
     ):
-        paths["patches"] = lambda: _conv2d_weight_per_sample_patches(module, x, g, padding)
+        paths["patches"] = lambda: _conv2d_weight_per_sample_patches(module, x, g, padding, transient)
     return paths
 
 
@@ -464,7 +560,14 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
         else:
             key = (type(module), tuple(x.shape), tuple(g.shape), module.kernel_size, module.stride)
             key += (module.dilation, padding, module.groups, x.dtype, x.device)
-            _, pieces["weight"] = CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding))
+
+            def per_sample(transient: bool = False) -> Dense | PermutedDense:
+                return CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding, transient))[1]
+
+            if factored_ok and module.weight.numel() > KEEP_FACTORS_ABOVE * (x[0].numel() + g[0].numel()):
+                pieces["weight"] = KeptConv(module, x, g, padding, per_sample)
+            else:
+                pieces["weight"] = per_sample()
     if "bias" in names:
         pieces["bias"] = Dense(g.reshape(n, g.shape[1], -1).sum(2))
     return pieces

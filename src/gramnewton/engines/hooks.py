@@ -16,11 +16,12 @@ Rows of the Gram matrix are sample-major: row ``i * k + c`` is sample ``i``, out
 
 Exactness: a module called several times in one forward (or a parameter shared by two supported
 modules) is handled exactly by summing its per-sample gradients over the calls. Parameters of
-unknown modules, of modules whose input or output does not have the batch as dimension 0, or used
-outside their module go to the reference engine (:func:`.reference.jacobian_rows`) with a
-one-time warning, as do parameters that the residuals reach other than through their module's
-output (a residual with input derivatives, e.g. a Laplacian; see :mod:`.locality`). BatchNorm in
-training mode raises.
+unknown modules, of modules whose input or output does not have the batch as dimension 0, whose
+output rows are not the samples (checked, not guessed: :mod:`.rows`; e.g. a sequence-first
+``(T, b, d)`` input with ``T == b``), or used outside their module go to the reference engine
+(:func:`.reference.jacobian_rows`) with a one-time warning, as do parameters that the residuals
+reach other than through their module's output (a residual with input derivatives, e.g. a
+Laplacian; see :mod:`.locality`). BatchNorm in training mode raises.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
 from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
+from .rows import children, graph_signature, post_order, rows_not_samples
+from .workspace import Workspace, activated
+
+# Forward signatures whose row check (:mod:`.rows`) is remembered; more are forgotten at once.
+MAX_ROW_VERDICTS = 64
 
 
 @dataclass(eq=False)
@@ -53,6 +59,7 @@ class _Call:
     input: Tensor | None  # None when the handler does not need it
     version: int
     rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
+    out_shape: tuple[int, ...]
     edge: GradientEdge
     params: dict[str, Tensor] = field(default_factory=dict)
     input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
@@ -79,37 +86,28 @@ class _ForeignUse(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _sink_edges(root: Any, nodes: dict[Any, list[_Call]]) -> tuple[set[Any], list[GradientEdge]]:
-    """Graph nodes reachable from ``root``, and the hooked edges with no hooked node below them.
+def _sink_edges(post: list[Any], nodes: dict[Any, list[_Call]]) -> list[GradientEdge]:
+    """The hooked edges with no hooked node below them, among the nodes ``post`` (post-order).
 
     Asking ``autograd.grad`` for only these edges makes it run every hooked node (each lies on a
-    path from ``root`` to one of them) and no weight-gradient kernel.
+    path from the root to one of them) and no weight-gradient kernel.
     """
-
-    def children(node: Any) -> list[Any]:
-        return [nxt for nxt, _ in node.next_functions if nxt is not None]
-
-    visited, post = {root}, []
-    stack = [(root, iter(children(root)))]
-    while stack:  # iterative post-order: children before parents
-        node, it = stack[-1]
-        for nxt in it:
-            if nxt not in visited:
-                visited.add(nxt)
-                stack.append((nxt, iter(children(nxt))))
-                break
-        else:
-            stack.pop()
-            post.append(node)
     below: dict[Any, bool] = {}
     for node in post:
         below[node] = any(nxt in nodes or below[nxt] for nxt in children(node))
     sinks = {}
     for node, calls in nodes.items():
-        if node in visited and not below[node]:
+        if node in below and not below[node]:
             for call in calls:
                 sinks[(node, call.edge.output_nr)] = call.edge
-    return visited, list(sinks.values())
+    return list(sinks.values())
+
+
+def _unbatched(call: _Call) -> bool:
+    """A convolution called on an input without a batch dimension (``(C, H, W)`` for Conv2d):
+    its dimension 0 is channels, even when their number equals the batch size."""
+    module = call.module
+    return isinstance(module, nn.modules.conv._ConvNd) and len(call.out_shape) != len(module.kernel_size) + 2
 
 
 class HooksEngine:
@@ -122,6 +120,9 @@ class HooksEngine:
     Attributes:
         params: as given; ``jt_times`` returns one tensor per entry, in this order.
         reference_reasons: parameter index -> why it goes to the reference engine (static part).
+        workspace: buffers reused across steps while shapes repeat (:mod:`.workspace`); a
+            :class:`GramSystem` is valid until the next ``compute`` (a stale one raises);
+            ``workspace.clear()`` frees them.
         last_timings: seconds spent in the last ``compute``: ``forward``, ``reference``,
             ``backward`` (including the hooks' work), ``per_sample`` and ``gram`` (inside hooks).
 
@@ -167,9 +168,11 @@ class HooksEngine:
                 stacklevel=2,
             )
         self.last_timings: dict[str, float] = {}
+        self.workspace = Workspace()
         self._finish: Any = None  # set only while this engine's own backward pass runs
         self._columns = 1
         self._expected: set[int] = set()
+        self._row_verdicts: dict[tuple, frozenset[int]] = {}
 
     def compute(self, closure: Closure) -> GramSystem:
         """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``,
@@ -180,8 +183,9 @@ class HooksEngine:
         start = time.perf_counter()
         residuals, calls, foreign = self._forward_with_hooks(closure)
         timings["forward"] = time.perf_counter() - start
+        post = post_order(residuals.grad_fn)
+        reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), residuals, post)
         b, k = residuals.shape
-        reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), b)
 
         start = time.perf_counter()
         reference_params = [p for p in self.params if id(p) in reference_ids]
@@ -193,7 +197,9 @@ class HooksEngine:
         timings["reference"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pieces = self._backward(residuals, calls, gram, timings)
+        self.workspace.new_step()  # the previous step's kept buffers are written over from here on
+        with activated(self.workspace):
+            pieces = self._backward(residuals, calls, gram, timings, post)
         timings["backward"] = time.perf_counter() - start
         self.last_timings = timings
 
@@ -274,7 +280,8 @@ class HooksEngine:
                 for t in (*args, *kwargs.values())
                 if isinstance(t, Tensor) and t.requires_grad
             )
-            call = _Call(module, handler, kept, x._version, rows, get_gradient_edge(output), dict(own), inputs)
+            edge = get_gradient_edge(output)
+            call = _Call(module, handler, kept, x._version, rows, tuple(output.shape), edge, dict(own), inputs)
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -299,9 +306,12 @@ class HooksEngine:
         hooked = {id(p) for _, _, own in self._modules for p in own.values()}
         return params_off_module_paths(residuals.grad_fn, regions, hooked)
 
-    def _route(self, calls: list[_Call], foreign: set[int], off_path: set[int], b: int) -> set[int]:
+    def _route(
+        self, calls: list[_Call], foreign: set[int], off_path: set[int], residuals: Tensor, post: list[Any]
+    ) -> set[int]:
         """Move to the reference engine, for this step, the parameters the hooks cannot see
         exactly; returns the ids of all reference parameters."""
+        b = residuals.shape[0]
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
         for i in off_path:
             dynamic.setdefault(
@@ -311,11 +321,18 @@ class HooksEngine:
                 "gramnewton.pinn.residual / FunctionalResidual closure is exact and faster",
             )
         for call in calls:
-            if call.rows != (b, b):
+            if call.rows != (b, b) or _unbatched(call):
                 for p in call.params.values():
                     dynamic.setdefault(
                         id(p), f"{type(call.module).__name__} input/output do not have the batch ({b}) as dimension 0"
                     )
+        for call in self._rows_not_samples(calls, residuals, post):
+            for p in call.params.values():
+                dynamic.setdefault(
+                    id(p),
+                    f"{type(call.module).__name__}: rows of its output are not the samples (row i reaches "
+                    "other samples' residuals: a sequence-first layout, or samples reordered or mixed)",
+                )
         new = {i: r for i, r in dynamic.items() if i not in self._warned}
         if new:
             self._warned.update(new)
@@ -329,8 +346,23 @@ class HooksEngine:
             call.params = {n: p for n, p in call.params.items() if id(p) not in reference}
         return {id(p) for p in self.params if id(p) in reference}
 
+    def _rows_not_samples(self, calls: list[_Call], residuals: Tensor, post: list[Any]) -> list[_Call]:
+        """The calls with ``b`` rows whose rows are not the samples (:mod:`.rows`), the verdict
+        cached per forward signature."""
+        b = residuals.shape[0]
+        reachable = set(post)
+        shapes = tuple((id(c.module), c.rows, c.out_shape, c.edge.output_nr) for c in calls)
+        signature = graph_signature(post, (residuals.shape, shapes))
+        if signature not in self._row_verdicts:
+            checked = [n for n, c in enumerate(calls) if c.params and c.rows == (b, b) and c.edge.node in reachable]
+            bad = rows_not_samples(residuals, [calls[n].edge for n in checked]) if checked else []
+            if len(self._row_verdicts) >= MAX_ROW_VERDICTS:  # e.g. many sequence lengths: start afresh
+                self._row_verdicts.clear()
+            self._row_verdicts[signature] = frozenset(n for n, failed in zip(checked, bad) if failed)
+        return [calls[n] for n in self._row_verdicts[signature]]
+
     def _backward(
-        self, residuals: Tensor, calls: list[_Call], gram: Tensor, timings: dict[str, float]
+        self, residuals: Tensor, calls: list[_Call], gram: Tensor, timings: dict[str, float], post: list[Any]
     ) -> dict[int, Piece]:
         """Backward pass(es) that feed every active call its output gradients; returns the
         finished piece of each hooked parameter (its Gram part already added to ``gram``)."""
@@ -344,7 +376,8 @@ class HooksEngine:
         for call in calls:
             nodes.setdefault(call.edge.node, []).append(call)
         pieces: dict[int, Piece] = {}
-        reachable, sinks = _sink_edges(residuals.grad_fn, nodes) if calls else (set(), [])
+        sinks = _sink_edges(post, nodes) if calls else []
+        reachable = set(post)
         expected = [c for c in calls if c.edge.node in reachable]
         if not expected:  # the residuals depend on no hooked parameter
             return pieces

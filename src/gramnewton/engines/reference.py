@@ -93,4 +93,5 @@ class ReferenceEngine:
             jt_times=jt_times,
             j_times=j_times,
             jacobian_columns=jacobian_columns,
+            jacobian=jac,
         )

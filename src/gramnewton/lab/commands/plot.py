@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..experiments.figures import plot_curves
 from ..experiments.reproduce import load_curves
+from ..experiments.runner import METRICS_FILE
 
 X_AXES = {"epoch": "epoch", "time": "seconds"}
 
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     xs = [X_AXES[x] for x in (args.x or ["epoch", "time"])]
     metrics = args.metric or ["train_loss", "test_loss"]
+    for run in args.runs:
+        if not (run / METRICS_FILE).is_file():
+            raise FileNotFoundError(f"no {METRICS_FILE} in {run}: not a run folder (make one with gramnewton train)")
     path = plot_curves(load_curves(args.runs), args.out, title=args.title, metrics=metrics, xs=xs, log=args.log)
     print(f"wrote {path}")
     return 0

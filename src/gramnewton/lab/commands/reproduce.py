@@ -49,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
             status = "reused"
         else:
             start = time.perf_counter()
+            # the run folders under --out are reproduce's own: a stale run (another config) is replaced
+            resume = resumable(folder, spec.config)
             train_with_progress(
-                spec.config, folder, resume=resumable(folder, spec.config), desc=f"[{i}/{len(specs)}] {spec.key}"
+                spec.config, folder, resume=resume, overwrite=not resume, desc=f"[{i}/{len(specs)}] {spec.key}"
             )
             status = f"ran in {time.perf_counter() - start:.0f} s"
         last = read_rows(folder / "metrics.csv")[-1]

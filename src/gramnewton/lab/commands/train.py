@@ -12,6 +12,7 @@ from typing import Any
 from ..experiments.config import load_config
 from ..experiments.reproduce import CONFIGS_DIR
 from ..experiments.runner import run_experiment
+from ..experiments.setup import CHECKPOINT
 from ..experiments.training import Callback, FitState, ProgressBar
 
 
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty run folder")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -41,20 +43,22 @@ def config_path(text: str) -> Path:
     if path.is_file():
         return path
     packaged = CONFIGS_DIR / f"{path.stem}.toml"
-    return packaged if packaged.is_file() else path
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+    raise argparse.ArgumentTypeError(f"no config file {text} and no packaged config of that name ({', '.join(names)})")
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
+    if args.resume and not (out / CHECKPOINT).is_file():
+        print(f"--resume: no checkpoint in {out}, starting from scratch")
     try:
-        rows = train_with_progress(config, out, resume=args.resume)
+        rows = train_with_progress(config, out, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"\ninterrupted: checkpoint saved in {out}; continue with --resume")
         return 130
-    except FileNotFoundError as error:  # a data set or warm-start run that is not there
-        print(f"error: {error}")
-        return 2
     last = rows[-1]
     print(
         f"{config['name'] or args.config.stem}: epoch {last['epoch']:g}, {last['seconds']:.1f} s of training, "
@@ -65,13 +69,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_with_progress(
-    config: dict[str, Any], out: Path, *, resume: bool = False, desc: str = ""
+    config: dict[str, Any], out: Path, *, resume: bool = False, overwrite: bool = False, desc: str = ""
 ) -> list[dict[str, Any]]:
     """:func:`run_experiment` with a progress bar (steps / total steps); Ctrl-C stops after the
     current step (checkpointed)."""
     with _deferred_interrupt() as stop:
         bar = ProgressBar(desc or config["name"] or "train", leave=False)
-        return run_experiment(config, out, resume=resume, callbacks=[bar, _InterruptAfterStep(stop)])
+        callbacks = [bar, _InterruptAfterStep(stop)]
+        return run_experiment(config, out, resume=resume, overwrite=overwrite, callbacks=callbacks)
 
 
 class _InterruptAfterStep(Callback):

@@ -3,6 +3,10 @@
 An entry is valid for exactly one file list (paths, sizes, modification times) and one set of
 decoding parameters; any change to a file gives a new key, so the entry is rebuilt. Older
 entries of the same data set and parameters are removed when a new one is written.
+
+Every entry stores a SHA-256 checksum of its decoded contents (tensor bytes, dtypes, shapes and the
+other values); an entry whose checksum does not match (a flipped byte on disk), that cannot be read
+or that lacks a required key is rebuilt, with a warning, never used.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 
 CACHE_ENV = "GRAMNEWTON_CACHE"
+CHECKSUM_KEY = "checksum"
 
 Entry = dict[str, Any]
 
@@ -39,8 +45,28 @@ def files_fingerprint(files: Sequence[Path]) -> str:
     return _digest(rows)
 
 
+def entry_checksum(entry: Entry) -> str:
+    """SHA-256 of an entry's contents (all keys but the checksum): tensors by dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in entry if k != CHECKSUM_KEY):
+        value = entry[key]
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            array = value.detach().cpu().contiguous().numpy()
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(array.reshape(-1).view("uint8"))
+        else:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def cached(
-    name: str, files: Sequence[Path], params: dict[str, Any], build: Callable[[], Entry], cache_dir: str | Path | None
+    name: str,
+    files: Sequence[Path],
+    params: dict[str, Any],
+    build: Callable[[], Entry],
+    cache_dir: str | Path | None,
+    keys: Sequence[str] = (),
 ) -> Entry:
     """The entry for ``(files, params)`` from ``cache_dir``, or ``build()`` it and store it.
 
@@ -50,22 +76,50 @@ def cached(
         params: JSON-serialisable decoding parameters (size, mode, ...).
         build: makes the entry, a dict of tensors, strings and lists, when the cache misses.
         cache_dir: folder of the cache (created when missing); ``None`` for the default.
+        keys: keys a stored entry must have to be used (else it is rebuilt).
+
+    Raises:
+        ValueError: ``cache_dir`` is not a folder that can be created or written.
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:  # before decoding anything: a bad folder fails at once
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"cannot use the image cache folder {folder} ({error.strerror}): set ${CACHE_ENV} or the data "
+            "set's cache_dir to a writable folder, or pass cache=False"
+        ) from None
     prefix = f"{name}-{_digest(params)}"
     path = folder / f"{prefix}-{files_fingerprint(files)}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception:  # noqa: BLE001  an unreadable entry is rebuilt, never trusted
-            pass
+    entry = _read(path, keys)
+    if entry is not None:
+        return entry
     entry = build()
-    folder.mkdir(parents=True, exist_ok=True)
     # Write then rename: an interrupted write never leaves a truncated entry under the real name.
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(entry, tmp)
+    torch.save({**entry, CHECKSUM_KEY: entry_checksum(entry)}, tmp)
     os.replace(tmp, path)
     for stale in folder.glob(f"{prefix}-*.pt"):
         if stale != path:
             stale.unlink(missing_ok=True)
     return entry
+
+
+def _read(path: Path, keys: Sequence[str]) -> Entry | None:
+    """The verified entry at ``path``; None (with a warning if a file is there) when it cannot be used."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001  an unreadable entry is rebuilt, never trusted
+        problem = f"unreadable ({type(error).__name__})"
+    else:
+        missing = [k for k in (*keys, CHECKSUM_KEY) if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            problem = f"missing {', '.join(missing)}"
+        elif entry.pop(CHECKSUM_KEY) != entry_checksum(entry):
+            problem = "checksum mismatch (corrupt on disk)"
+        else:
+            return entry
+    warnings.warn(f"cache entry {path}: {problem}; rebuilding it", stacklevel=3)
+    return None

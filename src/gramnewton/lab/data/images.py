@@ -86,7 +86,7 @@ def load_images(
         return f"{paths[i]} ({sources[i]})" if sources is not None else str(paths[i])
 
     params = {"size": size, "mode": mode, "version": 1}
-    entry = cached(name, paths, params, build, cache_dir) if cache else build()
+    entry = cached(name, paths, params, build, cache_dir, keys=("images", "keep", "failed")) if cache else build()
     # Failures are reported here, also for a cache hit, so skip_bad=False still refuses a
     # cached entry that was built with skip_bad=True.
     for i, reason in entry["failed"]:

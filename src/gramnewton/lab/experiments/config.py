@@ -14,16 +14,27 @@ A configuration is a nested dict. Sections and keys (defaults in :data:`DEFAULTS
 
 Overrides are ``section.key=value`` strings; ``value`` is parsed as a TOML value (``0.1``,
 ``true``, ``[1, 2]``, ``"text"``) and taken as a bare string when it is not one.
+
+A resolved config is validated (:func:`validate`): unknown sections and keys are refused with the
+closest valid name; the keys of ``[optimizer]`` are those its constructor accepts
+(:func:`~gramnewton.lab.experiments.optimizers.hyper_parameters`), with the type of their default;
+the values' ranges are checked by the constructor.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import tomli_w
+
+from .optimizers import OPTIMIZERS, hyper_parameters
 
 DEFAULTS: dict[str, Any] = {
     "name": "",
@@ -35,25 +46,116 @@ DEFAULTS: dict[str, Any] = {
     "warm_start": {"run": ""},
 }
 REQUIRED = ("model.name", "data.name", "optimizer.name")
+# key -> (type, smallest value); NUMBERS accept ints and floats, never booleans
+NUMBERS = (int, float)
+RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
+    "seed": (int, 0),
+    "data.train_subset": (int, 0),
+    "data.test_subset": (int, 0),
+    "data.image_size": (int, 0),
+    "train.batch_size": (int, 1),
+    "train.epochs": (int, 1),
+    "train.eval_every": (int, 1),
+    "train.threads": (int, 1),
+    "train.weight_decay": (NUMBERS, 0),
+    "name": (str, None),
+    "model.name": (str, None),
+    "data.name": (str, None),
+    "data.root": (str, None),
+    "optimizer.name": (str, None),
+    "warm_start.run": (str, None),
+    "model.kwargs": (dict, None),
+    "data.kwargs": (dict, None),
+}
+# [train] weight_decay is passed to every optimizer; the same key under [optimizer] would clash
+NOT_IN_OPTIMIZER = ("weight_decay",)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a TOML config, fill in :data:`DEFAULTS`, apply ``overrides``; raise on missing keys."""
-    with Path(path).open("rb") as f:
-        raw = tomllib.load(f)
+    """Read a TOML config, fill in :data:`DEFAULTS`, apply ``overrides``, :func:`validate` it.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not TOML, or the config is not valid (one-line message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from None
     return resolve(raw, overrides)
 
 
 def resolve(raw: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """``DEFAULTS`` updated by ``raw`` and then by ``overrides`` (see the module docstring)."""
+    """``DEFAULTS`` updated by ``raw`` and then by ``overrides`` (see the module docstring), validated."""
     config = merge(DEFAULTS, raw)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(config, key, value)
+    validate(config)
+    return config
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` (one line, naming the key) for a missing required key, an unknown
+    section or key, or a value of the wrong type or out of range."""
     for key in REQUIRED:
         if not get_dotted(config, key):
-            raise ValueError(f"config is missing {key}")
-    return config
+            raise ValueError(f"config is missing {key} (set it in the file or with --set {key}=...)")
+    _check_names(config, DEFAULTS, "")
+    for key, (kind, low) in RANGES.items():
+        value = get_dotted(config, key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{key} must be {_describe(kind)}, got {value!r}")
+        if low is not None and not (math.isfinite(value) and value >= low):
+            raise ValueError(f"{key} must be {_describe(kind)} >= {low:g}, got {value!r}")
+    _check_optimizer(config["optimizer"])
+
+
+def _check_names(config: Mapping[str, Any], valid: Mapping[str, Any], prefix: str) -> None:
+    for key, value in config.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid: {', '.join(valid)}"
+            raise ValueError(f"unknown config key {prefix}{key}{hint}")
+        if isinstance(valid[key], Mapping) and key not in ("kwargs", "optimizer"):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{prefix}{key} must be a table [{prefix}{key}], got {value!r}")
+            _check_names(value, valid[key], f"{prefix}{key}.")
+
+
+def _check_optimizer(section: Mapping[str, Any]) -> None:
+    """Keys of ``[optimizer]``: its constructor's keyword arguments, each of its default's type."""
+    name = section["name"]
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(name, list(OPTIMIZERS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown optimizer.name {name!r}{hint}; expected one of {', '.join(OPTIMIZERS)}")
+    accepted = [k for k in hyper_parameters(name) if k not in NOT_IN_OPTIMIZER]
+    parameters = inspect.signature(OPTIMIZERS[name].cls).parameters
+    for key, value in section.items():
+        if key == "name":
+            continue
+        if key in NOT_IN_OPTIMIZER:
+            raise ValueError(f"optimizer.{key} is not allowed: set train.{key} instead")
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean optimizer.{close[0]}?)" if close else f"; {name} accepts {', '.join(accepted)}"
+            raise ValueError(f"unknown config key optimizer.{key} for {name}{hint}")
+        default = parameters[key].default
+        kind = bool if isinstance(default, bool) else NUMBERS if isinstance(default, NUMBERS) else type(default)
+        if default not in (inspect.Parameter.empty, None) and (
+            not isinstance(value, kind) or (kind is NUMBERS and isinstance(value, bool))
+        ):
+            raise ValueError(f"optimizer.{key} must be {_describe(kind)} (default {default!r}), got {value!r}")
+
+
+def _describe(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", dict: "a table", bool: "true or false"}
+    return "a number" if kind == NUMBERS else names.get(kind, kind.__name__)  # type: ignore[arg-type]
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,27 +199,5 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def dumps(config: Mapping[str, Any]) -> str:
-    """TOML text of a config: top-level scalars, then one table per section (inline sub-tables)."""
-    scalars = [f"{k} = {_value(v)}" for k, v in config.items() if not isinstance(v, Mapping)]
-    tables = [
-        f"\n[{k}]\n" + "".join(f"{kk} = {_value(vv)}\n" for kk, vv in v.items())
-        for k, v in config.items()
-        if isinstance(v, Mapping)
-    ]
-    return "\n".join(scalars) + "\n" + "".join(tables)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+    """TOML text of a config (``tomli-w``: strings with newlines or quotes are escaped)."""
+    return tomli_w.dumps(config)

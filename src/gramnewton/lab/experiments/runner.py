@@ -31,12 +31,20 @@ CONFIG_FILE, METRICS_FILE = "config.toml", "metrics.csv"
 
 
 def run_experiment(
-    config: Mapping[str, Any], out: str | Path, *, resume: bool = False, callbacks: Sequence[Callback] = ()
+    config: Mapping[str, Any],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict[str, Any]]:
     """Train the run ``config`` into folder ``out``; return its metric rows (epoch 0 first).
 
-    With ``resume``, continue from ``out/checkpoint.pt`` if there is one (its config must equal
-    ``config`` except for ``train.epochs``, which may grow). ``callbacks`` (progress, say) are
+    A non-empty ``out`` is refused unless ``resume`` (continue from ``out/checkpoint.pt`` if there
+    is one; its config must equal ``config`` except for ``train.epochs``, which may grow) or
+    ``overwrite`` (replace the run there). Nothing in ``out`` changes until the data, the model
+    and the optimizer are set up: a run that fails at set-up leaves the old run resumable.
+    ``callbacks`` (progress, say) are
     passed to :func:`~gramnewton.lab.experiments.training.fit`; a ``KeyboardInterrupt`` (raised
     by one of them on Ctrl-C, say) saves a checkpoint after the last finished step and re-raises.
 
@@ -50,10 +58,9 @@ def run_experiment(
     target's original unit).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_folder(out, resume=resume, overwrite=overwrite)
     torch.set_num_threads(config["train"]["threads"])
     checkpoint = _load_checkpoint(out, config) if resume else None
-    (out / CONFIG_FILE).write_text(dumps(config))
     train_set, test_set = load_data(config, "train"), load_data(config, "test")
     model = build_model(config, train_set)
     if config["warm_start"]["run"] and checkpoint is None:
@@ -66,11 +73,14 @@ def run_experiment(
         state = FitState()
         log.rows = [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluator.evaluate(0)), train_set.scale)]
     else:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"])
+        _restore(out, checkpoint, model, optimizer)
         state = FitState(*(checkpoint[k] for k in ("epoch", "step", "seconds", "batch_losses")))
         log.rows = checkpoint["rows"]
+    # Set-up succeeded: only now does the folder change.
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:  # a replaced run's checkpoint must never be resumed under this config
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    (out / CONFIG_FILE).write_text(dumps(config))
     write_rows(out / METRICS_FILE, log.rows)
     model.train()
     try:
@@ -87,6 +97,29 @@ def run_experiment(
         save_checkpoint(out, model, optimizer, {**state.as_dict(), "rows": log.rows})
         raise
     return log.rows
+
+
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder without ``resume`` or ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise ValueError(
+            f"{out} is not empty (another run?): pass --resume to continue the run there, "
+            "--overwrite to replace it, or pick another --out"
+        )
+
+
+def _restore(out: Path, checkpoint: Mapping[str, Any], model: nn.Module, optimizer: Optimizer) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{out / CHECKPOINT} does not fit this config's model or optimizer ({first}); use --overwrite to start over"
+        ) from None
 
 
 class _RunLog(Callback):
@@ -141,15 +174,35 @@ def resumable(out: str | Path, config: Mapping[str, Any]) -> bool:
     out = Path(out)
     if not (out / CHECKPOINT).is_file() or not (out / CONFIG_FILE).is_file():
         return False
-    return _without_epochs(load_config(out / CONFIG_FILE)) == _without_epochs(config)
+    try:
+        saved = load_config(out / CONFIG_FILE)
+    except ValueError:  # unreadable or no longer valid: not this config's run
+        return False
+    return _without_epochs(saved) == _without_epochs(config)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step", "seconds", "batch_losses", "rows")
 
 
 def _load_checkpoint(out: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
-    if not (out / CHECKPOINT).is_file():
+    """The checkpoint in ``out`` (None if there is none); raise ``ValueError`` (one line) for one
+    of another config, or a file that is truncated or not a checkpoint."""
+    path = out / CHECKPOINT
+    if not path.is_file():
         return None
     if not resumable(out, config):
-        raise ValueError(f"{out} holds a run of another config; use another --out or drop --resume")
-    return torch.load(out / CHECKPOINT, weights_only=True)
+        raise ValueError(f"{out} holds a run of another config: pick another --out, or --overwrite to replace it")
+    try:
+        checkpoint = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001  torch raises many types for a damaged zip or pickle
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated or damaged: {type(error).__name__}); "
+            "use --overwrite to start the run over"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a gramnewton checkpoint (missing {', '.join(missing)}); use --overwrite")
+    return checkpoint
 
 
 def _without_epochs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,7 +214,10 @@ def is_complete(out: str | Path, config: Mapping[str, Any]) -> bool:
     out = Path(out)
     if not (out / CONFIG_FILE).is_file() or not (out / METRICS_FILE).is_file():
         return False
-    if load_config(out / CONFIG_FILE) != dict(config):
+    try:
+        if load_config(out / CONFIG_FILE) != dict(config):
+            return False
+    except ValueError:
         return False
     rows = read_rows(out / METRICS_FILE)
     return bool(rows) and int(rows[-1]["epoch"]) == config["train"]["epochs"]

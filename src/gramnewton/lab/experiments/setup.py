@@ -25,6 +25,8 @@ def load_data(config: Mapping[str, Any], split: str) -> TensorRegressionDataset:
     """Split ``split`` of ``config["data"]``, subset and resized as the config says."""
     data = config["data"]
     dataset = _cached_dataset(data["name"], data["root"] or None, split, tuple(sorted(data["kwargs"].items())))
+    if len(dataset) == 0:
+        raise ValueError(f"data set {data['name']} has no {split} sample: use a larger data set or another split")
     return shrink(dataset, data[f"{split}_subset"], data["image_size"], config["seed"])
 
 

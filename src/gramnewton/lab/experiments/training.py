@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from ...losses import SquaredError
 from ...optim import GramGaussNewton
 
 TrainStep = Callable[[Tensor, Tensor], Tensor]
@@ -43,11 +44,15 @@ def make_train_step(model: nn.Module, optimizer: Optimizer) -> TrainStep:
     """``step(x, y)``: one optimizer step on the batch, returning its MSE before the update.
 
     The single place that knows how each kind of optimizer takes a step: Gram-Gauss-Newton gets
-    a closure returning the per-sample residuals ``(b, k)``; any other optimizer gets the usual
-    ``zero_grad``, MSE ``backward`` and ``step`` (with a closure, for L-BFGS and K-FAC).
+    a closure returning the per-sample residuals ``(b, k)`` (with its default ``loss="mse"``) or
+    ``(outputs, targets)`` (with another loss, e.g. ``"cross_entropy"``; the returned value is
+    then that loss's batch mean); any other optimizer gets the usual ``zero_grad``, MSE
+    ``backward`` and ``step`` (with a closure, for L-BFGS and K-FAC).
     """
     if isinstance(optimizer, GramGaussNewton):
-        return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+        if isinstance(optimizer.loss, SquaredError):
+            return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+        return lambda x, y: optimizer.step(lambda: (model(x), y))
 
     def first_order_step(x: Tensor, y: Tensor) -> Tensor:
         losses: list[Tensor] = []

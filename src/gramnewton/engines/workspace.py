@@ -1,0 +1,116 @@
+"""Buffers an engine keeps across steps, so that a steady state maps no fresh pages per step.
+
+A training loop asks for the same large temporaries every step (per-sample gradients, conv
+patches). Taken from a :class:`Workspace`, they are allocated on the first step and reused while
+their shape repeats: the allocator never has to map (and the kernel never has to zero) them again,
+whatever the allocator (docs/performance.md, "allocations per step").
+
+Handlers reach the workspace of the engine running them through :func:`active` (a context
+variable set only while that engine's backward pass runs), so their signature does not change and
+a handler called outside an engine allocates as usual.
+
+A buffer handed out with :meth:`Workspace.keep` belongs to one step: the next step writes over
+it. A piece holding one carries a :class:`Stamp`; using it after the next step raises instead of
+returning another step's numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """The workspace and step a kept buffer belongs to."""
+
+    workspace: Workspace
+    step: int
+
+    def check(self) -> None:
+        """Raise if the workspace has started a later step (the buffer was overwritten)."""
+        if self.workspace.step != self.step:
+            raise RuntimeError(
+                "these per-sample gradients lived in a buffer that a later step of the engine reused; "
+                "use a GramSystem before the engine computes the next one"
+            )
+
+
+class Workspace:
+    """Named buffers reused across steps when the requested shape, dtype and device repeat.
+
+    Attributes:
+        step: incremented by :meth:`new_step`; stamps of older steps are stale.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[Hashable, Tensor] = {}
+        self._taken: Counter[Hashable] = Counter()
+        self.step = 0
+
+    def new_step(self) -> None:
+        """Start a step: buffers kept in the previous one may be handed out again."""
+        self.step += 1
+        self._taken.clear()
+
+    def _buffer(self, key: Hashable, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            self._buffers.pop(key, None)  # free the old one before allocating its replacement
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf
+
+    def scratch(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A buffer for a value used up at once (the next ``scratch(slot)`` overwrites it).
+
+        One flat buffer per slot, grown to the largest request and viewed as ``shape``: layers
+        of different shapes share it without reallocating.
+        """
+        numel = math.prod(shape)
+        buf = self._buffers.get(("scratch", slot))
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            size = max(numel, buf.numel() if buf is not None and buf.dtype == like.dtype else 0)
+            buf = self._buffer(("scratch", slot), (size,), like)
+        return buf[:numel].view(shape)
+
+    def keep(self, slot: str, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Stamp]:
+        """A buffer that stays valid until the next step; the ``i``-th request of ``slot`` in a
+        step gets the ``i``-th buffer of that slot (layers run in the same order every step)."""
+        index = self._taken[slot]
+        self._taken[slot] += 1
+        return self._buffer(("keep", slot, index), tuple(shape), like), Stamp(self, self.step)
+
+    def clear(self) -> None:
+        """Free every buffer (they are allocated again when next asked for)."""
+        self._buffers.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+_ACTIVE: ContextVar[Workspace | None] = ContextVar("gramnewton_workspace", default=None)
+
+
+def active() -> Workspace | None:
+    """The workspace of the engine whose backward pass is running, or ``None``."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def activated(workspace: Workspace) -> Iterator[Workspace]:
+    """Make ``workspace`` the :func:`active` one for the duration of the block."""
+    token = _ACTIVE.set(workspace)
+    try:
+        yield workspace
+    finally:
+        _ACTIVE.reset(token)
