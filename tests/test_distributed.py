@@ -25,6 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gramnewton import GramGaussNewton
 from gramnewton.distributed import resolve_mode
+from gramnewton.lab.experiments.config import resolve
+from gramnewton.lab.experiments.metrics import read_rows
+from gramnewton.lab.experiments.runner import run_experiment
 from gramnewton.lab.models import get_model
 
 WORLD, SHARDS = 2, (3, 2)
@@ -263,6 +266,28 @@ def _bytes() -> None:
     assert sent.pop("status") == 8 * 3 and not sent, sent
 
 
+# a small run of the training CLI's runner (the diabetes data ship with scikit-learn)
+RUN = {
+    "name": "diabetes-two-layer",
+    "model": {"name": "two_layer", "kwargs": {"width": 256}},
+    "data": {"name": "diabetes"},
+    "optimizer": {"name": "ggn", "alpha": 1.0},
+    "train": {"batch_size": 64, "epochs": 2, "weight_decay": 0.0, "threads": 1},
+}
+RUN_DIR: list[Path] = []  # set by the worker
+
+
+def _train_run() -> None:
+    """One epoch, then a resume to two, by 2 processes: rank 0 alone returns and writes the rows."""
+    out = RUN_DIR[0] / "run"
+    first = run_experiment(resolve(RUN, ["train.epochs=1"]), out)
+    rows = run_experiment(resolve(RUN), out, resume=True)
+    if dist.get_rank() == 0:
+        assert [r["epoch"] for r in first] == [0, 1] and [r["epoch"] for r in rows] == [0, 1, 2]
+    else:
+        assert first == rows == []
+
+
 SCENARIOS: dict[str, Callable[[], None]] = {
     **{
         f"exact-{engine}-{name}": (lambda n=name, e=engine: _exact(n, e, lam=1.0, alpha=0.1, wd=0.0))
@@ -288,11 +313,13 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     },
     "error-exact-k": lambda: _error("exact", 1, "k"),
     "bytes-exact": _bytes,
+    "train-run-resume": _train_run,
 }
 
 
 def _worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
+    RUN_DIR.append(Path(out))
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
@@ -313,13 +340,28 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("distributed")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD)
-    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return [json.loads((tmp / f"rank{r}.json").read_text()) | {"dir": str(tmp)} for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks(results: list[dict[str, str]], scenario: str) -> None:
     for rank, by_name in enumerate(results):
         assert by_name[scenario] == "ok", f"rank {rank}:\n{by_name[scenario]}"
+
+
+def test_training_run_equals_single_process(results: list[dict[str, str]], tmp_path: Path) -> None:
+    """The 2-process exact run (resumed after epoch 1) logs the single-process run's losses, to
+    float32 round-off; resuming it with 1 process is refused."""
+    distributed = Path(results[0]["dir"]) / "run"
+    assert results[0]["train-run-resume"] == "ok"
+    single = run_experiment(resolve(RUN), tmp_path / "single")
+    logged = read_rows(distributed / "metrics.csv")
+    for a, b in zip(logged, single, strict=True):
+        for key in ("running_loss", "train_loss", "test_loss"):
+            if a["epoch"]:
+                assert float(a[key]) == pytest.approx(b[key], rel=1e-4), (a["epoch"], key)
+    with pytest.raises(ValueError, match="trained by 2 process"):
+        run_experiment(resolve(RUN, ["train.epochs=3"]), distributed, resume=True)
 
 
 def test_modes_without_torch_distributed() -> None:

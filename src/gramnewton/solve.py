@@ -200,3 +200,57 @@ def jacobian_solve(
     condition = float(damped.max() / damped.min()) if s.numel() else None
     info = SolveInfo("svd", rank=int(keep.sum()), condition=condition)
     return _finite(jt_c, rhs.dtype), _finite(u @ projected, rhs.dtype), info
+
+
+def parameter_space_solve(
+    jac: Tensor,
+    rhs: Tensor,
+    lam: float,
+    alpha: float,
+    *,
+    prior: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, SolveInfo]:
+    """Solve the parameter-space (Levenberg-Marquardt) system ``(lam J^T J + alpha I) x = J^T rhs + alpha prior``.
+
+    ``x`` minimises ``lam ||J x - rhs / lam||^2 + alpha ||x - prior||^2``. For ``alpha > 0`` it is
+    the least-squares solution of the stacked ``(n + m, m)`` system
+    ``[sqrt(lam) J; sqrt(alpha) I] x = [rhs / sqrt(lam); sqrt(alpha) prior]``, solved by a QR
+    factorisation (``2 n m^2`` multiply-adds). The stacked matrix's condition number is the square
+    root of ``lam J^T J + alpha I``'s, bounded through ``alpha``: forming ``J^T J`` would square it,
+    and an SVD of ``J`` alone works with ``cond(J)``, unbounded (float32 sinc network, ``n = 1000``,
+    ``alpha = 1e-3``, max-norm relative error of the step: QR 9e-5, SVD of ``J`` without cut-off 1.4e-3, normal
+    equations 0.74; tests/test_momentum.py). ``R`` is the Cholesky factor of
+    ``lam J^T J + alpha I``: its pivots give the condition estimate, as in :func:`damped_solve`.
+    With ``alpha = 0`` the prior has no weight and the minimum-norm least-squares solution comes
+    from :func:`jacobian_solve` (rank-revealing SVD, cut-off above).
+
+    Args:
+        jac: ``(n, m)`` Jacobian.
+        rhs: ``(n,)`` right-hand side (the residuals, less ``lam mu J phi_{t-1}`` with momentum).
+        lam, alpha: as in :func:`damped_solve`.
+        prior: ``(m,)`` the point the damping pulls towards (``mu phi_{t-1}``), default 0.
+        dtype: solve in this dtype; default ``jac``'s (float32 for bfloat16/float16).
+
+    Returns:
+        ``x`` of shape ``(m,)`` in ``rhs``'s dtype, and a :class:`SolveInfo` (method ``"qr"``, or
+        ``"svd"`` when ``alpha = 0``).
+
+    Raises:
+        ValueError: ``lam`` or ``alpha`` out of range.
+        SingularGramError: ``J`` or the solution is not finite.
+    """
+    check_damping(lam, alpha)
+    if alpha == 0:
+        x, _, info = jacobian_solve(jac, rhs, lam, alpha, dtype=dtype)
+        return x, info
+    work = dtype or solve_dtype_for(jac.dtype)
+    a, r = jac.to(work), rhs.to(work)
+    if not bool(torch.isfinite(a).all()):
+        raise SingularGramError("the Jacobian has NaN or Inf entries; no parameter was changed")
+    m = a.shape[1]
+    stacked = torch.cat([math.sqrt(lam) * a, math.sqrt(alpha) * torch.eye(m, dtype=work, device=a.device)])
+    target = torch.cat([r / math.sqrt(lam), math.sqrt(alpha) * (a.new_zeros(m) if prior is None else prior.to(work))])
+    q, upper = torch.linalg.qr(stacked)
+    x = torch.linalg.solve_triangular(upper, (q.T @ target).unsqueeze(1), upper=True).squeeze(1)
+    return _finite(x, rhs.dtype), SolveInfo("qr", condition=_cholesky_condition(upper))

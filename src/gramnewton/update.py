@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
 from .engines.reference import flatten, split_like
-from .solve import SingularGramError, SolveInfo, check_damping, damped_solve, jacobian_solve
+from .solve import SingularGramError, SolveInfo, check_damping, damped_solve, jacobian_solve, parameter_space_solve
 
 SOLVE_SPACES = ("auto", "sample", "parameter")
 
@@ -62,12 +62,14 @@ class GramGaussNewtonStep:
 def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) -> str:
     """The space to solve in: ``solve_space`` unless it is ``"auto"``.
 
-    Cost rule of ``"auto"``: the parameter space when ``m < b*k`` (more residuals than
-    parameters) and the engine can give the dense ``J``. Then the ``(m, m)`` Cholesky
-    (``m^3/3``) is smaller than the ``(b*k, b*k)`` one and forming ``J^T J`` (``b k m^2``) costs
-    less than ``J J^T`` did; and ``G`` has rank at most ``m < b*k``, so ``lam G + alpha I`` has
-    ``b*k - m`` eigenvalues equal to ``alpha``: with small ``alpha`` its solve needs jitter,
-    while ``lam J^T J + alpha I`` is as well conditioned as ``J`` allows.
+    Rule of ``"auto"``: the parameter space when ``m < b*k`` (more residuals than parameters)
+    and the engine can give the dense ``J``. With ``n = b*k``: cost, the sample space's
+    ``(n, n)`` Cholesky is ``n^3/3``, the parameter space's QR of the stacked ``(n + m, m)``
+    matrix ``2 n m^2`` (fewer below ``m = 0.41 n``, at most 6x more just below ``m = n``, where
+    both are small next to the engine's ``n^2 m`` for ``G``); accuracy, ``G`` has rank at most
+    ``m < n``, so ``lam G + alpha I`` has ``n - m`` eigenvalues equal to ``alpha`` and its
+    Cholesky loses ``cond(lam G + alpha I)``-fold in precision, the QR its square root. Measured on the sinc network (``m = 61``, float32, ``alpha = 0.1``,
+    ``benchmarks/solve_space.py``): see ``docs/solve_space.md``.
     """
     if solve_space not in SOLVE_SPACES:
         raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
@@ -183,13 +185,12 @@ def _parameter_space(
     previous: Sequence[Tensor] | None,
     use_momentum: bool,
 ) -> GramGaussNewtonStep:
-    """``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}`` (Levenberg-Marquardt's system)."""
+    """``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}`` (Levenberg-Marquardt's system),
+    solved from the dense ``J`` (:func:`~gramnewton.solve.parameter_space_solve`)."""
     jac = system.jacobian_columns(0, sum(p.numel() for p in params))
     r = system.residuals.reshape(-1)
-    rhs = jac.T @ r.to(jac.dtype)
-    if use_momentum:
-        rhs = rhs + (alpha * momentum) * flatten(previous, jac.dtype)
-    phi, info = damped_solve(jac.T @ jac, rhs, lam, alpha, dtype=solve_dtype)
+    prior = momentum * flatten(previous, jac.dtype) if use_momentum else None
+    phi, info = parameter_space_solve(jac, r.to(jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
     direction = split_like(-phi, params)
     predicted = r - (jac @ phi).to(r.dtype)
     return GramGaussNewtonStep(direction, system.residuals, system.gram, None, info, predicted, "parameter")

@@ -1,13 +1,22 @@
-"""``gramnewton train CONFIG``: one experiment run with metrics.csv, checkpoints and --resume."""
+"""``gramnewton train CONFIG``: one experiment run with metrics.csv, checkpoints and --resume.
+
+Data-parallel: ``torchrun --nproc_per_node=N -m gramnewton train CONFIG`` starts ``N`` processes
+(gloo on CPU, the lab trains on CPU); each trains on its share of every batch with
+``GramGaussNewton(distributed=optimizer.distributed)`` (default "auto": exact), rank 0 alone prints,
+evaluates and writes the run folder (see :mod:`gramnewton.lab.experiments.runner`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from ..experiments.config import load_config
 from ..experiments.reproduce import CONFIGS_DIR
@@ -52,13 +61,17 @@ def config_path(text: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
-    if args.resume and not (out / CHECKPOINT).is_file():
-        print(f"--resume: no checkpoint in {out}, starting from scratch")
-    try:
-        rows = train_with_progress(config, out, resume=args.resume, overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: checkpoint saved in {out}; continue with --resume")
-        return 130
+    with _process_group() as rank:
+        if args.resume and not (out / CHECKPOINT).is_file() and rank == 0:
+            print(f"--resume: no checkpoint in {out}, starting from scratch")
+        try:
+            rows = train_with_progress(config, out, resume=args.resume, overwrite=args.overwrite, progress=rank == 0)
+        except KeyboardInterrupt:
+            if rank == 0:
+                print(f"\ninterrupted: checkpoint saved in {out}; continue with --resume")
+            return 130
+    if rank:
+        return 0
     last = rows[-1]
     print(
         f"{config['name'] or args.config.stem}: epoch {last['epoch']:g}, {last['seconds']:.1f} s of training, "
@@ -69,14 +82,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_with_progress(
-    config: dict[str, Any], out: Path, *, resume: bool = False, overwrite: bool = False, desc: str = ""
+    config: dict[str, Any],
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    desc: str = "",
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """:func:`run_experiment` with a progress bar (steps / total steps); Ctrl-C stops after the
-    current step (checkpointed)."""
+    """:func:`run_experiment` with a progress bar (steps / total steps; none when ``progress`` is
+    False); Ctrl-C stops after the current step (checkpointed)."""
     with _deferred_interrupt() as stop:
-        bar = ProgressBar(desc or config["name"] or "train", leave=False)
-        callbacks = [bar, _InterruptAfterStep(stop)]
+        bar = [ProgressBar(desc or config["name"] or "train", leave=False)] if progress else []
+        callbacks = [*bar, _InterruptAfterStep(stop)]
         return run_experiment(config, out, resume=resume, overwrite=overwrite, callbacks=callbacks)
+
+
+@contextmanager
+def _process_group() -> Iterator[int]:
+    """Under ``torchrun`` (``WORLD_SIZE > 1``), a gloo process group for the run; yields the rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
 
 
 class _InterruptAfterStep(Callback):

@@ -6,6 +6,12 @@ resumed from its checkpoint produces the same rows as an uninterrupted one, apar
 wall-clock seconds: the data order depends only on ``(seed, epoch)``, a checkpoint taken
 mid-epoch records the losses of the batches already taken (those batches are skipped), and the
 model, optimizer and torch RNG states are restored.
+
+Under ``torchrun`` (``torch.distributed`` initialised, ``P > 1`` processes) every rank trains on
+its share of each global batch (:func:`~gramnewton.lab.experiments.training.fit`'s ``shard``)
+with a data-parallel GGN (``optimizer.distributed``: ``"auto"``, i.e. exact, or ``"local"``);
+rank 0 alone evaluates and writes ``config.toml``, ``metrics.csv`` and ``checkpoint.pt``
+(which records ``P``: a run resumes only with the same number of processes).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -55,33 +62,43 @@ def run_experiment(
     Row keys: ``epoch``, ``step``, ``seconds`` (training only), ``running_loss`` (mean of the
     epoch's mini-batch MSEs before each update), ``train_loss`` and ``test_loss`` (full-pass
     MSE in evaluation mode, NaN when not evaluated), ``train_rmse`` and ``test_rmse`` (in the
-    target's original unit).
+    target's original unit). Under ``torch.distributed`` only rank 0 returns the rows (the
+    other ranks return ``[]``).
     """
     out = Path(out)
+    rank, world = _rank_and_world()
     check_run_folder(out, resume=resume, overwrite=overwrite)
     torch.set_num_threads(config["train"]["threads"])
-    checkpoint = _load_checkpoint(out, config) if resume else None
+    checkpoint = _load_checkpoint(out, config, world) if resume else None
     train_set, test_set = load_data(config, "train"), load_data(config, "test")
     model = build_model(config, train_set)
     if config["warm_start"]["run"] and checkpoint is None:
         warm_start(model, config["warm_start"]["run"])
     train = config["train"]
     optimizer = build_optimizer({**config["optimizer"], "weight_decay": train["weight_decay"]}, model)
+    if world > 1 and getattr(optimizer, "distributed", None) is None:
+        raise ValueError(
+            f"{world} processes need a data-parallel optimizer: optimizer.name = 'ggn' with "
+            "optimizer.distributed 'auto', 'exact' or 'local'"
+        )
     evaluator = EpochEvaluator(model, train_set, test_set, every=train["eval_every"], last_epoch=train["epochs"])
-    log = _RunLog(out, model, optimizer, evaluator, train_set.scale)
+    log = _RunLog(out, model, optimizer, evaluator, train_set.scale, world)
     if checkpoint is None:
         state = FitState()
-        log.rows = [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluator.evaluate(0)), train_set.scale)]
+        if rank == 0:
+            log.rows = [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluator.evaluate(0)), train_set.scale)]
     else:
         _restore(out, checkpoint, model, optimizer)
         state = FitState(*(checkpoint[k] for k in ("epoch", "step", "seconds", "batch_losses")))
         log.rows = checkpoint["rows"]
-    # Set-up succeeded: only now does the folder change.
-    out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:  # a replaced run's checkpoint must never be resumed under this config
-        (out / CHECKPOINT).unlink(missing_ok=True)
-    (out / CONFIG_FILE).write_text(dumps(config))
-    write_rows(out / METRICS_FILE, log.rows)
+    if world > 1:  # every rank has read the folder before rank 0 changes it
+        dist.barrier()
+    if rank == 0:  # set-up succeeded: only now does the folder change
+        out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:  # a replaced run's checkpoint must never be resumed under this config
+            (out / CHECKPOINT).unlink(missing_ok=True)
+        (out / CONFIG_FILE).write_text(dumps(config))
+        write_rows(out / METRICS_FILE, log.rows)
     model.train()
     try:
         fit(
@@ -91,12 +108,23 @@ def run_experiment(
             seed=config["seed"],
             epochs=train["epochs"],
             state=state,
-            callbacks=[log, *callbacks],
+            callbacks=[log, *callbacks] if rank == 0 else list(callbacks),
+            shard=(rank, world),
         )
     except KeyboardInterrupt:
-        save_checkpoint(out, model, optimizer, {**state.as_dict(), "rows": log.rows})
+        if rank == 0:
+            save_checkpoint(out, model, optimizer, {**state.as_dict(), "rows": log.rows, "world_size": world})
         raise
-    return log.rows
+    if world > 1:  # rank 0's last checkpoint is on disk before any rank returns (and may resume it)
+        dist.barrier()
+    return log.rows if rank == 0 else []
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without ``torch.distributed``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -125,8 +153,11 @@ def _restore(out: Path, checkpoint: Mapping[str, Any], model: nn.Module, optimiz
 class _RunLog(Callback):
     """After every epoch: evaluate (when due), append a metrics row, rewrite metrics.csv, checkpoint."""
 
-    def __init__(self, out: Path, model: nn.Module, optimizer: Optimizer, evaluator: EpochEvaluator, scale: Any):
+    def __init__(
+        self, out: Path, model: nn.Module, optimizer: Optimizer, evaluator: EpochEvaluator, scale: Any, world: int
+    ):
         self.out, self.model, self.optimizer, self.evaluator, self.scale = out, model, optimizer, evaluator, scale
+        self.world = world
         self.rows: list[dict[str, Any]] = []
 
     def on_epoch_end(self, state: FitState, running_loss: float) -> None:
@@ -135,7 +166,9 @@ class _RunLog(Callback):
         )
         self.rows.append(_row(record, self.scale))
         write_rows(self.out / METRICS_FILE, self.rows)
-        save_checkpoint(self.out, self.model, self.optimizer, {**state.as_dict(), "rows": self.rows})
+        save_checkpoint(
+            self.out, self.model, self.optimizer, {**state.as_dict(), "rows": self.rows, "world_size": self.world}
+        )
 
 
 def _row(record: EpochRecord, scale: Any) -> dict[str, Any]:
@@ -152,7 +185,8 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
     Holds only tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)``
     reads it: ``model``, ``optimizer`` (state dicts), ``rng`` (torch CPU RNG state), ``epoch``
     (finished epochs), ``batch_losses`` (losses of the steps taken in the unfinished epoch),
-    ``step``, ``seconds`` and ``rows`` (the metrics so far).
+    ``step``, ``seconds``, ``rows`` (the metrics so far) and ``world_size`` (the number of
+    processes that trained, 1 unless ``state`` says otherwise).
     """
     path = out / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
@@ -162,6 +196,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
             "optimizer": optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             **{k: state[k] for k in ("epoch", "step", "seconds", "batch_losses", "rows")},
+            "world_size": state.get("world_size", 1),
         },
         tmp,
     )
@@ -184,9 +219,10 @@ def resumable(out: str | Path, config: Mapping[str, Any]) -> bool:
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step", "seconds", "batch_losses", "rows")
 
 
-def _load_checkpoint(out: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
+def _load_checkpoint(out: Path, config: Mapping[str, Any], world: int = 1) -> dict[str, Any] | None:
     """The checkpoint in ``out`` (None if there is none); raise ``ValueError`` (one line) for one
-    of another config, or a file that is truncated or not a checkpoint."""
+    of another config or another number of processes ``world``, or a file that is truncated or
+    not a checkpoint."""
     path = out / CHECKPOINT
     if not path.is_file():
         return None
@@ -202,6 +238,11 @@ def _load_checkpoint(out: Path, config: Mapping[str, Any]) -> dict[str, Any] | N
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not a gramnewton checkpoint (missing {', '.join(missing)}); use --overwrite")
+    if checkpoint.get("world_size", 1) != world:
+        raise ValueError(
+            f"{out} was trained by {checkpoint.get('world_size', 1)} process(es); resume it with the same "
+            f"number (got {world}): the batches and the checkpointed state depend on it"
+        )
     return checkpoint
 
 

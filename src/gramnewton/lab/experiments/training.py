@@ -164,15 +164,28 @@ def fit(
     seconds: float = math.inf,
     state: FitState | None = None,
     callbacks: Sequence[Callback] = (),
+    shard: tuple[int, int] = (0, 1),
 ) -> FitState:
     """Run ``step`` over the seeded epochs of ``dataset`` until ``epochs`` epochs or ``seconds``
     training seconds (the last epoch may then be partial) or a callback asks to stop.
 
     Batches of epoch ``e`` are :func:`batch_order` ``(len(dataset), batch_size, seed, e)``.
     ``state`` (default: a fresh one) is continued and updated in place; it is returned.
+
+    Data parallelism: with ``shard = (rank, world)`` (``torch.distributed``), every process
+    walks the same global batches and steps on its strided share ``idx[rank::world]`` of each
+    (``DistributedSampler``'s split of a batch), so ``batch_size`` is the global batch and a
+    ``distributed="exact"`` GGN run takes the single-process steps. The ranks must stop at the
+    same step: a ``seconds`` budget (each rank's own clock) is refused, and callbacks that stop
+    the run must decide alike on every rank.
     """
     if epochs is None and not math.isfinite(seconds):
         raise ValueError("fit needs a budget: epochs, seconds or both")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard (rank, world) must have 0 <= rank < world, got {shard}")
+    if world > 1 and math.isfinite(seconds):
+        raise ValueError("a seconds budget cannot be used with several processes (their clocks differ); use epochs")
     state = FitState() if state is None else state
     budget = FitBudget(epochs, seconds, math.ceil(len(dataset) / batch_size))
     for callback in callbacks:
@@ -183,7 +196,7 @@ def fit(
             order = batch_order(len(dataset), batch_size, seed, state.epoch + 1)
             for idx in order[len(state.batch_losses) :]:
                 start = time.perf_counter()
-                x, y = dataset[idx]
+                x, y = dataset[idx[rank::world]]
                 loss = float(step(x, y))
                 state.seconds += time.perf_counter() - start
                 state.step += 1
