@@ -165,7 +165,8 @@ def time_to(history: list, target: float) -> float | None:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Per method: median final error and median time to each target (``None`` if a seed misses it)."""
+    """Per method: median final error, and per target how many seeds reached it and the median
+    time of those that did (``None`` if none did)."""
     rows = []
     for method in dict.fromkeys(r["method"] for r in runs):
         done = [r for r in runs if r["method"] == method and "history" in r]
@@ -174,8 +175,9 @@ def summarize(runs: list[dict]) -> list[dict]:
         row = {"method": method, "seeds": len(done), "final_error": statistics.median(r["final_error"] for r in done)}
         row["steps"] = statistics.median(r["steps"] for r in done)
         for target in TARGETS:
-            times = [time_to(r["history"], target) for r in done]
-            row[f"t_{target:g}"] = None if None in times else statistics.median(times)
+            times = [t for t in (time_to(r["history"], target) for r in done) if t is not None]
+            row[f"t_{target:g}"] = statistics.median(times) if times else None
+            row[f"n_{target:g}"] = len(times)
         rows.append(row)
     return rows
 
@@ -183,12 +185,15 @@ def summarize(runs: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     head = (
         "| method | seeds | steps (median) | final rel. L2 (median) | "
-        + " | ".join(f"s to {t:g}" for t in TARGETS)
+        + " | ".join(f"s to {t:g} (seeds)" for t in TARGETS)
         + " |"
     )
     lines = [head, "|" + "---|" * (4 + len(TARGETS))]
     for r in rows:
-        cells = [f"{r[f't_{t:g}']:.1f}" if r[f"t_{t:g}"] is not None else "never" for t in TARGETS]
+        cells = [
+            f"{r[f't_{t:g}']:.1f} ({r[f'n_{t:g}']}/{r['seeds']})" if r[f"t_{t:g}"] is not None else "never"
+            for t in TARGETS
+        ]
         lines.append(
             f"| {r['method']} | {r['seeds']} | {r['steps']:.0f} | {r['final_error']:.2e} | " + " | ".join(cells) + " |"
         )
