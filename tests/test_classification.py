@@ -88,7 +88,7 @@ def test_exact_cross_entropy_step_matches_dense_formula(name, build, shape, k, b
     total = _sum_loss("cross_entropy", y)
     jac, f, g, h = _derivatives(model, x, total)
     expected = flat_params(model) + _dense_ggn(jac, g, h, lam, alpha)
-    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine, loss="cross_entropy")
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine, loss="cross_entropy", curvature="exact")
     loss = opt.step(lambda: (model(x), y))
     assert_close(flat_params(model), expected, 1e-9, f"{name} exact GGN step ({target_kind}, {engine})")
     assert loss.dim() == 0 and not loss.requires_grad
@@ -195,7 +195,7 @@ def test_other_losses_match_dense_formula(which):
 
     jac, f, g, h = _derivatives(model, x, total)
     expected = flat_params(model) + _dense_ggn(jac, g, h, 1.0, 0.2)
-    opt = GramGaussNewton(model, alpha=0.2, loss=loss)
+    opt = GramGaussNewton(model, alpha=0.2, loss=loss, curvature="exact")
     opt.step(lambda: (model(x), y))
     assert_close(flat_params(model), expected, 1e-9, f"{which} step")
 
@@ -235,7 +235,7 @@ def test_adaptive_damping_gain_ratio_compares_loss_decreases():
     jac, f, g, h = _derivatives(model, x, total)
     delta = _dense_ggn(jac, g, h, 1.0, 0.5)
     predicted = -(g @ (jac @ delta) + 0.5 * (jac @ delta) @ h @ (jac @ delta))
-    opt = GramGaussNewton(model, alpha=0.5, loss="cross_entropy", adaptive_damping=True)
+    opt = GramGaussNewton(model, alpha=0.5, loss="cross_entropy", curvature="exact", adaptive_damping=True)
     before = total(f)
     opt.step(lambda: (model(x), y))
     with torch.no_grad():
@@ -251,7 +251,7 @@ def test_adaptive_damping_rejects_a_step_that_increases_the_loss():
     with torch.no_grad():  # huge logits: the quadratic model is far off
         model[-1].weight.mul_(50)
     start = flat_params(model)
-    opt = GramGaussNewton(model, alpha=1e-6, loss="cross_entropy", adaptive_damping=True)
+    opt = GramGaussNewton(model, alpha=1e-6, loss="cross_entropy", curvature="exact", adaptive_damping=True)
     opt.step(lambda: (model(x), y))
     if opt.last_gain_ratio < 0:
         assert torch.equal(flat_params(model), start)
@@ -326,6 +326,8 @@ def test_bad_options_are_refused():
         GramGaussNewton(model, loss="cross_entropy", curvature="top_c", top_c=-1)
     with pytest.raises(ValueError, match="losses other than 'mse'"):
         GramGaussNewton(model, curvature="gradient")
+    assert GramGaussNewton(model).curvature == "exact"
+    assert GramGaussNewton(model, loss="cross_entropy").curvature == "gradient"
 
 
 def test_underflowing_softmax_gives_a_finite_step():
@@ -334,6 +336,6 @@ def test_underflowing_softmax_gives_a_finite_step():
     with torch.no_grad():
         model.weight.mul_(1e3)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    opt = GramGaussNewton(model, alpha=1.0, loss="cross_entropy")
+    opt = GramGaussNewton(model, alpha=1.0, loss="cross_entropy", curvature="exact")
     opt.step(lambda: (model(x), y))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

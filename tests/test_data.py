@@ -39,6 +39,9 @@ def test_registry_lists_every_dataset() -> None:
         "diabetes",
         "concrete",
         "diamonds",
+        "digits",
+        "mnist",
+        "fashion-mnist",
     }
     assert set(list_datasets()) == expected
 

@@ -48,3 +48,14 @@ def test_sweep_grid_and_winner_selection():
         ("GGN", {"alpha": 0.1}, 0.05),
     ]
     assert best_settings(results) == {"SGD": {"lr": 0.03}, "GGN": {"alpha": 0.1}}
+
+
+def test_classification_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--task", "classification", "--dataset", "digits", "--seconds", "1", "--max-epochs", "1"]
+    assert main([*args, "--batch-size", "64", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {r["optimizer"] for r in rows} == {"GGN", "SGD", "Adam", "K-FAC"}
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
+    printed = capsys.readouterr().out
+    assert "s to 97%" in printed and "K-FAC" in printed

@@ -603,3 +603,20 @@ def test_workspace_buffers_are_reused_and_stale_systems_raise(
     if keep_above == float("inf"):  # per-sample gradients kept in the workspace until J^T v
         with pytest.raises(RuntimeError, match="later step"):
             first.jt_times(v)
+
+
+def test_workspace_frees_kept_buffers_a_step_did_not_use() -> None:
+    from gramnewton.engines.workspace import Workspace
+
+    work, like = Workspace(), torch.zeros(1)
+    work.new_step()
+    for _ in range(3):  # e.g. a first step's timing trials
+        work.keep("jac", (4, 5), like)
+    work.new_step()
+    first, _ = work.keep("jac", (4, 5), like)
+    assert work.nbytes == 3 * 20 * 4
+    work.new_step()  # the step above used one buffer of the slot: the other two go
+    again, _ = work.keep("jac", (4, 5), like)
+    assert again.data_ptr() == first.data_ptr() and work.nbytes == 20 * 4
+    grown = work.scratch("patches", (10,), like)
+    assert work.scratch("patches", (2, 3), like).data_ptr() == grown.data_ptr()  # a smaller view, no new buffer

@@ -131,3 +131,44 @@ def test_evaluation_forwards_do_not_touch_the_factors():
     model.eval()
     model(torch.randn(4, 3))
     assert opt._captured == {}
+
+
+def test_cross_entropy_fisher_factor_is_the_sampled_output_hessian_factor():
+    """``loss="cross_entropy"``: G = (1/b) sum_i g_i g_i^T with g_i = p_i - onehot(y_hat_i), y_hat_i ~ p_i;
+    its expectation over y_hat is (1/b) sum_i diag(p_i) - p_i p_i^T, the cross-entropy's output Hessian."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4).double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 4, (7,))
+    opt = KFAC(layer, lr=LR, damping=DAMPING, loss="cross_entropy")
+    logits = layer(x)
+    torch.manual_seed(1)
+    opt.backward_fisher(logits)
+    nn.functional.cross_entropy(logits, y).backward()
+    opt.step()
+    torch.manual_seed(1)
+    p = torch.softmax(logits.detach(), 1)
+    sampled = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1).squeeze(1)
+    g = p - nn.functional.one_hot(sampled, 4).double()
+    expected = g.T @ g / 7
+    got = opt.state[layer.weight]["G"]
+    assert float((got - expected).abs().max()) < 1e-12 * float(expected.abs().max())
+    # the mean over many draws approaches the exact Fisher (a statistical check, 4000 draws)
+    draws = torch.multinomial(p.float(), 4000, replacement=True)  # (7, 4000)
+    onehots = nn.functional.one_hot(draws, 4).double()  # (7, 4000, 4)
+    gs = p.unsqueeze(1) - onehots
+    mean_g = torch.einsum("ndk,ndl->kl", gs, gs) / (7 * 4000)
+    exact = (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)).mean(0)
+    assert float((mean_g - exact).abs().max()) < 0.02
+
+
+def test_cross_entropy_kfac_needs_the_fisher_backward():
+    layer = nn.Linear(5, 3)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="Invalid loss"):
+        KFAC(layer, loss="hinge")
+    opt = KFAC(layer, loss="cross_entropy")
+    nn.functional.cross_entropy(layer(x), y).backward()
+    with pytest.raises(RuntimeError, match="backward_fisher"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="cross_entropy"):
+        KFAC(nn.Linear(2, 2)).backward_fisher(torch.zeros(1, 2))

@@ -257,6 +257,12 @@ def test_checkpoint_of_another_config_is_one_line(tmp_path, capsys, tiny):
         (["train", "{bad}", "--set", "data.name=afad-lite", "--set", "data.root={tmp}"], "no <age>"),
         (["plot", "{tmp}/no-run"], "no metrics.csv"),
         (["demo", "--dataset", "nope", "--seconds", "0.1"], "unknown dataset 'nope'"),
+        (["reproduce", "fig1", "--afad", "{tmp}/nope", "--out", "{tmp}/rep"], "is not a folder"),
+        (
+            ["theory", "quadratic", "--act", "nope", "--widths", "4", "--n", "4", "--out", "{tmp}/th"],
+            "unknown activation",
+        ),
+        (["theory", "quadratic", "--widths", "abc"], "invalid"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, tiny, args, named):

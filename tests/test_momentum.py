@@ -300,7 +300,9 @@ def test_momentum_with_cross_entropy_matches_dense_formula(space):
     model = _mlp(3).double()
     twin = copy.deepcopy(model)
     lam, alpha, mu = 0.8, 0.4, 0.7
-    opt = GramGaussNewton(model, lam=lam, alpha=alpha, momentum=mu, loss="cross_entropy", solve_space=space)
+    opt = GramGaussNewton(
+        model, lam=lam, alpha=alpha, momentum=mu, loss="cross_entropy", curvature="exact", solve_space=space
+    )
     phi = torch.zeros_like(flat_params(model))
     for _ in range(3):
         x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5,))

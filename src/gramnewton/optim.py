@@ -18,7 +18,7 @@ from .distributed import Communicator, ExactGramEngine, local_direction, resolve
 from .engines import Closure, GramEngine
 from .engines.base import closure_residuals
 from .engines.select import select_engine
-from .generalized import LossClosure, check_curvature, predicted_decrease
+from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
 from .update import SOLVE_SPACES, GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
@@ -111,7 +111,9 @@ class GramGaussNewton(Optimizer):
             ``J`` those of the pseudo-residuals (``u`` and ``B^T J``).
         curvature: output-Hessian estimate for a loss other than ``"mse"``: ``"exact"`` (``k``
             backward passes, a ``(b*k, b*k)`` Gram), ``"top_c"`` (``top_c + 1`` passes) or
-            ``"gradient"`` (one pass, ``(b, b)``); see :mod:`gramnewton.generalized`.
+            ``"gradient"`` (one pass, ``(b, b)``); ``"auto"`` (default) is ``"gradient"``, chosen
+            by measurement (docs/classification.md), and ``"exact"`` for ``"mse"``; see
+            :mod:`gramnewton.generalized`.
         top_c: number of output coordinates kept exactly by ``curvature="top_c"``.
         distributed: data parallelism over ``torch.distributed`` (:mod:`gramnewton.distributed`),
             each rank's closure returning its own shard's residuals (or outputs and targets):
@@ -150,7 +152,7 @@ class GramGaussNewton(Optimizer):
         momentum: float = 0.0,
         solve_space: str = "auto",
         loss: str | Loss = "mse",
-        curvature: str = "exact",
+        curvature: str = "auto",
         top_c: int = 1,
         distributed: str | None = "auto",
         process_group: dist.ProcessGroup | None = None,
@@ -161,9 +163,7 @@ class GramGaussNewton(Optimizer):
         self.distributed = resolve_mode(distributed, process_group)
         self.loss = get_loss(loss)
         check_curvature(curvature, top_c)
-        if isinstance(self.loss, SquaredError) and curvature != "exact":
-            raise ValueError("curvature estimates apply to losses other than 'mse' (its output Hessian is I)")
-        self.curvature, self.top_c = curvature, top_c
+        self.curvature, self.top_c = resolve_curvature(curvature, self.loss), top_c
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum))

@@ -56,7 +56,12 @@ class Workspace:
         self.step = 0
 
     def new_step(self) -> None:
-        """Start a step: buffers kept in the previous one may be handed out again."""
+        """Start a step: buffers kept in the previous one may be handed out again; kept buffers
+        the previous step did not ask for (e.g. left by a first step's trials) are freed."""
+        if self.step:
+            stale = [k for k in self._buffers if k[0] == "keep" and k[2] >= self._taken[k[1]]]
+            for key in stale:
+                del self._buffers[key]
         self.step += 1
         self._taken.clear()
 

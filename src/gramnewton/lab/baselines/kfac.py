@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+KFAC_LOSSES = ("mse", "cross_entropy")
 
 
 class KFAC(Optimizer):
@@ -48,6 +49,13 @@ class KFAC(Optimizer):
     :math:`G` and the mean in :math:`A` make :math:`A \otimes G` equal KFC's
     :math:`\Omega \otimes \Gamma`.
 
+    **Cross-entropy** (``loss="cross_entropy"``): :math:`G` is the factor of the *true* Fisher
+    (the cross-entropy's output Hessian ``diag(p) - p p^T``), estimated as in Martens & Grosse
+    (2015, Section 5) by one sampled backward: after the forward, :meth:`backward_fisher` draws
+    ``y_hat_i ~ softmax(f_i)`` and backpropagates ``sum_i CE(f_i, y_hat_i)`` to the layers' outputs
+    only (no parameter gradient); :math:`g_{it}` is then sample ``i``'s gradient of that loss. It
+    runs only at steps where the factors are updated.
+
     Factors are updated at a layer's first step and every ``factor_every`` steps after (the
     batch factors cost about a weight gradient per layer); the inverses
     :math:`(A + \sqrt{d} I)^{-1}`, :math:`(G + \sqrt{d} I)^{-1}` are recomputed (in float64)
@@ -65,6 +73,8 @@ class KFAC(Optimizer):
         factor_every: steps between factor updates (10, as in the common PyTorch K-FAC).
         inverse_every: steps between inverse updates (paper: 100).
         kl_clip: trust-region bound on the step, or ``None`` for no clipping.
+        loss: ``"mse"`` (empirical Fisher of the training backward) or ``"cross_entropy"``
+            (sampled Fisher; call :meth:`backward_fisher` with the logits before each step).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -85,7 +95,10 @@ class KFAC(Optimizer):
         factor_every: int = 10,
         inverse_every: int = 100,
         kl_clip: float | None = 1e-3,
+        loss: str = "mse",
     ):
+        if loss not in KFAC_LOSSES:
+            raise ValueError(f"Invalid loss: {loss!r}; expected one of {KFAC_LOSSES}")
         if not lr > 0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0 <= momentum < 1:
@@ -109,6 +122,7 @@ class KFAC(Optimizer):
             kl_clip=kl_clip,
         )
         super().__init__(model.parameters(), defaults)
+        self.loss = loss
         self.layers = [m for m in model.modules() if _supported(m)]
         self._captured: dict[nn.Module, dict[str, Tensor]] = {}
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._forward_hook) for m in self.layers]
@@ -117,13 +131,36 @@ class KFAC(Optimizer):
         # Only training forwards that will be backpropagated feed the factors (not evaluation).
         if not (module.training and torch.is_grad_enabled() and output.requires_grad):
             return
-        record = {"input": inputs[0].detach()}
+        record = {"input": inputs[0].detach(), "output": output}
         self._captured[module] = record
 
         def save_grad(grad: Tensor) -> None:
             record["grad_output"] = grad.detach()
 
         output.register_hook(save_grad)
+
+    def backward_fisher(self, logits: Tensor) -> None:
+        """Sampled-Fisher backward for ``loss="cross_entropy"`` (class docstring), from the logits
+        ``(b, k)`` of this step's forward; call it before the training ``backward``. A no-op at
+        steps where no factor is updated."""
+        if self.loss != "cross_entropy":
+            raise RuntimeError("backward_fisher is for KFAC(loss='cross_entropy')")
+        records = [(layer, self._captured[layer]) for layer in self.layers if layer in self._captured]
+        due = [r for layer, r in records if self._factors_due(layer)]
+        if not due:
+            return
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1).squeeze(1)
+        with torch.enable_grad():
+            total = F.cross_entropy(logits, sampled, reduction="sum")
+            grads = torch.autograd.grad(total, [r["output"] for r in due], retain_graph=True, allow_unused=True)
+        for record, grad in zip(due, grads):
+            if grad is not None:
+                record["fisher_grad"] = grad.detach()
+
+    def _factors_due(self, layer: nn.Module) -> bool:
+        steps = int(self.state[layer.weight].get("kfac_steps", 0))
+        return steps % self.param_groups[0]["factor_every"] == 0
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
@@ -161,7 +198,13 @@ class KFAC(Optimizer):
         state = self.state[layer.weight]
         steps = int(state.get("kfac_steps", 0))
         if steps % group["factor_every"] == 0:
-            a_batch, g_batch = batch_factors(layer, record["input"], record["grad_output"])
+            grad_output = record["grad_output"]
+            if self.loss == "cross_entropy":
+                if "fisher_grad" not in record:
+                    raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")
+                # per-sample gradients of the sampled loss; batch_factors expects dL/ds of a mean
+                grad_output = record["fisher_grad"] / record["input"].shape[0]
+            a_batch, g_batch = batch_factors(layer, record["input"], grad_output)
             decay = group["factor_decay"]
             if "A" not in state:
                 state["A"], state["G"] = a_batch, g_batch

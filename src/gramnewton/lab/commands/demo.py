@@ -1,22 +1,36 @@
-"""``gramnewton demo``: GGN vs SGD vs Adam on the embedded task; table, metrics.csv, curves.png."""
+"""``gramnewton demo``: GGN vs SGD vs Adam on the embedded regression task, or (``--task
+classification``) vs SGD, Adam and K-FAC on MNIST; table, metrics.csv, curves.png."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..experiments.demo import DEMO_SETTINGS, DemoConfig, best_settings, run_demo, sweep_points
+from ..experiments.demo import TASKS, DemoConfig, best_settings, run_demo, sweep_points
 from ..experiments.figures import plot_curves
 from ..experiments.metrics import as_rows, write_rows
-from ..experiments.training import ProgressBar, seconds_to_target
+from ..experiments.training import EpochRecord, ProgressBar, seconds_to_accuracy, seconds_to_target
+
+ACCURACY_TARGETS = (0.90, 0.95, 0.97)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train a small Fixup ResNet with GGN, SGD and Adam on rotated digits")
-    p.add_argument("--dataset", default=DemoConfig.dataset, help="rotated-mnist (default) or rotated-digits")
+    p.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default="regression",
+        help="regression (rotated digits, MSE) or classification (MNIST, cross-entropy; adds K-FAC)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="default: rotated-mnist (regression; or rotated-digits), mnist (classification; or digits, fashion-mnist)",
+    )
     p.add_argument("--model", default=DemoConfig.model)
     p.add_argument("--seconds", type=float, default=DemoConfig.seconds, help="training seconds per optimizer")
     p.add_argument("--max-epochs", type=int, default=DemoConfig.max_epochs)
@@ -36,19 +50,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, args.max_epochs, args.seed)
-    settings = sweep(args, config) if args.sweep else DEMO_SETTINGS
+    task = TASKS[args.task]
+    dataset = args.dataset or task.dataset
+    config = DemoConfig(dataset, args.model, args.batch_size, args.seconds, args.max_epochs, args.seed, task=args.task)
+    settings = sweep(args, config) if args.sweep else task.settings
     logs = run_demo(config, settings, progress=lambda name: ProgressBar(f"demo {name}"))
     rows = [row for name, records in logs.items() for row in as_rows(records, optimizer=name)]
     write_rows(args.out / "metrics.csv", rows)
     curves = {name: as_rows(records) for name, records in logs.items()}
+    classify = args.task == "classification"
     plot_curves(
-        curves, args.out / "curves.png", title=f"{config.model} on {config.dataset} ({config.seconds:g} s each)"
+        curves,
+        args.out / "curves.png",
+        title=f"{config.model} on {config.dataset} ({config.seconds:g} s each)",
+        **({"metrics": ("test_accuracy", "test_loss"), "log": False} if classify else {}),
     )
     print(
         f"\n{config.model} on {config.dataset}, batch {config.batch_size}, {config.seconds:g} s of training each, "
         f"{torch.get_num_threads()} threads"
     )
+    if classify:
+        _accuracy_table(logs, settings)
+        print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'curves.png'}")
+        return 0
     print(
         f"{'optimizer':<8} {'hyper-parameters':<18} {'epochs':>6} {'train MSE':>10} {'test MSE':>10} "
         f"{'seconds':>8} {'s to ' + format(args.target, 'g'):>9}"
@@ -64,23 +88,51 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep(args: argparse.Namespace, config: DemoConfig) -> dict[str, dict[str, float]]:
-    """Run every grid point for ``--sweep-seconds``; write sweep.csv; return the winners."""
-    short = DemoConfig(
-        config.dataset, config.model, config.batch_size, args.sweep_seconds, config.max_epochs, config.seed
+def _accuracy_table(logs: dict[str, list[EpochRecord]], settings: dict[str, dict[str, float]]) -> None:
+    """Final losses and accuracy, and the training seconds to each of :data:`ACCURACY_TARGETS`."""
+    heads = " ".join(f"{'s to ' + format(t, '.0%'):>8}" for t in ACCURACY_TARGETS)
+    print(
+        f"{'optimizer':<8} {'hyper-parameters':<18} {'epochs':>6} {'train CE':>9} {'test CE':>9} "
+        f"{'test acc':>8} {'seconds':>8} {heads}"
     )
+    for name, records in logs.items():
+        last = records[-1]
+        hits = " ".join(
+            f"{'-' if (hit := seconds_to_accuracy(records, t)) is None else format(hit, '.1f'):>8}"
+            for t in ACCURACY_TARGETS
+        )
+        print(
+            f"{name:<8} {_format(settings[name]):<18} {last.epoch:>6} {last.train_loss:>9.4g} {last.test_loss:>9.4g} "
+            f"{last.test_accuracy:>8.2%} {last.seconds:>8.1f} {hits}"
+        )
+
+
+def sweep(args: argparse.Namespace, config: DemoConfig) -> dict[str, dict[str, float]]:
+    """Run every grid point for ``--sweep-seconds``; write sweep.csv; return the winners (lowest
+    final train MSE; highest final test accuracy for classification)."""
+    short = DemoConfig(
+        config.dataset,
+        config.model,
+        config.batch_size,
+        args.sweep_seconds,
+        config.max_epochs,
+        config.seed,
+        task=config.task,
+    )
+    classify = config.task == "classification"
     results = []
-    for name, hp in tqdm(sweep_points(), desc="sweep", unit="run"):
+    for name, hp in tqdm(sweep_points(TASKS[config.task].grid), desc="sweep", unit="run"):
         final = run_demo(short, {name: hp})[name][-1]
-        results.append((name, hp, final.train_loss))
+        results.append((name, hp, -final.test_accuracy if classify else final.train_loss))
+    score = "minus_test_accuracy" if classify else "train_loss"
     write_rows(
         args.out / "sweep.csv",
-        [{"optimizer": n, "hyper_parameters": _format(hp), "train_loss": loss} for n, hp, loss in results],
+        [{"optimizer": n, "hyper_parameters": _format(hp), score: value} for n, hp, value in results],
     )
     winners = best_settings(results)
     print("sweep winners:", winners)
     return winners
 
 
-def _format(hp: dict[str, float]) -> str:
-    return ",".join(f"{k}={v:g}" for k, v in hp.items())
+def _format(hp: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in hp.items())

@@ -30,11 +30,17 @@ FILES = (
 
 def image_file(root: str | Path | None, split: str) -> Path:
     """Path of the gzip IDX image file of ``split``, or a ``FileNotFoundError`` saying how to get it."""
+    return fashion_file(root, IMAGE_FILES[split], "rotated-fashion-mnist")
+
+
+def fashion_file(root: str | Path | None, filename: str, dataset: str) -> Path:
+    """Path of Fashion-MNIST's file ``filename`` (one of ``FILES``) under ``root`` (default
+    ``DEFAULT_ROOT``), or a ``FileNotFoundError`` naming ``dataset`` and saying how to get it."""
     folder = Path(root) if root is not None else DEFAULT_ROOT
-    path = folder / IMAGE_FILES[split]
+    path = folder / filename
     if not path.is_file():
         raise FileNotFoundError(
-            f"rotated-fashion-mnist: {path} not found. Install the Fashion-MNIST IDX files with "
+            f"{dataset}: {path} not found. Install the Fashion-MNIST IDX files with "
             f"`make data` (Debian package dataset-fashion-mnist, into {DEFAULT_ROOT}), or pass "
             f"root= a folder holding {', '.join(FILES)}."
         )

