@@ -22,7 +22,8 @@ Not a test. Per model and union batch ``B`` (``B/2`` samples per rank):
   parameter counts of the models above (assumptions in :data:`ASSUMPTIONS`).
 
 ``torch.set_num_threads`` is set explicitly (1 per rank, 2 single-process); the load average is
-recorded next to every measurement. JSON in ``benchmarks/results/distributed.json`` (merged).
+recorded next to every measurement; every measured process is spawned with ``OMP_WAIT_POLICY=PASSIVE``
+(idle OpenMP threads spinning on a shared 2-core machine distort 2-thread timings). JSON in ``benchmarks/results/distributed.json`` (merged).
 
 Usage::
 
@@ -150,7 +151,8 @@ def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out:
     dist.destroy_process_group()
 
 
-def _single_process(name: str, batch: int, rounds: int) -> dict[str, list[float]]:
+def _single_process(rank: int, name: str, batch: int, rounds: int, out: str) -> None:
+    """1 process x 2 threads, spawned like the ranks (so ``OMP_WAIT_POLICY`` applies to it too)."""
     torch.set_num_threads(2)
     model, x, y = setup(name, batch)
     steps = {"ggn_single": _ggn_step(GramGaussNewton(model, alpha=1.0, distributed=None), model, x, y)}
@@ -163,7 +165,7 @@ def _single_process(name: str, batch: int, rounds: int) -> dict[str, list[float]
             step()
             if rnd:
                 times[method].append(time.perf_counter() - start)
-    return times
+    Path(out).write_text(json.dumps(times))
 
 
 def bench_step(name: str, batch: int, rounds: int) -> dict:
@@ -171,8 +173,9 @@ def bench_step(name: str, batch: int, rounds: int) -> dict:
     model = MODELS[name][0]()
     m = sum(p.numel() for p in model.parameters() if p.requires_grad)
     load_before = os.getloadavg()
-    single = _single_process(name, batch, rounds)
     with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_single_process, args=(name, batch, rounds, os.path.join(tmp, "single.json")), nprocs=1)
+        single = json.loads(Path(tmp, "single.json").read_text())
         out = os.path.join(tmp, "rank0.json")
         mp.spawn(_rank_worker, args=(os.path.join(tmp, "store"), name, batch, rounds, out), nprocs=WORLD)
         ranks = json.loads(Path(out).read_text())

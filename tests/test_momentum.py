@@ -106,7 +106,7 @@ def _min_norm_steps(model: nn.Module, batches: list, lam: float) -> list[Tensor]
 
 
 @pytest.mark.parametrize("engine", ["reference", "auto"])
-@pytest.mark.parametrize("b", [30, 8], ids=["m_below_bk", "m_above_bk"])
+@pytest.mark.parametrize("b", [50, 30, 8], ids=["bk_above_2m", "bk_between_m_and_2m", "m_above_bk"])
 @pytest.mark.parametrize("mu,alpha", [(0.0, 0.05), (0.6, 0.05), (0.0, 0.0)])
 def test_parameter_space_equals_sample_space(engine, b, mu, alpha):
     torch.manual_seed(3)
@@ -125,7 +125,7 @@ def test_parameter_space_equals_sample_space(engine, b, mu, alpha):
             opt.step(lambda: trial(x) - y)
             assert_close(flat_params(trial), expected[t], 1e-9, f"{space} space, step {t + 1}")
         runs[space] = opt.last_diagnostics.solve_space
-    expected_spaces = {"sample": "sample", "parameter": "parameter", "auto": "parameter" if b == 30 else "sample"}
+    expected_spaces = {"sample": "sample", "parameter": "parameter", "auto": "parameter" if b == 50 else "sample"}
     assert runs == {space: expected_spaces[space] for space in spaces}
 
 

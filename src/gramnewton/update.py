@@ -62,14 +62,16 @@ class GramGaussNewtonStep:
 def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) -> str:
     """The space to solve in: ``solve_space`` unless it is ``"auto"``.
 
-    Rule of ``"auto"``: the parameter space when ``m < b*k`` (more residuals than parameters)
-    and the engine can give the dense ``J``. With ``n = b*k``: cost, the sample space's
-    ``(n, n)`` Cholesky is ``n^3/3``, the parameter space's QR of the stacked ``(n + m, m)``
-    matrix ``2 n m^2`` (fewer below ``m = 0.41 n``, at most 6x more just below ``m = n``, where
-    both are small next to the engine's ``n^2 m`` for ``G``); accuracy, ``G`` has rank at most
-    ``m < n``, so ``lam G + alpha I`` has ``n - m`` eigenvalues equal to ``alpha`` and its
-    Cholesky loses ``cond(lam G + alpha I)``-fold in precision, the QR its square root. Measured on the sinc network (``m = 61``, float32, ``alpha = 0.1``,
-    ``benchmarks/solve_space.py``): see ``docs/solve_space.md``.
+    Rule of ``"auto"``: the parameter space when ``b*k > 2 m`` (at least twice as many residuals
+    as parameters) and the engine can give the dense ``J``. With ``n = b*k``: cost, the sample
+    space's ``(n, n)`` Cholesky is ``n^3/3``, the parameter space's QR of the stacked
+    ``(n + m, m)`` matrix ``2 n m^2`` plus materialising ``J``: fewer flops below ``m = 0.41 n``;
+    measured on the sinc network (``m = 61``, float32; docs/design.md, "Solve spaces") a
+    parameter-space step took 1.9x the sample-space one at ``n = 100``, 0.63x at ``n = 1000``,
+    0.34x at ``n = 4000``. Accuracy: ``G`` has rank at most ``m < n``, so
+    ``lam G + alpha I`` has ``n - m`` eigenvalues equal to ``alpha`` and its Cholesky loses
+    ``cond(lam G + alpha I)``-fold in precision, the QR its square root (float32 step error
+    2e-5 to 9e-4 in sample space, 6e-6 to 1.4e-5 in parameter space, same measurement).
     """
     if solve_space not in SOLVE_SPACES:
         raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
@@ -78,7 +80,7 @@ def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) ->
     if solve_space != "auto":
         return solve_space
     rows = system.gram.shape[0]
-    return "parameter" if system.jacobian_columns is not None and num_params < rows else "sample"
+    return "parameter" if system.jacobian_columns is not None and rows > 2 * num_params else "sample"
 
 
 def gram_gauss_newton_direction(
