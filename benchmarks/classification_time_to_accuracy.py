@@ -138,7 +138,7 @@ def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
     for ax, x in zip(axes, ("training seconds", "epoch")):
         ax.set_xlabel(x)
         ax.set_ylabel("test accuracy")
-        ax.set_ylim(0.5, 1.0)
+        ax.set_ylim(0.0, 1.0)
         for t in TARGETS:
             ax.axhline(t, color="gray", lw=0.5, ls=":")
         ax.grid(alpha=0.3)

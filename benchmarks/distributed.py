@@ -54,7 +54,8 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gramnewton import GramGaussNewton
+from gramnewton.lab.experiments.optimizers import build_optimizer
+from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import TwoLayerNet, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,19 +88,14 @@ def setup(name: str, batch: int) -> tuple[nn.Module, Tensor, Tensor]:
     return model, torch.randn(batch, *shape), torch.randn(batch, 1)
 
 
-def _ggn_step(opt: GramGaussNewton, model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
-    return lambda: opt.step(lambda: model(x) - y)
+def _bound_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    """One training step on the fixed batch ``(x, y)``, as the lab's training loop takes it."""
+    step = make_train_step(model, optimizer)
+    return lambda: step(x, y)
 
 
-def _sgd_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        (model(x) - y).pow(2).mean().backward()
-        opt.step()
-
-    return step
+# plain SGD (no momentum) as the data-parallel first-order reference
+SGD = {"name": "sgd", "lr": 1e-3, "momentum": 0.0}
 
 
 def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out: str) -> None:
@@ -111,8 +107,8 @@ def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out:
     for mode in ("exact", "local"):
         model, x, y = setup(name, batch)
         shard = slice(rank * batch // WORLD, (rank + 1) * batch // WORLD)
-        opt = GramGaussNewton(model, alpha=1.0, distributed=mode)
-        steps[f"ggn_{mode}"] = _ggn_step(opt, model, x[shard], y[shard])
+        opt = build_optimizer({"name": "ggn", "alpha": 1.0, "distributed": mode}, model)
+        steps[f"ggn_{mode}"] = _bound_step(model, opt, x[shard], y[shard])
         counters[f"ggn_{mode}"] = opt.communicator.sent_bytes
     model, x, y = setup(name, batch)
     ddp = DistributedDataParallel(model)
@@ -124,8 +120,11 @@ def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out:
         return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0] / WORLD)
 
     ddp.register_comm_hook(None, counting_hook)
-    steps["ddp_sgd"] = _sgd_step(
-        ddp, x[rank * batch // WORLD : (rank + 1) * batch // WORLD], y[:1].expand(batch // WORLD, 1)
+    steps["ddp_sgd"] = _bound_step(
+        ddp,
+        build_optimizer(SGD, ddp),
+        x[rank * batch // WORLD : (rank + 1) * batch // WORLD],
+        y[:1].expand(batch // WORLD, 1),
     )
     counters["ddp_sgd"] = ddp_bytes
     times: dict[str, list[float]] = {m: [] for m in steps}
@@ -155,9 +154,10 @@ def _single_process(rank: int, name: str, batch: int, rounds: int, out: str) -> 
     """1 process x 2 threads, spawned like the ranks (so ``OMP_WAIT_POLICY`` applies to it too)."""
     torch.set_num_threads(2)
     model, x, y = setup(name, batch)
-    steps = {"ggn_single": _ggn_step(GramGaussNewton(model, alpha=1.0, distributed=None), model, x, y)}
+    ggn = build_optimizer({"name": "ggn", "alpha": 1.0, "distributed": None}, model)
+    steps = {"ggn_single": _bound_step(model, ggn, x, y)}
     model, x, y = setup(name, batch)
-    steps["sgd_single"] = _sgd_step(model, x, y)
+    steps["sgd_single"] = _bound_step(model, build_optimizer(SGD, model), x, y)
     times: dict[str, list[float]] = {m: [] for m in steps}
     for rnd in range(rounds + 1):
         for method, step in steps.items():
@@ -307,14 +307,15 @@ def reorder(task: str, steps: int) -> dict:
     ``[idx[0::2], idx[1::2]]``, same weights, one thread, float32."""
     from gramnewton.lab.experiments.config import resolve
     from gramnewton.lab.experiments.setup import build_model, load_data
-    from gramnewton.lab.experiments.training import batch_order, make_train_step
+    from gramnewton.lab.experiments.training import batch_order
 
     torch.set_num_threads(1)
     config = resolve(TASKS[task])
     data = load_data(config, "train")
     models = [build_model(config, data) for _ in range(2)]
     alpha = config["optimizer"]["alpha"]
-    train_steps = [make_train_step(m, GramGaussNewton(m, alpha=alpha, distributed=None)) for m in models]
+    ggn = {"name": "ggn", "alpha": alpha, "distributed": None}
+    train_steps = [make_train_step(m, build_optimizer(ggn, m)) for m in models]
     order = [idx for epoch in range(1, 100) for idx in batch_order(len(data), config["train"]["batch_size"], 0, epoch)]
     rows = []
     for idx in order[:steps]:

@@ -10,6 +10,7 @@ Cases with at least ``SYRK_MIN_ROWS`` Gram rows exercise the symmetric (lower-tr
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -620,3 +621,22 @@ def test_workspace_frees_kept_buffers_a_step_did_not_use() -> None:
     assert again.data_ptr() == first.data_ptr() and work.nbytes == 20 * 4
     grown = work.scratch("patches", (10,), like)
     assert work.scratch("patches", (2, 3), like).data_ptr() == grown.data_ptr()  # a smaller view, no new buffer
+
+
+def test_timing_trials_leave_no_workspace_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path that loses the first-step timing must not keep its buffers in the workspace."""
+    monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    slow_patches = handlers._conv2d_weight_per_sample_patches
+
+    def patches_that_lose(*args: object) -> handlers.PermutedDense:
+        time.sleep(0.05)
+        return slow_patches(*args)
+
+    monkeypatch.setattr(handlers, "_conv2d_weight_per_sample_patches", patches_that_lose)
+    model = seq(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 1)).double()
+    engine = HooksEngine(model)
+    engine.compute(lambda: model(torch.randn(4, 2, 4, 4, dtype=torch.float64)).squeeze(1))
+    assert set(handlers.CONV_WEIGHT_PATHS.choices.values()) == {"grouped"}
+    assert engine.workspace.nbytes == 0

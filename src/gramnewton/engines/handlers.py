@@ -260,8 +260,9 @@ class MeasuredChoice:
     """Chooses, per key (a layer's shapes), the fastest of several exact implementations.
 
     The first call with a new key times every candidate twice (best of two, so a one-time
-    start-up cost does not decide), dropping each result at once (one candidate's output alive at
-    a time, so the trial adds no memory), then runs the fastest; later calls run only that one.
+    start-up cost does not decide), outside any engine workspace and dropping each result at once
+    (one candidate's output alive at a time; a losing candidate leaves no buffer behind), then runs
+    the fastest; later calls run only that one.
     All candidates compute the same values, so the choice changes speed, never results.
 
     Attributes:
@@ -284,13 +285,14 @@ class MeasuredChoice:
             self.used[name] += 1
             return name, candidates[name]()
         seconds = {}
-        for name, run in candidates.items():
-            times = []
-            for _ in range(2):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            seconds[name] = min(times)
+        with ws.activated(None):  # trial buffers are freed at once, not kept in the engine's workspace
+            for name, run in candidates.items():
+                times = []
+                for _ in range(2):
+                    start = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - start)
+                seconds[name] = min(times)
         name = min(seconds, key=seconds.__getitem__)
         self.choices[key] = name
         self.used[name] += 1

@@ -112,8 +112,9 @@ def active() -> Workspace | None:
 
 
 @contextlib.contextmanager
-def activated(workspace: Workspace) -> Iterator[Workspace]:
-    """Make ``workspace`` the :func:`active` one for the duration of the block."""
+def activated(workspace: Workspace | None) -> Iterator[Workspace | None]:
+    """Make ``workspace`` the :func:`active` one for the duration of the block (``None``: none,
+    e.g. for one-off timing runs whose buffers should not stay)."""
     token = _ACTIVE.set(workspace)
     try:
         yield workspace
