@@ -317,7 +317,8 @@ class HooksEngine:
             dynamic.setdefault(
                 i,
                 "reached by a path that bypasses its module's output, e.g. an input derivative "
-                "(torch.autograd.grad with create_graph=True)",
+                "(torch.autograd.grad with create_graph=True); engine='functional' with a "
+                "gramnewton.pinn.residual / FunctionalResidual closure is exact and faster",
             )
         for call in calls:
             if call.rows != (b, b) or _unbatched(call):
