@@ -49,20 +49,37 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"name": "kfac", "lr": 1e-6, "loss": "cross_entropy", "factor_every": 1, "inverse_every": 1},
         "cross_entropy",
     ),
-    "ggn_exact": ({"name": "ggn", "alpha": 1e6, "loss": "cross_entropy", "curvature": "exact"}, "cross_entropy"),
+    "ggn_exact": (
+        {"name": "ggn", "alpha": 1e6, "adaptive_damping": False, "loss": "cross_entropy", "curvature": "exact"},
+        "cross_entropy",
+    ),
     "ggn_top_c1": (
-        {"name": "ggn", "alpha": 1e6, "loss": "cross_entropy", "curvature": "top_c", "top_c": 1},
+        {
+            "name": "ggn",
+            "alpha": 1e6,
+            "adaptive_damping": False,
+            "loss": "cross_entropy",
+            "curvature": "top_c",
+            "top_c": 1,
+        },
         "cross_entropy",
     ),
     "ggn_top_c2": (
-        {"name": "ggn", "alpha": 1e6, "loss": "cross_entropy", "curvature": "top_c", "top_c": 2},
+        {
+            "name": "ggn",
+            "alpha": 1e6,
+            "adaptive_damping": False,
+            "loss": "cross_entropy",
+            "curvature": "top_c",
+            "top_c": 2,
+        },
         "cross_entropy",
     ),
     "ggn_gradient": (
-        {"name": "ggn", "alpha": 1e6, "loss": "cross_entropy", "curvature": "gradient"},
+        {"name": "ggn", "alpha": 1e6, "adaptive_damping": False, "loss": "cross_entropy", "curvature": "gradient"},
         "cross_entropy",
     ),
-    "ggn_mse_k10": ({"name": "ggn", "alpha": 1e6}, "mse"),
+    "ggn_mse_k10": ({"name": "ggn", "alpha": 1e6, "adaptive_damping": False}, "mse"),
 }
 
 

@@ -107,7 +107,9 @@ def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out:
     for mode in ("exact", "local"):
         model, x, y = setup(name, batch)
         shard = slice(rank * batch // WORLD, (rank + 1) * batch // WORLD)
-        opt = build_optimizer({"name": "ggn", "alpha": 1.0, "distributed": mode}, model)
+        opt = build_optimizer(
+            {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False, "distributed": mode}, model
+        )
         steps[f"ggn_{mode}"] = _bound_step(model, opt, x[shard], y[shard])
         counters[f"ggn_{mode}"] = opt.communicator.sent_bytes
     model, x, y = setup(name, batch)
@@ -154,7 +156,9 @@ def _single_process(rank: int, name: str, batch: int, rounds: int, out: str) -> 
     """1 process x 2 threads, spawned like the ranks (so ``OMP_WAIT_POLICY`` applies to it too)."""
     torch.set_num_threads(2)
     model, x, y = setup(name, batch)
-    ggn = build_optimizer({"name": "ggn", "alpha": 1.0, "distributed": None}, model)
+    ggn = build_optimizer(
+        {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False, "distributed": None}, model
+    )
     steps = {"ggn_single": _bound_step(model, ggn, x, y)}
     model, x, y = setup(name, batch)
     steps["sgd_single"] = _bound_step(model, build_optimizer(SGD, model), x, y)
@@ -208,14 +212,14 @@ TASKS = {
         "name": "diabetes-two-layer",
         "model": {"name": "two_layer"},
         "data": {"name": "diabetes"},
-        "optimizer": {"name": "ggn", "alpha": 1.0},
+        "optimizer": {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False},
         "train": {"batch_size": 64, "weight_decay": 0.0},
     },
     "fixup8": {
         "name": "digits-resnet8-fixup",
         "model": {"name": "resnet8_fixup"},
         "data": {"name": "rotated-digits", "train_subset": 512, "test_subset": 256},
-        "optimizer": {"name": "ggn", "alpha": 1.0},
+        "optimizer": {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False},
         "train": {"batch_size": 64, "weight_decay": 0.0},
     },
 }
@@ -314,7 +318,7 @@ def reorder(task: str, steps: int) -> dict:
     data = load_data(config, "train")
     models = [build_model(config, data) for _ in range(2)]
     alpha = config["optimizer"]["alpha"]
-    ggn = {"name": "ggn", "alpha": alpha, "distributed": None}
+    ggn = {"name": "ggn", "lam": 1.0, "alpha": alpha, "adaptive_damping": False, "distributed": None}
     train_steps = [make_train_step(m, build_optimizer(ggn, m)) for m in models]
     order = [idx for epoch in range(1, 100) for idx in batch_order(len(data), config["train"]["batch_size"], 0, epoch)]
     rows = []

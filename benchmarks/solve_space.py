@@ -50,7 +50,9 @@ def first_step_error(model: torch.nn.Module, batch: int, alpha: float, gen: torc
         for dtype in (torch.float32, torch.float64):
             m = copy.deepcopy(model).to(dtype)
             before = torch.cat([p.detach().reshape(-1) for p in m.parameters()]).double()
-            GramGaussNewton(m, lam=1.0, alpha=alpha, solve_space=space).step(lambda m=m, d=dtype: m(x.to(d)) - y.to(d))
+            GramGaussNewton(m, lam=1.0, alpha=alpha, adaptive_damping=False, solve_space=space).step(
+                lambda m=m, d=dtype: m(x.to(d)) - y.to(d)
+            )
             steps[space, dtype] = torch.cat([p.detach().reshape(-1) for p in m.parameters()]).double() - before
     exact = steps["parameter", torch.float64]
     error = {s: float((steps[s, torch.float32] - exact).norm() / exact.norm()) for s in ("sample", "parameter")}
@@ -63,7 +65,10 @@ def run(batch: int, rounds: int, alpha: float, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = get_model("mlp", in_channels=1, hidden=(20,), act="tanh")
     models = {space: copy.deepcopy(model) for space in ("sample", "parameter")}
-    opts = {space: GramGaussNewton(m, lam=1.0, alpha=alpha, solve_space=space) for space, m in models.items()}
+    opts = {
+        space: GramGaussNewton(m, lam=1.0, alpha=alpha, adaptive_damping=False, solve_space=space)
+        for space, m in models.items()
+    }
     times: dict[str, list[float]] = {space: [] for space in models}
     losses: dict[str, list[float]] = {space: [] for space in models}
     methods: dict[str, set[str]] = {space: set() for space in models}

@@ -220,8 +220,7 @@ def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
     full = lambda b: b if b else "full"  # noqa: E731
     if optimizer == "ggn":
         return [
-            {"batch": full(b), "alpha": a, **({"adaptive_damping": True} if adaptive else {})}
-            for b, a, adaptive in task.ggn_grid
+            {"batch": full(b), "lam": 1.0, "alpha": a, "adaptive_damping": adaptive} for b, a, adaptive in task.ggn_grid
         ]
     if optimizer == "tlm":
         return [{"batch": full(b)} for b in task.tlm_batches]

@@ -107,8 +107,12 @@ def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: boo
     counted = []
     if ddp:  # any gradient all-reduce DDP starts goes through this hook
         trained.register_comm_hook(None, lambda state, bucket: counted.append(1) or _allreduce(bucket))
-    opt = GramGaussNewton(trained, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed="exact")
-    reference = GramGaussNewton(single, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed=None)
+    opt = GramGaussNewton(
+        trained, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed="exact", adaptive_damping=False
+    )
+    reference = GramGaussNewton(
+        single, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed=None, adaptive_damping=False
+    )
     assert opt.distributed == "exact" and reference.distributed is None
     for i, (x, y) in enumerate(data):
         expected = (1 - wd) * flat_params(single) + dense_step(single, x, y, lam, alpha)
@@ -160,7 +164,7 @@ def _allreduce(bucket: dist.GradBucket) -> torch.futures.Future:
 def _local(name: str, engine: str, alpha: float) -> None:
     model, data = _setup(name, seed=7)
     single = _rank0_copy(model)
-    opt = GramGaussNewton(model, alpha=alpha, engine=engine, distributed="local")
+    opt = GramGaussNewton(model, alpha=alpha, engine=engine, distributed="local", lam=1.0, adaptive_damping=False)
     for i, (x, y) in enumerate(data):
         # the documented formula: d = sum_p (b_p / B) d_p, d_p the dense step of shard p alone
         d, start = 0, 0
@@ -183,8 +187,12 @@ def _momentum(mode: str, engine: str) -> None:
     model, data = _setup("groupnorm_cnn", seed=13)
     single = _rank0_copy(model)
     lam, alpha, mu = 0.8, 0.3, 0.6
-    opt = GramGaussNewton(model, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=mode)
-    reference = GramGaussNewton(single, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=None)
+    opt = GramGaussNewton(
+        model, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=mode, adaptive_damping=False
+    )
+    reference = GramGaussNewton(
+        single, lam=lam, alpha=alpha, momentum=mu, engine=engine, distributed=None, adaptive_damping=False
+    )
     phi = torch.zeros_like(flat_params(single))
     for i, (x, y) in enumerate(data):
         opt.step(lambda: model(_shard(x)) - _shard(y))
@@ -208,8 +216,8 @@ def _momentum(mode: str, engine: str) -> None:
 def _adaptive() -> None:
     model, data = _setup("mlp", seed=3)
     single = _rank0_copy(model)
-    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, distributed="exact")
-    reference = GramGaussNewton(single, alpha=1e-3, adaptive_damping=True, distributed=None)
+    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, distributed="exact", lam=1.0)
+    reference = GramGaussNewton(single, alpha=1e-3, adaptive_damping=True, distributed=None, lam=1.0)
     for x, y in data:
         opt.step(lambda: model(_shard(x)) - _shard(y))
         reference.step(lambda: single(x) - y)
@@ -221,7 +229,7 @@ def _adaptive() -> None:
 def _error(mode: str, failing: int, kind: str) -> None:
     """Bad residuals on one rank: every rank raises, nothing changes, the next step still works."""
     model, data = _setup("mlp", seed=5)
-    opt = GramGaussNewton(model, alpha=0.1, distributed=mode)
+    opt = GramGaussNewton(model, alpha=0.1, distributed=mode, lam=1.0, adaptive_damping=False)
     x, y = data[0]
     before, state = flat_params(model).clone(), copy.deepcopy(opt.state_dict())
 
@@ -252,7 +260,7 @@ def _error(mode: str, failing: int, kind: str) -> None:
 def _bytes() -> None:
     """The counted traffic of an exact step equals the volume stated in gramnewton.distributed."""
     model, data = _setup("mlp", seed=1)
-    opt = GramGaussNewton(model, distributed="exact", engine="reference")
+    opt = GramGaussNewton(model, distributed="exact", engine="reference", lam=1.0, adaptive_damping=False)
     comm = opt.communicator
     comm.sent_bytes.clear()
     x, y = data[0]
@@ -368,6 +376,6 @@ def test_modes_without_torch_distributed() -> None:
     assert resolve_mode("auto") is None and resolve_mode(None) is None
     for mode in ("exact", "local"):
         with pytest.raises(ValueError, match="init_process_group"):
-            GramGaussNewton(_mlp(), distributed=mode)
+            GramGaussNewton(_mlp(), distributed=mode, lam=1.0, adaptive_damping=False)
     with pytest.raises(ValueError, match="Invalid distributed mode"):
-        GramGaussNewton(_mlp(), distributed="sharded")
+        GramGaussNewton(_mlp(), distributed="sharded", lam=1.0, adaptive_damping=False)

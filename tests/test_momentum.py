@@ -63,7 +63,14 @@ def test_momentum_steps_match_dense_formula(name, build, shape, k, b, engine):
     lam, alpha, mu, wd = 0.7, 0.3, 0.8, 1e-3
     expected, phi = dense_spring(model, batches, lam, alpha, mu, wd)
     opt = GramGaussNewton(
-        model, lam=lam, alpha=alpha, momentum=mu, weight_decay=wd, engine=engine, solve_space="sample"
+        model,
+        lam=lam,
+        alpha=alpha,
+        momentum=mu,
+        weight_decay=wd,
+        engine=engine,
+        solve_space="sample",
+        adaptive_damping=False,
     )
     for t, (x, y) in enumerate(batches):
         opt.step(lambda: model(x) - y)
@@ -78,8 +85,10 @@ def test_zero_momentum_is_todays_step_bit_for_bit(engine):
     name, build, shape, k, b = CASES[1]
     model = build().double()
     twin = copy.deepcopy(model)
-    opt = GramGaussNewton(model, lam=0.5, alpha=0.2, momentum=0.0, weight_decay=1e-3, engine=engine)
-    twin_engine = GramGaussNewton(twin, engine=engine).engine
+    opt = GramGaussNewton(
+        model, lam=0.5, alpha=0.2, momentum=0.0, weight_decay=1e-3, engine=engine, adaptive_damping=False
+    )
+    twin_engine = GramGaussNewton(twin, engine=engine, lam=1.0, adaptive_damping=False).engine
     for x, y in _batches(shape, k, b):
         opt.step(lambda: model(x) - y)
         system = twin_engine.compute(lambda: twin(x) - y)
@@ -120,7 +129,9 @@ def test_parameter_space_equals_sample_space(engine, b, mu, alpha):
     runs = {}
     for space in spaces:
         trial = copy.deepcopy(model)
-        opt = GramGaussNewton(trial, lam=1.3, alpha=alpha, momentum=mu, engine=engine, solve_space=space)
+        opt = GramGaussNewton(
+            trial, lam=1.3, alpha=alpha, momentum=mu, engine=engine, solve_space=space, adaptive_damping=False
+        )
         for t, (x, y) in enumerate(batches):
             opt.step(lambda: trial(x) - y)
             assert_close(flat_params(trial), expected[t], 1e-9, f"{space} space, step {t + 1}")
@@ -140,7 +151,9 @@ def test_parameter_space_solve_is_accurate_in_float32():
     for dtype in (torch.float32, torch.float64):
         trial = copy.deepcopy(model).to(dtype)
         before = flat_params(trial).double()
-        GramGaussNewton(trial, alpha=1e-3, solve_space="parameter").step(lambda: trial(x.to(dtype)) - y.to(dtype))
+        GramGaussNewton(trial, alpha=1e-3, solve_space="parameter", lam=1.0, adaptive_damping=False).step(
+            lambda: trial(x.to(dtype)) - y.to(dtype)
+        )
         steps[dtype] = flat_params(trial).double() - before
     assert_close(steps[torch.float32], steps[torch.float64], 1e-3, "float32 parameter-space step")
 
@@ -162,7 +175,7 @@ def test_rejected_step_leaves_parameters_and_momentum_unchanged(engine):
     model = build().double()
     x1, y1, x2, y2, x3, y3 = (t for batch in _batches(shape, k, b) for t in batch)
     opt = GramGaussNewton(
-        model, alpha=0.2, momentum=0.7, engine=engine, adaptive_damping=_Scripted([True, False, True])
+        model, alpha=0.2, momentum=0.7, engine=engine, adaptive_damping=_Scripted([True, False, True]), lam=1.0
     )
     opt.step(lambda: model(x1) - y1)
     params, state = flat_params(model), copy.deepcopy(opt.state_dict()["state"])
@@ -198,7 +211,7 @@ def test_rule_errors_restore_parameters():
 
     model = _small_mlp().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, momentum=0.5, adaptive_damping=Broken())
+    opt = GramGaussNewton(model, momentum=0.5, adaptive_damping=Broken(), lam=1.0)
     before = flat_params(model)
     with pytest.raises(RuntimeError, match="rule failed"):
         opt.step(lambda: model(x) - y)
@@ -214,7 +227,7 @@ def test_state_dict_round_trip_with_momentum_gives_identical_steps():
     for x, y in batches[:2]:
         opt.step(lambda: model(x) - y)
     twin = copy.deepcopy(model)
-    twin_opt = GramGaussNewton(twin, adaptive_damping=True)
+    twin_opt = GramGaussNewton(twin, adaptive_damping=True, lam=1.0)
     twin_opt.load_state_dict(opt.state_dict())
     assert twin_opt.param_groups[0]["momentum"] == 0.6
     for x, y in batches[2:]:
@@ -242,7 +255,7 @@ def test_diagnostics_are_consistent():
     eig = torch.linalg.eigvalsh(2.0 * jac @ jac.T + 0.5 * torch.eye(4, dtype=torch.float64))
     true_condition = float(eig.max() / eig.min())
     assert 1.0 <= d.condition <= true_condition * (1 + 1e-9) and d.solve_method == "cholesky"
-    plain = GramGaussNewton(_small_mlp().double())
+    plain = GramGaussNewton(_small_mlp().double(), lam=1.0, adaptive_damping=False)
     plain.step(lambda: plain.model(x[:, :3]) - y)
     assert plain.last_diagnostics.loss_after is None and plain.last_diagnostics.gain_ratio is None
 
@@ -258,7 +271,7 @@ def test_gain_ratio_rule_rejects_with_momentum():
 
     model = Sine()
     x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, alpha=1e-3, momentum=0.5, adaptive_damping=GainRatioDamping())
+    opt = GramGaussNewton(model, alpha=1e-3, momentum=0.5, adaptive_damping=GainRatioDamping(), lam=1.0)
     opt.step(lambda: model(x) - y)
     assert opt.last_diagnostics.rejected and float(model.w.detach()) == 0.4
     assert "momentum_buffer" not in opt.state[model.w] and "step" not in opt.state[model.w]
@@ -271,16 +284,16 @@ def test_engine_without_j_times_refuses_momentum_and_changes_nothing():
 
     model = _small_mlp().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, momentum=0.5, engine=NoJv(list(model.parameters())))
+    opt = GramGaussNewton(model, momentum=0.5, engine=NoJv(list(model.parameters())), lam=1.0, adaptive_damping=False)
     opt.step(lambda: model(x) - y)  # the first step has no phi_{t-1}: no J v needed
     before = flat_params(model)
     with pytest.raises(ValueError, match="j_times"):
         opt.step(lambda: model(x) - y)
     assert torch.equal(flat_params(model), before)
     with pytest.raises(ValueError, match="dense Jacobian"):
-        GramGaussNewton(model, engine=NoJv(list(model.parameters())), solve_space="parameter").step(
-            lambda: model(x) - y
-        )
+        GramGaussNewton(
+            model, engine=NoJv(list(model.parameters())), solve_space="parameter", lam=1.0, adaptive_damping=False
+        ).step(lambda: model(x) - y)
 
 
 @pytest.mark.parametrize(
@@ -301,7 +314,14 @@ def test_momentum_with_cross_entropy_matches_dense_formula(space):
     twin = copy.deepcopy(model)
     lam, alpha, mu = 0.8, 0.4, 0.7
     opt = GramGaussNewton(
-        model, lam=lam, alpha=alpha, momentum=mu, loss="cross_entropy", curvature="exact", solve_space=space
+        model,
+        lam=lam,
+        alpha=alpha,
+        momentum=mu,
+        loss="cross_entropy",
+        curvature="exact",
+        solve_space=space,
+        adaptive_damping=False,
     )
     phi = torch.zeros_like(flat_params(model))
     for _ in range(3):
@@ -323,7 +343,7 @@ class _BatchChosen:
     def __init__(self, alpha: float):
         self.alpha, self.systems, self.seen = alpha, [], []
 
-    def choose_alpha(self, alpha, system):
+    def choose_alpha(self, alpha, system, lam):
         self.systems.append((alpha, system))
         return self.alpha
 
@@ -354,7 +374,7 @@ def test_rule_chooses_alpha_before_the_solve_without_reevaluation(engine):
 def test_rule_choosing_an_invalid_alpha_changes_nothing():
     model = _small_mlp().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, adaptive_damping=_BatchChosen(-1.0))
+    opt = GramGaussNewton(model, adaptive_damping=_BatchChosen(-1.0), lam=1.0)
     before = flat_params(model)
     with pytest.raises(ValueError, match="alpha"):
         opt.step(lambda: model(x) - y)

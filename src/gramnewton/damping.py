@@ -2,7 +2,7 @@
 
 Interface (what :class:`~gramnewton.GramGaussNewton` calls; see :class:`DampingRule`):
 
-1. ``choose_alpha(alpha, system)``, optional: after the engine computed the batch's
+1. ``choose_alpha(alpha, system, lam)``, optional: after the engine computed the batch's
    :class:`~gramnewton.engines.GramSystem` (Gram ``G``, residuals ``r``), before the solve: the
    damping of this step (e.g. chosen by cross-validation on the batch). Default: ``alpha``.
 2. ``update(alpha, gain_ratio, diagnostics)``, once per step, after re-evaluating the batch's
@@ -32,8 +32,9 @@ extra forward pass without gradients per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .diagnostics import StepDiagnostics
@@ -59,9 +60,9 @@ class DampingRule:
 
     measures_gain_ratio: bool = True
 
-    def choose_alpha(self, alpha: float, system: GramSystem) -> float:
+    def choose_alpha(self, alpha: float, system: GramSystem, lam: float) -> float:
         """The damping of this step from its Gram system (``G`` ``(b*k, b*k)``, residuals
-        ``(b, k)``), before the solve; ``alpha`` is the current one. Default: unchanged."""
+        ``(b, k)``) and ``lam``, before the solve; ``alpha`` is the current one. Default: unchanged."""
         return alpha
 
     def update(self, alpha: float, gain_ratio: float | None, diagnostics: StepDiagnostics) -> DampingDecision:
@@ -133,3 +134,131 @@ def loss_gain_ratio(before: float, after: float, predicted_decrease: float) -> f
     if predicted_decrease <= 0:  # the model predicts no progress: judge by the sign alone
         return 1.0 if after < before else -math.inf
     return (before - after) / predicted_decrease
+
+
+def leave_one_out_ridge(gram: Tensor, residuals: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+    """Leave-one-out error of the step's kernel fit on its own batch, for every ridge in ``grid``.
+
+    The step of Eq. 11 changes the batch's outputs by ``-G c = -(1/lam) H_s r`` with the hat
+    matrix ``H_s = G (G + s I)^{-1}`` and the ridge ``s = alpha / lam``: kernel ridge regression
+    of the residuals ``r`` on the Gram ``G``. Its leave-one-out residuals have the closed form
+    ``e_i(s) = [(I - H_s) r]_i / (1 - [H_s]_ii)`` (exact for kernel ridge regression), so one
+    eigendecomposition ``G = U diag(g) U^T`` prices every ``s``: ``I - H_s = U diag(s / (g + s)) U^T``.
+
+    Args:
+        gram: ``(n, n)`` Gram matrix ``J J^T`` (``n = b*k``), symmetric positive semi-definite.
+        residuals: ``n`` residuals (any shape with ``n`` entries).
+        grid: ``(S,)`` positive ridges ``s``.
+
+    Returns:
+        ``(loo, ridges)``: ``(S,)`` mean squared leave-one-out residual per ridge, and ``grid`` in
+        float64.
+    """
+    g, u = torch.linalg.eigh(gram.double())
+    g = g.clamp_min(0.0)
+    s = grid.double()
+    keep = s[None, :] / (g[:, None] + s[None, :])  # (n, S): eigenvalues of I - H_s
+    fit_residual = u @ (keep * (u.T @ residuals.reshape(-1).double())[:, None])  # (n, S): (I - H_s) r
+    leverage_complement = (u * u) @ keep  # (n, S): diag(I - H_s)
+    return (fit_residual / leverage_complement).pow(2).mean(0), s
+
+
+@dataclass
+class CrossValidatedDamping(DampingRule):
+    """``alpha`` chosen on every batch by leave-one-out cross-validation, floored by the gain ratio.
+
+    Why: on a mini-batch the step of Eq. 11 is kernel ridge regression of the residuals ``r`` on
+    the Gram ``G`` with ridge ``s = alpha / lam`` (:func:`leave_one_out_ridge`). A small ridge
+    fits the batch's own, sample-specific residual (noise for every other sample: the step then
+    lowers its batch's loss and barely the training set's); a large one keeps only what the
+    batch's samples share. The leave-one-out error measures exactly that transfer, on the batch,
+    from the ``G`` and ``r`` the step computes anyway (one ``(n, n)`` eigendecomposition, no
+    extra pass). Per batch the rule takes the ridge ``s_t`` minimising it over ``points``
+    log-spaced values in ``span`` times the mean eigenvalue of ``G`` (scale-free), averages
+    ``log s_t`` over batches (weight ``smoothing`` of the newest: one batch's choice is noisy) and
+    solves with
+
+        alpha_t = max(lam * exp(mean log s), floor_t).
+
+    ``floor_t`` is the gain-ratio rule's (``curvature``, Levenberg-Marquardt): after a step whose
+    linearisation failed (``rho < low``) it is ``factor`` times the ``alpha`` used, and it decays
+    by ``factor`` after each good step; a step with ``rho < reject_below`` is undone. With
+    ``curvature=None`` there is no floor, no rejection and no extra forward pass.
+
+    Attributes:
+        smoothing: weight of the newest batch in the running mean of ``log s`` (in ``(0, 1]``).
+        span: smallest and largest ridge tried, relative to the mean eigenvalue of ``G``.
+        points: number of ridges tried.
+        max_samples: cross-validate on at most this many rows of ``G`` (the first ones; the
+            eigendecomposition costs ``O(n^3)``).
+        curvature: the gain-ratio rule giving the floor and the rejection, or ``None``.
+
+    The running mean and the floor are the rule's own state (not in the optimizer's
+    ``state_dict``; a fresh rule restarts them from the saved ``alpha``).
+    """
+
+    smoothing: float = 0.1
+    span: tuple[float, float] = (1e-5, 1e2)
+    points: int = 36
+    max_samples: int = 512
+    curvature: GainRatioDamping | None = field(default_factory=GainRatioDamping)
+    log_ridge: float | None = field(default=None, init=False)
+    floor: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"Invalid smoothing: {self.smoothing} (must be in (0, 1])")
+        if not 0 < self.span[0] < self.span[1] or self.points < 2:
+            raise ValueError(f"need 0 < span[0] < span[1] and points >= 2, got {self.span}, {self.points}")
+        if self.max_samples < 2:
+            raise ValueError(f"Invalid max_samples: {self.max_samples} (must be >= 2)")
+
+    @property
+    def measures_gain_ratio(self) -> bool:  # type: ignore[override]
+        return self.curvature is not None
+
+    def choose_alpha(self, alpha: float, system: GramSystem, lam: float) -> float:
+        """``max(lam * exp(mean log s), floor)``; the first call takes ``alpha`` as the floor."""
+        n = min(system.gram.shape[0], self.max_samples)
+        gram, r = system.gram[:n, :n].double(), system.residuals.reshape(-1)[:n]
+        scale = float(torch.diagonal(gram).mean())
+        if math.isfinite(scale) and scale > 0 and bool(r.pow(2).sum() > 0):
+            grid = scale * torch.logspace(
+                math.log10(self.span[0]), math.log10(self.span[1]), self.points, dtype=torch.float64
+            )
+            loo, ridges = leave_one_out_ridge(gram, r, grid)
+            if bool(torch.isfinite(loo).all()):
+                newest = math.log(float(ridges[loo.argmin()]))
+                old = self.log_ridge
+                self.log_ridge = newest if old is None else (1 - self.smoothing) * old + self.smoothing * newest
+        if self.floor is None:
+            self.floor = alpha
+        chosen = self.floor if self.log_ridge is None else max(lam * math.exp(self.log_ridge), self.floor)
+        return chosen
+
+    def update(self, alpha: float, gain_ratio: float | None, diagnostics: StepDiagnostics) -> DampingDecision:
+        """New floor from the gain ratio (``alpha`` is the one the step used); reject below
+        ``curvature.reject_below``. Without ``curvature``: keep every step, floor 0."""
+        if self.curvature is None or gain_ratio is None:
+            self.floor = 0.0
+            return DampingDecision(alpha, True)
+        self.floor = self.curvature.next_alpha(alpha, gain_ratio)
+        return DampingDecision(alpha, gain_ratio >= self.curvature.reject_below)
+
+
+DAMPING_RULES = {"gain_ratio": GainRatioDamping, "cross_validated": CrossValidatedDamping}
+
+
+def damping_rule(spec: bool | str | DampingRule | None) -> DampingRule | None:
+    """The rule an optimizer's ``adaptive_damping`` names: ``False``/``None`` none (fixed
+    ``alpha``), ``True`` or ``"gain_ratio"`` a :class:`GainRatioDamping`, ``"cross_validated"`` a
+    :class:`CrossValidatedDamping` (a fresh one: rules keep state), or the rule itself."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return GainRatioDamping()
+    if isinstance(spec, str):
+        if spec not in DAMPING_RULES:
+            raise ValueError(f"unknown damping rule {spec!r}; expected one of {', '.join(DAMPING_RULES)}")
+        return DAMPING_RULES[spec]()
+    return spec

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..experiments.demo import TASKS, DemoConfig, best_settings, run_demo, sweep_points
+from ..experiments.demo import TASKS, DemoConfig, at_mark, best_settings, run_demo, sweep_points
 from ..experiments.figures import plot_curves
 from ..experiments.metrics import as_rows, write_rows
 from ..experiments.training import EpochRecord, ProgressBar, seconds_to_accuracy, seconds_to_target
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
     p.add_argument("--target", type=float, default=0.1, help="train MSE whose time to reach is reported")
+    p.add_argument("--mark", type=float, default=DemoConfig.mark, help="also evaluate every MARK training seconds")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument(
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
     dataset = args.dataset or task.dataset
-    config = DemoConfig(dataset, args.model, args.batch_size, args.seconds, args.max_epochs, args.seed, task=args.task)
+    config = DemoConfig(
+        dataset, args.model, args.batch_size, args.seconds, args.max_epochs, args.seed, task=args.task, mark=args.mark
+    )
     settings = sweep(args, config) if args.sweep else task.settings
     logs = run_demo(config, settings, progress=lambda name: ProgressBar(f"demo {name}"))
     rows = [row for name, records in logs.items() for row in as_rows(records, optimizer=name)]
@@ -79,13 +82,29 @@ def run(args: argparse.Namespace) -> int:
     )
     for name, records in logs.items():
         last, hit = records[-1], seconds_to_target(records, args.target)
-        hp = _format(settings[name])
+        hp = _format(settings[name]) or "defaults"
         print(
             f"{name:<8} {hp:<18} {last.epoch:>6} {last.train_loss:>10.4g} {last.test_loss:>10.4g} "
             f"{last.seconds:>8.1f} {'-' if hit is None else format(hit, '.1f'):>9}"
         )
+    print_marks(logs, config)
     print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'curves.png'}")
     return 0
+
+
+def print_marks(logs: dict[str, list[EpochRecord]], config: DemoConfig) -> None:
+    """Train MSE (test MSE) at every ``config.mark`` seconds: the first evaluation past it."""
+    marks = [config.mark * i for i in range(1, int(config.seconds / config.mark + 1e-9) + 1)]
+    if not marks:
+        return
+    print(f"\ntrain MSE (test MSE) at each {config.mark:g} s of training")
+    print(f"{'optimizer':<8} " + " ".join(f"{m:>15g}" for m in marks))
+    for name, records in logs.items():
+        cells = []
+        for m in marks:
+            r = at_mark(records, m)
+            cells.append("-" if r is None else f"{r.train_loss:.4f} ({r.test_loss:.4f})")
+        print(f"{name:<8} " + " ".join(f"{c:>15}" for c in cells))
 
 
 def _accuracy_table(logs: dict[str, list[EpochRecord]], settings: dict[str, dict[str, float]]) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import tomli_w
 
+from ...damping import DAMPING_RULES
 from .optimizers import OPTIMIZERS, hyper_parameters
 
 DEFAULTS: dict[str, Any] = {
@@ -147,14 +148,25 @@ def _check_optimizer(section: Mapping[str, Any]) -> None:
             raise ValueError(f"unknown config key optimizer.{key} for {name}{hint}")
         default = parameters[key].default
         kind = bool if isinstance(default, bool) else NUMBERS if isinstance(default, NUMBERS) else type(default)
+        kind = BOOL_OR_STRING if key in BOOL_OR_STRING_KEYS else kind
         if default not in (inspect.Parameter.empty, None) and (
-            not isinstance(value, kind) or (kind is NUMBERS and isinstance(value, bool))
+            not isinstance(value, kind)
+            or (kind is NUMBERS and isinstance(value, bool))
+            or (kind == BOOL_OR_STRING and isinstance(value, str) and value not in DAMPING_NAMES)
         ):
             raise ValueError(f"optimizer.{key} must be {_describe(kind)} (default {default!r}), got {value!r}")
 
 
+# GramGaussNewton's adaptive_damping: true/false or a rule's name
+BOOL_OR_STRING: tuple[type, ...] = (bool, str)
+BOOL_OR_STRING_KEYS = frozenset({"adaptive_damping"})
+DAMPING_NAMES = ("auto", *DAMPING_RULES)
+
+
 def _describe(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", dict: "a table", bool: "true or false"}
+    if kind == BOOL_OR_STRING:
+        return f"true or false or one of {', '.join(DAMPING_NAMES)}"
     return "a number" if kind == NUMBERS else names.get(kind, kind.__name__)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,167 @@
+"""Optimizer variants raced step by step on one task, timed by CPU seconds: the defaults sweep.
+
+Not a test. Every variant starts from the same initialisation and sees the same batches
+(:func:`gramnewton.lab.experiments.training.batch_order`); the variants take their steps in
+turn (round robin), each clocked by the process CPU time of its own steps
+(``time.process_time``, ``torch.set_num_threads(2)``; run with ``OMP_WAIT_POLICY=PASSIVE``).
+Interleaving and CPU time make the comparison fair on a machine shared with other jobs, where
+wall-clock runs taken one after another are not (the load changes between them). The full
+train and test MSE are evaluated (not timed) at every ``--mark`` CPU seconds of each variant.
+
+A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9) or
+``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
+``weight_decay``) plus ``damping=fixed|gain_ratio|cross_validated`` and, for the
+cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
+``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults.
+
+Usage::
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/convergence_race.py adam:lr=3e-3 ggn \\
+        ggn:lam=8,alpha=0.3,damping=gain_ratio --task rotated-mnist --seconds 45 --mark 15
+
+Results are appended to ``benchmarks/results/convergence_race.json`` (a list of races, each with
+its command line and the load average before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from gramnewton import GramGaussNewton
+from gramnewton.damping import CrossValidatedDamping, GainRatioDamping
+from gramnewton.lab.data import get_dataset
+from gramnewton.lab.experiments.training import batch_order, make_train_step, mean_squared_error
+from gramnewton.lab.models import get_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "convergence_race.json"
+THREADS = 2
+# task -> (data set, model builder)
+TASKS = {
+    "rotated-mnist": ("rotated-mnist", lambda c: get_model("resnet8_fixup", in_channels=c)),
+    "rotated-digits": ("rotated-digits", lambda c: get_model("resnet8_fixup", in_channels=c)),
+    "diabetes": ("diabetes", lambda c: get_model("mlp", in_channels=c, hidden=(256, 256), act="tanh")),
+    "concrete": ("concrete", lambda c: get_model("mlp", in_channels=c, hidden=(256, 256), act="tanh")),
+}
+
+
+def build(spec: str, model: nn.Module) -> Optimizer:
+    """The optimizer of one variant spec (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    hp: dict[str, Any] = dict(kv.split("=") for kv in rest.split(",") if kv)
+    if kind in ("adam", "sgd"):
+        lr = float(hp["lr"])
+        if kind == "adam":
+            return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if kind != "ggn":
+        raise ValueError(f"unknown variant kind {kind!r}")
+    damping = hp.pop("damping", None)
+    cv_max = float(hp.pop("cv_max", 1.0))
+    kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()}
+    if damping == "fixed":
+        kwargs["adaptive_damping"] = False
+    elif damping == "gain_ratio":
+        kwargs["adaptive_damping"] = GainRatioDamping()
+    elif damping == "cross_validated":
+        kwargs["adaptive_damping"] = CrossValidatedDamping(span=(1e-5, cv_max))
+    return GramGaussNewton(model, **kwargs)
+
+
+def race(specs: list[str], task: str, seconds: float, mark: float, batch: int, seed: int) -> dict[str, Any]:
+    name, make_model = TASKS[task]
+    train, test = get_dataset(name, split="train", seed=seed), get_dataset(name, split="test", seed=seed)
+    torch.manual_seed(seed)
+    init = make_model(train.input_shape[0])
+    runs = []
+    for spec in specs:
+        model = copy.deepcopy(init)
+        opt = build(spec, model)
+        model.train()
+        runs.append(dict(spec=spec, model=model, opt=opt, step=make_train_step(model, opt), cpu=0.0, epoch=0, queue=[]))
+        runs[-1].update(steps=0, marks=[], alphas=[])
+    n_marks = int(seconds / mark + 1e-9)
+    load = [os.getloadavg()]
+    active = list(runs)
+    while active:
+        for run in list(active):
+            if not run["queue"]:
+                run["epoch"] += 1
+                run["queue"] = batch_order(len(train), batch, seed, run["epoch"])
+            x, y = train[run["queue"].pop(0)]
+            start = time.process_time()
+            loss = float(run["step"](x, y))
+            run["cpu"] += time.process_time() - start
+            run["steps"] += 1
+            if isinstance(run["opt"], GramGaussNewton):
+                run["alphas"].append(run["opt"].last_diagnostics.alpha)
+            while len(run["marks"]) < n_marks and run["cpu"] >= mark * (len(run["marks"]) + 1):
+                run["marks"].append(
+                    dict(
+                        cpu_seconds=mark * (len(run["marks"]) + 1),
+                        steps=run["steps"],
+                        train=mean_squared_error(run["model"], train),
+                        test=mean_squared_error(run["model"], test),
+                    )
+                )
+            if len(run["marks"]) >= n_marks or not math.isfinite(loss):
+                active.remove(run)
+    load.append(os.getloadavg())
+    return dict(
+        command=" ".join(sys.argv),
+        task=task,
+        batch=batch,
+        seed=seed,
+        threads=THREADS,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        load_before=load[0],
+        load_after=load[1],
+        runs=[
+            dict(
+                spec=r["spec"], steps=r["steps"], marks=r["marks"], alpha_median_last_quarter=_tail_median(r["alphas"])
+            )
+            for r in runs
+        ],
+    )
+
+
+def _tail_median(values: list[float]) -> float | None:
+    tail = sorted(values[len(values) * 3 // 4 :])
+    return tail[len(tail) // 2] if tail else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("specs", nargs="+")
+    parser.add_argument("--task", default="rotated-mnist", choices=sorted(TASKS))
+    parser.add_argument("--seconds", type=float, default=45.0, help="CPU seconds of steps per variant")
+    parser.add_argument("--mark", type=float, default=15.0)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    result = race(args.specs, args.task, args.seconds, args.mark, args.batch, args.seed)
+    history = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps([*history, result], indent=1))
+    print(f"{args.task}, batch {args.batch}, seed {args.seed}, load {result['load_before']} -> {result['load_after']}")
+    print(f"{'variant':<48}" + "".join(f"{m['cpu_seconds']:>16g}" for m in result["runs"][0]["marks"]))
+    for r in result["runs"]:
+        cells = "".join(f"{m['train']:>8.4f} ({m['test']:.4f})" for m in r["marks"])
+        print(f"{r['spec']:<48}{cells}  steps {r['steps']} alpha {r['alpha_median_last_quarter']}")
+
+
+if __name__ == "__main__":
+    main()
