@@ -9,6 +9,7 @@ import torch
 from dense import assert_close, dense_jacobian, dense_step, flat_params
 from torch import nn
 
+import gramnewton
 from gramnewton import GramGaussNewton, SingularGramError, full_batch_step
 from gramnewton.lab.models import get_model
 
@@ -212,3 +213,31 @@ def test_full_batch_step_is_eq9():
     step = full_batch_step(model.parameters(), lambda: model(x) - y)
     assert_close(step.gram, jac @ jac.T, 1e-12, "full-batch Gram")
     assert_close(flat_params(model), expected, 1e-9, "full-batch step")
+
+
+def test_registered_engine_is_built_by_name() -> None:
+    """``register_engine`` makes a name usable as ``engine=``; the step is the engine's step."""
+    from gramnewton.engines.select import ENGINE_FACTORIES
+
+    built = []
+
+    def factory(params, model):
+        built.append(model)
+        return gramnewton.ReferenceEngine(params)
+
+    gramnewton.register_engine("counting_reference", factory)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            gramnewton.register_engine("counting_reference", factory)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        twin = copy.deepcopy(model)
+        x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+        GramGaussNewton(model, engine="counting_reference").step(lambda: model(x).squeeze(1) - y)
+        GramGaussNewton(twin, engine="reference").step(lambda: twin(x).squeeze(1) - y)
+        assert built == [model]
+        assert torch.equal(flat_params(model), flat_params(twin))
+    finally:
+        ENGINE_FACTORIES.pop("counting_reference", None)
+    with pytest.raises(ValueError, match="counting_reference|Invalid engine"):
+        GramGaussNewton(model, engine="counting_reference")

@@ -5,7 +5,17 @@ from .allocator import AllocatorTuning, tune_allocator
 from .convert import convert_batchnorm
 from .damping import DampingDecision, DampingRule, GainRatioDamping
 from .diagnostics import StepDiagnostics
-from .engines import FunctionalEngine, FunctionalResidual, GramEngine, GramSystem, HooksEngine, ReferenceEngine, Term
+from .engines import (
+    FunctionalEngine,
+    FunctionalResidual,
+    GramEngine,
+    GramSystem,
+    HooksEngine,
+    ReferenceEngine,
+    Term,
+    register_engine,
+    register_handler,
+)
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import SingularGramError, SolveInfo, damped_solve
@@ -38,5 +48,7 @@ __all__ = [
     "damped_solve",
     "full_batch_step",
     "gram_gauss_newton_direction",
+    "register_engine",
+    "register_handler",
     "tune_allocator",
 ]

@@ -2,8 +2,10 @@
 
 from .base import Closure, GramEngine, GramSystem, residuals_2d
 from .functional import FunctionalEngine, FunctionalResidual, Term
+from .handlers import register_handler
 from .hooks import HooksEngine
 from .reference import ReferenceEngine, jacobian_rows
+from .select import register_engine
 
 __all__ = [
     "Closure",
@@ -15,5 +17,7 @@ __all__ = [
     "ReferenceEngine",
     "Term",
     "jacobian_rows",
+    "register_engine",
+    "register_handler",
     "residuals_2d",
 ]
