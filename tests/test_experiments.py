@@ -11,6 +11,7 @@ from gramnewton.lab.cli import main
 from gramnewton.lab.experiments.config import dumps, load_config, parse_override, resolve
 from gramnewton.lab.experiments.metrics import read_rows
 from gramnewton.lab.experiments.runner import run_experiment
+from gramnewton.lab.experiments.step_diagnostics import DIAGNOSTIC_COLUMNS, DiagnosticsLog
 from gramnewton.lab.experiments.training import Callback
 
 TINY = """
@@ -103,6 +104,40 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer):
     assert _losses(read_rows(tmp_path / "ctrl-c" / "metrics.csv")) == _losses(
         read_rows(tmp_path / "full" / "metrics.csv")
     )
+
+
+def test_ggn_diagnostics_columns_and_plot(tmp_path):
+    ggn = run_experiment(load_config(tiny_config(tmp_path)), tmp_path / "ggn")
+    assert ggn[0]["alpha"] != ggn[0]["alpha"]  # epoch 0: no step yet
+    for row in ggn[1:]:
+        assert row["alpha"] > 0 and row["step_norm"] > 0 and row["condition"] >= 1 and row["jitter"] >= 0
+        assert math.isfinite(row["gain_ratio"])  # the tiny run's default damping measures it
+        assert row["rejected"] == int(row["rejected"]) and 0 <= row["rejected"] <= 4
+    written = read_rows(tmp_path / "ggn" / "metrics.csv")
+    assert [r["alpha"] for r in written[1:]] == [r["alpha"] for r in ggn[1:]]
+    sgd = run_experiment(load_config(tiny_config(tmp_path, "sgd"), ["train.epochs=1"]), tmp_path / "sgd")
+    assert all(r[c] != r[c] for r in sgd for c in DIAGNOSTIC_COLUMNS)  # NaN: no GGN diagnostics
+    png = tmp_path / "diag.png"
+    assert main(["plot", str(tmp_path / "ggn"), str(tmp_path / "sgd"), "--diagnostics", "--out", str(png)]) == 0
+    assert png.stat().st_size > 5_000
+    assert main(["plot", str(tmp_path / "ggn"), "--metric", "step_norm", "--out", str(png)]) == 0
+
+
+def test_diagnostics_summary_of_rejected_and_unmeasured_steps():
+    steps = [
+        [0.5, 0.3, 1.0, 0.0, 0.0, 10.0],
+        [math.nan, 0.6, 3.0, 1.0, 1e-6, math.nan],
+        [1.5, 1.2, 2.0, 0.0, 0.0, 30.0],
+    ]
+    summary = DiagnosticsLog(torch.optim.SGD([torch.zeros(1)], lr=0.1), steps).summary()
+    assert summary == {
+        "gain_ratio": 1.0,
+        "alpha": 1.2,
+        "step_norm": 2.0,
+        "rejected": 1.0,
+        "jitter": 1e-6,
+        "condition": 20.0,
+    }
 
 
 def test_resume_refuses_another_config(tmp_path):

@@ -8,8 +8,11 @@ from pathlib import Path
 from ..experiments.figures import plot_curves
 from ..experiments.reproduce import load_curves
 from ..experiments.runner import METRICS_FILE
+from ..experiments.step_diagnostics import DIAGNOSTIC_COLUMNS
 
 X_AXES = {"epoch": "epoch", "time": "seconds"}
+LOSSES = ["train_loss", "test_loss", "running_loss", "train_rmse", "test_rmse"]
+DIAGNOSTICS = ["alpha", "gain_ratio", "rejected"]  # what --diagnostics adds
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metric",
         action="append",
-        choices=["train_loss", "test_loss", "running_loss", "train_rmse", "test_rmse"],
-        help="y axis (repeatable; default train_loss and test_loss)",
+        choices=LOSSES + list(DIAGNOSTIC_COLUMNS),
+        help="y axis (repeatable; default train_loss and test_loss); the GGN diagnostics columns "
+        "are per-epoch summaries (NaN for other optimizers)",
+    )
+    p.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help=f"add panels of GGN's per-epoch {', '.join(DIAGNOSTICS)} (rejected-step count)",
     )
     p.add_argument("--title", default="")
     p.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
@@ -36,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     xs = [X_AXES[x] for x in (args.x or ["epoch", "time"])]
     metrics = args.metric or ["train_loss", "test_loss"]
+    if args.diagnostics:
+        metrics = [*metrics, *(m for m in DIAGNOSTICS if m not in metrics)]
     for run in args.runs:
         if not (run / METRICS_FILE).is_file():
             raise FileNotFoundError(f"no {METRICS_FILE} in {run}: not a run folder (make one with gramnewton train)")

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 X_LABELS = {"epoch": "epoch", "seconds": "training time (s)"}
+LINEAR = {"gain_ratio", "rejected", "jitter"}  # may be zero or negative: never on a log scale
 
 
 def plot_curves(
@@ -29,6 +30,7 @@ def plot_curves(
     Args:
         curves: run label -> rows with the keys named in ``metrics`` and ``xs``.
         path: PNG file to write (parent folders are created).
+        log: log-scale y axes, except for the metrics in :data:`LINEAR`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +42,7 @@ def plot_curves(
                 ax.plot([r[x] for r in rows], [r[metric] for r in rows], marker=".", label=label)
             ax.set_xlabel(X_LABELS.get(x, x))
             ax.set_ylabel(metric.replace("_", " "))
-            if log:
+            if log and metric not in LINEAR:
                 ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend()

@@ -32,6 +32,7 @@ from .config import dumps, load_config
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer
 from .setup import CHECKPOINT, build_model, load_data, warm_start
+from .step_diagnostics import DIAGNOSTIC_COLUMNS, DiagnosticsLog, empty_summary
 from .training import Callback, EpochEvaluator, EpochRecord, FitState, fit, make_train_step, task_loss
 
 CONFIG_FILE, METRICS_FILE = "config.toml", "metrics.csv"
@@ -64,6 +65,10 @@ def run_experiment(
     MSE in evaluation mode, NaN when not evaluated), ``train_rmse`` and ``test_rmse`` (in the
     target's original unit). For a classification data set (integer labels) the losses are
     mean cross-entropies and ``train_accuracy`` / ``test_accuracy`` replace the RMSE columns.
+    Then the epoch's summary of GGN's ``last_diagnostics``
+    (:mod:`~gramnewton.lab.experiments.step_diagnostics`): ``gain_ratio`` (median), ``alpha``
+    (of the last step), ``step_norm`` (median), ``rejected`` (count), ``jitter`` (max),
+    ``condition`` (median); NaN at epoch 0 and for other optimizers.
     Under ``torch.distributed`` only rank 0 returns the rows (the other ranks return ``[]``).
     """
     out = Path(out)
@@ -83,7 +88,8 @@ def run_experiment(
             "optimizer.distributed 'auto', 'exact' or 'local'"
         )
     evaluator = EpochEvaluator(model, train_set, test_set, every=train["eval_every"], last_epoch=train["epochs"])
-    log = _RunLog(out, model, optimizer, evaluator, getattr(train_set, "scale", None), world)
+    diagnostics = DiagnosticsLog(optimizer, checkpoint.get("diagnostics", ()) if checkpoint else ())
+    log = _RunLog(out, model, optimizer, evaluator, getattr(train_set, "scale", None), world, diagnostics)
     if checkpoint is None:
         state = FitState()
         if rank == 0:
@@ -91,7 +97,8 @@ def run_experiment(
     else:
         _restore(out, checkpoint, model, optimizer)
         state = FitState(*(checkpoint[k] for k in ("epoch", "step", "seconds", "batch_losses")))
-        log.rows = checkpoint["rows"]
+        # rows of a checkpoint written before the diagnostics columns existed get them as NaN
+        log.rows = [{**row, **{k: row.get(k, math.nan) for k in DIAGNOSTIC_COLUMNS}} for row in checkpoint["rows"]]
     if world > 1:  # every rank has read the folder before rank 0 changes it
         dist.barrier()
     if rank == 0:  # set-up succeeded: only now does the folder change
@@ -109,12 +116,12 @@ def run_experiment(
             seed=config["seed"],
             epochs=train["epochs"],
             state=state,
-            callbacks=[log, *callbacks] if rank == 0 else list(callbacks),
+            callbacks=[diagnostics, log, *callbacks] if rank == 0 else list(callbacks),
             shard=(rank, world),
         )
     except KeyboardInterrupt:
         if rank == 0:
-            save_checkpoint(out, model, optimizer, {**state.as_dict(), "rows": log.rows, "world_size": world})
+            save_checkpoint(out, model, optimizer, log.checkpoint_state(state))
         raise
     if world > 1:  # rank 0's last checkpoint is on disk before any rank returns (and may resume it)
         dist.barrier()
@@ -152,24 +159,39 @@ def _restore(out: Path, checkpoint: Mapping[str, Any], model: nn.Module, optimiz
 
 
 class _RunLog(Callback):
-    """After every epoch: evaluate (when due), append a metrics row, rewrite metrics.csv, checkpoint."""
+    """After every epoch: evaluate (when due), append a metrics row (with the epoch's
+    ``diagnostics`` summary), rewrite metrics.csv, checkpoint."""
 
     def __init__(
-        self, out: Path, model: nn.Module, optimizer: Optimizer, evaluator: EpochEvaluator, scale: Any, world: int
+        self,
+        out: Path,
+        model: nn.Module,
+        optimizer: Optimizer,
+        evaluator: EpochEvaluator,
+        scale: Any,
+        world: int,
+        diagnostics: DiagnosticsLog,
     ):
         self.out, self.model, self.optimizer, self.evaluator, self.scale = out, model, optimizer, evaluator, scale
-        self.world = world
+        self.world, self.diagnostics = world, diagnostics
         self.rows: list[dict[str, Any]] = []
 
     def on_epoch_end(self, state: FitState, running_loss: float) -> None:
         record = EpochRecord(
             state.epoch, state.step, state.seconds, running_loss, *self.evaluator.evaluate(state.epoch)
         )
-        self.rows.append(_row(record, self.scale))
+        self.rows.append({**_row(record, self.scale), **self.diagnostics.summary()})
         write_rows(self.out / METRICS_FILE, self.rows)
-        save_checkpoint(
-            self.out, self.model, self.optimizer, {**state.as_dict(), "rows": self.rows, "world_size": self.world}
-        )
+        save_checkpoint(self.out, self.model, self.optimizer, self.checkpoint_state(state))
+
+    def checkpoint_state(self, state: FitState) -> dict[str, Any]:
+        """What :func:`save_checkpoint` records besides the model and optimizer."""
+        return {
+            **state.as_dict(),
+            "rows": self.rows,
+            "world_size": self.world,
+            "diagnostics": self.diagnostics.pending(state),
+        }
 
 
 def _row(record: EpochRecord, scale: Any) -> dict[str, Any]:
@@ -177,12 +199,13 @@ def _row(record: EpochRecord, scale: Any) -> dict[str, Any]:
     classification rows (``scale`` None) the accuracies."""
     row = asdict(record)
     if scale is None:  # classification: loss is the cross-entropy, accuracy is the metric
-        return row
+        return {**row, **empty_summary()}
     del row["train_accuracy"], row["test_accuracy"]
     return {
         **row,
         "train_rmse": scale.rmse_in_unit(record.train_loss),
         "test_rmse": scale.rmse_in_unit(record.test_loss),
+        **empty_summary(),
     }
 
 
@@ -192,8 +215,9 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
     Holds only tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)``
     reads it: ``model``, ``optimizer`` (state dicts), ``rng`` (torch CPU RNG state), ``epoch``
     (finished epochs), ``batch_losses`` (losses of the steps taken in the unfinished epoch),
-    ``step``, ``seconds``, ``rows`` (the metrics so far) and ``world_size`` (the number of
-    processes that trained, 1 unless ``state`` says otherwise).
+    ``step``, ``seconds``, ``rows`` (the metrics so far), ``world_size`` (the number of
+    processes that trained, 1 unless ``state`` says otherwise) and ``diagnostics`` (GGN's
+    per-step diagnostics of the unfinished epoch, :class:`DiagnosticsLog` entries; ``[]`` if none).
     """
     path = out / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
@@ -204,6 +228,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
             "rng": torch.get_rng_state(),
             **{k: state[k] for k in ("epoch", "step", "seconds", "batch_losses", "rows")},
             "world_size": state.get("world_size", 1),
+            "diagnostics": list(state.get("diagnostics", [])),
         },
         tmp,
     )
