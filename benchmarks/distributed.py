@@ -223,34 +223,19 @@ TASKS = {
         "train": {"batch_size": 64, "weight_decay": 0.0},
     },
 }
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    f"--nproc_per_node={WORLD}",
+    "-m",
+    "gramnewton",
+]
 LAYOUTS = {  # name -> (launcher, threads per process, config overrides)
     "single": ([sys.executable, "-m", "gramnewton"], 2, []),
-    "exact": (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={WORLD}",
-            "-m",
-            "gramnewton",
-        ],
-        1,
-        ["optimizer.distributed=exact"],
-    ),
-    "local": (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={WORLD}",
-            "-m",
-            "gramnewton",
-        ],
-        1,
-        ["optimizer.distributed=local"],
-    ),
+    "exact": (TORCHRUN, 1, ["optimizer.distributed=exact"]),
+    "local": (TORCHRUN, 1, ["optimizer.distributed=local"]),
 }
 
 

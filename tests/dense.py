@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
+from gramnewton.lab.models import get_model
+
 
 def dense_jacobian(model: nn.Module, x: Tensor) -> Tensor:
     """``(b*k, m)`` Jacobian of ``model(x)`` flattened sample-major, columns in ``model.parameters()`` order."""
@@ -43,3 +45,26 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, what: str) -> No
             for i in worst
         )
         raise AssertionError(f"{what}: relative error {rel:.3g} >= {rtol:g}; largest differences:\n{rows}")
+
+
+def groupnorm_cnn(outputs: int = 2) -> nn.Module:
+    """A small CNN with GroupNorm and a strided conv for ``(1, 6, 6)`` inputs, ``outputs`` outputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.Tanh(),
+        nn.Conv2d(8, 4, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, outputs),
+    )
+
+
+def perturbed_fixup() -> nn.Module:
+    """ResNet-8-Fixup for one input channel, perturbed so that every Jacobian block is non-zero
+    (Fixup zero-initialises its branches and head)."""
+    model = get_model("resnet8_fixup", in_channels=1, num_outputs=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model

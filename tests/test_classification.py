@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from dense import assert_close, dense_jacobian, flat_params
+from dense import assert_close, dense_jacobian, flat_params, groupnorm_cnn
 from torch import Tensor, nn
 from torch.func import grad, hessian
 
@@ -20,20 +20,8 @@ def _mlp(k: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 12), nn.Softplus(), nn.Linear(12, k))
 
 
-def _gn_cnn(k: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.GroupNorm(4, 8),
-        nn.Tanh(),
-        nn.Conv2d(8, 4, 3, stride=2),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(4 * 2 * 2, k),
-    )
-
-
 # name, builder, input shape, classes, batch
-MODELS = [("mlp", _mlp, (3, 4), 4, 6), ("groupnorm_cnn", _gn_cnn, (1, 6, 6), 3, 5)]
+MODELS = [("mlp", _mlp, (3, 4), 4, 6), ("groupnorm_cnn", groupnorm_cnn, (1, 6, 6), 3, 5)]
 MODEL_IDS = [m[0] for m in MODELS]
 
 
@@ -207,7 +195,7 @@ def test_other_losses_match_dense_formula(which):
 @pytest.mark.parametrize("loss", ["mse", SquaredError()])
 @pytest.mark.parametrize("engine", ["reference", "auto"])
 def test_mse_path_is_eq11_bit_for_bit(loss, engine):
-    model = _gn_cnn(2)
+    model = groupnorm_cnn(2)
     x, y = torch.randn(5, 1, 6, 6), torch.randn(5, 2)
     twin = copy.deepcopy(model)
     opt = GramGaussNewton(model, alpha=0.1, engine=engine, loss=loss, lam=1.0, adaptive_damping=False)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dense import assert_close, dense_jacobian, dense_step, flat_params
+from dense import assert_close, dense_jacobian, dense_step, flat_params, groupnorm_cnn, perturbed_fixup
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -37,21 +37,6 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 1))
 
 
-def _gn_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Tanh(), nn.Conv2d(8, 4, 3, stride=2), nn.Tanh(),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 2),
-    )  # fmt: skip
-
-
-def _fixup() -> nn.Module:
-    model = get_model("resnet8_fixup", in_channels=1, num_outputs=1)
-    with torch.no_grad():  # Fixup zero-inits branches and head: perturb so every Jacobian block is non-zero
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 def _two_layer() -> nn.Module:
     return get_model("two_layer", in_channels=5, width=64)
 
@@ -59,8 +44,8 @@ def _two_layer() -> nn.Module:
 # name -> (builder, input shape, outputs k)
 MODELS = {
     "mlp": (_mlp, (3, 4), 1),
-    "groupnorm_cnn": (_gn_cnn, (1, 6, 6), 2),
-    "resnet8_fixup": (_fixup, (1, 8, 8), 1),
+    "groupnorm_cnn": (groupnorm_cnn, (1, 6, 6), 2),
+    "resnet8_fixup": (perturbed_fixup, (1, 8, 8), 1),
     "two_layer": (_two_layer, (5,), 1),
 }
 
