@@ -4,16 +4,18 @@ Not a test. Two phases, every run through the demo's training loop
 (:func:`gramnewton.lab.experiments.demo.run_demo`: same initialisation and batches per seed,
 a budget of training seconds, evaluation after every epoch, evaluation time not counted):
 
-1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID` on seed 0 for
-   ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
+1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID` (of the
+   ``--optimizers`` named) on seed 0 for ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
    accuracy (ties: the sooner one to the highest accuracy target reached). ``--settings-from
    RESULT.json`` skips it and takes the winners of an earlier run (e.g. mnist from digits);
 2. the winners on ``--seeds`` (default 0 1 2) for ``--seconds`` each, the four optimizers of a
-   seed run one after the other in this process.
+   seed run one after the other in this process. ``--grid-only`` stops after the grid.
 
-Output: ``benchmarks/results/classification_<dataset>.json`` (every curve, the load average before
-and after every run) and ``docs/figures/classification_<dataset>.png`` (test accuracy against
-training seconds and epochs); the summary table is printed as markdown.
+Output: ``--out`` (default ``benchmarks/results/classification_<dataset>.json``: every curve, the
+load average before and after every run) and ``docs/figures/classification_<dataset>.png`` (test
+accuracy against training seconds and epochs); the summary table is printed as markdown.
+``--combine A.json B.json ...`` merges the seeds of separate runs (e.g. one seed per command, to
+keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure.
 
 Usage::
 
@@ -77,7 +79,7 @@ def winner_key(result: dict[str, Any]) -> tuple:
 def grid(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     config = DemoConfig(args.dataset, args.model, args.batch_size, args.grid_seconds, 1000, 0, task="classification")
     points, best = [], {}
-    for name, hp in sweep_points(CLASSIFY_GRID):
+    for name, hp in sweep_points({n: axes for n, axes in CLASSIFY_GRID.items() if n in args.optimizers}):
         result = run(config, {name: hp})
         entry = {"optimizer": name, **result[name], "load": result["_load"]}
         points.append(entry)
@@ -149,17 +151,8 @@ def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--model", default="resnet8_fixup")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--grid-seconds", type=float, default=40.0)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--settings-from", type=Path, default=None, help="winners of this result JSON; no grid")
-    args = parser.parse_args(argv)
+def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The grid (unless ``--settings-from``) and the winners' seeds; the result record."""
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if args.settings_from is None:
@@ -168,12 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         points, best = [], json.loads(args.settings_from.read_text())["winners"]
     print("winners:", best, flush=True)
     seeds = {}
-    for seed in args.seeds:
+    for seed in [] if args.grid_only else args.seeds:
         config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, 1000, seed, task="classification")
         seeds[seed] = run(config, best)
         print(f"seed {seed} done, load {seeds[seed]['_load']}", flush=True)
-    out = ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "started": started,
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -183,11 +174,56 @@ def main(argv: list[str] | None = None) -> None:
         "winners": best,
         "seeds": {str(s): r for s, r in seeds.items()},
     }
+    return record, seeds
+
+
+def combine(records: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
+    """One record from several runs: their grids and seeds, the winners of all (later runs win)."""
+    seeds: dict[str, Any] = {}
+    winners: dict[str, Any] = {}
+    for record in records:
+        seeds.update(record["seeds"])
+        winners.update(record["winners"])
+    return {
+        "combined_from": sources,
+        "runs": [{k: r[k] for k in ("started", "finished", "setting", "threads")} for r in records],
+        "grid": [point for r in records for point in r["grid"]],
+        "winners": winners,
+        "seeds": dict(sorted(seeds.items())),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--model", default="resnet8_fixup")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--grid-seconds", type=float, default=40.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--settings-from", type=Path, default=None, help="winners of this result JSON; no grid")
+    parser.add_argument("--optimizers", nargs="+", default=list(CLASSIFY_GRID), help="grid only these")
+    parser.add_argument("--grid-only", action="store_true", help="run the grid and record its winners, no seeds")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result JSON (default: results/classification_<dataset>.json)"
+    )
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result JSONs' seeds")
+    args = parser.parse_args(argv)
+    out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        record = combine([json.loads(p.read_text()) for p in args.combine], [str(p) for p in args.combine])
+        seeds = {int(s): r for s, r in record["seeds"].items()}
+    else:
+        record, seeds = measure(args)
     out.write_text(json.dumps(record, indent=1) + "\n")
+    if not seeds:
+        return
     figure(
         seeds,
         ROOT / "docs" / "figures" / f"classification_{args.dataset}.png",
-        f"{args.model} on {args.dataset}: test accuracy, {args.seconds:g} s per run, seeds {args.seeds}",
+        f"{args.model} on {args.dataset} (standardised): test accuracy, {args.seconds:g} s per run, seeds {sorted(seeds)}",
     )
     print(table(seeds))
 
