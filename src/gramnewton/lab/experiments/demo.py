@@ -68,9 +68,9 @@ CLASSIFY_SPECS: dict[str, dict[str, Any]] = {
 }
 CLASSIFY_GRID: dict[str, dict[str, list[Any]]] = {
     "GGN": {"curvature": ["gradient"], "lam": [8.0, 32.0, 128.0]},
-    "SGD": {"lr": [0.03, 0.1, 0.3]},
+    "SGD": {"lr": [0.1, 0.3]},
     "Adam": {"lr": [3e-3, 1e-2, 3e-2]},
-    "K-FAC": {"lr": [0.03, 0.1, 0.3]},
+    "K-FAC": {"lr": [0.1, 0.3]},
 }
 # Winners of the grid on digits (benchmarks/classification_time_to_accuracy.py, 20 s per point,
 # docs/classification.md): highest final test accuracy; the mnist runs use them too.
