@@ -15,7 +15,8 @@ Output: ``--out`` (default ``benchmarks/results/classification_<dataset>.json``:
 load average before and after every run) and ``docs/figures/classification_<dataset>.png`` (test
 accuracy against training seconds and epochs); the summary table is printed as markdown.
 ``--combine A.json B.json ...`` merges the seeds of separate runs (e.g. one seed per command, to
-keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure.
+keep each under the shared machine's 10-minute limit; a grid's winners count as seed 0) into
+``--out`` and redraws the figure.
 
 Usage::
 
@@ -90,15 +91,16 @@ def grid(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict
 
 
 def table(seeds: dict[int, dict[str, Any]]) -> str:
-    names = [n for n in next(iter(seeds.values())) if not n.startswith("_")]
+    """Markdown summary over the seeds each optimizer ran (medians; the count of seeds)."""
+    names = list(dict.fromkeys(n for r in seeds.values() for n in r if not n.startswith("_")))
     lines = [
-        "| optimizer | hyper-parameters | final test acc. (median, min-max) | "
+        "| optimizer | hyper-parameters | seeds | final test acc. (median, min-max) | final test CE (median) | epochs | "
         + " | ".join(f"s to {t:.0%} (median; seeds reached)" for t in TARGETS)
         + " |",
-        "|---|---|---|" + "---|" * len(TARGETS),
+        "|---|---|---|---|---|---|" + "---|" * len(TARGETS),
     ]
     for name in names:
-        runs = [seeds[s][name] for s in seeds]
+        runs = [seeds[s][name] for s in seeds if name in seeds[s]]
         accs = [r["final_test_accuracy"] for r in runs]
         cells = []
         for t in TARGETS:
@@ -106,10 +108,11 @@ def table(seeds: dict[int, dict[str, Any]]) -> str:
             got = [h for h in hits if h is not None]
             cells.append(f"{statistics.median(got):.1f} ({len(got)}/{len(hits)})" if got else f"- (0/{len(hits)})")
         hp = ", ".join(f"{k}={v}" for k, v in runs[0]["hyper_parameters"].items())
+        loss = statistics.median(r["final_test_loss"] for r in runs)
+        epochs = "/".join(str(r["epochs"]) for r in runs)
         lines.append(
-            f"| {name} | {hp} | {statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
-            + " | ".join(cells)
-            + " |"
+            f"| {name} | {hp} | {len(runs)} | {statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
+            f"{loss:.3f} | {epochs} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
@@ -178,16 +181,30 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[int, dict[st
 
 
 def combine(records: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
-    """One record from several runs: their grids and seeds, the winners of all (later runs win)."""
+    """One record from several runs: their grids and seeds, the winners of all (later runs win).
+
+    A grid ran on seed 0 with the seeds phase's setting, one optimizer per :func:`run`, so each
+    winner's grid point is that optimizer's seed-0 run; it fills seed 0 where no record has one.
+    """
     seeds: dict[str, Any] = {}
     winners: dict[str, Any] = {}
     for record in records:
         seeds.update(record["seeds"])
         winners.update(record["winners"])
+    points = [point for r in records for point in r["grid"]]
+    from_grid = {
+        p["optimizer"]: {k: v for k, v in p.items() if k not in ("optimizer", "load")}
+        for p in points
+        if p["hyper_parameters"] == winners.get(p["optimizer"])
+    }
+    for name, entry in from_grid.items():
+        seed0 = seeds.setdefault("0", {})
+        if name not in seed0:
+            seed0[name] = {**entry, "from_grid": True}
     return {
         "combined_from": sources,
         "runs": [{k: r[k] for k in ("started", "finished", "setting", "threads")} for r in records],
-        "grid": [point for r in records for point in r["grid"]],
+        "grid": points,
         "winners": winners,
         "seeds": dict(sorted(seeds.items())),
     }
