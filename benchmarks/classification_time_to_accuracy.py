@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +78,19 @@ def winner_key(result: dict[str, Any]) -> tuple:
     return (result["final_test_accuracy"], top, -(result["seconds_to"][top] if top else 0.0))
 
 
-def grid(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+def grid(args: argparse.Namespace, points: list[dict[str, Any]], save: Callable[[], None]) -> dict[str, dict[str, Any]]:
+    """Run the grid, appending each point to ``points`` and calling ``save`` after it; the winners."""
     config = DemoConfig(args.dataset, args.model, args.batch_size, args.grid_seconds, 1000, 0, task="classification")
-    points, best = [], {}
+    best: dict[str, dict[str, Any]] = {}
     for name, hp in sweep_points({n: axes for n, axes in CLASSIFY_GRID.items() if n in args.optimizers}):
         result = run(config, {name: hp})
         entry = {"optimizer": name, **result[name], "load": result["_load"]}
         points.append(entry)
+        save()
         print(f"grid {name} {hp}: final test accuracy {entry['final_test_accuracy']:.4f}", flush=True)
         if name not in best or winner_key(entry) > winner_key(best[name]):
             best[name] = entry
-    return points, {name: entry["hyper_parameters"] for name, entry in best.items()}
+    return {name: entry["hyper_parameters"] for name, entry in best.items()}
 
 
 def table(seeds: dict[int, dict[str, Any]]) -> str:
@@ -154,29 +157,36 @@ def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """The grid (unless ``--settings-from``) and the winners' seeds; the result record."""
+def measure(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The grid (unless ``--settings-from``) and the winners' seeds; the result record, also
+    written to ``out`` after every grid point and seed (a run stopped early keeps what it did)."""
     torch.set_num_threads(args.threads)
-    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "finished": None,
+        "setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+        "grid": [],
+        "winners": {},
+        "seeds": {},
+    }
+
+    def save() -> None:
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
     if args.settings_from is None:
-        points, best = grid(args)
+        record["winners"] = grid(args, record["grid"], save)
     else:
-        points, best = [], json.loads(args.settings_from.read_text())["winners"]
-    print("winners:", best, flush=True)
+        record["winners"] = json.loads(args.settings_from.read_text())["winners"]
+    print("winners:", record["winners"], flush=True)
     seeds = {}
     for seed in [] if args.grid_only else args.seeds:
         config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, 1000, seed, task="classification")
-        seeds[seed] = run(config, best)
+        seeds[seed] = record["seeds"][str(seed)] = run(config, record["winners"])
+        save()
         print(f"seed {seed} done, load {seeds[seed]['_load']}", flush=True)
-    record = {
-        "started": started,
-        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "threads": torch.get_num_threads(),
-        "grid": points,
-        "winners": best,
-        "seeds": {str(s): r for s, r in seeds.items()},
-    }
+    record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    save()
     return record, seeds
 
 
@@ -232,9 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.combine:
         record = combine([json.loads(p.read_text()) for p in args.combine], [str(p) for p in args.combine])
         seeds = {int(s): r for s, r in record["seeds"].items()}
+        out.write_text(json.dumps(record, indent=1) + "\n")
     else:
-        record, seeds = measure(args)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+        record, seeds = measure(args, out)
     if not seeds:
         return
     figure(
