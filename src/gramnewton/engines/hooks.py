@@ -170,6 +170,7 @@ class HooksEngine:
         self.last_timings: dict[str, float] = {}
         self.workspace = Workspace()
         self._finish: Any = None  # set only while this engine's own backward pass runs
+        self._observe: Callable[[_Call, Tensor], None] | None = None  # set only during the row check
         self._columns = 1
         self._expected: set[int] = set()
         self._row_verdicts: dict[tuple, frozenset[int]] = {}
@@ -355,11 +356,34 @@ class HooksEngine:
         signature = graph_signature(post, (residuals.shape, shapes))
         if signature not in self._row_verdicts:
             checked = [n for n, c in enumerate(calls) if c.params and c.rows == (b, b) and c.edge.node in reachable]
-            bad = rows_not_samples(residuals, [calls[n].edge for n in checked]) if checked else []
+            bad = self._check_rows(residuals, [calls[n] for n in checked], post) if checked else []
             if len(self._row_verdicts) >= MAX_ROW_VERDICTS:  # e.g. many sequence lengths: start afresh
                 self._row_verdicts.clear()
             self._row_verdicts[signature] = frozenset(n for n, failed in zip(checked, bad) if failed)
         return [calls[n] for n in self._row_verdicts[signature]]
+
+    def _check_rows(self, residuals: Tensor, checked: list[_Call], post: list[Any]) -> list[bool]:
+        """:func:`.rows.rows_not_samples` for the outputs of ``checked``; their gradients reach the
+        check through the calls' own output hooks, one at a time (none is kept)."""
+        index = {id(call): n for n, call in enumerate(checked)}
+        nodes: dict[Any, list[_Call]] = {}
+        for call in checked:
+            nodes.setdefault(call.edge.node, []).append(call)
+        sinks = _sink_edges(post, nodes)
+
+        def backward(weights: Tensor, observe: Callable[[int, Tensor], None]) -> None:
+            def route(call: _Call, grad: Tensor) -> None:
+                if id(call) in index:
+                    observe(index[id(call)], grad)
+
+            self._observe = route
+            try:
+                # only the sinks' gradients are returned (and dropped); the hooks see all the others
+                torch.autograd.grad(residuals, sinks, grad_outputs=weights, retain_graph=True)
+            finally:
+                self._observe = None
+
+        return rows_not_samples(residuals, len(checked), backward)
 
     def _backward(
         self, residuals: Tensor, calls: list[_Call], gram: Tensor, timings: dict[str, float], post: list[Any]
@@ -434,6 +458,9 @@ class HooksEngine:
         return pieces
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:
+        if self._observe is not None:  # the row check's backward passes
+            self._observe(call, grad)
+            return
         # Gated: the hooks stay on the outputs and fire again in any other backward pass.
         if self._finish is None or call.done or id(call) not in self._expected:
             return
