@@ -625,6 +625,24 @@ def test_workspace_frees_kept_buffers_a_step_did_not_use() -> None:
     assert work.scratch("patches", (2, 3), like).data_ptr() == grown.data_ptr()  # a smaller view, no new buffer
 
 
+def test_workspace_cuts_scratch_to_what_the_last_step_used() -> None:
+    """Scratch grown by a step of larger shapes (or a slot a step no longer uses) is not held on."""
+    from gramnewton.engines.workspace import Workspace
+
+    work, like = Workspace(), torch.zeros(1)
+    work.new_step()
+    work.scratch("patches", (100,), like)  # e.g. a first step at a larger batch
+    work.scratch("jac", (7,), like)
+    work.new_step()
+    work.scratch("patches", (3, 4), like)  # this step uses 12 entries and no "jac"
+    assert work.nbytes == (100 + 7) * 4  # nothing is freed in the middle of a step
+    work.new_step()
+    assert work.nbytes == 12 * 4
+    kept = work.scratch("patches", (12,), like)
+    work.new_step()  # a step that used all of it keeps the same storage
+    assert work.scratch("patches", (2, 6), like).data_ptr() == kept.data_ptr() and work.nbytes == 12 * 4
+
+
 def test_timing_trials_leave_no_workspace_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """A path that loses the first-step timing must not keep its buffers in the workspace."""
     monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())
