@@ -625,6 +625,23 @@ def test_workspace_frees_kept_buffers_a_step_did_not_use() -> None:
     assert work.scratch("patches", (2, 3), like).data_ptr() == grown.data_ptr()  # a smaller view, no new buffer
 
 
+def test_a_step_leaves_no_hooked_call_or_autograd_graph_behind() -> None:
+    """Each output's autograd node holds its hook and the hook its call: a call still holding the
+    node would form a cycle through C++ that Python's collector cannot free, leaking every step's
+    graph nodes (which fragmented glibc's heap: docs/performance.md)."""
+    import gc
+
+    from gramnewton.engines import hooks
+
+    case = next(c for c in CASES if c.name == "conv2d_b36_syrk")
+    model, x, y = build(case)
+    engine = HooksEngine(model)
+    for _ in range(2):
+        engine.compute(lambda: model(x).reshape(case.batch, -1) - y).jt_times(torch.ones(y.numel()))
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, hooks._Call)]
+
+
 def test_workspace_cuts_scratch_to_what_the_last_step_used() -> None:
     """Scratch grown by a step of larger shapes (or a slot a step no longer uses) is not held on."""
     from gramnewton.engines.workspace import Workspace

@@ -27,6 +27,7 @@ Laplacian; see :mod:`.locality`). BatchNorm in training mode raises.
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -60,7 +61,7 @@ class _Call:
     version: int
     rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
     out_shape: tuple[int, ...]
-    edge: GradientEdge
+    edge: GradientEdge | None  # None once the step's graph walks and backward passes are done
     params: dict[str, Tensor] = field(default_factory=dict)
     input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
     grads: list[Tensor] = field(default_factory=list)
@@ -184,24 +185,32 @@ class HooksEngine:
         start = time.perf_counter()
         residuals, calls, foreign = self._forward_with_hooks(closure)
         timings["forward"] = time.perf_counter() - start
-        post = post_order(residuals.grad_fn)
-        reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), residuals, post)
-        b, k = residuals.shape
+        try:
+            post = post_order(residuals.grad_fn)
+            reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), residuals, post)
+            b, k = residuals.shape
 
-        start = time.perf_counter()
-        reference_params = [p for p in self.params if id(p) in reference_ids]
-        gram = residuals.new_zeros(b * k, b * k)
-        jac_reference = None
-        if reference_params:
-            jac_reference = jacobian_rows(residuals, reference_params).detach()
-            gram.addmm_(jac_reference, jac_reference.T)
-        timings["reference"] = time.perf_counter() - start
+            start = time.perf_counter()
+            reference_params = [p for p in self.params if id(p) in reference_ids]
+            gram = residuals.new_zeros(b * k, b * k)
+            jac_reference = None
+            if reference_params:
+                jac_reference = jacobian_rows(residuals, reference_params).detach()
+                gram.addmm_(jac_reference, jac_reference.T)
+            timings["reference"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        self.workspace.new_step()  # the previous step's kept buffers are written over from here on
-        with activated(self.workspace):
-            pieces = self._backward(residuals, calls, gram, timings, post)
-        timings["backward"] = time.perf_counter() - start
+            start = time.perf_counter()
+            self.workspace.new_step()  # the previous step's kept buffers are written over from here on
+            with activated(self.workspace):
+                pieces = self._backward(residuals, calls, gram, timings, post)
+            timings["backward"] = time.perf_counter() - start
+        finally:
+            # Each output's autograd node holds its hook, the hook its call: a call holding the node
+            # (and its inputs' nodes) makes a cycle through C++ that Python's collector does not
+            # free. The leaked nodes, small blocks scattered among the step's large ones, made
+            # glibc's heap grow by 70-300 MB per step on a ResNet (docs/performance.md).
+            for call in calls:
+                call.edge, call.input_nodes = None, frozenset()
         self.last_timings = timings
 
         def jt_times(v: Tensor) -> list[Tensor]:
@@ -383,7 +392,7 @@ class HooksEngine:
             finally:
                 self._observe = None
 
-        return rows_not_samples(residuals, len(checked), backward)
+        return rows_not_samples(residuals, [math.prod(c.out_shape[1:]) for c in checked], backward)
 
     def _backward(
         self, residuals: Tensor, calls: list[_Call], gram: Tensor, timings: dict[str, float], post: list[Any]

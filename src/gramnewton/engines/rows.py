@@ -75,53 +75,61 @@ def graph_signature(post: Sequence[Any], calls: Hashable) -> tuple:
 
 # Random projections per row of each checked output gradient (see the module docstring).
 PROJECTIONS = 4
+# Rows converted to float64 at a time (bounds the transient copy of a gradient).
+ROW_BLOCK = 16
 
 
 def rows_not_samples(
-    residuals: Tensor, count: int, backward: Callable[[Tensor, Callable[[int, Tensor], None]], None]
+    residuals: Tensor, widths: Sequence[int], backward: Callable[[Tensor, Callable[[int, Tensor], None]], None]
 ) -> list[bool]:
-    """For each of ``count`` hooked outputs (``(b, ...)``, reachable from ``residuals``), whether
-    some row ``j`` of it reaches the residuals ``(b, k)`` of a sample other than ``j``.
+    """For each hooked output ``n`` (``(b, ...)`` with ``widths[n]`` entries per row, reachable from
+    ``residuals``), whether some row ``j`` of it reaches the residuals ``(b, k)`` of a sample other
+    than ``j``.
 
     Args:
         residuals: ``(b, k)``, with the graph retained.
-        count: number of outputs checked, indexed ``0 .. count - 1``.
+        widths: entries per row of each checked output, indexed ``0 .. len(widths) - 1``.
         backward: ``backward(weights, observe)`` runs one backward pass of ``residuals`` weighted by
             ``weights`` ``(b, k)`` (the graph retained) and calls ``observe(n, grad)`` with the
             gradient at output ``n`` as soon as it is formed (once per output and pass).
-    An output not observed in both passes, or whose gradient does not have ``b`` rows, fails.
+    An output not observed in both passes, or whose gradient is not ``(b, ...)`` with ``widths[n]``
+    entries per row, fails.
+
+    Everything the check keeps (directions, projections, norms) is allocated before the backward
+    passes: small tensors allocated between the passes' large transient gradients would pin those
+    gradients' freed blocks and fragment the allocator's heap.
     """
     b, k = residuals.shape
+    count = len(widths)
     generator = torch.Generator().manual_seed(0)
     u = 1 + torch.rand(b, k, generator=generator, dtype=torch.float64)
     s = 1 + torch.rand(b, generator=generator, dtype=torch.float64)
-    directions: dict[int, Tensor] = {}
-    projected: list[dict[int, Tensor]] = [{}, {}]  # pass -> output -> (b, PROJECTIONS)
-    norms: list[dict[int, Tensor]] = [{}, {}]  # pass -> output -> (b,) row norms
+    f64 = dict(dtype=torch.float64, device=residuals.device)
+    directions = [torch.randn(w, PROJECTIONS, generator=generator, dtype=torch.float64).to(**f64) for w in widths]
+    projected = torch.zeros(2, count, b, PROJECTIONS, **f64)  # pass, output, row: W^T vec(g[row])
+    norms = torch.zeros(2, count, b, **f64)  # ||g[row]||
+    seen = [[False] * count, [False] * count]
     wrong_rows: set[int] = set()
 
     for step, weights in enumerate((u, s.unsqueeze(1) * u)):
 
         def observe(n: int, grad: Tensor, step: int = step) -> None:
-            if grad.dim() == 0 or grad.shape[0] != b:
+            if grad.dim() == 0 or grad.shape[0] != b or grad[0].numel() != widths[n]:
                 wrong_rows.add(n)
                 return
-            flat = grad.detach().reshape(b, -1).to(torch.float64)
-            if n not in directions:
-                w = torch.randn(flat.shape[1], PROJECTIONS, generator=generator, dtype=torch.float64)
-                directions[n] = w.to(flat.device)
-            projected[step][n] = (flat @ directions[n]).cpu()
-            norms[step][n] = flat.norm(dim=1).cpu()
+            flat = grad.detach().reshape(b, widths[n])
+            for start in range(0, b, ROW_BLOCK):
+                block = flat[start : start + ROW_BLOCK].to(torch.float64)
+                torch.matmul(block, directions[n], out=projected[step, n, start : start + ROW_BLOCK])
+                torch.linalg.vector_norm(block, dim=1, out=norms[step, n, start : start + ROW_BLOCK])
+            seen[step][n] = True
 
         backward(weights.to(residuals), observe)
 
     tolerance = torch.finfo(residuals.dtype).eps ** 0.5
-    failed = []
-    for n in range(count):
-        if n in wrong_rows or any(n not in p for p in projected):
-            failed.append(True)
-            continue
-        difference = float((projected[1][n] - s.unsqueeze(1) * projected[0][n]).abs().max())
-        scale = float(torch.maximum(norms[1][n], s * norms[0][n]).max())
-        failed.append(difference > tolerance * scale)
-    return failed
+    s = s.to(projected.device)
+    difference = (projected[1] - s.view(1, b, 1) * projected[0]).abs().amax((1, 2)).tolist()
+    scale = torch.maximum(norms[1], s * norms[0]).amax(1).tolist()
+    return [
+        n in wrong_rows or not (seen[0][n] and seen[1][n]) or difference[n] > tolerance * scale[n] for n in range(count)
+    ]
