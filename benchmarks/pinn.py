@@ -10,8 +10,11 @@ Methods (``--methods``):
 
 - ``ggn``: :class:`LineSearchGGN` of the example: the GGN direction with ``alpha = 1e-10`` and a
   grid line search on the step length (the ENGD-W protocol of arXiv 2505.12149).
-- ``ggn-lm``: ``GramGaussNewton(engine="functional", adaptive_damping=...)``: Levenberg-Marquardt
-  damping instead of a line search.
+- ``ggn-lm``: ``GramGaussNewton(adaptive_damping=...)``: Levenberg-Marquardt damping instead of a
+  line search.
+
+GGN gets the residual in the form ``--form``: ``taylor`` (default; the forward Laplacian, hooks
+engine) or ``functional`` (``torch.func``, functional engine).
 - ``ggn-momentum``: ``ggn`` with SPRING's momentum ``MOMENTUM`` on the direction (its line search
   too), when the installed gramnewton has ``momentum``; skipped otherwise.
 - ``adam-<lr>``: ``torch.optim.Adam`` on the loss ``1/2 sum_parts mean r^2`` for each ``--adam-lrs``.
@@ -29,6 +32,7 @@ Usage::
     python benchmarks/pinn.py --problem 2d --seconds 120 --seeds 0 1 2
     python benchmarks/pinn.py --problem 5d --seconds 300 --seeds 0 --methods ggn adam-1e-3 lbfgs
     python benchmarks/pinn.py --report-only --problem 2d      # redraw the figure from the JSON
+    python benchmarks/pinn.py --problem 5d --engine-cost 100 500 --cost-engines taylor functional
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from poisson import (  # noqa: E402
+    ENGINES,
     PROBLEMS,
     LineSearchGGN,
     Poisson,
+    Residual,
     autograd_residual,
     ggn_optimizer,
     make_error,
@@ -63,24 +69,25 @@ from poisson import (  # noqa: E402
 )
 
 from gramnewton import GramGaussNewton, gram_gauss_newton_direction  # noqa: E402
-from gramnewton.engines import FunctionalEngine, FunctionalResidual, ReferenceEngine  # noqa: E402
+from gramnewton.engines import FunctionalEngine, ReferenceEngine  # noqa: E402
 
 TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 MOMENTUM = 0.5  # stable on the 2-D problem in a 60 s trial, where 0.9 diverged; not tuned further
 DIMS = {"2d": 2, "5d": 5}
 
 
-def make_stepper(method: str, model: torch.nn.Module, problem: Poisson) -> Callable[[FunctionalResidual], None] | None:
-    """A function that takes one step given the residual, or ``None`` if unavailable. Adam and
-    L-BFGS get the residual with ``torch.autograd.grad`` (faster for them)."""
+def make_stepper(method: str, model: torch.nn.Module, problem: Poisson, form: str) -> Callable[[Residual], None] | None:
+    """A function that takes one step given the residual, or ``None`` if unavailable. GGN uses the
+    engine of the residual ``form``; Adam and L-BFGS get the residual with ``torch.autograd.grad``
+    (faster for them)."""
     if method == "ggn":
-        return LineSearchGGN(model).step
+        return LineSearchGGN(model, form=form).step
     if method == "ggn-lm":
-        return ggn_optimizer(model).step
+        return ggn_optimizer(model, form=form).step
     if method == "ggn-momentum":
         if "momentum" not in inspect.signature(gram_gauss_newton_direction).parameters:
             return None
-        return LineSearchGGN(model, momentum=MOMENTUM).step
+        return LineSearchGGN(model, momentum=MOMENTUM, form=form).step
     if method.startswith("adam-"):
         opt = torch.optim.Adam(model.parameters(), lr=float(method.split("-", 1)[1]))
 
@@ -113,19 +120,27 @@ def make_stepper(method: str, model: torch.nn.Module, problem: Poisson) -> Calla
 
 
 def run(
-    method: str, dim: int, seed: int, seconds: float, eval_every: float, resample: bool, ggn_points: list[int] | None
+    method: str,
+    dim: int,
+    seed: int,
+    seconds: float,
+    eval_every: float,
+    resample: bool,
+    ggn_points: list[int] | None,
+    form: str = "taylor",
 ) -> dict:
     """Train one method for ``seconds`` of training time; the error history and the load."""
     problem, widths, n_in, n_bd = PROBLEMS[dim]
     if ggn_points and method.startswith("ggn"):  # GGN's own per-step batch
         n_in, n_bd = ggn_points
     model = make_model(dim, widths, seed)
-    stepper = make_stepper(method, model, problem)
+    stepper = make_stepper(method, model, problem, form)
     if stepper is None:
         return {"method": method, "seed": seed, "skipped": "not available in this version of GramGaussNewton"}
     points = torch.Generator().manual_seed(seed)
     error = make_error(model, problem)
-    residual = make_residual(model, problem, n_in, n_bd, points)
+    form = form if method.startswith("ggn") else "taylor"  # the others only read its points
+    residual = make_residual(model, problem, n_in, n_bd, points, form)
     per_batch = resample and method != "lbfgs"
     history = [(0.0, 0, error())]
     load_before, clock, steps, last_eval, failure = os.getloadavg(), 0.0, 0, 0.0, None
@@ -133,7 +148,7 @@ def run(
         start = time.perf_counter()
         try:
             if per_batch:
-                residual = make_residual(model, problem, n_in, n_bd, points)
+                residual = make_residual(model, problem, n_in, n_bd, points, form)
             stepper(residual)
         except Exception as exc:  # a failed method is a result, not a crash of the benchmark
             failure = f"{type(exc).__name__}: {exc}"
@@ -233,32 +248,40 @@ def figure(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def engine_cost(dim: int, batch: int, repeats: int) -> dict:
-    """Seconds per Gram system of one residual batch: ``functional`` (``FunctionalResidual``) against
-    ``auto`` and ``reference`` on the same residual written with ``torch.autograd.grad``; medians
-    of ``repeats`` interleaved rounds, and the largest Gram difference to the functional one."""
+COST_ENGINES = ("taylor", "functional", "auto-autograd", "reference")
+
+
+def engine_cost(dim: int, batch: int, repeats: int, names: list[str]) -> dict:
+    """Seconds per Gram system of one residual batch (``batch`` interior + ``batch // 5`` boundary
+    points), for each of ``names``: ``taylor`` (the forward-Laplacian closure, ``engine="auto"``:
+    the hooks engine), ``functional`` (``FunctionalResidual``, ``vmap(jacrev)``), and
+    ``auto-autograd`` / ``reference`` on the residual written with ``torch.autograd.grad`` (the
+    hooks engine routing to the reference engine, and the reference engine). Medians of
+    ``repeats`` interleaved rounds; ratios to the first name, and the largest Gram difference to it."""
     problem, widths, _, _ = PROBLEMS[dim]
     model = make_model(dim, widths, 0)
-    generator = torch.Generator().manual_seed(0)
-    residual = make_residual(model, problem, batch, batch // 5, generator)
-    autograd_closure = autograd_residual(model, problem, residual)
-
     params = list(model.parameters())
-    engines = {
-        "functional": (FunctionalEngine(params), residual),
-        "auto (hooks, routed)": (GramGaussNewton(model).engine, autograd_closure),
-        "reference": (ReferenceEngine(params), autograd_closure),
+
+    def closure(form: str) -> Residual:  # the same points for every form
+        return make_residual(model, problem, batch, batch // 5, torch.Generator().manual_seed(0), form)
+
+    builders = {
+        "taylor": lambda: (GramGaussNewton(model).engine, closure("taylor")),
+        "functional": lambda: (FunctionalEngine(params), closure("functional")),
+        "auto-autograd": lambda: (GramGaussNewton(model).engine, autograd_residual(model, problem, closure("taylor"))),
+        "reference": lambda: (ReferenceEngine(params), autograd_residual(model, problem, closure("taylor"))),
     }
+    engines = {name: builders[name]() for name in names}
     times: dict[str, list[float]] = {name: [] for name in engines}
     grams: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the hooks engine's routing warning
+        warnings.simplefilter("ignore")  # the hooks engine's routing warning (auto-autograd)
         for _ in range(repeats):
-            for name, (engine, closure) in engines.items():
+            for name, (engine, residual) in engines.items():
                 start = time.perf_counter()
-                grams[name] = engine.compute(closure).gram
+                grams[name] = engine.compute(residual).gram
                 times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["functional"])
+    base, first = statistics.median(times[names[0]]), grams[names[0]]
     return {
         "dim": dim,
         "rows": batch + batch // 5,
@@ -266,10 +289,8 @@ def engine_cost(dim: int, batch: int, repeats: int) -> dict:
         "repeats": repeats,
         "loadavg": os.getloadavg(),
         "seconds": {n: statistics.median(t) for n, t in times.items()},
-        "ratio_to_functional": {n: statistics.median(t) / base for n, t in times.items()},
-        "max_rel_gram_difference": {
-            n: float((g - grams["functional"]).abs().max() / grams["functional"].abs().max()) for n, g in grams.items()
-        },
+        f"ratio_to_{names[0]}": {n: statistics.median(t) / base for n, t in times.items()},
+        "max_rel_gram_difference": {n: float((g - first).abs().max() / first.abs().max()) for n, g in grams.items()},
     }
 
 
@@ -289,13 +310,18 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, help="PNG (default docs/figures/pinn_<problem>.png)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--append", action="store_true", help="add the runs to those already in --out")
+    parser.add_argument("--form", choices=sorted(ENGINES), default="taylor", help="GGN's residual form (and engine)")
     parser.add_argument("--engine-cost", type=int, nargs="*", metavar="ROWS", help="time the engines instead")
+    parser.add_argument("--cost-engines", nargs="+", choices=COST_ENGINES, default=list(COST_ENGINES))
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of --engine-cost")
     args = parser.parse_args()
     out = args.out or ROOT / "benchmarks" / "results" / f"pinn_{args.problem}{args.tag}.json"
     fig_path = args.figure or ROOT / "docs" / "figures" / f"pinn_{args.problem}{args.tag}.png"
     if args.engine_cost is not None:
         torch.set_num_threads(args.threads)
-        costs = [engine_cost(DIMS[args.problem], n, repeats=3) for n in args.engine_cost or [100, 400]]
+        costs = [
+            engine_cost(DIMS[args.problem], n, args.repeats, args.cost_engines) for n in args.engine_cost or [100, 400]
+        ]
         path = args.out or ROOT / "benchmarks" / "results" / f"pinn_engine_cost_{args.problem}.json"
         path.write_text(
             json.dumps({"command": " ".join(["python", *sys.argv]), "threads": args.threads, "runs": costs}, indent=1)
@@ -320,6 +346,7 @@ def main() -> None:
                 "eval_every": args.eval_every,
                 "resample": args.resample,
                 "ggn_points": args.ggn_points,
+                "form": args.form,
                 "threads": args.threads,
                 "methods": methods,
                 "command": " ".join(["python", *sys.argv]),
@@ -336,7 +363,7 @@ def main() -> None:
             result = {**previous, "runs": previous["runs"]}
         for seed in args.seeds:
             for method in methods:
-                r = run(method, dim, seed, args.seconds, args.eval_every, args.resample, args.ggn_points)
+                r = run(method, dim, seed, args.seconds, args.eval_every, args.resample, args.ggn_points, args.form)
                 result["runs"].append(r)
                 status = r.get("skipped") or r.get("failure") or f"{r['steps']} steps, rel. L2 {r['final_error']:.2e}"
                 print(f"seed {seed} {method:14s} {status}  load {r.get('loadavg_before', ('-',))[0]}", flush=True)

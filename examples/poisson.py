@@ -9,9 +9,14 @@ manufactured solutions:
   points, float64).
 
 The residual is ``sqrt(1/n_in) (-Laplace u - f)`` at interior points and
-``sqrt(1/n_bd) (u - u*)`` at boundary points (half its squared norm is the usual PINN loss),
-given to the optimizer as a :class:`gramnewton.engines.FunctionalResidual`, whose per-sample
-Jacobian the ``functional`` engine computes exactly with ``torch.func``.
+``sqrt(1/n_bd) (u - u*)`` at boundary points (half its squared norm is the usual PINN loss), in
+one of two forms (``--form``):
+
+- ``taylor`` (default): :func:`gramnewton.pinn.taylor_residual`, the Laplacian propagated
+  forward through the MLP (:class:`gramnewton.pinn.ForwardLaplacian`); a plain closure whose
+  per-sample Jacobian the default hooks engine computes exactly (``engine="auto"``);
+- ``functional``: :func:`gramnewton.pinn.residual`, a :class:`gramnewton.engines.FunctionalResidual`
+  with the Laplacian by ``torch.func.hessian``, for the ``functional`` engine (``vmap(jacrev)``).
 
 Run:  PYTHONPATH=src python examples/poisson.py --dim 2 --seconds 60
 """
@@ -28,7 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from gramnewton import GainRatioDamping, GramGaussNewton, gram_gauss_newton_direction, pinn
-from gramnewton.engines import FunctionalEngine, FunctionalResidual
+from gramnewton.engines import FunctionalResidual
+from gramnewton.engines.select import select_engine
+
+Residual = FunctionalResidual | pinn.TaylorResidual
+# residual form -> the engine that computes its Gram matrix exactly and fast
+ENGINES = {"taylor": "auto", "functional": "functional"}
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,22 @@ def make_model(dim: int, widths: tuple[int, ...], seed: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(widths[-1], 1)).double()
 
 
-def make_residual(model: nn.Module, problem: Poisson, n_in: int, n_bd: int, generator: torch.Generator):
-    """Fresh collocation points and the weighted interior + boundary residual on them."""
+def make_residual(
+    model: nn.Sequential, problem: Poisson, n_in: int, n_bd: int, generator: torch.Generator, form: str = "taylor"
+) -> Residual:
+    """Fresh collocation points and the weighted interior + boundary residual on them, in the
+    ``form`` ``"taylor"`` (forward Laplacian) or ``"functional"`` (``torch.func``)."""
+    box = ([0.0] * problem.dim, [1.0] * problem.dim)
+    x_in = pinn.sample_interior(n_in, *box, generator=generator)
+    x_bd = pinn.sample_boundary(n_bd, *box, generator=generator)
+    if form == "taylor":
+        return pinn.taylor_residual(
+            model,
+            (lambda t, x: -t.laplacian[:, 0] - problem.source(x), x_in),
+            (lambda t, x: t.value[:, 0] - problem.exact(x), x_bd),
+        )
+    if form != "functional":
+        raise ValueError(f"unknown residual form {form!r}; expected one of {sorted(ENGINES)}")
     u = pinn.pointwise(model)
 
     def interior(p: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -76,21 +100,23 @@ def make_residual(model: nn.Module, problem: Poisson, n_in: int, n_bd: int, gene
     def boundary(p: dict[str, Tensor], x: Tensor) -> Tensor:
         return u(p, x) - problem.exact(x)
 
-    box = ([0.0] * problem.dim, [1.0] * problem.dim)
-    return pinn.residual(
-        dict(model.named_parameters()),
-        (interior, pinn.sample_interior(n_in, *box, generator=generator)),
-        (boundary, pinn.sample_boundary(n_bd, *box, generator=generator)),
-    )
+    return pinn.residual(dict(model.named_parameters()), (interior, x_in), (boundary, x_bd))
 
 
-def autograd_residual(model: nn.Module, problem: Poisson, residual: FunctionalResidual) -> Callable[[], Tensor]:
+def points_and_scales(residual: Residual) -> tuple[tuple[Tensor, Tensor], tuple[float, float]]:
+    """The interior and boundary points of ``residual`` and their rows' scales."""
+    if isinstance(residual, FunctionalResidual):
+        (x_in,), (x_bd,) = (t.inputs for t in residual.terms)
+        return (x_in, x_bd), (residual.terms[0].weight, residual.terms[1].weight)
+    (_, x_in, w_in), (_, x_bd, w_bd) = residual.parts
+    return (x_in, x_bd), (w_in, w_bd)
+
+
+def autograd_residual(model: nn.Module, problem: Poisson, residual: Residual) -> Callable[[], Tensor]:
     """The same rows as ``residual`` (its points and weights), with the Laplacian by
     ``torch.autograd.grad(create_graph=True)`` on the whole batch: what first-order optimizers
-    are given (faster for them than the per-sample ``torch.func`` form, which only the GGN
-    engine needs)."""
-    (x_in,), (x_bd,) = (t.inputs for t in residual.terms)
-    w_in, w_bd = (t.weight for t in residual.terms)
+    are given (for them faster than the per-sample ``torch.func`` form)."""
+    (x_in, x_bd), (w_in, w_bd) = points_and_scales(residual)
 
     def closure() -> Tensor:
         x = x_in.detach().requires_grad_(True)
@@ -116,10 +142,10 @@ def make_error(model: nn.Module, problem: Poisson, n_eval: int = 10_000, seed: i
     return error
 
 
-def ggn_optimizer(model: nn.Module, alpha: float = 1e-3, **kwargs) -> GramGaussNewton:
-    """GGN with the ``functional`` engine and Levenberg-Marquardt damping (``alpha`` adapted)."""
+def ggn_optimizer(model: nn.Module, alpha: float = 1e-3, form: str = "taylor", **kwargs) -> GramGaussNewton:
+    """GGN with Levenberg-Marquardt damping (``alpha`` adapted), the engine of the residual ``form``."""
     damping = GainRatioDamping(min_alpha=1e-12)
-    return GramGaussNewton(model, lam=1.0, alpha=alpha, engine="functional", adaptive_damping=damping, **kwargs)
+    return GramGaussNewton(model, lam=1.0, alpha=alpha, engine=ENGINES[form], adaptive_damping=damping, **kwargs)
 
 
 class LineSearchGGN:
@@ -133,17 +159,20 @@ class LineSearchGGN:
     points (the halving stops at the first ``eta`` that does no better than the previous one;
     ``eta = 0`` if none decreases it). Each trial costs one evaluation of the residuals, no
     Jacobian. The system is solved in parameter space when there are fewer parameters than
-    residuals (``solve_space="auto"``).
+    residuals (``solve_space="auto"``). ``form`` is the residual form the steps will get (it
+    picks the engine: :data:`ENGINES`).
     """
 
-    def __init__(self, model: nn.Module, alpha: float = 1e-10, momentum: float = 0.0, halvings: int = 30):
-        self.engine = FunctionalEngine(list(model.parameters()))
+    def __init__(
+        self, model: nn.Module, alpha: float = 1e-10, momentum: float = 0.0, halvings: int = 30, form: str = "taylor"
+    ):
+        self.engine = select_engine(list(model.parameters()), model, ENGINES[form])
         self.alpha, self.momentum, self.halvings = alpha, momentum, halvings
         self.phi: list[Tensor] | None = None  # the previous direction, unscaled (SPRING's phi)
         self.last_eta = 0.0
 
     @torch.no_grad()
-    def step(self, residual: FunctionalResidual) -> Tensor:
+    def step(self, residual: Residual) -> Tensor:
         """One step; returns the mean squared residual before it (like ``GramGaussNewton.step``)."""
         with torch.enable_grad():
             found = gram_gauss_newton_direction(
@@ -178,6 +207,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--widths", type=int, nargs="+", help="hidden widths (default: the problem's)")
     parser.add_argument("--points", type=int, nargs=2, help="interior and boundary points (default: the problem's)")
+    parser.add_argument("--form", choices=sorted(ENGINES), default="taylor", help="residual form (and engine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     problem, widths, n_in, n_bd = PROBLEMS[args.dim]
@@ -186,13 +216,13 @@ def main() -> None:
     model = make_model(args.dim, widths, args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     error = make_error(model, problem)
-    opt = LineSearchGGN(model, momentum=args.momentum)
-    residual = make_residual(model, problem, n_in, n_bd, generator)
+    opt = LineSearchGGN(model, momentum=args.momentum, form=args.form)
+    residual = make_residual(model, problem, n_in, n_bd, generator, args.form)
     print(f"{args.dim}-D Poisson, {sum(p.numel() for p in model.parameters())} parameters, {n_in}+{n_bd} points")
     start, step = time.perf_counter(), 0
     while time.perf_counter() - start < args.seconds:
         if args.resample:
-            residual = make_residual(model, problem, n_in, n_bd, generator)
+            residual = make_residual(model, problem, n_in, n_bd, generator, args.form)
         loss = opt.step(residual)
         step += 1
         elapsed = time.perf_counter() - start

@@ -12,7 +12,10 @@ where the boundary condition must hold (``u - g``). This module provides
 - :func:`residual`: interior + boundary residuals with weights, as a
   :class:`~gramnewton.engines.FunctionalResidual` (the closure of
   ``GramGaussNewton(..., engine="functional")``),
-- :func:`relative_l2`: the relative L2 error against a reference solution.
+- :func:`relative_l2`: the relative L2 error against a reference solution,
+- :class:`~gramnewton.forward_laplacian.ForwardLaplacian` and :func:`taylor_residual`: the same
+  residuals for an MLP with the derivatives propagated forward, a plain closure whose Gram
+  matrix the default (hooks) engine computes exactly and fast (``engine="auto"``).
 
 Example (2-D Poisson, ``-Laplace u = f`` on the unit square, ``u = 0`` on its boundary)::
 
@@ -36,6 +39,22 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
 from .engines.functional import FunctionalResidual, PerSample, Term
+from .forward_laplacian import ForwardLaplacian, Sin, Taylor
+
+__all__ = [
+    "ForwardLaplacian",
+    "Sin",
+    "Taylor",
+    "TaylorResidual",
+    "gradient",
+    "laplacian",
+    "pointwise",
+    "relative_l2",
+    "residual",
+    "sample_boundary",
+    "sample_interior",
+    "taylor_residual",
+]
 
 Point = Callable[[Tensor], Tensor]
 
@@ -114,6 +133,19 @@ def laplacian(u: Point, x: Tensor, dims: Sequence[int] | None = None) -> Tensor:
     return diagonal.sum() if dims is None else diagonal[list(dims)].sum()
 
 
+def _part(part: tuple) -> tuple[Callable, Tensor, float]:
+    """``(fn, points)`` or ``(fn, points, weight)`` validated; returns ``(fn, points, weight)``."""
+    if len(part) not in (2, 3):
+        raise ValueError(f"each part is (fn, points) or (fn, points, weight), got {len(part)} items")
+    fn, points, *rest = part
+    weight = float(rest[0]) if rest else 1.0
+    if not weight > 0:
+        raise ValueError(f"a part's weight must be positive, got {weight}")
+    if points.dim() != 2 or points.shape[0] == 0:
+        raise ValueError(f"points must have shape (n, d) with n > 0, got {tuple(points.shape)}")
+    return fn, points, weight
+
+
 def residual(
     params: Mapping[str, Tensor], *parts: tuple[PerSample, Tensor] | tuple[PerSample, Tensor, float]
 ) -> FunctionalResidual:
@@ -126,16 +158,75 @@ def residual(
     """
     terms = []
     for part in parts:
-        if len(part) not in (2, 3):
-            raise ValueError(f"each part is (fn, points) or (fn, points, weight), got {len(part)} items")
-        fn, points, *rest = part
-        weight = float(rest[0]) if rest else 1.0
-        if not weight > 0:
-            raise ValueError(f"a part's weight must be positive, got {weight}")
-        if points.dim() != 2 or points.shape[0] == 0:
-            raise ValueError(f"points must have shape (n, d) with n > 0, got {tuple(points.shape)}")
+        fn, points, weight = _part(part)
         terms.append(Term(fn, (points,), math.sqrt(weight / points.shape[0])))
     return FunctionalResidual(params, *terms)
+
+
+BatchPart = Callable[[Taylor, Tensor], Tensor]
+
+
+class TaylorResidual:
+    """A closure: the weighted residuals of every part from one :class:`ForwardLaplacian` pass.
+
+    All parts' points go through the network as one batch, so that every module is called once
+    with one row per residual (what the hooks engine needs for per-sample Jacobians); each part's
+    function then sees its own rows. Calling it returns ``(b,)`` (or ``(b, k)``) residuals, part
+    after part, row ``i`` depending on point ``i`` only.
+
+    Attributes:
+        taylor: the :class:`ForwardLaplacian` of the model.
+        parts: ``(fn, points, scale)`` per part, ``scale = sqrt(weight / n)``.
+    """
+
+    def __init__(self, taylor: ForwardLaplacian, parts: list[tuple[BatchPart, Tensor, float]]):
+        self.taylor, self.parts = taylor, parts
+        self._points = torch.cat([points for _, points, _ in parts])
+
+    def __call__(self) -> Tensor:
+        derivatives = self.taylor(self._points)
+        rows, start = [], 0
+        for fn, points, scale in self.parts:
+            stop = start + points.shape[0]
+            r = fn(derivatives.rows(start, stop), points)
+            if r.shape[0] != points.shape[0]:
+                raise ValueError(f"a part's function returned {tuple(r.shape)} for {points.shape[0]} points")
+            rows.append(scale * r.reshape(points.shape[0], -1))
+            start = stop
+        if len({r.shape[1] for r in rows}) != 1:
+            raise ValueError(f"every part must return the same number of outputs, got {[r.shape[1] for r in rows]}")
+        out = torch.cat(rows)
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+
+def taylor_residual(
+    model: nn.Sequential,
+    *parts: tuple[BatchPart, Tensor] | tuple[BatchPart, Tensor, float],
+    dims: Sequence[int] | None = None,
+) -> TaylorResidual:
+    """Interior + boundary (+ any other) residuals of an MLP by the forward Laplacian.
+
+    Each part is ``(fn, points)`` or ``(fn, points, weight)`` with ``points`` ``(n, d)`` and
+    ``fn(t, points) -> (n,)`` (or ``(n, k)``), ``t`` the part's :class:`Taylor` (``t.value``
+    ``(n, k)``, ``t.gradient`` ``(n, d, k)``, ``t.laplacian`` ``(n, k)`` over ``dims``). Rows are
+    scaled by ``sqrt(weight / n)`` as in :func:`residual`. E.g. for ``-Laplace u = f``,
+    ``u = g`` on the boundary::
+
+        closure = pinn.taylor_residual(model,
+                                       (lambda t, x: -t.laplacian[:, 0] - f(x), x_interior),
+                                       (lambda t, x: t.value[:, 0] - g(x), x_boundary, 10.0))
+        GramGaussNewton(model).step(closure)   # engine="auto": the hooks engine, exact
+
+    ``model`` is as for :class:`ForwardLaplacian` (Linear layers and smooth elementwise
+    activations in an ``nn.Sequential``).
+    """
+    if not parts:
+        raise ValueError("taylor_residual needs at least one part")
+    checked = []
+    for part in parts:
+        fn, points, weight = _part(part)
+        checked.append((fn, points, math.sqrt(weight / points.shape[0])))
+    return TaylorResidual(ForwardLaplacian(model, dims), checked)
 
 
 def relative_l2(predicted: Tensor, exact: Tensor) -> float:
