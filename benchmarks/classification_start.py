@@ -10,7 +10,8 @@ exactly 0) and with standardised ones (the data sets' default):
    second step's direction ``d`` against the model's real change along it: the relative error
    ``||f(w + t d) - f(w) - t J d|| / ||t J d||`` (``J d`` by ``torch.func.jvp``) and the loss
    change ``L(w + t d) - L(w)`` against the Gauss-Newton model ``t g^T J d + t^2/2 (J d)^T H (J d)``
-   for a few ``t``. A differentiable model has an error ``O(t)``. The same after training;
+   for a few ``t``. A differentiable model has an error ``O(t)``. The same after training (with
+   the ``lam`` and ``alpha`` the run ended with);
 3. ``runs``: ``--epochs`` epochs of each GGN setting in ``--settings`` (and Adam, lr 1e-2), the
    gain ratio, ``alpha`` and rejection of every step, and the test accuracy after every epoch.
 
@@ -79,10 +80,12 @@ def kink_fractions(model: nn.Module, x: torch.Tensor) -> list[float]:
     return fractions
 
 
-def linearisation(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """The second GGN step's direction (lam 8, alpha 0.3, no damping rule) against the model."""
+def linearisation(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lam: float = 8.0, alpha: float = 0.3
+) -> dict[str, Any]:
+    """The second GGN step's direction (``lam``, ``alpha``, no damping rule) against the model."""
     model = copy.deepcopy(model)
-    opt = GramGaussNewton(model, loss="cross_entropy", lam=8.0, alpha=0.3, adaptive_damping=False)
+    opt = GramGaussNewton(model, loss="cross_entropy", lam=lam, alpha=alpha, adaptive_damping=False)
     x, y = batches[0]
     opt.step(lambda: (model(x), y))
     x, y = batches[1]
@@ -153,13 +156,19 @@ def train(init: nn.Module, spec: dict[str, Any], variant: str, epochs: int, seed
         "after_training": {
             "first_relu_bias": float(model.bias1.bias.detach()),
             "kink": kink_fractions(model, after[0][0]),
-            "linearisation": linearisation(model, after),
+            # with the lam and alpha training ended with (Adam: the defaults above)
+            "linearisation": linearisation(model, after, *_lam_alpha(optimizer)),
         },
         "test_accuracy": [r.test_accuracy for r in evaluator.records],
         "seconds": [r.seconds for r in evaluator.records],
         "rejected": sum(s["rejected"] for s in log.steps),
         "steps": log.steps,
     }
+
+
+def _lam_alpha(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    group = optimizer.param_groups[0]
+    return (group["lam"], group["alpha"]) if isinstance(optimizer, GramGaussNewton) else (8.0, 0.3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         "setting": vars(args),
     }
     init = initial_model(args.seed)
+    out = ROOT / "benchmarks" / "results" / "classification_start.json"
     for key in ("raw", "scaled", "standardised"):
         train_set, _ = datasets(key, args.seed)
         order = batch_order(len(train_set), 128, args.seed, 1)
@@ -199,9 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {key} {name}: test accuracy per epoch {acc}; rejected {run['rejected']}", flush=True)
             print(f"    after training: bias1 {late['first_relu_bias']:.4g}, zero ReLU inputs {late['kink']}")
             print(f"    next steps: {late['linearisation']['rows'][:2]}")
-    record["load_after"] = os.getloadavg()
-    out = ROOT / "benchmarks" / "results" / "classification_start.json"
-    out.write_text(json.dumps(record, indent=1) + "\n")
+        record["load_after"] = os.getloadavg()
+        out.write_text(json.dumps(record, indent=1) + "\n")  # after every variant: a stopped run keeps them
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ CLASSIFY_SPECS: dict[str, dict[str, Any]] = {
 }
 CLASSIFY_GRID: dict[str, dict[str, list[Any]]] = {
     "GGN": {"curvature": ["gradient"], "lam": [8.0, 32.0, 128.0]},
-    "SGD": {"lr": [0.1, 0.3]},
+    "SGD": {"lr": [0.01, 0.03]},
     "Adam": {"lr": [3e-3, 1e-2, 3e-2]},
-    "K-FAC": {"lr": [0.1, 0.3]},
+    "K-FAC": {"lr": [0.01, 0.03]},
 }
 # Winners of the grid on standardised mnist (benchmarks/classification_time_to_accuracy.py, seed 0,
 # 30 s per point, 2026-11-29, docs/classification.md): highest final test accuracy. GGN's winner
