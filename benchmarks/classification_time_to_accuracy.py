@@ -78,19 +78,26 @@ def winner_key(result: dict[str, Any]) -> tuple:
     return (result["final_test_accuracy"], top, -(result["seconds_to"][top] if top else 0.0))
 
 
+def best_points(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each optimizer's winning hyper-parameters among grid ``points`` (:func:`winner_key`)."""
+    best: dict[str, dict[str, Any]] = {}
+    for entry in points:
+        name = entry["optimizer"]
+        if name not in best or winner_key(entry) > winner_key(best[name]):
+            best[name] = entry
+    return {name: entry["hyper_parameters"] for name, entry in best.items()}
+
+
 def grid(args: argparse.Namespace, points: list[dict[str, Any]], save: Callable[[], None]) -> dict[str, dict[str, Any]]:
     """Run the grid, appending each point to ``points`` and calling ``save`` after it; the winners."""
     config = DemoConfig(args.dataset, args.model, args.batch_size, args.grid_seconds, 1000, 0, task="classification")
-    best: dict[str, dict[str, Any]] = {}
     for name, hp in sweep_points({n: axes for n, axes in CLASSIFY_GRID.items() if n in args.optimizers}):
         result = run(config, {name: hp})
         entry = {"optimizer": name, **result[name], "load": result["_load"]}
         points.append(entry)
         save()
         print(f"grid {name} {hp}: final test accuracy {entry['final_test_accuracy']:.4f}", flush=True)
-        if name not in best or winner_key(entry) > winner_key(best[name]):
-            best[name] = entry
-    return {name: entry["hyper_parameters"] for name, entry in best.items()}
+    return best_points(points)
 
 
 def table(seeds: dict[int, dict[str, Any]]) -> str:
@@ -200,6 +207,7 @@ def combine(records: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]
     winners: dict[str, Any] = {}
     for record in records:
         seeds.update(record["seeds"])
+        winners.update(best_points(record["grid"]))  # a grid stopped early has no winners yet
         winners.update(record["winners"])
     points = [point for r in records for point in r["grid"]]
     from_grid = {
