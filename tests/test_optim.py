@@ -85,6 +85,25 @@ def test_weight_decay_is_decoupled():
     assert_close(flat_params(model), expected, 1e-10, "decoupled weight decay")
 
 
+def test_weight_decay_with_gain_ratio_is_the_same_step_and_does_not_bias_the_ratio():
+    # the decay is applied after the verdict: the step is still (1 - wd) w - phi, and the gain
+    # ratio is the one of the Gauss-Newton step alone (a decay that raised the batch loss used to
+    # be judged as a failed step, and a large wd then rejected every step)
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    plain, decayed = _mlp().double(), _mlp().double()
+    decayed.load_state_dict(plain.state_dict())
+    wd = 0.2
+    expected = (1 - wd) * flat_params(plain) + dense_step(plain, x, y, 1.0, 0.1)
+    ratios = []
+    for model, decay in ((plain, 0.0), (decayed, wd)):
+        opt = GramGaussNewton(model, alpha=0.1, weight_decay=decay, lam=1.0, adaptive_damping=True)
+        opt.step(lambda m=model: m(x) - y)
+        assert not opt.last_diagnostics.rejected
+        ratios.append(opt.last_gain_ratio)
+    assert_close(flat_params(decayed), expected, 1e-10, "decayed step with a damping rule")
+    assert ratios[0] == ratios[1], ratios
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

@@ -81,7 +81,8 @@ class GramGaussNewton(Optimizer):
             mode is refused) or an iterable of parameters or parameter groups.
         lam: scale of the Gram matrix.
         alpha: Tikhonov damping added to ``lam * G``.
-        weight_decay: decoupled weight decay per step, in ``[0, 1)``.
+        weight_decay: decoupled weight decay per step, in ``[0, 1)``. A damping rule's gain
+            ratio judges the step without it (the decay is applied once the step is accepted).
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
             ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
@@ -260,10 +261,15 @@ class GramGaussNewton(Optimizer):
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
-            apply_direction(params, [updates[id(p)] for p in params], group["weight_decay"])
+            # with a damping rule the decay waits for the verdict: the gain ratio judges the
+            # Gauss-Newton step alone (the decay is not part of the loss model it tests)
+            decay = 0.0 if self.damping is not None else group["weight_decay"]
+            apply_direction(params, [updates[id(p)] for p in params], decay)
         diagnostics = _diagnostics(result, lam, momentum)
         if self.damping is not None:
             diagnostics = self._adapt_damping(closure, result, backup, diagnostics, general)
+            if not diagnostics.rejected:
+                self._decay(backup)
         if not diagnostics.rejected:
             for p in self.engine.params:
                 state = self.state[p]
@@ -273,6 +279,17 @@ class GramGaussNewton(Optimizer):
         self.last_step = result
         self.last_diagnostics = diagnostics
         return loss
+
+    @torch.no_grad()
+    def _decay(self, before: list[Tensor]) -> None:
+        """``w <- w - wd * w_before``: the decoupled decay of an accepted step, from the
+        parameters before it (so the step is ``(1 - wd) w - phi`` as without a damping rule)."""
+        old = {id(p): b for p, b in zip(self.engine.params, before)}
+        for group in self.param_groups:
+            if group["weight_decay"]:
+                for p in group["params"]:
+                    if id(p) in old:
+                        p.sub_(old[id(p)], alpha=group["weight_decay"])
 
     def _without_ddp_sync(self, closure: Closure) -> Closure:
         """``closure`` run under DDP's ``no_sync()``: no gradient all-reduce is prepared."""
