@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from dense import assert_close, dense_jacobian, flat_params
+from dense import assert_close, dense_jacobian, dense_step, flat_params
 from test_optim import CASES
 from torch import Tensor, nn
 
@@ -379,3 +379,28 @@ def test_rule_choosing_an_invalid_alpha_changes_nothing():
     with pytest.raises(ValueError, match="alpha"):
         opt.step(lambda: model(x) - y)
     assert torch.equal(flat_params(model), before) and not opt.state
+
+
+def test_step_after_two_rejections_restarts_momentum():
+    # raising alpha never shrinks mu * phi_{t-1}: a momentum step that keeps failing would be
+    # retried and rejected forever, so after two rejections in a row the next step starts from
+    # phi_{t-1} = 0 (each rejected step leaves parameters and phi as they were; after a single
+    # rejection the next step continues from phi, as the test above checks)
+    torch.manual_seed(0)
+    model = _small_mlp().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    opt = GramGaussNewton(
+        model, lam=2.0, alpha=0.3, momentum=0.8, adaptive_damping=_Scripted([True, False, False, True])
+    )
+    opt.step(lambda: model(x) - y)
+    phi = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    before = flat_params(model)
+    for _ in range(2):
+        opt.step(lambda: model(x) - y)
+        assert opt.last_diagnostics.rejected and torch.equal(flat_params(model), before)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), phi))
+    alpha = opt.param_groups[0]["alpha"]
+    expected = before + dense_step(model, x, y, 2.0, alpha)  # the momentum-free step of Eq. 11
+    opt.step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, "restarted step")
+    assert opt.rejections_in_a_row == 0

@@ -98,7 +98,9 @@ class GramGaussNewton(Optimizer):
             also set each step's ``alpha`` from the batch's Gram system before the solve, and may
             skip the extra forward pass (:mod:`gramnewton.damping`). ``alpha`` in
             ``param_groups`` then holds the current value.
-        momentum: :math:`\mu` of the sample-space momentum above; ``0`` (default) is Eq. 11.
+        momentum: :math:`\mu` of the sample-space momentum above; ``0`` is Eq. 11. With a
+            damping rule, a step that follows two rejected steps in a row restarts from
+            :math:`\phi_{t-1} = 0` (``alpha`` cannot shrink :math:`\mu \phi_{t-1}`).
         solve_space: ``"sample"`` solves the ``(b*k, b*k)`` system above; ``"parameter"`` the
             ``(m, m)`` system ``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}``, equal by
             the push-through identity (Levenberg-Marquardt; needs the dense ``J``, so only for
@@ -198,6 +200,10 @@ class GramGaussNewton(Optimizer):
             if self.distributed == "exact":
                 self.engine = ExactGramEngine(self.engine, self.communicator)
         self.last_step: GramGaussNewtonStep | None = None
+        # after two rejected steps in a row the next one starts its momentum afresh (phi_{t-1} = 0):
+        # raising alpha shrinks only the new part of a momentum step, never mu * phi_{t-1}, so a
+        # momentum step that keeps failing would otherwise be retried and rejected forever
+        self.rejections_in_a_row = 0
         self.last_gain_ratio: float | None = None
         self.last_diagnostics: StepDiagnostics | None = None
 
@@ -242,7 +248,7 @@ class GramGaussNewton(Optimizer):
             alpha=alpha,
             solve_dtype=self.solve_dtype,
             momentum=momentum,
-            previous=self._momentum_buffers() if momentum else None,
+            previous=self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None,
             solve_space=self.solve_space,
             choose_alpha=None if choose is None else lambda system: choose(alpha, system, lam),
         )
@@ -342,6 +348,7 @@ class GramGaussNewton(Optimizer):
             group["alpha"] = decision.alpha
         if not decision.accept:
             _restore(self.engine.params, backup)
+        self.rejections_in_a_row = 0 if decision.accept else self.rejections_in_a_row + 1
         return replace(diagnostics, rejected=not decision.accept)
 
     @torch.no_grad()
