@@ -26,7 +26,7 @@ class SineModel(nn.Module):
 def test_linear_model_has_gain_ratio_one_and_alpha_drops():
     model = nn.Linear(5, 1, dtype=torch.float64)
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, alpha=0.5, adaptive_damping=GainRatioDamping(factor=4.0), lam=1.0)
+    opt = GramGaussNewton(model, alpha=0.5, adaptive_damping=GainRatioDamping(factor=4.0), lam=1.0, momentum=0.0)
     opt.step(lambda: model(x) - y)
     assert abs(opt.last_gain_ratio - 1.0) < 1e-10
     assert opt.param_groups[0]["alpha"] == pytest.approx(0.125)
@@ -35,7 +35,7 @@ def test_linear_model_has_gain_ratio_one_and_alpha_drops():
 def test_step_that_increases_the_loss_is_undone_and_alpha_raised():
     model = SineModel(0.4)
     x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, lam=1.0, momentum=0.0)
     opt.step(lambda: model(x) - y)
     assert opt.last_gain_ratio < 0
     assert float(model.w.detach()) == 0.4
@@ -48,9 +48,9 @@ def test_step_that_increases_the_loss_is_undone_and_alpha_raised():
 def test_adapted_alpha_survives_state_dict():
     model = nn.Linear(3, 1)
     x, y = torch.randn(4, 3), torch.randn(4, 1)
-    opt = GramGaussNewton(model, alpha=1.0, adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(model, alpha=1.0, adaptive_damping=True, lam=1.0, momentum=0.0)
     opt.step(lambda: model(x) - y)
-    twin = GramGaussNewton(nn.Linear(3, 1), alpha=1.0, adaptive_damping=True, lam=1.0)
+    twin = GramGaussNewton(nn.Linear(3, 1), alpha=1.0, adaptive_damping=True, lam=1.0, momentum=0.0)
     twin.load_state_dict(opt.state_dict())
     assert twin.param_groups[0]["alpha"] == opt.param_groups[0]["alpha"] < 1.0
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .damping import DampingRule, damping_rule, gain_ratio, loss_gain_ratio
+from .damping import DampingRule, GainRatioDamping, damping_rule, gain_ratio, loss_gain_ratio
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
@@ -88,8 +88,9 @@ class GramGaussNewton(Optimizer):
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
             physics-informed residual), or an engine instance.
         solve_dtype: dtype of the small solve, e.g. ``torch.float64``.
-        adaptive_damping: ``"auto"`` (default: ``"gain_ratio"``, except a fixed ``alpha`` with
-            ``distributed="local"``), ``True`` or ``"gain_ratio"`` (a
+        adaptive_damping: ``"auto"`` (default: ``GainRatioDamping(check_every=4)``, which
+            re-evaluates only one step in four once ``alpha`` sits at its floor with gain ratios
+            near one; a fixed ``alpha`` with ``distributed="local"``), ``True`` or ``"gain_ratio"`` (a
             :class:`~gramnewton.damping.GainRatioDamping`: Levenberg-Marquardt's gain ratio, one
             extra forward pass without gradients per step), ``"cross_validated"`` (a
             :class:`~gramnewton.damping.CrossValidatedDamping`), any
@@ -133,9 +134,10 @@ class GramGaussNewton(Optimizer):
             all-reduce would be wasted). The returned loss is the union batch's.
         process_group: the ranks to span (default: the whole world).
 
-    The defaults (``lam=32, alpha=0.3``, gain-ratio damping) come from the measurements of
-    ``docs/convergence.md``: on mini-batches a short step (each batch's outputs moved 1/32 of the
-    way to its targets) averages the batch noise that a long step fits. ``lam=1, alpha=0,
+    The defaults (``lam=16, alpha=0.3, momentum=0.9``, gain-ratio damping) come from the races of
+    ``docs/convergence.md``: on mini-batches a short step (each batch's outputs moved 1/16 of the
+    way to its targets) averages the batch noise that a long step fits, and the momentum carries
+    the part of the step that batches agree on. ``lam=1, alpha=0, momentum=0,
     adaptive_damping=False`` is the paper's Eq. 10 (Eq. 9 with the whole data set).
 
     ``lam``, ``alpha`` and ``momentum`` live in ``param_groups`` and must agree across groups (one
@@ -154,13 +156,13 @@ class GramGaussNewton(Optimizer):
         self,
         params_or_model: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
-        lam: float = 32.0,
+        lam: float = 16.0,
         alpha: float = 0.3,
         weight_decay: float = 0.0,
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
         adaptive_damping: bool | str | DampingRule = "auto",
-        momentum: float = 0.0,
+        momentum: float = 0.9,
         solve_space: str = "auto",
         loss: str | Loss = "mse",
         curvature: str = "auto",
@@ -188,7 +190,7 @@ class GramGaussNewton(Optimizer):
         self.solve_dtype = solve_dtype
         self.solve_space = solve_space
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
-            adaptive_damping = self.distributed != "local" and "gain_ratio"
+            adaptive_damping = self.distributed != "local" and GainRatioDamping(check_every=4)
         self.damping: DampingRule | None = damping_rule(adaptive_damping)
         self.communicator: Communicator | None = None
         if self.distributed is not None:
@@ -317,7 +319,7 @@ class GramGaussNewton(Optimizer):
 
     def _momentum_buffers(self) -> list[Tensor] | None:
         """``phi_{t-1}`` per parameter, or ``None`` before the first step (``phi_0 = 0``)."""
-        buffers = [self.state[p].get("momentum_buffer") for p in self.engine.params]
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in self.engine.params]
         return None if any(b is None for b in buffers) else buffers
 
     @torch.no_grad()
