@@ -625,6 +625,41 @@ def test_workspace_frees_kept_buffers_a_step_did_not_use() -> None:
     assert work.scratch("patches", (2, 3), like).data_ptr() == grown.data_ptr()  # a smaller view, no new buffer
 
 
+def test_a_step_leaves_no_hooked_call_or_autograd_graph_behind() -> None:
+    """Each output's autograd node holds its hook and the hook its call: a call still holding the
+    node would form a cycle through C++ that Python's collector cannot free, leaking every step's
+    graph nodes (which fragmented glibc's heap: docs/performance.md)."""
+    import gc
+
+    from gramnewton.engines import hooks
+
+    case = next(c for c in CASES if c.name == "conv2d_b36_syrk")
+    model, x, y = build(case)
+    engine = HooksEngine(model)
+    for _ in range(2):
+        engine.compute(lambda: model(x).reshape(case.batch, -1) - y).jt_times(torch.ones(y.numel()))
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, hooks._Call)]
+
+
+def test_workspace_cuts_scratch_to_what_the_last_step_used() -> None:
+    """Scratch grown by a step of larger shapes (or a slot a step no longer uses) is not held on."""
+    from gramnewton.engines.workspace import Workspace
+
+    work, like = Workspace(), torch.zeros(1)
+    work.new_step()
+    work.scratch("patches", (100,), like)  # e.g. a first step at a larger batch
+    work.scratch("jac", (7,), like)
+    work.new_step()
+    work.scratch("patches", (3, 4), like)  # this step uses 12 entries and no "jac"
+    assert work.nbytes == (100 + 7) * 4  # nothing is freed in the middle of a step
+    work.new_step()
+    assert work.nbytes == 12 * 4
+    kept = work.scratch("patches", (12,), like)
+    work.new_step()  # a step that used all of it keeps the same storage
+    assert work.scratch("patches", (2, 6), like).data_ptr() == kept.data_ptr() and work.nbytes == 12 * 4
+
+
 def test_timing_trials_leave_no_workspace_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """A path that loses the first-step timing must not keep its buffers in the workspace."""
     monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())

@@ -358,6 +358,39 @@ def test_rows_that_are_not_samples_give_the_exact_gram_and_step(name: str) -> No
     assert_close(flat_params(model), expected, 1e-10, f"{name}: parameters after one step")
 
 
+class Leaky(nn.Module):
+    """Each sample's hidden row leaks a little into every other sample's (``h - leak * h.mean(0)``)."""
+
+    def __init__(self, leak: float) -> None:
+        super().__init__()
+        self.leak, self.inp, self.out = leak, nn.Linear(3, 256), nn.Linear(256, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        return self.out(torch.tanh(h - self.leak * h.mean(0)))
+
+
+@pytest.mark.parametrize("leak", [0.0, 1e-2])
+def test_row_check_in_float32_catches_a_one_percent_leak_between_samples(leak: float) -> None:
+    """The check reduces each output gradient to a few random projections per row (engines/rows.py):
+    a 1% coupling of 64 samples in float32 must still fail it, and no coupling must pass."""
+    import warnings
+
+    from gramnewton.engines import HooksEngine
+
+    torch.manual_seed(0)
+    model, x = Leaky(leak), torch.randn(64, 3)
+    engine = HooksEngine(model)
+    if leak:
+        with pytest.warns(UserWarning, match="rows of its output are not the samples"):
+            engine.compute(lambda: model(x).squeeze(1))
+        assert set(engine._row_verdicts.popitem()[1]) == {0}  # the first Linear, not the head
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            engine.compute(lambda: model(x).squeeze(1))
+
+
 # --- item 7: full_batch_step with alpha = 0 on an ill-conditioned problem -------------------------------
 
 

@@ -13,25 +13,36 @@ The check. Let ``D^c_ij = d r_ic / d y_j`` (``y_j``: row ``j`` of the module's o
 
     g_A[j] = sum_ic u_ic D^c_ij,        g_B[j] = sum_ic s_i u_ic D^c_ij.
 
-If row ``j`` reaches sample ``j`` only, ``g_B[j] = s_j g_A[j]`` exactly; otherwise the difference is
-``sum_{i != j} (s_i - s_j) sum_c u_ic D^c_ij``, non-zero for almost every ``u``, ``s``. A call whose
-``max |g_B - s g_A|`` exceeds ``sqrt(eps)`` (of the residuals' dtype) times ``max(|g_B|, |s g_A|)``
-fails; its parameters go to the exact reference engine.
+If row ``j`` reaches sample ``j`` only, ``g_B[j] = s_j g_A[j]`` exactly; otherwise the difference
+``d_j = sum_{i != j} (s_i - s_j) sum_c u_ic D^c_ij`` is non-zero for almost every ``u``, ``s``.
 
-Cost: two backward passes down to the first hooked module (no weight-gradient kernel), with the
-gradients at every hooked output held at once. It runs once per forward signature (the autograd
-graph's node types and the hooked calls' modules and shapes, :func:`graph_signature`) and the
-engine keeps the verdict, so a training loop pays it on its first step.
+Memory. Holding ``g_A`` and ``g_B`` of every hooked output at once would cost two copies of the
+forward's activations (the first step's peak, about 2x an SGD step's on a ResNet). Instead each
+gradient is reduced, as soon as the backward pass forms it, to ``P = PROJECTIONS`` numbers per row:
+``p[j] = W^T vec(g[j])`` with ``W`` an ``(N, P)`` standard normal matrix drawn once per output
+(``N`` entries per row), accumulated in float64. The projections are linear, so
+``p_B[j] - s_j p_A[j] = W^T d_j``: each of its ``P`` entries is a normal variable of standard deviation
+``||d_j||`` (zero only if ``d_j = 0``), while the rounding left in ``g_B - s g_A`` projects to about
+``eps ||g_j||``. A call fails when ``max_j |p_B[j] - s_j p_A[j]|`` exceeds ``sqrt(eps)`` (of the
+residuals' dtype) times ``max_j max(||g_B[j]||, s_j ||g_A[j]||)``; its parameters go to the exact
+reference engine. (A mixing ``d`` escapes only if all ``P`` projections fall below the tolerance,
+probability about ``(tolerance * scale / ||d||)^P``; the elementwise form of the check needed the
+two full gradients.)
+
+Cost: two backward passes down to the first hooked module (no weight-gradient kernel), holding one
+output gradient at a time beyond what the backward pass itself holds. It runs once per forward
+signature (the autograd graph's node types and the hooked calls' modules and shapes,
+:func:`graph_signature`) and the engine keeps the verdict, so a training loop pays it on its first
+step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
 
 
 def children(node: Any) -> list[Any]:
@@ -62,23 +73,63 @@ def graph_signature(post: Sequence[Any], calls: Hashable) -> tuple:
     return (tuple((type(node), len(node.next_functions)) for node in post), calls)
 
 
-def rows_not_samples(residuals: Tensor, edges: Sequence[GradientEdge]) -> list[bool]:
-    """For each hooked output ``edges[n]`` (``(b, ...)``, reachable from ``residuals``), whether some
-    row ``j`` of it reaches the residuals ``(b, k)`` of a sample other than ``j``."""
+# Random projections per row of each checked output gradient (see the module docstring).
+PROJECTIONS = 4
+# Rows converted to float64 at a time (bounds the transient copy of a gradient).
+ROW_BLOCK = 16
+
+
+def rows_not_samples(
+    residuals: Tensor, widths: Sequence[int], backward: Callable[[Tensor, Callable[[int, Tensor], None]], None]
+) -> list[bool]:
+    """For each hooked output ``n`` (``(b, ...)`` with ``widths[n]`` entries per row, reachable from
+    ``residuals``), whether some row ``j`` of it reaches the residuals ``(b, k)`` of a sample other
+    than ``j``.
+
+    Args:
+        residuals: ``(b, k)``, with the graph retained.
+        widths: entries per row of each checked output, indexed ``0 .. len(widths) - 1``.
+        backward: ``backward(weights, observe)`` runs one backward pass of ``residuals`` weighted by
+            ``weights`` ``(b, k)`` (the graph retained) and calls ``observe(n, grad)`` with the
+            gradient at output ``n`` as soon as it is formed (once per output and pass).
+    An output not observed in both passes, or whose gradient is not ``(b, ...)`` with ``widths[n]``
+    entries per row, fails.
+
+    Everything the check keeps (directions, projections, norms) is allocated before the backward
+    passes: small tensors allocated between the passes' large transient gradients would pin those
+    gradients' freed blocks and fragment the allocator's heap.
+    """
     b, k = residuals.shape
+    count = len(widths)
     generator = torch.Generator().manual_seed(0)
-    u = (1 + torch.rand(b, k, generator=generator, dtype=torch.float64)).to(residuals)
-    s = (1 + torch.rand(b, generator=generator, dtype=torch.float64)).to(residuals)
-    unique = list({(id(e.node), e.output_nr): e for e in edges}.values())
-    grad_a = torch.autograd.grad(residuals, unique, grad_outputs=u, retain_graph=True)
-    grad_b = torch.autograd.grad(residuals, unique, grad_outputs=s.unsqueeze(1) * u, retain_graph=True)
+    u = 1 + torch.rand(b, k, generator=generator, dtype=torch.float64)
+    s = 1 + torch.rand(b, generator=generator, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=residuals.device)
+    directions = [torch.randn(w, PROJECTIONS, generator=generator, dtype=torch.float64).to(**f64) for w in widths]
+    projected = torch.zeros(2, count, b, PROJECTIONS, **f64)  # pass, output, row: W^T vec(g[row])
+    norms = torch.zeros(2, count, b, **f64)  # ||g[row]||
+    seen = [[False] * count, [False] * count]
+    wrong_rows: set[int] = set()
+
+    for step, weights in enumerate((u, s.unsqueeze(1) * u)):
+
+        def observe(n: int, grad: Tensor, step: int = step) -> None:
+            if grad.dim() == 0 or grad.shape[0] != b or grad[0].numel() != widths[n]:
+                wrong_rows.add(n)
+                return
+            flat = grad.detach().reshape(b, widths[n])
+            for start in range(0, b, ROW_BLOCK):
+                block = flat[start : start + ROW_BLOCK].to(torch.float64)
+                torch.matmul(block, directions[n], out=projected[step, n, start : start + ROW_BLOCK])
+                torch.linalg.vector_norm(block, dim=1, out=norms[step, n, start : start + ROW_BLOCK])
+            seen[step][n] = True
+
+        backward(weights.to(residuals), observe)
+
     tolerance = torch.finfo(residuals.dtype).eps ** 0.5
-    verdict = {}
-    for edge, g_a, g_b in zip(unique, grad_a, grad_b):
-        if g_a.dim() == 0 or g_a.shape[0] != b:
-            verdict[(id(edge.node), edge.output_nr)] = True
-            continue
-        expected = s.view(b, *([1] * (g_a.dim() - 1))) * g_a
-        scale = float(torch.maximum(g_b.abs().max(), expected.abs().max()))
-        verdict[(id(edge.node), edge.output_nr)] = float((g_b - expected).abs().max()) > tolerance * scale
-    return [verdict[(id(e.node), e.output_nr)] for e in edges]
+    s = s.to(projected.device)
+    difference = (projected[1] - s.view(1, b, 1) * projected[0]).abs().amax((1, 2)).tolist()
+    scale = torch.maximum(norms[1], s * norms[0]).amax(1).tolist()
+    return [
+        n in wrong_rows or not (seen[0][n] and seen[1][n]) or difference[n] > tolerance * scale[n] for n in range(count)
+    ]

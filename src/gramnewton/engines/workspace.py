@@ -53,17 +53,26 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[Hashable, Tensor] = {}
         self._taken: Counter[Hashable] = Counter()
+        self._scratch_used: Counter[str] = Counter()  # slot -> largest request of this step (entries)
         self.step = 0
 
     def new_step(self) -> None:
-        """Start a step: buffers kept in the previous one may be handed out again; kept buffers
-        the previous step did not ask for (e.g. left by a first step's trials) are freed."""
+        """Start a step: buffers kept in the previous one may be handed out again. Buffers the
+        previous step did not ask for (e.g. left by a first step of another shape) are freed, and a
+        scratch buffer larger than the previous step's largest request is cut to it, so the steady
+        state holds only what a step uses."""
         if self.step:
-            stale = [k for k in self._buffers if k[0] == "keep" and k[2] >= self._taken[k[1]]]
-            for key in stale:
-                del self._buffers[key]
+            for key in list(self._buffers):
+                if key[0] == "keep" and key[2] >= self._taken[key[1]]:
+                    del self._buffers[key]
+                elif key[0] == "scratch":
+                    used = self._scratch_used[key[1]]
+                    buf = self._buffers.pop(key)
+                    if used:  # the allocator reuses the freed block for the smaller one
+                        self._buffers[key] = buf if buf.numel() == used else buf.new_empty(used)
         self.step += 1
         self._taken.clear()
+        self._scratch_used.clear()
 
     def _buffer(self, key: Hashable, shape: tuple[int, ...], like: Tensor) -> Tensor:
         buf = self._buffers.get(key)
@@ -80,6 +89,7 @@ class Workspace:
         of different shapes share it without reallocating.
         """
         numel = math.prod(shape)
+        self._scratch_used[slot] = max(self._scratch_used[slot], numel)
         buf = self._buffers.get(("scratch", slot))
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
             size = max(numel, buf.numel() if buf is not None and buf.dtype == like.dtype else 0)

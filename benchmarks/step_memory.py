@@ -1,0 +1,124 @@
+"""Memory of each training step: peak resident set per step and the allocator's heap.
+
+Not a test. ``benchmarks/step_cost.py`` records one figure per method, the peak resident set
+(``VmHWM``) of a child running two steps. This script follows a child step by step, to tell the
+one-time work of the first step (the hooks engine's row check, the conv-path timing trials) from
+the steady state, and live memory from what the allocator keeps:
+
+- ``peak_mb``: the step's own peak resident set (``VmHWM``, reset before the step by writing ``5``
+  to ``/proc/self/clear_refs``);
+- ``heap_mb`` / ``in_use_mb``: glibc's ``mallinfo2()`` after the step, the bytes its arenas hold
+  from the kernel and the bytes allocated in them (``null`` with another allocator). A heap that
+  grows step after step with the same bytes in use is fragmentation: something small and
+  long-lived sits between the step's large blocks.
+
+Each (model, method, allocator) runs in a fresh child process (``torch.set_num_threads(2)``,
+``OMP_WAIT_POLICY=PASSIVE``), as in ``step_cost.py``, with the same models and allocators.
+
+Usage::
+
+    python benchmarks/step_memory.py --models fixup32 --methods sgd ggn_fast --allocators system tuned --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import step_cost
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def heap() -> tuple[float, float] | None:
+    """glibc's ``(heap, in use)`` in MB (arenas plus mapped blocks), or ``None`` without glibc's malloc."""
+    if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return None
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.arena + info.hblkhd) / 2**20, (info.uordblks + info.hblkhd) / 2**20
+
+
+def measure(model_name: str, batch: int, method: str, steps: int) -> list[dict]:
+    """In this process: ``steps`` steps of ``method``, one record per step."""
+    model, x, y = step_cost.setup(model_name, batch)
+    step, _ = step_cost.make_step(method, model, x, y)
+    records = []
+    for _ in range(steps):
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
+        step()
+        heap_mb, in_use_mb = heap() or (None, None)
+        records.append({"peak_mb": step_cost.high_water_kb() / 1024, "heap_mb": heap_mb, "in_use_mb": in_use_mb})
+    return records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["fixup32"], choices=list(step_cost.MODELS))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--methods", nargs="+", default=["sgd", "ggn_fast"], choices=["sgd", "adam", "ggn_fast"])
+    p.add_argument("--allocators", nargs="+", default=["system", "tuned"], choices=step_cost.ALLOCATORS)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--label", default="", help="recorded with each run, e.g. the commit measured")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_memory.json")
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "METHOD", "ALLOCATOR"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        model_name, method, allocator = args.child
+        step_cost.apply_allocator(allocator)
+        torch.set_num_threads(2)
+        print(json.dumps(measure(model_name, args.batch, method, args.steps)))
+        return
+    results = json.loads(args.out.read_text()) if args.out.exists() else []
+    for model_name in args.models:
+        for allocator in args.allocators:
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--batch", str(args.batch), "--steps", str(args.steps)]
+                cmd += ["--child", model_name, method, allocator]
+                env = step_cost.allocator_env(allocator, "PASSIVE")
+                load = os.getloadavg()
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+                steps = json.loads(out.strip().splitlines()[-1])
+                results.append(
+                    {
+                        "model": model_name,
+                        "batch": args.batch,
+                        "method": method,
+                        "allocator": allocator,
+                        "label": args.label,
+                        "started": datetime.datetime.now(datetime.UTC).isoformat(),
+                        "load_average": load,
+                        "torch": torch.__version__,
+                        "steps": steps,
+                    }
+                )
+                peaks = " ".join(f"{s['peak_mb']:.0f}" for s in steps)
+                heaps = " ".join("-" if s["heap_mb"] is None else f"{s['heap_mb']:.0f}" for s in steps)
+                print(
+                    f"{model_name} b={args.batch} {method} [{allocator}, load {load[0]:.1f}]: peak MB per step {peaks}; heap MB {heaps}",
+                    flush=True,
+                )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
