@@ -75,3 +75,13 @@ class TensorRegressionDataset(Dataset):
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.inputs.shape[1:])
+
+
+def standardise_images(images: Tensor, train_images: Tensor) -> Tensor:
+    """``images`` ``(n, C, H, W)`` minus the per-channel mean of ``train_images`` ``(n_train, C, H, W)``,
+    divided by its per-channel (population) standard deviation (1 where that is 0)."""
+    train = train_images.double()
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return ((images.double() - mean) / std).to(images.dtype)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import split_indices
+from .base import split_indices, standardise_images
 from .embedded import digits_arrays, mnist_arrays
 from .fashion import fashion_file
 from .idx import read_idx
@@ -78,16 +78,6 @@ def is_classification(dataset: Dataset) -> bool:
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Fraction of rows of ``logits`` ``(b, k)`` whose largest entry is at ``labels`` ``(b,)``."""
     return float((logits.argmax(1) == labels).double().mean())
-
-
-def standardise_images(images: Tensor, train_images: Tensor) -> Tensor:
-    """``images`` ``(n, C, H, W)`` minus the per-channel mean of ``train_images`` ``(n_train, C, H, W)``,
-    divided by its per-channel (population) standard deviation (1 where that is 0)."""
-    train = train_images.double()
-    mean = train.mean(dim=(0, 2, 3), keepdim=True)
-    std = train.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return ((images.double() - mean) / std).to(images.dtype)
 
 
 def _split(

