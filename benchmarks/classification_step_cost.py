@@ -50,7 +50,14 @@ METHODS: dict[str, tuple[dict, str]] = {
         "cross_entropy",
     ),
     "ggn_exact": (
-        {"name": "ggn", "alpha": 1e6, "adaptive_damping": False, "loss": "cross_entropy", "curvature": "exact"},
+        {
+            "name": "ggn",
+            "momentum": 0.0,
+            "alpha": 1e6,
+            "adaptive_damping": False,
+            "loss": "cross_entropy",
+            "curvature": "exact",
+        },
         "cross_entropy",
     ),
     "ggn_top_c1": (
@@ -76,10 +83,17 @@ METHODS: dict[str, tuple[dict, str]] = {
         "cross_entropy",
     ),
     "ggn_gradient": (
-        {"name": "ggn", "alpha": 1e6, "adaptive_damping": False, "loss": "cross_entropy", "curvature": "gradient"},
+        {
+            "name": "ggn",
+            "momentum": 0.0,
+            "alpha": 1e6,
+            "adaptive_damping": False,
+            "loss": "cross_entropy",
+            "curvature": "gradient",
+        },
         "cross_entropy",
     ),
-    "ggn_mse_k10": ({"name": "ggn", "alpha": 1e6, "adaptive_damping": False}, "mse"),
+    "ggn_mse_k10": ({"name": "ggn", "momentum": 0.0, "alpha": 1e6, "adaptive_damping": False}, "mse"),
 }
 
 

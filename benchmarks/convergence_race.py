@@ -10,7 +10,8 @@ train and test MSE are evaluated (not timed) at every ``--mark`` CPU seconds of 
 
 A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9) or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
-``weight_decay``) plus ``damping=fixed|gain_ratio|cross_validated`` and, for the
+``weight_decay``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
+``check_every`` (see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
 cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
 ``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults.
 
@@ -70,11 +71,12 @@ def build(spec: str, model: nn.Module) -> Optimizer:
         raise ValueError(f"unknown variant kind {kind!r}")
     damping = hp.pop("damping", None)
     cv_max = float(hp.pop("cv_max", 1.0))
+    check_every = hp.pop("check_every", 1)
     kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()}
     if damping == "fixed":
         kwargs["adaptive_damping"] = False
     elif damping == "gain_ratio":
-        kwargs["adaptive_damping"] = GainRatioDamping()
+        kwargs["adaptive_damping"] = GainRatioDamping(check_every=int(check_every))
     elif damping == "cross_validated":
         kwargs["adaptive_damping"] = CrossValidatedDamping(span=(1e-5, cv_max))
     return GramGaussNewton(model, **kwargs)
@@ -91,7 +93,7 @@ def race(specs: list[str], task: str, seconds: float, mark: float, batch: int, s
         opt = build(spec, model)
         model.train()
         runs.append(dict(spec=spec, model=model, opt=opt, step=make_train_step(model, opt), cpu=0.0, epoch=0, queue=[]))
-        runs[-1].update(steps=0, marks=[], alphas=[])
+        runs[-1].update(steps=0, marks=[], alphas=[], lams=[])
     n_marks = int(seconds / mark + 1e-9)
     load = [os.getloadavg()]
     active = list(runs)
@@ -107,6 +109,7 @@ def race(specs: list[str], task: str, seconds: float, mark: float, batch: int, s
             run["steps"] += 1
             if isinstance(run["opt"], GramGaussNewton):
                 run["alphas"].append(run["opt"].last_diagnostics.alpha)
+                run["lams"].append(run["opt"].last_diagnostics.lam)
             while len(run["marks"]) < n_marks and run["cpu"] >= mark * (len(run["marks"]) + 1):
                 run["marks"].append(
                     dict(
@@ -130,7 +133,11 @@ def race(specs: list[str], task: str, seconds: float, mark: float, batch: int, s
         load_after=load[1],
         runs=[
             dict(
-                spec=r["spec"], steps=r["steps"], marks=r["marks"], alpha_median_last_quarter=_tail_median(r["alphas"])
+                spec=r["spec"],
+                steps=r["steps"],
+                marks=r["marks"],
+                alpha_median_last_quarter=_tail_median(r["alphas"]),
+                lam_median_last_quarter=_tail_median(r["lams"]),
             )
             for r in runs
         ],
@@ -160,7 +167,9 @@ def main() -> None:
     print(f"{'variant':<48}" + "".join(f"{m['cpu_seconds']:>16g}" for m in result["runs"][0]["marks"]))
     for r in result["runs"]:
         cells = "".join(f"{m['train']:>8.4f} ({m['test']:.4f})" for m in r["marks"])
-        print(f"{r['spec']:<48}{cells}  steps {r['steps']} alpha {r['alpha_median_last_quarter']}")
+        print(
+            f"{r['spec']:<48}{cells}  steps {r['steps']} alpha {r['alpha_median_last_quarter']} lam {r['lam_median_last_quarter']}"
+        )
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def run_variant(name: str, epochs: float, held: int, seed: int) -> dict[str, Any
     torch.manual_seed(seed)
     model = get_model("resnet8_fixup", in_channels=1)
     model.train()
-    opt = GramGaussNewton(model, **kwargs)
+    opt = GramGaussNewton(model, **{"momentum": 0.0, **kwargs})
     steps = int(epochs * (len(train) - held) / batch)
     load_before = os.getloadavg()
     records: list[dict[str, Any]] = []

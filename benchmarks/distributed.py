@@ -108,7 +108,8 @@ def _rank_worker(rank: int, store: str, name: str, batch: int, rounds: int, out:
         model, x, y = setup(name, batch)
         shard = slice(rank * batch // WORLD, (rank + 1) * batch // WORLD)
         opt = build_optimizer(
-            {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False, "distributed": mode}, model
+            {"name": "ggn", "momentum": 0.0, "lam": 1.0, "alpha": 1.0, "adaptive_damping": False, "distributed": mode},
+            model,
         )
         steps[f"ggn_{mode}"] = _bound_step(model, opt, x[shard], y[shard])
         counters[f"ggn_{mode}"] = opt.communicator.sent_bytes
@@ -157,7 +158,8 @@ def _single_process(rank: int, name: str, batch: int, rounds: int, out: str) -> 
     torch.set_num_threads(2)
     model, x, y = setup(name, batch)
     ggn = build_optimizer(
-        {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False, "distributed": None}, model
+        {"name": "ggn", "momentum": 0.0, "lam": 1.0, "alpha": 1.0, "adaptive_damping": False, "distributed": None},
+        model,
     )
     steps = {"ggn_single": _bound_step(model, ggn, x, y)}
     model, x, y = setup(name, batch)
@@ -212,14 +214,14 @@ TASKS = {
         "name": "diabetes-two-layer",
         "model": {"name": "two_layer"},
         "data": {"name": "diabetes"},
-        "optimizer": {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False},
+        "optimizer": {"name": "ggn", "momentum": 0.0, "lam": 1.0, "alpha": 1.0, "adaptive_damping": False},
         "train": {"batch_size": 64, "weight_decay": 0.0},
     },
     "fixup8": {
         "name": "digits-resnet8-fixup",
         "model": {"name": "resnet8_fixup"},
         "data": {"name": "rotated-digits", "train_subset": 512, "test_subset": 256},
-        "optimizer": {"name": "ggn", "lam": 1.0, "alpha": 1.0, "adaptive_damping": False},
+        "optimizer": {"name": "ggn", "momentum": 0.0, "lam": 1.0, "alpha": 1.0, "adaptive_damping": False},
         "train": {"batch_size": 64, "weight_decay": 0.0},
     },
 }
@@ -303,7 +305,7 @@ def reorder(task: str, steps: int) -> dict:
     data = load_data(config, "train")
     models = [build_model(config, data) for _ in range(2)]
     alpha = config["optimizer"]["alpha"]
-    ggn = {"name": "ggn", "lam": 1.0, "alpha": alpha, "adaptive_damping": False, "distributed": None}
+    ggn = {"name": "ggn", "momentum": 0.0, "lam": 1.0, "alpha": alpha, "adaptive_damping": False, "distributed": None}
     train_steps = [make_train_step(m, build_optimizer(ggn, m)) for m in models]
     order = [idx for epoch in range(1, 100) for idx in batch_order(len(data), config["train"]["batch_size"], 0, epoch)]
     rows = []

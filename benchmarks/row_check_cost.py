@@ -63,7 +63,9 @@ def main() -> None:
 
     sgd = torch.optim.SGD(model.parameters(), lr=1e-6)
     engines = (("check", checked), ("no_check", unchecked), ("check_again", control))
-    ggn = {name: GramGaussNewton(model, alpha=1e6, adaptive_damping=False, engine=e) for name, e in engines}
+    ggn = {
+        name: GramGaussNewton(model, alpha=1e6, adaptive_damping=False, engine=e, momentum=0.0) for name, e in engines
+    }
 
     def sgd_step() -> None:
         sgd.zero_grad()

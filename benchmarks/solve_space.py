@@ -50,7 +50,7 @@ def first_step_error(model: torch.nn.Module, batch: int, alpha: float, gen: torc
         for dtype in (torch.float32, torch.float64):
             m = copy.deepcopy(model).to(dtype)
             before = torch.cat([p.detach().reshape(-1) for p in m.parameters()]).double()
-            GramGaussNewton(m, lam=1.0, alpha=alpha, adaptive_damping=False, solve_space=space).step(
+            GramGaussNewton(m, lam=1.0, alpha=alpha, adaptive_damping=False, solve_space=space, momentum=0.0).step(
                 lambda m=m, d=dtype: m(x.to(d)) - y.to(d)
             )
             steps[space, dtype] = torch.cat([p.detach().reshape(-1) for p in m.parameters()]).double() - before
@@ -66,7 +66,7 @@ def run(batch: int, rounds: int, alpha: float, seed: int = 0) -> dict:
     model = get_model("mlp", in_channels=1, hidden=(20,), act="tanh")
     models = {space: copy.deepcopy(model) for space in ("sample", "parameter")}
     opts = {
-        space: GramGaussNewton(m, lam=1.0, alpha=alpha, adaptive_damping=False, solve_space=space)
+        space: GramGaussNewton(m, lam=1.0, alpha=alpha, adaptive_damping=False, solve_space=space, momentum=0.0)
         for space, m in models.items()
     }
     times: dict[str, list[float]] = {space: [] for space in models}

@@ -109,7 +109,9 @@ def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Call
     params = list(model.parameters())
     engine = TimedEngine(HooksEngine(model, params) if method == "ggn_fast" else ReferenceEngine(params))
     # a large alpha keeps the weights (and so the timings) where they are over many steps
-    ggn = build_optimizer({"name": "ggn", "alpha": 1e6, "engine": engine, "adaptive_damping": False}, model)
+    ggn = build_optimizer(
+        {"name": "ggn", "momentum": 0.0, "alpha": 1e6, "engine": engine, "adaptive_damping": False}, model
+    )
     return _bound(make_train_step(model, ggn), x, y), lambda: dict(engine.times)
 
 

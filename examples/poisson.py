@@ -145,7 +145,9 @@ def make_error(model: nn.Module, problem: Poisson, n_eval: int = 10_000, seed: i
 def ggn_optimizer(model: nn.Module, alpha: float = 1e-3, form: str = "taylor", **kwargs) -> GramGaussNewton:
     """GGN with Levenberg-Marquardt damping (``alpha`` adapted), the engine of the residual ``form``."""
     damping = GainRatioDamping(min_alpha=1e-12)
-    return GramGaussNewton(model, lam=1.0, alpha=alpha, engine=ENGINES[form], adaptive_damping=damping, **kwargs)
+    return GramGaussNewton(
+        model, lam=1.0, alpha=alpha, engine=ENGINES[form], adaptive_damping=damping, **{"momentum": 0.0, **kwargs}
+    )
 
 
 class LineSearchGGN:

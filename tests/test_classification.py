@@ -77,7 +77,14 @@ def test_exact_cross_entropy_step_matches_dense_formula(name, build, shape, k, b
     jac, f, g, h = _derivatives(model, x, total)
     expected = flat_params(model) + _dense_ggn(jac, g, h, lam, alpha)
     opt = GramGaussNewton(
-        model, lam=lam, alpha=alpha, engine=engine, loss="cross_entropy", curvature="exact", adaptive_damping=False
+        model,
+        lam=lam,
+        alpha=alpha,
+        engine=engine,
+        loss="cross_entropy",
+        curvature="exact",
+        adaptive_damping=False,
+        momentum=0.0,
     )
     loss = opt.step(lambda: (model(x), y))
     assert_close(flat_params(model), expected, 1e-9, f"{name} exact GGN step ({target_kind}, {engine})")
@@ -112,7 +119,14 @@ def test_cheaper_curvatures_match_their_dense_formula(name, build, shape, k, b, 
         assert_close(h_hat, h, 1e-12, "top_c with c = k - 1 is the exact Hessian")
     expected = flat_params(model) + _dense_ggn(jac, g, h_hat, 1.0, 0.3)
     opt = GramGaussNewton(
-        model, alpha=0.3, loss="cross_entropy", curvature=curvature, top_c=c, lam=1.0, adaptive_damping=False
+        model,
+        alpha=0.3,
+        loss="cross_entropy",
+        curvature=curvature,
+        top_c=c,
+        lam=1.0,
+        adaptive_damping=False,
+        momentum=0.0,
     )
     opt.step(lambda: (model(x), y))
     assert_close(flat_params(model), expected, 1e-9, f"{name} {curvature} (c={c}) step")
@@ -187,7 +201,7 @@ def test_other_losses_match_dense_formula(which):
 
     jac, f, g, h = _derivatives(model, x, total)
     expected = flat_params(model) + _dense_ggn(jac, g, h, 1.0, 0.2)
-    opt = GramGaussNewton(model, alpha=0.2, loss=loss, curvature="exact", lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, alpha=0.2, loss=loss, curvature="exact", lam=1.0, adaptive_damping=False, momentum=0.0)
     opt.step(lambda: (model(x), y))
     assert_close(flat_params(model), expected, 1e-9, f"{which} step")
 
@@ -198,9 +212,9 @@ def test_mse_path_is_eq11_bit_for_bit(loss, engine):
     model = groupnorm_cnn(2)
     x, y = torch.randn(5, 1, 6, 6), torch.randn(5, 2)
     twin = copy.deepcopy(model)
-    opt = GramGaussNewton(model, alpha=0.1, engine=engine, loss=loss, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, alpha=0.1, engine=engine, loss=loss, lam=1.0, adaptive_damping=False, momentum=0.0)
     got = opt.step(lambda: model(x) - y)
-    twin_opt = GramGaussNewton(twin, alpha=0.1, engine=engine, lam=1.0, adaptive_damping=False)
+    twin_opt = GramGaussNewton(twin, alpha=0.1, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
     step = gram_gauss_newton_direction(twin_opt.engine, lambda: twin(x) - y, lam=1.0, alpha=0.1)
     apply_direction(list(twin.parameters()), step.direction)
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -213,8 +227,8 @@ def test_generalized_machinery_reduces_to_eq11_for_the_square_loss():
     model = _mlp(2).double()
     twin = copy.deepcopy(model)
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
-    GramGaussNewton(model, alpha=0.1, lam=1.0, adaptive_damping=False).step(lambda: model(x) - y)
-    engine = GramGaussNewton(twin, alpha=0.1, lam=1.0, adaptive_damping=False).engine
+    GramGaussNewton(model, alpha=0.1, lam=1.0, adaptive_damping=False, momentum=0.0).step(lambda: model(x) - y)
+    engine = GramGaussNewton(twin, alpha=0.1, lam=1.0, adaptive_damping=False, momentum=0.0).engine
     step = gram_gauss_newton_direction(engine, LossClosure(SquaredError(), lambda: (twin(x), y)), lam=1.0, alpha=0.1)
     apply_direction(list(twin.parameters()), step.direction)
     assert_close(flat_params(twin), flat_params(model), 1e-13, "square loss through LossClosure")
@@ -227,7 +241,9 @@ def test_adaptive_damping_gain_ratio_compares_loss_decreases():
     jac, f, g, h = _derivatives(model, x, total)
     delta = _dense_ggn(jac, g, h, 1.0, 0.5)
     predicted = -(g @ (jac @ delta) + 0.5 * (jac @ delta) @ h @ (jac @ delta))
-    opt = GramGaussNewton(model, alpha=0.5, loss="cross_entropy", curvature="exact", adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(
+        model, alpha=0.5, loss="cross_entropy", curvature="exact", adaptive_damping=True, lam=1.0, momentum=0.0
+    )
     before = total(f)
     opt.step(lambda: (model(x), y))
     with torch.no_grad():
@@ -243,7 +259,9 @@ def test_adaptive_damping_rejects_a_step_that_increases_the_loss():
     with torch.no_grad():  # huge logits: the quadratic model is far off
         model[-1].weight.mul_(50)
     start = flat_params(model)
-    opt = GramGaussNewton(model, alpha=1e-6, loss="cross_entropy", curvature="exact", adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(
+        model, alpha=1e-6, loss="cross_entropy", curvature="exact", adaptive_damping=True, lam=1.0, momentum=0.0
+    )
     opt.step(lambda: (model(x), y))
     if opt.last_gain_ratio < 0:
         assert torch.equal(flat_params(model), start)
@@ -256,7 +274,9 @@ def test_adaptive_damping_rejects_a_step_that_increases_the_loss():
 def test_cross_entropy_training_fits_a_batch(curvature):
     model = _mlp(3)
     x, y = torch.randn(32, 3, 4), torch.randint(0, 3, (32,))
-    opt = GramGaussNewton(model, alpha=1.0, loss="cross_entropy", curvature=curvature, adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(
+        model, alpha=1.0, loss="cross_entropy", curvature=curvature, adaptive_damping=True, lam=1.0, momentum=0.0
+    )
     first = float(opt.step(lambda: (model(x), y)))
     for _ in range(15):
         last = float(opt.step(lambda: (model(x), y)))
@@ -281,7 +301,7 @@ BAD = [
 def test_bad_labels_raise_and_change_nothing(what, labels, error, match):
     model = _mlp(K)
     x = torch.randn(B, 3, 4)
-    opt = GramGaussNewton(model, loss="cross_entropy", adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(model, loss="cross_entropy", adaptive_damping=True, lam=1.0, momentum=0.0)
     start, alpha = flat_params(model), opt.param_groups[0]["alpha"]
     with pytest.raises(error, match=match):
         opt.step(lambda: (model(x), labels()))
@@ -301,7 +321,7 @@ def test_bad_labels_raise_and_change_nothing(what, labels, error, match):
 def test_bad_logits_raise_and_change_nothing(what, closure_value, error, match):
     model = _mlp(K)
     x = torch.randn(B, 3, 4)
-    opt = GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=False, momentum=0.0)
     start = flat_params(model)
     with pytest.raises(error, match=match):
         opt.step(lambda: closure_value(model, x))
@@ -311,15 +331,22 @@ def test_bad_logits_raise_and_change_nothing(what, closure_value, error, match):
 def test_bad_options_are_refused():
     model = _mlp(K)
     with pytest.raises(ValueError, match="Invalid loss"):
-        GramGaussNewton(model, loss="hinge", lam=1.0, adaptive_damping=False)
+        GramGaussNewton(model, loss="hinge", lam=1.0, adaptive_damping=False, momentum=0.0)
     with pytest.raises(ValueError, match="Invalid curvature"):
-        GramGaussNewton(model, loss="cross_entropy", curvature="diagonal", lam=1.0, adaptive_damping=False)
+        GramGaussNewton(
+            model, loss="cross_entropy", curvature="diagonal", lam=1.0, adaptive_damping=False, momentum=0.0
+        )
     with pytest.raises(ValueError, match="Invalid top_c"):
-        GramGaussNewton(model, loss="cross_entropy", curvature="top_c", top_c=-1, lam=1.0, adaptive_damping=False)
+        GramGaussNewton(
+            model, loss="cross_entropy", curvature="top_c", top_c=-1, lam=1.0, adaptive_damping=False, momentum=0.0
+        )
     with pytest.raises(ValueError, match="losses other than 'mse'"):
-        GramGaussNewton(model, curvature="gradient", lam=1.0, adaptive_damping=False)
-    assert GramGaussNewton(model, lam=1.0, adaptive_damping=False).curvature == "exact"
-    assert GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=False).curvature == "gradient"
+        GramGaussNewton(model, curvature="gradient", lam=1.0, adaptive_damping=False, momentum=0.0)
+    assert GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0).curvature == "exact"
+    assert (
+        GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=False, momentum=0.0).curvature
+        == "gradient"
+    )
 
 
 def test_underflowing_softmax_gives_a_finite_step():
@@ -328,6 +355,8 @@ def test_underflowing_softmax_gives_a_finite_step():
     with torch.no_grad():
         model.weight.mul_(1e3)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    opt = GramGaussNewton(model, alpha=1.0, loss="cross_entropy", curvature="exact", lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(
+        model, alpha=1.0, loss="cross_entropy", curvature="exact", lam=1.0, adaptive_damping=False, momentum=0.0
+    )
     opt.step(lambda: (model(x), y))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -83,12 +83,12 @@ def test_train_step_losses_and_mismatch():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     expected = float(F.cross_entropy(model(x), y))
-    ggn = GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=False)
+    ggn = GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=False, momentum=0.0)
     assert float(make_train_step(model, ggn, "cross_entropy")(x, y)) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="loss='cross_entropy'"):
         make_train_step(model, ggn, "mse")
     with pytest.raises(ValueError, match="loss='mse'"):
-        make_train_step(model, GramGaussNewton(model, lam=1.0, adaptive_damping=False), "cross_entropy")
+        make_train_step(model, GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0), "cross_entropy")
     with pytest.raises(ValueError, match="loss='mse'"):
         make_train_step(model, KFAC(model), "cross_entropy")
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)

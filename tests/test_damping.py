@@ -26,7 +26,7 @@ class SineModel(nn.Module):
 def test_linear_model_has_gain_ratio_one_and_alpha_drops():
     model = nn.Linear(5, 1, dtype=torch.float64)
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, alpha=0.5, adaptive_damping=GainRatioDamping(factor=4.0), lam=1.0)
+    opt = GramGaussNewton(model, alpha=0.5, adaptive_damping=GainRatioDamping(factor=4.0), lam=1.0, momentum=0.0)
     opt.step(lambda: model(x) - y)
     assert abs(opt.last_gain_ratio - 1.0) < 1e-10
     assert opt.param_groups[0]["alpha"] == pytest.approx(0.125)
@@ -35,7 +35,7 @@ def test_linear_model_has_gain_ratio_one_and_alpha_drops():
 def test_step_that_increases_the_loss_is_undone_and_alpha_raised():
     model = SineModel(0.4)
     x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, lam=1.0, momentum=0.0)
     opt.step(lambda: model(x) - y)
     assert opt.last_gain_ratio < 0
     assert float(model.w.detach()) == 0.4
@@ -48,9 +48,9 @@ def test_step_that_increases_the_loss_is_undone_and_alpha_raised():
 def test_adapted_alpha_survives_state_dict():
     model = nn.Linear(3, 1)
     x, y = torch.randn(4, 3), torch.randn(4, 1)
-    opt = GramGaussNewton(model, alpha=1.0, adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(model, alpha=1.0, adaptive_damping=True, lam=1.0, momentum=0.0)
     opt.step(lambda: model(x) - y)
-    twin = GramGaussNewton(nn.Linear(3, 1), alpha=1.0, adaptive_damping=True, lam=1.0)
+    twin = GramGaussNewton(nn.Linear(3, 1), alpha=1.0, adaptive_damping=True, lam=1.0, momentum=0.0)
     twin.load_state_dict(opt.state_dict())
     assert twin.param_groups[0]["alpha"] == opt.param_groups[0]["alpha"] < 1.0
 
@@ -62,7 +62,10 @@ def test_gain_ratio_edge_cases():
     assert gain_ratio(r, torch.zeros(2), torch.tensor([0.5, 0.5])) == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("kwargs", [dict(factor=1.0), dict(low=0.8, high=0.2), dict(min_alpha=0.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(factor=1.0), dict(low=0.8, high=0.2), dict(min_alpha=0.0), dict(check_every=0), dict(check_every=2.5)],
+)
 def test_invalid_rules(kwargs):
     with pytest.raises(ValueError):
         GainRatioDamping(**kwargs)
@@ -73,3 +76,47 @@ def test_alpha_rule_is_bounded():
     assert rule.next_alpha(0.5, -1.0) == 1.0
     assert rule.next_alpha(2e-3, 0.9) == 1e-3
     assert rule.next_alpha(0.5, 0.5) == 0.5
+
+
+def test_trusted_steps_are_checked_every_kth_and_equal_the_fixed_alpha_step():
+    # a linear model: rho = 1 on every step, so once alpha sits at its floor the rule trusts the
+    # linearisation and re-evaluates only every third step; unmeasured steps are exactly the
+    # fixed-alpha step and are counted as steps
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    model, twin = nn.Linear(5, 1, dtype=torch.float64), nn.Linear(5, 1, dtype=torch.float64)
+    twin.load_state_dict(model.state_dict())
+    floor = 1e-3
+    rule = GainRatioDamping(factor=10.0, min_alpha=floor, check_every=3)
+    opt = GramGaussNewton(model, alpha=floor, adaptive_damping=rule, lam=4.0, momentum=0.5)
+    fixed = GramGaussNewton(twin, alpha=floor, adaptive_damping=False, lam=4.0, momentum=0.5)
+    calls, measured = [0], []
+    y_twin = y.clone()
+
+    def closure():
+        calls[0] += 1
+        return model(x) - y
+
+    for _ in range(7):
+        before = calls[0]
+        opt.step(closure)
+        fixed.step(lambda: twin(x) - y_twin)
+        measured.append(calls[0] - before == 2)
+        assert opt.last_diagnostics.gain_ratio is None or abs(opt.last_diagnostics.gain_ratio - 1) < 1e-9
+    # step 1 measured (not yet trusted: alpha was at the floor, rho > high -> trusted after it)
+    assert measured == [True, False, False, True, False, False, True], measured
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+    assert int(opt.state[model.weight]["step"]) == 7
+
+
+def test_a_failed_check_ends_the_trust():
+    rule = GainRatioDamping(min_alpha=1e-3, check_every=4)
+    diagnostics = None  # the rule does not read them
+    rule.update(1e-3, 0.9, diagnostics)
+    assert rule.trusted and not rule.measures_gain_ratio
+    for _ in range(3):
+        rule.update(1e-3, None, diagnostics)
+    assert rule.measures_gain_ratio  # the fifth step is checked: one in every four
+    decision = rule.update(1e-3, 0.1, diagnostics)
+    assert not rule.trusted and rule.measures_gain_ratio and decision.alpha == pytest.approx(2e-3)

@@ -134,8 +134,9 @@ def test_shipped_defaults():
     from gramnewton.damping import GainRatioDamping
 
     opt = GramGaussNewton(nn.Linear(3, 1))
-    assert (opt.param_groups[0]["lam"], opt.param_groups[0]["alpha"]) == (32.0, 0.3)
-    assert isinstance(opt.damping, GainRatioDamping) and opt.param_groups[0]["momentum"] == 0.0
+    assert (opt.param_groups[0]["lam"], opt.param_groups[0]["alpha"]) == (16.0, 0.3)
+    assert isinstance(opt.damping, GainRatioDamping) and opt.param_groups[0]["momentum"] == 0.9
+    assert opt.damping.check_every == 4
     assert GramGaussNewton(nn.Linear(3, 1), adaptive_damping=False).damping is None
     assert isinstance(
         GramGaussNewton(nn.Linear(3, 1), adaptive_damping="cross_validated").damping, CrossValidatedDamping

@@ -93,10 +93,24 @@ def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: boo
     if ddp:  # any gradient all-reduce DDP starts goes through this hook
         trained.register_comm_hook(None, lambda state, bucket: counted.append(1) or _allreduce(bucket))
     opt = GramGaussNewton(
-        trained, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed="exact", adaptive_damping=False
+        trained,
+        lam=lam,
+        alpha=alpha,
+        weight_decay=wd,
+        engine=engine,
+        distributed="exact",
+        adaptive_damping=False,
+        momentum=0.0,
     )
     reference = GramGaussNewton(
-        single, lam=lam, alpha=alpha, weight_decay=wd, engine=engine, distributed=None, adaptive_damping=False
+        single,
+        lam=lam,
+        alpha=alpha,
+        weight_decay=wd,
+        engine=engine,
+        distributed=None,
+        adaptive_damping=False,
+        momentum=0.0,
     )
     assert opt.distributed == "exact" and reference.distributed is None
     for i, (x, y) in enumerate(data):
@@ -121,8 +135,8 @@ def _cross_entropy(engine: str, mode: str, adaptive: bool = False) -> None:
         (x, torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(i))) for i, (x, _) in enumerate(data)
     ]
     kwargs = dict(alpha=0.05, loss="cross_entropy", engine=engine, adaptive_damping=adaptive)
-    opt = GramGaussNewton(model, distributed=mode, **kwargs)
-    reference = GramGaussNewton(single, distributed=None, **kwargs)
+    opt = GramGaussNewton(model, distributed=mode, **{"momentum": 0.0, **kwargs})
+    reference = GramGaussNewton(single, distributed=None, **{"momentum": 0.0, **kwargs})
     for i, (x, y) in enumerate(data):
         loss = opt.step(lambda: (model(_shard(x)), _shard(y)))
         if mode == "exact":
@@ -134,7 +148,9 @@ def _cross_entropy(engine: str, mode: str, adaptive: bool = False) -> None:
                 reference_loss = torch.nn.functional.cross_entropy(single(x), y)
             for lo, hi in ((0, SHARDS[0]), (SHARDS[0], sum(SHARDS))):
                 twin = copy.deepcopy(single)
-                GramGaussNewton(twin, distributed=None, **kwargs).step(lambda: (twin(x[lo:hi]), y[lo:hi]))
+                GramGaussNewton(twin, distributed=None, **{"momentum": 0.0, **kwargs}).step(
+                    lambda: (twin(x[lo:hi]), y[lo:hi])
+                )
                 d = d + (hi - lo) / sum(SHARDS) * (flat_params(twin) - start)
             torch.nn.utils.vector_to_parameters(start + d, single.parameters())
         assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: cross-entropy, {mode} mode")
@@ -149,7 +165,9 @@ def _allreduce(bucket: dist.GradBucket) -> torch.futures.Future:
 def _local(name: str, engine: str, alpha: float) -> None:
     model, data = _setup(name, seed=7)
     single = _rank0_copy(model)
-    opt = GramGaussNewton(model, alpha=alpha, engine=engine, distributed="local", lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(
+        model, alpha=alpha, engine=engine, distributed="local", lam=1.0, adaptive_damping=False, momentum=0.0
+    )
     for i, (x, y) in enumerate(data):
         # the documented formula: d = sum_p (b_p / B) d_p, d_p the dense step of shard p alone
         d, start = 0, 0
@@ -201,8 +219,8 @@ def _momentum(mode: str, engine: str) -> None:
 def _adaptive() -> None:
     model, data = _setup("mlp", seed=3)
     single = _rank0_copy(model)
-    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, distributed="exact", lam=1.0)
-    reference = GramGaussNewton(single, alpha=1e-3, adaptive_damping=True, distributed=None, lam=1.0)
+    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, distributed="exact", lam=1.0, momentum=0.0)
+    reference = GramGaussNewton(single, alpha=1e-3, adaptive_damping=True, distributed=None, lam=1.0, momentum=0.0)
     for x, y in data:
         opt.step(lambda: model(_shard(x)) - _shard(y))
         reference.step(lambda: single(x) - y)
@@ -214,7 +232,7 @@ def _adaptive() -> None:
 def _error(mode: str, failing: int, kind: str) -> None:
     """Bad residuals on one rank: every rank raises, nothing changes, the next step still works."""
     model, data = _setup("mlp", seed=5)
-    opt = GramGaussNewton(model, alpha=0.1, distributed=mode, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, alpha=0.1, distributed=mode, lam=1.0, adaptive_damping=False, momentum=0.0)
     x, y = data[0]
     before, state = flat_params(model).clone(), copy.deepcopy(opt.state_dict())
 
@@ -245,7 +263,7 @@ def _error(mode: str, failing: int, kind: str) -> None:
 def _bytes() -> None:
     """The counted traffic of an exact step equals the volume stated in gramnewton.distributed."""
     model, data = _setup("mlp", seed=1)
-    opt = GramGaussNewton(model, distributed="exact", engine="reference", lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, distributed="exact", engine="reference", lam=1.0, adaptive_damping=False, momentum=0.0)
     comm = opt.communicator
     comm.sent_bytes.clear()
     x, y = data[0]
@@ -264,7 +282,7 @@ RUN = {
     "name": "diabetes-two-layer",
     "model": {"name": "two_layer", "kwargs": {"width": 256}},
     "data": {"name": "diabetes"},
-    "optimizer": {"name": "ggn", "alpha": 1.0},
+    "optimizer": {"name": "ggn", "momentum": 0.0, "alpha": 1.0},
     "train": {"batch_size": 64, "epochs": 2, "weight_decay": 0.0, "threads": 1},
 }
 RUN_DIR: list[Path] = []  # set by the worker
@@ -361,6 +379,6 @@ def test_modes_without_torch_distributed() -> None:
     assert resolve_mode("auto") is None and resolve_mode(None) is None
     for mode in ("exact", "local"):
         with pytest.raises(ValueError, match="init_process_group"):
-            GramGaussNewton(_mlp(), distributed=mode, lam=1.0, adaptive_damping=False)
+            GramGaussNewton(_mlp(), distributed=mode, lam=1.0, adaptive_damping=False, momentum=0.0)
     with pytest.raises(ValueError, match="Invalid distributed mode"):
-        GramGaussNewton(_mlp(), distributed="sharded", lam=1.0, adaptive_damping=False)
+        GramGaussNewton(_mlp(), distributed="sharded", lam=1.0, adaptive_damping=False, momentum=0.0)

@@ -212,7 +212,7 @@ def test_train_step_gives_a_ggn_classifier_outputs_and_labels():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     x, labels = torch.randn(16, 4), torch.randint(0, 3, (16,))
     step = make_train_step(
-        model, GramGaussNewton(model, loss="cross_entropy", alpha=1.0, lam=1.0, adaptive_damping=False)
+        model, GramGaussNewton(model, loss="cross_entropy", alpha=1.0, lam=1.0, adaptive_damping=False, momentum=0.0)
     )
     before = float(torch.nn.functional.cross_entropy(model(x), labels))
     assert float(step(x, labels)) == pytest.approx(before, rel=1e-5)

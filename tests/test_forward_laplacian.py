@@ -128,7 +128,7 @@ def check_system(model: nn.Module, closure, forward_parts, dense_parts, what: st
     """``engine="auto"`` is the hooks engine, routes nothing, warns nothing, and its Gram system
     is the dense one."""
     r, jac = dense_rows(model, dense_parts)
-    opt = GramGaussNewton(model, lam=1.0, alpha=1e-3, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, alpha=1e-3, adaptive_damping=False, momentum=0.0)
     assert isinstance(opt.engine, HooksEngine)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a routing warning would mean the slow reference engine
@@ -212,7 +212,7 @@ def test_bad_models_points_and_parts_are_refused():
     with pytest.raises(ValueError, match="positive"):
         pinn.taylor_residual(model, (lambda t, x: t.value, x, -1.0))
     closure = pinn.taylor_residual(model, (lambda t, x: t.value[:, 0], x), (lambda t, x: t.gradient[:, :, 0], x))
-    opt = GramGaussNewton(model, lam=1.0, alpha=1e-3, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, alpha=1e-3, adaptive_damping=False, momentum=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="same number of outputs"):
         opt.step(closure)

@@ -518,7 +518,9 @@ def test_select_engine_and_optimizer_default() -> None:
     assert isinstance(select_engine(params, model, "auto"), HooksEngine)
     assert isinstance(select_engine(params, model, "hooks"), HooksEngine)
     assert isinstance(select_engine(params, None, "auto"), ReferenceEngine)
-    assert isinstance(gramnewton.GramGaussNewton(model, lam=1.0, adaptive_damping=False).engine, HooksEngine)
+    assert isinstance(
+        gramnewton.GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0).engine, HooksEngine
+    )
     with pytest.raises(ValueError, match="needs the model"):
         select_engine(params, None, "hooks")
     raw = Unknown()
@@ -533,7 +535,7 @@ def test_optimizer_step_matches_reference_engine() -> None:
         torch.manual_seed(2)
         model = get_model("resnet8_gn", groups=4).double()
         opt = gramnewton.GramGaussNewton(
-            model, alpha=0.1, weight_decay=1e-3, engine=engine, lam=1.0, adaptive_damping=False
+            model, alpha=0.1, weight_decay=1e-3, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0
         )
         opt.step(lambda: model(x).squeeze(1) - y)
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
@@ -561,7 +563,7 @@ def test_convert_batchnorm_replaces_every_batchnorm() -> None:
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert isinstance(model.norm1, nn.GroupNorm) and model.norm1.num_groups == 8
     assert torch.equal(model.norm1.weight, bn.weight)
-    engine = gramnewton.GramGaussNewton(model, lam=1.0, adaptive_damping=False).engine
+    engine = gramnewton.GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0).engine
     assert isinstance(engine, HooksEngine) and not engine.reference_reasons
 
 

@@ -179,12 +179,14 @@ def test_unknown_section_in_the_file_is_refused(tmp_path):
 
 def test_ggn_keys_come_from_its_constructor():
     base = {"model": {"name": "mlp"}, "data": {"name": "rotated-digits"}}
-    config = resolve({**base, "optimizer": {"name": "ggn", "alpha": 0.3, "adaptive_damping": True, "lam": 2}})
+    config = resolve(
+        {**base, "optimizer": {"name": "ggn", "momentum": 0.0, "alpha": 0.3, "adaptive_damping": True, "lam": 2}}
+    )
     assert config["optimizer"]["lam"] == 2
     with pytest.raises(ValueError, match="adaptive_damping must be true or false"):
-        resolve({**base, "optimizer": {"name": "ggn", "adaptive_damping": "yes"}})
+        resolve({**base, "optimizer": {"name": "ggn", "momentum": 0.0, "adaptive_damping": "yes"}})
     with pytest.raises(ValueError, match="did you mean optimizer.alpha"):
-        resolve({**base, "optimizer": {"name": "ggn", "alpah": 0.3}})
+        resolve({**base, "optimizer": {"name": "ggn", "momentum": 0.0, "alpah": 0.3}})
 
 
 _EMPTY_TEST = "empty-test-split"

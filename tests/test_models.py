@@ -186,7 +186,7 @@ def ggn_step(model: nn.Module, channels: int, size: int) -> tuple[float, float]:
     """One reference-engine GGN step on a tiny batch; returns the losses before and after."""
     torch.manual_seed(1)
     x, y = torch.randn(3, channels, size, size), torch.randn(3)
-    opt = GramGaussNewton(model, lam=1.0, alpha=0.1, engine="reference", adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, alpha=0.1, engine="reference", adaptive_damping=False, momentum=0.0)
 
     def closure() -> torch.Tensor:
         return model(x).squeeze(1) - y
@@ -223,7 +223,7 @@ def test_ggn_step_fits_the_batch_on_the_two_layer_net() -> None:
 def test_batchnorm_refused_in_training_mode_and_accepted_in_eval(name: str, size: int) -> None:
     model = build(name, 3, size).train()
     x = torch.randn(3, 3, size, size)
-    opt = GramGaussNewton(model, lam=1.0, alpha=0.1, engine="reference", adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, alpha=0.1, engine="reference", adaptive_damping=False, momentum=0.0)
     with pytest.raises(ValueError, match="BatchNorm"):
         opt.step(lambda: model(x).squeeze(1))
     ggn_step(model.eval(), 3, size)

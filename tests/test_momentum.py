@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from dense import assert_close, dense_jacobian, flat_params
+from dense import assert_close, dense_jacobian, dense_step, flat_params
 from test_optim import CASES
 from torch import Tensor, nn
 
@@ -88,7 +88,7 @@ def test_zero_momentum_is_todays_step_bit_for_bit(engine):
     opt = GramGaussNewton(
         model, lam=0.5, alpha=0.2, momentum=0.0, weight_decay=1e-3, engine=engine, adaptive_damping=False
     )
-    twin_engine = GramGaussNewton(twin, engine=engine, lam=1.0, adaptive_damping=False).engine
+    twin_engine = GramGaussNewton(twin, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0).engine
     for x, y in _batches(shape, k, b):
         opt.step(lambda: model(x) - y)
         system = twin_engine.compute(lambda: twin(x) - y)
@@ -151,7 +151,7 @@ def test_parameter_space_solve_is_accurate_in_float32():
     for dtype in (torch.float32, torch.float64):
         trial = copy.deepcopy(model).to(dtype)
         before = flat_params(trial).double()
-        GramGaussNewton(trial, alpha=1e-3, solve_space="parameter", lam=1.0, adaptive_damping=False).step(
+        GramGaussNewton(trial, alpha=1e-3, solve_space="parameter", lam=1.0, adaptive_damping=False, momentum=0.0).step(
             lambda: trial(x.to(dtype)) - y.to(dtype)
         )
         steps[dtype] = flat_params(trial).double() - before
@@ -227,7 +227,7 @@ def test_state_dict_round_trip_with_momentum_gives_identical_steps():
     for x, y in batches[:2]:
         opt.step(lambda: model(x) - y)
     twin = copy.deepcopy(model)
-    twin_opt = GramGaussNewton(twin, adaptive_damping=True, lam=1.0)
+    twin_opt = GramGaussNewton(twin, adaptive_damping=True, lam=1.0, momentum=0.0)
     twin_opt.load_state_dict(opt.state_dict())
     assert twin_opt.param_groups[0]["momentum"] == 0.6
     for x, y in batches[2:]:
@@ -255,7 +255,7 @@ def test_diagnostics_are_consistent():
     eig = torch.linalg.eigvalsh(2.0 * jac @ jac.T + 0.5 * torch.eye(4, dtype=torch.float64))
     true_condition = float(eig.max() / eig.min())
     assert 1.0 <= d.condition <= true_condition * (1 + 1e-9) and d.solve_method == "cholesky"
-    plain = GramGaussNewton(_small_mlp().double(), lam=1.0, adaptive_damping=False)
+    plain = GramGaussNewton(_small_mlp().double(), lam=1.0, adaptive_damping=False, momentum=0.0)
     plain.step(lambda: plain.model(x[:, :3]) - y)
     assert plain.last_diagnostics.loss_after is None and plain.last_diagnostics.gain_ratio is None
 
@@ -292,7 +292,12 @@ def test_engine_without_j_times_refuses_momentum_and_changes_nothing():
     assert torch.equal(flat_params(model), before)
     with pytest.raises(ValueError, match="dense Jacobian"):
         GramGaussNewton(
-            model, engine=NoJv(list(model.parameters())), solve_space="parameter", lam=1.0, adaptive_damping=False
+            model,
+            engine=NoJv(list(model.parameters())),
+            solve_space="parameter",
+            lam=1.0,
+            adaptive_damping=False,
+            momentum=0.0,
         ).step(lambda: model(x) - y)
 
 
@@ -302,7 +307,7 @@ def test_engine_without_j_times_refuses_momentum_and_changes_nothing():
 )
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GramGaussNewton(_small_mlp(), **kwargs)
+        GramGaussNewton(_small_mlp(), **{"momentum": 0.0, **kwargs})
 
 
 @pytest.mark.parametrize("space", ["sample", "parameter"])
@@ -361,7 +366,7 @@ def test_rule_chooses_alpha_before_the_solve_without_reevaluation(engine):
     expected, _ = dense_spring(model, [(x, y)], 0.9, 2.5, 0.0)
     jac = dense_jacobian(model, x)
     calls = []
-    opt = GramGaussNewton(model, lam=0.9, alpha=0.4, engine=engine, adaptive_damping=rule)
+    opt = GramGaussNewton(model, lam=0.9, alpha=0.4, engine=engine, adaptive_damping=rule, momentum=0.0)
     opt.step(lambda: calls.append(1) or model(x) - y)
     assert_close(flat_params(model), expected[0], RTOL, "step with the rule's alpha")
     assert len(calls) == 1, "the batch was re-evaluated"
@@ -374,8 +379,33 @@ def test_rule_chooses_alpha_before_the_solve_without_reevaluation(engine):
 def test_rule_choosing_an_invalid_alpha_changes_nothing():
     model = _small_mlp().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
-    opt = GramGaussNewton(model, adaptive_damping=_BatchChosen(-1.0), lam=1.0)
+    opt = GramGaussNewton(model, adaptive_damping=_BatchChosen(-1.0), lam=1.0, momentum=0.0)
     before = flat_params(model)
     with pytest.raises(ValueError, match="alpha"):
         opt.step(lambda: model(x) - y)
     assert torch.equal(flat_params(model), before) and not opt.state
+
+
+def test_step_after_two_rejections_restarts_momentum():
+    # raising alpha never shrinks mu * phi_{t-1}: a momentum step that keeps failing would be
+    # retried and rejected forever, so after two rejections in a row the next step starts from
+    # phi_{t-1} = 0 (each rejected step leaves parameters and phi as they were; after a single
+    # rejection the next step continues from phi, as the test above checks)
+    torch.manual_seed(0)
+    model = _small_mlp().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    opt = GramGaussNewton(
+        model, lam=2.0, alpha=0.3, momentum=0.8, adaptive_damping=_Scripted([True, False, False, True])
+    )
+    opt.step(lambda: model(x) - y)
+    phi = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    before = flat_params(model)
+    for _ in range(2):
+        opt.step(lambda: model(x) - y)
+        assert opt.last_diagnostics.rejected and torch.equal(flat_params(model), before)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), phi))
+    alpha = opt.param_groups[0]["alpha"]
+    expected = before + dense_step(model, x, y, 2.0, alpha)  # the momentum-free step of Eq. 11
+    opt.step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, "restarted step")
+    assert opt.rejections_in_a_row == 0

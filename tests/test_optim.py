@@ -34,7 +34,7 @@ def test_step_matches_dense_formula(name, build, shape, k, b, lam, alpha, engine
     x = torch.randn(b, *shape, dtype=torch.float64)
     y = torch.randn(b, k, dtype=torch.float64)
     expected = flat_params(model) + dense_step(model, x, y, lam, alpha)
-    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine, adaptive_damping=False, momentum=0.0)
     loss = opt.step(lambda: model(x) - y)
     assert_close(flat_params(model), expected, 1e-10, f"{name} parameters after one step")
     assert loss.requires_grad is False and loss.dim() == 0
@@ -44,15 +44,15 @@ def test_residuals_of_shape_b_equal_b_by_1():
     model = _mlp().double()
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     twin = copy.deepcopy(model)
-    GramGaussNewton(model, lam=1.0, adaptive_damping=False).step(lambda: model(x).squeeze(1) - y)
-    GramGaussNewton(twin, lam=1.0, adaptive_damping=False).step(lambda: twin(x) - y.unsqueeze(1))
+    GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0).step(lambda: model(x).squeeze(1) - y)
+    GramGaussNewton(twin, lam=1.0, adaptive_damping=False, momentum=0.0).step(lambda: twin(x) - y.unsqueeze(1))
     assert_close(flat_params(model), flat_params(twin), 1e-12, "(b,) vs (b, 1) residuals")
 
 
 def test_linear_model_interpolates_batch_with_alpha_zero():
     model = nn.Linear(20, 1, dtype=torch.float64)
     x, y = torch.randn(8, 20, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    opt = GramGaussNewton(model, lam=1.0, alpha=0.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, alpha=0.0, adaptive_damping=False, momentum=0.0)
     opt.step(lambda: model(x).squeeze(1) - y)
     assert float((model(x).squeeze(1) - y).detach().abs().max()) < 1e-10
 
@@ -69,7 +69,9 @@ def test_large_alpha_approaches_scaled_gradient_step():
         with torch.no_grad():
             for p, q in zip(trial.parameters(), model.parameters()):
                 p.copy_(q)
-        GramGaussNewton(trial, alpha=alpha, lam=1.0, adaptive_damping=False).step(lambda: trial(x).squeeze(1) - y)
+        GramGaussNewton(trial, alpha=alpha, lam=1.0, adaptive_damping=False, momentum=0.0).step(
+            lambda: trial(x).squeeze(1) - y
+        )
         step, expected = flat_params(trial) - start, -grad / alpha
         gaps.append(float((step - expected).norm() / expected.norm()))
     # the gap is O(||G|| / alpha): it must shrink ~100x per 100x alpha
@@ -81,8 +83,29 @@ def test_weight_decay_is_decoupled():
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
     wd = 0.01
     expected = (1 - wd) * flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
-    GramGaussNewton(model, alpha=0.1, weight_decay=wd, lam=1.0, adaptive_damping=False).step(lambda: model(x) - y)
+    GramGaussNewton(model, alpha=0.1, weight_decay=wd, lam=1.0, adaptive_damping=False, momentum=0.0).step(
+        lambda: model(x) - y
+    )
     assert_close(flat_params(model), expected, 1e-10, "decoupled weight decay")
+
+
+def test_weight_decay_with_gain_ratio_is_the_same_step_and_does_not_bias_the_ratio():
+    # the decay is applied after the verdict: the step is still (1 - wd) w - phi, and the gain
+    # ratio is the one of the Gauss-Newton step alone (a decay that raised the batch loss used to
+    # be judged as a failed step, and a large wd then rejected every step)
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    plain, decayed = _mlp().double(), _mlp().double()
+    decayed.load_state_dict(plain.state_dict())
+    wd = 0.2
+    expected = (1 - wd) * flat_params(plain) + dense_step(plain, x, y, 1.0, 0.1)
+    ratios = []
+    for model, decay in ((plain, 0.0), (decayed, wd)):
+        opt = GramGaussNewton(model, alpha=0.1, weight_decay=decay, lam=1.0, adaptive_damping=True, momentum=0.0)
+        opt.step(lambda m=model: m(x) - y)
+        assert not opt.last_diagnostics.rejected
+        ratios.append(opt.last_gain_ratio)
+    assert_close(flat_params(decayed), expected, 1e-10, "decayed step with a damping rule")
+    assert ratios[0] == ratios[1], ratios
 
 
 @pytest.mark.parametrize(
@@ -96,14 +119,16 @@ def test_weight_decay_is_decoupled():
 )
 def test_invalid_hyper_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GramGaussNewton(_mlp(), **kwargs)
+        GramGaussNewton(_mlp(), **{"momentum": 0.0, **kwargs})
 
 
 def test_lam_must_agree_across_param_groups():
     model = _mlp()
     layers = [m for m in model if isinstance(m, nn.Linear)]
     opt = GramGaussNewton(
-        [{"params": layers[0].parameters(), "lam": 2.0}, {"params": layers[1].parameters()}], adaptive_damping=False
+        [{"params": layers[0].parameters(), "lam": 2.0}, {"params": layers[1].parameters()}],
+        adaptive_damping=False,
+        momentum=0.0,
     )
     x, y = torch.randn(4, 3, 4), torch.randn(4, 1)
     with pytest.raises(ValueError, match="lam must be the same"):
@@ -125,7 +150,7 @@ def test_bad_residuals_raise_and_change_nothing(bad):
         "detached": lambda: (model(x) - y).detach(),
         "not_tensor": lambda: 1.0,
     }
-    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0)
     with pytest.raises((ValueError, TypeError)) as info:
         opt.step(closures.get(bad, lambda: model(x) - y))
     if bad in ("nan", "inf"):
@@ -138,17 +163,17 @@ def test_batchnorm_in_training_mode_is_refused_before_forward():
     x, y = torch.randn(6, 4), torch.randn(6, 1)
     stats = model[1].running_mean.clone()
     with pytest.raises(ValueError, match="BatchNorm1d in training mode"):
-        GramGaussNewton(model, lam=1.0, adaptive_damping=False).step(lambda: model(x) - y)
+        GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0).step(lambda: model(x) - y)
     assert torch.equal(model[1].running_mean, stats)  # the forward pass never ran
     model.eval()
-    GramGaussNewton(model, lam=1.0, adaptive_damping=False).step(lambda: model(x) - y)
+    GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0).step(lambda: model(x) - y)
 
 
 def test_duplicated_samples_with_alpha_zero_give_finite_step():
     model = _mlp().double()
     x = torch.randn(3, 3, 4, dtype=torch.float64).repeat(2, 1, 1)
     y = torch.randn(3, 1, dtype=torch.float64).repeat(2, 1)
-    opt = GramGaussNewton(model, alpha=0.0, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, alpha=0.0, lam=1.0, adaptive_damping=False, momentum=0.0)
     before = float((model(x) - y).detach().pow(2).mean())
     opt.step(lambda: model(x) - y)
     assert torch.isfinite(flat_params(model)).all()
@@ -163,18 +188,18 @@ def test_non_finite_gram_raises_and_changes_nothing():
     x, y = torch.full((4, 3), 1e30), torch.zeros(4, 1)
     before = flat_params(model).clone()
     with pytest.raises((SingularGramError, ValueError)):
-        GramGaussNewton(model, lam=1.0, adaptive_damping=False).step(lambda: model(x) - y)
+        GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0).step(lambda: model(x) - y)
     assert torch.equal(flat_params(model), before)
 
 
 def test_state_dict_round_trip_gives_identical_next_steps():
     model = _mlp().double()
     data = [(torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)) for _ in range(3)]
-    opt = GramGaussNewton(model, lam=0.7, alpha=0.2, weight_decay=1e-3, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=0.7, alpha=0.2, weight_decay=1e-3, adaptive_damping=False, momentum=0.0)
     x, y = data[0]
     opt.step(lambda: model(x) - y)
     twin = copy.deepcopy(model)
-    twin_opt = GramGaussNewton(twin, lam=1.0, alpha=1.0, adaptive_damping=False)
+    twin_opt = GramGaussNewton(twin, lam=1.0, alpha=1.0, adaptive_damping=False, momentum=0.0)
     twin_opt.load_state_dict(opt.state_dict())
     assert twin_opt.param_groups[0]["lam"] == 0.7 and twin_opt.param_groups[0]["alpha"] == 0.2
     for x, y in data[1:]:
@@ -212,11 +237,11 @@ def test_registered_engine_is_built_by_name() -> None:
         model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
         twin = copy.deepcopy(model)
         x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-        GramGaussNewton(model, engine="counting_reference").step(lambda: model(x).squeeze(1) - y)
-        GramGaussNewton(twin, engine="reference").step(lambda: twin(x).squeeze(1) - y)
+        GramGaussNewton(model, engine="counting_reference", momentum=0.0).step(lambda: model(x).squeeze(1) - y)
+        GramGaussNewton(twin, engine="reference", momentum=0.0).step(lambda: twin(x).squeeze(1) - y)
         assert built == [model]
         assert torch.equal(flat_params(model), flat_params(twin))
     finally:
         ENGINE_FACTORIES.pop("counting_reference", None)
     with pytest.raises(ValueError, match="counting_reference|Invalid engine"):
-        GramGaussNewton(model, engine="counting_reference")
+        GramGaussNewton(model, engine="counting_reference", momentum=0.0)

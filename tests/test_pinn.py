@@ -76,7 +76,7 @@ def test_auto_engine_is_exact_for_a_laplacian_residual(depth, closure):
     model = mlp(depth=depth)
     x = torch.rand(12, 2, dtype=torch.float64)
     jac = dense_poisson_jacobian(model, x)
-    opt = GramGaussNewton(model, lam=1.0, alpha=0.1, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, alpha=0.1, adaptive_damping=False, momentum=0.0)
     assert isinstance(opt.engine, HooksEngine)
     with pytest.warns(UserWarning, match="input derivative"):
         system = opt.engine.compute(lambda: closure(model, x))
@@ -181,7 +181,7 @@ def test_every_engine_takes_the_step_of_the_dense_formula(engine):
     lam, alpha = 1.0, 1e-3
     expected = -jac.T @ torch.linalg.solve(lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype), r)
     before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine=engine, adaptive_damping=False, momentum=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # auto: the routing warning, tested above
         opt.step(pinn.residual(dict(model.named_parameters()), *parts))
@@ -215,7 +215,7 @@ def test_functional_engine_refuses_non_finite_residuals_and_changes_nothing():
     x = pinn.sample_interior(5, [0, 0], [1, 1])
     closure = pinn.residual(dict(model.named_parameters()), (lambda p, xi: pinn.pointwise(model)(p, xi) / 0.0, x))
     before = [p.detach().clone() for p in model.parameters()]
-    opt = GramGaussNewton(model, engine="functional", lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, engine="functional", lam=1.0, adaptive_damping=False, momentum=0.0)
     with pytest.raises(ValueError, match="NaN or Inf"):
         opt.step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -49,7 +49,7 @@ def _assert_unchanged(opt: GramGaussNewton, before: tuple[list[Tensor], dict, li
 def test_broadcast_residual_is_refused_with_the_fix(engine: str) -> None:
     model = _mlp()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    opt = GramGaussNewton(model, engine=engine, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
     before = _snapshot(opt)
     with pytest.raises(ValueError, match=r"broadcast.*\(outputs, targets\)"):
         opt.step(lambda: model(x) - y)  # (6, 1) - (6,) -> (6, 6)
@@ -61,7 +61,7 @@ def test_genuine_square_outputs_are_not_taken_for_a_broadcast() -> None:
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 6)).double()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
     expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
-    GramGaussNewton(model, alpha=0.1, lam=1.0, adaptive_damping=False).step(lambda: model(x) - y)
+    GramGaussNewton(model, alpha=0.1, lam=1.0, adaptive_damping=False, momentum=0.0).step(lambda: model(x) - y)
     assert_close(flat_params(model), expected, 1e-10, "(b, b) outputs")
 
 
@@ -71,7 +71,7 @@ def test_outputs_targets_tuple_is_the_square_loss(engine: str, out_shape: tuple,
     model = _mlp()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
-    opt = GramGaussNewton(model, alpha=0.1, engine=engine, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, alpha=0.1, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
     loss = opt.step(lambda: (model(x).reshape(out_shape), y.reshape(target_shape)))
     assert_close(flat_params(model), expected, 1e-10, f"{out_shape} outputs, {target_shape} targets")
     assert math.isclose(float(loss), float(opt.last_step.residuals.pow(2).mean()))
@@ -90,7 +90,7 @@ def test_outputs_targets_shapes_are_checked(outputs: tuple, targets: tuple, matc
     torch.manual_seed(0)
     model = nn.Linear(3, math.prod(outputs[1:])).double()
     x = torch.randn(6, 3, dtype=torch.float64)
-    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0)
     before = _snapshot(opt)
     with pytest.raises(ValueError, match=match):
         opt.step(lambda: (model(x).reshape(outputs), torch.zeros(targets, dtype=torch.float64)))
@@ -100,7 +100,7 @@ def test_outputs_targets_shapes_are_checked(outputs: tuple, targets: tuple, matc
 def test_closure_returning_a_bad_tuple_is_refused() -> None:
     model = _mlp()
     x = torch.randn(6, 3, dtype=torch.float64)
-    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0)
     with pytest.raises(TypeError, match=r"\(outputs, targets\)"):
         opt.step(lambda: (model(x), model(x), model(x)))
 
@@ -112,7 +112,7 @@ def test_closure_returning_a_bad_tuple_is_refused() -> None:
 def test_overflowing_loss_is_refused(engine: str) -> None:
     model = _mlp(torch.float32)
     x, y = torch.randn(6, 3), 1e30 * torch.randn(6)  # finite residuals whose squares overflow float32
-    opt = GramGaussNewton(model, engine=engine, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
     before = _snapshot(opt)
     with pytest.raises(SingularGramError, match="not finite"):
         opt.step(lambda: model(x).squeeze(1) - y)
@@ -129,7 +129,7 @@ def test_overflowing_coefficients_are_refused() -> None:
 def test_overflowing_gram_is_refused() -> None:
     model = _mlp(torch.float32)
     x, y = torch.randn(6, 3), torch.randn(6)
-    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0)
     before = _snapshot(opt)
     with pytest.raises(SingularGramError, match="NaN or Inf|not finite"):
         # residuals equal to -y (finite, small) whose Jacobian is 1e25 J: J J^T overflows float32
@@ -143,7 +143,7 @@ def test_overflowing_gram_is_refused() -> None:
 def test_adaptive_damping_restores_everything_when_the_reevaluation_raises() -> None:
     model = _mlp()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    opt = GramGaussNewton(model, adaptive_damping=GainRatioDamping(), lam=1.0)
+    opt = GramGaussNewton(model, adaptive_damping=GainRatioDamping(), lam=1.0, momentum=0.0)
     opt.step(lambda: model(x).squeeze(1) - y)  # a first, successful step: state exists
     before = _snapshot(opt)
     last = opt.last_step, opt.last_gain_ratio
@@ -164,7 +164,7 @@ def test_adaptive_damping_restores_everything_when_the_reevaluation_raises() -> 
 def test_adaptive_damping_reevaluation_with_another_shape_restores() -> None:
     model = _mlp()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    opt = GramGaussNewton(model, adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(model, adaptive_damping=True, lam=1.0, momentum=0.0)
     before = _snapshot(opt)
     calls = []
 
@@ -180,7 +180,7 @@ def test_adaptive_damping_reevaluation_with_another_shape_restores() -> None:
 def test_adaptive_damping_accepts_outputs_targets_closures() -> None:
     model = _mlp()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    opt = GramGaussNewton(model, adaptive_damping=True, lam=1.0)
+    opt = GramGaussNewton(model, adaptive_damping=True, lam=1.0, momentum=0.0)
     opt.step(lambda: (model(x), y))
     assert opt.last_gain_ratio is not None and math.isfinite(opt.last_gain_ratio)
 
@@ -195,7 +195,7 @@ def test_low_precision_model_solves_in_float32(dtype: torch.dtype, engine: str) 
     twin = copy.deepcopy(model).double()
     x, y = torch.randn(6, 3), torch.randn(6)
     expected = flat_params(twin) + dense_step(twin, x.double(), y.double(), 1.0, 1.0)
-    opt = GramGaussNewton(model, alpha=1.0, engine=engine, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, alpha=1.0, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
     opt.step(lambda: model(x.to(dtype)).squeeze(1) - y.to(dtype))
     assert opt.last_step.solve_info.method == "cholesky"
     assert all(p.dtype == dtype for p in model.parameters())
@@ -206,7 +206,7 @@ def test_low_precision_model_solves_in_float32(dtype: torch.dtype, engine: str) 
 def test_float64_targets_with_a_float32_model(engine: str) -> None:
     model = _mlp(torch.float32)
     x, y = torch.randn(6, 3), torch.randn(6, dtype=torch.float64)
-    opt = GramGaussNewton(model, engine=engine, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
     before = _snapshot(opt)
     with pytest.raises(ValueError, match=r"float64.*float32.*\(outputs, targets\)"):
         opt.step(lambda: model(x).squeeze(1) - y)
@@ -228,8 +228,8 @@ def test_float64_targets_with_a_float32_model(engine: str) -> None:
 def test_non_finite_hyper_parameters_are_refused(kwargs: dict, match: str) -> None:
     model = _mlp()
     with pytest.raises(ValueError, match=f"Invalid {match}"):
-        GramGaussNewton(model, **kwargs)
-    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False)
+        GramGaussNewton(model, **{"momentum": 0.0, **kwargs})
+    opt = GramGaussNewton(model, lam=1.0, adaptive_damping=False, momentum=0.0)
     opt.param_groups[0].update(kwargs)  # set after construction: refused at the step
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(6, 3, dtype=torch.float64)
@@ -353,7 +353,7 @@ def test_rows_that_are_not_samples_give_the_exact_gram_and_step(name: str) -> No
     assert_close(torch.cat([t.reshape(-1) for t in system.jt_times(v)]), jac.T @ v, 1e-10, f"{name}: J^T v")
     engine.compute(closure)  # the verdict is kept: same Gram again without a second warning
     expected = flat_params(model) + dense_step(model, x, y, 1.0, 0.1)
-    opt = GramGaussNewton(model, alpha=0.1, engine=engine, lam=1.0, adaptive_damping=False)
+    opt = GramGaussNewton(model, alpha=0.1, engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
     opt.step(closure)
     assert_close(flat_params(model), expected, 1e-10, f"{name}: parameters after one step")
 

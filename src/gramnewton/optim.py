@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .damping import DampingRule, damping_rule, gain_ratio, loss_gain_ratio
+from .damping import DampingRule, GainRatioDamping, damping_rule, gain_ratio, loss_gain_ratio
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
@@ -81,14 +81,16 @@ class GramGaussNewton(Optimizer):
             mode is refused) or an iterable of parameters or parameter groups.
         lam: scale of the Gram matrix.
         alpha: Tikhonov damping added to ``lam * G``.
-        weight_decay: decoupled weight decay per step, in ``[0, 1)``.
+        weight_decay: decoupled weight decay per step, in ``[0, 1)``. A damping rule's gain
+            ratio judges the step without it (the decay is applied once the step is accepted).
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
             ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
             physics-informed residual), or an engine instance.
         solve_dtype: dtype of the small solve, e.g. ``torch.float64``.
-        adaptive_damping: ``"auto"`` (default: ``"gain_ratio"``, except a fixed ``alpha`` with
-            ``distributed="local"``), ``True`` or ``"gain_ratio"`` (a
+        adaptive_damping: ``"auto"`` (default: ``GainRatioDamping(check_every=4)``, which
+            re-evaluates only one step in four once ``alpha`` sits at its floor with gain ratios
+            near one; a fixed ``alpha`` with ``distributed="local"``), ``True`` or ``"gain_ratio"`` (a
             :class:`~gramnewton.damping.GainRatioDamping`: Levenberg-Marquardt's gain ratio, one
             extra forward pass without gradients per step), ``"cross_validated"`` (a
             :class:`~gramnewton.damping.CrossValidatedDamping`), any
@@ -97,7 +99,9 @@ class GramGaussNewton(Optimizer):
             also set each step's ``alpha`` from the batch's Gram system before the solve, and may
             skip the extra forward pass (:mod:`gramnewton.damping`). ``alpha`` in
             ``param_groups`` then holds the current value.
-        momentum: :math:`\mu` of the sample-space momentum above; ``0`` (default) is Eq. 11.
+        momentum: :math:`\mu` of the sample-space momentum above; ``0`` is Eq. 11. With a
+            damping rule, a step that follows two rejected steps in a row restarts from
+            :math:`\phi_{t-1} = 0` (``alpha`` cannot shrink :math:`\mu \phi_{t-1}`).
         solve_space: ``"sample"`` solves the ``(b*k, b*k)`` system above; ``"parameter"`` the
             ``(m, m)`` system ``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}``, equal by
             the push-through identity (Levenberg-Marquardt; needs the dense ``J``, so only for
@@ -130,9 +134,10 @@ class GramGaussNewton(Optimizer):
             all-reduce would be wasted). The returned loss is the union batch's.
         process_group: the ranks to span (default: the whole world).
 
-    The defaults (``lam=32, alpha=0.3``, gain-ratio damping) come from the measurements of
-    ``docs/convergence.md``: on mini-batches a short step (each batch's outputs moved 1/32 of the
-    way to its targets) averages the batch noise that a long step fits. ``lam=1, alpha=0,
+    The defaults (``lam=16, alpha=0.3, momentum=0.9``, gain-ratio damping) come from the races of
+    ``docs/convergence.md``: on mini-batches a short step (each batch's outputs moved 1/16 of the
+    way to its targets) averages the batch noise that a long step fits, and the momentum carries
+    the part of the step that batches agree on. ``lam=1, alpha=0, momentum=0,
     adaptive_damping=False`` is the paper's Eq. 10 (Eq. 9 with the whole data set).
 
     ``lam``, ``alpha`` and ``momentum`` live in ``param_groups`` and must agree across groups (one
@@ -151,13 +156,13 @@ class GramGaussNewton(Optimizer):
         self,
         params_or_model: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
-        lam: float = 32.0,
+        lam: float = 16.0,
         alpha: float = 0.3,
         weight_decay: float = 0.0,
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
         adaptive_damping: bool | str | DampingRule = "auto",
-        momentum: float = 0.0,
+        momentum: float = 0.9,
         solve_space: str = "auto",
         loss: str | Loss = "mse",
         curvature: str = "auto",
@@ -185,7 +190,7 @@ class GramGaussNewton(Optimizer):
         self.solve_dtype = solve_dtype
         self.solve_space = solve_space
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
-            adaptive_damping = self.distributed != "local" and "gain_ratio"
+            adaptive_damping = self.distributed != "local" and GainRatioDamping(check_every=4)
         self.damping: DampingRule | None = damping_rule(adaptive_damping)
         self.communicator: Communicator | None = None
         if self.distributed is not None:
@@ -197,6 +202,10 @@ class GramGaussNewton(Optimizer):
             if self.distributed == "exact":
                 self.engine = ExactGramEngine(self.engine, self.communicator)
         self.last_step: GramGaussNewtonStep | None = None
+        # after two rejected steps in a row the next one starts its momentum afresh (phi_{t-1} = 0):
+        # raising alpha shrinks only the new part of a momentum step, never mu * phi_{t-1}, so a
+        # momentum step that keeps failing would otherwise be retried and rejected forever
+        self.rejections_in_a_row = 0
         self.last_gain_ratio: float | None = None
         self.last_diagnostics: StepDiagnostics | None = None
 
@@ -241,7 +250,7 @@ class GramGaussNewton(Optimizer):
             alpha=alpha,
             solve_dtype=self.solve_dtype,
             momentum=momentum,
-            previous=self._momentum_buffers() if momentum else None,
+            previous=self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None,
             solve_space=self.solve_space,
             choose_alpha=None if choose is None else lambda system: choose(alpha, system, lam),
         )
@@ -260,10 +269,15 @@ class GramGaussNewton(Optimizer):
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
-            apply_direction(params, [updates[id(p)] for p in params], group["weight_decay"])
+            # with a damping rule the decay waits for the verdict: the gain ratio judges the
+            # Gauss-Newton step alone (the decay is not part of the loss model it tests)
+            decay = 0.0 if self.damping is not None else group["weight_decay"]
+            apply_direction(params, [updates[id(p)] for p in params], decay)
         diagnostics = _diagnostics(result, lam, momentum)
         if self.damping is not None:
             diagnostics = self._adapt_damping(closure, result, backup, diagnostics, general)
+            if not diagnostics.rejected:
+                self._decay(backup)
         if not diagnostics.rejected:
             for p in self.engine.params:
                 state = self.state[p]
@@ -273,6 +287,17 @@ class GramGaussNewton(Optimizer):
         self.last_step = result
         self.last_diagnostics = diagnostics
         return loss
+
+    @torch.no_grad()
+    def _decay(self, before: list[Tensor]) -> None:
+        """``w <- w - wd * w_before``: the decoupled decay of an accepted step, from the
+        parameters before it (so the step is ``(1 - wd) w - phi`` as without a damping rule)."""
+        old = {id(p): b for p, b in zip(self.engine.params, before)}
+        for group in self.param_groups:
+            if group["weight_decay"]:
+                for p in group["params"]:
+                    if id(p) in old:
+                        p.sub_(old[id(p)], alpha=group["weight_decay"])
 
     def _without_ddp_sync(self, closure: Closure) -> Closure:
         """``closure`` run under DDP's ``no_sync()``: no gradient all-reduce is prepared."""
@@ -294,7 +319,7 @@ class GramGaussNewton(Optimizer):
 
     def _momentum_buffers(self) -> list[Tensor] | None:
         """``phi_{t-1}`` per parameter, or ``None`` before the first step (``phi_0 = 0``)."""
-        buffers = [self.state[p].get("momentum_buffer") for p in self.engine.params]
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in self.engine.params]
         return None if any(b is None for b in buffers) else buffers
 
     @torch.no_grad()
@@ -325,6 +350,7 @@ class GramGaussNewton(Optimizer):
             group["alpha"] = decision.alpha
         if not decision.accept:
             _restore(self.engine.params, backup)
+        self.rejections_in_a_row = 0 if decision.accept else self.rejections_in_a_row + 1
         return replace(diagnostics, rejected=not decision.accept)
 
     @torch.no_grad()

@@ -61,7 +61,7 @@ DEMO_SETTINGS: dict[str, dict[str, float]] = {
 # Classification: GGN's generalized Gauss-Newton step of the cross-entropy with adaptive damping
 # (the curvature estimate is swept), K-FAC with the sampled cross-entropy Fisher.
 CLASSIFY_SPECS: dict[str, dict[str, Any]] = {
-    "GGN": {"name": "ggn", "loss": "cross_entropy", "alpha": 0.3, "adaptive_damping": True},
+    "GGN": {"name": "ggn", "loss": "cross_entropy", "alpha": 0.3, "adaptive_damping": True, "momentum": 0.0},
     "SGD": {"name": "sgd"},
     "Adam": {"name": "adam"},
     "K-FAC": {"name": "kfac", "loss": "cross_entropy"},
