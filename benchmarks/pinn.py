@@ -237,8 +237,11 @@ def figure(result: dict, path: Path) -> None:
         )
     ax.set(xscale="log", yscale="log", xlabel="training seconds", ylabel="relative L2 error")
     cfg = result["config"]
+    ggn = f" (GGN {'+'.join(map(str, cfg['ggn_points']))})" if cfg.get("ggn_points") else ""
     ax.set_title(
-        f"{cfg['problem']} Poisson, {cfg['parameters']} parameters, {cfg['points']} points, {cfg['threads']} thread(s)"
+        f"{cfg['problem']} Poisson, {cfg['parameters']} parameters, {cfg['points']} points{ggn}, "
+        f"{cfg['threads']} thread(s)",
+        fontsize=10,
     )
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)

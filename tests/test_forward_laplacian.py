@@ -211,6 +211,8 @@ def test_bad_models_points_and_parts_are_refused():
         pinn.taylor_residual(model)
     with pytest.raises(ValueError, match="positive"):
         pinn.taylor_residual(model, (lambda t, x: t.value, x, -1.0))
+    with pytest.raises(ValueError, match="takes 2 coordinates"):
+        pinn.taylor_residual(model, (lambda t, x: t.value, x), (lambda t, x: t.value, torch.rand(3, 3)))
     closure = pinn.taylor_residual(model, (lambda t, x: t.value[:, 0], x), (lambda t, x: t.gradient[:, :, 0], x))
     opt = GramGaussNewton(model, lam=1.0, alpha=1e-3, adaptive_damping=False, momentum=0.0)
     before = [p.detach().clone() for p in model.parameters()]

@@ -222,11 +222,16 @@ def taylor_residual(
     """
     if not parts:
         raise ValueError("taylor_residual needs at least one part")
+    taylor = ForwardLaplacian(model, dims)
     checked = []
     for part in parts:
         fn, points, weight = _part(part)
+        if points.shape[1] != taylor.d:
+            raise ValueError(
+                f"the model takes {taylor.d} coordinates; a part's points have shape {tuple(points.shape)}"
+            )
         checked.append((fn, points, math.sqrt(weight / points.shape[0])))
-    return TaylorResidual(ForwardLaplacian(model, dims), checked)
+    return TaylorResidual(taylor, checked)
 
 
 def relative_l2(predicted: Tensor, exact: Tensor) -> float:
