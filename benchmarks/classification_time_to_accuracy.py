@@ -4,16 +4,19 @@ Not a test. Two phases, every run through the demo's training loop
 (:func:`gramnewton.lab.experiments.demo.run_demo`: same initialisation and batches per seed,
 a budget of training seconds, evaluation after every epoch, evaluation time not counted):
 
-1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID` on seed 0 for
-   ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
+1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID` (of the
+   ``--optimizers`` named) on seed 0 for ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
    accuracy (ties: the sooner one to the highest accuracy target reached). ``--settings-from
    RESULT.json`` skips it and takes the winners of an earlier run (e.g. mnist from digits);
 2. the winners on ``--seeds`` (default 0 1 2) for ``--seconds`` each, the four optimizers of a
-   seed run one after the other in this process.
+   seed run one after the other in this process. ``--grid-only`` stops after the grid.
 
-Output: ``benchmarks/results/classification_<dataset>.json`` (every curve, the load average before
-and after every run) and ``docs/figures/classification_<dataset>.png`` (test accuracy against
-training seconds and epochs); the summary table is printed as markdown.
+Output: ``--out`` (default ``benchmarks/results/classification_<dataset>.json``: every curve, the
+load average before and after every run) and ``docs/figures/classification_<dataset>.png`` (test
+accuracy against training seconds and epochs); the summary table is printed as markdown.
+``--combine A.json B.json ...`` merges the seeds of separate runs (e.g. one seed per command, to
+keep each under the shared machine's 10-minute limit; a grid's winners count as seed 0) into
+``--out`` and redraws the figure.
 
 Usage::
 
@@ -30,6 +33,7 @@ import datetime
 import json
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,29 +78,39 @@ def winner_key(result: dict[str, Any]) -> tuple:
     return (result["final_test_accuracy"], top, -(result["seconds_to"][top] if top else 0.0))
 
 
-def grid(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+def best_points(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each optimizer's winning hyper-parameters among grid ``points`` (:func:`winner_key`)."""
+    best: dict[str, dict[str, Any]] = {}
+    for entry in points:
+        name = entry["optimizer"]
+        if name not in best or winner_key(entry) > winner_key(best[name]):
+            best[name] = entry
+    return {name: entry["hyper_parameters"] for name, entry in best.items()}
+
+
+def grid(args: argparse.Namespace, points: list[dict[str, Any]], save: Callable[[], None]) -> dict[str, dict[str, Any]]:
+    """Run the grid, appending each point to ``points`` and calling ``save`` after it; the winners."""
     config = DemoConfig(args.dataset, args.model, args.batch_size, args.grid_seconds, 1000, 0, task="classification")
-    points, best = [], {}
-    for name, hp in sweep_points(CLASSIFY_GRID):
+    for name, hp in sweep_points({n: axes for n, axes in CLASSIFY_GRID.items() if n in args.optimizers}):
         result = run(config, {name: hp})
         entry = {"optimizer": name, **result[name], "load": result["_load"]}
         points.append(entry)
+        save()
         print(f"grid {name} {hp}: final test accuracy {entry['final_test_accuracy']:.4f}", flush=True)
-        if name not in best or winner_key(entry) > winner_key(best[name]):
-            best[name] = entry
-    return points, {name: entry["hyper_parameters"] for name, entry in best.items()}
+    return best_points(points)
 
 
 def table(seeds: dict[int, dict[str, Any]]) -> str:
-    names = [n for n in next(iter(seeds.values())) if not n.startswith("_")]
+    """Markdown summary over the seeds each optimizer ran (medians; the count of seeds)."""
+    names = list(dict.fromkeys(n for r in seeds.values() for n in r if not n.startswith("_")))
     lines = [
-        "| optimizer | hyper-parameters | final test acc. (median, min-max) | "
+        "| optimizer | hyper-parameters | seeds | final test acc. (median, min-max) | final test CE (median) | epochs | "
         + " | ".join(f"s to {t:.0%} (median; seeds reached)" for t in TARGETS)
         + " |",
-        "|---|---|---|" + "---|" * len(TARGETS),
+        "|---|---|---|---|---|---|" + "---|" * len(TARGETS),
     ]
     for name in names:
-        runs = [seeds[s][name] for s in seeds]
+        runs = [seeds[s][name] for s in seeds if name in seeds[s]]
         accs = [r["final_test_accuracy"] for r in runs]
         cells = []
         for t in TARGETS:
@@ -104,10 +118,11 @@ def table(seeds: dict[int, dict[str, Any]]) -> str:
             got = [h for h in hits if h is not None]
             cells.append(f"{statistics.median(got):.1f} ({len(got)}/{len(hits)})" if got else f"- (0/{len(hits)})")
         hp = ", ".join(f"{k}={v}" for k, v in runs[0]["hyper_parameters"].items())
+        loss = statistics.median(r["final_test_loss"] for r in runs)
+        epochs = "/".join(str(r["epochs"]) for r in runs)
         lines.append(
-            f"| {name} | {hp} | {statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
-            + " | ".join(cells)
-            + " |"
+            f"| {name} | {hp} | {len(runs)} | {statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
+            f"{loss:.3f} | {epochs} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
@@ -149,6 +164,70 @@ def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def measure(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The grid (unless ``--settings-from``) and the winners' seeds; the result record, also
+    written to ``out`` after every grid point and seed (a run stopped early keeps what it did)."""
+    torch.set_num_threads(args.threads)
+    record: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "finished": None,
+        "setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+        "grid": [],
+        "winners": {},
+        "seeds": {},
+    }
+
+    def save() -> None:
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
+    if args.settings_from is None:
+        record["winners"] = grid(args, record["grid"], save)
+    else:
+        record["winners"] = json.loads(args.settings_from.read_text())["winners"]
+    print("winners:", record["winners"], flush=True)
+    seeds = {}
+    for seed in [] if args.grid_only else args.seeds:
+        config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, 1000, seed, task="classification")
+        seeds[seed] = record["seeds"][str(seed)] = run(config, record["winners"])
+        save()
+        print(f"seed {seed} done, load {seeds[seed]['_load']}", flush=True)
+    record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    save()
+    return record, seeds
+
+
+def combine(records: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
+    """One record from several runs: their grids and seeds, the winners of all (later runs win).
+
+    A grid ran on seed 0 with the seeds phase's setting, one optimizer per :func:`run`, so each
+    winner's grid point is that optimizer's seed-0 run; it fills seed 0 where no record has one.
+    """
+    seeds: dict[str, Any] = {}
+    winners: dict[str, Any] = {}
+    for record in records:
+        seeds.update(record["seeds"])
+        winners.update(best_points(record["grid"]))  # a grid stopped early has no winners yet
+        winners.update(record["winners"])
+    points = [point for r in records for point in r["grid"]]
+    from_grid = {
+        p["optimizer"]: {k: v for k, v in p.items() if k not in ("optimizer", "load")}
+        for p in points
+        if p["hyper_parameters"] == winners.get(p["optimizer"])
+    }
+    for name, entry in from_grid.items():
+        seed0 = seeds.setdefault("0", {})
+        if name not in seed0:
+            seed0[name] = {**entry, "from_grid": True}
+    return {
+        "combined_from": sources,
+        "runs": [{k: r[k] for k in ("started", "finished", "setting", "threads")} for r in records],
+        "grid": points,
+        "winners": winners,
+        "seeds": dict(sorted(seeds.items())),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist")
@@ -157,37 +236,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-seconds", type=float, default=40.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--settings-from", type=Path, default=None, help="winners of this result JSON; no grid")
+    parser.add_argument("--optimizers", nargs="+", default=list(CLASSIFY_GRID), help="grid only these")
+    parser.add_argument("--grid-only", action="store_true", help="run the grid and record its winners, no seeds")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result JSON (default: results/classification_<dataset>.json)"
+    )
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result JSONs' seeds")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    if args.settings_from is None:
-        points, best = grid(args)
-    else:
-        points, best = [], json.loads(args.settings_from.read_text())["winners"]
-    print("winners:", best, flush=True)
-    seeds = {}
-    for seed in args.seeds:
-        config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, 1000, seed, task="classification")
-        seeds[seed] = run(config, best)
-        print(f"seed {seed} done, load {seeds[seed]['_load']}", flush=True)
-    out = ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "started": started,
-        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "threads": torch.get_num_threads(),
-        "grid": points,
-        "winners": best,
-        "seeds": {str(s): r for s, r in seeds.items()},
-    }
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    if args.combine:
+        record = combine([json.loads(p.read_text()) for p in args.combine], [str(p) for p in args.combine])
+        seeds = {int(s): r for s, r in record["seeds"].items()}
+        out.write_text(json.dumps(record, indent=1) + "\n")
+    else:
+        record, seeds = measure(args, out)
+    if not seeds:
+        return
     figure(
         seeds,
         ROOT / "docs" / "figures" / f"classification_{args.dataset}.png",
-        f"{args.model} on {args.dataset}: test accuracy, {args.seconds:g} s per run, seeds {args.seeds}",
+        f"{args.model} on {args.dataset} (standardised): test accuracy, {args.seconds:g} s per run, seeds {sorted(seeds)}",
     )
     print(table(seeds))
 

@@ -15,6 +15,7 @@ from gramnewton import GramGaussNewton
 from gramnewton.lab.baselines import KFAC
 from gramnewton.lab.commands.train import config_path
 from gramnewton.lab.data import TensorClassificationDataset, accuracy, get_dataset, is_classification
+from gramnewton.lab.data.classification import standardise_images
 from gramnewton.lab.experiments.config import load_config
 from gramnewton.lab.experiments.metrics import read_rows
 from gramnewton.lab.experiments.runner import run_experiment
@@ -27,8 +28,16 @@ def test_embedded_classification_sets(name, shape, sizes):
     assert (len(train), len(test)) == sizes and is_classification(train) and train.num_classes == 10
     x, y = train[torch.arange(5)]
     assert x.shape == (5, *shape) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert 0 <= float(train.inputs.min()) and float(train.inputs.max()) <= 1
     assert set(train.labels.tolist()) == set(range(10))
+    # standardised with the training split's statistics (the test split's own are not 0 and 1)
+    raw_train, raw_test = (get_dataset(name, split=s, standardise=False) for s in ("train", "test"))
+    assert 0 <= float(raw_train.inputs.min()) and float(raw_train.inputs.max()) <= 1
+    mean, std = raw_train.inputs.double().mean(), raw_train.inputs.double().std(unbiased=False)
+    assert abs(float(train.inputs.double().mean())) < 1e-5 and float(train.inputs.double().std()) == pytest.approx(
+        1, abs=1e-3
+    )
+    assert torch.allclose(test.inputs.double(), (raw_test.inputs.double() - mean) / std, atol=1e-5)
+    assert abs(float(test.inputs.double().mean())) > 1e-3
     # the split is a partition, fixed by the seed
     assert torch.equal(get_dataset(name, split="train").labels, train.labels)
     assert not torch.equal(get_dataset(name, split="train", seed=1).labels, train.labels)
@@ -36,13 +45,38 @@ def test_embedded_classification_sets(name, shape, sizes):
 
 def test_fashion_mnist_from_fixture(tmp_path: Path):
     arrays = fashion_tree(tmp_path)
-    train = get_dataset("fashion-mnist", root=str(tmp_path), split="train")
-    test = get_dataset("fashion-mnist", root=str(tmp_path), split="test")
+    train = get_dataset("fashion-mnist", root=str(tmp_path), split="train", standardise=False)
+    test = get_dataset("fashion-mnist", root=str(tmp_path), split="test", standardise=False)
     assert (len(train), len(test)) == (len(arrays["train"]), len(arrays["t10k"]))
     assert torch.allclose(train.inputs[:, 0] * 255, torch.as_tensor(arrays["train"]).float())
+    standard = get_dataset("fashion-mnist", root=str(tmp_path), split="test")
+    assert torch.allclose(standard.inputs, standardise_images(test.inputs, train.inputs))
     assert train.labels.dtype == torch.int64
     with pytest.raises(FileNotFoundError, match="fashion-mnist.*make data"):
         get_dataset("fashion-mnist", root=str(tmp_path / "missing"))
+
+
+def test_standardise_images_is_per_channel():
+    train = torch.stack([torch.full((2, 3, 3), 1.0), torch.full((2, 3, 3), 3.0)])
+    train[:, 1] = 5.0  # a constant channel: std 0 is replaced by 1
+    out = standardise_images(train[:1], train)
+    assert torch.allclose(out[:, 0], torch.full((1, 3, 3), -1.0)) and torch.allclose(out[:, 1], torch.zeros(1, 3, 3))
+
+
+def test_standardised_mnist_takes_resnet_relus_off_their_kink():
+    """The reason for standardising (docs/classification.md): on raw pixels most ReLU inputs of a
+    Fixup ResNet at initialisation are exactly 0, where autograd's derivative is one-sided."""
+    from gramnewton.lab.models import get_model
+
+    def zero_fraction(x: torch.Tensor) -> float:
+        torch.manual_seed(0)
+        model = get_model("resnet8_fixup", in_channels=1, num_outputs=10)
+        with torch.no_grad():  # the input of the network's first ReLU
+            return float((model.bias1(model.conv1(x)) == 0).double().mean())
+
+    raw = get_dataset("mnist", split="train", standardise=False).inputs[:16]
+    standard = get_dataset("mnist", split="train").inputs[:16]
+    assert zero_fraction(raw) > 0.5 and zero_fraction(standard) < 1e-3
 
 
 def test_labels_are_validated_and_accuracy():

