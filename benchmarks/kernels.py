@@ -1,0 +1,103 @@
+"""Two kernel choices of the hooks engine, timed in isolation: the symmetric Gram update and the
+orientation of a factorised ``J^T v`` product.
+
+Not a test. ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE`` (set before torch starts),
+variants interleaved round by round, medians; the load average is recorded.
+
+- Gram update ``G += J J^T`` of one layer, ``J`` of shape ``(128, K)`` for the per-sample gradient
+  widths of ResNet-32's three stages: ``full`` (one product), ``halves`` (what
+  ``handlers.add_gram_lower`` does: ``G[:h,:h] += J1 J1^T`` and ``G[h:,:] += J2 J^T``, 3/4 of the
+  multiply-adds), and ``recursive-d`` (the off-diagonal block once, the two diagonal blocks
+  recursively to depth ``d``: 5/8 of the multiply-adds at depth 2, 9/16 at depth 3).
+- ``Factored.jt_times``' product ``sum_rows g_r a_r^T`` as ``g^T a`` or as ``(a^T g)^T`` (the
+  longer side as the columns of the product), for the two-layer net's factors.
+
+Usage::
+
+    python benchmarks/kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def recursive(gram: Tensor, jac: Tensor, depth: int) -> None:
+    """Lower triangle of ``gram += jac jac^T``: the off-diagonal block, then each diagonal block."""
+    n = jac.shape[0]
+    if depth == 0:
+        gram.addmm_(jac, jac.T)
+        return
+    h = n // 2
+    gram[h:, :h].addmm_(jac[h:], jac[:h].T)
+    recursive(gram[:h, :h], jac[:h], depth - 1)
+    recursive(gram[h:, h:], jac[h:], depth - 1)
+
+
+def halves(gram: Tensor, jac: Tensor) -> None:
+    h = jac.shape[0] // 2
+    gram[:h, :h].addmm_(jac[:h], jac[:h].T)
+    gram[h:].addmm_(jac[h:], jac.T)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each variant, the variants run in turn every round."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernels.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    run = {"started": datetime.datetime.now(datetime.UTC).isoformat(), "load_average": os.getloadavg()}
+    run["threads"], run["torch"] = torch.get_num_threads(), torch.__version__
+    run["gram_update_s"] = {}
+    for width in (2304, 9216, 36864):  # 16-, 32- and 64-channel 3x3 convolutions
+        jac, gram = torch.randn(128, width), torch.zeros(128, 128)
+        variants = {
+            "full": lambda: gram.addmm_(jac, jac.T),
+            "halves": lambda: halves(gram, jac),
+            **{f"recursive-{d}": lambda d=d: recursive(gram, jac, d) for d in (1, 2, 3)},
+        }
+        run["gram_update_s"][f"(128, {width})"] = interleaved(variants, args.rounds)
+    run["jt_product_s"] = {}
+    for rows, kin, kout in ((32, 10, 4096), (128, 10, 4096), (128, 4096, 10)):
+        a, g = torch.randn(rows, kin), torch.randn(rows, kout)
+        variants = {"g^T a": lambda: (g.T @ a).reshape(-1), "(a^T g)^T": lambda: (a.T @ g).T.reshape(-1)}
+        run["jt_product_s"][f"rows {rows}, kin {kin}, kout {kout}"] = interleaved(variants, args.rounds)
+    run["load_average_after"] = os.getloadavg()
+    results = json.loads(args.out.read_text()) if args.out.exists() else []
+    results.append(run)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"load {run['load_average'][0]:.1f}")
+    for section in ("gram_update_s", "jt_product_s"):
+        for case, seconds in run[section].items():
+            print(f"{section} {case}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in seconds.items()))
+
+
+if __name__ == "__main__":
+    main()
