@@ -97,7 +97,7 @@ def race(
         opt = build(spec, model)
         model.train()
         runs.append(dict(spec=spec, model=model, opt=opt, step=make_train_step(model, opt), cpu=0.0, epoch=0, queue=[]))
-        runs[-1].update(steps=0, marks=[], alphas=[], lams=[])
+        runs[-1].update(steps=0, marks=[], alphas=[])
     n_marks = int(seconds / mark + 1e-9)
     load = [os.getloadavg()]
     active = list(runs)
@@ -113,7 +113,6 @@ def race(
             run["steps"] += 1
             if isinstance(run["opt"], GramGaussNewton):
                 run["alphas"].append(run["opt"].last_diagnostics.alpha)
-                run["lams"].append(run["opt"].last_diagnostics.lam)
             while len(run["marks"]) < n_marks and run["cpu"] >= mark * (len(run["marks"]) + 1):
                 run["marks"].append(
                     dict(
@@ -142,7 +141,6 @@ def race(
                 steps=r["steps"],
                 marks=r["marks"],
                 alpha_median_last_quarter=_tail_median(r["alphas"]),
-                lam_median_last_quarter=_tail_median(r["lams"]),
             )
             for r in runs
         ],
@@ -173,9 +171,7 @@ def main() -> None:
     print(f"{'variant':<48}" + "".join(f"{m['cpu_seconds']:>16g}" for m in result["runs"][0]["marks"]))
     for r in result["runs"]:
         cells = "".join(f"{m['train']:>8.4f} ({m['test']:.4f})" for m in r["marks"])
-        print(
-            f"{r['spec']:<48}{cells}  steps {r['steps']} alpha {r['alpha_median_last_quarter']} lam {r['lam_median_last_quarter']}"
-        )
+        print(f"{r['spec']:<48}{cells}  steps {r['steps']} alpha {r['alpha_median_last_quarter']}")
 
 
 if __name__ == "__main__":
