@@ -20,7 +20,7 @@ Output: ``--out`` (default ``benchmarks/results/classification_<dataset>.json``:
 load average before and after every run) and ``docs/figures/classification_<dataset>.png`` (test
 accuracy against training seconds and epochs); the summary table is printed as markdown.
 ``--combine A.json B.json ...`` merges the seeds of separate runs (e.g. one seed per command, to
-keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure; a
+keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure (``--figure``); a
 grid run with ``--grid-seconds`` equal to ``--seconds`` supplies its winners' seed-0 runs.
 
 Usage::
@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="result JSON (default: results/classification_<dataset>.json)"
     )
+    parser.add_argument(
+        "--figure", type=Path, default=None, help="figure PNG (default: docs/figures/classification_<dataset>.png)"
+    )
     parser.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result JSONs' seeds")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     figure(
         seeds,
-        ROOT / "docs" / "figures" / f"classification_{args.dataset}.png",
+        args.figure or ROOT / "docs" / "figures" / f"classification_{args.dataset}.png",
         f"{args.model} on {args.dataset} (standardised): test accuracy, {args.seconds:g} s per run, seeds {sorted(seeds)}",
     )
     print(table(seeds))
