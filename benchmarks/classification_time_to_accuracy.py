@@ -21,7 +21,8 @@ load average before and after every run) and ``docs/figures/classification_<data
 accuracy against training seconds and epochs); the summary table is printed as markdown.
 ``--combine A.json B.json ...`` merges the seeds of separate runs (e.g. one seed per command, to
 keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure (``--figure``); a
-grid run with ``--grid-seconds`` equal to ``--seconds`` supplies its winners' seed-0 runs.
+grid run with ``--grid-seconds`` equal to ``--seconds`` supplies its winners' seed-0 runs; it also
+prints every grid point of the merged runs.
 
 Usage::
 
@@ -142,6 +143,27 @@ def table(seeds: dict[int, dict[str, Any]]) -> str:
             f"| {name} | {hp} | {len(runs)} | {statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
             f"{loss:.3f} | {epochs} | " + " | ".join(cells) + " |"
         )
+    return "\n".join(lines)
+
+
+def grid_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: every grid point of ``records`` (seed 0) with its budget and outcome."""
+    lines = [
+        "| optimizer | hyper-parameters | s of training | final test acc. | final test CE | epochs | "
+        + " | ".join(f"s to {t:.0%}" for t in TARGETS)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(TARGETS),
+    ]
+    for record in records:
+        for p in record["grid"]:
+            hp = ", ".join(f"{k}={v}" for k, v in p["hyper_parameters"].items())
+            hits = [p["seconds_to"][f"{t:.2f}"] for t in TARGETS]
+            lines.append(
+                f"| {p['optimizer']} | {hp} | {record['setting']['grid_seconds']:g} | {p['final_test_accuracy']:.1%} | "
+                f"{p['final_test_loss']:.3f} | {p['epochs']} | "
+                + " | ".join("-" if h is None else f"{h:.1f}" for h in hits)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -274,9 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        record = combine(
-            [json.loads(p.read_text()) for p in args.combine], [str(p) for p in args.combine], args.seconds
-        )
+        records = [json.loads(p.read_text()) for p in args.combine]
+        record = combine(records, [str(p) for p in args.combine], args.seconds)
+        print(grid_table(records))
         seeds = {int(s): r for s, r in record["seeds"].items()}
         out.write_text(json.dumps(record, indent=1) + "\n")
     else:
