@@ -168,19 +168,26 @@ def grid_table(records: list[dict[str, Any]]) -> str:
 
 
 def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
+    """Test accuracy against training seconds (all of it, and zoomed on 85-100%, where the targets
+    are) and against epochs; one line per optimizer and seed, one colour per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    panels = (
+        ("seconds", "training seconds", 0.0),
+        ("seconds", "training seconds (zoom)", 0.85),
+        ("epoch", "epoch", 0.0),
+    )
     colors: dict[str, Any] = {}
     for seed, result in seeds.items():
         for name, entry in result.items():
             if name.startswith("_"):
                 continue
             curve = entry["curve"]
-            for ax, x in zip(axes, ("seconds", "epoch")):
+            for ax, (x, _, _) in zip(axes, panels):
                 (line,) = ax.plot(
                     [r[x] for r in curve],
                     [r["test_accuracy"] for r in curve],
@@ -190,10 +197,10 @@ def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
                     alpha=0.8,
                 )
                 colors.setdefault(name, line.get_color())
-    for ax, x in zip(axes, ("training seconds", "epoch")):
-        ax.set_xlabel(x)
+    for ax, (_, label, low) in zip(axes, panels):
+        ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
-        ax.set_ylim(0.0, 1.0)
+        ax.set_ylim(low, 1.0)
         for t in TARGETS:
             ax.axhline(t, color="gray", lw=0.5, ls=":")
         ax.grid(alpha=0.3)
