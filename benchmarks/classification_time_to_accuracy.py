@@ -245,21 +245,21 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], dict[i
 
 
 def combine(records: list[dict[str, Any]], sources: list[str], seconds: float) -> dict[str, Any]:
-    """One record from several runs: their grids and seeds (merged per optimizer), the winners of
-    all (later runs win).
+    """One record from several runs: their grids and seeds (merged per optimizer); the winners are
+    the best points of all grids together, overridden by the settings of runs without a grid.
 
     A grid ran on seed 0 with the seeds phase's setting, one optimizer per :func:`run`, so each
     winner's point of a grid run for ``seconds`` is that optimizer's seed-0 run; it fills seed 0
     where no record has one.
     """
     seeds: dict[str, Any] = {}
-    winners: dict[str, Any] = {}
+    points = [point for r in records for point in r["grid"]]
+    winners = best_points(points)  # the grids compete together (a grid stopped early has no winners yet)
     for record in records:
         for seed, result in record["seeds"].items():
             seeds.setdefault(seed, {}).update(result)
-        winners.update(best_points(record["grid"]))  # a grid stopped early has no winners yet
-        winners.update(record["winners"])
-    points = [point for r in records for point in r["grid"]]
+        if not record["grid"]:  # settings taken from elsewhere (--settings-from)
+            winners.update(record["winners"])
     budget = [point for r in records if r["setting"]["grid_seconds"] == seconds for point in r["grid"]]
     from_grid = {
         p["optimizer"]: {k: v for k, v in p.items() if k not in ("optimizer", "load")}
