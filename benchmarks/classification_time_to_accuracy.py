@@ -4,25 +4,32 @@ Not a test. Two phases, every run through the demo's training loop
 (:func:`gramnewton.lab.experiments.demo.run_demo`: same initialisation and batches per seed,
 a budget of training seconds, evaluation after every epoch, evaluation time not counted):
 
-1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID` (of the
-   ``--optimizers`` named) on seed 0 for ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
+1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID`, or of ``--grid``
+   (JSON: optimizer -> axes, or a list of such grids for a set that is not one product), of the
+   ``--optimizers`` named, on seed 0 for ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
    accuracy (ties: the sooner one to the highest accuracy target reached). ``--settings-from
    RESULT.json`` skips it and takes the winners of an earlier run (e.g. mnist from digits);
-2. the winners on ``--seeds`` (default 0 1 2) for ``--seconds`` each, the four optimizers of a
-   seed run one after the other in this process. ``--grid-only`` stops after the grid.
+2. the winners (of the ``--optimizers`` named) on ``--seeds`` (default 0 1 2) for ``--seconds``
+   each, the optimizers of a seed one after the other in this process. ``--grid-only`` stops
+   after the grid.
+
+Only the test split is evaluated after every epoch (``DemoConfig.evaluate_train=False``: the
+train split would cost four times as much evaluation time, outside the training seconds).
 
 Output: ``--out`` (default ``benchmarks/results/classification_<dataset>.json``: every curve, the
 load average before and after every run) and ``docs/figures/classification_<dataset>.png`` (test
 accuracy against training seconds and epochs); the summary table is printed as markdown.
 ``--combine A.json B.json ...`` merges the seeds of separate runs (e.g. one seed per command, to
-keep each under the shared machine's 10-minute limit; a grid's winners count as seed 0) into
-``--out`` and redraws the figure.
+keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure; a
+grid run with ``--grid-seconds`` equal to ``--seconds`` supplies its winners' seed-0 runs.
 
 Usage::
 
     python benchmarks/classification_time_to_accuracy.py --dataset digits --grid-seconds 20 --seconds 30
     python benchmarks/classification_time_to_accuracy.py --dataset mnist --seconds 90 \
         --settings-from benchmarks/results/classification_digits.json
+    python benchmarks/classification_time_to_accuracy.py --dataset mnist --grid-only --grid-seconds 30 \
+        --optimizers SGD --grid '{"SGD": {"lr": [0.003, 0.01]}}' --out /tmp/sgd.json
 """
 
 from __future__ import annotations
@@ -88,11 +95,22 @@ def best_points(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: entry["hyper_parameters"] for name, entry in best.items()}
 
 
+def demo_config(args: argparse.Namespace, seconds: float, seed: int) -> DemoConfig:
+    return DemoConfig(
+        args.dataset, args.model, args.batch_size, seconds, 1000, seed, task="classification", evaluate_train=False
+    )
+
+
+def grid_points(spec: dict[str, Any] | list[dict[str, Any]], optimizers: list[str]) -> list[tuple[str, dict]]:
+    """The points of a grid (optimizer -> axes) or of a list of grids, for ``optimizers`` only."""
+    grids = spec if isinstance(spec, list) else [spec]
+    return [(n, hp) for g in grids for n, hp in sweep_points(g) if n in optimizers]
+
+
 def grid(args: argparse.Namespace, points: list[dict[str, Any]], save: Callable[[], None]) -> dict[str, dict[str, Any]]:
     """Run the grid, appending each point to ``points`` and calling ``save`` after it; the winners."""
-    config = DemoConfig(args.dataset, args.model, args.batch_size, args.grid_seconds, 1000, 0, task="classification")
-    for name, hp in sweep_points({n: axes for n, axes in CLASSIFY_GRID.items() if n in args.optimizers}):
-        result = run(config, {name: hp})
+    for name, hp in grid_points(args.grid, args.optimizers):
+        result = run(demo_config(args, args.grid_seconds, 0), {name: hp})
         entry = {"optimizer": name, **result[name], "load": result["_load"]}
         points.append(entry)
         save()
@@ -186,10 +204,10 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], dict[i
     else:
         record["winners"] = json.loads(args.settings_from.read_text())["winners"]
     print("winners:", record["winners"], flush=True)
+    chosen = {n: hp for n, hp in record["winners"].items() if n in args.optimizers}
     seeds = {}
     for seed in [] if args.grid_only else args.seeds:
-        config = DemoConfig(args.dataset, args.model, args.batch_size, args.seconds, 1000, seed, task="classification")
-        seeds[seed] = record["seeds"][str(seed)] = run(config, record["winners"])
+        seeds[seed] = record["seeds"][str(seed)] = run(demo_config(args, args.seconds, seed), chosen)
         save()
         print(f"seed {seed} done, load {seeds[seed]['_load']}", flush=True)
     record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -197,22 +215,26 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], dict[i
     return record, seeds
 
 
-def combine(records: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
-    """One record from several runs: their grids and seeds, the winners of all (later runs win).
+def combine(records: list[dict[str, Any]], sources: list[str], seconds: float) -> dict[str, Any]:
+    """One record from several runs: their grids and seeds (merged per optimizer), the winners of
+    all (later runs win).
 
     A grid ran on seed 0 with the seeds phase's setting, one optimizer per :func:`run`, so each
-    winner's grid point is that optimizer's seed-0 run; it fills seed 0 where no record has one.
+    winner's point of a grid run for ``seconds`` is that optimizer's seed-0 run; it fills seed 0
+    where no record has one.
     """
     seeds: dict[str, Any] = {}
     winners: dict[str, Any] = {}
     for record in records:
-        seeds.update(record["seeds"])
+        for seed, result in record["seeds"].items():
+            seeds.setdefault(seed, {}).update(result)
         winners.update(best_points(record["grid"]))  # a grid stopped early has no winners yet
         winners.update(record["winners"])
     points = [point for r in records for point in r["grid"]]
+    budget = [point for r in records if r["setting"]["grid_seconds"] == seconds for point in r["grid"]]
     from_grid = {
         p["optimizer"]: {k: v for k, v in p.items() if k not in ("optimizer", "load")}
-        for p in points
+        for p in budget
         if p["hyper_parameters"] == winners.get(p["optimizer"])
     }
     for name, entry in from_grid.items():
@@ -238,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--settings-from", type=Path, default=None, help="winners of this result JSON; no grid")
-    parser.add_argument("--optimizers", nargs="+", default=list(CLASSIFY_GRID), help="grid only these")
+    parser.add_argument("--optimizers", nargs="+", default=list(CLASSIFY_GRID), help="grid and train only these")
+    parser.add_argument("--grid", type=json.loads, default=CLASSIFY_GRID, help="JSON grid (default: CLASSIFY_GRID)")
     parser.add_argument("--grid-only", action="store_true", help="run the grid and record its winners, no seeds")
     parser.add_argument(
         "--out", type=Path, default=None, help="result JSON (default: results/classification_<dataset>.json)"
@@ -248,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        record = combine([json.loads(p.read_text()) for p in args.combine], [str(p) for p in args.combine])
+        record = combine(
+            [json.loads(p.read_text()) for p in args.combine], [str(p) for p in args.combine], args.seconds
+        )
         seeds = {int(s): r for s, r in record["seeds"].items()}
         out.write_text(json.dumps(record, indent=1) + "\n")
     else:

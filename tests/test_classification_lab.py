@@ -3,6 +3,7 @@ fixture tree), the training step and the runner's accuracy columns."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from gramnewton.lab.data.classification import standardise_images
 from gramnewton.lab.experiments.config import load_config
 from gramnewton.lab.experiments.metrics import read_rows
 from gramnewton.lab.experiments.runner import run_experiment
-from gramnewton.lab.experiments.training import evaluate, make_train_step
+from gramnewton.lab.experiments.training import EpochEvaluator, FitBudget, FitState, evaluate, make_train_step
 
 
 @pytest.mark.parametrize("name,shape,sizes", [("digits", (1, 8, 8), (1438, 359)), ("mnist", (1, 28, 28), (4000, 1000))])
@@ -130,6 +131,19 @@ def test_train_step_losses_and_mismatch():
     assert float(make_train_step(model, sgd, "cross_entropy")(x, y)) == pytest.approx(before, rel=1e-6)
     loss, acc = evaluate(model, get_dataset("digits", split="test"), "cross_entropy")
     assert loss > 0 and 0 <= acc <= 1
+
+
+def test_epoch_evaluator_can_skip_the_train_split():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    train, test = get_dataset("digits", split="train"), get_dataset("digits", split="test")
+    both, test_only = EpochEvaluator(model, train, test), EpochEvaluator(model, train, test, train=False)
+    for evaluator in (both, test_only):
+        evaluator.on_start(FitState(), FitBudget(epochs=1, seconds=math.inf, steps_per_epoch=1))
+    (full,), (partial,) = both.records, test_only.records
+    assert (partial.test_loss, partial.test_accuracy) == (full.test_loss, full.test_accuracy)
+    assert full.train_loss > 0 and full.train_accuracy >= 0
+    assert math.isnan(partial.train_loss) and math.isnan(partial.train_accuracy)
 
 
 CONFIGS = ["mnist_ggn_fixup", "mnist_sgd_fixup", "mnist_adam_fixup", "mnist_kfac_fixup", "digits_ggn_fixup"]

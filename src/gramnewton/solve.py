@@ -251,6 +251,10 @@ def parameter_space_solve(
     m = a.shape[1]
     stacked = torch.cat([math.sqrt(lam) * a, math.sqrt(alpha) * torch.eye(m, dtype=work, device=a.device)])
     target = torch.cat([r / math.sqrt(lam), math.sqrt(alpha) * (a.new_zeros(m) if prior is None else prior.to(work))])
-    q, upper = torch.linalg.qr(stacked)
-    x = torch.linalg.solve_triangular(upper, (q.T @ target).unsqueeze(1), upper=True).squeeze(1)
+    # Householder factors without forming Q (``linalg.qr`` also builds the (n + m, m) Q: 2x the time
+    # at n = 20,000, m = 61); Q^T target is applied from the reflectors.
+    reflectors, tau = torch.geqrf(stacked)
+    upper = reflectors[:m].triu()
+    projected = torch.ormqr(reflectors, tau, target.unsqueeze(1), transpose=True)[:m]
+    x = torch.linalg.solve_triangular(upper, projected, upper=True).squeeze(1)
     return _finite(x, rhs.dtype), SolveInfo("qr", condition=_cholesky_condition(upper))

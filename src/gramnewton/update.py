@@ -29,7 +29,8 @@ class GramGaussNewtonStep:
         direction: one tensor per parameter, ``-phi_t`` (without momentum
             ``-J^T (lam G + alpha I)^{-1} (f - y)``).
         residuals: ``(b, k)`` residuals before the update.
-        gram: ``(b*k, b*k)`` Gram matrix ``J J^T``.
+        gram: ``(b*k, b*k)`` Gram matrix ``J J^T``; ``None`` after a parameter-space solve by an
+            engine that skipped it (:func:`choose_solve_space`).
         coefficients: ``(b*k,)`` solution ``c`` of ``(lam G + alpha I) c = f - y - lam mu J phi_{t-1}``
             (``phi_t = mu phi_{t-1} + J^T c``); ``None`` after a parameter-space solve.
         solve_info: how the damped system was solved.
@@ -44,7 +45,7 @@ class GramGaussNewtonStep:
 
     direction: list[Tensor]
     residuals: Tensor
-    gram: Tensor
+    gram: Tensor | None
     coefficients: Tensor | None
     solve_info: SolveInfo
     predicted: Tensor
@@ -79,8 +80,30 @@ def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) ->
         raise ValueError("solve_space='parameter' needs the dense Jacobian, which this engine does not provide")
     if solve_space != "auto":
         return solve_space
-    rows = system.gram.shape[0]
-    return "parameter" if system.jacobian_columns is not None and rows > 2 * num_params else "sample"
+    if system.gram is None:  # the engine was told it would not be needed (below)
+        return "parameter"
+    return (
+        "parameter"
+        if system.jacobian_columns is not None and prefers_parameter_space(system.gram.shape[0], num_params)
+        else "sample"
+    )
+
+
+def prefers_parameter_space(rows: int, num_params: int) -> bool:
+    """The ``"auto"`` rule of :func:`choose_solve_space` for ``rows = b*k`` residuals."""
+    return rows > 2 * num_params
+
+
+def compute_system(engine: GramEngine, closure: Closure, solve_space: str, skip_gram: bool) -> GramSystem:
+    """``engine.compute(closure)``, letting an engine that can (``can_skip_gram``) leave out the
+    ``(b*k, b*k)`` Gram when the step will be solved in parameter space (``skip_gram``: nothing
+    else needs it), which would cost ``(b*k)^2 m`` and ``(b*k)^2`` memory for nothing."""
+    if not skip_gram or solve_space == "sample" or not getattr(engine, "can_skip_gram", False):
+        return engine.compute(closure)
+    num_params = sum(p.numel() for p in engine.params)
+    return engine.compute(
+        closure, form_gram=lambda rows: solve_space == "auto" and not prefers_parameter_space(rows, num_params)
+    )
 
 
 def gram_gauss_newton_direction(
@@ -119,7 +142,7 @@ def gram_gauss_newton_direction(
             (parameters are untouched: nothing applied).
     """
     check_damping(lam, alpha)
-    system = engine.compute(closure)
+    system = compute_system(engine, closure, solve_space, skip_gram=choose_alpha is None)
     r = system.residuals.reshape(-1)
     if not bool(torch.isfinite(r.pow(2).sum())):  # finite residuals whose squares overflow
         raise SingularGramError(

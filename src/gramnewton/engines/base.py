@@ -27,7 +27,9 @@ class GramSystem:
 
     Attributes:
         residuals: ``(b, k)`` detached residuals ``f(w, x_i) - y_i``.
-        gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major.
+        gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major; ``None`` when the caller
+            let the engine skip it (``HooksEngine.compute(closure, form_gram=...)``: a
+            parameter-space solve needs only ``J``, and forming ``G`` would cost ``(b*k)^2 m``).
         jt_times: maps ``v`` of shape ``(b*k,)`` to ``J^T v`` as one tensor per parameter,
             shaped like the parameter (zeros for parameters the outputs do not depend on).
         j_times: maps ``v``, one tensor per parameter (shaped like it, in the engine's
@@ -46,7 +48,7 @@ class GramSystem:
     """
 
     residuals: Tensor
-    gram: Tensor
+    gram: Tensor | None
     jt_times: Callable[[Tensor], list[Tensor]]
     j_times: Callable[[Sequence[Tensor]], Tensor] | None = None
     jacobian_columns: Callable[[int, int], Tensor] | None = None

@@ -176,9 +176,14 @@ class HooksEngine:
         self._expected: set[int] = set()
         self._row_verdicts: dict[tuple, frozenset[int]] = {}
 
-    def compute(self, closure: Closure) -> GramSystem:
+    can_skip_gram = True  # compute(closure, form_gram=...) is understood
+
+    def compute(self, closure: Closure, *, form_gram: Callable[[int], bool] | None = None) -> GramSystem:
         """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``,
-        ``J v`` and the dense ``J`` (materialised from the pieces only when asked for)."""
+        ``J v`` and the dense ``J`` (materialised from the pieces only when asked for).
+
+        ``form_gram``, when given, is called with ``b*k`` once the forward pass has run; ``False``
+        skips the Gram (``GramSystem.gram`` is then ``None``; everything else is as usual)."""
         for module, check in self._checks:
             check(module)
         timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
@@ -192,11 +197,12 @@ class HooksEngine:
 
             start = time.perf_counter()
             reference_params = [p for p in self.params if id(p) in reference_ids]
-            gram = residuals.new_zeros(b * k, b * k)
+            gram = residuals.new_zeros(b * k, b * k) if form_gram is None or form_gram(b * k) else None
             jac_reference = None
             if reference_params:
                 jac_reference = jacobian_rows(residuals, reference_params).detach()
-                gram.addmm_(jac_reference, jac_reference.T)
+                if gram is not None:
+                    gram.addmm_(jac_reference, jac_reference.T)
             timings["reference"] = time.perf_counter() - start
 
             start = time.perf_counter()
@@ -213,8 +219,10 @@ class HooksEngine:
                 call.edge, call.input_nodes = None, frozenset()
         self.last_timings = timings
 
+        dtype = residuals.dtype  # the Gram's and every piece's
+
         def jt_times(v: Tensor) -> list[Tensor]:
-            v = v.to(gram.dtype)
+            v = v.to(dtype)
             from_reference = iter(split_like(jac_reference.T @ v, reference_params)) if reference_params else iter(())
             out = []
             for p in self.params:
@@ -227,14 +235,12 @@ class HooksEngine:
             return out
 
         def j_times(v: Sequence[Tensor]) -> Tensor:
-            out = gram.new_zeros(b * k)
+            out = residuals.new_zeros(b * k).detach()
             if reference_params:
-                out += jac_reference @ flatten(
-                    [t for p, t in zip(self.params, v) if id(p) in reference_ids], gram.dtype
-                )
+                out += jac_reference @ flatten([t for p, t in zip(self.params, v) if id(p) in reference_ids], dtype)
             for p, t in zip(self.params, v):
                 if id(p) in pieces:  # parameters the residuals do not depend on add nothing
-                    out += pieces[id(p)].j_times(t.reshape(-1).to(gram.dtype))
+                    out += pieces[id(p)].j_times(t.reshape(-1).to(dtype))
             return out
 
         reference_offsets, offset = {}, 0  # where each reference parameter's columns start in jac_reference
@@ -249,10 +255,10 @@ class HooksEngine:
                 return jac_reference[:, start : start + p.numel()]
             if id(p) in pieces:
                 return pieces[id(p)].dense().jac
-            return gram.new_zeros(b * k, p.numel())
+            return residuals.new_zeros(b * k, p.numel()).detach()
 
         def jacobian_columns(start: int, stop: int) -> Tensor:
-            return slice_columns(block, [p.numel() for p in self.params], gram, start, stop)
+            return slice_columns(block, [p.numel() for p in self.params], residuals.detach(), start, stop)
 
         return GramSystem(
             residuals=residuals.detach(),
@@ -395,10 +401,11 @@ class HooksEngine:
         return rows_not_samples(residuals, [math.prod(c.out_shape[1:]) for c in checked], backward)
 
     def _backward(
-        self, residuals: Tensor, calls: list[_Call], gram: Tensor, timings: dict[str, float], post: list[Any]
+        self, residuals: Tensor, calls: list[_Call], gram: Tensor | None, timings: dict[str, float], post: list[Any]
     ) -> dict[int, Piece]:
         """Backward pass(es) that feed every active call its output gradients; returns the
-        finished piece of each hooked parameter (its Gram part already added to ``gram``)."""
+        finished piece of each hooked parameter (its Gram part already added to ``gram`` unless
+        ``gram`` is None)."""
         calls = [c for c in calls if c.params]
         b, k = residuals.shape
         uses: dict[int, int] = {}
@@ -443,9 +450,10 @@ class HooksEngine:
                     if pending[pid]:
                         continue
                     piece = partial.pop(pid)
-                t0 = time.perf_counter()
-                piece.add_gram_lower(gram)
-                timings["gram"] += time.perf_counter() - t0
+                if gram is not None:
+                    t0 = time.perf_counter()
+                    piece.add_gram_lower(gram)
+                    timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
         self._finish, self._columns, self._expected = finish, k, {id(c) for c in expected}
@@ -461,9 +469,11 @@ class HooksEngine:
                 f"({', '.join(sorted({type(c.module).__name__ for c in missing}))}); was an output modified in place?"
             )
         for pid, dense in partial.items():  # calls that the residuals do not depend on add nothing
-            dense.add_gram_lower(gram)
+            if gram is not None:
+                dense.add_gram_lower(gram)
             pieces[pid] = dense
-        mirror_lower(gram)  # the pieces filled the lower triangle
+        if gram is not None:
+            mirror_lower(gram)  # the pieces filled the lower triangle
         return pieces
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:

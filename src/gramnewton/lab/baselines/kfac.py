@@ -131,11 +131,14 @@ class KFAC(Optimizer):
         # Only training forwards that will be backpropagated feed the factors (not evaluation).
         if not (module.training and torch.is_grad_enabled() and output.requires_grad):
             return
-        record = {"input": inputs[0].detach(), "output": output}
-        self._captured[module] = record
+        grads: dict[str, Tensor] = {}
+        self._captured[module] = {"input": inputs[0].detach(), "output": output, "grads": grads}
 
+        # The hook may reference ``grads`` but not the record: a hook that reaches ``output``
+        # makes a cycle through autograd's C++ hook table that no garbage collection breaks,
+        # and every step's output and graph (its saved activations) would be kept for good.
         def save_grad(grad: Tensor) -> None:
-            record["grad_output"] = grad.detach()
+            grads["grad_output"] = grad.detach()
 
         output.register_hook(save_grad)
 
@@ -173,7 +176,7 @@ class KFAC(Optimizer):
         directions: dict[Tensor, Tensor] = {}
         for layer in self.layers:
             record = self._captured.get(layer)
-            if record is None or "grad_output" not in record or layer.weight.grad is None:
+            if record is None or "grad_output" not in record["grads"] or layer.weight.grad is None:
                 continue
             directions.update(self._precondition(layer, record, group))
         self._captured.clear()
@@ -198,7 +201,7 @@ class KFAC(Optimizer):
         state = self.state[layer.weight]
         steps = int(state.get("kfac_steps", 0))
         if steps % group["factor_every"] == 0:
-            grad_output = record["grad_output"]
+            grad_output = record["grads"]["grad_output"]
             if self.loss == "cross_entropy":
                 if "fisher_grad" not in record:
                     raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")

@@ -110,6 +110,7 @@ class DemoConfig:
     seed: int = 0
     task: str = "regression"
     mark: float = 10.0
+    evaluate_train: bool = True  # False: the epoch evaluations skip the train split (NaN there)
 
 
 class TimeMarks(Callback):
@@ -163,7 +164,7 @@ def run_demo(
     for name, hp in settings.items():
         model = copy.deepcopy(init)
         optimizer = build_optimizer({**specs[name], **hp}, model)
-        evaluator = EpochEvaluator(model, train_set, test_set)
+        evaluator = EpochEvaluator(model, train_set, test_set, train=config.evaluate_train)
         marks = [TimeMarks(model, train_set, test_set, config.mark)] if config.task == "regression" else []
         model.train()
         state = fit(
