@@ -39,7 +39,6 @@ from torch.func import functional_call, jvp
 
 from gramnewton import GramGaussNewton
 from gramnewton.lab.data import get_dataset
-from gramnewton.lab.experiments.demo import CLASSIFY_SPECS
 from gramnewton.lab.experiments.optimizers import build_optimizer
 from gramnewton.lab.experiments.training import (
     Callback,
@@ -53,6 +52,8 @@ from gramnewton.lab.models import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"lam8": {"lam": 8.0}, "lam32": {"lam": 32.0}}
+# GGN as these runs used it (the demo's classification setting then): gain ratio every step, no momentum
+GGN = {"name": "ggn", "loss": "cross_entropy", "alpha": 0.3, "adaptive_damping": True, "momentum": 0.0}
 
 
 def initial_model(seed: int) -> nn.Module:
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         order = batch_order(len(train_set), 128, args.seed, 1)
         batches = [train_set[idx] for idx in order[:2]]
         settings = SETTINGS if key != "scaled" else {"lam32": SETTINGS["lam32"]}
-        ggn = {**CLASSIFY_SPECS["GGN"], "curvature": "gradient"}
+        ggn = {**GGN, "curvature": "gradient"}
         runs = {name: train(init, {**ggn, **hp}, key, args.epochs, args.seed) for name, hp in settings.items()}
         if key != "scaled":
             runs["adam"] = train(init, {"name": "adam", "lr": 1e-2}, key, args.epochs, args.seed)

@@ -20,8 +20,9 @@ Output: ``--out`` (default ``benchmarks/results/classification_<dataset>.json``:
 load average before and after every run) and ``docs/figures/classification_<dataset>.png`` (test
 accuracy against training seconds and epochs); the summary table is printed as markdown.
 ``--combine A.json B.json ...`` merges the seeds of separate runs (e.g. one seed per command, to
-keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure; a
-grid run with ``--grid-seconds`` equal to ``--seconds`` supplies its winners' seed-0 runs.
+keep each under the shared machine's 10-minute limit) into ``--out`` and redraws the figure (``--figure``); a
+grid run with ``--grid-seconds`` equal to ``--seconds`` supplies its winners' seed-0 runs; it also
+prints every grid point of the merged runs.
 
 Usage::
 
@@ -145,20 +146,48 @@ def table(seeds: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def grid_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: every grid point of ``records`` (seed 0) with its budget and outcome."""
+    lines = [
+        "| optimizer | hyper-parameters | s of training | final test acc. | final test CE | epochs | "
+        + " | ".join(f"s to {t:.0%}" for t in TARGETS)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(TARGETS),
+    ]
+    for record in records:
+        for p in record["grid"]:
+            hp = ", ".join(f"{k}={v}" for k, v in p["hyper_parameters"].items())
+            hits = [p["seconds_to"][f"{t:.2f}"] for t in TARGETS]
+            lines.append(
+                f"| {p['optimizer']} | {hp} | {record['setting']['grid_seconds']:g} | {p['final_test_accuracy']:.1%} | "
+                f"{p['final_test_loss']:.3f} | {p['epochs']} | "
+                + " | ".join("-" if h is None else f"{h:.1f}" for h in hits)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
+    """Test accuracy against training seconds (all of it, and zoomed on 85-100%, where the targets
+    are) and against epochs; one line per optimizer and seed, one colour per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    panels = (
+        ("seconds", "training seconds", 0.0),
+        ("seconds", "training seconds (zoom)", 0.85),
+        ("epoch", "epoch", 0.0),
+    )
     colors: dict[str, Any] = {}
     for seed, result in seeds.items():
         for name, entry in result.items():
             if name.startswith("_"):
                 continue
             curve = entry["curve"]
-            for ax, x in zip(axes, ("seconds", "epoch")):
+            for ax, (x, _, _) in zip(axes, panels):
                 (line,) = ax.plot(
                     [r[x] for r in curve],
                     [r["test_accuracy"] for r in curve],
@@ -168,10 +197,10 @@ def figure(seeds: dict[int, dict[str, Any]], path: Path, title: str) -> None:
                     alpha=0.8,
                 )
                 colors.setdefault(name, line.get_color())
-    for ax, x in zip(axes, ("training seconds", "epoch")):
-        ax.set_xlabel(x)
+    for ax, (_, label, low) in zip(axes, panels):
+        ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
-        ax.set_ylim(0.0, 1.0)
+        ax.set_ylim(low, 1.0)
         for t in TARGETS:
             ax.axhline(t, color="gray", lw=0.5, ls=":")
         ax.grid(alpha=0.3)
@@ -216,21 +245,21 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], dict[i
 
 
 def combine(records: list[dict[str, Any]], sources: list[str], seconds: float) -> dict[str, Any]:
-    """One record from several runs: their grids and seeds (merged per optimizer), the winners of
-    all (later runs win).
+    """One record from several runs: their grids and seeds (merged per optimizer); the winners are
+    the best points of all grids together, overridden by the settings of runs without a grid.
 
     A grid ran on seed 0 with the seeds phase's setting, one optimizer per :func:`run`, so each
     winner's point of a grid run for ``seconds`` is that optimizer's seed-0 run; it fills seed 0
     where no record has one.
     """
     seeds: dict[str, Any] = {}
-    winners: dict[str, Any] = {}
+    points = [point for r in records for point in r["grid"]]
+    winners = best_points(points)  # the grids compete together (a grid stopped early has no winners yet)
     for record in records:
         for seed, result in record["seeds"].items():
             seeds.setdefault(seed, {}).update(result)
-        winners.update(best_points(record["grid"]))  # a grid stopped early has no winners yet
-        winners.update(record["winners"])
-    points = [point for r in records for point in r["grid"]]
+        if not record["grid"]:  # settings taken from elsewhere (--settings-from)
+            winners.update(record["winners"])
     budget = [point for r in records if r["setting"]["grid_seconds"] == seconds for point in r["grid"]]
     from_grid = {
         p["optimizer"]: {k: v for k, v in p.items() if k not in ("optimizer", "load")}
@@ -266,14 +295,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="result JSON (default: results/classification_<dataset>.json)"
     )
+    parser.add_argument(
+        "--figure", type=Path, default=None, help="figure PNG (default: docs/figures/classification_<dataset>.png)"
+    )
     parser.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result JSONs' seeds")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        record = combine(
-            [json.loads(p.read_text()) for p in args.combine], [str(p) for p in args.combine], args.seconds
-        )
+        records = [json.loads(p.read_text()) for p in args.combine]
+        record = combine(records, [str(p) for p in args.combine], args.seconds)
+        print(grid_table(records))
         seeds = {int(s): r for s, r in record["seeds"].items()}
         out.write_text(json.dumps(record, indent=1) + "\n")
     else:
@@ -282,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     figure(
         seeds,
-        ROOT / "docs" / "figures" / f"classification_{args.dataset}.png",
+        args.figure or ROOT / "docs" / "figures" / f"classification_{args.dataset}.png",
         f"{args.model} on {args.dataset} (standardised): test accuracy, {args.seconds:g} s per run, seeds {sorted(seeds)}",
     )
     print(table(seeds))

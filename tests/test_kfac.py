@@ -178,7 +178,7 @@ def test_cross_entropy_kfac_needs_the_fisher_backward():
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_a_step_releases_its_outputs_and_graph(loss):
     """The forward hook must not keep a step's layer outputs (and through them the graph with
-    its saved activations) alive: a leak of one graph per step filled 24 GB on mnist."""
+    its saved activations) alive: a leak of one graph per step filled 23 GiB on mnist."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     opt = KFAC(model, loss=loss, factor_every=1, inverse_every=1)
