@@ -310,7 +310,8 @@ CONV_WEIGHT_PATHS = MeasuredChoice()
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
 # The correlation path runs one convolution per input channel; it is offered up to this many
-# (image stems: 1-3 channels, where the grouped convolution is slowest: 10-29 ms against 1-5 ms).
+# (image stems, 1-3 channels, where the grouped convolution's n groups of 1-3 channels are slow:
+# chosen for both stems of docs/performance.md's perf3 runs, per-sample time 0.038 -> 0.030 s).
 MAX_CORRELATE_CHANNELS = 4
 # A convolution weight used once keeps ``(x, g)`` instead of its per-sample gradients
 # (:class:`KeptConv`) when those are more than this many times larger, per sample: it saves
@@ -522,8 +523,8 @@ def _conv2d_weight_per_sample_correlate(module: nn.Module, x: Tensor, g: Tensor,
     padded, ``s`` stride, ``d`` dilation): for each input channel ``c`` one convolution of the
     samples' channel ``c`` (as ``n`` channels) by their output gradients (as ``n * kout`` kernels
     of size ``(ho, wo)``, ``groups = n``), with the module's dilation as stride and its stride as
-    dilation. On image stems (1-3 input channels) the grouped convolution's ``n`` groups of one
-    or three channels are its slowest case (measured: docs/performance.md).
+    dilation. Offered for few input channels (image stems), where the grouped convolution's ``n``
+    groups of one to three channels are slow (docs/performance.md, perf3).
     """
     n, kin = x.shape[:2]
     ph, pw = padding
