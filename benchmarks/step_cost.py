@@ -58,7 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 ALLOCATORS = ("tuned", "system", "jemalloc")
-METHODS = ("sgd", "adam", "ggn_fast", "ggn_ref")
+METHODS = ("sgd", "adam", "ggn_fast", "ggn_demo", "ggn_ref")
+# ggn_demo's rule is first stepped (at most this many steps) to where the demo spends its run:
+# alpha at its floor with gain ratios above ``high``, one re-evaluated step in ``check_every``
+DEMO_PRIMING_STEPS = 60
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ MODELS = {
     "fixup64": ModelSpec(lambda: get_model("resnet32_fixup"), (3, 64, 64)),
     "gn32": ModelSpec(lambda: get_model("resnet32_gn"), (3, 32, 32)),
     "two_layer": ModelSpec(lambda: TwoLayerNet(10, width=4096), (10,)),
+    # the network `gramnewton demo` trains, on its (1, 28, 28) images
+    "resnet8": ModelSpec(lambda: get_model("resnet8_fixup", in_channels=1, num_outputs=1), (1, 28, 28)),
 }
 
 
@@ -107,12 +112,34 @@ def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Call
         opt = build_optimizer({"name": method, "lr": 1e-6}, model)  # SGD: the factory's momentum 0.9
         return _bound(make_train_step(model, opt), x, y), first_order_breakdown(model, opt)
     params = list(model.parameters())
-    engine = TimedEngine(HooksEngine(model, params) if method == "ggn_fast" else ReferenceEngine(params))
+    engine = TimedEngine(ReferenceEngine(params) if method == "ggn_ref" else HooksEngine(model, params))
+    if method == "ggn_demo":
+        return demo_step(model, engine, x, y)
     # a large alpha keeps the weights (and so the timings) where they are over many steps
     ggn = build_optimizer(
         {"name": "ggn", "momentum": 0.0, "alpha": 1e6, "engine": engine, "adaptive_damping": False}, model
     )
     return _bound(make_train_step(model, ggn), x, y), lambda: dict(engine.times)
+
+
+def demo_step(
+    model: nn.Module, engine: TimedEngine, x: Tensor, y: Tensor
+) -> tuple[Callable[[], Tensor], Callable[[], dict]]:
+    """GGN as the demo trains it (``GramGaussNewton(model)``'s defaults: momentum 0.9, gain-ratio
+    damping re-evaluating one step in four once ``alpha`` sits at its floor), primed into that
+    steady state; the breakdown records whether the step was re-evaluated (``re_evaluated``)."""
+    ggn = build_optimizer({"name": "ggn", "engine": engine}, model)
+    step = _bound(make_train_step(model, ggn), x, y)
+    for _ in range(DEMO_PRIMING_STEPS):
+        if ggn.damping.trusted:
+            break
+        step()
+
+    def breakdown() -> dict:
+        measured = ggn.last_diagnostics.gain_ratio is not None
+        return {**engine.times, "re_evaluated": float(measured), "check_every": ggn.damping.check_every}
+
+    return step, breakdown
 
 
 def _bound(step: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor) -> Callable[[], Tensor]:
@@ -205,6 +232,8 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
         keys = set().union(*parts[method]) if parts[method] else set()
         if keys:
             entry["breakdown_s"] = {k: statistics.median(p.get(k, 0.0) for p in parts[method]) for k in sorted(keys)}
+        if "re_evaluated" in keys:
+            entry.update(amortised(ts, parts[method]))
         result[method] = entry
     if model_name == "two_layer" and "sgd" in times:
         floor = statistics.median(times["sgd"]) + statistics.median(times["gram_products"])
@@ -212,6 +241,19 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
         if "ggn_fast" in result:
             result["gram_floor"]["ggn_fast_over_floor"] = result["ggn_fast"]["median_s"] / floor
     return result
+
+
+def amortised(times: list[float], parts: list[dict]) -> dict:
+    """Median step with and without the gain-ratio re-evaluation, and their average over a
+    ``check_every``-step cycle (what a training run pays per step in the rule's steady state)."""
+    checked = [t for t, p in zip(times, parts) if p["re_evaluated"]]
+    plain = [t for t, p in zip(times, parts) if not p["re_evaluated"]]
+    out = {"re_evaluated_steps": len(checked), "plain_steps": len(plain)}
+    if checked and plain:
+        every = parts[0]["check_every"]
+        out["plain_s"], out["re_evaluated_s"] = statistics.median(plain), statistics.median(checked)
+        out["amortised_s"] = ((every - 1) * out["plain_s"] + out["re_evaluated_s"]) / every
+    return out
 
 
 def peak_memory(model_name: str, batch: int, method: str, allocator: str, steps: int = 2) -> dict:
@@ -385,6 +427,34 @@ def render_run(run: dict) -> str:
     )
 
 
+def render_demo(runs: list[dict]) -> list[str]:
+    """The demo network's steps as ratios to Adam's (the demo races GGN against Adam on wall time)."""
+    lines = [
+        "",
+        "## The demo network: GGN against Adam",
+        "",
+        "`ggn_demo` is `GramGaussNewton(model)` as the demo trains it (momentum 0.9, gain-ratio damping in",
+        "its steady state: one step in four re-evaluated); amortised = (3 plain + 1 re-evaluated) / 4.",
+        "",
+        "| model | b | allocator | run | load | SGD s | Adam s | GGN fast / Adam | GGN demo plain / Adam | re-evaluated / Adam | amortised / Adam |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        m = run["methods"]
+        adam, d = m["adam"]["median_s"], m["ggn_demo"]
+
+        def over(seconds: float | None) -> str:
+            return "-" if seconds is None else f"{seconds / adam:.2f}"
+
+        fast = m.get("ggn_fast", {}).get("median_s")
+        lines.append(
+            f"| {run['model']} | {run['batch']} | {run['allocator_name']} | {run['started'][:16]} | "
+            f"{run['load_average'][0]:.1f} | {m['sgd']['median_s']:.3f} | {adam:.3f} | {over(fast)} | "
+            f"{over(d.get('plain_s'))} | {over(d.get('re_evaluated_s'))} | {over(d.get('amortised_s'))} |"
+        )
+    return lines
+
+
 def render_markdown(results: dict, source: str = "benchmarks/results/step_cost.json") -> str:
     """The generated part of docs/performance.md from the runs in ``results`` (read from ``source``)."""
     lines = [
@@ -431,6 +501,9 @@ def render_markdown(results: dict, source: str = "benchmarks/results/step_cost.j
                 f"| {run['batch']} | {run['allocator_name']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
                 f"{run['methods']['ggn_fast']['median_s']:.4f} | {f.get('ggn_fast_over_floor', float('nan')):.2f} |"
             )
+    demo = [run for run in runs if "ggn_demo" in run["methods"] and "adam" in run["methods"]]
+    if demo:
+        lines += render_demo(demo)
     if "cost_model" in results:
         lines += render_cost_model(results["cost_model"][-1])
     skipped = {

@@ -4,7 +4,7 @@ Every case runs in float64 under four cost-model settings: as chosen (``auto``),
 materialised (``dense``), every weight that can be factorised factorised (``factored``) and
 every convolution weight kept as its input and output gradient (``kept``, :class:`KeptConv`),
 so every code path of each layer is checked; the convolution cases also run with each per-sample
-weight-gradient path forced (``grouped``, ``patches``). Agreement is required to 1e-10 relative.
+weight-gradient path forced (``grouped``, ``patches``, ``correlate``). Agreement is required to 1e-10 relative.
 Cases with at least ``SYRK_MIN_ROWS`` Gram rows exercise the symmetric (lower-triangle) update.
 """
 
@@ -319,12 +319,13 @@ def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
 CONV2D_CASES = [c for c in CASES if c.name.startswith(("conv2d", "resnet8", "groupnorm", "batchnorm"))]
 
 
-@pytest.mark.parametrize("path", ["grouped", "patches"])
+@pytest.mark.parametrize("path", ["grouped", "patches", "correlate"])
 @pytest.mark.parametrize("case", CONV2D_CASES, ids=[c.name for c in CONV2D_CASES])
 def test_conv_weight_paths(case: Case, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = handlers.CONV_WEIGHT_PATHS
     monkeypatch.setattr(paths, "forced", path)
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))  # offer it for every shape
+    monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", float("inf"))
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     before = paths.used[path]
     check_against_reference(case)
@@ -335,12 +336,14 @@ def test_conv_weight_paths(case: Case, path: str, monkeypatch: pytest.MonkeyPatc
 CONV_LAYERS = [
     (nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), (6, 3, 7, 7)),
     (nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(1, 2), bias=False), (5, 2, 6, 5)),
+    # stride and dilation both > 1, rows and columns left over at the end of the padded input
+    (nn.Conv2d(2, 3, 3, stride=(2, 3), dilation=(2, 1), padding=(2, 1)), (4, 2, 10, 9)),
     (nn.Conv1d(4, 6, 3, groups=2, padding=1), (5, 4, 9)),
     (nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (3, 2, 4, 4, 3)),
 ]
 
 
-@pytest.mark.parametrize("path", ["grouped", "patches"])
+@pytest.mark.parametrize("path", ["grouped", "patches", "correlate"])
 @pytest.mark.parametrize("layer", range(len(CONV_LAYERS)))
 def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``J^T v`` and ``J v`` of every conv weight piece against its materialised ``J`` (float64)."""
@@ -352,6 +355,7 @@ def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monke
         g = torch.randn_like(module(x))
     monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", path)
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", float("inf"))
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     handler = handlers.handler_for(module)
     pieces = [handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"]]

@@ -11,8 +11,9 @@ come out in another order) or the factors of a Linear/Conv weight (:class:`Facto
 matrix is ``(A A^T) * (G G^T)`` summed over positions.
 
 Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count. How a
-2-d convolution's per-sample weight gradients are computed (one grouped convolution, or patches
-and a batched GEMM) is chosen per layer shape by timing both once (:class:`MeasuredChoice`).
+2-d convolution's per-sample weight gradients are computed (one grouped convolution, patches
+and a batched GEMM, or for few input channels one correlation per channel) is chosen per layer
+shape by timing the candidates once (:class:`MeasuredChoice`).
 
 Pieces add their Gram part with ``add_gram_lower``: only the lower triangle is guaranteed (a
 symmetric rank-k update, :func:`add_gram_lower`); the engine mirrors it once at the end
@@ -308,6 +309,10 @@ CONV_WEIGHT_PATHS = MeasuredChoice()
 # The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
+# The correlation path runs one convolution per input channel; it is offered up to this many
+# (image stems, 1-3 channels, where the grouped convolution's n groups of 1-3 channels are slow:
+# chosen for both stems of docs/performance.md's perf3 runs, per-sample time 0.038 -> 0.030 s).
+MAX_CORRELATE_CHANNELS = 4
 # A convolution weight used once keeps ``(x, g)`` instead of its per-sample gradients
 # (:class:`KeptConv`) when those are more than this many times larger, per sample: it saves
 # memory at the price of one batched weight-gradient convolution in ``J^T v``.
@@ -510,6 +515,29 @@ def _conv2d_weight_per_sample_patches(
     return PermutedDense(jac.view(n, -1), shape, perm, stamp)
 
 
+def _conv2d_weight_per_sample_correlate(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Dense:
+    """Per-sample weight gradients of a 2-d convolution with ``groups == 1`` by correlating each
+    input channel with the output gradients: ``(n, kout * kin * kh * kw)``, the parameter's layout.
+
+    ``J_i[o, c, a, b] = sum_{p, q} g_i[o, p, q] xp_i[c, a d_h + p s_h, b d_w + q s_w]`` (``xp``
+    padded, ``s`` stride, ``d`` dilation): for each input channel ``c`` one convolution of the
+    samples' channel ``c`` (as ``n`` channels) by their output gradients (as ``n * kout`` kernels
+    of size ``(ho, wo)``, ``groups = n``), with the module's dilation as stride and its stride as
+    dilation. Offered for few input channels (image stems), where the grouped convolution's ``n``
+    groups of one to three channels are slow (docs/performance.md, perf3).
+    """
+    n, kin = x.shape[:2]
+    ph, pw = padding
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    (kh, kw), kout = module.kernel_size, g.shape[1]
+    kernels = g.reshape(n * kout, 1, *g.shape[2:])
+    per_channel = []
+    for c in range(kin):
+        corr = F.conv2d(xp[:, c].unsqueeze(0), kernels, stride=module.dilation, dilation=module.stride, groups=n)
+        per_channel.append(corr[0, :, :kh, :kw].reshape(n, kout, kh, kw))  # the extent may exceed the kernel
+    return Dense(torch.stack(per_channel, 2).reshape(n, -1))
+
+
 def _conv_weight_paths(
     module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool
 ) -> dict[str, Callable[[], Piece]]:
@@ -523,6 +551,8 @@ def _conv_weight_paths(
         and positions <= MAX_PATCHES_OVER_GRADIENTS * module.out_channels
     ):
         paths["patches"] = lambda: _conv2d_weight_per_sample_patches(module, x, g, padding, transient)
+    if x.dim() == 4 and module.groups == 1 and x.device.type == "cpu" and x.shape[1] <= MAX_CORRELATE_CHANNELS:
+        paths["correlate"] = lambda: _conv2d_weight_per_sample_correlate(module, x, g, padding)
     return paths
 
 
