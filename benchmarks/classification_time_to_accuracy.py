@@ -119,15 +119,25 @@ def grid(args: argparse.Namespace, points: list[dict[str, Any]], save: Callable[
     return best_points(points)
 
 
+def header(columns: list[str]) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def table(seeds: dict[int, dict[str, Any]]) -> str:
     """Markdown summary over the seeds each optimizer ran (medians; the count of seeds)."""
     names = list(dict.fromkeys(n for r in seeds.values() for n in r if not n.startswith("_")))
-    lines = [
-        "| optimizer | hyper-parameters | seeds | final test acc. (median, min-max) | final test CE (median) | epochs | "
-        + " | ".join(f"s to {t:.0%} (median; seeds reached)" for t in TARGETS)
-        + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(TARGETS),
-    ]
+    lines = header(
+        [
+            "optimizer",
+            "hyper-parameters",
+            "seeds",
+            "final test acc. (median, min-max)",
+            "final test CE (median)",
+            "epochs",
+        ]
+        + [f"s to {t:.0%} (median; seeds reached)" for t in TARGETS]
+    )
     for name in names:
         runs = [seeds[s][name] for s in seeds if name in seeds[s]]
         accs = [r["final_test_accuracy"] for r in runs]
@@ -148,12 +158,10 @@ def table(seeds: dict[int, dict[str, Any]]) -> str:
 
 def grid_table(records: list[dict[str, Any]]) -> str:
     """Markdown: every grid point of ``records`` (seed 0) with its budget and outcome."""
-    lines = [
-        "| optimizer | hyper-parameters | s of training | final test acc. | final test CE | epochs | "
-        + " | ".join(f"s to {t:.0%}" for t in TARGETS)
-        + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(TARGETS),
-    ]
+    lines = header(
+        ["optimizer", "hyper-parameters", "s of training", "final test acc.", "final test CE", "epochs"]
+        + [f"s to {t:.0%}" for t in TARGETS]
+    )
     for record in records:
         for p in record["grid"]:
             hp = ", ".join(f"{k}={v}" for k, v in p["hyper_parameters"].items())
