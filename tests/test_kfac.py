@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import weakref
 
@@ -196,3 +197,26 @@ def test_a_step_releases_its_outputs_and_graph(loss):
         del logits
         opt.step()
     assert [ref() for ref in outputs] == [None] * len(outputs)  # freed by reference counting, no gc needed
+
+
+def test_fisher_backward_of_diverged_logits_keeps_the_factors():
+    """NaN logits (a diverged run) leave the factors as they were instead of raising in the
+    sampling, so a benchmark records the divergence like a first-order method's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = KFAC(model, loss="cross_entropy", factor_every=1, inverse_every=1)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    logits = model(x)
+    opt.backward_fisher(logits)
+    nn.functional.cross_entropy(logits, y).backward()
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    logits = model(x) * float("nan")
+    opt.backward_fisher(logits)
+    after = opt.state_dict()
+    assert before["state"].keys() == after["state"].keys()
+    for key, state in before["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, after["state"][key][name]), name

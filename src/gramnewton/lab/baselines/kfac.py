@@ -153,7 +153,13 @@ class KFAC(Optimizer):
         if not due:
             return
         with torch.no_grad():
-            sampled = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1).squeeze(1)
+            probabilities = torch.softmax(logits.detach().float(), 1)
+        if not bool(torch.isfinite(probabilities).all()):
+            # a diverged run: there is no distribution to sample (multinomial would raise and end
+            # the run); the factors keep their last values and the NaN loss shows the divergence
+            return
+        with torch.no_grad():
+            sampled = torch.multinomial(probabilities, 1).squeeze(1)
         with torch.enable_grad():
             total = F.cross_entropy(logits, sampled, reduction="sum")
             grads = torch.autograd.grad(total, [r["output"] for r in due], retain_graph=True, allow_unused=True)
