@@ -157,6 +157,8 @@ class KFAC(Optimizer):
         if not bool(torch.isfinite(probabilities).all()):
             # a diverged run: there is no distribution to sample (multinomial would raise and end
             # the run); the factors keep their last values and the NaN loss shows the divergence
+            for record in due:
+                record["fisher_grad"] = None
             return
         with torch.no_grad():
             sampled = torch.multinomial(probabilities, 1).squeeze(1)
@@ -206,11 +208,12 @@ class KFAC(Optimizer):
         """Update ``layer``'s factors (and inverses when due); return ``{param: V part}``."""
         state = self.state[layer.weight]
         steps = int(state.get("kfac_steps", 0))
-        if steps % group["factor_every"] == 0:
+        if self.loss == "cross_entropy" and steps % group["factor_every"] == 0 and "fisher_grad" not in record:
+            raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")
+        diverged = self.loss == "cross_entropy" and record.get("fisher_grad", 0) is None  # see backward_fisher
+        if steps % group["factor_every"] == 0 and not diverged:
             grad_output = record["grads"]["grad_output"]
             if self.loss == "cross_entropy":
-                if "fisher_grad" not in record:
-                    raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")
                 # per-sample gradients of the sampled loss; batch_factors expects dL/ds of a mean
                 grad_output = record["fisher_grad"] / record["input"].shape[0]
             a_batch, g_batch = batch_factors(layer, record["input"], grad_output)
@@ -220,11 +223,13 @@ class KFAC(Optimizer):
             else:
                 state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
                 state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
-        if steps % group["inverse_every"] == 0:
+        if steps % group["inverse_every"] == 0 and "A" in state:
             shift = group["damping"] ** 0.5
             state["A_inv"] = damped_inverse(state["A"], shift)
             state["G_inv"] = damped_inverse(state["G"], shift)
         state["kfac_steps"] = torch.tensor(float(steps + 1))
+        if "A_inv" not in state:  # diverged before the first factors: nothing to precondition with
+            return split_matrix(layer, gradient_matrix(layer))
         v = state["G_inv"] @ gradient_matrix(layer) @ state["A_inv"]
         return split_matrix(layer, v)
 
