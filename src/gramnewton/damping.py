@@ -4,7 +4,9 @@ Interface (what :class:`~gramnewton.GramGaussNewton` calls; see :class:`DampingR
 
 1. ``choose_alpha(alpha, system, lam)``, optional: after the engine computed the batch's
    :class:`~gramnewton.engines.GramSystem` (Gram ``G``, residuals ``r``), before the solve: the
-   damping of this step (e.g. chosen by cross-validation on the batch). Default: ``alpha``.
+   damping of this step (e.g. chosen by cross-validation on the batch). A rule without it keeps
+   ``alpha``, and the engine may then leave out a Gram matrix the solve does not need
+   (the parameter-space solve, :func:`gramnewton.update.compute_system`).
 2. ``update(alpha, gain_ratio, diagnostics)``, once per step, after re-evaluating the batch's
    residuals at the new parameters (skipped when ``measures_gain_ratio`` is False: one forward
    pass saved, ``gain_ratio`` is then ``None``): gets the ``alpha`` the step was solved with, the
@@ -50,20 +52,15 @@ class DampingDecision:
 
 
 class DampingRule:
-    """Base of the damping rules (the optimizer also accepts any object with ``update``; the two
-    other members are then read with these defaults). A rule may keep state of its own (e.g. a
-    smoothed ratio).
+    """Base of the damping rules (the optimizer also accepts any object with ``update``;
+    ``measures_gain_ratio`` is then read with this default, and ``choose_alpha`` is optional, see
+    the module docstring). A rule may keep state of its own (e.g. a smoothed ratio).
 
     Attributes:
         measures_gain_ratio: ``False`` skips the re-evaluation of the batch after the step.
     """
 
     measures_gain_ratio: bool = True
-
-    def choose_alpha(self, alpha: float, system: GramSystem, lam: float) -> float:
-        """The damping of this step from its Gram system (``G`` ``(b*k, b*k)``, residuals
-        ``(b, k)``) and ``lam``, before the solve; ``alpha`` is the current one. Default: unchanged."""
-        return alpha
 
     def update(self, alpha: float, gain_ratio: float | None, diagnostics: StepDiagnostics) -> DampingDecision:
         """Decide from this step's ``gain_ratio`` (``-inf`` for a non-finite new loss, ``None``

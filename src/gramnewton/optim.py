@@ -245,8 +245,6 @@ class GramGaussNewton(Optimizer):
         )
         lam, alpha, momentum = self._shared("lam"), self._shared("alpha"), self._shared("momentum")
         choose = getattr(self.damping, "choose_alpha", None)
-        if getattr(type(self.damping), "choose_alpha", None) is DampingRule.choose_alpha:
-            choose = None  # the base rule's keeps alpha: not calling it lets the engine skip an unneeded Gram
         hyper = dict(
             lam=lam,
             alpha=alpha,

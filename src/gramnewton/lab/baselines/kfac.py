@@ -204,25 +204,32 @@ class KFAC(Optimizer):
                 p.add_(v, alpha=-group["lr"])
         return loss
 
+    @staticmethod
+    def _update_factors(
+        state: dict[str, Any], layer: nn.Module, inputs: Tensor, grad_output: Tensor, decay: float
+    ) -> None:
+        """Running averages ``A``, ``G`` of this batch's Kronecker factors (the batch's own at first)."""
+        a_batch, g_batch = batch_factors(layer, inputs, grad_output)
+        if "A" not in state:
+            state["A"], state["G"] = a_batch, g_batch
+        else:
+            state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
+            state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
+
     def _precondition(self, layer: nn.Module, record: dict[str, Tensor], group: dict[str, Any]) -> dict[Tensor, Tensor]:
         """Update ``layer``'s factors (and inverses when due); return ``{param: V part}``."""
         state = self.state[layer.weight]
         steps = int(state.get("kfac_steps", 0))
-        if self.loss == "cross_entropy" and steps % group["factor_every"] == 0 and "fisher_grad" not in record:
-            raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")
-        diverged = self.loss == "cross_entropy" and record.get("fisher_grad", 0) is None  # see backward_fisher
-        if steps % group["factor_every"] == 0 and not diverged:
+        if steps % group["factor_every"] == 0:
             grad_output = record["grads"]["grad_output"]
             if self.loss == "cross_entropy":
+                if "fisher_grad" not in record:
+                    raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")
+                fisher = record["fisher_grad"]  # None: a diverged step, the factors keep their values
                 # per-sample gradients of the sampled loss; batch_factors expects dL/ds of a mean
-                grad_output = record["fisher_grad"] / record["input"].shape[0]
-            a_batch, g_batch = batch_factors(layer, record["input"], grad_output)
-            decay = group["factor_decay"]
-            if "A" not in state:
-                state["A"], state["G"] = a_batch, g_batch
-            else:
-                state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
-                state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
+                grad_output = None if fisher is None else fisher / record["input"].shape[0]
+            if grad_output is not None:
+                self._update_factors(state, layer, record["input"], grad_output, group["factor_decay"])
         if steps % group["inverse_every"] == 0 and "A" in state:
             shift = group["damping"] ** 0.5
             state["A_inv"] = damped_inverse(state["A"], shift)
