@@ -670,6 +670,7 @@ def test_timing_trials_leave_no_workspace_buffers(monkeypatch: pytest.MonkeyPatc
     """A path that loses the first-step timing must not keep its buffers in the workspace."""
     monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", 0)  # two candidates: grouped wins by construction
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     slow_patches = handlers._conv2d_weight_per_sample_patches
 
