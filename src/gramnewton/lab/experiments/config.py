@@ -10,6 +10,8 @@ A configuration is a nested dict. Sections and keys (defaults in :data:`DEFAULTS
                  image_size = 0                                  # resize inputs to n x n (0: as loaded)
     [optimizer]  name = "ggn" | "sgd" | "adam" | "kfac"; other keys are its hyper-parameters
     [train]      batch_size = 128; epochs = 100; weight_decay = 1e-4; eval_every = 1; threads = 2
+                 label_smoothing = 0.0           # classification: targets (1 - eps) onehot + eps / k, in [0, 1)
+                 shift = 0                       # image data: random translations by up to shift pixels
     [warm_start] run = ""            # run folder whose final checkpoint initialises the model
 
 Overrides are ``section.key=value`` strings; ``value`` is parsed as a TOML value (``0.1``,
@@ -43,7 +45,15 @@ DEFAULTS: dict[str, Any] = {
     "model": {"name": "", "kwargs": {}},
     "data": {"name": "", "root": "", "kwargs": {}, "train_subset": 0, "test_subset": 0, "image_size": 0},
     "optimizer": {"name": ""},
-    "train": {"batch_size": 128, "epochs": 1, "weight_decay": 1e-4, "eval_every": 1, "threads": 2},
+    "train": {
+        "batch_size": 128,
+        "epochs": 1,
+        "weight_decay": 1e-4,
+        "eval_every": 1,
+        "threads": 2,
+        "label_smoothing": 0.0,
+        "shift": 0,
+    },
     "warm_start": {"run": ""},
 }
 REQUIRED = ("model.name", "data.name", "optimizer.name")
@@ -59,6 +69,8 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "train.eval_every": (int, 1),
     "train.threads": (int, 1),
     "train.weight_decay": (NUMBERS, 0),
+    "train.label_smoothing": (NUMBERS, 0),
+    "train.shift": (int, 0),
     "name": (str, None),
     "model.name": (str, None),
     "data.name": (str, None),
@@ -68,6 +80,8 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "model.kwargs": (dict, None),
     "data.kwargs": (dict, None),
 }
+# keys whose values must also stay below a bound
+BELOW: dict[str, float] = {"train.label_smoothing": 1.0}
 # [train] weight_decay is passed to every optimizer; the same key under [optimizer] would clash
 NOT_IN_OPTIMIZER = ("weight_decay",)
 
@@ -113,6 +127,8 @@ def validate(config: Mapping[str, Any]) -> None:
             raise ValueError(f"{key} must be {_describe(kind)}, got {value!r}")
         if low is not None and not (math.isfinite(value) and value >= low):
             raise ValueError(f"{key} must be {_describe(kind)} >= {low:g}, got {value!r}")
+        if key in BELOW and not value < BELOW[key]:
+            raise ValueError(f"{key} must be {_describe(kind)} in [{low:g}, {BELOW[key]:g}), got {value!r}")
     _check_optimizer(config["optimizer"])
 
 

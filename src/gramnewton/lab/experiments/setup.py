@@ -54,7 +54,7 @@ def shrink(dataset: TensorRegressionDataset, subset: int, image_size: int, seed:
     if inputs is dataset.inputs:
         return dataset
     if is_classification(dataset):
-        return TensorClassificationDataset(inputs, targets, dataset.num_classes, dataset.name)
+        return TensorClassificationDataset(inputs, targets, dataset.num_classes, dataset.name, dataset.blank)
     return TensorRegressionDataset(inputs, targets, dataset.scale, dataset.name)
 
 
