@@ -38,6 +38,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from ..data.augment import translation
 from .config import dumps, load_config
 from .early_stopping import EarlyStopping, save_best
 from .metrics import read_rows, write_rows
@@ -79,7 +80,10 @@ def run_experiment(
 
     The optimizer is ``config["optimizer"]`` with ``train.weight_decay``: GGN's decay is decoupled
     (``w <- (1 - wd) w`` each step, see :class:`~gramnewton.GramGaussNewton`); SGD, Adam and K-FAC
-    add ``wd * w`` to the gradient (torch's ``weight_decay``).
+    add ``wd * w`` to the gradient (torch's ``weight_decay``). ``train.label_smoothing`` (every
+    optimizer's cross-entropy targets, :func:`~gramnewton.lab.experiments.training.make_train_step`)
+    and ``train.shift`` (random translations of the training images,
+    :func:`~gramnewton.lab.data.augment.translation`) are checked against the data at set-up.
 
     Row keys: ``epoch``, ``step``, ``seconds`` (training only), ``running_loss`` (mean of the
     epoch's mini-batch MSEs before each update), ``train_loss`` and ``test_loss`` (full-pass
@@ -116,6 +120,8 @@ def run_experiment(
             f"{world} processes need a data-parallel optimizer: optimizer.name = 'ggn' with "
             "optimizer.distributed 'auto', 'exact' or 'local'"
         )
+    step = make_train_step(model, optimizer, task_loss(train_set), train["label_smoothing"])
+    augment = translation(train_set, train["shift"])
     evaluator = EpochEvaluator(model, train_set, test_set, every=train["eval_every"], last_epoch=train["epochs"])
     diagnostics = DiagnosticsLog(optimizer, checkpoint.get("diagnostics", ()) if checkpoint else ())
     log = _RunLog(
@@ -156,7 +162,7 @@ def run_experiment(
         return log.rows if rank == 0 else []
     try:
         fit(
-            make_train_step(model, optimizer, task_loss(train_set)),
+            step,
             train_set,
             batch_size=train["batch_size"],
             seed=config["seed"],
@@ -164,6 +170,7 @@ def run_experiment(
             state=state,
             callbacks=[diagnostics, log, *callbacks] if rank == 0 else list(callbacks),
             shard=(rank, world),
+            augment=augment,
         )
     except KeyboardInterrupt:
         if rank == 0:

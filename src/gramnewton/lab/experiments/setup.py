@@ -97,7 +97,7 @@ def subset(dataset: TensorRegressionDataset, index: Tensor) -> TensorRegressionD
 
 def _like(dataset: TensorRegressionDataset, inputs: Tensor, targets: Tensor) -> TensorRegressionDataset:
     if is_classification(dataset):
-        return TensorClassificationDataset(inputs, targets, dataset.num_classes, dataset.name)
+        return TensorClassificationDataset(inputs, targets, dataset.num_classes, dataset.name, dataset.blank)
     return TensorRegressionDataset(inputs, targets, dataset.scale, dataset.name)
 
 
