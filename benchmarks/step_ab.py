@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--demo", action="store_true", help="the optimizer's defaults (momentum, gain-ratio damping)")
+    p.add_argument("--after-first", action="store_true", help="build and run 'after' before 'before' each round")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_ab.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         model, x, y = step_cost.setup(args.model, args.batch)
         sgd = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9))
         steps["sgd"] = lambda: sgd(x, y)
-        for name, package in (("before", before_package), ("after", gramnewton)):
+        versions = [("before", before_package), ("after", gramnewton)]
+        for name, package in reversed(versions) if args.after_first else versions:
             model, x_, y_ = step_cost.setup(args.model, args.batch)
             steps[name] = ggn_step(package, model, x_, y_, args.demo)
         load = os.getloadavg()
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "batch": args.batch,
         "demo": args.demo,
+        "after_first": args.after_first,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "started": started,
@@ -133,6 +136,12 @@ def main(argv: list[str] | None = None) -> None:
         "times_s": times,
         "ratio_to_sgd": {name: median[name] / median["sgd"] for name in median},
         "after_over_before": median["after"] / median["before"],
+        # each version times its conv paths once per layer shape and keeps the fastest (noisy
+        # timings can keep a slower one): what each chose
+        "conv_paths": {
+            name: {str(key[1:3]): path for key, path in package.engines.handlers.CONV_WEIGHT_PATHS.choices.items()}
+            for name, package in (("before", before_package), ("after", gramnewton))
+        },
     }
     results = json.loads(args.out.read_text()) if args.out.exists() else []
     results.append(run)
