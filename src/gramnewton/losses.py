@@ -188,6 +188,24 @@ class CrossEntropy(Loss):
         return s - targets / s
 
 
+def smooth_targets(logits: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
+    """Label-smoothed probability targets ``(b, k)``: ``(1 - eps) y_i + eps / k``, ``y_i`` the one-hot
+    of a label (``targets`` ``(b,)`` int64) or a probability row (``(b, k)``), ``eps = label_smoothing``
+    in ``[0, 1)``. These are the targets of ``F.cross_entropy(logits, targets, label_smoothing=eps)``,
+    so :class:`CrossEntropy` with them is that loss (per sample, summed instead of averaged).
+
+    ``logits`` ``(b, k)`` give the shape and dtype; targets are checked as :meth:`CrossEntropy.check`
+    does (a clear error for bad labels). A closure for ``GramGaussNewton(model, loss="cross_entropy")``
+    then returns ``logits, smooth_targets(logits, labels, eps)``.
+    """
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    probs = CrossEntropy().check(logits.detach(), targets)
+    return (1 - label_smoothing) * probs + label_smoothing / probs.shape[1]
+
+
 class BinaryCrossEntropy(Loss):
     r"""Independent sigmoids (multi-label): ``l_i = sum_c softplus(f_ic) - y_ic f_ic``.
 

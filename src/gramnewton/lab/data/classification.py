@@ -45,9 +45,12 @@ class TensorClassificationDataset(Dataset):
     Attributes:
         num_classes: ``k``, the number of logits a model must output.
         name: data set name, for logs and figure titles.
+        blank: the value of a blank (0) pixel in ``inputs``, per channel ``(C,)`` or one number
+            (``()``, default 0): what an augmentation moves in (:mod:`.augment`). Standardised
+            images have ``-mean / std`` there.
     """
 
-    def __init__(self, inputs: Tensor, labels: Tensor, num_classes: int, name: str = ""):
+    def __init__(self, inputs: Tensor, labels: Tensor, num_classes: int, name: str = "", blank: Tensor | None = None):
         if inputs.shape[0] != labels.shape[0]:
             raise ValueError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
         if labels.dim() != 1 or labels.is_floating_point():
@@ -58,6 +61,7 @@ class TensorClassificationDataset(Dataset):
         self.labels = labels.long()
         self.num_classes = num_classes
         self.name = name
+        self.blank = torch.zeros(()) if blank is None else blank.float()
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -84,10 +88,17 @@ def _split(
     images: Tensor, labels: Tensor, split: str, seed: int, name: str, standardise: bool
 ) -> TensorClassificationDataset:
     index = split_indices(labels.shape[0], split, seed)
-    inputs = images[index]
+    inputs, blank = images[index], None
     if standardise:
-        inputs = standardise_images(inputs, images[split_indices(labels.shape[0], "train", seed)])
-    return TensorClassificationDataset(inputs, labels[index], 10, name)
+        train_images = images[split_indices(labels.shape[0], "train", seed)]
+        inputs, blank = standardise_images(inputs, train_images), blank_pixel(train_images)
+    return TensorClassificationDataset(inputs, labels[index], 10, name, blank)
+
+
+def blank_pixel(train_images: Tensor) -> Tensor:
+    """The standardised value of a 0 pixel, per channel ``(C,)``: ``-mean / std`` of ``train_images``."""
+    zero = torch.zeros(1, *train_images.shape[1:2], 1, 1, dtype=train_images.dtype)
+    return standardise_images(zero, train_images).flatten()
 
 
 @register_dataset("digits")
@@ -121,9 +132,11 @@ def fashion_mnist(
     labels = read_idx(fashion_file(root, label_name, "fashion-mnist"), ndim=1)
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"fashion-mnist: {images.shape[0]} images but {labels.shape[0]} labels in {Path(root or '')}")
+    blank = None
     if standardise:
-        images = standardise_images(images, _fashion_images(root, FASHION_FILES["train"][0]))
-    return TensorClassificationDataset(images, torch.from_numpy(labels.astype("int64")), 10, "fashion-mnist")
+        train_images = _fashion_images(root, FASHION_FILES["train"][0])
+        images, blank = standardise_images(images, train_images), blank_pixel(train_images)
+    return TensorClassificationDataset(images, torch.from_numpy(labels.astype("int64")), 10, "fashion-mnist", blank)
 
 
 def _fashion_images(root: str | None, image_name: str) -> Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data import get_dataset, is_classification
+from ..data.augment import translation
 from ..models import get_model
 from .optimizers import build_optimizer
 from .training import (
@@ -114,6 +115,8 @@ class DemoConfig:
     task: str = "regression"
     mark: float = 10.0
     evaluate_train: bool = True  # False: the epoch evaluations skip the train split (NaN there)
+    label_smoothing: float = 0.0  # classification: every optimizer's targets (make_train_step)
+    shift: int = 0  # random translations of the training images by up to this many pixels
 
 
 class TimeMarks(Callback):
@@ -161,6 +164,7 @@ def run_demo(
     """
     train_set = get_dataset(config.dataset, split="train", seed=config.seed)
     test_set = get_dataset(config.dataset, split="test", seed=config.seed)
+    augment = translation(train_set, config.shift)
     init = initial_model(config)
     specs = TASKS[config.task].specs
     logs = {}
@@ -171,13 +175,14 @@ def run_demo(
         marks = [TimeMarks(model, train_set, test_set, config.mark)] if config.task == "regression" else []
         model.train()
         state = fit(
-            make_train_step(model, optimizer, task_loss(train_set)),
+            make_train_step(model, optimizer, task_loss(train_set), config.label_smoothing),
             train_set,
             batch_size=config.batch_size,
             seed=config.seed,
             epochs=config.max_epochs,
             seconds=config.seconds,
             callbacks=[evaluator, *marks, *([progress(name)] if progress else [])],
+            augment=augment,
         )
         evaluator.finish(state)
         extra = [r for m in marks for r in m.records]

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
-from ...losses import SquaredError
+from ...losses import SquaredError, smooth_targets
 from ...optim import GramGaussNewton
 from ..baselines import KFAC
+from ..data.augment import Augment
 from ..data.classification import accuracy, is_classification
 
 TrainStep = Callable[[Tensor, Tensor], Tensor]
@@ -38,11 +39,11 @@ def task_loss(dataset: Dataset) -> str:
     return "cross_entropy" if is_classification(dataset) else "mse"
 
 
-def batch_loss(outputs: Tensor, targets: Tensor, loss: str = "mse") -> Tensor:
+def batch_loss(outputs: Tensor, targets: Tensor, loss: str = "mse", label_smoothing: float = 0.0) -> Tensor:
     """Mean loss of a batch: the MSE of ``outputs - targets`` or the cross-entropy of logits
-    ``(b, k)`` against labels ``(b,)``."""
+    ``(b, k)`` against labels ``(b,)`` (with ``label_smoothing``, torch's)."""
     if loss == "cross_entropy":
-        return F.cross_entropy(outputs, targets)
+        return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
     return residuals(outputs, targets).pow(2).mean()
 
 
@@ -58,7 +59,9 @@ def residuals(outputs: Tensor, targets: Tensor) -> Tensor:
     return outputs - targets
 
 
-def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str | None = None) -> TrainStep:
+def make_train_step(
+    model: nn.Module, optimizer: Optimizer, loss: str | None = None, label_smoothing: float = 0.0
+) -> TrainStep:
     """``step(x, y)``: one optimizer step on the batch, returning its mean ``loss`` before the update.
 
     The single place that knows how each kind of optimizer takes a step: Gram-Gauss-Newton gets
@@ -69,6 +72,12 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str | None = N
     sampled-Fisher backward). ``loss`` (``"mse"`` or ``"cross_entropy"``, see :func:`task_loss`)
     defaults to the optimizer's own (GGN, K-FAC), else ``"mse"``; an optimizer built with another
     loss is refused.
+
+    ``label_smoothing`` ``eps`` in ``[0, 1)`` (cross-entropy only) is also decided here, the same
+    for every optimizer: GGN's closure returns the probability targets
+    ``(1 - eps) onehot(y) + eps / k`` (:func:`~gramnewton.losses.smooth_targets`), the others
+    minimise ``F.cross_entropy(..., label_smoothing=eps)``, the same loss. The returned loss is
+    then the smoothed one.
     """
     own = getattr(optimizer, "loss", None) if isinstance(optimizer, (GramGaussNewton, KFAC)) else None
     own = getattr(own, "name", own)  # GramGaussNewton holds a Loss object, K-FAC a name
@@ -78,9 +87,15 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str | None = N
             f"the task's loss is {loss!r} but {type(optimizer).__name__} was built with loss={own!r}; "
             f"set loss = {loss!r} in the optimizer's settings"
         )
+    if label_smoothing and loss != "cross_entropy":
+        raise ValueError(f"label_smoothing={label_smoothing!r} needs the cross-entropy loss, not {loss!r}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if isinstance(optimizer, GramGaussNewton):
         if isinstance(optimizer.loss, SquaredError):
             return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+        if label_smoothing:
+            return lambda x, y: optimizer.step(lambda: _smoothed(model(x), y, label_smoothing))
         return lambda x, y: optimizer.step(lambda: (model(x), y))
     if loss not in TASK_LOSSES:
         raise ValueError(f"unknown task loss {loss!r} for a first-order optimizer; expected one of {TASK_LOSSES}")
@@ -94,7 +109,7 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str | None = N
             outputs = model(x)
             if fisher:
                 optimizer.backward_fisher(outputs)
-            loss_value = batch_loss(outputs, y, loss)
+            loss_value = batch_loss(outputs, y, loss, label_smoothing)
             loss_value.backward()
             losses.append(loss_value.detach())
             return loss_value
@@ -105,10 +120,20 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss: str | None = N
     return first_order_step
 
 
+def _smoothed(logits: Tensor, labels: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
+    return logits, smooth_targets(logits, labels, label_smoothing)
+
+
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
     """Index batches of epoch ``epoch``: a permutation seeded by ``(seed, epoch)``, last batch kept."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return list(torch.randperm(n, generator=gen).split(batch_size))
+
+
+def augment_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The generator of the augmentation of batch ``batch`` of epoch ``epoch``, seeded by all three,
+    so a resumed run draws what an uninterrupted one would."""
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_000_003 + batch)
 
 
 def batches(dataset: Dataset, indices: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
@@ -218,12 +243,16 @@ def fit(
     state: FitState | None = None,
     callbacks: Sequence[Callback] = (),
     shard: tuple[int, int] = (0, 1),
+    augment: Augment | None = None,
 ) -> FitState:
     """Run ``step`` over the seeded epochs of ``dataset`` until ``epochs`` epochs or ``seconds``
     training seconds (the last epoch may then be partial) or a callback asks to stop.
 
     Batches of epoch ``e`` are :func:`batch_order` ``(len(dataset), batch_size, seed, e)``.
     ``state`` (default: a fresh one) is continued and updated in place; it is returned.
+    ``augment(x, generator)`` (e.g. :func:`~gramnewton.lab.data.augment.translation`) replaces
+    every batch's inputs, with :func:`augment_generator` ``(seed, e, batch)``; its time counts as
+    training time.
 
     Data parallelism: with ``shard = (rank, world)`` (``torch.distributed``), every process
     walks the same global batches and steps on its strided share ``idx[rank::world]`` of each
@@ -247,9 +276,9 @@ def fit(
         stop = False
         while not stop and (epochs is None or state.epoch < epochs) and state.seconds < seconds:
             order = batch_order(len(dataset), batch_size, seed, state.epoch + 1)
-            for idx in order[len(state.batch_losses) :]:
+            for index in range(len(state.batch_losses), len(order)):
                 start = time.perf_counter()
-                x, y = dataset[idx[rank::world]]
+                x, y = _batch(dataset, order[index], shard, augment, (seed, state.epoch + 1, index))
                 loss = float(step(x, y))
                 state.seconds += time.perf_counter() - start
                 state.step += 1
@@ -265,6 +294,19 @@ def fit(
     finally:
         for callback in callbacks:
             callback.on_end(state)
+
+
+def _batch(
+    dataset: Dataset, idx: Tensor, shard: tuple[int, int], augment: Augment | None, where: tuple[int, int, int]
+) -> tuple[Tensor, Tensor]:
+    """This rank's share of the batch ``idx``, augmented with :func:`augment_generator` ``(*where)``:
+    the whole global batch is augmented before the share is taken, so P processes train on the
+    inputs one process would."""
+    rank, world = shard
+    if augment is None:
+        return dataset[idx[rank::world]]
+    x, y = dataset[idx]
+    return augment(x, augment_generator(*where))[rank::world], y[rank::world]
 
 
 def _any(answers: Iterator[bool | None]) -> bool:
@@ -308,9 +350,13 @@ class EpochEvaluator(Callback):
         self.loss = task_loss(train_set)
         self.records: list[EpochRecord] = []
 
+    def due(self, epoch: int) -> bool:
+        """Whether the evaluation after ``epoch`` is due (every ``every``-th epoch and the last)."""
+        return epoch % self.every == 0 or epoch == self.last_epoch
+
     def evaluate(self, epoch: int) -> tuple[float, float, float, float]:
         """``(train loss, test loss, train accuracy, test accuracy)`` (NaN when not due / regression)."""
-        if epoch % self.every and epoch != self.last_epoch:
+        if not self.due(epoch):
             return math.nan, math.nan, math.nan, math.nan
         return self.evaluate_now()
 
