@@ -293,12 +293,15 @@ class GramGaussNewton(Optimizer):
             loss = result.loss
         scaled = self.bias_correction or self.max_step_norm is not None
         # the recursion's phi_t, before any scaling (the state to keep)
-        phi = [-d.detach() for d in result.direction] if momentum or scaled else None
+        phi = torch._foreach_neg([d.detach() for d in result.direction]) if momentum or scaled else None
         count = self._momentum_count() + 1 if previous is not None else 1
         if scaled:
-            norm = float(torch.linalg.vector_norm(torch.stack([v.double().norm() for v in phi])))
             scale = step_scale(
-                norm, momentum, count, bias_correction=self.bias_correction, max_step_norm=self.max_step_norm
+                result.direction_norm,
+                momentum,
+                count,
+                bias_correction=self.bias_correction,
+                max_step_norm=self.max_step_norm,
             )
             if scale != 1.0:
                 result = scale_step(result, scale)
@@ -433,9 +436,10 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> St
     The predicted decrease is in the units of ``result.loss``: the mean squared residual, or for
     a general loss the mean of ``l_i`` (half the decrease of ``||u||^2``, per sample).
     """
-    if result.mean_loss is None:
-        loss_before = float(result.residuals.double().pow(2).mean())
-        decrease = loss_before - float(result.predicted.double().pow(2).mean())
+    if result.mean_loss is None:  # both means in one reduction and one synchronisation
+        pair = torch.stack([result.residuals.reshape(-1), result.predicted.reshape(-1)])
+        loss_before, loss_predicted = pair.double().pow(2).mean(1).tolist()
+        decrease = loss_before - loss_predicted
     else:
         loss_before = float(result.mean_loss)
         decrease = predicted_decrease(result.residuals, result.predicted) / result.residuals.shape[0]
@@ -452,7 +456,7 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> St
         solve_method=info.method,
         solve_space=result.solve_space,
         condition=info.condition,
-        step_norm=float(torch.linalg.vector_norm(torch.stack([d.double().norm() for d in result.direction]))),
+        step_norm=result.direction_norm,
     )
 
 
