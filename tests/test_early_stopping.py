@@ -113,11 +113,13 @@ def test_resume_keeps_the_best_so_far_and_the_patience_count(validated, tmp_path
     assert _losses(again) == _losses(full)
 
 
-def test_default_config_trains_as_before(tmp_path):
+def test_default_config_trains_as_before(tmp_path, validated):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY.format(optimizer="ggn", hyper="alpha = 0.3"))
     config = load_config(path)
-    rows = run_experiment(config, tmp_path / "run")
+    run_experiment(load_config(validated, ["train.epochs=2"]), tmp_path / "run")
+    assert (tmp_path / "run" / BEST).is_file()
+    rows = run_experiment(config, tmp_path / "run", overwrite=True)  # the replaced run's best.pt goes too
     assert list(rows[0]) == COLUMNS and not (tmp_path / "run" / BEST).exists()
     assert list(read_rows(tmp_path / "run" / "metrics.csv")[0]) == COLUMNS
     # The run's final weights are those of the one training loop on the whole training set.
