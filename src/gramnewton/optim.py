@@ -234,6 +234,28 @@ class GramGaussNewton(Optimizer):
         self.last_gain_ratio: float | None = None
         self.last_diagnostics: StepDiagnostics | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state (``"state"``: step counts, momentum ``phi``; ``"param_groups"``:
+        ``lam``, ``alpha``, ...) and, under ``"gramnewton"``, what else decides the next steps:
+        the rejections in a row (the momentum restart) and the damping rule's own state (e.g.
+        :class:`~gramnewton.damping.GainRatioDamping`'s trust), so that a run resumed from it
+        takes the steps an uninterrupted one would. Plain numbers: ``weights_only`` loads it."""
+        state = super().state_dict()
+        rule = getattr(self.damping, "state_dict", None)
+        state["gramnewton"] = {"rejections_in_a_row": self.rejections_in_a_row, "damping": rule() if rule else {}}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output (one without ``"gramnewton"``, from an older version,
+        leaves the rejection count and the damping rule's state as they are)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gramnewton", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.rejections_in_a_row = int(extra["rejections_in_a_row"])
+            if extra["damping"] and self.damping is not None:
+                self.damping.load_state_dict(extra["damping"])
+
     def _shared(self, key: str) -> float:
         values = {group[key] for group in self.param_groups}
         if len(values) != 1:
