@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from gramnewton import GramGaussNewton, SingularGramError, damped_solve, full_batch_step
 from gramnewton.damping import GainRatioDamping
+from gramnewton.engines import GramSystem
+from gramnewton.update import gram_gauss_newton_direction
 
 ENGINES = ["auto", "reference"]
 
@@ -124,6 +126,42 @@ def test_overflowing_coefficients_are_refused() -> None:
     gram = 1e-30 * torch.eye(3)
     with pytest.raises(SingularGramError, match="not finite"):
         damped_solve(gram, torch.full((3,), 1e30), 1.0, 0.0)
+
+
+class _GivenDirection:
+    """An engine whose ``J^T v`` is a given tensor (``G = I``): the direction checks alone."""
+
+    def __init__(self, params: list[Tensor], jt: Tensor):
+        self.params, self.jt = params, jt
+
+    def compute(self, closure):
+        r = closure().detach().reshape(-1, 1)
+        gram = torch.eye(r.shape[0], dtype=r.dtype)
+        return GramSystem(residuals=r, gram=gram, jt_times=lambda v: [self.jt.clone()])
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_direction_is_refused(bad: str) -> None:
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    jt = torch.ones_like(model[0].weight.detach())
+    jt[2, 1] = float(bad)
+    engine = _GivenDirection([model[0].weight], jt)
+    opt = GramGaussNewton([model[0].weight], engine=engine, lam=1.0, adaptive_damping=False, momentum=0.0)
+    before = _snapshot(opt)
+    with pytest.raises(SingularGramError, match="step is not finite"):
+        opt.step(lambda: model(x).squeeze(1) - y)
+    _assert_unchanged(opt, before)
+
+
+def test_huge_finite_float64_direction_is_taken() -> None:
+    # its float64 norm overflows (the fast check): the entries, all finite, are checked one by one
+    weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    huge = torch.full((4,), 1e300, dtype=torch.float64)
+    step = gram_gauss_newton_direction(
+        _GivenDirection([weight], huge), lambda: weight.sum() + torch.zeros(3, dtype=torch.float64), lam=1.0, alpha=1.0
+    )
+    assert step.direction_norm == math.inf and torch.isfinite(step.direction[0]).all()
 
 
 def test_overflowing_gram_is_refused() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gramnewton import SingularGramError, damped_solve
+from gramnewton.solve import all_finite
 
 
 def test_well_conditioned_uses_cholesky():
@@ -40,8 +41,23 @@ def test_float64_solve_option_returns_input_dtype():
     assert x.dtype == torch.float32 and info.method == "cholesky"
 
 
-def test_non_finite_gram_raises():
-    gram = torch.eye(3, dtype=torch.float64)
-    gram[0, 1] = float("nan")
+@pytest.mark.parametrize(
+    "entry, value",
+    [((0, 1), "nan"), ((2, 2), "nan"), ((1, 1), "inf"), ((2, 2), "inf"), ((0, 2), "inf"), ((1, 1), "-inf")],
+)
+def test_non_finite_gram_raises(entry: tuple[int, int], value: str):
+    # the success path has no isfinite of its own: a bad entry must fail the Cholesky or its pivot test
+    gram = 4 * torch.eye(3, dtype=torch.float64)
+    gram[entry] = float(value)
     with pytest.raises(SingularGramError, match="NaN or Inf"):
         damped_solve(gram, torch.ones(3, dtype=torch.float64), 1.0, 0.1)
+
+
+def test_all_finite_is_exact():
+    assert all_finite(torch.tensor([1.0, -2.0, 3e38, 3e38]))  # finite entries whose float32 sum overflows
+    assert all_finite(torch.empty(0))
+    for bad in ("nan", "inf", "-inf"):
+        t = torch.ones(5)
+        t[3] = float(bad)
+        assert not all_finite(t)
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))  # sum NaN

@@ -279,11 +279,13 @@ class GramGaussNewton(Optimizer):
             if not diagnostics.rejected:
                 self._decay(backup)
         if not diagnostics.rejected:
-            for p in self.engine.params:
+            # phi_t, the step taken without the decay (one multi-tensor negation)
+            phis = torch._foreach_neg([d.detach() for d in result.direction]) if momentum else None
+            for n, p in enumerate(self.engine.params):
                 state = self.state[p]
                 state["step"] = state.get("step", torch.tensor(0.0)) + 1
-                if momentum:  # phi_t, the step taken without the decay
-                    state["momentum_buffer"] = -updates[id(p)].detach()
+                if phis is not None:
+                    state["momentum_buffer"] = phis[n]
         self.last_step = result
         self.last_diagnostics = diagnostics
         return loss
@@ -388,9 +390,10 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> St
     The predicted decrease is in the units of ``result.loss``: the mean squared residual, or for
     a general loss the mean of ``l_i`` (half the decrease of ``||u||^2``, per sample).
     """
-    if result.mean_loss is None:
-        loss_before = float(result.residuals.double().pow(2).mean())
-        decrease = loss_before - float(result.predicted.double().pow(2).mean())
+    if result.mean_loss is None:  # both means in one reduction and one synchronisation
+        pair = torch.stack([result.residuals.reshape(-1), result.predicted.reshape(-1)])
+        loss_before, loss_predicted = pair.double().pow(2).mean(1).tolist()
+        decrease = loss_before - loss_predicted
     else:
         loss_before = float(result.mean_loss)
         decrease = predicted_decrease(result.residuals, result.predicted) / result.residuals.shape[0]
@@ -407,7 +410,7 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> St
         solve_method=info.method,
         solve_space=result.solve_space,
         condition=info.condition,
-        step_norm=float(torch.linalg.vector_norm(torch.stack([d.double().norm() for d in result.direction]))),
+        step_norm=result.direction_norm,
     )
 
 

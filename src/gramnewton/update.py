@@ -8,15 +8,25 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
 from .engines.reference import flatten, split_like
-from .solve import SingularGramError, SolveInfo, check_damping, damped_solve, jacobian_solve, parameter_space_solve
+from .solve import (
+    SingularGramError,
+    SolveInfo,
+    all_finite,
+    check_damping,
+    damped_solve,
+    jacobian_solve,
+    parameter_space_solve,
+)
 
 SOLVE_SPACES = ("auto", "sample", "parameter")
 
@@ -58,6 +68,16 @@ class GramGaussNewtonStep:
         """Mean loss before the update (a detached scalar): the mean squared residual, or
         ``mean_loss`` for a general loss."""
         return self.residuals.pow(2).mean() if self.mean_loss is None else self.mean_loss
+
+    @cached_property
+    def direction_norm(self) -> float:
+        """``||direction||`` over all parameters, accumulated in float64 (``inf`` or NaN when an
+        entry is not finite; a float64 direction may also overflow to ``inf`` with finite entries).
+
+        Computed once per step object (``dataclasses.replace`` makes a new one, so a replaced
+        direction is never judged by an old norm)."""
+        norms = torch._foreach_norm(self.direction, 2, dtype=torch.float64)  # one call for all parameters
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) -> str:
@@ -144,7 +164,7 @@ def gram_gauss_newton_direction(
     check_damping(lam, alpha)
     system = compute_system(engine, closure, solve_space, skip_gram=choose_alpha is None)
     r = system.residuals.reshape(-1)
-    if not bool(torch.isfinite(r.pow(2).sum())):  # finite residuals whose squares overflow
+    if not math.isfinite(float(r.pow(2).sum())):  # finite residuals whose squares overflow
         raise SingularGramError(
             f"the squared residuals overflow {r.dtype} (loss not finite; largest |residual| "
             f"{float(r.abs().max()):.3g}); rescale the targets or use a float64 model; no parameter was changed"
@@ -160,12 +180,15 @@ def gram_gauss_newton_direction(
         step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     else:
         step = _sample_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
-    if not all(bool(torch.isfinite(d).all()) for d in step.direction):
+    step = replace(step, alpha=alpha)
+    # one float64 norm over the whole direction (the diagnostics' step norm) says it is finite; only
+    # a norm that is not (a bad entry, or a float64 direction whose norm overflows) needs each entry
+    if not math.isfinite(step.direction_norm) and not all(all_finite(d) for d in step.direction):
         raise SingularGramError(
             "the Gram-Gauss-Newton step is not finite (overflow in J^T r); increase alpha or use "
             "solve_dtype=torch.float64; no parameter was changed"
         )
-    return replace(step, alpha=alpha)
+    return step
 
 
 def _sample_space(
@@ -187,15 +210,16 @@ def _sample_space(
     if not use_momentum:  # Eq. 11 exactly, operation for operation
         if alpha == 0 and system.jacobian is not None:
             jt_c, coefficients, info = jacobian_solve(system.jacobian, r, lam, alpha, dtype=solve_dtype)
-            direction = [-d for d in split_like(jt_c, params)]
+            direction = split_like(-jt_c, params)
         else:
             coefficients, info = damped_solve(system.gram, r, lam, alpha, dtype=solve_dtype)
-            direction = [-d for d in system.jt_times(coefficients)]
+            # J^T (-c): the sign on the (b*k,) coefficients, not on the m-entry direction (exact either way)
+            direction = system.jt_times(-coefficients)
         predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
         return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
     j_previous = system.j_times(previous).to(r.dtype)
     coefficients, info = damped_solve(system.gram, r - (lam * momentum) * j_previous, lam, alpha, dtype=solve_dtype)
-    direction = [-(d + momentum * p.to(d.dtype)) for d, p in zip(system.jt_times(coefficients), previous)]
+    direction = [torch.add(d, p.to(d.dtype), alpha=-momentum) for d, p in zip(system.jt_times(-coefficients), previous)]
     predicted = r - momentum * j_previous - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
     return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
 
@@ -223,11 +247,16 @@ def _parameter_space(
 
 @torch.no_grad()
 def apply_direction(params: Sequence[Tensor], direction: Sequence[Tensor], weight_decay: float = 0.0) -> None:
-    """``w <- (1 - weight_decay) * w + d`` for every parameter, after every ``d`` was checked."""
-    for p, d in zip(params, direction):
-        if weight_decay:
-            p.mul_(1.0 - weight_decay)
-        p.add_(d.to(p.dtype))
+    """``w <- (1 - weight_decay) * w + d`` for every parameter, after every ``d`` was checked.
+
+    One multi-tensor call per operation (``torch._foreach_*``, as ``torch.optim`` does), not one
+    kernel launch per parameter."""
+    params = list(params)
+    if not params:
+        return
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - weight_decay)
+    torch._foreach_add_(params, [d.to(p.dtype) for p, d in zip(params, direction)])
 
 
 def full_batch_step(

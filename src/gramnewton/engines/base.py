@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ..solve import all_finite
+
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
 
 
@@ -169,9 +171,8 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
             f"residuals are {residuals.dtype} but the parameters are {dtype} (e.g. {residuals.dtype} targets); "
             f"return (outputs, targets) from the closure, which casts the targets, or cast them to {dtype}"
         )
-    bad = ~torch.isfinite(residuals.detach())
-    if bool(bad.any()):
-        count = int(bad.sum())
+    if not all_finite(residuals.detach()):
+        count = int((~torch.isfinite(residuals.detach())).sum())
         raise ValueError(
             f"{count} of {residuals.numel()} residuals are NaN or Inf (check the targets and the "
             "model's outputs); no parameter was changed"

@@ -15,9 +15,9 @@ Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-a
 and a batched GEMM, or for few input channels one correlation per channel) is chosen per layer
 shape by timing the candidates once (:class:`MeasuredChoice`).
 
-Pieces add their Gram part with ``add_gram_lower``: only the lower triangle is guaranteed (a
-symmetric rank-k update, :func:`add_gram_lower`); the engine mirrors it once at the end
-(:func:`mirror_lower`).
+Pieces add their Gram part with ``add_gram_lower``: everything but the upper-right block
+``G[:h, h:]`` (``h = n // 2``) is guaranteed (a symmetric rank-k update, :func:`add_gram_lower`);
+the engine mirrors the lower-left block into it once at the end (:func:`mirror_lower`).
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ SYRK_MIN_ROWS = 32
 
 
 def add_gram_lower(gram: Tensor, jac: Tensor) -> None:
-    """Symmetric rank-k update of the lower triangle: ``tril(gram) += tril(jac jac^T)``.
+    """Symmetric rank-k update: ``gram += jac jac^T`` except the upper-right block ``G[:h, h:]``.
 
-    ``gram`` is ``(n, n)``, ``jac`` ``(n, numel)``. The rows are split in halves ``[J1; J2]``:
-    ``G[:h, :h] += J1 J1^T`` and ``G[h:, :] += J2 J^T`` (the bottom block row, its diagonal block
-    included), 3/4 of the multiply-adds of ``J J^T``. The upper-right block is not updated:
-    :func:`mirror_lower` fills it from the lower triangle once every piece is added.
+    ``gram`` is ``(n, n)``, ``jac`` ``(n, numel)``, ``h = n // 2``. The rows are split in halves
+    ``[J1; J2]``: ``G[:h, :h] += J1 J1^T`` and ``G[h:, :] += J2 J^T`` (the bottom block row, its
+    diagonal block included), 3/4 of the multiply-adds of ``J J^T``. The upper-right block is
+    not updated: :func:`mirror_lower` copies it from the lower-left one once every piece is
+    added. Below ``SYRK_MIN_ROWS`` rows the whole product is added (the mirror then copies
+    equal values).
     """
     n = jac.shape[0]
     if n < SYRK_MIN_ROWS:
@@ -64,8 +66,11 @@ def add_gram_lower(gram: Tensor, jac: Tensor) -> None:
 
 
 def mirror_lower(gram: Tensor) -> None:
-    """Make ``gram`` ``(n, n)`` symmetric from its lower triangle (in place)."""
-    gram.copy_(torch.tril(gram) + torch.tril(gram, -1).mT)
+    """Make ``gram`` ``(n, n)`` symmetric after :func:`add_gram_lower` updates (in place):
+    ``G[:h, h:] = G[h:, :h]^T`` with ``h = n // 2``, the only block those updates leave out (one
+    copy of ``n^2 / 4`` entries; its diagonal blocks are full products, symmetric already)."""
+    h = gram.shape[0] // 2
+    gram[:h, h:].copy_(gram[h:, :h].mT)
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Dense:
     jac: Tensor
 
     def add_gram_lower(self, gram: Tensor) -> None:
-        """``gram += jac jac^T`` (``(n, n)``), lower triangle (:func:`add_gram_lower`)."""
+        """``gram += jac jac^T`` (``(n, n)``) but its upper-right block (:func:`add_gram_lower`)."""
         add_gram_lower(gram, self.jac)
 
     def jt_times(self, v: Tensor) -> Tensor:
@@ -169,7 +174,7 @@ class PermutedDense:
         return self.jac
 
     def add_gram_lower(self, gram: Tensor) -> None:
-        """``gram += jac jac^T``, lower triangle (:func:`add_gram_lower`)."""
+        """``gram += jac jac^T`` but its upper-right block (:func:`add_gram_lower`)."""
         add_gram_lower(gram, self._jac())
 
     def jt_times(self, v: Tensor) -> Tensor:
@@ -215,7 +220,7 @@ class KeptConv:
     per_sample: Callable[[bool], Dense | PermutedDense]
 
     def add_gram_lower(self, gram: Tensor) -> None:
-        """``gram += J J^T``, lower triangle; ``J`` is not kept."""
+        """``gram += J J^T`` but its upper-right block (:func:`add_gram_lower`); ``J`` is not kept."""
         self.per_sample(True).add_gram_lower(gram)
 
     def jt_times(self, v: Tensor) -> Tensor:

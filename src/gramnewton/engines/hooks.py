@@ -309,11 +309,12 @@ class HooksEngine:
                     module.register_forward_hook(functools.partial(post_hook, handler, own), with_kwargs=True)
                 )
             with torch.enable_grad(), _ForeignUse(owners, stack, foreign):
-                residuals = residuals_2d(closure(), self._dtype)
+                value = closure()
         finally:
             for handle in handles:
                 handle.remove()
-        return residuals, calls, foreign
+        # validated outside the mode: its checks are not forward operations to watch
+        return residuals_2d(value, self._dtype), calls, foreign
 
     def _off_path(self, residuals: Tensor, calls: list[_Call]) -> set[int]:
         """Ids of hooked parameters that the residuals reach other than through their modules'
@@ -473,7 +474,7 @@ class HooksEngine:
                 dense.add_gram_lower(gram)
             pieces[pid] = dense
         if gram is not None:
-            mirror_lower(gram)  # the pieces filled the lower triangle
+            mirror_lower(gram)  # the pieces left the upper-right block to the mirror
         return pieces
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:

@@ -16,9 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from ..experiments.config import load_config
+from ..experiments.early_stopping import BEST, EarlyStopping, load_best
 from ..experiments.reproduce import CONFIGS_DIR
 from ..experiments.runner import run_experiment
 from ..experiments.setup import CHECKPOINT
@@ -72,13 +74,40 @@ def run(args: argparse.Namespace) -> int:
             return 130
     if rank:
         return 0
-    last = rows[-1]
-    print(
-        f"{config['name'] or args.config.stem}: epoch {last['epoch']:g}, {last['seconds']:.1f} s of training, "
-        f"train MSE {last['train_loss']:.4g}, test MSE {last['test_loss']:.4g}, test RMSE {last['test_rmse']:.4g}"
+    name = config["name"] or args.config.stem
+    print(f"{name}: last epoch {describe(rows[-1])}")
+    written = [out / "metrics.csv", out / CHECKPOINT]
+    stopping = EarlyStopping(config["train"]["early_stopping_patience"])
+    stopping.load_state_dict(
+        torch.load(out / CHECKPOINT, weights_only=True).get("early_stopping") or stopping.state_dict()
     )
-    print(f"wrote {out / 'metrics.csv'} and {out / 'checkpoint.pt'}")
+    if stopping.stop:
+        print(
+            f"stopped early: no lower validation loss in the {stopping.patience} evaluations after epoch {stopping.best_epoch}"
+        )
+    if config["train"]["keep_best"] and (out / BEST).is_file():
+        print(
+            f"{name}: best model, the one to use (lowest validation loss; in {out / BEST}): epoch {describe(load_best(out))}"
+        )
+        written.append(out / BEST)
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
+
+
+def describe(row: dict[str, Any]) -> str:
+    """``"<epoch>, <s> s of training, train/val/test loss, test RMSE or accuracy"`` of a metrics row
+    (MSE for regression, cross-entropy and accuracy for classification)."""
+    classification = "test_accuracy" in row
+    loss = "CE" if classification else "MSE"
+    parts = [f"{row['epoch']:g}", f"{row['seconds']:.1f} s of training", f"train {loss} {row['train_loss']:.4g}"]
+    if "val_loss" in row:
+        parts.append(f"val {loss} {row['val_loss']:.4g}")
+    parts.append(f"test {loss} {row['test_loss']:.4g}")
+    if classification:
+        parts.append(f"test accuracy {row['test_accuracy']:.2%}")
+    else:
+        parts.append(f"test RMSE {row['test_rmse']:.4g}")
+    return ", ".join(parts)
 
 
 def train_with_progress(

@@ -8,10 +8,15 @@ A configuration is a nested dict. Sections and keys (defaults in :data:`DEFAULTS
     [data]       name = "afad-lite"; root = ""; kwargs = {}      # gramnewton.lab.data.get_dataset
                  train_subset = 0; test_subset = 0               # first n of a seeded permutation (0: all)
                  image_size = 0                                  # resize inputs to n x n (0: as loaded)
+                 validation_fraction = 0.0                       # share of the training set held out
     [optimizer]  name = "ggn" | "sgd" | "adam" | "kfac"; other keys are its hyper-parameters
-    [train]      batch_size = 128; epochs = 100; weight_decay = 1e-4; eval_every = 1; threads = 2
+    [train]      batch_size = 128; epochs = 1; weight_decay = 1e-4; eval_every = 1; threads = 2
                  label_smoothing = 0.0           # classification: targets (1 - eps) onehot + eps / k, in [0, 1)
                  shift = 0                       # image data: random translations by up to shift pixels
+                 seconds = 0.0                   # stop after the first epoch ending past it (0: none)
+                 early_stopping_patience = 0     # stop after n evaluations without a lower
+                                                 # validation loss (0: never)
+                 keep_best = false               # save the best-validation model in best.pt
     [warm_start] run = ""            # run folder whose final checkpoint initialises the model
 
 Overrides are ``section.key=value`` strings; ``value`` is parsed as a TOML value (``0.1``,
@@ -43,7 +48,15 @@ DEFAULTS: dict[str, Any] = {
     "name": "",
     "seed": 0,
     "model": {"name": "", "kwargs": {}},
-    "data": {"name": "", "root": "", "kwargs": {}, "train_subset": 0, "test_subset": 0, "image_size": 0},
+    "data": {
+        "name": "",
+        "root": "",
+        "kwargs": {},
+        "train_subset": 0,
+        "test_subset": 0,
+        "image_size": 0,
+        "validation_fraction": 0.0,
+    },
     "optimizer": {"name": ""},
     "train": {
         "batch_size": 128,
@@ -53,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
         "threads": 2,
         "label_smoothing": 0.0,
         "shift": 0,
+        "seconds": 0.0,
+        "early_stopping_patience": 0,
+        "keep_best": False,
     },
     "warm_start": {"run": ""},
 }
@@ -71,6 +87,10 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "train.weight_decay": (NUMBERS, 0),
     "train.label_smoothing": (NUMBERS, 0),
     "train.shift": (int, 0),
+    "train.seconds": (NUMBERS, 0),
+    "train.early_stopping_patience": (int, 0),
+    "train.keep_best": (bool, None),
+    "data.validation_fraction": (NUMBERS, 0),
     "name": (str, None),
     "model.name": (str, None),
     "data.name": (str, None),
@@ -81,7 +101,7 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "data.kwargs": (dict, None),
 }
 # keys whose values must also stay below a bound
-BELOW: dict[str, float] = {"train.label_smoothing": 1.0}
+BELOW: dict[str, float] = {"train.label_smoothing": 1.0, "data.validation_fraction": 1.0}
 # [train] weight_decay is passed to every optimizer; the same key under [optimizer] would clash
 NOT_IN_OPTIMIZER = ("weight_decay",)
 
@@ -123,13 +143,25 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_names(config, DEFAULTS, "")
     for key, (kind, low) in RANGES.items():
         value = get_dotted(config, key)
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
             raise ValueError(f"{key} must be {_describe(kind)}, got {value!r}")
         if low is not None and not (math.isfinite(value) and value >= low):
             raise ValueError(f"{key} must be {_describe(kind)} >= {low:g}, got {value!r}")
         if key in BELOW and not value < BELOW[key]:
             raise ValueError(f"{key} must be {_describe(kind)} in [{low:g}, {BELOW[key]:g}), got {value!r}")
+    _check_validation(config)
     _check_optimizer(config["optimizer"])
+
+
+def _check_validation(config: Mapping[str, Any]) -> None:
+    """The options that need a validation split only with one."""
+    train = config["train"]
+    for key, used in (
+        ("early_stopping_patience", train["early_stopping_patience"] > 0),
+        ("keep_best", train["keep_best"]),
+    ):
+        if used and config["data"]["validation_fraction"] == 0:
+            raise ValueError(f"train.{key} needs a validation split: set data.validation_fraction (e.g. 0.1)")
 
 
 def _check_names(config: Mapping[str, Any], valid: Mapping[str, Any], prefix: str) -> None:

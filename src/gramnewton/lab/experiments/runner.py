@@ -7,6 +7,15 @@ wall-clock seconds: the data order depends only on ``(seed, epoch)``, a checkpoi
 mid-epoch records the losses of the batches already taken (those batches are skipped), and the
 model, optimizer and torch RNG states are restored.
 
+Validation (``data.validation_fraction > 0``): a seeded share of the training set is held out
+(:func:`~gramnewton.lab.experiments.setup.load_data`) and evaluated with the test set. Its loss
+drives early stopping (``train.early_stopping_patience``: stop after that many evaluations
+without a lower validation loss) and ``train.keep_best`` (``best.pt``: the model of the lowest
+validation loss and its metrics row, :mod:`~gramnewton.lab.experiments.early_stopping`); the
+checkpoint carries the best-so-far and the count, so a resumed run stops where an uninterrupted
+one would. ``train.seconds`` ends the run after the first epoch that ends past that many
+training seconds (wall clock: not reproducible across runs, unlike the rest).
+
 Under ``torchrun`` (``torch.distributed`` initialised, ``P > 1`` processes) every rank trains on
 its share of each global batch (:func:`~gramnewton.lab.experiments.training.fit`'s ``shard``)
 with a data-parallel GGN (``optimizer.distributed``: ``"auto"``, i.e. exact, or ``"local"``);
@@ -27,14 +36,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.data import Dataset
 
 from ..data.augment import translation
 from .config import dumps, load_config
+from .early_stopping import EarlyStopping, save_best
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer
 from .setup import CHECKPOINT, build_model, load_data, warm_start
 from .step_diagnostics import DIAGNOSTIC_COLUMNS, DiagnosticsLog, empty_summary
-from .training import Callback, EpochEvaluator, EpochRecord, FitState, fit, make_train_step, task_loss
+from .training import (
+    Callback,
+    EpochEvaluator,
+    EpochRecord,
+    FitState,
+    evaluate,
+    fit,
+    make_train_step,
+    task_loss,
+)
 
 CONFIG_FILE, METRICS_FILE = "config.toml", "metrics.csv"
 
@@ -50,7 +70,8 @@ def run_experiment(
     """Train the run ``config`` into folder ``out``; return its metric rows (epoch 0 first).
 
     A non-empty ``out`` is refused unless ``resume`` (continue from ``out/checkpoint.pt`` if there
-    is one; its config must equal ``config`` except for ``train.epochs``, which may grow) or
+    is one; its config must equal ``config`` except for the budget ``train.epochs`` and
+    ``train.seconds``, which may grow; a run that early stopping ended stays ended) or
     ``overwrite`` (replace the run there). Nothing in ``out`` changes until the data, the model
     and the optimizer are set up: a run that fails at set-up leaves the old run resumable.
     ``callbacks`` (progress, say) are
@@ -69,6 +90,8 @@ def run_experiment(
     MSE in evaluation mode, NaN when not evaluated), ``train_rmse`` and ``test_rmse`` (in the
     target's original unit). For a classification data set (integer labels) the losses are
     mean cross-entropies and ``train_accuracy`` / ``test_accuracy`` replace the RMSE columns.
+    With a validation split, ``val_loss`` and ``val_rmse`` (``val_accuracy`` for
+    classification) follow, evaluated with the test set (NaN when not evaluated).
     Then the epoch's summary of GGN's ``last_diagnostics``
     (:mod:`~gramnewton.lab.experiments.step_diagnostics`): ``gain_ratio`` (median), ``alpha``
     (of the last step), ``step_norm`` (median), ``rejected`` (count), ``jitter`` (max),
@@ -80,11 +103,17 @@ def run_experiment(
     check_run_folder(out, resume=resume, overwrite=overwrite)
     torch.set_num_threads(config["train"]["threads"])
     checkpoint = _load_checkpoint(out, config, world) if resume else None
+    train = config["train"]
+    if world > 1 and (train["early_stopping_patience"] or train["seconds"]):
+        raise ValueError(
+            "train.early_stopping_patience and train.seconds need one process (rank 0 alone evaluates, "
+            "every rank would have to stop at the same step); use train.epochs and train.keep_best"
+        )
     train_set, test_set = load_data(config, "train"), load_data(config, "test")
+    validation_set = load_data(config, "validation") if config["data"]["validation_fraction"] else None
     model = build_model(config, train_set)
     if config["warm_start"]["run"] and checkpoint is None:
         warm_start(model, config["warm_start"]["run"])
-    train = config["train"]
     optimizer = build_optimizer({**config["optimizer"], "weight_decay": train["weight_decay"]}, model)
     if world > 1 and getattr(optimizer, "distributed", None) is None:
         raise ValueError(
@@ -95,16 +124,29 @@ def run_experiment(
     augment = translation(train_set, train["shift"])
     evaluator = EpochEvaluator(model, train_set, test_set, every=train["eval_every"], last_epoch=train["epochs"])
     diagnostics = DiagnosticsLog(optimizer, checkpoint.get("diagnostics", ()) if checkpoint else ())
-    log = _RunLog(out, model, optimizer, evaluator, getattr(train_set, "scale", None), world, diagnostics)
+    log = _RunLog(
+        out,
+        model,
+        optimizer,
+        evaluator,
+        getattr(train_set, "scale", None),
+        world,
+        diagnostics,
+        validation_set=validation_set,
+        stopping=EarlyStopping(patience=train["early_stopping_patience"]),
+        keep_best=train["keep_best"],
+        seconds=train["seconds"],
+    )
     if checkpoint is None:
         state = FitState()
         if rank == 0:
-            log.rows = [_row(EpochRecord(0, 0, 0.0, math.nan, *evaluator.evaluate(0)), log.scale)]
+            log.rows = [log.evaluate_row(state, math.nan)]
     else:
         _restore(out, checkpoint, model, optimizer)
         state = FitState(*(checkpoint[k] for k in ("epoch", "step", "seconds", "batch_losses")))
         # rows of a checkpoint written before the diagnostics columns existed get them as NaN
         log.rows = [{**row, **{k: row.get(k, math.nan) for k in DIAGNOSTIC_COLUMNS}} for row in checkpoint["rows"]]
+        log.stopping.load_state_dict(checkpoint.get("early_stopping") or log.stopping.state_dict())
     if world > 1:  # every rank has read the folder before rank 0 changes it
         dist.barrier()
     if rank == 0:  # set-up succeeded: only now does the folder change
@@ -113,7 +155,11 @@ def run_experiment(
             (out / CHECKPOINT).unlink(missing_ok=True)
         (out / CONFIG_FILE).write_text(dumps(config))
         write_rows(out / METRICS_FILE, log.rows)
+        if checkpoint is None:
+            log.keep_if_best(log.rows[0])
     model.train()
+    if log.finished(state):  # a resumed run that early stopping or its seconds had ended
+        return log.rows if rank == 0 else []
     try:
         fit(
             step,
@@ -167,7 +213,9 @@ def _restore(out: Path, checkpoint: Mapping[str, Any], model: nn.Module, optimiz
 
 class _RunLog(Callback):
     """After every epoch: evaluate (when due), append a metrics row (with the epoch's
-    ``diagnostics`` summary), rewrite metrics.csv, checkpoint."""
+    ``diagnostics`` summary and the validation loss), keep the best-validation model, rewrite
+    metrics.csv, checkpoint; stop the run when :attr:`stopping` says so or :attr:`seconds`
+    (0: no limit) of training have passed."""
 
     def __init__(
         self,
@@ -178,18 +226,48 @@ class _RunLog(Callback):
         scale: Any,
         world: int,
         diagnostics: DiagnosticsLog,
+        *,
+        validation_set: Dataset | None = None,
+        stopping: EarlyStopping | None = None,
+        keep_best: bool = False,
+        seconds: float = 0.0,
     ):
         self.out, self.model, self.optimizer, self.evaluator, self.scale = out, model, optimizer, evaluator, scale
         self.world, self.diagnostics = world, diagnostics
         self.rows: list[dict[str, Any]] = []
+        self.validation_set, self.keep_best, self.seconds = validation_set, keep_best, seconds
+        self.stopping = EarlyStopping() if stopping is None else stopping
+        self.improved = False  # whether the last row's validation loss is the best so far
 
-    def on_epoch_end(self, state: FitState, running_loss: float) -> None:
+    def finished(self, state: FitState) -> bool:
+        """Whether early stopping or the seconds budget has ended the run."""
+        return self.stopping.stop or 0 < self.seconds <= state.seconds
+
+    def evaluate_row(self, state: FitState, running_loss: float) -> dict[str, Any]:
+        """The metrics row after ``state.epoch`` (evaluated when due, and always at the last epoch
+        of a seconds budget); records the validation loss in :attr:`stopping`."""
+        due = self.evaluator.due(state.epoch) or 0 < self.seconds <= state.seconds
+        nan = (math.nan,) * 4
         record = EpochRecord(
-            state.epoch, state.step, state.seconds, running_loss, *self.evaluator.evaluate(state.epoch)
+            state.epoch, state.step, state.seconds, running_loss, *(self.evaluator.evaluate_now() if due else nan)
         )
-        self.rows.append({**_row(record, self.scale), **self.diagnostics.summary()})
+        validation = None
+        if self.validation_set is not None:
+            validation = evaluate(self.model, self.validation_set, self.evaluator.loss) if due else nan[:2]
+        self.improved = due and validation is not None and self.stopping.update(state.epoch, validation[0])
+        return _row(record, self.scale, validation)
+
+    def keep_if_best(self, row: dict[str, Any]) -> None:
+        """Save the model as ``best.pt`` if ``row`` (the last evaluated) is the best so far."""
+        if self.keep_best and self.improved:
+            save_best(self.out, self.model, row)
+
+    def on_epoch_end(self, state: FitState, running_loss: float) -> bool:
+        self.rows.append({**self.evaluate_row(state, running_loss), **self.diagnostics.summary()})
+        self.keep_if_best(self.rows[-1])  # before the checkpoint that records it as the best
         write_rows(self.out / METRICS_FILE, self.rows)
         save_checkpoint(self.out, self.model, self.optimizer, self.checkpoint_state(state))
+        return self.finished(state)
 
     def checkpoint_state(self, state: FitState) -> dict[str, Any]:
         """What :func:`save_checkpoint` records besides the model and optimizer."""
@@ -198,22 +276,24 @@ class _RunLog(Callback):
             "rows": self.rows,
             "world_size": self.world,
             "diagnostics": self.diagnostics.pending(state),
+            "early_stopping": self.stopping.state_dict(),
         }
 
 
-def _row(record: EpochRecord, scale: Any) -> dict[str, Any]:
+def _row(record: EpochRecord, scale: Any, validation: tuple[float, float] | None = None) -> dict[str, Any]:
     """A metrics row: regression rows (``scale`` given) carry the RMSE in the target's unit,
-    classification rows (``scale`` None) the accuracies."""
+    classification rows (``scale`` None) the accuracies; ``validation`` (loss, accuracy) adds
+    ``val_loss`` and ``val_rmse`` or ``val_accuracy``."""
     row = asdict(record)
     if scale is None:  # classification: loss is the cross-entropy, accuracy is the metric
+        if validation is not None:
+            row |= {"val_loss": validation[0], "val_accuracy": validation[1]}
         return {**row, **empty_summary()}
     del row["train_accuracy"], row["test_accuracy"]
-    return {
-        **row,
-        "train_rmse": scale.rmse_in_unit(record.train_loss),
-        "test_rmse": scale.rmse_in_unit(record.test_loss),
-        **empty_summary(),
-    }
+    row |= {"train_rmse": scale.rmse_in_unit(record.train_loss), "test_rmse": scale.rmse_in_unit(record.test_loss)}
+    if validation is not None:
+        row |= {"val_loss": validation[0], "val_rmse": scale.rmse_in_unit(validation[0])}
+    return {**row, **empty_summary()}
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Mapping[str, Any]) -> Path:
@@ -223,8 +303,9 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
     reads it: ``model``, ``optimizer`` (state dicts), ``rng`` (torch CPU RNG state), ``epoch``
     (finished epochs), ``batch_losses`` (losses of the steps taken in the unfinished epoch),
     ``step``, ``seconds``, ``rows`` (the metrics so far), ``world_size`` (the number of
-    processes that trained, 1 unless ``state`` says otherwise) and ``diagnostics`` (GGN's
-    per-step diagnostics of the unfinished epoch, :class:`DiagnosticsLog` entries; ``[]`` if none).
+    processes that trained, 1 unless ``state`` says otherwise), ``diagnostics`` (GGN's
+    per-step diagnostics of the unfinished epoch, :class:`DiagnosticsLog` entries; ``[]`` if none)
+    and ``early_stopping`` (:meth:`EarlyStopping.state_dict`; ``{}`` if none).
     """
     path = out / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
@@ -236,6 +317,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
             **{k: state[k] for k in ("epoch", "step", "seconds", "batch_losses", "rows")},
             "world_size": state.get("world_size", 1),
             "diagnostics": list(state.get("diagnostics", [])),
+            "early_stopping": dict(state.get("early_stopping", {})),
         },
         tmp,
     )
@@ -244,7 +326,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
 
 
 def resumable(out: str | Path, config: Mapping[str, Any]) -> bool:
-    """Whether ``out`` holds a checkpoint of ``config`` (``train.epochs`` may differ)."""
+    """Whether ``out`` holds a checkpoint of ``config`` (``train.epochs`` and ``train.seconds`` may differ)."""
     out = Path(out)
     if not (out / CHECKPOINT).is_file() or not (out / CONFIG_FILE).is_file():
         return False
@@ -252,7 +334,7 @@ def resumable(out: str | Path, config: Mapping[str, Any]) -> bool:
         saved = load_config(out / CONFIG_FILE)
     except ValueError:  # unreadable or no longer valid: not this config's run
         return False
-    return _without_epochs(saved) == _without_epochs(config)
+    return _without_budget(saved) == _without_budget(config)
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step", "seconds", "batch_losses", "rows")
@@ -285,8 +367,8 @@ def _load_checkpoint(out: Path, config: Mapping[str, Any], world: int = 1) -> di
     return checkpoint
 
 
-def _without_epochs(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {**config, "train": {k: v for k, v in config["train"].items() if k != "epochs"}}
+def _without_budget(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {**config, "train": {k: v for k, v in config["train"].items() if k not in ("epochs", "seconds")}}
 
 
 def is_complete(out: str | Path, config: Mapping[str, Any]) -> bool:

@@ -1,4 +1,5 @@
-"""Build what a config names: data sets (subset, resized) and the model (maybe warm-started).
+"""Build what a config names: data sets (subset, resized, a validation split held out of the
+training set) and the model (maybe warm-started).
 
 The optimizer comes from :func:`gramnewton.lab.experiments.optimizers.build_optimizer`.
 """
@@ -16,20 +17,54 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data import get_dataset
-from ..data.base import TensorRegressionDataset
+from ..data.base import TensorRegressionDataset, split_indices
 from ..data.classification import TensorClassificationDataset, is_classification
 from ..models import get_model
 
 CHECKPOINT = "checkpoint.pt"
 
 
+SPLITS = ("train", "validation", "test")
+
+
 def load_data(config: Mapping[str, Any], split: str) -> TensorRegressionDataset:
-    """Split ``split`` of ``config["data"]``, subset and resized as the config says."""
+    """Split ``split`` (``"train"``, ``"validation"`` or ``"test"``) of ``config["data"]``,
+    subset and resized as the config says.
+
+    With ``data.validation_fraction = f > 0`` the (subset) training set is split by a
+    ``seed``-ed permutation (:func:`~gramnewton.lab.data.base.split_indices`): its last
+    ``n - round((1 - f) n)`` items are ``"validation"``, the others ``"train"``; the test set is
+    never touched. With ``f = 0`` ``"train"`` is the whole training set (as before the option
+    existed) and ``"validation"`` is refused.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     data = config["data"]
-    dataset = _cached_dataset(data["name"], data["root"] or None, split, tuple(sorted(data["kwargs"].items())))
+    source = "test" if split == "test" else "train"
+    dataset = _cached_dataset(data["name"], data["root"] or None, source, tuple(sorted(data["kwargs"].items())))
     if len(dataset) == 0:
-        raise ValueError(f"data set {data['name']} has no {split} sample: use a larger data set or another split")
-    return shrink(dataset, data[f"{split}_subset"], data["image_size"], config["seed"])
+        raise ValueError(f"data set {data['name']} has no {source} sample: use a larger data set or another split")
+    dataset = shrink(dataset, data[f"{source}_subset"], data["image_size"], config["seed"])
+    fraction = data["validation_fraction"]
+    if split == "test" or (split == "train" and fraction == 0):
+        return dataset
+    if fraction == 0:
+        raise ValueError("no validation split: set data.validation_fraction > 0")
+    train_index, validation_index = validation_split(len(dataset), fraction, config["seed"])
+    return subset(dataset, validation_index if split == "validation" else train_index)
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Sorted indices ``(train (n_train,), validation (n - n_train,))`` of ``range(n)``: a
+    ``seed``-ed permutation's first ``n_train = round((1 - fraction) n)`` items and the rest.
+    Raises ``ValueError`` (one line) when either part would be empty."""
+    train, validation = (split_indices(n, part, seed, train_fraction=1.0 - fraction) for part in ("train", "test"))
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError(
+            f"data.validation_fraction = {fraction:g} of {n} training samples leaves {len(validation)} "
+            f"for validation and {len(train)} for training: both need at least one"
+        )
+    return train, validation
 
 
 @lru_cache(maxsize=4)
@@ -40,19 +75,27 @@ def _cached_dataset(
     return get_dataset(name, root=root, split=split, **dict(kwargs))
 
 
-def shrink(dataset: TensorRegressionDataset, subset: int, image_size: int, seed: int) -> TensorRegressionDataset:
-    """The first ``subset`` items of a ``seed``-ed permutation (all when 0), inputs resized to
+def shrink(dataset: TensorRegressionDataset, subset_size: int, image_size: int, seed: int) -> TensorRegressionDataset:
+    """The first ``subset_size`` items of a ``seed``-ed permutation (all when 0), inputs resized to
     ``image_size x image_size`` (area interpolation; unchanged when 0 or already that size)."""
-    inputs, targets = dataset.inputs, _targets(dataset)
-    if 0 < subset < len(dataset):
-        index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
-        inputs, targets = inputs[index], targets[index]
+    if 0 < subset_size < len(dataset):
+        index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset_size]
+        dataset = subset(dataset, index.sort().values)
+    inputs = dataset.inputs
     if image_size and tuple(inputs.shape[-2:]) != (image_size, image_size):
         # The uint8 image store is converted to floats in [0, 1], as __getitem__ would.
         floats = inputs.float() / 255.0 if inputs.dtype == torch.uint8 else inputs
-        inputs = F.interpolate(floats, size=(image_size, image_size), mode="area")
-    if inputs is dataset.inputs:
-        return dataset
+        return _like(dataset, F.interpolate(floats, size=(image_size, image_size), mode="area"), _targets(dataset))
+    return dataset
+
+
+def subset(dataset: TensorRegressionDataset, index: Tensor) -> TensorRegressionDataset:
+    """The items ``index`` ``(n_subset,)`` of ``dataset``, as a data set of the same kind (the
+    regression target scale and the classification labels' class count are kept)."""
+    return _like(dataset, dataset.inputs[index], _targets(dataset)[index])
+
+
+def _like(dataset: TensorRegressionDataset, inputs: Tensor, targets: Tensor) -> TensorRegressionDataset:
     if is_classification(dataset):
         return TensorClassificationDataset(inputs, targets, dataset.num_classes, dataset.name, dataset.blank)
     return TensorRegressionDataset(inputs, targets, dataset.scale, dataset.name)

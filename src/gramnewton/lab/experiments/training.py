@@ -350,9 +350,13 @@ class EpochEvaluator(Callback):
         self.loss = task_loss(train_set)
         self.records: list[EpochRecord] = []
 
+    def due(self, epoch: int) -> bool:
+        """Whether the evaluation after ``epoch`` is due (every ``every``-th epoch and the last)."""
+        return epoch % self.every == 0 or epoch == self.last_epoch
+
     def evaluate(self, epoch: int) -> tuple[float, float, float, float]:
         """``(train loss, test loss, train accuracy, test accuracy)`` (NaN when not due / regression)."""
-        if epoch % self.every and epoch != self.last_epoch:
+        if not self.due(epoch):
             return math.nan, math.nan, math.nan, math.nan
         return self.evaluate_now()
 
