@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result JSONs' seeds")
     parser.add_argument("--grid-figure", type=Path, default=None, help="with --combine: every grid point's curve")
+    parser.add_argument(
+        "--labels", nargs="+", default=None, help="with --combine: the table and figure show only these"
+    )
     args = parser.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
             curves = {f"{p['optimizer']}: {describe(p)}": p for p in record["grid"]}
             figure({0: curves}, args.grid_figure, f"{args.model} on {args.dataset}: grid points, seed 0")
         seeds = {int(s): r for s, r in record["seeds"].items()}
+        if args.labels:
+            seeds = {s: {n: e for n, e in r.items() if n in args.labels} for s, r in seeds.items()}
         out.write_text(json.dumps(record, indent=1) + "\n")
     else:
         record, seeds = measure(args, out)
