@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gramnewton import GramGaussNewton
-from gramnewton.damping import GainRatioDamping, gain_ratio
+from gramnewton.damping import CrossValidatedDamping, GainRatioDamping, gain_ratio
 
 
 class SineModel(nn.Module):
@@ -53,6 +53,44 @@ def test_adapted_alpha_survives_state_dict():
     twin = GramGaussNewton(nn.Linear(3, 1), alpha=1.0, adaptive_damping=True, lam=1.0, momentum=0.0)
     twin.load_state_dict(opt.state_dict())
     assert twin.param_groups[0]["alpha"] == opt.param_groups[0]["alpha"] < 1.0
+
+
+@pytest.mark.parametrize("rule", ["gain_ratio", "cross_validated"])
+def test_damping_state_survives_state_dict_and_a_resumed_run_steps_alike(rule, tmp_path):
+    """The rule's own state (the gain-ratio rule's trust and unmeasured-step count; the
+    cross-validated ridge, floor and trust) and the rejections in a row are in the state dict:
+    a twin loaded from it, even through ``torch.load(weights_only=True)``, measures the same
+    steps and takes the same ones."""
+
+    def make(model):
+        trusting = GainRatioDamping(check_every=4, min_alpha=0.1)  # trusted after two good steps
+        damping = trusting if rule == "gain_ratio" else CrossValidatedDamping(curvature=trusting)
+        return GramGaussNewton(model, alpha=0.3, lam=1.0, momentum=0.5, adaptive_damping=damping)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    batches = [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)) for _ in range(12)]
+    opt = make(model)
+    for x, y in batches[:5]:
+        opt.step(lambda: model(x) - y)
+    opt.rejections_in_a_row = 1
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    twin_model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    twin_model.load_state_dict(saved["model"])
+    twin = make(twin_model)
+    twin.load_state_dict(saved["optimizer"])
+    assert twin.damping.state_dict() == opt.damping.state_dict() and twin.rejections_in_a_row == 1
+    measured = {True: [], False: []}
+    for x, y in batches[5:]:
+        for m, o, log in ((model, opt, measured[True]), (twin_model, twin, measured[False])):
+            o.step(lambda: m(x) - y)
+            log.append(o.last_gain_ratio)
+    assert measured[True] == measured[False]
+    assert (None in measured[True]) == (rule == "gain_ratio")  # the trusted rule skipped measurements
+    with pytest.raises(ValueError, match="log_ridge"):
+        GainRatioDamping().load_state_dict({"log_ridge": 1.0})
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
 
 
 def test_gain_ratio_edge_cases():

@@ -92,10 +92,7 @@ def test_run_stops_after_patience_and_keeps_the_best_model(validated, tmp_path):
 
 
 def test_resume_keeps_the_best_so_far_and_the_patience_count(validated, tmp_path):
-    # fixed alpha: the gain-ratio rule's check-every-4 schedule is not in the optimizer's state
-    # dict, so after a resume its diagnostics (not its steps, here) would differ
-    fixed = ["optimizer.adaptive_damping=false"]
-    full = run_experiment(load_config(validated, fixed), tmp_path / "full")
+    full = run_experiment(load_config(validated), tmp_path / "full")
     best = min(range(len(full)), key=lambda e: full[e]["val_loss"])
     steps = full[1]["step"]
 
@@ -105,22 +102,24 @@ def test_resume_keeps_the_best_so_far_and_the_patience_count(validated, tmp_path
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_config(validated, fixed), tmp_path / "cut", callbacks=[Interrupt()])
+        run_experiment(load_config(validated), tmp_path / "cut", callbacks=[Interrupt()])
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["early_stopping"]
     assert (saved["best_epoch"], saved["since_best"]) == (best, 1)
-    resumed = run_experiment(load_config(validated, fixed), tmp_path / "cut", resume=True)
+    resumed = run_experiment(load_config(validated), tmp_path / "cut", resume=True)
     assert _losses(resumed) == _losses(full)
     assert _losses([load_best(tmp_path / "cut")]) == _losses([full[best]])
     # A stopped run stays stopped, also with a larger epoch budget.
-    again = run_experiment(load_config(validated, [*fixed, "train.epochs=40"]), tmp_path / "cut", resume=True)
+    again = run_experiment(load_config(validated, ["train.epochs=40"]), tmp_path / "cut", resume=True)
     assert _losses(again) == _losses(full)
 
 
-def test_default_config_trains_as_before(tmp_path):
+def test_default_config_trains_as_before(tmp_path, validated):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY.format(optimizer="ggn", hyper="alpha = 0.3"))
     config = load_config(path)
-    rows = run_experiment(config, tmp_path / "run")
+    run_experiment(load_config(validated, ["train.epochs=2"]), tmp_path / "run")
+    assert (tmp_path / "run" / BEST).is_file()
+    rows = run_experiment(config, tmp_path / "run", overwrite=True)  # the replaced run's best.pt goes too
     assert list(rows[0]) == COLUMNS and not (tmp_path / "run" / BEST).exists()
     assert list(read_rows(tmp_path / "run" / "metrics.csv")[0]) == COLUMNS
     # The run's final weights are those of the one training loop on the whole training set.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -38,19 +39,33 @@ def _set_flat(model: nn.Module, flat: Tensor) -> None:
 
 
 def dense_spring(
-    model: nn.Module, batches: list, lam: float, alpha: float, mu: float, wd: float = 0.0
+    model: nn.Module,
+    batches: list,
+    lam: float,
+    alpha: float,
+    mu: float,
+    wd: float = 0.0,
+    bias_correction: bool = False,
+    max_step_norm: float | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """Parameters after each step of the explicit formula, and the last ``phi``."""
+    """Parameters after each step of the explicit formula, and the last ``phi``.
+
+    The step taken is ``s_t phi_t``, ``s_t = min(b_t, C / ||phi_t||)`` with
+    ``b_t = 1 / sqrt(1 - mu^(2t))`` under ``bias_correction`` (else 1) and ``C = max_step_norm``
+    (else no bound); the recursion keeps the unscaled ``phi_t``."""
     model = copy.deepcopy(model)
     phi = torch.zeros_like(flat_params(model))
     trajectory = []
-    for x, y in batches:
+    for t, (x, y) in enumerate(batches, start=1):
         jac = dense_jacobian(model, x)
         with torch.no_grad():
             r = (model(x) - y).reshape(-1)
         mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
         phi = mu * phi + jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ phi)
-        _set_flat(model, (1 - wd) * flat_params(model) - phi)
+        scale = 1 / math.sqrt(1 - mu ** (2 * t)) if bias_correction else 1.0
+        if max_step_norm is not None:
+            scale = min(scale, max_step_norm / float(phi.detach().norm()))
+        _set_flat(model, (1 - wd) * flat_params(model) - scale * phi)
         trajectory.append(flat_params(model))
     return trajectory, phi
 
@@ -411,3 +426,99 @@ def test_step_after_two_rejections_restarts_momentum():
     opt.step(lambda: model(x) - y)
     assert_close(flat_params(model), expected, 1e-10, "restarted step")
     assert opt.rejections_in_a_row == 0
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+@pytest.mark.parametrize("bias_correction,bound", [(True, None), (False, 0.5), (True, 0.5)])
+@pytest.mark.parametrize("name,build,shape,k,b", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_bias_correction_and_step_bound_match_dense_formula(name, build, shape, k, b, engine, bias_correction, bound):
+    """``s_t phi_t`` taken, unscaled ``phi_t`` kept, over 4 batches; the bound is set below the
+    longest unbounded step so that it binds on some steps and not on others."""
+    model = build().double()
+    batches = _batches(shape, k, b, count=4)
+    lam, alpha, mu, wd = 0.7, 0.3, 0.8, 1e-3
+    max_step_norm = None
+    if bound is not None:
+        free, _ = dense_spring(model, batches, lam, alpha, mu, wd, bias_correction)
+        starts = [flat_params(model)] + free[:-1]
+        lengths = [float(((1 - wd) * w0 - w1).norm()) for w0, w1 in zip(starts, free)]
+        max_step_norm = bound * (min(lengths) + max(lengths))  # binds on the long steps only
+        assert min(lengths) < max_step_norm < max(lengths), (name, lengths)
+    expected, phi = dense_spring(model, batches, lam, alpha, mu, wd, bias_correction, max_step_norm)
+    opt = GramGaussNewton(
+        model,
+        lam=lam,
+        alpha=alpha,
+        momentum=mu,
+        weight_decay=wd,
+        engine=engine,
+        solve_space="sample",
+        adaptive_damping=False,
+        bias_correction=bias_correction,
+        max_step_norm=max_step_norm,
+    )
+    for t, (x, y) in enumerate(batches):
+        opt.step(lambda: model(x) - y)
+        assert_close(flat_params(model), expected[t], RTOL, f"{name} parameters after step {t + 1}")
+    buffers = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    assert_close(buffers, phi, RTOL, f"{name} momentum buffer")
+
+
+def test_scaled_step_keeps_the_gain_ratio_exact_and_restarts_the_count():
+    """A linear model: the scaled step's predicted decrease is its true decrease (gain ratio 1),
+    the step length is the bound; after two rejections the bias correction restarts at t = 1."""
+    model = nn.Linear(6, 1, dtype=torch.float64)
+    x, y = torch.randn(4, 6, dtype=torch.float64), 10 * torch.randn(4, 1, dtype=torch.float64)
+    rule = _Scripted([True, True, False, False, True])
+    opt = GramGaussNewton(
+        model, lam=2.0, alpha=0.5, momentum=0.6, adaptive_damping=rule, bias_correction=True, max_step_norm=0.05
+    )
+    before = flat_params(model)
+    opt.step(lambda: model(x) - y)
+    d = opt.last_diagnostics
+    assert d.gain_ratio == pytest.approx(1.0, abs=1e-9)
+    assert d.predicted_decrease == pytest.approx(d.loss_before - d.loss_after, rel=1e-9)
+    assert d.step_norm == pytest.approx(0.05, rel=1e-12)
+    assert float((flat_params(model) - before).norm()) == pytest.approx(0.05, rel=1e-12)
+    opt.step(lambda: model(x) - y)
+    assert float(opt.state[model.weight]["momentum_count"]) == 2
+    opt.step(lambda: model(x) - y)
+    opt.step(lambda: model(x) - y)  # two rejections: count and phi unchanged
+    assert float(opt.state[model.weight]["momentum_count"]) == 2
+    opt.step(lambda: model(x) - y)  # restarts from phi = 0
+    assert float(opt.state[model.weight]["momentum_count"]) == 1
+
+
+def test_state_dict_round_trip_with_bias_correction_gives_identical_steps():
+    name, build, shape, k, b = CASES[2]
+    model = build().double()
+    batches = _batches(shape, k, b, count=4)
+    options = dict(lam=0.9, alpha=0.4, momentum=0.6, adaptive_damping=False, bias_correction=True)
+    opt = GramGaussNewton(model, **options)
+    for x, y in batches[:2]:
+        opt.step(lambda: model(x) - y)
+    twin = copy.deepcopy(model)
+    twin_opt = GramGaussNewton(twin, **options)
+    twin_opt.load_state_dict(opt.state_dict())
+    for x, y in batches[2:]:
+        opt.step(lambda: model(x) - y)
+        twin_opt.step(lambda: twin(x) - y)
+        assert torch.equal(flat_params(model), flat_params(twin))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_step_norm=0.0),
+        dict(max_step_norm=-1.0),
+        dict(max_step_norm=float("inf")),
+        dict(max_step_norm=float("nan")),
+        dict(max_step_norm=True),
+        dict(max_step_norm="1"),
+        dict(bias_correction=1),
+    ],
+)
+def test_invalid_step_scaling_arguments(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        GramGaussNewton(_small_mlp(), **kwargs)

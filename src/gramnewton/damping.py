@@ -34,7 +34,9 @@ extra forward pass without gradients per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,6 +69,19 @@ class DampingRule:
         when not measured) and its diagnostics (``rejected`` is still ``False`` there)."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's own state, saved in the optimizer's ``state_dict``: for a dataclass rule its
+        fields that are not constructor arguments (plain numbers, ``None`` or booleans)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.init} if is_dataclass(self) else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output; a key this rule does not have is refused."""
+        unknown = set(state) - set(self.state_dict())
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no state {sorted(unknown)} (a state of another damping rule?)")
+        for key, value in state.items():
+            setattr(self, key, value)
+
 
 @dataclass
 class GainRatioDamping(DampingRule):
@@ -83,7 +98,8 @@ class GainRatioDamping(DampingRule):
             unmeasured (no extra forward pass: on the demo network that pass is about a sixth
             of a step). Any measured ``rho <= high`` ends the trust. ``1``: every step is measured.
 
-    The trust and its step count are the rule's own state (a fresh rule measures every step).
+    The trust and its step count are the rule's own state (a fresh rule measures every step;
+    the optimizer's ``state_dict`` saves them).
     """
 
     low: float = 0.25
@@ -214,8 +230,8 @@ class CrossValidatedDamping(DampingRule):
             eigendecomposition costs ``O(n^3)``).
         curvature: the gain-ratio rule giving the floor and the rejection, or ``None``.
 
-    The running mean and the floor are the rule's own state (not in the optimizer's
-    ``state_dict``; a fresh rule restarts them from the saved ``alpha``).
+    The running mean, the floor and ``curvature``'s trust are the rule's own state (saved in the
+    optimizer's ``state_dict``).
     """
 
     smoothing: float = 0.1
@@ -237,6 +253,17 @@ class CrossValidatedDamping(DampingRule):
     @property
     def measures_gain_ratio(self) -> bool:  # type: ignore[override]
         return self.curvature is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        curvature = {} if self.curvature is None else self.curvature.state_dict()
+        return {**super().state_dict(), "curvature": curvature}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        curvature = state.pop("curvature", {})
+        super().load_state_dict(state)
+        if self.curvature is not None and curvature:
+            self.curvature.load_state_dict(curvature)
 
     def choose_alpha(self, alpha: float, system: GramSystem, lam: float) -> float:
         """``max(lam * exp(mean log s), floor)``; the first call takes ``alpha`` as the floor."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -21,7 +22,14 @@ from .engines.select import select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
-from .update import SOLVE_SPACES, GramGaussNewtonStep, apply_direction, gram_gauss_newton_direction
+from .update import (
+    SOLVE_SPACES,
+    GramGaussNewtonStep,
+    apply_direction,
+    gram_gauss_newton_direction,
+    scale_step,
+    step_scale,
+)
 
 
 def check_per_sample_independence(model: nn.Module) -> None:
@@ -60,7 +68,9 @@ class GramGaussNewton(Optimizer):
     the minimiser of :math:`\lambda \|J_B \phi - r_B / \lambda\|^2 + \alpha \|\phi - \mu \phi_{t-1}\|^2`
     (:math:`r_B = f(w, x_B) - y_B`; :math:`\mu = 0` is Eq. 11 exactly). :math:`J_B \phi_{t-1}` comes
     from the engine's per-sample pieces, without another pass; :math:`\phi` is kept in the state
-    (``momentum_buffer``, one per parameter).
+    (``momentum_buffer``, one per parameter). With ``bias_correction`` or ``max_step_norm`` the
+    step taken is :math:`s_t \phi_t` (:func:`~gramnewton.update.step_scale`), the recursion
+    keeps the unscaled :math:`\phi_t` (as SPRING's learning rate and norm constraint do).
 
     Symbols of Eq. 11 and their arguments:
         - :math:`w`: ``params_or_model`` (the parameters to train).
@@ -102,6 +112,10 @@ class GramGaussNewton(Optimizer):
         momentum: :math:`\mu` of the sample-space momentum above; ``0`` is Eq. 11. With a
             damping rule, a step that follows two rejected steps in a row restarts from
             :math:`\phi_{t-1} = 0` (``alpha`` cannot shrink :math:`\mu \phi_{t-1}`).
+        bias_correction: take ``phi_t / sqrt(1 - mu^(2t))``, ``t`` the momentum steps since
+            :math:`\phi` last started from zero (off by default).
+        max_step_norm: bound ``C`` on the Euclidean norm of the step taken over all parameters:
+            ``phi_t`` is scaled down to norm ``C`` when longer (``None``, the default: no bound).
         solve_space: ``"sample"`` solves the ``(b*k, b*k)`` system above; ``"parameter"`` the
             ``(m, m)`` system ``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}``, equal by
             the push-through identity (Levenberg-Marquardt; needs the dense ``J``, so only for
@@ -163,6 +177,8 @@ class GramGaussNewton(Optimizer):
         solve_dtype: torch.dtype | None = None,
         adaptive_damping: bool | str | DampingRule = "auto",
         momentum: float = 0.9,
+        bias_correction: bool = False,
+        max_step_norm: float | None = None,
         solve_space: str = "auto",
         loss: str | Loss = "mse",
         curvature: str = "auto",
@@ -173,6 +189,15 @@ class GramGaussNewton(Optimizer):
         _check_hyper(lam, alpha, weight_decay, momentum)
         if solve_space not in SOLVE_SPACES:
             raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f"Invalid bias_correction: {bias_correction!r} (must be True or False)")
+        if max_step_norm is not None and (
+            isinstance(max_step_norm, bool)
+            or not isinstance(max_step_norm, int | float)
+            or not 0 < max_step_norm < math.inf
+        ):
+            raise ValueError(f"Invalid max_step_norm value: {max_step_norm!r} (must be a finite number > 0, or None)")
+        self.bias_correction, self.max_step_norm = bias_correction, max_step_norm
         self.distributed = resolve_mode(distributed, process_group)
         self.loss = get_loss(loss)
         check_curvature(curvature, top_c)
@@ -208,6 +233,28 @@ class GramGaussNewton(Optimizer):
         self.rejections_in_a_row = 0
         self.last_gain_ratio: float | None = None
         self.last_diagnostics: StepDiagnostics | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state (``"state"``: step counts, momentum ``phi``; ``"param_groups"``:
+        ``lam``, ``alpha``, ...) and, under ``"gramnewton"``, what else decides the next steps:
+        the rejections in a row (the momentum restart) and the damping rule's own state (e.g.
+        :class:`~gramnewton.damping.GainRatioDamping`'s trust), so that a run resumed from it
+        takes the steps an uninterrupted one would. Plain numbers: ``weights_only`` loads it."""
+        state = super().state_dict()
+        rule = getattr(self.damping, "state_dict", None)
+        state["gramnewton"] = {"rejections_in_a_row": self.rejections_in_a_row, "damping": rule() if rule else {}}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output (one without ``"gramnewton"``, from an older version,
+        leaves the rejection count and the damping rule's state as they are)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gramnewton", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.rejections_in_a_row = int(extra["rejections_in_a_row"])
+            if extra["damping"] and self.damping is not None:
+                self.damping.load_state_dict(extra["damping"])
 
     def _shared(self, key: str) -> float:
         values = {group[key] for group in self.param_groups}
@@ -245,12 +292,13 @@ class GramGaussNewton(Optimizer):
         )
         lam, alpha, momentum = self._shared("lam"), self._shared("alpha"), self._shared("momentum")
         choose = getattr(self.damping, "choose_alpha", None)
+        previous = self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None
         hyper = dict(
             lam=lam,
             alpha=alpha,
             solve_dtype=self.solve_dtype,
             momentum=momentum,
-            previous=self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None,
+            previous=previous,
             solve_space=self.solve_space,
             choose_alpha=None if choose is None else lambda system: choose(alpha, system, lam),
         )
@@ -265,6 +313,20 @@ class GramGaussNewton(Optimizer):
                 total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
                 result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample.dtype))
             loss = result.loss
+        scaled = self.bias_correction or self.max_step_norm is not None
+        # the recursion's phi_t, before any scaling (the state to keep)
+        phi = torch._foreach_neg([d.detach() for d in result.direction]) if momentum or scaled else None
+        count = self._momentum_count() + 1 if previous is not None else 1
+        if scaled:
+            scale = step_scale(
+                result.direction_norm,
+                momentum,
+                count,
+                bias_correction=self.bias_correction,
+                max_step_norm=self.max_step_norm,
+            )
+            if scale != 1.0:
+                result = scale_step(result, scale)
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
@@ -279,13 +341,13 @@ class GramGaussNewton(Optimizer):
             if not diagnostics.rejected:
                 self._decay(backup)
         if not diagnostics.rejected:
-            # phi_t, the step taken without the decay (one multi-tensor negation)
-            phis = torch._foreach_neg([d.detach() for d in result.direction]) if momentum else None
-            for n, p in enumerate(self.engine.params):
+            for i, p in enumerate(self.engine.params):
                 state = self.state[p]
                 state["step"] = state.get("step", torch.tensor(0.0)) + 1
-                if phis is not None:
-                    state["momentum_buffer"] = phis[n]
+                if momentum:  # phi_t: the step taken without the decay (and without s_t)
+                    state["momentum_buffer"] = phi[i]
+                    if self.bias_correction:
+                        state["momentum_count"] = torch.tensor(float(count))
         self.last_step = result
         self.last_diagnostics = diagnostics
         return loss
@@ -318,6 +380,12 @@ class GramGaussNewton(Optimizer):
         if self.distributed == "exact":
             return self.communicator.total(fn, width)
         return torch.tensor([float(v) for v in fn()], dtype=torch.float64)
+
+    def _momentum_count(self) -> int:
+        """``t - 1``: the accepted momentum steps since ``phi`` last started from zero (kept only
+        with ``bias_correction``; state saved without it counts from 0)."""
+        count = self.state.get(self.engine.params[0], {}).get("momentum_count")
+        return 0 if count is None else int(count)
 
     def _momentum_buffers(self) -> list[Tensor] | None:
         """``phi_{t-1}`` per parameter, or ``None`` before the first step (``phi_0 = 0``)."""

@@ -245,6 +245,30 @@ def _parameter_space(
     return GramGaussNewtonStep(direction, system.residuals, system.gram, None, info, predicted, "parameter")
 
 
+def step_scale(
+    phi_norm: float, momentum: float, count: int, *, bias_correction: bool, max_step_norm: float | None
+) -> float:
+    r"""The factor ``s_t`` of the step taken, ``w <- (1 - wd) w - s_t phi_t``.
+
+    ``s_t = min(b_t, C / ||phi_t||)`` with ``b_t = 1 / sqrt(1 - mu^(2t))`` when ``bias_correction``
+    (``t = count``, the momentum steps since ``phi_0 = 0``; ``b_t = 1`` otherwise) and
+    ``C = max_step_norm`` (no bound when ``None``). ``b_t`` undoes the start-up shrinkage of
+    ``phi``: steps of independent size ``sigma`` sum to ``||phi_t||^2 = sigma^2 (1 - mu^(2t)) / (1 - mu^2)``.
+    Both off: ``s_t = 1``, the formula of :func:`gram_gauss_newton_direction` exactly.
+    """
+    scale = 1.0 / (1.0 - momentum ** (2 * count)) ** 0.5 if bias_correction and momentum else 1.0
+    if max_step_norm is not None and phi_norm * scale > max_step_norm:
+        scale = max_step_norm / phi_norm
+    return scale
+
+
+def scale_step(step: GramGaussNewtonStep, scale: float) -> GramGaussNewtonStep:
+    """``step`` with its direction multiplied by ``scale``; the linearised model's predicted
+    residuals follow (``r - J (s phi) = r - s (r - predicted)``), so a gain ratio judges the step taken."""
+    r = step.residuals.reshape(-1).to(step.predicted.dtype)
+    return replace(step, direction=[d * scale for d in step.direction], predicted=r - scale * (r - step.predicted))
+
+
 @torch.no_grad()
 def apply_direction(params: Sequence[Tensor], direction: Sequence[Tensor], weight_decay: float = 0.0) -> None:
     """``w <- (1 - weight_decay) * w + d`` for every parameter, after every ``d`` was checked.

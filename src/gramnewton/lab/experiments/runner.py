@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from ..data.augment import translation
 from .config import dumps, load_config
-from .early_stopping import EarlyStopping, save_best
+from .early_stopping import BEST, EarlyStopping, save_best
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer
 from .setup import CHECKPOINT, build_model, load_data, warm_start
@@ -153,6 +153,7 @@ def run_experiment(
         out.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:  # a replaced run's checkpoint must never be resumed under this config
             (out / CHECKPOINT).unlink(missing_ok=True)
+            (out / BEST).unlink(missing_ok=True)  # nor its best model taken for this run's
         (out / CONFIG_FILE).write_text(dumps(config))
         write_rows(out / METRICS_FILE, log.rows)
         if checkpoint is None:
