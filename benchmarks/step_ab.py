@@ -1,0 +1,159 @@
+"""Before/after of one GGN step in one process: the core at a git revision against the working tree.
+
+Not a test. Child processes at different times see different machines (on the shared 2-core CPU
+the SGD step of one network varied 1.6x between back-to-back children); here both versions of
+the optimizer step the same network, interleaved round by round with an SGD step, in one process,
+and the ratios of medians are the figures to read.
+
+The revision's ``src/gramnewton`` (its core: the lab is left out) is extracted with ``git archive``
+into a temporary directory and imported as ``gramnewton_before``; its ``nn.py`` is replaced by the
+working tree's classes (``ScalarBias``, ``ScalarScale``), which the models are built from and the
+engines' handlers key on. Every method gets its own copy of the model (same seed). The GGN steps
+are those of ``benchmarks/step_cost.py``: ``plain`` (momentum 0, fixed ``alpha = 1e6``, which keeps
+the weights where they are) or, with ``--demo``, ``GramGaussNewton(model)``'s defaults, first stepped
+until the damping rule sits at its floor (as ``ggn_demo`` there).
+
+``torch.set_num_threads(--threads)`` (default 2), ``OMP_WAIT_POLICY=PASSIVE`` (set before torch
+starts); the load average before and after is recorded. Results are appended to ``--out``::
+
+    python benchmarks/step_ab.py --rev 4cf6bb2 --model two_layer --batch 32 --reps 400
+    python benchmarks/step_ab.py --rev 4cf6bb2 --model resnet8 --batch 128 --reps 12 --demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gramnewton  # noqa: E402
+from gramnewton.lab.experiments.training import make_train_step, residuals  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_cost  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = "gramnewton_before"
+
+
+def import_revision(rev: str, into: Path) -> object:
+    """``src/gramnewton`` of ``rev`` (without the lab) imported as :data:`BEFORE`."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "src/gramnewton"], check=True, capture_output=True
+    ).stdout
+    path = into / "archive.tar"
+    path.write_bytes(archive)
+    with tarfile.open(path) as tar:
+        tar.extractall(into, filter="data")
+    package = into / BEFORE
+    (into / "src" / "gramnewton").rename(package)
+    subprocess.run(["rm", "-rf", str(package / "lab")], check=True)
+    # the models are built from the working tree's modules; the old handlers must recognise them
+    (package / "nn.py").write_text("from gramnewton.nn import ScalarBias, ScalarScale  # noqa: F401\n")
+    sys.path.insert(0, str(into))
+    return importlib.import_module(BEFORE)
+
+
+def ggn_step(package: object, model: nn.Module, x: torch.Tensor, y: torch.Tensor, demo: bool) -> Callable[[], object]:
+    """One GGN step of ``package``'s optimizer (plain or the demo's defaults, primed)."""
+    if demo:
+        opt = package.GramGaussNewton(model)
+    else:
+        opt = package.GramGaussNewton(model, momentum=0.0, alpha=1e6, adaptive_damping=False)
+
+    def step() -> object:
+        return opt.step(lambda: residuals(model(x), y))
+
+    if demo:
+        for _ in range(step_cost.DEMO_PRIMING_STEPS):
+            if opt.damping.trusted:
+                break
+            step()
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rev", required=True, help="git revision whose core is 'before'")
+    p.add_argument("--model", choices=list(step_cost.MODELS), required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--demo", action="store_true", help="the optimizer's defaults (momentum, gain-ratio damping)")
+    p.add_argument("--after-first", action="store_true", help="build and run 'after' before 'before' each round")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_ab.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        before_package = import_revision(args.rev, Path(tmp))
+        steps: dict[str, Callable[[], object]] = {}
+        model, x, y = step_cost.setup(args.model, args.batch)
+        sgd = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9))
+        steps["sgd"] = lambda: sgd(x, y)
+        versions = [("before", before_package), ("after", gramnewton)]
+        for name, package in reversed(versions) if args.after_first else versions:
+            model, x_, y_ = step_cost.setup(args.model, args.batch)
+            steps[name] = ggn_step(package, model, x_, y_, args.demo)
+        load = os.getloadavg()
+        started = datetime.datetime.now(datetime.UTC).isoformat()
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for rnd in range(args.warmup + args.reps):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - start
+                if rnd >= args.warmup:
+                    times[name].append(elapsed)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    run = {
+        "rev": args.rev,
+        "model": args.model,
+        "batch": args.batch,
+        "demo": args.demo,
+        "after_first": args.after_first,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "started": started,
+        "load_average": load,
+        "load_average_after": os.getloadavg(),
+        "median_s": median,
+        "times_s": times,
+        "ratio_to_sgd": {name: median[name] / median["sgd"] for name in median},
+        "after_over_before": median["after"] / median["before"],
+        # each version times its conv paths once per layer shape and keeps the fastest (noisy
+        # timings can keep a slower one): what each chose
+        "conv_paths": {
+            name: {str(key[1:3]): path for key, path in package.engines.handlers.CONV_WEIGHT_PATHS.choices.items()}
+            for name, package in (("before", before_package), ("after", gramnewton))
+        },
+    }
+    results = json.loads(args.out.read_text()) if args.out.exists() else []
+    results.append(run)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(
+        f"{args.model} b={args.batch} {'demo' if args.demo else 'plain'} (load {load[0]:.1f}): "
+        + ", ".join(f"{n} {median[n] * 1e3:.3f} ms ({run['ratio_to_sgd'][n]:.2f}x SGD)" for n in median)
+        + f"; after/before {run['after_over_before']:.3f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
