@@ -107,11 +107,21 @@ def winner_key(result: dict[str, Any]) -> tuple:
     return (result["final_test_accuracy"], top, -(seconds_to(result, top) if reached else 0.0))
 
 
-def best_points(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each optimizer's winning hyper-parameters among grid ``points`` (:func:`winner_key`)."""
+def label(name: str, entry: dict[str, Any]) -> str:
+    """``name`` with the levers ``entry`` ran with (those not at 0) in brackets: in a combined
+    record the runs of one optimizer with other levers are other rows and lines."""
+    levers = {k: v for k, v in entry.get("levers", {}).items() if v}
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in levers.items())})" if levers else name
+
+
+def best_points(
+    points: list[dict[str, Any]], key: Callable[[dict[str, Any]], str] = lambda p: p["optimizer"]
+) -> dict[str, dict[str, Any]]:
+    """The winning hyper-parameters among grid ``points`` (:func:`winner_key`) of each optimizer
+    (or of each ``key``)."""
     best: dict[str, dict[str, Any]] = {}
     for entry in points:
-        name = entry["optimizer"]
+        name = key(entry)
         if name not in best or winner_key(entry) > winner_key(best[name]):
             best[name] = entry
     return {name: entry["hyper_parameters"] for name, entry in best.items()}
@@ -290,8 +300,9 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], dict[i
 
 
 def combine(records: list[dict[str, Any]], sources: list[str], seconds: float) -> dict[str, Any]:
-    """One record from several runs: their grids and seeds (merged per optimizer); the winners are
-    the best points of all grids together, overridden by the settings of runs without a grid.
+    """One record from several runs: their grids and seeds (merged per optimizer and levers,
+    :func:`label`); the winners are the best points of all grids together, per optimizer and
+    levers, overridden by the settings of runs without a grid.
 
     A grid ran on seed 0 with the seeds phase's setting, one optimizer per :func:`run`, so each
     winner's point of a grid run for ``seconds`` is that optimizer's seed-0 run; it fills seed 0
@@ -299,17 +310,19 @@ def combine(records: list[dict[str, Any]], sources: list[str], seconds: float) -
     """
     seeds: dict[str, Any] = {}
     points = [point for r in records for point in r["grid"]]
-    winners = best_points(points)  # the grids compete together (a grid stopped early has no winners yet)
+    # the grids compete together (a grid stopped early has no winners yet)
+    winners = best_points(points, key=lambda p: label(p["optimizer"], p))
     for record in records:
         for seed, result in record["seeds"].items():
-            seeds.setdefault(seed, {}).update(result)
-        if not record["grid"]:  # settings taken from elsewhere (--settings-from)
-            winners.update(record["winners"])
+            runs = {n if n.startswith("_") else label(n, e): e for n, e in result.items()}
+            seeds.setdefault(seed, {}).update(runs)
+            if not record["grid"]:  # settings taken from elsewhere (--settings-from)
+                winners.update({n: e["hyper_parameters"] for n, e in runs.items() if not n.startswith("_")})
     budget = [point for r in records if r["setting"]["grid_seconds"] == seconds for point in r["grid"]]
     from_grid = {
-        p["optimizer"]: {k: v for k, v in p.items() if k not in ("optimizer", "load")}
+        label(p["optimizer"], p): {k: v for k, v in p.items() if k not in ("optimizer", "load")}
         for p in budget
-        if p["hyper_parameters"] == winners.get(p["optimizer"])
+        if p["hyper_parameters"] == winners.get(label(p["optimizer"], p))
     }
     for name, entry in from_grid.items():
         seed0 = seeds.setdefault("0", {})
@@ -346,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         "--figure", type=Path, default=None, help="figure PNG (default: docs/figures/classification_<dataset>.png)"
     )
     parser.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result JSONs' seeds")
+    parser.add_argument("--grid-figure", type=Path, default=None, help="with --combine: every grid point's curve")
+    parser.add_argument(
+        "--labels", nargs="+", default=None, help="with --combine: the table and figure show only these"
+    )
     args = parser.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / f"classification_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -353,7 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         records = [json.loads(p.read_text()) for p in args.combine]
         record = combine(records, [str(p) for p in args.combine], args.seconds)
         print(grid_table(records))
+        if args.grid_figure:
+            curves = {f"{p['optimizer']}: {describe(p)}": p for p in record["grid"]}
+            figure({0: curves}, args.grid_figure, f"{args.model} on {args.dataset}: grid points, seed 0")
         seeds = {int(s): r for s, r in record["seeds"].items()}
+        if args.labels:
+            seeds = {s: {n: e for n, e in r.items() if n in args.labels} for s, r in seeds.items()}
         out.write_text(json.dumps(record, indent=1) + "\n")
     else:
         record, seeds = measure(args, out)

@@ -97,9 +97,9 @@ def test_standardised_images_move_in_blank_pixels():
     blank = standardise_images(torch.zeros(1, 1, 1, 1), raw.inputs).flatten()
     assert torch.allclose(standard.blank, blank) and float(standard.blank) < -0.1
     assert float(raw.blank) == 0.0  # raw pixels: a blank pixel is 0
-    images = standard.inputs[:6]
+    images = standard.inputs[:3]
     moved = translation(standard, 2)(images, torch.Generator().manual_seed(0))
-    offsets = [_offset(images[i], moved[i], 2, standard.blank) for i in range(6)]  # blank pixels moved in
+    offsets = [_offset(images[i], moved[i], 2, standard.blank) for i in range(3)]  # blank pixels moved in
     assert any(o != (0, 0) for o in offsets)
     fresh = TensorClassificationDataset(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), 2)
     assert float(fresh.blank) == 0.0

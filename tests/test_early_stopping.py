@@ -86,6 +86,13 @@ def test_run_stops_after_patience_and_keeps_the_best_model(validated, tmp_path):
     row = load_best(tmp_path / "run", model)
     assert evaluate(model, load_data(config, "test"))[0] == row["test_loss"] != rows[-1]["test_loss"]
     assert evaluate(model, load_data(config, "validation"))[0] == val[best]
+    png = tmp_path / "val.png"  # with a run without the split: no line there
+    plain = run_experiment(load_config(validated, ["train.epochs=1", *WITHOUT]), tmp_path / "plain")
+    assert "val_loss" not in plain[0]
+    assert (
+        main(["plot", str(tmp_path / "run"), str(tmp_path / "plain"), "--metric", "val_loss", "--out", str(png)]) == 0
+    )
+    assert png.stat().st_size > 5_000
     # Early stopping changes nothing before it stops: the same run without it, cut at the same epoch.
     free = run_experiment(load_config(validated, ["train.early_stopping_patience=0"]), tmp_path / "free")
     assert _losses(free[: len(rows)]) == _losses(rows) and len(free) == 31

@@ -11,7 +11,7 @@ from ..experiments.runner import METRICS_FILE
 from ..experiments.step_diagnostics import DIAGNOSTIC_COLUMNS
 
 X_AXES = {"epoch": "epoch", "time": "seconds"}
-LOSSES = ["train_loss", "test_loss", "running_loss", "train_rmse", "test_rmse"]
+LOSSES = ["train_loss", "test_loss", "running_loss", "train_rmse", "test_rmse", "val_loss", "val_rmse"]
 DIAGNOSTICS = ["alpha", "gain_ratio", "rejected"]  # what --diagnostics adds
 
 
@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--metric",
         action="append",
         choices=LOSSES + list(DIAGNOSTIC_COLUMNS),
-        help="y axis (repeatable; default train_loss and test_loss); the GGN diagnostics columns "
-        "are per-epoch summaries (NaN for other optimizers)",
+        help="y axis (repeatable; default train_loss and test_loss); val_* exist in runs with "
+        "data.validation_fraction; the GGN diagnostics columns are per-epoch summaries (NaN for other optimizers)",
     )
     p.add_argument(
         "--diagnostics",

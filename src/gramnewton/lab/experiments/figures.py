@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ def plot_curves(
         for col, x in enumerate(xs):
             ax = axes[row][col]
             for label, rows in curves.items():
-                ax.plot([r[x] for r in rows], [r[metric] for r in rows], marker=".", label=label)
+                # a run without the column (no validation split, say) draws no line there
+                ax.plot([r[x] for r in rows], [r.get(metric, math.nan) for r in rows], marker=".", label=label)
             ax.set_xlabel(X_LABELS.get(x, x))
             ax.set_ylabel(metric.replace("_", " "))
             if log and metric not in LINEAR:
