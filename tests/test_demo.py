@@ -59,3 +59,27 @@ def test_classification_demo_runs_end_to_end(tmp_path, capsys):
     assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
     printed = capsys.readouterr().out
     assert "s to 97%" in printed and "K-FAC" in printed
+
+
+def test_classification_demo_smooths_labels_by_default_and_takes_the_levers(tmp_path, capsys, monkeypatch):
+    """The classification task trains every optimizer with label smoothing 0.1 unless told
+    otherwise; ``--label-smoothing`` and ``--shift`` reach the demo's config."""
+    from gramnewton.lab.commands import demo as demo_command
+
+    seen = []
+    monkeypatch.setattr(demo_command, "run_demo", lambda config, settings, progress=None: seen.append(config) or {})
+    monkeypatch.setattr(demo_command, "plot_curves", lambda *args, **kwargs: None)
+    monkeypatch.setattr(demo_command, "write_rows", lambda *args, **kwargs: None)
+    base = ["demo", "--task", "classification", "--dataset", "digits", "--out", str(tmp_path / "d")]
+    assert main(base) == 0
+    assert main([*base, "--label-smoothing", "0", "--shift", "2"]) == 0
+    assert main(["demo", "--dataset", "rotated-digits", "--out", str(tmp_path / "r")]) == 0
+    assert [(c.label_smoothing, c.shift) for c in seen] == [(0.1, 0), (0.0, 2), (0.0, 0)]
+    assert "label smoothing 0.1" in capsys.readouterr().out
+
+
+def test_label_smoothing_with_the_regression_demo_is_one_line_error(tmp_path, capsys):
+    args = ["demo", "--dataset", "rotated-digits", "--seconds", "1", "--max-epochs", "1"]
+    assert main([*args, "--label-smoothing", "0.1", "--out", str(tmp_path / "d")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "label" in err[0] and err[0].startswith("error")

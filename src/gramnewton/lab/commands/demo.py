@@ -4,6 +4,7 @@ classification``) vs SGD, Adam and K-FAC on MNIST; table, metrics.csv, curves.pn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
     p.add_argument("--target", type=float, default=0.1, help="train MSE whose time to reach is reported")
     p.add_argument("--mark", type=float, default=DemoConfig.mark, help="also evaluate every MARK training seconds")
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help="classification: every optimizer's label smoothing (default: the task's, 0.1 for classification)",
+    )
+    p.add_argument("--shift", type=int, default=0, help="random translations of the training images (pixels)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument(
@@ -53,8 +61,18 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
     dataset = args.dataset or task.dataset
+    smoothing = task.label_smoothing if args.label_smoothing is None else args.label_smoothing
     config = DemoConfig(
-        dataset, args.model, args.batch_size, args.seconds, args.max_epochs, args.seed, task=args.task, mark=args.mark
+        dataset,
+        args.model,
+        args.batch_size,
+        args.seconds,
+        args.max_epochs,
+        args.seed,
+        task=args.task,
+        mark=args.mark,
+        label_smoothing=smoothing,
+        shift=args.shift,
     )
     settings = sweep(args, config) if args.sweep else task.settings
     logs = run_demo(config, settings, progress=lambda name: ProgressBar(f"demo {name}"))
@@ -68,9 +86,14 @@ def run(args: argparse.Namespace) -> int:
         title=f"{config.model} on {config.dataset} ({config.seconds:g} s each)",
         **({"metrics": ("test_accuracy", "test_loss"), "log": False} if classify else {}),
     )
+    levers = "".join(
+        f", {name} {value:g}"
+        for name, value in (("label smoothing", config.label_smoothing), ("shift", config.shift))
+        if value
+    )
     print(
         f"\n{config.model} on {config.dataset}, batch {config.batch_size}, {config.seconds:g} s of training each, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads{levers}"
     )
     if classify:
         _accuracy_table(logs, settings)
@@ -129,15 +152,7 @@ def _accuracy_table(logs: dict[str, list[EpochRecord]], settings: dict[str, dict
 def sweep(args: argparse.Namespace, config: DemoConfig) -> dict[str, dict[str, float]]:
     """Run every grid point for ``--sweep-seconds``; write sweep.csv; return the winners (lowest
     final train MSE; highest final test accuracy for classification)."""
-    short = DemoConfig(
-        config.dataset,
-        config.model,
-        config.batch_size,
-        args.sweep_seconds,
-        config.max_epochs,
-        config.seed,
-        task=config.task,
-    )
+    short = dataclasses.replace(config, seconds=args.sweep_seconds)  # the same data, model and levers
     classify = config.task == "classification"
     results = []
     for name, hp in tqdm(sweep_points(TASKS[config.task].grid), desc="sweep", unit="run"):
