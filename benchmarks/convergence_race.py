@@ -1,7 +1,8 @@
 """Optimizer variants raced step by step on one task, timed by CPU seconds: the defaults sweep.
 
 Not a test. Every variant starts from the same initialisation and sees the same batches
-(:func:`gramnewton.lab.experiments.training.batch_order`); the variants take their steps in
+(:func:`gramnewton.lab.experiments.training.batch_order`; a variant's ``batch=N`` key overrides
+``--batch`` for it alone); the variants take their steps in
 turn (round robin), each clocked by the process CPU time of its own steps
 (``time.process_time``, ``torch.set_num_threads(2)``; run with ``OMP_WAIT_POLICY=PASSIVE``).
 Interleaving and CPU time make the comparison fair on a machine shared with other jobs, where
@@ -87,6 +88,14 @@ def build(spec: str, model: nn.Module) -> Optimizer:
     return GramGaussNewton(model, **kwargs)
 
 
+def split_batch(spec: str) -> tuple[str, int | None]:
+    """``spec`` without its ``batch=N`` key, and ``N`` (``None`` when not given)."""
+    kind, _, rest = spec.partition(":")
+    keys = [kv for kv in rest.split(",") if kv and not kv.startswith("batch=")]
+    sizes = [int(kv.partition("=")[2]) for kv in rest.split(",") if kv.startswith("batch=")]
+    return (f"{kind}:{','.join(keys)}" if keys else kind), (sizes[0] if sizes else None)
+
+
 def race(
     specs: list[str],
     task: str,
@@ -108,9 +117,11 @@ def race(
     runs = []
     for spec in specs:
         model = copy.deepcopy(init)
-        opt = build(spec, model)
+        optimizer_spec, own_batch = split_batch(spec)
+        opt = build(optimizer_spec, model)
         model.train()
         runs.append(dict(spec=spec, model=model, opt=opt, step=make_train_step(model, opt), cpu=0.0, epoch=0, queue=[]))
+        runs[-1]["batch"] = own_batch or batch
         runs[-1].update(steps=0, marks=[], alphas=[])
     n_marks = int(seconds / mark + 1e-9)
     load = [os.getloadavg()]
@@ -119,7 +130,7 @@ def race(
         for run in list(active):
             if not run["queue"]:
                 run["epoch"] += 1
-                run["queue"] = batch_order(len(train), batch, seed, run["epoch"])
+                run["queue"] = batch_order(len(train), run["batch"], seed, run["epoch"])
             x, y = train[run["queue"].pop(0)]
             start = time.process_time()
             loss = float(run["step"](x, y))
