@@ -314,8 +314,8 @@ class GramGaussNewton(Optimizer):
                 result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample.dtype))
             loss = result.loss
         scaled = self.bias_correction or self.max_step_norm is not None
-        # the recursion's phi_t, before any scaling (the state to keep)
-        phi = torch._foreach_neg([d.detach() for d in result.direction]) if momentum or scaled else None
+        # the recursion's phi_t, before any scaling (the momentum state to keep)
+        phi = torch._foreach_neg([d.detach() for d in result.direction]) if momentum else None
         count = self._momentum_count() + 1 if previous is not None else 1
         if scaled:
             scale = step_scale(

@@ -92,13 +92,6 @@ def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
     return mat
 
 
-def _pivots_ok(chol: Tensor, mat: Tensor) -> bool:
-    eps = torch.finfo(mat.dtype).eps
-    diag_max = mat.diagonal().abs().max()
-    min_pivot_sq = chol.diagonal().min() ** 2
-    return bool(torch.isfinite(chol).all()) and bool(min_pivot_sq > mat.shape[0] * eps * diag_max)
-
-
 def _plain_cholesky(mat: Tensor) -> tuple[Tensor, float] | None:
     """The Cholesky factor of ``mat`` ``(n, n)`` and its condition estimate, when it succeeds
     with pivots that are not numerically zero (``min pivot^2 > n * eps * max diagonal``), else
@@ -164,11 +157,12 @@ def damped_solve(
         jitter = scale * (10.0**j) * max(eps, 1e-10) * n
         jittered = mat.clone()
         jittered.diagonal().add_(jitter)
-        chol, info = torch.linalg.cholesky_ex(jittered)
-        if int(info) == 0 and _pivots_ok(chol, jittered):
+        plain = _plain_cholesky(jittered)  # the same pivot test as the unjittered attempt
+        if plain is not None:
+            chol, condition = plain
             x = torch.cholesky_solve(b, chol).squeeze(1)
             if bool(torch.isfinite(x).all()):
-                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=_cholesky_condition(chol))
+                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=condition)
 
     evals, evecs = torch.linalg.eigh(mat)
     cutoff = n * eps * float(evals.abs().max())
