@@ -7,6 +7,9 @@ the steady state, and live memory from what the allocator keeps:
 
 - ``peak_mb``: the step's own peak resident set (``VmHWM``, reset before the step by writing ``5``
   to ``/proc/self/clear_refs``);
+- ``peak_in_use_mb``: the largest bytes in use that a thread polling ``mallinfo2()`` every
+  millisecond saw during the step (what is alive at the peak; ``peak_mb`` minus it is freed
+  memory the allocator kept resident);
 - ``heap_mb`` / ``in_use_mb``: glibc's ``mallinfo2()`` after the step, the bytes its arenas hold
   from the kernel and the bytes allocated in them (``null`` with another allocator). A heap that
   grows step after step with the same bytes in use is fragmentation: something small and
@@ -29,6 +32,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import step_cost
@@ -57,6 +62,33 @@ def heap() -> tuple[float, float] | None:
     return (info.arena + info.hblkhd) / 2**20, (info.uordblks + info.hblkhd) / 2**20
 
 
+class InUsePeak:
+    """The largest glibc in-use figure (:func:`heap`) seen while the block runs, polled by a thread
+    every ``interval`` seconds (torch kernels release the GIL). A lower bound on the true peak (a
+    shorter one can fall between two polls); ``None`` without glibc's malloc."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak_mb = interval, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            sample = heap()
+            if sample is None:
+                return
+            self.peak_mb = max(self.peak_mb or 0.0, sample[1])
+            time.sleep(self.interval)
+
+    def __enter__(self) -> InUsePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def measure(model_name: str, batch: int, method: str, steps: int) -> list[dict]:
     """In this process: ``steps`` steps of ``method``, one record per step."""
     model, x, y = step_cost.setup(model_name, batch)
@@ -64,9 +96,17 @@ def measure(model_name: str, batch: int, method: str, steps: int) -> list[dict]:
     records = []
     for _ in range(steps):
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
-        step()
+        with InUsePeak() as live:
+            step()
         heap_mb, in_use_mb = heap() or (None, None)
-        records.append({"peak_mb": step_cost.high_water_kb() / 1024, "heap_mb": heap_mb, "in_use_mb": in_use_mb})
+        records.append(
+            {
+                "peak_mb": step_cost.high_water_kb() / 1024,
+                "peak_in_use_mb": live.peak_mb,
+                "heap_mb": heap_mb,
+                "in_use_mb": in_use_mb,
+            }
+        )
     return records
 
 
@@ -111,9 +151,10 @@ def main() -> None:
                     }
                 )
                 peaks = " ".join(f"{s['peak_mb']:.0f}" for s in steps)
+                live = " ".join("-" if s["peak_in_use_mb"] is None else f"{s['peak_in_use_mb']:.0f}" for s in steps)
                 heaps = " ".join("-" if s["heap_mb"] is None else f"{s['heap_mb']:.0f}" for s in steps)
                 print(
-                    f"{model_name} b={args.batch} {method} [{allocator}, load {load[0]:.1f}]: peak MB per step {peaks}; heap MB {heaps}",
+                    f"{model_name} b={args.batch} {method} [{allocator}, load {load[0]:.1f}]: peak MB per step {peaks}; in use at peak {live}; heap MB {heaps}",
                     flush=True,
                 )
     args.out.parent.mkdir(parents=True, exist_ok=True)

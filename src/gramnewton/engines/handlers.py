@@ -424,12 +424,11 @@ def _conv_weight_per_sample(
     the same fast kernel as an ordinary weight gradient (no im2col).
 
     Inside an engine, gradients kept until ``J^T v`` (not ``transient``) are copied into a buffer of
-    its workspace: allocated once and freed by the next step's ``keep``, not by ``free`` at the end
-    of every step. Left to the allocator, these blocks (the largest a step keeps: 19 MB per layer
-    of ResNet-32 at 64x64, b = 128) cost 10-50 ms per step to free and fragment glibc's heap
-    (peak resident set 1.19x SGD's against 1.12x kept; docs/performance.md, mem5). The copy is
-    about 0.4 ms per such layer. The result is then a :class:`PermutedDense` with the identity
-    permutation, which carries the workspace's stamp.
+    its workspace, allocated once and reused while shapes repeat: left to the allocator, these
+    blocks (the largest a step keeps: 19 MB per 64-channel layer of ResNet-32 at 64x64, b = 128)
+    were freed at the end of every step, which took most of the step's "solve and apply" time and
+    let glibc's heap grow step after step (docs/performance.md, mem5). The result is then a
+    :class:`PermutedDense` with the identity permutation, which carries the workspace's stamp.
     """
     n = x.shape[0]
     weight = module.weight
