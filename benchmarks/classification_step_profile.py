@@ -9,8 +9,11 @@ batch, round by round (a slow phase of the shared machine hits all alike):
 - ``adam``: Adam ``lr=1e-2`` (``F.cross_entropy`` with the same smoothing), the baseline;
 - ``ggn``: ``GramGaussNewton(model, loss="cross_entropy")``, the defaults;
 - ``ggn_trust_low``: the same with ``GainRatioDamping(check_every=4, trust_above=0.25)``: at the
-  damping floor, every gain ratio that leaves ``alpha`` where it is keeps the trust;
-- ``ggn_no_damping``: a fixed ``alpha`` of ``1e-8`` (the rule's floor), no re-evaluation at all.
+  damping floor, every gain ratio that leaves ``alpha`` where it is keeps the trust.
+
+(A fixed ``alpha`` at the rule's floor, ``1e-8``, with no re-evaluation at all, diverged within
+the first steps here: NaN logits. The damping is needed while the network leaves its
+zero-initialised start.)
 
 Per GGN step, from the hooks engine's own timers (``last_timings``) and a timed closure: the
 forward with hooks, the backward without weight gradients, the per-sample gradients, the Gram
@@ -57,7 +60,6 @@ GGN_METHODS: dict[str, Callable[[nn.Module], GramGaussNewton]] = {
     "ggn_trust_low": lambda m: GramGaussNewton(
         m, loss="cross_entropy", adaptive_damping=GainRatioDamping(check_every=4, trust_above=0.25)
     ),
-    "ggn_no_damping": lambda m: GramGaussNewton(m, loss="cross_entropy", alpha=1e-8, adaptive_damping=False),
 }
 PARTS = ("forward", "backward", "per_sample", "gram", "reevaluate", "rest")
 
