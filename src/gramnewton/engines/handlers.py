@@ -13,7 +13,7 @@ matrix is ``(A A^T) * (G G^T)`` summed over positions.
 Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count. How a
 2-d convolution's per-sample weight gradients are computed (one grouped convolution, patches
 and a batched GEMM, or for few input channels one correlation per channel) is chosen per layer
-shape by timing the candidates once (:class:`MeasuredChoice`).
+shape by timing the candidates (:class:`.choice.MeasuredChoice`).
 
 Pieces add their Gram part with ``add_gram_lower``: everything but the upper-right block
 ``G[:h, h:]`` (``h = n // 2``) is guaranteed (a symmetric rank-k update, :func:`add_gram_lower`);
@@ -23,9 +23,7 @@ the engine mirrors the lower-left block into it once at the end (:func:`mirror_l
 from __future__ import annotations
 
 import math
-import time
-from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +33,7 @@ from torch import Tensor, nn
 
 from ..nn import ScalarBias, ScalarScale
 from . import workspace as ws
+from .choice import MeasuredChoice
 
 # Measured on the 2-core CPU (docs/design.md, "Cost model"): ``F.unfold`` runs about 10x slower than the
 # convolution with the same shapes, so im2col is charged 10 convolutions' worth of multiply-adds.
@@ -151,7 +150,8 @@ class Factored:
 
 @dataclass
 class PermutedDense:
-    """Per-sample gradients whose columns are a permutation of the parameter's entries.
+    """Per-sample gradients whose columns are a permutation of the parameter's entries (possibly
+    the identity: the grouped path's gradients, kept in a workspace buffer for the stamp).
 
     Attributes:
         jac: ``(n, numel)``; each row laid out as ``shape`` (a conv weight from patches:
@@ -264,49 +264,6 @@ class KeptConv:
 
 
 Piece = Dense | Factored | PermutedDense | KeptConv
-
-
-class MeasuredChoice:
-    """Chooses, per key (a layer's shapes), the fastest of several exact implementations.
-
-    The first call with a new key times every candidate twice (best of two, so a one-time
-    start-up cost does not decide), outside any engine workspace and dropping each result at once
-    (one candidate's output alive at a time; a losing candidate leaves no buffer behind), then runs
-    the fastest; later calls run only that one.
-    All candidates compute the same values, so the choice changes speed, never results.
-
-    Attributes:
-        choices: key -> chosen candidate name, for this process.
-        forced: a candidate name to use whenever it is offered (tests, benchmarks), or ``None``.
-        used: how many times each candidate ran (timing runs excluded).
-    """
-
-    def __init__(self) -> None:
-        self.choices: dict[Hashable, str] = {}
-        self.forced: str | None = None
-        self.used: Counter[str] = Counter()
-
-    def __call__(self, key: Hashable, candidates: dict[str, Callable[[], Any]]) -> tuple[str, Any]:
-        """Run the chosen candidate for ``key``; returns its name and result."""
-        name = self.forced if self.forced in candidates else self.choices.get(key)
-        if name is None and len(candidates) == 1:
-            name = next(iter(candidates))
-        if name is not None:
-            self.used[name] += 1
-            return name, candidates[name]()
-        seconds = {}
-        with ws.activated(None):  # trial buffers are freed at once, not kept in the engine's workspace
-            for name, run in candidates.items():
-                times = []
-                for _ in range(2):
-                    start = time.perf_counter()
-                    run()
-                    times.append(time.perf_counter() - start)
-                seconds[name] = min(times)
-        name = min(seconds, key=seconds.__getitem__)
-        self.choices[key] = name
-        self.used[name] += 1
-        return name, candidates[name]()
 
 
 # How 2-d convolutions get their per-sample weight gradients (see ``_conv``).
@@ -457,12 +414,22 @@ def _conv_padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int,
     return x, tuple(module.padding)
 
 
-def _conv_weight_per_sample(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Tensor:
+def _conv_weight_per_sample(
+    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool = False
+) -> Dense | PermutedDense:
     """Per-sample weight gradients ``(n, numel)`` by one grouped weight-gradient convolution.
 
     The rows are folded into the channels, ``(1, n*C, ...)``, with ``n * groups`` groups: the
     batched weight gradient of that convolution is the stack of the per-sample ones, computed by
     the same fast kernel as an ordinary weight gradient (no im2col).
+
+    Inside an engine, gradients kept until ``J^T v`` (not ``transient``) are copied into a buffer of
+    its workspace: allocated once and freed by the next step's ``keep``, not by ``free`` at the end
+    of every step. Left to the allocator, these blocks (the largest a step keeps: 19 MB per layer
+    of ResNet-32 at 64x64, b = 128) cost 10-50 ms per step to free and fragment glibc's heap
+    (peak resident set 1.19x SGD's against 1.12x kept; docs/performance.md, mem5). The copy is
+    about 0.4 ms per such layer. The result is then a :class:`PermutedDense` with the identity
+    permutation, which carries the workspace's stamp.
     """
     n = x.shape[0]
     weight = module.weight
@@ -479,8 +446,13 @@ def _conv_weight_per_sample(module: nn.Module, x: Tensor, g: Tensor, padding: tu
         [0] * len(padding),
         n * module.groups,
         (False, True, False),
-    )[1]
-    return grads.reshape(n, -1)
+    )[1].reshape(n, -1)
+    work = ws.active()
+    if work is None or transient:
+        return Dense(grads)
+    kept, stamp = work.keep("conv_jac", tuple(grads.shape), grads)
+    kept.copy_(grads)
+    return PermutedDense(kept, tuple(weight.shape), tuple(range(weight.dim())), stamp)
 
 
 def _conv2d_weight_per_sample_patches(
@@ -547,7 +519,9 @@ def _conv_weight_paths(
     module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool
 ) -> dict[str, Callable[[], Piece]]:
     """The exact ways to get a convolution's per-sample weight gradients for these shapes."""
-    paths: dict[str, Callable[[], Piece]] = {"grouped": lambda: Dense(_conv_weight_per_sample(module, x, g, padding))}
+    paths: dict[str, Callable[[], Piece]] = {
+        "grouped": lambda: _conv_weight_per_sample(module, x, g, padding, transient)
+    }
     positions = math.prod(g.shape[2:])
     if (
         x.dim() == 4
