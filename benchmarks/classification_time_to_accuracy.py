@@ -15,8 +15,9 @@ a budget of training seconds, evaluation after every epoch, evaluation time not 
 
 Generalisation levers (the same for every optimizer of a run): ``--label-smoothing EPS`` and
 ``--shift S`` (random translations of the training images by up to ``S`` pixels); a point of a grid
-or a winner may also carry ``"label_smoothing"`` and ``"shift"`` among its hyper-parameters, which
-then override the flags for that optimizer (so one grid can compare the levers).
+or a winner may also carry ``"label_smoothing"``, ``"shift"`` and ``"batch_size"`` among its
+hyper-parameters, which then override the flags for that optimizer (so one grid can compare the
+levers and batch sizes).
 
 Only the test split is evaluated after every epoch (``DemoConfig.evaluate_train=False``: the
 train split would cost four times as much evaluation time, outside the training seconds).
@@ -59,6 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (0.90, 0.95, 0.97, 0.98)
 # settings of the data and the targets, not of the optimizer: DemoConfig fields a point may set
 LEVERS = ("label_smoothing", "shift")
+# DemoConfig fields a point may set: the levers and the batch size (recorded with the levers when
+# a point sets it, so its runs are rows of their own in a combined record)
+POINT_FIELDS = (*LEVERS, "batch_size")
 
 
 def summary(records: list[EpochRecord]) -> dict[str, Any]:
@@ -80,16 +84,16 @@ def seconds_to(entry: dict[str, Any], target: float) -> float | None:
 
 
 def run(config: DemoConfig, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Train each optimizer of ``settings`` under ``config`` (its :data:`LEVERS` keys set the
+    """Train each optimizer of ``settings`` under ``config`` (its :data:`POINT_FIELDS` keys set the
     config's fields for that optimizer); curves, summaries and the load (of the whole, and of each
     optimizer's run)."""
     load_before = os.getloadavg()
     result: dict[str, Any] = {}
     for name, hp in settings.items():
-        levers = {k: v for k, v in hp.items() if k in LEVERS}
+        levers = {k: v for k, v in hp.items() if k in POINT_FIELDS}
         before = os.getloadavg()
         (records,) = run_demo(
-            dataclasses.replace(config, **levers), {name: {k: v for k, v in hp.items() if k not in LEVERS}}
+            dataclasses.replace(config, **levers), {name: {k: v for k, v in hp.items() if k not in POINT_FIELDS}}
         ).values()
         result[name] = {
             "hyper_parameters": hp,

@@ -2,7 +2,11 @@
 
 Not a test. Every variant starts from the same initialisation and sees the same batches
 (:func:`gramnewton.lab.experiments.training.batch_order`; a variant's ``batch=N`` key overrides
-``--batch`` for it alone); the variants take their steps in
+``--batch`` for it alone, and ``batch=N>M@S`` starts at ``N`` and takes batches of ``M`` from the
+first epoch that begins after ``S`` CPU seconds of its steps; ``ema=D`` evaluates an exponential
+moving average of its parameters (``torch.optim.swa_utils.AveragedModel``) updated after every
+step, its update timed with the step, with the warm-up ``min(D, (1 + n) / (10 + n))`` after
+``n`` updates so that the first steps do not tie the average to the initialisation); the variants take their steps in
 turn (round robin), each clocked by the process CPU time of its own steps
 (``time.process_time``, ``torch.set_num_threads(2)``; run with ``OMP_WAIT_POLICY=PASSIVE``).
 Interleaving and CPU time make the comparison fair on a machine shared with other jobs, where
@@ -36,12 +40,14 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, Subset
 
 from gramnewton import GramGaussNewton
@@ -88,12 +94,37 @@ def build(spec: str, model: nn.Module) -> Optimizer:
     return GramGaussNewton(model, **kwargs)
 
 
-def split_batch(spec: str) -> tuple[str, int | None]:
-    """``spec`` without its ``batch=N`` key, and ``N`` (``None`` when not given)."""
+def split_averaging(spec: str) -> tuple[str, float | None]:
+    """``spec`` without its ``ema=D`` key, and ``D`` (None when not given)."""
+    kind, _, rest = spec.partition(":")
+    keys = [kv for kv in rest.split(",") if kv and not kv.startswith("ema=")]
+    values = [float(kv.partition("=")[2]) for kv in rest.split(",") if kv.startswith("ema=")]
+    return (f"{kind}:{','.join(keys)}" if keys else kind), (values[0] if values else None)
+
+
+def ema_with_warmup(decay: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``AveragedModel``'s ``avg_fn``: the exponential moving average with decay
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` averaged steps."""
+
+    def average(averaged: Tensor, current: Tensor, n: Tensor) -> Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return averaged + (current - averaged) * (1 - d)
+
+    return average
+
+
+def split_batch(spec: str, default: int) -> tuple[str, tuple[int, int, float]]:
+    """``spec`` without its ``batch=`` key, and the batch schedule ``(first, later, switch CPU s)``:
+    ``batch=N`` is ``(N, N, inf)``, ``batch=N>M@S`` is ``(N, M, S)``, no key ``(default, default, inf)``."""
     kind, _, rest = spec.partition(":")
     keys = [kv for kv in rest.split(",") if kv and not kv.startswith("batch=")]
-    sizes = [int(kv.partition("=")[2]) for kv in rest.split(",") if kv.startswith("batch=")]
-    return (f"{kind}:{','.join(keys)}" if keys else kind), (sizes[0] if sizes else None)
+    values = [kv.partition("=")[2] for kv in rest.split(",") if kv.startswith("batch=")]
+    schedule = (default, default, math.inf)
+    if values:
+        first, _, later = values[0].partition(">")
+        later, _, switch = later.partition("@")
+        schedule = (int(first), int(later or first), float(switch or math.inf))
+    return (f"{kind}:{','.join(keys)}" if keys else kind), schedule
 
 
 def race(
@@ -117,11 +148,13 @@ def race(
     runs = []
     for spec in specs:
         model = copy.deepcopy(init)
-        optimizer_spec, own_batch = split_batch(spec)
+        optimizer_spec, schedule = split_batch(spec, batch)
+        optimizer_spec, decay = split_averaging(optimizer_spec)
         opt = build(optimizer_spec, model)
         model.train()
         runs.append(dict(spec=spec, model=model, opt=opt, step=make_train_step(model, opt), cpu=0.0, epoch=0, queue=[]))
-        runs[-1]["batch"] = own_batch or batch
+        runs[-1]["average"] = None if decay is None else AveragedModel(model, avg_fn=ema_with_warmup(decay))
+        runs[-1]["schedule"] = schedule
         runs[-1].update(steps=0, marks=[], alphas=[])
     n_marks = int(seconds / mark + 1e-9)
     load = [os.getloadavg()]
@@ -130,21 +163,26 @@ def race(
         for run in list(active):
             if not run["queue"]:
                 run["epoch"] += 1
-                run["queue"] = batch_order(len(train), run["batch"], seed, run["epoch"])
+                first, later, switch = run["schedule"]
+                size = later if run["cpu"] >= switch else first
+                run["queue"] = batch_order(len(train), size, seed, run["epoch"])
             x, y = train[run["queue"].pop(0)]
             start = time.process_time()
             loss = float(run["step"](x, y))
+            if run["average"] is not None:
+                run["average"].update_parameters(run["model"])
             run["cpu"] += time.process_time() - start
             run["steps"] += 1
             if isinstance(run["opt"], GramGaussNewton):
                 run["alphas"].append(run["opt"].last_diagnostics.alpha)
+            evaluated = run["average"] or run["model"]
             while len(run["marks"]) < n_marks and run["cpu"] >= mark * (len(run["marks"]) + 1):
                 run["marks"].append(
                     dict(
                         cpu_seconds=mark * (len(run["marks"]) + 1),
                         steps=run["steps"],
-                        train=mean_squared_error(run["model"], train_eval),
-                        test=mean_squared_error(run["model"], test_eval),
+                        train=mean_squared_error(evaluated, train_eval),
+                        test=mean_squared_error(evaluated, test_eval),
                     )
                 )
             if len(run["marks"]) >= n_marks or not math.isfinite(loss):

@@ -102,7 +102,15 @@ def test_gain_ratio_edge_cases():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(factor=1.0), dict(low=0.8, high=0.2), dict(min_alpha=0.0), dict(check_every=0), dict(check_every=2.5)],
+    [
+        dict(factor=1.0),
+        dict(low=0.8, high=0.2),
+        dict(min_alpha=0.0),
+        dict(check_every=0),
+        dict(check_every=2.5),
+        dict(trust_above=0.1),  # below low: a ratio that raises alpha would keep the trust
+        dict(trust_above=0.9),
+    ],
 )
 def test_invalid_rules(kwargs):
     with pytest.raises(ValueError):
@@ -158,3 +166,36 @@ def test_a_failed_check_ends_the_trust():
     assert rule.measures_gain_ratio  # the fifth step is checked: one in every four
     decision = rule.update(1e-3, 0.1, diagnostics)
     assert not rule.trusted and rule.measures_gain_ratio and decision.alpha == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("trust_above", [None, 0.25])
+def test_trust_above_sets_the_ratios_that_keep_the_trust(trust_above):
+    """At the floor a ratio between ``low`` and ``high`` leaves ``alpha`` unchanged: with
+    ``trust_above=low`` it keeps the trust (no re-evaluation of the next steps), with the default
+    (``high``) it ends it; a ratio at or below ``trust_above`` always ends it and raises ``alpha``."""
+    rule = GainRatioDamping(min_alpha=1e-3, check_every=4, trust_above=trust_above)
+    rule.update(1e-3, 0.9, None)
+    assert rule.trusted
+    decision = rule.update(1e-3, 0.5, None)  # between low and high: alpha stays at the floor
+    assert decision.alpha == 1e-3 and decision.accept
+    assert rule.trusted == (trust_above is not None) and rule.measures_gain_ratio == (trust_above is None)
+    decision = rule.update(1e-3, 0.2, None)  # below low: alpha raised, the trust ends in both
+    assert decision.alpha == pytest.approx(2e-3) and not rule.trusted and rule.measures_gain_ratio
+    rule.update(2e-3, 0.5, None)  # above the floor nothing is trusted
+    assert not rule.trusted
+
+
+def test_a_rule_named_by_a_mapping_gets_its_arguments():
+    """``adaptive_damping={"name": ..., **arguments}`` (a config file's or a JSON grid's form)
+    builds that rule with those arguments; an unknown name or argument is refused."""
+    model = nn.Linear(3, 1)
+    opt = GramGaussNewton(model, adaptive_damping={"name": "gain_ratio", "check_every": 4, "trust_above": 0.25})
+    assert isinstance(opt.damping, GainRatioDamping)
+    assert (opt.damping.check_every, opt.damping.trust_above) == (4, 0.25)
+    assert isinstance(
+        GramGaussNewton(model, adaptive_damping={"name": "cross_validated"}).damping, CrossValidatedDamping
+    )
+    with pytest.raises(ValueError, match="unknown damping rule"):
+        GramGaussNewton(model, adaptive_damping={"name": "bogus"})
+    with pytest.raises(TypeError, match="trust"):
+        GramGaussNewton(model, adaptive_damping={"name": "gain_ratio", "trust": 0.25})

@@ -96,7 +96,15 @@ class GainRatioDamping(DampingRule):
             ``alpha`` at ``min_alpha``, where the rule could not lower it further) only every
             ``check_every``-th step is re-evaluated; the others keep ``alpha`` and are accepted
             unmeasured (no extra forward pass: on the demo network that pass is about a sixth
-            of a step). Any measured ``rho <= high`` ends the trust. ``1``: every step is measured.
+            of a step). Any measured ``rho <= trust_above`` ends the trust. ``1``: every step is
+            measured.
+        trust_above: the measured ``rho`` above which a step with ``alpha`` at ``min_alpha``
+            starts (or keeps) the trust; ``None`` (default): ``high``. At the floor every
+            ``rho >= low`` leaves ``alpha`` where it is, so ``trust_above=low`` also trusts the
+            steps whose measurement could not have changed ``alpha`` (the gain ratios of
+            mini-batch cross-entropy steps with momentum sit mostly between ``low`` and ``high``;
+            docs/classification.md); only a ``rho`` at or below it (``alpha`` raised, or the step
+            rejected) ends the trust. Must lie in ``[low, high]``.
 
     The trust and its step count are the rule's own state (a fresh rule measures every step;
     the optimizer's ``state_dict`` saves them).
@@ -109,6 +117,7 @@ class GainRatioDamping(DampingRule):
     min_alpha: float = 1e-8
     max_alpha: float = 1e8
     check_every: int = 1
+    trust_above: float | None = None
     trusted: bool = field(default=False, init=False)
     unchecked: int = field(default=0, init=False)
 
@@ -121,6 +130,10 @@ class GainRatioDamping(DampingRule):
             raise ValueError(f"need 0 < min_alpha <= max_alpha, got {self.min_alpha}, {self.max_alpha}")
         if not (isinstance(self.check_every, int) and self.check_every >= 1):
             raise ValueError(f"Invalid check_every: {self.check_every!r} (must be an int >= 1)")
+        if self.trust_above is not None and not self.low <= self.trust_above <= self.high:
+            raise ValueError(
+                f"Invalid trust_above: {self.trust_above!r} (must be in [low, high] = [{self.low}, {self.high}])"
+            )
 
     @property
     def measures_gain_ratio(self) -> bool:  # type: ignore[override]
@@ -143,7 +156,8 @@ class GainRatioDamping(DampingRule):
             return DampingDecision(alpha, True)
         new_alpha = self.next_alpha(alpha, gain_ratio)
         self.unchecked = 0
-        self.trusted = self.check_every > 1 and gain_ratio > self.high and alpha <= self.min_alpha
+        threshold = self.high if self.trust_above is None else self.trust_above
+        self.trusted = self.check_every > 1 and gain_ratio > threshold and alpha <= self.min_alpha
         return DampingDecision(new_alpha, gain_ratio >= self.reject_below)
 
 
@@ -297,16 +311,22 @@ class CrossValidatedDamping(DampingRule):
 DAMPING_RULES = {"gain_ratio": GainRatioDamping, "cross_validated": CrossValidatedDamping}
 
 
-def damping_rule(spec: bool | str | DampingRule | None) -> DampingRule | None:
+def damping_rule(spec: bool | str | Mapping[str, Any] | DampingRule | None) -> DampingRule | None:
     """The rule an optimizer's ``adaptive_damping`` names: ``False``/``None`` none (fixed
     ``alpha``), ``True`` or ``"gain_ratio"`` a :class:`GainRatioDamping`, ``"cross_validated"`` a
-    :class:`CrossValidatedDamping` (a fresh one: rules keep state), or the rule itself."""
+    :class:`CrossValidatedDamping` (a fresh one: rules keep state), a mapping ``{"name": NAME,
+    **arguments}`` (e.g. ``{"name": "gain_ratio", "check_every": 4}``: a rule from a config file
+    or a JSON grid), or the rule itself."""
     if spec is None or spec is False:
         return None
     if spec is True:
         return GainRatioDamping()
     if isinstance(spec, str):
-        if spec not in DAMPING_RULES:
-            raise ValueError(f"unknown damping rule {spec!r}; expected one of {', '.join(DAMPING_RULES)}")
-        return DAMPING_RULES[spec]()
+        spec = {"name": spec}
+    if isinstance(spec, Mapping):
+        arguments = dict(spec)
+        name = arguments.pop("name", None)
+        if name not in DAMPING_RULES:
+            raise ValueError(f"unknown damping rule {name!r}; expected one of {', '.join(DAMPING_RULES)}")
+        return DAMPING_RULES[name](**arguments)
     return spec

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -103,7 +103,9 @@ class GramGaussNewton(Optimizer):
             near one; a fixed ``alpha`` with ``distributed="local"``), ``True`` or ``"gain_ratio"`` (a
             :class:`~gramnewton.damping.GainRatioDamping`: Levenberg-Marquardt's gain ratio, one
             extra forward pass without gradients per step), ``"cross_validated"`` (a
-            :class:`~gramnewton.damping.CrossValidatedDamping`), any
+            :class:`~gramnewton.damping.CrossValidatedDamping`), a mapping ``{"name": ...,
+            **arguments}`` naming one of those two with its arguments (config files, JSON
+            grids), any
             :class:`~gramnewton.damping.DampingRule`, or ``False`` (fixed ``alpha``). A step the
             rule rejects is undone: parameters and momentum as before, not counted. A rule may
             also set each step's ``alpha`` from the batch's Gram system before the solve, and may
@@ -175,7 +177,7 @@ class GramGaussNewton(Optimizer):
         weight_decay: float = 0.0,
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
-        adaptive_damping: bool | str | DampingRule = "auto",
+        adaptive_damping: bool | str | Mapping[str, Any] | DampingRule = "auto",
         momentum: float = 0.9,
         bias_correction: bool = False,
         max_step_norm: float | None = None,
