@@ -25,7 +25,7 @@ of memory is a clean, reported failure. The model is built under ``torch.manual_
 hyper-parameters) and the loop is :func:`gramnewton.lab.experiments.training.fit` (the same batch
 order for every optimizer with the same batch size). Training time excludes evaluation: the full training and test MSE are evaluated whenever
 ``max(budget / EVAL_FLOOR, EVAL_GROWTH * elapsed)`` seconds of training have passed since the last
-evaluation (so a time to target is resolved to about 10%, or 0.1 s of a 10 s budget); the report gives the
+evaluation (so a time to target is resolved to about 10%, or 0.01 s of a 10 s budget); the report gives the
 lowest test MSE each run reached at those evaluations and the training seconds to it. A run
 stops at its time budget, at a non-finite loss (failure ``nan``), when it runs out of memory
 (``oom``) or once the training MSE is below ``STOP_FACTOR`` times the initial one (far below the
@@ -99,8 +99,9 @@ THREADS = 2
 TARGETS = (1e-1, 1e-2, 1e-3)  # train MSE targets, as fractions of the initial train MSE
 STOP_FACTOR = 1e-4  # stop a run below this fraction of the initial train MSE
 # Evaluate after budget / EVAL_FLOOR training seconds, or EVAL_GROWTH x the time so far if longer:
-# fine resolution early (where the fast methods cross the targets), about 40 evaluations per run.
-EVAL_FLOOR = 100
+# fine resolution early, where the fast methods cross the targets (evaluations at most
+# budget / EVAL_FLOOR apart for the first 10x that time), about 100 evaluations per run.
+EVAL_FLOOR = 1000
 EVAL_GROWTH = 0.1
 OPTIMIZERS = ("ggn", "tlm", "lbfgs", "adam", "sgd", "kfac")
 LABELS = {"ggn": "GGN", "tlm": "TLM", "lbfgs": "L-BFGS", "adam": "Adam", "sgd": "SGD", "kfac": "K-FAC"}

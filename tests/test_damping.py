@@ -186,7 +186,7 @@ def test_trust_above_sets_the_ratios_that_keep_the_trust(trust_above):
 
 
 def test_a_rule_named_by_a_mapping_gets_its_arguments():
-    """``adaptive_damping={"name": ..., **arguments}`` (a config file's or a JSON grid's form)
+    """``adaptive_damping={"name": ..., **arguments}`` (a JSON grid's form)
     builds that rule with those arguments; an unknown name or argument is refused."""
     model = nn.Linear(3, 1)
     opt = GramGaussNewton(model, adaptive_damping={"name": "gain_ratio", "check_every": 4, "trust_above": 0.25})

@@ -315,8 +315,8 @@ def damping_rule(spec: bool | str | Mapping[str, Any] | DampingRule | None) -> D
     """The rule an optimizer's ``adaptive_damping`` names: ``False``/``None`` none (fixed
     ``alpha``), ``True`` or ``"gain_ratio"`` a :class:`GainRatioDamping`, ``"cross_validated"`` a
     :class:`CrossValidatedDamping` (a fresh one: rules keep state), a mapping ``{"name": NAME,
-    **arguments}`` (e.g. ``{"name": "gain_ratio", "check_every": 4}``: a rule from a config file
-    or a JSON grid), or the rule itself."""
+    **arguments}`` (e.g. ``{"name": "gain_ratio", "check_every": 4}``: a rule with its arguments
+    from a JSON grid of the benchmarks), or the rule itself."""
     if spec is None or spec is False:
         return None
     if spec is True:
