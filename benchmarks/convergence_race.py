@@ -94,12 +94,19 @@ def build(spec: str, model: nn.Module) -> Optimizer:
     return GramGaussNewton(model, **kwargs)
 
 
+def pop_key(spec: str, key: str) -> tuple[str, str | None]:
+    """``spec`` without its ``key=value`` entry, and that value (``None`` when not given)."""
+    kind, _, rest = spec.partition(":")
+    entries = [kv for kv in rest.split(",") if kv]
+    keep = [kv for kv in entries if not kv.startswith(f"{key}=")]
+    values = [kv.partition("=")[2] for kv in entries if kv.startswith(f"{key}=")]
+    return (f"{kind}:{','.join(keep)}" if keep else kind), (values[0] if values else None)
+
+
 def split_averaging(spec: str) -> tuple[str, float | None]:
     """``spec`` without its ``ema=D`` key, and ``D`` (None when not given)."""
-    kind, _, rest = spec.partition(":")
-    keys = [kv for kv in rest.split(",") if kv and not kv.startswith("ema=")]
-    values = [float(kv.partition("=")[2]) for kv in rest.split(",") if kv.startswith("ema=")]
-    return (f"{kind}:{','.join(keys)}" if keys else kind), (values[0] if values else None)
+    rest, value = pop_key(spec, "ema")
+    return rest, None if value is None else float(value)
 
 
 def ema_with_warmup(decay: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -116,15 +123,12 @@ def ema_with_warmup(decay: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 def split_batch(spec: str, default: int) -> tuple[str, tuple[int, int, float]]:
     """``spec`` without its ``batch=`` key, and the batch schedule ``(first, later, switch CPU s)``:
     ``batch=N`` is ``(N, N, inf)``, ``batch=N>M@S`` is ``(N, M, S)``, no key ``(default, default, inf)``."""
-    kind, _, rest = spec.partition(":")
-    keys = [kv for kv in rest.split(",") if kv and not kv.startswith("batch=")]
-    values = [kv.partition("=")[2] for kv in rest.split(",") if kv.startswith("batch=")]
-    schedule = (default, default, math.inf)
-    if values:
-        first, _, later = values[0].partition(">")
-        later, _, switch = later.partition("@")
-        schedule = (int(first), int(later or first), float(switch or math.inf))
-    return (f"{kind}:{','.join(keys)}" if keys else kind), schedule
+    rest, value = pop_key(spec, "batch")
+    if value is None:
+        return rest, (default, default, math.inf)
+    first, _, later = value.partition(">")
+    later, _, switch = later.partition("@")
+    return rest, (int(first), int(later or first), float(switch or math.inf))
 
 
 def race(
