@@ -149,6 +149,12 @@ CASES = [
         ),
         images(4, 5),
     ),
+    Case(  # 14 rows: the patches path's chunks of samples (4, 4, 4, 2) do not divide them evenly
+        "conv2d_b7_k2",
+        lambda: seq(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 25, 2)),
+        images(3, 5),
+        batch=7,
+    ),
     Case(
         "conv2d_same_even_kernel",
         lambda: seq(nn.Conv2d(2, 3, (4, 2), padding="same"), nn.Tanh(), nn.Conv2d(3, 1, 3, padding="valid")),
@@ -661,6 +667,37 @@ def test_workspace_buffers_are_reused_and_stale_systems_raise(
     if keep_above == float("inf"):  # per-sample gradients kept in the workspace until J^T v
         with pytest.raises(RuntimeError, match="later step"):
             first.jt_times(v)
+
+
+def test_a_conv_keeps_its_factors_when_its_gradients_are_larger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default rule: per-sample gradients larger than ``x`` and ``g`` together are not kept (here
+    576 entries per sample against 128 + 128; ResNet-32's 64-channel layers at 64x64 are 1.1x)."""
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    module, handler = nn.Conv2d(8, 8, 3, padding=1), handlers.handler_for(nn.Conv2d(1, 1, 1))
+    x = torch.randn(5, 8, 4, 4)
+    g = torch.randn(5, 8, 4, 4)
+    assert isinstance(handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"], handlers.KeptConv)
+    small = nn.Conv2d(8, 2, 1)  # 16 entries per sample against 128 + 32: materialised
+    piece = handler.contributions(small, x, torch.randn(5, 2, 4, 4), frozenset({"weight"}), True)["weight"]
+    assert not isinstance(piece, handlers.KeptConv)
+
+
+def test_patches_are_gathered_in_chunks_of_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside an engine the patches scratch holds ``ceil(n / PATCH_CHUNKS)`` samples' patches, not
+    all ``n`` (the Gram and ``J^T v`` of every chunk, the last one short, are checked exactly by
+    ``test_conv_weight_paths`` on ``conv2d_b7_k2``)."""
+    monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", "patches")
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    case = next(c for c in CASES if c.name == "conv2d_b7_k2")
+    model, x, y = build(case)
+    engine = HooksEngine(model)
+    system = engine.compute(lambda: model(x).reshape(case.batch, -1) - y)
+    reference = ReferenceEngine(list(model.parameters())).compute(lambda: model(x).reshape(case.batch, -1) - y)
+    assert_close("gram", system.gram, reference.gram)
+    rows, per_sample = 14, 5 * 5 * 3 * 3 * 3  # (b * k) rows; (ho, wo, kh, kw, kin) patches per sample
+    chunk = -(-rows // handlers.PATCH_CHUNKS)
+    assert engine.workspace._buffers[("scratch", "conv_patches")].numel() == chunk * per_sample < rows * per_sample
 
 
 def test_workspace_frees_kept_buffers_a_step_did_not_use() -> None:

@@ -198,8 +198,8 @@ class PermutedDense:
 class KeptConv:
     """A convolution weight's per-sample gradients kept as the layer's input and output gradient.
 
-    Used where the per-sample gradients ``(n, numel)`` are much larger than ``x`` and ``g``
-    (deep layers at low resolution), so they need not stay in memory until ``J^T v``: the Gram
+    Used where the per-sample gradients ``(n, numel)`` are larger than ``x`` and ``g``
+    (:data:`KEEP_FACTORS_ABOVE`; deep layers), so they need not stay in memory until ``J^T v``: the Gram
     part is added from per-sample gradients that are formed, used and dropped at once, ``J^T v``
     is one batched weight-gradient convolution of the ``v``-weighted output gradients (the kernel
     of SGD's backward) and ``J v`` one convolution of ``x`` by ``v``.
@@ -271,14 +271,21 @@ CONV_WEIGHT_PATHS = MeasuredChoice()
 # The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
+# Inside an engine the patches path gathers its patches in this many chunks of samples (scratch
+# ``1 / PATCH_CHUNKS`` of the whole; one batched GEMM per chunk).
+PATCH_CHUNKS = 4
 # The correlation path runs one convolution per input channel; it is offered up to this many
 # (image stems, 1-3 channels, where the grouped convolution's n groups of 1-3 channels are slow:
 # chosen for both stems of docs/performance.md's perf3 runs, per-sample time 0.038 -> 0.030 s).
 MAX_CORRELATE_CHANNELS = 4
 # A convolution weight used once keeps ``(x, g)`` instead of its per-sample gradients
 # (:class:`KeptConv`) when those are more than this many times larger, per sample: it saves
-# memory at the price of one batched weight-gradient convolution in ``J^T v``.
-KEEP_FACTORS_ABOVE = 4
+# memory at the price of one batched weight-gradient convolution in ``J^T v``. 1 (mem6; was 4):
+# the layers nearest the output run first in the backward and hold their gradients through the
+# activations' peak, so any saving lowers the step's peak (ResNet-32-Fixup 64x64, b = 128: the
+# 64-channel layers keep 8 MB of ``g`` instead of 19 MB of gradients each; peak RSS 1.14 -> 1.08 x SGD,
+# ``J^T r`` +0.12 s; docs/performance.md, mem6).
+KEEP_FACTORS_ABOVE = 1
 
 
 def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
@@ -464,7 +471,10 @@ def _conv2d_weight_per_sample_patches(
     (channel runs are contiguous, unlike ``F.unfold``'s); their columns, and so the gradients', come
     out ordered ``(kh, kw, kin)``: the piece carries that permutation instead of copying ``J``.
     Inside an engine both go to its workspace (``J`` to a scratch buffer when ``transient``, the
-    caller using it up at once), so a steady state allocates neither.
+    caller using it up at once), so a steady state allocates neither. There the patches are
+    gathered ``ceil(n / PATCH_CHUNKS)`` samples at a time, so their scratch is a quarter of all the
+    samples' patches (18 -> 4.5 MB for a 64-channel layer of ResNet-32 at 32x32, b = 128; it is held
+    at the backward's peak with the activations: docs/performance.md, mem6).
     """
     n, kin = x.shape[:2]
     ph, pw = padding
@@ -480,14 +490,19 @@ def _conv2d_weight_per_sample_patches(
     if work is None:
         jac = torch.bmm(g.reshape(n, kout, ho * wo), view.reshape(n, ho * wo, kh * kw * kin))
         return PermutedDense(jac.reshape(n, -1), shape, perm)
-    patches = work.scratch("conv_patches", (n, ho, wo, kh, kw, kin), x)
-    patches.copy_(view)
     stamp = None
     if transient:
         jac = work.scratch("conv_jac", (n, kout, kh * kw * kin), x)
     else:
         jac, stamp = work.keep("conv_jac", (n, kout, kh * kw * kin), x)
-    torch.bmm(g.reshape(n, kout, ho * wo), patches.view(n, ho * wo, kh * kw * kin), out=jac)
+    chunk = -(-n // PATCH_CHUNKS)
+    patches = work.scratch("conv_patches", (chunk, ho, wo, kh, kw, kin), x)
+    rows = g.reshape(n, kout, ho * wo)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        part = patches[:size]
+        part.copy_(view[start : start + size])
+        torch.bmm(rows[start : start + size], part.view(size, ho * wo, kh * kw * kin), out=jac[start : start + size])
     return PermutedDense(jac.view(n, -1), shape, perm, stamp)
 
 
