@@ -603,10 +603,10 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
 
 
 def _affine_pieces(x_hat: Tensor, g: Tensor, channel_dims: int, names: frozenset) -> dict[str, Piece]:
-    """Per-sample gradients of an elementwise affine ``w * x_hat + b``.
+    """Per-sample gradients of an elementwise affine ``w * x_hat + b`` (LayerNorm).
 
-    ``x_hat`` and ``g`` are ``(n, P..., C...)`` after moving: the last ``channel_dims`` axes are
-    the parameter's axes, everything between rows and them is summed over.
+    ``x_hat`` and ``g`` are ``(n, P..., C...)``: the last ``channel_dims`` axes are the
+    parameter's axes, everything between rows and them is summed over.
     """
     n = g.shape[0]
     width = math.prod(g.shape[g.dim() - channel_dims :])
@@ -618,11 +618,42 @@ def _affine_pieces(x_hat: Tensor, g: Tensor, channel_dims: int, names: frozenset
     return pieces
 
 
+# The channel-wise norms recompute the normalised input this many samples at a time (chunks of
+# ``ceil(n / NORM_CHUNKS)``): their temporaries are a quarter of an activation, not three whole
+# ones (docs/performance.md, mem6).
+NORM_CHUNKS = 4
+
+
+def _channel_affine_pieces(
+    normalise: Callable[[Tensor], Tensor], a: Tensor, g: Tensor, names: frozenset
+) -> dict[str, Piece]:
+    """Per-sample gradients of a per-channel affine ``w_c * x_hat + b_c`` on ``(n, C, ...)``.
+
+    ``x_hat = normalise(a[rows])``; the weight's row ``i`` is ``sum_{...} g_i * x_hat_i`` per
+    channel, ``(n, C)``, formed ``ceil(n / NORM_CHUNKS)`` samples at a time, the product written
+    over the chunk's ``x_hat``; the bias's is ``sum_{...} g_i``.
+    """
+    n, channels = g.shape[:2]
+    positions = tuple(range(2, g.dim()))
+    pieces: dict[str, Piece] = {}
+    if "weight" in names:
+        jac = g.new_empty(n, channels)
+        chunk = -(-n // NORM_CHUNKS)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            product = normalise(a[rows]).mul_(g[rows])
+            jac[rows] = product.sum(positions) if positions else product
+        pieces["weight"] = Dense(jac)
+    if "bias" in names:
+        pieces["bias"] = Dense(g.sum(positions) if positions else g.clone())
+    return pieces
+
+
 @register_handler(nn.GroupNorm)
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
-    x_hat = F.group_norm(a, module.num_groups, None, None, module.eps)
-    # channels are axis 1: move them last so the affine parameters' axis is trailing
-    return _affine_pieces(x_hat.movedim(1, -1), g.movedim(1, -1), 1, names)
+    return _channel_affine_pieces(
+        lambda rows: F.group_norm(rows, module.num_groups, None, None, module.eps), a, g, names
+    )
 
 
 @register_handler(nn.LayerNorm)
@@ -652,8 +683,12 @@ def _batch_norm_unsupported(module: nn.Module) -> str | None:
 )
 def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     # eval mode: a fixed per-channel affine map of the input, normalised by the running statistics
-    x_hat = F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
-    return _affine_pieces(x_hat.movedim(1, -1), g.movedim(1, -1), 1, names)
+    return _channel_affine_pieces(
+        lambda rows: F.batch_norm(rows, module.running_mean, module.running_var, None, None, False, 0.0, module.eps),
+        a,
+        g,
+        names,
+    )
 
 
 def _embedding_unsupported(module: nn.Module) -> str | None:
