@@ -149,7 +149,7 @@ CASES = [
         ),
         images(4, 5),
     ),
-    Case(  # 14 rows: the chunks of samples (4, 4, 4, 2) of the patches path and GroupNorm are uneven
+    Case(  # 14 rows: the patches path's chunks of samples (4, 4, 4, 2) are uneven
         "conv2d_b7_k2",
         lambda: seq(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 25, 2)),
         images(3, 5),
@@ -680,23 +680,6 @@ def test_a_conv_keeps_its_factors_when_its_gradients_are_larger(monkeypatch: pyt
     small = nn.Conv2d(8, 2, 1)  # 16 entries per sample against 128 + 32: materialised
     piece = handler.contributions(small, x, torch.randn(5, 2, 4, 4), frozenset({"weight"}), True)["weight"]
     assert not isinstance(piece, handlers.KeptConv)
-
-
-def test_group_norm_normalises_a_chunk_of_samples_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GroupNorm handler's temporaries (the normalised input and its product with ``g``) hold
-    ``ceil(n / NORM_CHUNKS)`` samples, and its pieces equal the whole-batch formula."""
-    import torch.nn.functional as F
-
-    seen: list[int] = []
-    group_norm = F.group_norm
-    monkeypatch.setattr(F, "group_norm", lambda x, *args: seen.append(x.shape[0]) or group_norm(x, *args))
-    module = nn.GroupNorm(2, 4).double()
-    a, g = torch.randn(7, 4, 3, 3, dtype=torch.float64), torch.randn(7, 4, 3, 3, dtype=torch.float64)
-    pieces = handlers.handler_for(module).contributions(module, a, g, frozenset({"weight", "bias"}), True)
-    assert seen == [2, 2, 2, 1]
-    x_hat = group_norm(a, 2, None, None, module.eps)
-    assert_close("weight rows", pieces["weight"].jac, (g * x_hat).sum((2, 3)))
-    assert_close("bias rows", pieces["bias"].jac, g.sum((2, 3)))
 
 
 def test_patches_are_gathered_in_chunks_of_samples(monkeypatch: pytest.MonkeyPatch) -> None:

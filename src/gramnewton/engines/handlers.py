@@ -618,32 +618,22 @@ def _affine_pieces(x_hat: Tensor, g: Tensor, channel_dims: int, names: frozenset
     return pieces
 
 
-# The channel-wise norms recompute the normalised input this many samples at a time (chunks of
-# ``ceil(n / NORM_CHUNKS)``): their temporaries are a quarter of an activation, not three whole
-# ones (docs/performance.md, mem6).
-NORM_CHUNKS = 4
-
-
 def _channel_affine_pieces(
     normalise: Callable[[Tensor], Tensor], a: Tensor, g: Tensor, names: frozenset
 ) -> dict[str, Piece]:
     """Per-sample gradients of a per-channel affine ``w_c * x_hat + b_c`` on ``(n, C, ...)``.
 
-    ``x_hat = normalise(a[rows])``; the weight's row ``i`` is ``sum_{...} g_i * x_hat_i`` per
-    channel, ``(n, C)``, formed ``ceil(n / NORM_CHUNKS)`` samples at a time, the product written
-    over the chunk's ``x_hat``; the bias's is ``sum_{...} g_i``.
+    ``x_hat = normalise(a)``; the weight's row ``i`` is ``sum_{...} g_i * x_hat_i`` per channel,
+    ``(n, C)``, the product written over ``x_hat`` and summed over the trailing (contiguous)
+    positions; the bias's is ``sum_{...} g_i``. One temporary the size of the activation; moving
+    the channels last, as :func:`_affine_pieces` does for LayerNorm, cost two more copies and more
+    time at every stage of ResNet-32-GN (docs/performance.md, mem6).
     """
-    n, channels = g.shape[:2]
     positions = tuple(range(2, g.dim()))
     pieces: dict[str, Piece] = {}
     if "weight" in names:
-        jac = g.new_empty(n, channels)
-        chunk = -(-n // NORM_CHUNKS)
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            product = normalise(a[rows]).mul_(g[rows])
-            jac[rows] = product.sum(positions) if positions else product
-        pieces["weight"] = Dense(jac)
+        product = normalise(a).mul_(g)
+        pieces["weight"] = Dense(product.sum(positions) if positions else product)
     if "bias" in names:
         pieces["bias"] = Dense(g.sum(positions) if positions else g.clone())
     return pieces
