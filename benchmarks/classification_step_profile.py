@@ -26,7 +26,9 @@ zero-initialised start.)
 Per GGN step, from the hooks engine's own timers (``last_timings``) and a timed closure: the
 forward with hooks, the backward without weight gradients, the per-sample gradients, the Gram
 matrix, the re-evaluation of the batch after the step (the closure's second call, by the gain-ratio
-rule), and the rest (output factors, solve, ``J^T c``, ``J phi``, apply, Python). The means matter
+rule), the products ``J^T c`` and ``J phi_{t-1}`` (momentum) of the engine's system (timed by
+wrapping this run's ``engine.compute``), and the rest (output factors, solve, apply, diagnostics,
+Python). The means matter
 for an epoch's time (the re-evaluation runs on some steps only), the medians are given too. The
 gain ratios measured and the steps rejected are recorded. Steps ``--skip`` and later are counted
 (the first ones include the per-layer path timing of the engine).
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -59,6 +62,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from gramnewton import GramGaussNewton  # noqa: E402
 from gramnewton.damping import GainRatioDamping  # noqa: E402
+from gramnewton.engines import GramSystem  # noqa: E402
 from gramnewton.lab.data import get_dataset  # noqa: E402
 from gramnewton.lab.experiments.demo import DemoConfig, initial_model  # noqa: E402
 from gramnewton.lab.experiments.training import ALL, batch_order, make_train_step, residuals  # noqa: E402
@@ -79,7 +83,7 @@ GGN_METHODS: dict[str, Callable[[nn.Module, str], GramGaussNewton]] = {
         for s in (16, 32, 64)
     },
 }
-PARTS = ("forward", "backward", "per_sample", "gram", "reevaluate", "rest")
+PARTS = ("forward", "backward", "per_sample", "gram", "reevaluate", "products", "rest")
 
 
 class GGNRun:
@@ -92,9 +96,28 @@ class GGNRun:
         self.parts: dict[str, list[float]] = {p: [] for p in PARTS}
         self.gain_ratios: list[float | None] = []
         self.rejected = 0
+        self.products: list[float] = []  # this step's J^T c and J phi_{t-1} (the engine's, after its passes)
+        compute = self.opt.engine.compute
+
+        def timed_compute(*args: Any, **kwargs: Any) -> GramSystem:  # the engine's system, its products timed
+            system = compute(*args, **kwargs)
+            j_times = None if system.j_times is None else self._timed(system.j_times)
+            return dataclasses.replace(system, jt_times=self._timed(system.jt_times), j_times=j_times)
+
+        self.opt.engine.compute = timed_compute  # this instance only
+
+    def _timed(self, product: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def timed(v: Any) -> Any:
+            start = time.perf_counter()
+            out = product(v)
+            self.products.append(time.perf_counter() - start)
+            return out
+
+        return timed
 
     def step(self, x: Tensor, y: Tensor) -> None:
         calls: list[float] = []
+        self.products.clear()
 
         def closure(rows: slice = ALL) -> Tensor | tuple[Tensor, Tensor]:
             start = time.perf_counter()
@@ -112,8 +135,10 @@ class GGNRun:
         t = self.opt.engine.last_timings
         reevaluate = sum(calls[1:])  # the first call ran inside the engine's forward
         backward = t["backward"] - t["per_sample"] - t["gram"]
-        rest = total - t["forward"] - t["reference"] - t["backward"] - reevaluate
-        for name, value in zip(PARTS, (t["forward"], backward, t["per_sample"], t["gram"], reevaluate, rest)):
+        products = sum(self.products)
+        rest = total - t["forward"] - t["reference"] - t["backward"] - reevaluate - products
+        parts = (t["forward"], backward, t["per_sample"], t["gram"], reevaluate, products, rest)
+        for name, value in zip(PARTS, parts):
             self.parts[name].append(value)
         self.gain_ratios.append(self.opt.last_gain_ratio if len(calls) > 1 else None)
         self.rejected += bool(self.opt.last_diagnostics.rejected)
