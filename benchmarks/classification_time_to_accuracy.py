@@ -7,7 +7,8 @@ a budget of training seconds, evaluation after every epoch, evaluation time not 
 1. grid: every point of :data:`~gramnewton.lab.experiments.demo.CLASSIFY_GRID`, or of ``--grid``
    (JSON: optimizer -> axes, or a list of such grids for a set that is not one product), of the
    ``--optimizers`` named, on seed 0 for ``--grid-seconds``; the winner of each optimizer is the point with the highest final test
-   accuracy (ties: the sooner one to the highest accuracy target reached). ``--settings-from
+   accuracy (ties: the sooner one to the highest accuracy target reached; a point that diverges
+   is recorded with the message, ``"diverged"``, and loses, and the grid goes on). ``--settings-from
    RESULT.json`` skips it and takes the winners of an earlier run (e.g. mnist from digits);
 2. the winners (of the ``--optimizers`` named) on ``--seeds`` (default 0 1 2) for ``--seconds``
    each, the optimizers of a seed one after the other in this process. ``--grid-only`` stops
@@ -45,15 +46,17 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import statistics
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gramnewton.lab.experiments.demo import CLASSIFY_GRID, DemoConfig, run_demo, sweep_points
+from gramnewton.lab.experiments.demo import CLASSIFY_GRID, DemoConfig, DivergedRunWarning, run_demo, sweep_points
 from gramnewton.lab.experiments.training import EpochRecord, seconds_to_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +71,10 @@ POINT_FIELDS = (*LEVERS, "batch_size")
 def summary(records: list[EpochRecord]) -> dict[str, Any]:
     last = records[-1]
     return {
-        "final_test_accuracy": last.test_accuracy,
-        "best_test_accuracy": max(r.test_accuracy for r in records),
+        "final_test_accuracy": last.test_accuracy,  # NaN for a run that diverged
+        "best_test_accuracy": max(
+            (r.test_accuracy for r in records if r.test_accuracy == r.test_accuracy), default=0.0
+        ),
         "final_test_loss": last.test_loss,
         "epochs": last.epoch,
         "seconds": last.seconds,
@@ -92,11 +97,17 @@ def run(config: DemoConfig, settings: dict[str, dict[str, Any]]) -> dict[str, An
     for name, hp in settings.items():
         levers = {k: v for k, v in hp.items() if k in POINT_FIELDS}
         before = os.getloadavg()
-        (records,) = run_demo(
-            dataclasses.replace(config, **levers), {name: {k: v for k, v in hp.items() if k not in POINT_FIELDS}}
-        ).values()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DivergedRunWarning)
+            (records,) = run_demo(
+                dataclasses.replace(config, **levers), {name: {k: v for k, v in hp.items() if k not in POINT_FIELDS}}
+            ).values()
+        diverged = [str(w.message) for w in caught if issubclass(w.category, DivergedRunWarning)]
+        if diverged:
+            print(f"{name} {hp}: {diverged[0]}", flush=True)
         result[name] = {
             "hyper_parameters": hp,
+            "diverged": diverged[0] if diverged else None,
             "levers": {k: getattr(config, k) for k in LEVERS} | levers,
             "curve": [dataclasses.asdict(r) for r in records],
             **summary(records),
@@ -106,9 +117,12 @@ def run(config: DemoConfig, settings: dict[str, dict[str, Any]]) -> dict[str, An
 
 
 def winner_key(result: dict[str, Any]) -> tuple:
+    """Final test accuracy (a diverged run's NaN: last), then the highest target reached, then
+    the sooner to it."""
     reached = [t for t in TARGETS if seconds_to(result, t) is not None]
     top = max(reached, default=0.0)
-    return (result["final_test_accuracy"], top, -(seconds_to(result, top) if reached else 0.0))
+    final = result["final_test_accuracy"]
+    return (final if final == final else -math.inf, top, -(seconds_to(result, top) if reached else 0.0))
 
 
 def label(name: str, entry: dict[str, Any]) -> str:
@@ -191,17 +205,19 @@ def table(seeds: dict[int, dict[str, Any]]) -> str:
     )
     for name in names:
         runs = [seeds[s][name] for s in seeds if name in seeds[s]]
-        accs = [r["final_test_accuracy"] for r in runs]
+        accs = [a for r in runs if (a := r["final_test_accuracy"]) == a] or [math.nan]  # diverged: NaN
         cells = []
         for t in TARGETS:
             hits = [seconds_to(r, t) for r in runs]
             got = [h for h in hits if h is not None]
             cells.append(f"{statistics.median(got):.1f} ({len(got)}/{len(hits)})" if got else f"- (0/{len(hits)})")
         hp = describe(runs[0])
-        loss = statistics.median(r["final_test_loss"] for r in runs)
+        loss = statistics.median([x for r in runs if (x := r["final_test_loss"]) == x] or [math.nan])
         epochs = "/".join(str(r["epochs"]) for r in runs)
+        diverged = sum(bool(r.get("diverged")) for r in runs)
         lines.append(
-            f"| {name} | {hp} | {len(runs)} | {statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
+            f"| {name} | {hp} | {len(runs)}{f' ({diverged} diverged)' if diverged else ''} | "
+            f"{statistics.median(accs):.2%} ({min(accs):.2%}-{max(accs):.2%}) | "
             f"{loss:.3f} | {epochs} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
@@ -218,7 +234,8 @@ def grid_table(records: list[dict[str, Any]]) -> str:
             hp = describe(p)
             hits = [seconds_to(p, t) for t in TARGETS]
             lines.append(
-                f"| {p['optimizer']} | {hp} | {record['setting']['grid_seconds']:g} | {p['final_test_accuracy']:.1%} | "
+                f"| {p['optimizer']} | {hp} | {record['setting']['grid_seconds']:g} | "
+                f"{'diverged' if p.get('diverged') else format(p['final_test_accuracy'], '.1%')} | "
                 f"{p['final_test_loss']:.3f} | {p['epochs']} | "
                 + " | ".join("-" if h is None else f"{h:.1f}" for h in hits)
                 + " |"

@@ -18,7 +18,8 @@ train and test MSE are evaluated (not timed) at every ``--mark`` CPU seconds of 
 A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9) or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
 ``weight_decay``, ``max_step_norm``, ``bias_correction=true``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
-``check_every`` (see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
+``check_every`` and ``subset`` (the gain ratio measured on the batch's first ``subset`` samples;
+see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
 cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
 ``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults.
 
@@ -83,12 +84,15 @@ def build(spec: str, model: nn.Module) -> Optimizer:
     damping = hp.pop("damping", None)
     cv_max = float(hp.pop("cv_max", 1.0))
     check_every = hp.pop("check_every", 1)
+    subset = hp.pop("subset", None)
     flags = {k: hp.pop(k).lower() == "true" for k in ("bias_correction",) if k in hp}
     kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()} | flags
     if damping == "fixed":
         kwargs["adaptive_damping"] = False
     elif damping == "gain_ratio":
-        kwargs["adaptive_damping"] = GainRatioDamping(check_every=int(check_every))
+        kwargs["adaptive_damping"] = GainRatioDamping(
+            check_every=int(check_every), subset=None if subset is None else int(subset)
+        )
     elif damping == "cross_validated":
         kwargs["adaptive_damping"] = CrossValidatedDamping(span=(1e-5, cv_max))
     return GramGaussNewton(model, **kwargs)

@@ -11,7 +11,7 @@ from dense import assert_close, dense_jacobian, flat_params, groupnorm_cnn
 from torch import Tensor, nn
 from torch.func import grad, hessian
 
-from gramnewton import BinaryCrossEntropy, CrossEntropy, GramGaussNewton, Loss, SquaredError
+from gramnewton import BinaryCrossEntropy, CrossEntropy, GramGaussNewton, Loss, NonFiniteError, SquaredError
 from gramnewton.generalized import LossClosure, output_factor, top_basis
 from gramnewton.update import apply_direction, gram_gauss_newton_direction
 
@@ -303,8 +303,9 @@ def test_bad_labels_raise_and_change_nothing(what, labels, error, match):
     x = torch.randn(B, 3, 4)
     opt = GramGaussNewton(model, loss="cross_entropy", adaptive_damping=True, lam=1.0, momentum=0.0)
     start, alpha = flat_params(model), opt.param_groups[0]["alpha"]
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         opt.step(lambda: (model(x), labels()))
+    assert not isinstance(info.value, NonFiniteError)  # bad targets are bad input, not a diverged model
     assert torch.equal(flat_params(model), start) and opt.state_dict()["state"] == {}
     assert opt.param_groups[0]["alpha"] == alpha
 
@@ -312,7 +313,7 @@ def test_bad_labels_raise_and_change_nothing(what, labels, error, match):
 @pytest.mark.parametrize(
     "what,closure_value,error,match",
     [
-        ("NaN logits", lambda m, x: (m(x) * float("nan"), torch.zeros(B, dtype=torch.long)), ValueError, "NaN"),
+        ("NaN logits", lambda m, x: (m(x) * float("nan"), torch.zeros(B, dtype=torch.long)), NonFiniteError, "NaN"),
         ("residuals, not a pair", lambda m, x: m(x), TypeError, "pair"),
         ("logits (b,)", lambda m, x: (m(x)[:, 0], torch.zeros(B, dtype=torch.long)), ValueError, "shape"),
         ("integer logits", lambda m, x: (m(x).long(), torch.zeros(B, dtype=torch.long)), TypeError, "floating"),
@@ -323,8 +324,9 @@ def test_bad_logits_raise_and_change_nothing(what, closure_value, error, match):
     x = torch.randn(B, 3, 4)
     opt = GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=False, momentum=0.0)
     start = flat_params(model)
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         opt.step(lambda: closure_value(model, x))
+    assert type(info.value) is error  # NaN logits: a diverged model (NonFiniteError), not a ValueError of the input
     assert torch.equal(flat_params(model), start) and opt.state_dict()["state"] == {}
 
 

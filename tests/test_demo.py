@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 
+import pytest
+
+from gramnewton import GramGaussNewton, NonFiniteError
 from gramnewton.lab.cli import main
-from gramnewton.lab.experiments.demo import SWEEP_GRID, best_settings, sweep_points
+from gramnewton.lab.experiments import demo
+from gramnewton.lab.experiments.demo import SWEEP_GRID, DemoConfig, DivergedRunWarning, best_settings, sweep_points
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -48,6 +53,35 @@ def test_sweep_grid_and_winner_selection():
         ("GGN", {"alpha": 0.1}, 0.05),
     ]
     assert best_settings(results) == {"SGD": {"lr": 0.03}, "GGN": {"alpha": 0.1}}
+
+
+def test_a_diverged_run_ends_with_nan_and_the_next_run_goes_on(monkeypatch):
+    """GGN refuses its second step as a diverged model would (NaN outputs): its log ends with a
+    NaN record at step 2, a warning names it, and Adam still runs; the sweep's rule drops it."""
+    make_step = demo.make_train_step
+
+    def diverging_second_step(model, optimizer, *args):
+        step = make_step(model, optimizer, *args)
+        if not isinstance(optimizer, GramGaussNewton):
+            return step
+        calls = itertools.count()
+
+        def failing(*batch):
+            if next(calls) == 1:
+                raise NonFiniteError("64 of 64 outputs are NaN or Inf; no parameter was changed")
+            return step(*batch)
+
+        return failing
+
+    monkeypatch.setattr(demo, "make_train_step", diverging_second_step)
+    config = DemoConfig("rotated-digits", batch_size=64, seconds=1.0, max_epochs=1)
+    with pytest.warns(DivergedRunWarning, match="GGN diverged at step 2: 64 of 64 outputs"):
+        logs = demo.run_demo(config, {"GGN": {}, "Adam": {"lr": 1e-3}})
+    last = logs["GGN"][-1]
+    assert last.step == 2 and math.isnan(last.test_loss) and math.isnan(last.train_loss)
+    assert all(math.isfinite(r.test_loss) for r in logs["GGN"][:-1]) and math.isfinite(logs["Adam"][-1].test_loss)
+    results = [(n, {}, records[-1].train_loss) for n, records in logs.items()] + [("GGN", {"lam": 1.0}, 0.5)]
+    assert best_settings(results)["GGN"] == {"lam": 1.0}
 
 
 def test_classification_demo_runs_end_to_end(tmp_path, capsys):

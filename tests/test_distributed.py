@@ -23,7 +23,7 @@ from dense import assert_close, dense_jacobian, dense_step, flat_params, groupno
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gramnewton import GramGaussNewton
+from gramnewton import GramGaussNewton, NonFiniteError
 from gramnewton.distributed import resolve_mode
 from gramnewton.lab.experiments.config import resolve
 from gramnewton.lab.experiments.metrics import read_rows
@@ -246,7 +246,7 @@ def _error(mode: str, failing: int, kind: str) -> None:
             return torch.cat([r, r], 1)  # kind == "k": another number of outputs than the other rank
         return r
 
-    expected = ValueError if kind in ("nan", "k") else RuntimeError
+    expected = {"nan": NonFiniteError, "k": ValueError}.get(kind, RuntimeError)
     try:
         opt.step(closure)
     except expected as error:

@@ -734,6 +734,35 @@ def test_a_step_leaves_no_hooked_call_or_autograd_graph_behind() -> None:
     assert not [o for o in gc.get_objects() if isinstance(o, hooks._Call)]
 
 
+@pytest.mark.parametrize("failure", ["nan residuals", "closure raises mid-forward"])
+def test_a_refused_step_leaves_no_hooked_call_behind(failure: str) -> None:
+    """A step refused after (NaN residuals) or during (the closure raises) the hooked forward pass
+    drops its calls' autograd nodes, so they are freed once the caller drops the exception (the
+    exception's frames hold them until then)."""
+    import gc
+
+    from gramnewton.engines import hooks
+
+    case = next(c for c in CASES if c.name == "conv2d_b36_syrk")
+    model, x, y = build(case)
+    engine = HooksEngine(model)
+
+    def closure() -> Tensor:
+        out = model(x).reshape(case.batch, -1)
+        if failure == "closure raises mid-forward":
+            raise RuntimeError("data loader broke")
+        return out * float("nan") - y
+
+    with pytest.raises((ValueError, RuntimeError)) as kept:
+        engine.compute(closure)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, hooks._Call)]  # held by the traceback's frames
+    assert alive and all(call.edge is None and not call.input_nodes for call in alive)
+    del kept, alive
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, hooks._Call)]
+
+
 def test_workspace_cuts_scratch_to_what_the_last_step_used() -> None:
     """Scratch grown by a step of larger shapes (or a slot a step no longer uses) is not held on."""
     from gramnewton.engines.workspace import Workspace

@@ -18,7 +18,7 @@ from .engines import (
 )
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
-from .solve import SingularGramError, SolveInfo, damped_solve
+from .solve import NonFiniteError, SingularGramError, SolveInfo, damped_solve
 from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "GramSystem",
     "HooksEngine",
     "Loss",
+    "NonFiniteError",
     "ReferenceEngine",
     "SingularGramError",
     "SolveInfo",

@@ -15,7 +15,7 @@ class StepDiagnostics:
     Attributes:
         loss_before: loss of the batch before the step, ``mean(r^2)``.
         loss_after: loss of the same batch after the step, when adaptive damping re-evaluated it
-            (``None`` otherwise).
+            (``None`` otherwise); under a rule with a ``subset``, of the re-evaluated samples only.
         predicted_decrease: ``loss_before - mean((r - J phi)^2)``, the decrease the linearised
             model promises.
         gain_ratio: ``(loss_before - loss_after) / predicted_decrease`` when measured, else ``None``.

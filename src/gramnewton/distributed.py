@@ -47,7 +47,8 @@ Errors
 A rank whose closure or local computation raises does not skip the collectives: it reports the
 failure in the status exchange that precedes every other collective of the step, and every rank
 then raises (the failing rank its own exception; the others an exception of the same type among
-``ValueError``, ``TypeError``, :class:`~gramnewton.solve.SingularGramError`, else ``RuntimeError``,
+``ValueError``, ``TypeError``, :class:`~gramnewton.solve.NonFiniteError`,
+:class:`~gramnewton.solve.SingularGramError`, else ``RuntimeError``,
 naming the rank and its message). No parameter is changed on any rank; no rank waits forever.
 Failures after the status exchange (the solve, a non-finite direction) see identical numbers on
 every rank and so raise on every rank.
@@ -66,13 +67,15 @@ from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem
 from .engines.reference import flatten, split_like
-from .solve import SingularGramError
+from .solve import NonFiniteError, SingularGramError
 from .update import GramGaussNewtonStep, gram_gauss_newton_direction
 
 MODES = ("auto", "exact", "local")
 
 # exception types re-raised as themselves on the ranks that did not fail
-_PORTABLE: dict[str, type[Exception]] = {e.__name__: e for e in (ValueError, TypeError, SingularGramError)}
+_PORTABLE: dict[str, type[Exception]] = {
+    e.__name__: e for e in (ValueError, TypeError, NonFiniteError, SingularGramError)
+}
 
 
 def resolve_mode(distributed: str | None, process_group: dist.ProcessGroup | None = None) -> str | None:

@@ -155,9 +155,19 @@ class LossClosure:
         return ((outputs - detached).unsqueeze(1) @ sqrt_h.to(outputs.dtype)).squeeze(1) + u.to(outputs.dtype)
 
     @torch.no_grad()
-    def loss_sum(self) -> float:
-        """Re-run the closure and return ``sum_i l_i`` (``inf`` when not finite), e.g. after a step."""
-        outputs, targets = split_pair(self.closure(), self.loss)
+    def loss_sum(self, rows: slice | None = None) -> float:
+        """Re-run the closure and return ``sum_i l_i`` (``inf`` when not finite), e.g. after a step;
+        with ``rows``, ``closure(rows)`` and the sum over those samples only.
+
+        Raises:
+            ValueError: the outputs are not as many as the rows asked of the batch of the last call."""
+        outputs, targets = split_pair(self.closure() if rows is None else self.closure(rows), self.loss)
+        if self.per_sample is not None and isinstance(outputs, Tensor):
+            expected = len(range(self.per_sample.shape[0])[rows or slice(None)])
+            if outputs.dim() == 0 or outputs.shape[0] != expected:
+                raise ValueError(
+                    f"closure returned {tuple(outputs.shape)} outputs when re-evaluated, expected {expected} rows"
+                )
         if not isinstance(outputs, Tensor) or not bool(torch.isfinite(outputs).all()):
             return float("inf")
         return float(self.loss.per_sample(outputs.detach(), self.loss.check(outputs, targets)).double().sum())

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .solve import NonFiniteError
+
 
 class Loss:
     """A per-sample loss ``l_i(f_i, y_i)`` with the output-space derivatives GGN needs.
@@ -64,7 +66,7 @@ def _check_outputs(outputs: Tensor, what: str) -> None:
         raise ValueError(f"{what} must have shape (b, k) with b >= 1, got {tuple(outputs.shape)}")
     bad = ~torch.isfinite(outputs.detach())
     if bool(bad.any()):
-        raise ValueError(
+        raise NonFiniteError(
             f"{int(bad.sum())} of {outputs.numel()} {what} are NaN or Inf (check the model and its inputs); "
             "no parameter was changed"
         )

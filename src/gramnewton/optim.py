@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .damping import DampingRule, GainRatioDamping, damping_rule, gain_ratio, loss_gain_ratio
+from .damping import DampingRule, GainRatioDamping, check_subset, damping_rule, loss_gain_ratio, squared_sums
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
@@ -76,7 +78,10 @@ class GramGaussNewton(Optimizer):
         - :math:`w`: ``params_or_model`` (the parameters to train).
         - :math:`f(w, x_B) - y_B`: what ``closure()`` returns, per sample, unreduced,
           shape ``(b,)`` or ``(b, k)``; or the pair ``(f(w, x_B), y_B)``, whose shapes must
-          match (no broadcasting; the targets are cast to the outputs' dtype).
+          match (no broadcasting; the targets are cast to the outputs' dtype). A damping rule
+          with a ``subset`` (:class:`~gramnewton.damping.GainRatioDamping`) re-evaluates
+          only the batch's first rows, by calling ``closure(rows)`` with ``rows`` a ``slice``:
+          the closure must then take it, e.g. ``lambda rows=slice(None): model(x[rows]) - y[rows]``.
         - :math:`J_B`: per-sample Jacobian ``(b*k, m)`` of those residuals, rows sample-major
           (row ``i*k + c`` is sample ``i``, output ``c``); never formed by the fast engine in
           sample space.
@@ -219,6 +224,9 @@ class GramGaussNewton(Optimizer):
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
             adaptive_damping = self.distributed != "local" and GainRatioDamping(check_every=4)
         self.damping: DampingRule | None = damping_rule(adaptive_damping)
+        check_subset(self._subset())
+        if self._subset() is not None and self.distributed is not None:
+            raise ValueError("a damping rule's subset re-evaluation is not supported with distributed training")
         self.communicator: Communicator | None = None
         if self.distributed is not None:
             if self.distributed == "local" and self.damping is not None:
@@ -288,6 +296,12 @@ class GramGaussNewton(Optimizer):
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"])
         if self.model is not None:
             check_per_sample_independence(self.model)
+        if self._subset() is not None and not _takes_rows(closure):
+            raise ValueError(
+                f"the damping rule re-evaluates a subset of {self._subset()} samples, so the closure must take "
+                "the rows to evaluate: closure(rows), rows a slice of the batch (e.g. "
+                "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
+            )
         closure = self._without_ddp_sync(closure)
         general = (
             None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
@@ -371,9 +385,9 @@ class GramGaussNewton(Optimizer):
             return closure
         model = self.model
 
-        def unsynced() -> Any:
+        def unsynced(*rows: slice) -> Any:
             with model.no_sync():
-                return closure()
+                return closure(*rows)
 
         return unsynced
 
@@ -382,6 +396,10 @@ class GramGaussNewton(Optimizer):
         if self.distributed == "exact":
             return self.communicator.total(fn, width)
         return torch.tensor([float(v) for v in fn()], dtype=torch.float64)
+
+    def _subset(self) -> int | None:
+        """The damping rule's ``subset`` (samples re-evaluated for the gain ratio), or ``None``."""
+        return getattr(self.damping, "subset", None)
 
     def _momentum_count(self) -> int:
         """``t - 1``: the accepted momentum steps since ``phi`` last started from zero (kept only
@@ -429,22 +447,35 @@ class GramGaussNewton(Optimizer):
     def _measure(
         self, closure: Closure, result: GramGaussNewtonStep, diagnostics: StepDiagnostics, general: LossClosure | None
     ) -> StepDiagnostics:
-        """Re-evaluate the batch (the union batch in exact mode): diagnostics with the loss after
-        the step and the gain ratio."""
+        """Re-evaluate the batch (the union batch in exact mode; its first ``subset`` rows under a
+        rule with a ``subset``): diagnostics with the loss after the step and the gain ratio.
+
+        The gain ratio restricted to rows ``S`` is exact for them: the loss, ``sum_i l_i``, and the
+        decrease the model predicts, ``1/2 (||u_i||^2 - ||u_i - (B^T J phi)_i||^2)`` (for the square
+        loss ``||r_i||^2 - ||r_i - (J phi)_i||^2``), are sums over samples ``i``."""
+        b = result.residuals.shape[0]
+        subset = self._subset()
+        rows = slice(0, subset) if subset is not None and subset < b else None
+        before_rows = result.residuals if rows is None else result.residuals[rows]  # (s, q): r or u
+        predicted = result.predicted.reshape(b, -1)
+        predicted = predicted if rows is None else predicted[rows]
         if general is not None:
-            before = float(self._total(lambda: (general.per_sample.double().sum(),), 1))
-            after = float(self._total(lambda: (general.loss_sum(),), 1))
-            rho = loss_gain_ratio(before, after, predicted_decrease(result.residuals, result.predicted))
-            loss_after = after / result.residuals.shape[0]
+            per_sample = general.per_sample if rows is None else general.per_sample[rows]
+            before = float(self._total(lambda: (per_sample.double().sum(),), 1))
+            after = float(self._total(lambda: (general.loss_sum(rows),), 1))
+            rho = loss_gain_ratio(before, after, predicted_decrease(before_rows, predicted))
+            loss_after = after / before_rows.shape[0]
         else:
+            call = closure if rows is None else functools.partial(closure, rows)
             if self.distributed == "exact":  # the union batch's residuals, in rank order
-                new_residuals = self.communicator.gather(lambda: closure_residuals(closure()).reshape(-1))
+                new_residuals = self.communicator.gather(lambda: closure_residuals(call()).reshape(-1))
             else:
-                new_residuals = closure_residuals(closure())
-            if not isinstance(new_residuals, Tensor) or new_residuals.numel() != result.residuals.numel():
+                new_residuals = closure_residuals(call())
+            if not isinstance(new_residuals, Tensor) or new_residuals.numel() != before_rows.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
-            rho = gain_ratio(result.residuals.reshape(-1), result.predicted, new_residuals.reshape(-1))
-            loss_after = float(new_residuals.detach().double().pow(2).mean())
+            before, model, after = squared_sums(before_rows, predicted, new_residuals)  # one synchronisation
+            rho = loss_gain_ratio(before, after, before - model)
+            loss_after = after / new_residuals.numel()
         return replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
 
 
@@ -452,6 +483,15 @@ class GramGaussNewton(Optimizer):
 def _restore(params: list[Tensor], backup: list[Tensor]) -> None:
     for p, old in zip(params, backup):
         p.copy_(old)
+
+
+def _takes_rows(closure: Closure) -> bool:
+    """Whether ``closure`` can be called with one positional argument (the ``rows`` to evaluate)."""
+    try:
+        inspect.signature(closure).bind(slice(0, 1))
+    except (TypeError, ValueError):  # no such parameter, or no signature to read
+        return False
+    return True
 
 
 def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> StepDiagnostics:

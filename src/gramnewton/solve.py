@@ -40,6 +40,12 @@ class SingularGramError(RuntimeError):
     """No finite Gram-Gauss-Newton step: the loss, Gram matrix, solution or direction is NaN or Inf."""
 
 
+class NonFiniteError(ValueError):
+    """The closure's outputs or residuals are NaN or Inf: a diverged model or bad input data; no
+    parameter was changed. A ``ValueError`` (bad input), kept apart so that a training driver can
+    tell a diverged run from a programming error."""
+
+
 def check_damping(lam: float, alpha: float) -> None:
     """Raise ``ValueError`` unless ``0 < lam < inf`` and ``0 <= alpha < inf`` (NaN is refused)."""
     if not 0 < lam < math.inf:

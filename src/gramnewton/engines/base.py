@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..solve import all_finite
+from ..solve import NonFiniteError, all_finite
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
 
@@ -173,7 +173,7 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
         )
     if not all_finite(residuals.detach()):
         count = int((~torch.isfinite(residuals.detach())).sum())
-        raise ValueError(
+        raise NonFiniteError(
             f"{count} of {residuals.numel()} residuals are NaN or Inf (check the targets and the "
             "model's outputs); no parameter was changed"
         )

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
+from ..solve import NonFiniteError
 from .base import Closure, GramSystem
 from .reference import ReferenceEngine, flatten, split_like
 
@@ -125,7 +126,7 @@ class FunctionalEngine:
         residuals = torch.cat([r for r, _ in blocks])
         bad = ~torch.isfinite(residuals)
         if bool(bad.any()):
-            raise ValueError(
+            raise NonFiniteError(
                 f"{int(bad.sum())} of {residuals.numel()} residuals are NaN or Inf (check the terms' functions "
                 "and inputs); no parameter was changed"
             )

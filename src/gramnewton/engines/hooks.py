@@ -87,6 +87,19 @@ class _ForeignUse(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _release(calls: list[_Call]) -> None:
+    """Drop each call's autograd nodes, at the end of every step and of every failed one.
+
+    Each output's autograd node holds its hook, the hook its call: a call holding the node (and
+    its inputs' nodes) makes a cycle through C++ that Python's collector does not free. The leaked
+    nodes, small blocks scattered among the step's large ones, made glibc's heap grow by 70-300 MB
+    per step on a ResNet (docs/performance.md); a refused step (NaN residuals) leaked its whole
+    graph, activations included.
+    """
+    for call in calls:
+        call.edge, call.input_nodes = None, frozenset()
+
+
 def _sink_edges(post: list[Any], nodes: dict[Any, list[_Call]]) -> list[GradientEdge]:
     """The hooked edges with no hooked node below them, among the nodes ``post`` (post-order).
 
@@ -211,12 +224,7 @@ class HooksEngine:
                 pieces = self._backward(residuals, calls, gram, timings, post)
             timings["backward"] = time.perf_counter() - start
         finally:
-            # Each output's autograd node holds its hook, the hook its call: a call holding the node
-            # (and its inputs' nodes) makes a cycle through C++ that Python's collector does not
-            # free. The leaked nodes, small blocks scattered among the step's large ones, made
-            # glibc's heap grow by 70-300 MB per step on a ResNet (docs/performance.md).
-            for call in calls:
-                call.edge, call.input_nodes = None, frozenset()
+            _release(calls)
         self.last_timings = timings
 
         dtype = residuals.dtype  # the Gram's and every piece's
@@ -310,11 +318,17 @@ class HooksEngine:
                 )
             with torch.enable_grad(), _ForeignUse(owners, stack, foreign):
                 value = closure()
+        except BaseException:
+            _release(calls)  # a closure failing mid-forward: its calls so far
+            raise
         finally:
             for handle in handles:
                 handle.remove()
-        # validated outside the mode: its checks are not forward operations to watch
-        return residuals_2d(value, self._dtype), calls, foreign
+        try:  # validated outside the mode: its checks are not forward operations to watch
+            return residuals_2d(value, self._dtype), calls, foreign
+        except BaseException:
+            _release(calls)  # e.g. NaN residuals: refused before compute's own cleanup
+            raise
 
     def _off_path(self, residuals: Tensor, calls: list[_Call]) -> set[int]:
         """Ids of hooked parameters that the residuals reach other than through their modules'

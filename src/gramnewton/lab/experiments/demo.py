@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ...solve import NonFiniteError, SingularGramError
 from ..data import get_dataset, is_classification
 from ..data.augment import translation
 from ..models import get_model
@@ -119,6 +121,11 @@ class DemoConfig:
     shift: int = 0  # random translations of the training images by up to this many pixels
 
 
+class DivergedRunWarning(UserWarning):
+    """A demo run stopped early: its optimizer refused a step with NaN or Inf outputs, or found no
+    finite step (the run diverged); the other runs go on."""
+
+
 class TimeMarks(Callback):
     """Evaluates the full train and test MSE at the first step past every ``every`` training
     seconds (so runs can be compared at fixed times); records go to :attr:`records`."""
@@ -161,6 +168,11 @@ def run_demo(
     (for regression, the epoch evaluations and those every ``config.mark`` seconds, in step order).
 
     ``progress(label)``, when given, makes a callback for that optimizer's run (a progress bar).
+
+    A run that diverges (a GGN step refuses NaN or Inf outputs, or finds no finite step) ends
+    there with a :class:`DivergedRunWarning`; its log ends with a record of NaN losses and
+    accuracy at that step (so it loses every comparison, as a first-order run whose losses became
+    NaN does), and the next run starts: one diverging point of a sweep does not end the sweep.
     """
     train_set = get_dataset(config.dataset, split="train", seed=config.seed)
     test_set = get_dataset(config.dataset, split="test", seed=config.seed)
@@ -174,17 +186,27 @@ def run_demo(
         evaluator = EpochEvaluator(model, train_set, test_set, train=config.evaluate_train)
         marks = [TimeMarks(model, train_set, test_set, config.mark)] if config.task == "regression" else []
         model.train()
-        state = fit(
-            make_train_step(model, optimizer, task_loss(train_set), config.label_smoothing),
-            train_set,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            epochs=config.max_epochs,
-            seconds=config.seconds,
-            callbacks=[evaluator, *marks, *([progress(name)] if progress else [])],
-            augment=augment,
-        )
-        evaluator.finish(state)
+        state = FitState()
+        try:
+            fit(
+                make_train_step(model, optimizer, task_loss(train_set), config.label_smoothing),
+                train_set,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                epochs=config.max_epochs,
+                seconds=config.seconds,
+                state=state,
+                callbacks=[evaluator, *marks, *([progress(name)] if progress else [])],
+                augment=augment,
+            )
+        except (NonFiniteError, SingularGramError) as error:
+            warnings.warn(f"{name} diverged at step {state.step + 1}: {error}", DivergedRunWarning, stacklevel=2)
+            nan = math.nan
+            evaluator.records.append(
+                EpochRecord(state.epoch + 1, state.step + 1, state.seconds, nan, nan, nan, nan, nan)
+            )
+        else:
+            evaluator.finish(state)
         extra = [r for m in marks for r in m.records]
         logs[name] = sorted(evaluator.records + extra, key=lambda r: (r.step, r.epoch))
     return logs

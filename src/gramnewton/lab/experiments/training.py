@@ -59,6 +59,9 @@ def residuals(outputs: Tensor, targets: Tensor) -> Tensor:
     return outputs - targets
 
 
+ALL = slice(None)  # the rows of a whole batch
+
+
 def make_train_step(
     model: nn.Module, optimizer: Optimizer, loss: str | None = None, label_smoothing: float = 0.0
 ) -> TrainStep:
@@ -92,11 +95,13 @@ def make_train_step(
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if isinstance(optimizer, GramGaussNewton):
+        # every closure takes the rows to evaluate (the whole batch by default), so that a damping
+        # rule with a ``subset`` can re-evaluate the first rows only; a slice of a tensor is a view
         if isinstance(optimizer.loss, SquaredError):
-            return lambda x, y: optimizer.step(lambda: residuals(model(x), y))
+            return lambda x, y: optimizer.step(lambda rows=ALL: residuals(model(x[rows]), y[rows]))
         if label_smoothing:
-            return lambda x, y: optimizer.step(lambda: _smoothed(model(x), y, label_smoothing))
-        return lambda x, y: optimizer.step(lambda: (model(x), y))
+            return lambda x, y: optimizer.step(lambda rows=ALL: _smoothed(model(x[rows]), y[rows], label_smoothing))
+        return lambda x, y: optimizer.step(lambda rows=ALL: (model(x[rows]), y[rows]))
     if loss not in TASK_LOSSES:
         raise ValueError(f"unknown task loss {loss!r} for a first-order optimizer; expected one of {TASK_LOSSES}")
     fisher = isinstance(optimizer, KFAC) and loss == "cross_entropy"
