@@ -14,6 +14,9 @@ the steady state, and live memory from what the allocator keeps:
   from the kernel and the bytes allocated in them (``null`` with another allocator). A heap that
   grows step after step with the same bytes in use is fragmentation: something small and
   long-lived sits between the step's large blocks.
+- ``forward_faults`` / ``faults``: minor page faults (pages the kernel mapped and zeroed for the
+  allocator) during the model's forward pass (from its forward pre-hook to its forward hook, the
+  same span for SGD and GGN, whose closure calls the model) and during the whole step.
 
 Each (model, method, allocator) runs in a fresh child process (``torch.set_num_threads(2)``,
 ``OMP_WAIT_POLICY=PASSIVE``), as in ``step_cost.py``, with the same models and allocators.
@@ -30,6 +33,7 @@ import ctypes
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -93,9 +97,13 @@ def measure(model_name: str, batch: int, method: str, steps: int) -> list[dict]:
     """In this process: ``steps`` steps of ``method``, one record per step."""
     model, x, y = step_cost.setup(model_name, batch)
     step, _ = step_cost.make_step(method, model, x, y)
+    marks: dict[str, int] = {}
+    model.register_forward_pre_hook(lambda *_: marks.__setitem__("forward_start", minor_faults()))
+    model.register_forward_hook(lambda *_: marks.__setitem__("forward_end", minor_faults()))
     records = []
     for _ in range(steps):
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
+        start = minor_faults()
         with InUsePeak() as live:
             step()
         heap_mb, in_use_mb = heap() or (None, None)
@@ -105,9 +113,16 @@ def measure(model_name: str, batch: int, method: str, steps: int) -> list[dict]:
                 "peak_in_use_mb": live.peak_mb,
                 "heap_mb": heap_mb,
                 "in_use_mb": in_use_mb,
+                "forward_faults": marks["forward_end"] - marks["forward_start"],
+                "faults": minor_faults() - start,
             }
         )
     return records
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -153,8 +168,10 @@ def main() -> None:
                 peaks = " ".join(f"{s['peak_mb']:.0f}" for s in steps)
                 live = " ".join("-" if s["peak_in_use_mb"] is None else f"{s['peak_in_use_mb']:.0f}" for s in steps)
                 heaps = " ".join("-" if s["heap_mb"] is None else f"{s['heap_mb']:.0f}" for s in steps)
+                faults = " ".join(f"{s['forward_faults']}/{s['faults']}" for s in steps)
                 print(
-                    f"{model_name} b={args.batch} {method} [{allocator}, load {load[0]:.1f}]: peak MB per step {peaks}; in use at peak {live}; heap MB {heaps}",
+                    f"{model_name} b={args.batch} {method} [{allocator}, load {load[0]:.1f}]: peak MB per step {peaks}; "
+                    f"in use at peak {live}; heap MB {heaps}; faults forward/step {faults}",
                     flush=True,
                 )
     args.out.parent.mkdir(parents=True, exist_ok=True)
