@@ -327,10 +327,13 @@ def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
 CONV2D_CASES = [c for c in CASES if c.name.startswith(("conv2d", "resnet8", "groupnorm", "batchnorm"))]
 
 
-@pytest.mark.parametrize("path", ["grouped", "patches", "correlate"])
+@pytest.mark.parametrize("path", ["grouped", "grouped_chunks", "patches", "correlate"])
 @pytest.mark.parametrize("case", CONV2D_CASES, ids=[c.name for c in CONV2D_CASES])
 def test_conv_weight_paths(case: Case, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = handlers.CONV_WEIGHT_PATHS
+    if path == "grouped_chunks":  # one sample per grouped convolution (conv2d_b7_k2: 14 of them)
+        path = "grouped"
+        monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 1)
     monkeypatch.setattr(paths, "forced", path)
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))  # offer it for every shape
     monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", float("inf"))
@@ -351,7 +354,7 @@ CONV_LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("path", ["grouped", "patches", "correlate"])
+@pytest.mark.parametrize("path", ["grouped", "grouped_chunks", "patches", "correlate"])
 @pytest.mark.parametrize("layer", range(len(CONV_LAYERS)))
 def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``J^T v`` and ``J v`` of every conv weight piece against its materialised ``J`` (float64)."""
@@ -361,6 +364,9 @@ def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monke
     x = torch.randn(*shape, dtype=torch.float64)
     with torch.no_grad():
         g = torch.randn_like(module(x))
+    if path == "grouped_chunks":  # two samples per grouped convolution (5 and 3 samples: the last one short)
+        path = "grouped"
+        monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 2 * 8 * max(x[0].numel(), g[0].numel()))
     monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", path)
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
     monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", float("inf"))

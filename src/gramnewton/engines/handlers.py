@@ -271,6 +271,9 @@ CONV_WEIGHT_PATHS = MeasuredChoice()
 # The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
+# The grouped path runs on chunks of samples whose ``x`` and ``g`` are each at most this many bytes
+# (the kernel copies both; well below glibc's 32 MiB ceiling for heap blocks: ``_conv_weight_per_sample``).
+GROUPED_CHUNK_BYTES = 8 << 20
 # Inside an engine the patches path gathers its patches in this many chunks of samples (scratch
 # ``1 / PATCH_CHUNKS`` of the whole; one batched GEMM per chunk).
 PATCH_CHUNKS = 4
@@ -421,26 +424,12 @@ def _conv_padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int,
     return x, tuple(module.padding)
 
 
-def _conv_weight_per_sample(
-    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool = False
-) -> Dense | PermutedDense:
-    """Per-sample weight gradients ``(n, numel)`` by one grouped weight-gradient convolution.
-
-    The rows are folded into the channels, ``(1, n*C, ...)``, with ``n * groups`` groups: the
-    batched weight gradient of that convolution is the stack of the per-sample ones, computed by
-    the same fast kernel as an ordinary weight gradient (no im2col).
-
-    Inside an engine, gradients kept until ``J^T v`` (not ``transient``) are copied into a buffer of
-    its workspace, allocated once and reused while shapes repeat: left to the allocator, these
-    blocks (the largest a step keeps: 19 MB per 64-channel layer of ResNet-32 at 64x64, b = 128)
-    were freed at the end of every step, which took most of the step's "solve and apply" time and
-    let glibc's heap grow step after step (docs/performance.md, mem5). The result is then a
-    :class:`PermutedDense` with the identity permutation, which carries the workspace's stamp.
-    """
-    n = x.shape[0]
-    weight = module.weight
+def _grouped_weight_gradients(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Tensor:
+    """``(n, numel)``: the rows folded into the channels, ``(1, n*C, ...)``, with ``n * groups``
+    groups; the batched weight gradient of that convolution is the stack of the per-sample ones."""
+    n, weight = x.shape[0], module.weight
     grouped = g.new_empty(1).expand(n * weight.shape[0], *weight.shape[1:])
-    grads = torch.ops.aten.convolution_backward(
+    return torch.ops.aten.convolution_backward(
         g.reshape(1, n * g.shape[1], *g.shape[2:]),
         x.reshape(1, n * x.shape[1], *x.shape[2:]),
         grouped,
@@ -453,12 +442,49 @@ def _conv_weight_per_sample(
         n * module.groups,
         (False, True, False),
     )[1].reshape(n, -1)
+
+
+def _conv_weight_per_sample(
+    module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool = False
+) -> Dense | PermutedDense:
+    """Per-sample weight gradients ``(n, numel)`` by grouped weight-gradient convolutions
+    (:func:`_grouped_weight_gradients`: the same fast kernel as an ordinary weight gradient, no
+    im2col), over chunks of samples whose ``x`` and ``g`` are at most ``GROUPED_CHUNK_BYTES``.
+
+    Why chunks: the kernel copies its folded ``x`` and ``g`` (two temporaries of their size). At
+    ResNet-32's first stage at 64x64, b = 128, those are 32 MiB each, at glibc's ceiling for
+    serving blocks from its heap, so every call mapped (and the kernel zeroed) 64 MiB afresh: 16k
+    page faults per layer and step, which SGD's backward does not pay (docs/performance.md, mem6).
+
+    Inside an engine, gradients kept until ``J^T v`` (not ``transient``) go to a buffer of its
+    workspace (``transient`` ones, when chunked, to its scratch), allocated once and reused while
+    shapes repeat: left to the allocator, these blocks (19 MB per 64-channel layer of ResNet-32 at
+    64x64, b = 128) were freed at the end of every step, which took most of the step's "solve and
+    apply" time and let glibc's heap grow step after step (docs/performance.md, mem5). The result is
+    then a :class:`PermutedDense` with the identity permutation, which carries the workspace's stamp.
+    """
+    n, weight = x.shape[0], module.weight
+    chunk = max(1, GROUPED_CHUNK_BYTES // (max(x[0].numel(), g[0].numel()) * x.element_size()))
     work = ws.active()
-    if work is None or transient:
-        return Dense(grads)
-    kept, stamp = work.keep("conv_jac", tuple(grads.shape), grads)
-    kept.copy_(grads)
-    return PermutedDense(kept, tuple(weight.shape), tuple(range(weight.dim())), stamp)
+    identity = tuple(range(weight.dim()))
+    if chunk >= n:
+        grads = _grouped_weight_gradients(module, x, g, padding)
+        if work is None or transient:
+            return Dense(grads)
+        kept, stamp = work.keep("conv_jac", tuple(grads.shape), grads)
+        kept.copy_(grads)
+        return PermutedDense(kept, tuple(weight.shape), identity, stamp)
+    shape, stamp = (n, weight.numel()), None
+    if work is None:
+        jac = x.new_empty(shape)
+    elif transient:
+        jac = work.scratch("conv_jac", shape, x)
+    else:
+        jac, stamp = work.keep("conv_jac", shape, x)
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        jac[rows] = _grouped_weight_gradients(module, x[rows], g[rows], padding)
+    return PermutedDense(jac, tuple(weight.shape), identity, stamp)
 
 
 def _conv2d_weight_per_sample_patches(
