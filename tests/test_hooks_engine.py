@@ -675,16 +675,16 @@ def test_workspace_buffers_are_reused_and_stale_systems_raise(
             first.jt_times(v)
 
 
-def test_a_conv_keeps_its_factors_when_its_gradients_are_larger(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Default rule: per-sample gradients larger than ``x`` and ``g`` together are not kept (here
-    576 entries per sample against 128 + 128; ResNet-32's 64-channel layers at 64x64 are 1.1x)."""
+def test_a_conv_keeps_its_factors_when_its_gradients_are_much_larger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default rule: a weight whose per-sample gradients are more than ``KEEP_FACTORS_ABOVE`` (4)
+    times ``x`` and ``g`` together keeps ``(x, g)`` (576 entries per sample against 32 + 32); at
+    2.25 times (against 128 + 128) its gradients are kept."""
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     module, handler = nn.Conv2d(8, 8, 3, padding=1), handlers.handler_for(nn.Conv2d(1, 1, 1))
-    x = torch.randn(5, 8, 4, 4)
-    g = torch.randn(5, 8, 4, 4)
-    assert isinstance(handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"], handlers.KeptConv)
-    small = nn.Conv2d(8, 2, 1)  # 16 entries per sample against 128 + 32: materialised
-    piece = handler.contributions(small, x, torch.randn(5, 2, 4, 4), frozenset({"weight"}), True)["weight"]
+    small, large = torch.randn(5, 8, 2, 2), torch.randn(5, 8, 4, 4)
+    piece = handler.contributions(module, small, torch.randn_like(small), frozenset({"weight"}), True)["weight"]
+    assert isinstance(piece, handlers.KeptConv)
+    piece = handler.contributions(module, large, torch.randn_like(large), frozenset({"weight"}), True)["weight"]
     assert not isinstance(piece, handlers.KeptConv)
 
 

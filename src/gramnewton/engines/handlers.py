@@ -198,7 +198,7 @@ class PermutedDense:
 class KeptConv:
     """A convolution weight's per-sample gradients kept as the layer's input and output gradient.
 
-    Used where the per-sample gradients ``(n, numel)`` are larger than ``x`` and ``g``
+    Used where the per-sample gradients ``(n, numel)`` are much larger than ``x`` and ``g``
     (:data:`KEEP_FACTORS_ABOVE`; deep layers), so they need not stay in memory until ``J^T v``: the Gram
     part is added from per-sample gradients that are formed, used and dropped at once, ``J^T v``
     is one batched weight-gradient convolution of the ``v``-weighted output gradients (the kernel
@@ -283,12 +283,10 @@ PATCH_CHUNKS = 4
 MAX_CORRELATE_CHANNELS = 4
 # A convolution weight used once keeps ``(x, g)`` instead of its per-sample gradients
 # (:class:`KeptConv`) when those are more than this many times larger, per sample: it saves
-# memory at the price of one batched weight-gradient convolution in ``J^T v``. 1 (mem6; was 4):
-# the layers nearest the output run first in the backward and hold their gradients through the
-# activations' peak, so any saving lowers the step's peak (ResNet-32-Fixup 64x64, b = 128: the
-# 64-channel layers keep 8 MB of ``g`` instead of 19 MB of gradients each; peak RSS 1.14 -> 1.08 x SGD,
-# ``J^T r`` +0.12 s; docs/performance.md, mem6).
-KEEP_FACTORS_ABOVE = 1
+# memory at the price of one batched weight-gradient convolution in ``J^T v``. 1 would also keep
+# ResNet-32's 64-channel layers at 64x64 (1.1x): peak RSS 1.06-1.09x SGD instead of 1.11-1.18x,
+# but ``J^T r`` +0.12 s, the step 6-8% slower (docs/performance.md, mem6).
+KEEP_FACTORS_ABOVE = 4
 
 
 def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
