@@ -14,6 +14,9 @@ variants and records, for every step ``t`` (with ``phi_t`` the step taken):
 - ``transfer``: held-back decrease over own-batch decrease;
 - ``phi_norm``: ``||phi_t||``; ``alpha``: the damping used; ``rejected``.
 
+Variants (:data:`VARIANTS`) run without momentum unless they set it; ``defaults`` is
+``GramGaussNewton(model)`` as a user gets it (momentum 0.9, ``lam=16``, gain-ratio damping).
+
 Decision rules: the plateau is *noise* if the held-back decrease is a small fraction of the
 batch decrease and shrinks with larger batches; *damping* if ``alpha`` climbs under the
 adaptive rule; *step length* if ``transfer`` > 0 but progress stalls as ``phi_norm`` shrinks;
@@ -63,6 +66,8 @@ VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
     "alpha3": (128, dict(lam=8.0, alpha=3.0)),
     "alpha30": (128, dict(lam=8.0, alpha=30.0)),
     "lam1": (128, dict(lam=1.0, alpha=0.3)),
+    # GramGaussNewton(model) as a user gets it (the constructor's momentum, not the study's 0)
+    "defaults": (128, dict(momentum=0.9)),
 }
 
 
@@ -100,7 +105,7 @@ def run_variant(name: str, epochs: float, held: int, seed: int) -> dict[str, Any
         step = opt.last_step
         phi = [-d for d in step.direction]
         r = step.residuals.reshape(-1).double()
-        predicted = r - step.gram.double() @ step.coefficients.double()
+        predicted = step.predicted.reshape(-1).double()  # r - J phi_t: with momentum too
         after_params = [p.detach().clone() for p in opt.engine.params]
         # evaluate "after" at the stepped weights even when the adaptive rule undid the step
         with torch.no_grad():
