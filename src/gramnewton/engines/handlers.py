@@ -650,8 +650,8 @@ def _channel_affine_pieces(
     ``x_hat = normalise(a)``; the weight's row ``i`` is ``sum_{...} g_i * x_hat_i`` per channel,
     ``(n, C)``, the product written over ``x_hat`` and summed over the trailing (contiguous)
     positions; the bias's is ``sum_{...} g_i``. One temporary the size of the activation; moving
-    the channels last, as :func:`_affine_pieces` does for LayerNorm, made three more and took more
-    time at every stage of ResNet-32-GN (docs/performance.md, mem6).
+    the channels last, as :func:`_affine_pieces` does for LayerNorm, made three more (the step's
+    time is unchanged: docs/performance.md, mem6).
     """
     positions = tuple(range(2, g.dim()))
     pieces: dict[str, Piece] = {}
