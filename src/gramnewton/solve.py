@@ -293,13 +293,13 @@ def parameter_space_solve(
     if alpha == 0:
         x, _, info = jacobian_solve(jac, rhs, lam, alpha, dtype=dtype)
         return x, info
-    if not all_finite(jac):  # one sum: Cholesky and QR alike would turn NaN into a finite-looking step
-        raise SingularGramError("the Jacobian has NaN or Inf entries; no parameter was changed")
     m = jac.shape[1]
     if dtype is None and solve_dtype_for(jac.dtype) != torch.float64 and m <= NORMAL_EQUATIONS_MAX_PARAMS:
         solved = _normal_equations(jac, rhs, lam, alpha, prior)
         if solved is not None:
             return solved
+    if not all_finite(jac):  # one sum; the QR would turn a NaN into a finite-looking step
+        raise SingularGramError("the Jacobian has NaN or Inf entries; no parameter was changed")
     work = dtype or solve_dtype_for(jac.dtype)
     a, r = jac.to(work), rhs.to(work)
     stacked = torch.cat([math.sqrt(lam) * a, math.sqrt(alpha) * torch.eye(m, dtype=work, device=a.device)])
@@ -318,7 +318,12 @@ def _normal_equations(
 ) -> tuple[Tensor, SolveInfo] | None:
     """``(lam J^T J + alpha I) x = J^T rhs + alpha prior`` in float64 by Cholesky (``jac`` ``(n, m)``,
     ``rhs`` ``(n,)``, ``prior`` ``(m,)`` or ``None``); ``None`` when the Cholesky fails
-    :func:`_plain_cholesky`'s pivot test (the caller then uses the QR)."""
+    :func:`_plain_cholesky`'s pivot test (the caller then uses the QR).
+
+    No finiteness check of its own: a NaN or Inf in ``J`` (or a ``J^T J`` that overflows) puts a
+    NaN or Inf on the diagonal of ``J^T J``, which fails the pivot test (the QR path then checks
+    ``J`` and raises); a finite ``J``, ``rhs`` and ``prior`` with a factor that passed it give a
+    finite solution unless it overflows, which :func:`_finite` refuses."""
     a = jac.double()
     # each product of two float32 entries is exact in float64; only the sums round (n * eps64)
     mat = (a.mT @ a).mul_(lam)
