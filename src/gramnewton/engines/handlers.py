@@ -665,9 +665,7 @@ def _channel_affine_pieces(
 
 @register_handler(nn.GroupNorm)
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
-    return _channel_affine_pieces(
-        lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names
-    )
+    return _channel_affine_pieces(lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names)
 
 
 @register_handler(nn.LayerNorm)
