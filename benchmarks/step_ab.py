@@ -14,19 +14,26 @@ the weights where they are) or, with ``--demo``, ``GramGaussNewton(model)``'s de
 until the damping rule sits at its floor (as ``ggn_demo`` there).
 
 ``torch.set_num_threads(--threads)`` (default 2), ``OMP_WAIT_POLICY=PASSIVE`` (set before torch
-starts); the load average before and after is recorded. Results are appended to ``--out``::
+starts); the load average before and after is recorded. With ``--profile N`` each GGN version
+then takes ``N`` more steps under ``cProfile`` (after the timed rounds, so the timings are
+unaffected): the functions with the largest cumulative and own time per step are recorded
+(cProfile's overhead inflates them; read them as shares, the timed medians as costs).
+Results are appended to ``--out``::
 
     python benchmarks/step_ab.py --rev 4cf6bb2 --model two_layer --batch 32 --reps 400
     python benchmarks/step_ab.py --rev 4cf6bb2 --model resnet8 --batch 128 --reps 12 --demo
+    python benchmarks/step_ab.py --rev 5c56b22 --model sinc --batch 1000 --reps 400 --demo --profile 300
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import importlib
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -87,6 +94,27 @@ def ggn_step(package: object, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return step
 
 
+def profile(step: Callable[[], object], steps: int, top: int = 25) -> dict[str, list[dict]]:
+    """``steps`` calls of ``step`` under cProfile: the ``top`` functions by cumulative and by own
+    time, as ``{"function", "calls_per_step", "cumulative_us", "own_us"}`` per step."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive, own, cumulative, callers)
+    rows = [
+        {
+            "function": f"{Path(file).name}:{line}({name})",
+            "calls_per_step": calls / steps,
+            "cumulative_us": cumulative / steps * 1e6,
+            "own_us": own / steps * 1e6,
+        }
+        for (file, line, name), (calls, _, own, cumulative, _) in stats.items()
+    ]
+    return {key: sorted(rows, key=lambda r: -r[key])[:top] for key in ("cumulative_us", "own_us")}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rev", required=True, help="git revision whose core is 'before'")
@@ -97,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--demo", action="store_true", help="the optimizer's defaults (momentum, gain-ratio damping)")
     p.add_argument("--after-first", action="store_true", help="build and run 'after' before 'before' each round")
+    p.add_argument("--profile", type=int, default=0, help="steps of each GGN version under cProfile afterwards")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_ab.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -120,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                 elapsed = time.perf_counter() - start
                 if rnd >= args.warmup:
                     times[name].append(elapsed)
+        load_after = os.getloadavg()
+        profiles = {name: profile(steps[name], args.profile) for name in ("before", "after")} if args.profile else {}
     median = {name: statistics.median(ts) for name, ts in times.items()}
     run = {
         "rev": args.rev,
@@ -131,11 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "started": started,
         "load_average": load,
-        "load_average_after": os.getloadavg(),
+        "load_average_after": load_after,
         "median_s": median,
         "times_s": times,
         "ratio_to_sgd": {name: median[name] / median["sgd"] for name in median},
         "after_over_before": median["after"] / median["before"],
+        "profile_steps": args.profile,
+        "profile": profiles,
         # each version times its conv paths once per layer shape and keeps the fastest (noisy
         # timings can keep a slower one): what each chose
         "conv_paths": {
@@ -153,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         + f"; after/before {run['after_over_before']:.3f}",
         flush=True,
     )
+    for name, tables in profiles.items():
+        print(f"{name}: cProfile, us per step (cumulative / own), largest cumulative first")
+        for row in tables["cumulative_us"][:15]:
+            print(
+                f"  {row['cumulative_us']:8.0f} {row['own_us']:8.0f}  {row['calls_per_step']:5.1f}x  {row['function']}"
+            )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,18 @@ DEMO_PRIMING_STEPS = 60
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A network and its batches: ``data(b)`` gives ``(x, y)`` (default: standard normal ``x`` of
+    ``input_shape`` and ``y`` of shape ``(b,)``)."""
+
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
+    data: Callable[[int], tuple[Tensor, Tensor]] | None = None
+
+
+def sinc_batch(b: int) -> tuple[Tensor, Tensor]:
+    """``b`` uniform points of ``[-1, 1]`` and ``sinc(10 x)``: the time-to-target benchmark's sinc task."""
+    x = 2 * torch.rand(b, 1) - 1
+    return x, torch.sinc(10 * x).squeeze(1)
 
 
 MODELS = {
@@ -77,6 +87,8 @@ MODELS = {
     "two_layer": ModelSpec(lambda: TwoLayerNet(10, width=4096), (10,)),
     # the network `gramnewton demo` trains, on its (1, 28, 28) images
     "resnet8": ModelSpec(lambda: get_model("resnet8_fixup", in_channels=1, num_outputs=1), (1, 28, 28)),
+    # benchmarks/time_to_target.py's sinc task: 1-20-1 tanh MLP, 61 parameters
+    "sinc": ModelSpec(lambda: get_model("mlp", in_channels=1, hidden=(20,), act="tanh"), (1,), sinc_batch),
 }
 
 
@@ -190,6 +202,8 @@ def setup(model_name: str, batch: int) -> tuple[nn.Module, Tensor, Tensor]:
     with torch.no_grad():  # Fixup zero-initialises layers; timings should not depend on that
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    if spec.data is not None:
+        return model, *spec.data(batch)
     return model, torch.randn(batch, *spec.input_shape), torch.randn(batch)
 
 

@@ -23,7 +23,8 @@ class StepDiagnostics:
         lam: the Gram scale this step was solved with.
         momentum: ``mu`` of this step.
         jitter: what the solve added to the diagonal beyond ``alpha`` (0 for a plain Cholesky).
-        solve_method: ``"cholesky"``, ``"jitter"`` or ``"eigh"``.
+        solve_method: ``"cholesky"``, ``"jitter"`` or ``"eigh"`` (sample space), ``"svd"``, or
+            ``"normal_equations"`` or ``"qr"`` (parameter space; :class:`~gramnewton.solve.SolveInfo`).
         solve_space: ``"sample"`` or ``"parameter"``.
         condition: estimate of the condition number of the solved matrix (``lam G + alpha I`` or
             ``lam J^T J + alpha I``): ``(max L_ii / min L_ii)^2`` of its Cholesky factor, or the

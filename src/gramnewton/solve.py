@@ -62,7 +62,8 @@ def solve_dtype_for(dtype: torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class SolveInfo:
     """How a damped system was solved: ``method`` is ``"cholesky"``, ``"jitter"``, ``"eigh"`` (from
-    ``G``) or ``"svd"`` (from ``J``); ``rank``: singular values or eigenvalues kept.
+    ``G``), ``"svd"`` (from ``J``), or in parameter space ``"normal_equations"`` or ``"qr"``
+    (:func:`parameter_space_solve`); ``rank``: singular values or eigenvalues kept.
 
     ``condition`` estimates the condition number of the matrix that was factorised: the squared
     ratio of the largest to the smallest Cholesky pivot (a lower bound), or of the largest to the
@@ -153,7 +154,7 @@ def damped_solve(
     if plain is not None:  # the usual path: a Cholesky that succeeded says the matrix was finite
         chol, condition = plain
         return _finite(torch.cholesky_solve(b, chol).squeeze(1), out_dtype), SolveInfo("cholesky", condition=condition)
-    if not bool(torch.isfinite(mat).all()):
+    if not all_finite(mat):  # one sum: at b = 100 on the sinc network (G of rank 61) every step comes here
         raise SingularGramError("the Gram matrix has NaN or Inf entries; no parameter was changed")
     n = mat.shape[0]
     scale = float(mat.diagonal().abs().mean()) or 1.0
@@ -167,7 +168,7 @@ def damped_solve(
         if plain is not None:
             chol, condition = plain
             x = torch.cholesky_solve(b, chol).squeeze(1)
-            if bool(torch.isfinite(x).all()):
+            if all_finite(x):
                 return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=condition)
 
     evals, evecs = torch.linalg.eigh(mat)
@@ -230,6 +231,12 @@ def jacobian_solve(
     return _finite(jt_c, rhs.dtype), _finite(u @ projected, rhs.dtype), info
 
 
+# Largest ``m`` whose float32 parameter-space system is solved by the float64 normal equations
+# (:func:`parameter_space_solve`): their cost, ``n m^2`` float64 multiply-adds, stays that of the
+# float32 QR's ``2 n m^2`` on a CPU; on an accelerator with slow float64 a large ``m`` would not.
+NORMAL_EQUATIONS_MAX_PARAMS = 1024
+
+
 def parameter_space_solve(
     jac: Tensor,
     rhs: Tensor,
@@ -241,15 +248,29 @@ def parameter_space_solve(
 ) -> tuple[Tensor, SolveInfo]:
     """Solve the parameter-space (Levenberg-Marquardt) system ``(lam J^T J + alpha I) x = J^T rhs + alpha prior``.
 
-    ``x`` minimises ``lam ||J x - rhs / lam||^2 + alpha ||x - prior||^2``. For ``alpha > 0`` it is
-    the least-squares solution of the stacked ``(n + m, m)`` system
-    ``[sqrt(lam) J; sqrt(alpha) I] x = [rhs / sqrt(lam); sqrt(alpha) prior]``, solved by a QR
-    factorisation (``2 n m^2`` multiply-adds). The stacked matrix's condition number is the square
-    root of ``lam J^T J + alpha I``'s, bounded through ``alpha``: forming ``J^T J`` would square it,
-    and an SVD of ``J`` alone works with ``cond(J)``, unbounded (float32 sinc network, ``n = 1000``,
-    ``alpha = 1e-3``, max-norm relative error of the step: QR 9e-5, SVD of ``J`` without cut-off 1.4e-3, normal
-    equations 0.74; tests/test_momentum.py). ``R`` is the Cholesky factor of
-    ``lam J^T J + alpha I``: its pivots give the condition estimate, as in :func:`damped_solve`.
+    ``x`` minimises ``lam ||J x - rhs / lam||^2 + alpha ||x - prior||^2``. Two exact solves for
+    ``alpha > 0``, with ``K = cond(lam J^T J + alpha I)`` (bounded through ``alpha``):
+
+    - **Normal equations in float64** (default for a float32, float16 or bfloat16 ``J`` with
+      ``m <= NORMAL_EQUATIONS_MAX_PARAMS`` and no ``dtype`` given): ``J`` cast to float64 (exactly),
+      ``lam J^T J + alpha I`` formed and Cholesky-factorised in float64; forward error about
+      ``K * eps64``, below the float32 QR's ``sqrt(K) * eps32`` for every ``K < 2.9e17``, and the
+      solution is rounded to float32 at the end anyway. Accepted under :func:`damped_solve`'s pivot
+      test (``K`` below about ``1 / (m * eps64)``), else the QR below is used. Cost: ``n m^2``
+      float64 multiply-adds and an ``(m, m)`` Cholesky. Measured on the sinc network (``m = 61``,
+      ``n = 1000``): half the time of the float32 QR and its load sensitivity (MKL's ``geqrf`` on a
+      ``(1061, 61)`` matrix took 2-10x its quiet time with the 2 cores busy; docs/performance.md,
+      "Session tiny7").
+    - **QR** (float64 ``J``, or ``dtype`` given): the least-squares solution of the stacked
+      ``(n + m, m)`` system ``[sqrt(lam) J; sqrt(alpha) I] x = [rhs / sqrt(lam); sqrt(alpha) prior]``
+      (``2 n m^2`` multiply-adds in the work dtype). The stacked matrix's condition number is
+      ``sqrt(K)``: forming ``J^T J`` in the same dtype would square it, and an SVD of ``J`` alone
+      works with ``cond(J)``, unbounded (float32 sinc network, ``n = 1000``, ``alpha = 1e-3``,
+      max-norm relative error of the step: QR 9e-5, SVD of ``J`` without cut-off 1.4e-3, normal
+      equations in float32 0.74; tests/test_momentum.py). ``R`` is the Cholesky factor of
+      ``lam J^T J + alpha I``.
+
+    Either way the factor's pivots give the condition estimate, as in :func:`damped_solve`.
     With ``alpha = 0`` the prior has no weight and the minimum-norm least-squares solution comes
     from :func:`jacobian_solve` (rank-revealing SVD, cut-off above).
 
@@ -258,11 +279,11 @@ def parameter_space_solve(
         rhs: ``(n,)`` right-hand side (the residuals, less ``lam mu J phi_{t-1}`` with momentum).
         lam, alpha: as in :func:`damped_solve`.
         prior: ``(m,)`` the point the damping pulls towards (``mu phi_{t-1}``), default 0.
-        dtype: solve in this dtype; default ``jac``'s (float32 for bfloat16/float16).
+        dtype: solve by QR in this dtype; default: see above (QR in ``jac``'s dtype for float64).
 
     Returns:
-        ``x`` of shape ``(m,)`` in ``rhs``'s dtype, and a :class:`SolveInfo` (method ``"qr"``, or
-        ``"svd"`` when ``alpha = 0``).
+        ``x`` of shape ``(m,)`` in ``rhs``'s dtype, and a :class:`SolveInfo` (method
+        ``"normal_equations"``, ``"qr"``, or ``"svd"`` when ``alpha = 0``).
 
     Raises:
         ValueError: ``lam`` or ``alpha`` out of range.
@@ -272,11 +293,15 @@ def parameter_space_solve(
     if alpha == 0:
         x, _, info = jacobian_solve(jac, rhs, lam, alpha, dtype=dtype)
         return x, info
+    m = jac.shape[1]
+    if dtype is None and solve_dtype_for(jac.dtype) != torch.float64 and m <= NORMAL_EQUATIONS_MAX_PARAMS:
+        solved = _normal_equations(jac, rhs, lam, alpha, prior)
+        if solved is not None:
+            return solved
+    if not all_finite(jac):  # one sum; the QR would turn a NaN into a finite-looking step
+        raise SingularGramError("the Jacobian has NaN or Inf entries; no parameter was changed")
     work = dtype or solve_dtype_for(jac.dtype)
     a, r = jac.to(work), rhs.to(work)
-    if not bool(torch.isfinite(a).all()):
-        raise SingularGramError("the Jacobian has NaN or Inf entries; no parameter was changed")
-    m = a.shape[1]
     stacked = torch.cat([math.sqrt(lam) * a, math.sqrt(alpha) * torch.eye(m, dtype=work, device=a.device)])
     target = torch.cat([r / math.sqrt(lam), math.sqrt(alpha) * (a.new_zeros(m) if prior is None else prior.to(work))])
     # Householder factors without forming Q (``linalg.qr`` also builds the (n + m, m) Q: 2x the time
@@ -286,3 +311,29 @@ def parameter_space_solve(
     projected = torch.ormqr(reflectors, tau, target.unsqueeze(1), transpose=True)[:m]
     x = torch.linalg.solve_triangular(upper, projected, upper=True).squeeze(1)
     return _finite(x, rhs.dtype), SolveInfo("qr", condition=_cholesky_condition(upper))
+
+
+def _normal_equations(
+    jac: Tensor, rhs: Tensor, lam: float, alpha: float, prior: Tensor | None
+) -> tuple[Tensor, SolveInfo] | None:
+    """``(lam J^T J + alpha I) x = J^T rhs + alpha prior`` in float64 by Cholesky (``jac`` ``(n, m)``,
+    ``rhs`` ``(n,)``, ``prior`` ``(m,)`` or ``None``); ``None`` when the Cholesky fails
+    :func:`_plain_cholesky`'s pivot test (the caller then uses the QR).
+
+    No finiteness check of its own: a NaN or Inf in ``J`` (or a ``J^T J`` that overflows) puts a
+    NaN or Inf on the diagonal of ``J^T J``, which fails the pivot test (the QR path then checks
+    ``J`` and raises); a finite ``J``, ``rhs`` and ``prior`` with a factor that passed it give a
+    finite solution unless it overflows, which :func:`_finite` refuses."""
+    a = jac.double()
+    # each product of two float32 entries is exact in float64; only the sums round (n * eps64)
+    mat = (a.mT @ a).mul_(lam)
+    mat.diagonal().add_(alpha)
+    plain = _plain_cholesky(mat)  # reads the lower triangle only: no symmetrisation needed
+    if plain is None:
+        return None
+    chol, condition = plain
+    b = a.mT @ rhs.double()
+    if prior is not None:
+        b.add_(prior.double(), alpha=alpha)
+    x = torch.cholesky_solve(b.unsqueeze(1), chol).squeeze(1)
+    return _finite(x, rhs.dtype), SolveInfo("normal_equations", condition=condition)

@@ -87,12 +87,15 @@ def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) ->
     as parameters) and the engine can give the dense ``J``. With ``n = b*k``: cost, the sample
     space's ``(n, n)`` Cholesky is ``n^3/3``, the parameter space's QR of the stacked
     ``(n + m, m)`` matrix ``2 n m^2`` plus materialising ``J``: fewer flops below ``m = 0.41 n``;
-    measured on the sinc network (``m = 61``, float32; docs/design.md, "Solve spaces") a
+    measured on the sinc network (``m = 61``, float32, with that QR; docs/design.md, "Solve spaces") a
     parameter-space step took 1.9x the sample-space one at ``n = 100``, 0.63x at ``n = 1000``,
-    0.34x at ``n = 4000``. Accuracy: ``G`` has rank at most ``m < n``, so
+    0.34x at ``n = 4000``. A float32 ``J`` is now solved by the float64 normal equations
+    (``n m^2`` float64 multiply-adds, :func:`~gramnewton.solve.parameter_space_solve`), cheaper
+    than that QR at ``n = 1000`` (docs/performance.md, "Session tiny7"); the rule was not
+    re-measured. Accuracy: ``G`` has rank at most ``m < n``, so
     ``lam G + alpha I`` has ``n - m`` eigenvalues equal to ``alpha`` and its Cholesky loses
     ``cond(lam G + alpha I)``-fold in precision, the QR its square root (float32 step error
-    2e-5 to 9e-4 in sample space, 6e-6 to 1.4e-5 in parameter space, same measurement).
+    2e-5 to 9e-4 in sample space, 6e-6 to 1.4e-5 in parameter space by the QR, same measurement).
     """
     if solve_space not in SOLVE_SPACES:
         raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")

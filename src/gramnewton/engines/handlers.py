@@ -665,9 +665,7 @@ def _channel_affine_pieces(
 
 @register_handler(nn.GroupNorm)
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
-    return _channel_affine_pieces(
-        lambda rows: F.group_norm(rows, module.num_groups, None, None, module.eps), a, g, names
-    )
+    return _channel_affine_pieces(lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names)
 
 
 @register_handler(nn.LayerNorm)
@@ -698,7 +696,7 @@ def _batch_norm_unsupported(module: nn.Module) -> str | None:
 def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     # eval mode: a fixed per-channel affine map of the input, normalised by the running statistics
     return _channel_affine_pieces(
-        lambda rows: F.batch_norm(rows, module.running_mean, module.running_var, None, None, False, 0.0, module.eps),
+        lambda x: F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps),
         a,
         g,
         names,

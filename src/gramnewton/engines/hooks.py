@@ -77,12 +77,12 @@ class _ForeignUse(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        current = self.stack[-1] if self.stack else None
-        for arg in (*args, *kwargs.values()):
+        owners, stack = self.owners, self.stack
+        for arg in (*args, *kwargs.values()) if kwargs else args:  # no tuple built for the usual call
             # parameters reach operations directly or in a flat list (torch.cat, F.linear's args)
             for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
-                owner = self.owners.get(id(leaf))
-                if owner is not None and current not in owner:
+                owner = owners.get(id(leaf))
+                if owner is not None and (not stack or stack[-1] not in owner):  # outside every owner
                     self.found.add(id(leaf))
         return func(*args, **kwargs)
 
@@ -173,6 +173,10 @@ class HooksEngine:
         self._modules = [(m, h, {n: p for n, p in own.items() if id(p) not in reasons}) for m, h, own in self._modules]
         self._modules = [(m, h, own) for m, h, own in self._modules if own]
         self._static_reference = set(reasons)
+        self._owners: dict[int, set[int]] = {}  # id of a hooked parameter -> ids of the modules owning it
+        for module, _, own in self._modules:
+            for p in own.values():
+                self._owners.setdefault(id(p), set()).add(id(module))
         self.reference_reasons = {i: reasons[id(p)] for i, p in enumerate(self.params) if id(p) in reasons}
         self._warned: set[int] = set(self._static_reference)
         if reasons:
@@ -281,10 +285,6 @@ class HooksEngine:
         and the ids of parameters used outside their modules."""
         calls: list[_Call] = []
         stack: list[int] = []
-        owners: dict[int, set[int]] = {}
-        for module, _, own in self._modules:
-            for p in own.values():
-                owners.setdefault(id(p), set()).add(id(module))
         foreign: set[int] = set()
 
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -296,6 +296,15 @@ class HooksEngine:
             stack.pop()
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return  # e.g. run under no_grad: nothing to differentiate
+            # the bookkeeping below uses no parameter: kept out of _ForeignUse, whose Python handler
+            # would see each of its tensor calls (sinc network, b = 100: the forward with hooks
+            # took 0.23 ms with them seen, 0.15 ms without, a plain forward 0.07 ms)
+            with torch._C.DisableTorchFunction():
+                record(handler, own, module, args, kwargs, output)
+
+        def record(
+            handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Tensor
+        ) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             rows = (x.shape[0] if x.dim() else 0, output.shape[0] if output.dim() else 0)
             kept = x.detach() if handler.needs_input else None
@@ -316,7 +325,7 @@ class HooksEngine:
                 handles.append(
                     module.register_forward_hook(functools.partial(post_hook, handler, own), with_kwargs=True)
                 )
-            with torch.enable_grad(), _ForeignUse(owners, stack, foreign):
+            with torch.enable_grad(), _ForeignUse(self._owners, stack, foreign):
                 value = closure()
         except BaseException:
             _release(calls)  # a closure failing mid-forward: its calls so far
