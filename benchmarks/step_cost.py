@@ -2,7 +2,11 @@
 
 Not a test. For every (model, batch) the methods are interleaved in one process: each round
 runs one step of every method, so a slow phase of the machine hits all of them alike; the figure
-reported is the median over rounds, and its ratio to the SGD step of the same run. Peak memory is
+reported is the median over rounds, and its ratio to the SGD step of the same run. The JSON also
+has the median of the per-round ratios (``ratio_to_sgd_per_round``), which a load change in the
+middle of a run moves less (a jemalloc row read 0.99 as a ratio of medians where its rounds read
+1.44, 1.45, 0.97, 1.42 and 1.53); the tables show it in brackets where the two differ by more
+than 0.02. Peak memory is
 the peak resident set (``VmHWM``) of a fresh child process that runs only that method (import and data
 included, so the ratio to SGD's is a conservative one; the JSON also has the peak above the
 resident set just before the first step).
@@ -239,6 +243,9 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
             "median_s": med,
             "times_s": ts,
             "ratio_to_sgd": med / statistics.median(times["sgd"]) if "sgd" in times else None,
+            "ratio_to_sgd_per_round": (
+                statistics.median(t / base for t, base in zip(ts, times["sgd"])) if "sgd" in times else None
+            ),
             # pages the kernel mapped (and zeroed) during a step, and the kernel time: the allocator's cost
             "minor_faults_per_step": statistics.median(faults[method]),
             "system_s_per_step": statistics.median(system[method]),
@@ -414,7 +421,13 @@ def render_run(run: dict) -> str:
     m = run["methods"]
 
     def ratio(name: str) -> str:
-        return f"{m[name]['ratio_to_sgd']:.2f}" if name in m else ("skipped" if name in run.get("skipped", {}) else "-")
+        if name not in m:
+            return "skipped" if name in run.get("skipped", {}) else "-"
+        text = f"{m[name]['ratio_to_sgd']:.2f}"
+        per_round = m[name].get("ratio_to_sgd_per_round")  # runs recorded before it existed lack it
+        if per_round is not None and abs(per_round - m[name]["ratio_to_sgd"]) > 0.02:
+            text += f" ({per_round:.2f})"
+        return text
 
     mem = run.get("memory", {})
     mem_ratio = (
@@ -478,7 +491,8 @@ def render_markdown(results: dict, source: str = "benchmarks/results/step_cost.j
         "child process of that script (methods interleaved, medians of the timed steps, 2 threads,",
         "`OMP_WAIT_POLICY=PASSIVE`), one table per allocator, the stock one first. `load`: the machine's",
         "1-minute load average when the run started (2 cores, shared with other jobs).",
-        "Ratios are to the SGD step of the same run. Memory is the peak RSS of a child process running only",
+        "Ratios are to the SGD step of the same run (ratio of the medians; in brackets the median of the",
+        "per-round ratios where the two differ by more than 0.02). Memory is the peak RSS of a child process running only",
         "that method, as a ratio to SGD's (absolute figures in the JSON). Faults: minor page faults per step",
         "(pages the kernel mapped and zeroed for the allocator), SGD / GGN fast.",
     ]
