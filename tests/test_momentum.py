@@ -134,6 +134,42 @@ def test_parameter_space_equals_sample_space(engine, b, mu, alpha):
 
 
 @pytest.mark.parametrize(
+    "dtype,solve_dtype,b,space",
+    [
+        (torch.float32, None, 30, "parameter"),  # m < b*k <= 2m: the float64 normal equations
+        (torch.float32, None, 21, "sample"),  # b*k = m
+        (torch.float32, torch.float32, 30, "sample"),  # a solve_dtype: the QR, which pays off only past 2m
+        (torch.float64, None, 30, "sample"),  # a float64 J: the QR
+        (torch.float64, None, 50, "parameter"),
+    ],
+)
+def test_auto_solve_space_switches_where_its_solver_is_cheaper(dtype, solve_dtype, b, space):
+    """``"auto"``: the parameter space past ``b*k > m`` when it is solved by the float64 normal
+    equations, past ``2 m`` by the QR (m = 21 here); the step equals the forced other space's."""
+    torch.manual_seed(4)
+    model = _small_mlp().to(dtype)
+    x, y = (t.to(dtype) for t in _batches((3,), 1, b, count=1)[0])
+    steps = {}
+    for choice in ("auto", "sample" if space == "parameter" else "parameter"):
+        trial = copy.deepcopy(model)
+        opt = GramGaussNewton(
+            trial,
+            lam=1.3,
+            alpha=0.05,
+            momentum=0.0,
+            solve_space=choice,
+            solve_dtype=solve_dtype,
+            adaptive_damping=False,
+        )
+        opt.step(lambda: trial(x) - y)
+        steps[choice] = flat_params(trial).double()
+        if choice == "auto":
+            assert opt.last_diagnostics.solve_space == space
+    other = steps["sample" if space == "parameter" else "parameter"]
+    assert_close(steps["auto"], other, 1e-4 if dtype == torch.float32 else 1e-9, "auto against the forced space")
+
+
+@pytest.mark.parametrize(
     "solve_dtype,method,tolerance", [(None, "normal_equations", 1e-4), (torch.float32, "qr", 1e-3)]
 )
 def test_parameter_space_solve_is_accurate_in_float32(solve_dtype, method, tolerance):

@@ -237,6 +237,13 @@ def jacobian_solve(
 NORMAL_EQUATIONS_MAX_PARAMS = 1024
 
 
+def solves_by_normal_equations(jac_dtype: torch.dtype, dtype: torch.dtype | None, num_params: int) -> bool:
+    """Whether :func:`parameter_space_solve` tries the float64 normal equations first: a float32,
+    float16 or bfloat16 ``J`` of at most :data:`NORMAL_EQUATIONS_MAX_PARAMS` columns, no ``dtype``
+    given (``alpha > 0``)."""
+    return dtype is None and solve_dtype_for(jac_dtype) != torch.float64 and num_params <= NORMAL_EQUATIONS_MAX_PARAMS
+
+
 def parameter_space_solve(
     jac: Tensor,
     rhs: Tensor,
@@ -294,7 +301,7 @@ def parameter_space_solve(
         x, _, info = jacobian_solve(jac, rhs, lam, alpha, dtype=dtype)
         return x, info
     m = jac.shape[1]
-    if dtype is None and solve_dtype_for(jac.dtype) != torch.float64 and m <= NORMAL_EQUATIONS_MAX_PARAMS:
+    if solves_by_normal_equations(jac.dtype, dtype, m):
         solved = _normal_equations(jac, rhs, lam, alpha, prior)
         if solved is not None:
             return solved

@@ -26,6 +26,7 @@ from .solve import (
     damped_solve,
     jacobian_solve,
     parameter_space_solve,
+    solves_by_normal_equations,
 )
 
 SOLVE_SPACES = ("auto", "sample", "parameter")
@@ -80,19 +81,23 @@ class GramGaussNewtonStep:
         return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
-def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) -> str:
+def choose_solve_space(
+    solve_space: str, system: GramSystem, num_params: int, solve_dtype: torch.dtype | None = None
+) -> str:
     """The space to solve in: ``solve_space`` unless it is ``"auto"``.
 
-    Rule of ``"auto"``: the parameter space when ``b*k > 2 m`` (at least twice as many residuals
-    as parameters) and the engine can give the dense ``J``. With ``n = b*k``: cost, the sample
-    space's ``(n, n)`` Cholesky is ``n^3/3``, the parameter space's QR of the stacked
-    ``(n + m, m)`` matrix ``2 n m^2`` plus materialising ``J``: fewer flops below ``m = 0.41 n``;
-    measured on the sinc network (``m = 61``, float32, with that QR; docs/design.md, "Solve spaces") a
-    parameter-space step took 1.9x the sample-space one at ``n = 100``, 0.63x at ``n = 1000``,
-    0.34x at ``n = 4000``. A float32 ``J`` is now solved by the float64 normal equations
-    (``n m^2`` float64 multiply-adds, :func:`~gramnewton.solve.parameter_space_solve`), cheaper
-    than that QR at ``n = 1000`` (docs/performance.md, "Session tiny7"); the rule was not
-    re-measured. Accuracy: ``G`` has rank at most ``m < n``, so
+    Rule of ``"auto"`` (:func:`prefers_parameter_space`): the parameter space when the engine can
+    give the dense ``J`` and ``b*k > m`` if that system is solved by the float64 normal equations
+    (a float32 ``J``, ``m <= 1024``, no ``solve_dtype``:
+    :func:`~gramnewton.solve.solves_by_normal_equations`), else ``b*k > 2 m``. With ``n = b*k``:
+    cost, the sample space's ``(n, n)`` Cholesky is ``n^3/3``, the normal equations' ``n m^2``
+    float64 multiply-adds, the parameter space's QR of the stacked ``(n + m, m)`` matrix
+    ``2 n m^2`` (fewer flops than the Cholesky below ``m = 0.41 n``), each plus materialising
+    ``J``. Measured on the sinc network (``m = 61``, float32, ``alpha = 0.1``,
+    ``benchmarks/solve_space.py``): with the QR a parameter-space step took 1.9x the sample-space
+    one at ``n = 100``, 0.63x at ``n = 1000``, 0.34x at ``n = 4000``; with the normal equations
+    0.79x at ``n = 64``, 0.77x at 100, 0.54x at 130, 0.64x at 200, 0.24x at 1000 (docs/design.md,
+    "Solve spaces"). Accuracy: ``G`` has rank at most ``m < n``, so
     ``lam G + alpha I`` has ``n - m`` eigenvalues equal to ``alpha`` and its Cholesky loses
     ``cond(lam G + alpha I)``-fold in precision, the QR its square root (float32 step error
     2e-5 to 9e-4 in sample space, 6e-6 to 1.4e-5 in parameter space by the QR, same measurement).
@@ -105,27 +110,32 @@ def choose_solve_space(solve_space: str, system: GramSystem, num_params: int) ->
         return solve_space
     if system.gram is None:  # the engine was told it would not be needed (below)
         return "parameter"
+    normal = solves_by_normal_equations(system.residuals.dtype, solve_dtype, num_params)
     return (
         "parameter"
-        if system.jacobian_columns is not None and prefers_parameter_space(system.gram.shape[0], num_params)
+        if system.jacobian_columns is not None and prefers_parameter_space(system.gram.shape[0], num_params, normal)
         else "sample"
     )
 
 
-def prefers_parameter_space(rows: int, num_params: int) -> bool:
-    """The ``"auto"`` rule of :func:`choose_solve_space` for ``rows = b*k`` residuals."""
-    return rows > 2 * num_params
+def prefers_parameter_space(rows: int, num_params: int, normal_equations: bool) -> bool:
+    """The ``"auto"`` rule of :func:`choose_solve_space` for ``rows = b*k`` residuals: ``rows > m``
+    when the parameter-space system is solved by the float64 normal equations, else ``rows > 2 m``."""
+    return rows > (1 if normal_equations else 2) * num_params
 
 
-def compute_system(engine: GramEngine, closure: Closure, solve_space: str, skip_gram: bool) -> GramSystem:
+def compute_system(
+    engine: GramEngine, closure: Closure, solve_space: str, skip_gram: bool, solve_dtype: torch.dtype | None = None
+) -> GramSystem:
     """``engine.compute(closure)``, letting an engine that can (``can_skip_gram``) leave out the
     ``(b*k, b*k)`` Gram when the step will be solved in parameter space (``skip_gram``: nothing
     else needs it), which would cost ``(b*k)^2 m`` and ``(b*k)^2`` memory for nothing."""
     if not skip_gram or solve_space == "sample" or not getattr(engine, "can_skip_gram", False):
         return engine.compute(closure)
     num_params = sum(p.numel() for p in engine.params)
+    normal = solves_by_normal_equations(engine.params[0].dtype, solve_dtype, num_params)
     return engine.compute(
-        closure, form_gram=lambda rows: solve_space == "auto" and not prefers_parameter_space(rows, num_params)
+        closure, form_gram=lambda rows: solve_space == "auto" and not prefers_parameter_space(rows, num_params, normal)
     )
 
 
@@ -165,7 +175,7 @@ def gram_gauss_newton_direction(
             (parameters are untouched: nothing applied).
     """
     check_damping(lam, alpha)
-    system = compute_system(engine, closure, solve_space, skip_gram=choose_alpha is None)
+    system = compute_system(engine, closure, solve_space, skip_gram=choose_alpha is None, solve_dtype=solve_dtype)
     r = system.residuals.reshape(-1)
     if not math.isfinite(float(r.pow(2).sum())):  # finite residuals whose squares overflow
         raise SingularGramError(
@@ -178,7 +188,7 @@ def gram_gauss_newton_direction(
     if choose_alpha is not None:  # the damping rule sets this step's alpha from its system
         alpha = choose_alpha(system)
         check_damping(lam, alpha)
-    space = choose_solve_space(solve_space, system, sum(p.numel() for p in engine.params))
+    space = choose_solve_space(solve_space, system, sum(p.numel() for p in engine.params), solve_dtype)
     if space == "parameter":
         step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     else:
