@@ -110,17 +110,21 @@ def choose_solve_space(
         return solve_space
     if system.gram is None:  # the engine was told it would not be needed (below)
         return "parameter"
-    normal = solves_by_normal_equations(system.residuals.dtype, solve_dtype, num_params)
+    rows, dtype = system.gram.shape[0], system.residuals.dtype
     return (
         "parameter"
-        if system.jacobian_columns is not None and prefers_parameter_space(system.gram.shape[0], num_params, normal)
+        if system.jacobian_columns is not None and prefers_parameter_space(rows, num_params, dtype, solve_dtype)
         else "sample"
     )
 
 
-def prefers_parameter_space(rows: int, num_params: int, normal_equations: bool) -> bool:
+def prefers_parameter_space(
+    rows: int, num_params: int, jac_dtype: torch.dtype, solve_dtype: torch.dtype | None = None
+) -> bool:
     """The ``"auto"`` rule of :func:`choose_solve_space` for ``rows = b*k`` residuals: ``rows > m``
-    when the parameter-space system is solved by the float64 normal equations, else ``rows > 2 m``."""
+    when the parameter-space system is solved by the float64 normal equations
+    (:func:`~gramnewton.solve.solves_by_normal_equations`), else ``rows > 2 m``."""
+    normal_equations = solves_by_normal_equations(jac_dtype, solve_dtype, num_params)
     return rows > (1 if normal_equations else 2) * num_params
 
 
@@ -132,10 +136,12 @@ def compute_system(
     else needs it), which would cost ``(b*k)^2 m`` and ``(b*k)^2`` memory for nothing."""
     if not skip_gram or solve_space == "sample" or not getattr(engine, "can_skip_gram", False):
         return engine.compute(closure)
-    num_params = sum(p.numel() for p in engine.params)
-    normal = solves_by_normal_equations(engine.params[0].dtype, solve_dtype, num_params)
+    num_params, dtype = sum(p.numel() for p in engine.params), engine.params[0].dtype
     return engine.compute(
-        closure, form_gram=lambda rows: solve_space == "auto" and not prefers_parameter_space(rows, num_params, normal)
+        closure,
+        form_gram=lambda rows: (
+            solve_space == "auto" and not prefers_parameter_space(rows, num_params, dtype, solve_dtype)
+        ),
     )
 
 
