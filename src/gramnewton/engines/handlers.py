@@ -35,9 +35,11 @@ from ..nn import ScalarBias, ScalarScale
 from . import workspace as ws
 from .choice import MeasuredChoice
 
-# Measured on the 2-core CPU (docs/design.md, "Cost model"): ``F.unfold`` runs about 10x slower than the
-# convolution with the same shapes, so im2col is charged 10 convolutions' worth of multiply-adds.
-UNFOLD_PENALTY = 10.0
+# Measured on the 2-core CPU (docs/design.md, "Cost model"): im2col by the channels-last patch view
+# (:func:`_patch_view`) costs 0.3-1.1 convolutions of the same shapes (b = 128, 16-64 channels,
+# 2x2 to 14x14), so it is charged one convolution's multiply-adds. (``F.unfold``, used before,
+# took ~6 ms at any small size: 5-16 convolutions.)
+UNFOLD_PENALTY = 1.0
 # The factorised Gram builds an ``(n*S, n*S)`` matrix; above this many entries it is not used.
 MAX_FACTORED_ENTRIES = 1 << 24
 # Below this many rows the symmetric update is one full product (two half-size products cost more
