@@ -36,8 +36,8 @@ from . import workspace as ws
 from .choice import MeasuredChoice
 
 # Measured on the 2-core CPU (docs/design.md, "Cost model"): im2col by the channels-last patch view
-# (:func:`_patch_view`) costs 0.3-1.1 convolutions of the same shapes (b = 128, 16-64 channels,
-# 2x2 to 14x14), so it is charged one convolution's multiply-adds. (``F.unfold``, used before,
+# (:func:`_patch_view`) costs 0.46-1.48 convolutions of the same shapes (median 0.86; b 32 and 128,
+# 3-64 channels, 2x2 to 14x14), so it is charged one convolution's multiply-adds. (``F.unfold``, used before,
 # took ~6 ms at any small size: 5-16 convolutions.)
 UNFOLD_PENALTY = 1.0
 # The factorised Gram builds an ``(n*S, n*S)`` matrix; above this many entries it is not used.
