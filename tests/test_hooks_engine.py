@@ -285,6 +285,7 @@ def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     elif request.param == "kept":
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
         monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
+        monkeypatch.setattr(handlers, "MATERIALISE_ALL_BYTES", -1)  # the test cases are small steps
     return request.param
 
 
@@ -649,6 +650,7 @@ def test_workspace_buffers_are_reused_and_stale_systems_raise(
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", keep_above)
+    monkeypatch.setattr(handlers, "MATERIALISE_ALL_BYTES", -1)
     case = next(c for c in CASES if c.name == "conv2d_b36_syrk")
     model, x, y = build(case)
     params = list(model.parameters())
@@ -686,6 +688,48 @@ def test_a_conv_keeps_its_factors_when_its_gradients_are_much_larger(monkeypatch
     assert isinstance(piece, handlers.KeptConv)
     piece = handler.contributions(module, large, torch.randn_like(large), frozenset({"weight"}), True)["weight"]
     assert not isinstance(piece, handlers.KeptConv)
+
+
+@pytest.mark.parametrize("columns", [1, 2])
+def test_a_small_step_keeps_every_per_sample_gradient(columns: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conv weight that the per-layer rule would keep as ``(x, g)`` (576 entries per sample
+    against 32 + 32) keeps its per-sample gradients when the step's per-sample gradients, every
+    hooked parameter and all ``b*k`` rows together, fit in ``MATERIALISE_ALL_BYTES``, and its
+    factors one byte below; the step is exact (float64, the reference engine) either way."""
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    made: list[handlers.KeptConv] = []
+
+    class Spy(handlers.KeptConv):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(handlers, "KeptConv", Spy)
+    torch.manual_seed(0)
+    model = seq(nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(32, columns)).double()
+    x, y = torch.randn(5, 8, 2, 2, dtype=torch.float64), torch.randn(5, columns, dtype=torch.float64)
+    params = list(model.parameters())
+    closure = lambda: model(x) - y  # noqa: E731
+    step_bytes = 5 * columns * sum(p.numel() for p in params) * 8
+    reference = ReferenceEngine(params).compute(closure)
+    v = torch.randn(5 * columns, dtype=torch.float64)
+    w = [torch.randn_like(p) for p in params]
+    for budget, kept in ((step_bytes, 0), (step_bytes - 1, 1)):
+        monkeypatch.setattr(handlers, "MATERIALISE_ALL_BYTES", budget)
+        made.clear()
+        system = HooksEngine(model, params).compute(closure)
+        assert len(made) == kept, budget
+        assert_close(f"gram, budget {budget}", system.gram, reference.gram)
+        assert_close(
+            f"J^T v, budget {budget}",
+            torch.cat([t.reshape(-1) for t in system.jt_times(v)]),
+            torch.cat([t.reshape(-1) for t in reference.jt_times(v)]),
+        )
+        assert_close(f"J w, budget {budget}", system.j_times(w), reference.j_times(w))
+    made.clear()  # outside an engine the per-layer rule alone decides
+    handler = handlers.handler_for(model[0])
+    handler.contributions(model[0], x, torch.randn_like(x), frozenset({"weight"}), True)
+    assert len(made) == 1
 
 
 def test_patches_are_gathered_in_chunks_of_samples(monkeypatch: pytest.MonkeyPatch) -> None:

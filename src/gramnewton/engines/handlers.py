@@ -22,8 +22,10 @@ the engine mirrors the lower-left block into it once at the end (:func:`mirror_l
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,6 +289,31 @@ MAX_CORRELATE_CHANNELS = 4
 # ResNet-32's 64-channel layers at 64x64 (1.1x): peak RSS 1.06-1.09x SGD instead of 1.11-1.18x,
 # but ``J^T r`` +0.12 s, the step 6-8% slower (docs/performance.md, mem6).
 KEEP_FACTORS_ABOVE = 4
+# ... unless the step is small: when the per-sample gradients of every hooked parameter together
+# (``b*k`` rows) take at most this many bytes, no weight keeps its factors (the engine decides per
+# step, :func:`keeping_conv_factors`). On the regression demo's network (resnet8_fixup, 28x28,
+# b = 128: 38 MB in all, the 64-channel 7x7 layer's half of it) :class:`KeptConv`'s two batched
+# convolutions in ``J^T c`` and ``J phi`` cost more than the GEMVs on kept gradients
+# (docs/performance.md, gram8); ResNet-32 at b = 128 (238 MB) keeps its factors as before.
+MATERIALISE_ALL_BYTES = 64 << 20
+_KEEP_CONV_FACTORS: ContextVar[bool] = ContextVar("gramnewton_keep_conv_factors", default=True)
+
+
+def materialises_all(gradient_bytes: int) -> bool:
+    """Whether a step whose per-sample gradients take ``gradient_bytes`` in all keeps every one of
+    them (no :class:`KeptConv`): at most :data:`MATERIALISE_ALL_BYTES`."""
+    return gradient_bytes <= MATERIALISE_ALL_BYTES
+
+
+@contextlib.contextmanager
+def keeping_conv_factors(keep: bool) -> Iterator[None]:
+    """Within the block, a convolution weight may keep its factors (:class:`KeptConv`, the rule of
+    :data:`KEEP_FACTORS_ABOVE`) only if ``keep``; outside any block it may."""
+    token = _KEEP_CONV_FACTORS.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_CONV_FACTORS.reset(token)
 
 
 def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
@@ -617,7 +644,8 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
             def per_sample(transient: bool = False) -> Dense | PermutedDense:
                 return CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding, transient))[1]
 
-            if factored_ok and module.weight.numel() > KEEP_FACTORS_ABOVE * (x[0].numel() + g[0].numel()):
+            larger = module.weight.numel() > KEEP_FACTORS_ABOVE * (x[0].numel() + g[0].numel())
+            if factored_ok and larger and _KEEP_CONV_FACTORS.get():
                 pieces["weight"] = KeptConv(module, x, g, padding, per_sample)
             else:
                 pieces["weight"] = per_sample()
