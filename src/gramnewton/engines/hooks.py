@@ -45,7 +45,6 @@ from .handlers import (
     Dense,
     LayerHandler,
     Piece,
-    add_gram_lower,
     batch_norm_check,
     handler_for,
     keeping_conv_factors,
@@ -59,12 +58,6 @@ from .workspace import Workspace, activated
 
 # Forward signatures whose row check (:mod:`.rows`) is remembered; more are forgotten at once.
 MAX_ROW_VERDICTS = 64
-# Dense pieces narrower than this many columns (ScalarBias, ScalarScale, biases, small heads) are
-# added to the Gram matrix together, in one product after the backward pass. One update costs
-# about 20-80 us of call overhead on the 2-core CPU, against about 0.35 us per column of a
-# 128-row update at GEMM speed: on the demo's resnet8_fixup (b = 128) twenty one-column updates
-# took about 1 ms (benchmarks/engine_parts.py; docs/performance.md, gram8).
-NARROW_COLUMNS = 128
 
 
 @dataclass(eq=False)
@@ -463,7 +456,6 @@ class HooksEngine:
             return pieces
         pending = dict(uses)
         partial: dict[int, Dense] = {}
-        narrow: list[Tensor] = []  # per-sample gradients of narrow Dense pieces, (b*k, width) each
 
         def finish(call: _Call) -> None:
             a, grads = call.input, call.grads
@@ -493,10 +485,7 @@ class HooksEngine:
                     piece = partial.pop(pid)
                 if gram is not None:
                     t0 = time.perf_counter()
-                    if isinstance(piece, Dense) and piece.jac.shape[1] < NARROW_COLUMNS:
-                        narrow.append(piece.jac)  # added with the other narrow ones, in one product
-                    else:
-                        piece.add_gram_lower(gram)
+                    piece.add_gram_lower(gram)
                     timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
@@ -521,8 +510,6 @@ class HooksEngine:
                 dense.add_gram_lower(gram)
             pieces[pid] = dense
         if gram is not None:
-            if narrow:
-                add_gram_lower(gram, narrow[0] if len(narrow) == 1 else torch.cat(narrow, 1))
             mirror_lower(gram)  # the pieces left the upper-right block to the mirror
         return pieces
 
