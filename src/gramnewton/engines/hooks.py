@@ -41,16 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
-from .handlers import (
-    Dense,
-    LayerHandler,
-    Piece,
-    batch_norm_check,
-    handler_for,
-    keeping_conv_factors,
-    materialises_all,
-    mirror_lower,
-)
+from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
 from .rows import children, graph_signature, post_order, rows_not_samples
@@ -489,14 +480,10 @@ class HooksEngine:
                     timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
-        # memory matters only for a large step: a small one keeps every per-sample gradient (handlers.KeptConv)
-        numel = {id(p): p.numel() for c in expected for p in c.params.values()}
-        keep_factors = not materialises_all(b * k * sum(numel.values()) * residuals.element_size())
         self._finish, self._columns, self._expected = finish, k, {id(c) for c in expected}
         try:
-            with keeping_conv_factors(keep_factors):
-                for c in range(k):
-                    torch.autograd.grad(residuals[:, c].sum(), inputs=sinks, retain_graph=c < k - 1)
+            for c in range(k):
+                torch.autograd.grad(residuals[:, c].sum(), inputs=sinks, retain_graph=c < k - 1)
         finally:
             self._finish = None
         missing = [c for c in expected if not c.done]
