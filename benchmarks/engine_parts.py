@@ -17,13 +17,14 @@ every piece the step added (the per-sample gradients of the whole network in one
 square 2048 GEMM (the CPU's GEMM speed). Medians over the counted steps (the first ``--skip``
 include the conv paths' timing trials).
 
-``--materialise-all-bytes`` sets ``handlers.MATERIALISE_ALL_BYTES`` (``-1``: every convolution
-whose per-sample gradients are large keeps ``(x, g)``, the rule before it existed).
+``--kept-by-convolution``: every kept convolution (``handlers.KeptConv``) computes ``J^T c`` and
+``J v`` by convolutions, as before gram8 (not from its per-sample gradients while they sit intact
+in the workspace's scratch).
 ``torch.set_num_threads(--threads)`` (default 2), ``OMP_WAIT_POLICY=PASSIVE``, the load average
 before and after; results appended to ``--out``::
 
     python benchmarks/engine_parts.py --model resnet8 --batch 128 --steps 30
-    python benchmarks/engine_parts.py --model resnet8 --batch 128 --steps 30 --materialise-all-bytes -1
+    python benchmarks/engine_parts.py --model resnet8 --batch 128 --steps 30 --kept-by-convolution
 """
 
 from __future__ import annotations
@@ -107,12 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--skip", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--materialise-all-bytes", type=int, default=None)
+    p.add_argument("--kept-by-convolution", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/engine_parts.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.materialise_all_bytes is not None:
-        handlers.MATERIALISE_ALL_BYTES = args.materialise_all_bytes
+    if args.kept_by_convolution:
+        handlers.KeptConv._intact = lambda self: None
     gram_calls, products = instrument()
     model, x, y = step_cost.setup(args.model, args.batch)
     engine = HooksEngine(model)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "steps_counted": len(per_step),
         "threads": torch.get_num_threads(),
-        "materialise_all_bytes": handlers.MATERIALISE_ALL_BYTES,
+        "kept_by_convolution": args.kept_by_convolution,
         "started": started,
         "load_average": load,
         "load_average_after": load_after,
