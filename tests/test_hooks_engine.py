@@ -25,6 +25,7 @@ import gramnewton
 from gramnewton.engines import HooksEngine, ReferenceEngine, handlers
 from gramnewton.engines import choice as choice_module
 from gramnewton.engines.select import select_engine
+from gramnewton.engines.workspace import Workspace
 from gramnewton.lab.models import ScalarBias, ScalarScale, TwoLayerNet, get_model
 
 RTOL = 1e-10
@@ -686,6 +687,71 @@ def test_a_conv_keeps_its_factors_when_its_gradients_are_much_larger(monkeypatch
     assert isinstance(piece, handlers.KeptConv)
     piece = handler.contributions(module, large, torch.randn_like(large), frozenset({"weight"}), True)["weight"]
     assert not isinstance(piece, handlers.KeptConv)
+
+
+@pytest.mark.parametrize("path", ["patches", "grouped_chunks"])
+def test_kept_convs_multiply_with_their_scratch_while_it_is_intact(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two kept convolutions of one shape form their per-sample gradients in one scratch: the one
+    formed last (nearest the input) gets ``J^T v`` and ``J u`` from them, the other by
+    convolutions; both exact (float64, jacrev). A system whose scratch the next step wrote over
+    (the parameters changed in between) falls back to convolutions, exact still."""
+    monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", "grouped" if path == "grouped_chunks" else path)
+    monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
+    monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 2 * 8 * 48)  # two rows of x (48 entries) per chunk
+    intact: list[bool] = []
+    formed = handlers.KeptConv._intact
+
+    def spy(self: handlers.KeptConv) -> handlers.Dense | handlers.PermutedDense | None:
+        out = formed(self)
+        intact.append(out is not None)
+        return out
+
+    monkeypatch.setattr(handlers.KeptConv, "_intact", spy)
+    torch.manual_seed(0)
+    conv = functools.partial(nn.Conv2d, 3, 3, 3, padding=1)
+    model = seq(conv(), nn.Tanh(), conv(), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2)).double()
+    x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    params = list(model.parameters())
+    closure = lambda: model(x) - y  # noqa: E731
+    jac = dense_jacobian(model, x, params)
+    v = torch.randn(12, dtype=torch.float64)
+    u = [torch.randn_like(p) for p in params]
+    engine = HooksEngine(model, params)
+    first = engine.compute(closure)
+    assert_close("gram", first.gram, jac @ jac.T)
+    for when in ("first step", "after the next step"):
+        assert_close(f"J^T v, {when}", torch.cat([t.reshape(-1) for t in first.jt_times(v)]), jac.T @ v)
+        assert_close(f"J u, {when}", first.j_times(u), jac @ torch.cat([t.reshape(-1) for t in u]))
+        if when == "first step":
+            assert intact == [True, False, True, False]  # per product, the convolutions in order
+            intact.clear()
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(1.1)
+            engine.compute(closure)
+    assert intact == [False] * 4
+
+
+def test_a_scratch_stamp_gives_the_hand_out_back_until_the_slot_or_step_moves_on() -> None:
+    """``Workspace.scratch_stamp``: only for the slot's own hand-out; ``tensor()`` returns it
+    until the slot is handed out again or another step starts (whose start may cut the buffer)."""
+    work, like = Workspace(), torch.zeros(1, dtype=torch.float64)
+    work.new_step()
+    work.scratch("slot", (4, 3), like)
+    work.new_step()  # a step asking for less: the start of the step after it cuts the buffer to that
+    handed = work.scratch("slot", (2, 3), like)
+    handed.copy_(torch.arange(6.0).view(2, 3))
+    assert work.scratch_stamp("slot", torch.zeros(2, 3, dtype=torch.float64)) is None
+    assert work.scratch_stamp("other", handed) is None
+    stamp = work.scratch_stamp("slot", handed)
+    assert torch.equal(stamp.tensor(), torch.arange(6.0).view(2, 3))
+    work.scratch("slot", (1,), like)
+    assert stamp.tensor() is None
+    stamp = work.scratch_stamp("slot", work.scratch("slot", (2, 3), like))
+    work.new_step()
+    assert stamp.tensor() is None
 
 
 def test_patches_are_gathered_in_chunks_of_samples(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -229,6 +229,13 @@ class KeptConv:
     is one batched weight-gradient convolution of the ``v``-weighted output gradients (the kernel
     of SGD's backward) and ``J v`` one convolution of ``x`` by ``v``.
 
+    Except while the per-sample gradients formed for the Gram still sit in the engine's scratch
+    (:data:`JAC_SLOT`), untouched: no later layer has formed its own there, as for the last kept
+    layer of the backward pass (the only one on the regression demo's resnet8_fixup). ``J^T v``
+    and ``J v`` are then products with them, which read ``n * numel`` floats instead of running a
+    convolution over the batch (there 6.0 -> 1.6 ms a step, docs/performance.md, gram8). The
+    scratch is held by the workspace in any case, so this costs no memory.
+
     Attributes:
         module: the convolution (hyper-parameters and weight shape).
         x: ``(n, C_in, ...)`` input as the convolution sees it, before the zero ``padding``.
@@ -243,13 +250,32 @@ class KeptConv:
     g: Tensor
     padding: tuple[int, ...]
     per_sample: Callable[[bool], Dense | PermutedDense]
+    # the per-sample gradients formed for the Gram, as a stamp of their scratch and the piece
+    # without its ``jac`` (the stamp gives it back while it is intact; no reference is held)
+    _formed: tuple[ws.ScratchStamp, Dense | PermutedDense] | None = field(default=None, init=False, repr=False)
 
     def add_gram_lower(self, gram: Tensor) -> None:
         """``gram += J J^T`` but its upper-right block (:func:`add_gram_lower`); ``J`` is not kept."""
-        self.per_sample(True).add_gram_lower(gram)
+        piece = self.per_sample(True)
+        piece.add_gram_lower(gram)
+        work = ws.active()
+        stamp = work.scratch_stamp(JAC_SLOT, piece.jac) if work is not None else None
+        self._formed = None if stamp is None else (stamp, replace(piece, jac=None))
+
+    def _intact(self) -> Dense | PermutedDense | None:
+        """The per-sample gradients formed for the Gram, if their scratch still holds them."""
+        if self._formed is None:
+            return None
+        stamp, piece = self._formed
+        jac = stamp.tensor()
+        return None if jac is None else replace(piece, jac=jac)
 
     def jt_times(self, v: Tensor) -> Tensor:
-        """``sum_i v_i J_i`` by one weight-gradient convolution; ``(numel,)`` for ``v`` ``(n,)``."""
+        """``sum_i v_i J_i`` by one weight-gradient convolution (or from the intact per-sample
+        gradients); ``(numel,)`` for ``v`` ``(n,)``."""
+        intact = self._intact()
+        if intact is not None:
+            return intact.jt_times(v.to(intact.jac.dtype)).to(v.dtype)
         m = self.module
         weighted = self.g * v.to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
         grad = torch.ops.aten.convolution_backward(
@@ -268,7 +294,11 @@ class KeptConv:
         return grad.reshape(-1).to(v.dtype)
 
     def j_times(self, v: Tensor) -> Tensor:
-        """``J v``: row ``i`` is ``<g_i, conv(x_i, V)>`` for ``v`` ``(numel,)``; returns ``(n,)``."""
+        """``J v``: row ``i`` is ``<g_i, conv(x_i, V)>`` (or from the intact per-sample gradients)
+        for ``v`` ``(numel,)``; returns ``(n,)``."""
+        intact = self._intact()
+        if intact is not None:
+            return intact.j_times(v.to(intact.jac.dtype)).to(v.dtype)
         m = self.module
         out = torch.ops.aten.convolution(
             self.x,
@@ -293,6 +323,8 @@ Piece = Dense | Factored | PermutedDense | KeptConv
 
 # How 2-d convolutions get their per-sample weight gradients (see ``_conv``).
 CONV_WEIGHT_PATHS = MeasuredChoice()
+# The workspace slot of conv per-sample gradients (scratch: used up at once; keep: until ``J^T v``).
+JAC_SLOT = "conv_jac"
 # The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
@@ -494,16 +526,16 @@ def _conv_weight_per_sample(
         grads = _grouped_weight_gradients(module, x, g, padding)
         if work is None or transient:
             return Dense(grads)
-        kept, stamp = work.keep("conv_jac", tuple(grads.shape), grads)
+        kept, stamp = work.keep(JAC_SLOT, tuple(grads.shape), grads)
         kept.copy_(grads)
         return PermutedDense(kept, tuple(weight.shape), identity, stamp)
     shape, stamp = (n, weight.numel()), None
     if work is None:
         jac = x.new_empty(shape)
     elif transient:
-        jac = work.scratch("conv_jac", shape, x)
+        jac = work.scratch(JAC_SLOT, shape, x)
     else:
-        jac, stamp = work.keep("conv_jac", shape, x)
+        jac, stamp = work.keep(JAC_SLOT, shape, x)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
         jac[rows] = _grouped_weight_gradients(module, x[rows], g[rows], padding)
@@ -536,9 +568,9 @@ def _conv2d_weight_per_sample_patches(
         return PermutedDense(jac.reshape(n, -1), shape, perm)
     stamp = None
     if transient:
-        jac = work.scratch("conv_jac", (n, kout, kh * kw * kin), x)
+        jac = work.scratch(JAC_SLOT, (n, kout, kh * kw * kin), x)
     else:
-        jac, stamp = work.keep("conv_jac", (n, kout, kh * kw * kin), x)
+        jac, stamp = work.keep(JAC_SLOT, (n, kout, kh * kw * kin), x)
     chunk = -(-n // PATCH_CHUNKS)
     patches = work.scratch("conv_patches", (chunk, ho, wo, kh, kw, kin), x)
     rows = g.reshape(n, kout, ho * wo)

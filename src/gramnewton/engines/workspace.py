@@ -43,6 +43,28 @@ class Stamp:
             )
 
 
+@dataclass(frozen=True)
+class ScratchStamp:
+    """One hand-out of a scratch slot, ``shape``: what was written into it stays there until the
+    slot is handed out again. Holds no reference to the buffer (a later, larger request of the
+    slot frees it)."""
+
+    workspace: Workspace
+    slot: str
+    step: int
+    handed: int
+    shape: tuple[int, ...]
+
+    def tensor(self) -> Tensor | None:
+        """The hand-out as it was written, or ``None`` once the slot has been handed out again
+        (or the workspace started another step)."""
+        work = self.workspace
+        if work.step != self.step or work._handed[self.slot] != self.handed:
+            return None
+        buf = work._buffers.get(("scratch", self.slot))
+        return None if buf is None else buf[: math.prod(self.shape)].view(self.shape)
+
+
 class Workspace:
     """Named buffers reused across steps when the requested shape, dtype and device repeat.
 
@@ -54,6 +76,7 @@ class Workspace:
         self._buffers: dict[Hashable, Tensor] = {}
         self._taken: Counter[Hashable] = Counter()
         self._scratch_used: Counter[str] = Counter()  # slot -> largest request of this step (entries)
+        self._handed: Counter[str] = Counter()  # slot -> scratch requests so far (never reset)
         self.step = 0
 
     def new_step(self) -> None:
@@ -90,11 +113,20 @@ class Workspace:
         """
         numel = math.prod(shape)
         self._scratch_used[slot] = max(self._scratch_used[slot], numel)
+        self._handed[slot] += 1
         buf = self._buffers.get(("scratch", slot))
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
             size = max(numel, buf.numel() if buf is not None and buf.dtype == like.dtype else 0)
             buf = self._buffer(("scratch", slot), (size,), like)
         return buf[:numel].view(shape)
+
+    def scratch_stamp(self, slot: str, tensor: Tensor) -> ScratchStamp | None:
+        """A stamp of the latest hand-out of scratch ``slot`` if ``tensor`` is it (``None``
+        otherwise, e.g. a tensor a handler allocated itself); ask right after the hand-out."""
+        buf = self._buffers.get(("scratch", slot))
+        if buf is None or tensor.data_ptr() != buf.data_ptr() or not tensor.is_contiguous():
+            return None
+        return ScratchStamp(self, slot, self.step, self._handed[slot], tuple(tensor.shape))
 
     def keep(self, slot: str, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Stamp]:
         """A buffer that stays valid until the next step; the ``i``-th request of ``slot`` in a
