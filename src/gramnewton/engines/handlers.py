@@ -208,7 +208,7 @@ class KeptConv:
     (:data:`JAC_SLOT`), untouched: no later layer has formed its own there, as for the last kept
     layer of the backward pass (the only one on the regression demo's resnet8_fixup). ``J^T v``
     and ``J v`` are then products with them, which read ``n * numel`` floats instead of running a
-    convolution over the batch (there 6.0 -> 1.6 ms a step, docs/performance.md, gram8). The
+    convolution over the batch (there 5.5 -> 1.9 ms a step, docs/performance.md, gram8). The
     scratch is held by the workspace in any case, so this costs no memory.
 
     Attributes:
