@@ -91,6 +91,8 @@ MODELS = {
     "two_layer": ModelSpec(lambda: TwoLayerNet(10, width=4096), (10,)),
     # the network `gramnewton demo` trains, on its (1, 28, 28) images
     "resnet8": ModelSpec(lambda: get_model("resnet8_fixup", in_channels=1, num_outputs=1), (1, 28, 28)),
+    # the same network on benchmarks/time_to_target.py's rotated-digits images, (1, 8, 8)
+    "resnet8_digits": ModelSpec(lambda: get_model("resnet8_fixup", in_channels=1, num_outputs=1), (1, 8, 8)),
     # benchmarks/time_to_target.py's sinc task: 1-20-1 tanh MLP, 61 parameters
     "sinc": ModelSpec(lambda: get_model("mlp", in_channels=1, hidden=(20,), act="tanh"), (1,), sinc_batch),
 }

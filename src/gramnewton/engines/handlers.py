@@ -35,9 +35,11 @@ from ..nn import ScalarBias, ScalarScale
 from . import workspace as ws
 from .choice import MeasuredChoice
 
-# Measured on the 2-core CPU (docs/design.md, "Cost model"): ``F.unfold`` runs about 10x slower than the
-# convolution with the same shapes, so im2col is charged 10 convolutions' worth of multiply-adds.
-UNFOLD_PENALTY = 10.0
+# Measured on the 2-core CPU (docs/design.md, "Cost model"): im2col by the channels-last patch view
+# (:func:`_patch_view`) costs 0.46-1.48 convolutions of the same shapes (median 0.86; b 32 and 128,
+# 3-64 channels, 2x2 to 14x14), so it is charged one convolution's multiply-adds. (``F.unfold``, used before,
+# took ~6 ms at any small size: 5-16 convolutions.)
+UNFOLD_PENALTY = 1.0
 # The factorised Gram builds an ``(n*S, n*S)`` matrix; above this many entries it is not used.
 MAX_FACTORED_ENTRIES = 1 << 24
 # Below this many rows the symmetric update is one full product (two half-size products cost more
@@ -101,11 +103,31 @@ class Factored:
     Attributes:
         a: ``(n, groups, S, kin)`` inputs (im2col patches for convolutions) at ``S`` positions.
         g: ``(n, groups, S, kout)`` output gradients at the same positions.
+        in_shape, in_perm: when set, ``a``'s ``kin`` columns are laid out as ``in_shape`` (a conv's
+            patches: ``(kh, kw, kin / (kh kw))``) and ``in_perm`` takes that to the parameter's
+            ``kin`` layout (``(2, 0, 1)``); the Gram matrix does not depend on the column order.
     The parameter is laid out ``(groups * kout, kin)``, as Linear and Conv weights are.
     """
 
     a: Tensor
     g: Tensor
+    in_shape: tuple[int, ...] | None = None
+    in_perm: tuple[int, ...] | None = None
+
+    def _to_parameter(self, cols: Tensor) -> Tensor:
+        """``(rows, kin)`` in ``a``'s column order -> the parameter's column order."""
+        if self.in_perm is None:
+            return cols
+        rows = cols.shape[0]
+        return cols.view(rows, *self.in_shape).permute(0, *(p + 1 for p in self.in_perm)).reshape(rows, -1)
+
+    def _from_parameter(self, cols: Tensor) -> Tensor:
+        """``(rows, kin)`` in the parameter's column order -> ``a``'s (the inverse of the above)."""
+        if self.in_perm is None:
+            return cols
+        rows, shape = cols.shape[0], [self.in_shape[p] for p in self.in_perm]
+        inverse = sorted(range(len(self.in_perm)), key=self.in_perm.__getitem__)
+        return cols.reshape(rows, *shape).permute(0, *(p + 1 for p in inverse)).reshape(rows, -1)
 
     def add_gram_lower(self, gram: Tensor) -> None:
         """``gram[i, j] += sum_{group, s, s'} (a_is . a_js') (g_is . g_js')`` (the whole matrix)."""
@@ -129,23 +151,26 @@ class Factored:
             # Same product, the longer side as columns: for the two-layer net's (32, 10) and
             # (32, 4096) factors, a^T g then transposed took 126 us against 417 us for g^T a
             # (2 threads, MKL; docs/performance.md).
-            return (a.T @ g).T.reshape(-1) if kout > kin else (g.T @ a).reshape(-1)
-        a = a.transpose(0, 1).reshape(groups, n * positions, kin)
-        g = g.transpose(0, 1).reshape(groups, n * positions, kout)
-        return torch.bmm(g.transpose(1, 2), a).reshape(-1)
+            product = (a.T @ g).T if kout > kin else g.T @ a
+        else:
+            a = a.transpose(0, 1).reshape(groups, n * positions, kin)
+            g = g.transpose(0, 1).reshape(groups, n * positions, kout)
+            product = torch.bmm(g.transpose(1, 2), a).reshape(groups * kout, kin)
+        return self._to_parameter(product).reshape(-1)
 
     def j_times(self, v: Tensor) -> Tensor:
         """Row ``i``: ``sum_{group, s} g_is^T V_group a_is`` for ``v`` of shape ``(groups * kout * kin,)``
         (``V_group`` its ``(kout, kin)`` block); returns ``(n,)``. Costs what ``jt_times`` costs."""
         groups, kin, kout = self.a.shape[1], self.a.shape[3], self.g.shape[3]
-        weight = v.view(groups, kout, kin)
+        weight = self._from_parameter(v.view(groups * kout, kin)).view(groups, kout, kin)
         projected = torch.einsum("ngsi,goi->ngso", self.a, weight)  # V a_is at every position
         return (projected * self.g).sum((1, 2, 3))
 
     def dense(self) -> Dense:
         """The per-sample gradients, ``(n, groups * kout * kin)``."""
-        n = self.a.shape[0]
-        return Dense(torch.einsum("ngso,ngsi->ngoi", self.g, self.a).reshape(n, -1))
+        n, kin = self.a.shape[0], self.a.shape[3]
+        per_sample = torch.einsum("ngso,ngsi->ngoi", self.g, self.a).reshape(-1, kin)
+        return Dense(self._to_parameter(per_sample).reshape(n, -1))
 
 
 @dataclass
@@ -533,13 +558,8 @@ def _conv2d_weight_per_sample_patches(
     at the backward's peak with the activations: docs/performance.md, mem6).
     """
     n, kin = x.shape[:2]
-    ph, pw = padding
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    xp = xp.contiguous(memory_format=torch.channels_last)
-    sn, sc, sh, sw = xp.stride()
-    (kh, kw), (dh, dw), (st_h, st_w) = module.kernel_size, module.dilation, module.stride
-    ho, wo = g.shape[2:]
-    view = xp.as_strided((n, ho, wo, kh, kw, kin), (sn, st_h * sh, st_w * sw, dh * sh, dw * sw, sc))
+    (kh, kw), (ho, wo) = module.kernel_size, g.shape[2:]
+    view = _patch_view(x, module.kernel_size, module.dilation, padding, module.stride, (ho, wo))[:, 0]
     kout = g.shape[1]
     shape, perm = (kout, kh, kw, kin), (0, 3, 1, 2)
     work = ws.active()
@@ -606,7 +626,8 @@ def _conv_weight_paths(
 
 
 def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Factored:
-    """im2col factors ``(n, groups, S, kin)`` and ``(n, groups, S, kout)`` of a 1-d or 2-d convolution."""
+    """im2col factors ``(n, groups, S, kin)`` and ``(n, groups, S, kout)`` of a 1-d or 2-d convolution,
+    the patches' columns ordered ``(kh, kw, channel)`` (:func:`_patch_view`)."""
     n, groups = x.shape[0], module.groups
     if x.dim() == 3:  # a 1-d convolution is a 2-d one of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
@@ -618,11 +639,35 @@ def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, .
         )
     else:
         kernel, dilation, pad, stride = module.kernel_size, module.dilation, padding, module.stride
-    patches = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)  # (n, Cin*K, S)
-    positions = patches.shape[2]
-    a = patches.view(n, groups, -1, positions).transpose(2, 3)
-    gf = g.reshape(n, groups, -1, positions).transpose(2, 3)
-    return Factored(a, gf)
+    ho, wo = g.shape[2:]
+    view = _patch_view(x, kernel, dilation, pad, stride, (ho, wo), groups)  # (n, groups, ho, wo, kh, kw, c)
+    a = view.reshape(n, groups, ho * wo, -1)
+    gf = g.reshape(n, groups, -1, ho * wo).transpose(2, 3)
+    return Factored(a, gf, (*kernel, x.shape[1] // groups), (2, 0, 1))
+
+
+def _patch_view(
+    x: Tensor,
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    stride: tuple[int, int],
+    out: tuple[int, int],
+    groups: int = 1,
+) -> Tensor:
+    """The patches of a 2-d convolution's input ``x`` ``(n, C, H, W)`` as a strided view
+    ``(n, groups, ho, wo, kh, kw, C / groups)`` of the channels-last padded input (``out`` =
+    ``(ho, wo)``). Its copy is im2col with contiguous channel runs, faster than ``F.unfold``
+    (docs/performance.md, "im2col").
+    """
+    n, channels = x.shape[:2]
+    ph, pw = padding
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    xp = xp.contiguous(memory_format=torch.channels_last)
+    sn, sc, sh, sw = xp.stride()
+    (kh, kw), (dh, dw), (st_h, st_w), (ho, wo) = kernel, dilation, stride, out
+    cin = channels // groups
+    return xp.as_strided((n, groups, ho, wo, kh, kw, cin), (sn, cin * sc, st_h * sh, st_w * sw, dh * sh, dw * sw, sc))
 
 
 @register_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, unsupported=_conv_unsupported)
