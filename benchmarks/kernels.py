@@ -18,6 +18,10 @@ variants interleaved round by round, medians; the load average is recorded.
   sum; the elementwise check only when the sum is not finite) and the float64 norm the step's
   diagnostics need anyway (``vector_norm(t, dtype=float64)``), for the two-layer net's direction
   ``(4096, 10)`` and a ResNet's ``(64, 64, 3, 3)``, and for ``(32, 1)`` residuals.
+- The padded channels-last input of the conv patch view (``handlers.padded_channels_last``):
+  ``F.pad`` then a channels-last copy (what it did before gram8), or one copy into a zeroed
+  channels-last buffer, at b = 128 for the inputs of the ResNets' patch-path layers (resnet8 at
+  28x28: 64 x 7 x 7 and 32 x 14 x 14; ResNet-32 at 32x32: 64 x 8 x 8 and 32 x 16 x 16).
 
 Usage::
 
@@ -38,9 +42,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from gramnewton.engines.handlers import mirror_lower  # noqa: E402
+from gramnewton.engines.handlers import mirror_lower, padded_channels_last  # noqa: E402
 from gramnewton.solve import all_finite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,13 +120,21 @@ def main() -> None:
             "float64 norm": lambda t=t: float(torch.linalg.vector_norm(t, dtype=torch.float64)),
         }
         run["finite_check_s"][str(shape)] = interleaved(variants, args.rounds * 10)
+    run["padded_input_s"] = {}
+    for shape in ((128, 64, 7, 7), (128, 32, 14, 14), (128, 64, 8, 8), (128, 32, 16, 16)):
+        x = torch.randn(shape)
+        variants = {
+            "pad then channels-last": lambda x=x: F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last),
+            "one copy": lambda x=x: padded_channels_last(x, (1, 1)),
+        }
+        run["padded_input_s"][str(shape)] = interleaved(variants, args.rounds * 5)
     run["load_average_after"] = os.getloadavg()
     results = json.loads(args.out.read_text()) if args.out.exists() else []
     results.append(run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"load {run['load_average'][0]:.1f}")
-    for section in ("gram_update_s", "jt_product_s", "mirror_s", "finite_check_s"):
+    for section in ("gram_update_s", "jt_product_s", "mirror_s", "finite_check_s", "padded_input_s"):
         for case, seconds in run[section].items():
             print(f"{section} {case}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in seconds.items()))
 

@@ -233,7 +233,7 @@ class KeptConv:
     (:data:`JAC_SLOT`), untouched: no later layer has formed its own there, as for the last kept
     layer of the backward pass (the only one on the regression demo's resnet8_fixup). ``J^T v``
     and ``J v`` are then products with them, which read ``n * numel`` floats instead of running a
-    convolution over the batch (there 6.0 -> 1.6 ms a step, docs/performance.md, gram8). The
+    convolution over the batch (there 5.5 -> 1.9 ms a step, docs/performance.md, gram8). The
     scratch is held by the workspace in any case, so this costs no memory.
 
     Attributes:
@@ -646,6 +646,20 @@ def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, .
     return Factored(a, gf, (*kernel, x.shape[1] // groups), (2, 0, 1))
 
 
+def padded_channels_last(x: Tensor, padding: tuple[int, int]) -> Tensor:
+    """``x`` ``(n, C, H, W)`` zero-padded by ``padding = (ph, pw)`` on each side, channels-last,
+    in one copy (``F.pad`` then a channels-last copy made two: at b = 128 on a 64-channel 7x7
+    input 0.52 -> 0.27 ms, benchmarks/kernels.py)."""
+    ph, pw = padding
+    if not (ph or pw):
+        return x.contiguous(memory_format=torch.channels_last)
+    n, channels, h, w = x.shape
+    shape = (n, channels, h + 2 * ph, w + 2 * pw)
+    xp = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).zero_()
+    xp[:, :, ph : ph + h, pw : pw + w].copy_(x)
+    return xp
+
+
 def _patch_view(
     x: Tensor,
     kernel: tuple[int, int],
@@ -661,9 +675,7 @@ def _patch_view(
     (docs/performance.md, "im2col").
     """
     n, channels = x.shape[:2]
-    ph, pw = padding
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    xp = xp.contiguous(memory_format=torch.channels_last)
+    xp = padded_channels_last(x, padding)
     sn, sc, sh, sw = xp.stride()
     (kh, kw), (dh, dw), (st_h, st_w), (ho, wo) = kernel, dilation, stride, out
     cin = channels // groups
