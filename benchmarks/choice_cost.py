@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import step_cost
 import torch
+from results_log import append_record
 
 from gramnewton.engines import HooksEngine, handlers
 
@@ -81,18 +81,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/choice_cost.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    results = json.loads(args.out.read_text()) if args.out.exists() else []
     for model_name in args.models:
         record = measure(model_name, args.batch, args.steps)
-        results.append(record)
+        append_record(args.out, record)
         print(
             f"{model_name} b={args.batch} (load {record['load_average'][0]:.1f}): step {record['median_step_without_trials_s']:.3f} s, "
             f"trials {record['trials_total_s']:.3f} s in all ({record['trials_over_step']:.2f} steps) "
             f"[per step: {' '.join(f'{t:.3f}' for t in record['trial_s'])}]",
             flush=True,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

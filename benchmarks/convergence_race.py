@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_log import append_record
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
@@ -248,9 +248,7 @@ def main() -> None:
     result = race(
         args.specs, args.task, args.seconds, args.mark, args.batch, args.seed, args.standardise, args.eval_samples
     )
-    history = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps([*history, result], indent=1))
+    append_record(RESULTS, result)
     print(f"{args.task}, batch {args.batch}, seed {args.seed}, load {result['load_before']} -> {result['load_after']}")
     print(f"{'variant':<48}" + "".join(f"{m['cpu_seconds']:>16g}" for m in result["runs"][0]["marks"]))
     for r in result["runs"]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ from gramnewton.lab.experiments.training import residuals  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_cost  # noqa: E402
+from results_log import append_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,10 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         "gram_width": width,
         "conv_paths": {str(key[1:3]): path for key, path in handlers.CONV_WEIGHT_PATHS.choices.items()},
     }
-    results = json.loads(args.out.read_text()) if args.out.exists() else []
-    results.append(run)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    append_record(args.out, run)
     print(
         f"{args.model} b={args.batch} (load {load[0]:.2f} -> {load_after[0]:.2f}), medians over {len(per_step)} steps:"
     )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -43,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from results_log import append_record  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from gramnewton.engines.handlers import mirror_lower, padded_channels_last  # noqa: E402
@@ -129,10 +129,7 @@ def main() -> None:
         }
         run["padded_input_s"][str(shape)] = interleaved(variants, args.rounds * 5)
     run["load_average_after"] = os.getloadavg()
-    results = json.loads(args.out.read_text()) if args.out.exists() else []
-    results.append(run)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    append_record(args.out, run)
     print(f"load {run['load_average'][0]:.1f}")
     for section in ("gram_update_s", "jt_product_s", "mirror_s", "finite_check_s", "padded_input_s"):
         for case, seconds in run[section].items():

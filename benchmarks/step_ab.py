@@ -31,7 +31,6 @@ import argparse
 import cProfile
 import datetime
 import importlib
-import json
 import os
 import pstats
 import statistics
@@ -53,6 +52,7 @@ from gramnewton.lab.experiments.training import make_train_step, residuals  # no
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_cost  # noqa: E402
+from results_log import append_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "gramnewton_before"
@@ -176,10 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, package in (("before", before_package), ("after", gramnewton))
         },
     }
-    results = json.loads(args.out.read_text()) if args.out.exists() else []
-    results.append(run)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    append_record(args.out, run)
     print(
         f"{args.model} b={args.batch} {'demo' if args.demo else 'plain'} (load {load[0]:.1f}): "
         + ", ".join(f"{n} {median[n] * 1e3:.3f} ms ({run['ratio_to_sgd'][n]:.2f}x SGD)" for n in median)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import step_cost
 import torch
+from results_log import append_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,7 +143,6 @@ def main() -> None:
         torch.set_num_threads(2)
         print(json.dumps(measure(model_name, args.batch, method, args.steps)))
         return
-    results = json.loads(args.out.read_text()) if args.out.exists() else []
     for model_name in args.models:
         for allocator in args.allocators:
             for method in args.methods:
@@ -152,7 +152,8 @@ def main() -> None:
                 load = os.getloadavg()
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                 steps = json.loads(out.strip().splitlines()[-1])
-                results.append(
+                append_record(
+                    args.out,
                     {
                         "model": model_name,
                         "batch": args.batch,
@@ -163,7 +164,7 @@ def main() -> None:
                         "load_average": load,
                         "torch": torch.__version__,
                         "steps": steps,
-                    }
+                    },
                 )
                 peaks = " ".join(f"{s['peak_mb']:.0f}" for s in steps)
                 live = " ".join("-" if s["peak_in_use_mb"] is None else f"{s['peak_in_use_mb']:.0f}" for s in steps)
@@ -174,8 +175,6 @@ def main() -> None:
                     f"in use at peak {live}; heap MB {heaps}; faults forward/step {faults}",
                     flush=True,
                 )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
