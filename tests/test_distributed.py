@@ -345,7 +345,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         dist.barrier()
     # Free what the scenarios left in reference cycles while the group is alive, then destroy it
     # on both ranks together. Without this a worker aborted at its exit now and then ("terminate
-    # called without an active exception", after every scenario had passed): in 2 of 14 rounds
+    # called without an active exception", after every scenario had finished): in 2 of 14 rounds
     # of two sessions of this file run side by side, and in 0 of 30 with it. Which object's
     # teardown aborted was not found (a DDP model, checked alone, is not kept by a cycle).
     gc.collect()
