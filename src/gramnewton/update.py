@@ -82,7 +82,7 @@ class GramGaussNewtonStep:
 
 
 def choose_solve_space(
-    solve_space: str, system: GramSystem, num_params: int, solve_dtype: torch.dtype | None = None
+    solve_space: str, system: GramSystem, params: list[Tensor], solve_dtype: torch.dtype | None = None
 ) -> str:
     """The space to solve in: ``solve_space`` unless it is ``"auto"``.
 
@@ -110,21 +110,17 @@ def choose_solve_space(
         return solve_space
     if system.gram is None:  # the engine was told it would not be needed (below)
         return "parameter"
-    rows, dtype = system.gram.shape[0], system.residuals.dtype
-    return (
-        "parameter"
-        if system.jacobian_columns is not None and prefers_parameter_space(rows, num_params, dtype, solve_dtype)
-        else "sample"
-    )
+    preferred = prefers_parameter_space(system.gram.shape[0], params, solve_dtype)
+    return "parameter" if system.jacobian_columns is not None and preferred else "sample"
 
 
-def prefers_parameter_space(
-    rows: int, num_params: int, jac_dtype: torch.dtype, solve_dtype: torch.dtype | None = None
-) -> bool:
-    """The ``"auto"`` rule of :func:`choose_solve_space` for ``rows = b*k`` residuals: ``rows > m``
-    when the parameter-space system is solved by the float64 normal equations
+def prefers_parameter_space(rows: int, params: list[Tensor], solve_dtype: torch.dtype | None = None) -> bool:
+    """The ``"auto"`` rule of :func:`choose_solve_space` for ``rows = b*k`` residuals and the
+    parameters ``params`` (``m`` entries; ``J`` has their dtype): ``rows > m`` when the
+    parameter-space system is solved by the float64 normal equations
     (:func:`~gramnewton.solve.solves_by_normal_equations`), else ``rows > 2 m``."""
-    normal_equations = solves_by_normal_equations(jac_dtype, solve_dtype, num_params)
+    num_params = sum(p.numel() for p in params)
+    normal_equations = solves_by_normal_equations(params[0].dtype, solve_dtype, num_params)
     return rows > (1 if normal_equations else 2) * num_params
 
 
@@ -136,12 +132,9 @@ def compute_system(
     else needs it), which would cost ``(b*k)^2 m`` and ``(b*k)^2`` memory for nothing."""
     if not skip_gram or solve_space == "sample" or not getattr(engine, "can_skip_gram", False):
         return engine.compute(closure)
-    num_params, dtype = sum(p.numel() for p in engine.params), engine.params[0].dtype
     return engine.compute(
         closure,
-        form_gram=lambda rows: (
-            solve_space == "auto" and not prefers_parameter_space(rows, num_params, dtype, solve_dtype)
-        ),
+        form_gram=lambda rows: solve_space == "auto" and not prefers_parameter_space(rows, engine.params, solve_dtype),
     )
 
 
@@ -194,7 +187,7 @@ def gram_gauss_newton_direction(
     if choose_alpha is not None:  # the damping rule sets this step's alpha from its system
         alpha = choose_alpha(system)
         check_damping(lam, alpha)
-    space = choose_solve_space(solve_space, system, sum(p.numel() for p in engine.params), solve_dtype)
+    space = choose_solve_space(solve_space, system, engine.params, solve_dtype)
     if space == "parameter":
         step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     else:
