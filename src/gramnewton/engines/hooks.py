@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
-from .handlers import Dense, LayerHandler, Piece, batch_norm_check, handler_for, mirror_lower
+from .handlers import Dense, LayerHandler, Piece, add_gram_lower, batch_norm_check, handler_for, mirror_lower
 from .locality import Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
 from .rows import children, graph_signature, post_order, rows_not_samples
@@ -49,6 +49,12 @@ from .workspace import Workspace, activated
 
 # Forward signatures whose row check (:mod:`.rows`) is remembered; more are forgotten at once.
 MAX_ROW_VERDICTS = 64
+# Dense pieces narrower than this many columns (ScalarBias, ScalarScale, biases, small heads) are
+# added to the Gram matrix together, in one product after the backward pass. One update costs
+# about 20-80 us of call overhead on the 2-core CPU, against about 0.35 us per column of a
+# 128-row update at GEMM speed: on the demo's resnet8_fixup (b = 128) twenty one-column updates
+# took about 1 ms (benchmarks/engine_parts.py; docs/performance.md, gram8).
+NARROW_COLUMNS = 128
 
 
 @dataclass(eq=False)
@@ -447,6 +453,7 @@ class HooksEngine:
             return pieces
         pending = dict(uses)
         partial: dict[int, Dense] = {}
+        narrow: list[Tensor] = []  # per-sample gradients of narrow Dense pieces, (b*k, width) each
 
         def finish(call: _Call) -> None:
             a, grads = call.input, call.grads
@@ -476,7 +483,12 @@ class HooksEngine:
                     piece = partial.pop(pid)
                 if gram is not None:
                     t0 = time.perf_counter()
-                    piece.add_gram_lower(gram)
+                    if isinstance(piece, Dense) and piece.jac.shape[1] < NARROW_COLUMNS:
+                        # added with the other narrow ones, in one product; a Dense owns its
+                        # gradients (scratch-backed ones are PermutedDense), so they stay intact
+                        narrow.append(piece.jac)
+                    else:
+                        piece.add_gram_lower(gram)
                     timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
@@ -497,6 +509,10 @@ class HooksEngine:
                 dense.add_gram_lower(gram)
             pieces[pid] = dense
         if gram is not None:
+            if narrow:
+                t0 = time.perf_counter()
+                add_gram_lower(gram, narrow[0] if len(narrow) == 1 else torch.cat(narrow, 1))
+                timings["gram"] += time.perf_counter() - t0
             mirror_lower(gram)  # the pieces left the upper-right block to the mirror
         return pieces
 
