@@ -29,6 +29,29 @@ def test_singular_gram_gives_minimum_norm_solution():
     assert torch.allclose(w, torch.linalg.pinv(jac) @ rhs, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_jitter_starts_at_the_shift_that_passes_the_pivot_test(seed: int, monkeypatch: pytest.MonkeyPatch):
+    """A float32 Gram of rank 50 of 200 with ``alpha`` under float32's resolution: the matrix is
+    positive definite but its smallest pivots fail the test (``min pivot^2 > n * eps * max
+    diagonal``). The first jittered attempt uses the shift computed from the failed factor (between
+    half and 1.5 times the test's bound) and passes: two factorisations in all, where the ladder
+    from ``n * eps * mean diagonal`` took three on these seeds; the result solves the jittered
+    system (backward error of a float32 solve)."""
+    factorisations = []
+    cholesky_ex = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m: factorisations.append(m) or cholesky_ex(m))
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(200, 50, generator=generator)
+    gram, rhs, alpha = a @ a.T, torch.randn(200, generator=generator), 1e-4
+    x, info = damped_solve(gram, rhs, 1.0, alpha)
+    assert info.method == "jitter" and len(factorisations) == 2
+    bound = 200 * torch.finfo(torch.float32).eps * float(gram.diagonal().max() + alpha)
+    assert 0.5 * bound <= info.jitter <= 1.5 * bound
+    mat = (gram.double() + gram.double().T) / 2 + (alpha + info.jitter) * torch.eye(200, dtype=torch.float64)
+    x, b = x.double(), rhs.double()  # normwise backward error of a float32 solve
+    assert float((mat @ x - b).norm() / (torch.linalg.matrix_norm(mat, 2) * x.norm() + b.norm())) < 1e-6
+
+
 def test_eigh_fallback_when_jitter_does_not_help():
     gram = torch.zeros(4, 4, dtype=torch.float64)
     x, info = damped_solve(gram, torch.ones(4, dtype=torch.float64), 1.0, 0.0, max_jitter_tries=0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,10 +100,23 @@ def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
     return mat
 
 
-def _plain_cholesky(mat: Tensor) -> tuple[Tensor, float] | None:
-    """The Cholesky factor of ``mat`` ``(n, n)`` and its condition estimate, when it succeeds
-    with pivots that are not numerically zero (``min pivot^2 > n * eps * max diagonal``), else
-    ``None``. One synchronisation on the success path.
+class _Cholesky(NamedTuple):
+    """One Cholesky attempt on an ``(n, n)`` matrix (:func:`_cholesky`)."""
+
+    factor: Tensor  # lower triangular; meaningful only when ``passed``
+    passed: bool  # factorised, with ``min pivot^2 > n * eps * max diagonal``
+    condition: float  # ``(max pivot / min pivot)^2`` when ``passed``, else ``inf``
+    shift: float | None  # a diagonal shift that passes the test (below); ``None``: not factorised
+
+
+def _cholesky(mat: Tensor) -> _Cholesky:
+    """The Cholesky factor of ``mat`` ``(n, n)``, accepted when it succeeds with pivots that are
+    not numerically zero (``min pivot^2 > bound = n * eps * max diagonal``). One synchronisation.
+
+    When the factorisation succeeds but the pivot test fails, ``shift = 1.5 * bound - min pivot^2``
+    is a diagonal shift that passes it in exact arithmetic with half the bound to spare for rounding:
+    adding ``s`` to the diagonal adds at least ``s`` to every squared pivot (the ``k``-th is the
+    minimum of ``x^T A x`` over ``x`` with ``x_k = 1`` and no entries after ``k``, so ``||x|| >= 1``).
 
     No separate finiteness check is needed: a NaN or ``+-Inf`` in ``mat`` (symmetric, so in its
     lower triangle) reaches a diagonal step of the factorisation as NaN or ``-Inf`` (LAPACK's
@@ -112,10 +126,11 @@ def _plain_cholesky(mat: Tensor) -> tuple[Tensor, float] | None:
     chol, info = torch.linalg.cholesky_ex(mat)
     low, high = torch.aminmax(chol.diagonal())
     code, low, high, top = torch.stack([info.to(low.dtype), low, high, mat.diagonal().max()]).tolist()
-    eps = torch.finfo(mat.dtype).eps
-    if code != 0 or not low * low > mat.shape[0] * eps * top:  # `not >`: False for NaN too
-        return None
-    return chol, (high / low) ** 2
+    bound = mat.shape[0] * torch.finfo(mat.dtype).eps * top
+    if code == 0 and low * low > bound:  # `>` is False for NaN too
+        return _Cholesky(chol, True, (high / low) ** 2, None)
+    shift = 1.5 * bound - low * low if code == 0 and math.isfinite(bound) and math.isfinite(low) else None
+    return _Cholesky(chol, False, math.inf, shift)
 
 
 def damped_solve(
@@ -150,26 +165,29 @@ def damped_solve(
     work = dtype or solve_dtype_for(gram.dtype)
     mat = damped_matrix(gram.to(work), lam, alpha)
     b = rhs.to(work).unsqueeze(1)
-    plain = _plain_cholesky(mat)
-    if plain is not None:  # the usual path: a Cholesky that succeeded says the matrix was finite
-        chol, condition = plain
-        return _finite(torch.cholesky_solve(b, chol).squeeze(1), out_dtype), SolveInfo("cholesky", condition=condition)
+    plain = _cholesky(mat)
+    if plain.passed:  # the usual path: a Cholesky that succeeded says the matrix was finite
+        x = torch.cholesky_solve(b, plain.factor).squeeze(1)
+        return _finite(x, out_dtype), SolveInfo("cholesky", condition=plain.condition)
     if not all_finite(mat):  # one sum: at b = 100 on the sinc network (G of rank 61) every step comes here
         raise SingularGramError("the Gram matrix has NaN or Inf entries; no parameter was changed")
-    n = mat.shape[0]
-    scale = float(mat.diagonal().abs().mean()) or 1.0
-    eps = torch.finfo(work).eps
+    n, eps = mat.shape[0], torch.finfo(work).eps
+    # The ladder starts at n * max(eps, 1e-10) * mean diagonal, or at the shift that passes the
+    # pivot test where the factorisation succeeded and that shift is larger (the usual float32
+    # case: one more factorisation where the ladder from below took two or three).
+    first = (float(mat.diagonal().abs().mean()) or 1.0) * max(eps, 1e-10) * n
+    if plain.shift is not None:
+        first = max(first, plain.shift)
 
     for j in range(max_jitter_tries):
-        jitter = scale * (10.0**j) * max(eps, 1e-10) * n
+        jitter = first * 10.0**j
         jittered = mat.clone()
         jittered.diagonal().add_(jitter)
-        plain = _plain_cholesky(jittered)  # the same pivot test as the unjittered attempt
-        if plain is not None:
-            chol, condition = plain
-            x = torch.cholesky_solve(b, chol).squeeze(1)
+        attempt = _cholesky(jittered)  # the same pivot test as the unjittered attempt
+        if attempt.passed:
+            x = torch.cholesky_solve(b, attempt.factor).squeeze(1)
             if all_finite(x):
-                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=condition)
+                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=attempt.condition)
 
     evals, evecs = torch.linalg.eigh(mat)
     cutoff = n * eps * float(evals.abs().max())
@@ -325,7 +343,7 @@ def _normal_equations(
 ) -> tuple[Tensor, SolveInfo] | None:
     """``(lam J^T J + alpha I) x = J^T rhs + alpha prior`` in float64 by Cholesky (``jac`` ``(n, m)``,
     ``rhs`` ``(n,)``, ``prior`` ``(m,)`` or ``None``); ``None`` when the Cholesky fails
-    :func:`_plain_cholesky`'s pivot test (the caller then uses the QR).
+    :func:`_cholesky`'s pivot test (the caller then uses the QR).
 
     No finiteness check of its own: a NaN or Inf in ``J`` (or a ``J^T J`` that overflows) puts a
     NaN or Inf on the diagonal of ``J^T J``, which fails the pivot test (the QR path then checks
@@ -335,12 +353,11 @@ def _normal_equations(
     # each product of two float32 entries is exact in float64; only the sums round (n * eps64)
     mat = (a.mT @ a).mul_(lam)
     mat.diagonal().add_(alpha)
-    plain = _plain_cholesky(mat)  # reads the lower triangle only: no symmetrisation needed
-    if plain is None:
+    plain = _cholesky(mat)  # reads the lower triangle only: no symmetrisation needed
+    if not plain.passed:
         return None
-    chol, condition = plain
     b = a.mT @ rhs.double()
     if prior is not None:
         b.add_(prior.double(), alpha=alpha)
-    x = torch.cholesky_solve(b.unsqueeze(1), chol).squeeze(1)
-    return _finite(x, rhs.dtype), SolveInfo("normal_equations", condition=condition)
+    x = torch.cholesky_solve(b.unsqueeze(1), plain.factor).squeeze(1)
+    return _finite(x, rhs.dtype), SolveInfo("normal_equations", condition=plain.condition)
