@@ -126,8 +126,9 @@ class GramGaussNewton(Optimizer):
         solve_space: ``"sample"`` solves the ``(b*k, b*k)`` system above; ``"parameter"`` the
             ``(m, m)`` system ``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}``, equal by
             the push-through identity (Levenberg-Marquardt; needs the dense ``J``, so only for
-            small ``m``); ``"auto"`` (default) the parameter space when ``m < b*k`` (see
-            :func:`~gramnewton.update.choose_solve_space`).
+            small ``m``); ``"auto"`` (default) the parameter space when ``b*k > m`` if that
+            system is solved by the float64 normal equations, ``b*k > 2 m`` if by QR (see
+            :func:`~gramnewton.update.prefers_parameter_space`).
         loss: ``"mse"`` (Eq. 11; the closure returns residuals ``f - y``), ``"cross_entropy"``,
             ``"binary_cross_entropy"`` or a :class:`~gramnewton.losses.Loss` instance. For a loss
             other than ``"mse"`` the closure returns ``(outputs, targets)`` (for cross-entropy

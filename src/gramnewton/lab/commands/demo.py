@@ -20,12 +20,12 @@ ACCURACY_TARGETS = (0.90, 0.95, 0.97)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="train a small Fixup ResNet with GGN, SGD and Adam on rotated digits")
+    p = subparsers.add_parser("demo", help="train a small Fixup ResNet with GGN, SGD and Adam on rotated MNIST")
     p.add_argument(
         "--task",
         choices=list(TASKS),
         default="regression",
-        help="regression (rotated digits, MSE) or classification (MNIST, cross-entropy; adds K-FAC)",
+        help="regression (rotated MNIST, MSE) or classification (MNIST, cross-entropy; adds K-FAC)",
     )
     p.add_argument(
         "--dataset",
