@@ -508,20 +508,20 @@ def spec_for(task: Task, optimizer: str, config: dict[str, Any], seed: int, args
 
 
 def on_every_seed(
+    task: Task,
     first: dict[str, Any],
-    other_seeds: list[int],
+    seeds: list[int],
     seeded: dict[str, list[dict[str, Any]]],
     args: argparse.Namespace,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """``first`` (a seed-0 run) and its configuration's runs on ``other_seeds``, launched once per
-    configuration (``seeded`` caches them by the configuration's JSON)."""
+    """``first`` (a run on ``seeds[0]``) and its configuration's runs on the other ``seeds``,
+    launched once per configuration (``seeded`` caches them by the configuration's JSON)."""
     key = json.dumps(first["config"], sort_keys=True)
     if key not in seeded:
         seeded[key] = [first]
-        for seed in other_seeds:
-            spec = {k: first[k] for k in ("task", "optimizer", "config", "budget_s", "memory_cap_gib")}
-            seeded[key].append(launch({**spec, "seed": seed}))
+        for seed in seeds[1:]:
+            seeded[key].append(launch(spec_for(task, first["optimizer"], first["config"], seed, args)))
             log(describe(seeded[key][-1]))
     return seeded[key]
 
@@ -547,9 +547,10 @@ def run_task(task: Task, optimizers: list[str], args: argparse.Namespace, log: C
         best = min(tried, key=score)
         out["grid"][optimizer], out["best"][optimizer] = tried, best["config"]
         seeded: dict[str, list[dict[str, Any]]] = {}  # config (JSON) -> its runs on every seed
-        every_seed = lambda first: on_every_seed(first, seeds[1:], seeded, args, log)  # noqa: E731
-        out["runs"][optimizer] = every_seed(best)
-        out["target_runs"][optimizer] = {str(f): every_seed(fastest_to(tried, f) or best) for f in TARGETS}
+        out["runs"][optimizer] = on_every_seed(task, best, seeds, seeded, args, log)
+        out["target_runs"][optimizer] = {
+            str(f): on_every_seed(task, fastest_to(tried, f) or best, seeds, seeded, args, log) for f in TARGETS
+        }
     out["meta"]["load_average_at_end"] = os.getloadavg()
     return out
 
