@@ -14,6 +14,10 @@ resident set just before the first step).
 The wide two-layer net's Gram-flop floor is an SGD step plus the bare products of its factorised
 Gram matrix, ``(A A^T) * (G G^T)`` with ``A`` (b, d) and ``G`` (b, M), timed in the same rounds.
 
+Results are merged into ``--out`` (default ``benchmarks/results/step_cost.json``); a run recorded
+under ``benchmarks/results`` also regenerates the tables of ``docs/performance.md`` (``--doc``), a
+scratch run elsewhere (``--out /tmp/x.json``) leaves the docs alone unless ``--doc`` is given.
+
 Usage (the full grid takes long; run subsets, results are merged into the JSON)::
 
     python benchmarks/step_cost.py --models fixup32 fixup64 --batch 128 --reps 7
@@ -59,6 +63,7 @@ from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import TwoLayerNet, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"  # runs recorded here regenerate docs/performance.md
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 ALLOCATORS = ("tuned", "system", "jemalloc")
@@ -566,8 +571,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default="PASSIVE")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_cost.json")
-    p.add_argument("--doc", type=Path, default=ROOT / "docs/performance.md")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help="the doc whose generated tables to rewrite (default: docs/performance.md when --out is "
+        "under benchmarks/results, else none, so a scratch run leaves the docs alone)",
+    )
+    args = p.parse_args(argv)
+    if args.doc is None and args.out.resolve().is_relative_to(RESULTS_DIR):
+        args.doc = ROOT / "docs/performance.md"
+    return args
 
 
 def allocator_env(allocator: str, omp_wait_policy: str) -> dict[str, str]:
@@ -597,7 +611,8 @@ def run_children(args: argparse.Namespace) -> None:
     """One child process per (model, batch, allocator), back to back; each appends its run."""
     common = ["--methods", *args.methods, "--reps", str(args.reps), "--warmup", str(args.warmup)]
     common += ["--ref-max-batch", str(args.ref_max_batch), "--threads", str(args.threads)]
-    common += ["--omp-wait-policy", args.omp_wait_policy, "--out", str(args.out), "--doc", str(args.doc)]
+    common += ["--omp-wait-policy", args.omp_wait_policy, "--out", str(args.out)]
+    common += ["--doc", str(args.doc)] if args.doc else []
     common += ["--no-memory"] if args.no_memory else []
     for model_name in args.models:
         for batch in args.batch:
@@ -627,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
         results.setdefault("cost_model", []).append(check_cost_model(args.reps))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
-        write_doc(args.doc, render_markdown(results, _relative(args.out)))
+        if args.doc:
+            write_doc(args.doc, render_markdown(results, _relative(args.out)))
         print("\n".join(render_cost_model(results["cost_model"][-1])))
         return
     for model_name in args.models:
@@ -667,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
             results.setdefault(f"{model_name}/b{batch}", []).append(run)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))
-            write_doc(args.doc, render_markdown(results, _relative(args.out)))
+            if args.doc:
+                write_doc(args.doc, render_markdown(results, _relative(args.out)))
             m = run["methods"]
             print(
                 f"{model_name} b={batch} [{args.allocators[0]}, load {run['load_average'][0]:.1f}]: "
