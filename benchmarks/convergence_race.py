@@ -21,7 +21,10 @@ A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum
 ``check_every`` and ``subset`` (the gain ratio measured on the batch's first ``subset`` samples;
 see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
 cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
-``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults.
+``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults. ``blocks=P+Q+...`` makes a
+block-cyclic GGN: one ``GramGaussNewton`` (same keywords, its own hooks engine, momentum and
+damping) over the parameters whose names start with one of the prefixes ``P``, ``Q``, ..., one
+over the rest, stepping in turn (each step's Gram, backward and update cover one block only).
 
 Usage::
 
@@ -53,6 +56,7 @@ from torch.utils.data import Dataset, Subset
 
 from gramnewton import GramGaussNewton
 from gramnewton.damping import CrossValidatedDamping, GainRatioDamping
+from gramnewton.engines import HooksEngine
 from gramnewton.lab.data import get_dataset
 from gramnewton.lab.experiments.training import batch_order, make_train_step, mean_squared_error
 from gramnewton.lab.models import get_model
@@ -70,8 +74,14 @@ TASKS = {
 }
 
 
-def build(spec: str, model: nn.Module) -> Optimizer:
-    """The optimizer of one variant spec (see the module docstring)."""
+def build(spec: str, model: nn.Module) -> Optimizer | list[Optimizer]:
+    """The optimizer of one variant spec (see the module docstring); a list for ``blocks=``."""
+    spec, prefixes = pop_key(spec, "blocks")
+    if prefixes is not None:
+        named = list(model.named_parameters())
+        first = [p for n, p in named if n.startswith(tuple(prefixes.split("+")))]
+        others = [p for _, p in named if all(p is not q for q in first)]
+        return [build_ggn(spec, block, HooksEngine(model, block)) for block in (first, others)]
     kind, _, rest = spec.partition(":")
     hp: dict[str, Any] = dict(kv.split("=") for kv in rest.split(",") if kv)
     if kind in ("adam", "sgd"):
@@ -79,6 +89,13 @@ def build(spec: str, model: nn.Module) -> Optimizer:
         if kind == "adam":
             return torch.optim.Adam(model.parameters(), lr=lr)
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return build_ggn(spec, model)
+
+
+def build_ggn(spec: str, params: nn.Module | list[Tensor], engine: HooksEngine | str = "auto") -> GramGaussNewton:
+    """``GramGaussNewton(params, engine=engine, ...)`` from a ``ggn:...`` spec."""
+    kind, _, rest = spec.partition(":")
+    hp: dict[str, Any] = dict(kv.split("=") for kv in rest.split(",") if kv)
     if kind != "ggn":
         raise ValueError(f"unknown variant kind {kind!r}")
     damping = hp.pop("damping", None)
@@ -95,7 +112,7 @@ def build(spec: str, model: nn.Module) -> Optimizer:
         )
     elif damping == "cross_validated":
         kwargs["adaptive_damping"] = CrossValidatedDamping(span=(1e-5, cv_max))
-    return GramGaussNewton(model, **kwargs)
+    return GramGaussNewton(params, engine=engine, **kwargs)
 
 
 def pop_key(spec: str, key: str) -> tuple[str, str | None]:
@@ -158,9 +175,11 @@ def race(
         model = copy.deepcopy(init)
         optimizer_spec, schedule = split_batch(spec, batch)
         optimizer_spec, decay = split_averaging(optimizer_spec)
-        opt = build(optimizer_spec, model)
+        built = build(optimizer_spec, model)
+        opts = built if isinstance(built, list) else [built]
         model.train()
-        runs.append(dict(spec=spec, model=model, opt=opt, step=make_train_step(model, opt), cpu=0.0, epoch=0, queue=[]))
+        steps = [make_train_step(model, o) for o in opts]
+        runs.append(dict(spec=spec, model=model, opts=opts, steps_of=steps, cpu=0.0, epoch=0, queue=[]))
         runs[-1]["average"] = None if decay is None else AveragedModel(model, avg_fn=ema_with_warmup(decay))
         runs[-1]["schedule"] = schedule
         runs[-1].update(steps=0, marks=[], alphas=[])
@@ -176,13 +195,14 @@ def race(
                 run["queue"] = batch_order(len(train), size, seed, run["epoch"])
             x, y = train[run["queue"].pop(0)]
             start = time.process_time()
-            loss = float(run["step"](x, y))
+            turn = run["steps"] % len(run["opts"])  # a block-cyclic GGN steps its blocks in turn
+            loss = float(run["steps_of"][turn](x, y))
             if run["average"] is not None:
                 run["average"].update_parameters(run["model"])
             run["cpu"] += time.process_time() - start
             run["steps"] += 1
-            if isinstance(run["opt"], GramGaussNewton):
-                run["alphas"].append(run["opt"].last_diagnostics.alpha)
+            if isinstance(run["opts"][turn], GramGaussNewton):
+                run["alphas"].append(run["opts"][turn].last_diagnostics.alpha)
             evaluated = run["average"] or run["model"]
             while len(run["marks"]) < n_marks and run["cpu"] >= mark * (len(run["marks"]) + 1):
                 run["marks"].append(
