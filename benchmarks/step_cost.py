@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,15 +105,20 @@ MODELS = {
 
 
 class TimedEngine:
-    """Wraps an engine to time ``compute`` and ``jt_times`` (the rest of a step is solve + apply)."""
+    """Wraps an engine to time ``compute`` and ``jt_times`` (the rest of a step is solve + apply).
+
+    It passes ``form_gram`` through to an engine that takes it (``can_skip_gram``), as the
+    optimizer would: without it a parameter-space step (sinc at batch 1000) would form a Gram
+    that the unwrapped engine skips."""
 
     def __init__(self, engine: HooksEngine | ReferenceEngine):
         self.engine, self.params = engine, engine.params
+        self.can_skip_gram = getattr(engine, "can_skip_gram", False)
         self.times: dict[str, float] = {}
 
-    def compute(self, closure: Callable[[], Tensor]) -> GramSystem:
+    def compute(self, closure: Callable[[], Tensor], **options: Any) -> GramSystem:
         start = time.perf_counter()
-        system = self.engine.compute(closure)
+        system = self.engine.compute(closure, **options)
         self.times = {"compute": time.perf_counter() - start}
         self.times.update(getattr(self.engine, "last_timings", {}))
 
