@@ -12,6 +12,7 @@ from gramnewton import GramGaussNewton, NonFiniteError
 from gramnewton.lab.cli import main
 from gramnewton.lab.experiments import demo
 from gramnewton.lab.experiments.demo import SWEEP_GRID, DemoConfig, DivergedRunWarning, best_settings, sweep_points
+from gramnewton.lab.experiments.training import EpochRecord, lowest_test_loss
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -39,7 +40,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert all(r["epoch"] in ("0", "1") for r in rows)
     assert (out / "curves.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
-    assert "train MSE" in printed and "GGN" in printed
+    assert "train MSE" in printed and "GGN" in printed and "lowest test MSE (at s)" in printed
+
+
+def test_lowest_test_loss_takes_the_first_minimum_and_ignores_nan():
+    def record(seconds, test):
+        return EpochRecord(0, 0, seconds, math.nan, 0.5, test)
+
+    records = [record(1.0, 0.3), record(2.0, 0.1), record(3.0, math.nan), record(4.0, 0.1), record(5.0, 0.2)]
+    assert lowest_test_loss(records).seconds == 2.0
+    assert lowest_test_loss([record(1.0, math.nan)]) is None
 
 
 def test_sweep_grid_and_winner_selection():

@@ -14,7 +14,13 @@ from tqdm import tqdm
 from ..experiments.demo import TASKS, DemoConfig, at_mark, best_settings, run_demo, sweep_points
 from ..experiments.figures import plot_curves
 from ..experiments.metrics import as_rows, write_rows
-from ..experiments.training import EpochRecord, ProgressBar, seconds_to_accuracy, seconds_to_target
+from ..experiments.training import (
+    EpochRecord,
+    ProgressBar,
+    lowest_test_loss,
+    seconds_to_accuracy,
+    seconds_to_target,
+)
 
 ACCURACY_TARGETS = (0.90, 0.95, 0.97)
 
@@ -99,14 +105,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'optimizer':<8} {'hyper-parameters':<18} {'epochs':>6} {'train MSE':>10} {'test MSE':>10} "
-        f"{'seconds':>8} {'s to ' + format(args.target, 'g'):>9}"
+        f"{'seconds':>8} {'s to ' + format(args.target, 'g'):>9} {'lowest test MSE (at s)':>22}"
     )
     for name, records in logs.items():
-        last, hit = records[-1], seconds_to_target(records, args.target)
+        last, hit, best = records[-1], seconds_to_target(records, args.target), lowest_test_loss(records)
         hp = _format(settings[name]) or "defaults"
+        lowest = "-" if best is None else f"{best.test_loss:.4g} ({best.seconds:.1f})"
         print(
             f"{name:<8} {hp:<18} {last.epoch:>6} {last.train_loss:>10.4g} {last.test_loss:>10.4g} "
-            f"{last.seconds:>8.1f} {'-' if hit is None else format(hit, '.1f'):>9}"
+            f"{last.seconds:>8.1f} {'-' if hit is None else format(hit, '.1f'):>9} {lowest:>22}"
         )
     print_marks(logs, config)
     print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'curves.png'}")

@@ -433,3 +433,10 @@ def seconds_to_accuracy(records: list[EpochRecord], target: float) -> float | No
 def seconds_to_target(records: list[EpochRecord], target: float) -> float | None:
     """Training seconds at the first evaluation whose train MSE is at most ``target`` (None if never)."""
     return next((r.seconds for r in records if r.train_loss <= target), None)
+
+
+def lowest_test_loss(records: list[EpochRecord]) -> EpochRecord | None:
+    """The first evaluation with the lowest test loss, NaN ignored (None if there is none): the
+    model a user stopping at the best test loss would keep, and when training reached it."""
+    finite = [r for r in records if not math.isnan(r.test_loss)]
+    return min(finite, key=lambda r: r.test_loss) if finite else None
