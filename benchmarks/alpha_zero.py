@@ -48,8 +48,8 @@ def problem(seed: int) -> tuple[nn.Module, Tensor, Tensor]:
 class GramOnly(ReferenceEngine):
     """The reference engine without its Jacobian: the update then solves from ``G``."""
 
-    def compute(self, closure):  # type: ignore[no-untyped-def]
-        system = super().compute(closure)
+    def compute(self, closure, **options):  # type: ignore[no-untyped-def]
+        system = super().compute(closure, **options)
         return GramSystem(system.residuals, system.gram, system.jt_times)
 
 

@@ -189,6 +189,29 @@ def test_every_engine_takes_the_step_of_the_dense_formula(engine):
     assert_close(after - before, expected, 1e-9, f"{engine} step")
 
 
+def test_functional_engine_leaves_out_the_gram_of_a_parameter_space_step():
+    """More than twice as many rows as parameters: ``"auto"`` solves in parameter space, which needs
+    only ``J``; the functional engine (and its reference fall-back) then skips ``J J^T``, and the
+    step is Eq. 11's."""
+    model = mlp(width=4, depth=1)
+    m = sum(p.numel() for p in model.parameters())
+    parts = poisson_parts(model, n_in=2 * m + 7, n_bd=8)  # a float64 J: the QR's rule, rows > 2 m
+    r, jac = dense_rows(model, parts)
+    lam, alpha = 1.0, 1e-3
+    expected = -jac.T @ torch.linalg.solve(lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype), r)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt = GramGaussNewton(model, lam=lam, alpha=alpha, engine="functional", adaptive_damping=False, momentum=0.0)
+    opt.step(pinn.residual(dict(model.named_parameters()), *parts))
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert opt.last_diagnostics.solve_space == "parameter" and opt.last_step.gram is None
+    assert_close(after - before, expected, 1e-9, "parameter-space step")
+    x = torch.rand(8, 2, dtype=torch.float64)
+    engine = FunctionalEngine(list(model.parameters()))
+    with pytest.warns(UserWarning, match="reference engine"):  # a plain closure: the fall-back
+        system = engine.compute(lambda: autograd_poisson_closure(model, x), form_gram=lambda rows: False)
+    assert system.gram is None and system.jacobian_columns(0, m).shape == (8, m)
+
+
 def test_functional_engine_gives_zero_columns_to_parameters_the_closure_lacks():
     model = mlp()
     extra = nn.Parameter(torch.randn(3, dtype=torch.float64))

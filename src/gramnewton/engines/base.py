@@ -30,8 +30,9 @@ class GramSystem:
     Attributes:
         residuals: ``(b, k)`` detached residuals ``f(w, x_i) - y_i``.
         gram: ``(b*k, b*k)`` Gram matrix ``J J^T``, rows sample-major; ``None`` when the caller
-            let the engine skip it (``HooksEngine.compute(closure, form_gram=...)``: a
-            parameter-space solve needs only ``J``, and forming ``G`` would cost ``(b*k)^2 m``).
+            let the engine skip it (``engine.compute(closure, form_gram=...)``, for an engine with
+            ``can_skip_gram``: a parameter-space solve needs only ``J``, and forming ``G`` would
+            cost ``(b*k)^2 m``).
         jt_times: maps ``v`` of shape ``(b*k,)`` to ``J^T v`` as one tensor per parameter,
             shaped like the parameter (zeros for parameters the outputs do not depend on).
         j_times: maps ``v``, one tensor per parameter (shaped like it, in the engine's
@@ -58,7 +59,13 @@ class GramSystem:
 
 
 class GramEngine(Protocol):
-    """Computes a :class:`GramSystem` for a fixed list of parameters."""
+    """Computes a :class:`GramSystem` for a fixed list of parameters.
+
+    An engine whose ``can_skip_gram`` attribute is true takes ``compute(closure, *, form_gram)``
+    too: ``form_gram(b*k) -> bool``, called once the residuals are known, and ``False`` leaves
+    ``GramSystem.gram`` out (:func:`gramnewton.update.compute_system`). The built-in engines
+    do; a subclass that overrides ``compute`` must keep that keyword or set ``can_skip_gram = False``.
+    """
 
     params: Sequence[Tensor]
 

@@ -106,8 +106,11 @@ class FunctionalEngine:
         self.chunk_size = chunk_size
         self._fallback: ReferenceEngine | None = None
 
-    def compute(self, closure: Closure) -> GramSystem:
-        """Residuals ``(b, k)``, Gram ``J J^T`` ``(b*k, b*k)`` and ``v -> J^T v``."""
+    can_skip_gram = True  # compute(closure, form_gram=...) is understood
+
+    def compute(self, closure: Closure, *, form_gram: Callable[[int], bool] | None = None) -> GramSystem:
+        """Residuals ``(b, k)``, Gram ``J J^T`` ``(b*k, b*k)`` and ``v -> J^T v``; ``form_gram`` as
+        in :meth:`ReferenceEngine.compute` (``False``: no Gram, for a parameter-space solve)."""
         if not isinstance(closure, FunctionalResidual):
             if self._fallback is None:
                 warnings.warn(
@@ -116,7 +119,7 @@ class FunctionalEngine:
                     stacklevel=3,
                 )
                 self._fallback = ReferenceEngine(self.params)
-            return self._fallback.compute(closure)
+            return self._fallback.compute(closure, form_gram=form_gram)
         names = _names_of(self.params, closure.params)
         blocks = [self._term_jacobian(term, closure.params, names) for term in closure.terms]
         if len({r.shape[1] for r, _ in blocks}) != 1:
@@ -131,7 +134,7 @@ class FunctionalEngine:
                 "and inputs); no parameter was changed"
             )
         jac = torch.cat([j for _, j in blocks])
-        gram = jac @ jac.T
+        gram = jac @ jac.T if form_gram is None or form_gram(jac.shape[0]) else None
 
         def jt_times(v: Tensor) -> list[Tensor]:
             flat = jac.T @ v.to(jac.dtype)

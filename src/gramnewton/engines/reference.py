@@ -8,7 +8,7 @@ memory-hungry on purpose: it is the ground truth that faster engines are checked
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -72,11 +72,16 @@ class ReferenceEngine:
         self.params: list[Tensor] = list(params)
         self._dtype = params_dtype(self.params)
 
-    def compute(self, closure: Closure) -> GramSystem:
+    can_skip_gram = True  # compute(closure, form_gram=...) is understood
+
+    def compute(self, closure: Closure, *, form_gram: Callable[[int], bool] | None = None) -> GramSystem:
+        """Residuals ``(b, k)``, the dense ``J`` ``(b*k, m)`` and the Gram ``J J^T``; ``form_gram``,
+        when given, is called with ``b*k`` and ``False`` leaves the Gram out (``gram`` is ``None``:
+        a parameter-space solve needs only ``J``, and ``J J^T`` costs ``(b*k)^2 m``)."""
         with torch.enable_grad():
             residuals = residuals_2d(closure(), self._dtype)
         jac = jacobian_rows(residuals, self.params).detach()
-        gram = jac @ jac.T
+        gram = jac @ jac.T if form_gram is None or form_gram(jac.shape[0]) else None
 
         def jt_times(v: Tensor) -> list[Tensor]:
             return split_like(jac.T @ v.to(jac.dtype), self.params)
