@@ -86,6 +86,21 @@ def _same_on_all_ranks(model: nn.Module) -> None:
     assert all(torch.equal(o, flat) for o in others), "parameters differ across ranks"
 
 
+def _record_shard_grams(opt: GramGaussNewton) -> list:
+    """The Gram of every system the rank's own engine returns from now on (exact mode forms the
+    union's Gram from ``J``'s column slices, so the shard's own is never needed)."""
+    shard_engine, grams = opt.engine.engine, []
+    compute = shard_engine.compute
+
+    def recording(closure, **options):
+        system = compute(closure, **options)
+        grams.append(system.gram)
+        return system
+
+    shard_engine.compute = recording
+    return grams
+
+
 def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: bool = False) -> None:
     model, data = _setup(name, seed=len(name) + int(10 * alpha))
     single = _rank0_copy(model)
@@ -114,6 +129,7 @@ def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: boo
         momentum=0.0,
     )
     assert opt.distributed == "exact" and reference.distributed is None
+    shard_grams = _record_shard_grams(opt)
     for i, (x, y) in enumerate(data):
         expected = (1 - wd) * flat_params(single) + dense_step(single, x, y, lam, alpha)
         loss = opt.step(lambda: trained(_shard(x)) - _shard(y))
@@ -122,6 +138,7 @@ def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: boo
         assert_close(flat_params(model), expected, 1e-10, f"step {i}: exact vs the dense formula")
         assert_close(loss, reference_loss, 1e-12, f"step {i}: loss of the union batch")
         _same_on_all_ranks(model)
+    assert len(shard_grams) == len(data) and all(g is None for g in shard_grams), "a shard's own Gram was formed"
     if ddp:
         assert not counted, "DDP ran its gradient all-reduce"
         assert all(p.grad is None for p in model.parameters())

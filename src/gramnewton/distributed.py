@@ -234,7 +234,11 @@ class ExactGramEngine:
         lo, hi = bounds[comm.rank]
         shape, send, error = (0, 0), None, None
         try:
-            local = self.engine.compute(closure)
+            # the union's Gram is formed below from J's column slices: the shard's own would be discarded
+            if getattr(self.engine, "can_skip_gram", False):
+                local = self.engine.compute(closure, form_gram=lambda rows: False)
+            else:
+                local = self.engine.compute(closure)
             if local.jacobian_columns is None:
                 raise TypeError(f"{type(self.engine).__name__} cannot materialise J, which distributed='exact' needs")
             shape = tuple(local.residuals.shape)
