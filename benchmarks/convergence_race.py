@@ -18,13 +18,15 @@ train and test MSE are evaluated (not timed) at every ``--mark`` CPU seconds of 
 A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9) or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
 ``weight_decay``, ``max_step_norm``, ``bias_correction=true``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
-``check_every`` and ``subset`` (the gain ratio measured on the batch's first ``subset`` samples;
+``check_every``, ``min_alpha`` (the rule's floor) and ``subset`` (the gain ratio measured on the batch's first ``subset`` samples;
 see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
 cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
 ``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults. ``blocks=P+Q+...`` makes a
 block-cyclic GGN: one ``GramGaussNewton`` (same keywords, its own hooks engine, momentum and
 damping) over the parameters whose names start with one of the prefixes ``P``, ``Q``, ..., one
 over the rest, stepping in turn (each step's Gram, backward and update cover one block only).
+``then=LR@S`` hands a variant over to ``torch.optim.Adam(lr=LR)`` (fresh state) once its steps
+have taken ``S`` CPU seconds: a GGN warm start followed by Adam.
 
 Usage::
 
@@ -102,13 +104,14 @@ def build_ggn(spec: str, params: nn.Module | list[Tensor], engine: HooksEngine |
     cv_max = float(hp.pop("cv_max", 1.0))
     check_every = hp.pop("check_every", 1)
     subset = hp.pop("subset", None)
+    min_alpha = float(hp.pop("min_alpha", 1e-8))
     flags = {k: hp.pop(k).lower() == "true" for k in ("bias_correction",) if k in hp}
     kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()} | flags
     if damping == "fixed":
         kwargs["adaptive_damping"] = False
     elif damping == "gain_ratio":
         kwargs["adaptive_damping"] = GainRatioDamping(
-            check_every=int(check_every), subset=None if subset is None else int(subset)
+            check_every=int(check_every), subset=None if subset is None else int(subset), min_alpha=min_alpha
         )
     elif damping == "cross_validated":
         kwargs["adaptive_damping"] = CrossValidatedDamping(span=(1e-5, cv_max))
@@ -175,6 +178,7 @@ def race(
         model = copy.deepcopy(init)
         optimizer_spec, schedule = split_batch(spec, batch)
         optimizer_spec, decay = split_averaging(optimizer_spec)
+        optimizer_spec, handoff = pop_key(optimizer_spec, "then")
         built = build(optimizer_spec, model)
         opts = built if isinstance(built, list) else [built]
         model.train()
@@ -182,6 +186,7 @@ def race(
         runs.append(dict(spec=spec, model=model, opts=opts, steps_of=steps, cpu=0.0, epoch=0, queue=[]))
         runs[-1]["average"] = None if decay is None else AveragedModel(model, avg_fn=ema_with_warmup(decay))
         runs[-1]["schedule"] = schedule
+        runs[-1]["handoff"] = None if handoff is None else tuple(float(v) for v in handoff.split("@"))
         runs[-1].update(steps=0, marks=[], alphas=[])
     n_marks = int(seconds / mark + 1e-9)
     load = [os.getloadavg()]
@@ -193,6 +198,9 @@ def race(
                 first, later, switch = run["schedule"]
                 size = later if run["cpu"] >= switch else first
                 run["queue"] = batch_order(len(train), size, seed, run["epoch"])
+            if run["handoff"] is not None and run["cpu"] >= run["handoff"][1]:
+                adam = torch.optim.Adam(run["model"].parameters(), lr=run["handoff"][0])
+                run.update(opts=[adam], steps_of=[make_train_step(run["model"], adam)], handoff=None)
             x, y = train[run["queue"].pop(0)]
             start = time.process_time()
             turn = run["steps"] % len(run["opts"])  # a block-cyclic GGN steps its blocks in turn
