@@ -108,6 +108,8 @@ def test_gain_ratio_edge_cases():
         dict(min_alpha=0.0),
         dict(check_every=0),
         dict(check_every=2.5),
+        dict(trust_after=0),
+        dict(trust_after=1.5),
         dict(trust_above=0.1),  # below low: a ratio that raises alpha would keep the trust
         dict(trust_above=0.9),
     ],
@@ -149,8 +151,9 @@ def test_trusted_steps_are_checked_every_kth_and_equal_the_fixed_alpha_step():
         fixed.step(lambda: twin(x) - y_twin)
         measured.append(calls[0] - before == 2)
         assert opt.last_diagnostics.gain_ratio is None or abs(opt.last_diagnostics.gain_ratio - 1) < 1e-9
-    # step 1 measured (not yet trusted: alpha was at the floor, rho > high -> trusted after it)
-    assert measured == [True, False, False, True, False, False, True], measured
+    # steps 1-3 measured (alpha at the floor, rho > high: trusted after the third, trust_after=3),
+    # then one step in three
+    assert measured == [True, True, True, False, False, True, False], measured
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
     assert int(opt.state[model.weight]["step"]) == 7
@@ -159,7 +162,8 @@ def test_trusted_steps_are_checked_every_kth_and_equal_the_fixed_alpha_step():
 def test_a_failed_check_ends_the_trust():
     rule = GainRatioDamping(min_alpha=1e-3, check_every=4)
     diagnostics = None  # the rule does not read them
-    rule.update(1e-3, 0.9, diagnostics)
+    for _ in range(3):
+        rule.update(1e-3, 0.9, diagnostics)
     assert rule.trusted and not rule.measures_gain_ratio
     for _ in range(3):
         rule.update(1e-3, None, diagnostics)
@@ -168,12 +172,33 @@ def test_a_failed_check_ends_the_trust():
     assert not rule.trusted and rule.measures_gain_ratio and decision.alpha == pytest.approx(2e-3)
 
 
+def test_trust_needs_trust_after_good_steps_in_a_row_at_the_floor():
+    """A floor at or above the starting ``alpha`` (``min_alpha=1``, ``alpha=0.3``): one good first
+    step starts no trust, so the next step is measured and a bad one is rejected (the ratios of
+    mnist's first cross-entropy steps, where trust after the first step took the logits to Inf).
+    Trust starts after ``trust_after`` good measured steps in a row at the floor; a ratio that
+    is not good (here between ``low`` and ``high``, the default ``trust_above``) restarts the count."""
+    rule = GainRatioDamping(min_alpha=1.0, check_every=4)
+    decision = rule.update(0.3, 0.83, None)
+    assert decision.alpha == 1.0 and not rule.trusted and rule.measures_gain_ratio
+    decision = rule.update(1.0, -82.0, None)
+    assert not decision.accept and decision.alpha == 2.0 and not rule.trusted
+    for ratio in (0.9, 0.9, 0.5, 0.9, 0.9):  # 0.5: alpha stays at the floor, the count restarts
+        rule.update(1.0, ratio, None)
+        assert not rule.trusted and rule.measures_gain_ratio
+    rule.update(1.0, 0.9, None)
+    assert rule.trusted and not rule.measures_gain_ratio
+    eager = GainRatioDamping(min_alpha=1.0, check_every=4, trust_after=1)
+    eager.update(0.3, 0.83, None)
+    assert eager.trusted  # the pre-trust_after behaviour, for a rule that asks for it
+
+
 @pytest.mark.parametrize("trust_above", [None, 0.25])
 def test_trust_above_sets_the_ratios_that_keep_the_trust(trust_above):
     """At the floor a ratio between ``low`` and ``high`` leaves ``alpha`` unchanged: with
     ``trust_above=low`` it keeps the trust (no re-evaluation of the next steps), with the default
     (``high``) it ends it; a ratio at or below ``trust_above`` always ends it and raises ``alpha``."""
-    rule = GainRatioDamping(min_alpha=1e-3, check_every=4, trust_above=trust_above)
+    rule = GainRatioDamping(min_alpha=1e-3, check_every=4, trust_above=trust_above, trust_after=1)
     rule.update(1e-3, 0.9, None)
     assert rule.trusted
     decision = rule.update(1e-3, 0.5, None)  # between low and high: alpha stays at the floor

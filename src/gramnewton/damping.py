@@ -95,14 +95,21 @@ class GainRatioDamping(DampingRule):
         factor: multiplicative change of ``alpha`` (> 1).
         reject_below: steps with ``rho`` below this are undone (parameters restored).
         min_alpha, max_alpha: bounds on ``alpha``.
-        check_every: while the linearisation is trusted (the last measured ``rho > high`` with
-            ``alpha`` at ``min_alpha``, where the rule could not lower it further) only every
-            ``check_every``-th step is re-evaluated; the others keep ``alpha`` and are accepted
-            unmeasured (no extra forward pass: on the demo network that pass is about a sixth
-            of a step). Any measured ``rho <= trust_above`` ends the trust. ``1``: every step is
-            measured.
+        check_every: while the linearisation is trusted (the last ``trust_after`` measured
+            ratios ``rho > high`` with ``alpha`` at ``min_alpha``, where the rule could not lower
+            it further) only every ``check_every``-th step is re-evaluated; the others keep
+            ``alpha`` and are accepted unmeasured (no extra forward pass: on the demo network
+            that pass is about a sixth of a step). Any measured ``rho <= trust_above`` ends the
+            trust. ``1``: every step is measured.
+        trust_after: measured steps in a row, each with ``alpha`` at ``min_alpha`` and ``rho``
+            above ``trust_above``, that start the trust (default 3). Why more than one: when
+            ``alpha`` starts at or below the floor (``min_alpha`` raised to the starting
+            ``alpha`` or above), one good first step is no evidence; on mnist's first
+            cross-entropy steps (``min_alpha=1``, ``trust_above=0.25``) trust after the first
+            step let three unmeasured steps take the logits to Inf, where the measured second
+            step had ``rho = -82`` and was rejected (docs/design.md, "Adaptive damping").
         trust_above: the measured ``rho`` above which a step with ``alpha`` at ``min_alpha``
-            starts (or keeps) the trust; ``None`` (default): ``high``. At the floor every
+            counts towards (or keeps) the trust; ``None`` (default): ``high``. At the floor every
             ``rho >= low`` leaves ``alpha`` where it is, so ``trust_above=low`` also trusts the
             steps whose measurement could not have changed ``alpha`` (the gain ratios of
             mini-batch cross-entropy steps with momentum sit mostly between ``low`` and ``high``;
@@ -119,7 +126,7 @@ class GainRatioDamping(DampingRule):
             ``slice`` of the batch (:class:`~gramnewton.GramGaussNewton`); not with
             ``distributed``.
 
-    The trust and its step count are the rule's own state (a fresh rule measures every step;
+    The trust, the good steps in a row at the floor and the unmeasured steps are the rule's own state (a fresh rule measures every step;
     the optimizer's ``state_dict`` saves them).
     """
 
@@ -130,9 +137,11 @@ class GainRatioDamping(DampingRule):
     min_alpha: float = 1e-8
     max_alpha: float = 1e8
     check_every: int = 1
+    trust_after: int = 3
     trust_above: float | None = None
     subset: int | None = None
     trusted: bool = field(default=False, init=False)
+    good_at_floor: int = field(default=0, init=False)
     unchecked: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +153,8 @@ class GainRatioDamping(DampingRule):
             raise ValueError(f"need 0 < min_alpha <= max_alpha, got {self.min_alpha}, {self.max_alpha}")
         if not (isinstance(self.check_every, int) and self.check_every >= 1):
             raise ValueError(f"Invalid check_every: {self.check_every!r} (must be an int >= 1)")
+        if not (isinstance(self.trust_after, int) and self.trust_after >= 1):
+            raise ValueError(f"Invalid trust_after: {self.trust_after!r} (must be an int >= 1)")
         if self.trust_above is not None and not self.low <= self.trust_above <= self.high:
             raise ValueError(
                 f"Invalid trust_above: {self.trust_above!r} (must be in [low, high] = [{self.low}, {self.high}])"
@@ -172,7 +183,9 @@ class GainRatioDamping(DampingRule):
         new_alpha = self.next_alpha(alpha, gain_ratio)
         self.unchecked = 0
         threshold = self.high if self.trust_above is None else self.trust_above
-        self.trusted = self.check_every > 1 and gain_ratio > threshold and alpha <= self.min_alpha
+        good_at_floor = gain_ratio > threshold and alpha <= self.min_alpha
+        self.good_at_floor = self.good_at_floor + 1 if good_at_floor else 0
+        self.trusted = self.check_every > 1 and self.good_at_floor >= self.trust_after
         return DampingDecision(new_alpha, gain_ratio >= self.reject_below)
 
 
