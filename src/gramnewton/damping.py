@@ -137,9 +137,9 @@ class GainRatioDamping(DampingRule):
     min_alpha: float = 1e-8
     max_alpha: float = 1e8
     check_every: int = 1
-    trust_after: int = 3
     trust_above: float | None = None
     subset: int | None = None
+    trust_after: int = 3  # after the older fields, so that positional arguments keep their meaning
     trusted: bool = field(default=False, init=False)
     good_at_floor: int = field(default=0, init=False)
     unchecked: int = field(default=0, init=False)
