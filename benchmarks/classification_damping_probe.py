@@ -1,8 +1,9 @@
 """The gain-ratio damping in GGN's first steps on mnist: rejections and ``alpha``.
 
 Not a test. resnet8_fixup with the seed-0 initialisation of the classification benchmark,
-``GramGaussNewton(model, loss="cross_entropy", lam=LAM)`` (``--alpha``: the starting ``alpha``; the
-other settings the constructor's defaults), ``--steps`` steps on random batches of 128 (``torch.Generator`` seed 0), 1 thread.
+``GramGaussNewton(model, loss="cross_entropy", lam=LAM)`` (``--alpha``: the starting ``alpha``;
+the other settings the constructor's defaults), ``--steps`` steps on random batches of 128
+(``torch.Generator`` seed 0), 1 thread.
 Prints ``alpha`` after every 4th step, the number of steps whose gain ratio was not measured
 (``adaptive_damping="auto"`` skips it only once ``alpha`` sits at its floor) and the number of
 rejected steps.

@@ -18,8 +18,8 @@ train and test MSE are evaluated (not timed) at every ``--mark`` CPU seconds of 
 A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9) or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
 ``weight_decay``, ``max_step_norm``, ``bias_correction=true``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
-``check_every``, ``min_alpha`` (the rule's floor) and ``subset`` (the gain ratio measured on the batch's first ``subset`` samples;
-see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
+``check_every``, ``min_alpha`` (the rule's floor) and ``subset`` (the gain ratio measured on the
+batch's first ``subset`` samples; see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
 cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
 ``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults. ``blocks=P+Q+...`` makes a
 block-cyclic GGN: one ``GramGaussNewton`` (same keywords, its own hooks engine, momentum and

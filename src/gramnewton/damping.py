@@ -126,8 +126,8 @@ class GainRatioDamping(DampingRule):
             ``slice`` of the batch (:class:`~gramnewton.GramGaussNewton`); not with
             ``distributed``.
 
-    The trust, the good steps in a row at the floor and the unmeasured steps are the rule's own state (a fresh rule measures every step;
-    the optimizer's ``state_dict`` saves them).
+    The trust, the good steps in a row at the floor and the unmeasured steps are the rule's own
+    state (a fresh rule measures every step; the optimizer's ``state_dict`` saves them).
     """
 
     low: float = 0.25
