@@ -63,7 +63,7 @@ def test_damping_state_survives_state_dict_and_a_resumed_run_steps_alike(rule, t
     steps and takes the same ones."""
 
     def make(model):
-        trusting = GainRatioDamping(check_every=4, min_alpha=0.1)  # trusted after two good steps
+        trusting = GainRatioDamping(check_every=4, min_alpha=0.1)  # trusted after three good steps at the floor
         damping = trusting if rule == "gain_ratio" else CrossValidatedDamping(curvature=trusting)
         return GramGaussNewton(model, alpha=0.3, lam=1.0, momentum=0.5, adaptive_damping=damping)
 
