@@ -13,11 +13,14 @@ import pytest
 import torch
 from test_data import afad_tree
 
+from gramnewton.damping import GainRatioDamping
 from gramnewton.lab.cli import main
 from gramnewton.lab.data import get_dataset
 from gramnewton.lab.data.base import TensorRegressionDataset
 from gramnewton.lab.data.registry import DATASETS
 from gramnewton.lab.experiments.config import dumps, load_config, resolve
+from gramnewton.lab.experiments.optimizers import build_optimizer
+from gramnewton.lab.models import get_model
 
 TINY = """
 name = "tiny"
@@ -187,6 +190,53 @@ def test_ggn_keys_come_from_its_constructor():
         resolve({**base, "optimizer": {"name": "ggn", "momentum": 0.0, "adaptive_damping": "yes"}})
     with pytest.raises(ValueError, match="did you mean optimizer.alpha"):
         resolve({**base, "optimizer": {"name": "ggn", "momentum": 0.0, "alpah": 0.3}})
+
+
+GGN_WITH_A_FLOOR = """
+[optimizer]
+name = "ggn"
+[optimizer.adaptive_damping]
+name = "gain_ratio"
+check_every = 4
+min_alpha = 1
+"""
+
+
+def test_a_damping_table_builds_that_rule_and_trains_and_resumes(tmp_path, tiny):
+    """``[optimizer.adaptive_damping]``: the rule with those arguments, through a run and its resume."""
+    path = tmp_path / "floor.toml"
+    path.write_text(tiny.read_text().replace('[optimizer]\nname = "sgd"\nlr = 0.05\n', "") + GGN_WITH_A_FLOOR)
+    config = load_config(path)
+    assert config["optimizer"]["adaptive_damping"] == {"name": "gain_ratio", "check_every": 4, "min_alpha": 1}
+    model = get_model("mlp", in_channels=64, hidden=(16,))
+    rule = build_optimizer(config["optimizer"], model).damping
+    assert (type(rule), rule.min_alpha, rule.check_every, rule.low) == (GainRatioDamping, 1, 4, GainRatioDamping.low)
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out)]) == 0
+    assert load_config(out / "config.toml") == config
+    assert main(["train", str(path), "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (
+            {"name": "gain_ratio", "min_alfa": 1.0},
+            r"optimizer.adaptive_damping.min_alfa \(did you mean optimizer.adaptive_damping.min_alpha\?\)",
+        ),
+        ({"name": "cross_validated", "span": [1e-5, 1.0]}, "cross_validated accepts smoothing, points, max_samples"),
+        ({"min_alpha": 1.0}, "optimizer.adaptive_damping.name must be one of gain_ratio, cross_validated, got None"),
+        ({"name": "gain_ratio", "check_every": 2.5}, "optimizer.adaptive_damping.check_every must be an integer"),
+        ({"name": "gain_ratio", "check_every": True}, "optimizer.adaptive_damping.check_every must be an integer"),
+        ({"name": "gain_ratio", "min_alpha": "1"}, "optimizer.adaptive_damping.min_alpha must be a number"),
+        ({"name": "gain_ratio", "subset": 0}, r"optimizer.adaptive_damping: Invalid subset: 0"),
+        ({"name": "gain_ratio", "low": 0.9}, r"optimizer.adaptive_damping: need 0 <= low < high"),
+    ],
+)
+def test_a_bad_damping_table_is_refused_naming_the_key(table, message):
+    base = {"model": {"name": "mlp"}, "data": {"name": "rotated-digits"}}
+    with pytest.raises(ValueError, match=message):
+        resolve({**base, "optimizer": {"name": "ggn", "adaptive_damping": table}})
 
 
 _EMPTY_TEST = "empty-test-split"

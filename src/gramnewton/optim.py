@@ -110,7 +110,7 @@ class GramGaussNewton(Optimizer):
             extra forward pass without gradients per step), ``"cross_validated"`` (a
             :class:`~gramnewton.damping.CrossValidatedDamping`), a mapping ``{"name": ...,
             **arguments}`` naming one of those two with its arguments (e.g. from a JSON
-            grid; the lab's config files take a name or a boolean only), any
+            grid, or a lab config's ``[optimizer.adaptive_damping]`` table), any
             :class:`~gramnewton.damping.DampingRule`, or ``False`` (fixed ``alpha``). A step the
             rule rejects is undone: parameters and momentum as before, not counted. A rule may
             also set each step's ``alpha`` from the batch's Gram system before the solve, and may

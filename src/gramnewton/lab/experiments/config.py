@@ -10,6 +10,8 @@ A configuration is a nested dict. Sections and keys (defaults in :data:`DEFAULTS
                  image_size = 0                                  # resize inputs to n x n (0: as loaded)
                  validation_fraction = 0.0                       # share of the training set held out
     [optimizer]  name = "ggn" | "sgd" | "adam" | "kfac"; other keys are its hyper-parameters
+                 adaptive_damping = {name = "gain_ratio", check_every = 4, min_alpha = 1.0}
+                                                 # ggn: a damping rule with its number arguments
     [train]      batch_size = 128; epochs = 1; weight_decay = 1e-4; eval_every = 1; threads = 2
                  label_smoothing = 0.0           # classification: targets (1 - eps) onehot + eps / k, in [0, 1)
                  shift = 0                       # image data: random translations by up to shift pixels
@@ -31,6 +33,7 @@ the values' ranges are checked by the constructor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import inspect
 import math
@@ -41,7 +44,7 @@ from typing import Any
 
 import tomli_w
 
-from ...damping import DAMPING_RULES
+from ...damping import DAMPING_RULES, damping_rule
 from .optimizers import OPTIMIZERS, hyper_parameters
 
 DEFAULTS: dict[str, Any] = {
@@ -194,6 +197,9 @@ def _check_optimizer(section: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f" (did you mean optimizer.{close[0]}?)" if close else f"; {name} accepts {', '.join(accepted)}"
             raise ValueError(f"unknown config key optimizer.{key} for {name}{hint}")
+        if key == "adaptive_damping" and isinstance(value, Mapping):
+            _check_damping_table(value)
+            continue
         default = parameters[key].default
         kind = bool if isinstance(default, bool) else NUMBERS if isinstance(default, NUMBERS) else type(default)
         kind = BOOL_OR_STRING if key in BOOL_OR_STRING_KEYS else kind
@@ -205,16 +211,54 @@ def _check_optimizer(section: Mapping[str, Any]) -> None:
             raise ValueError(f"optimizer.{key} must be {_describe(kind)} (default {default!r}), got {value!r}")
 
 
-# GramGaussNewton's adaptive_damping: true/false or a rule's name
+# GramGaussNewton's adaptive_damping: true/false, a rule's name, or a table (_check_damping_table)
 BOOL_OR_STRING: tuple[type, ...] = (bool, str)
 BOOL_OR_STRING_KEYS = frozenset({"adaptive_damping"})
 DAMPING_NAMES = ("auto", *DAMPING_RULES)
+# a damping rule's constructor arguments a table may set, by their annotation (the others, e.g.
+# cross_validated's span and curvature, are not plain numbers)
+DAMPING_ARGUMENT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "float": NUMBERS,
+    "int | None": int,
+    "float | None": NUMBERS,
+}
+
+
+def _check_damping_table(table: Mapping[str, Any]) -> None:
+    """``optimizer.adaptive_damping = {name = "gain_ratio", min_alpha = 1.0, ...}``: a rule of
+    :data:`~gramnewton.damping.DAMPING_RULES` and its constructor's number arguments, which the
+    optimizer passes to the rule (:func:`~gramnewton.damping.damping_rule`); their ranges are
+    checked here by building the rule once."""
+    prefix = "optimizer.adaptive_damping"
+    name = table.get("name")
+    if name not in DAMPING_RULES:
+        raise ValueError(f"{prefix}.name must be one of {', '.join(DAMPING_RULES)}, got {name!r}")
+    settable = {
+        f.name: DAMPING_ARGUMENT_TYPES[str(f.type)]
+        for f in dataclasses.fields(DAMPING_RULES[name])
+        if f.init and str(f.type) in DAMPING_ARGUMENT_TYPES
+    }
+    for key, value in table.items():
+        if key == "name":
+            continue
+        if key not in settable:
+            close = difflib.get_close_matches(key, list(settable), n=1)
+            hint = f" (did you mean {prefix}.{close[0]}?)" if close else f"; {name} accepts {', '.join(settable)}"
+            raise ValueError(f"unknown config key {prefix}.{key}{hint}")
+        kind = settable[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{prefix}.{key} must be {_describe(kind)}, got {value!r}")
+    try:
+        damping_rule(table)
+    except ValueError as error:
+        raise ValueError(f"{prefix}: {error}") from None
 
 
 def _describe(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", dict: "a table", bool: "true or false"}
     if kind == BOOL_OR_STRING:
-        return f"true or false or one of {', '.join(DAMPING_NAMES)}"
+        return f"true or false, one of {', '.join(DAMPING_NAMES)}, or a table {{name = ..., ...}}"
     return "a number" if kind == NUMBERS else names.get(kind, kind.__name__)  # type: ignore[arg-type]
 
 
