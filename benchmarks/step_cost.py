@@ -33,6 +33,8 @@ and zero: the allocator's cost) are recorded with every method.
 The children also set ``OMP_WAIT_POLICY`` (default ``PASSIVE``): on a 2-core machine shared with other
 jobs, OpenMP threads that spin at barriers made a small ``(32, 4096)`` product 100x slower with
 2 threads (63 ms against 0.6 ms passive); the setting is recorded with every run.
+``--omp-wait-policy unset`` leaves it unset, libgomp's default (spin a while, then sleep): what a
+user's process has; run it alone on the machine (under the CPU lock).
 """
 
 from __future__ import annotations
@@ -574,7 +576,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_allocators = [a for a in ALLOCATORS if a != "jemalloc" or Path(JEMALLOC).exists()]
     p.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=default_allocators)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measures one allocator
-    p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default="PASSIVE")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["PASSIVE", "ACTIVE", "unset"],
+        default="PASSIVE",
+        help="the children's OMP_WAIT_POLICY; unset: libgomp's default, what a user has",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_cost.json")
     p.add_argument(
@@ -593,7 +600,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def allocator_env(allocator: str, omp_wait_policy: str) -> dict[str, str]:
     """Environment of a child measuring ``allocator`` (both settings act only at process start)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-    env["OMP_WAIT_POLICY"] = omp_wait_policy
+    env.pop("OMP_WAIT_POLICY", None)
+    if omp_wait_policy != "unset":
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
     if allocator == "jemalloc":
         env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
     return env
@@ -639,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.child and not args.cost_model:
         run_children(args)
         return
-    if args.cost_model and os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy:
+    if args.cost_model and os.environ.get("OMP_WAIT_POLICY", "unset") != args.omp_wait_policy:
         os.execve(sys.executable, [sys.executable, *sys.argv], allocator_env("tuned", args.omp_wait_policy))
     allocator = apply_allocator(args.allocators[0])
     torch.set_num_threads(args.threads)
