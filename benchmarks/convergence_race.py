@@ -18,7 +18,7 @@ train and test MSE are evaluated (not timed) at every ``--mark`` CPU seconds of 
 A classification task (``--task mnist``: resnet8_fixup with 10 outputs on the standardised mnist-5k
 images) trains every variant with the cross-entropy (GGN with ``loss="cross_entropy"``), with
 ``--label-smoothing`` and ``--shift`` (random translations of the training images, the same for
-every variant; :func:`gramnewton.lab.data.augment.translation`) as
+every variant, drawn outside the timed step; :func:`gramnewton.lab.data.augment.translation`) as
 ``benchmarks/classification_time_to_accuracy.py`` has them; its marks record the test
 cross-entropy and accuracy (the train split is not evaluated), and the printout adds each variant's
 CPU seconds to ``--accuracy`` test accuracy (the first mark at or above it). This is that
@@ -231,7 +231,8 @@ def race(
                 run["batch_in_epoch"] = 0
             if run["handoff"] is not None and run["cpu"] >= run["handoff"][1]:
                 adam = torch.optim.Adam(run["model"].parameters(), lr=run["handoff"][0])
-                run.update(opts=[adam], steps_of=[make_train_step(run["model"], adam)], handoff=None)
+                step = make_train_step(run["model"], adam, loss_name, label_smoothing)
+                run.update(opts=[adam], steps_of=[step], handoff=None)
             x, y = train[run["queue"].pop(0)]
             if augment is not None:  # the generator of fit's batch (seed, epoch, batch): the same shifts for all
                 x = augment(x, augment_generator(seed, run["epoch"], run["batch_in_epoch"]))
