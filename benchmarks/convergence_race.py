@@ -27,7 +27,8 @@ machine's speed drifted 1.4x between runs of one window (docs/classification.md)
 
 A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9) or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
-``weight_decay``, ``max_step_norm``, ``bias_correction=true``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
+``weight_decay``, ``max_step_norm``, ``bias_correction=true``, ``curvature=exact|top_c|gradient``,
+``top_c=C``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
 ``check_every``, ``min_alpha`` (the rule's floor), ``trust_above`` and ``subset`` (the gain ratio measured on the
 batch's first ``subset`` samples; see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
 cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
@@ -36,7 +37,9 @@ block-cyclic GGN: one ``GramGaussNewton`` (same keywords, its own hooks engine, 
 damping) over the parameters whose names start with one of the prefixes ``P``, ``Q``, ..., one
 over the rest, stepping in turn (each step's Gram, backward and update cover one block only).
 ``then=LR@S`` hands a variant over to ``torch.optim.Adam(lr=LR)`` (fresh state) once its steps
-have taken ``S`` CPU seconds: a GGN warm start followed by Adam.
+have taken ``S`` CPU seconds: a GGN warm start followed by Adam. ``sggn:rows=S,alpha=A`` (``lam``,
+``momentum``: 16, 0.9) is the prototype of ``subsampled_ggn.py``: the curvature of the batch's
+first ``S`` samples, the gradient of all of them.
 
 Usage::
 
@@ -61,6 +64,7 @@ from typing import Any
 
 import torch
 from results_log import append_record
+from subsampled_ggn import SubsampledGaussNewton
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
@@ -106,6 +110,11 @@ def build(spec: str, model: nn.Module, loss: str = "mse") -> Optimizer | list[Op
         return [build_ggn(spec, block, HooksEngine(model, block), loss) for block in (first, others)]
     kind, _, rest = spec.partition(":")
     hp: dict[str, Any] = dict(kv.split("=") for kv in rest.split(",") if kv)
+    if kind == "sggn":
+        lam, momentum = float(hp.get("lam", 16)), float(hp.get("momentum", 0.9))
+        return SubsampledGaussNewton(
+            model, rows=int(hp["rows"]), lam=lam, alpha=float(hp["alpha"]), momentum=momentum, loss=loss
+        )
     if kind in ("adam", "sgd"):
         lr = float(hp["lr"])
         if kind == "adam":
@@ -128,8 +137,11 @@ def build_ggn(
     subset = hp.pop("subset", None)
     min_alpha = float(hp.pop("min_alpha", 1e-8))
     trust_above = hp.pop("trust_above", None)
+    curvature = {"curvature": hp.pop("curvature")} if "curvature" in hp else {}
+    if "top_c" in hp:
+        curvature["top_c"] = int(hp.pop("top_c"))
     flags = {k: hp.pop(k).lower() == "true" for k in ("bias_correction",) if k in hp}
-    kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()} | flags
+    kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()} | flags | curvature
     if damping == "fixed":
         kwargs["adaptive_damping"] = False
     elif damping == "gain_ratio":
