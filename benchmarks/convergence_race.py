@@ -113,6 +113,9 @@ def build(spec: str, model: nn.Module, loss: str = "mse") -> Optimizer | list[Op
     kind, _, rest = spec.partition(":")
     hp: dict[str, Any] = dict(kv.split("=") for kv in rest.split(",") if kv)
     if kind == "sggn":
+        unknown = set(hp) - {"rows", "alpha", "lam", "momentum"}
+        if unknown or not {"rows", "alpha"} <= set(hp):
+            raise ValueError(f"sggn takes rows, alpha (both needed), lam and momentum; got {sorted(hp)}")
         lam, momentum = float(hp.get("lam", 16)), float(hp.get("momentum", 0.9))
         return SubsampledGaussNewton(
             model, rows=int(hp["rows"]), lam=lam, alpha=float(hp["alpha"]), momentum=momentum, loss=loss

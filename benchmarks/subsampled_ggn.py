@@ -6,13 +6,14 @@ Not a test. ``benchmarks/convergence_race.py`` races it as the variant ``sggn:ro
     phi_t = (lam (b/s) J_S^T J_S + alpha I)^{-1} (J^T g + alpha mu phi_{t-1}),   w <- w - phi_t,
 
 ``J^T g`` the gradient of the batch's summed loss (one ordinary backward over all ``b`` samples,
-weight gradients included), ``J_S`` the ``(s, m)`` Jacobian rows of the batch's first ``s``
-samples from the hooks engine (``B^T J``, the ``"gradient"`` curvature of a general loss; ``r``'s
-``J`` for the square loss), ``lam (b/s)`` scaling the sub-batch's curvature to the batch's. It is
+weight gradients included), ``J_S`` the ``(s, m)`` rows ``B^T J`` of the batch's first ``s``
+samples from the hooks engine (the ``"gradient"`` curvature of a general loss: the closure returns
+``(outputs, targets)``; the square loss's closures, which return residuals, are not supported),
+``lam (b/s)`` scaling the sub-batch's curvature to the batch's. It is
 solved in sample space by the Woodbury identity: ``phi = (v - J_S^T c) / alpha`` with
 ``(alpha I + lam' G_S) c = lam' J_S v``, ``lam' = lam b / s``, ``v`` the right-hand side above.
-With ``s = b`` and ``mu = 0`` it is ``GramGaussNewton``'s step (checked in float64 when it was
-written). The question it answers (docs/classification.md, fourteenth session): does the exact
+With ``s = b`` and ``mu = 0`` it is ``GramGaussNewton``'s step (both checked in float64 against
+the dense formula in ``tests/test_subsampled_prototype.py``). The question it answers (docs/classification.md, fourteenth session): does the exact
 step's per-epoch lead survive a curvature estimated on fewer samples, at a cheaper step? In the
 complement of ``J_S``'s row space the step is a gradient step of length ``1 / alpha`` on the
 summed loss, so ``alpha`` must be the size of ``b`` over a first-order learning rate.
