@@ -13,7 +13,7 @@ from test_classification import _blockdiag, _blocks, _derivatives, _mlp, _sum_lo
 
 from gramnewton import GramGaussNewton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # last: shadows nothing
 from subsampled_ggn import SubsampledGaussNewton  # noqa: E402
 
 
