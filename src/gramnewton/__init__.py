@@ -19,7 +19,13 @@ from .engines import (
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import NonFiniteError, SingularGramError, SolveInfo, damped_solve
-from .update import GramGaussNewtonStep, apply_direction, full_batch_step, gram_gauss_newton_direction
+from .update import (
+    GeodesicAcceleration,
+    GramGaussNewtonStep,
+    apply_direction,
+    full_batch_step,
+    gram_gauss_newton_direction,
+)
 
 __all__ = [
     "AllocatorTuning",
@@ -30,6 +36,7 @@ __all__ = [
     "FunctionalEngine",
     "FunctionalResidual",
     "GainRatioDamping",
+    "GeodesicAcceleration",
     "GramEngine",
     "GramGaussNewton",
     "GramGaussNewtonStep",

@@ -31,6 +31,8 @@ class StepDiagnostics:
             eigenvalue ratio after an eigendecomposition; a lower bound of the true one.
         step_norm: ``||phi_t||``, the norm of the step over all parameters (without weight decay).
         rejected: the damping rule undid the step (parameters and momentum unchanged).
+        acceleration_ratio: ``2 ||a|| / ||v||`` of the step's geodesic acceleration (added when at
+            most its ``max_ratio``), ``None`` without ``geodesic_acceleration``.
     """
 
     loss_before: float
@@ -46,3 +48,4 @@ class StepDiagnostics:
     condition: float | None
     step_norm: float
     rejected: bool = False
+    acceleration_ratio: float | None = None

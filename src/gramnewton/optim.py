@@ -26,6 +26,7 @@ from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
 from .update import (
     SOLVE_SPACES,
+    GeodesicAcceleration,
     GramGaussNewtonStep,
     apply_direction,
     gram_gauss_newton_direction,
@@ -155,6 +156,12 @@ class GramGaussNewton(Optimizer):
             passes then run under ``no_sync()`` (GGN never reads ``.grad``, so DDP's gradient
             all-reduce would be wasted). The returned loss is the union batch's.
         process_group: the ranks to span (default: the whole world).
+        geodesic_acceleration: ``True`` (a :class:`~gramnewton.update.GeodesicAcceleration`
+            with its defaults) or an instance: Levenberg-Marquardt's geodesic acceleration, the
+            step ``v`` replaced by ``v + a/2`` with ``a = -J^T (lam G + alpha I)^{-1} lam r_vv``
+            and ``r_vv`` the residuals' second derivative along ``v`` (one forward pass without
+            gradients and one more solve a step; used when ``2 ||a|| / ||v|| <= max_ratio``).
+            Square loss only, not distributed; ``False`` (default): off.
 
     The defaults (``lam=16, alpha=0.3, momentum=0.9``, gain-ratio damping) come from the races of
     ``docs/convergence.md``: on mini-batches a short step (each batch's outputs moved 1/16 of the
@@ -193,6 +200,7 @@ class GramGaussNewton(Optimizer):
         top_c: int = 1,
         distributed: str | None = "auto",
         process_group: dist.ProcessGroup | None = None,
+        geodesic_acceleration: bool | GeodesicAcceleration = False,
     ):
         _check_hyper(lam, alpha, weight_decay, momentum)
         if solve_space not in SOLVE_SPACES:
@@ -210,6 +218,7 @@ class GramGaussNewton(Optimizer):
         self.loss = get_loss(loss)
         check_curvature(curvature, top_c)
         self.curvature, self.top_c = resolve_curvature(curvature, self.loss), top_c
+        self.acceleration = _acceleration(geodesic_acceleration, self.loss, self.distributed)
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum))
@@ -325,7 +334,9 @@ class GramGaussNewton(Optimizer):
             if general is not None:  # this rank's own batch, as the single-process step records it
                 result = replace(result, mean_loss=general.per_sample.mean())
         else:
-            result = gram_gauss_newton_direction(self.engine, general or closure, **hyper)
+            result = gram_gauss_newton_direction(
+                self.engine, general or closure, acceleration=self.acceleration, **hyper
+            )
             if general is not None:
                 total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
                 result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample.dtype))
@@ -522,7 +533,23 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> St
         solve_space=result.solve_space,
         condition=info.condition,
         step_norm=result.direction_norm,
+        acceleration_ratio=result.acceleration_ratio,
     )
+
+
+def _acceleration(
+    value: bool | GeodesicAcceleration, loss: Loss, distributed: str | None
+) -> GeodesicAcceleration | None:
+    """The optimizer's :class:`~gramnewton.update.GeodesicAcceleration` (``None``: off)."""
+    if value is False:
+        return None
+    if value is not True and not isinstance(value, GeodesicAcceleration):
+        raise ValueError(f"Invalid geodesic_acceleration: {value!r} (must be True, False or a GeodesicAcceleration)")
+    if not isinstance(loss, SquaredError):
+        raise ValueError("geodesic_acceleration needs the square loss (loss='mse')")
+    if distributed is not None:
+        raise ValueError("geodesic_acceleration is not supported with distributed training")
+    return GeodesicAcceleration() if value is True else value
 
 
 def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float) -> None:

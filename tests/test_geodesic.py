@@ -1,0 +1,176 @@
+"""Geodesic acceleration (``geodesic_acceleration=``), checked in float64 against the dense formula.
+
+With ``phi_t`` the step of the plain optimizer (momentum included), ``v = -phi_t``,
+``r_vv = (2/h) ((r(w + h v) - r) / h - J v)``, ``a = -J^T (lam J J^T + alpha I)^{-1} lam r_vv``:
+the step taken is ``v + a/2`` when ``2 ||a|| / ||v|| <= max_ratio``, else ``v``; the momentum
+keeps the step taken.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dense import assert_close, dense_jacobian, flat_params
+from test_momentum import _set_flat
+from test_optim import CASES
+from torch import Tensor, nn
+
+from gramnewton import GeodesicAcceleration, GramGaussNewton
+
+RTOL = 1e-10
+
+
+def dense_accelerated(
+    model: nn.Module, batches: list, lam: float, alpha: float, mu: float, h: float, max_ratio: float
+) -> tuple[list[Tensor], list[float]]:
+    """Parameters after each step of the explicit formula, and each step's ``2 ||a|| / ||v||``."""
+    model = copy.deepcopy(model)
+    phi = torch.zeros_like(flat_params(model))
+    trajectory, ratios = [], []
+    for x, y in batches:
+        jac = dense_jacobian(model, x)
+        w = flat_params(model)
+        with torch.no_grad():
+            r = (model(x) - y).reshape(-1)
+        mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
+        v = -(mu * phi + jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ phi))
+        _set_flat(model, w + h * v)
+        with torch.no_grad():
+            displaced = (model(x) - y).reshape(-1)
+        second = (2 / h) * ((displaced - r) / h - jac @ v)
+        a = -jac.T @ torch.linalg.solve(mat, lam * second)
+        ratio = float(2 * a.detach().norm() / v.detach().norm())
+        step = v + a / 2 if ratio <= max_ratio else v
+        phi = -step
+        _set_flat(model, w + step)
+        trajectory.append(flat_params(model))
+        ratios.append(ratio)
+    return trajectory, ratios
+
+
+def _batches(shape: tuple[int, ...], k: int, b: int, count: int = 3) -> list[tuple[Tensor, Tensor]]:
+    return [(torch.randn(b, *shape, dtype=torch.float64), torch.randn(b, k, dtype=torch.float64)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+@pytest.mark.parametrize("name,build,shape,k,b", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("mu", [0.0, 0.6])
+def test_accelerated_steps_match_dense_formula(name, build, shape, k, b, mu, engine):
+    torch.manual_seed(5)
+    model = build().double()
+    batches = _batches(shape, k, b)
+    acceleration = GeodesicAcceleration(step_size=0.3, max_ratio=10.0)  # every acceleration taken
+    expected, ratios = dense_accelerated(model, batches, 0.7, 0.4, mu, 0.3, 10.0)
+    opt = GramGaussNewton(
+        model,
+        lam=0.7,
+        alpha=0.4,
+        momentum=mu,
+        engine=engine,
+        adaptive_damping=False,
+        solve_space="sample",
+        geodesic_acceleration=acceleration,
+    )
+    for (x, y), want, ratio in zip(batches, expected, ratios):
+        opt.step(lambda: model(x) - y)
+        assert_close(flat_params(model), want, RTOL, f"{name} parameters after an accelerated step")
+        assert opt.last_diagnostics.acceleration_ratio == pytest.approx(ratio, rel=1e-8)
+    assert any(r > 1e-6 for r in ratios)  # the acceleration changed the steps
+
+
+@pytest.mark.parametrize("space", ["sample", "parameter"])
+def test_parameter_space_acceleration_equals_sample_space(space):
+    """More residuals than parameters (``b = 40``, ``m = 21``): both spaces give the dense step."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    batches = _batches((3,), 1, 40)
+    expected, _ = dense_accelerated(model, batches, 1.0, 0.05, 0.0, 0.1, 10.0)
+    opt = GramGaussNewton(
+        model,
+        lam=1.0,
+        alpha=0.05,
+        momentum=0.0,
+        adaptive_damping=False,
+        solve_space=space,
+        geodesic_acceleration=GeodesicAcceleration(max_ratio=10.0),
+    )
+    for (x, y), want in zip(batches, expected):
+        opt.step(lambda: model(x) - y)
+        assert opt.last_diagnostics.solve_space == space
+        assert_close(flat_params(model), want, RTOL, f"{space}-space accelerated step")
+
+
+def test_acceleration_over_max_ratio_is_the_plain_step_bit_for_bit():
+    """A refused acceleration leaves the step ``v``; the displaced evaluation restores the
+    parameters exactly, so the run equals one without acceleration bit for bit."""
+    name, build, shape, k, b = CASES[1]
+    torch.manual_seed(7)
+    model = build().double()
+    twin = copy.deepcopy(model)
+    kwargs = dict(lam=1.0, alpha=0.3, momentum=0.5, adaptive_damping=False)
+    opt = GramGaussNewton(model, geodesic_acceleration=GeodesicAcceleration(max_ratio=1e-300), **kwargs)
+    plain = GramGaussNewton(twin, **kwargs)
+    for x, y in _batches(shape, k, b):
+        opt.step(lambda: model(x) - y)
+        plain.step(lambda: twin(x) - y)
+        assert opt.last_diagnostics.acceleration_ratio > 1e-300
+        assert plain.last_diagnostics.acceleration_ratio is None
+        assert torch.equal(flat_params(model), flat_params(twin))
+
+
+def test_gain_ratio_judges_the_accelerated_step():
+    """With the gain-ratio rule the batch is re-evaluated after the step taken (``v + a/2``)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model, lam=1.0, alpha=0.1, momentum=0.0, adaptive_damping=True, geodesic_acceleration=True)
+    opt.step(lambda: model(x) - y)
+    with torch.no_grad():
+        after = float((model(x) - y).pow(2).mean())
+    assert not opt.last_diagnostics.rejected
+    assert opt.last_diagnostics.loss_after == pytest.approx(after, rel=1e-12)
+
+
+def test_closure_error_at_the_displaced_point_restores_parameters():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model, momentum=0.0, adaptive_damping=False, geodesic_acceleration=True)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation along the step
+            raise RuntimeError("closure failed")
+        return model(x) - y
+
+    before = flat_params(model)
+    with pytest.raises(RuntimeError, match="closure failed"):
+        opt.step(closure)
+    assert torch.equal(flat_params(model), before)
+    assert all(not opt.state[p] for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ("yes", "Invalid geodesic_acceleration"),
+        (1, "Invalid geodesic_acceleration"),
+    ],
+)
+def test_bad_geodesic_acceleration_is_refused(value, match):
+    with pytest.raises(ValueError, match=match):
+        GramGaussNewton(nn.Linear(2, 1), geodesic_acceleration=value)
+
+
+@pytest.mark.parametrize("field", ["step_size", "max_ratio"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_bad_acceleration_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"geodesic acceleration {field}"):
+        GeodesicAcceleration(**{field: value})
+
+
+def test_acceleration_needs_the_square_loss():
+    with pytest.raises(ValueError, match="square loss"):
+        GramGaussNewton(nn.Linear(2, 3), loss="cross_entropy", geodesic_acceleration=True)
