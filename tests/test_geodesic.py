@@ -9,9 +9,11 @@ keeps the step taken.
 from __future__ import annotations
 
 import copy
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 from dense import assert_close, dense_jacobian, flat_params
 from test_momentum import _set_flat
 from test_optim import CASES
@@ -174,3 +176,15 @@ def test_bad_acceleration_settings_are_refused(field, value):
 def test_acceleration_needs_the_square_loss():
     with pytest.raises(ValueError, match="square loss"):
         GramGaussNewton(nn.Linear(2, 3), loss="cross_entropy", geodesic_acceleration=True)
+
+
+def test_acceleration_is_refused_with_distributed_training():
+    with socket.socket() as probe:  # a free port on 127.0.0.1 for a one-process gloo group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="not supported with distributed"):
+            GramGaussNewton(nn.Linear(2, 1), distributed="exact", geodesic_acceleration=True)
+    finally:
+        dist.destroy_process_group()
