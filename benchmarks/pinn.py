@@ -12,6 +12,8 @@ Methods (``--methods``):
   grid line search on the step length (the ENGD-W protocol of arXiv 2505.12149).
 - ``ggn-lm``: ``GramGaussNewton(adaptive_damping=...)``: Levenberg-Marquardt damping instead of a
   line search.
+- ``ggn-lm-geo``: ``ggn-lm`` with ``geodesic_acceleration=True`` (Levenberg-Marquardt's
+  second-order correction: one more residual evaluation and solve per step).
 
 GGN gets the residual in the form ``--form``: ``taylor`` (default; the forward Laplacian, hooks
 engine) or ``functional`` (``torch.func``, functional engine).
@@ -84,6 +86,8 @@ def make_stepper(method: str, model: torch.nn.Module, problem: Poisson, form: st
         return LineSearchGGN(model, form=form).step
     if method == "ggn-lm":
         return ggn_optimizer(model, form=form).step
+    if method == "ggn-lm-geo":
+        return ggn_optimizer(model, form=form, geodesic_acceleration=True).step
     if method == "ggn-momentum":
         if "momentum" not in inspect.signature(gram_gauss_newton_direction).parameters:
             return None

@@ -19,7 +19,7 @@ from test_momentum import _set_flat
 from test_optim import CASES
 from torch import Tensor, nn
 
-from gramnewton import GeodesicAcceleration, GramGaussNewton
+from gramnewton import FunctionalResidual, GeodesicAcceleration, GramGaussNewton, Term
 
 RTOL = 1e-10
 
@@ -102,6 +102,32 @@ def test_parameter_space_acceleration_equals_sample_space(space):
         opt.step(lambda: model(x) - y)
         assert opt.last_diagnostics.solve_space == space
         assert_close(flat_params(model), want, RTOL, f"{space}-space accelerated step")
+
+
+def test_functional_engine_accelerated_steps_match_dense_formula():
+    """A :class:`FunctionalResidual` closure reads the parameters it is called with, so the
+    evaluation along the step sees the displaced ones (the physics-informed residuals' path)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    batches = _batches((2,), 1, 10)
+    expected, _ = dense_accelerated(model, batches, 1.0, 0.2, 0.0, 0.1, 10.0)
+    params = dict(model.named_parameters())
+    opt = GramGaussNewton(
+        model,
+        lam=1.0,
+        alpha=0.2,
+        momentum=0.0,
+        engine="functional",
+        adaptive_damping=False,
+        geodesic_acceleration=GeodesicAcceleration(max_ratio=10.0),
+    )
+
+    def fn(p, x, y):
+        return torch.func.functional_call(model, p, (x.unsqueeze(0),)).squeeze(0) - y
+
+    for (x, y), want in zip(batches, expected):
+        opt.step(FunctionalResidual(params, Term(fn, (x, y))))
+        assert_close(flat_params(model), want, RTOL, "functional-engine accelerated step")
 
 
 def test_acceleration_over_max_ratio_is_the_plain_step_bit_for_bit():
