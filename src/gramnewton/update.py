@@ -83,8 +83,13 @@ class GramGaussNewtonStep:
 
         Computed once per step object (``dataclasses.replace`` makes a new one, so a replaced
         direction is never judged by an old norm)."""
-        norms = torch._foreach_norm(self.direction, 2, dtype=torch.float64)  # one call for all parameters
-        return float(torch.linalg.vector_norm(torch.stack(norms)))
+        return total_norm(self.direction)
+
+
+def total_norm(tensors: Sequence[Tensor]) -> float:
+    """The Euclidean norm of all ``tensors`` together, accumulated in float64 (one multi-tensor
+    call for all of them)."""
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))))
 
 
 @dataclass(frozen=True)
@@ -335,14 +340,13 @@ def _accelerated(
         jac = system.jacobian_columns(0, sum(p.numel() for p in params))
         phi, _ = parameter_space_solve(jac, rhs.to(jac.dtype), lam, alpha, dtype=solve_dtype)
         accel = split_like(-phi, params)
-    elif alpha == 0 and system.jacobian is not None:  # as the step itself was solved (by SVD)
+    elif alpha == 0 and system.jacobian is not None:  # by SVD, as Eq. 10's step: G would square cond(J)
         jt_c, _, _ = jacobian_solve(system.jacobian, rhs, lam, alpha, dtype=solve_dtype)
         accel = split_like(-jt_c, params)
     else:
         coefficients, _ = damped_solve(system.gram, rhs, lam, alpha, dtype=solve_dtype)
         accel = system.jt_times(-coefficients)
-    norms = torch._foreach_norm(accel, 2, dtype=torch.float64)
-    ratio = 2.0 * float(torch.linalg.vector_norm(torch.stack(norms))) / step.direction_norm
+    ratio = 2.0 * total_norm(accel) / step.direction_norm
     if not ratio <= acceleration.max_ratio:  # also a NaN ratio (no finite correction): v alone
         return replace(step, acceleration_ratio=ratio)
     direction = [torch.add(v, a.to(v.dtype), alpha=0.5) for v, a in zip(step.direction, accel)]
