@@ -45,6 +45,21 @@ def test_step_that_increases_the_loss_is_undone_and_alpha_raised():
     assert abs(math.sin(3 * float(model.w.detach()))) < 1e-3
 
 
+def test_a_rule_that_never_rejects_keeps_the_step_and_still_raises_alpha():
+    """``reject_below=-inf``: the step that raised the loss stays taken, ``alpha`` doubles."""
+    model = SineModel(0.4)
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    opt = GramGaussNewton(
+        model, alpha=1e-3, adaptive_damping=GainRatioDamping(reject_below=-math.inf), lam=1.0, momentum=0.0
+    )
+    opt.step(lambda: model(x) - y)
+    assert opt.last_gain_ratio < 0 and not opt.last_diagnostics.rejected
+    assert float(model.w.detach()) != 0.4
+    assert opt.param_groups[0]["alpha"] == pytest.approx(2e-3)
+    rule = GainRatioDamping(reject_below=-math.inf)
+    assert not rule.update(1.0, math.nan, None).accept  # a NaN ratio is still refused
+
+
 def test_adapted_alpha_survives_state_dict():
     model = nn.Linear(3, 1)
     x, y = torch.randn(4, 3), torch.randn(4, 1)
