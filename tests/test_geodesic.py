@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dense import assert_close, dense_jacobian, flat_params
-from test_momentum import _set_flat
+from test_momentum import _batches, _set_flat
 from test_optim import CASES
 from torch import Tensor, nn
 
@@ -51,10 +51,6 @@ def dense_accelerated(
         trajectory.append(flat_params(model))
         ratios.append(ratio)
     return trajectory, ratios
-
-
-def _batches(shape: tuple[int, ...], k: int, b: int, count: int = 3) -> list[tuple[Tensor, Tensor]]:
-    return [(torch.randn(b, *shape, dtype=torch.float64), torch.randn(b, k, dtype=torch.float64)) for _ in range(count)]
 
 
 @pytest.mark.parametrize("engine", ["reference", "auto"])
