@@ -506,6 +506,35 @@ def test_frozen_parameters_are_left_out() -> None:
     assert_close("gram", fast.gram, ref.gram)
 
 
+@pytest.mark.parametrize("trained", ["weights_and_biases", "weights", "biases", "one_layer_each"])
+@pytest.mark.parametrize("rows", [5, 33], ids=["full_products", "symmetric_updates"])
+def test_a_bias_folded_into_its_factored_weight_adds_its_gram_part_once(
+    trained: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Factored Linear and Conv weights add their bias's Gram part as (A A^T + 1) * (G G^T)
+    # (handlers.FoldedBias); a bias without its weight, or a weight without its bias, must not.
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
+    torch.manual_seed(0)
+    model = seq(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 9, 6), nn.Tanh(), nn.Linear(6, 2)
+    ).double()
+    layers = [model[0], model[3], model[5]]
+    params = {
+        "weights_and_biases": [p for layer in layers for p in (layer.weight, layer.bias)],
+        "weights": [layer.weight for layer in layers],
+        "biases": [layer.bias for layer in layers],
+        "one_layer_each": [model[0].bias, model[3].weight, model[5].weight, model[5].bias],
+    }[trained]
+    x = torch.randn(rows, 2, 3, 3, dtype=torch.float64)
+    y = torch.randn(rows, 2, dtype=torch.float64)
+    closure = lambda: model(x) - y  # noqa: E731
+    fast = HooksEngine(model, params).compute(closure)
+    jac = dense_jacobian(model, x, params)
+    assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
+    v = torch.randn(2 * rows, dtype=torch.float64)
+    assert_close("J^T v vs jacrev", torch.cat([t.reshape(-1) for t in fast.jt_times(v)]), jac.T @ v)
+
+
 def test_residuals_independent_of_hooked_parameters() -> None:
     model = Unknown().double()
     x = torch.randn(4, 3, dtype=torch.float64)

@@ -8,7 +8,8 @@ Index conventions (BackPACK-style, stated once for every handler):
 A handler returns, for each requested parameter name, a :class:`Piece`: either the materialised
 per-sample gradients (:class:`Dense`, ``(n, numel)``; :class:`PermutedDense` when their columns
 come out in another order) or the factors of a Linear/Conv weight (:class:`Factored`) whose Gram
-matrix is ``(A A^T) * (G G^T)`` summed over positions.
+matrix is ``(A A^T) * (G G^T)`` summed over positions. A bias beside a factored weight adds
+its Gram part through the weight's factors (``(A A^T + 1) * (G G^T)``, :class:`FoldedBias`).
 
 Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count. How a
 2-d convolution's per-sample weight gradients are computed (one grouped convolution, patches
@@ -97,6 +98,15 @@ class Dense:
 
 
 @dataclass
+class FoldedBias(Dense):
+    """The per-sample gradients of a Linear/Conv bias whose Gram part its weight's
+    :class:`Factored` piece adds (``with_bias``); ``add_gram_lower`` adds nothing."""
+
+    def add_gram_lower(self, gram: Tensor) -> None:
+        """Nothing: the weight's factors add this bias's part (:meth:`Factored.add_gram_lower`)."""
+
+
+@dataclass
 class Factored:
     """Per-sample weight gradients ``sum_s g_s a_s^T`` kept as their factors, per group.
 
@@ -106,6 +116,8 @@ class Factored:
         in_shape, in_perm: when set, ``a``'s ``kin`` columns are laid out as ``in_shape`` (a conv's
             patches: ``(kh, kw, kin / (kh kw))``) and ``in_perm`` takes that to the parameter's
             ``kin`` layout (``(2, 0, 1)``); the Gram matrix does not depend on the column order.
+        with_bias: the Gram part also counts the layer's bias (a :class:`FoldedBias` piece), whose
+            per-sample gradients ``sum_s g_is`` (per group) are the weight's with an input of ones.
     The parameter is laid out ``(groups * kout, kin)``, as Linear and Conv weights are.
     """
 
@@ -113,6 +125,7 @@ class Factored:
     g: Tensor
     in_shape: tuple[int, ...] | None = None
     in_perm: tuple[int, ...] | None = None
+    with_bias: bool = False
 
     def _to_parameter(self, cols: Tensor) -> Tensor:
         """``(rows, kin)`` in ``a``'s column order -> the parameter's column order."""
@@ -130,15 +143,30 @@ class Factored:
         return cols.reshape(rows, *shape).permute(0, *(p + 1 for p in inverse)).reshape(rows, -1)
 
     def add_gram_lower(self, gram: Tensor) -> None:
-        """``gram[i, j] += sum_{group, s, s'} (a_is . a_js') (g_is . g_js')`` (the whole matrix)."""
+        """``gram[i, j] += sum_{group, s, s'} (a_is . a_js' + [with_bias]) (g_is . g_js')``.
+
+        The bias term is the bias's Gram part: its per-sample gradients ``sum_s g_is`` have inner
+        products ``sum_{s, s'} g_is . g_js'``, which the weight's ``G G^T`` holds already (an
+        input column of ones, without copying ``a``). With one position both products are
+        symmetric rank-k updates (:func:`add_gram_lower`: 3/4 of the multiply-adds) and the
+        upper-right block is left to the mirror; with several the whole matrix is added.
+        """
         n, groups, positions, _ = self.a.shape
         for j in range(groups):
             a = self.a[:, j].reshape(n * positions, -1)
             g = self.g[:, j].reshape(n * positions, -1)
             if positions == 1:
-                gram.addcmul_(a @ a.T, g @ g.T)
+                inputs, outputs = gram.new_zeros(n, n), gram.new_zeros(n, n)
+                add_gram_lower(inputs, a)
+                add_gram_lower(outputs, g)
+                if self.with_bias:
+                    inputs += 1.0
+                gram.addcmul_(inputs, outputs)
             else:
-                gram.add_(((a @ a.T) * (g @ g.T)).view(n, positions, n, positions).sum((1, 3)))
+                inputs = a @ a.T
+                if self.with_bias:
+                    inputs += 1.0
+                gram.add_((inputs * (g @ g.T)).view(n, positions, n, positions).sum((1, 3)))
 
     def jt_times(self, v: Tensor) -> Tensor:
         """``sum_i v_i sum_s g_is a_is^T`` flattened, ``(groups * kout * kin,)``."""
@@ -318,7 +346,7 @@ class KeptConv:
         return self.per_sample(False).dense()
 
 
-Piece = Dense | Factored | PermutedDense | KeptConv
+Piece = Dense | FoldedBias | Factored | PermutedDense | KeptConv
 
 
 # How 2-d convolutions get their per-sample weight gradients (see ``_conv``).
@@ -440,14 +468,22 @@ def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_
     if "weight" in names:
         positions = a3.shape[1]
         if factored_ok and factored_is_cheaper(n, positions, module.in_features, out_features):
-            pieces["weight"] = Factored(a3.unsqueeze(1), g3.unsqueeze(1))
+            pieces["weight"] = Factored(a3.unsqueeze(1), g3.unsqueeze(1), with_bias="bias" in names)
         elif positions == 1:
             pieces["weight"] = Dense((g3[:, 0, :, None] * a3[:, 0, None, :]).reshape(n, -1))
         else:
             pieces["weight"] = Dense(torch.bmm(g3.transpose(1, 2), a3).reshape(n, -1))
     if "bias" in names:
-        pieces["bias"] = Dense(g3.sum(1))
+        pieces["bias"] = _bias_piece(g3.sum(1), pieces.get("weight"))
     return pieces
+
+
+def _bias_piece(per_sample: Tensor, weight: Piece | None) -> Dense:
+    """A bias's per-sample gradients ``(n, out)``: a :class:`FoldedBias` when its weight's
+    :class:`Factored` piece adds its Gram part (a product of ``n^2 * out`` multiply-adds saved;
+    on concrete-100k's full batch, 824 rows and three 310-wide biases, about a fifth of the step)."""
+    folded = isinstance(weight, Factored) and weight.with_bias
+    return FoldedBias(per_sample) if folded else Dense(per_sample)
 
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -698,7 +734,7 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
             and factored_is_cheaper(n, positions, kin, kout, groups, unfold=not trivial)
         )
         if use_factors:
-            pieces["weight"] = _conv_factors(module, x, g, padding)
+            pieces["weight"] = replace(_conv_factors(module, x, g, padding), with_bias="bias" in names)
         else:
             key = (type(module), tuple(x.shape), tuple(g.shape), module.kernel_size, module.stride)
             key += (module.dilation, padding, module.groups, x.dtype, x.device)
@@ -711,7 +747,7 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
             else:
                 pieces["weight"] = per_sample()
     if "bias" in names:
-        pieces["bias"] = Dense(g.reshape(n, g.shape[1], -1).sum(2))
+        pieces["bias"] = _bias_piece(g.reshape(n, g.shape[1], -1).sum(2), pieces.get("weight"))
     return pieces
 
 

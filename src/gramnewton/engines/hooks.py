@@ -483,7 +483,7 @@ class HooksEngine:
                     piece = partial.pop(pid)
                 if gram is not None:
                     t0 = time.perf_counter()
-                    if isinstance(piece, Dense) and piece.jac.shape[1] < NARROW_COLUMNS:
+                    if type(piece) is Dense and piece.jac.shape[1] < NARROW_COLUMNS:  # not a FoldedBias
                         # added with the other narrow ones, in one product; a Dense owns its
                         # gradients (scratch-backed ones are PermutedDense), so they stay intact
                         narrow.append(piece.jac)
