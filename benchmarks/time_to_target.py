@@ -430,11 +430,12 @@ def allocator_env(allocator: str, omp_wait_policy: str = "PASSIVE") -> dict[str,
 
 
 def reexec_with(env: dict[str, str | None]) -> None:
-    """Restart this script with ``env`` (``None``: variable removed) unless it is already in place
-    (LD_PRELOAD acts at start-up)."""
+    """Restart the running script (``sys.argv``: this one, or ``target_probe.py`` that imports it)
+    with ``env`` (``None``: variable removed) unless it is already in place (LD_PRELOAD acts at
+    start-up)."""
     if any(os.environ.get(k) != v for k, v in env.items()):
         merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], merged)
+        os.execve(sys.executable, [sys.executable, *sys.argv], merged)
 
 
 def preload() -> None:
