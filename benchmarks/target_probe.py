@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             for i, (optimizer, config) in enumerate(args.configs):
                 run = ttt.launch(ttt.spec_for(task, optimizer, config, seed, spec_args))
-                seconds = ttt.seconds_to(run, args.target)
-                steps = next(
-                    (r["steps"] for r in run["curve"] if seconds is not None and r["seconds"] == seconds), None
+                row = ttt.reached_at(run, args.target) or {}
+                runs[i].append(
+                    {
+                        "seed": seed,
+                        "seconds": row.get("seconds"),
+                        "steps": row.get("steps"),
+                        "failure": run.get("failure"),
+                    }
                 )
-                runs[i].append({"seed": seed, "seconds": seconds, "steps": steps, "failure": run.get("failure")})
     rows = []
     for (optimizer, config), results in zip(args.configs, runs):
         times = [r["seconds"] for r in results]

@@ -487,14 +487,16 @@ def launch(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, **json.loads(text), "wall_s": wall}
 
 
+def reached_at(run: dict[str, Any], fraction: float) -> dict[str, float] | None:
+    """The first evaluation (a ``curve`` row) with train MSE <= ``fraction`` x initial, or ``None``."""
+    initial = run.get("initial_train")
+    return next((r for r in run.get("curve", []) if r["train_loss"] <= fraction * initial), None) if initial else None
+
+
 def seconds_to(run: dict[str, Any], fraction: float) -> float | None:
     """Training seconds at the first evaluation with train MSE <= ``fraction`` x initial."""
-    initial = run.get("initial_train")
-    return (
-        next((r["seconds"] for r in run.get("curve", []) if r["train_loss"] <= fraction * initial), None)
-        if initial
-        else None
-    )
+    row = reached_at(run, fraction)
+    return None if row is None else row["seconds"]
 
 
 def best_test(run: dict[str, Any]) -> tuple[float, float] | None:

@@ -30,6 +30,7 @@ from .update import (
     GramGaussNewtonStep,
     apply_direction,
     gram_gauss_newton_direction,
+    restore_parameters,
     scale_step,
     step_scale,
 )
@@ -445,13 +446,13 @@ class GramGaussNewton(Optimizer):
                 diagnostics = self._measure(closure, result, diagnostics, general)
                 decision = self.damping.update(diagnostics.alpha, diagnostics.gain_ratio, diagnostics)
         except BaseException:
-            _restore(self.engine.params, backup)
+            restore_parameters(self.engine.params, backup)
             raise
         self.last_gain_ratio = diagnostics.gain_ratio
         for group in self.param_groups:
             group["alpha"] = decision.alpha
         if not decision.accept:
-            _restore(self.engine.params, backup)
+            restore_parameters(self.engine.params, backup)
         self.rejections_in_a_row = 0 if decision.accept else self.rejections_in_a_row + 1
         return replace(diagnostics, rejected=not decision.accept)
 
@@ -489,12 +490,6 @@ class GramGaussNewton(Optimizer):
             rho = loss_gain_ratio(before, after, before - model)
             loss_after = after / new_residuals.numel()
         return replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
-
-
-@torch.no_grad()
-def _restore(params: list[Tensor], backup: list[Tensor]) -> None:
-    for p, old in zip(params, backup):
-        p.copy_(old)
 
 
 def _takes_rows(closure: Closure) -> bool:

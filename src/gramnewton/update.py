@@ -363,7 +363,14 @@ def _residuals_along(params: Sequence[Tensor], direction: Sequence[Tensor], h: f
         torch._foreach_add_(params, [d.to(p.dtype) for p, d in zip(params, direction)], alpha=h)
         return closure_residuals(closure()).detach()
     finally:
-        torch._foreach_copy_(params, saved)
+        restore_parameters(params, saved)
+
+
+@torch.no_grad()
+def restore_parameters(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+    """Copy ``saved`` (clones taken earlier) back into ``params``, bit for bit, in one
+    multi-tensor call: a rejected step, or the acceleration's displaced evaluation, undone."""
+    torch._foreach_copy_(list(params), list(saved))
 
 
 def step_scale(
