@@ -103,8 +103,9 @@ MODELS = {
     "resnet8_digits": ModelSpec(lambda: get_model("resnet8_fixup", in_channels=1, num_outputs=1), (1, 8, 8)),
     # benchmarks/time_to_target.py's sinc task: 1-20-1 tanh MLP, 61 parameters
     "sinc": ModelSpec(lambda: get_model("mlp", in_channels=1, hidden=(20,), act="tanh"), (1,), sinc_batch),
-    # benchmarks/time_to_target.py's concrete-100k network (8-310-310-1 tanh MLP with biases), its
-    # full batch being 824 rows
+    # benchmarks/time_to_target.py's concrete-10k and concrete-100k networks (8-96-96-1 and
+    # 8-310-310-1 tanh MLPs with biases), their full batch being 824 rows
+    "concrete10k": ModelSpec(lambda: get_model("mlp", in_channels=8, hidden=(96, 96), act="tanh"), (8,)),
     "concrete100k": ModelSpec(lambda: get_model("mlp", in_channels=8, hidden=(310, 310), act="tanh"), (8,)),
 }
 
