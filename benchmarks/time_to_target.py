@@ -192,7 +192,7 @@ def concrete_task(size: str) -> Task:
         data=named_split("concrete"),
         batch=128,
         # alpha = 10 (with or without momentum) for the 1e-1 targets: with alpha 0.01 the first
-        # full-batch step overshoots to 40-400x the initial MSE, and in float32 the pivot test then
+        # full-batch step overshoots to 40-420x the initial MSE, and in float32 the pivot test then
         # adds a second, jittered Cholesky to every step; alpha = 10 (no jitter) and momentum 0.6
         # came from a probe on seeds 0-4 (docs/convergence.md, seventeenth session).
         ggn_grid=(
