@@ -101,6 +101,34 @@ def test_parameter_space_acceleration_equals_sample_space(space):
         assert_close(flat_params(model), want, RTOL, f"{space}-space accelerated step")
 
 
+@pytest.mark.parametrize(
+    "space,dtype,factorisation",
+    [
+        ("sample", torch.float64, "cholesky_ex"),
+        ("parameter", torch.float64, "geqrf"),  # a float64 J: the QR
+        ("parameter", torch.float32, "cholesky_ex"),  # a float32 J: the float64 normal equations
+    ],
+)
+def test_accelerated_step_factorises_its_system_once(space, dtype, factorisation, monkeypatch):
+    """The acceleration's solve reuses the factorisation of the step's own system (the same
+    matrix): one Cholesky or QR per accelerated step, as a plain step (two before)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(dtype)
+    (x, y), *_ = _batches((3,), 1, 40)
+    x, y = x.to(dtype), y.to(dtype)
+    opt = GramGaussNewton(
+        model, lam=1.0, alpha=0.05, momentum=0.0, adaptive_damping=False, solve_space=space, geodesic_acceleration=True
+    )
+    opt.step(lambda: model(x) - y)  # the first step's one-time checks outside the count
+    module = torch.linalg if factorisation == "cholesky_ex" else torch
+    original, calls = getattr(module, factorisation), []
+    monkeypatch.setattr(module, factorisation, lambda *args: calls.append(1) or original(*args))
+    for _ in range(3):
+        opt.step(lambda: model(x) - y)
+        assert opt.last_diagnostics.acceleration_ratio is not None
+    assert opt.last_diagnostics.solve_space == space and len(calls) == 3
+
+
 def test_functional_engine_accelerated_steps_match_dense_formula():
     """A :class:`FunctionalResidual` closure reads the parameters it is called with, so the
     evaluation along the step sees the displaced ones (the physics-informed residuals' path)."""

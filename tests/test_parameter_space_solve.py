@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gramnewton import SingularGramError
-from gramnewton.solve import parameter_space_solve
+from gramnewton.solve import parameter_space_solution, parameter_space_solve
 
 
 def _jacobian(n: int, m: int, cond: float, rank: int | None = None) -> torch.Tensor:
@@ -86,3 +86,27 @@ def test_non_finite_jacobian_is_refused(value):
     jac[3, 4] = float(value)
     with pytest.raises(SingularGramError, match="Jacobian has NaN or Inf"):
         parameter_space_solve(jac, torch.randn(100), 1.0, 0.1)
+
+
+@pytest.mark.parametrize(
+    "dtype,alpha,method",
+    [(torch.float32, 0.1, "normal_equations"), (torch.float64, 0.1, "qr"), (torch.float32, 0.0, "svd")],
+)
+def test_again_reuses_the_factorisation_bit_for_bit(dtype, alpha, method, monkeypatch):
+    """``parameter_space_solution(...).again(e)`` solves ``(lam J^T J + alpha I) x = J^T e`` (no
+    prior) bit for bit as a new ``parameter_space_solve`` of ``e``; with the normal equations and the
+    QR it factorises nothing (spies on the Cholesky and the QR), with ``alpha = 0`` it is that new solve."""
+    jac = _jacobian(300, 20, 1e3).to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    rhs, prior, e = torch.randn(300, generator=gen), torch.randn(20, generator=gen), torch.randn(300, generator=gen)
+    rhs, prior, e = rhs.to(dtype), prior.to(dtype), e.to(dtype)
+    solution = parameter_space_solution(jac, rhs, 2.0, alpha, prior=prior)
+    assert solution.info.method == method
+    assert torch.equal(solution.x, parameter_space_solve(jac, rhs, 2.0, alpha, prior=prior)[0])
+    fresh, _ = parameter_space_solve(jac, e, 2.0, alpha)
+    calls = []
+    for module, name in ((torch.linalg, "cholesky_ex"), (torch, "geqrf")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, f=original, n=name: calls.append(n) or f(*args))
+    assert torch.equal(solution.again(e), fresh)
+    assert calls == []

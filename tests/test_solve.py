@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gramnewton import SingularGramError, damped_solve
-from gramnewton.solve import all_finite
+from gramnewton.solve import all_finite, damped_solution
 
 
 def test_well_conditioned_uses_cholesky():
@@ -56,6 +56,28 @@ def test_eigh_fallback_when_jitter_does_not_help():
     gram = torch.zeros(4, 4, dtype=torch.float64)
     x, info = damped_solve(gram, torch.ones(4, dtype=torch.float64), 1.0, 0.0, max_jitter_tries=0)
     assert info.method == "eigh" and info.rank == 0 and torch.equal(x, torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", ["cholesky", "jitter", "eigh"])
+def test_again_reuses_the_accepted_factorisation_bit_for_bit(path: str, monkeypatch: pytest.MonkeyPatch):
+    """``damped_solution(...).again(e)`` equals a new ``damped_solve`` of ``e`` bit for bit on each
+    path (the same factorisation accepted), without factorising again (a spy counts the Cholesky
+    factorisations and eigendecompositions)."""
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 10 if path != "cholesky" else 60, generator=generator)
+    gram, rhs, e = a @ a.T, torch.randn(40, generator=generator), torch.randn(40, generator=generator)
+    alpha, tries = {"cholesky": (0.3, 4), "jitter": (1e-6, 4), "eigh": (1e-6, 0)}[path]
+    solution = damped_solution(gram, rhs, 2.0, alpha, max_jitter_tries=tries)
+    assert solution.info.method == path
+    assert torch.equal(solution.x, damped_solve(gram, rhs, 2.0, alpha, max_jitter_tries=tries)[0])
+    fresh, _ = damped_solve(gram, e, 2.0, alpha, max_jitter_tries=tries)
+    calls = []
+    for name in ("cholesky_ex", "eigh"):
+        original = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name, lambda *args, f=original, n=name: calls.append(n) or f(*args))
+    again = solution.again(e.double())
+    assert calls == [] and again.dtype == torch.float64
+    assert torch.equal(again.float(), fresh)  # the float32 system's solution, returned in e's dtype
 
 
 def test_float64_solve_option_returns_input_dtype():

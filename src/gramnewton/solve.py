@@ -22,6 +22,12 @@ Two sample-space solves, each one function:
 The solutions are never NaN for finite input: if the accepted solution is not finite (e.g. it
 overflows), :class:`SingularGramError` is raised.
 
+Each damped solve has a twin returning a :class:`Solution` (:func:`damped_solution`,
+:func:`parameter_space_solution`) whose ``again`` applies the accepted factorisation to another
+right-hand side: geodesic acceleration solves the step's own system a second time, and a second
+factorisation of the same matrix cost about 0.65 ms of a 3 ms step on the sinc network
+(``J`` ``(1000, 61)``; docs/performance.md).
+
 Precision: bfloat16 and float16 systems are solved in float32 (no Cholesky exists for them and
 their 8 or 11 bits could not resolve the damped system); float32 and float64 ones in their own
 dtype unless ``dtype`` says otherwise. The solution is cast back to the right-hand side's dtype.
@@ -30,6 +36,7 @@ dtype unless ``dtype`` says otherwise. The solution is cast back to the right-ha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,6 +82,16 @@ class SolveInfo:
     jitter: float = 0.0
     rank: int | None = None
     condition: float | None = None
+
+
+class Solution(NamedTuple):
+    """A damped solve's solution ``x``, how it was found, and ``again``: the factorisation it
+    accepted applied to another right-hand side ``e`` (the same matrix, not factorised anew; the
+    result in ``e``'s dtype, :class:`SingularGramError` if it is not finite)."""
+
+    x: Tensor
+    info: SolveInfo
+    again: Callable[[Tensor], Tensor]
 
 
 def _cholesky_condition(chol: Tensor) -> float:
@@ -154,12 +171,31 @@ def damped_solve(
         max_jitter_tries: number of jittered Cholesky attempts before the eigendecomposition.
 
     Returns:
-        ``x`` of shape ``(n,)`` in ``rhs``'s dtype, and a :class:`SolveInfo`.
+        ``x`` of shape ``(n,)`` in ``rhs``'s dtype, and a :class:`SolveInfo`
+        (:func:`damped_solution` without the factorisation).
 
     Raises:
         ValueError: ``lam`` or ``alpha`` out of range (see :func:`check_damping`).
         SingularGramError: the input is not finite or no finite solution was found.
     """
+    x, info, _ = damped_solution(gram, rhs, lam, alpha, dtype=dtype, max_jitter_tries=max_jitter_tries)
+    return x, info
+
+
+def damped_solution(
+    gram: Tensor,
+    rhs: Tensor,
+    lam: float,
+    alpha: float,
+    *,
+    dtype: torch.dtype | None = None,
+    max_jitter_tries: int = 4,
+) -> Solution:
+    """:func:`damped_solve` (same arguments), keeping the accepted factorisation: ``again(e)``
+    solves ``(lam G + alpha I) x = e`` for ``e`` ``(n,)`` with it (a Cholesky solve, or the
+    eigendecomposition's pseudo-inverse), bit for bit what a new :func:`damped_solve` of ``e``
+    returns whenever that one accepts the same factorisation (always, unless the solution of
+    ``rhs`` was finite at a jitter where ``e``'s is not)."""
     check_damping(lam, alpha)
     out_dtype = rhs.dtype
     work = dtype or solve_dtype_for(gram.dtype)
@@ -168,7 +204,8 @@ def damped_solve(
     plain = _cholesky(mat)
     if plain.passed:  # the usual path: a Cholesky that succeeded says the matrix was finite
         x = torch.cholesky_solve(b, plain.factor).squeeze(1)
-        return _finite(x, out_dtype), SolveInfo("cholesky", condition=plain.condition)
+        again = _cholesky_again(plain.factor)
+        return Solution(_finite(x, out_dtype), SolveInfo("cholesky", condition=plain.condition), again)
     if not all_finite(mat):  # one sum: at b = 100 on the sinc network (G of rank 61) every step comes here
         raise SingularGramError("the Gram matrix has NaN or Inf entries; no parameter was changed")
     n, eps = mat.shape[0], torch.finfo(work).eps
@@ -187,15 +224,28 @@ def damped_solve(
         if attempt.passed:
             x = torch.cholesky_solve(b, attempt.factor).squeeze(1)
             if all_finite(x):
-                return _finite(x, out_dtype), SolveInfo("jitter", jitter=jitter, condition=attempt.condition)
+                info = SolveInfo("jitter", jitter=jitter, condition=attempt.condition)
+                return Solution(_finite(x, out_dtype), info, _cholesky_again(attempt.factor))
 
     evals, evecs = torch.linalg.eigh(mat)
     cutoff = n * eps * float(evals.abs().max())
     keep = evals > cutoff
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
-    x = evecs @ (inv * (evecs.T @ b.squeeze(1)))
+
+    def again(e: Tensor) -> Tensor:
+        return _finite(evecs @ (inv * (evecs.T @ e.to(evecs.dtype))), e.dtype)
+
     condition = float(evals.max() / evals[keep].min()) if bool(keep.any()) else None
-    return _finite(x, out_dtype), SolveInfo("eigh", rank=int(keep.sum()), condition=condition)
+    return Solution(again(rhs), SolveInfo("eigh", rank=int(keep.sum()), condition=condition), again)
+
+
+def _cholesky_again(factor: Tensor) -> Callable[[Tensor], Tensor]:
+    """``e -> (L L^T)^{-1} e`` for the lower Cholesky factor ``factor`` ``(n, n)``, in ``e``'s dtype."""
+
+    def again(e: Tensor) -> Tensor:
+        return _finite(torch.cholesky_solve(e.to(factor.dtype).unsqueeze(1), factor).squeeze(1), e.dtype)
+
+    return again
 
 
 def _finite(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -308,16 +358,34 @@ def parameter_space_solve(
 
     Returns:
         ``x`` of shape ``(m,)`` in ``rhs``'s dtype, and a :class:`SolveInfo` (method
-        ``"normal_equations"``, ``"qr"``, or ``"svd"`` when ``alpha = 0``).
+        ``"normal_equations"``, ``"qr"``, or ``"svd"`` when ``alpha = 0``)
+        (:func:`parameter_space_solution` without the factorisation).
 
     Raises:
         ValueError: ``lam`` or ``alpha`` out of range.
         SingularGramError: ``J`` or the solution is not finite.
     """
+    x, info, _ = parameter_space_solution(jac, rhs, lam, alpha, prior=prior, dtype=dtype)
+    return x, info
+
+
+def parameter_space_solution(
+    jac: Tensor,
+    rhs: Tensor,
+    lam: float,
+    alpha: float,
+    *,
+    prior: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Solution:
+    """:func:`parameter_space_solve` (same arguments), keeping the accepted factorisation:
+    ``again(e)`` solves ``(lam J^T J + alpha I) x = J^T e`` (no prior) for ``e`` ``(n,)`` with the
+    float64 Cholesky factor or the QR's reflectors, bit for bit what a new
+    :func:`parameter_space_solve` of ``e`` returns (with ``alpha = 0`` it is such a new solve)."""
     check_damping(lam, alpha)
     if alpha == 0:
         x, _, info = jacobian_solve(jac, rhs, lam, alpha, dtype=dtype)
-        return x, info
+        return Solution(x, info, lambda e: jacobian_solve(jac, e, lam, alpha, dtype=dtype)[0])
     m = jac.shape[1]
     if solves_by_normal_equations(jac.dtype, dtype, m):
         solved = _normal_equations(jac, rhs, lam, alpha, prior)
@@ -333,14 +401,18 @@ def parameter_space_solve(
     # at n = 20,000, m = 61); Q^T target is applied from the reflectors.
     reflectors, tau = torch.geqrf(stacked)
     upper = reflectors[:m].triu()
-    projected = torch.ormqr(reflectors, tau, target.unsqueeze(1), transpose=True)[:m]
-    x = torch.linalg.solve_triangular(upper, projected, upper=True).squeeze(1)
-    return _finite(x, rhs.dtype), SolveInfo("qr", condition=_cholesky_condition(upper))
+
+    def solve_stacked(target: Tensor, dtype: torch.dtype) -> Tensor:
+        projected = torch.ormqr(reflectors, tau, target.unsqueeze(1), transpose=True)[:m]
+        return _finite(torch.linalg.solve_triangular(upper, projected, upper=True).squeeze(1), dtype)
+
+    def again(e: Tensor) -> Tensor:
+        return solve_stacked(torch.cat([e.to(work) / math.sqrt(lam), a.new_zeros(m)]), e.dtype)
+
+    return Solution(solve_stacked(target, rhs.dtype), SolveInfo("qr", condition=_cholesky_condition(upper)), again)
 
 
-def _normal_equations(
-    jac: Tensor, rhs: Tensor, lam: float, alpha: float, prior: Tensor | None
-) -> tuple[Tensor, SolveInfo] | None:
+def _normal_equations(jac: Tensor, rhs: Tensor, lam: float, alpha: float, prior: Tensor | None) -> Solution | None:
     """``(lam J^T J + alpha I) x = J^T rhs + alpha prior`` in float64 by Cholesky (``jac`` ``(n, m)``,
     ``rhs`` ``(n,)``, ``prior`` ``(m,)`` or ``None``); ``None`` when the Cholesky fails
     :func:`_cholesky`'s pivot test (the caller then uses the QR).
@@ -348,7 +420,8 @@ def _normal_equations(
     No finiteness check of its own: a NaN or Inf in ``J`` (or a ``J^T J`` that overflows) puts a
     NaN or Inf on the diagonal of ``J^T J``, which fails the pivot test (the QR path then checks
     ``J`` and raises); a finite ``J``, ``rhs`` and ``prior`` with a factor that passed it give a
-    finite solution unless it overflows, which :func:`_finite` refuses."""
+    finite solution unless it overflows, which :func:`_finite` refuses. ``again(e)`` solves with
+    ``J^T e`` as the right-hand side."""
     a = jac.double()
     # each product of two float32 entries is exact in float64; only the sums round (n * eps64)
     mat = (a.mT @ a).mul_(lam)
@@ -360,4 +433,8 @@ def _normal_equations(
     if prior is not None:
         b.add_(prior.double(), alpha=alpha)
     x = torch.cholesky_solve(b.unsqueeze(1), plain.factor).squeeze(1)
-    return _finite(x, rhs.dtype), SolveInfo("normal_equations", condition=plain.condition)
+
+    def again(e: Tensor) -> Tensor:
+        return _finite(torch.cholesky_solve((a.mT @ e.double()).unsqueeze(1), plain.factor).squeeze(1), e.dtype)
+
+    return Solution(_finite(x, rhs.dtype), SolveInfo("normal_equations", condition=plain.condition), again)

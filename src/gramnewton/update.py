@@ -25,13 +25,18 @@ from .solve import (
     SolveInfo,
     all_finite,
     check_damping,
-    damped_solve,
+    damped_solution,
     jacobian_solve,
-    parameter_space_solve,
+    parameter_space_solution,
     solves_by_normal_equations,
 )
 
 SOLVE_SPACES = ("auto", "sample", "parameter")
+
+Correction = Callable[[Tensor], list[Tensor]]
+"""``e -> -J^T (lam G + alpha I)^{-1} e`` per parameter (``e`` ``(b*k,)``), equal in parameter space to
+``-(lam J^T J + alpha I)^{-1} J^T e``: a step's damped system applied to another right-hand side
+with the factorisation its own solve accepted (geodesic acceleration's second solve)."""
 
 
 @dataclass(frozen=True)
@@ -244,13 +249,11 @@ def gram_gauss_newton_direction(
         alpha = choose_alpha(system)
         check_damping(lam, alpha)
     space = choose_solve_space(solve_space, system, engine.params, solve_dtype)
-    if space == "parameter":
-        step = _parameter_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
-    else:
-        step = _sample_space(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
+    solve = _parameter_space if space == "parameter" else _sample_space
+    step, again = solve(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
     step = replace(step, alpha=alpha)
     if acceleration is not None:
-        step = _accelerated(step, system, closure, engine.params, lam, alpha, solve_dtype, acceleration)
+        step = _accelerated(step, again, system, closure, engine.params, lam, acceleration)
     # one float64 norm over the whole direction (the diagnostics' step norm) says it is finite; only
     # a norm that is not (a bad entry, or a float64 direction whose norm overflows) needs each entry
     if not math.isfinite(step.direction_norm) and not all(all_finite(d) for d in step.direction):
@@ -270,28 +273,35 @@ def _sample_space(
     momentum: float,
     previous: Sequence[Tensor] | None,
     use_momentum: bool,
-) -> GramGaussNewtonStep:
-    """``phi_t = mu phi_{t-1} + J^T c`` with ``(lam G + alpha I) c = r - lam mu J phi_{t-1}``.
+) -> tuple[GramGaussNewtonStep, Correction]:
+    """``phi_t = mu phi_{t-1} + J^T c`` with ``(lam G + alpha I) c = r - lam mu J phi_{t-1}``, and
+    the :data:`Correction` of its factorised system.
 
     Without momentum and with ``alpha = 0``, an engine that holds ``J`` (``system.jacobian``) is
     solved from ``J`` by SVD (:func:`~gramnewton.solve.jacobian_solve`): ``G`` would square its
     condition number."""
     r = system.residuals.reshape(-1)
-    if not use_momentum:  # Eq. 11 exactly, operation for operation
-        if alpha == 0 and system.jacobian is not None:
-            jt_c, coefficients, info = jacobian_solve(system.jacobian, r, lam, alpha, dtype=solve_dtype)
-            direction = split_like(-jt_c, params)
-        else:
-            coefficients, info = damped_solve(system.gram, r, lam, alpha, dtype=solve_dtype)
-            # J^T (-c): the sign on the (b*k,) coefficients, not on the m-entry direction (exact either way)
-            direction = system.jt_times(-coefficients)
+    if not use_momentum and alpha == 0 and system.jacobian is not None:  # Eq. 10 exactly
+        jt_c, coefficients, info = jacobian_solve(system.jacobian, r, lam, alpha, dtype=solve_dtype)
         predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
-        return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
-    j_previous = system.j_times(previous).to(r.dtype)
-    coefficients, info = damped_solve(system.gram, r - (lam * momentum) * j_previous, lam, alpha, dtype=solve_dtype)
-    direction = [torch.add(d, p.to(d.dtype), alpha=-momentum) for d, p in zip(system.jt_times(-coefficients), previous)]
-    predicted = r - momentum * j_previous - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
-    return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
+        step = GramGaussNewtonStep(
+            split_like(-jt_c, params), system.residuals, system.gram, coefficients, info, predicted
+        )
+        return step, lambda e: split_like(-jacobian_solve(system.jacobian, e, lam, alpha, dtype=solve_dtype)[0], params)
+    # J^T (-c): the sign on the (b*k,) coefficients, not on the m-entry direction (exact either way)
+    if not use_momentum:  # Eq. 11 exactly, operation for operation
+        coefficients, info, again = damped_solution(system.gram, r, lam, alpha, dtype=solve_dtype)
+        direction = system.jt_times(-coefficients)
+        predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
+    else:
+        j_previous = system.j_times(previous).to(r.dtype)
+        rhs = r - (lam * momentum) * j_previous
+        coefficients, info, again = damped_solution(system.gram, rhs, lam, alpha, dtype=solve_dtype)
+        jt_c = system.jt_times(-coefficients)
+        direction = [torch.add(d, p.to(d.dtype), alpha=-momentum) for d, p in zip(jt_c, previous)]
+        predicted = r - momentum * j_previous - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
+    step = GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
+    return step, lambda e: system.jt_times(-again(e))
 
 
 def _parameter_space(
@@ -303,49 +313,41 @@ def _parameter_space(
     momentum: float,
     previous: Sequence[Tensor] | None,
     use_momentum: bool,
-) -> GramGaussNewtonStep:
+) -> tuple[GramGaussNewtonStep, Correction]:
     """``(lam J^T J + alpha I) phi_t = J^T r + alpha mu phi_{t-1}`` (Levenberg-Marquardt's system),
-    solved from the dense ``J`` (:func:`~gramnewton.solve.parameter_space_solve`)."""
+    solved from the dense ``J`` (:func:`~gramnewton.solve.parameter_space_solution`), and the
+    :data:`Correction` of its factorised system."""
     jac = system.jacobian_columns(0, sum(p.numel() for p in params))
     r = system.residuals.reshape(-1)
     prior = momentum * flatten(previous, jac.dtype) if use_momentum else None
-    phi, info = parameter_space_solve(jac, r.to(jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
+    phi, info, again = parameter_space_solution(jac, r.to(jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
     direction = split_like(-phi, params)
     predicted = r - (jac @ phi).to(r.dtype)
-    return GramGaussNewtonStep(direction, system.residuals, system.gram, None, info, predicted, "parameter")
+    step = GramGaussNewtonStep(direction, system.residuals, system.gram, None, info, predicted, "parameter")
+    return step, lambda e: split_like(-again(e.to(jac.dtype)), params)
 
 
 def _accelerated(
     step: GramGaussNewtonStep,
+    correction: Correction,
     system: GramSystem,
     closure: Closure,
     params: Sequence[Tensor],
     lam: float,
-    alpha: float,
-    solve_dtype: torch.dtype | None,
     acceleration: GeodesicAcceleration,
 ) -> GramGaussNewtonStep:
     """``step`` with its geodesic acceleration ``a`` (:class:`GeodesicAcceleration`): direction
-    ``v + a/2`` when ``2 ||a|| / ||v|| <= max_ratio``. The acceleration is solved in the step's
-    space, with the same ``lam`` and ``alpha``; ``predicted`` stays the velocity's linear model
-    (the gain ratio compares the decrease of the step taken with the one ``v`` promises)."""
+    ``v + a/2`` when ``2 ||a|| / ||v|| <= max_ratio``. The acceleration is ``correction(lam r_vv)``:
+    the step's own damped system, in its space, with the factorisation its solve accepted (not
+    factorised again); ``predicted`` stays the velocity's linear model (the gain ratio compares
+    the decrease of the step taken with the one ``v`` promises)."""
     if not 0 < step.direction_norm < math.inf:  # nothing to accelerate, or a step refused next
         return step
     r = system.residuals.reshape(-1)
     h = acceleration.step_size
     displaced = _residuals_along(params, step.direction, h, closure).reshape(-1).to(r.dtype)
     second = (2.0 / h) * ((displaced - r) / h - (step.predicted - r))  # r_vv; J v = predicted - r
-    rhs = lam * second
-    if step.solve_space == "parameter":
-        jac = system.jacobian_columns(0, sum(p.numel() for p in params))
-        phi, _ = parameter_space_solve(jac, rhs.to(jac.dtype), lam, alpha, dtype=solve_dtype)
-        accel = split_like(-phi, params)
-    elif alpha == 0 and system.jacobian is not None:  # by SVD, as Eq. 10's step: G would square cond(J)
-        jt_c, _, _ = jacobian_solve(system.jacobian, rhs, lam, alpha, dtype=solve_dtype)
-        accel = split_like(-jt_c, params)
-    else:
-        coefficients, _ = damped_solve(system.gram, rhs, lam, alpha, dtype=solve_dtype)
-        accel = system.jt_times(-coefficients)
+    accel = correction(lam * second)
     ratio = 2.0 * total_norm(accel) / step.direction_norm
     if not ratio <= acceleration.max_ratio:  # also a NaN ratio (no finite correction): v alone
         return replace(step, acceleration_ratio=ratio)
