@@ -11,7 +11,9 @@ working tree's classes (``ScalarBias``, ``ScalarScale``), which the models are b
 engines' handlers key on. Every method gets its own copy of the model (same seed). The GGN steps
 are those of ``benchmarks/step_cost.py``: ``plain`` (momentum 0, fixed ``alpha = 1e6``, which keeps
 the weights where they are) or, with ``--demo``, ``GramGaussNewton(model)``'s defaults, first stepped
-until the damping rule sits at its floor (as ``ggn_demo`` there).
+until the damping rule sits at its floor (as ``ggn_demo`` there), or with ``--options`` the
+constructor's keyword arguments given as JSON (e.g. time_to_target.py's sinc configuration with
+geodesic acceleration; both versions then take the same steps, bit for bit when the change keeps them).
 
 ``torch.set_num_threads(--threads)`` (default 2), ``OMP_WAIT_POLICY=PASSIVE`` (set before torch
 starts); the load average before and after is recorded. With ``--profile N`` each GGN version
@@ -23,6 +25,9 @@ Results are appended to ``--out``::
     python benchmarks/step_ab.py --rev 4cf6bb2 --model two_layer --batch 32 --reps 400
     python benchmarks/step_ab.py --rev 4cf6bb2 --model resnet8 --batch 128 --reps 12 --demo
     python benchmarks/step_ab.py --rev 5c56b22 --model sinc --batch 1000 --reps 400 --demo --profile 300
+    python benchmarks/step_ab.py --rev 8b26c99 --model sinc --batch 1000 --reps 400 --options \
+        '{"lam": 1, "alpha": 1, "momentum": 0, "geodesic_acceleration": true,
+          "adaptive_damping": {"name": "gain_ratio", "reject_below": -Infinity}}'
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import argparse
 import cProfile
 import datetime
 import importlib
+import json
 import os
 import pstats
 import statistics
@@ -76,9 +82,13 @@ def import_revision(rev: str, into: Path) -> object:
     return importlib.import_module(BEFORE)
 
 
-def ggn_step(package: object, model: nn.Module, x: torch.Tensor, y: torch.Tensor, demo: bool) -> Callable[[], object]:
-    """One GGN step of ``package``'s optimizer (plain or the demo's defaults, primed)."""
-    if demo:
+def ggn_step(
+    package: object, model: nn.Module, x: torch.Tensor, y: torch.Tensor, demo: bool, options: dict | None = None
+) -> Callable[[], object]:
+    """One GGN step of ``package``'s optimizer (plain, the demo's defaults, primed, or ``options``)."""
+    if options is not None:
+        opt = package.GramGaussNewton(model, **options)
+    elif demo:
         opt = package.GramGaussNewton(model)
     else:
         opt = package.GramGaussNewton(model, momentum=0.0, alpha=1e6, adaptive_damping=False)
@@ -86,7 +96,7 @@ def ggn_step(package: object, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     def step() -> object:
         return opt.step(lambda: residuals(model(x), y))
 
-    if demo:
+    if demo and options is None:
         for _ in range(step_cost.DEMO_PRIMING_STEPS):
             if opt.damping.trusted:
                 break
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--demo", action="store_true", help="the optimizer's defaults (momentum, gain-ratio damping)")
+    p.add_argument("--options", type=json.loads, help="GramGaussNewton keyword arguments as JSON (instead of --demo)")
     p.add_argument("--after-first", action="store_true", help="build and run 'after' before 'before' each round")
     p.add_argument("--profile", type=int, default=0, help="steps of each GGN version under cProfile afterwards")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_ab.json")
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         versions = [("before", before_package), ("after", gramnewton)]
         for name, package in reversed(versions) if args.after_first else versions:
             model, x_, y_ = step_cost.setup(args.model, args.batch)
-            steps[name] = ggn_step(package, model, x_, y_, args.demo)
+            steps[name] = ggn_step(package, model, x_, y_, args.demo, args.options)
         load = os.getloadavg()
         started = datetime.datetime.now(datetime.UTC).isoformat()
         times: dict[str, list[float]] = {name: [] for name in steps}
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "batch": args.batch,
         "demo": args.demo,
+        "options": args.options,
         "after_first": args.after_first,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -178,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     append_record(args.out, run)
     print(
-        f"{args.model} b={args.batch} {'demo' if args.demo else 'plain'} (load {load[0]:.1f}): "
+        f"{args.model} b={args.batch} {'options' if args.options else 'demo' if args.demo else 'plain'} (load {load[0]:.1f}): "
         + ", ".join(f"{n} {median[n] * 1e3:.3f} ms ({run['ratio_to_sgd'][n]:.2f}x SGD)" for n in median)
         + f"; after/before {run['after_over_before']:.3f}",
         flush=True,
