@@ -161,7 +161,8 @@ class GramGaussNewton(Optimizer):
             with its defaults) or an instance: Levenberg-Marquardt's geodesic acceleration, the
             step ``v`` replaced by ``v + a/2`` with ``a = -J^T (lam G + alpha I)^{-1} lam r_vv``
             and ``r_vv`` the residuals' second derivative along ``v`` (one forward pass without
-            gradients and one more solve a step; used when ``2 ||a|| / ||v|| <= max_ratio``).
+            gradients and one more solve, with the step's factorisation, a step; used when
+            ``2 ||a|| / ||v|| <= max_ratio``).
             Square loss only, not distributed; ``False`` (default): off.
 
     The defaults (``lam=16, alpha=0.3, momentum=0.9``, gain-ratio damping) come from the races of

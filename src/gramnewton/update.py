@@ -118,7 +118,8 @@ class GeodesicAcceleration:
 
     The step becomes ``v + a/2`` when ``2 ||a|| / ||v|| <= max_ratio`` (the correction is
     small enough for its second-order model to hold) and stays ``v`` otherwise. Its cost: one
-    forward pass without gradients, one more solve of the same system and one ``J^T c``.
+    forward pass without gradients, one more solve of the same system with the factorisation the
+    step's solve accepted (no second factorisation) and one ``J^T c``.
 
     Attributes:
         step_size: ``h``, the finite-difference step along ``v`` (relative to ``||v||``: ``h = 1``
