@@ -17,7 +17,8 @@ GGN's grid starts with ``GramGaussNewton(model)`` as a user gets it (the constru
 at the first-order methods' batch size); the rest are the paper's ``lam = 1`` without momentum.
 
 Protocol. Every run is a child process forked from a parent that has only imported the libraries
-(so its peak RSS is its own, and start-up costs milliseconds): ``torch.set_num_threads(2)``,
+(so its peak RSS is its own, and start-up costs milliseconds; not the optimizer libraries whose
+import changes what a child's first step costs, see :func:`preload`): ``torch.set_num_threads(2)``,
 address space capped with ``RLIMIT_AS`` (``--memory-cap-gib``, 8 GiB by default) so that running out
 of memory is a clean, reported failure. The model is built under ``torch.manual_seed(seed)``
 (the same initialisation for every optimizer), the optimizer from the lab's factory
