@@ -479,8 +479,8 @@ def preload() -> None:
     child imports it while building its optimizer (outside the timed steps), as a TLM user's
     process does. Imported here, its ``pytorch_lightning`` (and with it ``torch._dynamo``) made the
     first timed step of every child 4-10 ms longer (GGN, TLM and Adam on sinc, three seeds each,
-    2026-11-30; docs/benchmarks.md), a fixed cost no user's process has that pulled every ratio of
-    the 30-100 ms races towards 1.
+    2026-11-30; docs/convergence.md, eighteenth session), a fixed cost no user's process has that
+    pulled every ratio of the 30-100 ms races towards 1.
     """
     import sklearn.datasets  # noqa: F401  (rotated-digits)
 
