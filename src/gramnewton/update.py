@@ -36,7 +36,8 @@ SOLVE_SPACES = ("auto", "sample", "parameter")
 Correction = Callable[[Tensor], list[Tensor]]
 """``e -> -J^T (lam G + alpha I)^{-1} e`` per parameter (``e`` ``(b*k,)``), equal in parameter space to
 ``-(lam J^T J + alpha I)^{-1} J^T e``: a step's damped system applied to another right-hand side
-with the factorisation its own solve accepted (geodesic acceleration's second solve)."""
+with the factorisation its own solve accepted (geodesic acceleration's second solve; Eq. 10's SVD
+path, ``alpha = 0``, solves anew)."""
 
 
 @dataclass(frozen=True)
@@ -339,8 +340,8 @@ def _accelerated(
 ) -> GramGaussNewtonStep:
     """``step`` with its geodesic acceleration ``a`` (:class:`GeodesicAcceleration`): direction
     ``v + a/2`` when ``2 ||a|| / ||v|| <= max_ratio``. The acceleration is ``correction(lam r_vv)``:
-    the step's own damped system, in its space, with the factorisation its solve accepted (not
-    factorised again); ``predicted`` stays the velocity's linear model (the gain ratio compares
+    the step's own damped system, in its space, with the factorisation its solve accepted (see
+    :data:`Correction`); ``predicted`` stays the velocity's linear model (the gain ratio compares
     the decrease of the step taken with the one ``v`` promises)."""
     if not 0 < step.direction_norm < math.inf:  # nothing to accelerate, or a step refused next
         return step
