@@ -283,27 +283,27 @@ def _sample_space(
     solved from ``J`` by SVD (:func:`~gramnewton.solve.jacobian_solve`): ``G`` would square its
     condition number."""
     r = system.residuals.reshape(-1)
-    if not use_momentum and alpha == 0 and system.jacobian is not None:  # Eq. 10 exactly
+    j_previous = system.j_times(previous).to(r.dtype) if use_momentum else None
+    if j_previous is None and alpha == 0 and system.jacobian is not None:  # Eq. 10 exactly
         jt_c, coefficients, info = jacobian_solve(system.jacobian, r, lam, alpha, dtype=solve_dtype)
-        predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
-        step = GramGaussNewtonStep(
-            split_like(-jt_c, params), system.residuals, system.gram, coefficients, info, predicted
-        )
-        return step, lambda e: split_like(-jacobian_solve(system.jacobian, e, lam, alpha, dtype=solve_dtype)[0], params)
-    # J^T (-c): the sign on the (b*k,) coefficients, not on the m-entry direction (exact either way)
-    if not use_momentum:  # Eq. 11 exactly, operation for operation
-        coefficients, info, again = damped_solution(system.gram, r, lam, alpha, dtype=solve_dtype)
-        direction = system.jt_times(-coefficients)
-        predicted = r - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
-    else:
-        j_previous = system.j_times(previous).to(r.dtype)
-        rhs = r - (lam * momentum) * j_previous
+        direction = split_like(-jt_c, params)
+
+        def correction(e: Tensor) -> list[Tensor]:
+            return split_like(-jacobian_solve(system.jacobian, e, lam, alpha, dtype=solve_dtype)[0], params)
+    else:  # without momentum, Eq. 11 exactly, operation for operation
+        rhs = r if j_previous is None else r - (lam * momentum) * j_previous
         coefficients, info, again = damped_solution(system.gram, rhs, lam, alpha, dtype=solve_dtype)
-        jt_c = system.jt_times(-coefficients)
-        direction = [torch.add(d, p.to(d.dtype), alpha=-momentum) for d, p in zip(jt_c, previous)]
-        predicted = r - momentum * j_previous - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
-    step = GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted)
-    return step, lambda e: system.jt_times(-again(e))
+        # J^T (-c): the sign on the (b*k,) coefficients, not on the m-entry direction (exact either way)
+        direction = system.jt_times(-coefficients)
+        if j_previous is not None:
+            direction = [torch.add(d, p.to(d.dtype), alpha=-momentum) for d, p in zip(direction, previous)]
+
+        def correction(e: Tensor) -> list[Tensor]:
+            return system.jt_times(-again(e))
+
+    linear = r if j_previous is None else r - momentum * j_previous
+    predicted = linear - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
+    return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted), correction
 
 
 def _parameter_space(
