@@ -247,7 +247,7 @@ TASKS: dict[str, Task] = {
         tlm_batches=(128,),
         budget_s=15.0,
         # half the defaults' lam (a longer first step: 1/8 of a Gauss-Newton step, not 1/16) with
-        # the momentum's bias correction: 10-11 steps to 1e-1 instead of 21-22, 55-67 to 1e-2
+        # the momentum's bias correction: 10-11 steps to 1e-1 instead of 21-22, 54-67 to 1e-2
         # instead of 59-70 (seeds 0-2; docs/convergence.md, nineteenth session)
         ggn_variants=({"lam": 8.0, "bias_correction": True},),
     ),
