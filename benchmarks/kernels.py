@@ -1,8 +1,9 @@
 """Kernel choices of the optimizer step, timed in isolation: the symmetric Gram update, the
 orientation of a factorised ``J^T v`` product, the mirror of the Gram and the finiteness checks.
 
-Not a test. ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE`` (set before torch starts),
-variants interleaved round by round, medians; the load average is recorded.
+Not a test. ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE`` (set before torch starts;
+``OMP_WAIT_POLICY=unset`` in the environment runs with libgomp's default instead, what a user has),
+variants interleaved round by round, medians; the load average and the policy are recorded.
 
 - Gram update ``G += J J^T`` of one layer, ``J`` of shape ``(128, K)`` for the per-sample gradient
   widths of ResNet-32's three stages: ``full`` (one product), ``halves`` (what
@@ -22,10 +23,18 @@ variants interleaved round by round, medians; the load average is recorded.
   ``F.pad`` then a channels-last copy (what it did before gram8), or one copy into a zeroed
   channels-last buffer, at b = 128 for the inputs of the ResNets' patch-path layers (resnet8 at
   28x28: 64 x 7 x 7 and 32 x 14 x 14; ResNet-32 at 32x32: 64 x 8 x 8 and 32 x 16 x 16).
+- The block sums of a factorised Gram part with ``S`` positions, ``(n*S, n*S) -> (n, n)``: over the
+  ``(n, S, n, S)`` view's axes ``(1, 3)`` at once (what ``Factored`` did before the twentieth
+  session) or one axis at a time, the contiguous one last, at n = 128 and S = 4, 9.
+- The factorised Gram part of a 3x3 convolution on small maps, b = 128 (``Factored.add_gram_lower``
+  as the handler builds it, the patches' im2col included): ``A A^T`` from the patches or from the
+  input positions (``handlers.InputOverlap``), for resnet8's last-stage layers on 8x8 images
+  (64 -> 64 at 2x2; 32 -> 64 with stride 2 from 4x4) and a 64 -> 64 layer at 3x3.
 
 Usage::
 
     python benchmarks/kernels.py
+    OMP_WAIT_POLICY=unset python benchmarks/kernels.py --out benchmarks/results/kernels_unset.json
 """
 
 from __future__ import annotations
@@ -38,13 +47,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
+if os.environ.get("OMP_WAIT_POLICY") == "unset":  # before torch starts OpenMP
+    del os.environ["OMP_WAIT_POLICY"]
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from results_log import append_record  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from gramnewton.engines import handlers  # noqa: E402
 from gramnewton.engines.handlers import mirror_lower, padded_channels_last  # noqa: E402
 from gramnewton.solve import all_finite  # noqa: E402
 
@@ -69,6 +82,25 @@ def halves(gram: Tensor, jac: Tensor) -> None:
     gram[h:].addmm_(jac[h:], jac.T)
 
 
+def conv_gram_part(module: torch.nn.Conv2d, x: Tensor, g: Tensor, overlap: bool) -> Callable[[], object]:
+    """``module``'s factorised weight piece (bias folded in) built and added to a Gram, with
+    ``A A^T`` from the input positions (``overlap``) or from the patches."""
+    gram = x.new_zeros(x.shape[0], x.shape[0])
+    handler = handlers.handler_for(module)
+
+    def run() -> None:
+        chosen = handlers.factored_is_cheaper, handlers.overlap_is_cheaper
+        handlers.factored_is_cheaper = lambda *a, **k: True
+        handlers.overlap_is_cheaper = lambda *a, **k: overlap
+        try:
+            pieces = handler.contributions(module, x, g, frozenset({"weight", "bias"}), True)
+        finally:
+            handlers.factored_is_cheaper, handlers.overlap_is_cheaper = chosen
+        pieces["weight"].add_gram_lower(gram)
+
+    return run
+
+
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds of each variant, the variants run in turn every round."""
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -89,6 +121,7 @@ def main() -> None:
     torch.manual_seed(0)
     run = {"started": datetime.datetime.now(datetime.UTC).isoformat(), "load_average": os.getloadavg()}
     run["threads"], run["torch"] = torch.get_num_threads(), torch.__version__
+    run["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
     run["gram_update_s"] = {}
     for width in (2304, 9216, 36864):  # 16-, 32- and 64-channel 3x3 convolutions
         jac, gram = torch.randn(128, width), torch.zeros(128, 128)
@@ -128,10 +161,31 @@ def main() -> None:
             "one copy": lambda x=x: padded_channels_last(x, (1, 1)),
         }
         run["padded_input_s"][str(shape)] = interleaved(variants, args.rounds * 5)
+    run["block_sums_s"] = {}
+    for positions in (4, 9):
+        products = torch.randn(128 * positions, 128 * positions)
+        variants = {
+            "axes (1, 3)": lambda p=products, s=positions: p.view(128, s, 128, s).sum((1, 3)),
+            "one axis at a time": lambda p=products, s=positions: (
+                p.view(128, s, 128 * s).sum(1).view(128, 128, s).sum(2)
+            ),
+        }
+        run["block_sums_s"][f"n 128, S {positions}"] = interleaved(variants, args.rounds * 5)
+    run["conv_gram_part_s"] = {}
+    for cin, cout, size, stride in ((64, 64, 2, 1), (32, 64, 4, 2), (64, 64, 3, 1)):
+        module = torch.nn.Conv2d(cin, cout, 3, stride, padding=1)
+        x = torch.randn(128, cin, size, size)
+        g = torch.randn(128, cout, *module(x[:1]).shape[2:])
+        variants = {
+            "patches": conv_gram_part(module, x, g, overlap=False),
+            "input positions": conv_gram_part(module, x, g, overlap=True),
+        }
+        run["conv_gram_part_s"][f"{cin}->{cout}, {size}x{size}, stride {stride}"] = interleaved(variants, args.rounds)
     run["load_average_after"] = os.getloadavg()
     append_record(args.out, run)
-    print(f"load {run['load_average'][0]:.1f}")
-    for section in ("gram_update_s", "jt_product_s", "mirror_s", "finite_check_s", "padded_input_s"):
+    print(f"load {run['load_average'][0]:.1f}, OMP_WAIT_POLICY {run['omp_wait_policy']}")
+    sections = ("gram_update_s", "jt_product_s", "mirror_s", "finite_check_s", "padded_input_s")
+    for section in (*sections, "block_sums_s", "conv_gram_part_s"):
         for case, seconds in run[section].items():
             print(f"{section} {case}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in seconds.items()))
 

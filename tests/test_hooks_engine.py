@@ -1,8 +1,10 @@
 """The hooks engine against the reference engine and a dense ``torch.func.jacrev`` Jacobian.
 
-Every case runs in float64 under four cost-model settings: as chosen (``auto``), every weight
-materialised (``dense``), every weight that can be factorised factorised (``factored``) and
-every convolution weight kept as its input and output gradient (``kept``, :class:`KeptConv`),
+Every case runs in float64 under five cost-model settings: as chosen (``auto``), every weight
+materialised (``dense``), every weight that can be factorised factorised (``factored``, a
+convolution's ``A A^T`` from its patches), the same with every factorised convolution's ``A A^T``
+from its input positions (``overlap``, :class:`InputOverlap`) and every convolution weight kept
+as its input and output gradient (``kept``, :class:`KeptConv`),
 so every code path of each layer is checked; the convolution cases also run with each per-sample
 weight-gradient path forced (``grouped``, ``patches``, ``correlate``). Agreement is required to 1e-10 relative.
 Cases with at least ``SYRK_MIN_ROWS`` Gram rows exercise the symmetric (lower-triangle) update.
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
@@ -240,7 +243,7 @@ CASES = [
     Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
 ]
 
-MODES = ("auto", "dense", "factored", "kept")
+MODES = ("auto", "dense", "factored", "overlap", "kept")
 
 
 def build(case: Case) -> tuple[nn.Module, Tensor, Tensor]:
@@ -281,8 +284,9 @@ def assert_close(name: str, got: Tensor, want: Tensor) -> None:
 def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "dense":
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
-    elif request.param == "factored":
+    elif request.param in ("factored", "overlap"):
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
+        monkeypatch.setattr(handlers, "overlap_is_cheaper", lambda *a, **k: request.param == "overlap")
     elif request.param == "kept":
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
         monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
@@ -478,6 +482,40 @@ def test_cost_model_picks_factors_for_the_wide_two_layer_net() -> None:
     assert handlers.factored_is_cheaper(128, 1, 10, 4096)
     # a 3x3 convolution of a ResNet at 32x32: materialised per-sample gradients win
     assert not handlers.factored_is_cheaper(128, 1024, 16 * 9, 16, unfold=True)
+
+
+def test_cost_model_takes_small_maps_from_their_input_positions() -> None:
+    # resnet8 on 8x8 images, b = 128: the 64-channel 3x3 convolution at 2x2 (T = S = 4) takes A A^T
+    # from its input positions (1.28 against 2.56 ms, benchmarks/kernels.py), the stride-2 one reading a 4x4 map
+    # (T = 16, S = 4) from its patches, the 32-channel one at 4x4 (T = S = 16) materialises
+    assert handlers.overlap_is_cheaper(128, 4, 64, 4, 64 * 9, 64)
+    assert not handlers.overlap_is_cheaper(128, 16, 32, 4, 32 * 9, 64)
+    assert not handlers.factored_is_cheaper(128, 16, 32 * 9, 32, unfold=True, overlap=(16, 32))
+    # at 3x3 the input positions make factorising pay where the patches would not
+    assert not handlers.factored_is_cheaper(128, 9, 64 * 9, 64, unfold=True)
+    assert handlers.factored_is_cheaper(128, 9, 64 * 9, 64, unfold=True, overlap=(9, 64))
+
+
+@pytest.mark.parametrize(
+    "conv, in_size",
+    [
+        (nn.Conv2d(3, 2, 3, padding=1), (2, 2)),
+        (nn.Conv2d(3, 2, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (5, 4)),
+        (nn.Conv2d(3, 2, 2, stride=3), (7, 6)),
+    ],
+)
+def test_patch_pairs_count_the_kernel_offsets_two_positions_share(conv: nn.Conv2d, in_size: tuple[int, int]) -> None:
+    # M[(s, s'), (t, t')] against the patches of an input whose positions are one-hot: the patch of
+    # output position s holds input position t at offset o iff unfold's (o, s) entry of e_t is 1
+    x = torch.eye(in_size[0] * in_size[1], dtype=torch.float64).reshape(-1, 1, *in_size)
+    patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (T, offsets, S)
+    out_size = conv(torch.zeros(1, 3, *in_size)).shape[2:]
+    reads = patches.permute(1, 2, 0)  # (offset, s, t)
+    want = torch.einsum("ost,oru->srtu", reads, reads).reshape(reads.shape[1] ** 2, -1)
+    got = handlers.patch_pairs(
+        in_size, tuple(out_size), conv.kernel_size, conv.dilation, conv.padding, conv.stride, torch.float64, x.device
+    )
+    assert torch.equal(got, want)
 
 
 def test_closure_calling_the_model_twice() -> None:

@@ -11,7 +11,10 @@ come out in another order) or the factors of a Linear/Conv weight (:class:`Facto
 matrix is ``(A A^T) * (G G^T)`` summed over positions. A bias beside a factored weight adds
 its Gram part through the weight's factors (``(A A^T + 1) * (G G^T)``, :class:`FoldedBias`).
 
-Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count. How a
+Which form a weight gets is decided by :func:`factored_is_cheaper`, a multiply-add count; a
+convolution on small maps (a 3x3 convolution at 2x2) takes its factorised ``A A^T`` from the inner
+products of its input's positions instead of its patches (:class:`InputOverlap`, chosen by
+:func:`overlap_is_cheaper`). How a
 2-d convolution's per-sample weight gradients are computed (one grouped convolution, patches
 and a batched GEMM, or for few input channels one correlation per channel) is chosen per layer
 shape by timing the candidates (:class:`.choice.MeasuredChoice`).
@@ -23,6 +26,7 @@ the engine mirrors the lower-left block into it once at the end (:func:`mirror_l
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -132,6 +136,8 @@ class Factored:
             ``kin`` layout (``(2, 0, 1)``); the Gram matrix does not depend on the column order.
         with_bias: the Gram part also counts the layer's bias (a :class:`FoldedBias` piece), whose
             per-sample gradients ``sum_s g_is`` (per group) are the weight's with an input of ones.
+        overlap: when set, ``A A^T`` comes from the convolution's input positions
+            (:class:`InputOverlap`) instead of from ``a``, which ``J^T v`` and ``J v`` still use.
     The parameter is laid out ``(groups * kout, kin)``, as Linear and Conv weights are.
     """
 
@@ -140,6 +146,7 @@ class Factored:
     in_shape: tuple[int, ...] | None = None
     in_perm: tuple[int, ...] | None = None
     with_bias: bool = False
+    overlap: InputOverlap | None = None
 
     def _to_parameter(self, cols: Tensor) -> Tensor:
         """``(rows, kin)`` in ``a``'s column order -> the parameter's column order."""
@@ -165,10 +172,14 @@ class Factored:
         symmetric rank-k updates (:func:`add_gram_lower`: 3/4 of the multiply-adds) into two
         ``(n, n)`` scratch buffers of the engine's workspace (reused every step: at the full batch
         of 824 rows, zeroing fresh ones cost about a tenth of a step of an 8-96-96-1 MLP) and the
-        upper-right block is left to the mirror; with several the whole matrix is added.
+        upper-right block is left to the mirror; with several the whole matrix is added, its
+        ``A A^T`` from the input positions' inner products when ``overlap`` is set.
         """
         n, groups, positions, _ = self.a.shape
         for j in range(groups):
+            if self.overlap is not None:
+                gram.add_(self.overlap.gram_part(j, self.g[:, j], self.with_bias))
+                continue
             a = self.a[:, j].reshape(n * positions, -1)
             g = self.g[:, j].reshape(n * positions, -1)
             if positions == 1:
@@ -180,10 +191,14 @@ class Factored:
                         inputs[block] += 1.0
                     gram[block].addcmul_(inputs[block], outputs[block])
             else:
-                inputs = a @ a.T
+                inputs = a @ a.T  # rows and columns (sample, position)
                 if self.with_bias:
                     inputs += 1.0
-                gram.add_((inputs * (g @ g.T)).view(n, positions, n, positions).sum((1, 3)))
+                # the sums over positions one axis at a time, the contiguous one last: summing the
+                # (n, S, n, S) view over (1, 3) at once took 4-5x as long (0.35 against 0.08 ms at
+                # n = 128, S = 4; docs/performance.md, twentieth session)
+                products = inputs.mul_(g @ g.T).view(n, positions, n * positions).sum(1)
+                gram.add_(products.view(n, n, positions).sum(2))
 
     def jt_times(self, v: Tensor) -> Tensor:
         """``sum_i v_i sum_s g_is a_is^T`` flattened, ``(groups * kout * kin,)``."""
@@ -216,6 +231,72 @@ class Factored:
         n, kin = self.a.shape[0], self.a.shape[3]
         per_sample = torch.einsum("ngso,ngsi->ngoi", self.g, self.a).reshape(-1, kin)
         return Dense(self._to_parameter(per_sample).reshape(n, -1))
+
+
+@dataclass
+class InputOverlap:
+    """A convolution's input at its ``T`` positions, for its factorised Gram's ``A A^T`` without
+    the patches (:meth:`Factored.add_gram_lower`).
+
+    The patches of output positions ``s`` and ``s'`` hold input positions ``t`` and ``t'`` at the
+    same kernel offset for ``M[(s, s'), (t, t')]`` offsets (a zero-padded position holds nothing),
+    so ``(A A^T)[(i, s), (j, s')] = sum_{t, t'} M[(s, s'), (t, t')] x_it . x_jt'``: per group
+    ``(nT)^2 cin + n^2 T^2 S^2`` multiply-adds against the patches' ``(nS)^2 kh kw cin``. On
+    small maps that is several times fewer: for a 3x3 convolution with 64 channels at 2x2 (``T = S
+    = 4``), ``n = 128``, 38 against 168 million, and its Gram part (the piece built, im2col
+    included) took 1.28 against 2.56 ms (benchmarks/kernels.py; docs/performance.md, twentieth
+    session).
+
+    Attributes:
+        x: ``(groups, T * n, cin)``, the input's rows position-major (row ``t * n + i``).
+        pairs: ``M``, ``(S * S, T * T)`` (:func:`patch_pairs`).
+    """
+
+    x: Tensor
+    pairs: Tensor
+
+    def gram_part(self, group: int, g: Tensor, with_bias: bool) -> Tensor:
+        """``sum_{s, s'} ((A A^T)[(i, s), (j, s')] + [with_bias]) (g_is . g_js')`` for the group's
+        output gradients ``g`` ``(n, S, kout)``; returns ``(n, n)``."""
+        n, positions = g.shape[:2]
+        x = self.x[group]
+        inputs_at = x.shape[0] // n
+        inner = (x @ x.T).view(inputs_at, n, inputs_at, n).transpose(1, 2).reshape(inputs_at**2, n * n)
+        inputs = self.pairs @ inner  # (S * S, n * n): rows (s, s'), columns (i, j)
+        if with_bias:
+            inputs += 1.0
+        rows = g.transpose(0, 1).reshape(positions * n, -1)  # position-major, as x
+        outputs = (rows @ rows.T).view(positions, n, positions, n).transpose(1, 2).reshape(positions**2, n * n)
+        return inputs.mul_(outputs).sum(0).view(n, n)
+
+
+@functools.lru_cache(maxsize=64)
+def patch_pairs(
+    in_size: tuple[int, int],
+    out_size: tuple[int, int],
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    stride: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """``M`` of :class:`InputOverlap` for a 2-d convolution of an ``in_size`` input (zero
+    ``padding`` still to apply) to ``out_size``: ``(S * S, T * T)``, entry ``((s, s'), (t, t'))``
+    the number of kernel offsets ``o`` at which output position ``s`` reads input position ``t``
+    and ``s'`` reads ``t'`` (positions row-major). Cached per geometry; not to be modified."""
+    (h, w), (ho, wo) = in_size, out_size
+    reads = torch.zeros(kernel[0] * kernel[1], ho * wo, h * w, dtype=torch.float64)  # (offset, s, t)
+    for p in range(kernel[0]):
+        for q in range(kernel[1]):
+            for r in range(ho):
+                for c in range(wo):
+                    th = r * stride[0] + p * dilation[0] - padding[0]
+                    tw = c * stride[1] + q * dilation[1] - padding[1]
+                    if 0 <= th < h and 0 <= tw < w:
+                        reads[p * kernel[1] + q, r * wo + c, th * w + tw] = 1.0
+    pairs = torch.einsum("ost,oru->srtu", reads, reads).reshape((ho * wo) ** 2, (h * w) ** 2)
+    return pairs.to(dtype=dtype, device=device)
 
 
 @dataclass
@@ -391,25 +472,62 @@ MAX_CORRELATE_CHANNELS = 4
 KEEP_FACTORS_ABOVE = 4
 
 
-def factored_is_cheaper(n: int, positions: int, kin: int, kout: int, groups: int = 1, unfold: bool = False) -> bool:
+def factored_is_cheaper(
+    n: int,
+    positions: int,
+    kin: int,
+    kout: int,
+    groups: int = 1,
+    unfold: bool = False,
+    overlap: tuple[int, int] | None = None,
+) -> bool:
     """Cost model (multiply-adds) choosing between the two forms of a weight's Gram matrix.
 
     With ``n`` rows, ``S = positions``, per-group sizes ``kin`` and ``kout``:
         materialised: ``n*S*groups*kin*kout`` (per-sample gradients) ``+ n^2*groups*kin*kout``
             (``J J^T``);
-        factorised: ``groups*(n*S)^2*(kin + kout)`` (``A A^T`` and ``G G^T``) ``+ (n*S)^2``
-            (their product and block sums) ``+ UNFOLD_PENALTY*n*S*groups*kin*kout`` when the
-            input must be unfolded (a convolution other than 1x1, stride 1, no padding).
-    ``J^T r`` costs the same ``n*S*groups*kin*kout`` either way and is left out. The factorised
-    form is also refused when its ``(n*S, n*S)`` temporaries exceed ``MAX_FACTORED_ENTRIES``.
+        factorised: the products of :func:`_patch_products` (``A A^T`` and ``G G^T`` from the
+            factors), or for a convolution offering ``overlap = (T, cin)`` (``T`` input positions,
+            ``cin`` channels per group) the cheaper of those and :func:`_overlap_products`
+            (:class:`InputOverlap`), ``+ UNFOLD_PENALTY*n*S*groups*kin*kout`` when the input must be
+            unfolded (a convolution other than 1x1, stride 1, no padding; ``J^T v`` uses the patches
+            either way).
+    ``J^T r`` costs the same ``n*S*groups*kin*kout`` either way and is left out. A factorised
+    form is refused when its square temporaries exceed ``MAX_FACTORED_ENTRIES`` entries.
     """
     rows = n * positions
-    if rows * rows > MAX_FACTORED_ENTRIES:
-        return False
     weight = groups * kin * kout
     materialised = rows * weight + n * n * weight
-    factored = groups * rows * rows * (kin + kout) + rows * rows + (UNFOLD_PENALTY * rows * weight if unfold else 0.0)
-    return factored < materialised
+    products = _patch_products(n, positions, kin, kout, groups)
+    if overlap is not None:
+        products = min(products, _overlap_products(n, *overlap, positions, kout, groups))
+    return products + (UNFOLD_PENALTY * rows * weight if unfold else 0.0) < materialised
+
+
+def overlap_is_cheaper(
+    n: int, in_positions: int, cin: int, positions: int, kin: int, kout: int, groups: int = 1
+) -> bool:
+    """Whether a factorised convolution takes ``A A^T`` from its input positions
+    (:class:`InputOverlap`) rather than its patches, by the multiply-adds of the two."""
+    overlap = _overlap_products(n, in_positions, cin, positions, kout, groups)
+    return overlap < _patch_products(n, positions, kin, kout, groups)
+
+
+def _patch_products(n: int, positions: int, kin: int, kout: int, groups: int) -> float:
+    """``groups*(n*S)^2*(kin + kout)`` (``A A^T`` and ``G G^T``) ``+ (n*S)^2`` (their product and
+    block sums); infinite when ``(n*S)^2 > MAX_FACTORED_ENTRIES``."""
+    square = (n * positions) ** 2
+    return math.inf if square > MAX_FACTORED_ENTRIES else groups * square * (kin + kout) + square
+
+
+def _overlap_products(n: int, in_positions: int, cin: int, positions: int, kout: int, groups: int) -> float:
+    """:class:`InputOverlap`'s ``groups*((n*T)^2*cin + n^2*T^2*S^2 + (n*S)^2*kout)`` (the input
+    positions' inner products, their sums into ``A A^T``, ``G G^T``) ``+ n^2*(T^2 + 2*S^2)`` (two
+    reorderings, the product and its sum); infinite when ``(n*T)^2 > MAX_FACTORED_ENTRIES``."""
+    inputs, outputs = (n * in_positions) ** 2, (n * positions) ** 2
+    if max(inputs, outputs) > MAX_FACTORED_ENTRIES:
+        return math.inf
+    return groups * (inputs * cin + inputs * positions**2 + outputs * kout) + inputs + 2 * outputs
 
 
 Contributions = Callable[[nn.Module, Tensor, Tensor, frozenset, bool], "dict[str, Piece]"]
@@ -679,9 +797,10 @@ def _conv_weight_paths(
     return paths
 
 
-def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Factored:
+def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], overlap: bool) -> Factored:
     """im2col factors ``(n, groups, S, kin)`` and ``(n, groups, S, kout)`` of a 1-d or 2-d convolution,
-    the patches' columns ordered ``(kh, kw, channel)`` (:func:`_patch_view`)."""
+    the patches' columns ordered ``(kh, kw, channel)`` (:func:`_patch_view`), and with ``overlap``
+    the input positions of :class:`InputOverlap`."""
     n, groups = x.shape[0], module.groups
     if x.dim() == 3:  # a 1-d convolution is a 2-d one of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
@@ -697,7 +816,15 @@ def _conv_factors(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, .
     view = _patch_view(x, kernel, dilation, pad, stride, (ho, wo), groups)  # (n, groups, ho, wo, kh, kw, c)
     a = view.reshape(n, groups, ho * wo, -1)
     gf = g.reshape(n, groups, -1, ho * wo).transpose(2, 3)
-    return Factored(a, gf, (*kernel, x.shape[1] // groups), (2, 0, 1))
+    cin, (h, w) = x.shape[1] // groups, x.shape[2:]
+    inputs = None
+    if overlap:
+        rows = x.reshape(n, groups, cin, h * w).permute(1, 3, 0, 2).reshape(groups, h * w * n, cin)
+        pairs = patch_pairs(
+            (h, w), (ho, wo), tuple(kernel), tuple(dilation), tuple(pad), tuple(stride), x.dtype, x.device
+        )
+        inputs = InputOverlap(rows, pairs)
+    return Factored(a, gf, (*kernel, cin), (2, 0, 1), overlap=inputs)
 
 
 def padded_channels_last(x: Tensor, padding: tuple[int, int]) -> Tensor:
@@ -746,13 +873,15 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
         kin = module.weight[0].numel()
         positions = math.prod(g.shape[2:])
         trivial = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride) and not any(padding)
+        inputs = (math.prod(x.shape[2:]), x.shape[1] // groups)  # T and cin of an InputOverlap
         use_factors = (
             factored_ok
             and x.dim() in (3, 4)
-            and factored_is_cheaper(n, positions, kin, kout, groups, unfold=not trivial)
+            and factored_is_cheaper(n, positions, kin, kout, groups, unfold=not trivial, overlap=inputs)
         )
         if use_factors:
-            pieces["weight"] = replace(_conv_factors(module, x, g, padding), with_bias="bias" in names)
+            overlap = overlap_is_cheaper(n, *inputs, positions, kin, kout, groups)
+            pieces["weight"] = replace(_conv_factors(module, x, g, padding, overlap), with_bias="bias" in names)
         else:
             key = (type(module), tuple(x.shape), tuple(g.shape), module.kernel_size, module.stride)
             key += (module.dilation, padding, module.groups, x.dtype, x.device)
