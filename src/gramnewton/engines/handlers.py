@@ -260,8 +260,8 @@ class InputOverlap:
         output gradients ``g`` ``(n, S, kout)``; returns ``(n, n)``."""
         n, positions = g.shape[:2]
         x = self.x[group]
-        inputs_at = x.shape[0] // n
-        inner = (x @ x.T).view(inputs_at, n, inputs_at, n).transpose(1, 2).reshape(inputs_at**2, n * n)
+        in_positions = x.shape[0] // n
+        inner = (x @ x.T).view(in_positions, n, in_positions, n).transpose(1, 2).reshape(in_positions**2, n * n)
         inputs = self.pairs @ inner  # (S * S, n * n): rows (s, s'), columns (i, j)
         if with_bias:
             inputs += 1.0
