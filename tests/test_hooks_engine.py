@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
@@ -68,6 +69,23 @@ class Foreign(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         h = torch.tanh(self.emb(idx).mean(1))
         return h @ self.emb.weight.T
+
+
+def weight_norm_head() -> nn.Module:
+    """``weight_norm``'s pre-hook forms a Linear's ``weight`` from its parameters ``weight_g`` and
+    ``weight_v`` before each call: the graph then reaches them inside the Linear's own region, so
+    only the forward's watch (a parameter used while no module owning it runs) routes them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the pre-hook form is deprecated, not gone
+        hidden = nn.utils.weight_norm(nn.Linear(4, 5))
+    return seq(hidden, nn.Tanh(), nn.Linear(5, 2))
+
+
+def pruned_conv() -> nn.Module:
+    """``prune``'s pre-hook forms a convolution's ``weight`` as ``weight_orig * weight_mask``."""
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    nn.utils.prune.random_unstructured(conv, "weight", amount=0.5)
+    return seq(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 9, 1))
 
 
 class Unknown(nn.Module):
@@ -240,6 +258,8 @@ CASES = [
     Case("reused_module", Reused, lambda b: torch.randn(b, 4)),
     Case("tied_embedding_output", Tied, tokens(7, 3)),
     Case("foreign_use", Foreign, tokens(6, 2), reference_params=1),
+    Case("weight_norm_prehook", weight_norm_head, lambda b: torch.randn(b, 4), reference_params=2),
+    Case("pruned_prehook", pruned_conv, images(2, 3), reference_params=1),
     Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
 ]
 

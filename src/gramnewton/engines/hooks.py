@@ -3,7 +3,8 @@
 How a step runs (docs/design.md, "The hooks engine"):
 1. Forward with forward hooks on every supported module: each call's input is kept and a tensor
    hook is put on its output. A ``TorchFunctionMode`` watches the forward for a parameter used
-   outside its own module (e.g. ``x @ emb.weight.T``), which the hooks could not see.
+   outside its own module (e.g. ``x @ emb.weight.T``, or by a forward pre-hook forming the
+   module's weight, as ``weight_norm`` and ``prune`` do), which the hooks could not see.
 2. Backward of ``residuals[:, c].sum()`` for each output column ``c`` (``k`` passes, the graph is
    retained between them) with ``torch.autograd.grad`` whose ``inputs`` are only the hooked
    outputs nearest the graph's leaves: no weight-gradient kernel runs. Samples are independent,
