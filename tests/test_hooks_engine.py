@@ -88,6 +88,25 @@ def pruned_conv() -> nn.Module:
     return seq(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 9, 1))
 
 
+def output_changed_by_a_forward_hook(change: str) -> Callable[[], nn.Module]:
+    """A user's forward hook on a Linear that replaces its output (``3 tanh(out)``), changes it in
+    place (``out *= 2``) or adds the Linear's bias once more: the engine records the module's own
+    output, before the user's hooks change it (recorded after them, each gave a wrong Gram), and
+    the bias is then used outside its module."""
+    hooks = {
+        "replaced": lambda module, args, out: 3 * torch.tanh(out),
+        "in_place": lambda module, args, out: out.mul_(2),
+        "bias_again": lambda module, args, out: out + module.bias,
+    }
+
+    def build() -> nn.Module:
+        hidden = nn.Linear(4, 5)
+        hidden.register_forward_hook(hooks[change])
+        return seq(hidden, nn.Tanh(), nn.Linear(5, 2))
+
+    return build
+
+
 class Unknown(nn.Module):
     """A module with a raw parameter and no handler."""
 
@@ -260,6 +279,10 @@ CASES = [
     Case("foreign_use", Foreign, tokens(6, 2), reference_params=1),
     Case("weight_norm_prehook", weight_norm_head, lambda b: torch.randn(b, 4), reference_params=2),
     Case("pruned_prehook", pruned_conv, images(2, 3), reference_params=1),
+    *(
+        Case(f"forward_hook_{change}", output_changed_by_a_forward_hook(change), lambda b: torch.randn(b, 4), **kw)
+        for change, kw in (("replaced", {}), ("in_place", {}), ("bias_again", {"reference_params": 1}))
+    ),
     Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
 ]
 

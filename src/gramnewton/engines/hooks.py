@@ -328,9 +328,15 @@ class HooksEngine:
         handles = []
         try:
             for module, handler, own in self._modules:
+                # the pre-hook after the user's (theirs run outside the module: a weight formed
+                # from its parameters there is watched), the post-hook before the user's: the
+                # module's own output is recorded, and a user's hook that changes it with the
+                # module's parameters (``o + m.bias``) runs outside the module and is watched
                 handles.append(module.register_forward_pre_hook(pre_hook))
                 handles.append(
-                    module.register_forward_hook(functools.partial(post_hook, handler, own), with_kwargs=True)
+                    module.register_forward_hook(
+                        functools.partial(post_hook, handler, own), with_kwargs=True, prepend=True
+                    )
                 )
             with torch.enable_grad(), _ForeignUse(self._owners, stack, foreign):
                 value = closure()
