@@ -561,6 +561,27 @@ def test_patch_pairs_count_the_kernel_offsets_two_positions_share(conv: nn.Conv2
     assert torch.equal(got, want)
 
 
+def test_a_global_forward_hook_routes_every_parameter() -> None:
+    # torch runs global forward hooks before the engine's: one that scales a Linear's output would
+    # hand the engine the scaled output (a Gram wrong by up to 60 before it was routed)
+    torch.manual_seed(0)
+    model = seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    closure = lambda: model(x).squeeze(1)  # noqa: E731
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: 3 * out if isinstance(module, nn.Linear) else None
+    )
+    try:
+        with pytest.warns(UserWarning, match="global forward hook"):
+            fast = HooksEngine(model).compute(closure)
+        reference = ReferenceEngine(list(model.parameters())).compute(closure)
+        jac = dense_jacobian(model, x, list(model.parameters()))
+    finally:
+        handle.remove()
+    assert_close("gram", fast.gram, reference.gram)
+    assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
+
+
 def test_closure_calling_the_model_twice() -> None:
     torch.manual_seed(0)
     model = seq(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()

@@ -124,6 +124,14 @@ def _sink_edges(post: list[Any], nodes: dict[Any, list[_Call]]) -> list[Gradient
     return list(sinks.values())
 
 
+def _global_forward_hooks() -> bool:
+    """Whether a global forward hook is registered (``register_module_forward_hook``). Torch runs
+    those before a module's own forward hooks, the engine's included, so one that replaced or
+    changed a module's output would hand the engine the changed output and its handler a wrong
+    gradient: while any is registered, every parameter goes to the reference engine."""
+    return bool(getattr(nn.modules.module, "_global_forward_hooks", None))
+
+
 def _unbatched(call: _Call) -> bool:
     """A convolution called on an input without a batch dimension (``(C, H, W)`` for Conv2d):
     its dimension 0 is channels, even when their number equals the batch size."""
@@ -373,6 +381,14 @@ class HooksEngine:
                 "(torch.autograd.grad with create_graph=True); engine='functional' with a "
                 "gramnewton.pinn.residual / FunctionalResidual closure is exact and faster",
             )
+        if _global_forward_hooks():
+            for call in calls:
+                for p in call.params.values():
+                    dynamic.setdefault(
+                        id(p),
+                        "a global forward hook (nn.modules.module.register_module_forward_hook) runs before the "
+                        "engine's and may change module outputs",
+                    )
         for call in calls:
             if call.rows != (b, b) or _unbatched(call):
                 for p in call.params.values():
