@@ -107,6 +107,14 @@ def output_changed_by_a_forward_hook(change: str) -> Callable[[], nn.Module]:
     return build
 
 
+def forward_replaced_on_the_instance() -> nn.Module:
+    """A Linear whose ``forward`` is replaced on the instance (here it doubles the weight): its
+    handler knows ``nn.Linear.forward``, so its parameters go to the reference engine."""
+    hidden = nn.Linear(4, 5)
+    hidden.forward = lambda x: F.linear(x, 2 * hidden.weight, hidden.bias)
+    return seq(hidden, nn.Tanh(), nn.Linear(5, 2))
+
+
 class Unknown(nn.Module):
     """A module with a raw parameter and no handler."""
 
@@ -284,6 +292,7 @@ CASES = [
         for change, kw in (("replaced", {}), ("in_place", {}), ("bias_again", {"reference_params": 1}))
     ),
     Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
+    Case("forward_replaced", forward_replaced_on_the_instance, lambda b: torch.randn(b, 4), reference_params=2),
 ]
 
 MODES = ("auto", "dense", "factored", "overlap", "kept")

@@ -19,7 +19,8 @@ Exactness: a module called several times in one forward (or a parameter shared b
 modules) is handled exactly by summing its per-sample gradients over the calls. Parameters of
 unknown modules, of modules whose input or output does not have the batch as dimension 0, whose
 output rows are not the samples (checked, not guessed: :mod:`.rows`; e.g. a sequence-first
-``(T, b, d)`` input with ``T == b``), or used outside their module go to the reference engine
+``(T, b, d)`` input with ``T == b``), of modules whose ``forward`` is replaced on the instance, or
+used outside their module go to the reference engine
 (:func:`.reference.jacobian_rows`) with a one-time warning, as do parameters that the residuals
 reach other than through their module's output (a residual with input derivatives, e.g. a
 Laplacian; see :mod:`.locality`). BatchNorm in training mode raises.
@@ -390,6 +391,9 @@ class HooksEngine:
                         "engine's and may change module outputs",
                     )
         for call in calls:
+            if "forward" in vars(call.module):  # the handler knows the class's forward, not this one
+                for p in call.params.values():
+                    dynamic.setdefault(id(p), f"{type(call.module).__name__} has its forward replaced on the instance")
             if call.rows != (b, b) or _unbatched(call):
                 for p in call.params.values():
                     dynamic.setdefault(
