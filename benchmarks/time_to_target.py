@@ -277,7 +277,8 @@ def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
     Why these values (kept small so the whole benchmark fits in about 30 minutes):
 
     - GGN: first ``GramGaussNewton(model)`` with no hyper-parameter given (what a user gets), then
-      a task's variants of it (resnet8: ``lam = 8`` with ``bias_correction``), then
+      a task's variants of it (resnet8: ``lam = 8`` with ``bias_correction``, ``alpha`` adaptive or
+      held at 0.3 or 2), then
       the paper's ``lam = 1`` without momentum; ``alpha`` near its 0.075-0.3 for mini-batches, smaller for the
       full batch (closer to Gauss-Newton, where the over-parameterised MLP converges
       quadratically); on sinc (61 parameters, fewer than the batch) a batch of 100 or a large
