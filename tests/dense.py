@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from gramnewton.lab.models import get_model
+
+# Where the engine's float64 checks run (``test_hooks_engine``): the CPU, or a GPU when
+# ``GRAMNEWTON_TEST_DEVICE=cuda`` (benchmarks/cuda_check.sh runs them so on a lent GPU machine).
+DEVICE = torch.device(os.environ.get("GRAMNEWTON_TEST_DEVICE", "cpu"))
 
 
 def dense_jacobian(model: nn.Module, x: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune
+from dense import DEVICE
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
@@ -305,12 +306,12 @@ def build(case: Case) -> tuple[nn.Module, Tensor, Tensor]:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    model.train(not case.eval_mode)
-    x = case.inputs(case.batch)
+    model.train(not case.eval_mode).to(DEVICE)
+    x = case.inputs(case.batch).to(DEVICE)
     x = x.double() if x.is_floating_point() else x
     with torch.no_grad():
         k = model(x).reshape(case.batch, -1).shape[1]
-    return model, x, torch.randn(case.batch, k, dtype=torch.float64)
+    return model, x, torch.randn(case.batch, k, dtype=torch.float64, device=DEVICE)
 
 
 def dense_jacobian(model: nn.Module, x: Tensor, params: list[Tensor]) -> Tensor:
@@ -357,7 +358,7 @@ def check_against_reference(case: Case) -> None:
     assert bool(routed) == bool(case.reference_params), [str(w.message) for w in caught]
     reference = ReferenceEngine(params).compute(closure)
     jac = dense_jacobian(model, x, params)
-    v = torch.randn(fast.gram.shape[0], dtype=torch.float64)
+    v = torch.randn(fast.gram.shape[0], dtype=torch.float64, device=DEVICE)
     jt_fast = torch.cat([t.reshape(-1) for t in fast.jt_times(v)])
     assert [t.shape for t in fast.jt_times(v)] == [p.shape for p in params]
     assert_close("residuals", fast.residuals, reference.residuals)

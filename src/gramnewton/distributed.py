@@ -105,6 +105,11 @@ def resolve_mode(distributed: str | None, process_group: dist.ProcessGroup | Non
 class Communicator:
     """The collectives of one optimizer on ``group``, with a count of the bytes they move.
 
+    Args:
+        group: the ranks (default: the world).
+        device: where the status exchange's numbers go: the parameters' device, since NCCL
+            moves only CUDA tensors (default: the CPU).
+
     Attributes:
         rank, world: this process's rank in ``group`` and the group's size ``P``.
         sent_bytes: bytes this rank sends per kind of collective since construction, counted
@@ -114,8 +119,8 @@ class Communicator:
             exchange and the error path are included.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None):
+        self.group, self.device = group, torch.device("cpu") if device is None else device
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.sent_bytes: Counter[str] = Counter()
@@ -135,7 +140,7 @@ class Communicator:
         Returns:
             ``(P, len(values))`` float64 table, row ``p`` = rank ``p``'s ``values``.
         """
-        mine = torch.tensor([float(error is not None), *values], dtype=torch.float64)
+        mine = torch.tensor([float(error is not None), *values], dtype=torch.float64, device=self.device)
         rows = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(rows, mine, group=self.group)
         self._count("status", mine.numel() * 8 * (self.world - 1))

@@ -243,7 +243,7 @@ class GramGaussNewton(Optimizer):
         if self.distributed is not None:
             if self.distributed == "local" and self.damping is not None:
                 raise ValueError("adaptive_damping needs distributed='exact' (local steps have no common gain ratio)")
-            self.communicator = Communicator(process_group)
+            self.communicator = Communicator(process_group, trainable[0].device if trainable else None)
             # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
             self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
             if self.distributed == "exact":

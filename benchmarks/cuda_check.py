@@ -1,0 +1,317 @@
+"""Gram-Gauss-Newton on a CUDA GPU: exactness in float64, float32's error, step cost, NCCL.
+
+Not a test: CI has no GPU. ``benchmarks/cuda_check.sh`` runs it (after the hooks engine's float64
+tests with ``GRAMNEWTON_TEST_DEVICE=cuda``) on a lent GPU machine; ``--device cpu`` runs it here.
+Every tensor is placed on the device explicitly (no default device), so a library tensor made on
+the CPU by mistake fails here as it would for a user.
+
+1. **Exact, float64**: one ``GramGaussNewton`` step against its dense formula from
+   ``torch.func.jacrev`` on the device (relative error, max norm): Eq. 11 on an MLP, a GroupNorm
+   CNN and resnet8_fixup; two steps with momentum (SPRING); the exact cross-entropy step
+   ``-(lam J^T H J + alpha I)^{-1} J^T g``; ``solve_space="parameter"`` (where ``m x m`` is
+   small); and ``distributed="exact"``
+   in a one-rank NCCL group against the plain step (with the status exchange on the CPU too,
+   which NCCL refuses).
+2. **float32**: the same steps with float32 parameters against the float64 step from the same
+   weights (TF32 as PyTorch sets it by default: on for cuDNN convolutions, off for matmul).
+3. **Step cost**, float32, batch 128 (32 for the two-layer net): SGD, Adam and GGN steps as
+   training takes them (:func:`make_train_step`, the lab's optimizer factory), interleaved, each
+   timed from a synchronised start to a synchronised end; median of ``--reps``, ratio to SGD;
+   peak GPU memory of each method's steps above the model's (``torch.cuda.max_memory_allocated``).
+
+Usage::
+
+    python benchmarks/cuda_check.py --out benchmarks/results/cuda_check.json
+    python benchmarks/cuda_check.py --device cpu --reps 3 --out /tmp/cuda_check.json   # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+from gramnewton import GramGaussNewton
+from gramnewton.distributed import Communicator
+from gramnewton.lab.experiments.optimizers import build_optimizer
+from gramnewton.lab.experiments.training import make_train_step
+from gramnewton.lab.models import TwoLayerNet, get_model
+
+ROOT = Path(__file__).resolve().parent.parent
+LAM, ALPHA, MU = 2.0, 0.5, 0.9
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def gn_cnn(outputs: int = 2) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.Tanh(),
+        nn.Conv2d(8, 4, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16, outputs),
+    )
+
+
+def resnet8() -> nn.Module:
+    return get_model("resnet8_fixup", in_channels=1, num_outputs=1)
+
+
+# name -> (model, input shape, batch)
+EXACT_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "mlp": (mlp, (5,), 12),
+    "gn_cnn": (gn_cnn, (1, 6, 6), 10),
+    "resnet8_fixup": (resnet8, (1, 8, 8), 8),
+}
+
+
+def perturbed(build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """The model in float64 on ``device``, its weights moved off Fixup's zeros (which hide most of J)."""
+    torch.manual_seed(0)
+    model = build().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.to(device)
+
+
+def flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The outputs ``f`` ``(b, k)`` and the dense Jacobian ``(b*k, m)`` of ``f.reshape(-1)``."""
+    names = [n for n, _ in model.named_parameters()]
+    values = {n: p.detach() for n, p in model.named_parameters()}
+    jac = jacrev(lambda v: functional_call(model, v, (x,)).reshape(-1))(values)
+    with torch.no_grad():
+        f = model(x).reshape(x.shape[0], -1)
+    return f, torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], 1)
+
+
+def eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def sample_space_step(jac: Tensor, r: Tensor, lam: float, alpha: float) -> Tensor:
+    """Eq. 11's direction ``J^T (lam J J^T + alpha I)^{-1} r`` ``(m,)`` (the step subtracts it)."""
+    return jac.T @ torch.linalg.solve(lam * jac @ jac.T + alpha * eye(jac.shape[0], jac), r)
+
+
+def relative(got: Tensor, want: Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+
+def ggn(model: nn.Module, **options) -> GramGaussNewton:
+    return GramGaussNewton(model, lam=LAM, alpha=ALPHA, adaptive_damping=False, **{"momentum": 0.0, **options})
+
+
+def mse_closure(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    return lambda: model(x).reshape(x.shape[0], -1) - y
+
+
+def exact_checks(device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Each step's relative error against its dense float64 formula (``dtype``: the parameters')."""
+    rows = []
+    for name, (build, shape, b) in EXACT_MODELS.items():
+        model = perturbed(build, device)
+        torch.manual_seed(1)
+        batches = [torch.randn(b, *shape, dtype=torch.float64, device=device) for _ in range(2)]
+        k = model(batches[0]).reshape(b, -1).shape[1]
+        targets = [torch.randn(b, k, dtype=torch.float64, device=device) for _ in range(2)]
+        start = flat(model)
+
+        # Eq. 11, one step
+        f, jac = jacobian(model, batches[0])
+        want = start - sample_space_step(jac, (f - targets[0]).reshape(-1), LAM, ALPHA)
+        for space in ("sample", "parameter") if start.numel() <= 5000 else ("sample",):  # m x m fits
+            low = copy.deepcopy(model).to(dtype)
+            ggn(low, solve_space=space).step(mse_closure(low, batches[0].to(dtype), targets[0].to(dtype)))
+            rows.append(dict(model=name, check=f"eq11_{space}", error=relative(flat(low).double(), want)))
+
+        # SPRING: phi_t = mu phi_{t-1} + J^T (lam G + alpha I)^{-1} (r - lam mu J phi_{t-1}), w -= phi_t
+        reference, phi = copy.deepcopy(model), torch.zeros_like(start)
+        for x, y in zip(batches, targets):
+            f, jac = jacobian(reference, x)
+            r = (f - y).reshape(-1) - LAM * MU * jac @ phi
+            phi = MU * phi + sample_space_step(jac, r, LAM, ALPHA)
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(flat(reference) - phi, reference.parameters())
+        low = copy.deepcopy(model).to(dtype)
+        opt = ggn(low, momentum=MU)
+        for x, y in zip(batches, targets):
+            opt.step(mse_closure(low, x.to(dtype), y.to(dtype)))
+        rows.append(dict(model=name, check="spring_two_steps", error=relative(flat(low).double(), flat(reference))))
+
+        # exact cross-entropy: -(lam J^T H J + alpha I)^{-1} J^T g of the summed loss
+        if k > 1:
+            labels = torch.randint(0, k, (b,), device=device)
+            f, jac = jacobian(model, batches[0])
+            p = torch.softmax(f, 1)
+            g = (p - F.one_hot(labels, k).to(p)).reshape(-1)
+            h = torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p])
+            m = jac.shape[1]
+            want = start - torch.linalg.solve(LAM * jac.T @ h @ jac + ALPHA * eye(m, jac), jac.T @ g)
+            low = copy.deepcopy(model).to(dtype)
+            x = batches[0].to(dtype)
+            ggn(low, loss="cross_entropy", curvature="exact").step(lambda: (low(x).reshape(b, k), labels))
+            rows.append(dict(model=name, check="cross_entropy_exact", error=relative(flat(low).double(), want)))
+    return rows
+
+
+def nccl_checks(device: torch.device) -> list[dict]:
+    """``distributed="exact"`` in a one-rank NCCL group against the plain step (float64), and the
+    status exchange with its numbers on the CPU (what it did before it took the parameters' device)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = perturbed(gn_cnn, device)
+        x = torch.randn(10, 1, 6, 6, dtype=torch.float64, device=device)
+        y = torch.randn(10, 2, dtype=torch.float64, device=device)
+        plain, spread = copy.deepcopy(model), copy.deepcopy(model)
+        ggn(plain, momentum=MU).step(mse_closure(plain, x, y))
+        ggn(spread, momentum=MU, distributed="exact").step(mse_closure(spread, x, y))
+        rows = [dict(model="gn_cnn", check="nccl_exact_vs_plain", error=relative(flat(spread), flat(plain)))]
+        try:
+            Communicator(None, torch.device("cpu")).agree(None, [1.0])
+            outcome = "accepted"
+        except Exception as error:  # noqa: BLE001 - recorded, not handled
+            outcome = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        rows.append(dict(model="-", check="nccl_status_on_cpu", outcome=outcome))
+        return rows
+    finally:
+        dist.destroy_process_group()
+
+
+# name -> (model, input shape, batch, outputs)
+TIMED_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int]] = {
+    "fixup32": (lambda: get_model("resnet32_fixup"), (3, 32, 32), 128, 1),
+    "gn32": (lambda: get_model("resnet32_gn"), (3, 32, 32), 128, 1),
+    "resnet8_28x28": (lambda: get_model("resnet8_fixup", in_channels=1, num_outputs=1), (1, 28, 28), 128, 1),
+    "resnet8_28x28_ce10": (lambda: get_model("resnet8_fixup", in_channels=1, num_outputs=10), (1, 28, 28), 128, 10),
+    "two_layer_4096": (lambda: TwoLayerNet(10, width=4096), (10,), 32, 1),
+}
+# the optimizer factory's settings of each timed method; GGN with a large fixed alpha stays where it is
+METHODS = {
+    "sgd": {"name": "sgd", "lr": 1e-6},
+    "adam": {"name": "adam", "lr": 1e-6},
+    "ggn": {"name": "ggn", "momentum": 0.0, "alpha": 1e6, "adaptive_damping": False},
+    "ggn_defaults": {"name": "ggn"},
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_cost(device: torch.device, reps: int, warmup: int) -> list[dict]:
+    """Median step time of each method per model, interleaved rounds, ratio to SGD's."""
+    rows = []
+    for name, (build, shape, b, k) in TIMED_MODELS.items():
+        torch.manual_seed(0)
+        base = build()
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        x = torch.randn(b, *shape, device=device)
+        y = torch.randint(0, k, (b,), device=device) if k > 1 else torch.randn(b, device=device)
+        loss = "cross_entropy" if k > 1 else "mse"
+        steps, peaks = {}, {}
+        for method, settings in METHODS.items():
+            model = copy.deepcopy(base).to(device)
+            settings = {**settings, "loss": loss} if settings["name"] == "ggn" else settings
+            step = make_train_step(model, build_optimizer(settings, model), loss=loss)
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            for _ in range(warmup):
+                step(x, y)
+            if device.type == "cuda":
+                peaks[method] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            steps[method] = step
+        times: dict[str, list[float]] = {m: [] for m in steps}
+        for r in range(reps):
+            for method in list(steps)[r % len(steps) :] + list(steps)[: r % len(steps)]:
+                synchronize(device)
+                start = time.perf_counter()
+                steps[method](x, y)
+                synchronize(device)
+                times[method].append(time.perf_counter() - start)
+        sgd = statistics.median(times["sgd"])
+        for method, seconds in times.items():
+            median = statistics.median(seconds)
+            rows.append(
+                dict(
+                    model=name,
+                    batch=b,
+                    method=method,
+                    median_ms=1e3 * median,
+                    ratio_to_sgd=median / sgd,
+                    peak_mib_above_model=peaks.get(method),
+                )
+            )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--reps", type=int, default=30, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cuda_check.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    record = dict(
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        threads=torch.get_num_threads(),
+        load_average=os.getloadavg()[0],
+    )
+    record["exact_float64"] = exact_checks(device, torch.float64)
+    record["float32_against_float64"] = exact_checks(device, torch.float32)
+    if device.type == "cuda" and dist.is_nccl_available():
+        record["nccl"] = nccl_checks(device)
+    record["step_cost"] = step_cost(device, args.reps, args.warmup)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+    print(f"{record['device']}, torch {record['torch']}, TF32 cuDNN {record['cudnn_allow_tf32']}")
+    for key in ("exact_float64", "float32_against_float64", "nccl"):
+        for row in record.get(key, []):
+            value = f"{row['error']:.2e}" if "error" in row else row["outcome"]
+            print(f"{key:24s} {row['model']:14s} {row['check']:22s} {value}")
+    print(f"{'model':20s} {'method':13s} {'ms':>8s} {'/SGD':>6s} {'MiB':>8s}")
+    for row in record["step_cost"]:
+        peak = "-" if row["peak_mib_above_model"] is None else f"{row['peak_mib_above_model']:.0f}"
+        print(f"{row['model']:20s} {row['method']:13s} {row['median_ms']:8.2f} {row['ratio_to_sgd']:6.2f} {peak:>8s}")
+
+
+if __name__ == "__main__":
+    main()
