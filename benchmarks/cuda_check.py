@@ -17,7 +17,8 @@ the CPU by mistake fails here as it would for a user.
 3. **Step cost**, float32, batch 128 (32 for the two-layer net): SGD, Adam and GGN steps as
    training takes them (:func:`make_train_step`, the lab's optimizer factory), interleaved, each
    timed from a synchronised start to a synchronised end; median of ``--reps``, ratio to SGD;
-   peak GPU memory of each method's steps above the model's (``torch.cuda.max_memory_allocated``).
+   peak GPU memory of each method's steps above the model's (``torch.cuda.max_memory_allocated``);
+   and any parameter routed to the reference engine (its warning), in the checks and the timings.
 
 Usage::
 
@@ -36,6 +37,7 @@ import platform
 import socket
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,7 +239,7 @@ def step_cost(device: torch.device, reps: int, warmup: int) -> list[dict]:
         x = torch.randn(b, *shape, device=device)
         y = torch.randint(0, k, (b,), device=device) if k > 1 else torch.randn(b, device=device)
         loss = "cross_entropy" if k > 1 else "mse"
-        steps, peaks = {}, {}
+        steps, peaks, routed = {}, {}, {}
         for method, settings in METHODS.items():
             model = copy.deepcopy(base).to(device)
             settings = {**settings, "loss": loss} if settings["name"] == "ggn" else settings
@@ -246,8 +248,11 @@ def step_cost(device: torch.device, reps: int, warmup: int) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
-            for _ in range(warmup):
-                step(x, y)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(warmup):
+                    step(x, y)
+            routed[method] = sorted({str(w.message) for w in caught if "reference engine" in str(w.message)})
             if device.type == "cuda":
                 peaks[method] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
             steps[method] = step
@@ -270,6 +275,7 @@ def step_cost(device: torch.device, reps: int, warmup: int) -> list[dict]:
                     median_ms=1e3 * median,
                     ratio_to_sgd=median / sgd,
                     peak_mib_above_model=peaks.get(method),
+                    routed_to_reference=routed[method],
                 )
             )
     return rows
@@ -294,8 +300,13 @@ def main() -> None:
         threads=torch.get_num_threads(),
         load_average=os.getloadavg()[0],
     )
-    record["exact_float64"] = exact_checks(device, torch.float64)
-    record["float32_against_float64"] = exact_checks(device, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record["exact_float64"] = exact_checks(device, torch.float64)
+        record["float32_against_float64"] = exact_checks(device, torch.float32)
+    record["exact_routed_to_reference"] = sorted(
+        {str(w.message) for w in caught if "reference engine" in str(w.message)}
+    )
     if device.type == "cuda" and dist.is_nccl_available():
         record["nccl"] = nccl_checks(device)
     record["step_cost"] = step_cost(device, args.reps, args.warmup)
@@ -307,10 +318,13 @@ def main() -> None:
         for row in record.get(key, []):
             value = f"{row['error']:.2e}" if "error" in row else row["outcome"]
             print(f"{key:24s} {row['model']:14s} {row['check']:22s} {value}")
-    print(f"{'model':20s} {'method':13s} {'ms':>8s} {'/SGD':>6s} {'MiB':>8s}")
+    print("routed to the reference engine in the checks:", record["exact_routed_to_reference"] or "nothing")
+    print(f"{'model':20s} {'method':13s} {'ms':>8s} {'/SGD':>6s} {'MiB':>8s} routed")
     for row in record["step_cost"]:
         peak = "-" if row["peak_mib_above_model"] is None else f"{row['peak_mib_above_model']:.0f}"
-        print(f"{row['model']:20s} {row['method']:13s} {row['median_ms']:8.2f} {row['ratio_to_sgd']:6.2f} {peak:>8s}")
+        print(
+            f"{row['model']:20s} {row['method']:13s} {row['median_ms']:8.2f} {row['ratio_to_sgd']:6.2f} {peak:>8s} {len(row['routed_to_reference'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -491,6 +491,29 @@ def test_row_check_passes_ordinary_float32_models_and_runs_once_per_signature(mo
     assert len(runs) == 2  # batch 4 checked once, batch 3 once
 
 
+def test_row_check_runs_its_passes_without_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU PyTorch lets cuDNN round float32 convolutions to TF32 by default, which the check's
+    float32 tolerance does not absorb (every convolution was routed to the reference engine there):
+    its passes run in full precision, and the user's settings come back afterwards."""
+    from gramnewton.engines.rows import rows_not_samples
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        seen = []
+
+        def backward(weights: Tensor, observe) -> None:
+            seen.append((torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+            observe(0, weights.clone())
+
+        assert rows_not_samples(torch.zeros(3, 2), [2], backward) == [False]
+        assert seen == [(False, "highest")] * 2
+        assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (True, "high")
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def test_unbatched_convolution_with_as_many_channels_as_samples_is_routed() -> None:
     from gramnewton.engines import HooksEngine
 

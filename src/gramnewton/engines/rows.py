@@ -29,6 +29,12 @@ reference engine. (A mixing ``d`` escapes only if all ``P`` projections fall bel
 probability about ``(tolerance * scale / ||d||)^P``; the elementwise form of the check needed the
 two full gradients.)
 
+Precision: the passes run with float32 products and convolutions in full precision. On a GPU
+PyTorch lets cuDNN's convolutions round float32 to TF32 by default (a 10-bit mantissa: relative
+rounding about 5e-4, above the float32 tolerance ``sqrt(eps) = 3.5e-4``), which failed the check of
+every convolution of a float32 model there and sent them all to the reference engine (a ResNet-32
+step 30x an SGD step on an H200; docs/performance.md, "On a GPU").
+
 Cost: two backward passes down to the first hooked module (no weight-gradient kernel), holding one
 output gradient at a time beyond what the backward pass itself holds. It runs once per forward
 signature (the autograd graph's node types and the hooked calls' modules and shapes,
@@ -38,7 +44,8 @@ step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +86,20 @@ PROJECTIONS = 4
 # whole rows, at least one). Blocks of a fixed 16 rows made a batch of 20,000 two-column rows
 # 5,000 tiny products: 39 s for the check of a 61-parameter MLP's first step.
 BLOCK_ENTRIES = 2**18
+
+
+@contextlib.contextmanager
+def full_float32_precision() -> Iterator[None]:
+    """No TF32 rounding of float32 matrix products or cuDNN convolutions inside the block (the
+    settings are process-wide; the previous ones are restored on leaving)."""
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def rows_not_samples(
@@ -127,7 +148,8 @@ def rows_not_samples(
                 torch.linalg.vector_norm(block, dim=1, out=norms[step, n, start : start + rows])
             seen[step][n] = True
 
-        backward(weights.to(residuals), observe)
+        with full_float32_precision():  # the tolerance is float32's (module docstring, "Precision")
+            backward(weights.to(residuals), observe)
 
     tolerance = torch.finfo(residuals.dtype).eps ** 0.5
     s = s.to(projected.device)
