@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/cuda_check.py --out benchmarks/results/cuda_check.json
     python benchmarks/cuda_check.py --device cpu --reps 3 --out /tmp/cuda_check.json   # a dry run
+    python benchmarks/cuda_check.py --profile fixup32   # where the device time of each step goes
 """
 
 from __future__ import annotations
@@ -281,16 +282,50 @@ def step_cost(device: torch.device, reps: int, warmup: int) -> list[dict]:
     return rows
 
 
+def profile(device: torch.device, name: str, rows: int) -> str:
+    """The operators taking the most device time over 5 steps of each of SGD and GGN (the
+    timings' settings) on ``TIMED_MODELS[name]``, by ``torch.profiler``, after 3 warm-up steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    build, shape, b, k = TIMED_MODELS[name]
+    torch.manual_seed(0)
+    x = torch.randn(b, *shape, device=device)
+    y = torch.randint(0, k, (b,), device=device) if k > 1 else torch.randn(b, device=device)
+    loss = "cross_entropy" if k > 1 else "mse"
+    tables = []
+    for method in ("sgd", "ggn"):
+        model = build().to(device)
+        settings = {**METHODS[method], "loss": loss} if method == "ggn" else METHODS[method]
+        step = make_train_step(model, build_optimizer(settings, model), loss=loss)
+        for _ in range(3):
+            step(x, y)
+        synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profiler(activities=activities) as prof:
+            for _ in range(5):
+                step(x, y)
+            synchronize(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        tables.append(f"{method}, 5 steps of {name}:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
+    return "\n".join(tables)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--reps", type=int, default=30, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cuda_check.json")
+    p.add_argument("--profile", choices=list(TIMED_MODELS), help="only profile SGD and GGN steps of this model")
+    p.add_argument("--rows", type=int, default=18, help="operators per profile table")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
+    if args.profile:
+        print(profile(device, args.profile, args.rows))
+        return
     record = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         torch=torch.__version__,
