@@ -25,6 +25,7 @@ Usage::
     python benchmarks/cuda_check.py --out benchmarks/results/cuda_check.json
     python benchmarks/cuda_check.py --device cpu --reps 3 --out /tmp/cuda_check.json   # a dry run
     python benchmarks/cuda_check.py --profile fixup32   # where the device time of each step goes
+    python benchmarks/cuda_check.py --matmul-precision high --out /tmp/tf32.json   # TF32 products too
 """
 
 from __future__ import annotations
@@ -123,15 +124,15 @@ def relative(got: Tensor, want: Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
 
 
-def ggn(model: nn.Module, **options) -> GramGaussNewton:
-    return GramGaussNewton(model, lam=LAM, alpha=ALPHA, adaptive_damping=False, **{"momentum": 0.0, **options})
+def ggn(model: nn.Module, alpha: float = ALPHA, **options) -> GramGaussNewton:
+    return GramGaussNewton(model, lam=LAM, alpha=alpha, adaptive_damping=False, **{"momentum": 0.0, **options})
 
 
 def mse_closure(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     return lambda: model(x).reshape(x.shape[0], -1) - y
 
 
-def exact_checks(device: torch.device, dtype: torch.dtype) -> list[dict]:
+def exact_checks(device: torch.device, dtype: torch.dtype, alpha: float = ALPHA) -> list[dict]:
     """Each step's relative error against its dense float64 formula (``dtype``: the parameters')."""
     rows = []
     for name, (build, shape, b) in EXACT_MODELS.items():
@@ -144,10 +145,10 @@ def exact_checks(device: torch.device, dtype: torch.dtype) -> list[dict]:
 
         # Eq. 11, one step
         f, jac = jacobian(model, batches[0])
-        want = start - sample_space_step(jac, (f - targets[0]).reshape(-1), LAM, ALPHA)
+        want = start - sample_space_step(jac, (f - targets[0]).reshape(-1), LAM, alpha)
         for space in ("sample", "parameter") if start.numel() <= 5000 else ("sample",):  # m x m fits
             low = copy.deepcopy(model).to(dtype)
-            ggn(low, solve_space=space).step(mse_closure(low, batches[0].to(dtype), targets[0].to(dtype)))
+            ggn(low, alpha, solve_space=space).step(mse_closure(low, batches[0].to(dtype), targets[0].to(dtype)))
             rows.append(dict(model=name, check=f"eq11_{space}", error=relative(flat(low).double(), want)))
 
         # SPRING: phi_t = mu phi_{t-1} + J^T (lam G + alpha I)^{-1} (r - lam mu J phi_{t-1}), w -= phi_t
@@ -155,11 +156,11 @@ def exact_checks(device: torch.device, dtype: torch.dtype) -> list[dict]:
         for x, y in zip(batches, targets):
             f, jac = jacobian(reference, x)
             r = (f - y).reshape(-1) - LAM * MU * jac @ phi
-            phi = MU * phi + sample_space_step(jac, r, LAM, ALPHA)
+            phi = MU * phi + sample_space_step(jac, r, LAM, alpha)
             with torch.no_grad():
                 torch.nn.utils.vector_to_parameters(flat(reference) - phi, reference.parameters())
         low = copy.deepcopy(model).to(dtype)
-        opt = ggn(low, momentum=MU)
+        opt = ggn(low, alpha, momentum=MU)
         for x, y in zip(batches, targets):
             opt.step(mse_closure(low, x.to(dtype), y.to(dtype)))
         rows.append(dict(model=name, check="spring_two_steps", error=relative(flat(low).double(), flat(reference))))
@@ -172,10 +173,10 @@ def exact_checks(device: torch.device, dtype: torch.dtype) -> list[dict]:
             g = (p - F.one_hot(labels, k).to(p)).reshape(-1)
             h = torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p])
             m = jac.shape[1]
-            want = start - torch.linalg.solve(LAM * jac.T @ h @ jac + ALPHA * eye(m, jac), jac.T @ g)
+            want = start - torch.linalg.solve(LAM * jac.T @ h @ jac + alpha * eye(m, jac), jac.T @ g)
             low = copy.deepcopy(model).to(dtype)
             x = batches[0].to(dtype)
-            ggn(low, loss="cross_entropy", curvature="exact").step(lambda: (low(x).reshape(b, k), labels))
+            ggn(low, alpha, loss="cross_entropy", curvature="exact").step(lambda: (low(x).reshape(b, k), labels))
             rows.append(dict(model=name, check="cross_entropy_exact", error=relative(flat(low).double(), want)))
     return rows
 
@@ -319,7 +320,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cuda_check.json")
     p.add_argument("--profile", choices=list(TIMED_MODELS), help="only profile SGD and GGN steps of this model")
     p.add_argument("--rows", type=int, default=18, help="operators per profile table")
+    p.add_argument(
+        "--matmul-precision",
+        choices=["highest", "high", "medium"],
+        help="torch.set_float32_matmul_precision for the whole run (high: TF32 matrix products)",
+    )
+    p.add_argument("--alpha", type=float, default=ALPHA, help="alpha of the exactness checks")
+    p.add_argument("--no-timing", action="store_true", help="the checks only")
     args = p.parse_args()
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
@@ -332,23 +342,28 @@ def main() -> None:
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
         matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
         threads=torch.get_num_threads(),
         load_average=os.getloadavg()[0],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record["exact_float64"] = exact_checks(device, torch.float64)
-        record["float32_against_float64"] = exact_checks(device, torch.float32)
+        record["exact_float64"] = exact_checks(device, torch.float64, args.alpha)
+        record["float32_against_float64"] = exact_checks(device, torch.float32, args.alpha)
     record["exact_routed_to_reference"] = sorted(
         {str(w.message) for w in caught if "reference engine" in str(w.message)}
     )
     if device.type == "cuda" and dist.is_nccl_available():
         record["nccl"] = nccl_checks(device)
-    record["step_cost"] = step_cost(device, args.reps, args.warmup)
+    record["alpha"] = args.alpha
+    record["step_cost"] = [] if args.no_timing else step_cost(device, args.reps, args.warmup)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
 
-    print(f"{record['device']}, torch {record['torch']}, TF32 cuDNN {record['cudnn_allow_tf32']}")
+    print(
+        f"{record['device']}, torch {record['torch']}, TF32 cuDNN {record['cudnn_allow_tf32']}, "
+        f"float32 matmul precision {record['float32_matmul_precision']}"
+    )
     for key in ("exact_float64", "float32_against_float64", "nccl"):
         for row in record.get(key, []):
             value = f"{row['error']:.2e}" if "error" in row else row["outcome"]
