@@ -514,6 +514,33 @@ def test_row_check_runs_its_passes_without_tf32(monkeypatch: pytest.MonkeyPatch)
         torch.set_float32_matmul_precision(precision)
 
 
+def test_autocast_modules_go_to_the_reference_engine_with_their_reason() -> None:
+    """Under ``torch.autocast`` a module computes in bfloat16 with float32 parameters: the handlers
+    cannot mix the two (they raised a dtype error once the row check passed them), and the row
+    check at float32's tolerance used to refuse them as "rows are not samples". They are routed
+    for what they are, and the Gram is the reference engine's, exactly."""
+    import warnings
+
+    from gramnewton.engines import HooksEngine, ReferenceEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2))
+    x, y = torch.randn(6, 1, 5, 5), torch.randn(6, 2)
+
+    def closure() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        return out.float() - y
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = HooksEngine(model).compute(closure)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "Conv2d computes in torch.bfloat16 while its parameters are torch.float32 (autocast?)" in messages
+    assert "Linear computes in torch.bfloat16" in messages and "rows of its output" not in messages
+    assert torch.equal(fast.gram, ReferenceEngine(list(model.parameters())).compute(closure).gram)
+
+
 def test_unbatched_convolution_with_as_many_channels_as_samples_is_routed() -> None:
     from gramnewton.engines import HooksEngine
 

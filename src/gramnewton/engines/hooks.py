@@ -69,6 +69,7 @@ class _Call:
     version: int
     rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
     out_shape: tuple[int, ...]
+    out_dtype: torch.dtype
     edge: GradientEdge | None  # None once the step's graph walks and backward passes are done
     params: dict[str, Tensor] = field(default_factory=dict)
     input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
@@ -330,7 +331,9 @@ class HooksEngine:
                 if isinstance(t, Tensor) and t.requires_grad
             )
             edge = get_gradient_edge(output)
-            call = _Call(module, handler, kept, x._version, rows, tuple(output.shape), edge, dict(own), inputs)
+            call = _Call(
+                module, handler, kept, x._version, rows, tuple(output.shape), output.dtype, edge, dict(own), inputs
+            )
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -394,6 +397,14 @@ class HooksEngine:
             if "forward" in vars(call.module):  # the handler knows the class's forward, not this one
                 for p in call.params.values():
                     dynamic.setdefault(id(p), f"{type(call.module).__name__} has its forward replaced on the instance")
+            mixed = {p.dtype for p in call.params.values()} - {call.out_dtype}
+            if mixed:  # autocast: the handlers combine the module's output gradients with its parameters
+                for p in call.params.values():
+                    dynamic.setdefault(
+                        id(p),
+                        f"{type(call.module).__name__} computes in {call.out_dtype} while its parameters are "
+                        f"{p.dtype} (autocast?)",
+                    )
             if call.rows != (b, b) or _unbatched(call):
                 for p in call.params.values():
                     dynamic.setdefault(
