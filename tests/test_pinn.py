@@ -18,7 +18,7 @@ from dense import assert_close
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from gramnewton import GramGaussNewton, pinn
+from gramnewton import GramGaussNewton, full_batch_step, pinn
 from gramnewton.engines import FunctionalEngine, FunctionalResidual, HooksEngine, ReferenceEngine, Term
 
 RTOL = 1e-10
@@ -311,3 +311,51 @@ def test_example_line_search_ggn_solves_a_small_poisson_problem(form, momentum):
     losses = [float(opt.step(residual)) for _ in range(60)]
     assert losses[-1] < 1e-8 * losses[0]
     assert error() < 1e-3
+
+
+@pytest.mark.parametrize("engine", ["functional", "hooks_laplacian", "full_batch"])
+def test_pinn_steps_follow_the_model_not_torchs_default_device(engine: str) -> None:
+    """As ``test_reliability.py::test_a_step_follows_the_model_not_torchs_default_device``, for the
+    physics-informed paths: the functional engine, the hooks engine on an autograd Laplacian (its
+    parameters reach the reference engine), and ``full_batch_step`` at ``alpha = 0`` (the SVD)."""
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.rand(12, 2, dtype=torch.float64)
+    if engine == "functional":
+        u = pinn.pointwise(model)
+        parts = [(lambda p, xi: -pinn.laplacian(lambda y: u(p, y), xi) - source(xi), x)]
+        closure = pinn.residual(dict(model.named_parameters()), *parts)
+    else:
+        closure = lambda: autograd_poisson_closure(model, x)  # noqa: E731
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.device("meta"):
+        if engine == "full_batch":
+            full_batch_step(model.parameters(), closure)
+        else:
+            opt = GramGaussNewton(model, engine="functional" if engine == "functional" else "auto")
+            for _ in range(2):
+                opt.step(closure)
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("options", [{}, {"geodesic_acceleration": True}], ids=["defaults", "acceleration"])
+def test_re_evaluations_of_an_autograd_laplacian_closure(options: dict) -> None:
+    """The gain ratio's re-evaluation and the acceleration's point along the step run the closure
+    for values, without autograd; a closure taking ``torch.autograd.grad`` of the network raised
+    there ("element 0 of tensors does not require grad"), so ``GramGaussNewton(model)`` failed on
+    its first re-evaluated step. It is now run again with autograd."""
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.rand(24, 2, dtype=torch.float64)
+    opt = GramGaussNewton(model, **options)
+    closure = lambda: autograd_poisson_closure(model, x)  # noqa: E731
+    first = float(closure().pow(2).mean())
+    measured = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the routing warning of the autograd Laplacian
+        for _ in range(6):
+            opt.step(closure)
+            measured += opt.last_diagnostics.gain_ratio is not None
+    assert measured > 0
+    assert float(closure().pow(2).mean()) < first

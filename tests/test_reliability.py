@@ -514,6 +514,47 @@ def test_row_check_runs_its_passes_without_tf32(monkeypatch: pytest.MonkeyPatch)
         torch.set_float32_matmul_precision(precision)
 
 
+DEFAULT_DEVICE_CASES = {
+    "defaults": {},
+    "momentum_bias_correction_bound": {"bias_correction": True, "max_step_norm": 10.0},
+    "parameter_space": {"solve_space": "parameter", "momentum": 0.0},
+    "reference_engine": {"engine": "reference"},
+    "damping_on_a_subset": {"adaptive_damping": {"name": "gain_ratio", "subset": 4}},
+    "geodesic_acceleration": {"geodesic_acceleration": True, "adaptive_damping": False},
+    "cross_entropy": {"loss": "cross_entropy"},
+    "cross_entropy_exact": {"loss": "cross_entropy", "curvature": "exact"},
+    "cross_entropy_top_c": {"loss": "cross_entropy", "curvature": "top_c", "top_c": 2},
+    "binary_cross_entropy": {"loss": "binary_cross_entropy"},
+}
+
+
+@pytest.mark.parametrize("options", DEFAULT_DEVICE_CASES.values(), ids=DEFAULT_DEVICE_CASES)
+def test_a_step_follows_the_model_not_torchs_default_device(options: dict) -> None:
+    """A step makes its tensors where the model is, whatever ``torch.set_default_device`` says (a
+    user with ``cuda`` as the default and a model elsewhere, or the reverse). Run under a ``meta``
+    default device, any tensor the library made from the default has no data and the step fails;
+    the row check's random draws did (a CPU generator drawing on a CUDA default device raises)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+    x, y = torch.randn(8, 1, 5, 5), torch.randn(8, 3)
+    loss = options.get("loss", "mse")
+    targets = {"cross_entropy": torch.arange(8) % 3, "binary_cross_entropy": (y > 0).double().float()}.get(loss, y)
+    opt = GramGaussNewton(model, **options)
+
+    def closure(rows: slice = slice(None)) -> Tensor | tuple[Tensor, Tensor]:
+        out = model(x[rows])
+        return out - targets[rows] if loss == "mse" else (out, targets[rows])
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.device("meta"):
+        for _ in range(3):
+            opt.step(closure)
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
+    assert state and all(t.device.type == "cpu" for t in state)
+
+
 def test_autocast_modules_go_to_the_reference_engine_with_their_reason() -> None:
     """Under ``torch.autocast`` a module computes in bfloat16 with float32 parameters: the handlers
     cannot mix the two (they raised a dtype error once the row check passed them), and the row

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .engines.base import reevaluate
 from .losses import Loss, SquaredError
 
 CURVATURES = ("auto", "exact", "top_c", "gradient")
@@ -161,7 +162,9 @@ class LossClosure:
 
         Raises:
             ValueError: the outputs are not as many as the rows asked of the batch of the last call."""
-        outputs, targets = split_pair(self.closure() if rows is None else self.closure(rows), self.loss)
+        outputs, targets = split_pair(
+            reevaluate(self.closure) if rows is None else reevaluate(self.closure, rows), self.loss
+        )
         if self.per_sample is not None and isinstance(outputs, Tensor):
             expected = len(range(self.per_sample.shape[0])[rows or slice(None)])
             if outputs.dim() == 0 or outputs.shape[0] != expected:

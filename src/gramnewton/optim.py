@@ -19,7 +19,7 @@ from .damping import DampingRule, GainRatioDamping, check_subset, damping_rule, 
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
-from .engines.base import closure_residuals
+from .engines.base import closure_residuals, reevaluate
 from .engines.select import select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
@@ -341,7 +341,7 @@ class GramGaussNewton(Optimizer):
             )
             if general is not None:
                 total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
-                result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample.dtype))
+                result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample))
             loss = result.loss
         scaled = self.bias_correction or self.max_step_norm is not None
         # the recursion's phi_t, before any scaling (the momentum state to keep)
@@ -373,11 +373,11 @@ class GramGaussNewton(Optimizer):
         if not diagnostics.rejected:
             for i, p in enumerate(self.engine.params):
                 state = self.state[p]
-                state["step"] = state.get("step", torch.tensor(0.0)) + 1
+                state["step"] = state["step"] + 1 if "step" in state else torch.tensor(1.0, device="cpu")
                 if momentum:  # phi_t: the step taken without the decay (and without s_t)
                     state["momentum_buffer"] = phi[i]
                     if self.bias_correction:
-                        state["momentum_count"] = torch.tensor(float(count))
+                        state["momentum_count"] = torch.tensor(float(count), device="cpu")
         self.last_step = result
         self.last_diagnostics = diagnostics
         return loss
@@ -409,7 +409,7 @@ class GramGaussNewton(Optimizer):
         """``fn()`` summed over the ranks in exact mode (errors raised on every rank), else as is."""
         if self.distributed == "exact":
             return self.communicator.total(fn, width)
-        return torch.tensor([float(v) for v in fn()], dtype=torch.float64)
+        return torch.tensor([float(v) for v in fn()], dtype=torch.float64, device="cpu")
 
     def _subset(self) -> int | None:
         """The damping rule's ``subset`` (samples re-evaluated for the gain ratio), or ``None``."""
@@ -482,9 +482,9 @@ class GramGaussNewton(Optimizer):
         else:
             call = closure if rows is None else functools.partial(closure, rows)
             if self.distributed == "exact":  # the union batch's residuals, in rank order
-                new_residuals = self.communicator.gather(lambda: closure_residuals(call()).reshape(-1))
+                new_residuals = self.communicator.gather(lambda: closure_residuals(reevaluate(call)).reshape(-1))
             else:
-                new_residuals = closure_residuals(call())
+                new_residuals = closure_residuals(reevaluate(call))
             if not isinstance(new_residuals, Tensor) or new_residuals.numel() != before_rows.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
             before, model, after = squared_sums(before_rows, predicted, new_residuals)  # one synchronisation

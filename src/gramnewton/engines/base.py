@@ -147,6 +147,23 @@ def closure_residuals(value: ClosureResult) -> Tensor:
     return value
 
 
+def reevaluate(closure: Callable[..., ClosureResult], *args: Any) -> ClosureResult:
+    """``closure(*args)`` for its values alone (a gain ratio, a point along the step): without
+    autograd, which a forward for values does not need. A closure that differentiates inside (a
+    physics-informed residual taking ``torch.autograd.grad`` of the network with respect to its
+    inputs) fails so, with autograd's "... does not require grad ..." error, and only then is run
+    again with autograd; any other error propagates as raised.
+    """
+    try:
+        with torch.no_grad():
+            return closure(*args)
+    except RuntimeError as error:
+        if "does not require grad" not in str(error):
+            raise
+    with torch.enable_grad():
+        return closure(*args)
+
+
 def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tensor:
     """Validate a closure's return value (residuals, or ``(outputs, targets)``) and view it as ``(b, k)``.
 

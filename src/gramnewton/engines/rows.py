@@ -124,11 +124,12 @@ def rows_not_samples(
     """
     b, k = residuals.shape
     count = len(widths)
-    generator = torch.Generator().manual_seed(0)
-    u = 1 + torch.rand(b, k, generator=generator, dtype=torch.float64)
-    s = 1 + torch.rand(b, generator=generator, dtype=torch.float64)
+    # drawn on the CPU with a seeded CPU generator whatever torch's default device (the same numbers everywhere)
+    generator, cpu = torch.Generator().manual_seed(0), dict(dtype=torch.float64, device="cpu")
+    u = 1 + torch.rand(b, k, generator=generator, **cpu)
+    s = 1 + torch.rand(b, generator=generator, **cpu)
     f64 = dict(dtype=torch.float64, device=residuals.device)
-    directions = [torch.randn(w, PROJECTIONS, generator=generator, dtype=torch.float64).to(**f64) for w in widths]
+    directions = [torch.randn(w, PROJECTIONS, generator=generator, **cpu).to(**f64) for w in widths]
     projected = torch.zeros(2, count, b, PROJECTIONS, **f64)  # pass, output, row: W^T vec(g[row])
     norms = torch.zeros(2, count, b, **f64)  # ||g[row]||
     seen = [[False] * count, [False] * count]
