@@ -11,7 +11,8 @@ the CPU by mistake fails here as it would for a user.
    ``-(lam J^T H J + alpha I)^{-1} J^T g``; ``solve_space="parameter"`` (where ``m x m`` is
    small); and ``distributed="exact"``
    in a one-rank NCCL group against the plain step (with the status exchange on the CPU too,
-   which NCCL refuses).
+   which NCCL refuses); and what users do there (:func:`usage_checks`: a CPU model under a GPU
+   default device, ``torch.autocast``, an autograd-Laplacian PINN with the defaults).
 2. **float32**: the same steps with float32 parameters against the float64 step from the same
    weights (TF32 as PyTorch sets it by default: on for cuDNN convolutions, off for matmul).
 3. **Step cost**, float32, batch 128 (32 for the two-layer net): SGD, Adam and GGN steps as
@@ -34,6 +35,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import socket
@@ -51,6 +53,7 @@ from torch.func import functional_call, jacrev
 
 from gramnewton import GramGaussNewton
 from gramnewton.distributed import Communicator
+from gramnewton.engines import HooksEngine, ReferenceEngine
 from gramnewton.lab.experiments.optimizers import build_optimizer
 from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import TwoLayerNet, get_model
@@ -178,6 +181,63 @@ def exact_checks(device: torch.device, dtype: torch.dtype, alpha: float = ALPHA)
             x = batches[0].to(dtype)
             ggn(low, alpha, loss="cross_entropy", curvature="exact").step(lambda: (low(x).reshape(b, k), labels))
             rows.append(dict(model=name, check="cross_entropy_exact", error=relative(flat(low).double(), want)))
+    return rows
+
+
+def usage_checks(device: torch.device) -> list[dict]:
+    """What users do on a GPU that the float64 checks do not: a step of a CPU model while the
+    default device is the GPU (against the same step without), a closure under ``torch.autocast``
+    (bfloat16; routed to the reference engine, against its own Gram), and ``GramGaussNewton(model)``
+    on an autograd-Laplacian PINN closure on the GPU (the re-evaluations need autograd)."""
+    rows = []
+    model = perturbed(gn_cnn, torch.device("cpu"))
+    x, y = torch.randn(10, 1, 6, 6, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    plain, other = copy.deepcopy(model), copy.deepcopy(model)
+    for _ in range(2):
+        ggn(plain, momentum=MU).step(mse_closure(plain, x, y))
+    with torch.device(device):
+        for _ in range(2):
+            ggn(other, momentum=MU).step(mse_closure(other, x, y))
+    rows.append(dict(model="gn_cnn", check="cpu_model_gpu_default", error=relative(flat(other), flat(plain))))
+
+    model = perturbed(gn_cnn, device).float()
+    x = torch.randn(10, 1, 6, 6, device=device)
+    y = torch.randn(10, 2, device=device)
+
+    def autocast_closure() -> Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(x)
+        return out.float() - y
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = HooksEngine(model).compute(autocast_closure)
+    reference = ReferenceEngine(list(model.parameters())).compute(autocast_closure)
+    reasons = sorted(
+        {str(w.message).split("engine (", 1)[-1][:70] for w in caught if "reference engine" in str(w.message)}
+    )
+    rows.append(dict(model="gn_cnn", check="autocast_bf16_gram", error=relative(fast.gram, reference.gram)))
+    rows.append(dict(model="gn_cnn", check="autocast_bf16_routed", outcome="; ".join(reasons) or "nothing"))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).double().to(device)
+    points = torch.rand(24, 2, dtype=torch.float64, device=device)
+
+    def laplacian_closure() -> Tensor:
+        z = points.detach().requires_grad_(True)
+        u = net(z).squeeze(-1)
+        (grad,) = torch.autograd.grad(u.sum(), z, create_graph=True)
+        lap = sum(torch.autograd.grad(grad[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(2))
+        return -lap - 2 * math.pi**2 * torch.sin(math.pi * points).prod(-1)
+
+    first = float(laplacian_closure().detach().pow(2).mean())
+    opt = GramGaussNewton(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the autograd Laplacian's routing
+        for _ in range(8):
+            opt.step(laplacian_closure)
+    last = float(laplacian_closure().detach().pow(2).mean())
+    rows.append(dict(model="pinn_mlp", check="defaults_autograd_laplacian", outcome=f"MSE {first:.3g} -> {last:.3g}"))
     return rows
 
 
@@ -353,6 +413,7 @@ def main() -> None:
     record["exact_routed_to_reference"] = sorted(
         {str(w.message) for w in caught if "reference engine" in str(w.message)}
     )
+    record["usage"] = usage_checks(device)
     if device.type == "cuda" and dist.is_nccl_available():
         record["nccl"] = nccl_checks(device)
     record["alpha"] = args.alpha
@@ -364,7 +425,7 @@ def main() -> None:
         f"{record['device']}, torch {record['torch']}, TF32 cuDNN {record['cudnn_allow_tf32']}, "
         f"float32 matmul precision {record['float32_matmul_precision']}"
     )
-    for key in ("exact_float64", "float32_against_float64", "nccl"):
+    for key in ("exact_float64", "float32_against_float64", "usage", "nccl"):
         for row in record.get(key, []):
             value = f"{row['error']:.2e}" if "error" in row else row["outcome"]
             print(f"{key:24s} {row['model']:14s} {row['check']:22s} {value}")
