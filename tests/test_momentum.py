@@ -47,10 +47,11 @@ def dense_spring(
     wd: float = 0.0,
     bias_correction: bool = False,
     max_step_norm: float | None = None,
+    lr: float = 1.0,
 ) -> tuple[list[Tensor], Tensor]:
     """Parameters after each step of the explicit formula, and the last ``phi``.
 
-    The step taken is ``s_t phi_t``, ``s_t = min(b_t, C / ||phi_t||)`` with
+    The step is ``w <- (1 - lr wd) w - lr s_t phi_t``, ``s_t = min(b_t, C / ||phi_t||)`` with
     ``b_t = 1 / sqrt(1 - mu^(2t))`` under ``bias_correction`` (else 1) and ``C = max_step_norm``
     (else no bound); the recursion keeps the unscaled ``phi_t``."""
     model = copy.deepcopy(model)
@@ -65,7 +66,7 @@ def dense_spring(
         scale = 1 / math.sqrt(1 - mu ** (2 * t)) if bias_correction else 1.0
         if max_step_norm is not None:
             scale = min(scale, max_step_norm / float(phi.detach().norm()))
-        _set_flat(model, (1 - wd) * flat_params(model) - scale * phi)
+        _set_flat(model, (1 - lr * wd) * flat_params(model) - lr * scale * phi)
         trajectory.append(flat_params(model))
     return trajectory, phi
 
@@ -548,3 +549,67 @@ def test_invalid_step_scaling_arguments(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         GramGaussNewton(_small_mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+@pytest.mark.parametrize("mu,bias_correction,bound", [(0.0, False, None), (0.7, True, 0.5)], ids=["eq11", "spring"])
+def test_lr_scales_the_step_taken_and_the_decay(engine, mu, bias_correction, bound):
+    """``lr`` multiplies the step taken and the decay, ``w <- (1 - lr wd) w - lr s_t phi_t``, the
+    recursion keeping the unscaled ``phi_t``: three steps against the dense formula (float64)."""
+    name, build, shape, k, b = CASES[1]
+    model = build().double()
+    batches = _batches(shape, k, b)
+    options = dict(bias_correction=bias_correction, max_step_norm=bound)
+    opt = GramGaussNewton(
+        model,
+        lam=0.8,
+        alpha=0.3,
+        momentum=mu,
+        weight_decay=0.1,
+        lr=0.4,
+        engine=engine,
+        adaptive_damping=False,
+        **options,
+    )
+    expected, _ = dense_spring(model, batches, 0.8, 0.3, mu, 0.1, bias_correction, bound, lr=0.4)
+    for (x, y), want in zip(batches, expected):
+        opt.step(lambda: model(x) - y)
+        assert_close(flat_params(model), want, 1e-10, f"{name}, lr 0.4")
+
+
+def test_lr_schedulers_drive_the_step():
+    """``torch.optim.lr_scheduler`` reads and writes ``param_groups[i]["lr"]``: a scheduler's
+    halving halves the next step (no momentum, fixed ``alpha``), ``ReduceLROnPlateau`` attaches,
+    and a state_dict without ``lr`` (saved before it existed) loads as ``lr = 1``."""
+    name, build, shape, k, b = CASES[1]
+    model = build().double()
+    ((x, y),) = _batches(shape, k, b, count=1)
+    opt = GramGaussNewton(model, lam=0.8, alpha=0.3, momentum=0.0, adaptive_damping=False)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+    before = flat_params(model)
+    expected = before + 0.5 * dense_step(model, x, y, 0.8, 0.3)
+    opt.step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, "after StepLR's halving")
+    torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5).step(1.0)
+    old = opt.state_dict()
+    del old["param_groups"][0]["lr"]
+    twin = GramGaussNewton(copy.deepcopy(model), momentum=0.0, adaptive_damping=False)
+    twin.load_state_dict(old)
+    twin.step(lambda: twin.model(x) - y)
+    assert twin.param_groups[0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("lr", [0, -1.0, float("nan"), float("inf"), True, "1", 20.0])
+def test_bad_lr_is_refused_and_changes_nothing(lr):
+    model = nn.Linear(3, 1).double()
+    with pytest.raises(ValueError, match="Invalid lr"):
+        GramGaussNewton(model, lr=lr, weight_decay=0.1)
+    opt = GramGaussNewton(model, weight_decay=0.1)
+    opt.param_groups[0]["lr"] = lr  # as a scheduler or a user would set it
+    before = flat_params(model)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.step(lambda: model(x) - y)
+    assert torch.equal(flat_params(model), before)

@@ -74,7 +74,10 @@ class GramGaussNewton(Optimizer):
     from the engine's per-sample pieces, without another pass; :math:`\phi` is kept in the state
     (``momentum_buffer``, one per parameter). With ``bias_correction`` or ``max_step_norm`` the
     step taken is :math:`s_t \phi_t` (:func:`~gramnewton.update.step_scale`), the recursion
-    keeps the unscaled :math:`\phi_t` (as SPRING's learning rate and norm constraint do).
+    keeps the unscaled :math:`\phi_t` (as SPRING's learning rate and norm constraint do). ``lr``
+    multiplies the step taken and the decay, :math:`w \leftarrow (1 - \mathrm{lr}\,\mathrm{wd})\, w
+    - \mathrm{lr}\, s_t \phi_t`, for ``torch.optim.lr_scheduler`` (``lr = 1``, the default: the
+    formulas above exactly).
 
     Symbols of Eq. 11 and their arguments:
         - :math:`w`: ``params_or_model`` (the parameters to train).
@@ -92,6 +95,7 @@ class GramGaussNewton(Optimizer):
           is Eq. 10; with the whole data set in the closure it is the full-batch Eq. 9.
         - :math:`\mu`: ``momentum``, in ``[0, 1)``.
         - ``weight_decay`` (wd): decoupled, ``w <- (1 - wd) w`` in the same step.
+        - ``lr``: a multiplier of the step taken (and of the decay), ``1`` by default.
 
     Args:
         params_or_model: an ``nn.Module`` (the fast engine then hooks it; BatchNorm in training
@@ -100,6 +104,11 @@ class GramGaussNewton(Optimizer):
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``. A damping rule's gain
             ratio judges the step without it (the decay is applied once the step is accepted).
+        lr: the fraction of the step taken, ``> 0`` (with ``lr * weight_decay < 1``): the
+            handle of ``torch.optim.lr_scheduler``'s schedulers, which read and write
+            ``param_groups[i]["lr"]``. Equivalent to ``lam / lr`` and ``alpha / lr`` without
+            momentum; with it, the recursion keeps the unscaled :math:`\phi_t`. The gain ratio
+            judges the step taken.
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
             ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
@@ -171,8 +180,8 @@ class GramGaussNewton(Optimizer):
     the part of the step that batches agree on. ``lam=1, alpha=0, momentum=0,
     adaptive_damping=False`` is the paper's Eq. 10 (Eq. 9 with the whole data set).
 
-    ``lam``, ``alpha`` and ``momentum`` live in ``param_groups`` and must agree across groups (one
-    system is solved for all parameters); ``weight_decay`` may differ per group. After every step
+    ``lam``, ``alpha``, ``momentum`` and ``lr`` live in ``param_groups`` and must agree across groups
+    (one system is solved for all parameters); ``weight_decay`` may differ per group. After every step
     ``last_diagnostics`` (:class:`~gramnewton.diagnostics.StepDiagnostics`) holds the losses,
     predicted decrease, gain ratio, damping, solve and step norm.
 
@@ -190,6 +199,7 @@ class GramGaussNewton(Optimizer):
         lam: float = 16.0,
         alpha: float = 0.3,
         weight_decay: float = 0.0,
+        lr: float = 1.0,
         engine: str | GramEngine = "auto",
         solve_dtype: torch.dtype | None = None,
         adaptive_damping: bool | str | Mapping[str, Any] | DampingRule = "auto",
@@ -204,7 +214,7 @@ class GramGaussNewton(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         geodesic_acceleration: bool | GeodesicAcceleration = False,
     ):
-        _check_hyper(lam, alpha, weight_decay, momentum)
+        _check_hyper(lam, alpha, weight_decay, momentum, lr)
         if solve_space not in SOLVE_SPACES:
             raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
         if not isinstance(bias_correction, bool):
@@ -223,9 +233,9 @@ class GramGaussNewton(Optimizer):
         self.acceleration = _acceleration(geodesic_acceleration, self.loss, self.distributed)
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
-        super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum))
+        super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum, lr=lr))
         for group in self.param_groups:
-            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"])
+            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not trainable:
             raise ValueError("GramGaussNewton got no parameter that requires grad")
@@ -305,7 +315,8 @@ class GramGaussNewton(Optimizer):
         if closure is None:
             raise ValueError("GramGaussNewton.step needs a closure that returns per-sample residuals")
         for group in self.param_groups:
-            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"])
+            group.setdefault("lr", 1.0)  # a state_dict saved before lr existed
+            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         if self.model is not None:
             check_per_sample_independence(self.model)
         if self._subset() is not None and not _takes_rows(closure):
@@ -318,7 +329,7 @@ class GramGaussNewton(Optimizer):
         general = (
             None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
         )
-        lam, alpha, momentum = self._shared("lam"), self._shared("alpha"), self._shared("momentum")
+        lam, alpha, momentum, lr = (self._shared(key) for key in ("lam", "alpha", "momentum", "lr"))
         choose = getattr(self.damping, "choose_alpha", None)
         previous = self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None
         hyper = dict(
@@ -347,29 +358,30 @@ class GramGaussNewton(Optimizer):
         # the recursion's phi_t, before any scaling (the momentum state to keep)
         phi = torch._foreach_neg([d.detach() for d in result.direction]) if momentum else None
         count = self._momentum_count() + 1 if previous is not None else 1
+        scale = lr
         if scaled:
-            scale = step_scale(
+            scale *= step_scale(
                 result.direction_norm,
                 momentum,
                 count,
                 bias_correction=self.bias_correction,
                 max_step_norm=self.max_step_norm,
             )
-            if scale != 1.0:
-                result = scale_step(result, scale)
+        if scale != 1.0:
+            result = scale_step(result, scale)
         backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
             # with a damping rule the decay waits for the verdict: the gain ratio judges the
             # Gauss-Newton step alone (the decay is not part of the loss model it tests)
-            decay = 0.0 if self.damping is not None else group["weight_decay"]
+            decay = 0.0 if self.damping is not None else lr * group["weight_decay"]
             apply_direction(params, [updates[id(p)] for p in params], decay)
         diagnostics = _diagnostics(result, lam, momentum)
         if self.damping is not None:
             diagnostics = self._adapt_damping(closure, result, backup, diagnostics, general)
             if not diagnostics.rejected:
-                self._decay(backup)
+                self._decay(backup, lr)
         if not diagnostics.rejected:
             for i, p in enumerate(self.engine.params):
                 state = self.state[p]
@@ -383,15 +395,15 @@ class GramGaussNewton(Optimizer):
         return loss
 
     @torch.no_grad()
-    def _decay(self, before: list[Tensor]) -> None:
-        """``w <- w - wd * w_before``: the decoupled decay of an accepted step, from the
-        parameters before it (so the step is ``(1 - wd) w - phi`` as without a damping rule)."""
+    def _decay(self, before: list[Tensor], lr: float) -> None:
+        """``w <- w - lr * wd * w_before``: the decoupled decay of an accepted step, from the
+        parameters before it (so the step is ``(1 - lr wd) w - lr phi`` as without a damping rule)."""
         old = {id(p): b for p, b in zip(self.engine.params, before)}
         for group in self.param_groups:
             if group["weight_decay"]:
                 for p in group["params"]:
                     if id(p) in old:
-                        p.sub_(old[id(p)], alpha=group["weight_decay"])
+                        p.sub_(old[id(p)], alpha=lr * group["weight_decay"])
 
     def _without_ddp_sync(self, closure: Closure) -> Closure:
         """``closure`` run under DDP's ``no_sync()``: no gradient all-reduce is prepared."""
@@ -548,9 +560,11 @@ def _acceleration(
     return GeodesicAcceleration() if value is True else value
 
 
-def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float) -> None:
+def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float, lr: float) -> None:
     check_damping(lam, alpha)
     if not 0 <= weight_decay < 1:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be in [0, 1))")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf or lr * weight_decay >= 1:
+        raise ValueError(f"Invalid lr value: {lr!r} (must be a finite number > 0, with lr * weight_decay < 1)")
     if not 0 <= momentum < 1:
         raise ValueError(f"Invalid momentum value: {momentum} (must be in [0, 1))")
