@@ -38,6 +38,9 @@ cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's me
 block-cyclic GGN: one ``GramGaussNewton`` (same keywords, its own hooks engine, momentum and
 damping) over the parameters whose names start with one of the prefixes ``P``, ``Q``, ..., one
 over the rest, stepping in turn (each step's Gram, backward and update cover one block only).
+``cosine=F`` anneals the variant's ``lr`` (every optimizer's, ``GramGaussNewton``'s too: the
+fraction of its step taken) from its value to ``F`` times it along a half cosine over the race's
+``--seconds`` of the variant's CPU time, set before every step as a scheduler would set it.
 ``then=LR@S`` hands a variant over to ``torch.optim.Adam(lr=LR)`` (fresh state) once its steps
 have taken ``S`` CPU seconds: a GGN warm start followed by Adam. ``sggn:rows=S,alpha=A`` (``lam``,
 ``momentum``: 16, 0.9) is the prototype of ``subsampled_ggn.py``: the curvature of the batch's
@@ -229,6 +232,7 @@ def race(
         optimizer_spec, schedule = split_batch(spec, batch)
         optimizer_spec, decay = split_averaging(optimizer_spec)
         optimizer_spec, handoff = pop_key(optimizer_spec, "then")
+        optimizer_spec, cosine = pop_key(optimizer_spec, "cosine")
         built = build(optimizer_spec, model, loss_name)
         opts = built if isinstance(built, list) else [built]
         model.train()
@@ -237,6 +241,9 @@ def race(
         runs[-1]["average"] = None if decay is None else AveragedModel(model, avg_fn=ema_with_warmup(decay))
         runs[-1]["schedule"] = schedule
         runs[-1]["handoff"] = None if handoff is None else tuple(float(v) for v in handoff.split("@"))
+        runs[-1]["cosine"] = (
+            None if cosine is None else (float(cosine), [[g["lr"] for g in o.param_groups] for o in opts])
+        )
         runs[-1].update(steps=0, marks=[], alphas=[])
     n_marks = int(seconds / mark + 1e-9)
     load = [os.getloadavg()]
@@ -257,6 +264,12 @@ def race(
             if augment is not None:  # the generator of fit's batch (seed, epoch, batch): the same shifts for all
                 x = augment(x, augment_generator(seed, run["epoch"], run["batch_in_epoch"]))
             run["batch_in_epoch"] += 1
+            if run["cosine"] is not None:
+                final, base = run["cosine"]
+                factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(run["cpu"] / seconds, 1.0)))
+                for o, lrs in zip(run["opts"], base):
+                    for group, lr in zip(o.param_groups, lrs):
+                        group["lr"] = lr * factor
             start = time.process_time()
             turn = run["steps"] % len(run["opts"])  # a block-cyclic GGN steps its blocks in turn
             loss = float(run["steps_of"][turn](x, y))
