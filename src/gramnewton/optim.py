@@ -106,9 +106,9 @@ class GramGaussNewton(Optimizer):
             ratio judges the step without it (the decay is applied once the step is accepted).
         lr: the fraction of the step taken, ``> 0`` (with ``lr * weight_decay < 1``): the
             handle of ``torch.optim.lr_scheduler``'s schedulers, which read and write
-            ``param_groups[i]["lr"]``. Equivalent to ``lam / lr`` and ``alpha / lr`` without
-            momentum; with it, the recursion keeps the unscaled :math:`\phi_t`. The gain ratio
-            judges the step taken.
+            ``param_groups[i]["lr"]``. Without momentum the step (not the decay) is the one of
+            ``lam / lr`` and ``alpha / lr``; with it, the recursion keeps the unscaled
+            :math:`\phi_t`. The gain ratio judges the step taken.
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
             ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
@@ -253,7 +253,7 @@ class GramGaussNewton(Optimizer):
         if self.distributed is not None:
             if self.distributed == "local" and self.damping is not None:
                 raise ValueError("adaptive_damping needs distributed='exact' (local steps have no common gain ratio)")
-            self.communicator = Communicator(process_group, trainable[0].device if trainable else None)
+            self.communicator = Communicator(process_group, trainable[0].device)
             # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
             self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
             if self.distributed == "exact":
