@@ -593,3 +593,33 @@ def test_unbatched_convolution_with_as_many_channels_as_samples_is_routed() -> N
         system = HooksEngine(model).compute(closure)
     jac = dense_jacobian(model, x)
     assert_close(system.gram, jac @ jac.T, 1e-10, "unbatched convolution: Gram")
+
+
+def test_a_compiled_model_gives_the_exact_gram() -> None:
+    """``torch.compile(model)`` (AOTAutograd, as the default backend traces it, without its code
+    generation): the hooks engine sees the compiled module's layers and gives the reference
+    engine's Gram and ``J^T v`` (float64), with no routing, on a first call and after the
+    parameters changed."""
+    import warnings
+
+    from gramnewton.engines import HooksEngine, ReferenceEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2)).double()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(6, 1, 5, 5, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    params = list(model.parameters())
+    engine = HooksEngine(compiled, params)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    for call in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fast = engine.compute(lambda: compiled(x) - y)
+        assert not [w for w in caught if "reference engine" in str(w.message)]
+        reference = ReferenceEngine(params).compute(lambda: model(x) - y)
+        v = torch.randn(12, dtype=torch.float64)
+        assert_close(fast.gram, reference.gram, 1e-10, f"gram of the compiled model, call {call}")
+        assert_close(flat(fast.jt_times(v)), flat(reference.jt_times(v)), 1e-10, f"J^T v, call {call}")
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.1)
