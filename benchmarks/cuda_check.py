@@ -40,6 +40,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -49,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
 
 from gramnewton import GramGaussNewton
 from gramnewton.distributed import Communicator
@@ -59,23 +59,14 @@ from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import TwoLayerNet, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the float64 references of the tests (tests/dense.py)
+from dense import dense_jacobian, groupnorm_cnn  # noqa: E402
+
 LAM, ALPHA, MU = 2.0, 0.5, 0.9
 
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def gn_cnn(outputs: int = 2) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.GroupNorm(4, 8),
-        nn.Tanh(),
-        nn.Conv2d(8, 4, 3, stride=2),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(16, outputs),
-    )
 
 
 def resnet8() -> nn.Module:
@@ -85,7 +76,7 @@ def resnet8() -> nn.Module:
 # name -> (model, input shape, batch)
 EXACT_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "mlp": (mlp, (5,), 12),
-    "gn_cnn": (gn_cnn, (1, 6, 6), 10),
+    "gn_cnn": (groupnorm_cnn, (1, 6, 6), 10),
     "resnet8_fixup": (resnet8, (1, 8, 8), 8),
 }
 
@@ -105,13 +96,11 @@ def flat(model: nn.Module) -> Tensor:
 
 
 def jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The outputs ``f`` ``(b, k)`` and the dense Jacobian ``(b*k, m)`` of ``f.reshape(-1)``."""
-    names = [n for n, _ in model.named_parameters()]
-    values = {n: p.detach() for n, p in model.named_parameters()}
-    jac = jacrev(lambda v: functional_call(model, v, (x,)).reshape(-1))(values)
+    """The outputs ``f`` ``(b, k)`` and the dense Jacobian ``(b*k, m)`` of ``f.reshape(-1)``
+    (the tests' ``torch.func.jacrev`` reference)."""
     with torch.no_grad():
         f = model(x).reshape(x.shape[0], -1)
-    return f, torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], 1)
+    return f, dense_jacobian(model, x)
 
 
 def eye(n: int, like: Tensor) -> Tensor:
@@ -190,7 +179,7 @@ def usage_checks(device: torch.device) -> list[dict]:
     (bfloat16; routed to the reference engine, against its own Gram), and ``GramGaussNewton(model)``
     on an autograd-Laplacian PINN closure on the GPU (the re-evaluations need autograd)."""
     rows = []
-    model = perturbed(gn_cnn, torch.device("cpu"))
+    model = perturbed(groupnorm_cnn, torch.device("cpu"))
     x, y = torch.randn(10, 1, 6, 6, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
     plain, other = copy.deepcopy(model), copy.deepcopy(model)
     for _ in range(2):
@@ -200,7 +189,7 @@ def usage_checks(device: torch.device) -> list[dict]:
             ggn(other, momentum=MU).step(mse_closure(other, x, y))
     rows.append(dict(model="gn_cnn", check="cpu_model_gpu_default", error=relative(flat(other), flat(plain))))
 
-    model = perturbed(gn_cnn, device).float()
+    model = perturbed(groupnorm_cnn, device).float()
     x = torch.randn(10, 1, 6, 6, device=device)
     y = torch.randn(10, 2, device=device)
 
@@ -249,7 +238,7 @@ def nccl_checks(device: torch.device) -> list[dict]:
         port = probe.getsockname()[1]
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        model = perturbed(gn_cnn, device)
+        model = perturbed(groupnorm_cnn, device)
         x = torch.randn(10, 1, 6, 6, dtype=torch.float64, device=device)
         y = torch.randn(10, 2, dtype=torch.float64, device=device)
         plain, spread = copy.deepcopy(model), copy.deepcopy(model)
