@@ -623,3 +623,39 @@ def test_a_compiled_model_gives_the_exact_gram() -> None:
         with torch.no_grad():
             for p in params:
                 p.mul_(1.1)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_exact_gram(reentrant: bool) -> None:
+    """``torch.utils.checkpoint`` recomputes a segment's forward during the backward pass (the
+    reentrant form runs the first forward without autograd): the hooks engine's Gram and ``J^T v``
+    are still the reference engine's (float64), with nothing routed."""
+    import warnings
+
+    from torch.utils.checkpoint import checkpoint
+
+    from gramnewton.engines import HooksEngine, ReferenceEngine
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.segment = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 8), nn.Tanh())
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(checkpoint(self.segment, x, use_reentrant=reentrant))
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    x = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=reentrant)  # reentrant: an input that needs grad
+    y = torch.randn(6, 2, dtype=torch.float64)
+    params = list(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = HooksEngine(model, params).compute(lambda: model(x) - y)
+    assert not [w for w in caught if "reference engine" in str(w.message)]
+    reference = ReferenceEngine(params).compute(lambda: model(x) - y)
+    v = torch.randn(12, dtype=torch.float64)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    assert_close(fast.gram, reference.gram, 1e-10, "gram under checkpointing")
+    assert_close(flat(fast.jt_times(v)), flat(reference.jt_times(v)), 1e-10, "J^T v under checkpointing")
