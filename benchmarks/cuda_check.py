@@ -176,8 +176,10 @@ def exact_checks(device: torch.device, dtype: torch.dtype, alpha: float = ALPHA)
 def usage_checks(device: torch.device) -> list[dict]:
     """What users do on a GPU that the float64 checks do not: a step of a CPU model while the
     default device is the GPU (against the same step without), a closure under ``torch.autocast``
-    (bfloat16; routed to the reference engine, against its own Gram), and ``GramGaussNewton(model)``
-    on an autograd-Laplacian PINN closure on the GPU (the re-evaluations need autograd)."""
+    (bfloat16; routed to the reference engine, against its own Gram), a ``torch.compile``d model
+    (float64, inductor; against the reference engine on the plain model), and
+    ``GramGaussNewton(model)`` on an autograd-Laplacian PINN closure on the GPU (the
+    re-evaluations need autograd)."""
     rows = []
     model = perturbed(groupnorm_cnn, torch.device("cpu"))
     x, y = torch.randn(10, 1, 6, 6, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
@@ -207,6 +209,18 @@ def usage_checks(device: torch.device) -> list[dict]:
     )
     rows.append(dict(model="gn_cnn", check="autocast_bf16_gram", error=relative(fast.gram, reference.gram)))
     rows.append(dict(model="gn_cnn", check="autocast_bf16_routed", outcome="; ".join(reasons) or "nothing"))
+
+    model = perturbed(groupnorm_cnn, device)
+    compiled = torch.compile(model)  # the default backend: inductor's generated kernels
+    x = torch.randn(10, 1, 6, 6, dtype=torch.float64, device=device)
+    y = torch.randn(10, 2, dtype=torch.float64, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = HooksEngine(compiled, list(model.parameters())).compute(lambda: compiled(x) - y)
+    reference = ReferenceEngine(list(model.parameters())).compute(lambda: model(x) - y)
+    routed = [w for w in caught if "reference engine" in str(w.message)]
+    rows.append(dict(model="gn_cnn", check="compiled_inductor_gram", error=relative(fast.gram, reference.gram)))
+    rows.append(dict(model="gn_cnn", check="compiled_inductor_routed", outcome=str(len(routed))))
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).double().to(device)
