@@ -245,3 +245,54 @@ def test_registered_engine_is_built_by_name() -> None:
         ENGINE_FACTORIES.pop("counting_reference", None)
     with pytest.raises(ValueError, match="counting_reference|Invalid engine"):
         GramGaussNewton(model, engine="counting_reference", momentum=0.0)
+
+
+def _two_layers() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    return model, torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+@pytest.mark.parametrize("change", ["add_param_group", "unfreeze", "freeze"])
+def test_a_step_trains_the_parameters_that_require_grad_now(engine: str, change: str) -> None:
+    """As with torch.optim, a step trains every parameter of ``param_groups`` that requires grad at
+    that step, and only those: a group added by ``add_param_group`` or a parameter unfrozen after
+    construction was left untrained, and one frozen after construction was still updated. The
+    step is Eq. 11 over the parameters trained (``dense_step``, over the parameters that require
+    grad; float64); a frozen one is left bit for bit."""
+    model, x, y = _two_layers()
+    first, last = list(model[0].parameters()), list(model[2].parameters())
+    if change == "add_param_group":
+        opt = GramGaussNewton(first, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False, engine=engine)
+        opt.add_param_group({"params": last})
+        trained, fixed = first + last, []
+    elif change == "unfreeze":
+        model[2].weight.requires_grad_(False)
+        opt = GramGaussNewton(model, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False, engine=engine)
+        model[2].weight.requires_grad_(True)
+        trained, fixed = first + last, []
+    else:
+        opt = GramGaussNewton(model, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False, engine=engine)
+        opt.step(lambda: model(x) - y)
+        model[2].weight.requires_grad_(False)
+        trained, fixed = first + [model[2].bias], [model[2].weight]
+    assert [id(p) for p in model.parameters() if p.requires_grad] == [id(p) for p in trained]
+    frozen = [p.detach().clone() for p in fixed]
+    expected = flat_params(model) + dense_step(model, x, y, 0.7, 0.2)
+    opt.step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, f"{change}: the parameters trained")
+    assert all(torch.equal(p, q) for p, q in zip(fixed, frozen))
+
+
+def test_an_engine_instance_for_other_parameters_is_refused() -> None:
+    from gramnewton.engines import ReferenceEngine
+
+    model, x, y = _two_layers()
+    params = list(model.parameters())
+    opt = GramGaussNewton(params, engine=ReferenceEngine(params), adaptive_damping=False)
+    model[0].weight.requires_grad_(False)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="engine instance"):
+        opt.step(lambda: model(x) - y)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))

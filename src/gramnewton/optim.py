@@ -236,11 +236,11 @@ class GramGaussNewton(Optimizer):
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum, lr=lr))
         for group in self.param_groups:
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
-        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        trainable = self._trainable()
         if not trainable:
             raise ValueError("GramGaussNewton got no parameter that requires grad")
-        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        self.engine = select_engine(trainable, module, engine)
+        self._module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        self._engine_choice = engine
         self.solve_dtype = solve_dtype
         self.solve_space = solve_space
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
@@ -256,8 +256,7 @@ class GramGaussNewton(Optimizer):
             self.communicator = Communicator(process_group, trainable[0].device)
             # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
             self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
-            if self.distributed == "exact":
-                self.engine = ExactGramEngine(self.engine, self.communicator)
+        self.engine = self._build_engine(trainable)
         self.last_step: GramGaussNewtonStep | None = None
         # after two rejected steps in a row the next one starts its momentum afresh (phi_{t-1} = 0):
         # raising alpha shrinks only the new part of a momentum step, never mu * phi_{t-1}, so a
@@ -288,6 +287,37 @@ class GramGaussNewton(Optimizer):
             if extra["damping"] and self.damping is not None:
                 self.damping.load_state_dict(extra["damping"])
 
+    def _trainable(self) -> list[Tensor]:
+        """The parameters of ``param_groups`` that require grad, in order: the ones a step trains."""
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _build_engine(self, trainable: list[Tensor]) -> GramEngine:
+        engine = select_engine(trainable, self._module, self._engine_choice)
+        return ExactGramEngine(engine, self.communicator) if self.distributed == "exact" else engine
+
+    def _follow_trainable(self) -> None:
+        """Rebuild the engine when the parameters to train changed since it was built: a group
+        added by ``add_param_group``, a parameter frozen or unfrozen through ``requires_grad``.
+        As with torch.optim, a step trains every parameter of ``param_groups`` that requires grad,
+        and only those (a parameter new to the steps starts the momentum afresh; under
+        ``torch.distributed`` every rank must change alike, and rank 0's values of the new ones
+        are broadcast as at construction)."""
+        trainable = self._trainable()
+        if [id(p) for p in trainable] == [id(p) for p in self.engine.params]:
+            return
+        if not trainable:
+            raise ValueError("GramGaussNewton got no parameter that requires grad; no parameter was changed")
+        if not isinstance(self._engine_choice, str):
+            raise ValueError(
+                "the parameters that require grad are no longer those of the engine instance passed as "
+                "`engine`; pass the engine by name (e.g. engine='auto') or build a new optimizer; "
+                "no parameter was changed"
+            )
+        if self.communicator is not None:
+            known = {id(p) for p in self.engine.params}
+            self.communicator.broadcast_([p for p in trainable if id(p) not in known])
+        self.engine = self._build_engine(trainable)
+
     def _shared(self, key: str) -> float:
         values = {group[key] for group in self.param_groups}
         if len(values) != 1:
@@ -317,6 +347,7 @@ class GramGaussNewton(Optimizer):
         for group in self.param_groups:
             group.setdefault("lr", 1.0)  # a state_dict saved before lr existed
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
+        self._follow_trainable()
         if self.model is not None:
             check_per_sample_independence(self.model)
         if self._subset() is not None and not _takes_rows(closure):
