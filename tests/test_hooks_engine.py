@@ -1021,3 +1021,19 @@ def test_timing_trials_leave_no_workspace_buffers(monkeypatch: pytest.MonkeyPatc
     assert set(handlers.CONV_WEIGHT_PATHS.choices.values()) == {"grouped"}
     # only the winner's kept per-sample gradients, (4, 3 * 2 * 3 * 3) float64: no patches scratch
     assert list(engine.workspace._buffers) == [("keep", "conv_jac", 0)] and engine.workspace.nbytes == 4 * 54 * 8
+
+
+def test_compute_under_no_grad_is_the_same_system() -> None:
+    """An engine called inside ``torch.no_grad()`` (e.g. by ``full_batch_step``) gives the same
+    system: the hooks engine's operations on the residuals (a reshape, a column's sum) ran under
+    the caller's no_grad, which cut their graph (``'NoneType' object has no attribute
+    'next_functions'``)."""
+    case = next(c for c in CASES if c.name == "conv2d_b36_syrk")
+    model, x, y = build(case)
+    params = list(model.parameters())
+    closure = lambda: model(x).reshape(case.batch, -1) - y  # noqa: E731
+    for make in (lambda: HooksEngine(model, params), lambda: ReferenceEngine(params)):
+        plain = make().compute(closure)
+        with torch.no_grad():
+            quiet = make().compute(closure)
+        assert torch.equal(plain.gram, quiet.gram) and torch.equal(plain.residuals, quiet.residuals)

@@ -296,3 +296,26 @@ def test_an_engine_instance_for_other_parameters_is_refused() -> None:
     with pytest.raises(ValueError, match="engine instance"):
         opt.step(lambda: model(x) - y)
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_a_step_under_no_grad_is_the_step(engine: str, loss: str) -> None:
+    """``opt.step`` called inside ``torch.no_grad()`` (a training loop's evaluation block, say) takes
+    the same step as outside it, bit for bit; it raised ``AttributeError: 'NoneType' object has no
+    attribute 'next_functions'`` (the hooks engine's residuals had lost their graph)."""
+    torch.manual_seed(0)
+    model = groupnorm_cnn(outputs=3).double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 1, 6, 6, dtype=torch.float64)
+    y = torch.randn(8, 3, dtype=torch.float64) if loss == "mse" else torch.arange(8) % 3
+
+    def closure_of(net: nn.Module):
+        return (lambda: net(x) - y) if loss == "mse" else (lambda: (net(x), y))
+
+    opts = [GramGaussNewton(net, engine=engine, loss=loss) for net in (model, twin)]
+    for _ in range(3):
+        opts[0].step(closure_of(model))
+        with torch.no_grad():
+            opts[1].step(closure_of(twin))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))

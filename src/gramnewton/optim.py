@@ -324,6 +324,7 @@ class GramGaussNewton(Optimizer):
             raise ValueError(f"{key} must be the same in every param group (one system is solved), got {values}")
         return values.pop()
 
+    @torch.enable_grad()  # the closure's graph is the Jacobian's source, also when called under no_grad
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         """Take one step on the mini-batch whose residuals ``closure()`` returns.
 

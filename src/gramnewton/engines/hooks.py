@@ -212,6 +212,7 @@ class HooksEngine:
 
     can_skip_gram = True  # compute(closure, form_gram=...) is understood
 
+    @torch.enable_grad()  # the residuals' graph is walked and differentiated, also under the caller's no_grad
     def compute(self, closure: Closure, *, form_gram: Callable[[int], bool] | None = None) -> GramSystem:
         """Run ``closure`` once with hooks; return residuals ``(b, k)``, Gram ``(b*k, b*k)``, ``J^T v``,
         ``J v`` and the dense ``J`` (materialised from the pieces only when asked for).

@@ -78,9 +78,9 @@ class ReferenceEngine:
         """Residuals ``(b, k)``, the dense ``J`` ``(b*k, m)`` and the Gram ``J J^T``; ``form_gram``,
         when given, is called with ``b*k`` and ``False`` leaves the Gram out (``gram`` is ``None``:
         a parameter-space solve needs only ``J``, and ``J J^T`` costs ``(b*k)^2 m``)."""
-        with torch.enable_grad():
+        with torch.enable_grad():  # also the rows' differentiation, under the caller's no_grad
             residuals = residuals_2d(closure(), self._dtype)
-        jac = jacobian_rows(residuals, self.params).detach()
+            jac = jacobian_rows(residuals, self.params).detach()
         gram = jac @ jac.T if form_gram is None or form_gram(jac.shape[0]) else None
 
         def jt_times(v: Tensor) -> list[Tensor]:
