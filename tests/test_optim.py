@@ -319,3 +319,16 @@ def test_a_step_under_no_grad_is_the_step(engine: str, loss: str) -> None:
         with torch.no_grad():
             opts[1].step(closure_of(twin))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_step_under_inference_mode_is_refused_with_the_reason() -> None:
+    """``torch.inference_mode()`` cannot be left for autograd inside the step: refused with that
+    reason, nothing changed (the message was "residuals do not depend on any parameter ...; run the
+    forward pass inside the closure", which the closure did)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="inference_mode"), torch.inference_mode():
+        opt.step(lambda: model(x) - y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -345,6 +345,11 @@ class GramGaussNewton(Optimizer):
         """
         if closure is None:
             raise ValueError("GramGaussNewton.step needs a closure that returns per-sample residuals")
+        if torch.is_inference_mode_enabled():  # enable_grad cannot leave it: the closure would build no graph
+            raise ValueError(
+                "GramGaussNewton.step needs autograd (the Jacobian comes from the closure's graph) but was "
+                "called inside torch.inference_mode(); no parameter was changed"
+            )
         for group in self.param_groups:
             group.setdefault("lr", 1.0)  # a state_dict saved before lr existed
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
