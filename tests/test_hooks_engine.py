@@ -1037,3 +1037,41 @@ def test_compute_under_no_grad_is_the_same_system() -> None:
         with torch.no_grad():
             quiet = make().compute(closure)
         assert torch.equal(plain.gram, quiet.gram) and torch.equal(plain.residuals, quiet.residuals)
+
+
+class ReadsMetadata(nn.Module):
+    """A forward that reads its layers' parameters' metadata outside them (``shape``, ``grad``,
+    ``requires_grad``), as shape checks and ``torch.profiler(with_stack=True)`` do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.last = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert self.first.weight.shape[1] == x.shape[1] and self.first.weight.requires_grad
+        _ = self.last.weight.grad
+        return self.last(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("where", ["forward", "profiler"])
+def test_reading_a_parameters_metadata_is_no_use_of_it(where: str) -> None:
+    """Reading a parameter's ``shape``, ``grad`` or ``requires_grad`` outside its module uses none
+    of its values: nothing is routed (under ``torch.profiler(with_stack=True)``, which reads every
+    parameter's ``grad``, every parameter went to the reference engine), and the Gram is exact.
+    A use of its values outside (``x @ emb.weight.T``, the ``Foreign`` case) is still routed."""
+    torch.manual_seed(0)
+    model = ReadsMetadata() if where == "forward" else nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    model = model.double().to(DEVICE)
+    x, y = torch.randn(6, 3, dtype=torch.float64, device=DEVICE), torch.randn(6, 2, dtype=torch.float64, device=DEVICE)
+    params = list(model.parameters())
+    closure = lambda: model(x) - y  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if where == "profiler":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True):
+                fast = HooksEngine(model, params).compute(closure)
+        else:
+            fast = HooksEngine(model, params).compute(closure)
+    assert not [w for w in caught if "reference engine" in str(w.message)]
+    jac = dense_jacobian(model, x, params)
+    assert_close("gram vs jacrev", fast.gram, jac @ jac.T)

@@ -77,8 +77,14 @@ class _Call:
     done: bool = False
 
 
+# Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
+# its module (torch.profiler(with_stack=True) reads every parameter's ``grad``) they route nothing
+_METADATA = frozenset({"grad", "requires_grad", "is_leaf", "grad_fn", "shape", "dtype", "device", "layout", "_version"})
+
+
 class _ForeignUse(TorchFunctionMode):
-    """Records hooked parameters that an operation uses outside the module owning them."""
+    """Records hooked parameters that an operation uses outside the module owning them (reading
+    their metadata, :data:`_METADATA`, is no use)."""
 
     def __init__(self, owners: dict[int, set[int]], stack: list[int], found: set[int]):
         super().__init__()
@@ -87,6 +93,11 @@ class _ForeignUse(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         owners, stack = self.owners, self.stack
+        if (
+            getattr(func, "__name__", None) == "__get__"
+            and getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA
+        ):
+            return func(*args, **kwargs)
         for arg in (*args, *kwargs.values()) if kwargs else args:  # no tuple built for the usual call
             # parameters reach operations directly or in a flat list (torch.cat, F.linear's args)
             for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
