@@ -659,3 +659,33 @@ def test_gradient_checkpointing_gives_the_exact_gram(reentrant: bool) -> None:
     flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
     assert_close(fast.gram, reference.gram, 1e-10, "gram under checkpointing")
     assert_close(flat(fast.jt_times(v)), flat(reference.jt_times(v)), 1e-10, "J^T v under checkpointing")
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_a_sparse_embedding_gives_the_step_of_its_dense_twin(engine: str) -> None:
+    """``nn.Embedding(sparse=True)`` has sparse weight gradients, which the reference engine's rows
+    could not reshape (``RuntimeError: reshape is not implemented for sparse tensors``, also through
+    ``engine="auto"``, which routes it there): the steps now equal those of the same model with a
+    dense embedding (float64)."""
+
+    class Bag(nn.Module):
+        def __init__(self, sparse: bool) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(5, 3, sparse=sparse), nn.Linear(3, 2)
+
+        def forward(self, idx: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.emb(idx).mean(1)))
+
+    torch.manual_seed(0)
+    sparse, dense = Bag(True).double(), Bag(False).double()
+    dense.load_state_dict(sparse.state_dict())
+    idx, y = torch.tensor([[0, 1, 1], [2, 0, 3], [4, 4, 0], [1, 2, 3]]), torch.randn(4, 2, dtype=torch.float64)
+    import warnings
+
+    opts = [GramGaussNewton(m, engine=engine, adaptive_damping=False) for m in (sparse, dense)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sparse embedding's routing
+        for _ in range(2):
+            for opt, m in zip(opts, (sparse, dense)):
+                opt.step(lambda m=m: m(idx) - y)
+    assert_close(flat_params(sparse), flat_params(dense), 1e-10, "sparse embedding against its dense twin")

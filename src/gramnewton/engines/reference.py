@@ -40,14 +40,19 @@ def jacobian_rows(outputs: Tensor, params: Sequence[Tensor]) -> Tensor:
         grads = tuple(
             None
             if all(row[j] is None for row in rows)
-            else torch.stack([torch.zeros_like(p) if row[j] is None else row[j] for row in rows])
+            else torch.stack([torch.zeros_like(p) if row[j] is None else _dense(row[j]) for row in rows])
             for j, p in enumerate(params)
         )
     columns = [
-        torch.zeros(n, p.numel(), dtype=flat.dtype, device=flat.device) if g is None else g.reshape(n, -1)
+        torch.zeros(n, p.numel(), dtype=flat.dtype, device=flat.device) if g is None else _dense(g).reshape(n, -1)
         for g, p in zip(grads, params)
     ]
     return torch.cat(columns, dim=1)
+
+
+def _dense(grad: Tensor) -> Tensor:
+    """A gradient as a strided tensor: ``nn.Embedding(sparse=True)``'s weight gradients are sparse."""
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
