@@ -613,3 +613,45 @@ def test_bad_lr_is_refused_and_changes_nothing(lr):
     with pytest.raises(ValueError, match="Invalid lr"):
         opt.step(lambda: model(x) - y)
     assert torch.equal(flat_params(model), before)
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "add_param_group"])
+def test_a_parameter_new_to_the_steps_starts_from_zero_momentum(change):
+    """A parameter that joins the steps (unfrozen, or added by ``add_param_group``) enters the
+    recursion with ``phi_{t-1} = 0`` while the others keep theirs: the step equals
+    ``phi_t = mu phi_{t-1} + J^T (lam G + alpha I)^{-1} (r - lam mu J phi_{t-1})`` with that
+    ``phi_{t-1}`` (float64). Unfrozen, its own ``phi`` from before it was frozen was reused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    ((x, y),) = _batches((3,), 2, 16, count=1)
+    lam, alpha, mu = 0.7, 0.2, 0.9
+    if change == "unfreeze":
+        opt = GramGaussNewton(model, lam=lam, alpha=alpha, momentum=mu, adaptive_damping=False)
+        opt.step(lambda: model(x) - y)  # the last weight gets a phi, then is frozen for two steps
+        model[2].weight.requires_grad_(False)
+        for _ in range(2):
+            opt.step(lambda: model(x) - y)
+        model[2].weight.requires_grad_(True)
+    else:
+        head = list(model[2].parameters())
+        opt = GramGaussNewton(list(model[0].parameters()), lam=lam, alpha=alpha, momentum=mu, adaptive_damping=False)
+        for _ in range(2):
+            opt.step(lambda: model(x) - y)
+        opt.add_param_group({"params": head})
+    joined = [model[2].weight] if change == "unfreeze" else list(model[2].parameters())
+    previous = torch.cat(
+        [
+            torch.zeros(p.numel(), dtype=torch.float64)
+            if any(p is q for q in joined)
+            else opt.state[p]["momentum_buffer"].reshape(-1)
+            for p in model.parameters()
+        ]
+    )
+    jac = dense_jacobian(model, x)
+    with torch.no_grad():
+        r = (model(x) - y).reshape(-1)
+    mat = lam * jac @ jac.T + alpha * torch.eye(jac.shape[0], dtype=jac.dtype)
+    phi = mu * previous + jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ previous)
+    expected = flat_params(model) - phi
+    opt.step(lambda: model(x) - y)
+    assert_close(flat_params(model), expected, 1e-10, f"{change}: the step after it joined")

@@ -299,7 +299,8 @@ class GramGaussNewton(Optimizer):
         """Rebuild the engine when the parameters to train changed since it was built: a group
         added by ``add_param_group``, a parameter frozen or unfrozen through ``requires_grad``.
         As with torch.optim, a step trains every parameter of ``param_groups`` that requires grad,
-        and only those (a parameter new to the steps starts the momentum afresh; under
+        and only those (a parameter new to the steps starts from ``phi = 0``, the others keep their
+        momentum; under
         ``torch.distributed`` every rank must change alike, and rank 0's values of the new ones
         are broadcast as at construction)."""
         trainable = self._trainable()
@@ -313,9 +314,12 @@ class GramGaussNewton(Optimizer):
                 "`engine`; pass the engine by name (e.g. engine='auto') or build a new optimizer; "
                 "no parameter was changed"
             )
+        known = {id(p) for p in self.engine.params}
+        new = [p for p in trainable if id(p) not in known]
+        for p in new:  # a phi kept from before it was frozen is stale
+            self.state[p].pop("momentum_buffer", None)
         if self.communicator is not None:
-            known = {id(p) for p in self.engine.params}
-            self.communicator.broadcast_([p for p in trainable if id(p) not in known])
+            self.communicator.broadcast_(new)
         self.engine = self._build_engine(trainable)
 
     def _shared(self, key: str) -> float:
@@ -473,7 +477,10 @@ class GramGaussNewton(Optimizer):
     def _momentum_buffers(self) -> list[Tensor] | None:
         """``phi_{t-1}`` per parameter, or ``None`` before the first step (``phi_0 = 0``)."""
         buffers = [self.state.get(p, {}).get("momentum_buffer") for p in self.engine.params]
-        return None if any(b is None for b in buffers) else buffers
+        if all(b is None for b in buffers):
+            return None
+        # a parameter new to the steps (added, or unfrozen) starts from phi = 0, the others keep theirs
+        return [torch.zeros_like(p) if b is None else b for p, b in zip(self.engine.params, buffers)]
 
     @torch.no_grad()
     def _adapt_damping(
