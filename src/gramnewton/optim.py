@@ -278,10 +278,13 @@ class GramGaussNewton(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict`'s output (one without ``"gramnewton"``, from an older version,
-        leaves the rejection count and the damping rule's state as they are)."""
+        leaves the rejection count and the damping rule's state as they are; one without ``lr``
+        gets ``lr = 1``)."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("gramnewton", None)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("lr", 1.0)  # a state_dict saved before lr existed
         if extra is not None:
             self.rejections_in_a_row = int(extra["rejections_in_a_row"])
             if extra["damping"] and self.damping is not None:
@@ -300,9 +303,8 @@ class GramGaussNewton(Optimizer):
         added by ``add_param_group``, a parameter frozen or unfrozen through ``requires_grad``.
         As with torch.optim, a step trains every parameter of ``param_groups`` that requires grad,
         and only those (a parameter new to the steps starts from ``phi = 0``, the others keep their
-        momentum; under
-        ``torch.distributed`` every rank must change alike, and rank 0's values of the new ones
-        are broadcast as at construction)."""
+        momentum; under ``torch.distributed`` every rank must change alike, and rank 0's values of
+        the new ones are broadcast as at construction)."""
         trainable = self._trainable()
         if [id(p) for p in trainable] == [id(p) for p in self.engine.params]:
             return
@@ -355,7 +357,6 @@ class GramGaussNewton(Optimizer):
                 "called inside torch.inference_mode(); no parameter was changed"
             )
         for group in self.param_groups:
-            group.setdefault("lr", 1.0)  # a state_dict saved before lr existed
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         self._follow_trainable()
         if self.model is not None:

@@ -362,7 +362,7 @@ class HooksEngine:
                         functools.partial(post_hook, handler, own), with_kwargs=True, prepend=True
                     )
                 )
-            with torch.enable_grad(), _ForeignUse(self._owners, stack, foreign):
+            with _ForeignUse(self._owners, stack, foreign):  # autograd is on: compute enables it
                 value = closure()
         except BaseException:
             _release(calls)  # a closure failing mid-forward: its calls so far
