@@ -179,7 +179,8 @@ def usage_checks(device: torch.device) -> list[dict]:
     (bfloat16; routed to the reference engine, against its own Gram), a ``torch.compile``d model
     (float64, inductor; against the reference engine on the plain model), and
     ``GramGaussNewton(model)`` on an autograd-Laplacian PINN closure on the GPU (the
-    re-evaluations need autograd)."""
+    re-evaluations need autograd), and a dropout MLP's gain ratio on a tiny step (about 1 when
+    the re-evaluation replays the step's CUDA draws) with the generator left as one forward leaves it."""
     rows = []
     model = perturbed(groupnorm_cnn, torch.device("cpu"))
     x, y = torch.randn(10, 1, 6, 6, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
@@ -241,6 +242,20 @@ def usage_checks(device: torch.device) -> list[dict]:
             opt.step(laplacian_closure)
     last = float(laplacian_closure().detach().pow(2).mean())
     rows.append(dict(model="pinn_mlp", check="defaults_autograd_laplacian", outcome=f"MSE {first:.3g} -> {last:.3g}"))
+
+    torch.manual_seed(0)  # dropout on the GPU: the re-evaluation replays the CUDA generator's draws
+    net = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 1)).double().to(device)
+    x = torch.randn(16, 4, dtype=torch.float64, device=device)
+    y = torch.randn(16, 1, dtype=torch.float64, device=device)
+    opt = GramGaussNewton(net, alpha=1e4)  # a tiny step: its gain ratio is 1 to about 1e-3
+    torch.manual_seed(7)
+    opt.step(lambda: net(x) - y)
+    stream = torch.rand(3, device=device)
+    torch.manual_seed(7)  # the step's one forward: one mask drawn
+    nn.functional.dropout(torch.ones(16, 32, dtype=torch.float64, device=device), 0.5)
+    kept = torch.equal(torch.rand(3, device=device), stream)
+    ratio = opt.last_diagnostics.gain_ratio
+    rows.append(dict(model="dropout_mlp", check="dropout_gain_ratio", outcome=f"{ratio:.6f}; stream kept: {kept}"))
     return rows
 
 

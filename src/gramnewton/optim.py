@@ -19,7 +19,7 @@ from .damping import DampingRule, GainRatioDamping, check_subset, damping_rule, 
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
-from .engines.base import closure_residuals, reevaluate
+from .engines.base import closure_residuals, reevaluate, replayable_randomness
 from .engines.select import select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
@@ -87,6 +87,8 @@ class GramGaussNewton(Optimizer):
           with a ``subset`` (:class:`~gramnewton.damping.GainRatioDamping`) re-evaluates
           only the batch's first rows, by calling ``closure(rows)`` with ``rows`` a ``slice``:
           the closure must then take it, e.g. ``lambda rows=slice(None): model(x[rows]) - y[rows]``.
+          A closure may draw random numbers (dropout, sampled points): every re-evaluation in a
+          step (the gain ratio, geodesic acceleration) replays the draws of its first run.
         - :math:`J_B`: per-sample Jacobian ``(b*k, m)`` of those residuals, rows sample-major
           (row ``i*k + c`` is sample ``i``, output ``c``); never formed by the fast engine in
           sample space.
@@ -367,7 +369,11 @@ class GramGaussNewton(Optimizer):
                 "the rows to evaluate: closure(rows), rows a slice of the batch (e.g. "
                 "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
             )
-        closure = self._without_ddp_sync(closure)
+        with replayable_randomness(self.engine.params):  # re-evaluations draw the first run's numbers
+            return self._step(self._without_ddp_sync(closure))
+
+    def _step(self, closure: Closure) -> Tensor:
+        """:meth:`step` once its arguments are checked."""
         general = (
             None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
         )

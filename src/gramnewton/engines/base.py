@@ -11,7 +11,9 @@ so row ``i * k + c`` of ``J`` and of ``G`` belongs to sample ``i``, output ``c``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -147,21 +149,72 @@ def closure_residuals(value: ClosureResult) -> Tensor:
     return value
 
 
+@dataclass(frozen=True)
+class RandomState:
+    """The states of torch's random number generators when a step first ran its closure: the
+    CPU generator's and those of the CUDA devices in ``cuda`` (index -> state)."""
+
+    cpu: Tensor
+    cuda: dict[int, Tensor]
+
+
+_recorded: ContextVar[RandomState | None] = ContextVar("gramnewton_recorded_random_state", default=None)
+
+
+@contextlib.contextmanager
+def replayable_randomness(params: Iterable[Tensor]) -> Iterator[None]:
+    """Within it, :func:`reevaluate` runs a closure with the random numbers of its first run.
+
+    Entered by a step before its engine runs the closure, so that a closure that draws random
+    numbers (dropout, collocation points or augmentations sampled inside it) is re-evaluated on
+    the *same* function: the gain ratio then compares the loss the step was fitted to with the
+    loss after it, and geodesic acceleration differentiates one function, not two. Recorded:
+    the CPU generator and the CUDA devices holding ``params`` (other accelerators' generators
+    are not replayed). Re-evaluations leave the generators as they found them, so the random
+    numbers a run draws do not depend on how many re-evaluations its damping rule asked for.
+    """
+    cuda = sorted({_cuda_index(p.device) for p in params if p.device.type == "cuda"})
+    state = RandomState(torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in cuda})
+    token = _recorded.set(state)
+    try:
+        yield
+    finally:
+        _recorded.reset(token)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _replayed(closure: Callable[..., ClosureResult], *args: Any) -> ClosureResult:
+    """``closure(*args)`` with the recorded random state (none recorded: as is), the generators
+    restored afterwards."""
+    state = _recorded.get()
+    if state is None:
+        return closure(*args)
+    with torch.random.fork_rng(devices=list(state.cuda), device_type="cuda"):
+        torch.set_rng_state(state.cpu)
+        for index, cuda in state.cuda.items():
+            torch.cuda.set_rng_state(cuda, index)
+        return closure(*args)
+
+
 def reevaluate(closure: Callable[..., ClosureResult], *args: Any) -> ClosureResult:
     """``closure(*args)`` for its values alone (a gain ratio, a point along the step): without
-    autograd, which a forward for values does not need. A closure that differentiates inside (a
-    physics-informed residual taking ``torch.autograd.grad`` of the network with respect to its
-    inputs) fails so, with autograd's "... does not require grad ..." error, and only then is run
-    again with autograd; any other error propagates as raised.
+    autograd, which a forward for values does not need, and inside :func:`replayable_randomness`
+    with the random numbers of the step's first run of the closure. A closure that
+    differentiates inside (a physics-informed residual taking ``torch.autograd.grad`` of the
+    network with respect to its inputs) fails so, with autograd's "... does not require grad ..."
+    error, and only then is run again with autograd; any other error propagates as raised.
     """
     try:
         with torch.no_grad():
-            return closure(*args)
+            return _replayed(closure, *args)
     except RuntimeError as error:
         if "does not require grad" not in str(error):
             raise
     with torch.enable_grad():
-        return closure(*args)
+        return _replayed(closure, *args)
 
 
 def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tensor:
