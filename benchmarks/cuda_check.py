@@ -366,13 +366,15 @@ def step_cost(device: torch.device, reps: int, warmup: int, models: list[str], b
     return rows
 
 
-def profile(device: torch.device, name: str, rows: int) -> str:
+def profile(device: torch.device, name: str, rows: int, batch: int | None = None) -> str:
     """The operators taking the most device time over 5 steps of each of SGD and GGN (the
-    timings' settings) on ``TIMED_MODELS[name]``, by ``torch.profiler``, after 3 warm-up steps."""
+    timings' settings) on ``TIMED_MODELS[name]`` (at ``batch``, else its own), by
+    ``torch.profiler``, after 3 warm-up steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
     build, shape, b, k = TIMED_MODELS[name]
+    b = batch or b
     torch.manual_seed(0)
     x = torch.randn(b, *shape, device=device)
     y = torch.randint(0, k, (b,), device=device) if k > 1 else torch.randn(b, device=device)
@@ -420,7 +422,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
     if args.profile:
-        print(profile(device, args.profile, args.rows))
+        print(profile(device, args.profile, args.rows, args.batch))
         return
     record = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
