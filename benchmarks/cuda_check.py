@@ -29,6 +29,7 @@ Usage::
     python benchmarks/cuda_check.py --profile fixup32   # where the device time of each step goes
     python benchmarks/cuda_check.py --matmul-precision high --out /tmp/tf32.json   # TF32 products too
     python benchmarks/cuda_check.py --no-checks --batch 512 --models fixup32 --out /tmp/b512.json
+    python benchmarks/cuda_check.py --no-checks --no-timing --autocast-cost --out /tmp/amp.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import math
 import os
@@ -178,7 +180,7 @@ def exact_checks(device: torch.device, dtype: torch.dtype, alpha: float = ALPHA)
 def usage_checks(device: torch.device) -> list[dict]:
     """What users do on a GPU that the float64 checks do not: a step of a CPU model while the
     default device is the GPU (against the same step without), a closure under ``torch.autocast``
-    (bfloat16; routed to the reference engine, against its own Gram), a ``torch.compile``d model
+    (bfloat16; the hooks engine against the reference engine, to bfloat16's precision), a ``torch.compile``d model
     (float64, inductor; against the reference engine on the plain model), and
     ``GramGaussNewton(model)`` on an autograd-Laplacian PINN closure on the GPU (the
     re-evaluations need autograd), and a dropout MLP's gain ratio on a tiny step (about 1 when
@@ -366,6 +368,73 @@ def step_cost(device: torch.device, reps: int, warmup: int, models: list[str], b
     return rows
 
 
+def autocast_cost(device: torch.device, reps: int, warmup: int, models: list[str], batch: int | None) -> list[dict]:
+    """SGD and GGN steps (momentum 0, fixed ``alpha``) with the forward in float32 and under
+    ``torch.autocast`` (bfloat16), interleaved; median ms and ratio to the float32 SGD step."""
+    rows = []
+    for name in models:
+        build, shape, b, k = TIMED_MODELS[name]
+        if k > 1:
+            continue
+        b = batch or b
+        torch.manual_seed(0)
+        base = build()
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        x, y = torch.randn(b, *shape, device=device), torch.randn(b, device=device)
+        steps, routed = {}, {}
+        for method in ("sgd", "ggn"):
+            for amp in (False, True):
+                model = copy.deepcopy(base).to(device)
+
+                def residuals(model: nn.Module = model, amp: bool = amp) -> Tensor:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        out = model(x)
+                    return out.float().reshape(b) - y
+
+                if method == "sgd":
+                    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+                    def step(opt: torch.optim.Optimizer = opt, residuals: Callable[[], Tensor] = residuals) -> None:
+                        opt.zero_grad()
+                        residuals().pow(2).mean().backward()
+                        opt.step()
+
+                else:
+                    ggn = GramGaussNewton(model, momentum=0.0, alpha=1e6, adaptive_damping=False)
+                    step = functools.partial(ggn.step, residuals)
+                key = f"{method}{'_autocast' if amp else ''}"
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    for _ in range(warmup):
+                        step()
+                routed[key] = sorted({str(w.message) for w in caught if "reference engine" in str(w.message)})
+                steps[key] = step
+        times: dict[str, list[float]] = {m: [] for m in steps}
+        for r in range(reps):
+            for key in list(steps)[r % len(steps) :] + list(steps)[: r % len(steps)]:
+                synchronize(device)
+                start = time.perf_counter()
+                steps[key]()
+                synchronize(device)
+                times[key].append(time.perf_counter() - start)
+        sgd = statistics.median(times["sgd"])
+        for key, seconds in times.items():
+            median = statistics.median(seconds)
+            rows.append(
+                dict(
+                    model=name,
+                    batch=b,
+                    method=key,
+                    median_ms=1e3 * median,
+                    ratio_to_sgd=median / sgd,
+                    routed_to_reference=routed[key],
+                )
+            )
+    return rows
+
+
 def profile(device: torch.device, name: str, rows: int, batch: int | None = None) -> str:
     """The operators taking the most device time over 5 steps of each of SGD and GGN (the
     timings' settings) on ``TIMED_MODELS[name]`` (at ``batch``, else its own), by
@@ -415,6 +484,7 @@ def main() -> None:
     p.add_argument("--no-checks", action="store_true", help="the step costs only")
     p.add_argument("--models", nargs="+", choices=list(TIMED_MODELS), default=list(TIMED_MODELS), help="timed models")
     p.add_argument("--batch", type=int, help="the batch of every timed model (default: each its own)")
+    p.add_argument("--autocast-cost", action="store_true", help="also time float32 and autocast (bfloat16) steps")
     args = p.parse_args()
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
@@ -447,6 +517,8 @@ def main() -> None:
             record["nccl"] = nccl_checks(device)
         record["alpha"] = args.alpha
     record["step_cost"] = [] if args.no_timing else step_cost(device, args.reps, args.warmup, args.models, args.batch)
+    if args.autocast_cost:
+        record["autocast_cost"] = autocast_cost(device, args.reps, args.warmup, args.models, args.batch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
 
@@ -461,8 +533,8 @@ def main() -> None:
     if "exact_routed_to_reference" in record:
         print("routed to the reference engine in the checks:", record["exact_routed_to_reference"] or "nothing")
     print(f"{'model':20s} {'method':13s} {'ms':>8s} {'/SGD':>6s} {'MiB':>8s} routed")
-    for row in record["step_cost"]:
-        peak = "-" if row["peak_mib_above_model"] is None else f"{row['peak_mib_above_model']:.0f}"
+    for row in record["step_cost"] + record.get("autocast_cost", []):
+        peak = "-" if row.get("peak_mib_above_model") is None else f"{row['peak_mib_above_model']:.0f}"
         print(
             f"{row['model']:20s} {row['method']:13s} {row['median_ms']:8.2f} {row['ratio_to_sgd']:6.2f} {peak:>8s} {len(row['routed_to_reference'])}"
         )

@@ -546,12 +546,19 @@ class LayerHandler:
         check: raises when the module must not be used for GGN at all (BatchNorm in training).
         needs_input: False when ``contributions`` ignores ``a`` (it then gets ``None``): the
             engine must not keep such an input alive, autograd may free it early.
+        autocast: True when the module may compute in a lower precision than its parameters
+            under ``torch.autocast``, its input and parameters cast to that dtype (Linear and
+            convolutions; GroupNorm and LayerNorm, which the CPU's autocast runs in bfloat16):
+            the engine then hands ``contributions`` the cast input and the output gradients in
+            the parameters' dtype. Other modules computing in another dtype than their
+            parameters go to the reference engine.
     """
 
     contributions: Contributions
     unsupported: Callable[[nn.Module], str | None] = lambda module: None
     check: Callable[[nn.Module], None] = lambda module: None
     needs_input: bool = True
+    autocast: bool = False
 
 
 HANDLERS: dict[type, LayerHandler] = {}
@@ -594,7 +601,7 @@ def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, fac
     return {"scale": Dense(_sum_to_rows(g * a))}
 
 
-@register_handler(nn.Linear)
+@register_handler(nn.Linear, autocast=True)
 def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     n, out_features = g.shape[0], module.out_features
     a3 = a.reshape(n, -1, module.in_features)  # (n, S, in): all leading dimensions are positions
@@ -863,7 +870,7 @@ def _patch_view(
     return xp.as_strided((n, groups, ho, wo, kh, kw, cin), (sn, cin * sc, st_h * sh, st_w * sw, dh * sh, dw * sw, sc))
 
 
-@register_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, unsupported=_conv_unsupported)
+@register_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, unsupported=_conv_unsupported, autocast=True)
 def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     n = g.shape[0]
     pieces: dict[str, Piece] = {}
@@ -935,12 +942,12 @@ def _channel_affine_pieces(
     return pieces
 
 
-@register_handler(nn.GroupNorm)
+@register_handler(nn.GroupNorm, autocast=True)
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     return _channel_affine_pieces(lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names)
 
 
-@register_handler(nn.LayerNorm)
+@register_handler(nn.LayerNorm, autocast=True)
 def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
     return _affine_pieces(x_hat, g, len(module.normalized_shape), names)

@@ -410,7 +410,7 @@ class HooksEngine:
                 for p in call.params.values():
                     dynamic.setdefault(id(p), f"{type(call.module).__name__} has its forward replaced on the instance")
             mixed = {p.dtype for p in call.params.values()} - {call.out_dtype}
-            if mixed:  # autocast: the handlers combine the module's output gradients with its parameters
+            if mixed and not call.handler.autocast:  # the handler's formulas assume one dtype
                 for p in call.params.values():
                     dynamic.setdefault(
                         id(p),
@@ -478,7 +478,10 @@ class HooksEngine:
             finally:
                 self._observe = None
 
-        return rows_not_samples(residuals, [math.prod(c.out_shape[1:]) for c in checked], backward)
+        # autocast: the least precise dtype a checked module computed in sets the tolerance
+        precision = max((c.out_dtype for c in checked), key=lambda d: torch.finfo(d).eps, default=residuals.dtype)
+        precision = max(precision, residuals.dtype, key=lambda d: torch.finfo(d).eps)
+        return rows_not_samples(residuals, [math.prod(c.out_shape[1:]) for c in checked], backward, precision)
 
     def _backward(
         self, residuals: Tensor, calls: list[_Call], gram: Tensor | None, timings: dict[str, float], post: list[Any]
@@ -501,6 +504,7 @@ class HooksEngine:
         expected = [c for c in calls if c.edge.node in reachable]
         if not expected:  # the residuals depend on no hooked parameter
             return pieces
+        dtype = residuals.dtype  # the parameters' (the residuals were checked against them)
         pending = dict(uses)
         partial: dict[int, Dense] = {}
         narrow: list[Tensor] = []  # per-sample gradients of narrow Dense pieces, (b*k, width) each
@@ -513,7 +517,13 @@ class HooksEngine:
                     f"the input of a {type(call.module).__name__} was modified in place after the module used it; "
                     "the hooks engine needs it unchanged (avoid in-place operations on it)"
                 )
+            if a is not None and a.is_floating_point() and {a.dtype, call.out_dtype} != {dtype}:
+                # the operand the module computed with: its input cast to the dtype it computed in
+                # (autocast's bfloat16 for a Linear, float32 for a norm layer after one), exactly
+                # representable in the parameters' dtype, in which the per-sample gradients are formed
+                a = a.to(call.out_dtype).to(dtype)
             g = grads[0] if k == 1 else torch.stack(grads, 1).flatten(0, 1)
+            g = g.to(dtype)  # autocast: the module's output gradients are in the dtype it computed in
             if k > 1 and a is not None:  # one row per (sample, output): the sample's input is shared by its k rows
                 a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
             names = call.params

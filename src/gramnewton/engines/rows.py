@@ -33,7 +33,10 @@ Precision: the passes run with float32 products and convolutions in full precisi
 PyTorch lets cuDNN's convolutions round float32 to TF32 by default (a 10-bit mantissa: relative
 rounding about 5e-4, above the float32 tolerance ``sqrt(eps) = 3.5e-4``), which failed the check of
 every convolution of a float32 model there and sent them all to the reference engine (a ResNet-32
-step 30x an SGD step on an H200; docs/performance.md, "On a GPU").
+step 30x an SGD step on an H200; docs/performance.md, "On a GPU"). A graph built under
+``torch.autocast`` computes some gradients in bfloat16 (or float16) whatever the settings: its
+tolerance is that dtype's ``sqrt(eps)`` (0.088 for bfloat16; mixing samples, as ``h - h.mean(0)``
+does, leaves differences of the order of the gradients themselves).
 
 Cost: two backward passes down to the first hooked module (no weight-gradient kernel), holding one
 output gradient at a time beyond what the backward pass itself holds. It runs once per forward
@@ -103,7 +106,10 @@ def full_float32_precision() -> Iterator[None]:
 
 
 def rows_not_samples(
-    residuals: Tensor, widths: Sequence[int], backward: Callable[[Tensor, Callable[[int, Tensor], None]], None]
+    residuals: Tensor,
+    widths: Sequence[int],
+    backward: Callable[[Tensor, Callable[[int, Tensor], None]], None],
+    precision: torch.dtype | None = None,
 ) -> list[bool]:
     """For each hooked output ``n`` (``(b, ...)`` with ``widths[n]`` entries per row, reachable from
     ``residuals``), whether some row ``j`` of it reaches the residuals ``(b, k)`` of a sample other
@@ -115,6 +121,8 @@ def rows_not_samples(
         backward: ``backward(weights, observe)`` runs one backward pass of ``residuals`` weighted by
             ``weights`` ``(b, k)`` (the graph retained) and calls ``observe(n, grad)`` with the
             gradient at output ``n`` as soon as it is formed (once per output and pass).
+        precision: the least precise dtype the graph computes in (autocast's bfloat16), whose
+            ``sqrt(eps)`` is the tolerance; default the residuals' dtype.
     An output not observed in both passes, or whose gradient is not ``(b, ...)`` with ``widths[n]``
     entries per row, fails.
 
@@ -152,7 +160,7 @@ def rows_not_samples(
         with full_float32_precision():  # the tolerance is float32's (module docstring, "Precision")
             backward(weights.to(residuals), observe)
 
-    tolerance = torch.finfo(residuals.dtype).eps ** 0.5
+    tolerance = torch.finfo(precision or residuals.dtype).eps ** 0.5
     s = s.to(projected.device)
     difference = (projected[1] - s.view(1, b, 1) * projected[0]).abs().amax((1, 2)).tolist()
     scale = torch.maximum(norms[1], s * norms[0]).amax(1).tolist()
