@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def forward_replaced_on_the_instance() -> nn.Module:
 
 
 class Unknown(nn.Module):
-    """A module with a raw parameter and no handler."""
+    """A module with a raw parameter and no handler (its rows come through its own graph)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,6 +127,109 @@ class Unknown(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.tanh(self.lin(x)) @ self.w
+
+
+class LearnedScale(nn.Module):
+    """``s * x`` with a learnable scalar ``s``: a module no handler knows (its rows come from
+    its own graph, ``handlers.AUTOGRAD_ROWS``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.s
+
+
+class PositionEmbedding(nn.Module):
+    """``x + p`` with a learnable ``p`` of one sample's shape."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(1, *shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.p
+
+
+class GatedBlock(nn.Module):
+    """``x + gamma * lin2(tanh(lin1(x)))``: a parameter of its own around two hooked Linears
+    (regions nest: the block's region holds the Linears')."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.gamma = nn.Parameter(torch.full((width,), 0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.gamma * self.lin2(torch.tanh(self.lin1(x)))
+
+
+class FiLM(nn.Module):
+    """Two inputs: ``h * (1 + c a) + c b`` with ``c`` a per-sample condition."""
+
+    def __init__(self, width: int, conditions: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(conditions, width)), nn.Parameter(torch.randn(conditions, width))
+
+    def forward(self, h: Tensor, c: Tensor) -> Tensor:
+        return h * (1 + c @ self.a) + c @ self.b
+
+
+class Conditioned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.film, self.head = nn.Linear(4, 5), FiLM(5, 2), nn.Linear(5, 2)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.film(self.lin(z[:, :4]), z[:, 4:])))
+
+
+class Cube(torch.autograd.Function):
+    """``x^3``, an autograd Function whose backward reads its gradient's values (a finiteness
+    check), which batched backward passes refuse (data-dependent control flow under vmap)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if not bool(torch.isfinite(grad).all()):
+            raise ValueError("non-finite gradient")
+        return 3 * x**2 * grad
+
+
+class CubedScale(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return Cube.apply(x * self.w)
+
+
+class PairOutput(nn.Module):
+    """Returns ``(h, h^2)``: a tuple, which the engine does not follow (routed)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = x * self.w
+        return h, h * h
+
+
+class PairUser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.pair, self.head = nn.Linear(3, 4), PairOutput(4), nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.cat(self.pair(torch.tanh(self.lin(x))), 1))
 
 
 def seq(*mods: nn.Module) -> nn.Module:
@@ -292,7 +396,27 @@ CASES = [
         Case(f"forward_hook_{change}", output_changed_by_a_forward_hook(change), lambda b: torch.randn(b, 4), **kw)
         for change, kw in (("replaced", {}), ("in_place", {}), ("bias_again", {"reference_params": 1}))
     ),
-    Case("unknown_module", Unknown, lambda b: torch.randn(b, 3), reference_params=1),
+    Case("unknown_module", Unknown, lambda b: torch.randn(b, 3)),
+    Case(
+        "learned_scale_first",
+        lambda: seq(LearnedScale(), nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3, 2)),
+        images(2, 3),
+    ),
+    Case(
+        "position_embedding",
+        lambda: seq(
+            PositionEmbedding(2, 3, 3), nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(27, 1)
+        ),
+        images(2, 3),
+    ),
+    Case("prelu_k2", lambda: seq(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 2)), lambda b: torch.randn(b, 4)),
+    Case(
+        "gated_block",
+        lambda: seq(nn.Linear(3, 4), GatedBlock(4), nn.Tanh(), nn.Linear(4, 1)),
+        lambda b: torch.randn(b, 3),
+    ),
+    Case("film_two_inputs", Conditioned, lambda b: torch.randn(b, 6)),
+    Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
     Case("forward_replaced", forward_replaced_on_the_instance, lambda b: torch.randn(b, 4), reference_params=2),
 ]
 
@@ -647,13 +771,48 @@ def test_a_bias_folded_into_its_factored_weight_adds_its_gram_part_once(
     assert_close("J^T v vs jacrev", torch.cat([t.reshape(-1) for t in fast.jt_times(v)]), jac.T @ v)
 
 
+def test_rows_through_a_module_that_vmap_refuses_are_taken_one_by_one() -> None:
+    """A backward that reads its gradient's values fails the batched backward pass (and
+    ``torch.func.jacrev``): the module's rows are then taken one backward pass each, through the
+    same recorded graph; the Gram and ``J^T v`` equal the reference engine's (row-by-row autograd)."""
+    torch.manual_seed(0)
+    model = seq(nn.Linear(3, 4), CubedScale(4), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = model[1](torch.randn(5, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError):  # so the fallback below is what runs
+        torch.autograd.grad(out, model[1].w, torch.ones(5, *out.shape, dtype=torch.float64), is_grads_batched=True)
+    closure = lambda: model(x)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing routed
+        fast = HooksEngine(model).compute(closure)
+    reference = ReferenceEngine(list(model.parameters())).compute(closure)
+    assert_close("gram vs reference", fast.gram, reference.gram)
+    v = torch.randn(10, dtype=torch.float64)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    assert_close("J^T v vs reference", flat(fast.jt_times(v)), flat(reference.jt_times(v)))
+
+
+@pytest.mark.parametrize("entries", [1, 40])
+def test_rows_through_a_modules_own_graph_in_chunks(entries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched backward passes of ``handlers.AUTOGRAD_ROWS`` bounded to a few cotangent
+    entries: one row per pass (``entries=1``) or several, over two outputs per sample."""
+    monkeypatch.setattr(handlers, "AUTOGRAD_ROWS_ENTRIES", entries)
+    torch.manual_seed(0)
+    model = seq(nn.Linear(4, 6), nn.PReLU(6), GatedBlock(6), nn.Linear(6, 2)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    fast = HooksEngine(model).compute(lambda: model(x))
+    jac = dense_jacobian(model, x, list(model.parameters()))
+    assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
+
+
 def test_residuals_independent_of_hooked_parameters() -> None:
     model = Unknown().double()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.warns(UserWarning):
-        engine = HooksEngine(model, [model.w, model.lin.bias])
+    engine = HooksEngine(model, [model.w, model.lin.bias])
     closure = lambda: torch.tanh(x[:, :2] * 1.0) @ model.w[:2]  # noqa: E731
-    fast, ref = engine.compute(closure), ReferenceEngine([model.w, model.lin.bias]).compute(closure)
+    with pytest.warns(UserWarning, match="used outside its own module"):  # w, outside Unknown's forward
+        fast = engine.compute(closure)
+    ref = ReferenceEngine([model.w, model.lin.bias]).compute(closure)
     assert_close("gram", fast.gram, ref.gram)
 
 
@@ -667,14 +826,14 @@ def test_batchnorm_in_training_mode_raises(norm: nn.Module) -> None:
 
 
 def test_routing_warns_once_per_engine() -> None:
-    model = Unknown()
-    x = torch.randn(4, 3)
-    with pytest.warns(UserWarning, match="no handler for Unknown"):
+    model = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Flatten(), nn.Linear(6, 1))
+    x = torch.randint(0, 5, (4, 2))
+    with pytest.warns(UserWarning, match="sparse Embedding gradients"):
         engine = HooksEngine(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine.compute(lambda: model(x)[:, 0])
-    assert list(engine.reference_reasons) == [0]  # `w` is registered before the Linear's parameters
+    assert list(engine.reference_reasons) == [0]  # the embedding's weight, the first parameter
 
 
 def test_batch_not_in_dimension_zero_is_routed() -> None:

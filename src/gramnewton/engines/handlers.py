@@ -546,6 +546,8 @@ class LayerHandler:
         check: raises when the module must not be used for GGN at all (BatchNorm in training).
         needs_input: False when ``contributions`` ignores ``a`` (it then gets ``None``): the
             engine must not keep such an input alive, autograd may free it early.
+        needs_output: True when ``contributions`` gets, as ``a``, the module's output with its
+            autograd graph instead of its input (:data:`AUTOGRAD_ROWS`).
         autocast: True when the module may compute in a lower precision than its parameters
             under ``torch.autocast``, its input and parameters cast to that dtype (Linear and
             convolutions; GroupNorm and LayerNorm, which the CPU's autocast runs in bfloat16):
@@ -558,6 +560,7 @@ class LayerHandler:
     unsupported: Callable[[nn.Module], str | None] = lambda module: None
     check: Callable[[nn.Module], None] = lambda module: None
     needs_input: bool = True
+    needs_output: bool = False
     autocast: bool = False
 
 
@@ -581,6 +584,59 @@ def register_handler(*types: type, **options: Any) -> Callable[[Contributions], 
 def handler_for(module: nn.Module) -> LayerHandler | None:
     """The handler of ``module``'s exact type, or ``None``."""
     return HANDLERS.get(type(module))
+
+
+# Entries of the batched cotangents (rows x the output's entries) of one call of
+# torch.autograd.grad in _autograd_rows: 2**24 float32 entries are 64 MB.
+AUTOGRAD_ROWS_ENTRIES = 1 << 24
+
+
+def _autograd_rows(
+    module: nn.Module, output: Tensor, g: Tensor, names: frozenset, factored_ok: bool
+) -> dict[str, Piece]:
+    """Per-sample gradients of a module no handler knows, through the forward's own graph.
+
+    Row ``r`` of ``g`` (``(n, ...)``, ``n = b k`` rows sample-major) is the output gradient of
+    sample ``i = r // k`` at row ``i`` of ``output`` (``(b, ...)``); since row ``i`` of the output
+    reaches sample ``i``'s residuals only (the row check, :mod:`.rows`), the row of ``J`` for the
+    module's own parameters is the vector-Jacobian product of ``output`` with that gradient
+    placed at row ``i`` and zeros elsewhere. Those products are taken through the recorded
+    graph (whatever the module computes: several inputs, random draws, its own buffers), batched
+    with ``is_grads_batched`` over chunks of rows, each a backward pass over the module's own
+    operations only. Cost: ``n`` times the module's backward at the full batch (its cotangents
+    are mostly zeros); the reference engine pays ``n`` backward passes of the whole network.
+    Where the batched pass fails (an operation without a batching rule that cannot fall back),
+    the rows are taken one by one.
+    """
+    params = [p for name, p in module.named_parameters(recurse=False) if name in names]
+    wanted = [name for name, p in module.named_parameters(recurse=False) if name in names]
+    n, b = g.shape[0], output.shape[0]
+    sample = torch.arange(n, device=g.device) // (n // b)
+    g = g.to(output.dtype)
+    grads: list[list[Tensor]] = [[] for _ in params]
+    chunk = max(1, AUTOGRAD_ROWS_ENTRIES // max(1, output.numel()))
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(n, start + chunk), device=g.device)
+        cotangents = output.new_zeros(len(rows), *output.shape)
+        cotangents[torch.arange(len(rows), device=g.device), sample[rows]] = g[rows]
+        try:
+            parts = torch.autograd.grad(
+                output, params, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+        except (RuntimeError, NotImplementedError):
+            each = [torch.autograd.grad(output, params, c, retain_graph=True, allow_unused=True) for c in cotangents]
+            parts = [None if t[0] is None else torch.stack([x.to_dense() for x in t]) for t in zip(*each)]
+        for kept, part, p in zip(grads, parts, params):
+            if part is None:  # a parameter this call does not use: zero rows
+                part = p.new_zeros(len(rows), p.numel())
+            kept.append((part.to_dense() if part.is_sparse else part).reshape(len(rows), -1))
+    return {name: Dense(torch.cat(kept) if len(kept) > 1 else kept[0]) for name, kept in zip(wanted, grads)}
+
+
+# Any module with parameters of its own and no handler: exact for every forward, at the cost of
+# batched backward passes over its operations (an unsupported instance of a handled type, e.g. a
+# sparse Embedding, still goes to the reference engine).
+AUTOGRAD_ROWS = LayerHandler(_autograd_rows, needs_input=False, needs_output=True, autocast=True)
 
 
 def _sum_to_rows(x: Tensor) -> Tensor:

@@ -16,8 +16,10 @@ How a step runs (docs/design.md, "The hooks engine"):
 Rows of the Gram matrix are sample-major: row ``i * k + c`` is sample ``i``, output ``c``.
 
 Exactness: a module called several times in one forward (or a parameter shared by two supported
-modules) is handled exactly by summing its per-sample gradients over the calls. Parameters of
-unknown modules, of modules whose input or output does not have the batch as dimension 0, whose
+modules) is handled exactly by summing its per-sample gradients over the calls. A module with
+parameters and no handler gets its rows through its own part of the graph
+(:data:`.handlers.AUTOGRAD_ROWS`). Parameters of modules returning no single tensor, of modules
+whose input or output does not have the batch as dimension 0, whose
 output rows are not the samples (checked, not guessed: :mod:`.rows`; e.g. a sequence-first
 ``(T, b, d)`` input with ``T == b``), of modules whose ``forward`` is replaced on the instance, or
 used outside their module go to the reference engine
@@ -43,7 +45,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
-from .handlers import Dense, LayerHandler, Piece, add_gram_lower, batch_norm_check, handler_for, mirror_lower
+from .handlers import (
+    AUTOGRAD_ROWS,
+    Dense,
+    LayerHandler,
+    Piece,
+    add_gram_lower,
+    batch_norm_check,
+    handler_for,
+    mirror_lower,
+)
 from .locality import Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
 from .rows import children, graph_signature, post_order, rows_not_samples
@@ -75,6 +86,7 @@ class _Call:
     input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
     grads: list[Tensor] = field(default_factory=list)
     done: bool = False
+    output: Tensor | None = None  # kept only for a handler that needs it (AUTOGRAD_ROWS)
 
 
 # Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
@@ -117,7 +129,7 @@ def _release(calls: list[_Call]) -> None:
     graph, activations included.
     """
     for call in calls:
-        call.edge, call.input_nodes = None, frozenset()
+        call.edge, call.input_nodes, call.output = None, frozenset(), None
 
 
 def _sink_edges(post: list[Any], nodes: dict[Any, list[_Call]]) -> list[GradientEdge]:
@@ -191,7 +203,8 @@ class HooksEngine:
             if not own:
                 continue
             owned.update(id(p) for p in own.values())
-            reason = f"no handler for {type(module).__name__}" if handler is None else handler.unsupported(module)
+            handler = handler or AUTOGRAD_ROWS  # a module no handler knows: its rows through its own graph
+            reason = handler.unsupported(module)
             if reason is not None:
                 reasons.update({id(p): f"{name or 'model'}: {reason}" for p in own.values()})
             else:
@@ -220,6 +233,7 @@ class HooksEngine:
         self._columns = 1
         self._expected: set[int] = set()
         self._row_verdicts: dict[tuple, frozenset[int]] = {}
+        self._untracked: dict[int, str] = {}  # parameter id -> its module's type, whose output was not a tensor
 
     can_skip_gram = True  # compute(closure, form_gram=...) is understood
 
@@ -315,6 +329,7 @@ class HooksEngine:
         calls: list[_Call] = []
         stack: list[int] = []
         foreign: set[int] = set()
+        self._untracked = {}
 
         def pre_hook(module: nn.Module, args: Any) -> None:
             stack.append(id(module))
@@ -323,6 +338,9 @@ class HooksEngine:
             handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Any
         ) -> None:
             stack.pop()
+            if handler.needs_output and not isinstance(output, Tensor):  # e.g. a tuple: not followed
+                self._untracked.update((id(p), type(module).__name__) for p in own.values())
+                return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return  # e.g. run under no_grad: nothing to differentiate
             # the bookkeeping below uses no parameter: kept out of _ForeignUse, whose Python handler
@@ -334,9 +352,13 @@ class HooksEngine:
         def record(
             handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Tensor
         ) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            rows = (x.shape[0] if x.dim() else 0, output.shape[0] if output.dim() else 0)
-            kept = x.detach() if handler.needs_input else None
+            out_rows = output.shape[0] if output.dim() else 0
+            if handler.needs_output:  # its inputs do not matter: its rows are taken from its output
+                x, rows, kept, version = None, (out_rows, out_rows), None, 0
+            else:
+                x = args[0] if args else next(iter(kwargs.values()))
+                rows = (x.shape[0] if x.dim() else 0, out_rows)
+                kept, version = (x.detach() if handler.needs_input else None), x._version
             inputs = frozenset(
                 get_gradient_edge(t).node
                 for t in (*args, *kwargs.values())
@@ -344,8 +366,10 @@ class HooksEngine:
             )
             edge = get_gradient_edge(output)
             call = _Call(
-                module, handler, kept, x._version, rows, tuple(output.shape), output.dtype, edge, dict(own), inputs
+                module, handler, kept, version, rows, tuple(output.shape), output.dtype, edge, dict(own), inputs
             )
+            if handler.needs_output:
+                call.output = output
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -390,6 +414,8 @@ class HooksEngine:
         exactly; returns the ids of all reference parameters."""
         b = residuals.shape[0]
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
+        for i, name in self._untracked.items():
+            dynamic.setdefault(i, f"{name} returns no single tensor, through which its rows are taken")
         for i in off_path:
             dynamic.setdefault(
                 i,
@@ -510,8 +536,9 @@ class HooksEngine:
         narrow: list[Tensor] = []  # per-sample gradients of narrow Dense pieces, (b*k, width) each
 
         def finish(call: _Call) -> None:
-            a, grads = call.input, call.grads
-            call.input, call.grads, call.done = None, [], True  # free the factors as soon as they are used
+            a, grads, output = call.input, call.grads, call.output
+            # free the factors as soon as they are used
+            call.input, call.grads, call.output, call.done = None, [], None, True
             if a is not None and a._version != call.version:
                 raise RuntimeError(
                     f"the input of a {type(call.module).__name__} was modified in place after the module used it; "
@@ -523,8 +550,13 @@ class HooksEngine:
                 # representable in the parameters' dtype, in which the per-sample gradients are formed
                 a = a.to(call.out_dtype).to(dtype)
             g = grads[0] if k == 1 else torch.stack(grads, 1).flatten(0, 1)
-            g = g.to(dtype)  # autocast: the module's output gradients are in the dtype it computed in
-            if k > 1 and a is not None:  # one row per (sample, output): the sample's input is shared by its k rows
+            if output is not None:  # rows through the module's own graph, in its output's dtype
+                a = output
+            else:
+                g = g.to(dtype)  # autocast: the module's output gradients are in the dtype it computed in
+            if (
+                k > 1 and output is None and a is not None
+            ):  # one row per (sample, output): the sample's input is shared by its k rows
                 a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
             names = call.params
             t0 = time.perf_counter()

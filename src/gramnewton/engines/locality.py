@@ -38,15 +38,20 @@ class Region:
 def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Iterable[int]) -> set[int]:
     """Ids in ``watched`` of parameters that ``root`` reaches by a path outside their modules.
 
-    A path is fine if its last hooked region, entered through that region's output node, owns
-    the parameter and the path stays inside the region (does not leave through an input node)
-    until the parameter's ``AccumulateGrad`` node. Any other path to a watched parameter (through
-    a double-backward node, a view of the weight used elsewhere, another module's region) makes
-    the parameter "off path". Each node is visited at most once per region state.
+    A path is fine if the innermost hooked region it is in, entered through that region's output
+    node, owns the parameter and the path stays inside the region (does not leave through an
+    input node) until the parameter's ``AccumulateGrad`` node. Regions nest: a module whose rows
+    come through its own graph (its handler needs its output) may call hooked modules inside its
+    forward, whose regions the path then enters and leaves (through their inputs) before it is
+    back in the outer one; regions sharing an output node (an outer module returning an inner
+    one's output) are entered outermost first (the inner call is recorded first). Any other path
+    to a watched parameter (through a double-backward node, a view of the weight used elsewhere,
+    another module's region) makes the parameter "off path". Each node is visited at most once
+    per nesting of regions.
 
     Args:
         root: ``residuals.grad_fn``.
-        regions: one per hooked module call.
+        regions: one per hooked module call, in the order the calls ended.
         watched: ids of the parameters the hooks engine would compute.
     """
     watched = set(watched)
@@ -54,23 +59,25 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
     for index, region in enumerate(regions):
         at_output.setdefault(region.output, []).append(index)
     found: set[int] = set()
-    seen: set[tuple[Any, int]] = set()
-    stack: list[tuple[Any, int]] = [(root, -1)]  # (node, index of the region it is in, -1: none)
+    seen: set[tuple[Any, tuple[int, ...]]] = set()
+    # (node, the regions it is in, outermost first; () is outside every region)
+    stack: list[tuple[Any, tuple[int, ...]]] = [(root, ())]
     while stack:
-        node, where = stack.pop()
-        if (node, where) in seen:
+        node, path = stack.pop()
+        if (node, path) in seen:
             continue
-        seen.add((node, where))
-        if where >= 0 and node in regions[where].inputs:
-            stack.append((node, -1))  # left the module through one of its inputs
+        seen.add((node, path))
+        if path and node in regions[path[-1]].inputs:
+            stack.append((node, path[:-1]))  # left the innermost module through one of its inputs
             continue
-        if where < 0 and node in at_output:
-            stack.extend((node, index) for index in at_output[node])
+        entered = [index for index in at_output.get(node, ()) if index not in path]
+        if entered:
+            stack.append((node, path + tuple(sorted(entered, reverse=True))))
             continue
         variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
         if variable is not None:
-            if id(variable) in watched and (where < 0 or id(variable) not in regions[where].params):
+            if id(variable) in watched and (not path or id(variable) not in regions[path[-1]].params):
                 found.add(id(variable))
             continue
-        stack.extend((child, where) for child, _ in node.next_functions if child is not None)
+        stack.extend((child, path) for child, _ in node.next_functions if child is not None)
     return found
