@@ -792,11 +792,88 @@ def test_rows_through_a_module_that_vmap_refuses_are_taken_one_by_one() -> None:
     assert_close("J^T v vs reference", flat(fast.jt_times(v)), flat(reference.jt_times(v)))
 
 
+AUTOGRAD_ROWS_CASES = [
+    c
+    for c in CASES
+    if c.name
+    in ("unknown_module", "learned_scale_first", "position_embedding", "prelu_k2", "gated_block", "film_two_inputs")
+]
+
+
+@pytest.mark.parametrize("path", ["recomputation", "graph"])
+@pytest.mark.parametrize("case", AUTOGRAD_ROWS_CASES, ids=[c.name for c in AUTOGRAD_ROWS_CASES])
+def test_each_way_to_a_handlerless_modules_rows(case: Case, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``handlers.AUTOGRAD_ROWS`` with the other way disabled: the recomputation (``vmap`` of the
+    module's ``vjp``, taken on these modules: the recorded graph's way raises here) and the
+    recorded graph's batched vector-Jacobian products each give the exact Gram, ``J^T v`` and
+    ``J v``."""
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("the other way was expected")
+
+    if path == "recomputation":
+        monkeypatch.setattr(handlers, "_rows_through_graph", refuse)
+    else:
+        monkeypatch.setattr(handlers, "_rows_by_recomputation", lambda *args: None)
+    check_against_reference(case)
+
+
+class CountingScale(nn.Module):
+    """A learned scale whose forward counts its calls in a buffer (a side effect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor([1.5]))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x * self.s
+
+
+class DroppedScale(nn.Module):
+    """A learned scale followed by dropout inside the module (random draws)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x * self.s, 0.5, self.training)
+
+
+@pytest.mark.parametrize("kind", ["buffer_side_effect", "dropout_inside", "user_forward_hook"])
+def test_a_handlerless_module_that_cannot_simply_be_run_again(kind: str) -> None:
+    """The recomputation must not change what the step sees: a module counting its calls in a
+    buffer, one drawing random numbers (``torch.func`` refuses both) and one with a user's
+    forward hook (which would run again) take the recorded graph's way, the count and the hook
+    seeing the step's one forward; every Gram equals the reference engine's on the same draws."""
+    torch.manual_seed(0)
+    middle = {"buffer_side_effect": CountingScale, "dropout_inside": DroppedScale, "user_forward_hook": LearnedScale}
+    model = seq(nn.Linear(3, 4), middle[kind](), nn.Tanh(), nn.Linear(4, 2)).double()
+    hook_calls = []
+    if kind == "user_forward_hook":
+        model[1].register_forward_hook(lambda *args: hook_calls.append(1))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    closure = lambda: model(x)  # noqa: E731
+    torch.manual_seed(1)
+    fast = HooksEngine(model).compute(closure)
+    if kind == "buffer_side_effect":
+        assert float(model[1].calls) == 1.0  # the step's forward alone
+    if kind == "user_forward_hook":
+        assert hook_calls == [1]
+    torch.manual_seed(1)
+    reference = ReferenceEngine(list(model.parameters())).compute(closure)
+    assert_close("gram vs reference", fast.gram, reference.gram)
+
+
 @pytest.mark.parametrize("entries", [1, 40])
 def test_rows_through_a_modules_own_graph_in_chunks(entries: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The batched backward passes of ``handlers.AUTOGRAD_ROWS`` bounded to a few cotangent
-    entries: one row per pass (``entries=1``) or several, over two outputs per sample."""
+    """The batched backward passes of ``handlers.AUTOGRAD_ROWS``'s recorded-graph way bounded to
+    a few cotangent entries: one row per pass (``entries=1``) or several, over two outputs per
+    sample."""
     monkeypatch.setattr(handlers, "AUTOGRAD_ROWS_ENTRIES", entries)
+    monkeypatch.setattr(handlers, "_rows_by_recomputation", lambda *args: None)
     torch.manual_seed(0)
     model = seq(nn.Linear(4, 6), nn.PReLU(6), GatedBlock(6), nn.Linear(6, 2)).double()
     x = torch.randn(7, 4, dtype=torch.float64)

@@ -546,8 +546,9 @@ class LayerHandler:
         check: raises when the module must not be used for GGN at all (BatchNorm in training).
         needs_input: False when ``contributions`` ignores ``a`` (it then gets ``None``): the
             engine must not keep such an input alive, autograd may free it early.
-        needs_output: True when ``contributions`` gets, as ``a``, the module's output with its
-            autograd graph instead of its input (:data:`AUTOGRAD_ROWS`).
+        needs_output: True when ``contributions`` gets, as ``a``, a :class:`RecordedCall` (the
+            module's output with its autograd graph, and its arguments) instead of its input
+            (:data:`AUTOGRAD_ROWS`).
         autocast: True when the module may compute in a lower precision than its parameters
             under ``torch.autocast``, its input and parameters cast to that dtype (Linear and
             convolutions; GroupNorm and LayerNorm, which the CPU's autocast runs in bfloat16):
@@ -587,33 +588,98 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
 
 
 # Entries of the batched cotangents (rows x the output's entries) of one call of
-# torch.autograd.grad in _autograd_rows: 2**24 float32 entries are 64 MB.
+# torch.autograd.grad in _rows_through_graph: 2**24 float32 entries are 64 MB.
 AUTOGRAD_ROWS_ENTRIES = 1 << 24
 
 
+@dataclass
+class RecordedCall:
+    """What :data:`AUTOGRAD_ROWS` gets as ``a``: a module call's output, with its autograd
+    graph, and the arguments it was called with."""
+
+    output: Tensor
+    args: tuple
+    kwargs: dict
+
+
 def _autograd_rows(
-    module: nn.Module, output: Tensor, g: Tensor, names: frozenset, factored_ok: bool
+    module: nn.Module, call: RecordedCall, g: Tensor, names: frozenset, factored_ok: bool
 ) -> dict[str, Piece]:
-    """Per-sample gradients of a module no handler knows, through the forward's own graph.
+    """Per-sample gradients of a module no handler knows, ``{name: Dense (n, numel)}``.
 
     Row ``r`` of ``g`` (``(n, ...)``, ``n = b k`` rows sample-major) is the output gradient of
-    sample ``i = r // k`` at row ``i`` of ``output`` (``(b, ...)``); since row ``i`` of the output
+    sample ``i = r // k`` at row ``i`` of the output (``(b, ...)``); since row ``i`` of the output
     reaches sample ``i``'s residuals only (the row check, :mod:`.rows`), the row of ``J`` for the
-    module's own parameters is the vector-Jacobian product of ``output`` with that gradient
-    placed at row ``i`` and zeros elsewhere. Those products are taken through the recorded
-    graph (whatever the module computes: several inputs, random draws, its own buffers), batched
-    with ``is_grads_batched`` over chunks of rows, each a backward pass over the module's own
-    operations only. Cost: ``n`` times the module's backward at the full batch (its cotangents
-    are mostly zeros); the reference engine pays ``n`` backward passes of the whole network.
-    Where the batched pass fails (an operation without a batching rule that cannot fall back),
-    the rows are taken one by one.
+    module's own parameters is the vector-Jacobian product of the module with that gradient at
+    row ``i``. Two exact ways, the first that applies:
+
+    1. :func:`_rows_by_recomputation`: the module run again on each sample (``torch.func``:
+       ``vmap`` of ``vjp``), one forward and backward of the module at the batch; taken only
+       when the run gives the recorded output again (``torch.func`` refuses random draws and
+       writes to buffers) and the module has no hooks.
+    2. :func:`_rows_through_graph`: through the recorded graph, whatever the module computes.
     """
-    params = [p for name, p in module.named_parameters(recurse=False) if name in names]
-    wanted = [name for name, p in module.named_parameters(recurse=False) if name in names]
+    params = {name: p for name, p in module.named_parameters(recurse=False) if name in names}
+    rows = _rows_by_recomputation(module, call, g, params)
+    if rows is None:
+        rows = _rows_through_graph(call.output, g, params)
+    return {name: Dense(rows[name]) for name in params}
+
+
+def _rows_by_recomputation(
+    module: nn.Module, call: RecordedCall, g: Tensor, params: dict[str, Tensor]
+) -> dict[str, Tensor] | None:
+    """``vmap`` over the samples of the module's ``vjp`` on that sample alone (tensor arguments
+    with the batch as dimension 0 are split, others shared), or ``None`` where it cannot be used
+    or does not reproduce the recorded output (to ``sqrt(eps)`` of its dtype, relative to its
+    largest entry). ``torch.func`` refuses a forward that writes to a buffer, so none is
+    changed; other side effects of the forward's Python code would happen again."""
+    output, b = call.output, call.output.shape[0]
+    if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+        return None  # hooks would run again (and may change what the module returns)
+    batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b for t in call.args]
+    if not any(batched) or any(isinstance(t, Tensor) for t in call.kwargs.values()):
+        return None
+    k = g.shape[0] // b
+    cotangents = g.to(output.dtype).reshape(b, k, *output.shape[1:])
+    values = {name: p.detach() for name, p in params.items()}
+    args = tuple(t.detach() if isinstance(t, Tensor) else t for t in call.args)
+
+    def sample(cotangent: Tensor, *split: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        inputs = [x.unsqueeze(0) if flag else x for x, flag in zip(split, batched)]
+
+        def forward(p: dict[str, Tensor]) -> Tensor:
+            return torch.func.functional_call(module, p, tuple(inputs), call.kwargs, strict=False).squeeze(0)
+
+        out, vjp = torch.func.vjp(forward, values)
+        columns = [vjp(cotangent[c])[0] for c in range(k)]  # a loop: some backward rules fail nested vmaps (PReLU)
+        return out, {name: torch.stack([column[name] for column in columns]) for name in values}
+
+    try:
+        with torch.enable_grad():
+            outs, grads = torch.func.vmap(sample, in_dims=(0, *(0 if f else None for f in batched)))(cotangents, *args)
+    except Exception:  # torch.func refuses random draws, writes to buffers, data-dependent control flow, ...
+        return None
+    expected = output.detach()
+    tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
+    if outs.shape != expected.shape or float((outs - expected).abs().max()) > tolerance:
+        return None
+    return {name: grads[name].reshape(b * k, -1) for name in params}
+
+
+def _rows_through_graph(output: Tensor, g: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The rows as vector-Jacobian products of ``output`` through the forward's recorded graph
+    (several inputs, random draws, buffers, autocast: what the module did is what is
+    differentiated), batched with ``is_grads_batched`` over chunks of rows, each a backward pass
+    over the module's own operations only: ``n`` times the module's backward at the full batch
+    (its cotangents are mostly zeros), where the reference engine pays ``n`` backward passes of
+    the whole network. Where the batched pass fails (a backward that reads its gradient's
+    values), the rows are taken one by one."""
+    tensors = list(params.values())
     n, b = g.shape[0], output.shape[0]
     sample = torch.arange(n, device=g.device) // (n // b)
     g = g.to(output.dtype)
-    grads: list[list[Tensor]] = [[] for _ in params]
+    kept: list[list[Tensor]] = [[] for _ in tensors]
     chunk = max(1, AUTOGRAD_ROWS_ENTRIES // max(1, output.numel()))
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(n, start + chunk), device=g.device)
@@ -621,21 +687,20 @@ def _autograd_rows(
         cotangents[torch.arange(len(rows), device=g.device), sample[rows]] = g[rows]
         try:
             parts = torch.autograd.grad(
-                output, params, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+                output, tensors, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
             )
         except (RuntimeError, NotImplementedError):
-            each = [torch.autograd.grad(output, params, c, retain_graph=True, allow_unused=True) for c in cotangents]
+            each = [torch.autograd.grad(output, tensors, c, retain_graph=True, allow_unused=True) for c in cotangents]
             parts = [None if t[0] is None else torch.stack([x.to_dense() for x in t]) for t in zip(*each)]
-        for kept, part, p in zip(grads, parts, params):
+        for rows_of, part, p in zip(kept, parts, tensors):
             if part is None:  # a parameter this call does not use: zero rows
                 part = p.new_zeros(len(rows), p.numel())
-            kept.append((part.to_dense() if part.is_sparse else part).reshape(len(rows), -1))
-    return {name: Dense(torch.cat(kept) if len(kept) > 1 else kept[0]) for name, kept in zip(wanted, grads)}
+            rows_of.append((part.to_dense() if part.is_sparse else part).reshape(len(rows), -1))
+    return {name: torch.cat(r) if len(r) > 1 else r[0] for name, r in zip(params, kept)}
 
 
-# Any module with parameters of its own and no handler: exact for every forward, at the cost of
-# batched backward passes over its operations (an unsupported instance of a handled type, e.g. a
-# sparse Embedding, still goes to the reference engine).
+# Any module with parameters of its own and no handler: exact for every forward (an unsupported
+# instance of a handled type, e.g. a sparse Embedding, still goes to the reference engine).
 AUTOGRAD_ROWS = LayerHandler(_autograd_rows, needs_input=False, needs_output=True, autocast=True)
 
 

@@ -50,6 +50,7 @@ from .handlers import (
     Dense,
     LayerHandler,
     Piece,
+    RecordedCall,
     add_gram_lower,
     batch_norm_check,
     handler_for,
@@ -86,7 +87,7 @@ class _Call:
     input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
     grads: list[Tensor] = field(default_factory=list)
     done: bool = False
-    output: Tensor | None = None  # kept only for a handler that needs it (AUTOGRAD_ROWS)
+    output: RecordedCall | None = None  # kept only for a handler that needs it (AUTOGRAD_ROWS)
 
 
 # Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
@@ -369,7 +370,7 @@ class HooksEngine:
                 module, handler, kept, version, rows, tuple(output.shape), output.dtype, edge, dict(own), inputs
             )
             if handler.needs_output:
-                call.output = output
+                call.output = RecordedCall(output, args, kwargs)
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -550,7 +551,7 @@ class HooksEngine:
                 # representable in the parameters' dtype, in which the per-sample gradients are formed
                 a = a.to(call.out_dtype).to(dtype)
             g = grads[0] if k == 1 else torch.stack(grads, 1).flatten(0, 1)
-            if output is not None:  # rows through the module's own graph, in its output's dtype
+            if output is not None:  # rows from the module's own output and arguments
                 a = output
             else:
                 g = g.to(dtype)  # autocast: the module's output gradients are in the dtype it computed in
