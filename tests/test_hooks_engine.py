@@ -962,8 +962,10 @@ def test_select_engine_and_optimizer_default() -> None:
     )
     with pytest.raises(ValueError, match="needs the model"):
         select_engine(params, None, "hooks")
-    raw = Unknown()
-    assert isinstance(select_engine([raw.w], raw, "auto"), ReferenceEngine)
+    raw = Unknown()  # a module without a handler: taken by the hooks engine (AUTOGRAD_ROWS)
+    assert isinstance(select_engine([raw.w], raw, "auto"), HooksEngine)
+    sparse = nn.Embedding(5, 3, sparse=True)  # a handler that refuses the instance
+    assert isinstance(select_engine(list(sparse.parameters()), sparse, "auto"), ReferenceEngine)
 
 
 def test_optimizer_step_matches_reference_engine() -> None:

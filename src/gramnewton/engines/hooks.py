@@ -622,11 +622,12 @@ class HooksEngine:
 
 
 def supports_any(model: nn.Module, params: Iterable[Tensor]) -> bool:
-    """Whether any of ``params`` belongs to a module of ``model`` that the hooks engine handles."""
+    """Whether any of ``params`` belongs to a module of ``model`` that the hooks engine takes: one
+    with a handler that supports the instance, or any other module (:data:`AUTOGRAD_ROWS`)."""
     wanted = {id(p) for p in params}
     for module in model.modules():
-        handler = handler_for(module)
-        if handler is None or handler.unsupported(module) is not None:
+        handler = handler_for(module) or AUTOGRAD_ROWS
+        if handler.unsupported(module) is not None:
             continue
         if any(id(p) in wanted for p in module.parameters(recurse=False)):
             return True

@@ -52,8 +52,11 @@ def select_engine(params: Sequence[Tensor], model: nn.Module | None, engine: str
     """Return the engine named by ``engine`` for ``params``.
 
     ``"auto"`` picks the fastest engine that supports ``model``: :class:`HooksEngine` when at
-    least one of ``params`` belongs to a module it handles (the others then go to the reference
-    engine, with a warning), else the reference engine. Both are exact for any closure: the
+    least one of ``params`` belongs to a module it takes (any module, unless its handler refuses
+    the instance, e.g. a sparse Embedding; parameters it cannot take go to the reference engine,
+    with a warning), else the reference engine. (A network of raw parameters in one module, an
+    8-96-96-1 MLP at b = 128 and a 1-20-1 one at b = 1000: 8.4 and 9.9 ms a step on the hooks
+    engine's per-sample recomputation, 14.8 and 249 ms on the reference engine.) Both are exact for any closure: the
     hooks engine routes parameters it cannot see through (e.g. residuals with input derivatives)
     to the reference engine. ``"functional"`` is :class:`FunctionalEngine`, the fast exact engine
     for a :class:`~gramnewton.engines.FunctionalResidual` closure (physics-informed residuals).
