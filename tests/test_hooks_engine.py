@@ -232,6 +232,35 @@ class PairUser(nn.Module):
         return self.head(torch.cat(self.pair(torch.tanh(self.lin(x))), 1))
 
 
+class Encoder(nn.Module):
+    """``TransformerEncoderLayer(batch_first=True)``: its attention (``MultiheadAttention``, no
+    handler) returns ``(out, None)`` and uses ``out_proj``'s parameters without calling it."""
+
+    def __init__(self, norm_first: bool = False) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(
+            4, 2, dim_feedforward=6, dropout=0.0, batch_first=True, norm_first=norm_first
+        )
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+class Attention(nn.Module):
+    """``MultiheadAttention`` called directly; with ``need_weights`` it returns two
+    differentiable tensors, which the engine does not follow (routed)."""
+
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 1)
+        self.need_weights = need_weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(self.attn(h, h, h, need_weights=self.need_weights)[0].mean(1))
+
+
 def seq(*mods: nn.Module) -> nn.Module:
     return nn.Sequential(*mods)
 
@@ -417,6 +446,10 @@ CASES = [
     ),
     Case("film_two_inputs", Conditioned, lambda b: torch.randn(b, 6)),
     Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
+    Case("transformer_encoder", Encoder, lambda b: torch.randn(b, 5, 4)),
+    Case("transformer_encoder_norm_first", lambda: Encoder(norm_first=True), lambda b: torch.randn(b, 5, 4)),
+    Case("attention_without_weights", lambda: Attention(False), lambda b: torch.randn(b, 5, 3)),
+    Case("attention_with_weights", lambda: Attention(True), lambda b: torch.randn(b, 5, 3), reference_params=4),
     Case("forward_replaced", forward_replaced_on_the_instance, lambda b: torch.randn(b, 4), reference_params=2),
 ]
 
@@ -796,7 +829,15 @@ AUTOGRAD_ROWS_CASES = [
     c
     for c in CASES
     if c.name
-    in ("unknown_module", "learned_scale_first", "position_embedding", "prelu_k2", "gated_block", "film_two_inputs")
+    in (
+        "unknown_module",
+        "learned_scale_first",
+        "position_embedding",
+        "prelu_k2",
+        "gated_block",
+        "film_two_inputs",
+        "transformer_encoder",
+    )
 ]
 
 

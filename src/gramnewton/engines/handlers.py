@@ -595,11 +595,13 @@ AUTOGRAD_ROWS_ENTRIES = 1 << 24
 @dataclass
 class RecordedCall:
     """What :data:`AUTOGRAD_ROWS` gets as ``a``: a module call's output, with its autograd
-    graph, and the arguments it was called with."""
+    graph, and the arguments it was called with; ``element``: where the module returned a tuple,
+    the index of its one differentiable tensor, ``output``."""
 
     output: Tensor
     args: tuple
     kwargs: dict
+    element: int | None = None
 
 
 def _autograd_rows(
@@ -619,7 +621,8 @@ def _autograd_rows(
        writes to buffers) and the module has no hooks.
     2. :func:`_rows_through_graph`: through the recorded graph, whatever the module computes.
     """
-    params = {name: p for name, p in module.named_parameters(recurse=False) if name in names}
+    # its own parameters, and any of its descendants' it used without calling them (adopted)
+    params = {name: p for name, p in module.named_parameters() if name in names}
     rows = _rows_by_recomputation(module, call, g, params)
     if rows is None:
         rows = _rows_through_graph(call.output, g, params)
@@ -649,7 +652,8 @@ def _rows_by_recomputation(
         inputs = [x.unsqueeze(0) if flag else x for x, flag in zip(split, batched)]
 
         def forward(p: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(module, p, tuple(inputs), call.kwargs, strict=False).squeeze(0)
+            out = torch.func.functional_call(module, p, tuple(inputs), call.kwargs, strict=False)
+            return (out if call.element is None else out[call.element]).squeeze(0)
 
         out, vjp = torch.func.vjp(forward, values)
         columns = [vjp(cotangent[c])[0] for c in range(k)]  # a loop: some backward rules fail nested vmaps (PReLU)

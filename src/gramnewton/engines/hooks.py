@@ -99,9 +99,19 @@ class _ForeignUse(TorchFunctionMode):
     """Records hooked parameters that an operation uses outside the module owning them (reading
     their metadata, :data:`_METADATA`, is no use)."""
 
-    def __init__(self, owners: dict[int, set[int]], stack: list[int], found: set[int]):
+    def __init__(
+        self,
+        owners: dict[int, set[int]],
+        stack: list[int],
+        found: set[int],
+        adopters: dict[int, dict[int, str]] | None = None,
+        adopted: dict[int, dict[str, Tensor]] | None = None,
+    ):
         super().__init__()
         self.owners, self.stack, self.found = owners, stack, found
+        # a descendant's parameter used by a module that takes it (HooksEngine._adopters) is
+        # recorded in ``adopted`` (module id -> name -> parameter), not as a foreign use
+        self.adopters, self.adopted = adopters or {}, adopted if adopted is not None else {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -116,7 +126,11 @@ class _ForeignUse(TorchFunctionMode):
             for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
                 owner = owners.get(id(leaf))
                 if owner is not None and (not stack or stack[-1] not in owner):  # outside every owner
-                    self.found.add(id(leaf))
+                    name = self.adopters.get(stack[-1], {}).get(id(leaf)) if stack else None
+                    if name is None:
+                        self.found.add(id(leaf))
+                    else:
+                        self.adopted.setdefault(stack[-1], {})[name] = leaf
         return func(*args, **kwargs)
 
 
@@ -219,6 +233,14 @@ class HooksEngine:
         for module, _, own in self._modules:
             for p in own.values():
                 self._owners.setdefault(id(p), set()).add(id(module))
+        # A module taken through its own graph may use a descendant's parameter in its forward
+        # without calling the descendant (MultiheadAttention's out_proj): that call's rows are
+        # exact for it too. module id -> {id of such a hooked parameter: its name in the module}
+        self._adopters: dict[int, dict[int, str]] = {
+            id(module): {id(p): n for n, p in module.named_parameters() if id(p) in self._owners and n not in own}
+            for module, handler, own in self._modules
+            if handler.needs_output
+        }
         self.reference_reasons = {i: reasons[id(p)] for i, p in enumerate(self.params) if id(p) in reasons}
         self._warned: set[int] = set(self._static_reference)
         if reasons:
@@ -330,6 +352,7 @@ class HooksEngine:
         calls: list[_Call] = []
         stack: list[int] = []
         foreign: set[int] = set()
+        adopted: dict[int, dict[str, Tensor]] = {}
         self._untracked = {}
 
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -339,19 +362,35 @@ class HooksEngine:
             handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Any
         ) -> None:
             stack.pop()
-            if handler.needs_output and not isinstance(output, Tensor):  # e.g. a tuple: not followed
-                self._untracked.update((id(p), type(module).__name__) for p in own.values())
-                return
+            element = None
+            if handler.needs_output:
+                own = {**own, **adopted.pop(id(module), {})}
+                if not isinstance(output, Tensor):  # a tuple: followed through its one differentiable tensor
+                    tracked = [
+                        (i, t)
+                        for i, t in enumerate(output if isinstance(output, (tuple, list)) else ())
+                        if isinstance(t, Tensor) and t.requires_grad
+                    ]
+                    if len(tracked) != 1:
+                        self._untracked.update((id(p), type(module).__name__) for p in own.values())
+                        return
+                    element, output = tracked[0]
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return  # e.g. run under no_grad: nothing to differentiate
             # the bookkeeping below uses no parameter: kept out of _ForeignUse, whose Python handler
             # would see each of its tensor calls (sinc network, b = 100: the forward with hooks
             # took 0.23 ms with them seen, 0.15 ms without, a plain forward 0.07 ms)
             with torch._C.DisableTorchFunction():
-                record(handler, own, module, args, kwargs, output)
+                record(handler, own, module, args, kwargs, output, element)
 
         def record(
-            handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Tensor
+            handler: LayerHandler,
+            own: dict[str, Tensor],
+            module: nn.Module,
+            args: Any,
+            kwargs: Any,
+            output: Tensor,
+            element: int | None,
         ) -> None:
             out_rows = output.shape[0] if output.dim() else 0
             if handler.needs_output:  # its inputs do not matter: its rows are taken from its output
@@ -370,7 +409,7 @@ class HooksEngine:
                 module, handler, kept, version, rows, tuple(output.shape), output.dtype, edge, dict(own), inputs
             )
             if handler.needs_output:
-                call.output = RecordedCall(output, args, kwargs)
+                call.output = RecordedCall(output, args, kwargs, element)
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -387,7 +426,9 @@ class HooksEngine:
                         functools.partial(post_hook, handler, own), with_kwargs=True, prepend=True
                     )
                 )
-            with _ForeignUse(self._owners, stack, foreign):  # autograd is on: compute enables it
+            with _ForeignUse(
+                self._owners, stack, foreign, self._adopters, adopted
+            ):  # autograd is on: compute enables it
                 value = closure()
         except BaseException:
             _release(calls)  # a closure failing mid-forward: its calls so far
@@ -416,7 +457,7 @@ class HooksEngine:
         b = residuals.shape[0]
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
         for i, name in self._untracked.items():
-            dynamic.setdefault(i, f"{name} returns no single tensor, through which its rows are taken")
+            dynamic.setdefault(i, f"{name} returns no single differentiable tensor, through which its rows are taken")
         for i in off_path:
             dynamic.setdefault(
                 i,
