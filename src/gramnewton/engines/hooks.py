@@ -104,14 +104,14 @@ class _ForeignUse(TorchFunctionMode):
         owners: dict[int, set[int]],
         stack: list[int],
         found: set[int],
-        adopters: dict[int, dict[int, str]] | None = None,
-        adopted: dict[int, dict[str, Tensor]] | None = None,
+        adopters: dict[int, dict[int, str]],
+        adopted: dict[int, dict[str, Tensor]],
     ):
         super().__init__()
         self.owners, self.stack, self.found = owners, stack, found
         # a descendant's parameter used by a module that takes it (HooksEngine._adopters) is
         # recorded in ``adopted`` (module id -> name -> parameter), not as a foreign use
-        self.adopters, self.adopted = adopters or {}, adopted if adopted is not None else {}
+        self.adopters, self.adopted = adopters, adopted
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -256,7 +256,9 @@ class HooksEngine:
         self._columns = 1
         self._expected: set[int] = set()
         self._row_verdicts: dict[tuple, frozenset[int]] = {}
-        self._untracked: dict[int, str] = {}  # parameter id -> its module's type, whose output was not a tensor
+        # parameter id -> the type of its module, whose output in the last forward was no single
+        # differentiable tensor (set by each forward, read by the routing)
+        self._untracked: dict[int, str] = {}
 
     can_skip_gram = True  # compute(closure, form_gram=...) is understood
 
@@ -426,9 +428,8 @@ class HooksEngine:
                         functools.partial(post_hook, handler, own), with_kwargs=True, prepend=True
                     )
                 )
-            with _ForeignUse(
-                self._owners, stack, foreign, self._adopters, adopted
-            ):  # autograd is on: compute enables it
+            # autograd is on: compute enables it
+            with _ForeignUse(self._owners, stack, foreign, self._adopters, adopted):
                 value = closure()
         except BaseException:
             _release(calls)  # a closure failing mid-forward: its calls so far
@@ -596,9 +597,8 @@ class HooksEngine:
                 a = output
             else:
                 g = g.to(dtype)  # autocast: the module's output gradients are in the dtype it computed in
-            if (
-                k > 1 and output is None and a is not None
-            ):  # one row per (sample, output): the sample's input is shared by its k rows
+            # one row per (sample, output): the sample's input is shared by its k rows
+            if k > 1 and output is None and a is not None:
                 a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
             names = call.params
             t0 = time.perf_counter()

@@ -1,0 +1,202 @@
+"""A GGN step on the models users write, against an SGD step and against the reference engine.
+
+Not a test. Each model is stepped by ``GramGaussNewton(model, engine=E, momentum=0,
+adaptive_damping=False)`` (a fixed step, so every step costs the same) and by SGD, interleaved,
+on one batch; the median step time of each and the ratio to SGD are printed and appended to
+``--out``. ``torch.set_num_threads(--threads)`` (default 2). The models:
+
+- ``resnet8``: resnet8_fixup on ``(1, 28, 28)`` images, every layer with a handler (the baseline);
+- ``resnet8_autocast``: the same closure under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
+- ``learned_scale``, ``position_embedding``, ``channel_scale``: a module without a handler in
+  front of resnet8 (``s * x``, ``x + p`` with ``p`` of one image's shape, a per-channel scale on
+  the stem's 16 maps), whose rows the hooks engine takes through ``handlers.AUTOGRAD_ROWS``;
+- ``raw_mlp``: an 8-96-96-1 tanh MLP written with raw ``nn.Parameter`` s in one module (b = 128);
+- ``encoder``: two ``TransformerEncoderLayer(64, 4, 128, dropout=0, batch_first=True)`` on
+  ``(16, 8)`` sequences (b = 64), a Linear embedding and head.
+
+``--engines auto reference`` times both (the reference engine's step takes seconds on the
+larger models; ``--reference-reps`` bounds its repetitions)::
+
+    python benchmarks/user_models.py --out benchmarks/results/user_models.json
+    python benchmarks/user_models.py --models learned_scale encoder --engines auto reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from results_log import append_record
+from torch import Tensor, nn
+
+from gramnewton import GramGaussNewton
+from gramnewton.lab.models import get_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LearnedScale(nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.s
+
+
+class PositionEmbedding(nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(1, *shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.p
+
+
+class RawMLP(nn.Module):
+    def __init__(self, d: int = 8, h: int = 96) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(d, h) / d**0.5), nn.Parameter(torch.zeros(h))
+        self.w2, self.b2 = nn.Parameter(torch.randn(h, h) / h**0.5), nn.Parameter(torch.zeros(h))
+        self.w3 = nn.Parameter(torch.randn(h, 1) / h**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (torch.tanh(torch.tanh(x @ self.w1 + self.b1) @ self.w2 + self.b2) @ self.w3).squeeze(1)
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 64), nn.Linear(64, 1)
+        self.layers = nn.Sequential(
+            *(nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True) for _ in range(2))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layers(self.embed(x)).mean(1)).squeeze(1)
+
+
+def resnet8(front: nn.Module | None = None, after_stem: nn.Module | None = None) -> nn.Module:
+    model = get_model("resnet8_fixup", in_channels=1, num_outputs=1)
+    if after_stem is not None:
+        model.bias1 = nn.Sequential(after_stem, model.bias1)
+    return model if front is None else nn.Sequential(front, model)
+
+
+# name -> (model builder, batch builder, whether the forward runs under autocast)
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor], bool]] = {
+    "resnet8": (resnet8, lambda: torch.randn(128, 1, 28, 28), False),
+    "resnet8_autocast": (resnet8, lambda: torch.randn(128, 1, 28, 28), True),
+    "learned_scale": (lambda: resnet8(front=LearnedScale((1,))), lambda: torch.randn(128, 1, 28, 28), False),
+    "position_embedding": (
+        lambda: resnet8(front=PositionEmbedding((1, 28, 28))),
+        lambda: torch.randn(128, 1, 28, 28),
+        False,
+    ),
+    "channel_scale": (
+        lambda: resnet8(after_stem=LearnedScale((1, 16, 1, 1))),
+        lambda: torch.randn(128, 1, 28, 28),
+        False,
+    ),
+    "raw_mlp": (RawMLP, lambda: torch.randn(128, 8), False),
+    "encoder": (Encoder, lambda: torch.randn(64, 16, 8), False),
+}
+
+
+def step_function(name: str, method: str) -> tuple[Callable[[], None], list[str]]:
+    """One step of ``method`` (``sgd`` or an engine name) on a fresh copy of model ``name``;
+    the warnings of its first step that name the reference engine."""
+    build, batch, amp = MODELS[name]
+    torch.manual_seed(0)
+    model, x = build(), batch()
+    y = torch.randn(x.shape[0])
+
+    def residuals() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        return out.float().reshape(-1) - y
+
+    if method == "sgd":
+        sgd = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+        def step() -> None:
+            sgd.zero_grad()
+            residuals().pow(2).mean().backward()
+            sgd.step()
+
+    else:
+        ggn = GramGaussNewton(model, engine=method, momentum=0.0, alpha=1e6, adaptive_damping=False)
+
+        def step() -> None:
+            ggn.step(residuals)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+    return step, sorted({str(w.message)[:160] for w in caught if "reference engine" in str(w.message)})
+
+
+def time_model(name: str, engines: list[str], reps: int, reference_reps: int) -> list[dict]:
+    steps, routed = {}, {}
+    for method in ("sgd", *engines):
+        steps[method], routed[method] = step_function(name, method)
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for r in range(reps):
+        for method in steps:
+            if method == "reference" and r >= reference_reps:
+                continue
+            start = time.perf_counter()
+            steps[method]()
+            times[method].append(time.perf_counter() - start)
+    sgd = statistics.median(times["sgd"])
+    return [
+        dict(
+            model=name,
+            method=method,
+            median_s=statistics.median(seconds),
+            ratio_to_sgd=statistics.median(seconds) / sgd,
+            reps=len(seconds),
+            routed=routed[method],
+        )
+        for method, seconds in times.items()
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--engines", nargs="+", default=["auto"], help="GGN engines to time (auto, hooks, reference)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reference-reps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/user_models.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    rows = [row for name in args.models for row in time_model(name, args.engines, args.reps, args.reference_reps)]
+    record = dict(
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        threads=args.threads,
+        load_average=[load, os.getloadavg()[0]],
+        rows=rows,
+    )
+    append_record(args.out, record)
+    print(f"threads {args.threads}, load {load:.2f} -> {os.getloadavg()[0]:.2f}")
+    print(f"{'model':20s} {'method':10s} {'step s':>9s} {'/SGD':>7s} routed")
+    for row in rows:
+        print(
+            f"{row['model']:20s} {row['method']:10s} {row['median_s']:9.4f} {row['ratio_to_sgd']:7.2f} "
+            f"{len(row['routed'])}"
+        )
+
+
+if __name__ == "__main__":
+    main()
