@@ -923,6 +923,58 @@ def test_rows_through_a_modules_own_graph_in_chunks(entries: int, monkeypatch: p
     assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
 
 
+class ScaleAndSquare(torch.autograd.Function):
+    """``(x w, x w^2)`` from one autograd node with two outputs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x, w)
+        return x * w, x * w * w
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor, gz: Tensor) -> tuple[Tensor, Tensor]:
+        x, w = ctx.saved_tensors
+        return gy * w + gz * w * w, (gy * x + 2 * gz * x * w).sum(0)
+
+
+class TwoOutputs(nn.Module):
+    """Returns ``(y, [z])``: one top-level differentiable tensor, ``y``, the one the engine
+    follows; ``z`` comes from the same autograd node (its second output)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        y, z = ScaleAndSquare.apply(x, self.w)
+        return y, [z]
+
+
+class UsesBoth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.pair, self.head = nn.Linear(3, 4), TwoOutputs(4), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, (z,) = self.pair(torch.tanh(self.lin(x)))
+        return self.head(torch.cat([y, z], 1))
+
+
+def test_a_second_output_of_the_same_node_is_not_the_modules_output() -> None:
+    """The residuals reach the module's parameter through ``z``, its autograd node's second
+    output, beside ``y``, the output the engine follows: the locality walk enters a module's
+    region through the edge of that output only, so the parameter is routed (entering through
+    any edge of the node, it took the rows through ``y`` alone: a wrong Gram)."""
+    torch.manual_seed(0)
+    model = UsesBoth().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    closure = lambda: model(x)  # noqa: E731
+    with pytest.warns(UserWarning, match="bypasses its module's output"):
+        fast = HooksEngine(model).compute(closure)
+    reference = ReferenceEngine(list(model.parameters())).compute(closure)
+    assert_close("gram vs reference", fast.gram, reference.gram)
+
+
 def test_residuals_independent_of_hooked_parameters() -> None:
     model = Unknown().double()
     x = torch.randn(4, 3, dtype=torch.float64)

@@ -446,9 +446,11 @@ class HooksEngine:
     def _off_path(self, residuals: Tensor, calls: list[_Call]) -> set[int]:
         """Ids of hooked parameters that the residuals reach other than through their modules'
         outputs, e.g. through an input derivative (see :mod:`.locality`)."""
-        regions = [Region(c.edge.node, c.input_nodes, frozenset(map(id, c.params.values()))) for c in calls]
+        regions = [
+            Region(c.edge.node, c.input_nodes, frozenset(map(id, c.params.values())), c.edge.output_nr) for c in calls
+        ]
         hooked = {id(p) for _, _, own in self._modules for p in own.values()}
-        return params_off_module_paths(residuals.grad_fn, regions, hooked)
+        return params_off_module_paths(residuals.grad_fn, regions, hooked, residuals.output_nr)
 
     def _route(
         self, calls: list[_Call], foreign: set[int], off_path: set[int], residuals: Tensor, post: list[Any]

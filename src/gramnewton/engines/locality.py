@@ -28,18 +28,21 @@ class Region:
         output: the autograd node that produced the module's output.
         inputs: the autograd nodes of the module's tensor inputs (where the region ends).
         params: ids of the parameters this call owns (reaching them inside the region is fine).
+        output_nr: which output of ``output`` the module's output is: a node with several (a
+            cuDNN LSTM's output and states, a custom Function's) is entered through that one only.
     """
 
     output: Any
     inputs: frozenset[Any]
     params: frozenset[int]
+    output_nr: int = 0
 
 
-def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Iterable[int]) -> set[int]:
+def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Iterable[int], root_nr: int = 0) -> set[int]:
     """Ids in ``watched`` of parameters that ``root`` reaches by a path outside their modules.
 
     A path is fine if the innermost hooked region it is in, entered through that region's output
-    node, owns the parameter and the path stays inside the region (does not leave through an
+    (the node and which of its outputs), owns the parameter and the path stays inside the region (does not leave through an
     input node) until the parameter's ``AccumulateGrad`` node. Regions nest: a module whose rows
     come through its own graph (its handler needs its output) may call hooked modules inside its
     forward, whose regions the path then enters and leaves (through their inputs) before it is
@@ -53,31 +56,33 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
         root: ``residuals.grad_fn``.
         regions: one per hooked module call, in the order the calls ended.
         watched: ids of the parameters the hooks engine would compute.
+        root_nr: which output of ``root`` the residuals are.
     """
     watched = set(watched)
-    at_output: dict[Any, list[int]] = {}
+    at_output: dict[tuple[Any, int], list[int]] = {}
     for index, region in enumerate(regions):
-        at_output.setdefault(region.output, []).append(index)
+        at_output.setdefault((region.output, region.output_nr), []).append(index)
     found: set[int] = set()
-    seen: set[tuple[Any, tuple[int, ...]]] = set()
-    # (node, the regions it is in, outermost first; () is outside every region)
-    stack: list[tuple[Any, tuple[int, ...]]] = [(root, ())]
+    seen: set[tuple[Any, int, tuple[int, ...]]] = set()
+    # (node, the output of it the edge leads to, the regions it is in, outermost first; () is
+    # outside every region)
+    stack: list[tuple[Any, int, tuple[int, ...]]] = [(root, root_nr, ())]
     while stack:
-        node, path = stack.pop()
-        if (node, path) in seen:
+        node, nr, path = stack.pop()
+        if (node, nr, path) in seen:
             continue
-        seen.add((node, path))
+        seen.add((node, nr, path))
         if path and node in regions[path[-1]].inputs:
-            stack.append((node, path[:-1]))  # left the innermost module through one of its inputs
+            stack.append((node, nr, path[:-1]))  # left the innermost module through one of its inputs
             continue
-        entered = [index for index in at_output.get(node, ()) if index not in path]
+        entered = [index for index in at_output.get((node, nr), ()) if index not in path]
         if entered:
-            stack.append((node, path + tuple(sorted(entered, reverse=True))))
+            stack.append((node, nr, path + tuple(sorted(entered, reverse=True))))
             continue
         variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
         if variable is not None:
             if id(variable) in watched and (not path or id(variable) not in regions[path[-1]].params):
                 found.add(id(variable))
             continue
-        stack.extend((child, path) for child, _ in node.next_functions if child is not None)
+        stack.extend((child, child_nr, path) for child, child_nr in node.next_functions if child is not None)
     return found
