@@ -261,6 +261,21 @@ class Attention(nn.Module):
         return self.out(self.attn(h, h, h, need_weights=self.need_weights)[0].mean(1))
 
 
+class ScaledInPlaceAfter(nn.Module):
+    """A learned scale whose output the caller then doubles in place (``h.mul_(2)``): its rows
+    come through the graph edge of the module's own output (the tensor then stands for the
+    doubled values and their graph, which raised "backward through the graph a second time")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.scale, self.head = nn.Linear(3, 4), LearnedScale(), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.scale(torch.tanh(self.lin(x)))
+        h.mul_(2)
+        return self.head(h)
+
+
 def seq(*mods: nn.Module) -> nn.Module:
     return nn.Sequential(*mods)
 
@@ -446,6 +461,7 @@ CASES = [
     ),
     Case("film_two_inputs", Conditioned, lambda b: torch.randn(b, 6)),
     Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
+    Case("output_changed_in_place_after", ScaledInPlaceAfter, lambda b: torch.randn(b, 3)),
     Case("transformer_encoder", Encoder, lambda b: torch.randn(b, 5, 4)),
     Case("transformer_encoder_norm_first", lambda: Encoder(norm_first=True), lambda b: torch.randn(b, 5, 4)),
     Case("attention_without_weights", lambda: Attention(False), lambda b: torch.randn(b, 5, 3)),
@@ -837,7 +853,7 @@ AUTOGRAD_ROWS_CASES = [
         "gated_block",
         "film_two_inputs",
         "transformer_encoder",
-    )
+    )  # not output_changed_in_place_after: its output's values changed, only the graph's way applies
 ]
 
 

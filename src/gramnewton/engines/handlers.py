@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from ..nn import ScalarBias, ScalarScale
 from . import workspace as ws
@@ -594,14 +595,19 @@ AUTOGRAD_ROWS_ENTRIES = 1 << 24
 
 @dataclass
 class RecordedCall:
-    """What :data:`AUTOGRAD_ROWS` gets as ``a``: a module call's output, with its autograd
-    graph, and the arguments it was called with; ``element``: where the module returned a tuple,
-    the index of its one differentiable tensor, ``output``."""
+    """What :data:`AUTOGRAD_ROWS` gets as ``a``: a module call's output and the arguments it was
+    called with; ``element``: where the module returned a tuple, the index of its one
+    differentiable tensor, ``output``. ``edge`` is the output's place in the autograd graph and
+    ``version`` its version counter when the module returned it: the caller may change the
+    output in place afterwards (``h.mul_(2)``), after which the tensor stands for the changed
+    values and their graph, the edge still for the module's."""
 
     output: Tensor
     args: tuple
     kwargs: dict
-    element: int | None = None
+    element: int | None
+    edge: GradientEdge
+    version: int
 
 
 def _autograd_rows(
@@ -623,9 +629,9 @@ def _autograd_rows(
     """
     # its own parameters, and any of its descendants' it used without calling them (adopted)
     params = {name: p for name, p in module.named_parameters() if name in names}
-    rows = _rows_by_recomputation(module, call, g, params)
+    rows = None if call.output._version != call.version else _rows_by_recomputation(module, call, g, params)
     if rows is None:
-        rows = _rows_through_graph(call.output, g, params)
+        rows = _rows_through_graph(call, g, params)
     return {name: Dense(rows[name]) for name in params}
 
 
@@ -671,15 +677,15 @@ def _rows_by_recomputation(
     return {name: grads[name].reshape(b * k, -1) for name in params}
 
 
-def _rows_through_graph(output: Tensor, g: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The rows as vector-Jacobian products of ``output`` through the forward's recorded graph
+def _rows_through_graph(call: RecordedCall, g: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The rows as vector-Jacobian products of the module's output (its graph edge) through the forward's recorded graph
     (several inputs, random draws, buffers, autocast: what the module did is what is
     differentiated), batched with ``is_grads_batched`` over chunks of rows, each a backward pass
     over the module's own operations only: ``n`` times the module's backward at the full batch
     (its cotangents are mostly zeros), where the reference engine pays ``n`` backward passes of
     the whole network. Where the batched pass fails (a backward that reads its gradient's
     values), the rows are taken one by one."""
-    tensors = list(params.values())
+    tensors, output = list(params.values()), call.output  # its shape and dtype: the edge is differentiated
     n, b = g.shape[0], output.shape[0]
     sample = torch.arange(n, device=g.device) // (n // b)
     g = g.to(output.dtype)
@@ -691,10 +697,12 @@ def _rows_through_graph(output: Tensor, g: Tensor, params: dict[str, Tensor]) ->
         cotangents[torch.arange(len(rows), device=g.device), sample[rows]] = g[rows]
         try:
             parts = torch.autograd.grad(
-                output, tensors, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+                call.edge, tensors, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
             )
         except (RuntimeError, NotImplementedError):
-            each = [torch.autograd.grad(output, tensors, c, retain_graph=True, allow_unused=True) for c in cotangents]
+            each = [
+                torch.autograd.grad(call.edge, tensors, c, retain_graph=True, allow_unused=True) for c in cotangents
+            ]
             parts = [None if t[0] is None else torch.stack([x.to_dense() for x in t]) for t in zip(*each)]
         for rows_of, part, p in zip(kept, parts, tensors):
             if part is None:  # a parameter this call does not use: zero rows

@@ -411,7 +411,7 @@ class HooksEngine:
                 module, handler, kept, version, rows, tuple(output.shape), output.dtype, edge, dict(own), inputs
             )
             if handler.needs_output:
-                call.output = RecordedCall(output, args, kwargs, element)
+                call.output = RecordedCall(output, args, kwargs, element, edge, output._version)
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
