@@ -276,6 +276,23 @@ class ScaledInPlaceAfter(nn.Module):
         return self.head(h)
 
 
+class GatedTied(nn.Module):
+    """A gate of its own, and its inner Linear's weight used again directly (``h @ lin.weight``:
+    adopted) or registered on it too (``tied``): rows through its output would count the
+    Linear's own use of the weight a second time, so the weight is routed."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        if tied:
+            self.w = self.lin.weight
+        self.tied = tied
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (torch.tanh(self.lin(x)) * self.gate) @ (self.w if self.tied else self.lin.weight)
+
+
 def seq(*mods: nn.Module) -> nn.Module:
     return nn.Sequential(*mods)
 
@@ -462,6 +479,18 @@ CASES = [
     Case("film_two_inputs", Conditioned, lambda b: torch.randn(b, 6)),
     Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
     Case("output_changed_in_place_after", ScaledInPlaceAfter, lambda b: torch.randn(b, 3)),
+    Case(
+        "inner_weight_used_again",
+        lambda: seq(GatedTied(tied=False), nn.Linear(4, 2)),
+        lambda b: torch.randn(b, 4),
+        reference_params=1,
+    ),
+    Case(
+        "inner_weight_registered_again",
+        lambda: seq(GatedTied(tied=True), nn.Linear(4, 2)),
+        lambda b: torch.randn(b, 4),
+        reference_params=1,
+    ),
     Case("transformer_encoder", Encoder, lambda b: torch.randn(b, 5, 4)),
     Case("transformer_encoder_norm_first", lambda: Encoder(norm_first=True), lambda b: torch.randn(b, 5, 4)),
     Case("attention_without_weights", lambda: Attention(False), lambda b: torch.randn(b, 5, 3)),

@@ -88,6 +88,7 @@ class _Call:
     grads: list[Tensor] = field(default_factory=list)
     done: bool = False
     output: RecordedCall | None = None  # kept only for a handler that needs it (AUTOGRAD_ROWS)
+    enclosing: frozenset[int] = frozenset()  # ids of the hooked modules whose forward was running around it
 
 
 # Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
@@ -412,6 +413,7 @@ class HooksEngine:
             )
             if handler.needs_output:
                 call.output = RecordedCall(output, args, kwargs, element, edge, output._version)
+            call.enclosing = frozenset(stack)  # this module's own id is popped already
             output.register_hook(functools.partial(self._on_grad, call))
             calls.append(call)
 
@@ -461,6 +463,16 @@ class HooksEngine:
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
         for i, name in self._untracked.items():
             dynamic.setdefault(i, f"{name} returns no single differentiable tensor, through which its rows are taken")
+        for outer in calls:  # rows through a module's output count every use inside it
+            if outer.handler.needs_output:
+                inside = {id(p) for c in calls if id(outer.module) in c.enclosing for p in c.params.values()}
+                for p in outer.params.values():
+                    if id(p) in inside:
+                        dynamic.setdefault(
+                            id(p),
+                            f"used by {type(outer.module).__name__} and by a module called inside it (its rows "
+                            "through the outer module's output would count the inner use twice)",
+                        )
         for i in off_path:
             dynamic.setdefault(
                 i,
