@@ -293,6 +293,19 @@ class GatedTied(nn.Module):
         return (torch.tanh(self.lin(x)) * self.gate) @ (self.w if self.tied else self.lin.weight)
 
 
+class Recurrent(nn.Module):
+    """``LSTM``/``GRU(batch_first=True)`` and a head on the last output or the final state."""
+
+    def __init__(self, kind: str, use: str) -> None:
+        super().__init__()
+        self.rnn, self.head, self.use = getattr(nn, kind)(3, 5, batch_first=True), nn.Linear(5, 2), use
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, state = self.rnn(x)
+        state = state[0] if isinstance(state, tuple) else state
+        return self.head(out[:, -1] if self.use == "output" else state[-1])
+
+
 def seq(*mods: nn.Module) -> nn.Module:
     return nn.Sequential(*mods)
 
@@ -479,6 +492,10 @@ CASES = [
     Case("film_two_inputs", Conditioned, lambda b: torch.randn(b, 6)),
     Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
     Case("output_changed_in_place_after", ScaledInPlaceAfter, lambda b: torch.randn(b, 3)),
+    # LSTM returns (out, (h, c)): followed through out; its final state h comes from another node
+    Case("lstm_output", lambda: Recurrent("LSTM", "output"), lambda b: torch.randn(b, 4, 3)),
+    Case("lstm_state", lambda: Recurrent("LSTM", "state"), lambda b: torch.randn(b, 4, 3), reference_params=4),
+    Case("gru", lambda: Recurrent("GRU", "output"), lambda b: torch.randn(b, 4, 3), reference_params=4),
     Case(
         "inner_weight_used_again",
         lambda: seq(GatedTied(tied=False), nn.Linear(4, 2)),
