@@ -251,14 +251,19 @@ class Attention(nn.Module):
     """``MultiheadAttention`` called directly; with ``need_weights`` it returns two
     differentiable tensors, which the engine does not follow (routed)."""
 
-    def __init__(self, need_weights: bool) -> None:
+    def __init__(self, need_weights: bool, causal: bool = False) -> None:
         super().__init__()
         self.inp, self.attn, self.out = nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 1)
-        self.need_weights = need_weights
+        self.need_weights, self.causal = need_weights, causal
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.inp(x))
-        return self.out(self.attn(h, h, h, need_weights=self.need_weights)[0].mean(1))
+        mask = (
+            nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device, dtype=h.dtype)
+            if self.causal
+            else None
+        )
+        return self.out(self.attn(h, h, h, need_weights=self.need_weights, attn_mask=mask)[0].mean(1))
 
 
 class ScaledInPlaceAfter(nn.Module):
@@ -512,6 +517,8 @@ CASES = [
     Case("transformer_encoder_norm_first", lambda: Encoder(norm_first=True), lambda b: torch.randn(b, 5, 4)),
     Case("attention_without_weights", lambda: Attention(False), lambda b: torch.randn(b, 5, 3)),
     Case("attention_with_weights", lambda: Attention(True), lambda b: torch.randn(b, 5, 3), reference_params=4),
+    # a mask: not the attention handler's factors but the general way (handlers._autograd_rows)
+    Case("attention_causal_mask", lambda: Attention(False, causal=True), lambda b: torch.randn(b, 5, 3)),
     Case("forward_replaced", forward_replaced_on_the_instance, lambda b: torch.randn(b, 4), reference_params=2),
 ]
 

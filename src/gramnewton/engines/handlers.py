@@ -716,6 +716,89 @@ def _rows_through_graph(call: RecordedCall, g: Tensor, params: dict[str, Tensor]
 AUTOGRAD_ROWS = LayerHandler(_autograd_rows, needs_input=False, needs_output=True, autocast=True)
 
 
+def _projection_pieces(
+    a: Tensor, g: Tensor, weight: str, bias: str, names: frozenset, factored_ok: bool
+) -> dict[str, Piece]:
+    """Pieces of a projection ``y = x W^T + c`` applied at every position, in ``groups`` blocks of
+    ``W``'s rows: ``a`` ``(n, groups, S, kin)`` inputs, ``g`` ``(n, groups, S, kout)`` gradients
+    at its output, ``W`` laid out ``(groups * kout, kin)``."""
+    n, groups, positions, kin = a.shape
+    pieces: dict[str, Piece] = {}
+    if weight in names:
+        factored = Factored(a, g, with_bias=bias in names)
+        cheaper = factored_ok and factored_is_cheaper(n, positions, kin, g.shape[3], groups)
+        pieces[weight] = factored if cheaper else factored.dense()
+    if bias in names:
+        pieces[bias] = _bias_piece(g.sum(2).reshape(n, -1), pieces.get(weight))
+    return pieces
+
+
+def _attention_rows(
+    module: nn.Module, call: RecordedCall, g: Tensor, names: frozenset, factored_ok: bool
+) -> dict[str, Piece]:
+    """``nn.MultiheadAttention`` as ``TransformerEncoderLayer`` calls it (``batch_first``, one
+    embedding size, queries and keys of one length, no masks, no ``bias_k``/``add_zero_attn``,
+    no dropout at work, the weights not returned): its four projections' per-sample gradients
+    as factors. The attention is run again at the batch from the recorded inputs, and one
+    backward pass from the rows' output gradients ``g`` (``(n, T, E)``, ``n = b k``) gives the
+    gradients at the queries, keys and values (each sample's attention sees that sample alone,
+    so row ``r``'s are its own): ``in_proj_weight`` is then three groups of a :class:`Factored`
+    weight (inputs ``x_q, x_k, x_v``, gradients ``dq, dk, dv``), ``out_proj`` one (input: the
+    heads' concatenated outputs). Anything else takes :func:`_autograd_rows`."""
+    kwargs = call.kwargs
+    query, key, value = (list(call.args) + [kwargs.get(k) for k in ("query", "key", "value")])[:3]
+    plain = (
+        module.batch_first
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and not module.add_zero_attn
+        and (module.dropout == 0.0 or not module.training)
+        and all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value))
+        and query.shape[1] == key.shape[1] == value.shape[1]
+        and kwargs.get("key_padding_mask") is None
+        and kwargs.get("attn_mask") is None
+        and not kwargs.get("is_causal", False)
+        and call.output.dtype == module.in_proj_weight.dtype
+        and len(call.args) + sum(k in kwargs for k in ("query", "key", "value")) == 3
+    )
+    if not plain:
+        return _autograd_rows(module, call, g, names, factored_ok)
+    n, b = g.shape[0], call.output.shape[0]
+    heads, width = module.num_heads, module.embed_dim
+    inputs = [
+        t.detach().unsqueeze(1).expand(b, n // b, *t.shape[1:]).reshape(n, *t.shape[1:]) for t in (query, key, value)
+    ]
+    weights = module.in_proj_weight.detach().chunk(3)
+    biases = module.in_proj_bias.detach().chunk(3) if module.in_proj_bias is not None else (None,) * 3
+    with torch.enable_grad():
+        qkv = [F.linear(x, w, c).requires_grad_() for x, w, c in zip(inputs, weights, biases)]
+        split = [t.unflatten(2, (heads, width // heads)).transpose(1, 2) for t in qkv]  # (n, H, T, d)
+        attended = F.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2)  # (n, T, E)
+        out = F.linear(attended, module.out_proj.weight.detach(), None)
+        grads = torch.autograd.grad(out, qkv, g.to(out.dtype), retain_graph=False)
+    # the run must reproduce the recorded output (inputs changed in place since, an option not
+    # looked at above): else the general way
+    expected = call.output.detach()
+    again = (out.detach() if module.out_proj.bias is None else out.detach() + module.out_proj.bias.detach())[:: n // b]
+    tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
+    if call.output._version != call.version or float((again - expected).abs().max()) > tolerance:
+        return _autograd_rows(module, call, g, names, factored_ok)
+    pieces = _projection_pieces(
+        torch.stack(inputs, 1), torch.stack(grads, 1), "in_proj_weight", "in_proj_bias", names, factored_ok
+    )
+    pieces.update(
+        _projection_pieces(
+            attended.detach().unsqueeze(1), g.unsqueeze(1), "out_proj.weight", "out_proj.bias", names, factored_ok
+        )
+    )
+    return pieces
+
+
+# MultiheadAttention: its output and arguments (needs_output) to check the call's options and to
+# fall back on AUTOGRAD_ROWS; its out_proj's parameters are adopted (it applies them itself)
+HANDLERS[nn.MultiheadAttention] = LayerHandler(_attention_rows, needs_input=False, needs_output=True, autocast=True)
+
+
 def _sum_to_rows(x: Tensor) -> Tensor:
     """``(n, ...)`` -> ``(n, 1)`` sum over everything but the rows."""
     return x.reshape(x.shape[0], -1).sum(1, keepdim=True)
