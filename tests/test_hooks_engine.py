@@ -905,8 +905,8 @@ AUTOGRAD_ROWS_CASES = [
         "prelu_k2",
         "gated_block",
         "film_two_inputs",
-        "transformer_encoder",
     )  # not output_changed_in_place_after: its output's values changed, only the graph's way applies
+    # (nor the encoder: its attention has a handler of its own)
 ]
 
 
