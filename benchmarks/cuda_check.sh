@@ -16,3 +16,5 @@ GRAMNEWTON_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider
 echo "hooks engine tests on cuda: exit $?"
 tail -n 25 "$out/cuda_tests.log"
 timeout 240 python3 benchmarks/cuda_check.py --out "$out/cuda_check.json" 2>&1 | tee "$out/cuda_check.log"
+# users' models on the GPU: autocast, modules without a handler, raw parameters, an encoder
+timeout 180 python3 benchmarks/user_models.py --device cuda --engines auto --out "$out/user_models_cuda.json" 2>&1 | tail -n 12

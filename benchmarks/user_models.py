@@ -6,7 +6,7 @@ on one batch; the median step time of each and the ratio to SGD are printed and 
 ``--out``. ``torch.set_num_threads(--threads)`` (default 2). The models:
 
 - ``resnet8``: resnet8_fixup on ``(1, 28, 28)`` images, every layer with a handler (the baseline);
-- ``resnet8_autocast``: the same closure under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
+- ``resnet8_autocast``: the same closure under ``torch.autocast`` (bfloat16) on the device;
 - ``learned_scale``, ``position_embedding``, ``channel_scale``: a module without a handler in
   front of resnet8 (``s * x``, ``x + p`` with ``p`` of one image's shape, a per-channel scale on
   the stem's 16 maps), whose rows the hooks engine takes through ``handlers.AUTOGRAD_ROWS``;
@@ -15,7 +15,8 @@ on one batch; the median step time of each and the ratio to SGD are printed and 
   ``(16, 8)`` sequences (b = 64), a Linear embedding and head.
 
 ``--engines auto reference`` times both (the reference engine's step takes seconds on the
-larger models; ``--reference-reps`` bounds its repetitions)::
+larger models; ``--reference-reps`` bounds its repetitions). ``--device cuda`` runs it on a GPU
+(each step timed from a synchronised start to a synchronised end; ``cuda_check.sh`` does)::
 
     python benchmarks/user_models.py --out benchmarks/results/user_models.json
     python benchmarks/user_models.py --models learned_scale encoder --engines auto reference
@@ -110,16 +111,16 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor], bool]] = 
 }
 
 
-def step_function(name: str, method: str) -> tuple[Callable[[], None], list[str]]:
-    """One step of ``method`` (``sgd`` or an engine name) on a fresh copy of model ``name``;
-    the warnings of its first step that name the reference engine."""
+def step_function(name: str, method: str, device: torch.device) -> tuple[Callable[[], None], list[str]]:
+    """One step of ``method`` (``sgd`` or an engine name) on a fresh copy of model ``name`` on
+    ``device``; the warnings of its first step that name the reference engine."""
     build, batch, amp = MODELS[name]
     torch.manual_seed(0)
-    model, x = build(), batch()
-    y = torch.randn(x.shape[0])
+    model, x = build().to(device), batch().to(device)
+    y = torch.randn(x.shape[0], device=device)
 
     def residuals() -> Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         return out.float().reshape(-1) - y
 
@@ -143,17 +144,24 @@ def step_function(name: str, method: str) -> tuple[Callable[[], None], list[str]
     return step, sorted({str(w.message)[:160] for w in caught if "reference engine" in str(w.message)})
 
 
-def time_model(name: str, engines: list[str], reps: int, reference_reps: int) -> list[dict]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_model(name: str, engines: list[str], reps: int, reference_reps: int, device: torch.device) -> list[dict]:
     steps, routed = {}, {}
     for method in ("sgd", *engines):
-        steps[method], routed[method] = step_function(name, method)
+        steps[method], routed[method] = step_function(name, method, device)
     times: dict[str, list[float]] = {m: [] for m in steps}
     for r in range(reps):
         for method in steps:
             if method == "reference" and r >= reference_reps:
                 continue
+            synchronize(device)
             start = time.perf_counter()
             steps[method]()
+            synchronize(device)
             times[method].append(time.perf_counter() - start)
     sgd = statistics.median(times["sgd"])
     return [
@@ -176,14 +184,19 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--reference-reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/user_models.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    rows = [row for name in args.models for row in time_model(name, args.engines, args.reps, args.reference_reps)]
+    device = torch.device(args.device)
+    rows = [
+        row for name in args.models for row in time_model(name, args.engines, args.reps, args.reference_reps, device)
+    ]
     record = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         torch=torch.__version__,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         threads=args.threads,
         load_average=[load, os.getloadavg()[0]],
         rows=rows,
