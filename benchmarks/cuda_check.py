@@ -311,6 +311,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """A timed model, its weights moved a little off Fixup's zeros (seed 0)."""
+    torch.manual_seed(0)
+    model = build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def interleaved_medians(steps: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step over ``reps`` rounds, the order rotated every round, each
+    timed from a synchronised start to a synchronised end."""
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for r in range(reps):
+        for method in list(steps)[r % len(steps) :] + list(steps)[: r % len(steps)]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[method]()
+            synchronize(device)
+            times[method].append(time.perf_counter() - start)
+    return {method: statistics.median(seconds) for method, seconds in times.items()}
+
+
 def step_cost(device: torch.device, reps: int, warmup: int, models: list[str], batch: int | None = None) -> list[dict]:
     """Median step time of each method per model, interleaved rounds, ratio to SGD's; ``batch``
     replaces every model's own batch."""
@@ -318,11 +342,7 @@ def step_cost(device: torch.device, reps: int, warmup: int, models: list[str], b
     for name in models:
         build, shape, b, k = TIMED_MODELS[name]
         b = batch or b
-        torch.manual_seed(0)
-        base = build()
-        with torch.no_grad():
-            for p in base.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        base = timed_model(build)
         x = torch.randn(b, *shape, device=device)
         y = torch.randint(0, k, (b,), device=device) if k > 1 else torch.randn(b, device=device)
         loss = "cross_entropy" if k > 1 else "mse"
@@ -342,25 +362,16 @@ def step_cost(device: torch.device, reps: int, warmup: int, models: list[str], b
             routed[method] = sorted({str(w.message) for w in caught if "reference engine" in str(w.message)})
             if device.type == "cuda":
                 peaks[method] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            steps[method] = step
-        times: dict[str, list[float]] = {m: [] for m in steps}
-        for r in range(reps):
-            for method in list(steps)[r % len(steps) :] + list(steps)[: r % len(steps)]:
-                synchronize(device)
-                start = time.perf_counter()
-                steps[method](x, y)
-                synchronize(device)
-                times[method].append(time.perf_counter() - start)
-        sgd = statistics.median(times["sgd"])
-        for method, seconds in times.items():
-            median = statistics.median(seconds)
+            steps[method] = functools.partial(step, x, y)
+        medians = interleaved_medians(steps, reps, device)
+        for method, median in medians.items():
             rows.append(
                 dict(
                     model=name,
                     batch=b,
                     method=method,
                     median_ms=1e3 * median,
-                    ratio_to_sgd=median / sgd,
+                    ratio_to_sgd=median / medians["sgd"],
                     peak_mib_above_model=peaks.get(method),
                     routed_to_reference=routed[method],
                 )
@@ -377,11 +388,7 @@ def autocast_cost(device: torch.device, reps: int, warmup: int, models: list[str
         if k > 1:
             continue
         b = batch or b
-        torch.manual_seed(0)
-        base = build()
-        with torch.no_grad():
-            for p in base.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        base = timed_model(build)
         x, y = torch.randn(b, *shape, device=device), torch.randn(b, device=device)
         steps, routed = {}, {}
         for method in ("sgd", "ggn"):
@@ -411,24 +418,15 @@ def autocast_cost(device: torch.device, reps: int, warmup: int, models: list[str
                         step()
                 routed[key] = sorted({str(w.message) for w in caught if "reference engine" in str(w.message)})
                 steps[key] = step
-        times: dict[str, list[float]] = {m: [] for m in steps}
-        for r in range(reps):
-            for key in list(steps)[r % len(steps) :] + list(steps)[: r % len(steps)]:
-                synchronize(device)
-                start = time.perf_counter()
-                steps[key]()
-                synchronize(device)
-                times[key].append(time.perf_counter() - start)
-        sgd = statistics.median(times["sgd"])
-        for key, seconds in times.items():
-            median = statistics.median(seconds)
+        medians = interleaved_medians(steps, reps, device)
+        for key, median in medians.items():
             rows.append(
                 dict(
                     model=name,
                     batch=b,
                     method=key,
                     median_ms=1e3 * median,
-                    ratio_to_sgd=median / sgd,
+                    ratio_to_sgd=median / medians["sgd"],
                     routed_to_reference=routed[key],
                 )
             )
