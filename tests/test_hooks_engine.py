@@ -212,7 +212,9 @@ class CubedScale(nn.Module):
 
 
 class PairOutput(nn.Module):
-    """Returns ``(h, h^2)``: a tuple, which the engine does not follow (routed)."""
+    """Returns ``(h, h^2)``: its second output is computed from its first inside it, so the
+    gradient reaching ``h`` holds ``h^2``'s already (routed: rows through both would count it
+    twice)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -249,12 +251,13 @@ class Encoder(nn.Module):
 
 class Attention(nn.Module):
     """``MultiheadAttention`` called directly; with ``need_weights`` it returns two
-    differentiable tensors, which the engine does not follow (routed)."""
+    differentiable tensors, both followed; ``use_weights``: the residuals use the weights too."""
 
-    def __init__(self, need_weights: bool, causal: bool = False) -> None:
+    def __init__(self, need_weights: bool, causal: bool = False, use_weights: bool = False) -> None:
         super().__init__()
-        self.inp, self.attn, self.out = nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 1)
-        self.need_weights, self.causal = need_weights, causal
+        self.inp, self.attn = nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(9 if use_weights else 4, 1)  # the weights (b, 5, 5) averaged over the queries
+        self.need_weights, self.causal, self.use_weights = need_weights, causal, use_weights
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.inp(x))
@@ -263,7 +266,8 @@ class Attention(nn.Module):
             if self.causal
             else None
         )
-        return self.out(self.attn(h, h, h, need_weights=self.need_weights, attn_mask=mask)[0].mean(1))
+        out, weights = self.attn(h, h, h, need_weights=self.need_weights, attn_mask=mask)
+        return self.out(torch.cat([out.mean(1), weights.mean(1)], 1) if self.use_weights else out.mean(1))
 
 
 class ScaledInPlaceAfter(nn.Module):
@@ -299,16 +303,75 @@ class GatedTied(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """``LSTM``/``GRU(batch_first=True)`` and a head on the last output or the final state."""
+    """``RNN``/``LSTM``/``GRU`` (``layers`` deep) and a head on the last output (``output``),
+    the last layer's final state ``h[-1]`` (``state``; the states are ``(layers, b, hidden)``:
+    the batch in dimension 1), every output (``all``: the mean output and each final state), or
+    the final state with the samples mixed after it (``mixed``: ``h - h.mean(0)``, whose rows are
+    not the samples). ``batch_first=False`` runs it on the transposed ``(T, b, 3)`` input, whose
+    output has the batch in dimension 1 too."""
 
-    def __init__(self, kind: str, use: str) -> None:
+    def __init__(self, kind: str, use: str, layers: int = 1, batch_first: bool = True) -> None:
         super().__init__()
-        self.rnn, self.head, self.use = getattr(nn, kind)(3, 5, batch_first=True), nn.Linear(5, 2), use
+        self.rnn = getattr(nn, kind)(3, 5, num_layers=layers, batch_first=batch_first)
+        self.head = nn.Linear(5 * (1 + (kind == "LSTM") + 1) if use == "all" else 5, 2)
+        self.use, self.batch_first = use, batch_first
 
     def forward(self, x: Tensor) -> Tensor:
-        out, state = self.rnn(x)
-        state = state[0] if isinstance(state, tuple) else state
-        return self.head(out[:, -1] if self.use == "output" else state[-1])
+        out, state = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        out = out if self.batch_first else out.transpose(0, 1)
+        states = state if isinstance(state, tuple) else (state,)
+        if self.use == "all":
+            return self.head(torch.cat([out.mean(1), *(s[-1] for s in states)], 1))
+        h = states[0][-1]
+        return self.head({"output": out[:, -1], "state": h, "mixed": h - h.mean(0)}[self.use])
+
+
+class Split(nn.Module):
+    """Returns ``(tanh(x) w, x^2 V)``: two batch-first tensors from two autograd nodes."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.v = nn.Parameter(torch.randn(width, 3))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(x) * self.w, (x * x) @ self.v
+
+
+class WithPenalty(nn.Module):
+    """Returns ``(tanh(x) w, sum(w^2))``: an output and a scalar auxiliary loss (no batch
+    dimension), which the residuals do not use."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(x) * self.w, (self.w**2).sum()
+
+
+class SplitUser(nn.Module):
+    """A head on both outputs of :class:`Split`, or on its first (the second reaches nothing)."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.lin, self.split, self.head = nn.Linear(3, 4), Split(4), nn.Linear(7 if use == "both" else 4, 2)
+        self.use = use
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, c = self.split(torch.tanh(self.lin(x)))
+        return self.head(torch.cat([a, c], 1) if self.use == "both" else a)
+
+
+class Index(nn.Module):
+    """``x[i]``: one entry of the previous module's tuple."""
+
+    def __init__(self, i: int) -> None:
+        super().__init__()
+        self.i = i
+
+    def forward(self, x: tuple) -> Tensor:
+        return x[self.i]
 
 
 def seq(*mods: nn.Module) -> nn.Module:
@@ -495,12 +558,31 @@ CASES = [
         lambda b: torch.randn(b, 3),
     ),
     Case("film_two_inputs", Conditioned, lambda b: torch.randn(b, 6)),
+    # (h, h^2): one output computed from the other inside the module
     Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
+    Case("two_outputs_both_used", lambda: SplitUser("both"), lambda b: torch.randn(b, 3)),
+    Case("two_outputs_one_used", lambda: SplitUser("first"), lambda b: torch.randn(b, 3)),
+    Case(
+        "unused_scalar_second_output",
+        lambda: seq(nn.Linear(3, 4), WithPenalty(4), Index(0), nn.Linear(4, 2)),
+        lambda b: torch.randn(b, 3),
+    ),
+    # one autograd node's two outputs (y, [z]) in a nested list: both used, or y alone (z's hook sees None)
+    Case("same_node_two_outputs", lambda: UsesBoth("both"), lambda b: torch.randn(b, 3)),
+    Case("same_node_first_output_used", lambda: UsesBoth("first"), lambda b: torch.randn(b, 3)),
     Case("output_changed_in_place_after", ScaledInPlaceAfter, lambda b: torch.randn(b, 3)),
-    # LSTM returns (out, (h, c)): followed through out; its final state h comes from another node
+    # recurrent layers return (out, h) or (out, (h, c)), every one followed; h and c (layers, b, hidden)
+    # have the batch in dimension 1 (a head on h[-1] read rows of h as samples: wrong or routed)
     Case("lstm_output", lambda: Recurrent("LSTM", "output"), lambda b: torch.randn(b, 4, 3)),
-    Case("lstm_state", lambda: Recurrent("LSTM", "state"), lambda b: torch.randn(b, 4, 3), reference_params=4),
-    Case("gru", lambda: Recurrent("GRU", "output"), lambda b: torch.randn(b, 4, 3), reference_params=4),
+    Case("lstm_state", lambda: Recurrent("LSTM", "state"), lambda b: torch.randn(b, 4, 3)),
+    Case("lstm_all_outputs", lambda: Recurrent("LSTM", "all"), lambda b: torch.randn(b, 4, 3)),
+    Case("gru", lambda: Recurrent("GRU", "output"), lambda b: torch.randn(b, 4, 3)),
+    Case("gru_state", lambda: Recurrent("GRU", "state"), lambda b: torch.randn(b, 4, 3)),
+    Case("gru_2_layers_state", lambda: Recurrent("GRU", "state", layers=2), lambda b: torch.randn(b, 4, 3)),
+    # sequence-first: the output (T, b, hidden) with T == b, the batch in dimension 1 known from the type
+    Case("gru_sequence_first", lambda: Recurrent("GRU", "all", batch_first=False), lambda b: torch.randn(b, 4, 3)),
+    Case("rnn_tanh_output", lambda: Recurrent("RNN", "output"), lambda b: torch.randn(b, 4, 3)),
+    Case("gru_state_mixed", lambda: Recurrent("GRU", "mixed"), lambda b: torch.randn(b, 4, 3), reference_params=4),
     Case(
         "inner_weight_used_again",
         lambda: seq(GatedTied(tied=False), nn.Linear(4, 2)),
@@ -516,7 +598,8 @@ CASES = [
     Case("transformer_encoder", Encoder, lambda b: torch.randn(b, 5, 4)),
     Case("transformer_encoder_norm_first", lambda: Encoder(norm_first=True), lambda b: torch.randn(b, 5, 4)),
     Case("attention_without_weights", lambda: Attention(False), lambda b: torch.randn(b, 5, 3)),
-    Case("attention_with_weights", lambda: Attention(True), lambda b: torch.randn(b, 5, 3), reference_params=4),
+    Case("attention_with_weights", lambda: Attention(True), lambda b: torch.randn(b, 5, 3)),
+    Case("attention_weights_used", lambda: Attention(True, use_weights=True), lambda b: torch.randn(b, 5, 3)),
     # a mask: not the attention handler's factors but the general way (handlers._autograd_rows)
     Case("attention_causal_mask", lambda: Attention(False, causal=True), lambda b: torch.randn(b, 5, 3)),
     Case("forward_replaced", forward_replaced_on_the_instance, lambda b: torch.randn(b, 4), reference_params=2),
@@ -905,6 +988,11 @@ AUTOGRAD_ROWS_CASES = [
         "prelu_k2",
         "gated_block",
         "film_two_inputs",
+        "two_outputs_both_used",
+        "two_outputs_one_used",
+        "same_node_two_outputs",
+        "same_node_first_output_used",
+        "attention_weights_used",
     )  # not output_changed_in_place_after: its output's values changed, only the graph's way applies
     # (nor the encoder: its attention has a handler of its own)
 ]
@@ -977,28 +1065,42 @@ def test_a_handlerless_module_that_cannot_simply_be_run_again(kind: str) -> None
     assert_close("gram vs reference", fast.gram, reference.gram)
 
 
+@pytest.mark.parametrize("model_name", ["gated", "lstm_all_outputs"])
 @pytest.mark.parametrize("entries", [1, 40])
-def test_rows_through_a_modules_own_graph_in_chunks(entries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_through_a_modules_own_graph_in_chunks(
+    entries: int, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The batched backward passes of ``handlers.AUTOGRAD_ROWS``'s recorded-graph way bounded to
     a few cotangent entries: one row per pass (``entries=1``) or several, over two outputs per
-    sample."""
+    sample; for an LSTM, each pass from its three outputs at once (two with the batch in
+    dimension 1)."""
     monkeypatch.setattr(handlers, "AUTOGRAD_ROWS_ENTRIES", entries)
     monkeypatch.setattr(handlers, "_rows_by_recomputation", lambda *args: None)
     torch.manual_seed(0)
-    model = seq(nn.Linear(4, 6), nn.PReLU(6), GatedBlock(6), nn.Linear(6, 2)).double()
-    x = torch.randn(7, 4, dtype=torch.float64)
+    if model_name == "gated":
+        model = seq(nn.Linear(4, 6), nn.PReLU(6), GatedBlock(6), nn.Linear(6, 2)).double()
+        x = torch.randn(7, 4, dtype=torch.float64)
+    else:
+        model = Recurrent("LSTM", "all").double()
+        x = torch.randn(7, 3, 3, dtype=torch.float64)
     fast = HooksEngine(model).compute(lambda: model(x))
     jac = dense_jacobian(model, x, list(model.parameters()))
     assert_close("gram vs jacrev", fast.gram, jac @ jac.T)
 
 
 class ScaleAndSquare(torch.autograd.Function):
-    """``(x w, x w^2)`` from one autograd node with two outputs."""
+    """``(x w, x w^2)`` from one autograd node with two outputs (``torch.func`` transforms it:
+    ``jacrev`` checks it)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(x, w)
+    def forward(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         return x * w, x * w * w
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor, gz: Tensor) -> tuple[Tensor, Tensor]:
@@ -1007,38 +1109,65 @@ class ScaleAndSquare(torch.autograd.Function):
 
 
 class TwoOutputs(nn.Module):
-    """Returns ``(y, [z])``: one top-level differentiable tensor, ``y``, the one the engine
-    follows; ``z`` comes from the same autograd node (its second output)."""
+    """Returns ``(y, [z])``, two outputs of one autograd node, both followed; with ``stash`` it
+    returns ``y`` alone and keeps ``z`` on itself (``self.z``): not an output of the module."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, stash: bool = False) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.stash = stash
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, list[Tensor]]:
         y, z = ScaleAndSquare.apply(x, self.w)
+        if self.stash:
+            self.z = z
+            return y
         return y, [z]
 
 
 class UsesBoth(nn.Module):
-    def __init__(self) -> None:
+    """A head on ``y`` and ``z`` of :class:`TwoOutputs` (``both``, or ``stashed``: ``z`` taken
+    from the module's attribute), or on ``y`` alone (``first``)."""
+
+    def __init__(self, use: str) -> None:
         super().__init__()
-        self.lin, self.pair, self.head = nn.Linear(3, 4), TwoOutputs(4), nn.Linear(8, 2)
+        self.lin, self.pair = nn.Linear(3, 4), TwoOutputs(4, stash=use == "stashed")
+        self.head, self.use = nn.Linear(4 if use == "first" else 8, 2), use
 
     def forward(self, x: Tensor) -> Tensor:
-        y, (z,) = self.pair(torch.tanh(self.lin(x)))
-        return self.head(torch.cat([y, z], 1))
+        h = torch.tanh(self.lin(x))
+        if self.use == "stashed":
+            y, z = self.pair(h), self.pair.z
+        else:
+            y, (z,) = self.pair(h)
+        return self.head(y if self.use == "first" else torch.cat([y, z], 1))
 
 
 def test_a_second_output_of_the_same_node_is_not_the_modules_output() -> None:
     """The residuals reach the module's parameter through ``z``, its autograd node's second
-    output, beside ``y``, the output the engine follows: the locality walk enters a module's
-    region through the edge of that output only, so the parameter is routed (entering through
-    any edge of the node, it took the rows through ``y`` alone: a wrong Gram)."""
+    output, which the module keeps instead of returning, beside ``y``, the output it returns: the
+    locality walk enters a module's region through the edges of its outputs only, so the
+    parameter is routed (entering through any edge of the node, it took the rows through ``y``
+    alone: a wrong Gram)."""
     torch.manual_seed(0)
-    model = UsesBoth().double()
+    model = UsesBoth("stashed").double()
     x = torch.randn(5, 3, dtype=torch.float64)
     closure = lambda: model(x)  # noqa: E731
     with pytest.warns(UserWarning, match="bypasses its module's output"):
+        fast = HooksEngine(model).compute(closure)
+    reference = ReferenceEngine(list(model.parameters())).compute(closure)
+    assert_close("gram vs reference", fast.gram, reference.gram)
+
+
+def test_an_output_computed_from_another_is_routed() -> None:
+    """``PairOutput`` returns ``(h, h^2)``: the gradient at ``h`` holds the path through ``h^2``,
+    so rows through both outputs would count it twice; the locality walk finds ``h``'s edge
+    inside the module's own region and routes its parameter with that reason."""
+    torch.manual_seed(0)
+    model = PairUser().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    closure = lambda: model(x)  # noqa: E731
+    with pytest.warns(UserWarning, match="computes one of its outputs from another"):
         fast = HooksEngine(model).compute(closure)
     reference = ReferenceEngine(list(model.parameters())).compute(closure)
     assert_close("gram vs reference", fast.gram, reference.gram)
@@ -1378,7 +1507,7 @@ def test_a_refused_step_leaves_no_hooked_call_behind(failure: str) -> None:
         engine.compute(closure)
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, hooks._Call)]  # held by the traceback's frames
-    assert alive and all(call.edge is None and not call.input_nodes for call in alive)
+    assert alive and all(not call.edges and not call.input_nodes for call in alive)
     del kept, alive
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, hooks._Call)]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -548,8 +548,8 @@ class LayerHandler:
         needs_input: False when ``contributions`` ignores ``a`` (it then gets ``None``): the
             engine must not keep such an input alive, autograd may free it early.
         needs_output: True when ``contributions`` gets, as ``a``, a :class:`RecordedCall` (the
-            module's output with its autograd graph, and its arguments) instead of its input
-            (:data:`AUTOGRAD_ROWS`).
+            module's outputs with their autograd graph, and its arguments) instead of its input,
+            and as ``g`` one gradient per output (:data:`OutputGrads`) (:data:`AUTOGRAD_ROWS`).
         autocast: True when the module may compute in a lower precision than its parameters
             under ``torch.autocast``, its input and parameters cast to that dtype (Linear and
             convolutions; GroupNorm and LayerNorm, which the CPU's autocast runs in bfloat16):
@@ -593,115 +593,180 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
 AUTOGRAD_ROWS_ENTRIES = 1 << 24
 
 
+def output_tensors(output: Any) -> list[Any]:
+    """The entries of a module's output in order, nested tuples and lists flattened
+    (``LSTM``'s ``(out, (h, c))`` -> ``[out, h, c]``); a tensor is ``[output]``."""
+    if isinstance(output, (tuple, list)):
+        return [leaf for entry in output for leaf in output_tensors(entry)]
+    return [output]
+
+
+# Modules whose type fixes the batch dimension of their outputs on a batched (3-D) input.
+_RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
+
+
+def output_batch_dims(module: nn.Module, args: tuple, kwargs: dict, positions: Sequence[int]) -> tuple[int, ...]:
+    """The batch dimension of each followed output of a call of ``module`` (``positions``: their
+    indices in :func:`output_tensors`): ``0``, except where the module's exact type fixes another
+    layout. ``nn.RNN``/``GRU``/``LSTM`` on a 3-D input return ``out`` ``(b, T, H)`` with
+    ``batch_first``, else ``(T, b, H)``, and final states ``(layers * directions, b, H)`` (batch in
+    dimension 1 whatever ``batch_first``). Known from the type, never guessed from sizes (the row
+    check, :mod:`.rows`, still verifies that these rows are the samples)."""
+    if type(module) in _RECURRENT:
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, Tensor) and x.dim() == 3:
+            return tuple((0 if module.batch_first else 1) if position == 0 else 1 for position in positions)
+    return (0,) * len(positions)
+
+
 @dataclass
 class RecordedCall:
-    """What :data:`AUTOGRAD_ROWS` gets as ``a``: a module call's output and the arguments it was
-    called with; ``element``: where the module returned a tuple, the index of its one
-    differentiable tensor, ``output``. ``edge`` is the output's place in the autograd graph and
-    ``version`` its version counter when the module returned it: the caller may change the
-    output in place afterwards (``h.mul_(2)``), after which the tensor stands for the changed
-    values and their graph, the edge still for the module's."""
+    """What :data:`AUTOGRAD_ROWS` gets as ``a``: a module call's followed outputs (its distinct
+    differentiable tensors, nested tuples and lists flattened) and the arguments it was called
+    with. Per output: ``positions``, its index in :func:`output_tensors` of what the module
+    returned; ``batch_dims``, its batch dimension (:func:`output_batch_dims`); ``edges``, its place
+    in the autograd graph; ``versions``, its version counter when the module returned it: the
+    caller may change an output in place afterwards (``h.mul_(2)``), after which the tensor stands
+    for the changed values and their graph, the edge still for the module's."""
 
-    output: Tensor
+    outputs: tuple[Tensor, ...]
     args: tuple
     kwargs: dict
-    element: int | None
-    edge: GradientEdge
-    version: int
+    positions: tuple[int, ...]
+    batch_dims: tuple[int, ...]
+    edges: tuple[GradientEdge, ...]
+    versions: tuple[int, ...]
+
+
+# The gradients at a recorded call's outputs, one per output in RecordedCall order: ``(n, ...)``
+# with the batch moved to dimension 0 (row ``r``: sample ``r // k``), None where no gradient
+# reaches that output (autograd's zero).
+OutputGrads = tuple[Tensor | None, ...]
+
+
+def sample_shape(shape: Sequence[int], batch_dim: int) -> tuple[int, ...]:
+    """One sample's part of an output of ``shape``: the shape without its batch dimension."""
+    return (*shape[:batch_dim], *shape[batch_dim + 1 :])
 
 
 def _autograd_rows(
-    module: nn.Module, call: RecordedCall, g: Tensor, names: frozenset, factored_ok: bool
+    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
 ) -> dict[str, Piece]:
     """Per-sample gradients of a module no handler knows, ``{name: Dense (n, numel)}``.
 
-    Row ``r`` of ``g`` (``(n, ...)``, ``n = b k`` rows sample-major) is the output gradient of
-    sample ``i = r // k`` at row ``i`` of the output (``(b, ...)``); since row ``i`` of the output
-    reaches sample ``i``'s residuals only (the row check, :mod:`.rows`), the row of ``J`` for the
-    module's own parameters is the vector-Jacobian product of the module with that gradient at
-    row ``i``. Two exact ways, the first that applies:
+    Row ``r`` of each output's gradient in ``g`` (``(n, ...)``, ``n = b k`` rows sample-major)
+    is the output gradient of sample ``i = r // k`` at that output's row ``i`` (its batch
+    dimension); since row ``i`` of each output reaches sample ``i``'s residuals only (the row
+    check, :mod:`.rows`), the row of ``J`` for the module's own parameters is the
+    vector-Jacobian product of the module with those gradients at row ``i`` of every output at
+    once. Two exact ways, the first that applies:
 
     1. :func:`_rows_by_recomputation`: the module run again on each sample (``torch.func``:
        ``vmap`` of ``vjp``), one forward and backward of the module at the batch; taken only
-       when the run gives the recorded output again (``torch.func`` refuses random draws and
+       when the run gives the recorded outputs again (``torch.func`` refuses random draws and
        writes to buffers) and the module has no hooks.
     2. :func:`_rows_through_graph`: through the recorded graph, whatever the module computes.
     """
     # its own parameters, and any of its descendants' it used without calling them (adopted)
     params = {name: p for name, p in module.named_parameters() if name in names}
-    rows = None if call.output._version != call.version else _rows_by_recomputation(module, call, g, params)
+    changed = any(t._version != v for t, v in zip(call.outputs, call.versions))
+    rows = None if changed else _rows_by_recomputation(module, call, g, params)
     if rows is None:
         rows = _rows_through_graph(call, g, params)
     return {name: Dense(rows[name]) for name in params}
 
 
 def _rows_by_recomputation(
-    module: nn.Module, call: RecordedCall, g: Tensor, params: dict[str, Tensor]
+    module: nn.Module, call: RecordedCall, g: OutputGrads, params: dict[str, Tensor]
 ) -> dict[str, Tensor] | None:
     """``vmap`` over the samples of the module's ``vjp`` on that sample alone (tensor arguments
-    with the batch as dimension 0 are split, others shared), or ``None`` where it cannot be used
-    or does not reproduce the recorded output (to ``sqrt(eps)`` of its dtype, relative to its
-    largest entry). ``torch.func`` refuses a forward that writes to a buffer, so none is
-    changed; other side effects of the forward's Python code would happen again."""
-    output, b = call.output, call.output.shape[0]
+    with the batch as dimension 0 are split, others shared; each output's one-sample batch
+    dimension dropped), or ``None`` where it cannot be used or does not reproduce every recorded
+    output (to ``sqrt(eps)`` of its dtype, relative to its largest entry). ``torch.func`` refuses
+    a forward that writes to a buffer, so none is changed; other side effects of the forward's
+    Python code would happen again."""
+    outputs, dims = call.outputs, call.batch_dims
+    b = outputs[0].shape[dims[0]]
     if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
         return None  # hooks would run again (and may change what the module returns)
     batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b for t in call.args]
     if not any(batched) or any(isinstance(t, Tensor) for t in call.kwargs.values()):
         return None
-    k = g.shape[0] // b
-    cotangents = g.to(output.dtype).reshape(b, k, *output.shape[1:])
+    n = next(x for x in g if x is not None).shape[0]
+    k = n // b
+    cotangents = tuple(
+        (x.to(out.dtype) if x is not None else out.new_zeros(n, *sample_shape(out.shape, d))).reshape(
+            b, k, *sample_shape(out.shape, d)
+        )
+        for x, out, d in zip(g, outputs, dims)
+    )
     values = {name: p.detach() for name, p in params.items()}
     args = tuple(t.detach() if isinstance(t, Tensor) else t for t in call.args)
 
-    def sample(cotangent: Tensor, *split: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def sample(cotangent: tuple[Tensor, ...], *split: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
         inputs = [x.unsqueeze(0) if flag else x for x, flag in zip(split, batched)]
 
-        def forward(p: dict[str, Tensor]) -> Tensor:
-            out = torch.func.functional_call(module, p, tuple(inputs), call.kwargs, strict=False)
-            return (out if call.element is None else out[call.element]).squeeze(0)
+        def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            out = output_tensors(torch.func.functional_call(module, p, tuple(inputs), call.kwargs, strict=False))
+            if any(out[i].shape[d] != 1 for i, d in zip(call.positions, dims)):
+                raise ValueError("an output without the one sample in its batch dimension")  # not this layout
+            return tuple(out[i].squeeze(d) for i, d in zip(call.positions, dims))
 
         out, vjp = torch.func.vjp(forward, values)
-        columns = [vjp(cotangent[c])[0] for c in range(k)]  # a loop: some backward rules fail nested vmaps (PReLU)
+        # a loop: some backward rules fail nested vmaps (PReLU)
+        columns = [vjp(tuple(t[c] for t in cotangent))[0] for c in range(k)]
         return out, {name: torch.stack([column[name] for column in columns]) for name in values}
 
     try:
         with torch.enable_grad():
-            outs, grads = torch.func.vmap(sample, in_dims=(0, *(0 if f else None for f in batched)))(cotangents, *args)
+            outs, grads = torch.func.vmap(
+                sample, in_dims=(0, *(0 if f else None for f in batched)), out_dims=(dims, 0)
+            )(cotangents, *args)
     except Exception:  # torch.func refuses random draws, writes to buffers, data-dependent control flow, ...
         return None
-    expected = output.detach()
-    tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
-    if outs.shape != expected.shape or float((outs - expected).abs().max()) > tolerance:
-        return None
+    for again, recorded in zip(outs, outputs):
+        expected = recorded.detach()
+        tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
+        if again.shape != expected.shape or float((again - expected).abs().max()) > tolerance:
+            return None
     return {name: grads[name].reshape(b * k, -1) for name in params}
 
 
-def _rows_through_graph(call: RecordedCall, g: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The rows as vector-Jacobian products of the module's output (its graph edge) through the forward's recorded graph
-    (several inputs, random draws, buffers, autocast: what the module did is what is
-    differentiated), batched with ``is_grads_batched`` over chunks of rows, each a backward pass
-    over the module's own operations only: ``n`` times the module's backward at the full batch
-    (its cotangents are mostly zeros), where the reference engine pays ``n`` backward passes of
-    the whole network. Where the batched pass fails (a backward that reads its gradient's
-    values), the rows are taken one by one."""
-    tensors, output = list(params.values()), call.output  # its shape and dtype: the edge is differentiated
-    n, b = g.shape[0], output.shape[0]
-    sample = torch.arange(n, device=g.device) // (n // b)
-    g = g.to(output.dtype)
+def _rows_through_graph(call: RecordedCall, g: OutputGrads, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The rows as vector-Jacobian products of the module's outputs (their graph edges, those
+    the residuals reach) through the forward's recorded graph (several inputs, random draws,
+    buffers, autocast: what the module did is what is differentiated), batched with
+    ``is_grads_batched`` over chunks of rows, each a backward pass over the module's own
+    operations only: ``n`` times the module's backward at the full batch (its cotangents are
+    mostly zeros), where the reference engine pays ``n`` backward passes of the whole network.
+    Where the batched pass fails (a backward that reads its gradient's values), the rows are
+    taken one by one."""
+    tensors = list(params.values())
+    # the outputs' shapes and dtypes: their edges are differentiated
+    reached = [(e, out, d, x) for e, out, d, x in zip(call.edges, call.outputs, call.batch_dims, g) if x is not None]
+    edges = [e for e, _, _, _ in reached]
+    n, b = reached[0][3].shape[0], reached[0][1].shape[reached[0][2]]
+    sample = torch.arange(n, device=reached[0][3].device) // (n // b)
     kept: list[list[Tensor]] = [[] for _ in tensors]
-    chunk = max(1, AUTOGRAD_ROWS_ENTRIES // max(1, output.numel()))
+    chunk = max(1, AUTOGRAD_ROWS_ENTRIES // max(1, sum(out.numel() for _, out, _, _ in reached)))
     for start in range(0, n, chunk):
-        rows = torch.arange(start, min(n, start + chunk), device=g.device)
-        cotangents = output.new_zeros(len(rows), *output.shape)
-        cotangents[torch.arange(len(rows), device=g.device), sample[rows]] = g[rows]
+        rows = torch.arange(start, min(n, start + chunk), device=sample.device)
+        cotangents = []
+        for _, out, d, x in reached:
+            cotangent = out.new_zeros(len(rows), *out.shape)
+            # row r's gradient at its sample's row of the output (in the output's batch dimension)
+            cotangent.movedim(d + 1, 1)[torch.arange(len(rows), device=sample.device), sample[rows]] = x[rows].to(
+                out.dtype
+            )
+            cotangents.append(cotangent)
         try:
             parts = torch.autograd.grad(
-                call.edge, tensors, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+                edges, tensors, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
             )
         except (RuntimeError, NotImplementedError):
             each = [
-                torch.autograd.grad(call.edge, tensors, c, retain_graph=True, allow_unused=True) for c in cotangents
+                torch.autograd.grad(edges, tensors, [c[r] for c in cotangents], retain_graph=True, allow_unused=True)
+                for r in range(len(rows))
             ]
             parts = [None if t[0] is None else torch.stack([x.to_dense() for x in t]) for t in zip(*each)]
         for rows_of, part, p in zip(kept, parts, tensors):
@@ -734,13 +799,14 @@ def _projection_pieces(
 
 
 def _attention_rows(
-    module: nn.Module, call: RecordedCall, g: Tensor, names: frozenset, factored_ok: bool
+    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
 ) -> dict[str, Piece]:
     """``nn.MultiheadAttention`` as ``TransformerEncoderLayer`` calls it (``batch_first``, one
     embedding size, queries and keys of one length, no masks, no ``bias_k``/``add_zero_attn``,
-    no dropout at work, the weights not returned): its four projections' per-sample gradients
-    as factors. The attention is run again at the batch from the recorded inputs, and one
-    backward pass from the rows' output gradients ``g`` (``(n, T, E)``, ``n = b k``) gives the
+    no dropout at work, the weights not returned or not reaching the residuals): its four
+    projections' per-sample gradients as factors. The attention is run again at the batch from
+    the recorded inputs, and one backward pass from the rows' output gradients ``g[0]``
+    (``(n, T, E)``, ``n = b k``) gives the
     gradients at the queries, keys and values (each sample's attention sees that sample alone,
     so row ``r``'s are its own): ``in_proj_weight`` is then three groups of a :class:`Factored`
     weight (inputs ``x_q, x_k, x_v``, gradients ``dq, dk, dv``), ``out_proj`` one (input: the
@@ -758,12 +824,16 @@ def _attention_rows(
         and kwargs.get("key_padding_mask") is None
         and kwargs.get("attn_mask") is None
         and not kwargs.get("is_causal", False)
-        and call.output.dtype == module.in_proj_weight.dtype
+        and call.outputs[0].dtype == module.in_proj_weight.dtype
         and len(call.args) + sum(k in kwargs for k in ("query", "key", "value")) == 3
+        and call.positions[0] == 0  # the output followed first is the attention's, not its weights
+        and g[0] is not None
+        and all(x is None for x in g[1:])  # the weights, where returned, do not reach the residuals
     )
     if not plain:
         return _autograd_rows(module, call, g, names, factored_ok)
-    n, b = g.shape[0], call.output.shape[0]
+    output, grad = call.outputs[0], g[0]
+    n, b = grad.shape[0], output.shape[0]
     heads, width = module.num_heads, module.embed_dim
     inputs = [
         t.detach().unsqueeze(1).expand(b, n // b, *t.shape[1:]).reshape(n, *t.shape[1:]) for t in (query, key, value)
@@ -775,20 +845,20 @@ def _attention_rows(
         split = [t.unflatten(2, (heads, width // heads)).transpose(1, 2) for t in qkv]  # (n, H, T, d)
         attended = F.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2)  # (n, T, E)
         out = F.linear(attended, module.out_proj.weight.detach(), None)
-        grads = torch.autograd.grad(out, qkv, g.to(out.dtype), retain_graph=False)
+        grads = torch.autograd.grad(out, qkv, grad.to(out.dtype), retain_graph=False)
     # the run must reproduce the recorded output (inputs changed in place since, an option not
     # looked at above): else the general way
-    expected = call.output.detach()
+    expected = output.detach()
     again = (out.detach() if module.out_proj.bias is None else out.detach() + module.out_proj.bias.detach())[:: n // b]
     tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
-    if call.output._version != call.version or float((again - expected).abs().max()) > tolerance:
+    if output._version != call.versions[0] or float((again - expected).abs().max()) > tolerance:
         return _autograd_rows(module, call, g, names, factored_ok)
     pieces = _projection_pieces(
         torch.stack(inputs, 1), torch.stack(grads, 1), "in_proj_weight", "in_proj_bias", names, factored_ok
     )
     pieces.update(
         _projection_pieces(
-            attended.detach().unsqueeze(1), g.unsqueeze(1), "out_proj.weight", "out_proj.bias", names, factored_ok
+            attended.detach().unsqueeze(1), grad.unsqueeze(1), "out_proj.weight", "out_proj.bias", names, factored_ok
         )
     )
     return pieces

@@ -12,15 +12,19 @@ How a step runs (docs/design.md, "The hooks engine"):
 3. As soon as a call has all its ``k`` output gradients, its handler (:mod:`.layers`) forms the
    per-sample gradients (or the factors) of its parameters, which are added to the Gram matrix
    with one ``addmm_`` and kept for ``J^T v`` (one contraction per layer, no second backward).
+   A module returning several differentiable tensors (``GRU``'s ``(out, h)``, ``LSTM``'s
+   ``(out, (h, c))``) has each followed with its own hook; its rows are the module's
+   vector-Jacobian product with the gradients of all of them (:data:`.handlers.AUTOGRAD_ROWS`).
 
 Rows of the Gram matrix are sample-major: row ``i * k + c`` is sample ``i``, output ``c``.
 
 Exactness: a module called several times in one forward (or a parameter shared by two supported
 modules) is handled exactly by summing its per-sample gradients over the calls. A module with
 parameters and no handler gets its rows through its own part of the graph
-(:data:`.handlers.AUTOGRAD_ROWS`). Parameters of modules returning no single tensor, of modules
-whose input or output does not have the batch as dimension 0, whose
-output rows are not the samples (checked, not guessed: :mod:`.rows`; e.g. a sequence-first
+(:data:`.handlers.AUTOGRAD_ROWS`). Parameters of modules returning no differentiable tensor (in
+a tuple or list), of modules one of whose outputs is computed from another inside them, whose
+input or outputs do not have the batch as their batch dimension (0, or the one the module's type
+fixes: 1 for a recurrent layer's final states), whose output rows are not the samples (checked, not guessed: :mod:`.rows`; e.g. a sequence-first
 ``(T, b, d)`` input with ``T == b``), of modules whose ``forward`` is replaced on the instance, or
 used outside their module go to the reference engine
 (:func:`.reference.jacobian_rows`) with a one-time warning, as do parameters that the residuals
@@ -55,8 +59,11 @@ from .handlers import (
     batch_norm_check,
     handler_for,
     mirror_lower,
+    output_batch_dims,
+    output_tensors,
+    sample_shape,
 )
-from .locality import Region, params_off_module_paths
+from .locality import Locality, Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
 from .rows import children, graph_signature, post_order, rows_not_samples
 from .workspace import Workspace, activated
@@ -73,19 +80,24 @@ NARROW_COLUMNS = 128
 
 @dataclass(eq=False)
 class _Call:
-    """One call of a hooked module during the forward pass."""
+    """One call of a hooked module during the forward pass. Its outputs are the distinct
+    differentiable tensors it returned (one for every handler's module; several for a module
+    that returns a tuple of them, each followed through its own graph edge and tensor hook)."""
 
     module: nn.Module
     handler: LayerHandler
     input: Tensor | None  # None when the handler does not need it
     version: int
-    rows: tuple[int, int]  # sizes of dimension 0 of the input and of the output
-    out_shape: tuple[int, ...]
-    out_dtype: torch.dtype
-    edge: GradientEdge | None  # None once the step's graph walks and backward passes are done
+    # sizes of the batch dimension of the input (where the handler takes it) and of each output
+    rows: tuple[int, ...]
+    out_shapes: tuple[tuple[int, ...], ...]
+    batch_dims: tuple[int, ...]  # each output's batch dimension (handlers.output_batch_dims)
+    out_dtype: torch.dtype  # the least precise of the outputs' dtypes: the one the module computed in
+    edges: tuple[GradientEdge, ...]  # () once the step's graph walks and backward passes are done
     params: dict[str, Tensor] = field(default_factory=dict)
     input_nodes: frozenset[Any] = frozenset()  # autograd nodes of the tensor inputs (see .locality)
-    grads: list[Tensor] = field(default_factory=list)
+    # per output, its gradient in each backward pass so far (None: autograd's zero)
+    grads: list[list[Tensor | None]] = field(default_factory=list)
     done: bool = False
     output: RecordedCall | None = None  # kept only for a handler that needs it (AUTOGRAD_ROWS)
     enclosing: frozenset[int] = frozenset()  # ids of the hooked modules whose forward was running around it
@@ -145,24 +157,61 @@ def _release(calls: list[_Call]) -> None:
     graph, activations included.
     """
     for call in calls:
-        call.edge, call.input_nodes, call.output = None, frozenset(), None
+        call.edges, call.input_nodes, call.output = (), frozenset(), None
 
 
-def _sink_edges(post: list[Any], nodes: dict[Any, list[_Call]]) -> list[GradientEdge]:
-    """The hooked edges with no hooked node below them, among the nodes ``post`` (post-order).
+def _hooked_edges(calls: Iterable[_Call]) -> dict[Any, list[GradientEdge]]:
+    """The edges of the outputs of ``calls``, by their autograd node."""
+    nodes: dict[Any, list[GradientEdge]] = {}
+    for call in calls:
+        for edge in call.edges:
+            nodes.setdefault(edge.node, []).append(edge)
+    return nodes
+
+
+def _sink_edges(post: list[Any], nodes: dict[Any, list[GradientEdge]]) -> list[GradientEdge]:
+    """The hooked edges (``nodes``: by node) with no hooked node below them, among the nodes
+    ``post`` (post-order).
 
     Asking ``autograd.grad`` for only these edges makes it run every hooked node (each lies on a
-    path from the root to one of them) and no weight-gradient kernel.
+    path from the root to one of them) and no weight-gradient kernel. Autograd calls the tensor
+    hooks of every output of a node it runs (or whose edges it returns), those of outputs no
+    gradient reaches with ``None``: every hooked output whose node is in ``post`` is seen in each
+    pass, once (a sink edge no gradient reaches is returned as ``None``, so ``autograd.grad``
+    needs ``allow_unused=True``).
     """
     below: dict[Any, bool] = {}
     for node in post:
         below[node] = any(nxt in nodes or below[nxt] for nxt in children(node))
     sinks = {}
-    for node, calls in nodes.items():
+    for node, edges in nodes.items():
         if node in below and not below[node]:
-            for call in calls:
-                sinks[(node, call.edge.output_nr)] = call.edge
+            for edge in edges:
+                sinks[(node, edge.output_nr)] = edge
     return list(sinks.values())
+
+
+def _sample_major(grads: list[Tensor | None], batch_dim: int) -> Tensor | None:
+    """One output's gradients, one per residual column in order (``None``: autograd's zero), as
+    ``(b * k, ...)`` rows sample-major with the batch moved to dimension 0; ``None`` when all are."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return None
+    if len(present) < len(grads):
+        grads = [torch.zeros_like(present[0]) if g is None else g for g in grads]
+    if batch_dim:
+        grads = [g.movedim(batch_dim, 0) for g in grads]
+    return grads[0] if len(grads) == 1 else torch.stack(grads, 1).flatten(0, 1)
+
+
+def _batch_mismatch(call: _Call, b: int, reachable: set[Any]) -> bool:
+    """Whether the input (where the handler takes it) or an output whose node the residuals reach
+    has other than ``b`` rows in its batch dimension. An output they do not reach gets no
+    gradient and does not count (a module's scalar auxiliary loss returned beside its output)."""
+    inputs = len(call.rows) - len(call.edges)
+    return any(rows != b for rows in call.rows[:inputs]) or any(
+        rows != b for rows, e in zip(call.rows[inputs:], call.edges) if e.node in reachable
+    )
 
 
 def _global_forward_hooks() -> bool:
@@ -177,7 +226,7 @@ def _unbatched(call: _Call) -> bool:
     """A convolution called on an input without a batch dimension (``(C, H, W)`` for Conv2d):
     its dimension 0 is channels, even when their number equals the batch size."""
     module = call.module
-    return isinstance(module, nn.modules.conv._ConvNd) and len(call.out_shape) != len(module.kernel_size) + 2
+    return isinstance(module, nn.modules.conv._ConvNd) and len(call.out_shapes[0]) != len(module.kernel_size) + 2
 
 
 class HooksEngine:
@@ -253,11 +302,12 @@ class HooksEngine:
         self.last_timings: dict[str, float] = {}
         self.workspace = Workspace()
         self._finish: Any = None  # set only while this engine's own backward pass runs
-        self._observe: Callable[[_Call, Tensor], None] | None = None  # set only during the row check
-        self._columns = 1
-        self._expected: set[int] = set()
+        # set only during the row check: (call, which output, gradient)
+        self._observe: Callable[[_Call, int, Tensor | None], None] | None = None
+        # id of each call the backward passes feed -> how many of its output gradients are still to come
+        self._expected: dict[int, int] = {}
         self._row_verdicts: dict[tuple, frozenset[int]] = {}
-        # parameter id -> the type of its module, whose output in the last forward was no single
+        # parameter id -> the type of its module, whose output in the last forward held no
         # differentiable tensor (set by each forward, read by the routing)
         self._untracked: dict[int, str] = {}
 
@@ -278,7 +328,7 @@ class HooksEngine:
         timings["forward"] = time.perf_counter() - start
         try:
             post = post_order(residuals.grad_fn)
-            reference_ids = self._route(calls, foreign, self._off_path(residuals, calls), residuals, post)
+            reference_ids = self._route(calls, foreign, self._locality(residuals, calls), residuals, post)
             b, k = residuals.shape
 
             start = time.perf_counter()
@@ -301,6 +351,8 @@ class HooksEngine:
         self.last_timings = timings
 
         dtype = residuals.dtype  # the Gram's and every piece's
+        # the functions below keep no graph (_backward's last pass may have retained it)
+        residuals = residuals.detach()
 
         def jt_times(v: Tensor) -> list[Tensor]:
             v = v.to(dtype)
@@ -316,7 +368,7 @@ class HooksEngine:
             return out
 
         def j_times(v: Sequence[Tensor]) -> Tensor:
-            out = residuals.new_zeros(b * k).detach()
+            out = residuals.new_zeros(b * k)
             if reference_params:
                 out += jac_reference @ flatten([t for p, t in zip(self.params, v) if id(p) in reference_ids], dtype)
             for p, t in zip(self.params, v):
@@ -336,13 +388,13 @@ class HooksEngine:
                 return jac_reference[:, start : start + p.numel()]
             if id(p) in pieces:
                 return pieces[id(p)].dense().jac
-            return residuals.new_zeros(b * k, p.numel()).detach()
+            return residuals.new_zeros(b * k, p.numel())
 
         def jacobian_columns(start: int, stop: int) -> Tensor:
-            return slice_columns(block, [p.numel() for p in self.params], residuals.detach(), start, stop)
+            return slice_columns(block, [p.numel() for p in self.params], residuals, start, stop)
 
         return GramSystem(
-            residuals=residuals.detach(),
+            residuals=residuals,
             gram=gram,
             jt_times=jt_times,
             j_times=j_times,
@@ -365,56 +417,74 @@ class HooksEngine:
             handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Any
         ) -> None:
             stack.pop()
-            element = None
             if handler.needs_output:
                 own = {**own, **adopted.pop(id(module), {})}
-                if not isinstance(output, Tensor):  # a tuple: followed through its one differentiable tensor
-                    tracked = [
-                        (i, t)
-                        for i, t in enumerate(output if isinstance(output, (tuple, list)) else ())
-                        if isinstance(t, Tensor) and t.requires_grad
-                    ]
-                    if len(tracked) != 1:
-                        self._untracked.update((id(p), type(module).__name__) for p in own.values())
-                        return
-                    element, output = tracked[0]
-            if not isinstance(output, Tensor) or not output.requires_grad:
+                # a tuple or list (nested: LSTM's (out, (h, c))) is followed through each of its
+                # differentiable tensors; with none (a dict, say) its rows cannot be taken
+                if not isinstance(output, Tensor) and not any(
+                    isinstance(t, Tensor) and t.requires_grad for t in output_tensors(output)
+                ):
+                    self._untracked.update((id(p), type(module).__name__) for p in own.values())
+                    return
+            if isinstance(output, Tensor) and not output.requires_grad:
                 return  # e.g. run under no_grad: nothing to differentiate
             # the bookkeeping below uses no parameter: kept out of _ForeignUse, whose Python handler
             # would see each of its tensor calls (sinc network, b = 100: the forward with hooks
             # took 0.23 ms with them seen, 0.15 ms without, a plain forward 0.07 ms)
             with torch._C.DisableTorchFunction():
-                record(handler, own, module, args, kwargs, output, element)
+                record(handler, own, module, args, kwargs, output)
 
         def record(
-            handler: LayerHandler,
-            own: dict[str, Tensor],
-            module: nn.Module,
-            args: Any,
-            kwargs: Any,
-            output: Tensor,
-            element: int | None,
+            handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Any
         ) -> None:
-            out_rows = output.shape[0] if output.dim() else 0
-            if handler.needs_output:  # its inputs do not matter: its rows are taken from its output
-                x, rows, kept, version = None, (out_rows, out_rows), None, 0
+            # position in output_tensors(output), tensor and graph edge of each followed output;
+            # a tensor returned twice is followed once (its one gradient holds both uses)
+            followed: dict[tuple[Any, int], tuple[int, Tensor, GradientEdge]] = {}
+            for position, t in enumerate(output_tensors(output)):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    edge = get_gradient_edge(t)
+                    followed.setdefault((edge.node, edge.output_nr), (position, t, edge))
+            positions = tuple(position for position, _, _ in followed.values())
+            outputs = tuple(t for _, t, _ in followed.values())
+            edges = tuple(edge for _, _, edge in followed.values())
+            dims = output_batch_dims(module, args, kwargs, positions) if handler.needs_output else (0,)
+            out_rows = tuple(t.shape[d] if t.dim() > d else 0 for t, d in zip(outputs, dims))
+            if handler.needs_output:  # its inputs do not matter: its rows are taken from its outputs
+                x, rows, kept, version = None, out_rows, None, 0
             else:
                 x = args[0] if args else next(iter(kwargs.values()))
-                rows = (x.shape[0] if x.dim() else 0, out_rows)
+                rows = (x.shape[0] if x.dim() else 0, *out_rows)
                 kept, version = (x.detach() if handler.needs_input else None), x._version
             inputs = frozenset(
                 get_gradient_edge(t).node
                 for t in (*args, *kwargs.values())
                 if isinstance(t, Tensor) and t.requires_grad
             )
-            edge = get_gradient_edge(output)
+            dtype = (
+                outputs[0].dtype
+                if len(outputs) == 1
+                else max((t.dtype for t in outputs), key=lambda d: torch.finfo(d).eps)
+            )
             call = _Call(
-                module, handler, kept, version, rows, tuple(output.shape), output.dtype, edge, dict(own), inputs
+                module,
+                handler,
+                kept,
+                version,
+                rows,
+                tuple(tuple(t.shape) for t in outputs),
+                dims,
+                dtype,
+                edges,
+                dict(own),
+                inputs,
+                [[] for _ in outputs],
             )
             if handler.needs_output:
-                call.output = RecordedCall(output, args, kwargs, element, edge, output._version)
+                versions = tuple(t._version for t in outputs)
+                call.output = RecordedCall(outputs, args, kwargs, positions, dims, edges, versions)
             call.enclosing = frozenset(stack)  # this module's own id is popped already
-            output.register_hook(functools.partial(self._on_grad, call))
+            for index, t in enumerate(outputs):
+                t.register_hook(functools.partial(self._on_grad, call, index))
             calls.append(call)
 
         handles = []
@@ -445,24 +515,40 @@ class HooksEngine:
             _release(calls)  # e.g. NaN residuals: refused before compute's own cleanup
             raise
 
-    def _off_path(self, residuals: Tensor, calls: list[_Call]) -> set[int]:
+    def _locality(self, residuals: Tensor, calls: list[_Call]) -> Locality:
         """Ids of hooked parameters that the residuals reach other than through their modules'
-        outputs, e.g. through an input derivative (see :mod:`.locality`)."""
+        outputs, e.g. through an input derivative, and of those whose module computes one of its
+        outputs from another (see :mod:`.locality`)."""
         regions = [
-            Region(c.edge.node, c.input_nodes, frozenset(map(id, c.params.values())), c.edge.output_nr) for c in calls
+            Region(
+                frozenset((e.node, e.output_nr) for e in c.edges), c.input_nodes, frozenset(map(id, c.params.values()))
+            )
+            for c in calls
         ]
         hooked = {id(p) for _, _, own in self._modules for p in own.values()}
         return params_off_module_paths(residuals.grad_fn, regions, hooked, residuals.output_nr)
 
     def _route(
-        self, calls: list[_Call], foreign: set[int], off_path: set[int], residuals: Tensor, post: list[Any]
+        self, calls: list[_Call], foreign: set[int], locality: Locality, residuals: Tensor, post: list[Any]
     ) -> set[int]:
         """Move to the reference engine, for this step, the parameters the hooks cannot see
         exactly; returns the ids of all reference parameters."""
         b = residuals.shape[0]
+        reachable = set(post)
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
         for i, name in self._untracked.items():
-            dynamic.setdefault(i, f"{name} returns no single differentiable tensor, through which its rows are taken")
+            dynamic.setdefault(
+                i,
+                f"{name} returns no differentiable tensor (alone or in a tuple or list), through which its rows are taken",
+            )
+        for call in calls:
+            for p in call.params.values():
+                if id(p) in locality.entangled:
+                    dynamic.setdefault(
+                        id(p),
+                        f"{type(call.module).__name__} computes one of its outputs from another (the gradient at "
+                        "the first holds the second's, which its rows would count twice)",
+                    )
         for outer in calls:  # rows through a module's output count every use inside it
             if outer.handler.needs_output:
                 inside = {id(p) for c in calls if id(outer.module) in c.enclosing for p in c.params.values()}
@@ -473,7 +559,7 @@ class HooksEngine:
                             f"used by {type(outer.module).__name__} and by a module called inside it (its rows "
                             "through the outer module's output would count the inner use twice)",
                         )
-        for i in off_path:
+        for i in locality.off_path:
             dynamic.setdefault(
                 i,
                 "reached by a path that bypasses its module's output, e.g. an input derivative "
@@ -500,10 +586,12 @@ class HooksEngine:
                         f"{type(call.module).__name__} computes in {call.out_dtype} while its parameters are "
                         f"{p.dtype} (autocast?)",
                     )
-            if call.rows != (b, b) or _unbatched(call):
+            if _batch_mismatch(call, b, reachable) or _unbatched(call):
                 for p in call.params.values():
                     dynamic.setdefault(
-                        id(p), f"{type(call.module).__name__} input/output do not have the batch ({b}) as dimension 0"
+                        id(p),
+                        f"{type(call.module).__name__} input/output do not have the batch ({b}) as dimension 0"
+                        + (" (1 for a recurrent layer's final states)" if any(call.batch_dims) else ""),
                     )
         for call in self._rows_not_samples(calls, residuals, post):
             for p in call.params.values():
@@ -530,41 +618,51 @@ class HooksEngine:
         cached per forward signature."""
         b = residuals.shape[0]
         reachable = set(post)
-        shapes = tuple((id(c.module), c.rows, c.out_shape, c.edge.output_nr) for c in calls)
+        shapes = tuple(
+            (id(c.module), c.rows, c.out_shapes, c.batch_dims, tuple(e.output_nr for e in c.edges)) for c in calls
+        )
         signature = graph_signature(post, (residuals.shape, shapes))
         if signature not in self._row_verdicts:
-            checked = [n for n, c in enumerate(calls) if c.params and c.rows == (b, b) and c.edge.node in reachable]
-            bad = self._check_rows(residuals, [calls[n] for n in checked], post) if checked else []
+            checked = [
+                n
+                for n, c in enumerate(calls)
+                if c.params and not _batch_mismatch(c, b, reachable) and any(e.node in reachable for e in c.edges)
+            ]
+            bad = self._check_rows(residuals, [calls[n] for n in checked], reachable, post) if checked else []
             if len(self._row_verdicts) >= MAX_ROW_VERDICTS:  # e.g. many sequence lengths: start afresh
                 self._row_verdicts.clear()
             self._row_verdicts[signature] = frozenset(n for n, failed in zip(checked, bad) if failed)
         return [calls[n] for n in self._row_verdicts[signature]]
 
-    def _check_rows(self, residuals: Tensor, checked: list[_Call], post: list[Any]) -> list[bool]:
-        """:func:`.rows.rows_not_samples` for the outputs of ``checked``; their gradients reach the
-        check through the calls' own output hooks, one at a time (none is kept)."""
-        index = {id(call): n for n, call in enumerate(checked)}
-        nodes: dict[Any, list[_Call]] = {}
-        for call in checked:
-            nodes.setdefault(call.edge.node, []).append(call)
-        sinks = _sink_edges(post, nodes)
+    def _check_rows(self, residuals: Tensor, checked: list[_Call], reachable: set[Any], post: list[Any]) -> list[bool]:
+        """:func:`.rows.rows_not_samples` for the outputs of ``checked`` whose nodes the residuals
+        reach (a call fails when one of them does); their gradients reach the check through the
+        calls' own output hooks, one at a time (none is kept), each with its batch moved to
+        dimension 0."""
+        outputs = [(call, j) for call in checked for j, e in enumerate(call.edges) if e.node in reachable]
+        index = {(id(call), j): n for n, (call, j) in enumerate(outputs)}
+        sinks = _sink_edges(post, _hooked_edges(checked))
 
-        def backward(weights: Tensor, observe: Callable[[int, Tensor], None]) -> None:
-            def route(call: _Call, grad: Tensor) -> None:
-                if id(call) in index:
-                    observe(index[id(call)], grad)
+        def backward(weights: Tensor, observe: Callable[[int, Tensor | None], None]) -> None:
+            def route(call: _Call, j: int, grad: Tensor | None) -> None:
+                n = index.get((id(call), j))
+                if n is not None:
+                    d = call.batch_dims[j]
+                    observe(n, grad.movedim(d, 0) if d and grad is not None else grad)
 
             self._observe = route
             try:
                 # only the sinks' gradients are returned (and dropped); the hooks see all the others
-                torch.autograd.grad(residuals, sinks, grad_outputs=weights, retain_graph=True)
+                torch.autograd.grad(residuals, sinks, grad_outputs=weights, retain_graph=True, allow_unused=True)
             finally:
                 self._observe = None
 
         # autocast: the least precise dtype a checked module computed in sets the tolerance
         precision = max((c.out_dtype for c in checked), key=lambda d: torch.finfo(d).eps, default=residuals.dtype)
         precision = max(precision, residuals.dtype, key=lambda d: torch.finfo(d).eps)
-        return rows_not_samples(residuals, [math.prod(c.out_shape[1:]) for c in checked], backward, precision)
+        widths = [math.prod(sample_shape(call.out_shapes[j], call.batch_dims[j])) for call, j in outputs]
+        failed = rows_not_samples(residuals, widths, backward, precision)
+        return [any(failed[index[(id(c), j)]] for j in range(len(c.edges)) if (id(c), j) in index) for c in checked]
 
     def _backward(
         self, residuals: Tensor, calls: list[_Call], gram: Tensor | None, timings: dict[str, float], post: list[Any]
@@ -578,13 +676,13 @@ class HooksEngine:
         for call in calls:
             for p in call.params.values():
                 uses[id(p)] = uses.get(id(p), 0) + 1
-        nodes: dict[Any, list[_Call]] = {}
-        for call in calls:
-            nodes.setdefault(call.edge.node, []).append(call)
         pieces: dict[int, Piece] = {}
-        sinks = _sink_edges(post, nodes) if calls else []
+        sinks = _sink_edges(post, _hooked_edges(calls)) if calls else []
         reachable = set(post)
-        expected = [c for c in calls if c.edge.node in reachable]
+        # each pass runs the nodes in ``post`` and calls every hook of their outputs (_sink_edges):
+        # a call gets k gradients from each output whose node is there, the others none (zero)
+        arriving = {id(c): k * sum(e.node in reachable for e in c.edges) for c in calls}
+        expected = [c for c in calls if arriving[id(c)]]
         if not expected:  # the residuals depend on no hooked parameter
             return pieces
         dtype = residuals.dtype  # the parameters' (the residuals were checked against them)
@@ -606,11 +704,14 @@ class HooksEngine:
                 # (autocast's bfloat16 for a Linear, float32 for a norm layer after one), exactly
                 # representable in the parameters' dtype, in which the per-sample gradients are formed
                 a = a.to(call.out_dtype).to(dtype)
-            g = grads[0] if k == 1 else torch.stack(grads, 1).flatten(0, 1)
-            if output is not None:  # rows from the module's own output and arguments
+            g = tuple(_sample_major(column, d) for column, d in zip(grads, call.batch_dims))
+            if all(x is None for x in g):  # autograd's zero at every output (a Function's None): zero rows
+                shape = sample_shape(call.out_shapes[0], call.batch_dims[0])
+                g = (residuals.new_zeros(b * k, *shape, dtype=call.out_dtype), *g[1:])
+            if output is not None:  # rows from the module's own outputs and arguments, a gradient for each
                 a = output
-            else:
-                g = g.to(dtype)  # autocast: the module's output gradients are in the dtype it computed in
+            else:  # one output
+                g = g[0].to(dtype)  # autocast: the module's output gradients are in the dtype it computed in
             # one row per (sample, output): the sample's input is shared by its k rows
             if k > 1 and output is None and a is not None:
                 a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
@@ -640,10 +741,16 @@ class HooksEngine:
                     timings["gram"] += time.perf_counter() - t0
                 pieces[pid] = piece
 
-        self._finish, self._columns, self._expected = finish, k, {id(c) for c in expected}
+        self._finish, self._expected = finish, {id(c): arriving[id(c)] for c in expected}
+        # A call with several outputs in the graph is finished at the hook of the last of them to
+        # run in the last pass, after the others' nodes ran: its rows through the recorded graph
+        # (handlers._rows_through_graph) need their saved tensors, so that pass keeps them too.
+        several = any(arriving[id(c)] > k for c in expected)
         try:
             for c in range(k):
-                torch.autograd.grad(residuals[:, c].sum(), inputs=sinks, retain_graph=c < k - 1)
+                torch.autograd.grad(
+                    residuals[:, c].sum(), inputs=sinks, retain_graph=several or c < k - 1, allow_unused=True
+                )
         finally:
             self._finish = None
         missing = [c for c in expected if not c.done]
@@ -664,16 +771,21 @@ class HooksEngine:
             mirror_lower(gram)  # the pieces left the upper-right block to the mirror
         return pieces
 
-    def _on_grad(self, call: _Call, grad: Tensor) -> None:
+    def _on_grad(self, call: _Call, output: int, grad: Tensor | None) -> None:
+        """The tensor hook on output ``output`` of ``call`` (``grad``: ``None`` where no
+        gradient reaches that output in this pass)."""
         if self._observe is not None:  # the row check's backward passes
-            self._observe(call, grad)
+            self._observe(call, output, grad)
             return
         # Gated: the hooks stay on the outputs and fire again in any other backward pass.
-        if self._finish is None or call.done or id(call) not in self._expected:
+        left = self._expected.get(id(call))
+        if self._finish is None or call.done or left is None:
             return
-        call.grads.append(grad)
-        if len(call.grads) == self._columns:
+        call.grads[output].append(grad)
+        if left == 1:  # every column's gradient of each output the passes reach
             self._finish(call)
+        else:
+            self._expected[id(call)] = left - 1
 
 
 def supports_any(model: nn.Module, params: Iterable[Tensor]) -> bool:

@@ -108,7 +108,7 @@ def full_float32_precision() -> Iterator[None]:
 def rows_not_samples(
     residuals: Tensor,
     widths: Sequence[int],
-    backward: Callable[[Tensor, Callable[[int, Tensor], None]], None],
+    backward: Callable[[Tensor, Callable[[int, Tensor | None], None]], None],
     precision: torch.dtype | None = None,
 ) -> list[bool]:
     """For each hooked output ``n`` (``(b, ...)`` with ``widths[n]`` entries per row, reachable from
@@ -120,7 +120,8 @@ def rows_not_samples(
         widths: entries per row of each checked output, indexed ``0 .. len(widths) - 1``.
         backward: ``backward(weights, observe)`` runs one backward pass of ``residuals`` weighted by
             ``weights`` ``(b, k)`` (the graph retained) and calls ``observe(n, grad)`` with the
-            gradient at output ``n`` as soon as it is formed (once per output and pass).
+            gradient at output ``n``, its batch in dimension 0, as soon as it is formed (once per
+            output and pass); ``None`` is autograd's zero gradient (no row reaches any sample).
         precision: the least precise dtype the graph computes in (autocast's bfloat16), whose
             ``sqrt(eps)`` is the tolerance; default the residuals' dtype.
     An output not observed in both passes, or whose gradient is not ``(b, ...)`` with ``widths[n]``
@@ -145,7 +146,10 @@ def rows_not_samples(
 
     for step, weights in enumerate((u, s.unsqueeze(1) * u)):
 
-        def observe(n: int, grad: Tensor, step: int = step) -> None:
+        def observe(n: int, grad: Tensor | None, step: int = step) -> None:
+            if grad is None:  # its projections and norms stay zero: nothing mixed
+                seen[step][n] = True
+                return
             if grad.dim() == 0 or grad.shape[0] != b or grad[0].numel() != widths[n]:
                 wrong_rows.add(n)
                 return
