@@ -12,7 +12,9 @@ on one batch; the median step time of each and the ratio to SGD are printed and 
   the stem's 16 maps), whose rows the hooks engine takes through ``handlers.AUTOGRAD_ROWS``;
 - ``raw_mlp``: an 8-96-96-1 tanh MLP written with raw ``nn.Parameter`` s in one module (b = 128);
 - ``encoder``: two ``TransformerEncoderLayer(64, 4, 128, dropout=0, batch_first=True)`` on
-  ``(16, 8)`` sequences (b = 64), a Linear embedding and head.
+  ``(16, 8)`` sequences (b = 64), a Linear embedding and head;
+- ``gru_state``, ``lstm_state``: ``GRU``/``LSTM(8, 64, batch_first=True)`` on ``(16, 8)``
+  sequences (b = 64) and a Linear head on the final state ``h[-1]`` (``_, h = gru(x)``).
 
 ``--engines auto reference`` times both (the reference engine's step takes seconds on the
 larger models; ``--reference-reps`` bounds its repetitions). ``--device cuda`` runs it on a GPU
@@ -84,6 +86,17 @@ class Encoder(nn.Module):
         return self.head(self.layers(self.embed(x)).mean(1)).squeeze(1)
 
 
+class RecurrentState(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.rnn, self.head = getattr(nn, kind)(8, 64, batch_first=True), nn.Linear(64, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, state = self.rnn(x)
+        h = state[0] if isinstance(state, tuple) else state  # (layers, b, hidden)
+        return self.head(h[-1]).squeeze(1)
+
+
 def resnet8(front: nn.Module | None = None, after_stem: nn.Module | None = None) -> nn.Module:
     model = get_model("resnet8_fixup", in_channels=1, num_outputs=1)
     if after_stem is not None:
@@ -108,6 +121,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor], bool]] = 
     ),
     "raw_mlp": (RawMLP, lambda: torch.randn(128, 8), False),
     "encoder": (Encoder, lambda: torch.randn(64, 16, 8), False),
+    "gru_state": (lambda: RecurrentState("GRU"), lambda: torch.randn(64, 16, 8), False),
+    "lstm_state": (lambda: RecurrentState("LSTM"), lambda: torch.randn(64, 16, 8), False),
 }
 
 
