@@ -20,7 +20,7 @@ from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
 from .engines.base import closure_residuals, reevaluate, replayable_randomness
-from .engines.select import select_engine
+from .engines.select import called_modules, select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
@@ -101,7 +101,10 @@ class GramGaussNewton(Optimizer):
 
     Args:
         params_or_model: an ``nn.Module`` (the fast engine then hooks it; BatchNorm in training
-            mode is refused) or an iterable of parameters or parameter groups.
+            mode is refused) or an iterable of parameters or parameter groups (torch.optim's
+            ``model.parameters()``: with ``engine="auto"`` the first step runs the closure once
+            more, without gradients, to find the modules that own them, and the fast engine
+            hooks those).
         lam: scale of the Gram matrix.
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``. A damping rule's gain
@@ -243,6 +246,8 @@ class GramGaussNewton(Optimizer):
             raise ValueError("GramGaussNewton got no parameter that requires grad")
         self._module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         self._engine_choice = engine
+        # given parameters only, the first step finds the modules owning them (_use_called_modules)
+        self._find_model = self._module is None and engine == "auto"
         self.solve_dtype = solve_dtype
         self.solve_space = solve_space
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
@@ -361,8 +366,6 @@ class GramGaussNewton(Optimizer):
         for group in self.param_groups:
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         self._follow_trainable()
-        if self.model is not None:
-            check_per_sample_independence(self.model)
         if self._subset() is not None and not _takes_rows(closure):
             raise ValueError(
                 f"the damping rule re-evaluates a subset of {self._subset()} samples, so the closure must take "
@@ -370,7 +373,23 @@ class GramGaussNewton(Optimizer):
                 "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
             )
         with replayable_randomness(self.engine.params):  # re-evaluations draw the first run's numbers
+            if self._find_model:
+                self._use_called_modules(closure)
+            if self._module is not None:
+                check_per_sample_independence(self._module)
             return self._step(self._without_ddp_sync(closure))
+
+    def _use_called_modules(self, closure: Closure) -> None:
+        """Given parameters only (torch.optim's idiom) and ``engine="auto"``: the modules the
+        first step's closure calls that own them (:func:`~gramnewton.engines.select.called_modules`:
+        one run without gradients, with the step's random draws) become the model, so that the
+        hooks engine computes their rows instead of the reference engine's backward pass per row."""
+        # a BatchNorm in training mode is refused before its forward pass changes its statistics
+        module = called_modules(closure, self.engine.params, before_call=check_per_sample_independence)
+        self._find_model = False
+        if module is not None:
+            self._module = module
+            self.engine = self._build_engine(self._trainable())
 
     def _step(self, closure: Closure) -> Tensor:
         """:meth:`step` once its arguments are checked."""
