@@ -49,6 +49,29 @@ def test_residuals_of_shape_b_equal_b_by_1():
     assert_close(flat_params(model), flat_params(twin), 1e-12, "(b,) vs (b, 1) residuals")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("form", ["residuals", "pair"])
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_residuals_of_shape_b_by_field_equal_their_flattened_rows(engine: str, form: str, accelerated: bool) -> None:
+    """A field per sample (an image-to-image network's ``(b, 1, H, W)`` outputs) was refused
+    ("must return (b,) or (b, k)"); its rows are sample ``i``'s flattened entries, and three steps
+    with the defaults (momentum, the gain-ratio rule re-evaluating the closure), or with geodesic
+    acceleration, are bit for bit those of the closure that flattens them itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 1, 3, padding=1)).double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    options = dict(engine=engine, geodesic_acceleration=accelerated)
+    if form == "pair":
+        field, flat = (lambda: (model(x), y)), (lambda: (twin(x).flatten(1), y.flatten(1)))
+    else:
+        field, flat = (lambda: model(x) - y), (lambda: (twin(x) - y).flatten(1))
+    opt, reference = GramGaussNewton(model, **options), GramGaussNewton(twin, **options)
+    for _ in range(3):
+        assert torch.equal(opt.step(field), reference.step(flat))
+        assert torch.equal(flat_params(model), flat_params(twin))
+
+
 def test_linear_model_interpolates_batch_with_alpha_zero():
     model = nn.Linear(20, 1, dtype=torch.float64)
     x, y = torch.randn(8, 20, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
@@ -135,7 +158,7 @@ def test_lam_must_agree_across_param_groups():
         opt.step(lambda: model(x) - y)
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "shape3d", "scalar", "detached", "not_tensor"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "scalar", "detached", "not_tensor"])
 def test_bad_residuals_raise_and_change_nothing(bad):
     model = _mlp()
     x, y = torch.randn(4, 3, 4), torch.randn(4, 1)
@@ -145,7 +168,6 @@ def test_bad_residuals_raise_and_change_nothing(bad):
     if bad == "inf":
         y[2, 0] = float("inf")
     closures = {
-        "shape3d": lambda: (model(x) - y).unsqueeze(2),
         "scalar": lambda: (model(x) - y).pow(2).mean(),
         "detached": lambda: (model(x) - y).detach(),
         "not_tensor": lambda: 1.0,

@@ -85,7 +85,7 @@ def test_outputs_targets_tuple_is_the_square_loss(engine: str, out_shape: tuple,
         ((6, 2), (6,), r"targets of shape \(6,\) do not match outputs of shape \(6, 2\)"),
         ((6, 1), (5,), r"targets of shape \(5,\) do not match"),
         ((6, 1), (1, 6), r"targets of shape \(1, 6\) do not match"),
-        ((6, 2, 2), (6, 2, 2), r"outputs of shape \(b,\) or \(b, k\)"),
+        ((6, 2, 2), (6, 4), r"targets of shape \(6, 4\) do not match outputs of shape \(6, 2, 2\)"),
     ],
 )
 def test_outputs_targets_shapes_are_checked(outputs: tuple, targets: tuple, match: str) -> None:

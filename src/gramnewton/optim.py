@@ -82,7 +82,8 @@ class GramGaussNewton(Optimizer):
     Symbols of Eq. 11 and their arguments:
         - :math:`w`: ``params_or_model`` (the parameters to train).
         - :math:`f(w, x_B) - y_B`: what ``closure()`` returns, per sample, unreduced,
-          shape ``(b,)`` or ``(b, k)``; or the pair ``(f(w, x_B), y_B)``, whose shapes must
+          shape ``(b,)`` or ``(b, k)`` (or ``(b, ...)``, e.g. a field per sample: flattened to
+          ``(b, k)``); or the pair ``(f(w, x_B), y_B)``, whose shapes must
           match (no broadcasting; the targets are cast to the outputs' dtype). A damping rule
           with a ``subset`` (:class:`~gramnewton.damping.GainRatioDamping`) re-evaluates
           only the batch's first rows, by calling ``closure(rows)`` with ``rows`` a ``slice``:
@@ -341,7 +342,7 @@ class GramGaussNewton(Optimizer):
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         """Take one step on the mini-batch whose residuals ``closure()`` returns.
 
-        With ``loss="mse"`` ``closure()`` returns the residuals ``(b,)`` or ``(b, k)``; with
+        With ``loss="mse"`` ``closure()`` returns the residuals ``(b,)``, ``(b, k)`` or ``(b, ...)``; with
         another loss it returns ``(outputs, targets)``.
 
         Returns:

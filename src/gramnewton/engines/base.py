@@ -116,7 +116,8 @@ def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
     """Residuals ``outputs - targets`` of the square loss, with the shapes checked (no broadcasting).
 
     Args:
-        outputs: ``(b,)`` or ``(b, k)`` model outputs.
+        outputs: ``(b,)``, ``(b, k)`` or ``(b, ...)`` model outputs (e.g. a field or an image per
+            sample; :func:`residuals_2d` flattens them).
         targets: the same shape, or ``(b,)`` against ``(b, 1)`` outputs (and ``(b, 1)`` against
             ``(b,)``); cast to the outputs' dtype (float64 targets with a float32 model are fine).
 
@@ -127,8 +128,8 @@ def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
         raise TypeError(
             f"closure returned ({type(outputs).__name__}, {type(targets).__name__}); expected (outputs, targets) tensors"
         )
-    if outputs.dim() not in (1, 2):
-        raise ValueError(f"closure must return outputs of shape (b,) or (b, k), got {tuple(outputs.shape)}")
+    if outputs.dim() == 0:
+        raise ValueError("closure must return per-sample outputs of shape (b,), (b, k) or (b, ...), got a scalar")
     b, k = outputs.shape[0], outputs[0].numel()
     if targets.shape != outputs.shape and not (k == 1 and targets.shape in ((b,), (b, 1))):
         raise ValueError(
@@ -221,8 +222,10 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
     """Validate a closure's return value (residuals, or ``(outputs, targets)``) and view it as ``(b, k)``.
 
     Args:
-        value: ``(b,)`` or ``(b, k)`` residuals, or ``(outputs, targets)`` (see
-            :func:`square_loss_residuals`).
+        value: ``(b,)`` or ``(b, k)`` residuals, or ``(b, ...)`` ones (a field or an image per
+            sample), viewed as ``(b, k)`` with ``k`` the product of the trailing sizes (row
+            ``i * k + c`` of ``J`` is entry ``c`` of sample ``i``'s flattened residuals); or
+            ``(outputs, targets)`` (see :func:`square_loss_residuals`).
         dtype: the parameters' dtype; residuals of another dtype are refused (e.g. float64
             targets promote a float32 model's residuals: the Gram would mix dtypes).
 
@@ -234,10 +237,10 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
     residuals = closure_residuals(value)
     if not isinstance(residuals, Tensor):
         raise TypeError(f"closure must return a tensor of per-sample residuals, got {type(residuals).__name__}")
-    if residuals.dim() not in (1, 2):
+    if residuals.dim() == 0:
         raise ValueError(
-            "closure must return unreduced per-sample residuals of shape (b,) or (b, k), "
-            f"got shape {tuple(residuals.shape)}"
+            "closure must return unreduced per-sample residuals of shape (b,), (b, k) or (b, ...), got a "
+            "scalar (a loss?): return model(x) - y, or (model(x), y), not the loss"
         )
     if residuals.numel() == 0:
         raise ValueError(f"closure returned an empty residual tensor of shape {tuple(residuals.shape)}")
@@ -260,7 +263,9 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
             "run the forward pass inside the closure"
         )
     _refuse_broadcast(residuals)
-    return residuals if residuals.dim() == 2 else residuals.unsqueeze(1)
+    if residuals.dim() == 2:
+        return residuals
+    return residuals.unsqueeze(1) if residuals.dim() == 1 else residuals.flatten(1)
 
 
 def _refuse_broadcast(residuals: Tensor) -> None:
