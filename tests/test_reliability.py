@@ -582,6 +582,35 @@ def autocast_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     }
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_autocast_outputs_and_targets_give_the_residuals_of_promotion(engine: str, accelerated: bool) -> None:
+    """Under autocast a closure returning ``(outputs, targets)`` was refused ("residuals are
+    torch.bfloat16 but the parameters are torch.float32", its targets rounded to bfloat16 on the
+    way) while ``model(x) - y`` worked (promotion to float32). Outputs narrower than the
+    parameters are now widened before the targets are subtracted: three steps with the defaults
+    (the gain ratio re-evaluates the closure) or with geodesic acceleration (one more evaluation)
+    are bit for bit those of the promoting closure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def pair() -> tuple[Tensor, Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x), y
+
+    def promoted() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return twin(x) - y
+
+    options = dict(engine=engine, geodesic_acceleration=accelerated)
+    opt, reference = GramGaussNewton(model, **options), GramGaussNewton(twin, **options)
+    for _ in range(3):
+        assert torch.equal(opt.step(pair), reference.step(promoted))
+        assert torch.equal(flat_params(model), flat_params(twin))
+
+
 @pytest.mark.parametrize("name", list(autocast_models()))
 def test_autocast_modules_are_handled_in_the_parameters_precision(name: str) -> None:
     """Under ``torch.autocast`` (bfloat16) Linear, convolutions, GroupNorm and LayerNorm compute in

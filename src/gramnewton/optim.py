@@ -19,7 +19,7 @@ from .damping import DampingRule, GainRatioDamping, check_subset, damping_rule, 
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
-from .engines.base import closure_residuals, reevaluate, replayable_randomness
+from .engines.base import closure_residuals, params_dtype, reevaluate, replayable_randomness
 from .engines.select import called_modules, select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
@@ -395,7 +395,9 @@ class GramGaussNewton(Optimizer):
     def _step(self, closure: Closure) -> Tensor:
         """:meth:`step` once its arguments are checked."""
         general = (
-            None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
+            None
+            if isinstance(self.loss, SquaredError)
+            else LossClosure(self.loss, closure, self.curvature, self.top_c, params_dtype(self.engine.params))
         )
         lam, alpha, momentum, lr = (self._shared(key) for key in ("lam", "alpha", "momentum", "lr"))
         choose = getattr(self.damping, "choose_alpha", None)
@@ -564,10 +566,11 @@ class GramGaussNewton(Optimizer):
             loss_after = after / before_rows.shape[0]
         else:
             call = closure if rows is None else functools.partial(closure, rows)
+            dtype = params_dtype(self.engine.params)  # as the step's residuals (autocast: widened)
             if self.distributed == "exact":  # the union batch's residuals, in rank order
-                new_residuals = self.communicator.gather(lambda: closure_residuals(reevaluate(call)).reshape(-1))
+                new_residuals = self.communicator.gather(lambda: closure_residuals(reevaluate(call), dtype).reshape(-1))
             else:
-                new_residuals = closure_residuals(reevaluate(call))
+                new_residuals = closure_residuals(reevaluate(call), dtype)
             if not isinstance(new_residuals, Tensor) or new_residuals.numel() != before_rows.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
             before, model, after = squared_sums(before_rows, predicted, new_residuals)  # one synchronisation

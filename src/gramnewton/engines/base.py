@@ -112,7 +112,7 @@ def params_dtype(params: Sequence[Tensor]) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
+def square_loss_residuals(outputs: Tensor, targets: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Residuals ``outputs - targets`` of the square loss, with the shapes checked (no broadcasting).
 
     Args:
@@ -120,6 +120,9 @@ def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
             sample; :func:`residuals_2d` flattens them).
         targets: the same shape, or ``(b,)`` against ``(b, 1)`` outputs (and ``(b, 1)`` against
             ``(b,)``); cast to the outputs' dtype (float64 targets with a float32 model are fine).
+        dtype: the parameters' dtype: outputs in a narrower one (autocast's bfloat16) are cast
+            to it first, so that the targets are not rounded to the outputs' few bits (as
+            ``model(x) - y`` promotes them).
 
     Returns:
         ``outputs - targets`` shaped like ``outputs``.
@@ -136,18 +139,33 @@ def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
             f"targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(outputs.shape)}; "
             "they must have the same shape ((b,) targets go with (b,) or (b, 1) outputs)"
         )
+    outputs = widened(outputs, dtype)
     return outputs - targets.reshape(outputs.shape).to(outputs.dtype)
 
 
-def closure_residuals(value: ClosureResult) -> Tensor:
+def widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``tensor`` cast to ``dtype`` when it is a floating dtype narrower than it (autocast's
+    bfloat16 or float16 outputs of a float32 model: exact), else as is. Residuals, and the
+    outputs a loss's curvature is formed from, are in the parameters' precision."""
+    narrower = (
+        dtype is not None
+        and tensor.is_floating_point()
+        and dtype.is_floating_point
+        and torch.finfo(tensor.dtype).eps > torch.finfo(dtype).eps
+    )
+    return tensor.to(dtype) if narrower else tensor
+
+
+def closure_residuals(value: ClosureResult, dtype: torch.dtype | None = None) -> Tensor:
     """The residual tensor of a closure's return value: a tensor as is, a pair
     ``(outputs, targets)`` by :func:`square_loss_residuals` (a loss other than the square loss
-    plugs in here)."""
+    plugs in here); with ``dtype`` (the parameters'), residuals or outputs in a narrower floating
+    dtype (autocast) are cast to it. A step and its re-evaluations pass the same ``dtype``."""
     if isinstance(value, tuple):
         if len(value) != 2:
             raise TypeError(f"closure returned a tuple of {len(value)} items; expected (outputs, targets)")
-        return square_loss_residuals(*value)
-    return value
+        return square_loss_residuals(*value, dtype)
+    return widened(value, dtype) if isinstance(value, Tensor) else value
 
 
 @dataclass(frozen=True)
@@ -226,15 +244,16 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
             sample), viewed as ``(b, k)`` with ``k`` the product of the trailing sizes (row
             ``i * k + c`` of ``J`` is entry ``c`` of sample ``i``'s flattened residuals); or
             ``(outputs, targets)`` (see :func:`square_loss_residuals`).
-        dtype: the parameters' dtype; residuals of another dtype are refused (e.g. float64
-            targets promote a float32 model's residuals: the Gram would mix dtypes).
+        dtype: the parameters' dtype; residuals in a narrower floating dtype (autocast's
+            bfloat16) are cast to it, a wider one is refused (e.g. float64 targets promote a
+            float32 model's residuals: the Gram would mix dtypes).
 
     Raises:
         TypeError: not a tensor.
         ValueError: wrong shape or dtype, no batch, a non-finite entry, or a residual ``(b, b)``
             that comes from broadcasting ``(b, 1)`` outputs against ``(b,)`` targets.
     """
-    residuals = closure_residuals(value)
+    residuals = closure_residuals(value, dtype)
     if not isinstance(residuals, Tensor):
         raise TypeError(f"closure must return a tensor of per-sample residuals, got {type(residuals).__name__}")
     if residuals.dim() == 0:
