@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from dense import assert_close, dense_jacobian, dense_step, flat_params
 from torch import Tensor, nn
 
@@ -96,6 +97,34 @@ def test_outputs_targets_shapes_are_checked(outputs: tuple, targets: tuple, matc
     before = _snapshot(opt)
     with pytest.raises(ValueError, match=match):
         opt.step(lambda: (model(x).reshape(outputs), torch.zeros(targets, dtype=torch.float64)))
+    _assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize(
+    "returned,match",
+    [
+        (lambda out, y, labels: F.mse_loss(out, y, reduction="none"), r"squared errors .*return model\(x\) - y"),
+        (lambda out, y, labels: nn.MSELoss(reduction="none")(out, y).reshape(-1), "squared errors"),
+        (lambda out, y, labels: F.huber_loss(out, y, reduction="none"), "Huber"),
+        (lambda out, y, labels: F.cross_entropy(out, labels, reduction="none"), "loss='cross_entropy'"),
+        (
+            lambda out, y, labels: F.binary_cross_entropy_with_logits(out, y.sigmoid(), reduction="none"),
+            "loss='binary_cross_entropy'",
+        ),
+    ],
+)
+def test_per_sample_losses_returned_as_residuals_are_refused_with_the_fix(returned, match: str) -> None:
+    """A closure returning ``F.mse_loss(..., reduction="none")`` (or another per-sample loss) where
+    residuals are expected was taken as residuals: Gauss-Newton then minimised the squares of the
+    squared errors, silently. Refused with what to return instead, nothing changed."""
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    labels = torch.zeros(6, dtype=torch.long)
+    out_layer = nn.Linear(1, 2).double()
+    opt = GramGaussNewton(model)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step(lambda: returned(out_layer(model(x)), y.expand(6, 2), labels))
     _assert_unchanged(opt, before)
 
 

@@ -250,8 +250,9 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
 
     Raises:
         TypeError: not a tensor.
-        ValueError: wrong shape or dtype, no batch, a non-finite entry, or a residual ``(b, b)``
-            that comes from broadcasting ``(b, 1)`` outputs against ``(b,)`` targets.
+        ValueError: wrong shape or dtype, no batch, a non-finite entry, a residual ``(b, b)``
+            that comes from broadcasting ``(b, 1)`` outputs against ``(b,)`` targets, or
+            per-sample losses (``F.mse_loss(..., reduction="none")``, ...) returned as residuals.
     """
     residuals = closure_residuals(value, dtype)
     if not isinstance(residuals, Tensor):
@@ -282,9 +283,38 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
             "run the forward pass inside the closure"
         )
     _refuse_broadcast(residuals)
+    _refuse_losses(residuals)
     if residuals.dim() == 2:
         return residuals
     return residuals.unsqueeze(1) if residuals.dim() == 1 else residuals.flatten(1)
+
+
+# Per-sample losses that a closure may return where residuals are expected (``reduction="none"``),
+# by the autograd node that made them, and what to return instead. None of them is ever a residual:
+# Gauss-Newton on squared errors would minimise their squares (fourth powers of the residuals).
+_LOSS_NODES = {
+    "MseLossBackward0": ("squared errors (F.mse_loss(..., reduction='none'))", "return model(x) - y, or (model(x), y)"),
+    "SmoothL1LossBackward0": ("per-sample smooth-L1 losses", "return model(x) - y, or (model(x), y)"),
+    "HuberLossBackward0": ("per-sample Huber losses", "return model(x) - y, or (model(x), y)"),
+    "NllLossBackward0": (
+        "per-sample cross-entropies (F.cross_entropy(..., reduction='none'))",
+        "for classification pass loss='cross_entropy' and return (logits, labels)",
+    ),
+    "BinaryCrossEntropyWithLogitsBackward0": (
+        "per-sample binary cross-entropies",
+        "pass loss='binary_cross_entropy' and return (logits, targets)",
+    ),
+}
+
+
+def _refuse_losses(residuals: Tensor) -> None:
+    """Raise for per-sample losses returned as residuals (:data:`_LOSS_NODES`)."""
+    node = residuals.grad_fn
+    while node is not None and node.name() in ("ViewBackward0", "UnsqueezeBackward0", "SqueezeBackward1"):
+        node = node.next_functions[0][0]  # a reshape of the losses is still the losses
+    if node is not None and node.name() in _LOSS_NODES:
+        what, fix = _LOSS_NODES[node.name()]
+        raise ValueError(f"closure returned {what}, not residuals: {fix}; no parameter was changed")
 
 
 def _refuse_broadcast(residuals: Tensor) -> None:
