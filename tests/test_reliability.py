@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -126,6 +127,33 @@ def test_per_sample_losses_returned_as_residuals_are_refused_with_the_fix(return
     with pytest.raises(ValueError, match=match):
         opt.step(lambda: returned(out_layer(model(x)), y.expand(6, 2), labels))
     _assert_unchanged(opt, before)
+
+
+def test_a_lazy_modules_first_step_is_the_hooks_engines() -> None:
+    """A lazy module (``nn.LazyLinear``) initialises its parameters in its first forward, in a
+    pre-hook that uses them outside the module, under ``no_grad``: its first step went to the
+    reference engine with "used outside its own module". Nothing done without grad mode can put a
+    parameter in the graph, so such a use is no use: no routing, and the step is Eq. 11 at the
+    parameters the initialisation drew (float64, against the dense formula on a twin initialised
+    with the same draws)."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+
+    def lazy() -> nn.Module:
+        return nn.Sequential(nn.LazyLinear(5, dtype=torch.float64), nn.Tanh(), nn.Linear(5, 1, dtype=torch.float64))
+
+    torch.manual_seed(0)
+    model, twin = lazy(), lazy()
+    twin[2].load_state_dict(model[2].state_dict())
+    opt = GramGaussNewton(model, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False)
+    torch.manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(lambda: model(x) - y)
+    torch.manual_seed(1)
+    twin(x)  # the same draws initialise the twin
+    assert not [w for w in caught if "reference engine" in str(w.message)], [str(w.message) for w in caught]
+    before = flat_params(twin)
+    assert_close(flat_params(model), before + dense_step(twin, x, y, 0.7, 0.2), 1e-10, "lazy module's first step")
 
 
 def test_closure_returning_a_bad_tuple_is_refused() -> None:
