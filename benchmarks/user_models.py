@@ -17,7 +17,9 @@ on one batch; the median step time of each and the ratio to SGD are printed and 
   sequences (b = 64) and a Linear head on the final state ``h[-1]`` (``_, h = gru(x)``).
 
 ``--engines auto reference`` times both (the reference engine's step takes seconds on the
-larger models; ``--reference-reps`` bounds its repetitions). ``--device cuda`` runs it on a GPU
+larger models; ``--reference-reps`` bounds its repetitions); ``parameters`` times
+``GramGaussNewton(model.parameters())`` (torch.optim's idiom: the optimizer finds the modules at
+its first step; before it did, that idiom always got the reference engine). ``--device cuda`` runs it on a GPU
 (each step timed from a synchronised start to a synchronised end; ``cuda_check.sh`` does)::
 
     python benchmarks/user_models.py --out benchmarks/results/user_models.json
@@ -148,7 +150,8 @@ def step_function(name: str, method: str, device: torch.device) -> tuple[Callabl
             sgd.step()
 
     else:
-        ggn = GramGaussNewton(model, engine=method, momentum=0.0, alpha=1e6, adaptive_damping=False)
+        given, engine = (model.parameters(), "auto") if method == "parameters" else (model, method)
+        ggn = GramGaussNewton(given, engine=engine, momentum=0.0, alpha=1e6, adaptive_damping=False)
 
         def step() -> None:
             ggn.step(residuals)
@@ -195,7 +198,12 @@ def time_model(name: str, engines: list[str], reps: int, reference_reps: int, de
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--engines", nargs="+", default=["auto"], help="GGN engines to time (auto, hooks, reference)")
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        default=["auto"],
+        help="GGN engines to time (auto, hooks, reference; parameters: auto, given model.parameters())",
+    )
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--reference-reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

@@ -330,6 +330,32 @@ def test_bad_logits_raise_and_change_nothing(what, closure_value, error, match):
     assert torch.equal(flat_params(model), start) and opt.state_dict()["state"] == {}
 
 
+@pytest.mark.parametrize("curvature", ["gradient", "top_c", "exact"])
+def test_autocast_logits_are_widened_to_the_parameters_precision(curvature: str) -> None:
+    """Logits from an autocast forward (bfloat16, of a float32 model) crashed the step
+    (``linalg_eigh_cpu`` has no bfloat16 kernel) and would have formed the curvature in 8 bits;
+    they are widened to the parameters' float32 first: three steps with the defaults (the gain
+    ratio re-evaluates the loss) bit for bit those of a closure that widens them itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    x, labels = torch.randn(8, 3), torch.randint(0, 4, (8,))
+
+    def narrow() -> tuple[Tensor, Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x), labels
+
+    def wide() -> tuple[Tensor, Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return twin(x).float(), labels
+
+    options = dict(loss="cross_entropy", curvature=curvature)
+    opt, reference = GramGaussNewton(model, **options), GramGaussNewton(twin, **options)
+    for _ in range(3):
+        assert torch.equal(opt.step(narrow), reference.step(wide))
+        assert torch.equal(flat_params(model), flat_params(twin))
+
+
 def test_bad_options_are_refused():
     model = _mlp(K)
     with pytest.raises(ValueError, match="Invalid loss"):

@@ -49,6 +49,29 @@ def test_residuals_of_shape_b_equal_b_by_1():
     assert_close(flat_params(model), flat_params(twin), 1e-12, "(b,) vs (b, 1) residuals")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("form", ["residuals", "pair"])
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_residuals_of_shape_b_by_field_equal_their_flattened_rows(engine: str, form: str, accelerated: bool) -> None:
+    """A field per sample (an image-to-image network's ``(b, 1, H, W)`` outputs) was refused
+    ("must return (b,) or (b, k)"); its rows are sample ``i``'s flattened entries, and three steps
+    with the defaults (momentum, the gain-ratio rule re-evaluating the closure), or with geodesic
+    acceleration, are bit for bit those of the closure that flattens them itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 1, 3, padding=1)).double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    options = dict(engine=engine, geodesic_acceleration=accelerated)
+    if form == "pair":
+        field, flat = (lambda: (model(x), y)), (lambda: (twin(x).flatten(1), y.flatten(1)))
+    else:
+        field, flat = (lambda: model(x) - y), (lambda: (twin(x) - y).flatten(1))
+    opt, reference = GramGaussNewton(model, **options), GramGaussNewton(twin, **options)
+    for _ in range(3):
+        assert torch.equal(opt.step(field), reference.step(flat))
+        assert torch.equal(flat_params(model), flat_params(twin))
+
+
 def test_linear_model_interpolates_batch_with_alpha_zero():
     model = nn.Linear(20, 1, dtype=torch.float64)
     x, y = torch.randn(8, 20, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
@@ -135,7 +158,7 @@ def test_lam_must_agree_across_param_groups():
         opt.step(lambda: model(x) - y)
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "shape3d", "scalar", "detached", "not_tensor"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "scalar", "detached", "not_tensor"])
 def test_bad_residuals_raise_and_change_nothing(bad):
     model = _mlp()
     x, y = torch.randn(4, 3, 4), torch.randn(4, 1)
@@ -145,7 +168,6 @@ def test_bad_residuals_raise_and_change_nothing(bad):
     if bad == "inf":
         y[2, 0] = float("inf")
     closures = {
-        "shape3d": lambda: (model(x) - y).unsqueeze(2),
         "scalar": lambda: (model(x) - y).pow(2).mean(),
         "detached": lambda: (model(x) - y).detach(),
         "not_tensor": lambda: 1.0,
@@ -332,3 +354,78 @@ def test_a_step_under_inference_mode_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="inference_mode"), torch.inference_mode():
         opt.step(lambda: model(x) - y)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class _EncoderHead(nn.Module):
+    """Two modules a closure calls one after the other, as ``head(encoder(x))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.Tanh(), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(3 * 6 * 6, 2))
+
+
+@pytest.mark.parametrize("layout", ["one_model", "encoder_and_head"])
+def test_given_parameters_the_first_step_finds_the_model(layout: str) -> None:
+    """torch.optim's idiom, ``GramGaussNewton(model.parameters())``, had every step on the reference
+    engine (a backward pass per residual: 100x and more a step on a ResNet) because the
+    optimizer was not given the module. The first step now finds the modules the closure calls
+    (one run without gradients) and the hooks engine takes them: the steps, with the defaults
+    (momentum, gain-ratio damping) and dropout drawing in the closure, are bit for bit those of
+    an optimizer given the modules, and the random stream after them is the same (the extra run
+    replays the step's draws)."""
+    torch.manual_seed(0)
+    net = _EncoderHead().double()
+    twin = copy.deepcopy(net)
+    x, y = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+    def closure_of(model: _EncoderHead):
+        if layout == "one_model":
+            return lambda: nn.Sequential(model.encoder, model.head)(x) - y
+        return lambda: model.head(model.encoder(x)) - y
+
+    given = (
+        nn.Sequential(twin.encoder, twin.head) if layout == "one_model" else nn.ModuleList([twin.encoder, twin.head])
+    )
+    found, known = GramGaussNewton(net.parameters()), GramGaussNewton(given)
+    for _ in range(3):
+        state = torch.get_rng_state()
+        found.step(closure_of(net))
+        after_found = torch.get_rng_state()
+        torch.set_rng_state(state)
+        known.step(closure_of(twin))
+        assert torch.equal(torch.get_rng_state(), after_found)
+        assert torch.equal(flat_params(net), flat_params(twin))
+    assert type(found.engine).__name__ == "HooksEngine"
+
+
+def test_given_parameters_a_batchnorm_in_training_mode_is_refused_before_its_forward() -> None:
+    """As with the model given: refused with the reason, its running statistics unchanged (the run
+    that finds the model stops before the BatchNorm's forward), no parameter changed."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    stats, before = model[1].running_mean.clone(), flat_params(model)
+    with pytest.raises(ValueError, match="BatchNorm1d in training mode"):
+        GramGaussNewton(model.parameters()).step(lambda: model(x) - y)
+    assert torch.equal(model[1].running_mean, stats) and torch.equal(flat_params(model), before)
+
+
+def test_given_parameters_that_no_called_module_owns_the_reference_engine_steps() -> None:
+    """A network of raw tensors (no module call owns them): the reference engine, Eq. 11 exactly."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    params = [nn.Parameter(w1.clone()), nn.Parameter(w2.clone())]
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    opt = GramGaussNewton(params, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False)
+    opt.step(lambda: torch.tanh(x @ params[0]) @ params[1] - y)
+    assert type(opt.engine).__name__ == "ReferenceEngine"
+    jac = torch.func.jacrev(lambda a, b: (torch.tanh(x @ a) @ b).reshape(-1), argnums=(0, 1))(w1, w2)
+    jac = torch.cat([j.reshape(6, -1) for j in jac], 1)
+    r = (torch.tanh(x @ w1) @ w2 - y).reshape(-1)
+    step = jac.T @ torch.linalg.solve(0.7 * jac @ jac.T + 0.2 * torch.eye(6, dtype=torch.float64), r)
+    assert_close(
+        torch.cat([p.detach().reshape(-1) for p in params]),
+        torch.cat([w1.reshape(-1), w2.reshape(-1)]) - step,
+        1e-10,
+        "raw tensors",
+    )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from dense import assert_close, dense_jacobian, dense_step, flat_params
 from torch import Tensor, nn
 
@@ -85,7 +87,7 @@ def test_outputs_targets_tuple_is_the_square_loss(engine: str, out_shape: tuple,
         ((6, 2), (6,), r"targets of shape \(6,\) do not match outputs of shape \(6, 2\)"),
         ((6, 1), (5,), r"targets of shape \(5,\) do not match"),
         ((6, 1), (1, 6), r"targets of shape \(1, 6\) do not match"),
-        ((6, 2, 2), (6, 2, 2), r"outputs of shape \(b,\) or \(b, k\)"),
+        ((6, 2, 2), (6, 4), r"targets of shape \(6, 4\) do not match outputs of shape \(6, 2, 2\)"),
     ],
 )
 def test_outputs_targets_shapes_are_checked(outputs: tuple, targets: tuple, match: str) -> None:
@@ -97,6 +99,61 @@ def test_outputs_targets_shapes_are_checked(outputs: tuple, targets: tuple, matc
     with pytest.raises(ValueError, match=match):
         opt.step(lambda: (model(x).reshape(outputs), torch.zeros(targets, dtype=torch.float64)))
     _assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize(
+    "returned,match",
+    [
+        (lambda out, y, labels: F.mse_loss(out, y, reduction="none"), r"squared errors .*return model\(x\) - y"),
+        (lambda out, y, labels: nn.MSELoss(reduction="none")(out, y).reshape(-1), "squared errors"),
+        (lambda out, y, labels: F.huber_loss(out, y, reduction="none"), "Huber"),
+        (lambda out, y, labels: F.cross_entropy(out, labels, reduction="none"), "loss='cross_entropy'"),
+        (
+            lambda out, y, labels: F.binary_cross_entropy_with_logits(out, y.sigmoid(), reduction="none"),
+            "loss='binary_cross_entropy'",
+        ),
+    ],
+)
+def test_per_sample_losses_returned_as_residuals_are_refused_with_the_fix(returned, match: str) -> None:
+    """A closure returning ``F.mse_loss(..., reduction="none")`` (or another per-sample loss) where
+    residuals are expected was taken as residuals: Gauss-Newton then minimised the squares of the
+    squared errors, silently. Refused with what to return instead, nothing changed."""
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    labels = torch.zeros(6, dtype=torch.long)
+    out_layer = nn.Linear(1, 2).double()
+    opt = GramGaussNewton(model)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step(lambda: returned(out_layer(model(x)), y.expand(6, 2), labels))
+    _assert_unchanged(opt, before)
+
+
+def test_a_lazy_modules_first_step_is_the_hooks_engines() -> None:
+    """A lazy module (``nn.LazyLinear``) initialises its parameters in its first forward, in a
+    pre-hook that uses them outside the module, under ``no_grad``: its first step went to the
+    reference engine with "used outside its own module". Nothing done without grad mode can put a
+    parameter in the graph, so such a use is no use: no routing, and the step is Eq. 11 at the
+    parameters the initialisation drew (float64, against the dense formula on a twin initialised
+    with the same draws)."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+
+    def lazy() -> nn.Module:
+        return nn.Sequential(nn.LazyLinear(5, dtype=torch.float64), nn.Tanh(), nn.Linear(5, 1, dtype=torch.float64))
+
+    torch.manual_seed(0)
+    model, twin = lazy(), lazy()
+    twin[2].load_state_dict(model[2].state_dict())
+    opt = GramGaussNewton(model, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False)
+    torch.manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(lambda: model(x) - y)
+    torch.manual_seed(1)
+    twin(x)  # the same draws initialise the twin
+    assert not [w for w in caught if "reference engine" in str(w.message)], [str(w.message) for w in caught]
+    before = flat_params(twin)
+    assert_close(flat_params(model), before + dense_step(twin, x, y, 0.7, 0.2), 1e-10, "lazy module's first step")
 
 
 def test_closure_returning_a_bad_tuple_is_refused() -> None:
@@ -580,6 +637,35 @@ def autocast_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
         "batchnorm_eval": (nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).eval(), (4,)),
         "rows_mixed": (MixedAfter(), (4,)),
     }
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_autocast_outputs_and_targets_give_the_residuals_of_promotion(engine: str, accelerated: bool) -> None:
+    """Under autocast a closure returning ``(outputs, targets)`` was refused ("residuals are
+    torch.bfloat16 but the parameters are torch.float32", its targets rounded to bfloat16 on the
+    way) while ``model(x) - y`` worked (promotion to float32). Outputs narrower than the
+    parameters are now widened before the targets are subtracted: three steps with the defaults
+    (the gain ratio re-evaluates the closure) or with geodesic acceleration (one more evaluation)
+    are bit for bit those of the promoting closure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def pair() -> tuple[Tensor, Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x), y
+
+    def promoted() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return twin(x) - y
+
+    options = dict(engine=engine, geodesic_acceleration=accelerated)
+    opt, reference = GramGaussNewton(model, **options), GramGaussNewton(twin, **options)
+    for _ in range(3):
+        assert torch.equal(opt.step(pair), reference.step(promoted))
+        assert torch.equal(flat_params(model), flat_params(twin))
 
 
 @pytest.mark.parametrize("name", list(autocast_models()))

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engines.base import reevaluate
+from .engines.base import reevaluate, widened
 from .losses import Loss, SquaredError
 
 CURVATURES = ("auto", "exact", "top_c", "gradient")
@@ -136,14 +136,24 @@ class LossClosure:
     per-sample losses ``(b,)`` of that call in ``per_sample`` (detached).
     """
 
-    def __init__(self, loss: Loss, closure: Callable[[], Any], curvature: str = "exact", top_c: int = 1):
+    def __init__(
+        self,
+        loss: Loss,
+        closure: Callable[[], Any],
+        curvature: str = "exact",
+        top_c: int = 1,
+        dtype: torch.dtype | None = None,
+    ):
         check_curvature(curvature, top_c)
         self.loss, self.closure, self.curvature, self.top_c = loss, closure, curvature, top_c
+        self.dtype = dtype  # the parameters': outputs in a narrower dtype (autocast) are widened to it
         self.per_sample: Tensor | None = None
 
     def evaluate(self) -> tuple[Tensor, Tensor]:
-        """Run the closure; return the validated outputs ``(b, k)`` (graph kept) and targets."""
+        """Run the closure; return the validated outputs ``(b, k)`` (graph kept; widened to
+        ``dtype`` when narrower, e.g. autocast's bfloat16 logits) and targets."""
         outputs, targets = split_pair(self.closure(), self.loss)
+        outputs = widened(outputs, self.dtype) if isinstance(outputs, Tensor) else outputs
         targets = self.loss.check(outputs, targets)
         return outputs, targets
 
@@ -165,6 +175,7 @@ class LossClosure:
         outputs, targets = split_pair(
             reevaluate(self.closure) if rows is None else reevaluate(self.closure, rows), self.loss
         )
+        outputs = widened(outputs, self.dtype) if isinstance(outputs, Tensor) else outputs
         if self.per_sample is not None and isinstance(outputs, Tensor):
             expected = len(range(self.per_sample.shape[0])[rows or slice(None)])
             if outputs.dim() == 0 or outputs.shape[0] != expected:

@@ -19,8 +19,8 @@ from .damping import DampingRule, GainRatioDamping, check_subset, damping_rule, 
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine
-from .engines.base import closure_residuals, reevaluate, replayable_randomness
-from .engines.select import select_engine
+from .engines.base import closure_residuals, params_dtype, reevaluate, replayable_randomness
+from .engines.select import called_modules, select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
 from .solve import check_damping
@@ -82,7 +82,8 @@ class GramGaussNewton(Optimizer):
     Symbols of Eq. 11 and their arguments:
         - :math:`w`: ``params_or_model`` (the parameters to train).
         - :math:`f(w, x_B) - y_B`: what ``closure()`` returns, per sample, unreduced,
-          shape ``(b,)`` or ``(b, k)``; or the pair ``(f(w, x_B), y_B)``, whose shapes must
+          shape ``(b,)`` or ``(b, k)`` (or ``(b, ...)``, e.g. a field per sample: flattened to
+          ``(b, k)``); or the pair ``(f(w, x_B), y_B)``, whose shapes must
           match (no broadcasting; the targets are cast to the outputs' dtype). A damping rule
           with a ``subset`` (:class:`~gramnewton.damping.GainRatioDamping`) re-evaluates
           only the batch's first rows, by calling ``closure(rows)`` with ``rows`` a ``slice``:
@@ -101,7 +102,10 @@ class GramGaussNewton(Optimizer):
 
     Args:
         params_or_model: an ``nn.Module`` (the fast engine then hooks it; BatchNorm in training
-            mode is refused) or an iterable of parameters or parameter groups.
+            mode is refused) or an iterable of parameters or parameter groups (torch.optim's
+            ``model.parameters()``: with ``engine="auto"`` the first step runs the closure once
+            more, without gradients, to find the modules that own them, and the fast engine
+            hooks those).
         lam: scale of the Gram matrix.
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``. A damping rule's gain
@@ -243,6 +247,8 @@ class GramGaussNewton(Optimizer):
             raise ValueError("GramGaussNewton got no parameter that requires grad")
         self._module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         self._engine_choice = engine
+        # given parameters only, the first step finds the modules owning them (_use_called_modules)
+        self._find_model = self._module is None and engine == "auto"
         self.solve_dtype = solve_dtype
         self.solve_space = solve_space
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
@@ -336,7 +342,7 @@ class GramGaussNewton(Optimizer):
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         """Take one step on the mini-batch whose residuals ``closure()`` returns.
 
-        With ``loss="mse"`` ``closure()`` returns the residuals ``(b,)`` or ``(b, k)``; with
+        With ``loss="mse"`` ``closure()`` returns the residuals ``(b,)``, ``(b, k)`` or ``(b, ...)``; with
         another loss it returns ``(outputs, targets)``.
 
         Returns:
@@ -361,8 +367,6 @@ class GramGaussNewton(Optimizer):
         for group in self.param_groups:
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         self._follow_trainable()
-        if self.model is not None:
-            check_per_sample_independence(self.model)
         if self._subset() is not None and not _takes_rows(closure):
             raise ValueError(
                 f"the damping rule re-evaluates a subset of {self._subset()} samples, so the closure must take "
@@ -370,12 +374,30 @@ class GramGaussNewton(Optimizer):
                 "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
             )
         with replayable_randomness(self.engine.params):  # re-evaluations draw the first run's numbers
+            if self._find_model:
+                self._use_called_modules(closure)
+            if self._module is not None:
+                check_per_sample_independence(self._module)
             return self._step(self._without_ddp_sync(closure))
+
+    def _use_called_modules(self, closure: Closure) -> None:
+        """Given parameters only (torch.optim's idiom) and ``engine="auto"``: the modules the
+        first step's closure calls that own them (:func:`~gramnewton.engines.select.called_modules`:
+        one run without gradients, with the step's random draws) become the model, so that the
+        hooks engine computes their rows instead of the reference engine's backward pass per row."""
+        # a BatchNorm in training mode is refused before its forward pass changes its statistics
+        module = called_modules(closure, self.engine.params, before_call=check_per_sample_independence)
+        self._find_model = False
+        if module is not None:
+            self._module = module
+            self.engine = self._build_engine(self._trainable())
 
     def _step(self, closure: Closure) -> Tensor:
         """:meth:`step` once its arguments are checked."""
         general = (
-            None if isinstance(self.loss, SquaredError) else LossClosure(self.loss, closure, self.curvature, self.top_c)
+            None
+            if isinstance(self.loss, SquaredError)
+            else LossClosure(self.loss, closure, self.curvature, self.top_c, params_dtype(self.engine.params))
         )
         lam, alpha, momentum, lr = (self._shared(key) for key in ("lam", "alpha", "momentum", "lr"))
         choose = getattr(self.damping, "choose_alpha", None)
@@ -544,10 +566,11 @@ class GramGaussNewton(Optimizer):
             loss_after = after / before_rows.shape[0]
         else:
             call = closure if rows is None else functools.partial(closure, rows)
+            dtype = params_dtype(self.engine.params)  # as the step's residuals (autocast: widened)
             if self.distributed == "exact":  # the union batch's residuals, in rank order
-                new_residuals = self.communicator.gather(lambda: closure_residuals(reevaluate(call)).reshape(-1))
+                new_residuals = self.communicator.gather(lambda: closure_residuals(reevaluate(call), dtype).reshape(-1))
             else:
-                new_residuals = closure_residuals(reevaluate(call))
+                new_residuals = closure_residuals(reevaluate(call), dtype)
             if not isinstance(new_residuals, Tensor) or new_residuals.numel() != before_rows.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
             before, model, after = squared_sums(before_rows, predicted, new_residuals)  # one synchronisation

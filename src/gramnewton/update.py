@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
-from .engines.base import closure_residuals, reevaluate
+from .engines.base import closure_residuals, params_dtype, reevaluate
 from .engines.reference import flatten, split_like
 from .solve import (
     SingularGramError,
@@ -365,7 +365,7 @@ def _residuals_along(params: Sequence[Tensor], direction: Sequence[Tensor], h: f
     saved = [p.detach().clone() for p in params]
     try:
         torch._foreach_add_(params, [d.to(p.dtype) for p, d in zip(params, direction)], alpha=h)
-        return closure_residuals(reevaluate(closure)).detach()
+        return closure_residuals(reevaluate(closure), params_dtype(params)).detach()
     finally:
         restore_parameters(params, saved)
 

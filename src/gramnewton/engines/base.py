@@ -112,13 +112,17 @@ def params_dtype(params: Sequence[Tensor]) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
+def square_loss_residuals(outputs: Tensor, targets: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Residuals ``outputs - targets`` of the square loss, with the shapes checked (no broadcasting).
 
     Args:
-        outputs: ``(b,)`` or ``(b, k)`` model outputs.
+        outputs: ``(b,)``, ``(b, k)`` or ``(b, ...)`` model outputs (e.g. a field or an image per
+            sample; :func:`residuals_2d` flattens them).
         targets: the same shape, or ``(b,)`` against ``(b, 1)`` outputs (and ``(b, 1)`` against
             ``(b,)``); cast to the outputs' dtype (float64 targets with a float32 model are fine).
+        dtype: the parameters' dtype: outputs in a narrower one (autocast's bfloat16) are cast
+            to it first, so that the targets are not rounded to the outputs' few bits (as
+            ``model(x) - y`` promotes them).
 
     Returns:
         ``outputs - targets`` shaped like ``outputs``.
@@ -127,26 +131,41 @@ def square_loss_residuals(outputs: Tensor, targets: Tensor) -> Tensor:
         raise TypeError(
             f"closure returned ({type(outputs).__name__}, {type(targets).__name__}); expected (outputs, targets) tensors"
         )
-    if outputs.dim() not in (1, 2):
-        raise ValueError(f"closure must return outputs of shape (b,) or (b, k), got {tuple(outputs.shape)}")
+    if outputs.dim() == 0:
+        raise ValueError("closure must return per-sample outputs of shape (b,), (b, k) or (b, ...), got a scalar")
     b, k = outputs.shape[0], outputs[0].numel()
     if targets.shape != outputs.shape and not (k == 1 and targets.shape in ((b,), (b, 1))):
         raise ValueError(
             f"targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(outputs.shape)}; "
             "they must have the same shape ((b,) targets go with (b,) or (b, 1) outputs)"
         )
+    outputs = widened(outputs, dtype)
     return outputs - targets.reshape(outputs.shape).to(outputs.dtype)
 
 
-def closure_residuals(value: ClosureResult) -> Tensor:
+def widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``tensor`` cast to ``dtype`` when it is a floating dtype narrower than it (autocast's
+    bfloat16 or float16 outputs of a float32 model: exact), else as is. Residuals, and the
+    outputs a loss's curvature is formed from, are in the parameters' precision."""
+    narrower = (
+        dtype is not None
+        and tensor.is_floating_point()
+        and dtype.is_floating_point
+        and torch.finfo(tensor.dtype).eps > torch.finfo(dtype).eps
+    )
+    return tensor.to(dtype) if narrower else tensor
+
+
+def closure_residuals(value: ClosureResult, dtype: torch.dtype | None = None) -> Tensor:
     """The residual tensor of a closure's return value: a tensor as is, a pair
     ``(outputs, targets)`` by :func:`square_loss_residuals` (a loss other than the square loss
-    plugs in here)."""
+    plugs in here); with ``dtype`` (the parameters'), residuals or outputs in a narrower floating
+    dtype (autocast) are cast to it. A step and its re-evaluations pass the same ``dtype``."""
     if isinstance(value, tuple):
         if len(value) != 2:
             raise TypeError(f"closure returned a tuple of {len(value)} items; expected (outputs, targets)")
-        return square_loss_residuals(*value)
-    return value
+        return square_loss_residuals(*value, dtype)
+    return widened(value, dtype) if isinstance(value, Tensor) else value
 
 
 @dataclass(frozen=True)
@@ -221,23 +240,27 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
     """Validate a closure's return value (residuals, or ``(outputs, targets)``) and view it as ``(b, k)``.
 
     Args:
-        value: ``(b,)`` or ``(b, k)`` residuals, or ``(outputs, targets)`` (see
-            :func:`square_loss_residuals`).
-        dtype: the parameters' dtype; residuals of another dtype are refused (e.g. float64
-            targets promote a float32 model's residuals: the Gram would mix dtypes).
+        value: ``(b,)`` or ``(b, k)`` residuals, or ``(b, ...)`` ones (a field or an image per
+            sample), viewed as ``(b, k)`` with ``k`` the product of the trailing sizes (row
+            ``i * k + c`` of ``J`` is entry ``c`` of sample ``i``'s flattened residuals); or
+            ``(outputs, targets)`` (see :func:`square_loss_residuals`).
+        dtype: the parameters' dtype; residuals in a narrower floating dtype (autocast's
+            bfloat16) are cast to it, a wider one is refused (e.g. float64 targets promote a
+            float32 model's residuals: the Gram would mix dtypes).
 
     Raises:
         TypeError: not a tensor.
-        ValueError: wrong shape or dtype, no batch, a non-finite entry, or a residual ``(b, b)``
-            that comes from broadcasting ``(b, 1)`` outputs against ``(b,)`` targets.
+        ValueError: wrong shape or dtype, no batch, a non-finite entry, a residual ``(b, b)``
+            that comes from broadcasting ``(b, 1)`` outputs against ``(b,)`` targets, or
+            per-sample losses (``F.mse_loss(..., reduction="none")``, ...) returned as residuals.
     """
-    residuals = closure_residuals(value)
+    residuals = closure_residuals(value, dtype)
     if not isinstance(residuals, Tensor):
         raise TypeError(f"closure must return a tensor of per-sample residuals, got {type(residuals).__name__}")
-    if residuals.dim() not in (1, 2):
+    if residuals.dim() == 0:
         raise ValueError(
-            "closure must return unreduced per-sample residuals of shape (b,) or (b, k), "
-            f"got shape {tuple(residuals.shape)}"
+            "closure must return unreduced per-sample residuals of shape (b,), (b, k) or (b, ...), got a "
+            "scalar (a loss?): return model(x) - y, or (model(x), y), not the loss"
         )
     if residuals.numel() == 0:
         raise ValueError(f"closure returned an empty residual tensor of shape {tuple(residuals.shape)}")
@@ -260,7 +283,38 @@ def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tens
             "run the forward pass inside the closure"
         )
     _refuse_broadcast(residuals)
-    return residuals if residuals.dim() == 2 else residuals.unsqueeze(1)
+    _refuse_losses(residuals)
+    if residuals.dim() == 2:
+        return residuals
+    return residuals.unsqueeze(1) if residuals.dim() == 1 else residuals.flatten(1)
+
+
+# Per-sample losses that a closure may return where residuals are expected (``reduction="none"``),
+# by the autograd node that made them, and what to return instead. None of them is ever a residual:
+# Gauss-Newton on squared errors would minimise their squares (fourth powers of the residuals).
+_LOSS_NODES = {
+    "MseLossBackward0": ("squared errors (F.mse_loss(..., reduction='none'))", "return model(x) - y, or (model(x), y)"),
+    "SmoothL1LossBackward0": ("per-sample smooth-L1 losses", "return model(x) - y, or (model(x), y)"),
+    "HuberLossBackward0": ("per-sample Huber losses", "return model(x) - y, or (model(x), y)"),
+    "NllLossBackward0": (
+        "per-sample cross-entropies (F.cross_entropy(..., reduction='none'))",
+        "for classification pass loss='cross_entropy' and return (logits, labels)",
+    ),
+    "BinaryCrossEntropyWithLogitsBackward0": (
+        "per-sample binary cross-entropies",
+        "pass loss='binary_cross_entropy' and return (logits, targets)",
+    ),
+}
+
+
+def _refuse_losses(residuals: Tensor) -> None:
+    """Raise for per-sample losses returned as residuals (:data:`_LOSS_NODES`)."""
+    node = residuals.grad_fn
+    while node is not None and node.name() in ("ViewBackward0", "UnsqueezeBackward0", "SqueezeBackward1"):
+        node = node.next_functions[0][0]  # a reshape of the losses is still the losses
+    if node is not None and node.name() in _LOSS_NODES:
+        what, fix = _LOSS_NODES[node.name()]
+        raise ValueError(f"closure returned {what}, not residuals: {fix}; no parameter was changed")
 
 
 def _refuse_broadcast(residuals: Tensor) -> None:

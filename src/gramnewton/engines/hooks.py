@@ -110,7 +110,7 @@ _METADATA = frozenset({"grad", "requires_grad", "is_leaf", "grad_fn", "shape", "
 
 class _ForeignUse(TorchFunctionMode):
     """Records hooked parameters that an operation uses outside the module owning them (reading
-    their metadata, :data:`_METADATA`, is no use)."""
+    their metadata, :data:`_METADATA`, or any operation without grad mode, is no use)."""
 
     def __init__(
         self,
@@ -129,10 +129,12 @@ class _ForeignUse(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         owners, stack = self.owners, self.stack
-        if (
+        if not torch.is_grad_enabled() or (
             getattr(func, "__name__", None) == "__get__"
             and getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA
         ):
+            # without grad mode no operation puts the parameter in the graph (a lazy module's
+            # initialisation, a power iteration's update): no path the Jacobian could miss
             return func(*args, **kwargs)
         for arg in (*args, *kwargs.values()) if kwargs else args:  # no tuple built for the usual call
             # parameters reach operations directly or in a flat list (torch.cat, F.linear's args)

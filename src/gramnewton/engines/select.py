@@ -2,16 +2,19 @@
 
 Each name maps to a factory ``(params, model) -> GramEngine``; :func:`register_engine` adds one,
 so ``GramGaussNewton(model, engine="my_engine")`` can build it. ``"auto"`` is not a registered
-engine but the rule in :func:`select_engine`.
+engine but the rule in :func:`select_engine`. :func:`called_modules` finds the model a closure
+runs, for an optimizer given parameters only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from .base import GramEngine
+from .base import Closure, GramEngine, reevaluate
 from .functional import FunctionalEngine
 from .hooks import HooksEngine, supports_any
 from .reference import ReferenceEngine
@@ -72,3 +75,47 @@ def select_engine(params: Sequence[Tensor], model: nn.Module | None, engine: str
     if engine not in ENGINE_FACTORIES:
         raise ValueError(f"Invalid engine: {engine!r}; expected one of {engine_names()} or an engine instance")
     return ENGINE_FACTORIES[engine](params, model)
+
+
+def called_modules(
+    closure: Closure, params: Sequence[Tensor], *, before_call: Callable[[nn.Module], None] | None = None
+) -> nn.Module | None:
+    """The modules that ``closure`` calls outermost and that own some of ``params`` (the model it
+    runs): one module, an ``nn.ModuleList`` of several (e.g. an encoder and a head called one
+    after the other), or ``None`` when no called module owns any of them (a network of raw
+    tensors). For an optimizer given parameters only (``GramGaussNewton(model.parameters())``,
+    torch.optim's idiom), so that ``"auto"`` can still choose the hooks engine.
+
+    ``closure`` is run once without gradients (with autograd if it differentiates inside, see
+    :func:`~.base.reevaluate`, which inside a step also replays the step's random draws and
+    leaves the generators as they were), with global forward hooks that note the nesting of
+    module calls; the hooks are removed before this returns. Parameters the closure uses outside
+    every module it calls stay with the reference engine (the hooks engine routes them).
+    ``before_call(module)`` runs before each outermost call, e.g. to refuse a module (raising)
+    before its forward pass changes anything (a BatchNorm's running statistics)."""
+    wanted = {id(p) for p in params}
+    depth = 0  # module calls open around the current one
+    outermost: dict[int, nn.Module] = {}
+
+    def enter(module: nn.Module, args: Any) -> None:
+        nonlocal depth
+        if depth == 0:
+            if before_call is not None:
+                before_call(module)
+            outermost.setdefault(id(module), module)
+        depth += 1
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        nonlocal depth
+        depth -= 1
+
+    handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
+    try:
+        reevaluate(closure)
+    finally:
+        for handle in handles:
+            handle.remove()
+    owners = [m for m in outermost.values() if any(id(p) in wanted for p in m.parameters())]
+    if not owners:
+        return None
+    return owners[0] if len(owners) == 1 else nn.ModuleList(owners)
