@@ -439,16 +439,19 @@ class HooksEngine:
         def record(
             handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Any
         ) -> None:
-            # position in output_tensors(output), tensor and graph edge of each followed output;
-            # a tensor returned twice is followed once (its one gradient holds both uses)
-            followed: dict[tuple[Any, int], tuple[int, Tensor, GradientEdge]] = {}
-            for position, t in enumerate(output_tensors(output)):
-                if isinstance(t, Tensor) and t.requires_grad:
-                    edge = get_gradient_edge(t)
-                    followed.setdefault((edge.node, edge.output_nr), (position, t, edge))
-            positions = tuple(position for position, _, _ in followed.values())
-            outputs = tuple(t for _, t, _ in followed.values())
-            edges = tuple(edge for _, _, edge in followed.values())
+            if isinstance(output, Tensor):  # every handler's module: one output
+                positions, outputs, edges = (0,), (output,), (get_gradient_edge(output),)
+            else:
+                # position in output_tensors(output), tensor and graph edge of each followed output;
+                # a tensor returned twice is followed once (its one gradient holds both uses)
+                followed: dict[tuple[Any, int], tuple[int, Tensor, GradientEdge]] = {}
+                for position, t in enumerate(output_tensors(output)):
+                    if isinstance(t, Tensor) and t.requires_grad:
+                        edge = get_gradient_edge(t)
+                        followed.setdefault((edge.node, edge.output_nr), (position, t, edge))
+                positions = tuple(position for position, _, _ in followed.values())
+                outputs = tuple(t for _, t, _ in followed.values())
+                edges = tuple(edge for _, _, edge in followed.values())
             dims = output_batch_dims(module, args, kwargs, positions) if handler.needs_output else (0,)
             out_rows = tuple(t.shape[d] if t.dim() > d else 0 for t, d in zip(outputs, dims))
             if handler.needs_output:  # its inputs do not matter: its rows are taken from its outputs
