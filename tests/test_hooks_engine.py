@@ -1173,6 +1173,22 @@ def test_an_output_computed_from_another_is_routed() -> None:
     assert_close("gram vs reference", fast.gram, reference.gram)
 
 
+def test_the_engines_own_vmap_attempts_warn_nothing() -> None:
+    """An LSTM's rows are first tried by ``torch.func`` (it has no batching rule for the fused
+    kernel and says so with "There is a performance drop ..." before the engine takes the graph
+    way): a warning about the engine's own call, at every step, that no user can act on. Steps
+    warn nothing now (an LSTM using its final state, whose rows the engine takes itself)."""
+    torch.manual_seed(0)
+    model = Recurrent("LSTM", "state")
+    x, y = torch.randn(6, 4, 3), torch.randn(6, 2)
+    opt = gramnewton.GramGaussNewton(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.step(lambda: model(x) - y)
+    assert not caught, [str(w.message) for w in caught]
+
+
 def test_residuals_independent_of_hooked_parameters() -> None:
     model = Unknown().double()
     x = torch.randn(4, 3, dtype=torch.float64)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -718,7 +719,10 @@ def _rows_by_recomputation(
         return out, {name: torch.stack([column[name] for column in columns]) for name in values}
 
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # torch.func's note that an operation has no batching rule (it then loops over the
+            # samples; an LSTM's, attention's): about this engine's own call, nothing a user can change
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
             outs, grads = torch.func.vmap(
                 sample, in_dims=(0, *(0 if f else None for f in batched)), out_dims=(dims, 0)
             )(cotangents, *args)
