@@ -14,7 +14,9 @@ on one batch; the median step time of each and the ratio to SGD are printed and 
 - ``encoder``: two ``TransformerEncoderLayer(64, 4, 128, dropout=0, batch_first=True)`` on
   ``(16, 8)`` sequences (b = 64), a Linear embedding and head;
 - ``gru_state``, ``lstm_state``: ``GRU``/``LSTM(8, 64, batch_first=True)`` on ``(16, 8)``
-  sequences (b = 64) and a Linear head on the final state ``h[-1]`` (``_, h = gru(x)``).
+  sequences (b = 64) and a Linear head on the final state ``h[-1]`` (``_, h = gru(x)``);
+- ``text_embedding``: ``Embedding(30000, 64)`` of 16 tokens a sample (b = 128, drawn from the
+  first 5,000), averaged, and a 64-64-1 tanh head (a batch uses at most 2,048 of the rows).
 
 ``--engines auto reference`` times both (the reference engine's step takes seconds on the
 larger models; ``--reference-reps`` bounds its repetitions); ``parameters`` times
@@ -107,6 +109,18 @@ def resnet8(front: nn.Module | None = None, after_stem: nn.Module | None = None)
 
 
 # name -> (model builder, batch builder, whether the forward runs under autocast)
+class TextEmbedding(nn.Module):
+    def __init__(self, vocab: int = 30_000, dim: int = 64) -> None:
+        super().__init__()
+        self.embed, self.head = (
+            nn.Embedding(vocab, dim),
+            nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1)),
+        )
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.embed(tokens).mean(1)).squeeze(1)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor], bool]] = {
     "resnet8": (resnet8, lambda: torch.randn(128, 1, 28, 28), False),
     "resnet8_autocast": (resnet8, lambda: torch.randn(128, 1, 28, 28), True),
@@ -125,6 +139,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor], bool]] = 
     "encoder": (Encoder, lambda: torch.randn(64, 16, 8), False),
     "gru_state": (lambda: RecurrentState("GRU"), lambda: torch.randn(64, 16, 8), False),
     "lstm_state": (lambda: RecurrentState("LSTM"), lambda: torch.randn(64, 16, 8), False),
+    "text_embedding": (TextEmbedding, lambda: torch.randint(0, 5000, (128, 16)), False),
 }
 
 

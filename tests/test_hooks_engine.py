@@ -519,6 +519,18 @@ CASES = [
         batch=17,
     ),
     Case("embedding", lambda: seq(nn.Embedding(9, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)), tokens(9, 4)),
+    # a batch uses a few of 60 rows (handlers.UsedRows), padding among them; sparse gradients too
+    Case(
+        "embedding_used_rows",
+        lambda: seq(nn.Embedding(60, 3, padding_idx=5), nn.Flatten(), nn.Linear(12, 2)),
+        lambda b: torch.randint(0, 12, (b, 4)),
+    ),
+    # two tokens a sample of 60: more distinct tokens than 2^2, the factored form (handlers.TokenRows)
+    Case(
+        "embedding_token_rows",
+        lambda: seq(nn.Embedding(60, 3, padding_idx=5), nn.Flatten(), nn.Linear(6, 2)),
+        lambda b: torch.randint(0, 60, (b, 2)),
+    ),
     Case("resnet8_fixup", lambda: get_model("resnet8_fixup"), images(3, 8)),
     Case("resnet8_gn", lambda: get_model("resnet8_gn", groups=4), images(3, 8)),
     Case("resnet8_gn_k3", lambda: get_model("resnet8_gn", num_outputs=3), images(3, 8)),
@@ -1189,6 +1201,39 @@ def test_the_engines_own_vmap_attempts_warn_nothing() -> None:
     assert not caught, [str(w.message) for w in caught]
 
 
+@pytest.mark.parametrize("positions,tokens,kind", [(5, 8, "UsedRows"), (2, 40, "TokenRows")])
+def test_an_embeddings_rows_are_those_of_the_tokens_a_batch_uses(positions: int, tokens: int, kind: str) -> None:
+    """An embedding's per-sample gradients were the whole table's, ``(n, vocab * dim)``: at 30,000
+    tokens of 64 a 128-sample batch's rows took 1 GB and their Gram 32 G multiply-adds, though a
+    sample touches the rows of its own tokens only. The piece holds the rows of the ``u`` tokens
+    the batch uses (:class:`handlers.UsedRows`), or, with more than ``T^2`` of them, the tokens and
+    their output gradients (:class:`handlers.TokenRows`, a Gram masked by token equality); its
+    Gram part, ``J^T v``, ``J v`` and dense ``J`` equal the whole table's (float64, padding among
+    the tokens; sparse gradients too)."""
+    torch.manual_seed(0)
+    for sparse in (False, True):
+        emb = nn.Embedding(1000, 4, padding_idx=7, sparse=sparse).double()
+        a = torch.randint(0, tokens, (6, positions))
+        a[0, 0] = 7
+        g = torch.randn(6, positions, 4, dtype=torch.float64)
+        piece = handlers.handler_for(emb).contributions(emb, a, g, frozenset({"weight"}), True)["weight"]
+        assert type(piece).__name__ == kind
+        whole = torch.zeros(6, 1000, 4, dtype=torch.float64)  # the table's rows, sample by sample
+        for i in range(6):
+            for t in range(positions):
+                if a[i, t] != 7:
+                    whole[i, a[i, t]] += g[i, t]
+        whole = whole.reshape(6, -1)
+        gram = torch.zeros(6, 6, dtype=torch.float64)
+        piece.add_gram_lower(gram)
+        handlers.mirror_lower(gram)
+        v, w = torch.randn(6, dtype=torch.float64), torch.randn(4000, dtype=torch.float64)
+        assert_close("gram", gram, whole @ whole.T)
+        assert_close("J^T v", piece.jt_times(v), whole.T @ v)
+        assert_close("J v", piece.j_times(w), whole @ w)
+        assert_close("J", piece.dense().jac, whole)
+
+
 def test_residuals_independent_of_hooked_parameters() -> None:
     model = Unknown().double()
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -1210,9 +1255,9 @@ def test_batchnorm_in_training_mode_raises(norm: nn.Module) -> None:
 
 
 def test_routing_warns_once_per_engine() -> None:
-    model = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Flatten(), nn.Linear(6, 1))
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 1))
     x = torch.randint(0, 5, (4, 2))
-    with pytest.warns(UserWarning, match="sparse Embedding gradients"):
+    with pytest.warns(UserWarning, match="scale_grad_by_freq"):
         engine = HooksEngine(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1271,8 +1316,8 @@ def test_select_engine_and_optimizer_default() -> None:
         select_engine(params, None, "hooks")
     raw = Unknown()  # a module without a handler: taken by the hooks engine (AUTOGRAD_ROWS)
     assert isinstance(select_engine([raw.w], raw, "auto"), HooksEngine)
-    sparse = nn.Embedding(5, 3, sparse=True)  # a handler that refuses the instance
-    assert isinstance(select_engine(list(sparse.parameters()), sparse, "auto"), ReferenceEngine)
+    counted = nn.Embedding(5, 3, scale_grad_by_freq=True)  # a handler that refuses the instance
+    assert isinstance(select_engine(list(counted.parameters()), counted, "auto"), ReferenceEngine)
 
 
 def test_optimizer_step_matches_reference_engine() -> None:

@@ -803,8 +803,9 @@ def test_gradient_checkpointing_gives_the_exact_gram(reentrant: bool) -> None:
 def test_a_sparse_embedding_gives_the_step_of_its_dense_twin(engine: str) -> None:
     """``nn.Embedding(sparse=True)`` has sparse weight gradients, which the reference engine's rows
     could not reshape (``RuntimeError: reshape is not implemented for sparse tensors``, also through
-    ``engine="auto"``, which routes it there): the steps now equal those of the same model with a
-    dense embedding (float64)."""
+    ``engine="auto"``, which routed it there; the hooks engine now takes it, its rows never being
+    autograd's weight gradient): the steps equal those of the same model with a dense embedding
+    (float64)."""
 
     class Bag(nn.Module):
         def __init__(self, sparse: bool) -> None:
@@ -822,7 +823,7 @@ def test_a_sparse_embedding_gives_the_step_of_its_dense_twin(engine: str) -> Non
 
     opts = [GramGaussNewton(m, engine=engine, adaptive_damping=False) for m in (sparse, dense)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the sparse embedding's routing
+        warnings.simplefilter("error")  # nothing routed
         for _ in range(2):
             for opt, m in zip(opts, (sparse, dense)):
                 opt.step(lambda m=m: m(idx) - y)
