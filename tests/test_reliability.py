@@ -156,6 +156,32 @@ def test_a_lazy_modules_first_step_is_the_hooks_engines() -> None:
     assert_close(flat_params(model), before + dense_step(twin, x, y, 0.7, 0.2), 1e-10, "lazy module's first step")
 
 
+def test_a_torchscript_module_steps_on_the_reference_engine() -> None:
+    """A ``torch.jit.script`` module (the whole model, or a block inside an ``nn.Module``) runs as
+    TorchScript, without Python forward hooks: the hooks engine's first step raised ``RuntimeError:
+    register_forward_pre_hook is not supported on ScriptModules``. Its parameters go to the
+    reference engine (``"auto"`` picks it for a scripted model; a scripted block's are routed
+    with the reason), and the step is Eq. 11 (float64)."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    torch.manual_seed(0)
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double())
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    expected = flat_params(plain) + dense_step(plain, x, y, 0.7, 0.2)
+    opt = GramGaussNewton(scripted, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False)
+    opt.step(lambda: scripted(x) - y)
+    assert type(opt.engine).__name__ == "ReferenceEngine"
+    assert_close(torch.cat([p.detach().reshape(-1) for p in scripted.parameters()]), expected, 1e-10, "scripted")
+
+    torch.manual_seed(0)
+    mixed = nn.Sequential(torch.jit.script(nn.Sequential(nn.Linear(3, 5), nn.Tanh())), nn.Linear(5, 1)).double()
+    expected = flat_params(mixed) + dense_step(mixed, x, y, 0.7, 0.2)
+    with pytest.warns(UserWarning, match="TorchScript module"):
+        opt = GramGaussNewton(mixed, lam=0.7, alpha=0.2, momentum=0.0, adaptive_damping=False)
+    opt.step(lambda: mixed(x) - y)
+    assert_close(flat_params(mixed), expected, 1e-10, "a scripted block")
+
+
 def test_closure_returning_a_bad_tuple_is_refused() -> None:
     model = _mlp()
     x = torch.randn(6, 3, dtype=torch.float64)

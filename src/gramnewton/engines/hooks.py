@@ -216,6 +216,14 @@ def _batch_mismatch(call: _Call, b: int, reachable: set[Any]) -> bool:
     )
 
 
+def _refusal(handler: LayerHandler, module: nn.Module) -> str | None:
+    """Why the hooks engine cannot take ``module``'s own parameters (its handler's reason, or a
+    TorchScript module's), or ``None``."""
+    if isinstance(module, torch.jit.ScriptModule):  # its forward runs as TorchScript, without Python hooks
+        return "a TorchScript module (torch.jit.script or trace) runs no forward hooks"
+    return handler.unsupported(module)
+
+
 def _global_forward_hooks() -> bool:
     """Whether a global forward hook is registered (``register_module_forward_hook``). Torch runs
     those before a module's own forward hooks, the engine's included, so one that replaced or
@@ -271,7 +279,7 @@ class HooksEngine:
                 continue
             owned.update(id(p) for p in own.values())
             handler = handler or AUTOGRAD_ROWS  # a module no handler knows: its rows through its own graph
-            reason = handler.unsupported(module)
+            reason = _refusal(handler, module)
             if reason is not None:
                 reasons.update({id(p): f"{name or 'model'}: {reason}" for p in own.values()})
             else:
@@ -798,8 +806,7 @@ def supports_any(model: nn.Module, params: Iterable[Tensor]) -> bool:
     with a handler that supports the instance, or any other module (:data:`AUTOGRAD_ROWS`)."""
     wanted = {id(p) for p in params}
     for module in model.modules():
-        handler = handler_for(module) or AUTOGRAD_ROWS
-        if handler.unsupported(module) is not None:
+        if _refusal(handler_for(module) or AUTOGRAD_ROWS, module) is not None:
             continue
         if any(id(p) in wanted for p in module.parameters(recurse=False)):
             return True
