@@ -182,6 +182,31 @@ def test_a_torchscript_module_steps_on_the_reference_engine() -> None:
     assert_close(flat_params(mixed), expected, 1e-10, "a scripted block")
 
 
+def test_a_compiled_model_steps_eagerly_without_recompiling() -> None:
+    """A ``torch.compile``'d model: dynamo traced the engine's hooks and mode, which are new at every
+    step, and recompiled at every step until its limit (a 2 ms step of a small MLP took 110 ms).
+    The engine's forward runs the model eagerly (``torch.compiler.set_stance("force_eager")``):
+    no compilation at all over four steps, and the steps are those of the plain model bit for bit
+    (float64)."""
+    compiled_graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        compiled_graphs.append(graph)
+        return graph.forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=counting_backend)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    opt = GramGaussNewton(compiled, adaptive_damping=False)
+    reference = GramGaussNewton(twin, adaptive_damping=False)
+    for _ in range(4):
+        assert torch.equal(opt.step(lambda: compiled(x) - y), reference.step(lambda: twin(x) - y))
+        assert torch.equal(flat_params(model), flat_params(twin))
+    assert not compiled_graphs
+
+
 def test_closure_returning_a_bad_tuple_is_refused() -> None:
     model = _mlp()
     x = torch.randn(6, 3, dtype=torch.float64)
