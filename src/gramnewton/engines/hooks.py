@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
@@ -221,6 +222,8 @@ def _refusal(handler: LayerHandler, module: nn.Module) -> str | None:
     TorchScript module's), or ``None``."""
     if isinstance(module, torch.jit.ScriptModule):  # its forward runs as TorchScript, without Python hooks
         return "a TorchScript module (torch.jit.script or trace) runs no forward hooks"
+    if isinstance(module, ParametrizationList):  # called with no batch: its rows cannot come from its output
+        return "the original of a parametrized tensor (torch.nn.utils.parametrize, e.g. weight_norm)"
     return handler.unsupported(module)
 
 
