@@ -545,12 +545,24 @@ CASES = [
     Case("tied_embedding_output", Tied, tokens(7, 3)),
     Case("foreign_use", Foreign, tokens(6, 2), reference_params=1),
     Case("weight_norm_prehook", weight_norm_head, lambda b: torch.randn(b, 4), reference_params=2),
-    # the parametrization API's weight norm: its originals routed with the reason
+    # torch.nn.utils.parametrize: the module's rows through its own graph, for the originals
     Case(
         "weight_norm_parametrization",
         lambda: seq(nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 2)),
         lambda b: torch.randn(b, 4),
-        reference_params=2,
+    ),
+    Case(
+        "weight_norm_conv_orthogonal_linear",
+        lambda: seq(
+            nn.utils.parametrizations.weight_norm(nn.Conv2d(2, 3, 3, padding=1)),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(3 * 4 * 4, 4),
+            nn.Tanh(),
+            nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)),
+            nn.Linear(4, 2),
+        ),
+        images(2, 4),
     ),
     Case("pruned_prehook", pruned_conv, images(2, 3), reference_params=1),
     *(
@@ -1239,16 +1251,6 @@ def test_an_embeddings_rows_are_those_of_the_tokens_a_batch_uses(positions: int,
         assert_close("J^T v", piece.jt_times(v), whole.T @ v)
         assert_close("J v", piece.j_times(w), whole @ w)
         assert_close("J", piece.dense().jac, whole)
-
-
-def test_a_parametrized_weight_is_routed_with_what_it_is() -> None:
-    """``torch.nn.utils.parametrizations.weight_norm`` computes the weight from two originals in a
-    ``ParametrizationList`` module called without the batch: its originals go to the reference
-    engine (exact: case ``weight_norm_parametrization``), and the warning says why, where it said
-    "ParametrizationList input/output do not have the batch (6) as dimension 0"."""
-    model = seq(nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 2))
-    with pytest.warns(UserWarning, match=r"the original of a parametrized tensor \(torch.nn.utils.parametrize"):
-        HooksEngine(model)
 
 
 def test_residuals_independent_of_hooked_parameters() -> None:

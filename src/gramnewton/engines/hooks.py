@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.parametrize import ParametrizationList
+from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
 from torch.overrides import TorchFunctionMode
 
 from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
@@ -222,8 +222,6 @@ def _refusal(handler: LayerHandler, module: nn.Module) -> str | None:
     TorchScript module's), or ``None``."""
     if isinstance(module, torch.jit.ScriptModule):  # its forward runs as TorchScript, without Python hooks
         return "a TorchScript module (torch.jit.script or trace) runs no forward hooks"
-    if isinstance(module, ParametrizationList):  # called with no batch: its rows cannot come from its output
-        return "the original of a parametrized tensor (torch.nn.utils.parametrize, e.g. weight_norm)"
     return handler.unsupported(module)
 
 
@@ -272,12 +270,21 @@ class HooksEngine:
         self._modules: list[tuple[nn.Module, LayerHandler, dict[str, Tensor]]] = []
         self._checks: list[tuple[nn.Module, Callable[[nn.Module], None]]] = []
         for name, module in model.named_modules():
+            if isinstance(module, ParametrizationList):  # its originals are the parametrized module's (below)
+                continue
             handler = handler_for(module)
             if handler is not None:
                 self._checks.append((module, handler.check))
             elif isinstance(module, _BatchNorm):  # e.g. SyncBatchNorm: couples samples when training
                 self._checks.append((module, batch_norm_check))
             own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in wanted}
+            if is_parametrized(module):
+                # weight_norm and co.: the module computes the tensor from the originals in its own
+                # forward; its handler would differentiate the tensor, so its rows come through its
+                # own graph, with respect to the originals (named as module.named_parameters() does)
+                originals = module.parametrizations.named_parameters(prefix="parametrizations")
+                own.update((n, p) for n, p in originals if id(p) in wanted)
+                handler = AUTOGRAD_ROWS
             if not own:
                 continue
             owned.update(id(p) for p in own.values())
