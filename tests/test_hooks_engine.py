@@ -1174,31 +1174,28 @@ class UsesBoth(nn.Module):
         return self.head(y if self.use == "first" else torch.cat([y, z], 1))
 
 
-def test_a_second_output_of_the_same_node_is_not_the_modules_output() -> None:
-    """The residuals reach the module's parameter through ``z``, its autograd node's second
-    output, which the module keeps instead of returning, beside ``y``, the output it returns: the
-    locality walk enters a module's region through the edges of its outputs only, so the
-    parameter is routed (entering through any edge of the node, it took the rows through ``y``
-    alone: a wrong Gram)."""
+@pytest.mark.parametrize(
+    "build,reason",
+    [
+        (lambda: UsesBoth("stashed"), "bypasses its module's output"),
+        (PairUser, "computes one of its outputs from another"),
+    ],
+    ids=["second_output_kept_on_the_module", "output_computed_from_another"],
+)
+def test_outputs_the_engine_cannot_follow_are_routed(build: Callable[[], nn.Module], reason: str) -> None:
+    """Two modules whose rows through their outputs would be wrong, routed with the reason and
+    exact. ``UsesBoth("stashed")``: the residuals reach the module's parameter through ``z``, its
+    autograd node's second output, which the module keeps instead of returning, beside ``y``, the
+    output it returns; the locality walk enters a region through the edges of its outputs only
+    (entering through any edge of the node, it took the rows through ``y`` alone: a wrong Gram).
+    ``PairUser``'s module returns ``(h, h^2)``: the gradient at ``h`` holds the path through
+    ``h^2``, so rows through both outputs would count it twice; the walk finds ``h``'s edge inside
+    the module's own region."""
     torch.manual_seed(0)
-    model = UsesBoth("stashed").double()
+    model = build().double()
     x = torch.randn(5, 3, dtype=torch.float64)
     closure = lambda: model(x)  # noqa: E731
-    with pytest.warns(UserWarning, match="bypasses its module's output"):
-        fast = HooksEngine(model).compute(closure)
-    reference = ReferenceEngine(list(model.parameters())).compute(closure)
-    assert_close("gram vs reference", fast.gram, reference.gram)
-
-
-def test_an_output_computed_from_another_is_routed() -> None:
-    """``PairOutput`` returns ``(h, h^2)``: the gradient at ``h`` holds the path through ``h^2``,
-    so rows through both outputs would count it twice; the locality walk finds ``h``'s edge
-    inside the module's own region and routes its parameter with that reason."""
-    torch.manual_seed(0)
-    model = PairUser().double()
-    x = torch.randn(5, 3, dtype=torch.float64)
-    closure = lambda: model(x)  # noqa: E731
-    with pytest.warns(UserWarning, match="computes one of its outputs from another"):
+    with pytest.warns(UserWarning, match=reason):
         fast = HooksEngine(model).compute(closure)
     reference = ReferenceEngine(list(model.parameters())).compute(closure)
     assert_close("gram vs reference", fast.gram, reference.gram)
