@@ -160,12 +160,18 @@ def closure_residuals(value: ClosureResult, dtype: torch.dtype | None = None) ->
     """The residual tensor of a closure's return value: a tensor as is, a pair
     ``(outputs, targets)`` by :func:`square_loss_residuals` (a loss other than the square loss
     plugs in here); with ``dtype`` (the parameters'), residuals or outputs in a narrower floating
-    dtype (autocast) are cast to it. A step and its re-evaluations pass the same ``dtype``."""
+    dtype (autocast) are cast to it. Complex residuals (a misfit in Fourier space, ``fft(f) -
+    fft(y)``) are their real and imaginary parts, ``(..., 2)``: ``|r|^2 = Re(r)^2 + Im(r)^2``. A
+    step and its re-evaluations pass the same ``dtype``."""
     if isinstance(value, tuple):
         if len(value) != 2:
             raise TypeError(f"closure returned a tuple of {len(value)} items; expected (outputs, targets)")
-        return square_loss_residuals(*value, dtype)
-    return widened(value, dtype) if isinstance(value, Tensor) else value
+        value = square_loss_residuals(*value, dtype)
+    if not isinstance(value, Tensor):
+        return value
+    if value.is_complex():
+        value = torch.view_as_real(value.resolve_conj())
+    return widened(value, dtype)
 
 
 @dataclass(frozen=True)
