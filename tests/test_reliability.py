@@ -207,6 +207,30 @@ def test_a_compiled_model_steps_eagerly_without_recompiling() -> None:
     assert not compiled_graphs
 
 
+@pytest.mark.parametrize("engine,what", [("auto", "Gram matrix"), ("reference", "dense Jacobian")])
+def test_a_system_larger_than_the_machine_is_refused_before_it_is_allocated(
+    engine: str, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A field per sample makes ``b*k`` rows: ``(b, 1, 64, 64)`` residuals at ``b = 64`` are 262,144
+    rows, whose Gram takes 275 GB; the allocation then failed with the allocator's message, or the
+    process was killed for memory. The engines compare the Gram (and the reference engine's dense
+    ``J``) with the device's memory first and refuse with its size and what to change, nothing
+    changed. Here the machine is made 8 KiB small; its real size is read from the system."""
+    import gramnewton.engines.base as base
+
+    assert base.device_memory(torch.device("cpu")) > 2**30
+    monkeypatch.setattr(base, "device_memory", lambda device: 8 * 1024)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 1, 3, padding=1)).double()
+    x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randn(8, 1, 6, 6, dtype=torch.float64)
+    opt = GramGaussNewton(model, engine=engine, solve_space="sample")
+    before = _snapshot(opt)
+    with pytest.raises(
+        ValueError, match=rf"the {what} of 288 x .* \(b = 8 samples x k = 36 residuals each\) would take"
+    ):
+        opt.step(lambda: model(x) - y)
+    _assert_unchanged(opt, before)
+
+
 def test_closure_returning_a_bad_tuple_is_refused() -> None:
     model = _mlp()
     x = torch.randn(6, 3, dtype=torch.float64)

@@ -12,6 +12,7 @@ so row ``i * k + c`` of ``J`` and of ``G`` belongs to sample ``i``, output ``c``
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -74,6 +75,41 @@ class GramEngine(Protocol):
     def compute(self, closure: Closure) -> GramSystem:
         """Run ``closure`` once and return the Gram system of its residuals."""
         ...
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of ``device`` (the machine's physical memory for the CPU), ``None`` where
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that says
+        return None
+
+
+def check_fits(shape: tuple[int, int], residuals: Tensor, what: str) -> None:
+    """Raise before an ``(rows, columns)`` matrix in ``residuals``' dtype and device is allocated
+    (the Gram matrix, a dense ``J``) when it alone would take more than the device's memory: a
+    field per sample (``(b, 1, 64, 64)`` residuals, ``b = 64``: 262,144 rows, a 275 GB Gram) would
+    otherwise end in the allocator's error, or the process killed for memory.
+
+    Raises:
+        ValueError: saying how large, and what to change; nothing was changed.
+    """
+    rows, columns = shape
+    need = rows * columns * residuals.element_size()
+    limit = device_memory(residuals.device)
+    if limit is not None and need > limit:
+        b, k = residuals.shape
+        raise ValueError(
+            f"the {what} of {rows:,} x {columns:,} entries (b = {b} samples x k = {k} residuals each) would "
+            f"take {need / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB of {residuals.device}; use a "
+            "smaller batch or fewer residuals per sample (e.g. a subset of each sample's outputs); no parameter "
+            "was changed"
+        )
 
 
 def slice_columns(block: Callable[[int], Tensor], sizes: Sequence[int], rows: Tensor, start: int, stop: int) -> Tensor:

@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
 from torch.overrides import TorchFunctionMode
 
-from .base import Closure, GramSystem, params_dtype, residuals_2d, slice_columns
+from .base import Closure, GramSystem, check_fits, params_dtype, residuals_2d, slice_columns
 from .handlers import (
     AUTOGRAD_ROWS,
     Dense,
@@ -353,7 +353,10 @@ class HooksEngine:
 
             start = time.perf_counter()
             reference_params = [p for p in self.params if id(p) in reference_ids]
-            gram = residuals.new_zeros(b * k, b * k) if form_gram is None or form_gram(b * k) else None
+            gram = None
+            if form_gram is None or form_gram(b * k):
+                check_fits((b * k, b * k), residuals, "Gram matrix")
+                gram = residuals.new_zeros(b * k, b * k)
             jac_reference = None
             if reference_params:
                 jac_reference = jacobian_rows(residuals, reference_params).detach()

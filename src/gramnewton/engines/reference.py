@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .base import Closure, GramSystem, params_dtype, residuals_2d
+from .base import Closure, GramSystem, check_fits, params_dtype, residuals_2d
 
 
 def jacobian_rows(outputs: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -85,8 +85,13 @@ class ReferenceEngine:
         a parameter-space solve needs only ``J``, and ``J J^T`` costs ``(b*k)^2 m``)."""
         with torch.enable_grad():  # also the rows' differentiation, under the caller's no_grad
             residuals = residuals_2d(closure(), self._dtype)
+            rows = residuals.numel()
+            check_fits((rows, sum(p.numel() for p in self.params)), residuals, "dense Jacobian")
+            form = form_gram is None or form_gram(rows)
+            if form:
+                check_fits((rows, rows), residuals, "Gram matrix")
             jac = jacobian_rows(residuals, self.params).detach()
-        gram = jac @ jac.T if form_gram is None or form_gram(jac.shape[0]) else None
+        gram = jac @ jac.T if form else None
 
         def jt_times(v: Tensor) -> list[Tensor]:
             return split_like(jac.T @ v.to(jac.dtype), self.params)
