@@ -231,6 +231,20 @@ def test_a_system_larger_than_the_machine_is_refused_before_it_is_allocated(
     _assert_unchanged(opt, before)
 
 
+def test_a_step_without_a_closure_says_how_to_call_it() -> None:
+    """torch.optim's habit, ``loss.backward(); opt.step()``, gave Python's ``TypeError: step()
+    missing 1 required positional argument: 'closure'``; it now says what the closure returns and
+    that no backward pass is needed, nothing changed."""
+    model = _mlp()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    opt = GramGaussNewton(model)
+    before = _snapshot(opt)
+    ((model(x) - y) ** 2).mean().backward()
+    with pytest.raises(ValueError, match=r"opt.step\(lambda: model\(x\) - y\).*no loss.backward\(\) needed"):
+        opt.step()
+    _assert_unchanged(opt, before)
+
+
 def test_closure_returning_a_bad_tuple_is_refused() -> None:
     model = _mlp()
     x = torch.randn(6, 3, dtype=torch.float64)

@@ -339,7 +339,7 @@ class GramGaussNewton(Optimizer):
         return values.pop()
 
     @torch.enable_grad()  # the closure's graph is the Jacobian's source, also when called under no_grad
-    def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """Take one step on the mini-batch whose residuals ``closure()`` returns.
 
         With ``loss="mse"`` ``closure()`` returns the residuals ``(b,)``, ``(b, k)`` or ``(b, ...)``; with
@@ -357,8 +357,12 @@ class GramGaussNewton(Optimizer):
             Any error of the closure's re-evaluation or of the damping rule restores the
             parameters and the state before it propagates.
         """
-        if closure is None:
-            raise ValueError("GramGaussNewton.step needs a closure that returns per-sample residuals")
+        if closure is None:  # torch.optim's opt.step() after loss.backward()
+            raise ValueError(
+                "GramGaussNewton.step needs a closure that returns per-sample residuals, e.g. "
+                "opt.step(lambda: model(x) - y); it forms its own Jacobian (no loss.backward() needed); "
+                "no parameter was changed"
+            )
         if torch.is_inference_mode_enabled():  # enable_grad cannot leave it: the closure would build no graph
             raise ValueError(
                 "GramGaussNewton.step needs autograd (the Jacobian comes from the closure's graph) but was "
