@@ -309,6 +309,10 @@ def test_checkpoint_of_another_config_is_one_line(tmp_path, capsys, tiny):
         (["train", "{bad}", "--set", "data.name=afad-lite", "--set", "data.root={tmp}"], "no <age>"),
         (["plot", "{tmp}/no-run"], "no metrics.csv"),
         (["demo", "--dataset", "nope", "--seconds", "0.1"], "unknown dataset 'nope'"),
+        # were a TypeError at the table ("unsupported format string"), or a crash in training
+        (["demo", "--seconds", "-1", "--out", "{tmp}/d"], "seconds must be > 0, got -1.0"),
+        (["demo", "--batch-size", "0", "--out", "{tmp}/d"], "batch_size must be > 0"),
+        (["demo", "--out", "{file}"], "is a file, not a folder"),
         (["reproduce", "fig1", "--afad", "{tmp}/nope", "--out", "{tmp}/rep"], "is not a folder"),
         (
             ["theory", "quadratic", "--act", "nope", "--widths", "4", "--n", "4", "--out", "{tmp}/th"],
@@ -327,6 +331,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny, args, named):
         args += ["--out", str(tmp_path / "out")]
     assert main(args) != 0
     assert named in one_line_error(capsys)
+
+
+def test_the_demo_replaces_an_earlier_demo_but_not_a_training_run(tmp_path, capsys, tiny):
+    """``gramnewton demo --out`` a ``gramnewton train`` run folder overwrote its metrics.csv (and put
+    a curves.png beside its checkpoint); it is refused before any training, the run intact. A
+    folder holding an earlier demo's two files alone is replaced, as ``make demo`` reruns do."""
+    run = tmp_path / "run"
+    assert main(["train", str(tiny), "--out", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["demo", "--dataset", "rotated-digits", "--seconds", "0.2", "--out", str(run)]) != 0
+    assert "holds other files than a demo's (checkpoint.pt, config.toml)" in one_line_error(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    demo = tmp_path / "demo"
+    for _ in range(2):
+        assert main(["demo", "--dataset", "rotated-digits", "--seconds", "0.2", "--out", str(demo)]) == 0
+    assert sorted(p.name for p in demo.iterdir()) == ["curves.png", "metrics.csv"]
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny):

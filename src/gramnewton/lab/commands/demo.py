@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         shift=args.shift,
     )
+    check_demo_folder(args.out)
     settings = sweep(args, config) if args.sweep else task.settings
     logs = run_demo(config, settings, progress=lambda name: ProgressBar(f"demo {name}"))
     rows = [row for name, records in logs.items() for row in as_rows(records, optimizer=name)]
@@ -118,6 +119,23 @@ def run(args: argparse.Namespace) -> int:
     print_marks(logs, config)
     print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'curves.png'}")
     return 0
+
+
+# What a demo writes: a folder holding these alone is an earlier demo's, which a new one replaces.
+DEMO_FILES = frozenset({"metrics.csv", "curves.png"})
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a folder holding anything but an earlier demo's files
+    (a ``gramnewton train`` run's checkpoint and metrics would be overwritten), before training."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: pick another --out")
+    others = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES) if out.is_dir() else []
+    if others:
+        raise ValueError(
+            f"{out} holds other files than a demo's ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+            "pick another --out (a demo writes metrics.csv and curves.png)"
+        )
 
 
 def print_marks(logs: dict[str, list[EpochRecord]], config: DemoConfig) -> None:

@@ -120,6 +120,19 @@ class DemoConfig:
     label_smoothing: float = 0.0  # classification: every optimizer's targets (make_train_step)
     shift: int = 0  # random translations of the training images by up to this many pixels
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use, before any data loads (``seconds=-1`` failed at the table)."""
+        positive = {"batch_size": self.batch_size, "seconds": self.seconds, "max_epochs": self.max_epochs}
+        for name, value in (*positive.items(), ("mark", self.mark)):
+            if not value > 0:
+                raise ValueError(f"the demo's {name} must be > 0, got {value!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown demo task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"the demo's label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.shift < 0:
+            raise ValueError(f"the demo's shift must be >= 0, got {self.shift!r}")
+
 
 class DivergedRunWarning(UserWarning):
     """A demo run stopped early: its optimizer refused a step with NaN or Inf outputs, or found no
