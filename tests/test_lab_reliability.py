@@ -319,6 +319,9 @@ def test_checkpoint_of_another_config_is_one_line(tmp_path, capsys, tiny):
             "unknown activation",
         ),
         (["theory", "quadratic", "--widths", "abc"], "invalid"),
+        # were an IndexError and a TypeError from inside the study
+        (["theory", "quadratic", "--widths", "4", "--n", "0", "--out", "{tmp}/th"], "--n: must be an integer >= 1"),
+        (["theory", "quadratic", "--widths", "-4", "--out", "{tmp}/th"], "at least one log2 width, each >= 0"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, tiny, args, named):

@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=list(range(8, 19)),
         help="log2 of the widths, e.g. 8:18 or 8,12,16 (default 8:18)",
     )
-    q.add_argument("--steps", type=int, default=8, help="GGN steps T (default 8; stops at round-off)")
-    q.add_argument("--seeds", type=int, default=3, help="network initialisations per width (default 3)")
+    q.add_argument("--steps", type=_positive, default=8, help="GGN steps T (default 8; stops at round-off)")
+    q.add_argument("--seeds", type=_positive, default=3, help="network initialisations per width (default 3)")
     q.set_defaults(run=run_quadratic)
 
     m = studies.add_parser("minibatch", help="Theorem 2: cyclic mini-batch GGN against rho(A), and SGD")
@@ -43,14 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--widths", type=_exponents, default=list(range(4, 17, 2)), help="log2 of the widths (default 4:16:2)"
     )
-    m.add_argument("--batch-size", type=int, default=8, help="b; n must be a multiple (default 8)")
-    m.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
+    m.add_argument("--batch-size", type=_positive, default=8, help="b; n must be a multiple (default 8)")
+    m.add_argument("--epochs", type=_positive, default=200, help="epochs (default 200)")
     m.set_defaults(run=run_minibatch)
 
 
 def _common(p: argparse.ArgumentParser, n: int, out: str) -> None:
-    p.add_argument("--n", type=int, default=n, help=f"samples (default {n})")
-    p.add_argument("--d", type=int, default=10, help="input dimension (default 10)")
+    p.add_argument("--n", type=_positive, default=n, help=f"samples (default {n})")
+    p.add_argument("--d", type=_positive, default=10, help="input dimension (default 10)")
     p.add_argument("--act", default="softplus", help="activation of Eq. 12 (default softplus)")
     p.add_argument("--seed", type=int, default=0, help="data seed and first network seed (default 0)")
     p.add_argument(
@@ -61,7 +61,7 @@ def _common(p: argparse.ArgumentParser, n: int, out: str) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive,
         default=1,
         help="torch intra-op threads (default 1: these problems are small, and on a shared "
         "machine extra threads made steps up to 50x slower)",
@@ -69,12 +69,24 @@ def _common(p: argparse.ArgumentParser, n: int, out: str) -> None:
     p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
 
 
+def _positive(text: str) -> int:
+    """An integer >= 1 (a usage error otherwise: ``--n 0`` ended in an IndexError)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def _exponents(text: str) -> list[int]:
-    """``8:18`` (inclusive), ``4:16:2`` or ``8,12,16``."""
+    """``8:18`` (inclusive), ``4:16:2`` or ``8,12,16``: log2 of widths, each >= 0, at least one."""
     if ":" in text:
         parts = [int(v) for v in text.split(":")]
-        return list(range(parts[0], parts[1] + 1, parts[2] if len(parts) > 2 else 1))
-    return [int(v) for v in text.split(",")]
+        exponents = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) > 2 else 1))
+    else:
+        exponents = [int(v) for v in text.split(",")]
+    if not exponents or min(exponents) < 0:
+        raise argparse.ArgumentTypeError(f"must give at least one log2 width, each >= 0, got {text!r}")
+    return exponents
 
 
 def run_quadratic(args: argparse.Namespace) -> int:
