@@ -144,6 +144,23 @@ def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: boo
         assert all(p.grad is None for p in model.parameters())
 
 
+def _parameters_idiom() -> None:
+    """``GramGaussNewton(model.parameters(), distributed="exact")``: every rank's first step finds
+    the model its closure calls (the hooks engine under the exact mode's engine), and the steps are
+    the single process's on the union batch."""
+    model, data = _setup("groupnorm_cnn", seed=5)
+    single = _rank0_copy(model)
+    options = dict(lam=1.0, alpha=0.1, adaptive_damping=False, momentum=0.0)
+    opt = GramGaussNewton(model.parameters(), distributed="exact", **options)
+    reference = GramGaussNewton(single, distributed=None, **options)
+    for i, (x, y) in enumerate(data):
+        opt.step(lambda: model(_shard(x)) - _shard(y))
+        reference.step(lambda: single(x) - y)
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: the parameters idiom, exact mode")
+    assert type(opt.engine.engine).__name__ == "HooksEngine"
+    _same_on_all_ranks(model)
+
+
 def _cross_entropy(engine: str, mode: str, adaptive: bool = False) -> None:
     """Cross-entropy (closures return (logits, labels)): exact = single process on the union
     batch; local = the shard-size-weighted mean of the single-process steps of the shards."""
@@ -330,6 +347,7 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-momentum-reference": lambda: _momentum("exact", "reference"),
     "local-momentum-hooks": lambda: _momentum("local", "hooks"),
     "exact-cross-entropy-hooks": lambda: _cross_entropy("hooks", "exact"),
+    "exact-parameters-idiom": _parameters_idiom,
     "exact-cross-entropy-reference-adaptive": lambda: _cross_entropy("reference", "exact", adaptive=True),
     "local-cross-entropy-hooks": lambda: _cross_entropy("hooks", "local"),
     "local-hooks-mlp": lambda: _local("mlp", "hooks", alpha=0.1),
