@@ -13,6 +13,8 @@ on one batch; the median step time of each and the ratio to SGD are printed and 
 - ``raw_mlp``: an 8-96-96-1 tanh MLP written with raw ``nn.Parameter`` s in one module (b = 128);
 - ``encoder``: two ``TransformerEncoderLayer(64, 4, 128, dropout=0, batch_first=True)`` on
   ``(16, 8)`` sequences (b = 64), a Linear embedding and head;
+- ``encoder_sequence_first``: the same in PyTorch's default layout (``batch_first=False``: the
+  layers see ``(T, b, 64)``);
 - ``gru_state``, ``lstm_state``: ``GRU``/``LSTM(8, 64, batch_first=True)`` on ``(16, 8)``
   sequences (b = 64) and a Linear head on the final state ``h[-1]`` (``_, h = gru(x)``);
 - ``text_embedding``: ``Embedding(30000, 64)`` of 16 tokens a sample (b = 128, drawn from the
@@ -79,15 +81,16 @@ class RawMLP(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, batch_first: bool = True) -> None:
         super().__init__()
-        self.embed, self.head = nn.Linear(8, 64), nn.Linear(64, 1)
+        self.embed, self.head, self.batch_first = nn.Linear(8, 64), nn.Linear(64, 1), batch_first
         self.layers = nn.Sequential(
-            *(nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True) for _ in range(2))
+            *(nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=batch_first) for _ in range(2))
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.layers(self.embed(x)).mean(1)).squeeze(1)
+    def forward(self, x: Tensor) -> Tensor:  # x (b, T, 8); without batch_first the layers see (T, b, 64)
+        h = self.embed(x if self.batch_first else x.transpose(0, 1))
+        return self.head(self.layers(h).mean(1 if self.batch_first else 0)).squeeze(1)
 
 
 class RecurrentState(nn.Module):
@@ -137,6 +140,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor], bool]] = 
     ),
     "raw_mlp": (RawMLP, lambda: torch.randn(128, 8), False),
     "encoder": (Encoder, lambda: torch.randn(64, 16, 8), False),
+    "encoder_sequence_first": (lambda: Encoder(batch_first=False), lambda: torch.randn(64, 16, 8), False),
     "gru_state": (lambda: RecurrentState("GRU"), lambda: torch.randn(64, 16, 8), False),
     "lstm_state": (lambda: RecurrentState("LSTM"), lambda: torch.randn(64, 16, 8), False),
     "text_embedding": (TextEmbedding, lambda: torch.randint(0, 5000, (128, 16)), False),

@@ -238,15 +238,28 @@ class Encoder(nn.Module):
     """``TransformerEncoderLayer(batch_first=True)``: its attention (``MultiheadAttention``, no
     handler) returns ``(out, None)`` and uses ``out_proj``'s parameters without calling it."""
 
-    def __init__(self, norm_first: bool = False) -> None:
+    def __init__(self, norm_first: bool = False, batch_first: bool = True) -> None:
         super().__init__()
         self.layer = nn.TransformerEncoderLayer(
-            4, 2, dim_feedforward=6, dropout=0.0, batch_first=True, norm_first=norm_first
+            4, 2, dim_feedforward=6, dropout=0.0, batch_first=batch_first, norm_first=norm_first
         )
-        self.head = nn.Linear(4, 2)
+        self.head, self.batch_first = nn.Linear(4, 2), batch_first
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.layer(x).mean(1))
+    def forward(self, x: Tensor) -> Tensor:  # x (b, T, 4) either way
+        if self.batch_first:
+            return self.head(self.layer(x).mean(1))
+        return self.head(self.layer(x.transpose(0, 1)).mean(0))  # PyTorch's default (T, b, E) layout
+
+
+class SequenceFirstLinear(nn.Module):
+    """A Linear on ``(T, b, 4)``: its samples in dimension 1 (routed when ``T == b``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (b, T, 4)
+        return self.head(torch.tanh(self.norm(self.lin(x.transpose(0, 1)))).mean(0))
 
 
 class Attention(nn.Module):
@@ -628,6 +641,11 @@ CASES = [
     ),
     Case("transformer_encoder", Encoder, lambda b: torch.randn(b, 5, 4)),
     Case("transformer_encoder_norm_first", lambda: Encoder(norm_first=True), lambda b: torch.randn(b, 5, 4)),
+    # PyTorch's default layout, (T, b, E): Linear, LayerNorm and the attention take dimension 1 as the batch
+    Case("transformer_encoder_sequence_first", lambda: Encoder(batch_first=False), lambda b: torch.randn(b, 5, 4)),
+    Case("linear_sequence_first", SequenceFirstLinear, lambda b: torch.randn(b, 5, 4)),
+    # T == b: dimension 0 is taken, and the row check finds its rows are not the samples
+    Case("linear_sequence_first_t_equals_b", SequenceFirstLinear, lambda b: torch.randn(b, b, 4), reference_params=4),
     Case("attention_without_weights", lambda: Attention(False), lambda b: torch.randn(b, 5, 3)),
     Case("attention_with_weights", lambda: Attention(True), lambda b: torch.randn(b, 5, 3)),
     Case("attention_weights_used", lambda: Attention(True, use_weights=True), lambda b: torch.randn(b, 5, 3)),

@@ -645,6 +645,12 @@ class LayerHandler:
             the engine then hands ``contributions`` the cast input and the output gradients in
             the parameters' dtype. Other modules computing in another dtype than their
             parameters go to the reference engine.
+        sequence_first: True when the module treats every dimension before its last ones alike
+            (Linear, LayerNorm, Embedding, ScalarBias/ScalarScale), so that a sequence-first
+            ``(T, b, ...)`` input has its samples in dimension 1 (PyTorch's default layout for
+            transformers): the engine then moves that dimension to 0 for ``contributions``, where
+            dimension 0 does not have the batch's size and dimension 1 does, and its row check
+            verifies that those rows are the samples.
     """
 
     contributions: Contributions
@@ -653,6 +659,7 @@ class LayerHandler:
     needs_input: bool = True
     needs_output: bool = False
     autocast: bool = False
+    sequence_first: bool = False
 
 
 HANDLERS: dict[type, LayerHandler] = {}
@@ -700,11 +707,16 @@ def output_batch_dims(module: nn.Module, args: tuple, kwargs: dict, positions: S
     layout. ``nn.RNN``/``GRU``/``LSTM`` on a 3-D input return ``out`` ``(b, T, H)`` with
     ``batch_first``, else ``(T, b, H)``, and final states ``(layers * directions, b, H)`` (batch in
     dimension 1 whatever ``batch_first``). Known from the type, never guessed from sizes (the row
-    check, :mod:`.rows`, still verifies that these rows are the samples)."""
+    check, :mod:`.rows`, still verifies that these rows are the samples). ``nn.MultiheadAttention``
+    without ``batch_first`` on a 3-D query returns ``(T, b, E)`` (its weights ``(b, T, S)``)."""
     if type(module) in _RECURRENT:
         x = args[0] if args else kwargs.get("input")
         if isinstance(x, Tensor) and x.dim() == 3:
             return tuple((0 if module.batch_first else 1) if position == 0 else 1 for position in positions)
+    if type(module) is nn.MultiheadAttention and not module.batch_first:
+        query = args[0] if args else kwargs.get("query")
+        if isinstance(query, Tensor) and query.dim() == 3:
+            return tuple(1 if position == 0 else 0 for position in positions)
     return (0,) * len(positions)
 
 
@@ -893,7 +905,7 @@ def _projection_pieces(
 def _attention_rows(
     module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
 ) -> dict[str, Piece]:
-    """``nn.MultiheadAttention`` as ``TransformerEncoderLayer`` calls it (``batch_first``, one
+    """``nn.MultiheadAttention`` as ``TransformerEncoderLayer`` calls it (batch or sequence first, one
     embedding size, queries and keys of one length, no masks, no ``bias_k``/``add_zero_attn``,
     no dropout at work, the weights not returned or not reaching the residuals): its four
     projections' per-sample gradients as factors. The attention is run again at the batch from
@@ -905,14 +917,14 @@ def _attention_rows(
     heads' concatenated outputs). Anything else takes :func:`_autograd_rows`."""
     kwargs = call.kwargs
     query, key, value = (list(call.args) + [kwargs.get(k) for k in ("query", "key", "value")])[:3]
+    length = 1 if module.batch_first else 0  # the sequences' dimension
     plain = (
-        module.batch_first
-        and module._qkv_same_embed_dim
+        module._qkv_same_embed_dim
         and module.bias_k is None
         and not module.add_zero_attn
         and (module.dropout == 0.0 or not module.training)
         and all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value))
-        and query.shape[1] == key.shape[1] == value.shape[1]
+        and query.shape[length] == key.shape[length] == value.shape[length]
         and kwargs.get("key_padding_mask") is None
         and kwargs.get("attn_mask") is None
         and not kwargs.get("is_causal", False)
@@ -924,7 +936,9 @@ def _attention_rows(
     )
     if not plain:
         return _autograd_rows(module, call, g, names, factored_ok)
-    output, grad = call.outputs[0], g[0]
+    output, grad = call.outputs[0], g[0]  # grad: (n, T, E), its batch first (the engine moved it)
+    if not module.batch_first:  # sequence-first (T, b, E): the same attention, its batch first
+        query, key, value, output = (t.transpose(0, 1) for t in (query, key, value, output))
     n, b = grad.shape[0], output.shape[0]
     heads, width = module.num_heads, module.embed_dim
     inputs = [
@@ -966,7 +980,7 @@ def _sum_to_rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1, keepdim=True)
 
 
-@register_handler(ScalarBias, needs_input=False)
+@register_handler(ScalarBias, needs_input=False, sequence_first=True)
 def _scalar_bias(
     module: nn.Module, a: Tensor | None, g: Tensor, names: frozenset, factored_ok: bool
 ) -> dict[str, Piece]:
@@ -974,12 +988,12 @@ def _scalar_bias(
     return {"bias": Dense(_sum_to_rows(g))}
 
 
-@register_handler(ScalarScale)
+@register_handler(ScalarScale, sequence_first=True)
 def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     return {"scale": Dense(_sum_to_rows(g * a))}
 
 
-@register_handler(nn.Linear, autocast=True)
+@register_handler(nn.Linear, autocast=True, sequence_first=True)
 def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     n, out_features = g.shape[0], module.out_features
     a3 = a.reshape(n, -1, module.in_features)  # (n, S, in): all leading dimensions are positions
@@ -1325,7 +1339,7 @@ def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, facto
     return _channel_affine_pieces(lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names)
 
 
-@register_handler(nn.LayerNorm, autocast=True)
+@register_handler(nn.LayerNorm, autocast=True, sequence_first=True)
 def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
     return _affine_pieces(x_hat, g, len(module.normalized_shape), names)
@@ -1367,7 +1381,7 @@ def _embedding_unsupported(module: nn.Module) -> str | None:
     return None
 
 
-@register_handler(nn.Embedding, unsupported=_embedding_unsupported)
+@register_handler(nn.Embedding, unsupported=_embedding_unsupported, sequence_first=True)
 def _embedding(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
     """Per-sample gradients of the table's rows the batch uses (the others are zero for every
     sample): ``(n, u * dim)`` for the ``u`` distinct tokens of ``a`` (:class:`UsedRows`), the

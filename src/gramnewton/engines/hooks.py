@@ -102,6 +102,10 @@ class _Call:
     done: bool = False
     output: RecordedCall | None = None  # kept only for a handler that needs it (AUTOGRAD_ROWS)
     enclosing: frozenset[int] = frozenset()  # ids of the hooked modules whose forward was running around it
+    # the input's shape, and its batch dimension: 1 for a sequence-first (T, b, ...) input of a
+    # handler that allows it (LayerHandler.sequence_first), set once the batch size is known
+    in_shape: tuple[int, ...] = ()
+    in_batch_dim: int = 0
 
 
 # Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
@@ -223,6 +227,26 @@ def _refusal(handler: LayerHandler, module: nn.Module) -> str | None:
     if isinstance(module, torch.jit.ScriptModule):  # its forward runs as TorchScript, without Python hooks
         return "a TorchScript module (torch.jit.script or trace) runs no forward hooks"
     return handler.unsupported(module)
+
+
+def _take_sequence_first(call: _Call, b: int) -> None:
+    """Give a call with a sequence-first input (``(T, b, ...)``, PyTorch's default for
+    transformers: its batch in dimension 1) its batch dimension, where its handler allows it
+    (``LayerHandler.sequence_first``), dimension 0 of its input and output does not have ``b``
+    entries and dimension 1 of both does. Sizes only propose it: the row check (:mod:`.rows`)
+    verifies that these rows are the samples, and routes the call's parameters if not; with
+    ``T == b`` dimension 0 is taken, and a sequence-first call is routed by that check."""
+    out_shape = call.out_shapes[0] if len(call.out_shapes) == 1 else ()
+    if (
+        call.handler.sequence_first
+        and not call.handler.needs_output
+        and call.rows[0] != b
+        and len(call.in_shape) >= 2
+        and len(out_shape) >= 2
+        and call.in_shape[1] == b
+        and out_shape[1] == b
+    ):
+        call.in_batch_dim, call.batch_dims, call.rows = 1, (1,), (b, b)
 
 
 def _global_forward_hooks() -> bool:
@@ -509,6 +533,8 @@ class HooksEngine:
                 versions = tuple(t._version for t in outputs)
                 call.output = RecordedCall(outputs, args, kwargs, positions, dims, edges, versions)
             call.enclosing = frozenset(stack)  # this module's own id is popped already
+            if x is not None:
+                call.in_shape = tuple(x.shape)
             for index, t in enumerate(outputs):
                 t.register_hook(functools.partial(self._on_grad, call, index))
             calls.append(call)
@@ -566,6 +592,8 @@ class HooksEngine:
         exactly; returns the ids of all reference parameters."""
         b = residuals.shape[0]
         reachable = set(post)
+        for call in calls:
+            _take_sequence_first(call, b)
         dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
         for i, name in self._untracked.items():
             dynamic.setdefault(
@@ -730,6 +758,8 @@ class HooksEngine:
                     f"the input of a {type(call.module).__name__} was modified in place after the module used it; "
                     "the hooks engine needs it unchanged (avoid in-place operations on it)"
                 )
+            if a is not None and call.in_batch_dim:  # sequence-first: the samples first, as the handler takes them
+                a = a.movedim(call.in_batch_dim, 0)
             if a is not None and a.is_floating_point() and {a.dtype, call.out_dtype} != {dtype}:
                 # the operand the module computed with: its input cast to the dtype it computed in
                 # (autocast's bfloat16 for a Linear, float32 for a norm layer after one), exactly
