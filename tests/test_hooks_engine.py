@@ -363,16 +363,27 @@ class WithPenalty(nn.Module):
         return torch.tanh(x) * self.w, (self.w**2).sum()
 
 
-class SplitUser(nn.Module):
-    """A head on both outputs of :class:`Split`, or on its first (the second reaches nothing)."""
+class SplitDict(Split):
+    """:class:`Split`'s two tensors in a dict (``{"main": ..., "aux": ...}``, as a Hugging Face
+    ``ModelOutput`` is one)."""
 
-    def __init__(self, use: str) -> None:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        main, aux = super().forward(x)
+        return {"main": main, "aux": aux}
+
+
+class SplitUser(nn.Module):
+    """A head on both outputs of :class:`Split` (or of :class:`SplitDict`), or on its first (the
+    second reaches nothing)."""
+
+    def __init__(self, use: str, as_dict: bool = False) -> None:
         super().__init__()
-        self.lin, self.split, self.head = nn.Linear(3, 4), Split(4), nn.Linear(7 if use == "both" else 4, 2)
-        self.use = use
+        self.lin, self.head = nn.Linear(3, 4), nn.Linear(7 if use == "both" else 4, 2)
+        self.split, self.use = (SplitDict if as_dict else Split)(4), use
 
     def forward(self, x: Tensor) -> Tensor:
-        a, c = self.split(torch.tanh(self.lin(x)))
+        out = self.split(torch.tanh(self.lin(x)))
+        a, c = (out["main"], out["aux"]) if isinstance(out, dict) else out
         return self.head(torch.cat([a, c], 1) if self.use == "both" else a)
 
 
@@ -606,6 +617,7 @@ CASES = [
     Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
     Case("two_outputs_both_used", lambda: SplitUser("both"), lambda b: torch.randn(b, 3)),
     Case("two_outputs_one_used", lambda: SplitUser("first"), lambda b: torch.randn(b, 3)),
+    Case("two_outputs_in_a_dict", lambda: SplitUser("both", as_dict=True), lambda b: torch.randn(b, 3)),
     Case(
         "unused_scalar_second_output",
         lambda: seq(nn.Linear(3, 4), WithPenalty(4), Index(0), nn.Linear(4, 2)),
@@ -1039,6 +1051,7 @@ AUTOGRAD_ROWS_CASES = [
         "film_two_inputs",
         "two_outputs_both_used",
         "two_outputs_one_used",
+        "two_outputs_in_a_dict",
         "same_node_two_outputs",
         "same_node_first_output_used",
         "attention_weights_used",

@@ -690,10 +690,13 @@ AUTOGRAD_ROWS_ENTRIES = 1 << 24
 
 
 def output_tensors(output: Any) -> list[Any]:
-    """The entries of a module's output in order, nested tuples and lists flattened
-    (``LSTM``'s ``(out, (h, c))`` -> ``[out, h, c]``); a tensor is ``[output]``."""
+    """The entries of a module's output in order, nested tuples, lists and dicts (their values,
+    in insertion order: ``{"logits": ..., "aux": ...}``, a Hugging Face ``ModelOutput``)
+    flattened (``LSTM``'s ``(out, (h, c))`` -> ``[out, h, c]``); a tensor is ``[output]``."""
     if isinstance(output, (tuple, list)):
         return [leaf for entry in output for leaf in output_tensors(entry)]
+    if isinstance(output, dict):
+        return [leaf for entry in output.values() for leaf in output_tensors(entry)]
     return [output]
 
 

@@ -466,8 +466,8 @@ class HooksEngine:
             stack.pop()
             if handler.needs_output:
                 own = {**own, **adopted.pop(id(module), {})}
-                # a tuple or list (nested: LSTM's (out, (h, c))) is followed through each of its
-                # differentiable tensors; with none (a dict, say) its rows cannot be taken
+                # a tuple, list or dict (nested: LSTM's (out, (h, c))) is followed through each of
+                # its differentiable tensors; with none its rows cannot be taken
                 if not isinstance(output, Tensor) and not any(
                     isinstance(t, Tensor) and t.requires_grad for t in output_tensors(output)
                 ):
@@ -598,7 +598,7 @@ class HooksEngine:
         for i, name in self._untracked.items():
             dynamic.setdefault(
                 i,
-                f"{name} returns no differentiable tensor (alone or in a tuple or list), through which its rows are taken",
+                f"{name} returns no differentiable tensor (alone or in a tuple, list or dict), through which its rows are taken",
             )
         for call in calls:
             for p in call.params.values():
