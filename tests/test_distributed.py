@@ -144,20 +144,27 @@ def _exact(name: str, engine: str, lam: float, alpha: float, wd: float, ddp: boo
         assert all(p.grad is None for p in model.parameters())
 
 
-def _parameters_idiom() -> None:
+def _parameters_idiom(ddp: bool) -> None:
     """``GramGaussNewton(model.parameters(), distributed="exact")``: every rank's first step finds
     the model its closure calls (the hooks engine under the exact mode's engine), and the steps are
-    the single process's on the union batch."""
+    the single process's on the union batch; with a DDP-wrapped model's parameters too (the
+    wrapper found is treated as if given: its forward passes under ``no_sync()``), and no gradient
+    all-reduce runs."""
     model, data = _setup("groupnorm_cnn", seed=5)
     single = _rank0_copy(model)
+    trained = DistributedDataParallel(model) if ddp else model
+    counted = []
+    if ddp:
+        trained.register_comm_hook(None, lambda state, bucket: counted.append(1) or _allreduce(bucket))
     options = dict(lam=1.0, alpha=0.1, adaptive_damping=False, momentum=0.0)
-    opt = GramGaussNewton(model.parameters(), distributed="exact", **options)
+    opt = GramGaussNewton(trained.parameters(), distributed="exact", **options)
     reference = GramGaussNewton(single, distributed=None, **options)
     for i, (x, y) in enumerate(data):
-        opt.step(lambda: model(_shard(x)) - _shard(y))
+        opt.step(lambda: trained(_shard(x)) - _shard(y))
         reference.step(lambda: single(x) - y)
         assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: the parameters idiom, exact mode")
     assert type(opt.engine.engine).__name__ == "HooksEngine"
+    assert not counted, "DDP ran its gradient all-reduce"
     _same_on_all_ranks(model)
 
 
@@ -347,7 +354,8 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-momentum-reference": lambda: _momentum("exact", "reference"),
     "local-momentum-hooks": lambda: _momentum("local", "hooks"),
     "exact-cross-entropy-hooks": lambda: _cross_entropy("hooks", "exact"),
-    "exact-parameters-idiom": _parameters_idiom,
+    "exact-parameters-idiom": lambda: _parameters_idiom(ddp=False),
+    "exact-parameters-idiom-ddp": lambda: _parameters_idiom(ddp=True),
     "exact-cross-entropy-reference-adaptive": lambda: _cross_entropy("reference", "exact", adaptive=True),
     "local-cross-entropy-hooks": lambda: _cross_entropy("hooks", "local"),
     "local-hooks-mlp": lambda: _local("mlp", "hooks", alpha=0.1),

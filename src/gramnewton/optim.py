@@ -393,7 +393,10 @@ class GramGaussNewton(Optimizer):
         module = called_modules(closure, self.engine.params, before_call=check_per_sample_independence)
         self._find_model = False
         if module is not None:
-            self._module = module
+            # a DistributedDataParallel wrapper, as if it had been given: its forward passes run
+            # under no_sync() (DDP would wait for a gradient reduction GGN never starts)
+            self.model = module
+            self._module = module.module if isinstance(module, DistributedDataParallel) else module
             self.engine = self._build_engine(self._trainable())
 
     def _step(self, closure: Closure) -> Tensor:
