@@ -182,7 +182,8 @@ def test_a_torchscript_module_steps_on_the_reference_engine() -> None:
     assert_close(flat_params(mixed), expected, 1e-10, "a scripted block")
 
 
-def test_a_compiled_model_steps_eagerly_without_recompiling() -> None:
+@pytest.mark.parametrize("given", ["model", "parameters"])
+def test_a_compiled_model_steps_eagerly_without_recompiling(given: str) -> None:
     """A ``torch.compile``'d model: dynamo traced the engine's hooks and mode, which are new at every
     step, and recompiled at every step until its limit (a 2 ms step of a small MLP took 110 ms).
     The engine's forward runs the model eagerly (``torch.compiler.set_stance("force_eager")``):
@@ -199,7 +200,8 @@ def test_a_compiled_model_steps_eagerly_without_recompiling() -> None:
     twin = copy.deepcopy(model)
     compiled = torch.compile(model, backend=counting_backend)
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
-    opt = GramGaussNewton(compiled, adaptive_damping=False)
+    # given its parameters, the first step finds the compiled model, also eagerly
+    opt = GramGaussNewton(compiled if given == "model" else compiled.parameters(), adaptive_damping=False)
     reference = GramGaussNewton(twin, adaptive_damping=False)
     for _ in range(4):
         assert torch.equal(opt.step(lambda: compiled(x) - y), reference.step(lambda: twin(x) - y))

@@ -8,9 +8,11 @@ runs, for an optimizer given parameters only.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
@@ -111,7 +113,12 @@ def called_modules(
 
     handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
     try:
-        reevaluate(closure)
+        # a compiled model runs eagerly (as in the engine's forward): nothing is compiled for this
+        # one run, and torch's note that its hooks fire twice under global hooks (these two only
+        # count calls) is not shown
+        with warnings.catch_warnings(), torch.compiler.set_stance("force_eager"):
+            warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
+            reevaluate(closure)
     finally:
         for handle in handles:
             handle.remove()
