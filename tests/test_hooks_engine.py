@@ -266,11 +266,13 @@ class Attention(nn.Module):
     """``MultiheadAttention`` called directly; with ``need_weights`` it returns two
     differentiable tensors, both followed; ``use_weights``: the residuals use the weights too."""
 
-    def __init__(self, need_weights: bool, causal: bool = False, use_weights: bool = False) -> None:
+    def __init__(
+        self, need_weights: bool, causal: bool = False, use_weights: bool = False, padding: bool = False
+    ) -> None:
         super().__init__()
         self.inp, self.attn = nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True)
         self.out = nn.Linear(9 if use_weights else 4, 1)  # the weights (b, 5, 5) averaged over the queries
-        self.need_weights, self.causal, self.use_weights = need_weights, causal, use_weights
+        self.need_weights, self.causal, self.use_weights, self.padding = need_weights, causal, use_weights, padding
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.inp(x))
@@ -279,7 +281,11 @@ class Attention(nn.Module):
             if self.causal
             else None
         )
-        out, weights = self.attn(h, h, h, need_weights=self.need_weights, attn_mask=mask)
+        pad = None
+        if self.padding:  # every other sample's last two positions are padding
+            pad = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+            pad[::2, -2:] = True
+        out, weights = self.attn(h, h, h, need_weights=self.need_weights, attn_mask=mask, key_padding_mask=pad)
         return self.out(torch.cat([out.mean(1), weights.mean(1)], 1) if self.use_weights else out.mean(1))
 
 
@@ -661,8 +667,14 @@ CASES = [
     Case("attention_without_weights", lambda: Attention(False), lambda b: torch.randn(b, 5, 3)),
     Case("attention_with_weights", lambda: Attention(True), lambda b: torch.randn(b, 5, 3)),
     Case("attention_weights_used", lambda: Attention(True, use_weights=True), lambda b: torch.randn(b, 5, 3)),
-    # a mask: not the attention handler's factors but the general way (handlers._autograd_rows)
+    # masks: the attention handler's factors with its additive mask (handlers._attention_mask)
     Case("attention_causal_mask", lambda: Attention(False, causal=True), lambda b: torch.randn(b, 5, 3)),
+    Case("attention_padding_mask", lambda: Attention(False, padding=True), lambda b: torch.randn(b, 5, 3)),
+    Case(
+        "attention_causal_and_padding",
+        lambda: Attention(False, causal=True, padding=True),
+        lambda b: torch.randn(b, 5, 3),
+    ),
     Case("forward_replaced", forward_replaced_on_the_instance, lambda b: torch.randn(b, 4), reference_params=2),
 ]
 
@@ -1279,6 +1291,20 @@ def test_an_embeddings_rows_are_those_of_the_tokens_a_batch_uses(positions: int,
         assert_close("J^T v", piece.jt_times(v), whole.T @ v)
         assert_close("J v", piece.j_times(w), whole @ w)
         assert_close("J", piece.dense().jac, whole)
+
+
+@pytest.mark.parametrize("name", ["attention_causal_mask", "attention_padding_mask", "attention_causal_and_padding"])
+def test_masked_attention_takes_the_attention_handlers_factors(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A causal ``attn_mask`` and a ``key_padding_mask`` (a GPT-like or a padded batch) sent the
+    attention to the general way (its rows through its own graph, a backward of the attention a
+    row); they are now run again with the attention, as the additive mask MultiheadAttention
+    applies: the handler's factors, no fallback (exactness: the case table)."""
+    fallbacks = []
+    general = handlers._autograd_rows
+    monkeypatch.setattr(handlers, "_autograd_rows", lambda *a, **k: fallbacks.append(1) or general(*a, **k))
+    model, x, _ = build(next(c for c in CASES if c.name == name))
+    HooksEngine(model).compute(lambda: model(x))
+    assert not fallbacks
 
 
 def test_residuals_independent_of_hooked_parameters() -> None:

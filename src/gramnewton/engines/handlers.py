@@ -905,11 +905,31 @@ def _projection_pieces(
     return pieces
 
 
+def _attention_mask(attn_mask: Tensor | None, padding: Tensor | None, k: int, dtype: torch.dtype) -> Tensor | None:
+    """The additive mask ``MultiheadAttention`` applies, for its rows: ``attn_mask`` ``(T, S)``
+    plus ``key_padding_mask`` ``(b, S)`` repeated for each sample's ``k`` rows, ``(b k, 1, 1, S)``;
+    a boolean mask is ``-inf`` where True (not attended), a float one is added as it is."""
+
+    def additive(mask: Tensor) -> Tensor:
+        return (
+            mask.to(dtype)
+            if mask.is_floating_point()
+            else torch.zeros_like(mask, dtype=dtype).masked_fill(mask, -math.inf)
+        )
+
+    merged = None if attn_mask is None else additive(attn_mask)
+    if padding is not None:
+        rows = additive(padding).repeat_interleave(k, 0)[:, None, None, :]
+        merged = rows if merged is None else merged + rows
+    return merged
+
+
 def _attention_rows(
     module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
 ) -> dict[str, Piece]:
     """``nn.MultiheadAttention`` as ``TransformerEncoderLayer`` calls it (batch or sequence first, one
-    embedding size, queries and keys of one length, no masks, no ``bias_k``/``add_zero_attn``,
+    embedding size, queries and keys of one length, an ``attn_mask`` of ``(T, T)`` (a causal one
+    among them) and a ``key_padding_mask`` of ``(b, T)`` or none, no ``bias_k``/``add_zero_attn``,
     no dropout at work, the weights not returned or not reaching the residuals): its four
     projections' per-sample gradients as factors. The attention is run again at the batch from
     the recorded inputs, and one backward pass from the rows' output gradients ``g[0]``
@@ -920,6 +940,7 @@ def _attention_rows(
     heads' concatenated outputs). Anything else takes :func:`_autograd_rows`."""
     kwargs = call.kwargs
     query, key, value = (list(call.args) + [kwargs.get(k) for k in ("query", "key", "value")])[:3]
+    attn_mask, padding = kwargs.get("attn_mask"), kwargs.get("key_padding_mask")
     length = 1 if module.batch_first else 0  # the sequences' dimension
     plain = (
         module._qkv_same_embed_dim
@@ -928,9 +949,10 @@ def _attention_rows(
         and (module.dropout == 0.0 or not module.training)
         and all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value))
         and query.shape[length] == key.shape[length] == value.shape[length]
-        and kwargs.get("key_padding_mask") is None
-        and kwargs.get("attn_mask") is None
-        and not kwargs.get("is_causal", False)
+        # is_causal is a hint that attn_mask is causal: the mask is what is run again (a hint that
+        # is not true makes the run differ from the recorded output, below: the general way)
+        and (attn_mask is None or (isinstance(attn_mask, Tensor) and attn_mask.dim() == 2))
+        and (padding is None or (isinstance(padding, Tensor) and padding.dim() == 2))
         and call.outputs[0].dtype == module.in_proj_weight.dtype
         and len(call.args) + sum(k in kwargs for k in ("query", "key", "value")) == 3
         and call.positions[0] == 0  # the output followed first is the attention's, not its weights
@@ -949,10 +971,11 @@ def _attention_rows(
     ]
     weights = module.in_proj_weight.detach().chunk(3)
     biases = module.in_proj_bias.detach().chunk(3) if module.in_proj_bias is not None else (None,) * 3
+    mask = _attention_mask(attn_mask, padding, n // b, query.dtype)
     with torch.enable_grad():
         qkv = [F.linear(x, w, c).requires_grad_() for x, w, c in zip(inputs, weights, biases)]
         split = [t.unflatten(2, (heads, width // heads)).transpose(1, 2) for t in qkv]  # (n, H, T, d)
-        attended = F.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2)  # (n, T, E)
+        attended = F.scaled_dot_product_attention(*split, attn_mask=mask).transpose(1, 2).flatten(2)  # (n, T, E)
         out = F.linear(attended, module.out_proj.weight.detach(), None)
         grads = torch.autograd.grad(out, qkv, grad.to(out.dtype), retain_graph=False)
     # the run must reproduce the recorded output (inputs changed in place since, an option not
