@@ -251,6 +251,22 @@ class Encoder(nn.Module):
         return self.head(self.layer(x.transpose(0, 1)).mean(0))  # PyTorch's default (T, b, E) layout
 
 
+class Decoder(nn.Module):
+    """``TransformerDecoderLayer(batch_first=True)``: a causal self-attention on 3 target positions
+    and a cross-attention to a memory of 5 (queries and keys of two lengths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory, self.target = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.layer = nn.TransformerDecoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (b, 8, 4): 5 memory positions, then 3 target ones
+        mask = nn.Transformer.generate_square_subsequent_mask(3, dtype=x.dtype, device=x.device)
+        out = self.layer(self.target(x[:, 5:]), torch.tanh(self.memory(x[:, :5])), tgt_mask=mask, tgt_is_causal=True)
+        return self.head(out.mean(1))
+
+
 class SequenceFirstLinear(nn.Module):
     """A Linear on ``(T, b, 4)``: its samples in dimension 1 (routed when ``T == b``)."""
 
@@ -675,6 +691,7 @@ CASES = [
         lambda: Attention(False, causal=True, padding=True),
         lambda b: torch.randn(b, 5, 3),
     ),
+    Case("transformer_decoder_cross_attention", Decoder, lambda b: torch.randn(b, 8, 4)),
     Case("forward_replaced", forward_replaced_on_the_instance, lambda b: torch.randn(b, 4), reference_params=2),
 ]
 
@@ -1293,12 +1310,21 @@ def test_an_embeddings_rows_are_those_of_the_tokens_a_batch_uses(positions: int,
         assert_close("J", piece.dense().jac, whole)
 
 
-@pytest.mark.parametrize("name", ["attention_causal_mask", "attention_padding_mask", "attention_causal_and_padding"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "attention_causal_mask",
+        "attention_padding_mask",
+        "attention_causal_and_padding",
+        "transformer_decoder_cross_attention",
+    ],
+)
 def test_masked_attention_takes_the_attention_handlers_factors(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A causal ``attn_mask`` and a ``key_padding_mask`` (a GPT-like or a padded batch) sent the
-    attention to the general way (its rows through its own graph, a backward of the attention a
-    row); they are now run again with the attention, as the additive mask MultiheadAttention
-    applies: the handler's factors, no fallback (exactness: the case table)."""
+    """A causal ``attn_mask`` and a ``key_padding_mask`` (a GPT-like or a padded batch), and a
+    decoder's cross-attention (queries and keys of two lengths) sent the attention to the general
+    way (its rows through its own graph, a backward of the attention a row); masks are now run
+    again with the attention, as the additive mask MultiheadAttention applies, and the three
+    projections of a cross-attention are dense blocks: no fallback (exactness: the case table)."""
     fallbacks = []
     general = handlers._autograd_rows
     monkeypatch.setattr(handlers, "_autograd_rows", lambda *a, **k: fallbacks.append(1) or general(*a, **k))

@@ -905,6 +905,23 @@ def _projection_pieces(
     return pieces
 
 
+def _blocks_dense(
+    inputs: list[Tensor], grads: list[Tensor], weight: str, bias: str, names: frozenset
+) -> dict[str, Piece]:
+    """Per-sample gradients of a weight made of row blocks, block ``j`` applied as a projection at
+    the ``S_j`` positions of its own input: ``inputs[j]`` ``(n, S_j, kin)``, ``grads[j]``
+    ``(n, S_j, kout)``; row ``i`` of block ``j`` is ``sum_s g_js a_js^T`` (the blocks' lengths may
+    differ, so they are not groups of one :class:`Factored`). The bias's rows are ``sum_s g_js``."""
+    n = inputs[0].shape[0]
+    pieces: dict[str, Piece] = {}
+    if weight in names:
+        blocks = [torch.einsum("nso,nsi->noi", g, a) for a, g in zip(inputs, grads)]
+        pieces[weight] = Dense(torch.cat(blocks, 1).reshape(n, -1))
+    if bias in names:
+        pieces[bias] = Dense(torch.cat([g.sum(1) for g in grads], 1))
+    return pieces
+
+
 def _attention_mask(attn_mask: Tensor | None, padding: Tensor | None, k: int, dtype: torch.dtype) -> Tensor | None:
     """The additive mask ``MultiheadAttention`` applies, for its rows: ``attn_mask`` ``(T, S)``
     plus ``key_padding_mask`` ``(b, S)`` repeated for each sample's ``k`` rows, ``(b k, 1, 1, S)``;
@@ -928,8 +945,9 @@ def _attention_rows(
     module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
 ) -> dict[str, Piece]:
     """``nn.MultiheadAttention`` as ``TransformerEncoderLayer`` calls it (batch or sequence first, one
-    embedding size, queries and keys of one length, an ``attn_mask`` of ``(T, T)`` (a causal one
-    among them) and a ``key_padding_mask`` of ``(b, T)`` or none, no ``bias_k``/``add_zero_attn``,
+    embedding size, keys and values of one length (queries of it or of another: a decoder's
+    cross-attention), an ``attn_mask`` of ``(L, S)`` (a causal one among them) and a
+    ``key_padding_mask`` of ``(b, S)`` or none, no ``bias_k``/``add_zero_attn``,
     no dropout at work, the weights not returned or not reaching the residuals): its four
     projections' per-sample gradients as factors. The attention is run again at the batch from
     the recorded inputs, and one backward pass from the rows' output gradients ``g[0]``
@@ -948,7 +966,7 @@ def _attention_rows(
         and not module.add_zero_attn
         and (module.dropout == 0.0 or not module.training)
         and all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value))
-        and query.shape[length] == key.shape[length] == value.shape[length]
+        and key.shape[length] == value.shape[length]  # queries may be of another length (cross-attention)
         # is_causal is a hint that attn_mask is causal: the mask is what is run again (a hint that
         # is not true makes the run differ from the recorded output, below: the general way)
         and (attn_mask is None or (isinstance(attn_mask, Tensor) and attn_mask.dim() == 2))
@@ -985,9 +1003,12 @@ def _attention_rows(
     tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
     if output._version != call.versions[0] or float((again - expected).abs().max()) > tolerance:
         return _autograd_rows(module, call, g, names, factored_ok)
-    pieces = _projection_pieces(
-        torch.stack(inputs, 1), torch.stack(grads, 1), "in_proj_weight", "in_proj_bias", names, factored_ok
-    )
+    if inputs[0].shape[1] == inputs[1].shape[1]:  # one length: the three projections as groups of factors
+        pieces = _projection_pieces(
+            torch.stack(inputs, 1), torch.stack(grads, 1), "in_proj_weight", "in_proj_bias", names, factored_ok
+        )
+    else:  # cross-attention: queries of another length than the keys, the three blocks' rows dense
+        pieces = _blocks_dense(inputs, grads, "in_proj_weight", "in_proj_bias", names)
     pieces.update(
         _projection_pieces(
             attended.detach().unsqueeze(1), grad.unsqueeze(1), "out_proj.weight", "out_proj.bias", names, factored_ok
