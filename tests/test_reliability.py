@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_a_compiled_model_steps_eagerly_without_recompiling(given: str) -> None:
 
 @pytest.mark.parametrize("engine,what", [("auto", "Gram matrix"), ("reference", "dense Jacobian")])
 def test_a_system_larger_than_the_machine_is_refused_before_it_is_allocated(
-    engine: str, what: str, monkeypatch: pytest.MonkeyPatch
+    engine: str, what: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A field per sample makes ``b*k`` rows: ``(b, 1, 64, 64)`` residuals at ``b = 64`` are 262,144
     rows, whose Gram takes 275 GB; the allocation then failed with the allocator's message, or the
@@ -221,6 +222,13 @@ def test_a_system_larger_than_the_machine_is_refused_before_it_is_allocated(
     import gramnewton.engines.base as base
 
     assert base.device_memory(torch.device("cpu")) > 2**30
+    with monkeypatch.context() as patch:  # a container's limit, where lower than the machine's memory
+        limit = tmp_path / "memory.max"
+        limit.write_text("1073741824\n")
+        patch.setattr(base, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+        assert base.device_memory(torch.device("cpu")) == 2**30
+        limit.write_text("max\n")  # cgroup v2's "no limit"
+        assert base.device_memory(torch.device("cpu")) > 2**30
     monkeypatch.setattr(base, "device_memory", lambda device: 8 * 1024)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 1, 3, padding=1)).double()
     x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randn(8, 1, 6, 6, dtype=torch.float64)

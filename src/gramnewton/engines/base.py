@@ -77,17 +77,28 @@ class GramEngine(Protocol):
         ...
 
 
+# A container's memory limit (cgroup v2, then v1): a process may get less than the machine has.
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def device_memory(device: torch.device) -> int | None:
-    """Bytes of memory of ``device`` (the machine's physical memory for the CPU), ``None`` where
-    unknown."""
+    """Bytes of memory of ``device`` (for the CPU the machine's physical memory, or the container's
+    limit where lower), ``None`` where unknown."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
         return None
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system that says
         return None
+    for path in _CGROUP_LIMITS:
+        try:
+            with open(path) as limit:
+                return min(physical, int(limit.read().strip()))  # "max": no limit, below
+        except (OSError, ValueError):
+            continue
+    return physical
 
 
 def check_fits(shape: tuple[int, int], residuals: Tensor, what: str) -> None:
