@@ -335,6 +335,34 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], reps: int, devic
     return {method: statistics.median(seconds) for method, seconds in times.items()}
 
 
+def warm_up(step: Callable[[], object], warmup: int) -> list[str]:
+    """Run ``step`` ``warmup`` times; the warnings that name the reference engine (routed parameters)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(warmup):
+            step()
+    return sorted({str(w.message) for w in caught if "reference engine" in str(w.message)})
+
+
+def timing_rows(
+    name: str, b: int, medians: dict[str, float], routed: dict[str, list[str]], **extra: dict
+) -> list[dict]:
+    """One row per timed method: median ms, ratio to SGD's, the routing warnings, and each of
+    ``extra``'s per-method values (``peak_mib_above_model=...``)."""
+    return [
+        dict(
+            model=name,
+            batch=b,
+            method=method,
+            median_ms=1e3 * median,
+            ratio_to_sgd=median / medians["sgd"],
+            **{key: values.get(method) for key, values in extra.items()},
+            routed_to_reference=routed[method],
+        )
+        for method, median in medians.items()
+    ]
+
+
 def step_cost(device: torch.device, reps: int, warmup: int, models: list[str], batch: int | None = None) -> list[dict]:
     """Median step time of each method per model, interleaved rounds, ratio to SGD's; ``batch``
     replaces every model's own batch."""
@@ -355,27 +383,12 @@ def step_cost(device: torch.device, reps: int, warmup: int, models: list[str], b
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                for _ in range(warmup):
-                    step(x, y)
-            routed[method] = sorted({str(w.message) for w in caught if "reference engine" in str(w.message)})
+            steps[method] = functools.partial(step, x, y)
+            routed[method] = warm_up(steps[method], warmup)
             if device.type == "cuda":
                 peaks[method] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            steps[method] = functools.partial(step, x, y)
         medians = interleaved_medians(steps, reps, device)
-        for method, median in medians.items():
-            rows.append(
-                dict(
-                    model=name,
-                    batch=b,
-                    method=method,
-                    median_ms=1e3 * median,
-                    ratio_to_sgd=median / medians["sgd"],
-                    peak_mib_above_model=peaks.get(method),
-                    routed_to_reference=routed[method],
-                )
-            )
+        rows += timing_rows(name, b, medians, routed, peak_mib_above_model=peaks)
     return rows
 
 
@@ -412,24 +425,8 @@ def autocast_cost(device: torch.device, reps: int, warmup: int, models: list[str
                     ggn = GramGaussNewton(model, momentum=0.0, alpha=1e6, adaptive_damping=False)
                     step = functools.partial(ggn.step, residuals)
                 key = f"{method}{'_autocast' if amp else ''}"
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    for _ in range(warmup):
-                        step()
-                routed[key] = sorted({str(w.message) for w in caught if "reference engine" in str(w.message)})
-                steps[key] = step
-        medians = interleaved_medians(steps, reps, device)
-        for key, median in medians.items():
-            rows.append(
-                dict(
-                    model=name,
-                    batch=b,
-                    method=key,
-                    median_ms=1e3 * median,
-                    ratio_to_sgd=median / medians["sgd"],
-                    routed_to_reference=routed[key],
-                )
-            )
+                routed[key], steps[key] = warm_up(step, warmup), step
+        rows += timing_rows(name, b, interleaved_medians(steps, reps, device), routed)
     return rows
 
 

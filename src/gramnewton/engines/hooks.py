@@ -354,6 +354,9 @@ class HooksEngine:
         # parameter id -> the type of its module, whose output in the last forward held no
         # differentiable tensor (set by each forward, read by the routing)
         self._untracked: dict[int, str] = {}
+        # (rows, dtype, device) of the last Gram matrix found to fit the device's memory: checked
+        # again only when they change (the check reads the system's limits: 36 us, 2% of a small step)
+        self._fits: tuple[int, torch.dtype, torch.device] | None = None
 
     can_skip_gram = True  # compute(closure, form_gram=...) is understood
 
@@ -379,7 +382,9 @@ class HooksEngine:
             reference_params = [p for p in self.params if id(p) in reference_ids]
             gram = None
             if form_gram is None or form_gram(b * k):
-                check_fits((b * k, b * k), residuals, "Gram matrix")
+                if self._fits != (b * k, residuals.dtype, residuals.device):
+                    check_fits((b * k, b * k), residuals, "Gram matrix")
+                    self._fits = (b * k, residuals.dtype, residuals.device)
                 gram = residuals.new_zeros(b * k, b * k)
             jac_reference = None
             if reference_params:
