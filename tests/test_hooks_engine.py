@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 import gramnewton
-from gramnewton.engines import HooksEngine, ReferenceEngine, handlers
+from gramnewton.engines import HooksEngine, ReferenceEngine, handlers, recurrent
 from gramnewton.engines import choice as choice_module
 from gramnewton.engines.select import select_engine
 from gramnewton.engines.workspace import Workspace
@@ -345,14 +345,24 @@ class Recurrent(nn.Module):
     not the samples). ``batch_first=False`` runs it on the transposed ``(T, b, 3)`` input, whose
     output has the batch in dimension 1 too."""
 
-    def __init__(self, kind: str, use: str, layers: int = 1, batch_first: bool = True) -> None:
+    def __init__(
+        self, kind: str, use: str, layers: int = 1, batch_first: bool = True, initial: bool = False, **options: Any
+    ) -> None:
         super().__init__()
-        self.rnn = getattr(nn, kind)(3, 5, num_layers=layers, batch_first=batch_first)
-        self.head = nn.Linear(5 * (1 + (kind == "LSTM") + 1) if use == "all" else 5, 2)
+        self.rnn = getattr(nn, kind)(3, 5, num_layers=layers, batch_first=batch_first, **options)
+        directions, state = 2 if options.get("bidirectional") else 1, options.get("proj_size") or 5
+        width = state * directions
+        self.head = nn.Linear(width + state + 5 * (kind == "LSTM") if use == "all" else width, 2)
         self.use, self.batch_first = use, batch_first
+        # initial states computed from each sequence's first step: they depend on the parameters
+        self.initial = nn.Linear(3, 5 * layers * directions) if initial else None
 
     def forward(self, x: Tensor) -> Tensor:
-        out, state = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        args = []
+        if self.initial is not None:
+            h0 = torch.tanh(self.initial(x[:, 0])).view(x.shape[0], -1, 5).transpose(0, 1).contiguous()
+            args = [(h0, 0.5 * h0) if isinstance(self.rnn, nn.LSTM) else h0]
+        out, state = self.rnn(x if self.batch_first else x.transpose(0, 1), *args)
         out = out if self.batch_first else out.transpose(0, 1)
         states = state if isinstance(state, tuple) else (state,)
         if self.use == "all":
@@ -661,6 +671,26 @@ CASES = [
     Case("gru_sequence_first", lambda: Recurrent("GRU", "all", batch_first=False), lambda b: torch.randn(b, 4, 3)),
     Case("rnn_tanh_output", lambda: Recurrent("RNN", "output"), lambda b: torch.randn(b, 4, 3)),
     Case("gru_state_mixed", lambda: Recurrent("GRU", "mixed"), lambda b: torch.randn(b, 4, 3), reference_params=4),
+    # the recurrent handler's options: two directions (the second runs backwards in time), ReLU,
+    # no biases, initial states computed from the input, a projected LSTM (taken the general way)
+    Case(
+        "gru_bidirectional_2_layers",
+        lambda: Recurrent("GRU", "all", layers=2, bidirectional=True),
+        lambda b: torch.randn(b, 4, 3),
+    ),
+    Case(
+        "lstm_bidirectional_sequence_first",
+        lambda: Recurrent("LSTM", "all", batch_first=False, bidirectional=True),
+        lambda b: torch.randn(b, 4, 3),
+    ),
+    Case(
+        "rnn_relu_no_bias",
+        lambda: Recurrent("RNN", "all", nonlinearity="relu", bias=False),
+        lambda b: torch.randn(b, 4, 3),
+    ),
+    Case("gru_initial_state", lambda: Recurrent("GRU", "all", layers=2, initial=True), lambda b: torch.randn(b, 4, 3)),
+    Case("lstm_initial_state", lambda: Recurrent("LSTM", "all", initial=True), lambda b: torch.randn(b, 4, 3)),
+    Case("lstm_projection", lambda: Recurrent("LSTM", "all", proj_size=4), lambda b: torch.randn(b, 4, 3)),
     Case(
         "inner_weight_used_again",
         lambda: seq(GatedTied(tied=False), nn.Linear(4, 2)),
@@ -779,6 +809,44 @@ def check_against_reference(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_matches_reference_and_jacrev(case: Case, cost_mode: str) -> None:
     check_against_reference(case)
+
+
+RECURRENT_CASES = [c for c in CASES if c.name.startswith(("lstm", "gru", "rnn")) and c.name != "lstm_projection"]
+
+
+@pytest.mark.parametrize("cost_mode", ["dense", "factored"], indirect=True)
+@pytest.mark.parametrize("case", RECURRENT_CASES, ids=[c.name for c in RECURRENT_CASES])
+def test_recurrent_rows_come_from_the_recurrence_run_again(
+    case: Case, cost_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RNN, GRU and LSTM rows from the factors of their time steps, exact (float64, against the
+    reference engine and jacrev) without the general way through the recorded graph, which a
+    run that did not reproduce the layer's outputs would fall back on (and stay exact: the
+    comparison alone could not tell)."""
+
+    def general_way(module: nn.Module, *args: Any) -> None:
+        raise AssertionError(f"{type(module).__name__}'s rows were taken through the recorded graph")
+
+    monkeypatch.setattr(recurrent, "_autograd_rows", general_way)
+    check_against_reference(case)
+
+
+def test_recurrent_dropout_in_training_takes_the_general_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout between a GRU's layers draws inside the fused kernel, which a run again cannot
+    replay: those rows come through the recorded graph, exact for the masks drawn."""
+    torch.manual_seed(0)
+    model = Recurrent("GRU", "output", layers=2, dropout=0.5).double().train()
+    x = torch.randn(4, 4, 3, dtype=torch.float64)
+    general = []
+    taken = recurrent._autograd_rows
+    monkeypatch.setattr(recurrent, "_autograd_rows", lambda *a: general.append(a[0]) or taken(*a))
+    params = list(model.parameters())
+    torch.manual_seed(1)  # the same masks in both engines' forward passes
+    fast = HooksEngine(model, params).compute(lambda: model(x))
+    torch.manual_seed(1)
+    reference = ReferenceEngine(params).compute(lambda: model(x))
+    assert [type(m) for m in general] == [nn.GRU]
+    assert_close("gram vs reference", fast.gram, reference.gram)
 
 
 CONV2D_CASES = [c for c in CASES if c.name.startswith(("conv2d", "resnet8", "groupnorm", "batchnorm"))]

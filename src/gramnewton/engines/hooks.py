@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
 from torch.overrides import TorchFunctionMode
 
+from . import recurrent  # noqa: F401  (registers the handler of nn.RNN, nn.GRU and nn.LSTM)
 from .base import Closure, GramSystem, check_fits, params_dtype, residuals_2d, slice_columns
 from .handlers import (
     AUTOGRAD_ROWS,

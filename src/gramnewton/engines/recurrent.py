@@ -1,0 +1,168 @@
+"""Recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) for the hooks engine: rows from factors.
+
+A recurrent layer's fused kernel exposes no time step, so no hook sees the gradients inside it.
+Its per-sample gradients are sums over the ``T`` steps: with ``gi_t = x_t W_ih^T + b_ih`` and
+``gh_t = h_{t-1} W_hh^T + b_hh`` (``(n, G H)`` each, ``G`` gates: 1 for ``RNN``, 3 for ``GRU``, 4
+for ``LSTM``), row ``r`` of ``J`` for ``W_ih`` is ``sum_t dgi_rt x_rt^T`` and for ``W_hh``
+``sum_t dgh_rt h_r,t-1^T``, where ``dgi_t``, ``dgh_t`` are the gradients at ``gi_t``, ``gh_t``
+(they differ for ``GRU``, whose hidden part of the new gate is scaled by the reset gate). So each
+weight is a projection applied at ``T`` positions, a :class:`.handlers.Factored` piece like a
+Linear's on a sequence.
+
+:func:`_recurrent_rows` runs the recurrence again at the batch (``n = b k`` rows) from the
+recorded input and initial state, one time step at a time with the layer's own formulas, and one
+backward pass from the rows' output gradients gives every ``dgi_t`` and ``dgh_t`` (as the gradients
+at zero tensors added to the pre-activations). Samples are independent, so row ``r``'s gradients are
+its own. The run must reproduce the recorded outputs (to ``sqrt(eps)`` of their dtype), else the
+general way (:func:`.handlers._autograd_rows`, through the recorded graph: a layer backward per
+row) is taken, as it is for what this does not cover: packed sequences, projections
+(``proj_size``), dropout between layers in training, unbatched inputs, autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .handlers import OutputGrads, Piece, RecordedCall, _autograd_rows, _projection_pieces, register_handler
+
+GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
+
+
+def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One time step of ``mode`` (``module.mode``) from the pre-activations ``gi``, ``gh``
+    ``(n, G H)`` and the state ``h`` (and ``c``) ``(n, H)``: PyTorch's formulas (torch.nn docs)."""
+    if mode == "GRU":
+        ir, iz, i_new = gi.chunk(3, 1)
+        hr, hz, h_new = gh.chunk(3, 1)
+        reset, update = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        new = torch.tanh(i_new + reset * h_new)
+        return (1 - update) * new + update * h, None
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    return (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi + gh), None
+
+
+def _plain(module: nn.Module, call: RecordedCall, g: OutputGrads) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """The call's input ``(b, T, I)`` (batch first) and initial states ``(L D, b, H)`` (``None``:
+    zeros) where :func:`_recurrent_rows` covers the call, else ``None``."""
+    args, kwargs = list(call.args), dict(call.kwargs)
+    x = args[0] if args else kwargs.pop("input", None)
+    hx = args[1] if len(args) > 1 else kwargs.pop("hx", None)
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    covered = (
+        len(args) <= 2
+        and not kwargs
+        and isinstance(x, Tensor)
+        and x.dim() == 3  # not a PackedSequence, not an unbatched sequence
+        and not getattr(module, "proj_size", 0)
+        and (module.dropout == 0 or not module.training or module.num_layers == 1)
+        and all(t is None or (isinstance(t, Tensor) and t.dim() == 3) for t in (h0, c0))
+        and all(t.dtype == p.dtype for t in call.outputs for p in module.parameters())  # no autocast
+        and all(t._version == v for t, v in zip(call.outputs, call.versions))
+        and any(grad is not None for grad in g)
+    )
+    if not covered:
+        return None
+    return (x if module.batch_first else x.transpose(0, 1)), h0, c0
+
+
+@register_handler(nn.RNN, nn.GRU, nn.LSTM, needs_input=False, needs_output=True)
+def _recurrent_rows(
+    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
+) -> dict[str, Piece]:
+    """The per-sample gradients of an ``RNN``/``GRU``/``LSTM`` call (module docstring): for layer
+    ``l`` and direction ``d``, ``weight_ih`` / ``bias_ih`` from the factors (the layer's input
+    ``(n, T, I_l)``, ``dgi`` ``(n, T, G H)``) and ``weight_hh`` / ``bias_hh`` from (the previous
+    states ``(n, T, H)``, ``dgh``); ``g`` holds, per followed output, its gradients ``(n, ...)``
+    with the batch in dimension 0 (``out`` ``(n, T, D H)``, ``h_n`` and ``c_n`` ``(n, L D, H)``)."""
+    plain = _plain(module, call, g)
+    if plain is None:
+        return _autograd_rows(module, call, g, names, factored_ok)
+    x, h0, c0 = plain
+    n, b = next(grad for grad in g if grad is not None).shape[0], x.shape[0]
+    k, steps, hidden = n // b, x.shape[1], module.hidden_size
+    directions, mode = 2 if module.bidirectional else 1, module.mode
+
+    def rows(t: Tensor, dim: int) -> Tensor:  # each sample repeated for its k rows
+        t = t.detach().unsqueeze(dim + 1)
+        return t.expand(*t.shape[: dim + 1], k, *t.shape[dim + 2 :]).flatten(dim, dim + 1)
+
+    states = x.new_zeros(module.num_layers * directions, n, hidden) if h0 is None else rows(h0, 1)
+    cells = None if mode != "LSTM" else (torch.zeros_like(states) if c0 is None else rows(c0, 1))
+    factors, probes = [], []  # per (layer, direction): (suffix, input, previous states), (dgi, dgh) probes
+    finals: list[Tensor] = []
+    final_cells: list[Tensor] = []
+    layer_input = rows(x, 0)
+    with torch.enable_grad():
+        for layer in range(module.num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                weights = [getattr(module, f"{kind}{suffix}").detach() for kind in ("weight_ih", "weight_hh")]
+                biases = [
+                    getattr(module, f"{kind}{suffix}").detach() if module.bias else None
+                    for kind in ("bias_ih", "bias_hh")
+                ]
+                width = GATES[mode] * hidden
+                # zeros added to the pre-activations: the gradients there are dgi and dgh
+                probe_i = x.new_zeros(n, steps, width, requires_grad=True)
+                probe_h = x.new_zeros(n, steps, width, requires_grad=True)
+                gi = F.linear(layer_input, weights[0], biases[0]) + probe_i
+                index = layer * directions + direction
+                h, c = states[index], None if cells is None else cells[index]
+                previous, out = [], [None] * steps
+                order = range(steps - 1, -1, -1) if direction else range(steps)
+                for s, t in enumerate(order):
+                    previous.append(h)
+                    gh = F.linear(h, weights[1], biases[1]) + probe_h[:, s]
+                    h, c = _cell(mode, gi[:, t], gh, h, c)
+                    out[t] = h
+                factors.append((suffix, layer_input.detach(), torch.stack(previous, 1).detach()))
+                probes.append((probe_i, probe_h))
+                finals.append(h)
+                if c is not None:
+                    final_cells.append(c)
+                outputs.append(torch.stack(out, 1))
+            layer_input = torch.cat(outputs, 2) if directions > 1 else outputs[0]
+        again = [layer_input, torch.stack(finals, 1)] + ([torch.stack(final_cells, 1)] if final_cells else [])
+        reached = [(again[p], grad) for p, grad in zip(call.positions, g) if grad is not None]
+        grads = torch.autograd.grad(
+            [t for t, _ in reached],
+            [p for pair in probes for p in pair],
+            [grad.to(t.dtype) for t, grad in reached],
+            allow_unused=True,
+        )
+    if not _reproduces(module, call, again, k):
+        return _autograd_rows(module, call, g, names, factored_ok)
+    pieces: dict[str, Piece] = {}
+    for j, (suffix, inputs, previous) in enumerate(factors):
+        dgi, dgh = (x.new_zeros(n, steps, GATES[mode] * hidden) if d is None else d for d in grads[2 * j : 2 * j + 2])
+        # dgh is in processing order (reversed for the reverse direction), as ``previous`` is
+        pieces.update(
+            _projection_pieces(
+                inputs.unsqueeze(1), dgi.unsqueeze(1), f"weight_ih{suffix}", f"bias_ih{suffix}", names, factored_ok
+            )
+        )
+        pieces.update(
+            _projection_pieces(
+                previous.unsqueeze(1), dgh.unsqueeze(1), f"weight_hh{suffix}", f"bias_hh{suffix}", names, factored_ok
+            )
+        )
+    return pieces
+
+
+def _reproduces(module: nn.Module, call: RecordedCall, again: list[Tensor], k: int) -> bool:
+    """Whether the run again (``out`` ``(n, T, D H)``, ``h_n`` and ``c_n`` ``(n, L D, H)``, row
+    ``i k`` sample ``i``'s) gives every followed output that the module recorded, to ``sqrt(eps)``
+    of its dtype relative to its largest entry."""
+    for recorded, position, dim in zip(call.outputs, call.positions, call.batch_dims):
+        expected = recorded.detach().movedim(dim, 0)
+        value = again[position].detach()[::k]
+        tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
+        if value.shape != expected.shape or float((value - expected).abs().max()) > tolerance:
+            return False
+    return True
