@@ -93,7 +93,8 @@ def _recurrent_rows(
 
     states = x.new_zeros(module.num_layers * directions, n, hidden) if h0 is None else rows(h0, 1)
     cells = None if mode != "LSTM" else (torch.zeros_like(states) if c0 is None else rows(c0, 1))
-    factors, probes = [], []  # per (layer, direction): (suffix, input, previous states), (dgi, dgh) probes
+    factors: list[tuple[str, Tensor, Tensor]] = []  # per (layer, direction): suffix, input, previous states
+    wanted: list[Tensor] = []  # per (layer, direction): gi (n, T, G H), then gh of every step (n, G H)
     finals: list[Tensor] = []
     final_cells: list[Tensor] = []
     layer_input = rows(x, 0)
@@ -107,22 +108,22 @@ def _recurrent_rows(
                     getattr(module, f"{kind}{suffix}").detach() if module.bias else None
                     for kind in ("bias_ih", "bias_hh")
                 ]
-                width = GATES[mode] * hidden
-                # zeros added to the pre-activations: the gradients there are dgi and dgh
-                probe_i = x.new_zeros(n, steps, width, requires_grad=True)
-                probe_h = x.new_zeros(n, steps, width, requires_grad=True)
-                gi = F.linear(layer_input, weights[0], biases[0]) + probe_i
+                gi = F.linear(layer_input, weights[0], biases[0])
+                if not gi.requires_grad:  # the first layer's, from the recorded input
+                    gi.requires_grad_()
+                wanted.append(gi)
                 index = layer * directions + direction
                 h, c = states[index], None if cells is None else cells[index]
-                previous, out = [], [None] * steps
-                order = range(steps - 1, -1, -1) if direction else range(steps)
-                for s, t in enumerate(order):
+                previous, out, per_step = [], [None] * steps, gi.unbind(1)
+                for t in range(steps - 1, -1, -1) if direction else range(steps):
                     previous.append(h)
-                    gh = F.linear(h, weights[1], biases[1]) + probe_h[:, s]
-                    h, c = _cell(mode, gi[:, t], gh, h, c)
+                    gh = F.linear(h, weights[1], biases[1])
+                    if not gh.requires_grad:  # from the recorded initial state
+                        gh.requires_grad_()
+                    wanted.append(gh)
+                    h, c = _cell(mode, per_step[t], gh, h, c)
                     out[t] = h
                 factors.append((suffix, layer_input.detach(), torch.stack(previous, 1).detach()))
-                probes.append((probe_i, probe_h))
                 finals.append(h)
                 if c is not None:
                     final_cells.append(c)
@@ -130,18 +131,18 @@ def _recurrent_rows(
             layer_input = torch.cat(outputs, 2) if directions > 1 else outputs[0]
         again = [layer_input, torch.stack(finals, 1)] + ([torch.stack(final_cells, 1)] if final_cells else [])
         reached = [(again[p], grad) for p, grad in zip(call.positions, g) if grad is not None]
+        # the gradients at the pre-activations are dgi and dgh (autograd's total derivatives there)
         grads = torch.autograd.grad(
-            [t for t, _ in reached],
-            [p for pair in probes for p in pair],
-            [grad.to(t.dtype) for t, grad in reached],
-            allow_unused=True,
+            [t for t, _ in reached], wanted, [grad.to(t.dtype) for t, grad in reached], allow_unused=True
         )
     if not _reproduces(module, call, again, k):
         return _autograd_rows(module, call, g, names, factored_ok)
+    grads = [torch.zeros_like(t) if d is None else d for t, d in zip(wanted, grads)]
     pieces: dict[str, Piece] = {}
     for j, (suffix, inputs, previous) in enumerate(factors):
-        dgi, dgh = (x.new_zeros(n, steps, GATES[mode] * hidden) if d is None else d for d in grads[2 * j : 2 * j + 2])
-        # dgh is in processing order (reversed for the reverse direction), as ``previous`` is
+        at = j * (1 + steps)
+        # dgh in processing order (reversed in time for the reverse direction), as ``previous`` is
+        dgi, dgh = grads[at], torch.stack(grads[at + 1 : at + 1 + steps], 1)
         pieces.update(
             _projection_pieces(
                 inputs.unsqueeze(1), dgi.unsqueeze(1), f"weight_ih{suffix}", f"bias_ih{suffix}", names, factored_ok
