@@ -371,6 +371,30 @@ class Recurrent(nn.Module):
         return self.head({"output": out[:, -1], "state": h, "mixed": h - h.mean(0)}[self.use])
 
 
+class CellLoop(nn.Module):
+    """An ``RNNCell``/``GRUCell``/``LSTMCell`` stepped over ``T`` inputs in a loop, a head on the
+    last ``h`` (``c`` too for the LSTM with ``use="both"``); ``initial``: the first state from a
+    Linear on the first input (a state that depends on parameters)."""
+
+    def __init__(self, kind: str, use: str = "h", initial: bool = False, **options: Any) -> None:
+        super().__init__()
+        self.cell = getattr(nn, kind)(3, 5, **options)
+        self.head = nn.Linear(10 if use == "both" else 5, 2)
+        self.initial = nn.Linear(3, 5) if initial else None
+        self.use = use
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = None
+        if self.initial is not None:
+            h0 = torch.tanh(self.initial(x[:, 0]))
+            state = (h0, -h0) if isinstance(self.cell, nn.LSTMCell) else h0
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        if isinstance(state, tuple):
+            return self.head(torch.cat(state, 1) if self.use == "both" else state[0])
+        return self.head(state)
+
+
 class Split(nn.Module):
     """Returns ``(tanh(x) w, x^2 V)``: two batch-first tensors from two autograd nodes."""
 
@@ -691,6 +715,15 @@ CASES = [
     Case("gru_initial_state", lambda: Recurrent("GRU", "all", layers=2, initial=True), lambda b: torch.randn(b, 4, 3)),
     Case("lstm_initial_state", lambda: Recurrent("LSTM", "all", initial=True), lambda b: torch.randn(b, 4, 3)),
     Case("lstm_projection", lambda: Recurrent("LSTM", "all", proj_size=4), lambda b: torch.randn(b, 4, 3)),
+    # cells stepped in a loop: one call a step, the rows summed over the calls; an LSTMCell's h' is
+    # computed from its c' (the gradient at c' holds that path: each counted once)
+    Case("rnn_cell_loop", lambda: CellLoop("RNNCell", nonlinearity="relu"), lambda b: torch.randn(b, 4, 3)),
+    Case("gru_cell_loop", lambda: CellLoop("GRUCell", initial=True), lambda b: torch.randn(b, 4, 3)),
+    Case("lstm_cell_loop", lambda: CellLoop("LSTMCell"), lambda b: torch.randn(b, 4, 3)),
+    Case(
+        "lstm_cell_loop_both_states", lambda: CellLoop("LSTMCell", "both", initial=True), lambda b: torch.randn(b, 4, 3)
+    ),
+    Case("lstm_cell_no_bias", lambda: CellLoop("LSTMCell", bias=False), lambda b: torch.randn(b, 4, 3)),
     Case(
         "inner_weight_used_again",
         lambda: seq(GatedTied(tied=False), nn.Linear(4, 2)),
@@ -829,6 +862,23 @@ def test_recurrent_rows_come_from_the_recurrence_run_again(
 
     monkeypatch.setattr(recurrent, "_autograd_rows", general_way)
     check_against_reference(case)
+
+
+def test_lstm_cell_output_changed_in_place_is_refused() -> None:
+    """An LSTMCell's rows need its call run again (through the recorded graph the path from h'
+    to c' would count twice): an output changed in place after the call is refused, not guessed."""
+
+    class Scaled(CellLoop):
+        def forward(self, x: Tensor) -> Tensor:
+            h, c = self.cell(x[:, 0])
+            h.mul_(2.0)  # the returned h' is not the module's any more
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Scaled("LSTMCell").double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="LSTMCell's input or output was changed in place"):
+        HooksEngine(model).compute(lambda: model(x))
 
 
 def test_recurrent_dropout_in_training_takes_the_general_way(monkeypatch: pytest.MonkeyPatch) -> None:

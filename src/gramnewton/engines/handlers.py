@@ -651,6 +651,10 @@ class LayerHandler:
             transformers): the engine then moves that dimension to 0 for ``contributions``, where
             dimension 0 does not have the batch's size and dimension 1 does, and its row check
             verifies that those rows are the samples.
+        chained_outputs: True when ``contributions`` takes each output's gradient as it arrives
+            (the total at that output, holding the paths through another output computed from it
+            inside the module) and counts each path once (``LSTMCell``: ``h'`` from ``c'``); the
+            engine then does not route a module whose outputs are computed one from another.
     """
 
     contributions: Contributions
@@ -660,6 +664,7 @@ class LayerHandler:
     needs_output: bool = False
     autocast: bool = False
     sequence_first: bool = False
+    chained_outputs: bool = False
 
 
 HANDLERS: dict[type, LayerHandler] = {}

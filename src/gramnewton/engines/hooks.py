@@ -608,7 +608,7 @@ class HooksEngine:
             )
         for call in calls:
             for p in call.params.values():
-                if id(p) in locality.entangled:
+                if id(p) in locality.entangled and not call.handler.chained_outputs:
                     dynamic.setdefault(
                         id(p),
                         f"{type(call.module).__name__} computes one of its outputs from another (the gradient at "

@@ -46,28 +46,50 @@ def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tup
     return (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi + gh), None
 
 
-def _plain(module: nn.Module, call: RecordedCall, g: OutputGrads) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
-    """The call's input ``(b, T, I)`` (batch first) and initial states ``(L D, b, H)`` (``None``:
-    zeros) where :func:`_recurrent_rows` covers the call, else ``None``."""
+def _arguments(call: RecordedCall) -> tuple[object, object, object, bool]:
+    """A recurrent module's call ``(input, hx)``: its input, initial ``h`` and ``c`` (``None`` where
+    not given, or no LSTM), and whether nothing else was passed."""
     args, kwargs = list(call.args), dict(call.kwargs)
     x = args[0] if args else kwargs.pop("input", None)
     hx = args[1] if len(args) > 1 else kwargs.pop("hx", None)
     h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
-    covered = (
-        len(args) <= 2
-        and not kwargs
-        and isinstance(x, Tensor)
-        and x.dim() == 3  # not a PackedSequence, not an unbatched sequence
-        and not getattr(module, "proj_size", 0)
-        and (module.dropout == 0 or not module.training or module.num_layers == 1)
-        and all(t is None or (isinstance(t, Tensor) and t.dim() == 3) for t in (h0, c0))
-        and all(t.dtype == p.dtype for t in call.outputs for p in module.parameters())  # no autocast
+    return x, h0, c0, len(args) <= 2 and not kwargs
+
+
+def _runs_again(module: nn.Module, call: RecordedCall, g: OutputGrads, tensors: tuple, dims: int) -> bool:
+    """Whether the call's input and states (``tensors``, ``None`` allowed for states) are ``dims``-D
+    tensors, its outputs were computed in the parameters' dtype (no autocast) and are unchanged
+    since, and a gradient reaches one of them: what running it again at the batch needs."""
+    x = tensors[0]
+    return (
+        isinstance(x, Tensor)
+        and x.dim() == dims  # not a PackedSequence, not an unbatched input
+        and all(t is None or (isinstance(t, Tensor) and t.dim() == dims) for t in tensors[1:])
+        and all(t.dtype == p.dtype for t in call.outputs for p in module.parameters())
         and all(t._version == v for t, v in zip(call.outputs, call.versions))
         and any(grad is not None for grad in g)
+    )
+
+
+def _plain(module: nn.Module, call: RecordedCall, g: OutputGrads) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """The call's input ``(b, T, I)`` (batch first) and initial states ``(L D, b, H)`` (``None``:
+    zeros) where :func:`_recurrent_rows` covers the call, else ``None``."""
+    x, h0, c0, alone = _arguments(call)
+    covered = (
+        alone
+        and _runs_again(module, call, g, (x, h0, c0), 3)
+        and not getattr(module, "proj_size", 0)
+        and (module.dropout == 0 or not module.training or module.num_layers == 1)
     )
     if not covered:
         return None
     return (x if module.batch_first else x.transpose(0, 1)), h0, c0
+
+
+def _repeated(t: Tensor, k: int, dim: int) -> Tensor:
+    """``t`` with each sample (along ``dim``) repeated for its ``k`` rows, detached."""
+    t = t.detach().unsqueeze(dim + 1)
+    return t.expand(*t.shape[: dim + 1], k, *t.shape[dim + 2 :]).flatten(dim, dim + 1)
 
 
 @register_handler(nn.RNN, nn.GRU, nn.LSTM, needs_input=False, needs_output=True)
@@ -87,17 +109,13 @@ def _recurrent_rows(
     k, steps, hidden = n // b, x.shape[1], module.hidden_size
     directions, mode = 2 if module.bidirectional else 1, module.mode
 
-    def rows(t: Tensor, dim: int) -> Tensor:  # each sample repeated for its k rows
-        t = t.detach().unsqueeze(dim + 1)
-        return t.expand(*t.shape[: dim + 1], k, *t.shape[dim + 2 :]).flatten(dim, dim + 1)
-
-    states = x.new_zeros(module.num_layers * directions, n, hidden) if h0 is None else rows(h0, 1)
-    cells = None if mode != "LSTM" else (torch.zeros_like(states) if c0 is None else rows(c0, 1))
+    states = x.new_zeros(module.num_layers * directions, n, hidden) if h0 is None else _repeated(h0, k, 1)
+    cells = None if mode != "LSTM" else (torch.zeros_like(states) if c0 is None else _repeated(c0, k, 1))
     factors: list[tuple[str, Tensor, Tensor]] = []  # per (layer, direction): suffix, input, previous states
     wanted: list[Tensor] = []  # per (layer, direction): gi (n, T, G H), then gh of every step (n, G H)
     finals: list[Tensor] = []
     final_cells: list[Tensor] = []
-    layer_input = rows(x, 0)
+    layer_input = _repeated(x, k, 0)
     with torch.enable_grad():
         for layer in range(module.num_layers):
             outputs = []
@@ -167,3 +185,69 @@ def _reproduces(module: nn.Module, call: RecordedCall, again: list[Tensor], k: i
         if value.shape != expected.shape or float((value - expected).abs().max()) > tolerance:
             return False
     return True
+
+
+def _cell_rows(
+    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
+) -> dict[str, Piece]:
+    """The per-sample gradients of one call of an ``RNNCell``/``GRUCell``/``LSTMCell``
+    (``h' = cell(x, h)``, an LSTM's ``(h', c')``): ``weight_ih``'s row ``dgi x^T``, ``weight_hh``'s
+    ``dgh h^T``, from the cell run again at the batch (``x`` ``(n, I)``, ``h``, ``c`` ``(n, H)``) and
+    one backward pass from the rows' output gradients. A cell called at every step of a loop
+    has its calls' rows summed by the engine.
+
+    An ``LSTMCell``'s ``h'`` is computed from its ``c'``: the gradient arriving at ``c'`` holds the
+    path through ``h'`` already, so the run differentiates ``h'`` through its output gate only
+    (``c'`` detached there) and ``c'`` with the gradient as it arrived, each path once. Its calls
+    must be run again (the general way through the graph would count that path twice): an input
+    or output changed in place since the call is refused."""
+    x, h, c, alone = _arguments(call)
+    lstm = type(module) is nn.LSTMCell
+    if alone and _runs_again(module, call, g, (x, h, c), 2):
+        n = next(grad for grad in g if grad is not None).shape[0]
+        k, hidden = n // x.shape[0], module.hidden_size
+        inputs = _repeated(x, k, 0)
+        states = x.new_zeros(n, hidden) if h is None else _repeated(h, k, 0)
+        with torch.enable_grad():
+            gi = F.linear(
+                inputs, module.weight_ih.detach(), None if module.bias_ih is None else module.bias_ih.detach()
+            )
+            gh = F.linear(
+                states, module.weight_hh.detach(), None if module.bias_hh is None else module.bias_hh.detach()
+            )
+            gi.requires_grad_(), gh.requires_grad_()
+            if lstm:
+                i, f, new, o = (gi + gh).chunk(4, 1)
+                cells = x.new_zeros(n, hidden) if c is None else _repeated(c, k, 0)
+                c_new = torch.sigmoid(f) * cells + torch.sigmoid(i) * torch.tanh(new)
+                again = [torch.sigmoid(o) * torch.tanh(c_new.detach()), c_new]
+            else:
+                mode = {nn.GRUCell: "GRU", nn.RNNCell: f"RNN_{getattr(module, 'nonlinearity', '').upper()}"}
+                again = [_cell(mode[type(module)], gi, gh, states, None)[0]]
+            reached = [(again[p], grad) for p, grad in zip(call.positions, g) if grad is not None]
+            grads = torch.autograd.grad(
+                [t for t, _ in reached], [gi, gh], [grad.to(t.dtype) for t, grad in reached], allow_unused=True
+            )
+        if lstm:  # the values the module returned: h' from c' (the run above cut that edge, not the values)
+            again[0] = again[0].detach()
+        if _reproduces(module, call, again, k):
+            dgi, dgh = (torch.zeros_like(t) if d is None else d for t, d in zip((gi, gh), grads))
+            pieces = _projection_pieces(
+                inputs[:, None, None], dgi[:, None, None], "weight_ih", "bias_ih", names, factored_ok
+            )
+            pieces.update(
+                _projection_pieces(
+                    states[:, None, None], dgh[:, None, None], "weight_hh", "bias_hh", names, factored_ok
+                )
+            )
+            return pieces
+    if not lstm:
+        return _autograd_rows(module, call, g, names, factored_ok)
+    raise RuntimeError(
+        "an LSTMCell's input or output was changed in place after the call (or the call could not be "
+        "run again); the hooks engine needs them unchanged (engine='reference' is exact for it)"
+    )
+
+
+register_handler(nn.RNNCell, nn.GRUCell, needs_input=False, needs_output=True)(_cell_rows)
+register_handler(nn.LSTMCell, needs_input=False, needs_output=True, chained_outputs=True)(_cell_rows)
