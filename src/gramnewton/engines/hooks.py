@@ -753,6 +753,7 @@ class HooksEngine:
         dtype = residuals.dtype  # the parameters' (the residuals were checked against them)
         pending = dict(uses)
         partial: dict[int, Dense] = {}
+        summed: set[int] = set()  # parameters whose partial sum is a tensor of this step's own
         narrow: list[Tensor] = []  # per-sample gradients of narrow Dense pieces, (b*k, width) each
 
         def finish(call: _Call) -> None:
@@ -792,7 +793,14 @@ class HooksEngine:
                 pid = id(names[name])
                 if uses[pid] > 1:  # several calls: their per-sample gradients add up
                     dense = piece.dense()
-                    partial[pid] = dense if pid not in partial else Dense(partial[pid].jac + dense.jac)
+                    if pid not in partial:
+                        partial[pid] = dense
+                    elif pid in summed:  # in place: a module called at every step of a loop would
+                        # otherwise allocate (and fault in) a fresh (n, numel) sum per call
+                        partial[pid].jac.add_(dense.jac)
+                    else:  # the first sum owns its memory (a piece's gradients may be shared)
+                        partial[pid] = Dense(partial[pid].jac + dense.jac)
+                        summed.add(pid)
                     pending[pid] -= 1
                     if pending[pid]:
                         continue
