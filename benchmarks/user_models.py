@@ -17,6 +17,9 @@ on one batch; the median step time of each and the ratio to SGD are printed and 
   layers see ``(T, b, 64)``);
 - ``gru_state``, ``lstm_state``: ``GRU``/``LSTM(8, 64, batch_first=True)`` on ``(16, 8)``
   sequences (b = 64) and a Linear head on the final state ``h[-1]`` (``_, h = gru(x)``);
+  ``gru_two_layers_bidirectional`` the same with a two-layer bidirectional GRU;
+- ``gru_cell_loop``, ``lstm_cell_loop``: a ``GRUCell``/``LSTMCell(8, 64)`` stepped over the 16
+  steps in a Python loop, a head on the last ``h``;
 - ``text_embedding``: ``Embedding(30000, 64)`` of 16 tokens a sample (b = 128, drawn from the
   first 5,000), averaged, and a 64-64-1 tanh head (a batch uses at most 2,048 of the rows).
 
@@ -40,6 +43,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from results_log import append_record
@@ -94,14 +98,30 @@ class Encoder(nn.Module):
 
 
 class RecurrentState(nn.Module):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, **options: Any) -> None:
         super().__init__()
-        self.rnn, self.head = getattr(nn, kind)(8, 64, batch_first=True), nn.Linear(64, 1)
+        self.rnn, self.head = getattr(nn, kind)(8, 64, batch_first=True, **options), nn.Linear(64, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         _, state = self.rnn(x)
         h = state[0] if isinstance(state, tuple) else state  # (layers, b, hidden)
         return self.head(h[-1]).squeeze(1)
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell stepped over the sequence in a Python loop (one call a step), a head on
+    the last ``h``: how decoders and custom recurrences are written."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.cell, self.head = getattr(nn, kind)(8, 64), nn.Linear(64, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        h = state[0] if isinstance(state, tuple) else state
+        return self.head(h).squeeze(1)
 
 
 def resnet8(front: nn.Module | None = None, after_stem: nn.Module | None = None) -> nn.Module:
@@ -143,6 +163,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor], bool]] = 
     "encoder_sequence_first": (lambda: Encoder(batch_first=False), lambda: torch.randn(64, 16, 8), False),
     "gru_state": (lambda: RecurrentState("GRU"), lambda: torch.randn(64, 16, 8), False),
     "lstm_state": (lambda: RecurrentState("LSTM"), lambda: torch.randn(64, 16, 8), False),
+    "gru_two_layers_bidirectional": (
+        lambda: RecurrentState("GRU", num_layers=2, bidirectional=True),
+        lambda: torch.randn(64, 16, 8),
+        False,
+    ),
+    "gru_cell_loop": (lambda: CellLoop("GRUCell"), lambda: torch.randn(64, 16, 8), False),
+    "lstm_cell_loop": (lambda: CellLoop("LSTMCell"), lambda: torch.randn(64, 16, 8), False),
     "text_embedding": (TextEmbedding, lambda: torch.randint(0, 5000, (128, 16)), False),
 }
 
