@@ -13,8 +13,9 @@ How a step runs (docs/design.md, "The hooks engine"):
    per-sample gradients (or the factors) of its parameters, which are added to the Gram matrix
    with one ``addmm_`` and kept for ``J^T v`` (one contraction per layer, no second backward).
    A module returning several differentiable tensors (``GRU``'s ``(out, h)``, ``LSTM``'s
-   ``(out, (h, c))``) has each followed with its own hook; its rows are the module's
-   vector-Jacobian product with the gradients of all of them (:data:`.handlers.AUTOGRAD_ROWS`).
+   ``(out, (h, c))``) has each followed with its own hook; its handler gets the gradients of all
+   of them (the recurrent layers': :mod:`.recurrent`; a module without one:
+   :data:`.handlers.AUTOGRAD_ROWS`, the module's vector-Jacobian product with them).
 
 Rows of the Gram matrix are sample-major: row ``i * k + c`` is sample ``i``, output ``c``.
 
@@ -22,7 +23,8 @@ Exactness: a module called several times in one forward (or a parameter shared b
 modules) is handled exactly by summing its per-sample gradients over the calls. A module with
 parameters and no handler gets its rows through its own part of the graph
 (:data:`.handlers.AUTOGRAD_ROWS`). Parameters of modules returning no differentiable tensor (in
-a tuple or list), of modules one of whose outputs is computed from another inside them, whose
+a tuple or list), of modules one of whose outputs is computed from another inside them (but an
+``LSTMCell``, whose handler counts that path once), whose
 input or outputs do not have the batch as their batch dimension (0, or the one the module's type
 fixes: 1 for a recurrent layer's final states), whose output rows are not the samples (checked, not guessed: :mod:`.rows`; e.g. a sequence-first
 ``(T, b, d)`` input with ``T == b``), of modules whose ``forward`` is replaced on the instance, or
