@@ -947,9 +947,9 @@ def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monke
     monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", float("inf"))
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     handler = handlers.handler_for(module)
-    pieces = [handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"]]
+    pieces = [handler.contributions(module, x, g, frozenset({"weight"}))["weight"]]
     monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
-    pieces.append(handler.contributions(module, x, g, frozenset({"weight"}), True)["weight"])
+    pieces.append(handler.contributions(module, x, g, frozenset({"weight"}))["weight"])
     assert isinstance(pieces[1], handlers.KeptConv)
     n = shape[0]
     # the reference: per-sample gradients by autograd, one sample at a time
@@ -1423,7 +1423,7 @@ def test_an_embeddings_rows_are_those_of_the_tokens_a_batch_uses(positions: int,
         a = torch.randint(0, tokens, (6, positions))
         a[0, 0] = 7
         g = torch.randn(6, positions, 4, dtype=torch.float64)
-        piece = handlers.handler_for(emb).contributions(emb, a, g, frozenset({"weight"}), True)["weight"]
+        piece = handlers.handler_for(emb).contributions(emb, a, g, frozenset({"weight"}))["weight"]
         assert type(piece).__name__ == kind
         whole = torch.zeros(6, 1000, 4, dtype=torch.float64)  # the table's rows, sample by sample
         for i in range(6):
@@ -1651,9 +1651,9 @@ def test_a_conv_keeps_its_factors_when_its_gradients_are_much_larger(monkeypatch
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     module, handler = nn.Conv2d(8, 8, 3, padding=1), handlers.handler_for(nn.Conv2d(1, 1, 1))
     small, large = torch.randn(5, 8, 2, 2), torch.randn(5, 8, 4, 4)
-    piece = handler.contributions(module, small, torch.randn_like(small), frozenset({"weight"}), True)["weight"]
+    piece = handler.contributions(module, small, torch.randn_like(small), frozenset({"weight"}))["weight"]
     assert isinstance(piece, handlers.KeptConv)
-    piece = handler.contributions(module, large, torch.randn_like(large), frozenset({"weight"}), True)["weight"]
+    piece = handler.contributions(module, large, torch.randn_like(large), frozenset({"weight"}))["weight"]
     assert not isinstance(piece, handlers.KeptConv)
 
 

@@ -620,7 +620,7 @@ def _overlap_products(n: int, in_positions: int, cin: int, positions: int, kout:
     return groups * (inputs * cin + inputs * positions**2 + outputs * kout) + inputs + 2 * outputs
 
 
-Contributions = Callable[[nn.Module, Tensor, Tensor, frozenset, bool], "dict[str, Piece]"]
+Contributions = Callable[[nn.Module, Tensor, Tensor, frozenset], "dict[str, Piece]"]
 
 
 @dataclass(frozen=True)
@@ -628,9 +628,9 @@ class LayerHandler:
     """How the hooks engine treats one module type.
 
     Attributes:
-        contributions: ``(module, a, g, names, factored_ok) -> {name: Piece}`` for the requested
-            parameter names; ``factored_ok`` is False when the caller needs :class:`Dense` pieces
-            (a parameter used more than once in the forward pass).
+        contributions: ``(module, a, g, names) -> {name: Piece}`` for the requested
+            parameter names (a parameter used by several calls has its calls' pieces joined or
+            summed by the engine).
         unsupported: ``module -> reason`` when this instance cannot be handled exactly
             (its parameters then go to the reference engine), ``None`` when it can.
         check: raises when the module must not be used for GGN at all (BatchNorm in training).
@@ -758,9 +758,7 @@ def sample_shape(shape: Sequence[int], batch_dim: int) -> tuple[int, ...]:
     return (*shape[:batch_dim], *shape[batch_dim + 1 :])
 
 
-def _autograd_rows(
-    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
-) -> dict[str, Piece]:
+def _autograd_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset) -> dict[str, Piece]:
     """Per-sample gradients of a module no handler knows, ``{name: Dense (n, numel)}``.
 
     Row ``r`` of each output's gradient in ``g`` (``(n, ...)``, ``n = b k`` rows sample-major)
@@ -893,9 +891,7 @@ def _rows_through_graph(call: RecordedCall, g: OutputGrads, params: dict[str, Te
 AUTOGRAD_ROWS = LayerHandler(_autograd_rows, needs_input=False, needs_output=True, autocast=True)
 
 
-def _projection_pieces(
-    a: Tensor, g: Tensor, weight: str, bias: str, names: frozenset, factored_ok: bool
-) -> dict[str, Piece]:
+def _projection_pieces(a: Tensor, g: Tensor, weight: str, bias: str, names: frozenset) -> dict[str, Piece]:
     """Pieces of a projection ``y = x W^T + c`` applied at every position, in ``groups`` blocks of
     ``W``'s rows: ``a`` ``(n, groups, S, kin)`` inputs, ``g`` ``(n, groups, S, kout)`` gradients
     at its output, ``W`` laid out ``(groups * kout, kin)``."""
@@ -903,7 +899,7 @@ def _projection_pieces(
     pieces: dict[str, Piece] = {}
     if weight in names:
         factored = Factored(a, g, with_bias=bias in names)
-        cheaper = factored_ok and factored_is_cheaper(n, positions, kin, g.shape[3], groups)
+        cheaper = factored_is_cheaper(n, positions, kin, g.shape[3], groups)
         pieces[weight] = factored if cheaper else factored.dense()
     if bias in names:
         pieces[bias] = _bias_piece(g.sum(2).reshape(n, -1), pieces.get(weight))
@@ -946,9 +942,7 @@ def _attention_mask(attn_mask: Tensor | None, padding: Tensor | None, k: int, dt
     return merged
 
 
-def _attention_rows(
-    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
-) -> dict[str, Piece]:
+def _attention_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset) -> dict[str, Piece]:
     """``nn.MultiheadAttention`` as ``TransformerEncoderLayer`` calls it (batch or sequence first, one
     embedding size, keys and values of one length (queries of it or of another: a decoder's
     cross-attention), an ``attn_mask`` of ``(L, S)`` (a causal one among them) and a
@@ -983,7 +977,7 @@ def _attention_rows(
         and all(x is None for x in g[1:])  # the weights, where returned, do not reach the residuals
     )
     if not plain:
-        return _autograd_rows(module, call, g, names, factored_ok)
+        return _autograd_rows(module, call, g, names)
     output, grad = call.outputs[0], g[0]  # grad: (n, T, E), its batch first (the engine moved it)
     if not module.batch_first:  # sequence-first (T, b, E): the same attention, its batch first
         query, key, value, output = (t.transpose(0, 1) for t in (query, key, value, output))
@@ -1007,17 +1001,15 @@ def _attention_rows(
     again = (out.detach() if module.out_proj.bias is None else out.detach() + module.out_proj.bias.detach())[:: n // b]
     tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
     if output._version != call.versions[0] or float((again - expected).abs().max()) > tolerance:
-        return _autograd_rows(module, call, g, names, factored_ok)
+        return _autograd_rows(module, call, g, names)
     if inputs[0].shape[1] == inputs[1].shape[1]:  # one length: the three projections as groups of factors
         pieces = _projection_pieces(
-            torch.stack(inputs, 1), torch.stack(grads, 1), "in_proj_weight", "in_proj_bias", names, factored_ok
+            torch.stack(inputs, 1), torch.stack(grads, 1), "in_proj_weight", "in_proj_bias", names
         )
     else:  # cross-attention: queries of another length than the keys, the three blocks' rows dense
         pieces = _blocks_dense(inputs, grads, "in_proj_weight", "in_proj_bias", names)
     pieces.update(
-        _projection_pieces(
-            attended.detach().unsqueeze(1), grad.unsqueeze(1), "out_proj.weight", "out_proj.bias", names, factored_ok
-        )
+        _projection_pieces(attended.detach().unsqueeze(1), grad.unsqueeze(1), "out_proj.weight", "out_proj.bias", names)
     )
     return pieces
 
@@ -1033,27 +1025,25 @@ def _sum_to_rows(x: Tensor) -> Tensor:
 
 
 @register_handler(ScalarBias, needs_input=False, sequence_first=True)
-def _scalar_bias(
-    module: nn.Module, a: Tensor | None, g: Tensor, names: frozenset, factored_ok: bool
-) -> dict[str, Piece]:
+def _scalar_bias(module: nn.Module, a: Tensor | None, g: Tensor, names: frozenset) -> dict[str, Piece]:
     # d(x + b)/db sums the output gradient over every entry of the sample.
     return {"bias": Dense(_sum_to_rows(g))}
 
 
 @register_handler(ScalarScale, sequence_first=True)
-def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     return {"scale": Dense(_sum_to_rows(g * a))}
 
 
 @register_handler(nn.Linear, autocast=True, sequence_first=True)
-def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     n, out_features = g.shape[0], module.out_features
     a3 = a.reshape(n, -1, module.in_features)  # (n, S, in): all leading dimensions are positions
     g3 = g.reshape(n, -1, out_features)
     pieces: dict[str, Piece] = {}
     if "weight" in names:
         positions = a3.shape[1]
-        if factored_ok and factored_is_cheaper(n, positions, module.in_features, out_features):
+        if factored_is_cheaper(n, positions, module.in_features, out_features):
             pieces["weight"] = Factored(a3.unsqueeze(1), g3.unsqueeze(1), with_bias="bias" in names)
         elif positions == 1:
             pieces["weight"] = Dense((g3[:, 0, :, None] * a3[:, 0, None, :]).reshape(n, -1))
@@ -1317,7 +1307,7 @@ def _patch_view(
 
 
 @register_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, unsupported=_conv_unsupported, autocast=True)
-def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     n = g.shape[0]
     pieces: dict[str, Piece] = {}
     if "weight" in names:
@@ -1327,10 +1317,8 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
         positions = math.prod(g.shape[2:])
         trivial = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride) and not any(padding)
         inputs = (math.prod(x.shape[2:]), x.shape[1] // groups)  # T and cin of an InputOverlap
-        use_factors = (
-            factored_ok
-            and x.dim() in (3, 4)
-            and factored_is_cheaper(n, positions, kin, kout, groups, unfold=not trivial, overlap=inputs)
+        use_factors = x.dim() in (3, 4) and (
+            factored_is_cheaper(n, positions, kin, kout, groups, unfold=not trivial, overlap=inputs)
         )
         if use_factors:
             overlap = overlap_is_cheaper(n, *inputs, positions, kin, kout, groups)
@@ -1342,7 +1330,7 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok
             def per_sample(transient: bool = False) -> Dense | PermutedDense:
                 return CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding, transient))[1]
 
-            if factored_ok and module.weight.numel() > KEEP_FACTORS_ABOVE * (x[0].numel() + g[0].numel()):
+            if module.weight.numel() > KEEP_FACTORS_ABOVE * (x[0].numel() + g[0].numel()):
                 pieces["weight"] = KeptConv(module, x, g, padding, per_sample)
             else:
                 pieces["weight"] = per_sample()
@@ -1389,12 +1377,12 @@ def _channel_affine_pieces(
 
 
 @register_handler(nn.GroupNorm, autocast=True)
-def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     return _channel_affine_pieces(lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names)
 
 
 @register_handler(nn.LayerNorm, autocast=True, sequence_first=True)
-def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
     return _affine_pieces(x_hat, g, len(module.normalized_shape), names)
 
@@ -1418,7 +1406,7 @@ def _batch_norm_unsupported(module: nn.Module) -> str | None:
 @register_handler(
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, unsupported=_batch_norm_unsupported, check=batch_norm_check
 )
-def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     # eval mode: a fixed per-channel affine map of the input, normalised by the running statistics
     return _channel_affine_pieces(
         lambda x: F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps),
@@ -1436,7 +1424,7 @@ def _embedding_unsupported(module: nn.Module) -> str | None:
 
 
 @register_handler(nn.Embedding, unsupported=_embedding_unsupported, sequence_first=True)
-def _embedding(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factored_ok: bool) -> dict[str, Piece]:
+def _embedding(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     """Per-sample gradients of the table's rows the batch uses (the others are zero for every
     sample): ``(n, u * dim)`` for the ``u`` distinct tokens of ``a`` (:class:`UsedRows`), the
     whole table's ``(n, vocab * dim)`` (:class:`Dense`) when the batch uses every row, or their
@@ -1446,7 +1434,7 @@ def _embedding(module: nn.Module, a: Tensor, g: Tensor, names: frozenset, factor
     tokens = a.reshape(n, -1)
     used, position = torch.unique(tokens, return_inverse=True)  # (u,), (n, T) into used
     u, positions = used.numel(), tokens.shape[1]
-    if factored_ok and u > positions**2 and (n * positions) ** 2 <= MAX_FACTORED_ENTRIES:
+    if u > positions**2 and (n * positions) ** 2 <= MAX_FACTORED_ENTRIES:
         g = g.reshape(n, positions, dim)
         if module.padding_idx is not None:  # the padding row receives no gradient
             g = g.masked_fill((tokens == module.padding_idx).unsqueeze(2), 0.0)

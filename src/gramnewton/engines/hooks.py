@@ -41,7 +41,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,11 +51,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
 from torch.overrides import TorchFunctionMode
 
-from . import recurrent  # noqa: F401  (registers the handler of nn.RNN, nn.GRU and nn.LSTM)
+from . import (
+    handlers,
+    recurrent,  # noqa: F401  (registers the handlers of the recurrent layers and cells)
+)
 from .base import Closure, GramSystem, check_fits, params_dtype, residuals_2d, slice_columns
 from .handlers import (
     AUTOGRAD_ROWS,
     Dense,
+    Factored,
+    FoldedBias,
     LayerHandler,
     Piece,
     RecordedCall,
@@ -199,6 +204,77 @@ def _sink_edges(post: list[Any], nodes: dict[Any, list[GradientEdge]]) -> list[G
             for edge in edges:
                 sinks[(node, edge.output_nr)] = edge
     return list(sinks.values())
+
+
+class _Summed:
+    """The per-sample gradients of a parameter that several calls use (a layer or cell applied at
+    every step of a loop, a shared weight), added up over the calls.
+
+    :class:`Factored` pieces of one layout are kept and joined along their positions at the end:
+    one piece, the layer applied at all of them (a 16-step cell loop: one product instead of 16
+    dense formations and sums), while their factors hold no more entries than the dense rows
+    would. Anything else, or beyond that, is summed as dense rows ``(n, numel)``, in place after
+    the first sum. The result never folds a bias in (``with_bias`` off): the bias, summed too, is
+    a plain :class:`Dense` that adds its own Gram part.
+    """
+
+    def __init__(self) -> None:
+        self.factors: list[Factored] = []  # while still joining (no dense rows yet)
+        self.rows: Tensor | None = None
+        self.owned = False  # whether ``rows`` is this sum's own tensor (a piece's may be shared)
+
+    def add(self, piece: Piece) -> None:
+        """Add one call's piece."""
+        if self.rows is None and type(piece) is Factored and piece.overlap is None:
+            if not self.factors or _same_layout(self.factors[0], piece):
+                self.factors.append(piece)
+                n, groups, _, kin = piece.a.shape
+                if sum(f.a.numel() + f.g.numel() for f in self.factors) <= n * groups * kin * piece.g.shape[3]:
+                    return
+                piece = self._joined()  # more entries than the dense rows: those from here on
+                self.factors = []
+        if self.factors:
+            self._add_rows(self._joined().dense().jac)
+            self.factors = []
+        self._add_rows(piece.dense().jac)
+
+    def _add_rows(self, jac: Tensor) -> None:
+        if self.rows is None:
+            self.rows = jac
+        elif self.owned:
+            self.rows.add_(jac)
+        else:
+            self.rows, self.owned = self.rows + jac, True
+
+    def _joined(self) -> Factored:
+        first = self.factors[0]
+        if len(self.factors) == 1:
+            return replace(first, with_bias=False)
+        a, g = torch.cat([f.a for f in self.factors], 2), torch.cat([f.g for f in self.factors], 2)
+        return replace(first, a=a, g=g, with_bias=False)
+
+    def piece(self) -> Piece:
+        """The parameter's piece over all the calls added: the joined factors where the cost
+        model (:func:`.handlers.factored_is_cheaper`) prefers them at their number of positions,
+        else dense rows."""
+        if self.factors:  # every piece joined
+            joined = self._joined()
+            n, groups, positions, kin = joined.a.shape
+            cheaper = handlers.factored_is_cheaper(n, positions, kin, joined.g.shape[3], groups)
+            return joined if cheaper else joined.dense()
+        return Dense(self.rows)
+
+
+def _same_layout(first: Factored, other: Factored) -> bool:
+    """Whether two calls' factors can be joined along their positions: the same rows, groups,
+    widths and column order."""
+    return (
+        first.a.shape[:2] == other.a.shape[:2]
+        and first.a.shape[3] == other.a.shape[3]
+        and first.g.shape[3] == other.g.shape[3]
+        and (first.in_shape, first.in_perm) == (other.in_shape, other.in_perm)
+        and first.a.dtype == other.a.dtype
+    )
 
 
 def _sample_major(grads: list[Tensor | None], batch_dim: int) -> Tensor | None:
@@ -754,8 +830,7 @@ class HooksEngine:
             return pieces
         dtype = residuals.dtype  # the parameters' (the residuals were checked against them)
         pending = dict(uses)
-        partial: dict[int, Dense] = {}
-        summed: set[int] = set()  # parameters whose partial sum is a tensor of this step's own
+        partial: dict[int, _Summed] = {}
         narrow: list[Tensor] = []  # per-sample gradients of narrow Dense pieces, (b*k, width) each
 
         def finish(call: _Call) -> None:
@@ -787,26 +862,20 @@ class HooksEngine:
                 a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
             names = call.params
             t0 = time.perf_counter()
-            new = call.handler.contributions(
-                call.module, a, g, frozenset(names), all(uses[id(p)] == 1 for p in names.values())
-            )
+            new = call.handler.contributions(call.module, a, g, frozenset(names))
+            if any(uses[id(p)] > 1 for p in names.values()):
+                # a bias folded into a weight that other calls use too (a tied weight): the weight's
+                # summed piece folds nothing (:class:`_Summed`), so the bias adds its own Gram part
+                new = {n: Dense(p.jac) if type(p) is FoldedBias else p for n, p in new.items()}
             timings["per_sample"] += time.perf_counter() - t0
             for name, piece in new.items():
                 pid = id(names[name])
                 if uses[pid] > 1:  # several calls: their per-sample gradients add up
-                    dense = piece.dense()
-                    if pid not in partial:
-                        partial[pid] = dense
-                    elif pid in summed:  # in place: a module called at every step of a loop would
-                        # otherwise allocate (and fault in) a fresh (n, numel) sum per call
-                        partial[pid].jac.add_(dense.jac)
-                    else:  # the first sum owns its memory (a piece's gradients may be shared)
-                        partial[pid] = Dense(partial[pid].jac + dense.jac)
-                        summed.add(pid)
+                    partial.setdefault(pid, _Summed()).add(piece)
                     pending[pid] -= 1
                     if pending[pid]:
                         continue
-                    piece = partial.pop(pid)
+                    piece = partial.pop(pid).piece()
                 if gram is not None:
                     t0 = time.perf_counter()
                     if type(piece) is Dense and piece.jac.shape[1] < NARROW_COLUMNS:  # not a FoldedBias
@@ -836,10 +905,10 @@ class HooksEngine:
                 f"the backward pass did not reach {len(missing)} hooked module call(s) "
                 f"({', '.join(sorted({type(c.module).__name__ for c in missing}))}); was an output modified in place?"
             )
-        for pid, dense in partial.items():  # calls that the residuals do not depend on add nothing
+        for pid, summed in partial.items():  # calls that the residuals do not depend on add nothing
+            pieces[pid] = summed.piece()
             if gram is not None:
-                dense.add_gram_lower(gram)
-            pieces[pid] = dense
+                pieces[pid].add_gram_lower(gram)
         if gram is not None:
             if narrow:
                 t0 = time.perf_counter()

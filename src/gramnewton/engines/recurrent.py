@@ -93,9 +93,7 @@ def _repeated(t: Tensor, k: int, dim: int) -> Tensor:
 
 
 @register_handler(nn.RNN, nn.GRU, nn.LSTM, needs_input=False, needs_output=True)
-def _recurrent_rows(
-    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
-) -> dict[str, Piece]:
+def _recurrent_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset) -> dict[str, Piece]:
     """The per-sample gradients of an ``RNN``/``GRU``/``LSTM`` call (module docstring): for layer
     ``l`` and direction ``d``, ``weight_ih`` / ``bias_ih`` from the factors (the layer's input
     ``(n, T, I_l)``, ``dgi`` ``(n, T, G H)``) and ``weight_hh`` / ``bias_hh`` from (the previous
@@ -103,7 +101,7 @@ def _recurrent_rows(
     with the batch in dimension 0 (``out`` ``(n, T, D H)``, ``h_n`` and ``c_n`` ``(n, L D, H)``)."""
     plain = _plain(module, call, g)
     if plain is None:
-        return _autograd_rows(module, call, g, names, factored_ok)
+        return _autograd_rows(module, call, g, names)
     x, h0, c0 = plain
     n, b = next(grad for grad in g if grad is not None).shape[0], x.shape[0]
     k, steps, hidden = n // b, x.shape[1], module.hidden_size
@@ -154,7 +152,7 @@ def _recurrent_rows(
             [t for t, _ in reached], wanted, [grad.to(t.dtype) for t, grad in reached], allow_unused=True
         )
     if not _reproduces(module, call, again, k):
-        return _autograd_rows(module, call, g, names, factored_ok)
+        return _autograd_rows(module, call, g, names)
     grads = [torch.zeros_like(t) if d is None else d for t, d in zip(wanted, grads)]
     pieces: dict[str, Piece] = {}
     for j, (suffix, inputs, previous) in enumerate(factors):
@@ -162,14 +160,10 @@ def _recurrent_rows(
         # dgh in processing order (reversed in time for the reverse direction), as ``previous`` is
         dgi, dgh = grads[at], torch.stack(grads[at + 1 : at + 1 + steps], 1)
         pieces.update(
-            _projection_pieces(
-                inputs.unsqueeze(1), dgi.unsqueeze(1), f"weight_ih{suffix}", f"bias_ih{suffix}", names, factored_ok
-            )
+            _projection_pieces(inputs.unsqueeze(1), dgi.unsqueeze(1), f"weight_ih{suffix}", f"bias_ih{suffix}", names)
         )
         pieces.update(
-            _projection_pieces(
-                previous.unsqueeze(1), dgh.unsqueeze(1), f"weight_hh{suffix}", f"bias_hh{suffix}", names, factored_ok
-            )
+            _projection_pieces(previous.unsqueeze(1), dgh.unsqueeze(1), f"weight_hh{suffix}", f"bias_hh{suffix}", names)
         )
     return pieces
 
@@ -187,9 +181,7 @@ def _reproduces(module: nn.Module, call: RecordedCall, again: list[Tensor], k: i
     return True
 
 
-def _cell_rows(
-    module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset, factored_ok: bool
-) -> dict[str, Piece]:
+def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset) -> dict[str, Piece]:
     """The per-sample gradients of one call of an ``RNNCell``/``GRUCell``/``LSTMCell``
     (``h' = cell(x, h)``, an LSTM's ``(h', c')``): ``weight_ih``'s row ``dgi x^T``, ``weight_hh``'s
     ``dgh h^T``, from the cell run again at the batch (``x`` ``(n, I)``, ``h``, ``c`` ``(n, H)``) and
@@ -232,17 +224,11 @@ def _cell_rows(
             again[0] = again[0].detach()
         if _reproduces(module, call, again, k):
             dgi, dgh = (torch.zeros_like(t) if d is None else d for t, d in zip((gi, gh), grads))
-            pieces = _projection_pieces(
-                inputs[:, None, None], dgi[:, None, None], "weight_ih", "bias_ih", names, factored_ok
-            )
-            pieces.update(
-                _projection_pieces(
-                    states[:, None, None], dgh[:, None, None], "weight_hh", "bias_hh", names, factored_ok
-                )
-            )
+            pieces = _projection_pieces(inputs[:, None, None], dgi[:, None, None], "weight_ih", "bias_ih", names)
+            pieces.update(_projection_pieces(states[:, None, None], dgh[:, None, None], "weight_hh", "bias_hh", names))
             return pieces
     if not lstm:
-        return _autograd_rows(module, call, g, names, factored_ok)
+        return _autograd_rows(module, call, g, names)
     raise RuntimeError(
         "an LSTMCell's input or output was changed in place after the call (or the call could not be "
         "run again); the hooks engine needs them unchanged (engine='reference' is exact for it)"
