@@ -20,7 +20,8 @@ How a step runs (docs/design.md, "The hooks engine"):
 Rows of the Gram matrix are sample-major: row ``i * k + c`` is sample ``i``, output ``c``.
 
 Exactness: a module called several times in one forward (or a parameter shared by two supported
-modules) is handled exactly by summing its per-sample gradients over the calls. A module with
+modules) is handled exactly by summing its per-sample gradients over the calls (their factors
+joined along their positions where they share a layout, :class:`_Summed`). A module with
 parameters and no handler gets its rows through its own part of the graph
 (:data:`.handlers.AUTOGRAD_ROWS`). Parameters of modules returning no differentiable tensor (in
 a tuple or list), of modules one of whose outputs is computed from another inside them (but an
