@@ -1287,6 +1287,56 @@ def test_a_handlerless_module_that_cannot_simply_be_run_again(kind: str) -> None
     assert_close("gram vs reference", fast.gram, reference.gram)
 
 
+class PositionEmbedded(nn.Module):
+    """A learned position embedding added inside the model, before hooked layers and dropout
+    (as a ViT's top-level module holds it): its own parameter reaches the residuals through the
+    inner Linears' outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(0.1 * torch.randn(4, 6))
+        self.embed, self.block, self.head = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(self.embed(x) + self.pos, 0.1, self.training)
+        return self.head(torch.tanh(self.block(h)).mean(1))
+
+
+class LearnedInitialState(nn.Module):
+    """A GRU whose initial state is a parameter of the enclosing module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.head = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 2)
+        self.h0 = nn.Parameter(torch.randn(1, 1, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.gru(x, self.h0.expand(1, x.shape[0], 5).contiguous())[0][:, -1])
+
+
+@pytest.mark.parametrize("model_class", [PositionEmbedded, LearnedInitialState])
+def test_rows_through_a_modules_graph_leave_the_modules_inside_alone(
+    model_class: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handlerless module's parameter that reaches the residuals through hooked modules inside
+    it: its rows through the recorded graph run those modules' output hooks in a backward pass of
+    their own, whose gradients are not the step's. They were taken as the step's: the position
+    embedding's step crashed (the inner handlers ran under that pass's vmap), the GRU's Gram was
+    39% off, silently. The inner modules' rows must come from the step's pass alone."""
+    monkeypatch.setattr(handlers, "_rows_by_recomputation", lambda *args: None)
+    torch.manual_seed(0)
+    model = model_class().double().train()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    torch.manual_seed(1)  # the same dropout masks in both engines' forward passes
+    fast = HooksEngine(model).compute(lambda: model(x))
+    torch.manual_seed(1)
+    reference = ReferenceEngine(list(model.parameters())).compute(lambda: model(x))
+    assert_close("gram vs reference", fast.gram, reference.gram)
+    v = torch.randn(fast.gram.shape[0], dtype=torch.float64)
+    got, want = (torch.cat([t.reshape(-1) for t in s.jt_times(v)]) for s in (fast, reference))
+    assert_close("J^T v vs reference", got, want)
+
+
 @pytest.mark.parametrize("model_name", ["gated", "lstm_all_outputs"])
 @pytest.mark.parametrize("entries", [1, 40])
 def test_rows_through_a_modules_own_graph_in_chunks(

@@ -426,6 +426,11 @@ class HooksEngine:
         self.last_timings: dict[str, float] = {}
         self.workspace = Workspace()
         self._finish: Any = None  # set only while this engine's own backward pass runs
+        # set while a handler runs inside that pass: a backward pass of its own through the recorded
+        # graph (handlers._rows_through_graph, a module's parameter that reaches the residuals
+        # through a hooked module inside it: a learned initial state, a position embedding) runs
+        # the inner calls' output hooks, whose gradients are that pass's, not the step's
+        self._in_handler = False
         # set only during the row check: (call, which output, gradient)
         self._observe: Callable[[_Call, int, Tensor | None], None] | None = None
         # id of each call the backward passes feed -> how many of its output gradients are still to come
@@ -863,7 +868,11 @@ class HooksEngine:
                 a = a.unsqueeze(1).expand(b, k, *a.shape[1:]).flatten(0, 1)
             names = call.params
             t0 = time.perf_counter()
-            new = call.handler.contributions(call.module, a, g, frozenset(names))
+            self._in_handler = True
+            try:
+                new = call.handler.contributions(call.module, a, g, frozenset(names))
+            finally:
+                self._in_handler = False
             if any(uses[id(p)] > 1 for p in names.values()):
                 # a bias folded into a weight that other calls use too (a tied weight): the weight's
                 # summed piece folds nothing (:class:`_Summed`), so the bias adds its own Gram part
@@ -926,7 +935,7 @@ class HooksEngine:
             return
         # Gated: the hooks stay on the outputs and fire again in any other backward pass.
         left = self._expected.get(id(call))
-        if self._finish is None or call.done or left is None:
+        if self._finish is None or self._in_handler or call.done or left is None:
             return
         call.grads[output].append(grad)
         if left == 1:  # every column's gradient of each output the passes reach
