@@ -253,7 +253,6 @@ def gram_gauss_newton_direction(
     space = choose_solve_space(solve_space, system, engine.params, solve_dtype)
     solve = _parameter_space if space == "parameter" else _sample_space
     step, again = solve(system, engine.params, lam, alpha, solve_dtype, momentum, previous, use_momentum)
-    step = replace(step, alpha=alpha)
     if acceleration is not None:
         step = _accelerated(step, again, system, closure, engine.params, lam, acceleration)
     # one float64 norm over the whole direction (the diagnostics' step norm) says it is finite; only
@@ -303,7 +302,8 @@ def _sample_space(
 
     linear = r if j_previous is None else r - momentum * j_previous
     predicted = linear - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
-    return GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted), correction
+    step = GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted, alpha=alpha)
+    return step, correction
 
 
 def _parameter_space(
@@ -325,7 +325,9 @@ def _parameter_space(
     phi, info, again = parameter_space_solution(jac, r.to(jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
     direction = split_like(-phi, params)
     predicted = r - (jac @ phi).to(r.dtype)
-    step = GramGaussNewtonStep(direction, system.residuals, system.gram, None, info, predicted, "parameter")
+    step = GramGaussNewtonStep(
+        direction, system.residuals, system.gram, None, info, predicted, "parameter", alpha=alpha
+    )
     return step, lambda e: split_like(-again(e.to(jac.dtype)), params)
 
 

@@ -196,6 +196,7 @@ def widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     outputs a loss's curvature is formed from, are in the parameters' precision."""
     narrower = (
         dtype is not None
+        and tensor.dtype != dtype  # the usual case, decided without the two finfo look-ups
         and tensor.is_floating_point()
         and dtype.is_floating_point
         and torch.finfo(tensor.dtype).eps > torch.finfo(dtype).eps
@@ -245,7 +246,7 @@ def replayable_randomness(params: Iterable[Tensor]) -> Iterator[None]:
     are not replayed). Re-evaluations leave the generators as they found them, so the random
     numbers a run draws do not depend on how many re-evaluations its damping rule asked for.
     """
-    cuda = sorted({_cuda_index(p.device) for p in params if p.device.type == "cuda"})
+    cuda = sorted({_cuda_index(p.device) for p in params if p.is_cuda})  # is_cuda: no device object per parameter
     state = RandomState(torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in cuda})
     token = _recorded.set(state)
     try:
@@ -363,10 +364,12 @@ _LOSS_NODES = {
 def _refuse_losses(residuals: Tensor) -> None:
     """Raise for per-sample losses returned as residuals (:data:`_LOSS_NODES`)."""
     node = residuals.grad_fn
-    while node is not None and node.name() in ("ViewBackward0", "UnsqueezeBackward0", "SqueezeBackward1"):
+    name = None if node is None else node.name()
+    while name in ("ViewBackward0", "UnsqueezeBackward0", "SqueezeBackward1"):
         node = node.next_functions[0][0]  # a reshape of the losses is still the losses
-    if node is not None and node.name() in _LOSS_NODES:
-        what, fix = _LOSS_NODES[node.name()]
+        name = None if node is None else node.name()
+    if name in _LOSS_NODES:
+        what, fix = _LOSS_NODES[name]
         raise ValueError(f"closure returned {what}, not residuals: {fix}; no parameter was changed")
 
 

@@ -75,7 +75,7 @@ from .handlers import (
 )
 from .locality import Locality, Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
-from .rows import children, graph_signature, post_order, rows_not_samples
+from .rows import graph_signature, post_order, rows_not_samples
 from .workspace import Workspace, activated
 
 # Forward signatures whose row check (:mod:`.rows`) is remembered; more are forgotten at once.
@@ -143,24 +143,31 @@ class _ForeignUse(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         owners, stack = self.owners, self.stack
-        if not torch.is_grad_enabled() or (
-            getattr(func, "__name__", None) == "__get__"
-            and getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA
-        ):
-            # without grad mode no operation puts the parameter in the graph (a lazy module's
-            # initialisation, a power iteration's update): no path the Jacobian could miss
-            return func(*args, **kwargs)
         for arg in (*args, *kwargs.values()) if kwargs else args:  # no tuple built for the usual call
             # parameters reach operations directly or in a flat list (torch.cat, F.linear's args)
             for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
                 owner = owners.get(id(leaf))
                 if owner is not None and (not stack or stack[-1] not in owner):  # outside every owner
+                    if not _is_use(func):
+                        return func(*args, **kwargs)
                     name = self.adopters.get(stack[-1], {}).get(id(leaf)) if stack else None
                     if name is None:
                         self.found.add(id(leaf))
                     else:
                         self.adopted.setdefault(stack[-1], {})[name] = leaf
         return func(*args, **kwargs)
+
+
+def _is_use(func: Any) -> bool:
+    """Whether ``func`` uses the values of a parameter among its arguments: not without grad
+    mode, where no operation puts the parameter in the graph (a lazy module's initialisation, a
+    power iteration's update: no path the Jacobian could miss), nor a read of its metadata
+    (:data:`_METADATA`). Asked only of operations that take a parameter outside its module: the
+    look-ups of :class:`_ForeignUse` find none in most operations, and cost less than this."""
+    return torch.is_grad_enabled() and not (
+        getattr(func, "__name__", None) == "__get__"
+        and getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA
+    )
 
 
 def _release(calls: list[_Call]) -> None:
@@ -198,7 +205,7 @@ def _sink_edges(post: list[Any], nodes: dict[Any, list[GradientEdge]]) -> list[G
     """
     below: dict[Any, bool] = {}
     for node in post:
-        below[node] = any(nxt in nodes or below[nxt] for nxt in children(node))
+        below[node] = any(nxt is not None and (nxt in nodes or below[nxt]) for nxt, _ in node.next_functions)
     sinks = {}
     for node, edges in nodes.items():
         if node in below and not below[node]:
@@ -378,7 +385,8 @@ class HooksEngine:
                 continue
             handler = handler_for(module)
             if handler is not None:
-                self._checks.append((module, handler.check))
+                if handler.check is not LayerHandler.check:  # the default checks nothing: not called every step
+                    self._checks.append((module, handler.check))
             elif isinstance(module, _BatchNorm):  # e.g. SyncBatchNorm: couples samples when training
                 self._checks.append((module, batch_norm_check))
             own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in wanted}
@@ -403,6 +411,8 @@ class HooksEngine:
         self._modules = [(m, h, {n: p for n, p in own.items() if id(p) not in reasons}) for m, h, own in self._modules]
         self._modules = [(m, h, own) for m, h, own in self._modules if own]
         self._static_reference = set(reasons)
+        # ids of the parameters the hooks compute, as the locality walk watches them every step
+        self._hooked = frozenset(id(p) for _, _, own in self._modules for p in own.values())
         self._owners: dict[int, set[int]] = {}  # id of a hooked parameter -> ids of the modules owning it
         for module, _, own in self._modules:
             for p in own.values():
@@ -596,7 +606,7 @@ class HooksEngine:
                 rows = (x.shape[0] if x.dim() else 0, *out_rows)
                 kept, version = (x.detach() if handler.needs_input else None), x._version
             inputs = frozenset(
-                get_gradient_edge(t).node
+                t.grad_fn or get_gradient_edge(t).node  # the same node; a leaf's is its gradient accumulator
                 for t in (*args, *kwargs.values())
                 if isinstance(t, Tensor) and t.requires_grad
             )
@@ -672,8 +682,7 @@ class HooksEngine:
             )
             for c in calls
         ]
-        hooked = {id(p) for _, _, own in self._modules for p in own.values()}
-        return params_off_module_paths(residuals.grad_fn, regions, hooked, residuals.output_nr)
+        return params_off_module_paths(residuals.grad_fn, regions, self._hooked, residuals.output_nr)
 
     def _route(
         self, calls: list[_Call], foreign: set[int], locality: Locality, residuals: Tensor, post: list[Any]

@@ -90,15 +90,17 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
     stack: list[tuple[Any, int, tuple[int, ...], bool]] = [(root, root_nr, (), False)]
     while stack:
         node, nr, path, entering = stack.pop()
-        if not entering and path:  # before the visit check: the edge may be seen already, entered from outside
-            entangled.update(index for index in at_output.get((node, nr), ()) if index in path)
-        if (node, nr, path) in seen:
+        here = at_output.get((node, nr))  # the regions with an output at this edge (most edges: none)
+        if here and not entering and path:  # before the visit check: the edge may be seen already, entered from outside
+            entangled.update(index for index in here if index in path)
+        key = (node, nr, path)
+        if key in seen:
             continue
-        seen.add((node, nr, path))
+        seen.add(key)
         if path and node in regions[path[-1]].inputs:
             stack.append((node, nr, path[:-1], False))  # left the innermost module through one of its inputs
             continue
-        entered = [index for index in at_output.get((node, nr), ()) if index not in path]
+        entered = [index for index in here if index not in path] if here else None
         if entered:
             stack.append((node, nr, path + tuple(sorted(entered, reverse=True)), True))
             continue

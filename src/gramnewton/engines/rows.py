@@ -55,21 +55,17 @@ import torch
 from torch import Tensor
 
 
-def children(node: Any) -> list[Any]:
-    """The autograd nodes that ``node`` sends gradients to."""
-    return [nxt for nxt, _ in node.next_functions if nxt is not None]
-
-
 def post_order(root: Any) -> list[Any]:
     """Autograd nodes reachable from ``root``, children before parents (iterative depth-first)."""
     visited, post = {root}, []
-    stack = [(root, iter(children(root)))]
+    # each node's edges read once, without a list of its children (this walk runs every step)
+    stack = [(root, iter(root.next_functions))]
     while stack:
         node, it = stack[-1]
-        for nxt in it:
-            if nxt not in visited:
+        for nxt, _ in it:
+            if nxt is not None and nxt not in visited:
                 visited.add(nxt)
-                stack.append((nxt, iter(children(nxt))))
+                stack.append((nxt, iter(nxt.next_functions)))
                 break
         else:
             stack.pop()
