@@ -30,9 +30,13 @@ from .handlers import OutputGrads, Piece, RecordedCall, _autograd_rows, _project
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 
 
-def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _cell(
+    mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, chained: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """One time step of ``mode`` (``module.mode``) from the pre-activations ``gi``, ``gh``
-    ``(n, G H)`` and the state ``h`` (and ``c``) ``(n, H)``: PyTorch's formulas (torch.nn docs)."""
+    ``(n, G H)`` and the state ``h`` (and ``c``) ``(n, H)``: PyTorch's formulas (torch.nn docs).
+    ``chained=False``: an LSTM's new ``h`` is differentiated through its output gate only, its
+    new ``c`` taken as a constant there (:func:`_cell_rows`)."""
     if mode == "GRU":
         ir, iz, i_new = gi.chunk(3, 1)
         hr, hz, h_new = gh.chunk(3, 1)
@@ -42,7 +46,7 @@ def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tup
     if mode == "LSTM":
         i, f, g, o = (gi + gh).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return torch.sigmoid(o) * torch.tanh(c if chained else c.detach()), c
     return (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi + gh), None
 
 
@@ -199,29 +203,18 @@ def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: fro
         n = next(grad for grad in g if grad is not None).shape[0]
         k, hidden = n // x.shape[0], module.hidden_size
         inputs = _repeated(x, k, 0)
-        states = x.new_zeros(n, hidden) if h is None else _repeated(h, k, 0)
+        states, cells = (x.new_zeros(n, hidden) if t is None else _repeated(t, k, 0) for t in (h, c))
         with torch.enable_grad():
-            gi = F.linear(
-                inputs, module.weight_ih.detach(), None if module.bias_ih is None else module.bias_ih.detach()
-            )
-            gh = F.linear(
-                states, module.weight_hh.detach(), None if module.bias_hh is None else module.bias_hh.detach()
-            )
-            gi.requires_grad_(), gh.requires_grad_()
-            if lstm:
-                i, f, new, o = (gi + gh).chunk(4, 1)
-                cells = x.new_zeros(n, hidden) if c is None else _repeated(c, k, 0)
-                c_new = torch.sigmoid(f) * cells + torch.sigmoid(i) * torch.tanh(new)
-                again = [torch.sigmoid(o) * torch.tanh(c_new.detach()), c_new]
-            else:
-                mode = {nn.GRUCell: "GRU", nn.RNNCell: f"RNN_{getattr(module, 'nonlinearity', '').upper()}"}
-                again = [_cell(mode[type(module)], gi, gh, states, None)[0]]
+            gi = F.linear(inputs, *(None if t is None else t.detach() for t in (module.weight_ih, module.bias_ih)))
+            gh = F.linear(states, *(None if t is None else t.detach() for t in (module.weight_hh, module.bias_hh)))
+            gi.requires_grad_()
+            gh.requires_grad_()
+            mode = "LSTM" if lstm else "GRU" if type(module) is nn.GRUCell else f"RNN_{module.nonlinearity.upper()}"
+            again = list(_cell(mode, gi, gh, states, cells if lstm else None, chained=False))
             reached = [(again[p], grad) for p, grad in zip(call.positions, g) if grad is not None]
             grads = torch.autograd.grad(
                 [t for t, _ in reached], [gi, gh], [grad.to(t.dtype) for t, grad in reached], allow_unused=True
             )
-        if lstm:  # the values the module returned: h' from c' (the run above cut that edge, not the values)
-            again[0] = again[0].detach()
         if _reproduces(module, call, again, k):
             dgi, dgh = (torch.zeros_like(t) if d is None else d for t, d in zip((gi, gh), grads))
             pieces = _projection_pieces(inputs[:, None, None], dgi[:, None, None], "weight_ih", "bias_ih", names)
