@@ -6,7 +6,10 @@ parameter of their own around hooked layers (a gate after them, a scale before t
 gradient checkpointing; on sequences also a learned position embedding, recurrent layers (with or
 without a learned initial state), cells stepped in a loop, attention and transformer encoder
 layers. The Gram matrix and ``J^T v`` of the hooks engine must equal the reference engine's on the
-same random draws. Without the engine ignoring hooks while a handler runs a backward pass of its
+same random draws. Twenty convolutional networks are drawn the same way (1x1 and 3x3
+convolutions, grouped, dilated or weight-normed, GroupNorm, BatchNorm in eval mode, Fixup's
+scalars, a learned channel scale, dropout, a shared convolution, residuals with or without a
+learned gate, three poolings). Without the engine ignoring hooks while a handler runs a backward pass of its
 own through the recorded graph, 2 of these 40 networks fail; before the recurrent layers had a
 handler (whose pass runs on a graph of its own), 10 did: a wrong Gram or ``J^T v`` without a
 warning, or a crash.
@@ -21,11 +24,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrizations
 from torch.utils.checkpoint import checkpoint
 
 from gramnewton.engines import HooksEngine, ReferenceEngine
+from gramnewton.nn import ScalarBias, ScalarScale
 
 WIDTH, STEPS, BATCH = 6, 4, 5
+CHANNELS, SIZE = 4, 6
 
 
 class Gate(nn.Module):
@@ -161,14 +167,101 @@ class RandomNetwork(nn.Module):
         return self.head(h.mean(1) if self.sequences else h)
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_random_network_matches_the_reference_engine(seed: int) -> None:
+class ChannelScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((1, CHANNELS, 1, 1), 1.1))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h * self.w
+
+
+class Residual(nn.Module):
+    """``h + inner(h)``, with a learned gate on the branch or without."""
+
+    def __init__(self, inner: nn.Module, gated: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.gate = nn.Parameter(torch.tensor(0.5)) if gated else None
+
+    def forward(self, h: Tensor) -> Tensor:
+        branch = self.inner(h)
+        return h + (branch if self.gate is None else self.gate * branch)
+
+
+class SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.conv(torch.tanh(self.conv(h)))
+
+
+def draw_conv_block(rng: random.Random, depth: int = 0) -> nn.Module:
+    """A convolution (1x1 or 3x3, grouped or dilated, weight-normed or not), a norm layer, Fixup's
+    scalars, a learned channel scale, dropout, a shared convolution or a residual around blocks."""
+    kinds = ["conv", "activation", "group_norm", "batch_norm", "scalars", "channel_scale", "dropout", "shared"]
+    kind = rng.choice(kinds + (["residual", "gated_residual"] if depth < 2 else []))
+    if kind == "conv":
+        kernel = rng.choice([1, 3])
+        dilation = rng.choice([1, 2]) if kernel == 3 else 1
+        conv = nn.Conv2d(
+            CHANNELS,
+            CHANNELS,
+            kernel,
+            padding=dilation * (kernel // 2),
+            dilation=dilation,
+            groups=rng.choice([1, 2]) if kernel == 3 else 1,
+            bias=rng.random() < 0.7,
+        )
+        return parametrizations.weight_norm(conv) if rng.random() < 0.2 else conv
+    if kind in ("residual", "gated_residual"):
+        inner = nn.Sequential(*(draw_conv_block(rng, depth + 1) for _ in range(rng.randint(1, 2))))
+        return Residual(inner, kind == "gated_residual")
+    simple = {
+        "activation": lambda: rng.choice([nn.ReLU(), nn.Tanh(), nn.GELU()]),
+        "group_norm": lambda: nn.GroupNorm(2, CHANNELS),
+        "batch_norm": lambda: nn.BatchNorm2d(CHANNELS),  # evaluated in eval mode (below)
+        "scalars": lambda: nn.Sequential(ScalarBias(), ScalarScale()),
+        "channel_scale": ChannelScale,
+        "dropout": lambda: nn.Dropout2d(0.2),
+        "shared": SharedConv,
+    }
+    return simple[kind]()
+
+
+class RandomConvNetwork(nn.Module):
+    def __init__(self, rng: random.Random, outputs: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, CHANNELS, 3, padding=1)
+        self.body = nn.Sequential(*(draw_conv_block(rng) for _ in range(rng.randint(2, 5))))
+        self.pool = rng.choice(["mean", "max", "flatten"])
+        self.head = nn.Linear(CHANNELS * SIZE * SIZE if self.pool == "flatten" else CHANNELS, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(self.stem(x))
+        pooled = {"mean": lambda: h.mean((2, 3)), "max": lambda: h.amax((2, 3)), "flatten": lambda: h.flatten(1)}
+        return self.head(pooled[self.pool]())
+
+
+@pytest.mark.parametrize("kind, seed", [("dense", s) for s in range(40)] + [("conv", s) for s in range(20)])
+def test_random_network_matches_the_reference_engine(kind: str, seed: int) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    sequences = rng.random() < 0.6
-    model = RandomNetwork(rng, sequences, outputs=rng.randint(1, 3)).double().train(rng.random() < 0.7)
-    shape = (BATCH, STEPS, 3) if sequences else (BATCH, 3)
-    x = torch.randn(*shape, dtype=torch.float64)
+    if kind == "conv":
+        model = RandomConvNetwork(rng, outputs=rng.randint(1, 3)).double().train(rng.random() < 0.7)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()  # in training it couples the samples (refused)
+        with torch.no_grad():  # away from the zero-initialised Fixup scalars
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(BATCH, 1, SIZE, SIZE, dtype=torch.float64)
+    else:
+        sequences = rng.random() < 0.6
+        model = RandomNetwork(rng, sequences, outputs=rng.randint(1, 3)).double().train(rng.random() < 0.7)
+        x = torch.randn(*((BATCH, STEPS, 3) if sequences else (BATCH, 3)), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # routed parameters warn; they must be exact all the same
         torch.manual_seed(10_000 + seed)  # the same dropout masks in both engines' forward passes
