@@ -2,12 +2,11 @@
 
 Not a test. Steps the hooks engine (``compute`` and ``J^T v``, as in ``step_cost.py``'s
 ``ggn_fast``) on a fresh :data:`~gramnewton.engines.handlers.CONV_WEIGHT_PATHS` and records, per
-step, its time and the seconds spent in timing trials (the first, at each layer shape's
-``TRIAL_AFTER + 1``-th use, and the re-check ``RECHECK_AFTER`` uses later; the default
-``--steps`` covers both). ``torch.set_num_threads(--threads)`` (default 2); run with
+step, its time and the seconds spent in timing trials (the first step's, and the re-check at each
+layer shape's ``RECHECK_AFTER``-th use). ``torch.set_num_threads(--threads)`` (default 2); run with
 ``OMP_WAIT_POLICY=PASSIVE``; the load average is recorded. Results are appended to ``--out``::
 
-    python benchmarks/choice_cost.py --models fixup32 fixup64
+    python benchmarks/choice_cost.py --models fixup32 fixup64 --steps 11
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch
 from results_log import append_record
 
 from gramnewton.engines import HooksEngine, handlers
-from gramnewton.engines import choice as choice_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +76,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["fixup32"], choices=list(step_cost.MODELS))
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=choice_module.TRIAL_AFTER + choice_module.RECHECK_AFTER + 3)
+    p.add_argument("--steps", type=int, default=11)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/choice_cost.json")
     args = p.parse_args()

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gramnewton.engines import handlers
 from gramnewton.lab.experiments.optimizers import build_optimizer
 from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.lab.models import get_model
@@ -114,9 +113,6 @@ def make_step(method: str, batch: int, classes: int) -> Callable[[], None]:
 
 
 def measure(methods: list[str], batch: int, classes: int, reps: int, warmup: int) -> dict:
-    # steady state: each layer's convolution path timed at its first (warm-up) use, not after
-    # the library's TRIAL_AFTER untimed uses (meant for short runs; engines/choice.py)
-    handlers.CONV_WEIGHT_PATHS.trial_after = 0
     steps = {m: make_step(m, batch, classes) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for rnd in range(warmup + reps):

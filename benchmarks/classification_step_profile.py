@@ -62,7 +62,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from gramnewton import GramGaussNewton  # noqa: E402
 from gramnewton.damping import GainRatioDamping  # noqa: E402
-from gramnewton.engines import GramSystem, handlers  # noqa: E402
+from gramnewton.engines import GramSystem  # noqa: E402
 from gramnewton.lab.data import get_dataset  # noqa: E402
 from gramnewton.lab.experiments.demo import DemoConfig, initial_model  # noqa: E402
 from gramnewton.lab.experiments.training import ALL, batch_order, make_train_step, residuals  # noqa: E402
@@ -162,9 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # steady state: each layer's convolution path timed at its first (warm-up) use, not after
-    # the library's TRIAL_AFTER untimed uses (meant for short runs; engines/choice.py)
-    handlers.CONV_WEIGHT_PATHS.trial_after = 0
     dataset, loss, adam_lr = TASKS[args.task]
     smoothing = args.label_smoothing if loss == "cross_entropy" else 0.0
     config = DemoConfig(dataset, task=args.task, seed=0)

@@ -112,9 +112,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/engine_parts.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # steady state: each layer's convolution path timed at its first (warm-up) use, not after
-    # the library's TRIAL_AFTER untimed uses (meant for short runs; engines/choice.py)
-    handlers.CONV_WEIGHT_PATHS.trial_after = 0
     if args.kept_by_convolution:
         handlers.KeptConv._intact = lambda self: None
     gram_calls, products = instrument()

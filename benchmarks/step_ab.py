@@ -147,10 +147,6 @@ def main(argv: list[str] | None = None) -> None:
         sgd = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9))
         steps["sgd"] = lambda: sgd(x, y)
         versions = [("before", before_package), ("after", gramnewton)]
-        for _, package in versions:
-            # steady state: each layer's convolution path timed at its first (warm-up) use, not after
-            # the library's TRIAL_AFTER untimed uses (meant for short runs; engines/choice.py)
-            package.engines.handlers.CONV_WEIGHT_PATHS.trial_after = 0
         for name, package in reversed(versions) if args.after_first else versions:
             model, x_, y_ = step_cost.setup(args.model, args.batch)
             steps[name] = ggn_step(package, model, x_, y_, args.demo, args.options)

@@ -232,9 +232,6 @@ def setup(model_name: str, batch: int) -> tuple[nn.Module, Tensor, Tensor]:
 
 def time_config(model_name: str, batch: int, methods: list[str], reps: int, warmup: int) -> dict:
     """Median step time, ratio to SGD and breakdown of each method, interleaved."""
-    # steady state: each layer's convolution path timed at its first (warm-up) use, not after
-    # the library's TRIAL_AFTER untimed uses (meant for short runs; engines/choice.py)
-    handlers.CONV_WEIGHT_PATHS.trial_after = 0
     steps, breakdowns = {}, {}
     for method in methods:  # every method gets its own copy of the model
         model, x, y = setup(model_name, batch)

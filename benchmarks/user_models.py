@@ -50,7 +50,6 @@ from results_log import append_record
 from torch import Tensor, nn
 
 from gramnewton import GramGaussNewton
-from gramnewton.engines import handlers
 from gramnewton.lab.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,9 +257,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/user_models.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    # steady state: each layer's convolution path timed at its first (warm-up) use, not after
-    # the library's TRIAL_AFTER untimed uses (meant for short runs; engines/choice.py)
-    handlers.CONV_WEIGHT_PATHS.trial_after = 0
     load = os.getloadavg()[0]
     device = torch.device(args.device)
     rows = [

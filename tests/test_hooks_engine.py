@@ -1005,7 +1005,7 @@ class FakeMachine:
 
 def test_measured_choice_keeps_the_fastest_and_caches_it() -> None:
     machine = FakeMachine({"slow": 2.0, "fast": 1.0})
-    choice = handlers.MeasuredChoice(clock=machine.clock, rounds=3, recheck_after=0, trial_after=0)
+    choice = handlers.MeasuredChoice(clock=machine.clock, rounds=3, recheck_after=0)
     assert choice("k", machine.candidates()) == ("fast", "fast")
     assert choice("k", machine.candidates()) == ("fast", "fast")
     assert machine.runs == ["slow", "fast", "fast", "slow", "slow", "fast", "fast", "fast"]  # interleaved, then used
@@ -1030,7 +1030,7 @@ def test_measured_choice_survives_a_slow_phase_of_the_machine(count: int) -> Non
         speeds = {name: base["a"] if name == fastest else base[name] + 0.5 for name in base}
         for start in range(runs):
             machine = FakeMachine(speeds, slow=range(start, start + count + 1))
-            choice = handlers.MeasuredChoice(clock=machine.clock, recheck_after=0, trial_after=0)
+            choice = handlers.MeasuredChoice(clock=machine.clock, recheck_after=0)
             assert choice("k", machine.candidates())[0] == fastest, (fastest, start)
 
 
@@ -1040,24 +1040,11 @@ def test_measured_choice_is_timed_again_once_and_then_kept() -> None:
     rounds, recheck = 3, 4
     first_trial = [i for i, name in enumerate(choice_module.trial_order(["a", "b"], rounds)) if name == "b"]
     machine = FakeMachine({"a": 1.5, "b": 1.0}, slow=first_trial)
-    choice = handlers.MeasuredChoice(clock=machine.clock, rounds=rounds, recheck_after=recheck, trial_after=0)
+    choice = handlers.MeasuredChoice(clock=machine.clock, rounds=rounds, recheck_after=recheck)
     picked = [choice("k", machine.candidates())[0] for _ in range(3 * recheck)]
     assert picked == ["a"] * recheck + ["b"] * (2 * recheck)
     assert choice.trials == {"k": 2} and len(machine.runs) == 2 * 2 * rounds + 3 * recheck
     assert choice.best["k"] == {"a": 1.5, "b": 1.0}
-
-
-def test_measured_choice_times_nothing_in_a_keys_first_uses() -> None:
-    """The first ``trial_after`` uses of a key run its first candidate untimed (a trial's
-    one-time set-up costs would dominate a short run); the trial follows, the re-check
-    ``recheck_after`` uses after it."""
-    machine = FakeMachine({"first": 2.0, "fast": 1.0})
-    choice = handlers.MeasuredChoice(clock=machine.clock, rounds=2, recheck_after=3, trial_after=4)
-    picked = [choice("k", machine.candidates())[0] for _ in range(10)]
-    assert picked == ["first"] * 4 + ["fast"] * 6
-    trial = choice_module.trial_order(["first", "fast"], 2)
-    assert machine.runs == ["first"] * 4 + trial + ["fast"] * 3 + trial + ["fast"] * 3
-    assert choice.trials == {"k": 2} and choice.used == {"first": 4, "fast": 6}
 
 
 def test_cost_model_picks_factors_for_the_wide_two_layer_net() -> None:
@@ -1874,7 +1861,7 @@ def test_workspace_cuts_scratch_to_what_the_last_step_used() -> None:
 
 def test_timing_trials_leave_no_workspace_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """A path that loses the first-step timing must not keep its buffers in the workspace."""
-    monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice(trial_after=0))
+    monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
     monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", 0)  # two candidates: grouped wins by construction
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)

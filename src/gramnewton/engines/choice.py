@@ -14,15 +14,6 @@ make the choice robust to a loaded machine:
   and the choice is made anew from the fastest run of each over both trials (a phase that covered
   the whole first trial does not cover the second). After that the choice is final.
 
-Why the first trial waits (``trial_after`` uses, the first candidate offered running untimed until
-then): a trial runs every candidate ``rounds`` times, and a candidate's first call in a process
-may pay a one-time set-up far above its run (oneDNN compiles a kernel for a grouped convolution
-with one input channel a group on its first call: 40-54 ms, then 0.4 ms). On resnet8 with 8x8
-images the trials made the first step 150-200 ms against 35 ms for the next ones, and the
-re-check added 25-35 ms to the ninth: a run of a few dozen steps (a quick experiment, a race to a
-loose target) paid more for the choice than any choice could give back, while a long run loses at
-most ``trial_after`` uses of a slower candidate (docs/performance.md, twenty-fourth session).
-
 All candidates compute the same values, so the choice changes speed, never results.
 """
 
@@ -38,9 +29,7 @@ from . import workspace as ws
 # Rounds of one trial: every candidate runs this many times (the first run may pay a one-time
 # start-up cost; the fastest run counts).
 TRIAL_ROUNDS = 3
-# Uses of a key that run its first candidate, untimed, before the first trial.
-TRIAL_AFTER = 16
-# Uses of a key after its first trial at which its candidates are timed a second (and last) time.
+# Uses of a key after which its candidates are timed a second (and last) time.
 RECHECK_AFTER = 8
 
 
@@ -54,17 +43,15 @@ def trial_order(names: list[str], rounds: int) -> list[str]:
 class MeasuredChoice:
     """Chooses, per key (a layer's shapes), the fastest of several exact implementations.
 
-    The first ``trial_after`` calls with a new key run its first candidate, untimed; the next runs
-    a trial (:func:`trial_order`; outside any engine workspace, each result dropped at once, so a
-    losing candidate leaves no buffer behind), then the fastest candidate; later calls run only
-    the chosen one, except the ``recheck_after``-th use after the first trial, which runs a second
-    trial and decides again on the runs of both.
+    The first call with a new key runs a trial (:func:`trial_order`; outside any engine workspace,
+    each result dropped at once, so a losing candidate leaves no buffer behind), then the fastest
+    candidate; later calls run only the chosen one, except the ``recheck_after``-th use after the
+    first trial, which runs a second trial and decides again on the runs of both.
 
     Args:
         clock: seconds, monotonic (``time.perf_counter``; tests inject a fake one).
         rounds: rounds per trial.
-        recheck_after: uses after the first trial at which a key is timed again (``0``: never).
-        trial_after: uses of a key before its first trial (``0``: at its first use).
+        recheck_after: uses after which a key is timed again (``0``: never).
 
     Attributes:
         choices: key -> chosen candidate name, for this process.
@@ -79,15 +66,14 @@ class MeasuredChoice:
         clock: Callable[[], float] = time.perf_counter,
         rounds: int = TRIAL_ROUNDS,
         recheck_after: int = RECHECK_AFTER,
-        trial_after: int = TRIAL_AFTER,
     ) -> None:
-        self.clock, self.rounds, self.recheck_after, self.trial_after = clock, rounds, recheck_after, trial_after
+        self.clock, self.rounds, self.recheck_after = clock, rounds, recheck_after
         self.choices: dict[Hashable, str] = {}
         self.forced: str | None = None
         self.used: Counter[str] = Counter()
         self.trials: Counter[Hashable] = Counter()
         self.best: dict[Hashable, dict[str, float]] = {}
-        self._uses: Counter[Hashable] = Counter()  # uses of each key
+        self._uses: Counter[Hashable] = Counter()  # uses of each key since its first trial
 
     def __call__(self, key: Hashable, candidates: dict[str, Callable[[], Any]]) -> tuple[str, Any]:
         """Run the chosen candidate for ``key``; returns its name and result."""
@@ -103,10 +89,7 @@ class MeasuredChoice:
         """The candidate for this use of ``key``, timing them first when a trial is due."""
         uses = self._uses[key]
         self._uses[key] += 1
-        if key not in self.choices and uses < self.trial_after:
-            return next(iter(candidates))  # not timed yet: the first offered
-        recheck = self.trials[key] == 1 and uses == self.trial_after + self.recheck_after and self.recheck_after > 0
-        due = key not in self.choices or recheck
+        due = key not in self.choices or (self.trials[key] == 1 and uses == self.recheck_after > 0)
         if due or self.choices[key] not in candidates:  # a stale choice (other candidates offered)
             best = self.best.setdefault(key, {})
             with ws.activated(None):  # trial buffers are freed at once, not kept in the engine's workspace

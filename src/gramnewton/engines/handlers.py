@@ -1221,11 +1221,10 @@ def _conv2d_weight_per_sample_correlate(module: nn.Module, x: Tensor, g: Tensor,
 def _conv_weight_paths(
     module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool
 ) -> dict[str, Callable[[], Piece]]:
-    """The exact ways to get a convolution's per-sample weight gradients for these shapes, the one
-    to run before they are timed first (:class:`.choice.MeasuredChoice`): the patches where
-    offered (no kernel of its own to set up: a grouped convolution with one input channel a group
-    costs 40-54 ms on its first call in a process), else the grouped convolution."""
-    paths: dict[str, Callable[[], Piece]] = {}
+    """The exact ways to get a convolution's per-sample weight gradients for these shapes."""
+    paths: dict[str, Callable[[], Piece]] = {
+        "grouped": lambda: _conv_weight_per_sample(module, x, g, padding, transient)
+    }
     positions = math.prod(g.shape[2:])
     if (
         x.dim() == 4
@@ -1234,7 +1233,6 @@ def _conv_weight_paths(
         and positions <= MAX_PATCHES_OVER_GRADIENTS * module.out_channels
     ):
         paths["patches"] = lambda: _conv2d_weight_per_sample_patches(module, x, g, padding, transient)
-    paths["grouped"] = lambda: _conv_weight_per_sample(module, x, g, padding, transient)
     if x.dim() == 4 and module.groups == 1 and x.device.type == "cpu" and x.shape[1] <= MAX_CORRELATE_CHANNELS:
         paths["correlate"] = lambda: _conv2d_weight_per_sample_correlate(module, x, g, padding)
     return paths
