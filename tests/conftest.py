@@ -21,8 +21,8 @@ def _seed_and_threads():
 @pytest.fixture(autouse=True)
 def _fresh_conv_path_choice(monkeypatch: pytest.MonkeyPatch):
     """A fresh per-layer choice of the convolution path for every test: the process-wide one
-    counts each layer shape's uses across tests and switches paths at its trials (the 17th and
-    25th use), so a test comparing two engines bit for bit would see one step on each side of a
+    counts each layer shape's uses across tests and may switch paths at its re-check (the 9th
+    use), so a test comparing two engines bit for bit would see one step on each side of a
     switch depending on which tests ran before it."""
     from gramnewton.engines import handlers
 
