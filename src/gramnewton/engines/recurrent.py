@@ -11,8 +11,8 @@ Linear's on a sequence.
 
 :func:`_recurrent_rows` runs the recurrence again at the batch (``n = b k`` rows) from the
 recorded input and initial state, one time step at a time with the layer's own formulas, and one
-backward pass from the rows' output gradients gives every ``dgi_t`` and ``dgh_t`` (as the gradients
-at zero tensors added to the pre-activations). Samples are independent, so row ``r``'s gradients are
+backward pass from the rows' output gradients gives every ``dgi_t`` and ``dgh_t`` (autograd's
+gradients at the pre-activations themselves). Samples are independent, so row ``r``'s gradients are
 its own. The run must reproduce the recorded outputs (to ``sqrt(eps)`` of their dtype), else the
 general way (:func:`.handlers._autograd_rows`, through the recorded graph: a layer backward per
 row) is taken, as it is for what this does not cover: packed sequences, projections
