@@ -371,6 +371,21 @@ class Recurrent(nn.Module):
         return self.head({"output": out[:, -1], "state": h, "mixed": h - h.mean(0)}[self.use])
 
 
+class ParameterContainers(nn.Module):
+    """A network written with ``nn.ParameterList`` and ``nn.ParameterDict``: their parameters are
+    used by this module's forward (the containers are never called)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(3, 6) / 2), nn.Parameter(torch.randn(6, 6) / 3)])
+        self.biases = nn.ParameterDict({"first": nn.Parameter(0.1 * torch.randn(6))})
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x @ self.weights[0] + self.biases["first"])
+        return self.head(torch.tanh(h @ self.weights[1]))
+
+
 class CellLoop(nn.Module):
     """An ``RNNCell``/``GRUCell``/``LSTMCell`` stepped over ``T`` inputs in a loop, a head on the
     last ``h`` (``c`` too for the LSTM with ``use="both"``); ``initial``: the first state from a
@@ -715,6 +730,9 @@ CASES = [
     Case("gru_initial_state", lambda: Recurrent("GRU", "all", layers=2, initial=True), lambda b: torch.randn(b, 4, 3)),
     Case("lstm_initial_state", lambda: Recurrent("LSTM", "all", initial=True), lambda b: torch.randn(b, 4, 3)),
     Case("lstm_projection", lambda: Recurrent("LSTM", "all", proj_size=4), lambda b: torch.randn(b, 4, 3)),
+    # parameters held in a ParameterList / ParameterDict and used by the module around them (they
+    # were routed: "used outside its own module")
+    Case("parameter_containers", ParameterContainers, lambda b: torch.randn(b, 3)),
     # cells stepped in a loop: one call a step, the rows summed over the calls; an LSTMCell's h' is
     # computed from its c' (the gradient at c' holds that path: each counted once)
     Case("rnn_cell_loop", lambda: CellLoop("RNNCell", nonlinearity="relu"), lambda b: torch.randn(b, 4, 3)),

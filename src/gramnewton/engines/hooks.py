@@ -78,6 +78,8 @@ from .reference import flatten, jacobian_rows, split_like
 from .rows import graph_signature, post_order, rows_not_samples
 from .workspace import Workspace, activated
 
+# Modules that only hold parameters for their parent's forward (never called themselves).
+_PARAMETER_CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 # Forward signatures whose row check (:mod:`.rows`) is remembered; more are forgotten at once.
 MAX_ROW_VERDICTS = 64
 # Dense pieces narrower than this many columns (ScalarBias, ScalarScale, biases, small heads) are
@@ -381,7 +383,9 @@ class HooksEngine:
         self._modules: list[tuple[nn.Module, LayerHandler, dict[str, Tensor]]] = []
         self._checks: list[tuple[nn.Module, Callable[[nn.Module], None]]] = []
         for name, module in model.named_modules():
-            if isinstance(module, ParametrizationList):  # its originals are the parametrized module's (below)
+            # a ParametrizationList's originals are the parametrized module's (below); a
+            # ParameterList's or ParameterDict's parameters are its parent's, which uses them
+            if isinstance(module, (ParametrizationList, *_PARAMETER_CONTAINERS)):
                 continue
             handler = handler_for(module)
             if handler is not None:
@@ -390,6 +394,16 @@ class HooksEngine:
             elif isinstance(module, _BatchNorm):  # e.g. SyncBatchNorm: couples samples when training
                 self._checks.append((module, batch_norm_check))
             own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in wanted}
+            held = {
+                f"{child_name}.{n}": p
+                for child_name, child in module.named_children()
+                if isinstance(child, _PARAMETER_CONTAINERS)
+                for n, p in child.named_parameters()
+                if id(p) in wanted
+            }
+            if held:  # used in the module's own forward, through its own graph (a handler knows none)
+                own.update(held)
+                handler = AUTOGRAD_ROWS
             if is_parametrized(module):
                 # weight_norm and co.: the module computes the tensor from the originals in its own
                 # forward; its handler would differentiate the tensor, so its rows come through its
