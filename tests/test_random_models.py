@@ -1,7 +1,7 @@
 """Random networks built from the pieces users combine, the hooks engine against the reference.
 
 Each seed draws a small network (float64): Linear layers, activations, LayerNorm, dropout at
-work, a layer applied twice, and, nested up to two deep, modules without a handler that hold a
+work, a layer applied twice, weights in a ParameterList, and, nested up to two deep, modules without a handler that hold a
 parameter of their own around hooked layers (a gate after them, a scale before them) and
 gradient checkpointing; on sequences also a learned position embedding, recurrent layers (with or
 without a learned initial state), cells stepped in a loop, attention and transformer encoder
