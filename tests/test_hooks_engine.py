@@ -1463,6 +1463,20 @@ def test_the_engines_own_vmap_attempts_warn_nothing() -> None:
     assert not caught, [str(w.message) for w in caught]
 
 
+@pytest.mark.parametrize("vocab,n,positions", [(5, 6, 8), (1000, 7, 3), (3, 1, 5), (50, 9, 1)])
+def test_token_rows_gram_is_the_dense_rows_gram(vocab: int, n: int, positions: int) -> None:
+    """:class:`handlers.TokenRows`' Gram, summed token by token over the pairs of samples that
+    share it, against its dense rows' ``J J^T`` (float64): tokens repeated within a sample and
+    across samples (5 tokens, 8 positions), mostly distinct ones, one sample, one position."""
+    torch.manual_seed(vocab + n)
+    tokens = torch.randint(0, vocab, (n, positions))
+    piece = handlers.TokenRows(tokens, torch.randn(n, positions, 4, dtype=torch.float64), (vocab, 4))
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    piece.add_gram_lower(gram)
+    jac = piece.dense().jac
+    assert_close("gram", gram, jac @ jac.T)
+
+
 @pytest.mark.parametrize("positions,tokens,kind", [(5, 8, "UsedRows"), (2, 40, "TokenRows")])
 def test_an_embeddings_rows_are_those_of_the_tokens_a_batch_uses(positions: int, tokens: int, kind: str) -> None:
     """An embedding's per-sample gradients were the whole table's, ``(n, vocab * dim)``: at 30,000

@@ -164,9 +164,10 @@ class TokenRows:
     """An embedding's per-sample gradients as their factors: sample ``i``'s row is
     ``sum_s e_{x_is} g_is^T`` (the table's row ``x_is`` gets ``g_is``) over its ``T`` tokens. As a
     Linear layer on one-hot inputs (:class:`Factored`), whose inputs' inner products are token
-    equalities, the Gram part is ``sum_{s,t} [x_is = x_jt] g_is . g_jt``: one ``(nT, nT)`` product
-    masked by equality, ``(nT)^2 dim`` multiply-adds against :class:`UsedRows`' ``n^2 u dim``
-    (cheaper when the batch uses more than ``T^2`` distinct tokens).
+    equalities, the Gram part is ``sum_{s,t} [x_is = x_jt] g_is . g_jt``, summed token by token over
+    the samples that share it (:meth:`add_gram_lower`): at most ``(nT)^2 dim`` multiply-adds
+    against :class:`UsedRows`' ``n^2 u dim`` (the handler takes it when the batch uses more than
+    ``T^2`` distinct tokens, the bound of the masked ``(nT, nT)`` product it first used).
 
     Attributes:
         tokens: ``(n, T)`` row indices of the table.
@@ -179,12 +180,29 @@ class TokenRows:
     shape: tuple[int, int]
 
     def add_gram_lower(self, gram: Tensor) -> None:
-        """``gram += sum_{s,t} [x_is = x_jt] g_is . g_jt`` (the whole matrix)."""
+        """``gram += sum_{s,t} [x_is = x_jt] g_is . g_jt`` (the whole matrix), token by token: with
+        ``u_i(x)`` sample ``i``'s gradients summed over its positions holding token ``x``, ``G_ij +=
+        sum_x u_i(x) . u_j(x)``, one product per pair of samples that share a token. That is
+        ``sum_x r_x^2 dim`` multiply-adds (``r_x`` samples hold token ``x``) against ``(nT)^2 dim``
+        for the ``(nT, nT)`` product masked by token equality that it replaces (the text
+        embedding of ``benchmarks/user_models.py``, docs/performance.md, twenty-fourth session)."""
         n, positions, dim = self.g.shape
-        tokens, g = self.tokens.reshape(-1), self.g.reshape(-1, dim)
-        products = (g @ g.T).mul_(tokens.unsqueeze(1) == tokens.unsqueeze(0))
-        # the sums over positions one axis at a time, the contiguous one last (as Factored's)
-        gram.add_(products.view(n, positions, n * positions).sum(1).view(n, n, positions).sum(2))
+        tokens = self.tokens.reshape(-1)
+        sample = torch.arange(n, device=tokens.device).repeat_interleave(positions)
+        # one row per distinct (token, sample), sorted by token: that sample's gradients there, summed
+        keys, inverse = torch.unique(tokens * n + sample, return_inverse=True)
+        rows = self.g.new_zeros(keys.numel(), dim).index_add_(0, inverse, self.g.reshape(-1, dim))
+        owner = keys % n
+        sizes = torch.unique_consecutive(keys // n, return_counts=True)[1]  # rows per token
+        # every ordered pair (p, q) of rows of one token: p repeated once per row of its token
+        size = sizes.repeat_interleave(sizes)  # each row's token's row count
+        first = (sizes.cumsum(0) - sizes).repeat_interleave(sizes)  # each row's token's first row
+        p = torch.arange(keys.numel(), device=tokens.device).repeat_interleave(size)
+        q = first[p] + torch.arange(p.numel(), device=tokens.device) - (size.cumsum(0) - size)[p]
+        chunk = max(1, (1 << 22) // dim)  # a bounded (chunk, dim) product at a time
+        for start in range(0, p.numel(), chunk):
+            i, j = p[start : start + chunk], q[start : start + chunk]
+            gram.index_put_((owner[i], owner[j]), (rows[i] * rows[j]).sum(1), accumulate=True)
 
     def jt_times(self, v: Tensor) -> Tensor:
         """``(vocab * dim,)``: ``sum_i v_i sum_s e_{x_is} g_is^T``."""
