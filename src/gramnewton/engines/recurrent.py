@@ -150,14 +150,9 @@ def _recurrent_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names
                 outputs.append(torch.stack(out, 1))
             layer_input = torch.cat(outputs, 2) if directions > 1 else outputs[0]
         again = [layer_input, torch.stack(finals, 1)] + ([torch.stack(final_cells, 1)] if final_cells else [])
-        reached = [(again[p], grad) for p, grad in zip(call.positions, g) if grad is not None]
-        # the gradients at the pre-activations are dgi and dgh (autograd's total derivatives there)
-        grads = torch.autograd.grad(
-            [t for t, _ in reached], wanted, [grad.to(t.dtype) for t, grad in reached], allow_unused=True
-        )
     if not _reproduces(module, call, again, k):
         return _autograd_rows(module, call, g, names)
-    grads = [torch.zeros_like(t) if d is None else d for t, d in zip(wanted, grads)]
+    grads = _differentiated(call, g, again, wanted)
     pieces: dict[str, Piece] = {}
     for j, (suffix, inputs, previous) in enumerate(factors):
         at = j * (1 + steps)
@@ -170,6 +165,17 @@ def _recurrent_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names
             _projection_pieces(previous.unsqueeze(1), dgh.unsqueeze(1), f"weight_hh{suffix}", f"bias_hh{suffix}", names)
         )
     return pieces
+
+
+def _differentiated(call: RecordedCall, g: OutputGrads, again: list[Tensor], wanted: list[Tensor]) -> list[Tensor]:
+    """The gradients at ``wanted`` (the pre-activations: ``dgi``, ``dgh``) of the run again's
+    outputs weighted by the rows' output gradients ``g`` (one backward pass; zeros where none
+    reaches), autograd's total derivatives there."""
+    reached = [(again[p], grad) for p, grad in zip(call.positions, g) if grad is not None]
+    grads = torch.autograd.grad(
+        [t for t, _ in reached], wanted, [grad.to(t.dtype) for t, grad in reached], allow_unused=True
+    )
+    return [torch.zeros_like(t) if d is None else d for t, d in zip(wanted, grads)]
 
 
 def _reproduces(module: nn.Module, call: RecordedCall, again: list[Tensor], k: int) -> bool:
@@ -211,12 +217,8 @@ def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: fro
             gh.requires_grad_()
             mode = "LSTM" if lstm else "GRU" if type(module) is nn.GRUCell else f"RNN_{module.nonlinearity.upper()}"
             again = list(_cell(mode, gi, gh, states, cells if lstm else None, chained=False))
-            reached = [(again[p], grad) for p, grad in zip(call.positions, g) if grad is not None]
-            grads = torch.autograd.grad(
-                [t for t, _ in reached], [gi, gh], [grad.to(t.dtype) for t, grad in reached], allow_unused=True
-            )
         if _reproduces(module, call, again, k):
-            dgi, dgh = (torch.zeros_like(t) if d is None else d for t, d in zip((gi, gh), grads))
+            dgi, dgh = _differentiated(call, g, again, [gi, gh])
             pieces = _projection_pieces(inputs[:, None, None], dgi[:, None, None], "weight_ih", "bias_ih", names)
             pieces.update(_projection_pieces(states[:, None, None], dgh[:, None, None], "weight_hh", "bias_hh", names))
             return pieces
