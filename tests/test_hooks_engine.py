@@ -7,7 +7,9 @@ from its input positions (``overlap``, :class:`InputOverlap`) and every convolut
 as its input and output gradient (``kept``, :class:`KeptConv`),
 so every code path of each layer is checked; the convolution cases also run with each per-sample
 weight-gradient path forced (``grouped``, ``patches``, ``correlate``). Agreement is required to 1e-10 relative.
-Cases with at least ``SYRK_MIN_ROWS`` Gram rows exercise the symmetric (lower-triangle) update.
+In the ``factored`` mode every Gram product of at least ``SYRK_MIN_ROWS`` rows is the symmetric
+(lower-triangle) update, whatever its size (``SYRK_MIN_MULTIPLY_ADDS = 0``); in the others only
+the large ones are, as in use.
 """
 
 from __future__ import annotations
@@ -819,6 +821,8 @@ def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     elif request.param in ("factored", "overlap"):
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
+        if request.param == "factored":
+            monkeypatch.setattr(handlers, "SYRK_MIN_MULTIPLY_ADDS", 0)
         monkeypatch.setattr(handlers, "overlap_is_cheaper", lambda *a, **k: request.param == "overlap")
     elif request.param == "kept":
         monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
@@ -987,14 +991,21 @@ def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monke
         assert_close(f"{type(piece).__name__} Gram", gram, jac @ jac.T)
 
 
+@pytest.mark.parametrize("halves_from", [None, 0], ids=["as_in_use", "always_halves"])
 @pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 128])
-def test_symmetric_update_then_mirror_equals_full_product(n: int) -> None:
+def test_symmetric_update_then_mirror_equals_full_product(
+    n: int, halves_from: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if halves_from is not None:
+        monkeypatch.setattr(handlers, "SYRK_MIN_MULTIPLY_ADDS", halves_from)
     torch.manual_seed(n)
-    jacs = [torch.randn(n, m, dtype=torch.float64) for m in (1, 7, 300)]
+    jacs = [torch.randn(n, m, dtype=torch.float64) for m in (1, 7, 300, 5000)]
     gram = torch.zeros(n, n, dtype=torch.float64)
     for jac in jacs:
         handlers.add_gram_lower(gram, jac)
-    if n >= handlers.SYRK_MIN_ROWS:  # the upper-right block is not computed before mirroring
+    halves = [handlers.halves_pay(*jac.shape) for jac in jacs]
+    assert any(halves) == (n >= handlers.SYRK_MIN_ROWS and (halves_from == 0 or n == 128))
+    if any(halves):  # the upper-right block is not computed before mirroring
         assert float((gram - gram.T).abs().max()) > 1.0
     handlers.mirror_lower(gram)
     assert_close("mirrored lower update", gram, sum(j @ j.T for j in jacs))
@@ -1161,6 +1172,7 @@ def test_a_bias_folded_into_its_factored_weight_adds_its_gram_part_once(
     # Factored Linear and Conv weights add their bias's Gram part as (A A^T + 1) * (G G^T)
     # (handlers.FoldedBias); a bias without its weight, or a weight without its bias, must not.
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
+    monkeypatch.setattr(handlers, "SYRK_MIN_MULTIPLY_ADDS", 0)  # 33 rows: the symmetric updates
     torch.manual_seed(0)
     model = seq(
         nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 9, 6), nn.Tanh(), nn.Linear(6, 2)

@@ -49,33 +49,46 @@ from .choice import MeasuredChoice
 UNFOLD_PENALTY = 1.0
 # The factorised Gram builds an ``(n*S, n*S)`` matrix; above this many entries it is not used.
 MAX_FACTORED_ENTRIES = 1 << 24
-# Below this many rows the symmetric update is one full product (two half-size products cost more
-# in call overhead than the quarter of the multiply-adds they save).
+# The symmetric update (two half-size products, 3/4 of the multiply-adds) only from this many
+# rows and ``SYRK_MIN_MULTIPLY_ADDS`` multiply-adds of the full product ``n^2 numel`` up: below,
+# the second product's call and the blocks' views cost more than the quarter they save. Measured
+# on the 2-core CPU (float32, 2 threads, OMP_WAIT_POLICY=PASSIVE; docs/performance.md, twenty-fifth
+# session): the halves took 5-6x the full product's time at 2^14-2^16 multiply-adds, 1.4-2.5x at
+# 2^20-2^22, 1.0-1.1x at 2^24, 0.92-0.98x at 2^26 and 0.73-0.93x from 2^28.
 SYRK_MIN_ROWS = 32
+SYRK_MIN_MULTIPLY_ADDS = 1 << 26
+
+
+def halves_pay(n: int, numel: int) -> bool:
+    """Whether ``gram += jac jac^T`` for ``jac`` ``(n, numel)`` is done as the symmetric update's
+    two half-size products (:func:`add_gram_lower`) rather than one full product."""
+    return n >= SYRK_MIN_ROWS and n * n * numel >= SYRK_MIN_MULTIPLY_ADDS
 
 
 def lower_blocks(n: int) -> tuple[tuple[slice, slice], ...]:
-    """The blocks of an ``(n, n)`` Gram matrix that :func:`add_gram_lower` updates: the whole
-    matrix below ``SYRK_MIN_ROWS`` rows, else ``G[:h, :h]`` and the bottom block row ``G[h:, :]``
-    (``h = n // 2``), as ``(rows, columns)`` index pairs."""
-    if n < SYRK_MIN_ROWS:
-        return ((slice(None), slice(None)),)
+    """The blocks of an ``(n, n)`` Gram matrix that the symmetric update sets: ``G[:h, :h]`` and
+    the bottom block row ``G[h:, :]`` (``h = n // 2``), as ``(rows, columns)`` index pairs."""
     h = n // 2
     return ((slice(None, h), slice(None, h)), (slice(h, None), slice(None)))
 
 
 def add_gram_lower(gram: Tensor, jac: Tensor, *, overwrite: bool = False) -> None:
-    """Symmetric rank-k update: ``gram += jac jac^T`` except the upper-right block ``G[:h, h:]``.
+    """Symmetric rank-k update: ``gram += jac jac^T`` except, where it pays, the upper-right block
+    ``G[:h, h:]``.
 
-    ``gram`` is ``(n, n)``, ``jac`` ``(n, numel)``, ``h = n // 2``. The rows are split in halves
-    ``[J1; J2]``: ``G[:h, :h] += J1 J1^T`` and ``G[h:, :] += J2 J^T`` (the bottom block row, its
-    diagonal block included), 3/4 of the multiply-adds of ``J J^T``. The upper-right block is
-    not updated: :func:`mirror_lower` copies it from the lower-left one once every piece is
-    added. Below ``SYRK_MIN_ROWS`` rows the whole product is added (the mirror then copies
+    ``gram`` is ``(n, n)``, ``jac`` ``(n, numel)``, ``h = n // 2``. Where :func:`halves_pay`, the
+    rows are split in halves ``[J1; J2]``: ``G[:h, :h] += J1 J1^T`` and ``G[h:, :] += J2 J^T``
+    (the bottom block row, its diagonal block included), 3/4 of the multiply-adds of ``J J^T``;
+    the upper-right block is not updated: :func:`mirror_lower` copies it from the lower-left one
+    once every piece is added. Otherwise the whole product is added (the mirror then copies
     equal values). ``overwrite``: ``gram``'s blocks are set to the products instead (their old
-    contents, e.g. an uninitialised buffer's, are not read; the upper-right block is left as it is).
+    contents, e.g. an uninitialised buffer's, are not read; the upper-right block is left as it
+    is when the halves are taken).
     """
     beta = 0.0 if overwrite else 1.0  # addmm_ with beta 0 ignores the old values, NaN included
+    if not halves_pay(*jac.shape):
+        gram.addmm_(jac, jac.T, beta=beta)  # no block views: their indexing costs a small product's time
+        return
     for rows, cols in lower_blocks(jac.shape[0]):
         gram[rows, cols].addmm_(jac[rows], jac[cols].T, beta=beta)
 
@@ -276,11 +289,11 @@ class Factored:
 
         The bias term is the bias's Gram part: its per-sample gradients ``sum_s g_is`` have inner
         products ``sum_{s, s'} g_is . g_js'``, which the weight's ``G G^T`` holds already (an
-        input column of ones, without copying ``a``). With one position both products are
-        symmetric rank-k updates (:func:`add_gram_lower`: 3/4 of the multiply-adds) into two
-        ``(n, n)`` scratch buffers of the engine's workspace (reused every step: at the full batch
-        of 824 rows, zeroing fresh ones cost about a tenth of a step of an 8-96-96-1 MLP) and the
-        upper-right block is left to the mirror; with several the whole matrix is added, its
+        input column of ones, without copying ``a``). With one position the two products are
+        full ones, or where :func:`halves_pay` (large ``n`` and widths) symmetric rank-k updates
+        (3/4 of the multiply-adds) into two ``(n, n)`` scratch buffers of the engine's workspace
+        (reused every step: at the full batch of 824 rows, zeroing fresh ones cost about a tenth
+        of a step of an 8-96-96-1 MLP) with the upper-right block left to the mirror; with several the whole matrix is added, its
         ``A A^T`` from the input positions' inner products when ``overlap`` is set.
         """
         n, groups, positions, _ = self.a.shape
@@ -290,11 +303,17 @@ class Factored:
                 continue
             a = self.a[:, j].reshape(n * positions, -1)
             g = self.g[:, j].reshape(n * positions, -1)
-            if positions == 1:
+            if positions == 1 and not halves_pay(n, a.shape[1] + g.shape[1]):
+                inputs = a @ a.T
+                if self.with_bias:
+                    inputs += 1.0
+                gram.addcmul_(inputs, g @ g.T)
+            elif positions == 1:
                 inputs, outputs = _square_scratch("factored_inputs", gram), _square_scratch("factored_outputs", gram)
-                add_gram_lower(inputs, a, overwrite=True)
-                add_gram_lower(outputs, g, overwrite=True)
                 for block in lower_blocks(n):  # the upper-right blocks of both are not set
+                    rows, cols = block
+                    inputs[block].addmm_(a[rows], a[cols].T, beta=0.0)
+                    outputs[block].addmm_(g[rows], g[cols].T, beta=0.0)
                     if self.with_bias:
                         inputs[block] += 1.0
                     gram[block].addcmul_(inputs[block], outputs[block])
