@@ -7,7 +7,7 @@ regression demo's ``resnet8_fixup`` on 28x28 images, b = 128, one output), ``--s
 
 - every Gram update (``handlers.add_gram_lower``: the symmetric rank-k update of one piece,
   ``(n, numel)``), recorded with its shape and its achieved GFLOP/s (``2 * 3/4 * n^2 * numel``
-  flops from ``SYRK_MIN_ROWS`` rows up, ``2 n^2 numel`` below);
+  flops where the symmetric update's halves are taken, ``handlers.halves_pay``, else ``2 n^2 numel``);
 - every piece's ``jt_times`` and ``j_times`` (by piece class and parameter size);
 - the engine's own timers (``last_timings``: forward, backward, per-sample gradients, Gram).
 
@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def gram_flops(n: int, numel: int) -> float:
     """Flops of one :func:`handlers.add_gram_lower` call on ``(n, numel)``."""
-    return 2.0 * n * n * numel * (0.75 if n >= handlers.SYRK_MIN_ROWS else 1.0)
+    return 2.0 * n * n * numel * (0.75 if handlers.halves_pay(n, numel) else 1.0)
 
 
 def best_of(fn: Callable[[], object], runs: int) -> float:

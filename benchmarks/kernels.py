@@ -7,9 +7,11 @@ variants interleaved round by round, medians; the load average and the policy ar
 
 - Gram update ``G += J J^T`` of one layer, ``J`` of shape ``(128, K)`` for the per-sample gradient
   widths of ResNet-32's three stages: ``full`` (one product), ``halves`` (what
-  ``handlers.add_gram_lower`` does: ``G[:h,:h] += J1 J1^T`` and ``G[h:,:] += J2 J^T``, 3/4 of the
-  multiply-adds), and ``recursive-d`` (the off-diagonal block once, the two diagonal blocks
-  recursively to depth ``d``: 5/8 of the multiply-adds at depth 2, 9/16 at depth 3).
+  ``handlers.add_gram_lower`` does where ``handlers.halves_pay``: ``G[:h,:h] += J1 J1^T`` and
+  ``G[h:,:] += J2 J^T``, 3/4 of the multiply-adds), and ``recursive-d`` (the off-diagonal block
+  once, the two diagonal blocks recursively to depth ``d``: 5/8 of the multiply-adds at depth 2,
+  9/16 at depth 3); and ``full`` against ``halves`` over a grid of ``(n, K)``, 32-256 rows and
+  16-16384 columns (the sizes of small networks' layers, where ``halves_pay`` draws its line).
 - ``Factored.jt_times``' product ``sum_rows g_r a_r^T`` as ``g^T a`` or as ``(a^T g)^T`` (the
   longer side as the columns of the product), for the two-layer net's factors.
 - Mirror of the Gram after the symmetric update: from the lower triangle (``tril`` twice, an
@@ -93,7 +95,7 @@ def conv_gram_part(module: torch.nn.Conv2d, x: Tensor, g: Tensor, overlap: bool)
         handlers.factored_is_cheaper = lambda *a, **k: True
         handlers.overlap_is_cheaper = lambda *a, **k: overlap
         try:
-            pieces = handler.contributions(module, x, g, frozenset({"weight", "bias"}), True)
+            pieces = handler.contributions(module, x, g, frozenset({"weight", "bias"}))
         finally:
             handlers.factored_is_cheaper, handlers.overlap_is_cheaper = chosen
         pieces["weight"].add_gram_lower(gram)
@@ -131,6 +133,11 @@ def main() -> None:
             **{f"recursive-{d}": lambda d=d: recursive(gram, jac, d) for d in (1, 2, 3)},
         }
         run["gram_update_s"][f"(128, {width})"] = interleaved(variants, args.rounds)
+    for n in (32, 64, 128, 256):
+        for width in (16, 256, 4096, 16384):
+            jac, gram = torch.randn(n, width), torch.zeros(n, n)
+            variants = {"full": lambda: gram.addmm_(jac, jac.T), "halves": lambda: halves(gram, jac)}
+            run["gram_update_s"][f"({n}, {width})"] = interleaved(variants, args.rounds * 5)
     run["jt_product_s"] = {}
     for rows, kin, kout in ((32, 10, 4096), (128, 10, 4096), (128, 4096, 10)):
         a, g = torch.randn(rows, kin), torch.randn(rows, kout)

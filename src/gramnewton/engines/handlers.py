@@ -52,11 +52,12 @@ MAX_FACTORED_ENTRIES = 1 << 24
 # The symmetric update (two half-size products, 3/4 of the multiply-adds) only from this many
 # rows and ``SYRK_MIN_MULTIPLY_ADDS`` multiply-adds of the full product ``n^2 numel`` up: below,
 # the second product's call and the blocks' views cost more than the quarter they save. Measured
-# on the 2-core CPU (float32, 2 threads, OMP_WAIT_POLICY=PASSIVE; docs/performance.md, twenty-fifth
-# session): the halves took 5-6x the full product's time at 2^14-2^16 multiply-adds, 1.4-2.5x at
-# 2^20-2^22, 1.0-1.1x at 2^24, 0.92-0.98x at 2^26 and 0.73-0.93x from 2^28.
+# on the 2-core CPU (float32, 2 threads, OMP_WAIT_POLICY=PASSIVE; benchmarks/kernels.py,
+# docs/performance.md, twenty-fifth session): the halves took 4-6x the full product's time at
+# 2^14-2^16 multiply-adds, 1.4-2x at 2^20-2^22, 0.97-1.09x at 2^24, 0.94x at 2^25.2 (128 rows of
+# a 16-channel 3x3 convolution's gradients) and 0.81-0.93x from 2^26.
 SYRK_MIN_ROWS = 32
-SYRK_MIN_MULTIPLY_ADDS = 1 << 26
+SYRK_MIN_MULTIPLY_ADDS = 1 << 25
 
 
 def halves_pay(n: int, numel: int) -> bool:
