@@ -332,15 +332,11 @@ class GramGaussNewton(Optimizer):
             self.communicator.broadcast_(new)
         self.engine = self._build_engine(trainable)
 
-    def _shared(self, *keys: str) -> list[float]:
-        """The first group's value of each of ``keys``, which every group must share (one system
-        is solved); one pass over the groups, the set of values built only for the error."""
-        first, *others = self.param_groups
-        for key in keys:
-            if any(group[key] != first[key] for group in others):
-                values = {group[key] for group in self.param_groups}
-                raise ValueError(f"{key} must be the same in every param group (one system is solved), got {values}")
-        return [first[key] for key in keys]
+    def _shared(self, key: str) -> float:
+        values = {group[key] for group in self.param_groups}
+        if len(values) != 1:
+            raise ValueError(f"{key} must be the same in every param group (one system is solved), got {values}")
+        return values.pop()
 
     @torch.enable_grad()  # the closure's graph is the Jacobian's source, also when called under no_grad
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -410,7 +406,7 @@ class GramGaussNewton(Optimizer):
             if isinstance(self.loss, SquaredError)
             else LossClosure(self.loss, closure, self.curvature, self.top_c, params_dtype(self.engine.params))
         )
-        lam, alpha, momentum, lr = self._shared("lam", "alpha", "momentum", "lr")
+        lam, alpha, momentum, lr = (self._shared(key) for key in ("lam", "alpha", "momentum", "lr"))
         choose = getattr(self.damping, "choose_alpha", None)
         previous = self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None
         hyper = dict(
