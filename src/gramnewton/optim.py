@@ -446,7 +446,7 @@ class GramGaussNewton(Optimizer):
             )
         if scale != 1.0:
             result = scale_step(result, scale)
-        backup = _clones(self.engine.params) if self.damping else None
+        backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
@@ -594,13 +594,6 @@ class GramGaussNewton(Optimizer):
             rho = loss_gain_ratio(before, after, before - model)
             loss_after = after / new_residuals.numel()
         return replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
-
-
-@torch.no_grad()
-def _clones(params: list[Tensor]) -> list[Tensor]:
-    """Copies of ``params`` without autograd history, in one multi-tensor call (a rejected step's
-    restore point)."""
-    return torch._foreach_clone(params)
 
 
 def _takes_rows(closure: Closure) -> bool:
