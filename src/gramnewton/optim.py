@@ -463,8 +463,9 @@ class GramGaussNewton(Optimizer):
             states = [self.state[p] for p in self.engine.params]
             # One new count tensor per distinct old one (usually one for all parameters, which then
             # share it) instead of one per parameter (~3 us each). Never updated in place, so the
-            # sharing cannot leak: a state_dict taken earlier (or loaded into another optimizer)
-            # holds the old tensors. The old ones are kept in `counts` so their ids stay unique.
+            # sharing cannot leak (an optimizer that loaded this one's state_dict holds the same
+            # tensor objects: torch does not copy "step"). The old ones stay referenced in `counts`,
+            # so no id is reused within the loop.
             counts: dict[int, tuple[Tensor | None, Tensor]] = {}
             for state in states:
                 old = state.get("step")
