@@ -254,6 +254,24 @@ def test_state_dict_round_trip_gives_identical_next_steps():
     assert int(twin_opt.state[next(twin.parameters())]["step"]) == 3
 
 
+def test_step_counts_per_parameter_and_a_loaded_copy_keeps_its_own() -> None:
+    """The parameters' ``step`` counts share one tensor per distinct count (optim._step): each
+    parameter still counts its own accepted steps (a group added later starts at 1), and an
+    optimizer that loaded a state_dict (whose ``step`` tensors are the very objects of the
+    source's state: torch does not copy them) keeps its counts while the source steps on."""
+    model, x, y = _two_layers()
+    first, last = list(model[0].parameters()), list(model[2].parameters())
+    opt = GramGaussNewton(first, lam=0.7, alpha=0.2, momentum=0.5, adaptive_damping=False)
+    opt.step(lambda: model(x) - y)
+    opt.step(lambda: model(x) - y)
+    twin_opt = GramGaussNewton(copy.deepcopy(first), lam=0.7, alpha=0.2, momentum=0.5, adaptive_damping=False)
+    twin_opt.load_state_dict(opt.state_dict())
+    opt.add_param_group({"params": last})
+    opt.step(lambda: model(x) - y)
+    assert [int(opt.state[p]["step"]) for p in first + last] == [3, 3, 1, 1]
+    assert [int(twin_opt.state[p]["step"]) for p in twin_opt.param_groups[0]["params"]] == [2, 2]
+
+
 def test_full_batch_step_is_eq9():
     model = _mlp().double()
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)

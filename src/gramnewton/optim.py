@@ -460,13 +460,24 @@ class GramGaussNewton(Optimizer):
             if not diagnostics.rejected:
                 self._decay(backup, lr)
         if not diagnostics.rejected:
-            for i, p in enumerate(self.engine.params):
-                state = self.state[p]
-                state["step"] = state["step"] + 1 if "step" in state else torch.tensor(1.0, device="cpu")
-                if momentum:  # phi_t: the step taken without the decay (and without s_t)
-                    state["momentum_buffer"] = phi[i]
-                    if self.bias_correction:
-                        state["momentum_count"] = torch.tensor(float(count), device="cpu")
+            states = [self.state[p] for p in self.engine.params]
+            # One new count tensor per distinct old one (usually one for all parameters, which then
+            # share it) instead of one per parameter (~3 us each). Never updated in place, so the
+            # sharing cannot leak (an optimizer that loaded this one's state_dict holds the same
+            # tensor objects: torch does not copy "step"). The old ones stay referenced in `counts`,
+            # so no id is reused within the loop.
+            counts: dict[int, tuple[Tensor | None, Tensor]] = {}
+            for state in states:
+                old = state.get("step")
+                if id(old) not in counts:
+                    counts[id(old)] = (old, torch.tensor(1.0, device="cpu") if old is None else old + 1)
+                state["step"] = counts[id(old)][1]
+            if momentum:  # phi_t: the step taken without the decay (and without s_t)
+                momentum_count = torch.tensor(float(count), device="cpu") if self.bias_correction else None
+                for state, buffer in zip(states, phi):
+                    state["momentum_buffer"] = buffer
+                    if momentum_count is not None:
+                        state["momentum_count"] = momentum_count
         self.last_step = result
         self.last_diagnostics = diagnostics
         return loss

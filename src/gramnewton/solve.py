@@ -110,6 +110,12 @@ def all_finite(t: Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when ``t`` has that dtype already (``to`` then returns
+    ``t`` itself, after about a microsecond of argument parsing; a step made a dozen such calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
     """``lam * G + alpha * I``, symmetrised. ``gram`` is ``(n, n)``."""
     mat = (gram + gram.mT).mul_(0.5 * lam)
@@ -199,8 +205,7 @@ def damped_solution(
     check_damping(lam, alpha)
     out_dtype = rhs.dtype
     work = dtype or solve_dtype_for(gram.dtype)
-    mat = damped_matrix(gram.to(work), lam, alpha)
-    b = rhs.to(work).unsqueeze(1)
+    mat = damped_matrix(as_dtype(gram, work), lam, alpha)
     plain = _cholesky(mat)
     if plain.passed:  # the usual path: a Cholesky that succeeded says the matrix was finite
         again = _cholesky_again(plain.factor)
@@ -214,6 +219,7 @@ def damped_solution(
     first = (float(mat.diagonal().abs().mean()) or 1.0) * max(eps, 1e-10) * n
     if plain.shift is not None:
         first = max(first, plain.shift)
+    b = rhs.to(work).unsqueeze(1)
 
     for j in range(max_jitter_tries):
         jitter = first * 10.0**j
@@ -242,14 +248,14 @@ def _cholesky_again(factor: Tensor) -> Callable[[Tensor], Tensor]:
     """``e -> (L L^T)^{-1} e`` for the lower Cholesky factor ``factor`` ``(n, n)``, in ``e``'s dtype."""
 
     def again(e: Tensor) -> Tensor:
-        return _finite(torch.cholesky_solve(e.to(factor.dtype).unsqueeze(1), factor).squeeze(1), e.dtype)
+        return _finite(torch.cholesky_solve(as_dtype(e, factor.dtype).unsqueeze(1), factor).squeeze(1), e.dtype)
 
     return again
 
 
 def _finite(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` cast to ``dtype``, or :class:`SingularGramError` if it is (or becomes) not finite."""
-    out = x.to(dtype)
+    out = as_dtype(x, dtype)
     if not all_finite(out):
         raise SingularGramError(
             "the solution of the damped Gram system is not finite (overflow or a singular system); "

@@ -24,6 +24,7 @@ from .solve import (
     SingularGramError,
     SolveInfo,
     all_finite,
+    as_dtype,
     check_damping,
     damped_solution,
     jacobian_solve,
@@ -282,7 +283,7 @@ def _sample_space(
     solved from ``J`` by SVD (:func:`~gramnewton.solve.jacobian_solve`): ``G`` would square its
     condition number."""
     r = system.residuals.reshape(-1)
-    j_previous = system.j_times(previous).to(r.dtype) if use_momentum else None
+    j_previous = as_dtype(system.j_times(previous), r.dtype) if use_momentum else None
     if j_previous is None and alpha == 0 and system.jacobian is not None:  # Eq. 10 exactly
         jt_c, coefficients, info = jacobian_solve(system.jacobian, r, lam, alpha, dtype=solve_dtype)
         direction = split_like(-jt_c, params)
@@ -295,13 +296,13 @@ def _sample_space(
         # J^T (-c): the sign on the (b*k,) coefficients, not on the m-entry direction (exact either way)
         direction = system.jt_times(-coefficients)
         if j_previous is not None:
-            direction = [torch.add(d, p.to(d.dtype), alpha=-momentum) for d, p in zip(direction, previous)]
+            direction = [torch.add(d, as_dtype(p, d.dtype), alpha=-momentum) for d, p in zip(direction, previous)]
 
         def correction(e: Tensor) -> list[Tensor]:
             return system.jt_times(-again(e))
 
     linear = r if j_previous is None else r - momentum * j_previous
-    predicted = linear - system.gram.to(r.dtype) @ coefficients.to(r.dtype)
+    predicted = linear - as_dtype(system.gram, r.dtype) @ as_dtype(coefficients, r.dtype)
     step = GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted, alpha=alpha)
     return step, correction
 
@@ -322,9 +323,9 @@ def _parameter_space(
     jac = system.jacobian_columns(0, sum(p.numel() for p in params))
     r = system.residuals.reshape(-1)
     prior = momentum * flatten(previous, jac.dtype) if use_momentum else None
-    phi, info, again = parameter_space_solution(jac, r.to(jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
+    phi, info, again = parameter_space_solution(jac, as_dtype(r, jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
     direction = split_like(-phi, params)
-    predicted = r - (jac @ phi).to(r.dtype)
+    predicted = r - as_dtype(jac @ phi, r.dtype)
     step = GramGaussNewtonStep(
         direction, system.residuals, system.gram, None, info, predicted, "parameter", alpha=alpha
     )
@@ -414,7 +415,7 @@ def apply_direction(params: Sequence[Tensor], direction: Sequence[Tensor], weigh
         return
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - weight_decay)
-    torch._foreach_add_(params, [d.to(p.dtype) for p, d in zip(params, direction)])
+    torch._foreach_add_(params, [as_dtype(d, p.dtype) for p, d in zip(params, direction)])
 
 
 def full_batch_step(
