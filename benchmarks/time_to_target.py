@@ -26,7 +26,8 @@ of memory is a clean, reported failure. The model is built under ``torch.manual_
 hyper-parameters) and the loop is :func:`gramnewton.lab.experiments.training.fit` (the same batch
 order for every optimizer with the same batch size). Training time excludes evaluation: the full training and test MSE are evaluated whenever
 ``max(budget / EVAL_FLOOR, EVAL_GROWTH * elapsed)`` seconds of training have passed since the last
-evaluation (so a time to target is resolved to about 10%, or 0.01 s of a 10 s budget); the report gives the
+evaluation, and after every step in the first ``budget / EVAL_STEPWISE`` seconds (so a time to
+target is resolved to the step in the first 0.1 s of a 10 s budget and to about 10% beyond); the report gives the
 lowest test MSE each run reached at those evaluations and the training seconds to it. A run
 stops at its time budget, at a non-finite loss (failure ``nan``), when it runs out of memory
 (``oom``) or once the training MSE is below ``STOP_FACTOR`` times the initial one (far below the
@@ -108,9 +109,13 @@ JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 THREADS = 2
 TARGETS = (1e-1, 1e-2, 1e-3)  # train MSE targets, as fractions of the initial train MSE
 STOP_FACTOR = 1e-4  # stop a run below this fraction of the initial train MSE
-# Evaluate after budget / EVAL_FLOOR training seconds, or EVAL_GROWTH x the time so far if longer:
-# fine resolution early, where the fast methods cross the targets (evaluations at most
-# budget / EVAL_FLOOR apart for the first 10x that time), about 100 evaluations per run.
+# Evaluate after every step for the first budget / EVAL_STEPWISE training seconds (a target the
+# fast methods cross there, sinc's 1e-1 at 20-60 ms, is timed at the step that crosses it; with
+# evaluations 10 ms apart it had been timed at the first evaluation after it, up to 10 ms and
+# 2-8 of GGN's steps late: docs/convergence.md, twenty-fifth session), then after
+# budget / EVAL_FLOOR training seconds, or EVAL_GROWTH x the time so far if longer: evaluations at
+# most budget / EVAL_FLOOR apart for the first 10x that time, about 100 evaluations per run.
+EVAL_STEPWISE = 100
 EVAL_FLOOR = 1000
 EVAL_GROWTH = 0.1
 OPTIMIZERS = ("ggn", "tlm", "lbfgs", "adam", "sgd", "kfac")
@@ -383,7 +388,8 @@ class WarningCounter(logging.Handler):
 
 
 class BudgetEvaluator(Callback):
-    """Evaluates the full training and test MSE into :attr:`curve` whenever ``max(budget / EVAL_FLOOR,
+    """Evaluates the full training and test MSE into :attr:`curve` after every step for the first
+    ``budget / EVAL_STEPWISE`` training seconds, then whenever ``max(budget / EVAL_FLOOR,
     EVAL_GROWTH * seconds)`` training seconds have passed since the last evaluation, and at the
     budget; stops the run at a non-finite loss (:attr:`failure` ``nan``) or below ``STOP_FACTOR``
     times the initial training MSE."""
@@ -399,7 +405,12 @@ class BudgetEvaluator(Callback):
             self.failure = "nan"
             return True
         since = state.seconds - self.curve[-1]["seconds"]
-        if since < max(self.budget / EVAL_FLOOR, EVAL_GROWTH * state.seconds) and state.seconds < self.budget:
+        stepwise = state.seconds <= self.budget / EVAL_STEPWISE
+        if (
+            not stepwise
+            and since < max(self.budget / EVAL_FLOOR, EVAL_GROWTH * state.seconds)
+            and state.seconds < self.budget
+        ):
             return False
         self.curve.append(self.row(state.seconds, state.step, mean_squared_error(self.model, self.train)))
         last = self.curve[-1]["train_loss"]
