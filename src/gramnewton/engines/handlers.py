@@ -98,8 +98,8 @@ def mirror_lower(gram: Tensor) -> None:
     """Make ``gram`` ``(n, n)`` symmetric after :func:`add_gram_lower` updates (in place):
     ``G[:h, h:] = G[h:, :h]^T`` with ``h = n // 2``, the only block those updates leave out (one
     copy of ``n^2 / 4`` entries; its diagonal blocks are full products, symmetric already).
-    Below ``SYRK_MIN_ROWS`` rows no update leaves the block out: nothing is copied (the copy, with its
-    two views, took 14 us at ``n = 8``: more than a small layer's two Gram products)."""
+    Below ``SYRK_MIN_ROWS`` rows no update leaves the block out: nothing is copied (the copy,
+    with its two views, took 14 us at ``n = 8``: more than a small layer's two Gram products)."""
     if gram.shape[0] < SYRK_MIN_ROWS:
         return
     h = gram.shape[0] // 2
@@ -296,10 +296,11 @@ class Factored:
         products ``sum_{s, s'} g_is . g_js'``, which the weight's ``G G^T`` holds already (an
         input column of ones, without copying ``a``). With one position the two products are
         full ones, or where :func:`halves_pay` (large ``n`` and widths) symmetric rank-k updates
-        (3/4 of the multiply-adds) into two ``(n, n)`` scratch buffers of the engine's workspace
+        (:func:`add_gram_lower`) into two ``(n, n)`` scratch buffers of the engine's workspace
         (reused every step: at the full batch of 824 rows, zeroing fresh ones cost about a tenth
-        of a step of an 8-96-96-1 MLP) with the upper-right block left to the mirror; with several the whole matrix is added, its
-        ``A A^T`` from the input positions' inner products when ``overlap`` is set.
+        of a step of an 8-96-96-1 MLP) with the upper-right block left to the mirror; with
+        several the whole matrix is added, its ``A A^T`` from the input positions' inner products
+        when ``overlap`` is set.
         """
         n, groups, positions, _ = self.a.shape
         for j in range(groups):
@@ -315,10 +316,9 @@ class Factored:
                 gram.addcmul_(inputs, g @ g.T)
             elif positions == 1:
                 inputs, outputs = _square_scratch("factored_inputs", gram), _square_scratch("factored_outputs", gram)
-                for block in lower_blocks(n):  # the upper-right blocks of both are not set
-                    rows, cols = block
-                    inputs[block].addmm_(a[rows], a[cols].T, beta=0.0)
-                    outputs[block].addmm_(g[rows], g[cols].T, beta=0.0)
+                add_gram_lower(inputs, a, overwrite=True)
+                add_gram_lower(outputs, g, overwrite=True)
+                for block in lower_blocks(n):  # only these blocks of both are set
                     if self.with_bias:
                         inputs[block] += 1.0
                     gram[block].addcmul_(inputs[block], outputs[block])
