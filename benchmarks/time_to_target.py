@@ -1012,7 +1012,10 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any], figures: dict
         f"{fmt_load(meta.get('load_average_at_start'))}, at the end {fmt_load(meta.get('load_average_at_end'))} (2 cores).",
         "",
         "Columns: seconds of training (evaluation excluded) until the full training MSE is at most 1e-1, 1e-2, 1e-3 times "
-        "its initial value, median over seeds (a seed that never gets there counts as infinitely late; `-` = the median "
+        f"its initial value (evaluated after every step in the first budget / {EVAL_STEPWISE} training seconds, then at "
+        f"least budget / {EVAL_FLOOR} and {EVAL_GROWTH:g} x the time so far apart; task runs started before 2026-12-01 "
+        "07:00 UTC evaluated at most every budget / 1000 seconds from the start, so a target crossed early was timed up "
+        "to that late), median over seeds (a seed that never gets there counts as infinitely late; `-` = the median "
         "seed did not get there). *Time vs GGN* is the other method's time divided by GGN's (so `5.0x` means GGN was 5 times "
         "faster; `>Nx` means the method did not reach the target within the budget, N = budget / GGN's time; below 1 GGN was slower). "
         "Final losses are medians at the end of the run (budget, or training MSE below "
