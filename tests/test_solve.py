@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gramnewton import SingularGramError, damped_solve
-from gramnewton.solve import all_finite, damped_solution
+from gramnewton.solve import all_finite, cholesky_solve, damped_solution
 
 
 def test_well_conditioned_uses_cholesky():
@@ -106,3 +106,15 @@ def test_all_finite_is_exact():
         t[3] = float(bad)
         assert not all_finite(t)
     assert not all_finite(torch.tensor([float("inf"), float("-inf")]))  # sum NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 64, 200, 513])
+def test_cholesky_solve_is_torchs_bit_for_bit(n: int, dtype: torch.dtype):
+    # solve.cholesky_solve replaces torch.cholesky_solve on the CPU by its two triangular solves,
+    # which must change nothing (potrs is those two solves); one and three right-hand sides
+    a = torch.randn(n, n + 3, dtype=dtype)
+    factor = torch.linalg.cholesky(a @ a.T + torch.eye(n, dtype=dtype))
+    for k in (1, 3):
+        rhs = torch.randn(n, k, dtype=dtype)
+        assert torch.equal(cholesky_solve(rhs, factor), torch.cholesky_solve(rhs, factor))

@@ -116,6 +116,20 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def cholesky_solve(rhs: Tensor, factor: Tensor) -> Tensor:
+    """``(L L^T)^{-1} rhs`` for the lower Cholesky factor ``L = factor`` ``(n, n)`` and ``rhs``
+    ``(n, k)``: ``torch.cholesky_solve``, done on the CPU as its two triangular solves. LAPACK's
+    ``potrs`` is those two solves, so the result is the same bit for bit
+    (``tests/test_solve.py``), and ``torch.linalg.solve_triangular`` skips copies that
+    ``cholesky_solve`` makes: 1.5-2.5x faster from ``n = 200`` on the 2-core CPU (docs/performance.md,
+    twenty-fifth session). Elsewhere ``torch.cholesky_solve`` as is (the equality is unchecked on
+    other devices)."""
+    if factor.device.type != "cpu":
+        return torch.cholesky_solve(rhs, factor)
+    lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, lower, upper=True)
+
+
 def damped_matrix(gram: Tensor, lam: float, alpha: float) -> Tensor:
     """``lam * G + alpha * I``, symmetrised. ``gram`` is ``(n, n)``."""
     mat = (gram + gram.mT).mul_(0.5 * lam)
@@ -227,7 +241,7 @@ def damped_solution(
         jittered.diagonal().add_(jitter)
         attempt = _cholesky(jittered)  # the same pivot test as the unjittered attempt
         if attempt.passed:
-            x = torch.cholesky_solve(b, attempt.factor).squeeze(1)
+            x = cholesky_solve(b, attempt.factor).squeeze(1)
             if all_finite(x):
                 info = SolveInfo("jitter", jitter=jitter, condition=attempt.condition)
                 return Solution(_finite(x, out_dtype), info, _cholesky_again(attempt.factor))
@@ -248,7 +262,7 @@ def _cholesky_again(factor: Tensor) -> Callable[[Tensor], Tensor]:
     """``e -> (L L^T)^{-1} e`` for the lower Cholesky factor ``factor`` ``(n, n)``, in ``e``'s dtype."""
 
     def again(e: Tensor) -> Tensor:
-        return _finite(torch.cholesky_solve(as_dtype(e, factor.dtype).unsqueeze(1), factor).squeeze(1), e.dtype)
+        return _finite(cholesky_solve(as_dtype(e, factor.dtype).unsqueeze(1), factor).squeeze(1), e.dtype)
 
     return again
 
@@ -437,9 +451,9 @@ def _normal_equations(jac: Tensor, rhs: Tensor, lam: float, alpha: float, prior:
     b = a.mT @ rhs.double()
     if prior is not None:
         b.add_(prior.double(), alpha=alpha)
-    x = torch.cholesky_solve(b.unsqueeze(1), plain.factor).squeeze(1)
+    x = cholesky_solve(b.unsqueeze(1), plain.factor).squeeze(1)
 
     def again(e: Tensor) -> Tensor:
-        return _finite(torch.cholesky_solve((a.mT @ e.double()).unsqueeze(1), plain.factor).squeeze(1), e.dtype)
+        return _finite(cholesky_solve((a.mT @ e.double()).unsqueeze(1), plain.factor).squeeze(1), e.dtype)
 
     return Solution(_finite(x, rhs.dtype), SolveInfo("normal_equations", condition=plain.condition), again)
