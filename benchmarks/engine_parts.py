@@ -150,13 +150,15 @@ def main(argv: list[str] | None = None) -> None:
             layers[(index, shape)].append(t)
         for key, ts in products.items():
             product_steps[key].append(sum(ts))
-    n = shapes[0][0]
+    # the floor: every piece's per-sample gradients in one (n, P) buffer; none when no piece went
+    # through add_gram_lower (a small network's Linear layers add their Gram parts from factors)
+    n = shapes[0][0] if shapes else 0
     width = sum(numel for _, numel in shapes)
     jac = torch.randn(n, width)
     gram = torch.zeros(n, n)
     square = torch.randn(2048, 2048)
     floors: dict[str, list[float]] = defaultdict(list)
-    for _ in range(5):  # interleaved: a slow phase of the machine hits every floor alike
+    for _ in range(5 if shapes else 0):  # interleaved: a slow phase of the machine hits every floor alike
         floors["one_symmetric_update"].append(best_of(lambda: handlers.add_gram_lower(gram, jac), 3))
         floors["one_full_product"].append(best_of(lambda: torch.mm(jac, jac.T), 3))
         floors["square_2048"].append(best_of(lambda: torch.mm(square, square), 2))
@@ -189,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
             "one_symmetric_update": gram_flops(n, width) / floor["one_symmetric_update"] / 1e9,
             "one_full_product": 2.0 * n * n * width / floor["one_full_product"] / 1e9,
             "square_2048": 2.0 * 2048**3 / floor["square_2048"] / 1e9,
-        },
+        }
+        if floor
+        else {},
         "gram_width": width,
         "conv_paths": {str(key[1:3]): path for key, path in handlers.CONV_WEIGHT_PATHS.choices.items()},
     }
@@ -202,16 +206,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  Gram calls: {len(layer_rows)}, sum of medians {total:.2f} ms, width P = {width}")
     for r in layer_rows:
         print(f"    {str(tuple(r['shape'])):>14} {r['median_ms']:7.3f} ms {r['gflops']:6.1f} GFLOP/s")
-    print(
-        "  floor: one symmetric update {:.2f} ms ({:.1f} GFLOP/s), one full product {:.2f} ms ({:.1f}), "
-        "square 2048 GEMM {:.1f} GFLOP/s".format(
-            floor["one_symmetric_update"] * 1e3,
-            run["floor_gflops"]["one_symmetric_update"],
-            floor["one_full_product"] * 1e3,
-            run["floor_gflops"]["one_full_product"],
-            run["floor_gflops"]["square_2048"],
+    if floor:
+        print(
+            "  floor: one symmetric update {:.2f} ms ({:.1f} GFLOP/s), one full product {:.2f} ms ({:.1f}), "
+            "square 2048 GEMM {:.1f} GFLOP/s".format(
+                floor["one_symmetric_update"] * 1e3,
+                run["floor_gflops"]["one_symmetric_update"],
+                floor["one_full_product"] * 1e3,
+                run["floor_gflops"]["one_full_product"],
+                run["floor_gflops"]["square_2048"],
+            )
         )
-    )
     print("  products: " + ", ".join(f"{k} {v:.2f} ms" for k, v in run["products_median_ms"].items()))
 
 

@@ -1,0 +1,44 @@
+"""Each benchmark that calls the engine's internals runs end to end on a tiny configuration.
+
+Not a measurement (the timings are thrown away): the scripts reach into the library (handlers'
+signatures, pieces, the engine's timers) and nothing else runs them between sessions.
+``benchmarks/kernels.py`` called the convolution handler with an argument removed a session
+earlier, and ``benchmarks/engine_parts.py`` failed on a network whose Gram parts all come from
+factors, both unnoticed until someone ran them. Each script writes its JSON record to a temporary
+file only (an ``--out`` outside ``benchmarks/results`` regenerates no document).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+SCRIPTS = {
+    "kernels": "kernels.py --rounds 1",
+    "engine_parts": "engine_parts.py --model sinc --batch 8 --steps 3 --skip 1",
+    "step_cost": "step_cost.py --models sinc --batch 8 --methods sgd ggn_fast --reps 1 --warmup 1 --no-memory "
+    "--allocators system",
+    "user_models": "user_models.py --models raw_mlp gru_state --reps 1",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_benchmark_script_runs(name: str, tmp_path: Path) -> None:
+    script, *args = SCRIPTS[name].split()
+    out = tmp_path / "record.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert records, f"{script} wrote no record"
