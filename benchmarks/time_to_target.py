@@ -112,7 +112,7 @@ STOP_FACTOR = 1e-4  # stop a run below this fraction of the initial train MSE
 # Evaluate after every step for the first budget / EVAL_STEPWISE training seconds (a target the
 # fast methods cross there, sinc's 1e-1 at 20-60 ms, is timed at the step that crosses it; with
 # evaluations 10 ms apart it had been timed at the first evaluation after it, up to 10 ms and
-# 2-8 of GGN's steps late: docs/convergence.md, twenty-fifth session), then after
+# up to 6 of GGN's steps late: docs/convergence.md, twenty-fifth session), then after
 # budget / EVAL_FLOOR training seconds, or EVAL_GROWTH x the time so far if longer: evaluations at
 # most budget / EVAL_FLOOR apart for the first 10x that time, about 100 evaluations per run.
 EVAL_STEPWISE = 100
