@@ -1091,9 +1091,12 @@ def load_results() -> dict[str, Any]:
 
 
 def save_results(data: dict[str, Any]) -> None:
+    """Write ``data`` to :data:`RESULTS` without indentation: every run's evaluation curve is kept,
+    and with every early step evaluated (``EVAL_STEPWISE``) the indented file passed 5 MB (3.5 MB
+    compact)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(data, separators=(",", ":")))
     tmp.replace(RESULTS)
 
 
