@@ -1043,6 +1043,34 @@ def test_measured_choice_keeps_the_fastest_and_caches_it() -> None:
     assert choice("k", machine.candidates()) == ("slow", "slow")
 
 
+def test_measured_choice_runs_an_untimed_candidate_without_a_trial() -> None:
+    """``untimed`` runs at once, no trial and no choice recorded; a forced candidate overrides it."""
+    machine = FakeMachine({"slow": 2.0, "fast": 1.0})
+    choice = handlers.MeasuredChoice(clock=machine.clock, rounds=3, recheck_after=0)
+    assert choice("k", machine.candidates(), untimed="slow") == ("slow", "slow")
+    assert machine.runs == ["slow"] and not choice.trials and not choice.choices
+    choice.forced = "fast"
+    assert choice("k", machine.candidates(), untimed="slow") == ("fast", "fast")
+
+
+def test_small_convolutions_run_the_patches_path_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A convolution whose patches copy is below ``UNTIMED_PATCHES_BELOW`` entries gets no timing
+    trial (resnet8's stem on 8x8 images: the trial's oneDNN compiles cost 40-54 ms); above it the
+    trial runs. Exact either way (float64, against the reference engine)."""
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    model = seq(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 1)).double()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)  # patches: 6 * 16 * 9 entries
+    for below, trials in ((6 * 16 * 9 + 1, 0), (6 * 16 * 9, 1)):
+        monkeypatch.setattr(handlers, "UNTIMED_PATCHES_BELOW", below)
+        monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())
+        fast = HooksEngine(model).compute(lambda: model(x).squeeze(1))
+        reference = ReferenceEngine(list(model.parameters())).compute(lambda: model(x).squeeze(1))
+        assert_close("gram vs reference", fast.gram, reference.gram)
+        paths = handlers.CONV_WEIGHT_PATHS
+        assert sum(paths.trials.values()) == trials and sum(paths.used.values()) == 1
+        assert trials or paths.used["patches"] == 1
+
+
 def test_trial_order_spreads_every_candidates_runs() -> None:
     assert choice_module.trial_order(["a", "b", "c"], 3) == list("abcbcacab")
     assert choice_module.trial_order(["a", "b"], 2) == list("abba")
@@ -1908,6 +1936,7 @@ def test_timing_trials_leave_no_workspace_buffers(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
     monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", 0)  # two candidates: grouped wins by construction
+    monkeypatch.setattr(handlers, "UNTIMED_PATCHES_BELOW", 0)  # timed at this size too
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     slow_patches = handlers._conv2d_weight_per_sample_patches
 

@@ -75,9 +75,15 @@ class MeasuredChoice:
         self.best: dict[Hashable, dict[str, float]] = {}
         self._uses: Counter[Hashable] = Counter()  # uses of each key since its first trial
 
-    def __call__(self, key: Hashable, candidates: dict[str, Callable[[], Any]]) -> tuple[str, Any]:
-        """Run the chosen candidate for ``key``; returns its name and result."""
+    def __call__(
+        self, key: Hashable, candidates: dict[str, Callable[[], Any]], untimed: str | None = None
+    ) -> tuple[str, Any]:
+        """Run the chosen candidate for ``key``; returns its name and result. ``untimed``, when
+        one of ``candidates``, runs without a trial (unless another candidate is ``forced``): the
+        caller knows that no trial could pay for itself here."""
         name = self.forced if self.forced in candidates else None
+        if name is None and untimed in candidates:
+            name = untimed
         if name is None and len(candidates) == 1:
             name = next(iter(candidates))
         if name is None:

@@ -592,6 +592,15 @@ GROUPED_CHUNK_BYTES = 8 << 20
 # Inside an engine the patches path gathers its patches in this many chunks of samples (scratch
 # ``1 / PATCH_CHUNKS`` of the whole; one batched GEMM per chunk).
 PATCH_CHUNKS = 4
+# A convolution whose patches copy (``n * S * kh * kw * kin`` entries) is smaller than this runs the
+# patches path without a timing trial. At that size no path can save more than the patches path's
+# own cost (a copy of at most 2 MiB and its GEMM, tenths of a millisecond), while a trial runs every
+# candidate three times and the first call of the grouped or correlation path in a process compiles
+# oneDNN kernels: 40-54 ms for resnet8's stem on 8x8 images, whose trial chose the patches path in
+# every process, as it did for the network's (128, 16, 8, 8) -> (128, 32, 4, 4) layer (295k entries);
+# the demo's 28x28 stem (903k entries) chose the correlation path and stays timed
+# (docs/performance.md, twenty-sixth session).
+UNTIMED_PATCHES_BELOW = 1 << 19
 # The correlation path runs one convolution per input channel; it is offered up to this many
 # (image stems, 1-3 channels, where the grouped convolution's n groups of 1-3 channels are slow:
 # chosen for both stems of docs/performance.md's perf3 runs, per-sample time 0.038 -> 0.030 s).
@@ -1367,8 +1376,11 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str
             key = (type(module), tuple(x.shape), tuple(g.shape), module.kernel_size, module.stride)
             key += (module.dilation, padding, module.groups, x.dtype, x.device)
 
+            untimed = "patches" if n * positions * kin < UNTIMED_PATCHES_BELOW else None
+
             def per_sample(transient: bool = False) -> Dense | PermutedDense:
-                return CONV_WEIGHT_PATHS(key, _conv_weight_paths(module, x, g, padding, transient))[1]
+                paths = _conv_weight_paths(module, x, g, padding, transient)
+                return CONV_WEIGHT_PATHS(key, paths, untimed)[1]
 
             if module.weight.numel() > KEEP_FACTORS_ABOVE * (x[0].numel() + g[0].numel()):
                 pieces["weight"] = KeptConv(module, x, g, padding, per_sample)
