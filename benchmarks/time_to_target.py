@@ -33,16 +33,21 @@ stops at its time budget, at a non-finite loss (failure ``nan``), when it runs o
 (``oom``) or once the training MSE is below ``STOP_FACTOR`` times the initial one (far below the
 last target, so stopping early changes no time-to-target; final losses are those at the stop).
 
-Hyper-parameters. :func:`grid` lists a small grid per optimizer and task. Stage 1 runs the whole
-grid on seed 0 and keeps, per optimizer, the configuration that reaches the most targets, then the
-deepest one soonest, then the lowest final training MSE (the per-task tables, final and test
-losses, figures). Stage 2 runs every configuration of the grid on the other seeds, and for each
-target takes the configuration with the lowest median time to it over the seeds (the summary's
-times: each method tuned for each target, as a user aiming at that loss would tune it; one
-configuration for all targets made a choice between two by 4% at the deepest target outweigh 3x
-at the first). Until the sixteenth session the per-target choice was the fastest on seed 0 alone;
-at the 1e-1 targets, reached in 0.05-0.2 s, that pick swung a ratio by up to 1.5x between two
-runs of the same code (docs/convergence.md). Medians are over seeds.
+Hyper-parameters. :func:`grid` lists a small grid per optimizer and task, and every configuration
+of it runs on every seed. From seed 0 each optimizer keeps the configuration that reaches the most
+targets, then the deepest one soonest, then the lowest final training MSE (the per-task tables,
+final and test losses, figures); for each target it takes the configuration with the lowest median
+time to it over the seeds (the summary's times: each method tuned for each target, as a user aiming
+at that loss would tune it; one configuration for all targets made a choice between two by 4% at
+the deepest target outweigh 3x at the first). Until the sixteenth session the per-target choice was
+the fastest on seed 0 alone; at the 1e-1 targets, reached in 0.05-0.2 s, that pick swung a ratio by
+up to 1.5x between two runs of the same code (docs/convergence.md). Medians are over seeds:
+``--seeds`` when given, else each task's own count (:attr:`Task.seeds`: 3, and 10 for sinc, whose
+runs reach 1e-1 in 4-13 GGN steps and 2-20 TLM steps by seed, so that three seeds' median is one
+seed's draw). The runs go seed by seed, and within a seed the methods' configurations in turn
+(:func:`run_task`): until the twenty-seventh session each method ran its whole grid before the
+next, so the machine's drift over a task's half-hour fell on one method more than another (sinc at
+1e-1: 1.36x in such a run, 1.41-1.72x in ten-seed probes that interleave the methods).
 
 Usage::
 
@@ -64,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -160,6 +166,7 @@ class Task:
         budget_s: training seconds per run (before ``--budget-scale``).
         probe_only: a memory probe: only GGN and TLM (whose memory grows with the model times the
             batch), their whole grid, first seed only.
+        seeds: how many seeds (0, 1, ...) a run without ``--seeds`` uses.
     """
 
     name: str
@@ -172,6 +179,7 @@ class Task:
     budget_s: float
     probe_only: bool = False
     ggn_variants: tuple[dict[str, Any], ...] = ()
+    seeds: int = 3
 
 
 # The gain-ratio rule without step rejection: alpha still adapts to each step's ratio, but a step
@@ -243,6 +251,8 @@ TASKS: dict[str, Task] = {
         ),
         tlm_batches=(100, 1000),
         budget_s=10.0,
+        # ten: its runs reach 1e-1 in 4-13 GGN steps and 2-20 TLM steps by seed (twenty-seventh session)
+        seeds=10,
     ),
     **{f"concrete-{s}": concrete_task(s) for s in CONCRETE_WIDTHS},
     "resnet8": Task(
@@ -623,29 +633,15 @@ def spec_for(task: Task, optimizer: str, config: dict[str, Any], seed: int, args
     }
 
 
-def on_every_seed(
-    task: Task,
-    first: dict[str, Any],
-    seeds: list[int],
-    seeded: dict[str, list[dict[str, Any]]],
-    args: argparse.Namespace,
-    log: Callable[[str], None],
-) -> list[dict[str, Any]]:
-    """``first`` (a run on ``seeds[0]``) and its configuration's runs on the other ``seeds``,
-    launched once per configuration (``seeded`` caches them by the configuration's JSON)."""
-    key = json.dumps(first["config"], sort_keys=True)
-    if key not in seeded:
-        seeded[key] = [first]
-        for seed in seeds[1:]:
-            seeded[key].append(launch(spec_for(task, first["optimizer"], first["config"], seed, args)))
-            log(describe(seeded[key][-1]))
-    return seeded[key]
-
-
 def run_task(task: Task, optimizers: list[str], args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    """Stage 1 (grid on the first seed) and stage 2 (the grid on the other seeds) for ``task``:
-    ``runs`` holds the best configuration's runs, ``target_runs`` those of each target's fastest
-    in the median, ``grid_times`` every configuration's seconds to each target on every seed."""
+    """Every configuration of every optimizer's grid on every seed of ``task``: seed by seed, and
+    within a seed the optimizers' configurations in turn (the first of each, then the second, ...),
+    so that the machine's drift over the task's run falls on every method alike, not on whichever
+    ran last. Per optimizer, ``grid`` and ``best`` come from the first seed (:func:`score`: the
+    per-task tables), ``runs`` holds the best configuration's runs on every seed, ``target_runs``
+    those of each target's fastest in the median over seeds, and ``grid_times`` every
+    configuration's seconds to each target on every seed. A configuration listed twice in a grid
+    runs once per seed."""
     out: dict[str, Any] = {
         "description": task.description,
         "grid": {},
@@ -655,30 +651,44 @@ def run_task(task: Task, optimizers: list[str], args: argparse.Namespace, log: C
         "target_runs": {},
         "meta": run_meta(),
     }
-    for optimizer in [o for o in optimizers if o in ("ggn", "tlm") or not task.probe_only]:
-        configs = grid(task, optimizer)
-        seeds = args.seeds[:1] if task.probe_only else args.seeds
-        tried = []
-        for config in configs:
-            tried.append(launch(spec_for(task, optimizer, config, seeds[0], args)))
-            log(describe(tried[-1]))
+    seeds = args.seeds or list(range(task.seeds))
+    seeds = seeds[:1] if task.probe_only else seeds
+    active = [o for o in optimizers if o in ("ggn", "tlm") or not task.probe_only]
+    configs = {o: grid(task, o) for o in active}
+    # (optimizer, config JSON) -> config, in turn across the optimizers, each configuration once
+    turns = itertools.zip_longest(*([(o, c) for c in configs[o]] for o in active))
+    order = {(o, config_key(c)): c for turn in turns for o, c in filter(None, turn)}
+    seeded: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in order}  # its runs, seed by seed
+    for seed in seeds:
+        for (optimizer, key), config in order.items():
+            seeded[(optimizer, key)].append(launch(spec_for(task, optimizer, config, seed, args)))
+            log(describe(seeded[(optimizer, key)][-1]))
+    for optimizer in active:
+        every = [seeded[(optimizer, config_key(c))] for c in configs[optimizer]]
+        tried = [runs[0] for runs in every]
         best = min(tried, key=score)
         out["grid"][optimizer], out["best"][optimizer] = tried, best["config"]
-        seeded: dict[str, list[dict[str, Any]]] = {}  # config (JSON) -> its runs on every seed
-        every = [on_every_seed(task, run, seeds, seeded, args, log) for run in tried]
         out["grid_times"][optimizer] = [[[seconds_to(r, f) for f in TARGETS] for r in runs] for runs in every]
-        out["runs"][optimizer] = on_every_seed(task, best, seeds, seeded, args, log)
+        out["runs"][optimizer] = seeded[(optimizer, config_key(best["config"]))]
         out["target_runs"][optimizer] = {str(f): fastest_to(every, f) or out["runs"][optimizer] for f in TARGETS}
     out["meta"]["load_average_at_end"] = os.getloadavg()
     return out
 
 
+def config_key(config: dict[str, Any]) -> str:
+    """A configuration's identity: its JSON with sorted keys."""
+    return json.dumps(config, sort_keys=True)
+
+
 def run_meta() -> dict[str, Any]:
     """When and where a task ran (tasks of one report may come from separate commands), and how
     each target's configuration was chosen (``selection``: ``"median"`` over seeds since the
-    sixteenth session; results without it chose on seed 0)."""
+    sixteenth session; results without it chose on seed 0) and in which order the runs went
+    (``order``: ``"interleaved"``, seed by seed with the methods' configurations in turn, since the
+    twenty-seventh session; results without it ran each method's whole grid in turn)."""
     return {
         "selection": "median",
+        "order": "interleaved",
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python", "benchmarks/time_to_target.py", *sys.argv[1:]]),
         "git": git_state(),
@@ -801,6 +811,13 @@ def _selection_words(task_result: dict[str, Any]) -> str:
     return "in the median over seeds" if task_result.get("meta", {}).get("selection") == "median" else "on seed 0"
 
 
+def _order_words(meta: dict[str, Any]) -> str:
+    """In which order the task's runs went (:func:`run_meta`), for the report."""
+    if meta.get("order") == "interleaved":
+        return "seed by seed, the methods' configurations in turn"
+    return "one method's grid on every seed after another's"
+
+
 def per_target_table(task_result: dict[str, Any]) -> list[str]:
     """Each method's configuration fastest to each target (in the median over seeds, or on seed 0
     in results from before the sixteenth session), with its median seconds: the summary's times."""
@@ -870,7 +887,7 @@ def render_task(name: str, task_result: dict[str, Any], figure: Path | None = No
     if meta:
         lines += [
             f"Run started {meta['started']} at commit {meta['git']}, command `{meta['command']}`, "
-            f"`OMP_WAIT_POLICY={meta.get('omp_wait_policy', 'PASSIVE')}`; load average "
+            f"`OMP_WAIT_POLICY={meta.get('omp_wait_policy', 'PASSIVE')}`; runs {_order_words(meta)}; load average "
             f"(1, 5, 15 min) {fmt_load(meta.get('load_average_at_start'))} at the start, "
             f"{fmt_load(meta.get('load_average_at_end'))} at the end.",
             "",
@@ -1120,7 +1137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: each task's own (Task.seeds)")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every task's time budget")
     parser.add_argument("--memory-cap-gib", type=float, default=8.0)
     parser.add_argument(
