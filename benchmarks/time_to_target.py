@@ -46,12 +46,14 @@ up to 1.5x between two runs of the same code (docs/convergence.md). Medians are 
 runs reach 1e-1 in 4-13 GGN steps and 2-20 TLM steps by seed, so that three seeds' median is one
 seed's draw). The runs go seed by seed, and within a seed the methods' configurations in turn
 (:func:`run_task`): until the twenty-seventh session each method ran its whole grid before the
-next, so the machine's drift over a task's half-hour fell on one method more than another (sinc at
-1e-1: 1.36x in such a run, 1.41-1.72x in ten-seed probes that interleave the methods).
+next, so the machine's drift over a task's half-hour fell on one method more than another. (It
+does not remove the load's own effect on races of a few tens of milliseconds: sinc at 1e-1 on the
+same ten seeds gave 1.67x in the old order and 1.37x interleaved half an hour later, in a busier
+window; docs/convergence.md, twenty-seventh session.)
 
 Usage::
 
-    python benchmarks/time_to_target.py                      # everything (about 50 minutes)
+    python benchmarks/time_to_target.py                      # everything (about 70 minutes; sinc 28)
     python benchmarks/time_to_target.py --tasks sinc concrete-10k --seeds 0 --budget-scale 0.1
     python benchmarks/time_to_target.py --report-only        # redraw docs from the JSON
 
@@ -298,7 +300,7 @@ def kfac_available() -> bool:
 def grid(task: Task, optimizer: str) -> list[dict[str, Any]]:
     """The hyper-parameter grid of ``optimizer`` on ``task``.
 
-    Why these values (kept small so the whole benchmark fits in about 30 minutes):
+    Why these values (kept small so the whole benchmark fits in about an hour):
 
     - GGN: first ``GramGaussNewton(model)`` with no hyper-parameter given (what a user gets), then
       a task's variants of it (resnet8: ``lam = 8`` with ``bias_correction``, ``alpha`` adaptive or
