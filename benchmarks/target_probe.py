@@ -8,8 +8,12 @@ question at a time: for the given ``(optimizer, config)`` pairs, how long each t
 seed and round by round (so the machine's drift falls on all of them alike). The runs are the
 benchmark's own (:func:`time_to_target.launch`: a forked child per run, the same model
 initialisation, batch order, evaluation schedule, allocator and ``OMP_WAIT_POLICY``), each stopped
-once it reaches the target. Prints the median seconds and the steps to the target per configuration
-and appends a record to ``--out``::
+once it reaches the target. ``--threads`` runs every configuration at each of the given thread
+counts (``torch.set_num_threads`` in the child; default the benchmark's 2), interleaved with the
+others. Prints the median seconds and the steps to the target per configuration and appends a
+record to ``--out``. ``--count-steps`` counts the steps only, in this process: no fork, no
+timing, the full training MSE evaluated after every step (a hundredth of a probe's time per run,
+for scanning many configurations' step counts before timing the few that matter)::
 
     python benchmarks/target_probe.py --task sinc --target 0.1 --rounds 2 --configs \\
         '[["tlm", {"batch": 1000}], ["ggn", {"batch": 100, "lam": 1.0, "momentum": 0.0, "alpha": 0.1, "adaptive_damping": false}]]'
@@ -20,11 +24,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from gramnewton import NonFiniteError, SingularGramError
+from gramnewton.lab.experiments.training import Callback, FitState, fit, mean_squared_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import time_to_target as ttt  # noqa: E402
@@ -44,6 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=1, help="times each (configuration, seed) runs")
+    p.add_argument(
+        "--threads", type=int, nargs="+", default=[ttt.THREADS], help="torch threads; each configuration runs at each"
+    )
+    p.add_argument(
+        "--count-steps",
+        type=int,
+        metavar="MAX_STEPS",
+        help="count the steps to the target in this process (no timing), giving up after MAX_STEPS",
+    )
     p.add_argument("--memory-cap-gib", type=float, default=8.0)
     p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "unset"], default="unset")
     p.add_argument("--out", type=Path, default=OUT)
@@ -52,7 +72,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for optimizer, config in args.configs:
         if optimizer not in ttt.OPTIMIZERS or "batch" not in config:
             p.error(f"each entry must be [optimizer, config with a batch]; got {[optimizer, config]}")
+    if min(args.threads) < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
+
+
+class _StopAtTarget(Callback):
+    """Stops :func:`fit` once the full training MSE is at most ``threshold`` (:attr:`reached`: the
+    step), or after ``max_steps``."""
+
+    def __init__(self, model: torch.nn.Module, train: Dataset, threshold: float, max_steps: int):
+        self.model, self.train, self.threshold, self.max_steps = model, train, threshold, max_steps
+        self.reached: int | None = None
+
+    def on_step(self, state: FitState, loss: float) -> bool:
+        if mean_squared_error(self.model, self.train) <= self.threshold:
+            self.reached = state.step
+        return self.reached is not None or state.step >= self.max_steps
+
+
+def count_steps(
+    task: ttt.Task, train: Dataset, optimizer: str, config: dict[str, Any], seed: int, args: argparse.Namespace
+) -> int | None:
+    """Steps of ``(optimizer, config)`` on ``seed`` to ``args.target`` x the initial training MSE,
+    with the benchmark's initialisation and batch order; ``None`` when not within
+    ``args.count_steps`` steps or when the run fails."""
+    torch.manual_seed(seed)
+    model = task.model()
+    step, _ = ttt.make_step(optimizer, model, config)
+    stop = _StopAtTarget(model, train, args.target * mean_squared_error(model, train), args.count_steps)
+    batch = len(train) if config["batch"] == "full" else int(config["batch"])
+    try:
+        # every epoch has a step: the callback stops the run first
+        fit(step, train, batch_size=batch, seed=seed, epochs=args.count_steps, state=FitState(), callbacks=[stop])
+    except (RuntimeError, MemoryError, SingularGramError, NonFiniteError):  # e.g. NaN residuals: diverged
+        return None
+    return stop.reached
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,11 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     task = ttt.TASKS[args.task]
     spec_args = argparse.Namespace(budget_scale=1.0, memory_cap_gib=args.memory_cap_gib)
     start_load = os.getloadavg()
-    runs: list[list[dict[str, Any]]] = [[] for _ in args.configs]
+    train = task.data()[0] if args.count_steps else None
+    probes = [(optimizer, config, threads) for optimizer, config in args.configs for threads in args.threads]
+    runs: list[list[dict[str, Any]]] = [[] for _ in probes]
     for _ in range(args.rounds):
         for seed in args.seeds:
-            for i, (optimizer, config) in enumerate(args.configs):
-                run = ttt.launch(ttt.spec_for(task, optimizer, config, seed, spec_args))
+            for i, (optimizer, config, threads) in enumerate(probes):
+                if args.count_steps:
+                    torch.set_num_threads(threads)
+                    steps = count_steps(task, train, optimizer, config, seed, args)
+                    runs[i].append({"seed": seed, "seconds": None, "steps": steps})
+                    continue
+                run = ttt.launch({**ttt.spec_for(task, optimizer, config, seed, spec_args), "threads": threads})
                 row = ttt.reached_at(run, args.target) or {}
                 runs[i].append(
                     {
@@ -78,14 +140,22 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
     rows = []
-    for (optimizer, config), results in zip(args.configs, runs):
-        times = [r["seconds"] for r in results]
-        median = statistics.median(times) if None not in times else None
-        rows.append({"optimizer": optimizer, "config": config, "median_seconds": median, "runs": results})
-        shown = " ".join(f"{r['seconds']:.3f}({r['steps']})" if r["seconds"] is not None else "-" for r in results)
-        print(
-            f"{ttt.LABELS[optimizer]:6s} {json.dumps(config)}: median {median if median is None else f'{median:.3f}'} s; per run s(steps): {shown}"
-        )
+    for (optimizer, config, threads), results in zip(probes, runs):
+        # records before the twenty-eighth session have no "threads": they ran at ttt.THREADS (2)
+        row: dict[str, Any] = {"optimizer": optimizer, "config": config, "threads": threads, "runs": results}
+        label = f"{ttt.LABELS[optimizer]:6s} {json.dumps(config)}, {threads} thread(s)"
+        if args.count_steps:
+            # a run that did not reach the target counts as more steps than any that did
+            median = statistics.median(math.inf if r["steps"] is None else r["steps"] for r in results)
+            row["median_steps"] = None if median == math.inf else median
+            shown = " ".join("-" if r["steps"] is None else str(r["steps"]) for r in results)
+            print(f"{label}: median {row['median_steps']} steps; per run: {shown}")
+        else:
+            times = [r["seconds"] for r in results]
+            row["median_seconds"] = median = statistics.median(times) if None not in times else None
+            shown = " ".join(f"{r['seconds']:.3f}({r['steps']})" if r["seconds"] is not None else "-" for r in results)
+            print(f"{label}: median {median if median is None else f'{median:.3f}'} s; per run s(steps): {shown}")
+        rows.append(row)
     append_record(
         args.out,
         {
@@ -96,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             "target": args.target,
             "seeds": args.seeds,
             "rounds": args.rounds,
+            "count_steps": args.count_steps,
             "omp_wait_policy": args.omp_wait_policy,
             "load_average": [start_load, os.getloadavg()],
             "configs": rows,

@@ -474,10 +474,11 @@ def train_for_budget(
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One run as described by ``spec`` (task, optimizer, config, seed, budget, cap); in-process."""
+    """One run as described by ``spec`` (task, optimizer, config, seed, budget, cap, and ``threads``
+    when not :data:`THREADS`); in-process."""
     cap = int(spec["memory_cap_gib"] * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(spec.get("threads", THREADS))
     task = TASKS[spec["task"]]
     train, test = task.data()
     torch.manual_seed(spec["seed"])
