@@ -596,6 +596,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "under benchmarks/results, else none, so a scratch run leaves the docs alone)",
     )
     args = p.parse_args(argv)
+    if "jemalloc" in args.allocators and not Path(JEMALLOC).exists():
+        # LD_PRELOAD of a missing library only warns: the rows would be glibc's, labelled jemalloc
+        p.error(f"--allocators jemalloc needs {JEMALLOC} (Debian/Ubuntu: apt install libjemalloc2)")
     if args.doc is None and args.out.resolve().is_relative_to(RESULTS_DIR):
         args.doc = ROOT / "docs/performance.md"
     return args

@@ -1166,7 +1166,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="OMP_WAIT_POLICY of every run; unset: libgomp's default, what a user has",
     )
     parser.add_argument("--report-only", action="store_true", help="only redraw docs/ from the JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.allocator == "jemalloc" and not args.report_only and not Path(JEMALLOC).exists():
+        # LD_PRELOAD of a missing library only warns: the runs would be glibc's, recorded as jemalloc
+        parser.error(f"--allocator jemalloc needs {JEMALLOC} (Debian/Ubuntu: apt install libjemalloc2)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
