@@ -12,8 +12,8 @@ once it reaches the target. ``--threads`` runs every configuration at each of th
 counts (``torch.set_num_threads`` in the child; default the benchmark's 2), interleaved with the
 others. Prints the median seconds and the steps to the target per configuration and appends a
 record to ``--out``. ``--count-steps`` counts the steps only, in this process: no fork, no
-timing, the full training MSE evaluated after every step (a hundredth of a probe's time per run,
-for scanning many configurations' step counts before timing the few that matter)::
+timing, the full training MSE evaluated after every step (on sinc about 0.2 s a run against a timed
+run's 1-2 s, for scanning many configurations' step counts before timing the few that matter)::
 
     python benchmarks/target_probe.py --task sinc --target 0.1 --rounds 2 --configs \\
         '[["tlm", {"batch": 1000}], ["ggn", {"batch": 100, "lam": 1.0, "momentum": 0.0, "alpha": 0.1, "adaptive_damping": false}]]'
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     rows = []
     for (optimizer, config, threads), results in zip(probes, runs):
-        # records before the twenty-eighth session have no "threads": they ran at ttt.THREADS (2)
+        # older records have no "threads": they ran at ttt.THREADS (2)
         row: dict[str, Any] = {"optimizer": optimizer, "config": config, "threads": threads, "runs": results}
         label = f"{ttt.LABELS[optimizer]:6s} {json.dumps(config)}, {threads} thread(s)"
         if args.count_steps:
