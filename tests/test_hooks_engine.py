@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1051,6 +1051,52 @@ def test_measured_choice_runs_an_untimed_candidate_without_a_trial() -> None:
     assert machine.runs == ["slow"] and not choice.trials and not choice.choices
     choice.forced = "fast"
     assert choice("k", machine.candidates(), untimed="slow") == ("fast", "fast")
+
+
+@pytest.fixture
+def deterministic_algorithms() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for one test, the previous setting restored."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+def test_measured_choice_under_deterministic_algorithms_runs_the_first_candidate_untimed() -> None:
+    """No timing decides anything (it could differ between processes, and so could the rounding
+    of a run); ``forced`` and ``untimed`` still take precedence."""
+    machine = FakeMachine({"slow": 2.0, "fast": 1.0})
+    choice = handlers.MeasuredChoice(clock=machine.clock, rounds=3, recheck_after=2)
+    assert [choice("k", machine.candidates())[0] for _ in range(4)] == ["slow"] * 4
+    assert machine.runs == ["slow"] * 4 and not choice.trials and not choice.choices
+    assert choice("k", machine.candidates(), untimed="fast") == ("fast", "fast")
+    choice.forced = "fast"
+    assert choice("k", machine.candidates()) == ("fast", "fast")
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+def test_convolutions_under_deterministic_algorithms_run_their_preferred_path_untimed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stem (one input channel) runs the correlation, the convolution of more channels than
+    ``MAX_CORRELATE_CHANNELS`` the patches path, neither timed; the Gram is exact (float64, against the reference engine)."""
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    monkeypatch.setattr(handlers, "UNTIMED_PATCHES_BELOW", 0)  # both layers would be timed otherwise
+    model = seq(
+        nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 1)
+    ).double()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    fast = HooksEngine(model).compute(lambda: model(x).squeeze(1))
+    reference = ReferenceEngine(list(model.parameters())).compute(lambda: model(x).squeeze(1))
+    assert_close("gram vs reference", fast.gram, reference.gram)
+    paths = handlers.CONV_WEIGHT_PATHS
+    assert not paths.trials and paths.used == {"correlate": 1, "patches": 1}
 
 
 def test_small_convolutions_run_the_patches_path_untimed(monkeypatch: pytest.MonkeyPatch) -> None:

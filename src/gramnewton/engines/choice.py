@@ -14,7 +14,12 @@ make the choice robust to a loaded machine:
   and the choice is made anew from the fastest run of each over both trials (a phase that covered
   the whole first trial does not cover the second). After that the choice is final.
 
-All candidates compute the same values, so the choice changes speed, never results.
+All candidates compute the same values in exact arithmetic, so the choice changes speed, not the
+mathematics; their floating-point rounding can differ (the grouped convolution sums in another
+order than the patches path), so a choice made by timing can make two runs of one seed differ in
+their last bits, and from there in their trajectories. Under ``torch.use_deterministic_algorithms
+(True)`` no candidate is timed: the first one offered runs (the callers list their preferred path
+first), so a seeded run on one machine and thread count repeats bit for bit in every process.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any
+
+import torch
 
 from . import workspace as ws
 
@@ -80,11 +87,13 @@ class MeasuredChoice:
     ) -> tuple[str, Any]:
         """Run the chosen candidate for ``key``; returns its name and result. ``untimed``, when
         one of ``candidates``, runs without a trial (unless another candidate is ``forced``): the
-        caller knows that no trial could pay for itself here."""
+        caller knows that no trial could pay for itself here. Under
+        ``torch.use_deterministic_algorithms(True)`` the first of ``candidates`` runs, untimed
+        (a ``forced`` or ``untimed`` one still takes precedence: neither depends on timing)."""
         name = self.forced if self.forced in candidates else None
         if name is None and untimed in candidates:
             name = untimed
-        if name is None and len(candidates) == 1:
+        if name is None and (len(candidates) == 1 or torch.are_deterministic_algorithms_enabled()):
             name = next(iter(candidates))
         if name is None:
             name = self._choose(key, candidates)

@@ -1272,20 +1272,18 @@ def _conv2d_weight_per_sample_correlate(module: nn.Module, x: Tensor, g: Tensor,
 def _conv_weight_paths(
     module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...], transient: bool
 ) -> dict[str, Callable[[], Piece]]:
-    """The exact ways to get a convolution's per-sample weight gradients for these shapes."""
-    paths: dict[str, Callable[[], Piece]] = {
-        "grouped": lambda: _conv_weight_per_sample(module, x, g, padding, transient)
-    }
-    positions = math.prod(g.shape[2:])
-    if (
-        x.dim() == 4
-        and module.groups == 1
-        and x.device.type == "cpu"  # elsewhere the grouped convolution's kernels are the tuned ones
-        and positions <= MAX_PATCHES_OVER_GRADIENTS * module.out_channels
-    ):
-        paths["patches"] = lambda: _conv2d_weight_per_sample_patches(module, x, g, padding, transient)
-    if x.dim() == 4 and module.groups == 1 and x.device.type == "cpu" and x.shape[1] <= MAX_CORRELATE_CHANNELS:
+    """The exact ways to get a convolution's per-sample weight gradients for these shapes, the
+    preferred first (what runs untimed under deterministic algorithms, :mod:`.choice`): the
+    correlation where it is offered (image stems, where timing picked it), else the patches path
+    (picked for the demo network's other layers), else the grouped convolution, offered everywhere."""
+    paths: dict[str, Callable[[], Piece]] = {}
+    # on other devices the grouped convolution's kernels are the tuned ones
+    cpu_2d = x.dim() == 4 and module.groups == 1 and x.device.type == "cpu"
+    if cpu_2d and x.shape[1] <= MAX_CORRELATE_CHANNELS:
         paths["correlate"] = lambda: _conv2d_weight_per_sample_correlate(module, x, g, padding)
+    if cpu_2d and math.prod(g.shape[2:]) <= MAX_PATCHES_OVER_GRADIENTS * module.out_channels:
+        paths["patches"] = lambda: _conv2d_weight_per_sample_patches(module, x, g, padding, transient)
+    paths["grouped"] = lambda: _conv_weight_per_sample(module, x, g, padding, transient)
     return paths
 
 
