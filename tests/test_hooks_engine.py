@@ -33,7 +33,7 @@ import gramnewton
 from gramnewton.engines import HooksEngine, ReferenceEngine, handlers, recurrent
 from gramnewton.engines import choice as choice_module
 from gramnewton.engines.select import select_engine
-from gramnewton.engines.workspace import Workspace
+from gramnewton.engines.workspace import Workspace, activated
 from gramnewton.lab.models import ScalarBias, ScalarScale, TwoLayerNet, get_model
 
 RTOL = 1e-10
@@ -963,7 +963,8 @@ def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monke
         g = torch.randn_like(module(x))
     if path == "grouped_chunks":  # two samples per grouped convolution (5 and 3 samples: the last one short)
         path = "grouped"
-        monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 2 * 8 * max(x[0].numel(), g[0].numel()))
+        row = max(x[0].numel(), g[0].numel(), module.weight.numel())  # the largest of a sample's blocks
+        monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 2 * 8 * row)
     monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", path)
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
     monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", float("inf"))
@@ -989,6 +990,43 @@ def test_conv_pieces_multiply_like_their_dense_form(layer: int, path: str, monke
         piece.add_gram_lower(gram)
         handlers.mirror_lower(gram)
         assert_close(f"{type(piece).__name__} Gram", gram, jac @ jac.T)
+
+
+@pytest.mark.parametrize("transient", [False, True], ids=["kept", "transient"])
+def test_grouped_chunks_are_bounded_by_the_gradients_too(transient: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose per-sample gradients are larger than its input and output gradients (deep
+    layers on small maps: 19 MB a layer against 8 MiB at ResNet-32's third stage at 64x64) runs
+    the grouped path in chunks whose gradients fit ``GROUPED_CHUNK_BYTES`` too, inside an
+    engine's workspace as outside; the gradients are exact (float64, autograd sample by sample)."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(8, 8, 3, padding=1).double()  # 576 weights per sample against x's and g's 128
+    x = torch.randn(5, 8, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        g = torch.randn_like(module(x))
+    monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 2 * 8 * 576)  # two samples' gradients
+    calls: list[int] = []
+    grouped = handlers._grouped_weight_gradients
+
+    def spy(module: nn.Module, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Tensor:
+        out = grouped(module, x, g, padding)
+        calls.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(handlers, "_grouped_weight_gradients", spy)
+    rows = []
+    for i in range(5):
+        (grad,) = torch.autograd.grad((module(x[i : i + 1]) * g[i : i + 1]).sum(), module.weight)
+        rows.append(grad.reshape(-1))
+    for work in (None, Workspace()):
+        calls.clear()
+        if work is None:
+            piece = handlers._conv_weight_per_sample(module, x, g, (1, 1), transient)
+        else:
+            with activated(work):
+                work.new_step()
+                piece = handlers._conv_weight_per_sample(module, x, g, (1, 1), transient)
+        assert calls == [2 * 8 * 576, 2 * 8 * 576, 8 * 576]  # 2 + 2 + 1 samples
+        assert_close("per-sample gradients", piece.dense().jac, torch.stack(rows))
 
 
 @pytest.mark.parametrize("halves_from", [None, 0], ids=["as_in_use", "always_halves"])
@@ -1822,7 +1860,8 @@ def test_kept_convs_multiply_with_their_scratch_while_it_is_intact(path: str, mo
     monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
     monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
     monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
-    monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 2 * 8 * 48)  # two rows of x (48 entries) per chunk
+    # two samples per chunk: their gradients (81 entries each) are larger than their x or g (48)
+    monkeypatch.setattr(handlers, "GROUPED_CHUNK_BYTES", 2 * 8 * 81)
     intact: list[bool] = []
     formed = handlers.KeptConv._intact
 

@@ -586,8 +586,9 @@ JAC_SLOT = "conv_jac"
 # The patches path copies ``n * S * kh * kw * kin`` entries; it is offered only when that is at
 # most this many times the per-sample gradients' ``n * kout * kh * kw * kin`` (i.e. S <= 4 kout).
 MAX_PATCHES_OVER_GRADIENTS = 4
-# The grouped path runs on chunks of samples whose ``x`` and ``g`` are each at most this many bytes
-# (the kernel copies both; well below glibc's 32 MiB ceiling for heap blocks: ``_conv_weight_per_sample``).
+# The grouped path runs on chunks of samples whose ``x``, ``g`` and per-sample gradients are each at
+# most this many bytes (the kernel copies ``x`` and ``g`` and returns new gradients; well below
+# glibc's 32 MiB ceiling for heap blocks: ``_conv_weight_per_sample``).
 GROUPED_CHUNK_BYTES = 8 << 20
 # Inside an engine the patches path gathers its patches in this many chunks of samples (scratch
 # ``1 / PATCH_CHUNKS`` of the whole; one batched GEMM per chunk).
@@ -1168,12 +1169,18 @@ def _conv_weight_per_sample(
 ) -> Dense | PermutedDense:
     """Per-sample weight gradients ``(n, numel)`` by grouped weight-gradient convolutions
     (:func:`_grouped_weight_gradients`: the same fast kernel as an ordinary weight gradient, no
-    im2col), over chunks of samples whose ``x`` and ``g`` are at most ``GROUPED_CHUNK_BYTES``.
+    im2col), over chunks of samples whose ``x``, ``g`` and gradients are each at most
+    ``GROUPED_CHUNK_BYTES``.
 
-    Why chunks: the kernel copies its folded ``x`` and ``g`` (two temporaries of their size). At
-    ResNet-32's first stage at 64x64, b = 128, those are 32 MiB each, at glibc's ceiling for
-    serving blocks from its heap, so every call mapped (and the kernel zeroed) 64 MiB afresh: 16k
-    page faults per layer and step, which SGD's backward does not pay (docs/performance.md, mem6).
+    Why chunks: the kernel copies its folded ``x`` and ``g`` (two temporaries of their size) and
+    returns the gradients in a new tensor. At ResNet-32's first stage at 64x64, b = 128, the copies
+    are 32 MiB each, at glibc's ceiling for serving blocks from its heap, so every call mapped (and
+    the kernel zeroed) 64 MiB afresh: 16k page faults per layer and step, which SGD's backward does
+    not pay (docs/performance.md, mem6). At its third stage the gradients are 19 MB a layer
+    (``x`` and ``g`` 8 MiB): freed at each call's end, glibc returned their pages to the system
+    and the next call faulted them in again, 6.7k faults and 33 against 14 ms a layer
+    (docs/performance.md, twenty-ninth session). Chunked, every temporary is a block of at most
+    ``GROUPED_CHUNK_BYTES`` that the next chunk reuses.
 
     Inside an engine, gradients kept until ``J^T v`` (not ``transient``) go to a buffer of its
     workspace (``transient`` ones, when chunked, to its scratch), allocated once and reused while
@@ -1183,7 +1190,8 @@ def _conv_weight_per_sample(
     then a :class:`PermutedDense` with the identity permutation, which carries the workspace's stamp.
     """
     n, weight = x.shape[0], module.weight
-    chunk = max(1, GROUPED_CHUNK_BYTES // (max(x[0].numel(), g[0].numel()) * x.element_size()))
+    row = max(x[0].numel(), g[0].numel(), weight.numel())  # the largest of a sample's three blocks
+    chunk = max(1, GROUPED_CHUNK_BYTES // (row * x.element_size()))
     work = ws.active()
     identity = tuple(range(weight.dim()))
     if chunk >= n:
