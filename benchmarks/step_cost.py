@@ -35,6 +35,11 @@ jobs, OpenMP threads that spin at barriers made a small ``(32, 4096)`` product 1
 2 threads (63 ms against 0.6 ms passive); the setting is recorded with every run.
 ``--omp-wait-policy unset`` leaves it unset, libgomp's default (spin a while, then sleep): what a
 user's process has; run it alone on the machine (under the CPU lock).
+
+``--alone ROUNDS`` also steps SGD and GGN (``ggn_fast``) each alone in a fresh process, ROUNDS
+times in turn, and records their ratio per round (``alone`` in the JSON): a user's process runs one
+optimizer, while the interleaved rounds share one allocator, whose state each method's frees move
+for the other (docs/performance.md, twenty-ninth session).
 """
 
 from __future__ import annotations
@@ -296,36 +301,63 @@ def amortised(times: list[float], parts: list[dict]) -> dict:
     return out
 
 
-def peak_memory(model_name: str, batch: int, method: str, allocator: str, steps: int = 2) -> dict:
-    """Peak RSS (MB) of a child process that builds the model and runs ``steps`` steps of ``method``."""
+def alone(model_name: str, batch: int, method: str, allocator: str, warmup: int, reps: int) -> dict:
+    """``method`` stepped alone in a fresh child process, as in a user's training process: ``warmup``
+    steps, then ``reps`` timed ones (their times and minor page faults), and the child's peak RSS
+    in MB (``VmHWM``: import and data included; also above the resident set before the first step)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); import step_cost as s; "
+        "import json, resource, sys, time, torch; sys.path.insert(0, sys.argv[1]); import step_cost as s; "
         "s.apply_allocator(sys.argv[6]); torch.set_num_threads(int(sys.argv[5])); model, x, y = s.setup(sys.argv[2], int(sys.argv[3])); "
         "step, _ = s.make_step(sys.argv[4], model, x, y); "
-        "before = s.high_water_kb(); "
-        f"[step() for _ in range({steps})]; "
-        "print(before, s.high_water_kb())"
+        "before = s.high_water_kb(); times, faults = [], []\n"
+        "for i in range(int(sys.argv[7]) + int(sys.argv[8])):\n"
+        "    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; t0 = time.perf_counter(); step()\n"
+        "    t1 = time.perf_counter(); f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    if i >= int(sys.argv[7]): times.append(t1 - t0); faults.append(f1 - f0)\n"
+        "print(json.dumps(dict(before_kb=before, peak_kb=s.high_water_kb(), times_s=times, faults=faults)))"
     )
+    args = [str(Path(__file__).parent), model_name, str(batch), method, str(torch.get_num_threads()), allocator]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(Path(__file__).parent),
-            model_name,
-            str(batch),
-            method,
-            str(torch.get_num_threads()),
-            allocator,
-        ],
+        [sys.executable, "-c", code, *args, str(warmup), str(reps)],
         capture_output=True,
         text=True,
         check=True,
         env=os.environ,
-    ).stdout.split()
-    before, peak = int(out[-2]) / 1024, int(out[-1]) / 1024
-    return {"peak_rss_mb": peak, "peak_above_start_mb": peak - before}
+    ).stdout.splitlines()[-1]
+    record = json.loads(out)
+    before, peak = record.pop("before_kb") / 1024, record.pop("peak_kb") / 1024
+    return {**record, "peak_rss_mb": peak, "peak_above_start_mb": peak - before}
+
+
+def peak_memory(model_name: str, batch: int, method: str, allocator: str, steps: int = 2) -> dict:
+    """Peak RSS (MB) of a child process that builds the model and runs ``steps`` steps of ``method``."""
+    record = alone(model_name, batch, method, allocator, 0, steps)
+    return {"peak_rss_mb": record["peak_rss_mb"], "peak_above_start_mb": record["peak_above_start_mb"]}
+
+
+def alone_rounds(model_name: str, batch: int, allocator: str, warmup: int, reps: int, rounds: int) -> dict:
+    """SGD and GGN (``ggn_fast``) each stepped alone (:func:`alone`), ``rounds`` times in turn.
+
+    The interleaved rounds of :func:`time_config` share one process, and so one allocator: with
+    glibc, a block one method frees moves the thresholds that decide whether the other's next
+    blocks are mapped afresh (at 64x64 SGD faulted 172-528k pages a step depending on what GGN had
+    freed, docs/performance.md, twenty-ninth session). A user's process runs one optimizer; each
+    round here starts one process per method, back to back, and its ratio compares the two
+    processes' median steps."""
+    runs: dict[str, list[dict]] = {"sgd": [], "ggn_fast": []}
+    for _ in range(rounds):
+        for method in runs:
+            runs[method].append(alone(model_name, batch, method, allocator, warmup, reps))
+    medians = {m: [statistics.median(r["times_s"]) for r in rs] for m, rs in runs.items()}
+    per_round = [g / s for g, s in zip(medians["ggn_fast"], medians["sgd"])]
+    return {
+        "rounds": rounds,
+        "median_s": medians,
+        "faults_per_step": {m: [statistics.median(r["faults"]) for r in rs] for m, rs in runs.items()},
+        "ratio_per_round": per_round,
+        "ratio": statistics.median(per_round),
+    }
 
 
 def high_water_kb() -> int:
@@ -575,6 +607,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref-max-batch", type=int, default=32, help="largest batch for the reference engine on ResNets")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument(
+        "--alone",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also time SGD and GGN (ggn_fast) each alone in a fresh process, ROUNDS times in turn "
+        "(a user's process runs one optimizer; the interleaved rounds share one allocator)",
+    )
+    p.add_argument(
         "--cost-model", action="store_true", help="only time single layers against the Linear/Conv cost model"
     )
     default_allocators = [a for a in ALLOCATORS if a != "jemalloc" or Path(JEMALLOC).exists()]
@@ -636,6 +676,7 @@ def run_children(args: argparse.Namespace) -> None:
     common += ["--omp-wait-policy", args.omp_wait_policy, "--out", str(args.out)]
     common += ["--doc", str(args.doc)] if args.doc else []
     common += ["--no-memory"] if args.no_memory else []
+    common += ["--alone", str(args.alone)] if args.alone else []
     for model_name in args.models:
         for batch in args.batch:
             for allocator in args.allocators:
@@ -700,6 +741,8 @@ def main(argv: list[str] | None = None) -> None:
                     for m in methods
                     if m in ("sgd", "ggn_fast")
                 }
+            if args.alone:
+                run["alone"] = alone_rounds(model_name, batch, args.allocators[0], args.warmup, args.reps, args.alone)
             # re-read: other children of the same run may have written in between
             results = json.loads(args.out.read_text()) if args.out.exists() else {}
             results.setdefault(f"{model_name}/b{batch}", []).append(run)
@@ -715,6 +758,12 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
+            if args.alone:
+                a = run["alone"]
+                rounds = ", ".join(f"{r:.2f}" for r in a["ratio_per_round"])
+                print(
+                    f"  alone, {a['rounds']} rounds: ggn_fast / sgd {a['ratio']:.2f} (per round {rounds})", flush=True
+                )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ SCRIPTS = {
     "kernels": "kernels.py --rounds 1",
     "engine_parts": "engine_parts.py --model sinc --batch 8 --steps 3 --skip 1",
     "step_cost": "step_cost.py --models sinc --batch 8 --methods sgd ggn_fast --reps 1 --warmup 1 --no-memory "
-    "--allocators system",
+    "--allocators system --alone 1",
     "user_models": "user_models.py --models raw_mlp gru_state --reps 1",
 }
 
@@ -42,3 +42,6 @@ def test_benchmark_script_runs(name: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads(out.read_text())
     assert records, f"{script} wrote no record"
+    if name == "step_cost":  # --alone 1: one process per method, their ratio
+        (run,) = records["sinc/b8"]
+        assert len(run["alone"]["ratio_per_round"]) == 1 and run["alone"]["ratio"] > 0
