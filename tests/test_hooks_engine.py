@@ -1017,14 +1017,12 @@ def test_grouped_chunks_are_bounded_by_the_gradients_too(transient: bool, monkey
     for i in range(5):
         (grad,) = torch.autograd.grad((module(x[i : i + 1]) * g[i : i + 1]).sum(), module.weight)
         rows.append(grad.reshape(-1))
-    for work in (None, Workspace()):
+    for work in (None, Workspace()):  # activated(None): no workspace
         calls.clear()
-        if work is None:
-            piece = handlers._conv_weight_per_sample(module, x, g, (1, 1), transient)
-        else:
-            with activated(work):
+        with activated(work):
+            if work is not None:
                 work.new_step()
-                piece = handlers._conv_weight_per_sample(module, x, g, (1, 1), transient)
+            piece = handlers._conv_weight_per_sample(module, x, g, (1, 1), transient)
         assert calls == [2 * 8 * 576, 2 * 8 * 576, 8 * 576]  # 2 + 2 + 1 samples
         assert_close("per-sample gradients", piece.dense().jac, torch.stack(rows))
 
