@@ -190,6 +190,9 @@ def test_ggn_keys_come_from_its_constructor():
         resolve({**base, "optimizer": {"name": "ggn", "momentum": 0.0, "adaptive_damping": "yes"}})
     with pytest.raises(ValueError, match="did you mean optimizer.alpha"):
         resolve({**base, "optimizer": {"name": "ggn", "momentum": 0.0, "alpah": 0.3}})
+    # an argument whose default is None is typed by its annotation (max_step_norm: float | None)
+    with pytest.raises(ValueError, match="optimizer.max_step_norm must be a number"):
+        resolve({**base, "optimizer": {"name": "ggn", "max_step_norm": "8"}})
 
 
 GGN_WITH_A_FLOOR = """

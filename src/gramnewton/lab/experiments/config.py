@@ -200,24 +200,38 @@ def _check_optimizer(section: Mapping[str, Any]) -> None:
         if key == "adaptive_damping" and isinstance(value, Mapping):
             _check_damping_table(value)
             continue
-        default = parameters[key].default
-        kind = bool if isinstance(default, bool) else NUMBERS if isinstance(default, NUMBERS) else type(default)
-        kind = BOOL_OR_STRING if key in BOOL_OR_STRING_KEYS else kind
-        if default not in (inspect.Parameter.empty, None) and (
+        kind = _expected_type(key, parameters[key])
+        if kind is not None and (
             not isinstance(value, kind)
             or (kind is NUMBERS and isinstance(value, bool))
             or (kind == BOOL_OR_STRING and isinstance(value, str) and value not in DAMPING_NAMES)
         ):
+            default = parameters[key].default
             raise ValueError(f"optimizer.{key} must be {_describe(kind)} (default {default!r}), got {value!r}")
+
+
+def _expected_type(key: str, parameter: inspect.Parameter) -> type | tuple[type, ...] | None:
+    """What a config value of a constructor ``parameter`` must be: its default's type (any number
+    for a number; :data:`BOOL_OR_STRING` for ``adaptive_damping``), for a ``None`` default the
+    number type its annotation names (``max_step_norm: float | None``); ``None``: not checked."""
+    default = parameter.default
+    if key in BOOL_OR_STRING_KEYS:
+        return BOOL_OR_STRING
+    if default is inspect.Parameter.empty:
+        return None
+    if default is None:
+        return NUMBER_ANNOTATIONS.get(str(parameter.annotation))
+    return bool if isinstance(default, bool) else NUMBERS if isinstance(default, NUMBERS) else type(default)
 
 
 # GramGaussNewton's adaptive_damping: true/false, a rule's name, or a table (_check_damping_table)
 BOOL_OR_STRING: tuple[type, ...] = (bool, str)
 BOOL_OR_STRING_KEYS = frozenset({"adaptive_damping"})
 DAMPING_NAMES = ("auto", *DAMPING_RULES)
-# a damping rule's constructor arguments a table may set, by their annotation (the others, e.g.
-# cross_validated's span and curvature, are not plain numbers)
-DAMPING_ARGUMENT_TYPES: dict[str, type | tuple[type, ...]] = {
+# the type of a number argument by its annotation: a damping rule's arguments a table may set (the
+# others, e.g. cross_validated's span and curvature, are not plain numbers), and an optimizer's
+# arguments whose default is None
+NUMBER_ANNOTATIONS: dict[str, type | tuple[type, ...]] = {
     "int": int,
     "float": NUMBERS,
     "int | None": int,
@@ -235,9 +249,9 @@ def _check_damping_table(table: Mapping[str, Any]) -> None:
     if name not in DAMPING_RULES:
         raise ValueError(f"{prefix}.name must be one of {', '.join(DAMPING_RULES)}, got {name!r}")
     settable = {
-        f.name: DAMPING_ARGUMENT_TYPES[str(f.type)]
+        f.name: NUMBER_ANNOTATIONS[str(f.type)]
         for f in dataclasses.fields(DAMPING_RULES[name])
-        if f.init and str(f.type) in DAMPING_ARGUMENT_TYPES
+        if f.init and str(f.type) in NUMBER_ANNOTATIONS
     }
     for key, value in table.items():
         if key == "name":
