@@ -16,9 +16,10 @@ train and test MSE are evaluated (not timed) at every ``--mark`` CPU seconds of 
 ``rotated-fashion-mnist``).
 
 A classification task (``--task mnist``: resnet8_fixup with 10 outputs on the standardised mnist-5k
-images) trains every variant with the cross-entropy (GGN with ``loss="cross_entropy"``), with
-``--label-smoothing`` and ``--shift`` (random translations of the training images, the same for
-every variant, drawn outside the timed step; :func:`gramnewton.lab.data.augment.translation`) as
+images; ``--task digits``: the same network on scikit-learn's 8x8 digits) trains every variant
+with the cross-entropy (GGN with ``loss="cross_entropy"``), with ``--label-smoothing`` and
+``--shift`` (random translations of the training images, the same for every variant, drawn
+outside the timed step; :func:`gramnewton.lab.data.augment.translation`) as
 ``benchmarks/classification_time_to_accuracy.py`` has them; its marks record the test
 cross-entropy and accuracy (the train split is not evaluated), and the printout adds each variant's
 CPU seconds to ``--accuracy`` test accuracy (the first mark at or above it) and the mean accuracy
@@ -41,6 +42,8 @@ over the rest, stepping in turn (each step's Gram, backward and update cover one
 ``cosine=F`` anneals the variant's ``lr`` (every optimizer's, ``GramGaussNewton``'s too: the
 fraction of its step taken) from its value to ``F`` times it along a half cosine over the race's
 ``--seconds`` of the variant's CPU time, set before every step as a scheduler would set it.
+``floor_until=S`` lowers a GGN variant's gain-ratio floor (``min_alpha``) to the rule's default
+(``1e-8``) once its steps have taken ``S`` CPU seconds: the floor early, none late.
 ``then=LR@S`` hands a variant over to ``torch.optim.Adam(lr=LR)`` (fresh state) once its steps
 have taken ``S`` CPU seconds: a GGN warm start followed by Adam. ``sggn:rows=S,alpha=A`` (``lam``,
 ``momentum``: 16, 0.9) is the prototype of ``subsampled_ggn.py``: the curvature of the batch's
@@ -102,6 +105,7 @@ TASKS = {
     "diabetes": ("diabetes", lambda c: get_model("mlp", in_channels=c, hidden=(256, 256), act="tanh")),
     "concrete": ("concrete", lambda c: get_model("mlp", in_channels=c, hidden=(256, 256), act="tanh")),
     "mnist": ("mnist", lambda c: get_model("resnet8_fixup", in_channels=c, num_outputs=10)),
+    "digits": ("digits", lambda c: get_model("resnet8_fixup", in_channels=c, num_outputs=10)),
 }
 
 
@@ -233,6 +237,7 @@ def race(
         optimizer_spec, decay = split_averaging(optimizer_spec)
         optimizer_spec, handoff = pop_key(optimizer_spec, "then")
         optimizer_spec, cosine = pop_key(optimizer_spec, "cosine")
+        optimizer_spec, floor_until = pop_key(optimizer_spec, "floor_until")
         built = build(optimizer_spec, model, loss_name)
         opts = built if isinstance(built, list) else [built]
         model.train()
@@ -241,6 +246,7 @@ def race(
         runs[-1]["average"] = None if decay is None else AveragedModel(model, avg_fn=ema_with_warmup(decay))
         runs[-1]["schedule"] = schedule
         runs[-1]["handoff"] = None if handoff is None else tuple(float(v) for v in handoff.split("@"))
+        runs[-1]["floor_until"] = None if floor_until is None else float(floor_until)
         runs[-1]["cosine"] = (
             None if cosine is None else (float(cosine), [[g["lr"] for g in o.param_groups] for o in opts])
         )
@@ -264,6 +270,10 @@ def race(
             if augment is not None:  # the generator of fit's batch (seed, epoch, batch): the same shifts for all
                 x = augment(x, augment_generator(seed, run["epoch"], run["batch_in_epoch"]))
             run["batch_in_epoch"] += 1
+            if run["floor_until"] is not None and run["cpu"] >= run["floor_until"]:
+                for o in run["opts"]:
+                    o.damping.min_alpha = GainRatioDamping.min_alpha
+                run["floor_until"] = None
             if run["cosine"] is not None:
                 final, base = run["cosine"]
                 factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(run["cpu"] / seconds, 1.0)))
