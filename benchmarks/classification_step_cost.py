@@ -26,13 +26,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from results_log import host
 from torch import Tensor, nn
 
 from gramnewton.lab.experiments.optimizers import build_optimizer
@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "host": host(),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
 import torch  # noqa: E402
+from results_log import host  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from gramnewton import GramGaussNewton  # noqa: E402
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
+        "host": host(),
         "results": results,
         "step_times_s": step_times,
     }

@@ -49,7 +49,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -61,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_log import host
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -722,8 +722,7 @@ def main(argv: list[str] | None = None) -> None:
                 "allocator": allocator,
                 "threads": torch.get_num_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(),
+                "host": host(),
                 "load_average": os.getloadavg(),
                 "methods": time_config(model_name, batch, methods, args.reps, args.warmup),
                 "load_average_after": os.getloadavg(),

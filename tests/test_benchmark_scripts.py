@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -45,3 +46,7 @@ def test_benchmark_script_runs(name: str, tmp_path: Path) -> None:
     if name == "step_cost":  # --alone 1: one process per method, their ratio
         (run,) = records["sinc/b8"]
         assert len(run["alone"]["ratio_per_round"]) == 1 and run["alone"]["ratio"] > 0
+    else:
+        run = records[-1]
+    # which machine it ran on (timings compare only between records of one CPU)
+    assert run["host"]["cpu"] and run["host"]["cpus"] >= 1 and run["host"]["torch"] == torch.__version__
