@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for optimizer, config in args.configs:
         if optimizer not in ttt.OPTIMIZERS or "batch" not in config:
             p.error(f"each entry must be [optimizer, config with a batch]; got {[optimizer, config]}")
+        if optimizer == "tlm" and not ttt.tlm_available():  # its runs would all fail on the import
+            p.error(ttt.TLM_MISSING)
     if min(args.threads) < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     return args

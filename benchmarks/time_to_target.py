@@ -51,7 +51,8 @@ does not remove the load's own effect on races of a few tens of milliseconds: si
 same ten seeds gave 1.67x in the old order and 1.37x interleaved half an hour later, in a busier
 window; docs/convergence.md, twenty-seventh session.)
 
-Usage::
+Usage (the TLM baseline needs ``pip install -e ".[bench]"``, which ``make`` does not install;
+without it a run that asks for ``tlm`` stops at once with that hint, as does ``target_probe.py``)::
 
     python benchmarks/time_to_target.py                      # everything (about 70 minutes; sinc 28)
     python benchmarks/time_to_target.py --tasks sinc concrete-10k --seeds 0 --budget-scale 0.1
@@ -71,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import itertools
 import json
 import logging
@@ -286,6 +288,18 @@ TASKS: dict[str, Task] = {
     ),
 }
 DEFAULT_TASKS = ("sinc", "concrete-10k", "concrete-100k", "concrete-1M", "resnet8", "concrete-3M", "concrete-10M")
+
+
+def tlm_available() -> bool:
+    """Whether torch-levenberg-marquardt is installed (found, not imported: its import would add
+    to every forked child's first step, see :func:`preload`)."""
+    return importlib.util.find_spec("torch_levenberg_marquardt") is not None
+
+
+TLM_MISSING = (
+    "the TLM baseline needs torch-levenberg-marquardt, which is not installed: "
+    "pip install -e '.[bench]' (or leave tlm out of the optimizers)"
+)
 
 
 def kfac_available() -> bool:
@@ -1181,6 +1195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.allocator == "jemalloc" and not args.report_only and not Path(JEMALLOC).exists():
         # LD_PRELOAD of a missing library only warns: the runs would be glibc's, recorded as jemalloc
         parser.error(f"--allocator jemalloc needs {JEMALLOC} (Debian/Ubuntu: apt install libjemalloc2)")
+    if "tlm" in args.optimizers and not args.report_only and not tlm_available():
+        # each TLM child would fail on its import and be recorded as never reaching a target
+        parser.error(TLM_MISSING)
     return args
 
 

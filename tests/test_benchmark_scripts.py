@@ -10,6 +10,7 @@ file only (an ``--out`` outside ``benchmarks/results`` regenerates no document).
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -50,3 +51,27 @@ def test_benchmark_script_runs(name: str, tmp_path: Path) -> None:
         run = records[-1]
     # which machine it ran on (timings compare only between records of one CPU)
     assert run["host"]["cpu"] and run["host"]["cpus"] >= 1 and run["host"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("time_to_target", ["--tasks", "sinc", "--optimizers", "ggn", "tlm"]),
+        ("target_probe", ["--task", "sinc", "--configs", '[["tlm", {"batch": 100}]]']),
+    ],
+)
+def test_a_missing_tlm_baseline_is_refused_up_front(
+    script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without torch-levenberg-marquardt (the ``bench`` extra, which ``make`` does not install)
+    every TLM run failed on its import and was recorded as never reaching a target; now the
+    command stops before any run with the install hint."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module(script)
+    ttt = importlib.import_module("time_to_target")
+    monkeypatch.setattr(ttt, "tlm_available", lambda: True)
+    assert module.parse_args(argv)  # accepted where the package is found
+    monkeypatch.setattr(ttt, "tlm_available", lambda: False)
+    with pytest.raises(SystemExit):
+        module.parse_args(argv)
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err
