@@ -32,7 +32,7 @@ A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum
 ``weight_decay``, ``max_step_norm``, ``bias_correction=true``, ``curvature=exact|top_c|gradient``,
 ``top_c=C``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
 ``check_every``, ``min_alpha`` (the rule's floor), ``trust_above``, ``reject_below`` (``-inf``: never
-reject a step) and ``subset`` (the gain ratio measured on the
+reject a step), ``retries`` (a rejected step solved again from its batch's system) and ``subset`` (the gain ratio measured on the
 batch's first ``subset`` samples; see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
 cross-validated rule, ``cv_max`` (largest ridge tried, relative to the Gram's mean eigenvalue);
 ``ggn`` alone is ``GramGaussNewton(model)`` with the shipped defaults. ``blocks=P+Q+...`` makes a
@@ -151,6 +151,7 @@ def build_ggn(
     min_alpha = float(hp.pop("min_alpha", 1e-8))
     trust_above = hp.pop("trust_above", None)
     reject_below = float(hp.pop("reject_below", 0.0))
+    retries = int(hp.pop("retries", 0))
     curvature = {"curvature": hp.pop("curvature")} if "curvature" in hp else {}
     if "top_c" in hp:
         curvature["top_c"] = int(hp.pop("top_c"))
@@ -165,6 +166,7 @@ def build_ggn(
             min_alpha=min_alpha,
             trust_above=None if trust_above is None else float(trust_above),
             reject_below=reject_below,
+            retries=retries,
         )
     elif damping == "cross_validated":
         kwargs["adaptive_damping"] = CrossValidatedDamping(span=(1e-5, cv_max))

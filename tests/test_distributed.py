@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gramnewton import GramGaussNewton, NonFiniteError
+from gramnewton.damping import GainRatioDamping
 from gramnewton.distributed import resolve_mode
 from gramnewton.lab.experiments.config import resolve
 from gramnewton.lab.experiments.metrics import read_rows
@@ -258,17 +259,28 @@ def _momentum(mode: str, engine: str) -> None:
         _same_on_all_ranks(model)
 
 
-def _adaptive() -> None:
+def _adaptive(retries: int = 0) -> None:
+    """Exact mode's gain-ratio steps equal the single process's; with ``retries`` (and a
+    ``reject_below`` that rejects some steps, momentum 0.5) the retried steps too."""
     model, data = _setup("mlp", seed=3)
     single = _rank0_copy(model)
-    opt = GramGaussNewton(model, alpha=1e-3, adaptive_damping=True, distributed="exact", lam=1.0, momentum=0.0)
-    reference = GramGaussNewton(single, alpha=1e-3, adaptive_damping=True, distributed=None, lam=1.0, momentum=0.0)
+    options = dict(alpha=1e-3, lam=1.0, momentum=0.5 if retries else 0.0)
+
+    def rule() -> GainRatioDamping | bool:
+        return GainRatioDamping(reject_below=0.9, retries=retries) if retries else True
+
+    opt = GramGaussNewton(model, adaptive_damping=rule(), distributed="exact", **options)
+    reference = GramGaussNewton(single, adaptive_damping=rule(), distributed=None, **options)
+    retried = 0
     for x, y in data:
         opt.step(lambda: model(_shard(x)) - _shard(y))
         reference.step(lambda: single(x) - y)
         assert opt.last_gain_ratio == pytest.approx(reference.last_gain_ratio, rel=1e-9)
         assert opt.param_groups[0]["alpha"] == reference.param_groups[0]["alpha"]
+        assert opt.last_diagnostics.retries == reference.last_diagnostics.retries
+        retried += opt.last_diagnostics.retries
         assert_close(flat_params(model), flat_params(single), 1e-10, "adaptive damping, exact mode")
+    assert retried > 0 or not retries
 
 
 def _error(mode: str, failing: int, kind: str) -> None:
@@ -350,6 +362,7 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-hooks-mlp-lam-wd": lambda: _exact("mlp", "hooks", lam=0.5, alpha=0.0, wd=0.01),
     "exact-hooks-groupnorm_cnn-ddp": lambda: _exact("groupnorm_cnn", "hooks", lam=2.0, alpha=3.0, wd=0.0, ddp=True),
     "exact-adaptive-damping": _adaptive,
+    "exact-adaptive-damping-retries": lambda: _adaptive(retries=2),
     "exact-momentum-hooks": lambda: _momentum("exact", "hooks"),
     "exact-momentum-reference": lambda: _momentum("exact", "reference"),
     "local-momentum-hooks": lambda: _momentum("local", "hooks"),

@@ -33,6 +33,9 @@ class StepDiagnostics:
         rejected: the damping rule undid the step (parameters and momentum unchanged).
         acceleration_ratio: ``2 ||a|| / ||v||`` of the step's geodesic acceleration (added when at
             most its ``max_ratio``), ``None`` without ``geodesic_acceleration``.
+        retries: how many times a rejected attempt was solved again from the batch's system
+            (:class:`~gramnewton.damping.GainRatioDamping`'s ``retries``); the other fields
+            describe the last attempt.
     """
 
     loss_before: float
@@ -49,3 +52,4 @@ class StepDiagnostics:
     step_norm: float
     rejected: bool = False
     acceleration_ratio: float | None = None
+    retries: int = 0

@@ -29,6 +29,7 @@ from .update import (
     GeodesicAcceleration,
     GramGaussNewtonStep,
     apply_direction,
+    compute_system,
     gram_gauss_newton_direction,
     restore_parameters,
     scale_step,
@@ -131,7 +132,8 @@ class GramGaussNewton(Optimizer):
             :class:`~gramnewton.damping.DampingRule`, or ``False`` (fixed ``alpha``). A step the
             rule rejects is undone: parameters and momentum as before, not counted. A rule may
             also set each step's ``alpha`` from the batch's Gram system before the solve, and may
-            skip the extra forward pass (:mod:`gramnewton.damping`). ``alpha`` in
+            skip the extra forward pass (:mod:`gramnewton.damping`), or solve a rejected step
+            again from the same batch's system (``GainRatioDamping(retries=n)``). ``alpha`` in
             ``param_groups`` then holds the current value.
         momentum: :math:`\mu` of the sample-space momentum above; ``0`` is Eq. 11. With a
             damping rule, a step that follows two rejected steps in a row restarts from
@@ -409,34 +411,86 @@ class GramGaussNewton(Optimizer):
         lam, alpha, momentum, lr = (self._shared(key) for key in ("lam", "alpha", "momentum", "lr"))
         choose = getattr(self.damping, "choose_alpha", None)
         previous = self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None
-        hyper = dict(
-            lam=lam,
-            alpha=alpha,
-            solve_dtype=self.solve_dtype,
-            momentum=momentum,
-            previous=previous,
-            solve_space=self.solve_space,
-            choose_alpha=None if choose is None else lambda system: choose(alpha, system, lam),
-        )
+        hyper = dict(lam=lam, solve_dtype=self.solve_dtype, momentum=momentum, solve_space=self.solve_space)
+        system = None  # the batch's system, kept for a rejected step's retries (not in local mode)
         if self.distributed == "local":
             losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
-            result, loss = local_direction(self.engine, general or closure, self.communicator, losses=losses, **hyper)
+            result, loss = local_direction(
+                self.engine,
+                general or closure,
+                self.communicator,
+                losses=losses,
+                alpha=alpha,
+                previous=previous,
+                **hyper,
+            )
             if general is not None:  # this rank's own batch, as the single-process step records it
                 result = replace(result, mean_loss=general.per_sample.mean())
         else:
-            result = gram_gauss_newton_direction(
-                self.engine, general or closure, acceleration=self.acceleration, **hyper
+            system = compute_system(
+                self.engine,
+                general or closure,
+                self.solve_space,
+                skip_gram=choose is None,
+                solve_dtype=self.solve_dtype,
             )
+            mean_loss = None
             if general is not None:
                 total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
-                result = replace(result, mean_loss=(total[0] / total[1]).to(general.per_sample))
+                mean_loss = (total[0] / total[1]).to(general.per_sample)
+
+            def solve(
+                alpha: float, previous: list[Tensor] | None, choose_alpha: Callable | None
+            ) -> GramGaussNewtonStep:
+                result = gram_gauss_newton_direction(
+                    self.engine,
+                    general or closure,
+                    alpha=alpha,
+                    previous=previous,
+                    choose_alpha=choose_alpha,
+                    acceleration=self.acceleration,
+                    system=system,
+                    **hyper,
+                )
+                return result if mean_loss is None else replace(result, mean_loss=mean_loss)
+
+            result = solve(alpha, previous, None if choose is None else lambda batch: choose(alpha, batch, lam))
             loss = result.loss
-        scaled = self.bias_correction or self.max_step_norm is not None
+        backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
+        retries = getattr(self.damping, "retries", 0) if system is not None else 0
+        if not retries:  # nothing to solve again: the system (a dense J, for some engines) may go now
+            system = None
+        for retry in range(retries + 1):
+            if retry:  # the rejected step's batch, solved again with the rule's new alpha
+                if self.rejections_in_a_row >= 2:
+                    previous = None
+                result = solve(self._shared("alpha"), previous, None)
+            phi, taken = self._apply(result, momentum, previous, lr)
+            diagnostics = _diagnostics(taken, lam, momentum)
+            if self.damping is not None:
+                diagnostics = self._adapt_damping(closure, taken, backup, diagnostics, general)
+            if not diagnostics.rejected:
+                break
+        diagnostics = replace(diagnostics, retries=retry)
+        if self.damping is not None and not diagnostics.rejected:
+            self._decay(backup, lr)
+        if not diagnostics.rejected:
+            self._count_step(phi, previous)
+        self.last_step = taken
+        self.last_diagnostics = diagnostics
+        return loss
+
+    def _apply(
+        self, result: GramGaussNewtonStep, momentum: float, previous: list[Tensor] | None, lr: float
+    ) -> tuple[list[Tensor] | None, GramGaussNewtonStep]:
+        """Apply ``result``'s step, scaled by ``lr`` and ``bias_correction``/``max_step_norm``;
+        returns ``phi_t`` (the momentum state to keep, before any scaling; ``None`` without
+        momentum) and the step taken. Without a damping rule the decay is applied with it."""
         # the recursion's phi_t, before any scaling (the momentum state to keep)
         phi = torch._foreach_neg([d.detach() for d in result.direction]) if momentum else None
-        count = self._momentum_count() + 1 if previous is not None else 1
         scale = lr
-        if scaled:
+        if self.bias_correction or self.max_step_norm is not None:
+            count = self._momentum_count() + 1 if previous is not None else 1
             scale *= step_scale(
                 result.direction_norm,
                 momentum,
@@ -446,7 +500,6 @@ class GramGaussNewton(Optimizer):
             )
         if scale != 1.0:
             result = scale_step(result, scale)
-        backup = [p.detach().clone() for p in self.engine.params] if self.damping else None
         updates = {id(p): d for p, d in zip(self.engine.params, result.direction)}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in updates]
@@ -454,33 +507,29 @@ class GramGaussNewton(Optimizer):
             # Gauss-Newton step alone (the decay is not part of the loss model it tests)
             decay = 0.0 if self.damping is not None else lr * group["weight_decay"]
             apply_direction(params, [updates[id(p)] for p in params], decay)
-        diagnostics = _diagnostics(result, lam, momentum)
-        if self.damping is not None:
-            diagnostics = self._adapt_damping(closure, result, backup, diagnostics, general)
-            if not diagnostics.rejected:
-                self._decay(backup, lr)
-        if not diagnostics.rejected:
-            states = [self.state[p] for p in self.engine.params]
-            # One new count tensor per distinct old one (usually one for all parameters, which then
-            # share it) instead of one per parameter (~3 us each). Never updated in place, so the
-            # sharing cannot leak (an optimizer that loaded this one's state_dict holds the same
-            # tensor objects: torch does not copy "step"). The old ones stay referenced in `counts`,
-            # so no id is reused within the loop.
-            counts: dict[int, tuple[Tensor | None, Tensor]] = {}
-            for state in states:
-                old = state.get("step")
-                if id(old) not in counts:
-                    counts[id(old)] = (old, torch.tensor(1.0, device="cpu") if old is None else old + 1)
-                state["step"] = counts[id(old)][1]
-            if momentum:  # phi_t: the step taken without the decay (and without s_t)
-                momentum_count = torch.tensor(float(count), device="cpu") if self.bias_correction else None
-                for state, buffer in zip(states, phi):
-                    state["momentum_buffer"] = buffer
-                    if momentum_count is not None:
-                        state["momentum_count"] = momentum_count
-        self.last_step = result
-        self.last_diagnostics = diagnostics
-        return loss
+        return phi, result
+
+    def _count_step(self, phi: list[Tensor] | None, previous: list[Tensor] | None) -> None:
+        """Record an accepted step: each parameter's step count and, with momentum, ``phi_t``."""
+        states = [self.state[p] for p in self.engine.params]
+        # One new count tensor per distinct old one (usually one for all parameters, which then
+        # share it) instead of one per parameter (~3 us each). Never updated in place, so the
+        # sharing cannot leak (an optimizer that loaded this one's state_dict holds the same
+        # tensor objects: torch does not copy "step"). The old ones stay referenced in `counts`,
+        # so no id is reused within the loop.
+        counts: dict[int, tuple[Tensor | None, Tensor]] = {}
+        for state in states:
+            old = state.get("step")
+            if id(old) not in counts:
+                counts[id(old)] = (old, torch.tensor(1.0, device="cpu") if old is None else old + 1)
+            state["step"] = counts[id(old)][1]
+        if phi is not None:  # phi_t: the step taken without the decay (and without s_t)
+            count = self._momentum_count() + 1 if previous is not None else 1
+            momentum_count = torch.tensor(float(count), device="cpu") if self.bias_correction else None
+            for state, buffer in zip(states, phi):
+                state["momentum_buffer"] = buffer
+                if momentum_count is not None:
+                    state["momentum_count"] = momentum_count
 
     @torch.no_grad()
     def _decay(self, before: list[Tensor], lr: float) -> None:

@@ -210,6 +210,7 @@ def gram_gauss_newton_direction(
     solve_space: str = "sample",
     choose_alpha: Callable[[GramSystem], float] | None = None,
     acceleration: GeodesicAcceleration | None = None,
+    system: GramSystem | None = None,
 ) -> GramGaussNewtonStep:
     r"""Compute the update of Eq. 11, with sample-space momentum (SPRING), for ``closure``'s residuals.
 
@@ -229,7 +230,9 @@ def gram_gauss_newton_direction(
     returned step records the ``alpha`` it was solved with. ``acceleration`` (square loss only:
     ``closure`` returns residuals or ``(outputs, targets)``) adds the step's geodesic
     acceleration (:class:`GeodesicAcceleration`), evaluating ``closure`` once more with the
-    parameters moved along the step and restored (bit for bit) before this returns.
+    parameters moved along the step and restored (bit for bit) before this returns. ``system``,
+    when given, is ``closure``'s system at the current parameters from :func:`compute_system`
+    (no forward or backward pass then: a rejected step solved again with another ``alpha``).
 
     Raises:
         ValueError: ``lam`` or ``alpha`` out of range, bad residuals, or momentum or the
@@ -238,7 +241,8 @@ def gram_gauss_newton_direction(
             (parameters are untouched: nothing applied).
     """
     check_damping(lam, alpha)
-    system = compute_system(engine, closure, solve_space, skip_gram=choose_alpha is None, solve_dtype=solve_dtype)
+    if system is None:
+        system = compute_system(engine, closure, solve_space, skip_gram=choose_alpha is None, solve_dtype=solve_dtype)
     r = system.residuals.reshape(-1)
     if not math.isfinite(float(r.pow(2).sum())):  # finite residuals whose squares overflow
         raise SingularGramError(
