@@ -62,10 +62,13 @@ class DampingRule:
         measures_gain_ratio: ``False`` skips the re-evaluation of the batch after the step.
         subset: re-evaluate only the batch's first ``subset`` samples (``None``: all of them);
             see :class:`GainRatioDamping`.
+        retries: how many times the optimizer solves a rejected step again from the batch's
+            system with the ``alpha`` the rule returned (``0``: none); see :class:`GainRatioDamping`.
     """
 
     measures_gain_ratio: bool = True
     subset: int | None = None
+    retries: int = 0
 
     def update(self, alpha: float, gain_ratio: float | None, diagnostics: StepDiagnostics) -> DampingDecision:
         """Decide from this step's ``gain_ratio`` (``-inf`` for a non-finite new loss, ``None``
