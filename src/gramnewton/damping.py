@@ -140,7 +140,7 @@ class GainRatioDamping(DampingRule):
             batch is left and its step's cost is lost. The momentum follows the optimizer's rule:
             after two rejections in a row (a retry counts) ``phi_{t-1} = 0``. ``0`` (the default):
             no retry. In the packaged mnist classification setting (``min_alpha=10``) one retry
-            brought 97% test accuracy sooner on seven seed runs of nine; on the regression demo it
+            brought 97% test accuracy sooner on ten seed runs of twelve; on the regression demo it
             was no better; without a floor under ``alpha`` (the default ``1e-8``), on mnist with
             hard labels, one run of three collapsed (docs/classification.md, docs/convergence.md,
             thirty-second session): use it with a floor. Not with ``distributed="local"`` (which
