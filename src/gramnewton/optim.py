@@ -465,7 +465,8 @@ class GramGaussNewton(Optimizer):
                 if self.rejections_in_a_row >= 2:
                     previous = None
                 result = solve(self._shared("alpha"), previous, None)
-            phi, taken = self._apply(result, momentum, previous, lr)
+            count = self._momentum_count() + 1 if previous is not None else 1  # t in phi's recursion
+            phi, taken = self._apply(result, momentum, count, lr)
             diagnostics = _diagnostics(taken, lam, momentum)
             if self.damping is not None:
                 diagnostics = self._adapt_damping(closure, taken, backup, diagnostics, general)
@@ -475,22 +476,22 @@ class GramGaussNewton(Optimizer):
         if self.damping is not None and not diagnostics.rejected:
             self._decay(backup, lr)
         if not diagnostics.rejected:
-            self._count_step(phi, previous)
+            self._count_step(phi, count)
         self.last_step = taken
         self.last_diagnostics = diagnostics
         return loss
 
     def _apply(
-        self, result: GramGaussNewtonStep, momentum: float, previous: list[Tensor] | None, lr: float
+        self, result: GramGaussNewtonStep, momentum: float, count: int, lr: float
     ) -> tuple[list[Tensor] | None, GramGaussNewtonStep]:
-        """Apply ``result``'s step, scaled by ``lr`` and ``bias_correction``/``max_step_norm``;
+        """Apply ``result``'s step, scaled by ``lr`` and ``bias_correction``/``max_step_norm`` (``count``:
+        the momentum steps since ``phi`` started from zero, this one included);
         returns ``phi_t`` (the momentum state to keep, before any scaling; ``None`` without
         momentum) and the step taken. Without a damping rule the decay is applied with it."""
         # the recursion's phi_t, before any scaling (the momentum state to keep)
         phi = torch._foreach_neg([d.detach() for d in result.direction]) if momentum else None
         scale = lr
         if self.bias_correction or self.max_step_norm is not None:
-            count = self._momentum_count() + 1 if previous is not None else 1
             scale *= step_scale(
                 result.direction_norm,
                 momentum,
@@ -509,8 +510,9 @@ class GramGaussNewton(Optimizer):
             apply_direction(params, [updates[id(p)] for p in params], decay)
         return phi, result
 
-    def _count_step(self, phi: list[Tensor] | None, previous: list[Tensor] | None) -> None:
-        """Record an accepted step: each parameter's step count and, with momentum, ``phi_t``."""
+    def _count_step(self, phi: list[Tensor] | None, count: int) -> None:
+        """Record an accepted step: each parameter's step count and, with momentum, ``phi_t`` (and
+        its ``count`` under ``bias_correction``)."""
         states = [self.state[p] for p in self.engine.params]
         # One new count tensor per distinct old one (usually one for all parameters, which then
         # share it) instead of one per parameter (~3 us each). Never updated in place, so the
@@ -524,7 +526,6 @@ class GramGaussNewton(Optimizer):
                 counts[id(old)] = (old, torch.tensor(1.0, device="cpu") if old is None else old + 1)
             state["step"] = counts[id(old)][1]
         if phi is not None:  # phi_t: the step taken without the decay (and without s_t)
-            count = self._momentum_count() + 1 if previous is not None else 1
             momentum_count = torch.tensor(float(count), device="cpu") if self.bias_correction else None
             for state, buffer in zip(states, phi):
                 state["momentum_buffer"] = buffer
