@@ -27,6 +27,7 @@ SCRIPTS = {
     "step_cost": "step_cost.py --models sinc --batch 8 --methods sgd ggn_fast --reps 1 --warmup 1 --no-memory "
     "--allocators system --alone 1",
     "user_models": "user_models.py --models raw_mlp gru_state --reps 1",
+    "step_trace": "step_trace.py ggn:damping=gain_ratio,check_every=4,retries=1 --task digits --steps 3 --every 2",
 }
 
 

@@ -10,6 +10,28 @@ from torch import nn
 
 from gramnewton import GramGaussNewton
 from gramnewton.damping import CrossValidatedDamping, GainRatioDamping, gain_ratio
+from gramnewton.diagnostics import StepDiagnostics
+
+
+def diagnostics_of(jitter: float = 0.0, loss_before: float = 1.0, predicted_decrease: float = 0.1) -> StepDiagnostics:
+    """A step's diagnostics as the optimizer hands them to the rule (the rule reads these three)."""
+    return StepDiagnostics(
+        loss_before=loss_before,
+        loss_after=None,
+        predicted_decrease=predicted_decrease,
+        gain_ratio=None,
+        alpha=1.0,
+        lam=1.0,
+        momentum=0.0,
+        jitter=jitter,
+        solve_method="cholesky" if jitter == 0 else "jitter",
+        solve_space="sample",
+        condition=None,
+        step_norm=1.0,
+    )
+
+
+STEP = diagnostics_of()  # an ordinary step: no jitter, a promise of a tenth of the loss
 
 
 class SineModel(nn.Module):
@@ -57,7 +79,7 @@ def test_a_rule_that_never_rejects_keeps_the_step_and_still_raises_alpha():
     assert float(model.w.detach()) != 0.4
     assert opt.param_groups[0]["alpha"] == pytest.approx(2e-3)
     rule = GainRatioDamping(reject_below=-math.inf)
-    assert not rule.update(1.0, math.nan, None).accept  # a NaN ratio is still refused
+    assert not rule.update(1.0, math.nan, STEP).accept  # a NaN ratio is still refused
 
 
 def test_adapted_alpha_survives_state_dict():
@@ -78,7 +100,9 @@ def test_damping_state_survives_state_dict_and_a_resumed_run_steps_alike(rule, t
     steps and takes the same ones."""
 
     def make(model):
-        trusting = GainRatioDamping(check_every=4, min_alpha=0.1)  # trusted after three good steps at the floor
+        # trusted after three good steps at the floor; no recheck (steps of lam = 1 promise most of
+        # their loss, so every trusted step would be measured)
+        trusting = GainRatioDamping(check_every=4, min_alpha=0.1, recheck_above=None)
         damping = trusting if rule == "gain_ratio" else CrossValidatedDamping(curvature=trusting)
         return GramGaussNewton(model, alpha=0.3, lam=1.0, momentum=0.5, adaptive_damping=damping)
 
@@ -127,6 +151,9 @@ def test_gain_ratio_edge_cases():
         dict(trust_after=1.5),
         dict(trust_above=0.1),  # below low: a ratio that raises alpha would keep the trust
         dict(trust_above=0.9),
+        dict(recheck_above=0.0),
+        dict(recheck_above=math.inf),
+        dict(recheck_above=math.nan),
     ],
 )
 def test_invalid_rules(kwargs):
@@ -176,7 +203,7 @@ def test_trusted_steps_are_checked_every_kth_and_equal_the_fixed_alpha_step():
 
 def test_a_failed_check_ends_the_trust():
     rule = GainRatioDamping(min_alpha=1e-3, check_every=4)
-    diagnostics = None  # the rule does not read them
+    diagnostics = STEP
     for _ in range(3):
         rule.update(1e-3, 0.9, diagnostics)
     assert rule.trusted and not rule.measures_gain_ratio
@@ -194,17 +221,17 @@ def test_trust_needs_trust_after_good_steps_in_a_row_at_the_floor():
     Trust starts after ``trust_after`` good measured steps in a row at the floor; a ratio that
     is not good (here between ``low`` and ``high``, the default ``trust_above``) restarts the count."""
     rule = GainRatioDamping(min_alpha=1.0, check_every=4)
-    decision = rule.update(0.3, 0.83, None)
+    decision = rule.update(0.3, 0.83, STEP)
     assert decision.alpha == 1.0 and not rule.trusted and rule.measures_gain_ratio
-    decision = rule.update(1.0, -82.0, None)
+    decision = rule.update(1.0, -82.0, STEP)
     assert not decision.accept and decision.alpha == 2.0 and not rule.trusted
     for ratio in (0.9, 0.9, 0.5, 0.9, 0.9):  # 0.5: alpha stays at the floor, the count restarts
-        rule.update(1.0, ratio, None)
+        rule.update(1.0, ratio, STEP)
         assert not rule.trusted and rule.measures_gain_ratio
-    rule.update(1.0, 0.9, None)
+    rule.update(1.0, 0.9, STEP)
     assert rule.trusted and not rule.measures_gain_ratio
     eager = GainRatioDamping(min_alpha=1.0, check_every=4, trust_after=1)
-    eager.update(0.3, 0.83, None)
+    eager.update(0.3, 0.83, STEP)
     assert eager.trusted  # the pre-trust_after behaviour, for a rule that asks for it
 
 
@@ -214,15 +241,73 @@ def test_trust_above_sets_the_ratios_that_keep_the_trust(trust_above):
     ``trust_above=low`` it keeps the trust (no re-evaluation of the next steps), with the default
     (``high``) it ends it; a ratio at or below ``trust_above`` always ends it and raises ``alpha``."""
     rule = GainRatioDamping(min_alpha=1e-3, check_every=4, trust_above=trust_above, trust_after=1)
-    rule.update(1e-3, 0.9, None)
+    rule.update(1e-3, 0.9, STEP)
     assert rule.trusted
-    decision = rule.update(1e-3, 0.5, None)  # between low and high: alpha stays at the floor
+    decision = rule.update(1e-3, 0.5, STEP)  # between low and high: alpha stays at the floor
     assert decision.alpha == 1e-3 and decision.accept
     assert rule.trusted == (trust_above is not None) and rule.measures_gain_ratio == (trust_above is None)
-    decision = rule.update(1e-3, 0.2, None)  # below low: alpha raised, the trust ends in both
+    decision = rule.update(1e-3, 0.2, STEP)  # below low: alpha raised, the trust ends in both
     assert decision.alpha == pytest.approx(2e-3) and not rule.trusted and rule.measures_gain_ratio
-    rule.update(2e-3, 0.5, None)  # above the floor nothing is trusted
+    rule.update(2e-3, 0.5, STEP)  # above the floor nothing is trusted
     assert not rule.trusted
+
+
+def test_the_solves_jitter_counts_as_damping():
+    """A solve that needed jitter was damped by ``alpha + jitter``: a failed step raises from there
+    (on mnist's cross-entropy Gram at ``alpha = 1e-8`` the jitter was 0.03-440, and doubling
+    ``1e-8`` took 16 steps, 14 rejected, to change the step); a good step lowers ``alpha`` itself; a good step
+    with ``alpha`` at or below the jitter counts as at the floor for the trust."""
+    rule = GainRatioDamping()
+    assert rule.update(1e-8, 0.1, diagnostics_of(jitter=20.0)).alpha == pytest.approx(2 * (20.0 + 1e-8))
+    assert rule.update(1e-8, 0.1, STEP).alpha == pytest.approx(2e-8)
+    assert rule.update(1e-6, 0.9, diagnostics_of(jitter=20.0)).alpha == pytest.approx(5e-7)
+    assert rule.update(1e-6, 0.5, diagnostics_of(jitter=20.0)).alpha == 1e-6
+    cross_validated = CrossValidatedDamping()
+    cross_validated.update(1e-8, 0.1, diagnostics_of(jitter=20.0))
+    assert cross_validated.floor == pytest.approx(2 * (20.0 + 1e-8))
+    for jitter, trusted in ((0.0, False), (1e-3, True), (20.0, True)):
+        rule = GainRatioDamping(check_every=4, trust_after=1)
+        rule.update(1e-3, 0.9, diagnostics_of(jitter=jitter))
+        assert rule.trusted == trusted
+
+
+def test_a_trusted_step_that_promises_much_of_its_loss_is_measured():
+    rule = GainRatioDamping(min_alpha=1e-3, check_every=4, trust_after=1)
+    assert rule.measures(diagnostics_of(predicted_decrease=0.01))  # not trusted yet: every step
+    rule.update(1e-3, 0.9, STEP)
+    assert rule.trusted and not rule.measures(diagnostics_of(predicted_decrease=0.5))
+    assert rule.measures(diagnostics_of(predicted_decrease=0.51))
+    assert rule.measures(diagnostics_of(predicted_decrease=math.nan))
+    never = GainRatioDamping(min_alpha=1e-3, check_every=4, trust_after=1, recheck_above=None)
+    never.update(1e-3, 0.9, STEP)
+    assert never.trusted and not never.measures(diagnostics_of(predicted_decrease=10.0))
+
+
+@pytest.mark.parametrize("lam", [1.0, 4.0])
+def test_trusted_steps_are_measured_when_they_promise_more_than_recheck_above(lam):
+    """A linear model on fresh batches of 4 < 6 parameters, ``alpha`` at the floor: ``rho = 1``,
+    trusted after the first step. With ``lam = 1`` each step fits its batch, promising all of its
+    loss (more than ``recheck_above = 0.5``): measured anyway; with ``lam = 4`` it promises
+    ``1 - (3/4)^2 = 0.4375`` of it: left unmeasured, as the trust says."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1, dtype=torch.float64)
+    rule = GainRatioDamping(min_alpha=1e-9, check_every=100, trust_after=1)
+    opt = GramGaussNewton(model, alpha=1e-9, adaptive_damping=rule, lam=lam, momentum=0.0)
+    calls, measured = [0], []
+    for _ in range(4):
+        x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+
+        def closure(x=x, y=y):
+            calls[0] += 1
+            return model(x) - y
+
+        before = calls[0]
+        opt.step(closure)
+        measured.append(calls[0] - before == 2)
+        promised = opt.last_diagnostics.predicted_decrease / opt.last_diagnostics.loss_before
+        assert promised == pytest.approx(1.0 if lam == 1 else 1 - 0.75**2, rel=1e-6)
+    assert rule.trusted
+    assert measured == [True] + [lam == 1.0] * 3
 
 
 def test_a_rule_named_by_a_mapping_gets_its_arguments():

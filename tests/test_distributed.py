@@ -259,28 +259,35 @@ def _momentum(mode: str, engine: str) -> None:
         _same_on_all_ranks(model)
 
 
-def _adaptive(retries: int = 0) -> None:
+def _adaptive(retries: int = 0, recheck: bool = False) -> None:
     """Exact mode's gain-ratio steps equal the single process's; with ``retries`` (and a
-    ``reject_below`` that rejects some steps, momentum 0.5) the retried steps too."""
+    ``reject_below`` that rejects some steps, momentum 0.5) the retried steps too; with
+    ``recheck`` a trusted rule whose steps (``lam = 1``: each nearly fits its batch) promise more
+    than ``recheck_above`` of the loss, measured anyway on every rank alike."""
     model, data = _setup("mlp", seed=3)
     single = _rank0_copy(model)
     options = dict(alpha=1e-3, lam=1.0, momentum=0.5 if retries else 0.0)
 
     def rule() -> GainRatioDamping | bool:
+        if recheck:
+            return GainRatioDamping(min_alpha=1e-3, check_every=100, trust_above=0.25, trust_after=1)
         return GainRatioDamping(reject_below=0.9, retries=retries) if retries else True
 
     opt = GramGaussNewton(model, adaptive_damping=rule(), distributed="exact", **options)
     reference = GramGaussNewton(single, adaptive_damping=rule(), distributed=None, **options)
-    retried = 0
+    retried = rechecked = 0
     for x, y in data:
+        trusted = opt.damping.trusted
         opt.step(lambda: model(_shard(x)) - _shard(y))
         reference.step(lambda: single(x) - y)
+        rechecked += trusted and opt.last_gain_ratio is not None
         assert opt.last_gain_ratio == pytest.approx(reference.last_gain_ratio, rel=1e-9)
         assert opt.param_groups[0]["alpha"] == reference.param_groups[0]["alpha"]
         assert opt.last_diagnostics.retries == reference.last_diagnostics.retries
         retried += opt.last_diagnostics.retries
         assert_close(flat_params(model), flat_params(single), 1e-10, "adaptive damping, exact mode")
     assert retried > 0 or not retries
+    assert rechecked > 0 or not recheck
 
 
 def _error(mode: str, failing: int, kind: str) -> None:
@@ -363,6 +370,7 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-hooks-groupnorm_cnn-ddp": lambda: _exact("groupnorm_cnn", "hooks", lam=2.0, alpha=3.0, wd=0.0, ddp=True),
     "exact-adaptive-damping": _adaptive,
     "exact-adaptive-damping-retries": lambda: _adaptive(retries=2),
+    "exact-adaptive-damping-recheck": lambda: _adaptive(recheck=True),
     "exact-momentum-hooks": lambda: _momentum("exact", "hooks"),
     "exact-momentum-reference": lambda: _momentum("exact", "reference"),
     "local-momentum-hooks": lambda: _momentum("local", "hooks"),

@@ -594,7 +594,9 @@ class GramGaussNewton(Optimizer):
         Any error while re-evaluating or deciding restores the parameters before it propagates.
         """
         try:
-            if not getattr(self.damping, "measures_gain_ratio", True):
+            measures = getattr(self.damping, "measures", None)  # optional in the protocol
+            measure = measures(diagnostics) if measures else getattr(self.damping, "measures_gain_ratio", True)
+            if not measure:
                 decision = self.damping.update(diagnostics.alpha, None, diagnostics)
             else:
                 diagnostics = self._measure(closure, result, diagnostics, general)
