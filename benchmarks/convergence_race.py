@@ -82,7 +82,7 @@ from gramnewton import GramGaussNewton
 from gramnewton.damping import CrossValidatedDamping, GainRatioDamping
 from gramnewton.engines import HooksEngine
 from gramnewton.lab.data import get_dataset
-from gramnewton.lab.data.augment import translation
+from gramnewton.lab.data.augment import Augment, translation
 from gramnewton.lab.experiments.training import (
     augment_generator,
     batch_order,
@@ -210,6 +210,20 @@ def split_batch(spec: str, default: int) -> tuple[str, tuple[int, int, float]]:
     return rest, (int(first), int(later or first), float(switch or math.inf))
 
 
+def task_setup(
+    task: str, seed: int, shift: int = 0, standardise: bool = False
+) -> tuple[Dataset, Dataset, str, Augment | None, nn.Module]:
+    """A task's train and test splits under ``seed``, its loss name, the random translations of
+    its training images (``None`` for ``shift=0``) and the seed's initial model (``standardise``:
+    the rotated image sets' standardised inputs)."""
+    name, make_model = TASKS[task]
+    extra = {"standardise": True} if standardise else {}  # the rotated image sets only
+    train = get_dataset(name, split="train", seed=seed, **extra)
+    test = get_dataset(name, split="test", seed=seed, **extra)
+    torch.manual_seed(seed)
+    return train, test, task_loss(train), translation(train, shift), make_model(train.input_shape[0])
+
+
 def race(
     specs: list[str],
     task: str,
@@ -222,16 +236,9 @@ def race(
     label_smoothing: float = 0.0,
     shift: int = 0,
 ) -> dict[str, Any]:
-    name, make_model = TASKS[task]
-    extra = {"standardise": True} if standardise else {}  # the rotated image sets only
-    train = get_dataset(name, split="train", seed=seed, **extra)
-    test = get_dataset(name, split="test", seed=seed, **extra)
-    loss_name = task_loss(train)
-    augment = translation(train, shift)
+    train, test, loss_name, augment, init = task_setup(task, seed, shift, standardise)
     # the marks' MSEs on a fixed random subset of each split (rotated-fashion-mnist has 60,000 images)
     train_eval, test_eval = (subset(d, eval_samples, seed) for d in (train, test))
-    torch.manual_seed(seed)
-    init = make_model(train.input_shape[0])
     runs = []
     for spec in specs:
         model = copy.deepcopy(init)

@@ -34,19 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from convergence_race import TASKS, THREADS, build
+from convergence_race import TASKS, THREADS, build, task_setup
 from results_log import append_record
 
 from gramnewton import GramGaussNewton
-from gramnewton.lab.data import get_dataset
-from gramnewton.lab.data.augment import translation
 from gramnewton.lab.experiments.training import (
     augment_generator,
     batch_order,
     evaluate,
     make_train_step,
     mean_squared_error,
-    task_loss,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +54,7 @@ def trace(
     spec: str, task: str, steps: int, every: int, batch: int, seed: int, label_smoothing: float, shift: int
 ) -> dict[str, Any]:
     """Train ``spec`` alone for ``steps`` steps; the per-step rows (see the module docstring)."""
-    name, make_model = TASKS[task]
-    train, test = (get_dataset(name, split=split, seed=seed) for split in ("train", "test"))
-    loss_name = task_loss(train)
-    augment = translation(train, shift)
-    torch.manual_seed(seed)
-    model = make_model(train.input_shape[0])
+    train, test, loss_name, augment, model = task_setup(task, seed, shift)
     opt = build(spec, model, loss_name)
     if not isinstance(opt, GramGaussNewton):
         raise SystemExit(f"step_trace.py traces one GramGaussNewton, got {spec!r}")
