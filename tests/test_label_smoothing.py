@@ -5,6 +5,7 @@ float64 step against its dense formula, and the baselines' loss, all decided by
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from dense import assert_close, dense_jacobian, flat_params, groupnorm_cnn
 from torch import nn
 from torch.func import grad, hessian
 
-from gramnewton import CrossEntropy, GramGaussNewton
+from gramnewton import CrossEntropy, GramGaussNewton, NonFiniteError
 from gramnewton.lab.baselines import KFAC
 from gramnewton.lab.experiments.training import make_train_step
 from gramnewton.losses import smooth_targets
@@ -108,3 +109,29 @@ def test_bad_smoothing_and_bad_labels_are_refused_with_nothing_changed():
         step(x, torch.zeros(6))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert str(ggn.state_dict()) == str(state)
+
+
+def test_a_step_that_blows_up_the_logits_is_rejected_not_raised_with_smoothed_targets():
+    """The re-evaluation after a step whose logits came out NaN or Inf (forced here on the second
+    call): ``smooth_targets`` in the closure does not refuse them, so the gain ratio is ``-inf`` and
+    the step is rejected with everything as before; the run goes on. (It raised NonFiniteError and
+    stopped a race whose step blew up, thirty-third session.) NaN logits on a step's first
+    evaluation are still refused with a clear error."""
+    torch.manual_seed(4)
+    model = _mlp(4).double()
+    x, labels = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
+    opt = GramGaussNewton(model, loss="cross_entropy", lam=1.0, adaptive_damping=True)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        logits = model(x) * (math.inf if calls[0] == 2 else 1.0)
+        return logits, smooth_targets(logits, labels, 0.1)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert calls[0] == 2 and opt.last_diagnostics.rejected and opt.last_diagnostics.gain_ratio == -math.inf
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(NonFiniteError, match="logits are NaN or Inf"):
+        opt.step(lambda: (model(x) * math.nan, smooth_targets(model(x) * math.nan, labels, 0.1)))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -196,15 +196,19 @@ def smooth_targets(logits: Tensor, targets: Tensor, label_smoothing: float) -> T
     in ``[0, 1)``. These are the targets of ``F.cross_entropy(logits, targets, label_smoothing=eps)``,
     so :class:`CrossEntropy` with them is that loss (per sample, summed instead of averaged).
 
-    ``logits`` ``(b, k)`` give the shape and dtype; targets are checked as :meth:`CrossEntropy.check`
-    does (a clear error for bad labels). A closure for ``GramGaussNewton(model, loss="cross_entropy")``
-    then returns ``logits, smooth_targets(logits, labels, eps)``.
+    ``logits`` ``(b, k)`` give the shape and dtype only; targets are checked as
+    :meth:`CrossEntropy.check` does (a clear error for bad labels). A closure for
+    ``GramGaussNewton(model, loss="cross_entropy")`` then returns ``logits, smooth_targets(logits,
+    labels, eps)``. NaN or Inf logits are not refused here but by the optimizer: on a step's first
+    evaluation with a clear error, at the re-evaluation after a step that blew the logits up as a
+    gain ratio of ``-inf`` (the step is rejected), where a refusal inside the closure would stop the
+    run instead (docs/classification.md, thirty-third session).
     """
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    probs = CrossEntropy().check(logits.detach(), targets)
+    probs = CrossEntropy().check(torch.zeros_like(logits.detach()), targets)  # the shape and dtype only
     return (1 - label_smoothing) * probs + label_smoothing / probs.shape[1]
 
 
