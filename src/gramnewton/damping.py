@@ -111,10 +111,11 @@ class GainRatioDamping(DampingRule):
         min_alpha, max_alpha: bounds on ``alpha``.
         check_every: while the linearisation is trusted (the last ``trust_after`` measured
             ratios ``rho > high`` with ``alpha`` at its floor, where the rule could not lower
-            the damping further: at ``min_alpha``, or at most the jitter the solve added) only every ``check_every``-th step is re-evaluated; the others keep
-            ``alpha`` and are accepted unmeasured (no extra forward pass: on the demo network
-            that pass is about a sixth of a step). Any measured ``rho <= trust_above`` ends the
-            trust. ``1``: every step is measured.
+            the damping further: at ``min_alpha``, or at most the jitter the solve added) only
+            every ``check_every``-th step is re-evaluated (and a step that promises much, see
+            ``recheck_above``); the others keep ``alpha`` and are accepted unmeasured (no extra
+            forward pass: on the demo network that pass is about a sixth of a step). Any measured
+            ``rho <= trust_above`` ends the trust. ``1``: every step is measured.
         trust_after: measured steps in a row, each with ``alpha`` at ``min_alpha`` and ``rho``
             above ``trust_above``, that start the trust (default 3). Why more than one: when
             ``alpha`` starts at or below the floor (``min_alpha`` raised to the starting
@@ -150,7 +151,8 @@ class GainRatioDamping(DampingRule):
             brought 97% test accuracy sooner on ten seed runs of twelve; on the regression demo it
             was no better; without a floor under ``alpha`` (the default ``1e-8``), on mnist with
             hard labels, it ended below the rule without it (95.6 against 96.7% test accuracy,
-            medians of six seeds; four of the six runs collapsed before the jitter rules below)
+            medians of six seeds; before the jitter rules below four of the six runs fell under
+            90%, one to 9%)
             (docs/classification.md, docs/convergence.md, thirty-second and thirty-third
             sessions): use it with a floor. Not with ``distributed="local"`` (which takes no
             damping rule).
@@ -159,10 +161,10 @@ class GainRatioDamping(DampingRule):
             recheck_above * loss_before`` (:meth:`measures`; ``None``: never). A step of
             ``lam``-scaled Gauss-Newton usually promises about ``2 / lam`` of it (on mnist's
             cross-entropy steps at ``lam=16`` a median 0.10, 0.20 at the 95th percentile, 6 of
-            1,800 above 0.5); on mnist with hard labels and no floor under
-            ``alpha`` two trusted steps in a row promised 0.88 and 4.3 times the loss, went
-            unmeasured and took the test accuracy from 93% to 10% (docs/classification.md,
-            thirty-third session). Costs nothing unless it fires (the re-evaluation it buys).
+            1,800 above 0.5); on mnist with hard labels and no floor under ``alpha`` two trusted
+            steps in a row promised 0.88 and 4.3 times the loss, went unmeasured and took the
+            test accuracy from 93% to 10% (docs/classification.md, thirty-third session). Costs
+            nothing unless it fires (the re-evaluation it buys).
 
     The jitter a solve adds to the diagonal (``StepDiagnostics.jitter``) is damping too: a raise
     of ``alpha`` starts from ``alpha + jitter``, the damping the failed step was solved with
