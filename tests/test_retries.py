@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from dense import groupnorm_cnn
 from torch import nn
 
 from gramnewton import GramGaussNewton
@@ -37,14 +38,12 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 25, 3)
-    ).double()
+    return groupnorm_cnn(3).double()
 
 
 def batches(model: nn.Module, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    shape = (6, 4) if isinstance(model[0], nn.Linear) else (6, 2, 5, 5)
+    shape = (6, 4) if isinstance(model[0], nn.Linear) else (6, 1, 6, 6)
     return [
         (torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(6, 3, generator=gen, dtype=torch.float64))
         for _ in range(n)
