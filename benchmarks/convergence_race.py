@@ -44,7 +44,9 @@ fraction of its step taken) from its value to ``F`` times it along a half cosine
 ``--seconds`` of the variant's CPU time, set before every step as a scheduler would set it.
 ``floor_until=S`` lowers a GGN variant's gain-ratio floor (``min_alpha``) to the rule's default
 (``1e-8``) once its steps have taken ``S`` CPU seconds: the floor early, none late.
-``then=LR@S`` hands a variant over to ``torch.optim.Adam(lr=LR)`` (fresh state) once its steps
+``channels_last=true`` converts the variant's copy of the model to the channels-last memory
+format (``model.to(memory_format=torch.channels_last)``, a user's switch for faster convolutions on
+the CPU; its batches stay as the data set gives them). ``then=LR@S`` hands a variant over to ``torch.optim.Adam(lr=LR)`` (fresh state) once its steps
 have taken ``S`` CPU seconds: a GGN warm start followed by Adam. ``sggn:rows=S,alpha=A`` (``lam``,
 ``momentum``: 16, 0.9) is the prototype of ``subsampled_ggn.py``: the curvature of the batch's
 first ``S`` samples, the gradient of all of them.
@@ -247,6 +249,11 @@ def race(
         optimizer_spec, handoff = pop_key(optimizer_spec, "then")
         optimizer_spec, cosine = pop_key(optimizer_spec, "cosine")
         optimizer_spec, floor_until = pop_key(optimizer_spec, "floor_until")
+        optimizer_spec, channels_last = pop_key(optimizer_spec, "channels_last")
+        if channels_last not in (None, "true", "false"):
+            raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
+        if channels_last == "true":
+            model.to(memory_format=torch.channels_last)
         built = build(optimizer_spec, model, loss_name)
         opts = built if isinstance(built, list) else [built]
         model.train()

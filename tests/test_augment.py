@@ -49,6 +49,19 @@ def test_each_image_is_translated_within_the_shift_with_the_fill():
     assert any(dy != 0 for dy, _ in offsets) and any(dx != 0 for _, dx in offsets)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_translated_batches_keep_the_memory_format_of_their_input(channels, memory_format):
+    # a (n, 1, H, W) batch with channels-last strides is contiguous too, and convolutions then run
+    # channels-last: the gather's permuted view must not leak into the batch the network sees
+    images = torch.randn(8, channels, 6, 6).contiguous(memory_format=memory_format)
+    out = random_translate(images, torch.Generator().manual_seed(0), shift=1)
+    assert out.stride() == images.stride()
+    fill = torch.zeros(channels)
+    for i in range(len(images)):  # still the translation
+        _offset(images[i], out[i], 1, fill)
+
+
 def test_every_offset_is_drawn():
     images = torch.randn(400, 1, 5, 5)
     out = random_translate(images, torch.Generator().manual_seed(1), shift=1)

@@ -18,7 +18,7 @@ import functools
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -781,7 +781,9 @@ CASES = [
 MODES = ("auto", "dense", "factored", "overlap", "kept")
 
 
-def build(case: Case) -> tuple[nn.Module, Tensor, Tensor]:
+def build(case: Case, channels_last: bool = False) -> tuple[nn.Module, Tensor, Tensor]:
+    """The case's float64 model (perturbed), its inputs and random targets; ``channels_last``:
+    the model converted with ``.to(memory_format=torch.channels_last)`` and its image batch too."""
     torch.manual_seed(0)
     model = case.model().double()
     # random perturbation: Fixup zero-initialises layers, which would hide most of the Jacobian
@@ -791,6 +793,9 @@ def build(case: Case) -> tuple[nn.Module, Tensor, Tensor]:
     model.train(not case.eval_mode).to(DEVICE)
     x = case.inputs(case.batch).to(DEVICE)
     x = x.double() if x.is_floating_point() else x
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         k = model(x).reshape(case.batch, -1).shape[1]
     return model, x, torch.randn(case.batch, k, dtype=torch.float64, device=DEVICE)
@@ -830,8 +835,8 @@ def cost_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return request.param
 
 
-def check_against_reference(case: Case) -> None:
-    model, x, y = build(case)
+def check_against_reference(case: Case, channels_last: bool = False) -> None:
+    model, x, y = build(case, channels_last)
     params = list(model.parameters())
     closure = lambda: model(x).reshape(case.batch, -1) - y  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
@@ -939,6 +944,46 @@ def test_conv_weight_paths(case: Case, path: str, monkeypatch: pytest.MonkeyPatc
     check_against_reference(case)
     if path == "grouped" or any(isinstance(m, nn.Conv2d) and m.groups == 1 for m in case.model().modules()):
         assert paths.used[path] > before, f"the {path} path did not run"
+
+
+# the cases in which a convolution's output gradient comes back channels-last (a layer after it
+# that keeps the format; before a Flatten, or a convolution to one channel, autograd hands it back
+# contiguous)
+CHANNELS_LAST_CASES = [
+    c
+    for c in CONV2D_CASES
+    if c.name in ("conv2d_groups", "groupnorm", "batchnorm_eval", "conv2d_b36_syrk", "resnet8_fixup", "resnet8_gn")
+]
+
+
+@pytest.mark.parametrize("path", ["factored", "overlap", "kept", "grouped", "patches", "correlate"])
+@pytest.mark.parametrize("case", CHANNELS_LAST_CASES, ids=[c.name for c in CHANNELS_LAST_CASES])
+def test_channels_last_models_match_jacrev(case: Case, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model in the channels-last memory format fed channels-last batches (a user's switch for
+    faster convolutions on the CPU): its convolutions' inputs and output gradients reach the
+    handlers with channels-last strides. Every path, float64, against the reference engine and
+    ``jacrev``."""
+    if path in ("factored", "overlap"):
+        monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: True)
+        monkeypatch.setattr(handlers, "overlap_is_cheaper", lambda *a, **k: path == "overlap")
+    else:
+        monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+        if path == "kept":
+            monkeypatch.setattr(handlers, "KEEP_FACTORS_ABOVE", 0)
+        else:
+            monkeypatch.setattr(handlers.CONV_WEIGHT_PATHS, "forced", path)
+            monkeypatch.setattr(handlers, "MAX_PATCHES_OVER_GRADIENTS", float("inf"))
+            monkeypatch.setattr(handlers, "MAX_CORRELATE_CHANNELS", float("inf"))
+    gradients = []  # whether each convolution's output gradient was channels-last and not contiguous
+    conv = handlers.HANDLERS[nn.Conv2d]
+
+    def spy(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict:
+        gradients.append(not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last))
+        return conv.contributions(module, a, g, names)
+
+    monkeypatch.setitem(handlers.HANDLERS, nn.Conv2d, replace(conv, contributions=spy))
+    check_against_reference(case, channels_last=True)
+    assert any(gradients), "no channels-last output gradient reached the convolutions' handler"
 
 
 CONV_LAYERS = [
