@@ -46,10 +46,11 @@ fraction of its step taken) from its value to ``F`` times it along a half cosine
 (``1e-8``) once its steps have taken ``S`` CPU seconds: the floor early, none late.
 ``channels_last=true`` converts the variant's copy of the model to the channels-last memory
 format (``model.to(memory_format=torch.channels_last)``, a user's switch for faster convolutions on
-the CPU; its batches stay as the data set gives them). ``then=LR@S`` hands a variant over to ``torch.optim.Adam(lr=LR)`` (fresh state) once its steps
-have taken ``S`` CPU seconds: a GGN warm start followed by Adam. ``sggn:rows=S,alpha=A`` (``lam``,
-``momentum``: 16, 0.9) is the prototype of ``subsampled_ggn.py``: the curvature of the batch's
-first ``S`` samples, the gradient of all of them.
+the CPU; its batches stay as the data set gives them). ``then=LR@S`` hands a variant over to
+``torch.optim.Adam(lr=LR)`` (fresh state) once its steps have taken ``S`` CPU seconds: a GGN
+warm start followed by Adam. ``sggn:rows=S,alpha=A`` (``lam``, ``momentum``: 16, 0.9) is the
+prototype of ``subsampled_ggn.py``: the curvature of the batch's first ``S`` samples, the gradient
+of all of them.
 
 Usage::
 
