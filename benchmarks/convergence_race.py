@@ -27,7 +27,10 @@ of its last 10 marks. This is that
 benchmark's comparison without its weakness: there the optimizers run one after another, and the
 machine's speed drifted 1.4x between runs of one window (docs/classification.md).
 
-A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9) or
+A variant is ``kind:key=value,...``: ``adam:lr=3e-3``, ``sgd:lr=0.03`` (momentum 0.9),
+``kfac:lr=0.03,damping=0.1`` (the lab's K-FAC with the task's loss, the cross-entropy's sampled
+Fisher on a classification task; ``factor_every`` and ``inverse_every`` are integers), each built by
+:func:`gramnewton.lab.experiments.optimizers.build_optimizer` with its other keys as floats, or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
 ``weight_decay``, ``max_step_norm``, ``bias_correction=true``, ``curvature=exact|top_c|gradient``,
 ``top_c=C``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
@@ -86,6 +89,7 @@ from gramnewton.damping import CrossValidatedDamping, GainRatioDamping
 from gramnewton.engines import HooksEngine
 from gramnewton.lab.data import get_dataset
 from gramnewton.lab.data.augment import Augment, translation
+from gramnewton.lab.experiments.optimizers import build_optimizer
 from gramnewton.lab.experiments.training import (
     augment_generator,
     batch_order,
@@ -131,11 +135,11 @@ def build(spec: str, model: nn.Module, loss: str = "mse") -> Optimizer | list[Op
         return SubsampledGaussNewton(
             model, rows=int(hp["rows"]), lam=lam, alpha=float(hp["alpha"]), momentum=momentum, loss=loss
         )
-    if kind in ("adam", "sgd"):
-        lr = float(hp["lr"])
-        if kind == "adam":
-            return torch.optim.Adam(model.parameters(), lr=lr)
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if kind in ("adam", "sgd", "kfac"):
+        hyper: dict[str, Any] = {k: int(v) if k.endswith("_every") else float(v) for k, v in hp.items()}
+        if kind == "kfac":
+            hyper["loss"] = loss
+        return build_optimizer({"name": kind, **hyper}, model)
     return build_ggn(spec, model, loss=loss)
 
 
