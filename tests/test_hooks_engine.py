@@ -14,6 +14,7 @@ the large ones are, as in use.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 import warnings
@@ -1196,6 +1197,25 @@ def test_small_convolutions_run_the_patches_path_untimed(monkeypatch: pytest.Mon
         paths = handlers.CONV_WEIGHT_PATHS
         assert sum(paths.trials.values()) == trials and sum(paths.used.values()) == 1
         assert trials or paths.used["patches"] == 1
+
+
+def test_channels_last_layers_get_their_own_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conv paths are timed per memory layout: a channels-last copy of a model on a
+    channels-last batch, its shapes the same, runs its own trial instead of taking the choice timed
+    on the usual layout (the paths' costs differ between layouts: the grouped path copies
+    channels-last inputs). Exact either way. Failed before the strides were in the choice's key."""
+    monkeypatch.setattr(handlers, "factored_is_cheaper", lambda *a, **k: False)
+    monkeypatch.setattr(handlers, "UNTIMED_PATCHES_BELOW", 0)
+    monkeypatch.setattr(handlers, "CONV_WEIGHT_PATHS", handlers.MeasuredChoice())
+    usual = seq(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 1)).double()
+    last = copy.deepcopy(usual).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    for model, batch in ((usual, x), (last, x.contiguous(memory_format=torch.channels_last))):
+        fast = HooksEngine(model).compute(lambda: model(batch).squeeze(1))
+        reference = ReferenceEngine(list(model.parameters())).compute(lambda: model(batch).squeeze(1))
+        assert_close("gram vs reference", fast.gram, reference.gram)
+    assert len(handlers.CONV_WEIGHT_PATHS.choices) == 2
+    assert list(handlers.CONV_WEIGHT_PATHS.trials.values()) == [1, 1]
 
 
 def test_trial_order_spreads_every_candidates_runs() -> None:

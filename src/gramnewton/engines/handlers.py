@@ -1386,7 +1386,8 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str
             pieces["weight"] = replace(_conv_factors(module, x, g, padding, overlap), with_bias="bias" in names)
         else:
             key = (type(module), tuple(x.shape), tuple(g.shape), module.kernel_size, module.stride)
-            key += (module.dilation, padding, module.groups, x.dtype, x.device)
+            # the strides too: the paths' costs depend on the memory layout (channels-last or not)
+            key += (module.dilation, padding, module.groups, x.dtype, x.device, x.stride(), g.stride())
 
             untimed = "patches" if n * positions * kin < UNTIMED_PATCHES_BELOW else None
 
