@@ -11,8 +11,16 @@ the peak resident set (``VmHWM``) of a fresh child process that runs only that m
 included, so the ratio to SGD's is a conservative one; the JSON also has the peak above the
 resident set just before the first step).
 
-The wide two-layer net's Gram-flop floor is an SGD step plus the bare products of its factorised
-Gram matrix, ``(A A^T) * (G G^T)`` with ``A`` (b, d) and ``G`` (b, M), timed in the same rounds.
+A GGN step's floor (``gram_floor`` in the JSON) is an SGD step plus the parts of a GGN step that no
+engine forming the exact Gram matrix in float32 can skip, each timed alone in the same rounds: for
+the wide two-layer net the bare products of its factorised Gram, ``(A A^T) * (G G^T)`` with ``A``
+(b, d) and ``G`` (b, M); for the ResNets (:data:`FLOOR_MODELS`) the symmetric products of every
+parameter's per-sample gradients (``handlers.add_gram_lower`` on a ``(b, numel)`` block, one per
+weight, the narrow parameters in one) and, for each convolution the engine keeps as its input and
+output gradient (``KeptConv``, the memory rule), the weight-gradient convolution of its ``J^T r``.
+The per-sample gradients themselves are left out (at best they cost SGD's weight gradients, which
+the floor's SGD step already holds), as are the hooks, the solve and the update: so ``floor / SGD``
+is a ratio no engine reaches on this machine without more memory or fewer flops.
 
 Results are merged into ``--out`` (default ``benchmarks/results/step_cost.json``); a run recorded
 under ``benchmarks/results`` also regenerates the tables of ``docs/performance.md`` (``--doc``), a
@@ -223,6 +231,62 @@ def gram_floor_step(b: int, d: int, width: int) -> Callable[[], None]:
     return products
 
 
+# The ResNets whose floor is timed (:func:`floor_parts`); the two-layer net has its own.
+FLOOR_MODELS = ("fixup32", "fixup64", "gn32")
+
+
+def kept_convolutions(model: nn.Module, x: Tensor) -> list[handlers.KeptConv]:
+    """The pieces of ``model``'s 2-d convolution weights that the hooks engine keeps as their input
+    and output gradient (:class:`~gramnewton.engines.handlers.KeptConv`: the memory rule,
+    ``KEEP_FACTORS_ABOVE``) for the batch ``x`` ``(b, ...)``: the handler itself decides, on random
+    ``x`` and ``g`` of the shapes one forward pass records."""
+    shapes: list[tuple[nn.Module, torch.Size, torch.Size]] = []
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: shapes.append((m, args[0].shape, out.shape)))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    pieces = [
+        handlers.handler_for(m).contributions(m, torch.randn(a), torch.randn(g), frozenset({"weight"}))["weight"]
+        for m, a, g in shapes
+    ]
+    return [piece for piece in pieces if isinstance(piece, handlers.KeptConv)]
+
+
+def floor_parts(model: nn.Module, x: Tensor) -> dict[str, Callable[[], None]]:
+    """The floor's parts of a GGN step on ``model`` for the batch ``x`` ``(b, ...)``, each alone.
+
+    ``gram_products``: ``gram += J_p J_p^T`` (lower triangle and mirror, as the engine) for every
+    parameter ``p`` with at least ``b`` entries, from one reused block of per-sample gradients (a
+    contiguous ``(b, numel)`` view of its first entries), and one product for the narrower
+    parameters together (the engine joins them too). ``kept_jt``: ``J^T v`` of every
+    :func:`kept_convolutions` piece, one weight-gradient convolution each.
+    """
+    b = x.shape[0]
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    wide = [n for n in sizes if n >= b]
+    narrow = sum(n for n in sizes if n < b)
+    storage, gram = torch.randn(b * max(wide + [narrow])), torch.zeros(b, b)
+
+    def gram_products() -> None:
+        gram.zero_()
+        for n in wide + ([narrow] if narrow else []):
+            handlers.add_gram_lower(gram, storage[: b * n].view(b, n))  # contiguous, as the engine's pieces
+        handlers.mirror_lower(gram)
+
+    kept, v = kept_convolutions(model, x), torch.randn(b)
+
+    def kept_jt() -> None:
+        for piece in kept:
+            piece.jt_times(v)
+
+    return {"gram_products": gram_products, "kept_jt": kept_jt}
+
+
 def setup(model_name: str, batch: int) -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
     spec = MODELS[model_name]
@@ -241,8 +305,12 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
     for method in methods:  # every method gets its own copy of the model
         model, x, y = setup(model_name, batch)
         steps[method], breakdowns[method] = make_step(method, model, x, y)
+    floor: dict[str, Callable[[], None]] = {}
     if model_name == "two_layer":
-        steps["gram_products"] = gram_floor_step(batch, 10, 4096)
+        floor = {"gram_products": gram_floor_step(batch, 10, 4096)}
+    elif model_name in FLOOR_MODELS:
+        floor = floor_parts(*setup(model_name, batch)[:2])
+    steps.update(floor)
     times: dict[str, list[float]] = {m: [] for m in steps}
     faults: dict[str, list[int]] = {m: [] for m in steps}
     system: dict[str, list[float]] = {m: [] for m in steps}
@@ -280,11 +348,18 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
         if "re_evaluated" in keys:
             entry.update(amortised(ts, parts[method]))
         result[method] = entry
-    if model_name == "two_layer" and "sgd" in times:
-        floor = statistics.median(times["sgd"]) + statistics.median(times["gram_products"])
-        result["gram_floor"] = {"floor_s": floor, "gram_flops": 2 * batch * batch * (10 + 4096)}
+    if floor and "sgd" in times:
+        sgd = statistics.median(times["sgd"])
+        floor_s = {part: result.pop(part)["median_s"] for part in floor}  # the parts are no methods
+        entry: dict[str, Any] = {"floor_s": sgd + sum(floor_s.values()), "parts_s": floor_s}
+        entry["floor_over_sgd"] = entry["floor_s"] / sgd
+        rounds = zip(times["sgd"], *(times[part] for part in floor))
+        entry["floor_over_sgd_per_round"] = statistics.median(1 + sum(extra) / base for base, *extra in rounds)
+        if model_name == "two_layer":
+            entry["gram_flops"] = 2 * batch * batch * (10 + 4096)
         if "ggn_fast" in result:
-            result["gram_floor"]["ggn_fast_over_floor"] = result["ggn_fast"]["median_s"] / floor
+            entry["ggn_fast_over_floor"] = result["ggn_fast"]["median_s"] / entry["floor_s"]
+        result["gram_floor"] = entry
     return result
 
 
@@ -568,17 +643,24 @@ def render_markdown(results: dict, source: str = "benchmarks/results/step_cost.j
     if floors:
         lines += [
             "",
-            "## Wide two-layer net: GGN against its Gram-flop floor",
+            "## GGN against its floor",
             "",
-            "Floor = SGD step + the bare factorised Gram products `(A A^T) * (G G^T)` (A: b x 10, G: b x 4096).",
+            "Floor = SGD step + the parts of a GGN step no exact float32 engine skips, timed alone in the same",
+            "rounds (`benchmarks/step_cost.py`'s docstring): the wide two-layer net's factorised Gram products",
+            "`(A A^T) * (G G^T)` (A: b x 10, G: b x 4096); a ResNet's per-parameter Gram products and the",
+            "weight-gradient convolutions of `J^T r` for the layers kept as `(x, g)`.",
             "",
-            "| b | allocator | run | Gram flops | floor s | GGN fast s | GGN fast / floor |",
-            "|---|---|---|---|---|---|---|",
+            "| model | b | allocator | run | floor parts (s) | floor s | floor / SGD | GGN fast s | GGN fast / floor |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for run, f in floors:
+        for run, f in sorted(floors, key=lambda pair: (pair[0]["model"] != "two_layer", pair[0]["model"])):
+            parts = f.get("parts_s") or {}
+            named = ", ".join(f"{k} {v:.4f}" for k, v in parts.items()) or f"Gram flops {f['gram_flops']:.3g}"
+            over_sgd = f["floor_s"] / run["methods"]["sgd"]["median_s"]
             lines.append(
-                f"| {run['batch']} | {run['allocator_name']} | {run['started'][:16]} | {f['gram_flops']:.3g} | {f['floor_s']:.4f} | "
-                f"{run['methods']['ggn_fast']['median_s']:.4f} | {f.get('ggn_fast_over_floor', float('nan')):.2f} |"
+                f"| {run['model']} | {run['batch']} | {run['allocator_name']} | {run['started'][:16]} | {named} | "
+                f"{f['floor_s']:.4f} | {over_sgd:.2f} | {run['methods']['ggn_fast']['median_s']:.4f} | "
+                f"{f.get('ggn_fast_over_floor', float('nan')):.2f} |"
             )
     demo = [run for run in runs if "ggn_demo" in run["methods"] and "adam" in run["methods"]]
     if demo:
@@ -757,6 +839,15 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
+            if "gram_floor" in m:
+                f = m["gram_floor"]
+                print(
+                    f"  floor {f['floor_s']:.3f}s = {f['floor_over_sgd']:.2f}x SGD "
+                    f"(per round {f['floor_over_sgd_per_round']:.2f}; parts "
+                    + ", ".join(f"{k} {v:.3f}s" for k, v in f["parts_s"].items())
+                    + ")",
+                    flush=True,
+                )
             if args.alone:
                 a = run["alone"]
                 rounds = ", ".join(f"{r:.2f}" for r in a["ratio_per_round"])

@@ -76,3 +76,20 @@ def test_a_missing_tlm_baseline_is_refused_up_front(
     with pytest.raises(SystemExit):
         module.parse_args(argv)
     assert "pip install -e '.[bench]'" in capsys.readouterr().err
+
+
+def test_the_step_floor_keeps_the_layers_the_engine_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``step_cost.py``'s floor charges ``J^T r`` to the convolutions the engine keeps as ``(x, g)``:
+    on ResNet-32-Fixup at 32x32 the nine 64-channel stride-1 layers (docs/performance.md), at 64x64
+    none; the handler decides, so a changed memory rule changes the floor with it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    step_cost = importlib.import_module("step_cost")
+    model = step_cost.MODELS["fixup32"].build()
+    kept = step_cost.kept_convolutions(model, torch.randn(2, 3, 32, 32))
+    assert len(kept) == 9
+    assert all(p.module.in_channels == p.module.out_channels == 64 and p.module.stride == (1, 1) for p in kept)
+    assert step_cost.kept_convolutions(model, torch.randn(2, 3, 64, 64)) == []
+    parts = step_cost.floor_parts(model, torch.randn(2, 3, 32, 32))
+    assert set(parts) == {"gram_products", "kept_jt"}
+    for part in parts.values():
+        part()
