@@ -8,9 +8,13 @@ with its arguments) or ``Adam={"lr": 3e-3}``. Every variant trains a copy of the
 model for ``--seconds`` of wall-clock training, exactly as ``gramnewton demo`` does
 (:func:`gramnewton.lab.experiments.demo.run_demo`, ``--shift`` random translations of the
 training images), one after another; run it under the CPU lock on a shared machine. Prints the
-train (test) MSE at every 10 s, the demo's marks (those within ``--seconds``; until 2026-12-01 at
-10, 30, 50, 70 and 90 s only) and the lowest test MSE; appends every variant's
-marks to ``benchmarks/results/demo_variants.json`` with the load average before and after.
+train (test) MSE at every 10 s, the demo's marks (those within ``--seconds``, also past 90 s; until
+2026-12-01 at 10, 30, 50, 70 and 90 s only) and the lowest test MSE; appends every variant's
+marks and its whole curve (every epoch's and every ``--mark`` seconds' evaluation: seconds, epoch,
+train and test MSE) to ``benchmarks/results/demo_variants.json`` (``--out`` elsewhere) with the
+load average before and after. A denser ``--mark`` lets a run be read on another clock: a GGN
+whose step cost ``r`` times what it does reaches at ``T`` seconds what the run reached at
+``T / r`` (docs/convergence.md, thirty-sixth session).
 
 Usage::
 
@@ -34,7 +38,7 @@ from gramnewton.lab.experiments.demo import DemoConfig, at_mark, run_demo
 from gramnewton.lab.experiments.training import lowest_test_loss
 
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_variants.json"
-MARKS = tuple(range(10, 100, 10))  # the demo's marks: issue 15 compares every one of them
+MARK_EVERY = 10  # the demo's marks, every 10 s: issue 15 compares every one of them
 THREADS = 2
 
 
@@ -51,7 +55,7 @@ def run_variant(config: DemoConfig, label: str, optimizer: str, hyper: dict[str,
     load_before = os.getloadavg()
     records = run_demo(config, settings={optimizer: hyper})[optimizer]
     marks = []
-    for seconds in (s for s in MARKS if s <= config.seconds):
+    for seconds in range(MARK_EVERY, int(config.seconds) + 1, MARK_EVERY):
         record = at_mark(records, seconds) or records[-1]  # the run's last record when it ended early
         marks.append(dict(mark=seconds, seconds=record.seconds, train=record.train_loss, test=record.test_loss))
     best = lowest_test_loss(records)
@@ -64,6 +68,7 @@ def run_variant(config: DemoConfig, label: str, optimizer: str, hyper: dict[str,
         seconds=config.seconds,
         epochs=max(r.epoch for r in records),
         marks=marks,
+        curve=[[r.seconds, r.epoch, r.train_loss, r.test_loss] for r in records],
         lowest_test=None if best is None else dict(test=best.test_loss, seconds=best.seconds),
         load_before=load_before,
         load_after=os.getloadavg(),
@@ -77,15 +82,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shift", type=int, default=0, help="random translations of the training images (pixels)")
     parser.add_argument("--seconds", type=float, default=90.0)
+    parser.add_argument(
+        "--mark", type=float, default=DemoConfig.mark, help="also evaluate every MARK training seconds (the curve)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON the records are appended to")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     variants = [parse_variant(v) for v in args.variants]
-    config = DemoConfig(seed=args.seed, shift=args.shift, seconds=args.seconds)
-    marks = [s for s in MARKS if s <= args.seconds]
+    config = DemoConfig(seed=args.seed, shift=args.shift, seconds=args.seconds, mark=args.mark)
+    marks = list(range(MARK_EVERY, int(args.seconds) + 1, MARK_EVERY))
     print(f"seed {args.seed}, shift {args.shift}: train (test) MSE at " + ", ".join(f"{s} s" for s in marks))
     for label, optimizer, hyper in variants:
         result = run_variant(config, label, optimizer, hyper)
-        append_record(RESULTS, result)
+        append_record(args.out, result)
         cells = " ".join(f"{m['train']:.4f} ({m['test']:.4f})" for m in result["marks"])
         best = result["lowest_test"]
         print(

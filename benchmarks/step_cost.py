@@ -231,8 +231,9 @@ def gram_floor_step(b: int, d: int, width: int) -> Callable[[], None]:
     return products
 
 
-# The ResNets whose floor is timed (:func:`floor_parts`); the two-layer net has its own.
-FLOOR_MODELS = ("fixup32", "fixup64", "gn32")
+# The ResNets whose floor is timed (:func:`floor_parts`; every convolution of theirs has its
+# per-sample gradients materialised or kept, none factorised); the two-layer net has its own.
+FLOOR_MODELS = ("fixup32", "fixup64", "gn32", "resnet8")
 
 
 def kept_convolutions(model: nn.Module, x: Tensor) -> list[handlers.KeptConv]:

@@ -28,6 +28,7 @@ SCRIPTS = {
     "--allocators system --alone 1",
     "user_models": "user_models.py --models raw_mlp gru_state --reps 1",
     "step_trace": "step_trace.py ggn:damping=gain_ratio,check_every=4,retries=1 --task digits --steps 3 --every 2",
+    "demo_variants": "demo_variants.py GGN={} --seconds 1 --mark 0.25",
 }
 
 
@@ -50,6 +51,8 @@ def test_benchmark_script_runs(name: str, tmp_path: Path) -> None:
         assert len(run["alone"]["ratio_per_round"]) == 1 and run["alone"]["ratio"] > 0
     else:
         run = records[-1]
+    if name == "demo_variants":  # the whole curve, denser than the marks, to read the run on another clock
+        assert len(run["curve"]) > 2 and all(len(row) == 4 for row in run["curve"])
     # which machine it ran on (timings compare only between records of one CPU)
     assert run["host"]["cpu"] and run["host"]["cpus"] >= 1 and run["host"]["torch"] == torch.__version__
 
