@@ -42,6 +42,11 @@ MARK_EVERY = 10  # the demo's marks, every 10 s: issue 15 compares every one of 
 THREADS = 2
 
 
+def mark_seconds(seconds: float) -> range:
+    """The demo's marks within a run of ``seconds``: every ``MARK_EVERY`` s."""
+    return range(MARK_EVERY, int(seconds) + 1, MARK_EVERY)
+
+
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     """``"GGN/tag={...}"`` -> ``("GGN/tag", "GGN", {...})``."""
     label, sep, hyper = text.partition("=")
@@ -55,7 +60,7 @@ def run_variant(config: DemoConfig, label: str, optimizer: str, hyper: dict[str,
     load_before = os.getloadavg()
     records = run_demo(config, settings={optimizer: hyper})[optimizer]
     marks = []
-    for seconds in range(MARK_EVERY, int(config.seconds) + 1, MARK_EVERY):
+    for seconds in mark_seconds(config.seconds):
         record = at_mark(records, seconds) or records[-1]  # the run's last record when it ended early
         marks.append(dict(mark=seconds, seconds=record.seconds, train=record.train_loss, test=record.test_loss))
     best = lowest_test_loss(records)
@@ -90,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     variants = [parse_variant(v) for v in args.variants]
     config = DemoConfig(seed=args.seed, shift=args.shift, seconds=args.seconds, mark=args.mark)
-    marks = list(range(MARK_EVERY, int(args.seconds) + 1, MARK_EVERY))
+    marks = mark_seconds(args.seconds)
     print(f"seed {args.seed}, shift {args.shift}: train (test) MSE at " + ", ".join(f"{s} s" for s in marks))
     for label, optimizer, hyper in variants:
         result = run_variant(config, label, optimizer, hyper)

@@ -306,11 +306,12 @@ def time_config(model_name: str, batch: int, methods: list[str], reps: int, warm
     for method in methods:  # every method gets its own copy of the model
         model, x, y = setup(model_name, batch)
         steps[method], breakdowns[method] = make_step(method, model, x, y)
-    floor: dict[str, Callable[[], None]] = {}  # timed only beside SGD, whose step it adds to
-    if model_name == "two_layer" and "sgd" in steps:
-        floor = {"gram_products": gram_floor_step(batch, 10, 4096)}
-    elif model_name in FLOOR_MODELS and "sgd" in steps:
-        floor = floor_parts(*setup(model_name, batch)[:2])
+    floor: dict[str, Callable[[], None]] = {}
+    if "sgd" in steps:  # the floor adds to SGD's step, so it is timed only beside it
+        if model_name == "two_layer":
+            floor = {"gram_products": gram_floor_step(batch, 10, 4096)}
+        elif model_name in FLOOR_MODELS:
+            floor = floor_parts(*setup(model_name, batch)[:2])
     steps.update(floor)
     times: dict[str, list[float]] = {m: [] for m in steps}
     faults: dict[str, list[int]] = {m: [] for m in steps}
