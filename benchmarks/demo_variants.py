@@ -14,18 +14,26 @@ marks and its whole curve (every epoch's and every ``--mark`` seconds' evaluatio
 train and test MSE) to ``benchmarks/results/demo_variants.json`` (``--out`` elsewhere) with the
 load average before and after. A denser ``--mark`` lets a run be read on another clock: a GGN
 whose step cost ``r`` times what it does reaches at ``T`` seconds what the run reached at
-``T / r`` (docs/convergence.md, thirty-sixth session).
+``T / r`` (docs/convergence.md, thirty-sixth session). ``--figure PNG`` draws every record of
+``--out`` on ``--dataset``, ``--seed`` and ``--shift`` that has a curve: its train MSE against time, its test MSE
+against time, and its test MSE against its train MSE (the path, which a cheaper step does not
+change: it only moves along it faster; docs/convergence.md, thirty-seventh session), and prints
+each one's test MSE where it first reached the train MSE ``--level`` (by default the lowest that
+every drawn run reached). Without variants it only draws.
 
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/demo_variants.py --seed 0 --shift 2 'GGN={}' 'Adam={"lr": 3e-3}' \\
         'GGN/floor3={"adaptive_damping": {"name": "gain_ratio", "check_every": 4, "min_alpha": 3}}'
+    python benchmarks/demo_variants.py --seed 0 --out runs.json --figure paths.png --level 0.01
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,6 +76,7 @@ def run_variant(config: DemoConfig, label: str, optimizer: str, hyper: dict[str,
         label=label,
         optimizer=optimizer,
         hyper=hyper,
+        dataset=config.dataset,
         seed=config.seed,
         shift=config.shift,
         seconds=config.seconds,
@@ -81,22 +90,71 @@ def run_variant(config: DemoConfig, label: str, optimizer: str, hyper: dict[str,
     )
 
 
+def where_train_reaches(curve: list[list[float]], train: float) -> tuple[float, float] | None:
+    """``(seconds, test MSE)`` where ``curve`` (rows ``[seconds, epoch, train, test]``) first
+    reaches the train MSE ``train``, interpolated linearly in log train MSE between the rows around
+    it; None if it never does."""
+    for before, after in itertools.pairwise(curve):
+        if after[2] <= train < before[2]:
+            share = math.log(before[2] / train) / math.log(before[2] / after[2])
+            return before[0] + share * (after[0] - before[0]), before[3] + share * (after[3] - before[3])
+    return (curve[0][0], curve[0][3]) if curve and curve[0][2] <= train else None
+
+
+def draw_paths(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One line per record (its ``curve``): train MSE against seconds, test MSE against seconds,
+    test MSE against train MSE (log axes). A record's later rows have the lower train MSE, so the
+    third panel reads from right to left in time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("seconds", 0, "train", 2), ("seconds", 0, "test", 3), ("train", 2, "test", 3))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0))
+    for ax, (x_name, x, y_name, y) in zip(axes, panels):
+        for record in records:
+            ax.plot([row[x] for row in record["curve"]], [row[y] for row in record["curve"]], label=record["label"])
+        ax.set_xlabel("training time (s)" if x_name == "seconds" else "train MSE")
+        ax.set_ylabel(f"{y_name} MSE")
+        ax.set_yscale("log")
+        if x_name == "train":
+            ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("variants", nargs="+", help="LABEL=JSON, e.g. 'Adam={\"lr\": 3e-3}'")
+    parser.add_argument("variants", nargs="*", help="LABEL=JSON, e.g. 'Adam={\"lr\": 3e-3}'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default=DemoConfig.dataset, help="a regression data set (the demo's by default)")
     parser.add_argument("--shift", type=int, default=0, help="random translations of the training images (pixels)")
     parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument(
         "--mark", type=float, default=DemoConfig.mark, help="also evaluate every MARK training seconds (the curve)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON the records are appended to")
+    parser.add_argument(
+        "--figure", type=Path, help="draw the curves of --out's records of --dataset, --seed and --shift here (PNG)"
+    )
+    parser.add_argument(
+        "--level", type=float, help="with --figure: read each run at this train MSE (default: the lowest all reached)"
+    )
     args = parser.parse_args()
+    if not args.variants and not args.figure:
+        parser.error("give a variant to run, or --figure to draw")
     torch.set_num_threads(THREADS)
     variants = [parse_variant(v) for v in args.variants]
-    config = DemoConfig(seed=args.seed, shift=args.shift, seconds=args.seconds, mark=args.mark)
+    config = DemoConfig(dataset=args.dataset, seed=args.seed, shift=args.shift, seconds=args.seconds, mark=args.mark)
     marks = mark_seconds(args.seconds)
-    print(f"seed {args.seed}, shift {args.shift}: train (test) MSE at " + ", ".join(f"{s} s" for s in marks))
+    if variants:
+        print(f"seed {args.seed}, shift {args.shift}: train (test) MSE at " + ", ".join(f"{s} s" for s in marks))
     for label, optimizer, hyper in variants:
         result = run_variant(config, label, optimizer, hyper)
         append_record(args.out, result)
@@ -107,6 +165,28 @@ def main() -> None:
             f"  load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}",
             flush=True,
         )
+    if args.figure:
+        records = json.loads(args.out.read_text()) if args.out.exists() else []
+        wanted = (args.dataset, args.seed, args.shift)
+        # records from before 2026-12-02 name no data set: the demo's
+        drawn = [
+            r
+            for r in records
+            if r.get("curve") and (r.get("dataset", DemoConfig.dataset), r["seed"], r["shift"]) == wanted
+        ]
+        if not drawn:
+            parser.error(
+                f"{args.out} has no record with a curve on {args.dataset}, seed {args.seed}, shift {args.shift}"
+            )
+        draw_paths(drawn, args.figure, f"{args.dataset}, seed {args.seed}, shift {args.shift}")
+        print(f"wrote {args.figure} ({len(drawn)} runs)")
+        # by default the lowest train MSE every run reached
+        level = args.level if args.level is not None else max(min(row[2] for row in r["curve"]) for r in drawn)
+        print(f"test MSE where each run first reached train MSE {level:.4f}:")
+        for record in drawn:
+            reached = where_train_reaches(record["curve"], level)
+            reading = f"{reached[1]:.4f} at {reached[0]:.1f} s" if reached else f"not in {record['seconds']:.0f} s"
+            print(f"  {record['label']:<14} {reading}")
 
 
 if __name__ == "__main__":
