@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_log import append_record
+from results_log import append_record, read_records
 
 from gramnewton.lab.experiments.demo import DemoConfig, at_mark, run_demo
 from gramnewton.lab.experiments.training import lowest_test_loss
@@ -166,7 +166,7 @@ def main() -> None:
             flush=True,
         )
     if args.figure:
-        records = json.loads(args.out.read_text()) if args.out.exists() else []
+        records = read_records(args.out)
         wanted = (args.dataset, args.seed, args.shift)
         # records from before 2026-12-02 name no data set: the demo's
         drawn = [

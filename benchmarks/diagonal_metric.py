@@ -26,7 +26,8 @@ The engines are registered as ``adam_metric`` (power 1), ``adam_metric_3q`` (3/4
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,7 +57,8 @@ class DiagonalMetricEngine:
         self.model, self.power = model, power
         self.names = [name for name, p in model.named_parameters() if id(p) in wanted]
         self.params = [p for p in model.parameters() if id(p) in wanted]
-        self.second_moment: Tensor | None = None
+        first = self.params[0]
+        self.second_moment = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
         self.steps = 0
         self._input: Tensor | None = None
         self._forming = False
@@ -88,12 +90,8 @@ class DiagonalMetricEngine:
         """Adam's second moment of ``g = J^T r / b`` and ``D = (s + eps mean s)^(-power) / mean``."""
         gradient = jacobian.T @ residuals.reshape(-1) / residuals.shape[0]
         self.steps += 1
-        squared = gradient.square()
-        moment = (
-            squared * (1 - BETA2) if self.second_moment is None else self.second_moment * BETA2 + squared * (1 - BETA2)
-        )
-        self.second_moment = moment
-        scale = (moment / (1 - BETA2**self.steps)).sqrt()
+        self.second_moment.mul_(BETA2).add_(gradient.square(), alpha=1 - BETA2)
+        scale = (self.second_moment / (1 - BETA2**self.steps)).sqrt()
         metric = (scale + RELATIVE_EPS * scale.mean()).pow(-self.power)
         return metric / metric.mean()
 
@@ -117,14 +115,10 @@ class DiagonalMetricEngine:
         return GramSystem(residuals=residuals, gram=scaled @ jacobian.T, jt_times=jt_times, j_times=j_times)
 
 
-def engine_factory(power: float) -> Callable[[Sequence[Tensor], nn.Module | None], DiagonalMetricEngine]:
-    return lambda params, model: DiagonalMetricEngine(params, model, power)
-
-
 # the power of Adam's metric in each engine's name: D = (s + eps)^(-power)
 POWERS = {"adam_metric": 1.0, "adam_metric_3q": 0.75, "adam_metric_half": 0.5, "adam_metric_quarter": 0.25}
 for engine_name, engine_power in (*POWERS.items(), ("euclidean_metric", 0.0)):
-    register_engine(engine_name, engine_factory(engine_power))
+    register_engine(engine_name, functools.partial(DiagonalMetricEngine, power=engine_power))
 
 if __name__ == "__main__":
     main()

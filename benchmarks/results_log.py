@@ -40,9 +40,14 @@ def host() -> dict[str, Any]:
     }
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON list of records in ``path`` (none if the file does not exist yet)."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` to the JSON list in ``path`` (created, with its folder, if missing), with
     a ``host`` entry (:func:`host`) unless it has one."""
-    records = json.loads(path.read_text()) if path.exists() else []
+    records = read_records(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([*records, {**record, "host": record.get("host", host())}], indent=1))
