@@ -21,6 +21,7 @@ from gramnewton.lab.data.registry import DATASETS
 from gramnewton.lab.experiments.config import dumps, load_config, resolve
 from gramnewton.lab.experiments.optimizers import build_optimizer
 from gramnewton.lab.models import get_model
+from gramnewton.metric import SecondMomentMetric
 
 TINY = """
 name = "tiny"
@@ -218,6 +219,32 @@ def test_a_damping_table_builds_that_rule_and_trains_and_resumes(tmp_path, tiny)
     assert main(["train", str(path), "--out", str(out)]) == 0
     assert load_config(out / "config.toml") == config
     assert main(["train", str(path), "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
+
+
+GGN_IN_A_METRIC = """
+[optimizer]
+name = "ggn"
+[optimizer.metric]
+name = "second_moment"
+power = 0.75
+"""
+
+
+def test_a_metric_table_trains_and_resumes_with_its_second_moment(tmp_path, tiny):
+    """``[optimizer.metric]``: the metric with its arguments, through a run and a resume that
+    continues from the checkpoint's second moment."""
+    path = tmp_path / "metric.toml"
+    path.write_text(tiny.read_text().replace('[optimizer]\nname = "sgd"\nlr = 0.05\n', "") + GGN_IN_A_METRIC)
+    config = load_config(path)
+    model = get_model("mlp", in_channels=64, hidden=(16,))
+    assert build_optimizer(config["optimizer"], model).metric == SecondMomentMetric(power=0.75)
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out)]) == 0
+    assert main(["train", str(path), "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
+    with pytest.raises(ValueError, match="optimizer.metric: Invalid metric power: 3"):
+        resolve({**config, "optimizer": {"name": "ggn", "metric": {"name": "second_moment", "power": 3}}})
+    with pytest.raises(ValueError, match="optimizer.metric: unknown metric 'adam'"):
+        resolve({**config, "optimizer": {"name": "ggn", "metric": "adam"}})
 
 
 @pytest.mark.parametrize(

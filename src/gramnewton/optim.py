@@ -18,11 +18,13 @@ from torch.optim import Optimizer
 from .damping import DampingRule, GainRatioDamping, check_subset, damping_rule, loss_gain_ratio, squared_sums
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
-from .engines import Closure, GramEngine
+from .engines import Closure, GramEngine, GramSystem
 from .engines.base import closure_residuals, params_dtype, reevaluate, replayable_randomness
+from .engines.reference import split_like
 from .engines.select import called_modules, select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
+from .metric import SecondMomentMetric, batch_gradient, metric_from, metric_system
 from .solve import check_damping
 from .update import (
     SOLVE_SPACES,
@@ -31,6 +33,7 @@ from .update import (
     apply_direction,
     compute_system,
     gram_gauss_newton_direction,
+    prefers_parameter_space,
     restore_parameters,
     scale_step,
     step_scale,
@@ -174,6 +177,19 @@ class GramGaussNewton(Optimizer):
             passes then run under ``no_sync()`` (GGN never reads ``.grad``, so DDP's gradient
             all-reduce would be wasted). The returned loss is the union batch's.
         process_group: the ranks to span (default: the whole world).
+        metric: the metric of the step (:mod:`gramnewton.metric`): ``None`` (default) the
+            Euclidean one above; ``"second_moment"`` (a :class:`~gramnewton.metric.SecondMomentMetric`:
+            the square root of Adam's, from the second moment of the batch gradients), a mapping
+            ``{"name": "second_moment", **arguments}`` or a metric instance; ``"auto"`` the
+            second-moment metric for the square loss on one process, on every step solved in
+            sample space (a step the ``"auto"`` solve space puts in parameter space, with more
+            residuals than parameters, is then Levenberg-Marquardt's Euclidean one), and ``None``
+            otherwise (another loss, distributed training, ``solve_space="parameter"``). With a diagonal
+            metric ``D`` the step is :math:`\phi_t = \mu \phi_{t-1} + D J_B^\top (\lambda J_B D
+            J_B^\top + \alpha I)^{-1} (r_B - \lambda \mu J_B \phi_{t-1})`, solved in sample space
+            from the engine's dense per-sample rows; the second moment is kept in the state
+            (``metric_moment``, one per parameter, and ``metric_count``) and advances only on an
+            accepted step. Not with distributed training.
         geodesic_acceleration: ``True`` (a :class:`~gramnewton.update.GeodesicAcceleration`
             with its defaults) or an instance: Levenberg-Marquardt's geodesic acceleration, the
             step ``v`` replaced by ``v + a/2`` with ``a = -J^T (lam G + alpha I)^{-1} lam r_vv``
@@ -221,6 +237,7 @@ class GramGaussNewton(Optimizer):
         distributed: str | None = "auto",
         process_group: dist.ProcessGroup | None = None,
         geodesic_acceleration: bool | GeodesicAcceleration = False,
+        metric: str | Mapping[str, Any] | SecondMomentMetric | None = None,
     ):
         _check_hyper(lam, alpha, weight_decay, momentum, lr)
         if solve_space not in SOLVE_SPACES:
@@ -239,6 +256,17 @@ class GramGaussNewton(Optimizer):
         check_curvature(curvature, top_c)
         self.curvature, self.top_c = resolve_curvature(curvature, self.loss), top_c
         self.acceleration = _acceleration(geodesic_acceleration, self.loss, self.distributed)
+        # "auto": the square root of Adam's metric where it was measured and can run (the square
+        # loss, one process, steps solved in sample space), the Euclidean step elsewhere
+        self._metric_auto = metric == "auto"
+        if self._metric_auto:
+            usable = isinstance(self.loss, SquaredError) and self.distributed is None and solve_space != "parameter"
+            metric = SecondMomentMetric() if usable else None
+        self.metric = metric_from(metric)
+        if self.metric is not None and self.distributed is not None:
+            raise ValueError("a metric is not supported with distributed training (metric=None there)")
+        if self.metric is not None and solve_space == "parameter":
+            raise ValueError("a metric's step is solved in sample space: use solve_space='auto' or 'sample'")
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum, lr=lr))
@@ -328,8 +356,9 @@ class GramGaussNewton(Optimizer):
             )
         known = {id(p) for p in self.engine.params}
         new = [p for p in trainable if id(p) not in known]
-        for p in new:  # a phi kept from before it was frozen is stale
+        for p in new:  # a phi (and a metric's moment) kept from before it was frozen is stale
             self.state[p].pop("momentum_buffer", None)
+            self.state[p].pop("metric_moment", None)
         if self.communicator is not None:
             self.communicator.broadcast_(new)
         self.engine = self._build_engine(trainable)
@@ -413,6 +442,7 @@ class GramGaussNewton(Optimizer):
         previous = self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None
         hyper = dict(lam=lam, solve_dtype=self.solve_dtype, momentum=momentum, solve_space=self.solve_space)
         system = None  # the batch's system, kept for a rejected step's retries (not in local mode)
+        metric_moment = None  # the metric's second moment after this batch, kept if the step is accepted
         if self.distributed == "local":
             losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
             result, loss = local_direction(
@@ -427,13 +457,16 @@ class GramGaussNewton(Optimizer):
             if general is not None:  # this rank's own batch, as the single-process step records it
                 result = replace(result, mean_loss=general.per_sample.mean())
         else:
-            system = compute_system(
-                self.engine,
-                general or closure,
-                self.solve_space,
-                skip_gram=choose is None,
-                solve_dtype=self.solve_dtype,
-            )
+            if self.metric is not None:
+                system, metric_moment = self._metric_system(general or closure, need_gram=choose is not None)
+            else:
+                system = compute_system(
+                    self.engine,
+                    general or closure,
+                    self.solve_space,
+                    skip_gram=choose is None,
+                    solve_dtype=self.solve_dtype,
+                )
             mean_loss = None
             if general is not None:
                 total = self._total(lambda: (general.per_sample.double().sum(), general.per_sample.numel()), 2)
@@ -476,7 +509,7 @@ class GramGaussNewton(Optimizer):
         if self.damping is not None and not diagnostics.rejected:
             self._decay(backup, lr)
         if not diagnostics.rejected:
-            self._count_step(phi, count)
+            self._count_step(phi, count, metric_moment)
         self.last_step = taken
         self.last_diagnostics = diagnostics
         return loss
@@ -510,9 +543,9 @@ class GramGaussNewton(Optimizer):
             apply_direction(params, [updates[id(p)] for p in params], decay)
         return phi, result
 
-    def _count_step(self, phi: list[Tensor] | None, count: int) -> None:
+    def _count_step(self, phi: list[Tensor] | None, count: int, metric_moment: tuple[Tensor, int] | None) -> None:
         """Record an accepted step: each parameter's step count and, with momentum, ``phi_t`` (and
-        its ``count`` under ``bias_correction``)."""
+        its ``count`` under ``bias_correction``); with a metric its second moment and count."""
         states = [self.state[p] for p in self.engine.params]
         # One new count tensor per distinct old one (usually one for all parameters, which then
         # share it) instead of one per parameter (~3 us each). Never updated in place, so the
@@ -531,6 +564,48 @@ class GramGaussNewton(Optimizer):
                 state["momentum_buffer"] = buffer
                 if momentum_count is not None:
                     state["momentum_count"] = momentum_count
+        if metric_moment is not None:
+            moment, metric_count = metric_moment
+            shared = torch.tensor(float(metric_count), device="cpu")
+            for state, part in zip(states, split_like(moment, self.engine.params)):
+                state["metric_moment"], state["metric_count"] = part, shared
+
+    def _metric_system(self, closure: Closure, need_gram: bool) -> tuple[GramSystem, tuple[Tensor, int] | None]:
+        """The batch's system in the metric (:func:`~gramnewton.metric.metric_system`; the engine
+        skips the plain Gram), and the metric's second moment ``(m,)`` with its count after this
+        batch: the state :meth:`_count_step` keeps once the step is accepted.
+
+        Under ``metric="auto"`` a batch whose step the ``"auto"`` solve space puts in parameter
+        space (more residuals than parameters: Levenberg-Marquardt's regime) gets the Euclidean
+        system instead (its plain Gram only if ``need_gram``: a damping rule that reads it), and
+        ``None`` for the moment, which stays as it was."""
+        engine = self.engine
+
+        def euclidean(rows: int) -> bool:
+            return (
+                self._metric_auto
+                and self.solve_space == "auto"
+                and prefers_parameter_space(rows, engine.params, self.solve_dtype)
+            )
+
+        if getattr(engine, "can_skip_gram", False):
+            system = engine.compute(closure, form_gram=lambda rows: need_gram and euclidean(rows))
+        else:
+            system = engine.compute(closure)
+        if euclidean(system.residuals.numel()):
+            return system, None
+        gradient = batch_gradient(system, engine.params)
+        states = [self.state.get(p, {}) for p in engine.params]
+        # a parameter new to the steps (added, or unfrozen) starts from a zero moment, as phi does
+        previous = torch.cat(
+            [
+                gradient.new_zeros(p.numel()) if "metric_moment" not in s else s["metric_moment"].reshape(-1)
+                for p, s in zip(engine.params, states)
+            ]
+        ).to(gradient.dtype)
+        count = 1 + max((int(s["metric_count"]) for s in states if "metric_count" in s), default=0)
+        moment = self.metric.updated_moment(previous, gradient)
+        return metric_system(system, engine.params, self.metric.scaling(moment, count)), (moment, count)
 
     @torch.no_grad()
     def _decay(self, before: list[Tensor], lr: float) -> None:

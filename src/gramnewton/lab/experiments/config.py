@@ -45,6 +45,7 @@ from typing import Any
 import tomli_w
 
 from ...damping import DAMPING_RULES, damping_rule
+from ...metric import metric_from
 from .optimizers import OPTIMIZERS, hyper_parameters
 
 DEFAULTS: dict[str, Any] = {
@@ -199,6 +200,12 @@ def _check_optimizer(section: Mapping[str, Any]) -> None:
             raise ValueError(f"unknown config key optimizer.{key} for {name}{hint}")
         if key == "adaptive_damping" and isinstance(value, Mapping):
             _check_damping_table(value)
+            continue
+        if key == "metric":  # "auto", a name or a table {name = "second_moment", power = 0.5}: built once to check it
+            try:
+                metric_from(None if value == "auto" else value)
+            except ValueError as error:
+                raise ValueError(f"optimizer.metric: {error}") from None
             continue
         kind = _expected_type(key, parameters[key])
         if kind is not None and (
