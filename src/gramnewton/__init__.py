@@ -17,6 +17,7 @@ from .engines import (
     register_handler,
 )
 from .losses import BinaryCrossEntropy, CrossEntropy, Loss, SquaredError
+from .metric import SecondMomentMetric
 from .optim import GramGaussNewton, check_per_sample_independence
 from .solve import NonFiniteError, SingularGramError, SolveInfo, damped_solve
 from .update import (
@@ -45,6 +46,7 @@ __all__ = [
     "Loss",
     "NonFiniteError",
     "ReferenceEngine",
+    "SecondMomentMetric",
     "SingularGramError",
     "SolveInfo",
     "SquaredError",

@@ -110,9 +110,9 @@ def metric_from(spec: None | str | Mapping[str, Any] | SecondMomentMetric) -> Se
         raise ValueError(f"metric {name!r}: {error}") from None
 
 
-def batch_gradient(system: GramSystem, params: Sequence[Tensor]) -> Tensor:
+def batch_gradient(system: GramSystem) -> Tensor:
     """``g = J^T r / b`` ``(m,)``, the mini-batch gradient of half the mean squared residual (for
-    a general loss, of its pseudo-residuals: the loss's gradient), in the parameters' order."""
+    a general loss, of its pseudo-residuals: the loss's gradient), in the engine's parameter order."""
     r = system.residuals
     return torch.cat([t.reshape(-1) for t in system.jt_times(r.reshape(-1))]) / r.shape[0]
 

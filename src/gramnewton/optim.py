@@ -594,7 +594,7 @@ class GramGaussNewton(Optimizer):
             system = engine.compute(closure)
         if euclidean(system.residuals.numel()):
             return system, None
-        gradient = batch_gradient(system, engine.params)
+        gradient = batch_gradient(system)
         states = [self.state.get(p, {}) for p in engine.params]
         # a parameter new to the steps (added, or unfrozen) starts from a zero moment, as phi does
         previous = torch.cat(
