@@ -37,7 +37,7 @@ from torch import Tensor
 from .engines import GramSystem
 from .engines.base import check_fits
 from .engines.handlers import add_gram_lower, mirror_lower
-from .engines.reference import split_like
+from .engines.reference import flatten, split_like
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def batch_gradient(system: GramSystem) -> Tensor:
     """``g = J^T r / b`` ``(m,)``, the mini-batch gradient of half the mean squared residual (for
     a general loss, of its pseudo-residuals: the loss's gradient), in the engine's parameter order."""
     r = system.residuals
-    return torch.cat([t.reshape(-1) for t in system.jt_times(r.reshape(-1))]) / r.shape[0]
+    return flatten(system.jt_times(r.reshape(-1)), r.dtype) / r.shape[0]
 
 
 def metric_system(system: GramSystem, params: Sequence[Tensor], scaling: Tensor) -> GramSystem:

@@ -20,7 +20,7 @@ from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine, GramSystem
 from .engines.base import closure_residuals, params_dtype, reevaluate, replayable_randomness
-from .engines.reference import split_like
+from .engines.reference import flatten, split_like
 from .engines.select import called_modules, select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
@@ -597,12 +597,13 @@ class GramGaussNewton(Optimizer):
         gradient = batch_gradient(system)
         states = [self.state.get(p, {}) for p in engine.params]
         # a parameter new to the steps (added, or unfrozen) starts from a zero moment, as phi does
-        previous = torch.cat(
+        previous = flatten(
             [
-                gradient.new_zeros(p.numel()) if "metric_moment" not in s else s["metric_moment"].reshape(-1)
+                s["metric_moment"] if "metric_moment" in s else torch.zeros_like(p)
                 for p, s in zip(engine.params, states)
-            ]
-        ).to(gradient.dtype)
+            ],
+            gradient.dtype,
+        )
         count = 1 + max((int(s["metric_count"]) for s in states if "metric_count" in s), default=0)
         moment = self.metric.updated_moment(previous, gradient)
         return metric_system(system, engine.params, self.metric.scaling(moment, count)), (moment, count)
