@@ -864,6 +864,26 @@ def check_against_reference(case: Case, channels_last: bool = False) -> None:
     for start, stop in ((0, m), (m // 3, m - m // 4)):  # the whole J and a range across parameters
         assert_close(f"J[:, {start}:{stop}] vs jacrev", fast.jacobian_columns(start, stop), jac[:, start:stop])
         assert_close("reference J columns", reference.jacobian_columns(start, stop), jac[:, start:stop])
+    check_weighted_gram(engine, closure, params, jac, fast.gram)
+
+
+def check_weighted_gram(
+    engine: HooksEngine, closure: Callable[[], Tensor], params: list[Tensor], jac: Tensor, gram: Tensor
+) -> None:
+    """``weighted_gram`` (a per-parameter diagonal metric's Gram ``sum_p w_p J_p J_p^T``) against
+    the dense ``J``, from a system whose plain Gram was skipped (the metric's way): weights that
+    differ between every two neighbouring parameters (a bias folded into its weight's factors is
+    then added on its own), and weights shared by each pair (the factors keep it folded)."""
+    skipped = engine.compute(closure, form_gram=lambda rows: False)
+    assert skipped.gram is None
+    sizes = [p.numel() for p in params]
+    for label, weights in (
+        ("distinct", [0.1 * 3.0 ** (i % 5) for i in range(len(params))]),
+        ("pairs", [0.5 * 4.0 ** (i // 2 % 3) for i in range(len(params))]),
+    ):
+        columns = torch.cat([jac.new_full((n,), w) for n, w in zip(sizes, weights)])
+        assert_close(f"weighted Gram ({label}) vs jacrev", skipped.weighted_gram(weights), (jac * columns) @ jac.T)
+    assert_close("weighted Gram of ones vs the Gram", skipped.weighted_gram([1.0] * len(params)), gram)
 
 
 @pytest.mark.parametrize("cost_mode", MODES, indirect=True)

@@ -4,7 +4,8 @@ Every step is checked in float64 against the explicit dense formula built on ``j
 the metric written out here independently of the library: ``g = J^T r / b``, ``v <- beta2 v +
 (1 - beta2) g^2``, ``s = sqrt(v / (1 - beta2^t))``, ``D = (s + eps mean s)^(-p) / mean(...)``,
 ``phi_t = mu phi_{t-1} + D J^T (lam J D J^T + alpha I)^{-1} (r - lam mu J phi_{t-1})``,
-``w <- w - phi_t``.
+``w <- w - phi_t``; per tensor ``l``: ``D_l = (sqrt(mean_l s^2) + eps mean s)^(-p)``, normalised
+over the entries.
 """
 
 from __future__ import annotations
@@ -27,19 +28,35 @@ RTOL = 1e-10
 BETA2, EPS = 0.999, 1e-3
 
 
-def dense_metric(moment: Tensor, gradient: Tensor, t: int, power: float) -> tuple[Tensor, Tensor]:
-    """The second moment after ``gradient`` (the ``t``-th) and the metric ``D`` it gives."""
+def dense_metric(
+    moment: Tensor, gradient: Tensor, t: int, power: float, sizes: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The second moment after ``gradient`` (the ``t``-th) and the metric ``D`` it gives: one
+    weight per entry, or with ``sizes`` (the tensors' numbers of entries) one per tensor."""
     moment = BETA2 * moment + (1 - BETA2) * gradient**2
     scale = torch.sqrt(moment / (1 - BETA2**t))
-    weight = (scale + EPS * scale.mean()) ** (-power)
+    if sizes is None:
+        weight = (scale + EPS * scale.mean()) ** (-power)
+    else:
+        rms = [float(torch.sqrt(torch.mean(part**2))) for part in scale.split(sizes)]
+        weight = torch.cat(
+            [scale.new_full((n,), (r + float(EPS * scale.mean())) ** (-power)) for n, r in zip(sizes, rms)]
+        )
     return moment, weight / weight.mean()
 
 
 def dense_metric_steps(
-    model: nn.Module, batches: list, lam: float, alpha: float | list[float], mu: float, power: float
+    model: nn.Module,
+    batches: list,
+    lam: float,
+    alpha: float | list[float],
+    mu: float,
+    power: float,
+    per_tensor: bool = False,
 ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
     """Parameters after each step of the explicit formula, the last ``phi``, the second moment,
     and each step's ``D``; ``alpha`` one value, or one per step."""
+    sizes = [p.numel() for p in model.parameters()] if per_tensor else None
     alphas = alpha if isinstance(alpha, list) else [alpha] * len(batches)
     model = copy.deepcopy(model)
     phi = torch.zeros_like(flat_params(model))
@@ -49,7 +66,7 @@ def dense_metric_steps(
         jac = dense_jacobian(model, x)
         with torch.no_grad():
             r = (model(x) - y).reshape(-1)
-        moment, d = dense_metric(moment, jac.T @ r / x.shape[0], t, power)
+        moment, d = dense_metric(moment, jac.T @ r / x.shape[0], t, power, sizes)
         mat = lam * (jac * d) @ jac.T + alphas[t - 1] * torch.eye(jac.shape[0], dtype=jac.dtype)
         phi = mu * phi + d * (jac.T @ torch.linalg.solve(mat, r - lam * mu * jac @ phi))
         _set_flat(model, flat_params(model) - phi)
@@ -62,17 +79,19 @@ def _state(opt: GramGaussNewton, model: nn.Module, key: str) -> Tensor:
     return torch.cat([opt.state[p][key].reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["per_entry", "per_tensor"])
 @pytest.mark.parametrize("engine", ["reference", "auto"])
 @pytest.mark.parametrize("power", [0.5, 1.0])
 @pytest.mark.parametrize("name,build,shape,k,b", CASES, ids=[c[0] for c in CASES])
-def test_metric_steps_match_dense_formula(name, build, shape, k, b, power, engine):
+def test_metric_steps_match_dense_formula(name, build, shape, k, b, power, engine, per_tensor):
     """Three momentum steps in the metric against :func:`dense_metric_steps` (the hooks engine's
-    rows of linear layers, convolutions, GroupNorm and the Fixup network's scalars; the reference
-    engine's dense ``J``), and the second moment kept in the state."""
+    rows of linear layers, convolutions, GroupNorm and the Fixup network's scalars, per tensor
+    through its weighted Gram; the reference engine's dense ``J``), and the second moment kept in
+    the state."""
     model = build().double()
     batches = _batches(shape, k, b)
     lam, alpha, mu = 0.7, 0.3, 0.8
-    expected, phi, moment, metrics = dense_metric_steps(model, batches, lam, alpha, mu, power)
+    expected, phi, moment, metrics = dense_metric_steps(model, batches, lam, alpha, mu, power, per_tensor)
     assert all(float(d.detach().max() / d.detach().min()) > 1.5 for d in metrics), (
         "the metric must differ from the Euclidean one"
     )
@@ -83,7 +102,7 @@ def test_metric_steps_match_dense_formula(name, build, shape, k, b, power, engin
         momentum=mu,
         engine=engine,
         adaptive_damping=False,
-        metric={"name": "second_moment", "power": power},
+        metric={"name": "second_moment", "power": power, "per_tensor": per_tensor},
     )
     for t, (x, y) in enumerate(batches):
         opt.step(lambda: model(x) - y)
@@ -93,18 +112,25 @@ def test_metric_steps_match_dense_formula(name, build, shape, k, b, power, engin
     assert int(opt.state[next(model.parameters())]["metric_count"]) == len(batches)
 
 
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["per_entry", "per_tensor"])
 @pytest.mark.parametrize("engine", [ReferenceEngine, HooksEngine])
 @pytest.mark.parametrize("name,build,shape,k,b", CASES, ids=[c[0] for c in CASES])
-def test_metric_system_matches_dense(name, build, shape, k, b, engine):
+def test_metric_system_matches_dense(name, build, shape, k, b, engine, per_tensor):
     """``metric_system``'s Gram ``J D J^T``, ``D J^T v`` and plain ``J u``
-    against the dense ``J``, for a ``D`` spread over four orders of magnitude."""
+    against the dense ``J``, for a ``D`` spread over four orders of magnitude (per tensor: one
+    value per parameter, the hooks engine's weighted Gram)."""
     model = build().double()
     params = list(model.parameters())
     x, y = _batches(shape, k, b, count=1)[0]
     jac = dense_jacobian(model, x)
-    scaling = torch.logspace(-2, 2, jac.shape[1], dtype=torch.float64)[torch.randperm(jac.shape[1])]
+    if per_tensor:
+        levels = torch.logspace(-2, 2, len(params), dtype=torch.float64)[torch.randperm(len(params))]
+        scaling = torch.cat([levels[i].expand(p.numel()) for i, p in enumerate(params)])
+    else:
+        scaling = torch.logspace(-2, 2, jac.shape[1], dtype=torch.float64)[torch.randperm(jac.shape[1])]
     built = engine(params) if engine is ReferenceEngine else engine(model, params)
-    system = metric_system(built.compute(lambda: model(x) - y), params, scaling)
+    system = built.compute(lambda: model(x) - y, form_gram=lambda rows: False)
+    system = metric_system(system, params, scaling, per_tensor=per_tensor)
     assert_close(system.gram, (jac * scaling) @ jac.T, RTOL, f"{name} J D J^T")
     assert_close(system.gram, system.gram.T, 1e-14, f"{name} symmetry")
     v = torch.randn(jac.shape[0], dtype=torch.float64)
@@ -166,6 +192,7 @@ def test_state_dict_round_trip_gives_identical_steps():
         ({"metric": {"name": "second_moment", "beta2": 1.0}}, "Invalid metric beta2"),
         ({"metric": {"name": "second_moment", "relative_eps": 0}}, "Invalid metric relative_eps"),
         ({"metric": {"name": "second_moment", "beta": 0.9}}, "metric 'second_moment': .*beta"),
+        ({"metric": {"name": "second_moment", "per_tensor": 1}}, "Invalid metric per_tensor"),
         ({"metric": 3}, "Invalid metric: 3"),
         ({"metric": "second_moment", "solve_space": "parameter"}, "solved in sample space"),
     ],
@@ -198,6 +225,8 @@ def test_metric_from_passes_an_instance_and_none_through():
     assert metric_from(metric) is metric and metric_from(None) is None
     assert metric_from("second_moment") == SecondMomentMetric()
     assert SecondMomentMetric().scaling(torch.zeros(3), 1).tolist() == [1.0, 1.0, 1.0]  # no gradient yet
+    with pytest.raises(ValueError, match="needs the parameters' sizes"):
+        SecondMomentMetric(per_tensor=True).scaling(torch.ones(3), 1)
 
 
 def test_auto_takes_the_metric_in_sample_space_and_the_euclidean_step_in_parameter_space():

@@ -20,12 +20,22 @@ damping rule, rejection and geodesic acceleration are unchanged.
 one. Measured on the regression demo at the real step cost (docs/convergence.md, thirty-eighth
 session; 1.16x the Euclidean step's time): on seed 0 the test MSE at 90 s a third below Adam's
 and the defaults'; on seeds 1 and 2 no better, and on some initialisations the step stalls (the
-damping rule rejecting steps that lengthen on coordinates with small gradients). So it is an
-option, not the default.
+damping rule rejecting steps that lengthen on coordinates with small gradients).
+
+With ``per_tensor=True`` ``D`` is one weight per parameter tensor,
+``D_l = (rms_l(s) + eps mean(s))^(-power)`` (``rms_l`` the root mean square of ``s`` over the
+tensor's entries), normalised the same way. Its Gram ``sum_l D_l J_l J_l^T`` is a weighted sum of
+the per-parameter blocks an engine forms anyway (``GramSystem.weighted_gram``), so the step costs
+the Euclidean one's plus the batch gradient (1.07x on the demo's network; thirty-ninth session).
+
+Both are options, not the default: ``GramGaussNewton(model, lam=..., alpha=..., momentum=mu,
+adaptive_damping=False)`` takes the Euclidean step of the design's formula, which outside checks
+rely on.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,11 +61,14 @@ class SecondMomentMetric:
         beta2: the second moment's decay per accepted step, in ``[0, 1)`` (Adam's ``0.999``).
         relative_eps: ``eps``, relative to ``mean(s)``: a coordinate whose gradients vanish gets
             a weight at most ``eps^(-power)`` times the others' (``> 0``).
+        per_tensor: one weight per parameter tensor, from the root mean square of its ``s``
+            (module docstring), instead of one per entry.
     """
 
     power: float = 0.5
     beta2: float = 0.999
     relative_eps: float = 1e-3
+    per_tensor: bool = False
 
     def __post_init__(self) -> None:
         for name, low, high, closed in (("power", 0, 1, True), ("beta2", 0, 1, False)):
@@ -68,21 +81,31 @@ class SecondMomentMetric:
         eps = self.relative_eps
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf:
             raise ValueError(f"Invalid metric relative_eps: {eps!r} (must be a finite number > 0)")
+        if not isinstance(self.per_tensor, bool):
+            raise ValueError(f"Invalid metric per_tensor: {self.per_tensor!r} (must be True or False)")
 
     def updated_moment(self, moment: Tensor, gradient: Tensor) -> Tensor:
         """``beta2 v + (1 - beta2) g^2`` (a new tensor; ``moment`` is left as it is: a step the
         damping rule rejects must not change it). ``moment``, ``gradient``: ``(m,)``."""
         return torch.addcmul(moment * self.beta2, gradient, gradient, value=1 - self.beta2)
 
-    def scaling(self, moment: Tensor, count: int) -> Tensor:
+    def scaling(self, moment: Tensor, count: int, sizes: Sequence[int] | None = None) -> Tensor:
         """``D`` ``(m,)`` from the second moment ``moment`` ``(m,)`` after ``count >= 1`` updates
         (``1 / (1 - beta2^count)`` is Adam's bias correction). All ones where ``moment`` is zero
-        throughout (no gradient yet), and for ``power = 0``."""
+        throughout (no gradient yet), and for ``power = 0``. ``sizes``: the parameters' numbers
+        of entries in order (summing to ``m``), which ``per_tensor`` needs."""
         scale = (moment / (1 - self.beta2**count)).sqrt()
         mean = scale.mean()
         if self.power == 0 or not bool(mean > 0):
             return torch.ones_like(moment)
-        weight = (scale + self.relative_eps * mean).pow(-self.power)
+        if not self.per_tensor:
+            weight = (scale + self.relative_eps * mean).pow(-self.power)
+        elif sizes is None:
+            raise ValueError("a per-tensor metric needs the parameters' sizes")
+        else:
+            rms = torch.stack([part.square().mean().sqrt() for part in scale.split(list(sizes))])
+            repeats = torch.tensor(list(sizes), device=scale.device)
+            weight = (rms + self.relative_eps * mean).pow(-self.power).repeat_interleave(repeats)
         return weight / weight.mean()
 
 
@@ -117,32 +140,45 @@ def batch_gradient(system: GramSystem) -> Tensor:
     return flatten(system.jt_times(r.reshape(-1)), r.dtype) / r.shape[0]
 
 
-def metric_system(system: GramSystem, params: Sequence[Tensor], scaling: Tensor) -> GramSystem:
+def metric_system(
+    system: GramSystem, params: Sequence[Tensor], scaling: Tensor, *, per_tensor: bool = False
+) -> GramSystem:
     """``system`` in the metric ``D^{-1}``, ``D = scaling`` ``(m,)`` (module docstring).
 
+    ``per_tensor``: ``scaling`` is constant over each parameter's entries (only its first entry
+    is read), and the Gram ``sum_l D_l J_l J_l^T`` comes from the engine's
+    ``system.weighted_gram`` where it has one.
+
     Returns:
-        residuals as ``system``'s; ``gram`` ``J D J^T`` ``(b*k, b*k)``, formed from ``J D^{1/2}``
-        one parameter's columns at a time (``system.jacobian_columns``: the engine's dense
-        per-sample rows; the plain ``J J^T`` is not needed); ``jt_times(v) = D J^T v``;
-        ``j_times(u) = J u`` (momentum's ``J phi_{t-1}``, as without a metric). No dense ``J``
-        and no ``jacobian_columns``: the step is solved in sample space.
+        residuals as ``system``'s; ``gram`` ``J D J^T`` ``(b*k, b*k)``, from ``weighted_gram``
+        (above) or from ``J D^{1/2}`` one parameter's columns at a time
+        (``system.jacobian_columns``: the engine's dense per-sample rows); the plain ``J J^T`` is
+        not needed; ``jt_times(v) = D J^T v``; ``j_times(u) = J u`` (momentum's ``J phi_{t-1}``,
+        as without a metric). No dense ``J`` and no ``jacobian_columns``: the step is solved in
+        sample space.
 
     Raises:
-        ValueError: the engine cannot materialise ``J`` (``jacobian_columns`` is ``None``).
+        ValueError: the engine can neither weight its Gram per parameter (for ``per_tensor``) nor
+            materialise ``J`` (``jacobian_columns`` is ``None``).
     """
-    if system.jacobian_columns is None:
-        raise ValueError("a metric needs the engine's dense Jacobian columns, which this engine does not provide")
     residuals = system.residuals
     rows = residuals.numel()
-    check_fits((rows, rows), residuals, "Gram matrix")
-    gram = residuals.new_zeros(rows, rows)
-    root = scaling.sqrt().to(residuals.dtype)
-    start = 0
-    for p in params:
-        stop = start + p.numel()
-        add_gram_lower(gram, system.jacobian_columns(start, stop) * root[start:stop])
-        start = stop
-    mirror_lower(gram)
+    if per_tensor and system.weighted_gram is not None:
+        starts = torch.tensor([0, *itertools.accumulate(p.numel() for p in params)][:-1], device=scaling.device)
+        # each parameter's first entry (an empty parameter's weight is read anywhere: it has no columns)
+        gram = system.weighted_gram(scaling[starts.clamp(max=scaling.numel() - 1)].tolist())
+    elif system.jacobian_columns is None:
+        raise ValueError("a metric needs the engine's dense Jacobian columns, which this engine does not provide")
+    else:
+        check_fits((rows, rows), residuals, "Gram matrix")
+        gram = residuals.new_zeros(rows, rows)
+        root = scaling.sqrt().to(residuals.dtype)
+        start = 0
+        for p in params:
+            stop = start + p.numel()
+            add_gram_lower(gram, system.jacobian_columns(start, stop) * root[start:stop])
+            start = stop
+        mirror_lower(gram)
     per_parameter = split_like(scaling, params)
 
     def jt_times(v: Tensor) -> list[Tensor]:

@@ -187,7 +187,9 @@ class GramGaussNewton(Optimizer):
             otherwise (another loss, distributed training, ``solve_space="parameter"``). With a diagonal
             metric ``D`` the step is :math:`\phi_t = \mu \phi_{t-1} + D J_B^\top (\lambda J_B D
             J_B^\top + \alpha I)^{-1} (r_B - \lambda \mu J_B \phi_{t-1})`, solved in sample space
-            from the engine's dense per-sample rows; the second moment is kept in the state
+            from the engine's dense per-sample rows (``{"name": "second_moment", "per_tensor":
+            True}``: one weight per parameter tensor, from the engine's per-parameter Gram
+            blocks at the Euclidean Gram's cost); the second moment is kept in the state
             (``metric_moment``, one per parameter, and ``metric_count``) and advances only on an
             accepted step. Not with distributed training.
         geodesic_acceleration: ``True`` (a :class:`~gramnewton.update.GeodesicAcceleration`
@@ -606,7 +608,8 @@ class GramGaussNewton(Optimizer):
         )
         count = 1 + max((int(s["metric_count"]) for s in states if "metric_count" in s), default=0)
         moment = self.metric.updated_moment(previous, gradient)
-        return metric_system(system, engine.params, self.metric.scaling(moment, count)), (moment, count)
+        scaling = self.metric.scaling(moment, count, [p.numel() for p in engine.params])
+        return metric_system(system, engine.params, scaling, per_tensor=self.metric.per_tensor), (moment, count)
 
     @torch.no_grad()
     def _decay(self, before: list[Tensor], lr: float) -> None:

@@ -51,6 +51,11 @@ class GramSystem:
         jacobian: ``(b*k, m)`` Jacobian ``J``, columns in the same order, when the engine holds
             it already (the reference engine: no extra cost); ``None`` otherwise. An undamped
             sample-space solve uses it instead of ``G`` (:func:`gramnewton.solve.jacobian_solve`).
+        weighted_gram: ``weights -> sum_p w_p J_p J_p^T`` ``(b*k, b*k)``, one weight ``w_p > 0``
+            per parameter (a sequence of floats in the engine's ``params`` order; ``J_p`` the
+            parameter's columns of ``J``), formed from what the engine holds at the plain Gram's
+            cost: a diagonal metric constant over each parameter (:mod:`gramnewton.metric`).
+            ``None`` for an engine that does not (the metric then scales ``jacobian_columns``).
     """
 
     residuals: Tensor
@@ -59,6 +64,7 @@ class GramSystem:
     j_times: Callable[[Sequence[Tensor]], Tensor] | None = None
     jacobian_columns: Callable[[int, int], Tensor] | None = None
     jacobian: Tensor | None = None
+    weighted_gram: Callable[[Sequence[float]], Tensor] | None = None
 
 
 class GramEngine(Protocol):

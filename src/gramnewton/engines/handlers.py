@@ -131,7 +131,14 @@ class Dense:
 @dataclass
 class FoldedBias(Dense):
     """The per-sample gradients of a Linear/Conv bias whose Gram part its weight's
-    :class:`Factored` piece adds (``with_bias``); ``add_gram_lower`` adds nothing."""
+    :class:`Factored` piece adds (``with_bias``); ``add_gram_lower`` adds nothing.
+
+    Attributes:
+        weight: that weight's piece (a handler may return several such pairs, e.g. an LSTM's
+            ``ih`` and ``hh`` projections: a Gram weighted per parameter unfolds each pair by it).
+    """
+
+    weight: Factored | None = field(default=None, repr=False, compare=False)
 
     def add_gram_lower(self, gram: Tensor) -> None:
         """Nothing: the weight's factors add this bias's part (:meth:`Factored.add_gram_lower`)."""
@@ -1118,7 +1125,7 @@ def _bias_piece(per_sample: Tensor, weight: Piece | None) -> Dense:
     concrete-100k's full batch, 824 rows and two 310-wide biases, the step took 0.83-0.85x the
     time, with the factored products as symmetric updates; docs/performance.md)."""
     folded = isinstance(weight, Factored) and weight.with_bias
-    return FoldedBias(per_sample) if folded else Dense(per_sample)
+    return FoldedBias(per_sample, weight) if folded else Dense(per_sample)
 
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
