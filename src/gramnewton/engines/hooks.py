@@ -491,10 +491,7 @@ class HooksEngine:
             reference_params = [p for p in self.params if id(p) in reference_ids]
             gram = None
             if form_gram is None or form_gram(b * k):
-                if self._fits != (b * k, residuals.dtype, residuals.device):
-                    check_fits((b * k, b * k), residuals, "Gram matrix")
-                    self._fits = (b * k, residuals.dtype, residuals.device)
-                gram = residuals.new_zeros(b * k, b * k)
+                gram = self._new_gram(residuals)
             jac_reference = None
             if reference_params:
                 jac_reference = jacobian_rows(residuals, reference_params).detach()
@@ -504,9 +501,8 @@ class HooksEngine:
 
             start = time.perf_counter()
             self.workspace.new_step()  # the previous step's kept buffers are written over from here on
-            folded: dict[int, int] = {}  # a weight's id -> the id of the bias its factors fold in
             with activated(self.workspace):
-                pieces = self._backward(residuals, calls, gram, timings, post, folded)
+                pieces = self._backward(residuals, calls, gram, timings, post)
             timings["backward"] = time.perf_counter() - start
         finally:
             _release(calls)
@@ -558,14 +554,13 @@ class HooksEngine:
         def weighted_gram(weights: Sequence[float]) -> Tensor:
             if len(weights) != len(self.params):
                 raise ValueError(f"expected one Gram weight per parameter ({len(self.params)}), got {len(weights)}")
-            check_fits((b * k, b * k), residuals, "Gram matrix")
             by_id = {id(p): float(w) for p, w in zip(self.params, weights)}
-            out = residuals.new_zeros(b * k, b * k)
+            out = self._new_gram(residuals)
             if reference_params:
                 columns = torch.cat([jac_reference.new_full((p.numel(),), by_id[id(p)]) for p in reference_params])
                 out.addmm_(jac_reference * columns, jac_reference.T)
             with activated(self.workspace):  # the pieces' scratch buffers (KeptConv, symmetric updates)
-                _add_weighted_grams(out, pieces, by_id, folded)
+                _add_weighted_grams(out, pieces, by_id)
             mirror_lower(out)
             return out
 
@@ -852,19 +847,22 @@ class HooksEngine:
         failed = rows_not_samples(residuals, widths, backward, precision)
         return [any(failed[index[(id(c), j)]] for j in range(len(c.edges)) if (id(c), j) in index) for c in checked]
 
+    def _new_gram(self, residuals: Tensor) -> Tensor:
+        """A zero ``(b*k, b*k)`` Gram matrix for ``residuals`` ``(b, k)``, after checking that it fits
+        the device's memory (only when its size, dtype or device changed: the check reads the
+        system's limits, 36 us, 2% of a small step)."""
+        rows = residuals.numel()
+        if self._fits != (rows, residuals.dtype, residuals.device):
+            check_fits((rows, rows), residuals, "Gram matrix")
+            self._fits = (rows, residuals.dtype, residuals.device)
+        return residuals.new_zeros(rows, rows)
+
     def _backward(
-        self,
-        residuals: Tensor,
-        calls: list[_Call],
-        gram: Tensor | None,
-        timings: dict[str, float],
-        post: list[Any],
-        folded: dict[int, int],
+        self, residuals: Tensor, calls: list[_Call], gram: Tensor | None, timings: dict[str, float], post: list[Any]
     ) -> dict[int, Piece]:
         """Backward pass(es) that feed every active call its output gradients; returns the
         finished piece of each hooked parameter (its Gram part already added to ``gram`` unless
-        ``gram`` is None), and records in ``folded`` each weight whose :class:`Factored` piece
-        folds a bias in (``id(weight) -> id(bias)``: :func:`_add_weighted_grams` unfolds it)."""
+        ``gram`` is None)."""
         calls = [c for c in calls if c.params]
         b, k = residuals.shape
         uses: dict[int, int] = {}
@@ -923,10 +921,6 @@ class HooksEngine:
                 # a bias folded into a weight that other calls use too (a tied weight): the weight's
                 # summed piece folds nothing (:class:`_Summed`), so the bias adds its own Gram part
                 new = {n: Dense(p.jac) if type(p) is FoldedBias else p for n, p in new.items()}
-            owner = {id(piece): name for name, piece in new.items()}
-            for name, piece in new.items():
-                if type(piece) is FoldedBias:  # its weight's piece is among the call's (_bias_piece)
-                    folded[id(names[owner[id(piece.weight)]])] = id(names[name])
             timings["per_sample"] += time.perf_counter() - t0
             for name, piece in new.items():
                 pid = id(names[name])
@@ -994,9 +988,7 @@ class HooksEngine:
             self._expected[id(call)] = left - 1
 
 
-def _add_weighted_grams(
-    gram: Tensor, pieces: dict[int, Piece], weights: dict[int, float], folded: dict[int, int]
-) -> None:
+def _add_weighted_grams(gram: Tensor, pieces: dict[int, Piece], weights: dict[int, float]) -> None:
     """``gram += sum_p w_p J_p J_p^T`` over the pieces (parameter id -> piece; ``weights``
     parameter id -> ``w_p``), but the upper-right block where a piece leaves it to
     :func:`mirror_lower`, as the backward pass adds the plain Gram.
@@ -1007,6 +999,9 @@ def _add_weighted_grams(
     whose Gram part its weight's factors add (``(A A^T + 1) * (G G^T)``) is added on its own when
     its weight differs: the factors without it, its rows ``(n, out)`` as a :class:`Dense`.
     """
+    owner = {id(piece): pid for pid, piece in pieces.items()}
+    # a weight's id -> the id of the bias its factors fold in (FoldedBias.weight is that weight's piece)
+    folded = {owner[id(piece.weight)]: pid for pid, piece in pieces.items() if type(piece) is FoldedBias}
     narrow: list[Tensor] = []
     buffer: Tensor | None = None
     for pid, piece in pieces.items():
