@@ -33,7 +33,7 @@ Fisher on a classification task; ``factor_every`` and ``inverse_every`` are inte
 :func:`gramnewton.lab.experiments.optimizers.build_optimizer` with its other keys as floats, or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
 ``weight_decay``, ``max_step_norm``, ``bias_correction=true``, ``curvature=exact|top_c|gradient``,
-``top_c=C``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
+``top_c=C``, ``metric=euclidean|auto|second_moment``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
 ``check_every``, ``min_alpha`` (the rule's floor), ``trust_above``, ``reject_below`` (``-inf``: never
 reject a step), ``retries`` (a rejected step solved again from its batch's system) and ``subset`` (the gain ratio measured on the
 batch's first ``subset`` samples; see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
@@ -163,6 +163,8 @@ def build_ggn(
     if "top_c" in hp:
         curvature["top_c"] = int(hp.pop("top_c"))
     flags = {k: hp.pop(k).lower() == "true" for k in ("bias_correction",) if k in hp}
+    if "metric" in hp:
+        curvature["metric"] = hp.pop("metric")
     kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()} | flags | curvature
     if damping == "fixed":
         kwargs["adaptive_damping"] = False

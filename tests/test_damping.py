@@ -178,7 +178,7 @@ def test_trusted_steps_are_checked_every_kth_and_equal_the_fixed_alpha_step():
     twin.load_state_dict(model.state_dict())
     floor = 1e-3
     rule = GainRatioDamping(factor=10.0, min_alpha=floor, check_every=3)
-    opt = GramGaussNewton(model, alpha=floor, adaptive_damping=rule, lam=4.0, momentum=0.5)
+    opt = GramGaussNewton(model, alpha=floor, adaptive_damping=rule, lam=4.0, momentum=0.5, metric=None)
     fixed = GramGaussNewton(twin, alpha=floor, adaptive_damping=False, lam=4.0, momentum=0.5)
     calls, measured = [0], []
     y_twin = y.clone()

@@ -69,7 +69,7 @@ def test_step_is_the_dense_formula_with_the_cross_validated_alpha(engine):
     expected = dense_step(model, x, y, lam, alpha)
     before = flat_params(model)
     rule = CrossValidatedDamping(curvature=None)
-    opt = GramGaussNewton(model, lam=lam, alpha=1e-9, engine=engine, adaptive_damping=rule)
+    opt = GramGaussNewton(model, lam=lam, alpha=1e-9, engine=engine, adaptive_damping=rule, metric=None)
     calls = []
     opt.step(lambda: calls.append(1) or model(x) - y)
     assert len(calls) == 1  # no re-evaluation without the curvature floor

@@ -259,6 +259,27 @@ def _momentum(mode: str, engine: str) -> None:
         _same_on_all_ranks(model)
 
 
+def _metric(engine: str) -> None:
+    """A metric with one weight per tensor: exact = the single-process steps on the union batch
+    (the weighted Gram all-reduced from each rank's column slice, the second moment from the
+    union's gradient), with momentum; a per-entry metric and local mode refuse it."""
+    model, data = _setup("groupnorm_cnn", seed=17)
+    single = _rank0_copy(model)
+    options = dict(lam=0.8, alpha=0.3, momentum=0.6, engine=engine, adaptive_damping=False)
+    metric = {"name": "second_moment", "per_tensor": True, "power": 1.0}
+    opt = GramGaussNewton(model, distributed="exact", metric=metric, **options)
+    reference = GramGaussNewton(single, distributed=None, metric=metric, **options)
+    for i, (x, y) in enumerate(data):
+        opt.step(lambda: model(_shard(x)) - _shard(y))
+        reference.step(lambda: single(x) - y)
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: per-tensor metric, exact mode")
+        _same_on_all_ranks(model)
+    with pytest.raises(ValueError, match="one weight per tensor"):
+        GramGaussNewton(_mlp(), distributed="exact", metric="second_moment")
+    with pytest.raises(ValueError, match="local"):
+        GramGaussNewton(_mlp(), distributed="local", metric=metric, adaptive_damping=False)
+
+
 def _adaptive(retries: int = 0, recheck: bool = False) -> None:
     """Exact mode's gain-ratio steps equal the single process's; with ``retries`` (and a
     ``reject_below`` that rejects some steps, momentum 0.5) the retried steps too; with
@@ -274,6 +295,8 @@ def _adaptive(retries: int = 0, recheck: bool = False) -> None:
         return GainRatioDamping(reject_below=0.9, retries=retries) if retries else True
 
     opt = GramGaussNewton(model, adaptive_damping=rule(), distributed="exact", **options)
+    # metric="auto" (the default) with a damping rule: one metric weight per tensor, in both
+    assert opt.metric is not None and opt.metric.per_tensor
     reference = GramGaussNewton(single, adaptive_damping=rule(), distributed=None, **options)
     retried = rechecked = 0
     for x, y in data:
@@ -371,6 +394,8 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-adaptive-damping": _adaptive,
     "exact-adaptive-damping-retries": lambda: _adaptive(retries=2),
     "exact-adaptive-damping-recheck": lambda: _adaptive(recheck=True),
+    "exact-metric-hooks": lambda: _metric("hooks"),
+    "exact-metric-reference": lambda: _metric("reference"),
     "exact-momentum-hooks": lambda: _momentum("exact", "hooks"),
     "exact-momentum-reference": lambda: _momentum("exact", "reference"),
     "local-momentum-hooks": lambda: _momentum("local", "hooks"),

@@ -202,7 +202,7 @@ def test_invalid_metric_is_refused(kwargs, message):
         GramGaussNewton(nn.Linear(2, 1), **kwargs)
 
 
-def test_engine_without_jacobian_columns_is_refused_and_nothing_changes():
+def test_engine_without_jacobian_columns_is_refused_and_nothing_changes_or_euclidean_under_auto():
     class NoColumns:
         def __init__(self, params):
             self.inner = ReferenceEngine(params)
@@ -213,11 +213,20 @@ def test_engine_without_jacobian_columns_is_refused_and_nothing_changes():
 
     model = nn.Linear(3, 1).double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    twin = copy.deepcopy(model)
     opt = GramGaussNewton(model, engine=NoColumns(list(model.parameters())), metric="second_moment")
     before = flat_params(model)
     with pytest.raises(ValueError, match="dense Jacobian columns"):
         opt.step(lambda: model(x) - y)
     assert torch.equal(flat_params(model), before) and all(not opt.state[p] for p in model.parameters())
+    # under metric="auto" (the default) such an engine takes the Euclidean step instead
+    default = GramGaussNewton(model, engine=NoColumns(list(model.parameters())))
+    euclidean = GramGaussNewton(twin, engine=NoColumns(list(twin.parameters())), metric=None)
+    assert default.metric is not None
+    for _ in range(2):
+        default.step(lambda: model(x) - y)
+        euclidean.step(lambda: twin(x) - y)
+    assert torch.equal(flat_params(model), flat_params(twin)) and not torch.equal(flat_params(model), before)
 
 
 def test_metric_from_passes_an_instance_and_none_through():
@@ -230,16 +239,23 @@ def test_metric_from_passes_an_instance_and_none_through():
 
 
 def test_auto_takes_the_metric_in_sample_space_and_the_euclidean_step_in_parameter_space():
-    """``metric="auto"``: the square root of Adam's metric on a batch solved in sample space (the
-    steps of ``metric="second_moment"``); on one the ``"auto"`` solve space puts in parameter space
-    (``b*k > 2 m`` here, Levenberg-Marquardt's regime) the Euclidean step of ``metric=None``, the second
-    moment left as it was; for another loss the Euclidean step throughout."""
+    """``metric="auto"`` (the default): one weight per tensor with ``power=1`` on a batch solved in
+    sample space (the steps of that metric given explicitly); on one the ``"auto"`` solve space puts
+    in parameter space (``b*k > 2 m`` here, Levenberg-Marquardt's regime) the Euclidean step of
+    ``metric=None``, the second moment left as it was; for another loss, a fixed ``alpha`` or
+    ``solve_space="parameter"`` the Euclidean step throughout."""
     name, build, shape, k, b = CASES[0]
     model = build().double()
     m = sum(p.numel() for p in model.parameters())
     small, large = _batches(shape, k, b, count=2), _batches(shape, k, 2 * m + 5, count=1)
     twins = [copy.deepcopy(model) for _ in range(3)]
-    opts = [GramGaussNewton(t, metric=metric) for t, metric in zip(twins, ("auto", "second_moment", None))]
+    explicit = {"name": "second_moment", "per_tensor": True, "power": 1.0}
+    opts = [
+        GramGaussNewton(twins[0]),
+        GramGaussNewton(twins[1], metric=explicit),
+        GramGaussNewton(twins[2], metric=None),
+    ]
+    assert opts[0].metric == SecondMomentMetric(per_tensor=True, power=1.0)
     for x, y in small:
         for t, opt in zip(twins[:2], opts[:2]):
             opt.step(lambda: t(x) - y)
@@ -255,6 +271,8 @@ def test_auto_takes_the_metric_in_sample_space_and_the_euclidean_step_in_paramet
     assert torch.equal(_state(opts[0], twins[0], "metric_moment"), moment)
     assert GramGaussNewton(nn.Linear(2, 3), metric="auto", loss="cross_entropy").metric is None
     assert GramGaussNewton(nn.Linear(2, 3), metric="auto", solve_space="parameter").metric is None
+    assert GramGaussNewton(nn.Linear(2, 3), adaptive_damping=False).metric is None
+    assert GramGaussNewton(nn.Linear(2, 3), metric="euclidean").metric is None  # a config file's None
 
 
 def test_geodesic_acceleration_in_the_metric_matches_dense_formula():

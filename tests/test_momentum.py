@@ -218,7 +218,13 @@ def test_rejected_step_leaves_parameters_and_momentum_unchanged(engine):
     model = build().double()
     x1, y1, x2, y2, x3, y3 = (t for batch in _batches(shape, k, b) for t in batch)
     opt = GramGaussNewton(
-        model, alpha=0.2, momentum=0.7, engine=engine, adaptive_damping=_Scripted([True, False, True]), lam=1.0
+        model,
+        alpha=0.2,
+        momentum=0.7,
+        engine=engine,
+        adaptive_damping=_Scripted([True, False, True]),
+        lam=1.0,
+        metric=None,
     )
     opt.step(lambda: model(x1) - y1)
     params, state = flat_params(model), copy.deepcopy(opt.state_dict()["state"])
@@ -409,7 +415,7 @@ def test_rule_chooses_alpha_before_the_solve_without_reevaluation(engine):
     expected, _ = dense_spring(model, [(x, y)], 0.9, 2.5, 0.0)
     jac = dense_jacobian(model, x)
     calls = []
-    opt = GramGaussNewton(model, lam=0.9, alpha=0.4, engine=engine, adaptive_damping=rule, momentum=0.0)
+    opt = GramGaussNewton(model, lam=0.9, alpha=0.4, engine=engine, adaptive_damping=rule, momentum=0.0, metric=None)
     opt.step(lambda: calls.append(1) or model(x) - y)
     assert_close(flat_params(model), expected[0], RTOL, "step with the rule's alpha")
     assert len(calls) == 1, "the batch was re-evaluated"
@@ -438,7 +444,7 @@ def test_step_after_two_rejections_restarts_momentum():
     model = _small_mlp().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
     opt = GramGaussNewton(
-        model, lam=2.0, alpha=0.3, momentum=0.8, adaptive_damping=_Scripted([True, False, False, True])
+        model, lam=2.0, alpha=0.3, momentum=0.8, adaptive_damping=_Scripted([True, False, False, True]), metric=None
     )
     opt.step(lambda: model(x) - y)
     phi = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]

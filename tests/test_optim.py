@@ -146,7 +146,9 @@ def test_weight_decay_with_gain_ratio_is_the_same_step_and_does_not_bias_the_rat
     expected = (1 - wd) * flat_params(plain) + dense_step(plain, x, y, 1.0, 0.1)
     ratios = []
     for model, decay in ((plain, 0.0), (decayed, wd)):
-        opt = GramGaussNewton(model, alpha=0.1, weight_decay=decay, lam=1.0, adaptive_damping=True, momentum=0.0)
+        opt = GramGaussNewton(
+            model, alpha=0.1, weight_decay=decay, lam=1.0, adaptive_damping=True, momentum=0.0, metric=None
+        )
         opt.step(lambda m=model: m(x) - y)
         assert not opt.last_diagnostics.rejected
         ratios.append(opt.last_gain_ratio)

@@ -72,7 +72,10 @@ def test_a_retry_is_the_step_with_the_raised_alpha(make, loss, momentum):
     twin_model = copy.deepcopy(model)
     data = batches(model, 3)
     opt = GramGaussNewton(model, lam=2.0, alpha=0.1, momentum=momentum, loss=loss, adaptive_damping=Scripted(reject=0))
-    twin = GramGaussNewton(twin_model, lam=2.0, alpha=0.1, momentum=momentum, loss=loss, adaptive_damping=False)
+    # the twin's alpha is fixed, so it takes the metric the rule's optimizer resolved ("auto") explicitly
+    twin = GramGaussNewton(
+        twin_model, lam=2.0, alpha=0.1, momentum=momentum, loss=loss, adaptive_damping=False, metric=opt.metric
+    )
     for x, y in data[:2]:
         opt.step(closure_for(model, x, y, loss))
         twin.step(closure_for(twin_model, x, y, loss))
@@ -137,7 +140,7 @@ def test_retries_drop_the_momentum_after_two_rejections_in_a_row():
     twin_model = copy.deepcopy(model)
     data = batches(model, 2)
     opt = GramGaussNewton(model, lam=1.0, alpha=0.1, momentum=0.9, adaptive_damping=Scripted(reject=0, retries=2))
-    twin = GramGaussNewton(twin_model, lam=1.0, alpha=0.1, momentum=0.9, adaptive_damping=False)
+    twin = GramGaussNewton(twin_model, lam=1.0, alpha=0.1, momentum=0.9, adaptive_damping=False, metric=opt.metric)
     x, y = data[0]
     opt.step(lambda: model(x) - y)
     twin.step(lambda: twin_model(x) - y)

@@ -26,6 +26,13 @@ contiguous column ranges ``S_r`` of ``m/P`` entries; rank ``r`` owns ``S_r``. On
 Total ``q*(b_p*k*m + 2*(B*k)^2 + B*k + m)`` against DDP's ``2*q*m``: about ``b_p*k/2`` times DDP's
 volume; see docs/distributed.md for the measured counts and the scaling model.
 
+With a metric of one weight per tensor (``metric="auto"``'s, :mod:`gramnewton.metric`) the union's
+batch gradient ``J^T r / B`` is one more all-gather of slices (``q*m``), every rank updates the
+same second moment from it, and step 4 all-reduces ``J[:, S_r] D[S_r] J[:, S_r]^T`` instead
+(``GramSystem.weighted_gram``; the plain Gram is not formed): the single-process step in the
+metric, to round-off. A per-entry metric forms its Gram from ``GramSystem.jacobian_columns``,
+which this system does not provide: refused at construction (its slice-wise Gram is not built).
+
 Local mode: block-Jacobi (additive Schwarz) with averaging
 ----------------------------------------------------------
 Each rank takes the step of its own shard, ``d_p = -J_p^T (lam G_pp + alpha I)^{-1} r_p``
@@ -232,8 +239,14 @@ class ExactGramEngine:
         self.engine, self.comm = engine, comm
         self.params = engine.params
 
-    def compute(self, closure: Closure) -> GramSystem:
-        """Residuals ``(B, k)``, Gram ``(B*k, B*k)`` and ``J^T v`` for ``v`` ``(B*k,)`` of the union batch."""
+    def compute(self, closure: Closure, form_gram: Callable[[int], bool] | None = None) -> GramSystem:
+        """Residuals ``(B, k)``, Gram ``(B*k, B*k)`` and ``J^T v`` for ``v`` ``(B*k,)`` of the union
+        batch, and its ``weighted_gram`` (a per-tensor metric's ``sum_p w_p J_p J_p^T``, formed as
+        the Gram: each rank's column slice, scaled, then one all-reduce).
+
+        ``form_gram``: given the union's ``B*k``, whether to form the plain Gram (``None``: always;
+        a metric's step needs only the weighted one). Every rank gets the same answer, so the
+        collectives stay in step."""
         comm = self.comm
         bounds = comm.bounds(sum(p.numel() for p in self.params))
         lo, hi = bounds[comm.rank]
@@ -260,7 +273,7 @@ class ExactGramEngine:
         residuals = comm.all_gather_rows(local.residuals, rows)
         received = comm.all_to_all(send, [shape[0] * k * (b - a) for a, b in bounds], [n * k * (hi - lo) for n in rows])
         jac = received.view(sum(rows) * k, hi - lo)  # J[:, S_rank]: rank-major, then sample-major rows
-        gram = comm.all_reduce_(jac @ jac.T)
+        gram = comm.all_reduce_(jac @ jac.T) if form_gram is None or form_gram(jac.shape[0]) else None
         widest = max(b - a for a, b in bounds)
 
         def jt_times(v: Tensor) -> list[Tensor]:
@@ -274,7 +287,13 @@ class ExactGramEngine:
             # J v = sum over ranks of J[:, S_rank] v[S_rank]: one all-reduce of (B*k,)
             return comm.all_reduce_(jac @ flatten(v, jac.dtype)[lo:hi])
 
-        return GramSystem(residuals=residuals, gram=gram, jt_times=jt_times, j_times=j_times)
+        def weighted_gram(weights: Sequence[float]) -> Tensor:
+            scale = torch.cat([jac.new_full((p.numel(),), float(w)) for p, w in zip(self.params, weights)])
+            return comm.all_reduce_((jac * scale[lo:hi]) @ jac.T)
+
+        return GramSystem(
+            residuals=residuals, gram=gram, jt_times=jt_times, j_times=j_times, weighted_gram=weighted_gram
+        )
 
 
 def local_direction(

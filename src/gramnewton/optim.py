@@ -177,21 +177,26 @@ class GramGaussNewton(Optimizer):
             passes then run under ``no_sync()`` (GGN never reads ``.grad``, so DDP's gradient
             all-reduce would be wasted). The returned loss is the union batch's.
         process_group: the ranks to span (default: the whole world).
-        metric: the metric of the step (:mod:`gramnewton.metric`): ``None`` (default) the
-            Euclidean one above; ``"second_moment"`` (a :class:`~gramnewton.metric.SecondMomentMetric`:
+        metric: the metric of the step (:mod:`gramnewton.metric`): ``None`` or ``"euclidean"``
+            the Euclidean one above; ``"second_moment"`` (a :class:`~gramnewton.metric.SecondMomentMetric`:
             the square root of Adam's, from the second moment of the batch gradients), a mapping
-            ``{"name": "second_moment", **arguments}`` or a metric instance; ``"auto"`` the
-            second-moment metric for the square loss on one process, on every step solved in
-            sample space (a step the ``"auto"`` solve space puts in parameter space, with more
-            residuals than parameters, is then Levenberg-Marquardt's Euclidean one), and ``None``
-            otherwise (another loss, distributed training, ``solve_space="parameter"``). With a diagonal
+            ``{"name": "second_moment", **arguments}`` or a metric instance; ``"auto"`` (default)
+            one weight per tensor with ``power=1`` (``{"name": "second_moment", "per_tensor":
+            True, "power": 1}``, chosen by measurement: docs/convergence.md, fortieth session) for
+            the square loss with a damping rule, on every step solved in sample space (a step the
+            ``"auto"`` solve space puts in parameter space, with more residuals than parameters,
+            is then Levenberg-Marquardt's Euclidean one), and ``None`` otherwise (another loss, a
+            fixed ``alpha`` (``adaptive_damping=False``: the formula above exactly),
+            ``distributed="local"``, ``solve_space="parameter"``, an engine that can weight
+            neither its Gram nor its columns). With a diagonal
             metric ``D`` the step is :math:`\phi_t = \mu \phi_{t-1} + D J_B^\top (\lambda J_B D
             J_B^\top + \alpha I)^{-1} (r_B - \lambda \mu J_B \phi_{t-1})`, solved in sample space
             from the engine's dense per-sample rows (``{"name": "second_moment", "per_tensor":
             True}``: one weight per parameter tensor, from the engine's per-parameter Gram
             blocks at the Euclidean Gram's cost); the second moment is kept in the state
             (``metric_moment``, one per parameter, and ``metric_count``) and advances only on an
-            accepted step. Not with distributed training.
+            accepted step. With ``distributed="exact"`` one weight per tensor only (each rank
+            holds a slice of ``J``'s columns); not with ``distributed="local"``.
         geodesic_acceleration: ``True`` (a :class:`~gramnewton.update.GeodesicAcceleration`
             with its defaults) or an instance: Levenberg-Marquardt's geodesic acceleration, the
             step ``v`` replaced by ``v + a/2`` with ``a = -J^T (lam G + alpha I)^{-1} lam r_vv``
@@ -200,10 +205,11 @@ class GramGaussNewton(Optimizer):
             ``2 ||a|| / ||v|| <= max_ratio``).
             Square loss only, not distributed; ``False`` (default): off.
 
-    The defaults (``lam=16, alpha=0.3, momentum=0.9``, gain-ratio damping) come from the races of
-    ``docs/convergence.md``: on mini-batches a short step (each batch's outputs moved 1/16 of the
-    way to its targets) averages the batch noise that a long step fits, and the momentum carries
-    the part of the step that batches agree on. ``lam=1, alpha=0, momentum=0,
+    The defaults (``lam=16, alpha=0.3, momentum=0.9``, gain-ratio damping and with it one metric
+    weight per tensor) come from the races of ``docs/convergence.md``: on mini-batches a short step
+    (each batch's outputs moved 1/16 of the way to its targets) averages the batch noise that a
+    long step fits, the momentum carries the part of the step that batches agree on, and the
+    metric (Adam's, one weight per tensor) lowers the test loss reached at a given training loss. ``lam=1, alpha=0, momentum=0,
     adaptive_damping=False`` is the paper's Eq. 10 (Eq. 9 with the whole data set).
 
     ``lam``, ``alpha``, ``momentum`` and ``lr`` live in ``param_groups`` and must agree across groups
@@ -239,7 +245,7 @@ class GramGaussNewton(Optimizer):
         distributed: str | None = "auto",
         process_group: dist.ProcessGroup | None = None,
         geodesic_acceleration: bool | GeodesicAcceleration = False,
-        metric: str | Mapping[str, Any] | SecondMomentMetric | None = None,
+        metric: str | Mapping[str, Any] | SecondMomentMetric | None = "auto",
     ):
         _check_hyper(lam, alpha, weight_decay, momentum, lr)
         if solve_space not in SOLVE_SPACES:
@@ -258,17 +264,6 @@ class GramGaussNewton(Optimizer):
         check_curvature(curvature, top_c)
         self.curvature, self.top_c = resolve_curvature(curvature, self.loss), top_c
         self.acceleration = _acceleration(geodesic_acceleration, self.loss, self.distributed)
-        # "auto": the square root of Adam's metric where it was measured and can run (the square
-        # loss, one process, steps solved in sample space), the Euclidean step elsewhere
-        self._metric_auto = metric == "auto"
-        if self._metric_auto:
-            usable = isinstance(self.loss, SquaredError) and self.distributed is None and solve_space != "parameter"
-            metric = SecondMomentMetric() if usable else None
-        self.metric = metric_from(metric)
-        if self.metric is not None and self.distributed is not None:
-            raise ValueError("a metric is not supported with distributed training (metric=None there)")
-        if self.metric is not None and solve_space == "parameter":
-            raise ValueError("a metric's step is solved in sample space: use solve_space='auto' or 'sample'")
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum, lr=lr))
@@ -286,6 +281,28 @@ class GramGaussNewton(Optimizer):
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
             adaptive_damping = self.distributed != "local" and GainRatioDamping(check_every=4)
         self.damping: DampingRule | None = damping_rule(adaptive_damping)
+        # "auto": one metric weight per tensor where it was measured and can run (the square loss,
+        # steps solved in sample space, a damping rule; not local steps); the Euclidean step
+        # elsewhere, so that a fixed alpha (adaptive_damping=False) gives the design's formula exactly
+        self._metric_auto = metric == "auto"
+        if self._metric_auto:
+            usable = (
+                isinstance(self.loss, SquaredError)
+                and self.distributed != "local"
+                and solve_space != "parameter"
+                and self.damping is not None
+            )
+            metric = SecondMomentMetric(per_tensor=True, power=1.0) if usable else None
+        self.metric = metric_from(metric)
+        if self.metric is not None and self.distributed == "local":
+            raise ValueError("a metric is not supported with distributed='local' (metric=None there)")
+        if self.metric is not None and self.distributed == "exact" and not self.metric.per_tensor:
+            raise ValueError(
+                "distributed='exact' supports a metric with one weight per tensor only "
+                '({"name": "second_moment", "per_tensor": True}); each rank holds a slice of J\'s columns'
+            )
+        if self.metric is not None and solve_space == "parameter":
+            raise ValueError("a metric's step is solved in sample space: use solve_space='auto' or 'sample'")
         check_subset(self._subset())
         if self._subset() is not None and self.distributed is not None:
             raise ValueError("a damping rule's subset re-evaluation is not supported with distributed training")
@@ -579,9 +596,12 @@ class GramGaussNewton(Optimizer):
 
         Under ``metric="auto"`` a batch whose step the ``"auto"`` solve space puts in parameter
         space (more residuals than parameters: Levenberg-Marquardt's regime) gets the Euclidean
-        system instead (its plain Gram only if ``need_gram``: a damping rule that reads it), and
-        ``None`` for the moment, which stays as it was."""
+        system instead (its plain Gram only if ``need_gram``: a damping rule that reads it; in
+        ``distributed="exact"`` always, since that step is solved in sample space), and ``None`` for
+        the moment, which stays as it was; so does a batch whose engine can weight neither its Gram
+        nor its columns."""
         engine = self.engine
+        exact = isinstance(engine, ExactGramEngine)
 
         def euclidean(rows: int) -> bool:
             return (
@@ -590,12 +610,16 @@ class GramGaussNewton(Optimizer):
                 and prefers_parameter_space(rows, engine.params, self.solve_dtype)
             )
 
-        if getattr(engine, "can_skip_gram", False):
+        if exact:  # its steps are solved in sample space: a Euclidean one needs the plain Gram
+            system = engine.compute(closure, form_gram=euclidean)
+        elif getattr(engine, "can_skip_gram", False):
             system = engine.compute(closure, form_gram=lambda rows: need_gram and euclidean(rows))
         else:
             system = engine.compute(closure)
         if euclidean(system.residuals.numel()):
             return system, None
+        if self._metric_auto and system.weighted_gram is None and system.jacobian_columns is None:
+            return system, None  # an engine of your own that can form neither J D J^T nor J (its Gram is formed)
         gradient = batch_gradient(system)
         states = [self.state.get(p, {}) for p in engine.params]
         # a parameter new to the steps (added, or unfrozen) starts from a zero moment, as phi does
