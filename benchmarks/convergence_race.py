@@ -33,7 +33,8 @@ Fisher on a classification task; ``factor_every`` and ``inverse_every`` are inte
 :func:`gramnewton.lab.experiments.optimizers.build_optimizer` with its other keys as floats, or
 ``ggn:...`` with ``GramGaussNewton`` keyword arguments (``lam``, ``alpha``, ``momentum``,
 ``weight_decay``, ``max_step_norm``, ``bias_correction=true``, ``curvature=exact|top_c|gradient``,
-``top_c=C``, ``metric=euclidean|auto|second_moment``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
+``top_c=C``, ``metric=euclidean|auto|second_moment``, with ``second_moment``'s ``metric_power=P`` and
+``metric_per_tensor=true``) plus ``damping=fixed|gain_ratio|cross_validated``, for the gain-ratio rule
 ``check_every``, ``min_alpha`` (the rule's floor), ``trust_above``, ``reject_below`` (``-inf``: never
 reject a step), ``retries`` (a rejected step solved again from its batch's system) and ``subset`` (the gain ratio measured on the
 batch's first ``subset`` samples; see :class:`~gramnewton.damping.GainRatioDamping`) and, for the
@@ -165,6 +166,14 @@ def build_ggn(
     flags = {k: hp.pop(k).lower() == "true" for k in ("bias_correction",) if k in hp}
     if "metric" in hp:
         curvature["metric"] = hp.pop("metric")
+    metric_options = {
+        key.removeprefix("metric_"): hp.pop(key) for key in ("metric_power", "metric_per_tensor") if key in hp
+    }
+    if metric_options:  # the second moment's options, a mapping for metric_from
+        curvature["metric"] = {
+            "name": curvature.get("metric", "second_moment"),
+            **{k: v.lower() == "true" if k == "per_tensor" else float(v) for k, v in metric_options.items()},
+        }
     kwargs: dict[str, Any] = {k: float(v) for k, v in hp.items()} | flags | curvature
     if damping == "fixed":
         kwargs["adaptive_damping"] = False

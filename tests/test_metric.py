@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 from dense import assert_close, dense_jacobian, flat_params
+from test_classification import MODEL_IDS, MODELS, _blockdiag, _blocks, _derivatives, _sum_loss, _top_c_hessian
 from test_momentum import _batches, _Scripted, _set_flat, assert_resumed_steps_are_identical
 from test_optim import CASES
 from torch import Tensor, nn
@@ -140,6 +141,51 @@ def test_metric_system_matches_dense(name, build, shape, k, b, engine, per_tenso
     chunks = [c.view_as(p) for c, p in zip(u.split([p.numel() for p in params]), params)]
     assert_close(system.j_times(chunks), jac @ u, RTOL, f"{name} J u")
     assert system.jacobian is None and system.jacobian_columns is None  # solved in sample space
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["per_entry", "per_tensor"])
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+@pytest.mark.parametrize("curvature", ["exact", "gradient"])
+@pytest.mark.parametrize("name,build,shape,k,b", MODELS, ids=MODEL_IDS)
+def test_cross_entropy_steps_in_the_metric_match_dense_formula(name, build, shape, k, b, curvature, engine, per_tensor):
+    """Three momentum steps of the cross-entropy in the metric against the parameter-space formula
+    written out from autograd's output gradient ``g`` and Hessian ``H`` (for ``"gradient"``, ``H``
+    projected on ``g``): ``phi_t = (lam J^T H J + alpha D^{-1})^{-1} (J^T g + alpha mu D^{-1}
+    phi_{t-1})``, the minimiser of the step's quadratic model plus ``alpha ||phi - mu
+    phi_{t-1}||^2_{D^{-1}}``, with ``D`` from the mean loss's gradient ``J^T g / b``."""
+    model = build(k).double()
+    twin = copy.deepcopy(model)
+    lam, alpha, mu, power = 0.7, 0.3, 0.8, 1.0
+    sizes = [p.numel() for p in model.parameters()] if per_tensor else None
+    batches = [(torch.randn(b, *shape, dtype=torch.float64), torch.randint(0, k, (b,))) for _ in range(3)]
+    phi = torch.zeros_like(flat_params(twin))
+    moment = torch.zeros_like(phi)
+    expected = []
+    for t, (x, y) in enumerate(batches, start=1):
+        jac, _, g, h = (v.detach() for v in _derivatives(twin, x, _sum_loss("cross_entropy", y)))
+        if curvature == "gradient":
+            h = _blockdiag(_top_c_hessian(_blocks(h, b, k), g.reshape(b, k), 0))
+        moment, d = dense_metric(moment, jac.T @ g / b, t, power, sizes)
+        mat = lam * jac.T @ h @ jac + alpha * torch.diag(1 / d)
+        phi = torch.linalg.solve(mat, jac.T @ g + alpha * mu * phi / d)
+        _set_flat(twin, flat_params(twin) - phi)
+        expected.append(flat_params(twin))
+    opt = GramGaussNewton(
+        model,
+        lam=lam,
+        alpha=alpha,
+        momentum=mu,
+        engine=engine,
+        loss="cross_entropy",
+        curvature=curvature,
+        adaptive_damping=False,
+        metric={"name": "second_moment", "power": power, "per_tensor": per_tensor},
+    )
+    for t, (x, y) in enumerate(batches):
+        opt.step(lambda: (model(x), y))
+        assert_close(flat_params(model), expected[t], 1e-9, f"{name} {curvature} step {t + 1} in the metric")
+    assert_close(_state(opt, model, "metric_moment"), moment, 1e-9, f"{name} second moment")
+    assert float(d.max() / d.min()) > 1.5, "the metric must differ from the Euclidean one"
 
 
 def test_power_zero_is_the_euclidean_step():

@@ -185,7 +185,8 @@ class GramGaussNewton(Optimizer):
             True, "power": 1}``, chosen by measurement: docs/convergence.md, fortieth session) for
             the square loss with a damping rule, on every step solved in sample space (a step the
             ``"auto"`` solve space puts in parameter space, with more residuals than parameters,
-            is then Levenberg-Marquardt's Euclidean one), and ``None`` otherwise (another loss, a
+            is then Levenberg-Marquardt's Euclidean one), and ``None`` otherwise (another loss:
+            on the cross-entropy the metric trained slower, docs/classification.md; a
             fixed ``alpha`` (``adaptive_damping=False``: the formula above exactly),
             ``distributed="local"``, ``solve_space="parameter"``, an engine that can weight
             neither its Gram nor its columns). With a diagonal
