@@ -793,14 +793,18 @@ def summarise_per_target(task_result: dict[str, Any]) -> dict[str, dict[str, Any
 
 
 def ratio_cell(ggn: float | None, other: float | None, budget: float, failed: bool) -> str:
-    """``other / ggn``: how many times longer the other method took (``>Nx`` if it never got there)."""
+    """``other / ggn``: how many times longer the other method took (``>Nx`` if it never got there).
+
+    Below 10x a ratio keeps three significant digits: the issue's line is 1.5x, and two digits
+    printed sinc's 1.494x as "1.5x"."""
     if other is None and failed:
         return "OOM"
     if ggn is None:
         return "neither" if other is None else "GGN never"
     if other is None:
         return f">{budget / ggn:.2g}x"
-    return f"{other / ggn:.2g}x"
+    ratio = other / ggn
+    return f"{ratio:.3g}x" if ratio < 10 else f"{ratio:.2g}x"
 
 
 def fmt(value: float | None, spec: str = ".3g") -> str:
@@ -970,7 +974,7 @@ def summary_table(results: dict[str, Any]) -> list[str]:
                 failed = any(x == "oom" for x in rows[who]["failures"])
                 cell = ratio_cell(ggn["targets"][key], t, rows[who]["budget_s"], failed)
                 cells.append(cell if candidates == ("tlm",) or t is None else f"{cell} ({LABELS[who]})")
-            lines.append(f"| {name} | {f:g} | {fmt(ggn['targets'][key], '.2f')} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {f:g} | {fmt(ggn['targets'][key], '.3g')} | " + " | ".join(cells) + " |")
     return lines
 
 

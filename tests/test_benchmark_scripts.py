@@ -139,3 +139,13 @@ def test_demo_variants_reads_a_curve_where_its_train_mse_first_reaches_a_level(m
     assert where(curve, 0.1) == pytest.approx((7.5, 0.25))  # halfway from 0.2 to 0.05 in log
     assert where(curve, 0.2) == (5.0, 0.3) and where(curve, 0.01) == pytest.approx((20.0, 0.5))
     assert where(curve, 0.005) is None
+
+
+def test_time_to_target_never_rounds_a_ratio_across_the_issues_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sinc's 1e-1 pair measured 1.494x and the report printed "1.5x"; below 10x it keeps three digits."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    cell = importlib.import_module("time_to_target").ratio_cell
+    assert cell(0.0448, 0.0669, 10.0, False) == "1.49x"
+    assert cell(0.0626, 0.1258, 10.0, False) == "2.01x" and cell(0.315, 9.98, 10.0, False) == "32x"
+    assert cell(0.17, None, 10.0, False) == ">59x" and cell(None, 0.2, 10.0, False) == "GGN never"
+    assert cell(0.1, None, 10.0, True) == "OOM"
