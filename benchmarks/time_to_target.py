@@ -55,7 +55,7 @@ window; docs/convergence.md, twenty-seventh session.)
 Usage (the TLM baseline needs ``pip install -e ".[bench]"``, which ``make`` does not install;
 without it a run that asks for ``tlm`` stops at once with that hint, as does ``target_probe.py``)::
 
-    python benchmarks/time_to_target.py                      # everything (about 70 minutes; sinc 28)
+    python benchmarks/time_to_target.py                      # everything (about 95 minutes; sinc and concrete-10k 30 each)
     python benchmarks/time_to_target.py --tasks sinc concrete-10k --seeds 0 --budget-scale 0.1
     python benchmarks/time_to_target.py --report-only        # redraw docs from the JSON
 
