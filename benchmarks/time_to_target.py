@@ -793,18 +793,24 @@ def summarise_per_target(task_result: dict[str, Any]) -> dict[str, dict[str, Any
 
 
 def ratio_cell(ggn: float | None, other: float | None, budget: float, failed: bool) -> str:
-    """``other / ggn``: how many times longer the other method took (``>Nx`` if it never got there).
-
-    Below 10x a ratio keeps three significant digits: the issue's line is 1.5x, and two digits
-    printed sinc's 1.494x as "1.5x"."""
+    """``other / ggn``: how many times longer the other method took (``>Nx`` if it never got there),
+    :func:`ratio_text`."""
     if other is None and failed:
         return "OOM"
     if ggn is None:
         return "neither" if other is None else "GGN never"
     if other is None:
-        return f">{budget / ggn:.2g}x"
-    ratio = other / ggn
-    return f"{ratio:.3g}x" if ratio < 10 else f"{ratio:.2g}x"
+        return f">{ratio_text(budget / ggn)}"
+    return ratio_text(other / ggn)
+
+
+def ratio_text(ratio: float) -> str:
+    """``ratio`` cut, never rounded up, to two decimals below 10 and to a whole number above:
+    the issue's line is "at least 1.5x", and two significant digits printed sinc's 1.494x as
+    "1.5x" (a ratio above 100 printed as "1e+02x")."""
+    if ratio < 10:
+        return f"{math.floor(round(ratio * 100, 6)) / 100:.2f}x"  # round first: 1.5 may be 1.4999999
+    return f"{math.floor(round(ratio, 6))}x"
 
 
 def fmt(value: float | None, spec: str = ".3g") -> str:

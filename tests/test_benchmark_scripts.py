@@ -142,10 +142,14 @@ def test_demo_variants_reads_a_curve_where_its_train_mse_first_reaches_a_level(m
 
 
 def test_time_to_target_never_rounds_a_ratio_across_the_issues_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """sinc's 1e-1 pair measured 1.494x and the report printed "1.5x"; below 10x it keeps three digits."""
+    """sinc's 1e-1 pair measured 1.494x and the report printed "1.5x": a ratio is now cut, never
+    rounded up, so no ratio under the issue's 1.5x is shown at or above it."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    cell = importlib.import_module("time_to_target").ratio_cell
-    assert cell(0.0448, 0.0669, 10.0, False) == "1.49x"
-    assert cell(0.0626, 0.1258, 10.0, False) == "2.01x" and cell(0.315, 9.98, 10.0, False) == "32x"
-    assert cell(0.17, None, 10.0, False) == ">59x" and cell(None, 0.2, 10.0, False) == "GGN never"
-    assert cell(0.1, None, 10.0, True) == "OOM"
+    ttt = importlib.import_module("time_to_target")
+    cell, times = ttt.ratio_cell, ttt.ratio_text
+    assert cell(0.0448, 0.0669, 10.0, False) == "1.49x" and times(1.4999) == "1.49x" and times(1.5) == "1.50x"
+    assert times(3 * 0.5) == "1.50x" and times(0.3 / 0.2) == "1.50x"  # 1.4999999999999998 is 1.5
+    assert cell(0.0626, 0.1258, 10.0, False) == "2.00x" and cell(0.315, 9.98, 10.0, False) == "31x"
+    assert times(158.7) == "158x"  # not "1.6e+02x"
+    assert cell(0.17, None, 10.0, False) == ">58x" and cell(None, 0.2, 10.0, False) == "GGN never"
+    assert cell(0.1, None, 10.0, True) == "OOM" and cell(None, None, 10.0, False) == "neither"
