@@ -794,7 +794,7 @@ def summarise_per_target(task_result: dict[str, Any]) -> dict[str, dict[str, Any
 
 def ratio_cell(ggn: float | None, other: float | None, budget: float, failed: bool) -> str:
     """``other / ggn``: how many times longer the other method took (``>Nx`` if it never got there),
-    :func:`ratio_text`."""
+    written by :func:`ratio_text`."""
     if other is None and failed:
         return "OOM"
     if ggn is None:

@@ -146,10 +146,10 @@ def test_time_to_target_never_rounds_a_ratio_across_the_issues_line(monkeypatch:
     rounded up, so no ratio under the issue's 1.5x is shown at or above it."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     ttt = importlib.import_module("time_to_target")
-    cell, times = ttt.ratio_cell, ttt.ratio_text
-    assert cell(0.0448, 0.0669, 10.0, False) == "1.49x" and times(1.4999) == "1.49x" and times(1.5) == "1.50x"
-    assert times(3 * 0.5) == "1.50x" and times(0.3 / 0.2) == "1.50x"  # 1.4999999999999998 is 1.5
+    cell, text = ttt.ratio_cell, ttt.ratio_text
+    assert cell(0.0448, 0.0669, 10.0, False) == "1.49x" and text(1.4999) == "1.49x" and text(1.5) == "1.50x"
+    assert text(3 * 0.5) == "1.50x" and text(0.3 / 0.2) == "1.50x"  # 1.4999999999999998 is 1.5
     assert cell(0.0626, 0.1258, 10.0, False) == "2.00x" and cell(0.315, 9.98, 10.0, False) == "31x"
-    assert times(158.7) == "158x"  # not "1.6e+02x"
+    assert text(158.7) == "158x"  # not "1.6e+02x"
     assert cell(0.17, None, 10.0, False) == ">58x" and cell(None, 0.2, 10.0, False) == "GGN never"
     assert cell(0.1, None, 10.0, True) == "OOM" and cell(None, None, 10.0, False) == "neither"
