@@ -128,8 +128,10 @@ def test_a_step_rejected_after_its_retries_changes_nothing(momentum):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     after = opt.state_dict()["state"]
     for key in state:
-        for name, value in state[key].items():
-            assert torch.equal(after[key][name], value)
+        for name, value in state[key].items():  # tensors, and the counts (Python ints)
+            assert (
+                torch.equal(after[key][name], value) if isinstance(value, torch.Tensor) else after[key][name] == value
+            )
     assert opt.param_groups[0]["alpha"] == pytest.approx(0.8)  # raised by each of the three
     assert opt.rejections_in_a_row == 3
 

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .diagnostics import StepDiagnostics
 from .engines.base import GramSystem
+from .solve import is_number
 
 
 @dataclass(frozen=True)
@@ -195,24 +196,30 @@ class GainRatioDamping(DampingRule):
     unchecked: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
+        for name in ("low", "high", "factor", "reject_below", "min_alpha", "max_alpha"):
+            value = getattr(self, name)
+            if not is_number(value) or math.isnan(value):  # a NaN reject_below would reject every step
+                raise ValueError(f"Invalid damping {name}: {value!r} (must be a number)")
         if not 0 <= self.low < self.high:
             raise ValueError(f"need 0 <= low < high, got low={self.low}, high={self.high}")
-        if not self.factor > 1:
-            raise ValueError(f"Invalid damping factor: {self.factor} (must be > 1)")
+        if not 1 < self.factor < math.inf:  # an infinite factor takes alpha to inf on one bad step
+            raise ValueError(f"Invalid damping factor: {self.factor} (must be finite and > 1)")
         if not 0 < self.min_alpha <= self.max_alpha:
             raise ValueError(f"need 0 < min_alpha <= max_alpha, got {self.min_alpha}, {self.max_alpha}")
-        if not (isinstance(self.check_every, int) and self.check_every >= 1):
-            raise ValueError(f"Invalid check_every: {self.check_every!r} (must be an int >= 1)")
-        if not (isinstance(self.trust_after, int) and self.trust_after >= 1):
-            raise ValueError(f"Invalid trust_after: {self.trust_after!r} (must be an int >= 1)")
-        if self.trust_above is not None and not self.low <= self.trust_above <= self.high:
+        for name in ("check_every", "trust_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 1)")
+        if self.trust_above is not None and not (
+            is_number(self.trust_above) and self.low <= self.trust_above <= self.high
+        ):
             raise ValueError(
                 f"Invalid trust_above: {self.trust_above!r} (must be in [low, high] = [{self.low}, {self.high}])"
             )
         check_subset(self.subset)
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"Invalid retries: {self.retries!r} (must be an int >= 0)")
-        if self.recheck_above is not None and not 0 < self.recheck_above < math.inf:
+        if self.recheck_above is not None and not (is_number(self.recheck_above) and 0 < self.recheck_above < math.inf):
             raise ValueError(f"Invalid recheck_above: {self.recheck_above!r} (must be a finite number > 0, or None)")
 
     @property
@@ -367,12 +374,19 @@ class CrossValidatedDamping(DampingRule):
     floor: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if not 0 < self.smoothing <= 1:
-            raise ValueError(f"Invalid smoothing: {self.smoothing} (must be in (0, 1])")
-        if not 0 < self.span[0] < self.span[1] or self.points < 2:
-            raise ValueError(f"need 0 < span[0] < span[1] and points >= 2, got {self.span}, {self.points}")
-        if self.max_samples < 2:
-            raise ValueError(f"Invalid max_samples: {self.max_samples} (must be >= 2)")
+        if not is_number(self.smoothing) or not 0 < self.smoothing <= 1:
+            raise ValueError(f"Invalid smoothing: {self.smoothing!r} (must be a number in (0, 1])")
+        span = self.span
+        span_ok = (
+            isinstance(span, tuple | list)
+            and len(span) == 2
+            and all(is_number(v) for v in span)
+            and 0 < span[0] < span[1] < math.inf
+        )
+        if not span_ok or isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 2:
+            raise ValueError(f"need 0 < span[0] < span[1] < inf and an int points >= 2, got {span!r}, {self.points!r}")
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 2:
+            raise ValueError(f"Invalid max_samples: {self.max_samples!r} (must be an int >= 2)")
 
     @property
     def measures_gain_ratio(self) -> bool:  # type: ignore[override]

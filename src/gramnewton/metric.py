@@ -52,6 +52,7 @@ from .engines import GramSystem
 from .engines.base import check_fits
 from .engines.handlers import add_gram_lower, mirror_lower
 from .engines.reference import flatten, split_like
+from .solve import is_number
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,13 @@ class SecondMomentMetric:
     def __post_init__(self) -> None:
         for name, low, high, closed in (("power", 0, 1, True), ("beta2", 0, 1, False)):
             value = getattr(self, name)
-            inside = isinstance(value, int | float) and low <= value and (value <= high if closed else value < high)
-            if isinstance(value, bool) or not inside:
+            inside = is_number(value) and low <= value and (value <= high if closed else value < high)
+            if not inside:
                 raise ValueError(
                     f"Invalid metric {name}: {value!r} (must be in [{low}, {high}{']' if closed else ')'})"
                 )
         eps = self.relative_eps
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf:
+        if not is_number(eps) or not 0 < eps < math.inf:
             raise ValueError(f"Invalid metric relative_eps: {eps!r} (must be a finite number > 0)")
         if not isinstance(self.per_tensor, bool):
             raise ValueError(f"Invalid metric per_tensor: {self.per_tensor!r} (must be True or False)")

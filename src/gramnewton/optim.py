@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -19,13 +20,13 @@ from .damping import DampingRule, GainRatioDamping, check_subset, damping_rule, 
 from .diagnostics import StepDiagnostics
 from .distributed import Communicator, ExactGramEngine, local_direction, resolve_mode
 from .engines import Closure, GramEngine, GramSystem
-from .engines.base import closure_residuals, params_dtype, reevaluate, replayable_randomness
+from .engines.base import params_dtype, reevaluated_residuals, replayable_randomness
 from .engines.reference import flatten, split_like
 from .engines.select import called_modules, select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
 from .metric import SecondMomentMetric, batch_gradient, metric_from, metric_system
-from .solve import check_damping
+from .solve import check_damping, is_number
 from .update import (
     SOLVE_SPACES,
     GeodesicAcceleration,
@@ -123,7 +124,8 @@ class GramGaussNewton(Optimizer):
             ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
             physics-informed residual), or an engine instance.
-        solve_dtype: dtype of the small solve, e.g. ``torch.float64``.
+        solve_dtype: dtype of the small solve, ``torch.float32`` or ``torch.float64`` (``None``:
+            the parameters' own, float32 for bfloat16 and float16 ones).
         adaptive_damping: ``"auto"`` (default: ``GainRatioDamping(check_every=4)``, which
             re-evaluates only one step in four once ``alpha`` sits at its floor with gain ratios
             near one; a fixed ``alpha`` with ``distributed="local"``), ``True`` or ``"gain_ratio"`` (a
@@ -249,15 +251,13 @@ class GramGaussNewton(Optimizer):
         metric: str | Mapping[str, Any] | SecondMomentMetric | None = "auto",
     ):
         _check_hyper(lam, alpha, weight_decay, momentum, lr)
+        if not any(solve_dtype is d for d in (None, torch.float32, torch.float64)):
+            raise ValueError(f"Invalid solve_dtype: {solve_dtype!r} (must be None, torch.float32 or torch.float64)")
         if solve_space not in SOLVE_SPACES:
             raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
         if not isinstance(bias_correction, bool):
             raise ValueError(f"Invalid bias_correction: {bias_correction!r} (must be True or False)")
-        if max_step_norm is not None and (
-            isinstance(max_step_norm, bool)
-            or not isinstance(max_step_norm, int | float)
-            or not 0 < max_step_norm < math.inf
-        ):
+        if max_step_norm is not None and (not is_number(max_step_norm) or not 0 < max_step_norm < math.inf):
             raise ValueError(f"Invalid max_step_norm value: {max_step_norm!r} (must be a finite number > 0, or None)")
         self.bias_correction, self.max_step_norm = bias_correction, max_step_norm
         self.distributed = resolve_mode(distributed, process_group)
@@ -268,15 +268,15 @@ class GramGaussNewton(Optimizer):
         self.model = params_or_model if isinstance(params_or_model, nn.Module) else None
         params = self.model.parameters() if self.model is not None else params_or_model
         super().__init__(params, dict(lam=lam, alpha=alpha, weight_decay=weight_decay, momentum=momentum, lr=lr))
-        for group in self.param_groups:
-            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         trainable = self._trainable()
         if not trainable:
             raise ValueError("GramGaussNewton got no parameter that requires grad")
         self._module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         self._engine_choice = engine
-        # given parameters only, the first step finds the modules owning them (_use_called_modules)
-        self._find_model = self._module is None and engine == "auto"
+        # given parameters only, the first step finds the modules owning them (_use_called_modules):
+        # for "auto" to choose the hooks engine, and for every engine to refuse a batch-coupling one
+        self._find_model = self._module is None
+        self._called_modules: nn.Module | None = None  # found so, for a named engine: checked only
         self.solve_dtype = solve_dtype
         self.solve_space = solve_space
         if adaptive_damping == "auto":  # local steps have no common gain ratio: fixed alpha there
@@ -323,6 +323,16 @@ class GramGaussNewton(Optimizer):
         self.last_gain_ratio: float | None = None
         self.last_diagnostics: StepDiagnostics | None = None
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, checked before it changes anything; a group that does not
+        set ``alpha`` gets the one the steps use now (the damping rule adapts it, and one system
+        is solved for all groups: they share it), the other hyper-parameters the constructor's."""
+        if "alpha" not in param_group and self.param_groups:
+            param_group = {**param_group, "alpha": self._shared("alpha")}
+        group = {**self.defaults, **param_group}
+        _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
+        super().add_param_group(param_group)
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state (``"state"``: step counts, momentum ``phi``; ``"param_groups"``:
         ``lam``, ``alpha``, ...) and, under ``"gramnewton"``, what else decides the next steps:
@@ -340,13 +350,17 @@ class GramGaussNewton(Optimizer):
         gets ``lr = 1``)."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("gramnewton", None)
+        _check_state_shapes(state_dict, self.param_groups)
+        rule = extra["damping"] if extra is not None and self.damping is not None else None
+        if rule:  # refused (e.g. another rule's state) before anything is loaded
+            copy.deepcopy(self.damping).load_state_dict(rule)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("lr", 1.0)  # a state_dict saved before lr existed
         if extra is not None:
             self.rejections_in_a_row = int(extra["rejections_in_a_row"])
-            if extra["damping"] and self.damping is not None:
-                self.damping.load_state_dict(extra["damping"])
+            if rule:
+                self.damping.load_state_dict(rule)
 
     def _trainable(self) -> list[Tensor]:
         """The parameters of ``param_groups`` that require grad, in order: the ones a step trains."""
@@ -431,19 +445,51 @@ class GramGaussNewton(Optimizer):
         with replayable_randomness(self.engine.params):  # re-evaluations draw the first run's numbers
             if self._find_model:
                 self._use_called_modules(closure)
-            if self._module is not None:
-                check_per_sample_independence(self._module)
-            return self._step(self._without_ddp_sync(closure))
+            module = self._called_modules if self._module is None else self._module
+            if module is not None:
+                check_per_sample_independence(module)
+            before = self._damping_state()
+            try:
+                return self._step(self._without_ddp_sync(closure))
+            except BaseException:  # the parameters are restored where they changed (_adapt_damping)
+                self._restore_damping_state(before)
+                raise
+
+    def _damping_state(self) -> tuple[list[float], int, float | None, Any] | None:
+        """What a step changes besides the parameters and ``self.state`` (``None`` without a
+        damping rule, which changes none of it): each group's ``alpha``, the rejections in a
+        row, the last gain ratio and the rule's own state (a rejected step, a retry's or
+        :class:`~gramnewton.damping.CrossValidatedDamping`'s ``choose_alpha`` change it before
+        a later call of the closure may raise)."""
+        if self.damping is None:
+            return None
+        rule = getattr(self.damping, "state_dict", None)
+        alphas = [group["alpha"] for group in self.param_groups]
+        return alphas, self.rejections_in_a_row, self.last_gain_ratio, rule() if rule else None
+
+    def _restore_damping_state(self, state: tuple[list[float], int, float | None, Any] | None) -> None:
+        """Put back :meth:`_damping_state`'s ``state``."""
+        if state is None:
+            return
+        alphas, self.rejections_in_a_row, self.last_gain_ratio, rule = state
+        for group, alpha in zip(self.param_groups, alphas):
+            group["alpha"] = alpha
+        if rule is not None:
+            self.damping.load_state_dict(rule)
 
     def _use_called_modules(self, closure: Closure) -> None:
-        """Given parameters only (torch.optim's idiom) and ``engine="auto"``: the modules the
-        first step's closure calls that own them (:func:`~gramnewton.engines.select.called_modules`:
-        one run without gradients, with the step's random draws) become the model, so that the
-        hooks engine computes their rows instead of the reference engine's backward pass per row."""
+        """Given parameters only (torch.optim's idiom): the modules the first step's closure calls
+        that own them (:func:`~gramnewton.engines.select.called_modules`: one run without
+        gradients, with the step's random draws). With ``engine="auto"`` they become the model, so
+        that the hooks engine computes their rows instead of the reference engine's backward pass
+        per row; with a named engine or an instance the engine stays, and every step checks them
+        as it checks a model (a BatchNorm in training mode is refused whatever the engine)."""
         # a BatchNorm in training mode is refused before its forward pass changes its statistics
         module = called_modules(closure, self.engine.params, before_call=check_per_sample_independence)
         self._find_model = False
-        if module is not None:
+        if module is not None and self._engine_choice != "auto":
+            self._called_modules = module
+        elif module is not None:
             # a DistributedDataParallel wrapper, as if it had been given: its forward passes run
             # under no_sync() (DDP would wait for a gradient reduction GGN never starts)
             self.model = module
@@ -578,17 +624,20 @@ class GramGaussNewton(Optimizer):
             if id(old) not in counts:
                 counts[id(old)] = (old, torch.tensor(1.0, device="cpu") if old is None else old + 1)
             state["step"] = counts[id(old)][1]
+        # phi and the moment in each parameter's dtype, the counts as Python ints: torch's
+        # load_state_dict casts every tensor but "step" to its parameter's dtype (a float64 phi of
+        # a float32 parameter, a count of 257 in bfloat16: 256), and a resumed run must take the
+        # steps an uninterrupted one takes
+        params = self.engine.params
         if phi is not None:  # phi_t: the step taken without the decay (and without s_t)
-            momentum_count = torch.tensor(float(count), device="cpu") if self.bias_correction else None
-            for state, buffer in zip(states, phi):
-                state["momentum_buffer"] = buffer
-                if momentum_count is not None:
-                    state["momentum_count"] = momentum_count
+            for p, state, buffer in zip(params, states, phi):
+                state["momentum_buffer"] = buffer.to(p.dtype)
+                if self.bias_correction:
+                    state["momentum_count"] = count
         if metric_moment is not None:
             moment, metric_count = metric_moment
-            shared = torch.tensor(float(metric_count), device="cpu")
-            for state, part in zip(states, split_like(moment, self.engine.params)):
-                state["metric_moment"], state["metric_count"] = part, shared
+            for p, state, part in zip(params, states, split_like(moment, params)):
+                state["metric_moment"], state["metric_count"] = part.to(p.dtype), metric_count
 
     def _metric_system(self, closure: Closure, need_gram: bool) -> tuple[GramSystem, tuple[Tensor, int] | None]:
         """The batch's system in the metric (:func:`~gramnewton.metric.metric_system`; the engine
@@ -742,15 +791,34 @@ class GramGaussNewton(Optimizer):
             call = closure if rows is None else functools.partial(closure, rows)
             dtype = params_dtype(self.engine.params)  # as the step's residuals (autocast: widened)
             if self.distributed == "exact":  # the union batch's residuals, in rank order
-                new_residuals = self.communicator.gather(lambda: closure_residuals(reevaluate(call), dtype).reshape(-1))
+                new_residuals = self.communicator.gather(lambda: reevaluated_residuals(call, dtype).reshape(-1))
             else:
-                new_residuals = closure_residuals(reevaluate(call), dtype)
-            if not isinstance(new_residuals, Tensor) or new_residuals.numel() != before_rows.numel():
+                new_residuals = reevaluated_residuals(call, dtype)
+            if new_residuals.numel() != before_rows.numel():
                 raise ValueError("closure returned residuals of a different shape when re-evaluated")
             before, model, after = squared_sums(before_rows, predicted, new_residuals)  # one synchronisation
             rho = loss_gain_ratio(before, after, before - model)
             loss_after = after / new_residuals.numel()
         return replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
+
+
+def _check_state_shapes(state_dict: Mapping[str, Any], groups: list[dict[str, Any]]) -> None:
+    """Refuse a ``state_dict`` whose per-parameter tensors (``phi``, a metric's moment) do not
+    have their parameter's shape: a state saved from another model with as many tensors, which
+    torch would load and the next step fail on. Group and parameter counts are torch's check."""
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(groups):
+        return
+    for saved, group in zip(saved_groups, groups):
+        if len(saved["params"]) != len(group["params"]):
+            return
+        for index, p in zip(saved["params"], group["params"]):
+            for key, value in state_dict.get("state", {}).get(index, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"the state_dict's {key!r} of parameter {index} has shape {tuple(value.shape)}, the "
+                        f"parameter {tuple(p.shape)} (a state saved from another model?); nothing was loaded"
+                    )
 
 
 def _takes_rows(closure: Closure) -> bool:
@@ -810,9 +878,9 @@ def _acceleration(
 
 def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float, lr: float) -> None:
     check_damping(lam, alpha)
-    if not 0 <= weight_decay < 1:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be in [0, 1))")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf or lr * weight_decay >= 1:
+    if not is_number(weight_decay) or not 0 <= weight_decay < 1:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (must be a number in [0, 1))")
+    if not is_number(lr) or not 0 < lr < math.inf or lr * weight_decay >= 1:
         raise ValueError(f"Invalid lr value: {lr!r} (must be a finite number > 0, with lr * weight_decay < 1)")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"Invalid momentum value: {momentum} (must be in [0, 1))")
+    if not is_number(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"Invalid momentum value: {momentum!r} (must be a number in [0, 1))")

@@ -36,6 +36,7 @@ dtype unless ``dtype`` says otherwise. The solution is cast back to the right-ha
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,12 +55,19 @@ class NonFiniteError(ValueError):
     tell a diverged run from a programming error."""
 
 
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a real number given as one: a Python or NumPy int or float, not a
+    ``bool`` (``lam=True`` is a slip, not a 1), a tensor or a string. NaN is a number here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_damping(lam: float, alpha: float) -> None:
-    """Raise ``ValueError`` unless ``0 < lam < inf`` and ``0 <= alpha < inf`` (NaN is refused)."""
-    if not 0 < lam < math.inf:
-        raise ValueError(f"Invalid lam value: {lam} (must be finite and > 0)")
-    if not 0 <= alpha < math.inf:
-        raise ValueError(f"Invalid alpha (damping) value: {alpha} (must be finite and >= 0)")
+    """Raise ``ValueError`` unless ``lam`` and ``alpha`` are numbers (:func:`is_number`) with
+    ``0 < lam < inf`` and ``0 <= alpha < inf`` (NaN is refused)."""
+    if not is_number(lam) or not 0 < lam < math.inf:
+        raise ValueError(f"Invalid lam value: {lam!r} (must be a finite number > 0)")
+    if not is_number(alpha) or not 0 <= alpha < math.inf:
+        raise ValueError(f"Invalid alpha (damping) value: {alpha!r} (must be a finite number >= 0)")
 
 
 def solve_dtype_for(dtype: torch.dtype) -> torch.dtype:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .engines import Closure, GramEngine, GramSystem, ReferenceEngine
-from .engines.base import closure_residuals, params_dtype, reevaluate
+from .engines.base import params_dtype, reevaluated_residuals
 from .engines.reference import flatten, split_like
 from .solve import (
     SingularGramError,
@@ -27,6 +27,7 @@ from .solve import (
     as_dtype,
     check_damping,
     damped_solution,
+    is_number,
     jacobian_solve,
     parameter_space_solution,
     solves_by_normal_equations,
@@ -137,7 +138,7 @@ class GeodesicAcceleration:
     def __post_init__(self) -> None:
         for name in ("step_size", "max_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            if not is_number(value) or not 0 < value < math.inf:
                 raise ValueError(f"Invalid geodesic acceleration {name}: {value!r} (must be a finite number > 0)")
 
 
@@ -372,7 +373,7 @@ def _residuals_along(params: Sequence[Tensor], direction: Sequence[Tensor], h: f
     saved = [p.detach().clone() for p in params]
     try:
         torch._foreach_add_(params, [d.to(p.dtype) for p, d in zip(params, direction)], alpha=h)
-        return closure_residuals(reevaluate(closure), params_dtype(params)).detach()
+        return reevaluated_residuals(closure, params_dtype(params)).detach()
     finally:
         restore_parameters(params, saved)
 

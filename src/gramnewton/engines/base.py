@@ -296,6 +296,18 @@ def reevaluate(closure: Callable[..., ClosureResult], *args: Any) -> ClosureResu
         return _replayed(closure, *args)
 
 
+def reevaluated_residuals(closure: Callable[..., ClosureResult], dtype: torch.dtype | None, *args: Any) -> Tensor:
+    """:func:`reevaluate`'s residuals (:func:`closure_residuals`), refused as the step's first
+    evaluation refuses them when they are not a floating-point tensor (integer residuals would be
+    truncated into a wrong loss, and with it a wrong gain ratio). Their shape is the caller's check."""
+    residuals = closure_residuals(reevaluate(closure, *args), dtype)
+    if not isinstance(residuals, Tensor):
+        raise TypeError(f"closure returned {type(residuals).__name__} when re-evaluated, not a tensor of residuals")
+    if not residuals.is_floating_point():
+        raise TypeError(f"residuals must be floating point, got {residuals.dtype} when the closure was re-evaluated")
+    return residuals
+
+
 def residuals_2d(value: ClosureResult, dtype: torch.dtype | None = None) -> Tensor:
     """Validate a closure's return value (residuals, or ``(outputs, targets)``) and view it as ``(b, k)``.
 

@@ -91,7 +91,9 @@ class FunctionalEngine:
 
     Args:
         params: the parameters to differentiate; each must appear (by identity) among the
-            closure's ``params`` values, else its columns of ``J`` are zero.
+            closure's ``params`` values, else the step is refused (a term's function may still
+            reach a missing one, e.g. ``functional_call`` falls back to the module's own tensors,
+            and its columns of ``J`` could not be formed).
         chunk_size: samples per vectorised Jacobian (bounds the memory of the per-sample
             intermediates); ``None``: all at once.
 
@@ -121,6 +123,14 @@ class FunctionalEngine:
                 self._fallback = ReferenceEngine(self.params)
             return self._fallback.compute(closure, form_gram=form_gram)
         names = _names_of(self.params, closure.params)
+        missing = [tuple(p.shape) for p, name in zip(self.params, names) if name is None]
+        if missing:
+            raise ValueError(
+                f"FunctionalEngine: {len(missing)} trained parameter(s) of shapes {missing} are not among the "
+                "FunctionalResidual's params (compared by identity), so their columns of J cannot be formed; "
+                "pass every trained parameter, e.g. dict(model.named_parameters()), or freeze the others "
+                "(requires_grad=False); no parameter was changed"
+            )
         blocks = [self._term_jacobian(term, closure.params, names) for term in closure.terms]
         if len({r.shape[1] for r, _ in blocks}) != 1:
             raise ValueError(
@@ -150,9 +160,9 @@ class FunctionalEngine:
             residuals=residuals, gram=gram, jt_times=jt_times, j_times=j_times, jacobian_columns=jacobian_columns
         )
 
-    def _term_jacobian(self, term: Term, params: dict[str, Tensor], names: list[str | None]) -> tuple[Tensor, Tensor]:
+    def _term_jacobian(self, term: Term, params: dict[str, Tensor], names: list[str]) -> tuple[Tensor, Tensor]:
         """``(n, k)`` residuals and ``(n*k, m)`` Jacobian rows of one term (weight applied)."""
-        wanted = {n for n in names if n is not None}
+        wanted = set(names)
         fixed = {n: p.detach() for n, p in params.items() if n not in wanted}
         free = {n: params[n].detach() for n in wanted}
 
@@ -164,10 +174,7 @@ class FunctionalEngine:
         per_sample = vmap(jacrev(one, has_aux=True), in_dims=in_dims, chunk_size=self.chunk_size)
         jac, values = per_sample(free, *[t.detach() for t in term.inputs])
         n, k = values.shape
-        columns = [
-            jac[name].reshape(n * k, -1) if name is not None else values.new_zeros(n * k, p.numel())
-            for name, p in zip(names, self.params)
-        ]
+        columns = [jac[name].reshape(n * k, -1) for name in names]
         return term.weight * values, term.weight * torch.cat(columns, dim=1)
 
 

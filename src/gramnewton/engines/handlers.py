@@ -898,7 +898,54 @@ def _rows_by_recomputation(
         tolerance = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.abs().max().clamp_min(1e-30))
         if again.shape != expected.shape or float((again - expected).abs().max()) > tolerance:
             return None
+    if not _rows_sum_to_the_batch_gradient(call, g, cotangents, grads, params):
+        return None
     return {name: grads[name].reshape(b * k, -1) for name in params}
+
+
+def _rows_sum_to_the_batch_gradient(
+    call: RecordedCall,
+    g: OutputGrads,
+    cotangents: tuple[Tensor, ...],
+    grads: dict[str, Tensor],
+    params: dict[str, Tensor],
+) -> bool:
+    """Whether the rows run again sample by sample (``grads[name]`` ``(b, k, *shape)``, from
+    ``cotangents`` ``(b, k, ...)`` per output), weighted by ``s_i`` per sample, sum to the
+    module's vector-Jacobian product through its recorded graph with the cotangents weighted
+    alike. Equal outputs do not prove equal derivatives: a module that mixes its samples through
+    a term that is zero where it is checked (``h + gamma * h.mean(0)`` with a gate ``gamma = 0``,
+    ReZero's start) returns the same outputs alone, but its derivative with respect to ``gamma``
+    is ``mean(h)`` in the batch and ``h_i`` alone. The weights ``s_i`` (drawn from ``[1, 2)``
+    with a fixed seed) make the check see it where the cotangents are the same for every sample
+    (a linear head: ``sum_i c h_i = sum_i c mean(h)``). One backward pass of the module's own
+    operations; the tolerance is ``sqrt(eps)`` of the weighted sum of the rows' absolute values."""
+    b = cotangents[0].shape[0]
+    weights = torch.rand(b, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1
+
+    def weighted(t: Tensor) -> Tensor:  # (b, k, ...) -> s_i times each sample's k rows, summed over k
+        return (t * weights.to(t).view(b, *[1] * (t.dim() - 1))).sum(1)
+
+    reached = [
+        (edge, weighted(cotangent).movedim(0, d))
+        for edge, cotangent, d, x in zip(call.edges, cotangents, call.batch_dims, g)
+        if x is not None
+    ]
+    names = list(params)
+    batch = torch.autograd.grad(
+        [e for e, _ in reached],
+        [params[n] for n in names],
+        [c for _, c in reached],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    for name, total in zip(names, batch):
+        summed, scale = weighted(grads[name]).sum(0), weighted(grads[name].abs()).sum(0)
+        expected = torch.zeros_like(summed) if total is None else total.to_dense().to(summed).reshape(summed.shape)
+        tolerance = torch.finfo(summed.dtype).eps ** 0.5 * float(scale.max().clamp_min(1e-30))
+        if float((summed - expected).abs().max()) > tolerance:
+            return False
+    return True
 
 
 def _rows_through_graph(call: RecordedCall, g: OutputGrads, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -1103,11 +1150,11 @@ def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> 
 @register_handler(nn.Linear, autocast=True, sequence_first=True)
 def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     n, out_features = g.shape[0], module.out_features
-    a3 = a.reshape(n, -1, module.in_features)  # (n, S, in): all leading dimensions are positions
-    g3 = g.reshape(n, -1, out_features)
+    positions = math.prod(g.shape[1:-1])  # all leading dimensions are positions (not -1: in may be 0)
+    a3 = a.reshape(n, positions, module.in_features)  # (n, S, in)
+    g3 = g.reshape(n, positions, out_features)
     pieces: dict[str, Piece] = {}
     if "weight" in names:
-        positions = a3.shape[1]
         if factored_is_cheaper(n, positions, module.in_features, out_features):
             pieces["weight"] = Factored(a3.unsqueeze(1), g3.unsqueeze(1), with_bias="bias" in names)
         elif positions == 1:

@@ -459,7 +459,8 @@ class HooksEngine:
         self._observe: Callable[[_Call, int, Tensor | None], None] | None = None
         # id of each call the backward passes feed -> how many of its output gradients are still to come
         self._expected: dict[int, int] = {}
-        self._row_verdicts: dict[tuple, frozenset[int]] = {}
+        # forward signature -> (the calls whose rows are not the samples, the forwards seen with it)
+        self._row_verdicts: dict[tuple, tuple[frozenset[int], int]] = {}
         # parameter id -> the type of its module, whose output in the last forward held no
         # differentiable tensor (set by each forward, read by the routing)
         self._untracked: dict[int, str] = {}
@@ -798,24 +799,36 @@ class HooksEngine:
 
     def _rows_not_samples(self, calls: list[_Call], residuals: Tensor, post: list[Any]) -> list[_Call]:
         """The calls with ``b`` rows whose rows are not the samples (:mod:`.rows`), the verdict
-        cached per forward signature."""
+        cached per forward signature and checked again at its 2nd, 4th, 8th, ... forward (a
+        call found mixing stays routed). The check is numerical, at the parameters of the
+        forward it runs on: a mixing of samples through a term that is zero there (a gate
+        ``h + gamma * h.mean(0)`` at ``gamma = 0``, ReZero's start) is invisible to it, and
+        appears once training moves the gate; a check at every forward would cost two backward
+        passes a step, these a number that grows as the logarithm of the steps. A gate that
+        opens between two checks is found at the next one."""
         b = residuals.shape[0]
         reachable = set(post)
         shapes = tuple(
             (id(c.module), c.rows, c.out_shapes, c.batch_dims, tuple(e.output_nr for e in c.edges)) for c in calls
         )
         signature = graph_signature(post, (residuals.shape, shapes))
-        if signature not in self._row_verdicts:
+        routed, seen = self._row_verdicts.get(signature, (frozenset(), 0))
+        seen += 1
+        if seen & (seen - 1) == 0:  # the 1st, 2nd, 4th, ... forward with this signature
             checked = [
                 n
                 for n, c in enumerate(calls)
-                if c.params and not _batch_mismatch(c, b, reachable) and any(e.node in reachable for e in c.edges)
+                if c.params
+                and n not in routed
+                and not _batch_mismatch(c, b, reachable)
+                and any(e.node in reachable for e in c.edges)
             ]
             bad = self._check_rows(residuals, [calls[n] for n in checked], reachable, post) if checked else []
-            if len(self._row_verdicts) >= MAX_ROW_VERDICTS:  # e.g. many sequence lengths: start afresh
-                self._row_verdicts.clear()
-            self._row_verdicts[signature] = frozenset(n for n, failed in zip(checked, bad) if failed)
-        return [calls[n] for n in self._row_verdicts[signature]]
+            routed = routed | {n for n, failed in zip(checked, bad) if failed}
+            if signature not in self._row_verdicts and len(self._row_verdicts) >= MAX_ROW_VERDICTS:
+                self._row_verdicts.clear()  # e.g. many sequence lengths: start afresh
+        self._row_verdicts[signature] = (routed, seen)
+        return [calls[n] for n in routed]
 
     def _check_rows(self, residuals: Tensor, checked: list[_Call], reachable: set[Any], post: list[Any]) -> list[bool]:
         """:func:`.rows.rows_not_samples` for the outputs of ``checked`` whose nodes the residuals

@@ -39,10 +39,13 @@ tolerance is that dtype's ``sqrt(eps)`` (0.088 for bfloat16; mixing samples, as 
 does, leaves differences of the order of the gradients themselves).
 
 Cost: two backward passes down to the first hooked module (no weight-gradient kernel), holding one
-output gradient at a time beyond what the backward pass itself holds. It runs once per forward
-signature (the autograd graph's node types and the hooked calls' modules and shapes,
-:func:`graph_signature`) and the engine keeps the verdict, so a training loop pays it on its first
-step.
+output gradient at a time beyond what the backward pass itself holds. The engine keeps the verdict
+per forward signature (the autograd graph's node types and the hooked calls' modules and shapes,
+:func:`graph_signature`) and checks again at the signature's 2nd, 4th, 8th, ... forward, so a
+training loop pays it about ``log2(steps)`` times. Why again: the check is numerical, at the
+parameters of one forward, and a mixing through a term that is zero there (a gate
+``h + gamma * h.mean(0)`` at ``gamma = 0``, ReZero's start) shows only once training moves it
+(:meth:`~gramnewton.engines.hooks.HooksEngine._rows_not_samples`).
 """
 
 from __future__ import annotations
