@@ -3,6 +3,9 @@
 A command module exposes ``register(subparsers)``, which adds its parser and sets
 ``run=callable(args) -> int`` as a default. Every error is one line on stderr,
 ``error: <what and how to fix>``, with a non-zero exit status; ``--debug`` shows the traceback.
+Warnings are one line too, ``warning: <message>`` (Python's own format adds the source line).
+Ctrl-C that a command does not handle itself (during start-up, say) is one line, ``interrupted``,
+with exit status 130 (a command changes no file before its set-up is done).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 COMMAND_MODULES = (
@@ -42,13 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # the shell's status of a process ended by SIGINT
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    """``warnings.formatwarning`` for the command line: ``warning: <message>`` on one line, without
+    the file and source line of the code that warned (a data set's ``skip_bad`` note, a cache entry
+    rebuilt: written for the user, not the developer; ``--debug`` does not change it)."""
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = one_line_warning  # the process is the command's
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed on one line
         return int(exit_.code or 0)
+    except KeyboardInterrupt:  # while the commands' modules import (torch, matplotlib: seconds)
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
     try:
         return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
     except Exception as error:
         if args.debug:
             raise

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from matplotlib.backend_bases import FigureCanvasBase
+
+from ..experiments.config import load_config
 from ..experiments.figures import plot_curves
-from ..experiments.reproduce import load_curves
-from ..experiments.runner import METRICS_FILE
+from ..experiments.metrics import read_rows
+from ..experiments.runner import CONFIG_FILE, METRICS_FILE
 from ..experiments.step_diagnostics import DIAGNOSTIC_COLUMNS
 
 X_AXES = {"epoch": "epoch", "time": "seconds"}
@@ -38,11 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"add panels of GGN's per-epoch {', '.join(DIAGNOSTICS)} (rejected-step count)",
     )
     p.add_argument("--title", default="")
-    p.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
+    p.add_argument(
+        "--out", type=Path, default=Path("curves.png"), help="PNG to write (.png is added to a name without a suffix)"
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = figure_path(args.out)
     xs = [X_AXES[x] for x in (args.x or ["epoch", "time"])]
     metrics = args.metric or ["train_loss", "test_loss"]
     if args.diagnostics:
@@ -50,6 +60,70 @@ def run(args: argparse.Namespace) -> int:
     for run in args.runs:
         if not (run / METRICS_FILE).is_file():
             raise FileNotFoundError(f"no {METRICS_FILE} in {run}: not a run folder (make one with gramnewton train)")
-    path = plot_curves(load_curves(args.runs), args.out, title=args.title, metrics=metrics, xs=xs, log=args.log)
+    # Every file is read and checked before anything is drawn: a bad one writes no figure.
+    curves = {
+        label: read_metrics(run / METRICS_FILE, columns=[*xs, *metrics], required=xs)
+        for label, run in zip(run_labels(args.runs), args.runs)
+    }
+    path = plot_curves(curves, out, title=args.title, metrics=metrics, xs=xs, log=args.log)
     print(f"wrote {path}")
     return 0
+
+
+def figure_path(out: Path) -> Path:
+    """The file that ``savefig(out)`` writes: matplotlib adds ``.png`` to a name without a suffix
+    (``--out r/notes`` wrote ``r/notes.png`` while ``wrote r/notes`` was printed), and fails, after
+    all the reading and drawing, on a suffix it has no writer for; a folder is refused up front."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the PNG to write, e.g. --out {out / 'curves.png'}")
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"--out {out}: matplotlib writes no {out.suffix} files; name a .png (or .pdf, .svg) file")
+    return out
+
+
+def run_labels(runs: Sequence[Path]) -> list[str]:
+    """A distinct legend label per run: its config's ``name`` (else its folder's name).
+
+    Runs sharing a name get their folder as given, ``tiny (runs/a)``: the curves are keyed by label,
+    and two ``tiny`` runs left one line in the figure. The same folder given twice is numbered.
+    """
+    names = [
+        (load_config(run / CONFIG_FILE)["name"] if (run / CONFIG_FILE).is_file() else "") or run.name for run in runs
+    ]
+    shared = Counter(names)
+    labels = [f"{name} ({run})" if shared[name] > 1 else name for name, run in zip(names, runs)]
+    seen: Counter[str] = Counter()
+    distinct = []
+    for label in labels:
+        seen[label] += 1
+        distinct.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return distinct
+
+
+def read_metrics(path: Path, *, columns: Sequence[str], required: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.csv (:func:`~gramnewton.lab.experiments.metrics.read_rows`, which
+    refuses a line ``gramnewton train`` would not write), the ``columns`` it has as numbers;
+    ``required`` (the x axes) must be there and finite.
+
+    Raises:
+        ValueError: naming the file (and the line): see ``read_rows``; no rows; a ``required``
+            column missing or not finite.
+    """
+    rows = read_rows(path, numeric=columns)
+    header = list(rows[0]) if rows else []
+    missing = [c for c in required if rows and c not in header]
+    if missing:
+        raise ValueError(
+            f"{path}, line 1: no {', '.join(missing)} column in the header "
+            f"({', '.join(header[:4])}{', ...' * (len(header) > 4)}): "
+            "not a metrics.csv written by gramnewton train"
+        )
+    if not rows:
+        raise ValueError(f"{path} has a header but no rows: the run has logged no evaluation yet (plot it later)")
+    for line, row in enumerate(rows, 2):
+        for column in required:
+            if not math.isfinite(row[column]):
+                raise ValueError(f"{path}, row {line - 1}: {column} is {row[column]}, an x axis needs a finite number")
+    return rows

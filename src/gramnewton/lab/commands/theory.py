@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..experiments.runner import CONFIG_FILE, METRICS_FILE
+from ..experiments.setup import CHECKPOINT
 from ..models import activation
 from ..theory.closed_form import ENGINES
 from ..theory.data import sphere_data
@@ -67,6 +69,11 @@ def _common(p: argparse.ArgumentParser, n: int, out: str) -> None:
         "machine extra threads made steps up to 50x slower)",
     )
     p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace this study's earlier output in --out, or write beside a training run there",
+    )
 
 
 def _positive(text: str) -> int:
@@ -90,6 +97,7 @@ def _exponents(text: str) -> list[int]:
 
 
 def run_quadratic(args: argparse.Namespace) -> int:
+    check_out(args.out, "quadratic", overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     x, y = sphere_data(args.n, args.d, args.seed)
     kernel = ntk_limit(x, activation(args.act))
@@ -135,6 +143,7 @@ def run_quadratic(args: argparse.Namespace) -> int:
 
 
 def run_minibatch(args: argparse.Namespace) -> int:
+    check_out(args.out, "minibatch", overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     x, y = sphere_data(args.n, args.d, args.seed)
     kernel = ntk_limit(x, activation(args.act))
@@ -181,6 +190,33 @@ def run_minibatch(args: argparse.Namespace) -> int:
     plot_minibatch(study, args.out / "minibatch.png")
     print(f"wrote {args.out / 'minibatch.json'} and {args.out / 'minibatch.png'}")
     return 0
+
+
+# A ``gramnewton train`` run folder holds these; a study's files beside them would mix the two.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT)
+
+
+def check_out(out: Path, study: str, *, overwrite: bool) -> None:
+    """Refuse, before the study runs, an ``out`` that is a file, or (without ``overwrite``) a folder
+    holding this study's ``<study>.json`` or ``.png`` or a training run: both were overwritten or
+    written into without a word. Another study's files are left alone, as ``train --out`` and
+    ``demo --out`` refuse a folder they would overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: pick another --out")
+    if overwrite or not out.is_dir():
+        return
+    earlier = [name for name in (f"{study}.json", f"{study}.png") if (out / name).exists()]
+    if earlier:
+        raise ValueError(
+            f"{out} already holds {' and '.join(earlier)} from an earlier study: pass --overwrite to replace them, "
+            "or pick another --out"
+        )
+    run = [name for name in RUN_FILES if (out / name).exists()]
+    if run:
+        raise ValueError(
+            f"{out} holds a training run ({', '.join(run)}): pick another --out, "
+            "or pass --overwrite to write the study beside it"
+        )
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:

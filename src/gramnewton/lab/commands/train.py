@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..experiments.config import load_config
 from ..experiments.early_stopping import BEST, EarlyStopping, load_best
 from ..experiments.reproduce import CONFIGS_DIR
-from ..experiments.runner import run_experiment
+from ..experiments.runner import check_run_folder, run_experiment
 from ..experiments.setup import CHECKPOINT
 from ..experiments.training import Callback, FitState, ProgressBar
 
@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="TOML experiment file, or the name of a packaged config (e.g. afad_ggn_fixup; see gramnewton.lab.configs)",
     )
     p.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty run folder")
+    replace = p.add_mutually_exclusive_group()
+    replace.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    replace.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty run folder")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -63,12 +64,16 @@ def config_path(text: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
+    # refused folders before the note below, which would otherwise precede the error
+    check_run_folder(out, resume=args.resume, overwrite=args.overwrite, config=config)
     with _process_group() as rank:
         if args.resume and not (out / CHECKPOINT).is_file() and rank == 0:
             print(f"--resume: no checkpoint in {out}, starting from scratch")
         try:
             rows = train_with_progress(config, out, resume=args.resume, overwrite=args.overwrite, progress=rank == 0)
         except KeyboardInterrupt:
+            if not (out / CHECKPOINT).is_file():
+                raise  # a second Ctrl-C during set-up: nothing to resume; the CLI says "interrupted"
             if rank == 0:
                 print(f"\ninterrupted: checkpoint saved in {out}; continue with --resume")
             return 130
@@ -119,10 +124,12 @@ def train_with_progress(
     desc: str = "",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """:func:`run_experiment` with a progress bar (steps / total steps; none when ``progress`` is
-    False); Ctrl-C stops after the current step (checkpointed)."""
+    """:func:`run_experiment` with a progress bar (steps / total steps, the total within
+    ``train.seconds`` when it is set; none when ``progress`` is False); Ctrl-C stops after the
+    current step (checkpointed)."""
     with _deferred_interrupt() as stop:
-        bar = [ProgressBar(desc or config["name"] or "train", leave=False)] if progress else []
+        name = desc or config["name"] or "train"
+        bar = [ProgressBar(name, seconds=config["train"]["seconds"], leave=False)] if progress else []
         callbacks = [*bar, _InterruptAfterStep(stop)]
         return run_experiment(config, out, resume=resume, overwrite=overwrite, callbacks=callbacks)
 

@@ -95,7 +95,7 @@ def afad_lite(
     for part in ("train", "test"):
         index = split_indices(len(paths), part, seed)
         parts[part] = index[keep[index]]
-    scale = fit_scale(ages_t[parts["train"]], "years")
+    scale = fit_scale(ages_t[parts["train"]], "years", "afad-lite")
     index = parts[split]
     targets = (ages_t[index] - scale.mean) / scale.std
     return TensorRegressionDataset(images[position[index]], targets.float(), scale, "afad-lite")

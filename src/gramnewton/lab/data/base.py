@@ -25,10 +25,14 @@ class TargetScale:
         return float(mse) ** 0.5 * abs(self.std)
 
 
-def fit_scale(train_values: Tensor, unit: str) -> TargetScale:
-    """Normalisation from training targets ``(n,)``: their mean and (population) standard deviation."""
+def fit_scale(train_values: Tensor, unit: str, name: str = "") -> TargetScale:
+    """Normalisation from training targets ``(n,)``: their mean and (population) standard deviation.
+
+    Raises:
+        ValueError: there is no target; the message starts with the data set's ``name``.
+    """
     if train_values.numel() == 0:
-        raise ValueError("no training targets to normalise with: every item was bad or missing")
+        raise ValueError(f"{name or 'data set'}: no training targets to normalise with: every item was bad or missing")
     values = train_values.double()
     std = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
     return TargetScale(mean=float(values.mean()), std=std if std > 0 else 1.0, unit=unit)

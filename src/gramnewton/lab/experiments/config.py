@@ -26,8 +26,11 @@ Overrides are ``section.key=value`` strings; ``value`` is parsed as a TOML value
 
 A resolved config is validated (:func:`validate`): unknown sections and keys are refused with the
 closest valid name; the keys of ``[optimizer]`` are those its constructor accepts
-(:func:`~gramnewton.lab.experiments.optimizers.hyper_parameters`), with the type of their default;
-the values' ranges are checked by the constructor.
+(:func:`~gramnewton.lab.experiments.optimizers.hyper_parameters`), and those of ``model.kwargs``
+and ``data.kwargs`` those of the model's and data set's builder, each of the type its default or
+annotation names (:func:`_expected_type`; numbers finite, integers for integers, a list of the
+default's length for a tuple, ``"float32"``/``"float64"`` for a dtype); the values' ranges are
+checked by the constructor.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ import tomli_w
 
 from ...damping import DAMPING_RULES, damping_rule
 from ...metric import metric_from
-from .optimizers import OPTIMIZERS, hyper_parameters
+from ..data.registry import DATASETS
+from ..models.registry import MODELS
+from ..registry import Registry
+from .optimizers import DTYPES, OPTIMIZERS, hyper_parameters, takes_weight_decay
 
 DEFAULTS: dict[str, Any] = {
     "name": "",
@@ -77,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
     "warm_start": {"run": ""},
 }
 REQUIRED = ("model.name", "data.name", "optimizer.name")
+# The data order's and augmentation's generators are seeded with (seed * 100_003 + epoch) *
+# 1_000_003 + batch (training.augment_generator), which torch needs below 2**64.
+SEED_LIMIT = 10**8
 # key -> (type, smallest value); NUMBERS accept ints and floats, never booleans
 NUMBERS = (int, float)
 RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
@@ -105,7 +114,7 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "data.kwargs": (dict, None),
 }
 # keys whose values must also stay below a bound
-BELOW: dict[str, float] = {"train.label_smoothing": 1.0, "data.validation_fraction": 1.0}
+BELOW: dict[str, float] = {"train.label_smoothing": 1.0, "data.validation_fraction": 1.0, "seed": SEED_LIMIT}
 # [train] weight_decay is passed to every optimizer; the same key under [optimizer] would clash
 NOT_IN_OPTIMIZER = ("weight_decay",)
 
@@ -115,7 +124,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, An
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not TOML, or the config is not valid (one-line message).
+        ValueError: the file is not UTF-8 TOML, or the config is not valid (one-line message).
     """
     path = Path(path)
     if not path.is_file():
@@ -125,6 +134,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, An
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:  # tomllib decodes the bytes first; its message names no file
+        line = error.object[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} is not valid TOML: byte {error.object[error.start]:#04x} on line {line} is not UTF-8 "
+            "(save the file as UTF-8)"
+        ) from None
     return resolve(raw, overrides)
 
 
@@ -152,9 +167,56 @@ def validate(config: Mapping[str, Any]) -> None:
         if low is not None and not (math.isfinite(value) and value >= low):
             raise ValueError(f"{key} must be {_describe(kind)} >= {low:g}, got {value!r}")
         if key in BELOW and not value < BELOW[key]:
-            raise ValueError(f"{key} must be {_describe(kind)} in [{low:g}, {BELOW[key]:g}), got {value!r}")
+            raise ValueError(f"{key} must be {_describe(kind)} in [{low:g}, {_number(BELOW[key])}), got {value!r}")
     _check_validation(config)
     _check_optimizer(config["optimizer"])
+    _check_weight_decay(config)
+    _check_kwargs("model", config["model"], MODELS)
+    _check_kwargs("data", config["data"], DATASETS)
+
+
+def _number(value: float) -> str:
+    """``100000000`` for an integer (not ``1e+08``), ``0.5`` for a float."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _check_weight_decay(config: Mapping[str, Any]) -> None:
+    """``train.weight_decay`` is the optimizer's own; one without (L-BFGS) takes only 0."""
+    name, decay = config["optimizer"]["name"], config["train"]["weight_decay"]
+    if decay and not takes_weight_decay(name):
+        raise ValueError(
+            f"train.weight_decay = {decay:g} but {name} has no weight decay: "
+            "set train.weight_decay = 0 (--set train.weight_decay=0)"
+        )
+
+
+# keyword arguments the set-up passes itself (setup.load_data): a kwargs key of that name clashes
+SET_BY_SETUP = {"data": {"root": "data.root", "split": "the split (the run loads both)"}}
+
+
+def _check_kwargs(section: str, table: Mapping[str, Any], registry: Registry) -> None:
+    """``{section}.kwargs``: keyword arguments of ``registry``'s builder of ``{section}.name``, each
+    of the type its default or annotation names. An unknown name is left to the set-up, which
+    lists the known."""
+    if table["name"] not in registry.names():
+        return
+    parameters = inspect.signature(registry.get(table["name"])).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # a builder taking **kwargs: any key may be right
+    fixed = SET_BY_SETUP.get(section, {})
+    accepted = [k for k in parameters if not k.startswith("_") and k not in fixed]  # _d, _n: fixed by the name
+    prefix = f"{section}.kwargs"
+    for key, value in table["kwargs"].items():
+        if key in fixed:
+            raise ValueError(f"{prefix}.{key} is not allowed: it is set by {fixed[key]}")
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+            raise ValueError(
+                f"unknown config key {prefix}.{key} for {table['name']}{hint}; "
+                f"{table['name']} accepts {', '.join(accepted)}"
+            )
+        _check_value(f"{prefix}.{key}", value, parameters[key])
 
 
 def _check_validation(config: Mapping[str, Any]) -> None:
@@ -181,7 +243,8 @@ def _check_names(config: Mapping[str, Any], valid: Mapping[str, Any], prefix: st
 
 
 def _check_optimizer(section: Mapping[str, Any]) -> None:
-    """Keys of ``[optimizer]``: its constructor's keyword arguments, each of its default's type."""
+    """Keys of ``[optimizer]``: its constructor's keyword arguments, each of the type its default
+    and annotation name (:func:`_expected_type`)."""
     name = section["name"]
     if name not in OPTIMIZERS:
         close = difflib.get_close_matches(name, list(OPTIMIZERS), n=1)
@@ -207,28 +270,107 @@ def _check_optimizer(section: Mapping[str, Any]) -> None:
             except ValueError as error:
                 raise ValueError(f"optimizer.metric: {error}") from None
             continue
-        kind = _expected_type(key, parameters[key])
-        if kind is not None and (
-            not isinstance(value, kind)
-            or (kind is NUMBERS and isinstance(value, bool))
-            or (kind == BOOL_OR_STRING and isinstance(value, str) and value not in DAMPING_NAMES)
-        ):
-            default = parameters[key].default
-            raise ValueError(f"optimizer.{key} must be {_describe(kind)} (default {default!r}), got {value!r}")
+        if key in BOOL_OR_STRING_KEYS:
+            if not isinstance(value, BOOL_OR_STRING) or (isinstance(value, str) and value not in DAMPING_NAMES):
+                default = parameters[key].default
+                raise ValueError(
+                    f"optimizer.{key} must be {_describe(BOOL_OR_STRING)} (default {default!r}), got {value!r}"
+                )
+            continue
+        _check_value(f"optimizer.{key}", value, parameters[key])
+        choices = CHOICES.get((name, key))
+        if choices and value not in choices:
+            raise ValueError(f"optimizer.{key} for {name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _expected_type(key: str, parameter: inspect.Parameter) -> type | tuple[type, ...] | None:
-    """What a config value of a constructor ``parameter`` must be: its default's type (any number
-    for a number; :data:`BOOL_OR_STRING` for ``adaptive_damping``), for a ``None`` default the
-    number type its annotation names (``max_step_norm: float | None``); ``None``: not checked."""
+# string arguments whose constructor accepts any string but only these work
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("lbfgs", "line_search_fn"): ("strong_wolfe",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOf:
+    """A TOML list (a tuple default, a ``Sequence[int]`` annotation) of ``element`` items,
+    ``length`` of them (any number when None)."""
+
+    element: type | tuple[type, ...]
+    length: int | None = None
+
+
+DTYPE = "dtype"  # a dtype argument: a name of optimizers.DTYPES
+UNSETTABLE = "unsettable"  # an argument no TOML value can give (a process group)
+Expected = type | tuple[type, ...] | ListOf | str
+
+
+def _check_value(key: str, value: Any, parameter: inspect.Parameter) -> None:
+    """Raise ``ValueError`` (one line, naming ``key``) unless ``value`` is what :func:`_expected_type`
+    says ``parameter`` takes; numbers must be finite."""
+    kind = _expected_type(parameter)
+    if kind is None:
+        return
+    if kind == UNSETTABLE:
+        raise ValueError(f"{key} cannot be set in a config (it takes a {parameter.annotation})")
+    if not _is_a(value, kind):
+        default = parameter.default
+        shown = "" if default is inspect.Parameter.empty else f" (default {default!r})"
+        raise ValueError(f"{key} must be {_describe(kind)}{shown}, got {value!r}")
+
+
+def _is_a(value: Any, kind: Expected) -> bool:
+    """Whether ``value`` is of ``kind``: never a boolean for a number, a finite float."""
+    if isinstance(kind, ListOf):
+        return (
+            isinstance(value, list)
+            and (kind.length is None or len(value) == kind.length)
+            and all(_is_a(item, kind.element) for item in value)
+        )
+    if kind == DTYPE:
+        return isinstance(value, str) and value in DTYPES
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _expected_type(parameter: inspect.Parameter) -> Expected | None:
+    """What a config value of a builder's or constructor's ``parameter`` must be, from its default
+    and its annotation: true or false for a boolean, an integer for an integer (not a float), any
+    number where a float is allowed (``lr: float = 1`` included), a list for a tuple default (of its
+    length) or a ``Sequence``; for a ``None`` default what the annotation names (``foreach: bool |
+    None``; ``solve_dtype: torch.dtype | None``: :data:`DTYPE`), else :data:`UNSETTABLE`;
+    ``None``: not checked (no default and no simple annotation)."""
     default = parameter.default
-    if key in BOOL_OR_STRING_KEYS:
-        return BOOL_OR_STRING
+    annotation = parameter.annotation
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    if text.startswith(SEQUENCES):
+        return ListOf(_simple_type(text[text.index("[") + 1 : -1]) or object)
+    if isinstance(default, tuple):
+        return ListOf(NUMBERS if all(isinstance(x, NUMBERS) for x in default) else object, len(default))
+    if isinstance(default, bool):
+        return bool
+    kind = _simple_type(text)
+    if kind is not None:
+        return kind
     if default is inspect.Parameter.empty:
         return None
     if default is None:
-        return NUMBER_ANNOTATIONS.get(str(parameter.annotation))
-    return bool if isinstance(default, bool) else NUMBERS if isinstance(default, NUMBERS) else type(default)
+        return UNSETTABLE
+    return int if isinstance(default, int) else NUMBERS if isinstance(default, float) else type(default)
+
+
+SEQUENCES = ("Sequence[", "collections.abc.Sequence[", "list[")
+# an annotation's simple types, the first named wins: "float | torch.Tensor" takes any number
+SIMPLE_TYPES: tuple[tuple[str, Expected], ...] = (
+    ("bool", bool),
+    ("float", NUMBERS),
+    ("int", int),
+    ("str", str),
+    ("torch.dtype", DTYPE),
+)
+
+
+def _simple_type(text: str) -> Expected | None:
+    """The type a union annotation ``text`` (``"int | None"``) names first, ``None`` if none."""
+    names = set() if "[" in text else {part.strip() for part in text.split("|")}
+    return next((kind for name, kind in SIMPLE_TYPES if name in names), None)
 
 
 # GramGaussNewton's adaptive_damping: true/false, a rule's name, or a table (_check_damping_table)
@@ -236,8 +378,7 @@ BOOL_OR_STRING: tuple[type, ...] = (bool, str)
 BOOL_OR_STRING_KEYS = frozenset({"adaptive_damping"})
 DAMPING_NAMES = ("auto", *DAMPING_RULES)
 # the type of a number argument by its annotation: a damping rule's arguments a table may set (the
-# others, e.g. cross_validated's span and curvature, are not plain numbers), and an optimizer's
-# arguments whose default is None
+# others, e.g. cross_validated's span and curvature, are not plain numbers)
 NUMBER_ANNOTATIONS: dict[str, type | tuple[type, ...]] = {
     "int": int,
     "float": NUMBERS,
@@ -268,7 +409,7 @@ def _check_damping_table(table: Mapping[str, Any]) -> None:
             hint = f" (did you mean {prefix}.{close[0]}?)" if close else f"; {name} accepts {', '.join(settable)}"
             raise ValueError(f"unknown config key {prefix}.{key}{hint}")
         kind = settable[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if not _is_a(value, kind):
             raise ValueError(f"{prefix}.{key} must be {_describe(kind)}, got {value!r}")
     try:
         damping_rule(table)
@@ -276,8 +417,16 @@ def _check_damping_table(table: Mapping[str, Any]) -> None:
         raise ValueError(f"{prefix}: {error}") from None
 
 
-def _describe(kind: type | tuple[type, ...]) -> str:
+LIST_ITEMS: dict[Any, str] = {int: "integers", NUMBERS: "numbers", str: "strings", bool: "booleans"}
+
+
+def _describe(kind: Expected) -> str:
     names = {int: "an integer", float: "a number", str: "a string", dict: "a table", bool: "true or false"}
+    if isinstance(kind, ListOf):
+        count = "" if kind.length is None else f"{kind.length} "
+        return f"a list of {count}{LIST_ITEMS.get(kind.element, 'items')}"
+    if kind == DTYPE:
+        return f"one of {', '.join(repr(name) for name in DTYPES)}"
     if kind == BOOL_OR_STRING:
         return f"true or false, one of {', '.join(DAMPING_NAMES)}, or a table {{name = ..., ...}}"
     return "a number" if kind == NUMBERS else names.get(kind, kind.__name__)  # type: ignore[arg-type]

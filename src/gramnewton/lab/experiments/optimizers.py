@@ -1,8 +1,10 @@
 """The one optimizer factory: ``{"name": "ggn" | "sgd" | "adam" | "kfac" | "lbfgs", **hyper}`` -> optimizer.
 
-Hyper-parameters are passed through unchanged to the optimizer's constructor, so a new
+Hyper-parameters are passed through to the optimizer's constructor, so a new
 ``GramGaussNewton`` argument needs no change here; :func:`hyper_parameters` lists the accepted
-names from the constructor's signature (the config layer uses it to refuse unknown keys).
+names from the constructor's signature (the config layer uses it to refuse unknown keys). Only
+what TOML cannot spell is converted: a list where the constructor's default is a tuple (Adam's
+``betas``) becomes a tuple, a dtype name (``solve_dtype = "float64"``) the torch dtype.
 """
 
 from __future__ import annotations
@@ -42,18 +44,41 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
 }
 
 
+# dtype names a config may give for a dtype argument (GGN's solve_dtype)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
 def hyper_parameters(name: str) -> list[str]:
     """The keyword arguments the optimizer ``name`` accepts (its constructor's, less the first)."""
     kind = _kind(name)
     return list(inspect.signature(kind.cls).parameters)[1:]
 
 
+def takes_weight_decay(name: str) -> bool:
+    """Whether the optimizer ``name`` has a ``weight_decay`` argument (L-BFGS has none)."""
+    return "weight_decay" in hyper_parameters(name)
+
+
 def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> Optimizer:
     """``spec["name"]``'s optimizer for ``model`` with the other keys of ``spec`` as keyword
-    arguments (over :attr:`OptimizerKind.defaults`); the constructor validates their values."""
+    arguments (over :attr:`OptimizerKind.defaults`, TOML values converted as the module docstring
+    says); the constructor validates their values."""
     kind = _kind(spec.get("name", ""))
-    hyper = {**kind.defaults, **{k: v for k, v in spec.items() if k != "name"}}
+    parameters = inspect.signature(kind.cls).parameters
+    hyper = {**kind.defaults, **{k: _from_toml(v, parameters.get(k)) for k, v in spec.items() if k != "name"}}
     return kind.cls(model if kind.takes_model else model.parameters(), **hyper)
+
+
+def _from_toml(value: Any, parameter: inspect.Parameter | None) -> Any:
+    """``value`` as the constructor ``parameter`` takes it: a tuple for a tuple default, a torch
+    dtype for a dtype name given to a dtype argument; anything else unchanged."""
+    if parameter is None:
+        return value
+    if isinstance(value, list) and isinstance(parameter.default, tuple):
+        return tuple(value)
+    if isinstance(value, str) and value in DTYPES and "dtype" in str(parameter.annotation):
+        return DTYPES[value]
+    return value
 
 
 def _kind(name: str) -> OptimizerKind:

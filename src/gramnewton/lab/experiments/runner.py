@@ -42,7 +42,7 @@ from ..data.augment import translation
 from .config import dumps, load_config
 from .early_stopping import BEST, EarlyStopping, save_best
 from .metrics import read_rows, write_rows
-from .optimizers import build_optimizer
+from .optimizers import build_optimizer, takes_weight_decay
 from .setup import CHECKPOINT, build_model, load_data, warm_start
 from .step_diagnostics import DIAGNOSTIC_COLUMNS, DiagnosticsLog, empty_summary
 from .training import (
@@ -71,8 +71,9 @@ def run_experiment(
 
     A non-empty ``out`` is refused unless ``resume`` (continue from ``out/checkpoint.pt`` if there
     is one; its config must equal ``config`` except for the budget ``train.epochs`` and
-    ``train.seconds``, which may grow; a run that early stopping ended stays ended) or
-    ``overwrite`` (replace the run there). Nothing in ``out`` changes until the data, the model
+    ``train.seconds``, which may grow; a run that early stopping ended stays ended; without one,
+    only a run of ``config`` that ended before its first checkpoint is started over, other files
+    are refused, :func:`check_run_folder`) or ``overwrite`` (replace the run there; not both). Nothing in ``out`` changes until the data, the model
     and the optimizer are set up: a run that fails at set-up leaves the old run resumable.
     ``callbacks`` (progress, say) are
     passed to :func:`~gramnewton.lab.experiments.training.fit`; a ``KeyboardInterrupt`` (raised
@@ -80,7 +81,8 @@ def run_experiment(
 
     The optimizer is ``config["optimizer"]`` with ``train.weight_decay``: GGN's decay is decoupled
     (``w <- (1 - wd) w`` each step, see :class:`~gramnewton.GramGaussNewton`); SGD, Adam and K-FAC
-    add ``wd * w`` to the gradient (torch's ``weight_decay``). ``train.label_smoothing`` (every
+    add ``wd * w`` to the gradient (torch's ``weight_decay``); L-BFGS has none (the config check
+    allows it only 0). ``train.label_smoothing`` (every
     optimizer's cross-entropy targets, :func:`~gramnewton.lab.experiments.training.make_train_step`)
     and ``train.shift`` (random translations of the training images,
     :func:`~gramnewton.lab.data.augment.translation`) are checked against the data at set-up.
@@ -100,7 +102,7 @@ def run_experiment(
     """
     out = Path(out)
     rank, world = _rank_and_world()
-    check_run_folder(out, resume=resume, overwrite=overwrite)
+    check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
     torch.set_num_threads(config["train"]["threads"])
     checkpoint = _load_checkpoint(out, config, world) if resume else None
     train = config["train"]
@@ -114,7 +116,8 @@ def run_experiment(
     model = build_model(config, train_set)
     if config["warm_start"]["run"] and checkpoint is None:
         warm_start(model, config["warm_start"]["run"])
-    optimizer = build_optimizer({**config["optimizer"], "weight_decay": train["weight_decay"]}, model)
+    decay = {"weight_decay": train["weight_decay"]} if takes_weight_decay(config["optimizer"]["name"]) else {}
+    optimizer = build_optimizer({**config["optimizer"], **decay}, model)
     if world > 1 and getattr(optimizer, "distributed", None) is None:
         raise ValueError(
             f"{world} processes need a data-parallel optimizer: optimizer.name = 'ggn' with "
@@ -189,15 +192,38 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse an ``out`` that is a file, or a non-empty folder without ``resume`` or ``overwrite``."""
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool, config: Mapping[str, Any] | None = None) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder without ``resume`` or ``overwrite``.
+
+    With ``resume`` and no checkpoint in ``out`` the run starts from scratch, which rewrites the
+    folder's files: allowed only when they are a run of ``config`` (its ``config.toml``; one that
+    failed before its first checkpoint), never over other files.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: pass one")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: pick another --out")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return
+    if not resume:
         raise ValueError(
             f"{out} is not empty (another run?): pass --resume to continue the run there, "
             "--overwrite to replace it, or pick another --out"
         )
+    if not (out / CHECKPOINT).is_file() and not (config is not None and _holds_run_of(out, config)):
+        files = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise ValueError(
+            f"--resume: {out} holds no checkpoint and no run of this config ({files}), so starting from "
+            "scratch would overwrite its files: pass --overwrite to replace them, or pick another --out"
+        )
+
+
+def _holds_run_of(out: Path, config: Mapping[str, Any]) -> bool:
+    """Whether ``out/config.toml`` is ``config`` (``train.epochs`` and ``train.seconds`` may differ)."""
+    try:
+        return _without_budget(load_config(out / CONFIG_FILE)) == _without_budget(config)
+    except (ValueError, FileNotFoundError):  # missing, unreadable or no longer valid: not this config's run
+        return False
 
 
 def _restore(out: Path, checkpoint: Mapping[str, Any], model: nn.Module, optimizer: Optimizer) -> None:
@@ -329,13 +355,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
 def resumable(out: str | Path, config: Mapping[str, Any]) -> bool:
     """Whether ``out`` holds a checkpoint of ``config`` (``train.epochs`` and ``train.seconds`` may differ)."""
     out = Path(out)
-    if not (out / CHECKPOINT).is_file() or not (out / CONFIG_FILE).is_file():
-        return False
-    try:
-        saved = load_config(out / CONFIG_FILE)
-    except ValueError:  # unreadable or no longer valid: not this config's run
-        return False
-    return _without_budget(saved) == _without_budget(config)
+    return (out / CHECKPOINT).is_file() and _holds_run_of(out, config)
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step", "seconds", "batch_losses", "rows")

@@ -6,6 +6,7 @@ The optimizer comes from :func:`gramnewton.lab.experiments.optimizers.build_opti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -105,15 +106,22 @@ def _targets(dataset: Dataset) -> Tensor:
     return dataset.labels if is_classification(dataset) else dataset.targets
 
 
+# models that flatten their inputs: their in_channels is the flattened input size C * H * W
+FLAT_INPUT_MODELS = ("mlp", "two_layer")
+
+
 def build_model(config: Mapping[str, Any], dataset: TensorRegressionDataset) -> nn.Module:
-    """The model for ``dataset``'s input channels and target width (its number of classes for a
-    classification data set), initialised under ``seed``."""
+    """The model for ``dataset``'s input channels (the flattened input size for
+    :data:`FLAT_INPUT_MODELS`) and target width (its number of classes for a classification data
+    set), initialised under ``seed``; ``model.kwargs`` override both."""
     torch.manual_seed(config["seed"])
     if is_classification(dataset):
         num_outputs = dataset.num_classes
     else:
         num_outputs = 1 if dataset.targets.dim() == 1 else dataset.targets.shape[1]
-    kwargs = {"in_channels": dataset.input_shape[0], "num_outputs": num_outputs, **config["model"]["kwargs"]}
+    name, shape = config["model"]["name"], dataset.input_shape
+    in_channels = math.prod(shape) if name in FLAT_INPUT_MODELS else shape[0]
+    kwargs = {"in_channels": in_channels, "num_outputs": num_outputs, **config["model"]["kwargs"]}
     return get_model(config["model"]["name"], **kwargs)
 
 

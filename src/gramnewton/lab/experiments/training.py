@@ -388,13 +388,20 @@ class EpochEvaluator(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar: elapsed / total training seconds when the budget is in seconds, else steps /
-    total steps; ``desc`` names the run (e.g. the optimizer)."""
+    """A tqdm bar: elapsed / total training seconds when :func:`fit`'s budget is in seconds, else
+    steps / total steps; ``desc`` names the run (e.g. the optimizer).
 
-    def __init__(self, desc: str = "train", **tqdm_kwargs: Any):
-        self.desc, self.tqdm_kwargs = desc, tqdm_kwargs
+    ``seconds`` (0: none) is a time budget that a callback enforces at epoch ends (the runner's
+    ``train.seconds``, which :func:`fit` does not see): the total is then the smaller of the
+    epochs' steps and the steps the budget is expected to allow, whole epochs at the speed so far,
+    re-estimated after every step."""
+
+    def __init__(self, desc: str = "train", seconds: float = 0.0, **tqdm_kwargs: Any):
+        self.desc, self.seconds, self.tqdm_kwargs = desc, seconds, tqdm_kwargs
         self.bar: Any = None
         self.timed = False
+        self.budget: FitBudget | None = None
+        self.start = (0, 0.0)  # (step, seconds) when the bar started: the speed is of this run's steps
 
     def on_start(self, state: FitState, budget: FitBudget) -> None:
         from tqdm import tqdm
@@ -410,6 +417,7 @@ class ProgressBar(Callback):
                 **self.tqdm_kwargs,
             )
         else:
+            self.budget, self.start = budget, (state.step, state.seconds)
             self.bar = tqdm(
                 desc=self.desc, total=budget.total_steps, initial=state.step, unit="step", **self.tqdm_kwargs
             )
@@ -419,9 +427,26 @@ class ProgressBar(Callback):
         if self.timed:
             self.bar.update(min(state.seconds, self.bar.total) - self.bar.n)
         else:
+            if self.seconds > 0:
+                self.bar.total = self._expected_steps(state)
             self.bar.update()
 
+    def _expected_steps(self, state: FitState) -> int | None:
+        """The steps the run will take: the epochs' (None if unbounded) or, if fewer, the whole
+        epochs up to the one ending past :attr:`seconds` at this run's speed so far."""
+        steps, seconds = state.step - self.start[0], state.seconds - self.start[1]
+        if self.budget is None or steps == 0 or seconds <= 0:
+            return None if self.budget is None else self.budget.total_steps
+        per_epoch = self.budget.steps_per_epoch
+        remaining = max(self.seconds - state.seconds, 0.0) * steps / seconds
+        by_time = max(math.ceil((state.step + remaining) / per_epoch), 1) * per_epoch
+        total = self.budget.total_steps
+        return by_time if total is None else min(total, by_time)
+
     def on_end(self, state: FitState) -> None:
+        if not self.timed and 0 < self.seconds <= state.seconds:  # the time budget ended the run: it is done
+            self.bar.total = self.bar.n
+            self.bar.refresh()
         self.bar.close()
 
 
