@@ -73,8 +73,9 @@ def run_experiment(
     is one; its config must equal ``config`` except for the budget ``train.epochs`` and
     ``train.seconds``, which may grow; a run that early stopping ended stays ended; without one,
     only a run of ``config`` that ended before its first checkpoint is started over, other files
-    are refused, :func:`check_run_folder`) or ``overwrite`` (replace the run there; not both). Nothing in ``out`` changes until the data, the model
-    and the optimizer are set up: a run that fails at set-up leaves the old run resumable.
+    are refused, :func:`check_run_folder`) or ``overwrite`` (replace the run there; not both).
+    Nothing in ``out`` changes until the data, the model and the optimizer are set up: a run that
+    fails at set-up leaves the old run resumable.
     ``callbacks`` (progress, say) are
     passed to :func:`~gramnewton.lab.experiments.training.fit`; a ``KeyboardInterrupt`` (raised
     by one of them on Ctrl-C, say) saves a checkpoint after the last finished step and re-raises.
@@ -82,9 +83,9 @@ def run_experiment(
     The optimizer is ``config["optimizer"]`` with ``train.weight_decay``: GGN's decay is decoupled
     (``w <- (1 - wd) w`` each step, see :class:`~gramnewton.GramGaussNewton`); SGD, Adam and K-FAC
     add ``wd * w`` to the gradient (torch's ``weight_decay``); L-BFGS has none (the config check
-    allows it only 0). ``train.label_smoothing`` (every
-    optimizer's cross-entropy targets, :func:`~gramnewton.lab.experiments.training.make_train_step`)
-    and ``train.shift`` (random translations of the training images,
+    allows it only 0). ``train.label_smoothing`` (every optimizer's cross-entropy targets,
+    :func:`~gramnewton.lab.experiments.training.make_train_step`) and ``train.shift`` (random
+    translations of the training images,
     :func:`~gramnewton.lab.data.augment.translation`) are checked against the data at set-up.
 
     Row keys: ``epoch``, ``step``, ``seconds`` (training only), ``running_loss`` (mean of the
