@@ -377,14 +377,6 @@ def _simple_type(text: str) -> Expected | None:
 BOOL_OR_STRING: tuple[type, ...] = (bool, str)
 BOOL_OR_STRING_KEYS = frozenset({"adaptive_damping"})
 DAMPING_NAMES = ("auto", *DAMPING_RULES)
-# the type of a number argument by its annotation: a damping rule's arguments a table may set (the
-# others, e.g. cross_validated's span and curvature, are not plain numbers)
-NUMBER_ANNOTATIONS: dict[str, type | tuple[type, ...]] = {
-    "int": int,
-    "float": NUMBERS,
-    "int | None": int,
-    "float | None": NUMBERS,
-}
 
 
 def _check_damping_table(table: Mapping[str, Any]) -> None:
@@ -396,11 +388,10 @@ def _check_damping_table(table: Mapping[str, Any]) -> None:
     name = table.get("name")
     if name not in DAMPING_RULES:
         raise ValueError(f"{prefix}.name must be one of {', '.join(DAMPING_RULES)}, got {name!r}")
-    settable = {
-        f.name: NUMBER_ANNOTATIONS[str(f.type)]
-        for f in dataclasses.fields(DAMPING_RULES[name])
-        if f.init and str(f.type) in NUMBER_ANNOTATIONS
-    }
+    # a rule's number arguments (the others, e.g. cross_validated's span and curvature, are not
+    # plain numbers), each of the type its annotation names
+    kinds = {f.name: _simple_type(str(f.type)) for f in dataclasses.fields(DAMPING_RULES[name]) if f.init}
+    settable = {key: kind for key, kind in kinds.items() if kind in (int, NUMBERS)}
     for key, value in table.items():
         if key == "name":
             continue
