@@ -11,6 +11,8 @@ from test_lab_reliability import TINY, one_line_error, snapshot
 
 from gramnewton.lab.cli import main
 from gramnewton.lab.commands import plot as plot_command
+from gramnewton.lab.experiments.reproduce import load_curves
+from gramnewton.lab.experiments.runner import run_labels
 
 # The smallest theory study: one width, one seed, two steps (about a second).
 QUADRATIC = ["theory", "quadratic", "--n", "4", "--d", "3", "--widths", "4", "--seeds", "1", "--steps", "2"]
@@ -113,11 +115,21 @@ def test_runs_sharing_a_name_get_a_line_each(tmp_path, capsys, finished_run, mon
     assert main(["plot", str(first), str(second), "--out", str(tmp_path / "two.png")]) == 0
     assert sorted(drawn) == [f"tiny ({first})", f"tiny ({second})"]
     # a run with a name of its own keeps the bare name; the same folder twice is numbered
-    assert plot_command.run_labels([first, first, tmp_path / "plain"]) == [
+    assert run_labels([first, first, tmp_path / "plain"]) == [
         f"tiny ({first})",
         f"tiny ({first}) #2",
         "plain",
     ]
+
+
+def test_reproduce_curves_of_runs_sharing_a_name_are_all_kept(tmp_path, finished_run):
+    """``gramnewton reproduce`` keyed its figures' curves by config name too: of two runs named
+    ``tiny`` the later replaced the earlier (it now labels runs as ``gramnewton plot`` does)."""
+    first, second = copy_run(finished_run, tmp_path / "a"), copy_run(finished_run, tmp_path / "b")
+    curves = load_curves([first, second])
+    assert list(curves) == [f"tiny ({first})", f"tiny ({second})"]
+    losses = [[row["train_loss"] for row in rows] for rows in curves.values()]
+    assert losses[0] == losses[1] and len(losses[0]) > 1
 
 
 def test_plot_prints_the_file_it_writes(tmp_path, capsys, finished_run):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backend_bases import FigureCanvasBase
 
-from ..experiments.config import load_config
 from ..experiments.figures import plot_curves
 from ..experiments.metrics import read_rows
-from ..experiments.runner import CONFIG_FILE, METRICS_FILE
+from ..experiments.runner import METRICS_FILE, run_labels
 from ..experiments.step_diagnostics import DIAGNOSTIC_COLUMNS
 
 X_AXES = {"epoch": "epoch", "time": "seconds"}
@@ -81,25 +79,6 @@ def figure_path(out: Path) -> Path:
     if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
         raise ValueError(f"--out {out}: matplotlib writes no {out.suffix} files; name a .png (or .pdf, .svg) file")
     return out
-
-
-def run_labels(runs: Sequence[Path]) -> list[str]:
-    """A distinct legend label per run: its config's ``name`` (else its folder's name).
-
-    Runs sharing a name get their folder as given, ``tiny (runs/a)``: the curves are keyed by label,
-    and two ``tiny`` runs left one line in the figure. The same folder given twice is numbered.
-    """
-    names = [
-        (load_config(run / CONFIG_FILE)["name"] if (run / CONFIG_FILE).is_file() else "") or run.name for run in runs
-    ]
-    shared = Counter(names)
-    labels = [f"{name} ({run})" if shared[name] > 1 else name for name, run in zip(names, runs)]
-    seen: Counter[str] = Counter()
-    distinct = []
-    for label in labels:
-        seen[label] += 1
-        distinct.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
-    return distinct
 
 
 def read_metrics(path: Path, *, columns: Sequence[str], required: Sequence[str]) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 from .config import load_config, resolve
 from .figures import plot_curves, plot_heatmap
 from .metrics import read_rows
-from .runner import CONFIG_FILE, METRICS_FILE
+from .runner import METRICS_FILE, run_labels
 
 # The paper-setting configs ship inside the package, so this works from an installed wheel too.
 CONFIGS_DIR = Path(str(resources.files("gramnewton.lab").joinpath("configs")))
@@ -178,12 +178,9 @@ def grid_points(budget: Budget) -> list[tuple[float, float]]:
 
 
 def load_curves(run_dirs: Iterable[str | Path]) -> dict[str, list[dict[str, Any]]]:
-    """Run label (its config's ``name``, else the folder name) -> metric rows."""
-    curves = {}
-    for run in map(Path, run_dirs):
-        name = load_config(run / CONFIG_FILE)["name"] if (run / CONFIG_FILE).is_file() else ""
-        curves[name or run.name] = read_rows(run / METRICS_FILE)
-    return curves
+    """Run label (:func:`~gramnewton.lab.experiments.runner.run_labels`) -> metric rows."""
+    runs = [Path(run) for run in run_dirs]
+    return {label: read_rows(run / METRICS_FILE) for label, run in zip(run_labels(runs), runs)}
 
 
 def draw(

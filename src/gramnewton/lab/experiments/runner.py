@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -57,6 +58,25 @@ from .training import (
 )
 
 CONFIG_FILE, METRICS_FILE = "config.toml", "metrics.csv"
+
+
+def run_labels(runs: Sequence[Path]) -> list[str]:
+    """A distinct legend label per run: its config's ``name`` (else its folder's name).
+
+    Runs sharing a name get their folder as given, ``tiny (runs/a)``: the curves are keyed by label,
+    and two ``tiny`` runs left one line in the figure. The same folder given twice is numbered.
+    """
+    names = [
+        (load_config(run / CONFIG_FILE)["name"] if (run / CONFIG_FILE).is_file() else "") or run.name for run in runs
+    ]
+    shared = Counter(names)
+    labels = [f"{name} ({run})" if shared[name] > 1 else name for name, run in zip(names, runs)]
+    seen: Counter[str] = Counter()
+    distinct = []
+    for label in labels:
+        seen[label] += 1
+        distinct.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return distinct
 
 
 def run_experiment(
