@@ -102,6 +102,9 @@ def _top_c_hessian(h_blocks: Tensor, g: Tensor, c: int) -> Tensor:
         rest[top] = 0
         if rest.norm() > 0:
             cols.append(rest / rest.norm())
+        if not cols:  # g_i = 0 (a saturated, correctly classified sample): an empty subspace
+            out.append(torch.zeros_like(hi))
+            continue
         v = torch.stack(cols, 1)
         out.append(v @ v.T @ hi @ v @ v.T)
     return torch.stack(out)

@@ -76,29 +76,43 @@ def split_pair(value: Any, loss: Loss) -> tuple[Tensor, Any]:
     return value[0], value[1]
 
 
-def subspace_factor(basis: Tensor, sqrt_h: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+def subspace_factor(basis: Tensor, sqrt_h: Tensor, grad: Tensor, what: str = "the loss") -> tuple[Tensor, Tensor]:
     """Factor of ``H_i`` projected on the orthonormal columns of ``basis``, and its ``u_i``.
 
     Args:
         basis: ``(b, k, d)`` orthonormal columns ``V_i`` (a zero column is allowed and ignored).
         sqrt_h: ``(b, k, q)`` factor ``B_i`` of ``H_i``.
         grad: ``(b, k)`` gradients ``g_i``, lying in the span of ``V_i``.
+        what: the loss's name, for the error.
 
     Returns:
         ``(b, k, d)`` factor ``V_i Q_i Lam_i^{1/2}`` of ``V_i V_i^T H_i V_i V_i^T`` (``Q_i Lam_i Q_i^T``
-        the eigendecomposition of ``M_i = V_i^T H_i V_i``) and ``(b, d)`` ``u_i = Lam_i^{-1/2} Q_i^T V_i^T g_i``;
-        eigenvalues below ``d * eps * max eig`` are dropped (pseudo-inverse), their columns set to 0.
+        the eigendecomposition of ``M_i = V_i^T H_i V_i``) and ``(b, d)`` ``u_i = Lam_i^{-1/2} Q_i^T V_i^T g_i``,
+        so that ``B_i u_i = g_i`` exactly. Eigenvalues below ``d * eps * max eig`` (rounding of
+        ``M_i``) are raised to it: dropping them, a pseudo-inverse, also dropped the part of
+        ``g_i`` along them (a sample whose label has probability 0 under ``top_c``: a step far
+        from the dense formula's), while raising them changes ``M_i`` by its own rounding.
+
+    Raises:
+        ValueError: a sample with ``g_i != 0`` but no curvature on the subspace (``max eig`` below
+            ``sqrt(tiny)``, e.g. a loss linear in the outputs): its ``u_i`` would overflow.
     """
     projected = sqrt_h.transpose(1, 2) @ basis  # B_i^T V_i, (b, q, d)
     evals, evecs = torch.linalg.eigh(projected.transpose(1, 2) @ projected)
     d = basis.shape[2]
-    cutoff = d * torch.finfo(evals.dtype).eps * evals.amax(1, keepdim=True)
-    keep = evals > cutoff.clamp_min(torch.finfo(evals.dtype).tiny)
-    root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()
-    inv_root = torch.where(keep, 1.0 / torch.where(keep, root, torch.ones_like(root)), torch.zeros_like(root))
-    factor = (basis @ evecs) * root.unsqueeze(1)
-    u = inv_root * (evecs.transpose(1, 2) @ (basis.transpose(1, 2) @ grad.unsqueeze(2))).squeeze(2)
-    return factor, u
+    info = torch.finfo(evals.dtype)
+    top = evals.amax(1, keepdim=True)
+    along = (evecs.transpose(1, 2) @ (basis.transpose(1, 2) @ grad.unsqueeze(2))).squeeze(2)  # Q_i^T V_i^T g_i
+    flat = (top.squeeze(1) < info.tiny**0.5) & (along.abs().amax(1) > 0)
+    if bool(flat.any()):
+        raise ValueError(
+            f"{what}: {int(flat.sum())} of {grad.shape[0]} samples have an output gradient outside the range of "
+            "the loss's Hessian (no curvature along it, e.g. a loss linear in the outputs), so the sample-space "
+            "step cannot take it; give the loss curvature along its gradient; no parameter was changed"
+        )
+    floored = torch.maximum(evals, (d * info.eps * top).clamp_min(info.tiny))
+    root = floored.sqrt()
+    return (basis @ evecs) * root.unsqueeze(1), along / root
 
 
 def top_basis(grad: Tensor, c: int) -> Tensor:
@@ -114,18 +128,45 @@ def top_basis(grad: Tensor, c: int) -> Tensor:
     return torch.cat([units, rest.unsqueeze(2)], dim=2)
 
 
+def check_shape(loss: Loss, method: str, value: Any, shape: tuple[int | None, ...]) -> Tensor:
+    """``value``, the tensor ``loss.method`` returned, if its shape is ``shape`` (``None``: any
+    size there); a user loss's slip (``per_sample`` not summed over the outputs, ``hessian_sqrt``
+    without ``diag_embed``) would otherwise broadcast into a wrong step or loss, or fail deep in
+    the step.
+
+    Raises:
+        ValueError: naming the method, the shape it returned and the one expected."""
+    if (
+        not isinstance(value, Tensor)
+        or value.dim() != len(shape)
+        or any(want is not None and got != want for got, want in zip(value.shape, shape))
+    ):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        expected = tuple("q" if want is None else want for want in shape)
+        raise ValueError(
+            f"loss {loss.name!r}: {method} returned shape {got}, expected {expected} (b samples, k outputs); "
+            "no parameter was changed"
+        )
+    return value
+
+
 def output_factor(
     loss: Loss, outputs: Tensor, targets: Tensor, curvature: str = "exact", top_c: int = 1
 ) -> tuple[Tensor, Tensor]:
     """``(B, u)`` of the chosen curvature estimate: ``(b, k, q)`` and ``(b, q)`` with ``B_i u_i = g_i``.
 
     ``outputs`` ``(b, k)`` detached, ``targets`` as returned by ``loss.check``.
+
+    Raises:
+        ValueError: a method of ``loss`` returned a tensor of the wrong shape (:func:`check_shape`).
     """
-    sqrt_h = loss.hessian_sqrt(outputs, targets)
-    grad = loss.gradient(outputs, targets)
+    b, k = outputs.shape
+    sqrt_h = check_shape(loss, "hessian_sqrt", loss.hessian_sqrt(outputs, targets), (b, k, None))
+    grad = check_shape(loss, "gradient", loss.gradient(outputs, targets), (b, k))
     if curvature == "exact":
-        return sqrt_h, loss.sqrt_solve(outputs, targets, sqrt_h, grad)
-    return subspace_factor(top_basis(grad, 0 if curvature == "gradient" else top_c), sqrt_h, grad)
+        u = loss.sqrt_solve(outputs, targets, sqrt_h, grad)
+        return sqrt_h, check_shape(loss, "sqrt_solve", u, (b, sqrt_h.shape[2]))
+    return subspace_factor(top_basis(grad, 0 if curvature == "gradient" else top_c), sqrt_h, grad, repr(loss.name))
 
 
 class LossClosure:
@@ -161,7 +202,8 @@ class LossClosure:
         outputs, targets = self.evaluate()
         detached = outputs.detach()
         sqrt_h, u = output_factor(self.loss, detached, targets, self.curvature, self.top_c)
-        self.per_sample = self.loss.per_sample(detached, targets)
+        per_sample = self.loss.per_sample(detached, targets)
+        self.per_sample = check_shape(self.loss, "per_sample", per_sample, (detached.shape[0],))
         # value u exactly (outputs - detached is exactly 0), Jacobian B^T J
         return ((outputs - detached).unsqueeze(1) @ sqrt_h.to(outputs.dtype)).squeeze(1) + u.to(outputs.dtype)
 
@@ -187,12 +229,19 @@ class LossClosure:
         return float(self.loss.per_sample(outputs.detach(), self.loss.check(outputs, targets)).double().sum())
 
 
-def predicted_decrease(u: Tensor, predicted: Tensor) -> float:
+def predicted_decrease(u: Tensor, predicted: Tensor, change: Tensor | None = None) -> float:
     """Decrease of ``sum_i l_i`` predicted by the quadratic model for the step ``delta = -phi``:
     ``-(g^T J delta + 1/2 delta^T J^T H J delta) = 1/2 (||u||^2 - ||u - B^T J phi||^2)``.
 
     ``u`` ``(b, q)`` pseudo-residuals; ``predicted`` ``(b*q,)`` the linearised ones after the step,
-    ``u - B^T J phi`` (``u - B^T G B c`` without momentum, ``phi = J^T B c``).
+    ``u - B^T J phi`` (``u - B^T G B c`` without momentum, ``phi = J^T B c``); ``change``
+    ``(b*q,)``, when given, the model's change ``a = B^T J phi`` itself: the decrease is then
+    ``u.a - 1/2 ||a||^2``. Prefer it: a confidently wrong sample has pseudo-residuals
+    ``y / sqrt(p)`` of 1e10 and more, and the difference of the squares loses every digit of the
+    decrease (float64 at a margin of 50, float32 at 20) where the product does not.
     """
     u = u.reshape(-1).double()
+    if change is not None:
+        change = change.reshape(-1).double()
+        return float((u * change).sum() - 0.5 * change.pow(2).sum())
     return 0.5 * float(u.pow(2).sum() - predicted.double().pow(2).sum())

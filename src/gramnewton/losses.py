@@ -22,6 +22,8 @@ Losses here: :class:`SquaredError` (``l = 1/2 ||f - y||^2``, Eq. 11 of the paper
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -55,8 +57,37 @@ class Loss:
         raise NotImplementedError
 
     def sqrt_solve(self, outputs: Tensor, targets: Tensor, sqrt_h: Tensor, grad: Tensor) -> Tensor:
-        """``u_i`` with ``B_i u_i = g_i``, shape ``(b, q)``: the minimum-norm least-squares solution."""
-        return (torch.linalg.pinv(sqrt_h) @ grad.unsqueeze(-1)).squeeze(-1)
+        """``u_i`` with ``B_i u_i = g_i``, shape ``(b, q)``: the minimum-norm least-squares solution
+        (``pinv(B_i) g_i``, singular values below ``max(k, q) eps`` times the largest dropped).
+
+        Raises:
+            ValueError: ``g_i`` is not in the range of ``B_i``: more than ``sqrt(eps) ||g_i||`` of it
+                lies outside the span of the kept left singular vectors, and the least-squares
+                ``u_i`` would silently drop that part from the step.
+        """
+        return _least_squares_root(self.name, sqrt_h, grad)
+
+
+def _least_squares_root(name: str, sqrt_h: Tensor, grad: Tensor) -> Tensor:
+    """``pinv(B_i) g_i`` ``(b, q)`` for ``sqrt_h`` ``(b, k, q)`` and ``grad`` ``(b, k)``, refusing a
+    ``g_i`` outside the range of ``B_i``. The part outside is measured on the singular vectors,
+    ``g_i - U_i U_i^T g_i``, not as ``B_i u_i - g_i``: that residual grows with ``cond(B_i)``
+    (1e-3 of ``||g_i||`` for a full-rank float32 factor of condition 1e4) and would refuse it."""
+    left, values, right_h = torch.linalg.svd(sqrt_h, full_matrices=False)  # (b, k, r), (b, r), (b, r, q)
+    eps = torch.finfo(values.dtype).eps
+    keep = values > max(sqrt_h.shape[-2:]) * eps * values.amax(-1, keepdim=True)
+    coords = torch.where(keep, (left.transpose(-2, -1) @ grad.unsqueeze(-1)).squeeze(-1), 0.0)  # U_i^T g_i
+    inverse = torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), 0.0)
+    outside = (grad - (left @ coords.unsqueeze(-1)).squeeze(-1)).norm(dim=1)
+    bad = outside > eps**0.5 * grad.norm(dim=1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"loss {name!r}: the output gradient g_i of {int(bad.sum())} of {grad.shape[0]} samples is not in the "
+            "range of the Hessian factor B_i (no curvature along part of it, e.g. a term linear in the outputs), "
+            "so the sample-space step would drop that part; give the loss curvature there or implement "
+            "sqrt_solve; no parameter was changed"
+        )
+    return (right_h.transpose(-2, -1) @ (inverse * coords).unsqueeze(-1)).squeeze(-1)
 
 
 def _check_outputs(outputs: Tensor, what: str) -> None:
@@ -114,6 +145,38 @@ class SquaredError(Loss):
         return grad
 
 
+def _check_label_range(labels: Tensor, k: int) -> None:
+    """Raise ``ValueError`` unless the integer ``labels`` ``(b,)`` lie in ``[0, k)``."""
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= k:
+        hint = "; ignore_index (torch's -100) is not supported: leave those samples out of the batch" if low < 0 else ""
+        raise ValueError(f"labels must be in [0, {k}) for {k} classes, got values in [{low}, {high}]{hint}")
+
+
+def _distributions(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Float targets ``(b, k)`` checked to be probability rows and normalised, in ``outputs``' dtype.
+
+    A row is taken when its entries are ``>= 0`` and it sums to 1 within the rounding of a softmax
+    in the coarser of the two dtypes (``64 (1 + log2 k) eps``, at most 1e-2; float32 and k = 10:
+    3.3e-5), the sum taken in float64: a float32 teacher's softmax for a float64 model, or
+    bfloat16 label-smoothed targets, pass; rows off by more (a bug in the targets) are refused.
+    Each row is then divided by its sum: ``g = p - y`` and ``H = diag(p) - p p^T`` are the
+    derivatives of ``-sum y log p`` only for rows summing to 1.
+    """
+    probs = _check_float_targets(outputs, targets, "target probabilities")
+    sums = targets.detach().double().sum(1, keepdim=True)
+    k = outputs.shape[1]
+    eps = max(torch.finfo(targets.dtype).eps, torch.finfo(outputs.dtype).eps)
+    tol = min(64 * (1 + math.log2(k)) * eps, 1e-2)
+    if bool((probs < 0).any()) or bool(((sums - 1).abs() > tol).any()):
+        raise ValueError(
+            "target probabilities must be non-negative with rows summing to 1 "
+            f"(to {tol:.2g}), got rows summing to [{float(sums.min()):.9g}, {float(sums.max()):.9g}] and "
+            f"min entry {float(probs.min()):.3g}"
+        )
+    return (targets.detach().double() / sums).to(outputs.dtype)
+
+
 def _probability_floor(dtype: torch.dtype) -> float:
     """Smallest probability whose square root enters ``B_i``: ``eps^2`` keeps ``u_i = O(1/eps)``
     finite (``y/sqrt(p)`` would overflow for a softmax that underflowed to 0). The curvature of a
@@ -125,7 +188,8 @@ class CrossEntropy(Loss):
     r"""Softmax cross-entropy ``l_i = -sum_c y_ic log p_ic``, ``p_i = softmax(f_i)``.
 
     Targets: class indices ``(b,)`` of an integer dtype in ``[0, k)``, or probabilities ``(b, k)``
-    (float, non-negative, rows summing to 1).
+    (float, non-negative, rows summing to 1 to a softmax's rounding; each row is divided by its
+    sum). No ``ignore_index`` and no class weights: leave such samples out of the batch.
 
     Derivatives (the issue's factorisation): ``g_i = p_i - y_i``,
     ``H_i = diag(p_i) - p_i p_i^T = B_i B_i^T`` with ``B_i = diag(s_i) - p_i s_i^T``,
@@ -150,29 +214,25 @@ class CrossEntropy(Loss):
                 )
             if targets.shape[0] != b:
                 raise ValueError(f"{targets.shape[0]} labels for {b} samples (logits {tuple(outputs.shape)})")
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= k:
-                raise ValueError(f"labels must be in [0, {k}) for {k} classes, got values in [{low}, {high}]")
+            _check_label_range(targets, k)
             return torch.nn.functional.one_hot(targets.long(), k).to(outputs.dtype)
         if targets.dim() != 2 or tuple(targets.shape) != (b, k):
             raise ValueError(
                 f"cross_entropy targets must be labels (b,) = ({b},) or probabilities (b, k) = ({b}, {k}), "
                 f"got shape {tuple(targets.shape)}"
             )
-        probs = _check_float_targets(outputs, targets, "target probabilities")
-        sums = probs.sum(1)
-        tol = 1e3 * torch.finfo(probs.dtype).eps * k
-        if bool((probs < 0).any()) or bool(((sums - 1).abs() > tol).any()):
-            raise ValueError(
-                "target probabilities must be non-negative with rows summing to 1, got rows summing to "
-                f"[{float(sums.min()):.6g}, {float(sums.max()):.6g}] and min entry {float(probs.min()):.3g}"
+        if not targets.is_floating_point() and not targets.is_complex():
+            raise TypeError(
+                f"integer targets of shape (b, k) = ({b}, {k}) ({targets.dtype}) look like one-hot labels: pass "
+                "the class indices labels.argmax(1) (int64, shape (b,)), or probabilities labels.float()"
             )
-        return probs
+        return _distributions(outputs, targets)
 
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        # xlogy-free form: -sum y log p, with 0 * log p = 0 for classes the target does not use
+        # -sum y log p, with 0 * log p = 0 for classes the target does not use: log p is -inf there
+        # when the logits' gap overflows (0 * -inf would be NaN)
         logp = torch.log_softmax(outputs, dim=1)
-        return -(targets * logp).sum(1)
+        return -torch.where(targets == 0, torch.zeros_like(logp), targets * logp).sum(1)
 
     def gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.softmax(outputs, dim=1) - targets
@@ -196,7 +256,8 @@ def smooth_targets(logits: Tensor, targets: Tensor, label_smoothing: float) -> T
     in ``[0, 1)``. These are the targets of ``F.cross_entropy(logits, targets, label_smoothing=eps)``,
     so :class:`CrossEntropy` with them is that loss (per sample, summed instead of averaged).
 
-    ``logits`` ``(b, k)`` give the shape and dtype only; targets are checked as
+    ``logits`` ``(b, k)`` give the shape and dtype only (at least float32: bfloat16 targets of
+    autocast's logits would not sum to 1); targets are checked as
     :meth:`CrossEntropy.check` does (a clear error for bad labels). A closure for
     ``GramGaussNewton(model, loss="cross_entropy")`` then returns ``logits, smooth_targets(logits,
     labels, eps)``. NaN or Inf logits are not refused here but by the optimizer: on a step's first
@@ -208,7 +269,11 @@ def smooth_targets(logits: Tensor, targets: Tensor, label_smoothing: float) -> T
         raise TypeError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    probs = CrossEntropy().check(torch.zeros_like(logits.detach()), targets)  # the shape and dtype only
+    # at least float32: bfloat16 targets (autocast's logits) would be rounded to 0.91015625 and
+    # 0.010009765625 for eps = 0.1, k = 10, rows summing to 1.0002
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    zeros = torch.zeros(logits.shape, dtype=dtype, device=logits.device)  # the shape and dtype only
+    probs = CrossEntropy().check(zeros, targets)
     return (1 - label_smoothing) * probs + label_smoothing / probs.shape[1]
 
 

@@ -783,9 +783,11 @@ class GramGaussNewton(Optimizer):
         predicted = predicted if rows is None else predicted[rows]
         if general is not None:
             per_sample = general.per_sample if rows is None else general.per_sample[rows]
+            change = None if result.change is None else result.change.reshape(b, -1)
+            change = change if rows is None or change is None else change[rows]
             before = float(self._total(lambda: (per_sample.double().sum(),), 1))
             after = float(self._total(lambda: (general.loss_sum(rows),), 1))
-            rho = loss_gain_ratio(before, after, predicted_decrease(before_rows, predicted))
+            rho = loss_gain_ratio(before, after, predicted_decrease(before_rows, predicted, change))
             loss_after = after / before_rows.shape[0]
         else:
             call = closure if rows is None else functools.partial(closure, rows)
@@ -842,7 +844,7 @@ def _diagnostics(result: GramGaussNewtonStep, lam: float, momentum: float) -> St
         decrease = loss_before - loss_predicted
     else:
         loss_before = float(result.mean_loss)
-        decrease = predicted_decrease(result.residuals, result.predicted) / result.residuals.shape[0]
+        decrease = predicted_decrease(result.residuals, result.predicted, result.change) / result.residuals.shape[0]
     info = result.solve_info
     return StepDiagnostics(
         loss_before=loss_before,

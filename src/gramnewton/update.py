@@ -57,6 +57,10 @@ class GramGaussNewtonStep:
         solve_info: how the damped system was solved.
         predicted: ``(b*k,)`` residuals the linearised model predicts after the step,
             ``f - y - J phi_t`` (the denominator of the gain ratio).
+        change: ``(b*k,)`` the linearised model's change ``J phi_t`` (``residuals - predicted``,
+            formed without that subtraction: a general loss's pseudo-residuals reach 1e10 and more
+            for a confidently wrong sample, and the difference of squares of ``residuals`` and
+            ``predicted`` then loses the predicted decrease); ``None`` where not known.
         solve_space: ``"sample"`` (the ``(b*k, b*k)`` system) or ``"parameter"`` (``(m, m)``).
         alpha: the damping the system was solved with.
         mean_loss: the batch's mean loss before the update when the step is that of a general
@@ -77,6 +81,7 @@ class GramGaussNewtonStep:
     alpha: float | None = None
     mean_loss: Tensor | None = None
     acceleration_ratio: float | None = None
+    change: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
@@ -307,8 +312,12 @@ def _sample_space(
             return system.jt_times(-again(e))
 
     linear = r if j_previous is None else r - momentum * j_previous
-    predicted = linear - as_dtype(system.gram, r.dtype) @ as_dtype(coefficients, r.dtype)
-    step = GramGaussNewtonStep(direction, system.residuals, system.gram, coefficients, info, predicted, alpha=alpha)
+    gram_c = as_dtype(system.gram, r.dtype) @ as_dtype(coefficients, r.dtype)
+    predicted = linear - gram_c
+    change = gram_c if j_previous is None else gram_c + momentum * j_previous  # J phi_t
+    step = GramGaussNewtonStep(
+        direction, system.residuals, system.gram, coefficients, info, predicted, alpha=alpha, change=change
+    )
     return step, correction
 
 
@@ -330,9 +339,10 @@ def _parameter_space(
     prior = momentum * flatten(previous, jac.dtype) if use_momentum else None
     phi, info, again = parameter_space_solution(jac, as_dtype(r, jac.dtype), lam, alpha, prior=prior, dtype=solve_dtype)
     direction = split_like(-phi, params)
-    predicted = r - as_dtype(jac @ phi, r.dtype)
+    change = as_dtype(jac @ phi, r.dtype)
+    predicted = r - change
     step = GramGaussNewtonStep(
-        direction, system.residuals, system.gram, None, info, predicted, "parameter", alpha=alpha
+        direction, system.residuals, system.gram, None, info, predicted, "parameter", alpha=alpha, change=change
     )
     return step, lambda e: split_like(-again(e.to(jac.dtype)), params)
 
@@ -406,7 +416,13 @@ def scale_step(step: GramGaussNewtonStep, scale: float) -> GramGaussNewtonStep:
     """``step`` with its direction multiplied by ``scale``; the linearised model's predicted
     residuals follow (``r - J (s phi) = r - s (r - predicted)``), so a gain ratio judges the step taken."""
     r = step.residuals.reshape(-1).to(step.predicted.dtype)
-    return replace(step, direction=[d * scale for d in step.direction], predicted=r - scale * (r - step.predicted))
+    change = None if step.change is None else scale * step.change
+    return replace(
+        step,
+        direction=[d * scale for d in step.direction],
+        predicted=r - scale * (r - step.predicted),
+        change=change,
+    )
 
 
 @torch.no_grad()
