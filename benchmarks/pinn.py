@@ -314,7 +314,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ggn-points", type=int, nargs=2, help="interior and boundary points of GGN's steps")
     parser.add_argument("--out", type=Path, help="JSON (default benchmarks/results/pinn_<problem>.json)")
-    parser.add_argument("--figure", type=Path, help="PNG (default docs/figures/pinn_<problem>.png)")
+    parser.add_argument(
+        "--figure", type=Path, help="PNG (default: next to --out if given, else docs/figures/pinn_<problem>.png)"
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--append", action="store_true", help="add the runs to those already in --out")
     parser.add_argument("--form", choices=sorted(ENGINES), default="taylor", help="GGN's residual form (and engine)")
@@ -323,7 +325,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of --engine-cost")
     args = parser.parse_args()
     out = args.out or ROOT / "benchmarks" / "results" / f"pinn_{args.problem}{args.tag}.json"
-    fig_path = args.figure or ROOT / "docs" / "figures" / f"pinn_{args.problem}{args.tag}.png"
+    # a run written elsewhere (--out) must not overwrite the committed figure of the docs
+    default_figure = ROOT / "docs" / "figures" / f"pinn_{args.problem}{args.tag}.png"
+    fig_path = args.figure or (args.out.with_suffix(".png") if args.out else default_figure)
     if args.engine_cost is not None:
         torch.set_num_threads(args.threads)
         costs = [

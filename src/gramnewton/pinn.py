@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
 from .engines.functional import FunctionalResidual, PerSample, Term
-from .forward_laplacian import ForwardLaplacian, Sin, Taylor
+from .forward_laplacian import ForwardLaplacian, Sin, Taylor, check_dtype
 
 __all__ = [
     "ForwardLaplacian",
@@ -59,6 +59,13 @@ __all__ = [
 Point = Callable[[Tensor], Tensor]
 
 
+def _count(n: int) -> int:
+    """``n`` checked to be a positive integer (a count of points)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of points must be a positive integer, got {n!r}")
+    return n
+
+
 def _box(low: Sequence[float], high: Sequence[float], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     lo, hi = torch.as_tensor(low, dtype=dtype).reshape(-1), torch.as_tensor(high, dtype=dtype).reshape(-1)
     if lo.shape != hi.shape or lo.numel() == 0 or not bool((hi > lo).all()):
@@ -74,7 +81,8 @@ def sample_interior(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """``(n, d)`` points drawn uniformly from the box ``[low, high]`` (``d = len(low)``)."""
+    """``(n, d)`` points drawn uniformly from the box ``[low, high]`` (``d = len(low)``, ``n >= 1``)."""
+    n = _count(n)
     lo, hi = _box(low, high, dtype)
     return lo + (hi - lo) * torch.rand(n, lo.numel(), generator=generator, dtype=dtype)
 
@@ -91,8 +99,9 @@ def sample_boundary(
 
     A face is chosen with probability proportional to its ``(d-1)``-volume (both faces normal to
     a coordinate have the same area), then a point uniformly on it. In one dimension the two end
-    points are drawn with equal probability.
+    points are drawn with equal probability. ``n >= 1``.
     """
+    n = _count(n)
     lo, hi = _box(low, high, dtype)
     d = lo.numel()
     x = sample_interior(n, low, high, generator=generator, dtype=dtype)
@@ -105,15 +114,55 @@ def sample_boundary(
     return x
 
 
+def _by_slot(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``params`` keyed by parameter *slot*: each module object's own parameter attribute once.
+
+    ``torch.func.functional_call`` with its default ``tie_weights=True`` leaves a module called at
+    two places of the model (one Linear twice in a Sequential) holding the substituted tensors
+    after the call (torch 2.13: the model's Parameters are replaced for good, and the optimizer
+    trains tensors the model no longer uses); with ``tie_weights=False`` a Parameter shared by two
+    modules is substituted in one of them only. Setting every slot once, untied, does both right:
+    a shared module is one slot, a tied Parameter one slot per module that holds it, each given
+    the value of the Parameter's name in ``params`` (``model.named_parameters()``'s name or any
+    alias). Keys of ``params`` that name no Parameter (buffers) pass through.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    aliases = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    by_slot = {name: value for name, value in params.items() if name not in aliases}
+    for prefix, module in model.named_modules():  # a module object once, at its first name
+        for local, p in module._parameters.items():
+            slot = f"{prefix}.{local}" if prefix else local
+            name = canonical.get(id(p)) if p is not None else None
+            if slot in params:
+                by_slot[slot] = params[slot]
+            elif name is not None and name in params:
+                by_slot[slot] = params[name]
+    return by_slot
+
+
+def _input_width(model: nn.Module) -> int | None:
+    """``d`` when ``model`` is a Linear or a Sequential that starts with one (else unknown)."""
+    first = model[0] if isinstance(model, nn.Sequential) and len(model) else model
+    return first.in_features if isinstance(first, nn.Linear) else None
+
+
 def pointwise(model: nn.Module) -> Callable[[Mapping[str, Tensor], Tensor], Tensor]:
     """``u(params, x)``: ``model`` at one point ``x`` of shape ``(d,)``, a scalar.
 
-    ``params`` maps parameter names to tensors (``torch.func.functional_call``); the model must
-    have one output.
+    ``params`` maps parameter names to tensors, as ``dict(model.named_parameters())`` (a
+    parameter it leaves out keeps the model's own value); the model must have one output. Shared
+    modules and tied parameters see the given values everywhere and stay the model's own after
+    the call (:func:`_by_slot`).
     """
 
+    width = _input_width(model)
+
     def u(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, dict(params), (x.unsqueeze(0),)).reshape(())
+        if x.dim() != 1 or (width is not None and x.shape[0] != width):
+            wanted = f"({width},)" if width is not None else "(d,)"
+            raise ValueError(f"u(params, x) takes one point of shape {wanted}, got {tuple(x.shape)}")
+        values = _by_slot(model, params)
+        return functional_call(model, values, (x.unsqueeze(0),), tie_weights=False, strict=False).reshape(())
 
     return u
 
@@ -130,7 +179,13 @@ def laplacian(u: Point, x: Tensor, dims: Sequence[int] | None = None) -> Tensor:
     (``torch.func.hessian``): exact, and it composes with ``vmap`` and ``jacrev``.
     """
     diagonal = torch.diagonal(hessian(u)(x))
-    return diagonal.sum() if dims is None else diagonal[list(dims)].sum()
+    if dims is None:
+        return diagonal.sum()
+    chosen = list(dims)
+    if not chosen or len(set(chosen)) != len(chosen) or any(not 0 <= j < diagonal.shape[0] for j in chosen):
+        # a repeated coordinate would be counted twice, a negative one wrap around
+        raise ValueError(f"dims must be distinct coordinates in 0..{diagonal.shape[0] - 1}, got {chosen}")
+    return diagonal[chosen].sum()
 
 
 def _part(part: tuple) -> tuple[Callable, Tensor, float]:
@@ -138,12 +193,33 @@ def _part(part: tuple) -> tuple[Callable, Tensor, float]:
     if len(part) not in (2, 3):
         raise ValueError(f"each part is (fn, points) or (fn, points, weight), got {len(part)} items")
     fn, points, *rest = part
-    weight = float(rest[0]) if rest else 1.0
-    if not weight > 0:
-        raise ValueError(f"a part's weight must be positive, got {weight}")
+    weight = _weight(rest[0]) if rest else 1.0
+    if not isinstance(points, Tensor):
+        raise ValueError(f"a part's points must be a tensor of shape (n, d), got a {type(points).__name__}")
+    if not points.is_floating_point():
+        raise ValueError(f"a part's points must be floating point (e.g. float64), got {points.dtype}")
     if points.dim() != 2 or points.shape[0] == 0:
         raise ValueError(f"points must have shape (n, d) with n > 0, got {tuple(points.shape)}")
+    bad = ~torch.isfinite(points).all(1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{int(bad.sum())} of a part's {points.shape[0]} points have NaN or Inf coordinates (the first: row "
+            f"{int(bad.nonzero()[0])}); drop or fix them"
+        )
     return fn, points, weight
+
+
+def _weight(weight: object) -> float:
+    """A part's weight checked to be one finite positive number (not one per point)."""
+    if isinstance(weight, Tensor) and weight.numel() != 1:
+        raise ValueError(
+            f"a part's weight must be one number, got a tensor of shape {tuple(weight.shape)}; for per-point "
+            "weights, multiply the part's residuals by their square roots in its function"
+        )
+    value = float(weight)  # type: ignore[arg-type]
+    if not math.isfinite(value) or not value > 0:
+        raise ValueError(f"a part's weight must be finite and positive, got {value}")
+    return value
 
 
 def residual(
@@ -181,22 +257,37 @@ class TaylorResidual:
 
     def __init__(self, taylor: ForwardLaplacian, parts: list[tuple[BatchPart, Tensor, float]]):
         self.taylor, self.parts = taylor, parts
-        self._points = torch.cat([points for _, points, _ in parts])
 
     def __call__(self) -> Tensor:
-        derivatives = self.taylor(self._points)
+        # the points are joined on every call, not once: a part's points resampled in place
+        # (``x.copy_(new)``) must reach the network as they reach the part's function
+        derivatives = self.taylor(torch.cat([points for _, points, _ in self.parts]))
         rows, start = [], 0
-        for fn, points, scale in self.parts:
+        for index, (fn, points, scale) in enumerate(self.parts):
             stop = start + points.shape[0]
-            r = fn(derivatives.rows(start, stop), points)
-            if r.shape[0] != points.shape[0]:
-                raise ValueError(f"a part's function returned {tuple(r.shape)} for {points.shape[0]} points")
-            rows.append(scale * r.reshape(points.shape[0], -1))
+            r = _rows_of(fn(derivatives.rows(start, stop), points), points.shape[0], index)
+            rows.append(scale * r)
             start = stop
         if len({r.shape[1] for r in rows}) != 1:
             raise ValueError(f"every part must return the same number of outputs, got {[r.shape[1] for r in rows]}")
         out = torch.cat(rows)
         return out.squeeze(1) if out.shape[1] == 1 else out
+
+
+def _rows_of(r: object, n: int, index: int) -> Tensor:
+    """Part ``index``'s result as ``(n, k)``, refused unless it has one row per point."""
+    if not isinstance(r, Tensor) or r.dim() == 0:
+        what = "a scalar" if isinstance(r, Tensor) else f"a {type(r).__name__}"
+        raise ValueError(
+            f"part {index}'s function returned {what}; it must return one residual row per point, (n,) or (n, k) "
+            f"with n = {n} (do not reduce over the points, e.g. with .mean())"
+        )
+    if r.shape[0] != n:
+        raise ValueError(
+            f"part {index}'s function returned {r.shape[0]} rows for {n} points (shape {tuple(r.shape)}); it must "
+            "return one residual row per point"
+        )
+    return r.reshape(n, -1)
 
 
 def taylor_residual(
@@ -230,6 +321,7 @@ def taylor_residual(
             raise ValueError(
                 f"the model takes {taylor.d} coordinates; a part's points have shape {tuple(points.shape)}"
             )
+        check_dtype(model, points)
         checked.append((fn, points, math.sqrt(weight / points.shape[0])))
     return TaylorResidual(taylor, checked)
 

@@ -162,12 +162,16 @@ class FunctionalEngine:
 
     def _term_jacobian(self, term: Term, params: dict[str, Tensor], names: list[str]) -> tuple[Tensor, Tensor]:
         """``(n, k)`` residuals and ``(n*k, m)`` Jacobian rows of one term (weight applied)."""
-        wanted = set(names)
-        fixed = {n: p.detach() for n, p in params.items() if n not in wanted}
-        free = {n: params[n].detach() for n in wanted}
+        # every name the closure gives a trained tensor under (an alias too: a dict of
+        # named_parameters(remove_duplicate=False) names a shared layer's weight twice) gets the
+        # same differentiated tensor; a detached alias would drop that path from J, silently
+        trained = {id(params[n]): n for n in names}
+        aliases = {n: trained[id(p)] for n, p in params.items() if id(p) in trained}
+        fixed = {n: p.detach() for n, p in params.items() if n not in aliases}
+        free = {n: params[n].detach() for n in set(names)}
 
         def one(free: dict[str, Tensor], *sample: Tensor) -> tuple[Tensor, Tensor]:
-            r = term.fn({**fixed, **free}, *sample).reshape(-1)
+            r = term.fn({**fixed, **{n: free[c] for n, c in aliases.items()}}, *sample).reshape(-1)
             return r, r
 
         in_dims = (None, *[0] * len(term.inputs))
