@@ -358,7 +358,8 @@ def _bytes() -> None:
     assert sent.pop("all_to_all") == 8 * b * (m - (hi - lo)), "all-to-all: J_p minus the own columns"
     assert sent.pop("all_reduce") == int(8 * 2 * q * n * n), "Gram all-reduce (ring)"
     assert sent.pop("all_gather") == 8 * (max(SHARDS) + (m + 1) // 2), "residuals and direction slices"
-    assert sent.pop("status") == 8 * 3 and not sent, sent
+    # status: (failed, settings' fingerprint, b_p, k, one unused number)
+    assert sent.pop("status") == 8 * 5 and not sent, sent
 
 
 # a small run of the training CLI's runner (the diabetes data ship with scikit-learn)

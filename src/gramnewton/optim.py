@@ -312,8 +312,10 @@ class GramGaussNewton(Optimizer):
             if self.distributed == "local" and self.damping is not None:
                 raise ValueError("adaptive_damping needs distributed='exact' (local steps have no common gain ratio)")
             self.communicator = Communicator(process_group, trainable[0].device)
-            # as DDP does: every rank starts from rank 0's parameters and buffers (e.g. fixed random layers)
-            self.communicator.broadcast_(trainable + (list(self.model.buffers()) if self.model is not None else []))
+            # as DDP does: every rank starts from rank 0's parameters, frozen ones too (each rank's
+            # forward pass must be the one model's), and buffers (e.g. fixed random layers)
+            every = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
+            self.communicator.broadcast_(every + (list(self.model.buffers()) if self.model is not None else []))
         self.engine = self._build_engine(trainable)
         self.last_step: GramGaussNewtonStep | None = None
         # after two rejected steps in a row the next one starts its momentum afresh (phi_{t-1} = 0):
@@ -322,6 +324,37 @@ class GramGaussNewton(Optimizer):
         self.rejections_in_a_row = 0
         self.last_gain_ratio: float | None = None
         self.last_diagnostics: StepDiagnostics | None = None
+        if self.communicator is not None:  # compared between the ranks by every status exchange
+            self.communicator.settings = self._rank_settings
+
+    def _rank_settings(self) -> dict[str, Any]:
+        """What every rank must hold alike for its step to be a part of one step: the groups'
+        hyper-parameters, the momentum's and the damping rule's state (one rank that loaded a
+        checkpoint the others did not, or changed ``lr`` alone, would otherwise take another step
+        than the others, or wait forever at a collective the others do not reach)."""
+        settings: dict[str, Any] = {}
+        for i, group in enumerate(self.param_groups):
+            for key, value in group.items():
+                if key != "params":
+                    settings[key if i == 0 else f"{key} (param group {i})"] = value
+        rule = getattr(self.damping, "state_dict", None)
+        settings.update(
+            loss=type(self.loss).__name__,
+            curvature=self.curvature,
+            top_c=self.top_c,
+            solve_space=self.solve_space,
+            solve_dtype=self.solve_dtype,
+            bias_correction=self.bias_correction,
+            max_step_norm=self.max_step_norm,
+            metric=None if self.metric is None else type(self.metric).__name__,
+            damping_rule=type(self.damping).__name__,
+            damping=rule() if rule else None,
+            rejections_in_a_row=self.rejections_in_a_row,
+            momentum_buffer=self._momentum_buffers() is not None,
+            momentum_count=self._momentum_count(),
+            metric_count=max((int(s.get("metric_count", 0)) for s in self.state.values()), default=0),
+        )
+        return settings
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, checked before it changes anything; a group that does not
@@ -433,21 +466,31 @@ class GramGaussNewton(Optimizer):
                 "GramGaussNewton.step needs autograd (the Jacobian comes from the closure's graph) but was "
                 "called inside torch.inference_mode(); no parameter was changed"
             )
-        for group in self.param_groups:
-            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
-        self._follow_trainable()
-        if self._subset() is not None and not _takes_rows(closure):
-            raise ValueError(
-                f"the damping rule re-evaluates a subset of {self._subset()} samples, so the closure must take "
-                "the rows to evaluate: closure(rows), rows a slice of the batch (e.g. "
-                "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
-            )
+        try:
+            for group in self.param_groups:
+                _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
+            self._follow_trainable()
+            if self._subset() is not None and not _takes_rows(closure):
+                raise ValueError(
+                    f"the damping rule re-evaluates a subset of {self._subset()} samples, so the closure must "
+                    "take the rows to evaluate: closure(rows), rows a slice of the batch (e.g. "
+                    "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
+                )
+        except Exception as error:
+            if self.communicator is not None:  # the other ranks wait at the step's status exchange: all raise
+                self.communicator.fail_everywhere(error)
+            raise
         with replayable_randomness(self.engine.params):  # re-evaluations draw the first run's numbers
-            if self._find_model:
-                self._use_called_modules(closure)
-            module = self._called_modules if self._module is None else self._module
-            if module is not None:
-                check_per_sample_independence(module)
+            try:
+                if self._find_model:
+                    self._use_called_modules(closure)
+                module = self._called_modules if self._module is None else self._module
+                if module is not None:
+                    check_per_sample_independence(module)
+            except Exception as error:
+                if self.communicator is not None:  # as above: the other ranks must not wait
+                    self.communicator.fail_everywhere(error)
+                raise
             before = self._damping_state()
             try:
                 return self._step(self._without_ddp_sync(closure))
