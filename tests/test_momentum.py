@@ -619,7 +619,7 @@ def test_lr_schedulers_drive_the_step():
     assert twin.param_groups[0]["lr"] == 1.0
 
 
-@pytest.mark.parametrize("lr", [0, -1.0, float("nan"), float("inf"), True, "1", 20.0])
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf"), True, "1", 20.0])
 def test_bad_lr_is_refused_and_changes_nothing(lr):
     model = nn.Linear(3, 1).double()
     with pytest.raises(ValueError, match="Invalid lr"):

@@ -90,12 +90,12 @@ def tune_allocator(
         An :class:`AllocatorTuning`; ``applied`` is False in the no-op cases above.
 
     Raises:
-        ValueError: a value outside ``[0, 2**31 - 1]`` (nothing is changed).
+        ValueError: a value that is not an ``int`` in ``[0, 2**31 - 1]`` (nothing is changed).
     """
     settings = {"M_MMAP_THRESHOLD": mmap_threshold, "M_TRIM_THRESHOLD": trim_threshold, "M_TOP_PAD": top_pad}
     for name, value in settings.items():
-        if not 0 <= value <= (1 << 31) - 1:
-            raise ValueError(f"{name} must be in [0, 2**31 - 1] bytes (mallopt takes an int), got {value}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= (1 << 31) - 1:
+            raise ValueError(f"{name} must be an int in [0, 2**31 - 1] bytes (mallopt takes an int), got {value!r}")
     if os.environ.get(ENV_VAR, "1").strip() == "0":
         return AllocatorTuning(False, f"disabled by {ENV_VAR}=0")
     libc = _glibc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 
 def group_count(channels: int, groups: int) -> int:
@@ -32,11 +33,28 @@ def convert_batchnorm(model: nn.Module, groups: int = 8) -> nn.Module:
 
     Returns:
         ``model`` itself, or the new GroupNorm when ``model`` was a BatchNorm.
+
+    Raises:
+        ValueError: ``groups`` is not a positive int, or a lazy BatchNorm has not run yet (its
+            channel count is unknown); nothing is changed.
     """
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}; nothing was changed")
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(
+                f"{name or 'model'} is a lazy BatchNorm whose channel count is not known yet: run one forward "
+                "pass first; nothing was changed"
+            )
+    return _convert(model, groups)
+
+
+def _convert(model: nn.Module, groups: int) -> nn.Module:
+    """:func:`convert_batchnorm` once its arguments are checked."""
     if isinstance(model, _BatchNorm):
         return _group_norm_like(model, groups)
     for name, child in model.named_children():
-        converted = convert_batchnorm(child, groups)
+        converted = _convert(child, groups)
         if converted is not child:
             setattr(model, name, converted)
     return model

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -46,7 +48,13 @@ def check_per_sample_independence(model: nn.Module) -> None:
 
     GGN needs ``f(w, x_i)`` to depend on ``x_i`` alone: BatchNorm in training mode normalises
     with batch statistics, so each output depends on the whole batch.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a BatchNorm in training mode, named.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"check_per_sample_independence needs an nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise ValueError(
@@ -115,11 +123,12 @@ class GramGaussNewton(Optimizer):
         alpha: Tikhonov damping added to ``lam * G``.
         weight_decay: decoupled weight decay per step, in ``[0, 1)``. A damping rule's gain
             ratio judges the step without it (the decay is applied once the step is accepted).
-        lr: the fraction of the step taken, ``> 0`` (with ``lr * weight_decay < 1``): the
+        lr: the fraction of the step taken, ``>= 0`` (with ``lr * weight_decay < 1``): the
             handle of ``torch.optim.lr_scheduler``'s schedulers, which read and write
             ``param_groups[i]["lr"]``. Without momentum the step (not the decay) is the one of
             ``lam / lr`` and ``alpha / lr``; with it, the recursion keeps the unscaled
-            :math:`\phi_t`. The gain ratio judges the step taken.
+            :math:`\phi_t`. The gain ratio judges the step taken; at ``lr = 0`` (a warm-up's
+            first step, a schedule's end) the step is zero and the damping rule is not consulted.
         engine: ``"auto"`` (fastest supported), ``"hooks"`` (per-layer factors, needs a model),
             ``"reference"`` (dense Jacobian, any model), ``"functional"`` (``torch.func``, fast
             and exact for a :class:`~gramnewton.engines.FunctionalResidual` closure, e.g. a
@@ -362,6 +371,11 @@ class GramGaussNewton(Optimizer):
         is solved for all groups: they share it), the other hyper-parameters the constructor's."""
         if "alpha" not in param_group and self.param_groups:
             param_group = {**param_group, "alpha": self._shared("alpha")}
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch's own error for a set
+            params = [params] if isinstance(params, Tensor) else list(params)  # a generator is read once
+            param_group = {**param_group, "params": params}
+            _check_group_params(params)
         group = {**self.defaults, **param_group}
         _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         super().add_param_group(param_group)
@@ -372,9 +386,13 @@ class GramGaussNewton(Optimizer):
         the rejections in a row (the momentum restart) and the damping rule's own state (e.g.
         :class:`~gramnewton.damping.GainRatioDamping`'s trust), so that a run resumed from it
         takes the steps an uninterrupted one would. Plain numbers: ``weights_only`` loads it."""
-        state = super().state_dict()
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            state = super().state_dict()
         rule = getattr(self.damping, "state_dict", None)
         state["gramnewton"] = {"rejections_in_a_row": self.rejections_in_a_row, "damping": rule() if rule else {}}
+        for hook in post_hooks:  # as torch runs them, on the whole state_dict ("gramnewton" too)
+            result = hook(self, state)
+            state = state if result is None else result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -382,18 +400,45 @@ class GramGaussNewton(Optimizer):
         leaves the rejection count and the damping rule's state as they are; one without ``lr``
         gets ``lr = 1``)."""
         state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch: on the whole of it
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else dict(result)
         extra = state_dict.pop("gramnewton", None)
+        _check_saved_groups(state_dict)
         _check_state_shapes(state_dict, self.param_groups)
         rule = extra["damping"] if extra is not None and self.damping is not None else None
         if rule:  # refused (e.g. another rule's state) before anything is loaded
             copy.deepcopy(self.damping).load_state_dict(rule)
-        super().load_state_dict(state_dict)
+        with (
+            _hooks_held(self, "_optimizer_load_state_dict_pre_hooks"),
+            _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks,
+        ):
+            super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("lr", 1.0)  # a state_dict saved before lr existed
         if extra is not None:
             self.rejections_in_a_row = int(extra["rejections_in_a_row"])
             if rule:
                 self.damping.load_state_dict(rule)
+        for hook in post_hooks:  # once everything is loaded
+            hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's (defaults, ``state``,
+        ``param_groups``; no hooks, as torch) and the optimizer's settings and damping state,
+        without the engine, which :meth:`__setstate__` builds again for the copied parameters
+        (torch kept the first three only: a copy's step raised ``AttributeError``)."""
+        return {k: v for k, v in self.__dict__.items() if k != "engine" and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy's state (:meth:`__getstate__`), or torch's ``load_state_dict``'s (``state`` and
+        ``param_groups`` only: the engine stays)."""
+        differentiable = "differentiable" in (state["defaults"] if "defaults" in state else self.defaults)
+        super().__setstate__(state)
+        if not differentiable:  # torch adds it to the defaults, and add_param_group would to the groups
+            del self.defaults["differentiable"]
+        if "defaults" in state:  # a copy: an engine for its parameters
+            self.engine = self._build_engine(self._trainable())
 
     def _trainable(self) -> list[Tensor]:
         """The parameters of ``param_groups`` that require grad, in order: the ones a step trains."""
@@ -610,7 +655,7 @@ class GramGaussNewton(Optimizer):
             count = self._momentum_count() + 1 if previous is not None else 1  # t in phi's recursion
             phi, taken = self._apply(result, momentum, count, lr)
             diagnostics = _diagnostics(taken, lam, momentum)
-            if self.damping is not None:
+            if self.damping is not None and lr:  # a step of length zero (lr = 0) has no gain ratio to judge
                 diagnostics = self._adapt_damping(closure, taken, backup, diagnostics, general)
             if not diagnostics.rejected:
                 break
@@ -847,6 +892,19 @@ class GramGaussNewton(Optimizer):
         return replace(diagnostics, loss_after=loss_after, gain_ratio=rho)
 
 
+def _check_saved_groups(state_dict: Mapping[str, Any]) -> None:
+    """Refuse a ``state_dict`` whose param groups lack GGN's hyper-parameters (``lr`` may be
+    missing: saved before it existed): another optimizer's, which torch would load in place of
+    ours and the next step fail on (``KeyError: 'lam'``)."""
+    for i, group in enumerate(state_dict.get("param_groups", [])):
+        missing = [key for key in ("lam", "alpha", "weight_decay", "momentum") if key not in group]
+        if missing:
+            raise ValueError(
+                f"the state_dict's param group {i} has no {', '.join(map(repr, missing))} (the state_dict of "
+                "another optimizer?); nothing was loaded"
+            )
+
+
 def _check_state_shapes(state_dict: Mapping[str, Any], groups: list[dict[str, Any]]) -> None:
     """Refuse a ``state_dict`` whose per-parameter tensors (``phi``, a metric's moment) do not
     have their parameter's shape: a state saved from another model with as many tensors, which
@@ -864,6 +922,34 @@ def _check_state_shapes(state_dict: Mapping[str, Any], groups: list[dict[str, An
                         f"the state_dict's {key!r} of parameter {index} has shape {tuple(value.shape)}, the "
                         f"parameter {tuple(p.shape)} (a state saved from another model?); nothing was loaded"
                     )
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: Optimizer, attribute: str) -> Iterator[list[Callable[..., Any]]]:
+    """Within it, ``optimizer``'s hooks of ``attribute`` (e.g. ``"_optimizer_state_dict_post_hooks"``)
+    are taken off, so that torch's method does not run them; yields them to be run by hand."""
+    hooks = getattr(optimizer, attribute)
+    setattr(optimizer, attribute, OrderedDict())
+    try:
+        yield list(hooks.values())
+    finally:
+        setattr(optimizer, attribute, hooks)
+
+
+def _check_group_params(params: list[Any]) -> None:
+    """Refuse what torch accepts but the joint solve cannot use: a parameter listed twice (torch
+    warns; its Jacobian columns would count twice) and a complex parameter."""
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # torch's (name, parameter) too
+    if len({id(p) for p in tensors}) != len(tensors):
+        raise ValueError(
+            "a parameter appears more than once in a param group (its Jacobian columns would count twice); "
+            "list each once, e.g. list(dict.fromkeys(params))"
+        )
+    if any(isinstance(p, Tensor) and p.is_complex() for p in tensors):
+        raise ValueError(
+            "GramGaussNewton does not support complex parameters; keep a real one, "
+            "nn.Parameter(torch.view_as_real(c)), and use torch.view_as_complex(p) in the forward pass"
+        )
 
 
 def _takes_rows(closure: Closure) -> bool:
@@ -925,7 +1011,7 @@ def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float,
     check_damping(lam, alpha)
     if not is_number(weight_decay) or not 0 <= weight_decay < 1:
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (must be a number in [0, 1))")
-    if not is_number(lr) or not 0 < lr < math.inf or lr * weight_decay >= 1:
-        raise ValueError(f"Invalid lr value: {lr!r} (must be a finite number > 0, with lr * weight_decay < 1)")
+    if not is_number(lr) or not 0 <= lr < math.inf or lr * weight_decay >= 1:
+        raise ValueError(f"Invalid lr value: {lr!r} (must be a finite number >= 0, with lr * weight_decay < 1)")
     if not is_number(momentum) or not 0 <= momentum < 1:
         raise ValueError(f"Invalid momentum value: {momentum!r} (must be a number in [0, 1))")

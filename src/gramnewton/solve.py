@@ -206,8 +206,24 @@ def damped_solve(
         ValueError: ``lam`` or ``alpha`` out of range (see :func:`check_damping`).
         SingularGramError: the input is not finite or no finite solution was found.
     """
+    _check_system(gram, rhs, dtype)
     x, info, _ = damped_solution(gram, rhs, lam, alpha, dtype=dtype, max_jitter_tries=max_jitter_tries)
     return x, info
+
+
+def _check_system(gram: Tensor, rhs: Tensor, dtype: torch.dtype | None) -> None:
+    """Raise ``ValueError`` unless ``gram`` is ``(n, n)`` and ``rhs`` ``(n,)``, both floating, and
+    ``dtype`` is ``None``, float32 or float64 (:func:`damped_solve`'s public input)."""
+    square = gram.dim() == 2 and gram.shape[0] == gram.shape[1]
+    if not square or rhs.dim() != 1 or rhs.shape[0] != gram.shape[0]:
+        raise ValueError(
+            f"damped_solve needs gram (n, n) and rhs (n,), got {tuple(gram.shape)} and {tuple(rhs.shape)} "
+            "(flatten the residuals sample-major: rhs.reshape(-1))"
+        )
+    if not gram.is_floating_point() or not rhs.is_floating_point():
+        raise ValueError(f"damped_solve needs floating gram and rhs, got {gram.dtype} and {rhs.dtype}")
+    if dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"Invalid dtype: {dtype!r} (must be None, torch.float32 or torch.float64)")
 
 
 def damped_solution(

@@ -247,6 +247,7 @@ def gram_gauss_newton_direction(
             (parameters are untouched: nothing applied).
     """
     check_damping(lam, alpha)
+    _check_arguments(engine.params, momentum, previous, solve_dtype)
     if system is None:
         system = compute_system(engine, closure, solve_space, skip_gram=choose_alpha is None, solve_dtype=solve_dtype)
     r = system.residuals.reshape(-1)
@@ -274,6 +275,23 @@ def gram_gauss_newton_direction(
             "solve_dtype=torch.float64; no parameter was changed"
         )
     return step
+
+
+def _check_arguments(
+    params: Sequence[Tensor], momentum: float, previous: Sequence[Tensor] | None, solve_dtype: torch.dtype | None
+) -> None:
+    """Raise ``ValueError`` before anything is computed unless ``0 <= momentum < 1``, ``previous``
+    (``phi_{t-1}``, if given) has one tensor per parameter of its shape, and ``solve_dtype`` is
+    ``None``, float32 or float64 (:func:`gram_gauss_newton_direction`'s public input)."""
+    if not is_number(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"Invalid momentum value: {momentum!r} (must be a number in [0, 1))")
+    if previous is not None and [tuple(b.shape) for b in previous] != [tuple(p.shape) for p in params]:
+        raise ValueError(
+            f"previous (phi_t-1) must be one tensor per parameter, of its shape: got shapes "
+            f"{[tuple(b.shape) for b in previous]} for parameters {[tuple(p.shape) for p in params]}"
+        )
+    if not any(solve_dtype is d for d in (None, torch.float32, torch.float64)):
+        raise ValueError(f"Invalid solve_dtype: {solve_dtype!r} (must be None, torch.float32 or torch.float64)")
 
 
 def _sample_space(
@@ -429,9 +447,19 @@ def scale_step(step: GramGaussNewtonStep, scale: float) -> GramGaussNewtonStep:
 def apply_direction(params: Sequence[Tensor], direction: Sequence[Tensor], weight_decay: float = 0.0) -> None:
     """``w <- (1 - weight_decay) * w + d`` for every parameter, after every ``d`` was checked.
 
-    One multi-tensor call per operation (``torch._foreach_*``, as ``torch.optim`` does), not one
-    kernel launch per parameter."""
-    params = list(params)
+    ``direction``: one tensor per parameter, of its shape (no broadcasting); a mismatch raises
+    ``ValueError`` before any parameter changes. One multi-tensor call per operation
+    (``torch._foreach_*``, as ``torch.optim`` does), not one kernel launch per parameter."""
+    params, direction = list(params), list(direction)
+    if len(params) != len(direction):
+        raise ValueError(
+            f"got {len(params)} parameters and {len(direction)} directions (one per parameter); no parameter was changed"
+        )
+    for i, (p, d) in enumerate(zip(params, direction)):
+        if p.shape != d.shape:
+            raise ValueError(
+                f"direction {i} has shape {tuple(d.shape)}, its parameter {tuple(p.shape)}; no parameter was changed"
+            )
     if not params:
         return
     if weight_decay:
@@ -461,6 +489,8 @@ def full_batch_step(
         are ``f_t - y``).
     """
     params = list(params)
+    if not params:
+        raise ValueError("full_batch_step got no parameter to train; no parameter was changed")
     step = gram_gauss_newton_direction(
         engine or ReferenceEngine(params), closure, lam=lam, alpha=alpha, solve_dtype=solve_dtype
     )
