@@ -848,8 +848,9 @@ def _rows_by_recomputation(
     """``vmap`` over the samples of the module's ``vjp`` on that sample alone (tensor arguments
     with the batch as dimension 0 are split, others shared; each output's one-sample batch
     dimension dropped), or ``None`` where it cannot be used or does not reproduce every recorded
-    output (to ``sqrt(eps)`` of its dtype, relative to its largest entry). ``torch.func`` refuses
-    a forward that writes to a buffer, so none is changed; other side effects of the forward's
+    output (to ``sqrt(eps)`` of its dtype, relative to its largest entry). The run gets copies of
+    the module's buffers, so none is changed (``torch.func`` refuses most writes to a buffer, not
+    an ``out=`` one); a run that wrote to one is not used. Other side effects of the forward's
     Python code would happen again."""
     outputs, dims = call.outputs, call.batch_dims
     b = outputs[0].shape[dims[0]]
@@ -867,13 +868,18 @@ def _rows_by_recomputation(
         for x, out, d in zip(g, outputs, dims)
     )
     values = {name: p.detach() for name, p in params.items()}
+    # the run's buffers are copies: torch.func lets some writes to a buffer through (``out=``, as in
+    # spectral_norm's power iteration), which would run the forward's side effects a second time
+    # (its ``_u`` advanced twice a step); a copy written to means the run is not the recorded one
+    copies = {name: t.detach().clone() for name, t in module.named_buffers()}
     args = tuple(t.detach() if isinstance(t, Tensor) else t for t in call.args)
 
     def sample(cotangent: tuple[Tensor, ...], *split: Any) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
         inputs = [x.unsqueeze(0) if flag else x for x, flag in zip(split, batched)]
 
         def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            out = output_tensors(torch.func.functional_call(module, p, tuple(inputs), call.kwargs, strict=False))
+            state = {**p, **copies}
+            out = output_tensors(torch.func.functional_call(module, state, tuple(inputs), call.kwargs, strict=False))
             if any(out[i].shape[d] != 1 for i, d in zip(call.positions, dims)):
                 raise ValueError("an output without the one sample in its batch dimension")  # not this layout
             return tuple(out[i].squeeze(d) for i, d in zip(call.positions, dims))
@@ -892,6 +898,8 @@ def _rows_by_recomputation(
                 sample, in_dims=(0, *(0 if f else None for f in batched)), out_dims=(dims, 0)
             )(cotangents, *args)
     except Exception:  # torch.func refuses random draws, writes to buffers, data-dependent control flow, ...
+        return None
+    if any(t._version for t in copies.values()):  # the run wrote a buffer: not the recorded forward
         return None
     for again, recorded in zip(outs, outputs):
         expected = recorded.detach()
@@ -1517,7 +1525,10 @@ def batch_norm_check(module: nn.Module) -> None:
 
 
 def _batch_norm_unsupported(module: nn.Module) -> str | None:
-    if not module.track_running_stats:
+    # in eval mode PyTorch normalises with the running statistics whenever they exist, whatever
+    # ``track_running_stats`` says now; without them (built without, or set to None afterwards, as
+    # test-time adaptation does) with the batch's: the samples mix
+    if module.running_mean is None or module.running_var is None:
         return "BatchNorm without running statistics uses batch statistics even in eval mode"
     return None
 

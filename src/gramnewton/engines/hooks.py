@@ -310,6 +310,10 @@ def _batch_mismatch(call: _Call, b: int, reachable: set[Any]) -> bool:
     )
 
 
+# the default ``LayerHandler.unsupported``, which refuses nothing (not called every step)
+_NO_REFUSAL = LayerHandler.unsupported
+
+
 def _refusal(handler: LayerHandler, module: nn.Module) -> str | None:
     """Why the hooks engine cannot take ``module``'s own parameters (its handler's reason, or a
     TorchScript module's), or ``None``."""
@@ -762,6 +766,13 @@ class HooksEngine:
             if "forward" in vars(call.module):  # the handler knows the class's forward, not this one
                 for p in call.params.values():
                     dynamic.setdefault(id(p), f"{type(call.module).__name__} has its forward replaced on the instance")
+            # the handler's refusal again (one call, where it has one): an option set on the module
+            # after the engine was built (an Embedding's scale_grad_by_freq, a BatchNorm's running
+            # statistics set to None) is seen, not read once at construction
+            reason = None if call.handler.unsupported is _NO_REFUSAL else call.handler.unsupported(call.module)
+            if reason is not None:
+                for p in call.params.values():
+                    dynamic.setdefault(id(p), f"{type(call.module).__name__}: {reason}")
             mixed = {p.dtype for p in call.params.values()} - {call.out_dtype}
             if mixed and not call.handler.autocast:  # the handler's formulas assume one dtype
                 for p in call.params.values():
