@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dense import assert_close, flat_params, groupnorm_cnn
-from test_classification import _blockdiag, _blocks, _dense_ggn, _derivatives, _top_c_hessian
+from test_classification import WeightedSquares, _blockdiag, _blocks, _dense_ggn, _derivatives, _top_c_hessian
 from torch import Tensor, nn
 from torch.func import grad, hessian
 
@@ -403,22 +403,9 @@ def test_random_saturated_batches_match_the_dense_formula(seed: int) -> None:
     assert_close(got - start, expected - start, 1e-9, f"seed {seed}: {curvature} (c={c}) step")
 
 
-class _WeightedSquares(Loss):
-    """``l_i = 1/2 sum_c w_c (f_ic - y_ic)^2`` through the protocol's default ``sqrt_solve``."""
-
-    name = "weighted_squares"
-
-    def __init__(self, weights: Tensor):
-        self.weights = weights
-
-    def check(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return targets
-
-    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return 0.5 * (self.weights * (outputs - targets).pow(2)).sum(1)
-
-    def gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return self.weights * (outputs - targets)
+class _WeightedSquares(WeightedSquares):
+    """``test_classification``'s user loss with a dense factor ``B = diag(sqrt(w)) Q`` (``Q``
+    orthogonal): ``B B^T = diag(w)``, the least-squares ``sqrt_solve`` without a diagonal ``B``."""
 
     def hessian_sqrt(self, outputs: Tensor, targets: Tensor) -> Tensor:
         mixing = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
