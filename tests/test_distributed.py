@@ -12,7 +12,7 @@ import gc
 import json
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -419,19 +419,22 @@ SCENARIOS: dict[str, Callable[[], None]] = {
 }
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def run_scenarios(scenarios: Mapping[str, Callable[[], None]], rank: int, store: str, out: str, timeout: float) -> None:
+    """Run ``scenarios`` in turn as ``rank`` of a ``WORLD``-process gloo group (1 thread); each one's
+    result, ``"ok"`` or its traceback, is written to ``out/rank{rank}.json`` after it (what ran,
+    should a later one abort the process). ``timeout`` (s): how long a collective may wait."""
     torch.set_num_threads(1)
-    RUN_DIR.append(Path(out))
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=timeout)
     )
     results = {}
-    for name, scenario in SCENARIOS.items():
+    for name, scenario in scenarios.items():
         try:
             scenario()
             results[name] = "ok"
         except Exception:
             results[name] = traceback.format_exc()
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
         dist.barrier()
     # Free what the scenarios left in reference cycles while the group is alive, then destroy it
     # on both ranks together. Without this a worker aborted at its exit now and then ("terminate
@@ -441,7 +444,11 @@ def _worker(rank: int, store: str, out: str) -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    RUN_DIR.append(Path(out))
+    run_scenarios(SCENARIOS, rank, store, out, timeout=60)
 
 
 @pytest.fixture(scope="module")

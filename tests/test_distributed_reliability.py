@@ -10,13 +10,10 @@ changed on any rank, no rank is left waiting, and the next good step works.
 from __future__ import annotations
 
 import copy
-import gc
 import io
 import json
 import os
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dense import assert_close
+from test_distributed import run_scenarios
 from torch import nn
 
 from gramnewton import GramGaussNewton
@@ -403,24 +401,9 @@ SCENARIOS: dict[str, Callable[[], None]] = {
 
 
 def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
     OUT.append(Path(out))
     # a short timeout: a scenario that leaves a rank waiting fails in seconds, not in 30 minutes
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=15)
-    )
-    results = {}
-    for name, scenario in SCENARIOS.items():
-        try:
-            scenario()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        Path(out, f"rank{rank}.json").write_text(json.dumps(results))  # what ran, should a later one abort
-        dist.barrier()
-    gc.collect()  # as tests/test_distributed.py: free cycles while the group is alive
-    dist.barrier()
-    dist.destroy_process_group()
+    run_scenarios(SCENARIOS, rank, store, out, timeout=15)
 
 
 @pytest.fixture(scope="module")
