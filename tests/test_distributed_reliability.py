@@ -210,6 +210,26 @@ def _batchnorm_on_one_rank() -> None:
     _unchanged_then_works(model, opt, before, _state(opt))
 
 
+def _inference_mode_on_one_rank() -> None:
+    """``step`` inside ``torch.inference_mode()`` on one rank only (and, as a torch.optim user
+    might, without a closure on the other): every rank raises, none waits (the checks at the very
+    start of a step were outside the report to the other ranks: they waited at the status
+    exchange until the group's timeout)."""
+    model = _model()
+    opt = GramGaussNewton(model, distributed="exact", **FIXED)
+    before, state = flat_params(model).clone(), _state(opt)
+    x, y = _batch(7)
+    if dist.get_rank() == 1:
+        with torch.inference_mode():
+            _raises_everywhere(lambda: opt.step(lambda: model(_shard(x)) - _shard(y)), "inference_mode")
+    else:
+        _raises_everywhere(lambda: opt.step(lambda: model(_shard(x)) - _shard(y)), "rank 1 of 2 failed")
+    _unchanged_then_works(model, opt, before, state)
+    _raises_everywhere(
+        lambda: opt.step(None if dist.get_rank() == 0 else lambda: model(_shard(x)) - _shard(y)), "closure"
+    )
+
+
 def _frozen_broadcast() -> None:
     """A parameter frozen at construction is rank 0's on every rank too (as DDP broadcasts every
     parameter): each rank's forward pass must be the one model's, or the union's Gram mixes models."""
@@ -397,6 +417,7 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "exact-refused-on-one-rank": _refused_on_one_rank,
     "exact-checkpoint-on-one-rank": _checkpoint_on_one_rank,
     "exact-batchnorm-on-one-rank": _batchnorm_on_one_rank,
+    "exact-inference-mode-on-one-rank": _inference_mode_on_one_rank,
 }
 
 

@@ -440,6 +440,36 @@ class GramGaussNewton(Optimizer):
         if "defaults" in state:  # a copy: an engine for its parameters
             self.engine = self._build_engine(self._trainable())
 
+    def _check_start(self, closure: Closure | None) -> None:
+        """What :meth:`step` refuses before it evaluates anything: no closure, inference mode, bad
+        hyper-parameters, a closure that cannot take the damping rule's rows, a module coupling
+        the samples (BatchNorm in training mode); also follows the parameters that require grad."""
+        if closure is None:  # torch.optim's opt.step() after loss.backward()
+            raise ValueError(
+                "GramGaussNewton.step needs a closure that returns per-sample residuals, e.g. "
+                "opt.step(lambda: model(x) - y); it forms its own Jacobian (no loss.backward() needed); "
+                "no parameter was changed"
+            )
+        if torch.is_inference_mode_enabled():  # enable_grad cannot leave it: the closure would build no graph
+            raise ValueError(
+                "GramGaussNewton.step needs autograd (the Jacobian comes from the closure's graph) but was "
+                "called inside torch.inference_mode(); no parameter was changed"
+            )
+        for group in self.param_groups:
+            _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
+        self._follow_trainable()
+        if self._subset() is not None and not _takes_rows(closure):
+            raise ValueError(
+                f"the damping rule re-evaluates a subset of {self._subset()} samples, so the closure must "
+                "take the rows to evaluate: closure(rows), rows a slice of the batch (e.g. "
+                "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
+            )
+        if self._find_model:
+            self._use_called_modules(closure)
+        module = self._called_modules if self._module is None else self._module
+        if module is not None:
+            check_per_sample_independence(module)
+
     def _trainable(self) -> list[Tensor]:
         """The parameters of ``param_groups`` that require grad, in order: the ones a step trains."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -500,40 +530,13 @@ class GramGaussNewton(Optimizer):
             Any error of the closure's re-evaluation or of the damping rule restores the
             parameters and the state before it propagates.
         """
-        if closure is None:  # torch.optim's opt.step() after loss.backward()
-            raise ValueError(
-                "GramGaussNewton.step needs a closure that returns per-sample residuals, e.g. "
-                "opt.step(lambda: model(x) - y); it forms its own Jacobian (no loss.backward() needed); "
-                "no parameter was changed"
-            )
-        if torch.is_inference_mode_enabled():  # enable_grad cannot leave it: the closure would build no graph
-            raise ValueError(
-                "GramGaussNewton.step needs autograd (the Jacobian comes from the closure's graph) but was "
-                "called inside torch.inference_mode(); no parameter was changed"
-            )
-        try:
-            for group in self.param_groups:
-                _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
-            self._follow_trainable()
-            if self._subset() is not None and not _takes_rows(closure):
-                raise ValueError(
-                    f"the damping rule re-evaluates a subset of {self._subset()} samples, so the closure must "
-                    "take the rows to evaluate: closure(rows), rows a slice of the batch (e.g. "
-                    "`lambda rows=slice(None): model(x[rows]) - y[rows]`); no parameter was changed"
-                )
-        except Exception as error:
-            if self.communicator is not None:  # the other ranks wait at the step's status exchange: all raise
-                self.communicator.fail_everywhere(error)
-            raise
-        with replayable_randomness(self.engine.params):  # re-evaluations draw the first run's numbers
+        # re-evaluations draw the first run's numbers (the groups' parameters: the engine may change
+        # in _check_start, when the parameters that require grad do)
+        with replayable_randomness(p for group in self.param_groups for p in group["params"]):
             try:
-                if self._find_model:
-                    self._use_called_modules(closure)
-                module = self._called_modules if self._module is None else self._module
-                if module is not None:
-                    check_per_sample_independence(module)
+                self._check_start(closure)
             except Exception as error:
-                if self.communicator is not None:  # as above: the other ranks must not wait
+                if self.communicator is not None:  # the other ranks wait at the step's status exchange: all raise
                     self.communicator.fail_everywhere(error)
                 raise
             before = self._damping_state()
