@@ -15,9 +15,14 @@ Two sample-space solves, each one function:
 1. Cholesky of the symmetrised matrix (``torch.linalg.cholesky_ex``), accepted when it succeeds
    and its pivots are not numerically zero (``min pivot^2 > n * eps * max diagonal``); a
    Cholesky that "succeeds" on a singular matrix returns huge, meaningless steps.
-2. Cholesky with diagonal jitter ``10^j * eps_rel * mean(diag)``, ``j = 0..max_jitter_tries-1``.
+2. Cholesky with diagonal jitter ``10^j * eps_rel * mean(diag)``, ``j = 0..max_jitter_tries-1``;
+   only for ``alpha > 0``. With ``alpha = 0`` a jittered solve of a singular ``G`` (duplicated
+   samples, a zero-Jacobian sample, ``b*k > m``) divides the part of ``r`` outside the range of
+   ``G`` by the jitter: ``c`` 1e8 times the minimum norm in float64, and ``J^T c`` (exact only in
+   exact arithmetic) off by 4e-8 in float64 and 1e-2 in float32 (tests/test_solve_numerics.py).
 3. Symmetric eigendecomposition, inverting only eigenvalues above ``n * eps * max|eig|`` (the
-   minimum-norm, pseudo-inverse solution, consistent with the minimum-norm reading of Eq. 9).
+   minimum-norm, pseudo-inverse solution, consistent with the minimum-norm reading of Eq. 9);
+   for ``alpha = 0`` directly after the Cholesky.
 
 The solutions are never NaN for finite input: if the accepted solution is not finite (e.g. it
 overflows), :class:`SingularGramError` is raised.
@@ -196,7 +201,8 @@ def damped_solve(
         alpha: ``alpha >= 0``, Tikhonov damping.
         dtype: solve in this dtype (e.g. ``torch.float64``); the result is cast back. Default:
             the Gram's dtype, float32 for bfloat16/float16.
-        max_jitter_tries: number of jittered Cholesky attempts before the eigendecomposition.
+        max_jitter_tries: number of jittered Cholesky attempts before the eigendecomposition
+            (``alpha > 0`` only: with ``alpha = 0`` the eigendecomposition follows the Cholesky).
 
     Returns:
         ``x`` of shape ``(n,)`` in ``rhs``'s dtype, and a :class:`SolveInfo`
@@ -251,6 +257,8 @@ def damped_solution(
     if not all_finite(mat):  # one sum: at b = 100 on the sinc network (G of rank 61) every step comes here
         raise SingularGramError("the Gram matrix has NaN or Inf entries; no parameter was changed")
     n, eps = mat.shape[0], torch.finfo(work).eps
+    if alpha == 0:  # Eq. 9's minimum-norm reading; a jitter puts r's part outside range(G) into c / jitter
+        return _eigh_solution(mat, rhs, n * eps)
     # The ladder starts at n * max(eps, 1e-10) * mean diagonal, or at the shift that passes the
     # pivot test where the factorisation succeeded and that shift is larger (the usual float32
     # case: one more factorisation where the ladder from below took two or three).
@@ -270,8 +278,15 @@ def damped_solution(
                 info = SolveInfo("jitter", jitter=jitter, condition=attempt.condition)
                 return Solution(_finite(x, out_dtype), info, _cholesky_again(attempt.factor))
 
+    return _eigh_solution(mat, rhs, n * eps)
+
+
+def _eigh_solution(mat: Tensor, rhs: Tensor, tolerance: float) -> Solution:
+    """The pseudo-inverse solution of ``mat x = rhs`` (``mat`` symmetric ``(n, n)``) by its
+    eigendecomposition: eigenvalues at or below ``tolerance * max |eig|`` (negative ones from
+    rounding included) are dropped, giving the minimum-norm least-squares solution."""
     evals, evecs = torch.linalg.eigh(mat)
-    cutoff = n * eps * float(evals.abs().max())
+    cutoff = tolerance * float(evals.abs().max())
     keep = evals > cutoff
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
 
@@ -308,8 +323,12 @@ def jacobian_solve(
     """Solve ``(lam J J^T + alpha I) c = rhs`` and form ``J^T c`` from ``J`` (thin SVD, cut-off above).
 
     With ``J = U S V^T`` and ``s`` the kept singular values:
-    ``c = U diag(1 / (lam s^2 + alpha)) U^T rhs`` and ``J^T c = V diag(s / (lam s^2 + alpha)) U^T rhs``;
-    ``J^T c`` is computed from the second formula, never through ``G``.
+    ``c = U diag(1 / (lam s^2 + alpha)) U^T rhs + (rhs - U U^T rhs) / alpha`` (the second term, the
+    part of ``rhs`` outside the kept range, only for ``alpha > 0``: the eigenvalue of
+    ``lam G + alpha I`` there is ``alpha``; with ``alpha = 0`` it is dropped, the pseudo-inverse)
+    and ``J^T c = V diag(s / (lam s^2 + alpha)) U^T rhs``; ``J^T c`` is computed from the last
+    formula, never through ``G``. The condition estimate includes the eigenvalue ``alpha`` when
+    fewer than ``n`` singular values are kept.
 
     Args:
         jac: ``(n, m)`` Jacobian, rows sample-major.
@@ -335,11 +354,20 @@ def jacobian_solve(
     keep = s > cutoff
     u, s, vh = u[:, keep], s[keep], vh[keep]
     damped = lam * s * s + alpha  # eigenvalues of lam G + alpha I along the kept directions
-    projected = (u.T @ r) / damped
+    along = u.T @ r
+    projected = along / damped
     jt_c = vh.T @ (s * projected)
-    condition = float(damped.max() / damped.min()) if s.numel() else None
+    c = u @ projected
+    if alpha > 0:  # the part of r outside range(J) (n > rank): eigenvalue alpha, not dropped
+        c = c + (r - u @ along) / alpha
+    if s.numel() == 0:
+        condition = None
+    elif alpha > 0 and s.numel() < r.shape[0]:  # lam G + alpha I also has the eigenvalue alpha
+        condition = float(damped.max() / alpha)
+    else:
+        condition = float(damped.max() / damped.min())
     info = SolveInfo("svd", rank=int(keep.sum()), condition=condition)
-    return _finite(jt_c, rhs.dtype), _finite(u @ projected, rhs.dtype), info
+    return _finite(jt_c, rhs.dtype), _finite(c, rhs.dtype), info
 
 
 # Largest ``m`` whose float32 parameter-space system is solved by the float64 normal equations
