@@ -309,26 +309,40 @@ def leave_one_out_ridge(gram: Tensor, residuals: Tensor, grid: Tensor) -> tuple[
 
     The step of Eq. 11 changes the batch's outputs by ``-G c = -(1/lam) H_s r`` with the hat
     matrix ``H_s = G (G + s I)^{-1}`` and the ridge ``s = alpha / lam``: kernel ridge regression
-    of the residuals ``r`` on the Gram ``G``. Its leave-one-out residuals have the closed form
-    ``e_i(s) = [(I - H_s) r]_i / (1 - [H_s]_ii)`` (exact for kernel ridge regression), so one
-    eigendecomposition ``G = U diag(g) U^T`` prices every ``s``: ``I - H_s = U diag(s / (g + s)) U^T``.
+    of the residuals ``r`` on the Gram ``G``. The unit left out is a sample, its ``k`` rows (its
+    other outputs would otherwise predict it): its leave-one-out residuals have the closed form
+    ``e_B(s) = [(I - H_s)_BB]^{-1} [(I - H_s) r]_B`` (exact for kernel ridge regression; for
+    ``k = 1`` ``e_i(s) = [(I - H_s) r]_i / (1 - [H_s]_ii)``), so one eigendecomposition
+    ``G = U diag(g) U^T`` prices every ``s``: ``I - H_s = U diag(s / (g + s)) U^T``.
 
     Args:
-        gram: ``(n, n)`` Gram matrix ``J J^T`` (``n = b*k``), symmetric positive semi-definite.
-        residuals: ``n`` residuals (any shape with ``n`` entries).
+        gram: ``(n, n)`` Gram matrix ``J J^T`` (``n = b*k``, rows sample-major), symmetric positive
+            semi-definite.
+        residuals: ``(b, k)`` residuals, one row per sample (a sample's ``k`` rows are left out
+            together); a 1-D tensor of ``n``: one row per sample.
         grid: ``(S,)`` positive ridges ``s``.
 
     Returns:
-        ``(loo, ridges)``: ``(S,)`` mean squared leave-one-out residual per ridge, and ``grid`` in
-        float64.
+        ``(loo, ridges)``: ``(S,)`` mean squared leave-one-out residual (over the ``n`` rows) per
+        ridge, and ``grid`` in float64.
     """
     g, u = torch.linalg.eigh(gram.double())
     g = g.clamp_min(0.0)
     s = grid.double()
+    n = u.shape[0]
+    k = residuals.shape[-1] if residuals.dim() == 2 else 1
+    if k * (n // k) != n or residuals.numel() != n:
+        raise ValueError(f"residuals of shape {tuple(residuals.shape)} do not match a ({n}, {n}) Gram")
     keep = s[None, :] / (g[:, None] + s[None, :])  # (n, S): eigenvalues of I - H_s
     fit_residual = u @ (keep * (u.T @ residuals.reshape(-1).double())[:, None])  # (n, S): (I - H_s) r
-    leverage_complement = (u * u) @ keep  # (n, S): diag(I - H_s)
-    return (fit_residual / leverage_complement).pow(2).mean(0), s
+    if k == 1:
+        leverage_complement = (u * u) @ keep  # (n, S): diag(I - H_s)
+        return (fit_residual / leverage_complement).pow(2).mean(0), s
+    rows = u.reshape(n // k, k, n)  # (b, k, n): each sample's rows of U
+    blocks = ((rows[:, :, None, :] * rows[:, None, :, :]) @ keep).permute(0, 3, 1, 2)  # (b, S, k, k): (I - H_s)_BB
+    own = fit_residual.reshape(n // k, k, -1).permute(0, 2, 1).unsqueeze(-1)  # (b, S, k, 1)
+    errors = torch.linalg.solve(blocks, own)  # (b, S, k, 1): each sample's leave-one-out residuals
+    return errors.pow(2).sum((0, 2, 3)) / n, s
 
 
 @dataclass
@@ -357,8 +371,9 @@ class CrossValidatedDamping(DampingRule):
         smoothing: weight of the newest batch in the running mean of ``log s`` (in ``(0, 1]``).
         span: smallest and largest ridge tried, relative to the mean eigenvalue of ``G``.
         points: number of ridges tried.
-        max_samples: cross-validate on at most this many rows of ``G`` (the first ones; the
-            eigendecomposition costs ``O(n^3)``).
+        max_samples: cross-validate on at most this many rows of ``G`` (the first samples, each
+            whole, ``k`` rows; the eigendecomposition costs ``O(n^3)``); where fewer than two
+            samples fit, the batch is not cross-validated (the running mean is kept).
         curvature: the gain-ratio rule giving the floor and the rejection, or ``None``.
 
     The running mean, the floor and ``curvature``'s trust are the rule's own state (saved in the
@@ -410,10 +425,13 @@ class CrossValidatedDamping(DampingRule):
 
     def choose_alpha(self, alpha: float, system: GramSystem, lam: float) -> float:
         """``max(lam * exp(mean log s), floor)``; the first call takes ``alpha`` as the floor."""
-        n = min(system.gram.shape[0], self.max_samples)
-        gram, r = system.gram[:n, :n].double(), system.residuals.reshape(-1)[:n]
-        scale = float(torch.diagonal(gram).mean())
-        if math.isfinite(scale) and scale > 0 and bool(r.pow(2).sum() > 0):
+        b = system.residuals.shape[0] if system.residuals.dim() else 1
+        k = system.gram.shape[0] // b  # a sample's rows (its outputs), left out together
+        samples = min(b, self.max_samples // k)
+        n = samples * k
+        gram, r = system.gram[:n, :n].double(), system.residuals.reshape(b, k)[:samples]
+        scale = float(torch.diagonal(gram).mean()) if n else math.nan
+        if samples >= 2 and math.isfinite(scale) and scale > 0 and bool(r.pow(2).sum() > 0):
             grid = scale * torch.logspace(
                 math.log10(self.span[0]), math.log10(self.span[1]), self.points, dtype=torch.float64
             )
