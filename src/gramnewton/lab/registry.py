@@ -1,7 +1,9 @@
-"""A name -> builder registry (models, data sets): duplicate names raise, unknown names list the known."""
+"""A name -> builder registry (models, data sets): duplicate names raise, unknown names list the
+known (and the closest, for a misspelling)."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -30,7 +32,9 @@ class Registry(Generic[Builder]):
         try:
             return self._builders[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
+            close = difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown {self.kind} {name!r}{hint}; available: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

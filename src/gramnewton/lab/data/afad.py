@@ -48,7 +48,7 @@ def scan(folder: Path, bad: BadItems) -> tuple[list[Path], list[int]]:
     paths: list[Path] = []
     ages: list[int] = []
     for age_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if not age_dir.name.isdigit():
+        if not (age_dir.name.isascii() and age_dir.name.isdigit()):  # '²'.isdigit() is true
             bad.report(str(age_dir), "folder name is not an age in years")
             continue
         for sex_dir in sorted(p for p in age_dir.iterdir() if p.is_dir()):

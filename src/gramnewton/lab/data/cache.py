@@ -1,8 +1,10 @@
 """On-disk cache of decoded image tensors, keyed by the source files and the decoding parameters.
 
-An entry is valid for exactly one file list (paths, sizes, modification times) and one set of
-decoding parameters; any change to a file gives a new key, so the entry is rebuilt. Older
-entries of the same data set and parameters are removed when a new one is written.
+An entry is valid for exactly one file list (paths, sizes, modification and change times,
+inodes) and one set of decoding parameters; any change to a file gives a new key, so the entry
+is rebuilt. Older entries of the same data set and parameters are removed when a new one is
+written. An entry that cannot be written (a read-only folder, a full disk) is used all the same,
+with a warning.
 
 Every entry stores a SHA-256 checksum of its decoded contents (tensor bytes, dtypes, shapes and the
 other values); an entry whose checksum does not match (a flipped byte on disk), that cannot be read
@@ -11,6 +13,7 @@ or that lacks a required key is rebuilt, with a warning, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,11 +40,16 @@ def _digest(payload: Any) -> str:
 
 
 def files_fingerprint(files: Sequence[Path]) -> str:
-    """Hash of the file list with each file's size and modification time (ns)."""
+    """Hash of the file list with each file's size, modification time, inode and change time (ns).
+
+    The change time is set by the system whenever a file is written or replaced and cannot be
+    set back: a corrected image copied over with ``cp -p`` / ``rsync -a`` keeps its size and
+    modification time, and would otherwise be served from the cache as the old pixels.
+    """
     rows = []
     for path in files:
         st = path.stat()
-        rows.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        rows.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     return _digest(rows)
 
 
@@ -97,8 +105,21 @@ def cached(
     entry = build()
     # Write then rename: an interrupted write never leaves a truncated entry under the real name.
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({**entry, CHECKSUM_KEY: entry_checksum(entry)}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({**entry, CHECKSUM_KEY: entry_checksum(entry)}, tmp)
+        os.replace(tmp, path)
+    # A read-only folder (OSError) or a full disk (torch's writer raises RuntimeError): the
+    # decoded images are used all the same, never thrown away for want of a cache.
+    except (OSError, RuntimeError) as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None) or f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"cannot write the cache entry {path} ({reason}); using the decoded images without caching "
+            f"them: set ${CACHE_ENV} or the data set's cache_dir to a writable folder, or pass cache=False",
+            stacklevel=3,
+        )
+        return entry
     for stale in folder.glob(f"{prefix}-*.pt"):
         if stale != path:
             stale.unlink(missing_ok=True)

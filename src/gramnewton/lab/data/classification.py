@@ -20,8 +20,7 @@ gain-ratio damping rejects step after step. ``standardise=False`` gives the raw 
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 from .base import split_indices, standardise_images
 from .embedded import digits_arrays, mnist_arrays
 from .fashion import fashion_file
-from .idx import read_idx
+from .idx import UNSIGNED_BYTE, read_idx
 from .registry import register_dataset, register_packaged
 
 FASHION_FILES = {
@@ -129,9 +128,20 @@ def fashion_mnist(
     """
     image_name, label_name = FASHION_FILES[split]
     images = _fashion_images(root, image_name)
-    labels = read_idx(fashion_file(root, label_name, "fashion-mnist"), ndim=1)
+    label_path = fashion_file(root, label_name, "fashion-mnist")
+    labels = read_idx(label_path, ndim=1, type_code=UNSIGNED_BYTE)
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"fashion-mnist: {images.shape[0]} images but {labels.shape[0]} labels in {Path(root or '')}")
+        raise ValueError(
+            f"fashion-mnist: {label_path} has {labels.shape[0]} labels but "
+            f"{label_path.with_name(image_name)} has {images.shape[0]} images"
+        )
+    outside = np.flatnonzero(labels >= 10)
+    if outside.size:
+        first = int(outside[0])
+        raise ValueError(
+            f"fashion-mnist: {label_path}: label {int(labels[first])} at item {first} is outside 0-9 "
+            f"({outside.size} such labels); is it a labels file of another data set?"
+        )
     blank = None
     if standardise:
         train_images = _fashion_images(root, FASHION_FILES["train"][0])
@@ -141,5 +151,5 @@ def fashion_mnist(
 
 def _fashion_images(root: str | None, image_name: str) -> Tensor:
     """The images of one IDX file, ``(n, 1, 28, 28)`` float32 in [0, 1]."""
-    pixels = read_idx(fashion_file(root, image_name, "fashion-mnist"), ndim=3)
+    pixels = read_idx(fashion_file(root, image_name, "fashion-mnist"), ndim=3, type_code=UNSIGNED_BYTE)
     return torch.from_numpy(pixels).unsqueeze(1).float() / 255.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .base import TensorRegressionDataset
-from .idx import read_idx
+from .idx import UNSIGNED_BYTE, read_idx
 from .registry import register_dataset
 from .rotated import random_angles, rotated_dataset
 
@@ -54,7 +54,7 @@ def rotated_fashion_mnist(root: str | None = None, split: str = "train", seed: i
     ``split`` picks the IDX file (train 60,000, test 10,000); ``seed`` seeds the angles, with
     a different stream per split so the two never share their angle sequence.
     """
-    pixels = read_idx(image_file(root, split), ndim=3)
+    pixels = read_idx(image_file(root, split), ndim=3, type_code=UNSIGNED_BYTE)
     images = torch.from_numpy(pixels).unsqueeze(1).float() / 255.0
     generator = torch.Generator().manual_seed(2 * seed + (split == "test"))
     return rotated_dataset(images, random_angles(images.shape[0], generator), "rotated-fashion-mnist")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -15,6 +15,7 @@ from .bad import BadItems
 from .cache import Entry, cached
 
 CHANNELS = {"L": 1, "RGB": 3}
+ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels are turned to view them
 # Errors Pillow raises for unreadable, truncated or hostile files.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -33,11 +34,16 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 def decode_image(path: Path, size: int, mode: str) -> np.ndarray:
     """Read ``path`` as ``mode`` (``"L"`` or ``"RGB"``) resized to ``(size, size)``: ``(C, size, size)`` uint8.
 
-    Raises one of ``DECODE_ERRORS`` when the file cannot be decoded.
+    An EXIF orientation is applied (the image as viewers show it). Raises one of
+    ``DECODE_ERRORS`` when the file cannot be decoded.
     """
     with Image.open(path) as image:
         # JPEG can decode at a reduced scale directly, which is much faster for large photos.
         image.draft(mode, (size, size))
+        # Phones store photos as the sensor saw them and say in EXIF how to turn them upright, as
+        # every viewer does; without this such a face would be learnt lying on its side.
+        if image.getexif().get(ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):
             image = _to_8bit(image)
         pixels = np.asarray(image.convert(mode).resize((size, size), Image.BILINEAR))
@@ -65,6 +71,9 @@ def load_images(
     """
     if mode not in CHANNELS:
         raise ValueError(f"unknown image mode {mode!r}; expected one of {sorted(CHANNELS)}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        # else Pillow's error for the first file would blame that image (every one, with skip_bad)
+        raise ValueError(f"{name}: size must be an integer >= 1 (pixels), got {size!r}")
 
     def build() -> Entry:
         images = np.zeros((len(paths), CHANNELS[mode], size, size), dtype=np.uint8)
@@ -85,7 +94,7 @@ def load_images(
     def describe(i: int) -> str:
         return f"{paths[i]} ({sources[i]})" if sources is not None else str(paths[i])
 
-    params = {"size": size, "mode": mode, "version": 1}
+    params = {"size": size, "mode": mode, "version": 2}  # 2: EXIF orientation applied
     entry = cached(name, paths, params, build, cache_dir, keys=("images", "keep", "failed")) if cache else build()
     # Failures are reported here, also for a cache hit, so skip_bad=False still refuses a
     # cached entry that was built with skip_bad=True.

@@ -85,19 +85,20 @@ def find_validation_csv(root: Path) -> Path | None:
 
 
 def read_labels(
-    path: Path, columns: tuple[str, str, str], images: dict[str, Path], bad: BadItems
+    path: Path, columns: tuple[str, str, str], images: dict[str, list[Path]], bad: BadItems
 ) -> list[Record | None]:
     """One entry per data row of CSV ``path``: its :class:`Record`, or ``None`` for a bad row.
 
     Args:
         columns: names of the id, bone age (months) and sex columns.
-        images: image file of each id (the file stem).
+        images: image files of each id (the file stem): one, else the row is reported.
         bad: where malformed rows (a field missing or too many, a value that does not parse, bytes
             that are not UTF-8), duplicate ids and ids without an image are reported, as
             ``"<path>, row <line>"``.
 
     Raises:
-        ValueError: the header is not UTF-8 or lacks one of ``columns`` (no row can be read then).
+        ValueError: the header is not UTF-8, lacks one of ``columns`` or has one twice (no row can
+            be read then).
     """
     records: list[Record | None] = []
     seen: dict[str, int] = {}
@@ -110,6 +111,12 @@ def read_labels(
         missing = [c for c in columns if c not in header]
         if missing:
             raise ValueError(f"rsna-bone-age: {path} has no column(s) {missing}; header is {header}")
+        twice = next((c for c in columns if header.count(c) > 1), None)
+        if twice is not None:  # which one holds the labels? Guessing could read the wrong one
+            raise ValueError(
+                f"rsna-bone-age: {path}: column {twice!r} appears twice in the header {header}; "
+                "rename or delete one of them"
+            )
         where = [header.index(c) for c in columns]
         for row in reader:
             if not any(cell.strip() for cell in row):
@@ -127,7 +134,7 @@ def _parse_row(
     width: int,
     where: list[int],
     columns: tuple[str, ...],
-    images: dict[str, Path],
+    images: dict[str, list[Path]],
     seen: dict[str, int],
     at: str,
     bad: BadItems,
@@ -166,12 +173,22 @@ def _parse_row(
     if image_id not in images:
         bad.report(at, f"no image {image_id}.png for id {image_id!r}")
         return None
-    return Record(images[image_id], months, at)
+    if len(images[image_id]) > 1:  # which one is this row's radiograph? Guessing could mislabel
+        found = ", ".join(map(str, images[image_id]))
+        bad.report(at, f"{len(images[image_id])} images for id {image_id!r}: {found}; delete all but one")
+        return None
+    return Record(images[image_id][0], months, at)
 
 
-def png_index(folders: list[Path]) -> dict[str, Path]:
-    """``{stem: path}`` of the PNG files under ``folders`` (recursively)."""
-    return {p.stem: p for folder in folders for p in sorted(folder.rglob("*.png"))}
+def png_index(folders: list[Path]) -> dict[str, list[Path]]:
+    """``{stem: paths}`` of the PNG files under ``folders`` (recursively; ``.png`` in any case, as
+    Windows exports write ``.PNG``). More than one path for a stem is reported when its id is read."""
+    index: dict[str, list[Path]] = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() == ".png" and path.is_file():
+                index.setdefault(path.stem, []).append(path)
+    return index
 
 
 def _fit_months(train: list[Record | None], train_csv: Path) -> TargetScale:
