@@ -52,7 +52,7 @@ from .engines import GramSystem
 from .engines.base import check_fits
 from .engines.handlers import add_gram_lower, mirror_lower
 from .engines.reference import flatten, split_like
-from .solve import is_number
+from .solve import SingularGramError, is_number
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,25 @@ class SecondMomentMetric:
         """``D`` ``(m,)`` from the second moment ``moment`` ``(m,)`` after ``count >= 1`` updates
         (``1 / (1 - beta2^count)`` is Adam's bias correction). All ones where ``moment`` is zero
         throughout (no gradient yet), and for ``power = 0``. ``sizes``: the parameters' numbers
-        of entries in order (summing to ``m``), which ``per_tensor`` needs."""
+        of entries in order (summing to ``m``), which ``per_tensor`` needs.
+
+        Raises:
+            ValueError: ``count`` is not an int ``>= 1``.
+            SingularGramError: ``moment`` has a NaN or negative entry (a gradient that is not
+                finite, or a corrupt ``state_dict``): no ``D`` is defined (not all ones)."""
+        if not (isinstance(count, int) and count >= 1):  # 1 - beta2^0 = 0: a division by zero
+            raise ValueError(f"Invalid metric count: {count!r} (the updates made, an int >= 1)")
         scale = (moment / (1 - self.beta2**count)).sqrt()
         mean = scale.mean()
-        if self.power == 0 or not bool(mean > 0):
+        if self.power == 0:
+            return torch.ones_like(moment)
+        if not bool(mean > 0):  # all zero (no gradient yet), or a NaN from a NaN or negative moment
+            if not bool(mean == 0):  # read only off the common path: no extra sync per step
+                raise SingularGramError(
+                    "the metric's second moment is not a finite non-negative number (a batch gradient "
+                    "J^T r that is not finite, or a state_dict whose metric_moment holds NaN or negative "
+                    "entries); no parameter was changed"
+                )
             return torch.ones_like(moment)
         if not self.per_tensor:
             weight = (scale + self.relative_eps * mean).pow(-self.power)
@@ -119,7 +134,7 @@ METRICS = {"second_moment": SecondMomentMetric}
 
 def metric_from(spec: None | str | Mapping[str, Any] | SecondMomentMetric) -> SecondMomentMetric | None:
     """The metric an optimizer's ``metric`` names: ``None`` or ``"euclidean"`` (the name a config
-    file can write) the Euclidean step (no metric),
+    file can write; also ``{"name": "euclidean"}``) the Euclidean step (no metric),
     ``"second_moment"`` a :class:`SecondMomentMetric` with its defaults, a mapping ``{"name":
     "second_moment", **arguments}`` (e.g. ``{"name": "second_moment", "power": 0.75}``, from a
     JSON grid or a config table), or the metric itself."""
@@ -133,6 +148,10 @@ def metric_from(spec: None | str | Mapping[str, Any] | SecondMomentMetric) -> Se
         raise ValueError(f"Invalid metric: {spec!r} (expected None, a name, a mapping or a SecondMomentMetric)")
     arguments = dict(spec)
     name = arguments.pop("name", None)
+    if name == "euclidean":  # the name the error below lists, in a mapping (a grid or config table)
+        if arguments:
+            raise ValueError(f"metric 'euclidean' takes no arguments, got {', '.join(map(repr, arguments))}")
+        return None
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; expected one of {', '.join(['euclidean', *METRICS])}")
     try:
