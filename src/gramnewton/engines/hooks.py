@@ -117,6 +117,9 @@ class _Call:
     # handler that allows it (LayerHandler.sequence_first), set once the batch size is known
     in_shape: tuple[int, ...] = ()
     in_batch_dim: int = 0
+    # names of its parameters that the module did not hold during the call (replaced or tied after
+    # the engine was built, or swapped by torch.func.functional_call): the call used other tensors
+    stale: tuple[str, ...] = ()
 
 
 # Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
@@ -342,6 +345,17 @@ def _take_sequence_first(call: _Call, b: int) -> None:
         call.in_batch_dim, call.batch_dims, call.rows = 1, (1,), (b, b)
 
 
+def _held(module: nn.Module, name: str) -> Tensor | None:
+    """The parameter ``module`` holds under ``name`` now (``None`` if none): one dictionary look-up
+    for a name of its own, a walk for a nested one (``parametrizations.weight.original``)."""
+    if "." not in name:
+        return module._parameters.get(name)
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return None
+
+
 def _global_forward_hooks() -> bool:
     """Whether a global forward hook is registered (``register_module_forward_hook``). Torch runs
     those before a module's own forward hooks, the engine's included, so one that replaced or
@@ -380,7 +394,6 @@ class HooksEngine:
     def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None):
         self.model = model
         self.params: list[Tensor] = list(model.parameters() if params is None else params)
-        self._dtype = params_dtype(self.params)
         wanted = {id(p) for p in self.params}
         reasons: dict[int, str] = {}
         owned: set[int] = set()
@@ -663,6 +676,7 @@ class HooksEngine:
                 versions = tuple(t._version for t in outputs)
                 call.output = RecordedCall(outputs, args, kwargs, positions, dims, edges, versions)
             call.enclosing = frozenset(stack)  # this module's own id is popped already
+            call.stale = tuple(n for n, p in own.items() if _held(module, n) is not p)  # one look-up each
             if x is not None:
                 call.in_shape = tuple(x.shape)
             for index, t in enumerate(outputs):
@@ -697,7 +711,8 @@ class HooksEngine:
             for handle in handles:
                 handle.remove()
         try:  # validated outside the mode: its checks are not forward operations to watch
-            return residuals_2d(value, self._dtype), calls, foreign
+            # the parameters' dtype now, not when the engine was built (``model.double()`` afterwards)
+            return residuals_2d(value, params_dtype(self.params)), calls, foreign
         except BaseException:
             _release(calls)  # e.g. NaN residuals: refused before compute's own cleanup
             raise
@@ -766,6 +781,15 @@ class HooksEngine:
             if "forward" in vars(call.module):  # the handler knows the class's forward, not this one
                 for p in call.params.values():
                     dynamic.setdefault(id(p), f"{type(call.module).__name__} has its forward replaced on the instance")
+            for n in call.stale:
+                # the call used another tensor than this parameter (``lin.weight = other`` after
+                # the engine was built, torch.func.functional_call): its rows are not this one's
+                # (it has none, unless used elsewhere: the reference engine sees that)
+                dynamic.setdefault(
+                    id(call.params[n]),
+                    f"{type(call.module).__name__}.{n} was another tensor during the call (replaced or tied after "
+                    "the engine was built, or torch.func.functional_call)",
+                )
             # the handler's refusal again (one call, where it has one): an option set on the module
             # after the engine was built (an Embedding's scale_grad_by_freq, a BatchNorm's running
             # statistics set to None) is seen, not read once at construction

@@ -75,7 +75,6 @@ class ReferenceEngine:
 
     def __init__(self, params: Iterable[Tensor]):
         self.params: list[Tensor] = list(params)
-        self._dtype = params_dtype(self.params)
 
     can_skip_gram = True  # compute(closure, form_gram=...) is understood
 
@@ -84,7 +83,8 @@ class ReferenceEngine:
         when given, is called with ``b*k`` and ``False`` leaves the Gram out (``gram`` is ``None``:
         a parameter-space solve needs only ``J``, and ``J J^T`` costs ``(b*k)^2 m``)."""
         with torch.enable_grad():  # also the rows' differentiation, under the caller's no_grad
-            residuals = residuals_2d(closure(), self._dtype)
+            # the parameters' dtype now, not when the engine was built (a model cast afterwards)
+            residuals = residuals_2d(closure(), params_dtype(self.params))
             rows = residuals.numel()
             check_fits((rows, sum(p.numel() for p in self.params)), residuals, "dense Jacobian")
             form = form_gram is None or form_gram(rows)
