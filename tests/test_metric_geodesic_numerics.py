@@ -115,6 +115,21 @@ def _engine(name, model):
     return HooksEngine(model, _trainable(model)) if name == "hooks" else name
 
 
+def _fixed(model, engine, hyper, **options) -> GramGaussNewton:
+    """``GramGaussNewton`` over ``_groups`` with ``dense_run``'s hyper-parameters (``hyper``:
+    ``lam``, ``alpha``, ``mu``, ``lr``, the groups' ``wd``) and ``alpha`` held fixed."""
+    return GramGaussNewton(
+        _groups(model, hyper["wd"]),
+        lam=hyper["lam"],
+        alpha=hyper["alpha"],
+        momentum=hyper["mu"],
+        lr=hyper["lr"],
+        adaptive_damping=False,
+        engine=_engine(engine, model),
+        **options,
+    )
+
+
 def _closure(model, x, y):
     return lambda: (model(x), y)
 
@@ -144,14 +159,10 @@ def test_steps_match_dense_formula_with_lr_decay_groups_and_frozen(metric, geode
         **hyper,
     )
     frozen = model[2].bias.detach().clone()
-    opt = GramGaussNewton(
-        _groups(model, hyper["wd"]),
-        lam=hyper["lam"],
-        alpha=hyper["alpha"],
-        momentum=hyper["mu"],
-        lr=hyper["lr"],
-        adaptive_damping=False,
-        engine=_engine(engine, model),
+    opt = _fixed(
+        model,
+        engine,
+        hyper,
         solve_space=space,
         metric=metric,
         geodesic_acceleration=False if geodesic is None else GeodesicAcceleration(*geodesic),
@@ -202,17 +213,7 @@ def test_more_residuals_than_parameters_under_auto_space(metric, engine):
     model, batches = _model(), _batches(count=3, b=40)
     hyper = dict(lam=0.7, alpha=0.2, mu=0.5, lr=1.3, wd=(0.0, 0.03))
     expected = dense_run(model, batches, metric=metric, h=0.1, max_ratio=10.0, **hyper)
-    opt = GramGaussNewton(
-        _groups(model, hyper["wd"]),
-        lam=hyper["lam"],
-        alpha=hyper["alpha"],
-        momentum=hyper["mu"],
-        lr=hyper["lr"],
-        adaptive_damping=False,
-        engine=_engine(engine, model),
-        metric=metric,
-        geodesic_acceleration=GeodesicAcceleration(0.1, 10.0),
-    )
+    opt = _fixed(model, engine, hyper, metric=metric, geodesic_acceleration=GeodesicAcceleration(0.1, 10.0))
     for t, (x, y) in enumerate(batches):
         opt.step(_closure(model, x, y))
         assert_close(_flat(_trainable(model)), expected[t], RTOL, f"step {t + 1}")
