@@ -290,28 +290,36 @@ def _defaults_equal_single_process() -> None:
     _same_on_all_ranks(model)
 
 
-def _local_empty_shard() -> None:
-    """Local mode with an empty shard: the other shards' weighted steps (weights ``b_p / B``, the
-    empty one 0), i.e. here the single-process step of the one non-empty shard."""
+def _shards_against_one_process(mode: str, shard_sizes: list[tuple[int, int]], seed: int, **options) -> None:
+    """Steps on shards of the given sizes (empty ones included) equal one process's on their
+    union batch (parameters, loss, ``alpha``), every rank alike; then every shard empty is refused
+    on every rank and changes nothing."""
     model = _model()
     single = copy.deepcopy(model)
     for t in single.parameters():
         dist.broadcast(t.data, src=0)
-    opt = GramGaussNewton(model, distributed="local", **FIXED)
-    reference = GramGaussNewton(single, distributed=None, **FIXED)
-    for i, sizes in enumerate([(3, 0), (0, 2)]):
-        x, y = _batch(50 + i)
+    opt = GramGaussNewton(model, distributed=mode, **options)
+    reference = GramGaussNewton(single, distributed=None, **options)
+    for i, sizes in enumerate(shard_sizes):
+        x, y = _batch(seed + i)
         x, y = x[: sum(sizes)], y[: sum(sizes)]
         lo = sum(sizes[: dist.get_rank()])
         mine = slice(lo, lo + sizes[dist.get_rank()])
         loss = opt.step(lambda: model(x[mine]) - y[mine])
         reference_loss = reference.step(lambda: single(x) - y)
-        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: shards {sizes}, local mode")
+        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: shards {sizes}, {mode} mode")
         assert_close(loss, reference_loss, 1e-12, f"step {i}: loss of the union batch")
+        assert opt.param_groups[0]["alpha"] == reference.param_groups[0]["alpha"]
         _same_on_all_ranks(model)
     before, state = flat_params(model).clone(), _state(opt)
     _raises_everywhere(lambda: opt.step(lambda: model(x[:0]) - y[:0]), "every rank's closure returned an empty batch")
     _unchanged_then_works(model, opt, before, state)
+
+
+def _local_empty_shard() -> None:
+    """Local mode with an empty shard: the other shards' weighted steps (weights ``b_p / B``, the
+    empty one 0), i.e. here the single-process step of the one non-empty shard."""
+    _shards_against_one_process("local", [(3, 0), (0, 2)], 50, **FIXED)
 
 
 def _empty_shard() -> None:
@@ -319,26 +327,7 @@ def _empty_shard() -> None:
     a rank whose shard is empty takes part with no sample, and exact mode still takes the single
     process's step on the union batch (defaults: gain ratio, metric, momentum); every shard empty
     is refused on every rank."""
-    model = _model()
-    single = copy.deepcopy(model)
-    for t in single.parameters():
-        dist.broadcast(t.data, src=0)
-    opt = GramGaussNewton(model, distributed="exact")
-    reference = GramGaussNewton(single, distributed=None)
-    for i, sizes in enumerate([(3, 0), (0, 2), (3, 2), (1, 0)]):
-        x, y = _batch(40 + i)
-        x, y = x[: sum(sizes)], y[: sum(sizes)]
-        lo = sum(sizes[: dist.get_rank()])
-        mine = slice(lo, lo + sizes[dist.get_rank()])
-        loss = opt.step(lambda: model(x[mine]) - y[mine])
-        reference_loss = reference.step(lambda: single(x) - y)
-        assert_close(flat_params(model), flat_params(single), 1e-10, f"step {i}: shards {sizes} vs single process")
-        assert_close(loss, reference_loss, 1e-12, f"step {i}: loss of the union batch")
-        assert opt.param_groups[0]["alpha"] == reference.param_groups[0]["alpha"]
-        _same_on_all_ranks(model)
-    before, state = flat_params(model).clone(), _state(opt)
-    _raises_everywhere(lambda: opt.step(lambda: model(x[:0]) - y[:0]), "every rank's closure returned an empty batch")
-    _unchanged_then_works(model, opt, before, state)
+    _shards_against_one_process("exact", [(3, 0), (0, 2), (3, 2), (1, 0)], 40)
 
 
 def _functional_engine() -> None:

@@ -28,12 +28,13 @@ from .engines.select import called_modules, select_engine
 from .generalized import LossClosure, check_curvature, predicted_decrease, resolve_curvature
 from .losses import Loss, SquaredError, get_loss
 from .metric import SecondMomentMetric, batch_gradient, metric_from, metric_system
-from .solve import check_damping, is_number
+from .solve import check_damping, check_solve_dtype, is_number
 from .update import (
     SOLVE_SPACES,
     GeodesicAcceleration,
     GramGaussNewtonStep,
     apply_direction,
+    check_momentum,
     compute_system,
     gram_gauss_newton_direction,
     prefers_parameter_space,
@@ -260,8 +261,7 @@ class GramGaussNewton(Optimizer):
         metric: str | Mapping[str, Any] | SecondMomentMetric | None = "auto",
     ):
         _check_hyper(lam, alpha, weight_decay, momentum, lr)
-        if not any(solve_dtype is d for d in (None, torch.float32, torch.float64)):
-            raise ValueError(f"Invalid solve_dtype: {solve_dtype!r} (must be None, torch.float32 or torch.float64)")
+        check_solve_dtype(solve_dtype)
         if solve_space not in SOLVE_SPACES:
             raise ValueError(f"Invalid solve_space: {solve_space!r}; expected one of {SOLVE_SPACES}")
         if not isinstance(bias_correction, bool):
@@ -1016,5 +1016,4 @@ def _check_hyper(lam: float, alpha: float, weight_decay: float, momentum: float,
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (must be a number in [0, 1))")
     if not is_number(lr) or not 0 <= lr < math.inf or lr * weight_decay >= 1:
         raise ValueError(f"Invalid lr value: {lr!r} (must be a finite number >= 0, with lr * weight_decay < 1)")
-    if not is_number(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"Invalid momentum value: {momentum!r} (must be a number in [0, 1))")
+    check_momentum(momentum)

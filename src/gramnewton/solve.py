@@ -75,6 +75,13 @@ def check_damping(lam: float, alpha: float) -> None:
         raise ValueError(f"Invalid alpha (damping) value: {alpha!r} (must be a finite number >= 0)")
 
 
+def check_solve_dtype(dtype: torch.dtype | None, name: str = "solve_dtype") -> None:
+    """Raise ``ValueError`` (naming the argument ``name``) unless ``dtype`` is ``None``,
+    ``torch.float32`` or ``torch.float64``: the dtypes a damped system is solved in."""
+    if not any(dtype is d for d in (None, torch.float32, torch.float64)):
+        raise ValueError(f"Invalid {name}: {dtype!r} (must be None, torch.float32 or torch.float64)")
+
+
 def solve_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The dtype a ``dtype`` system is solved in: float32 for bfloat16/float16, else ``dtype``."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
@@ -228,8 +235,7 @@ def _check_system(gram: Tensor, rhs: Tensor, dtype: torch.dtype | None) -> None:
         )
     if not gram.is_floating_point() or not rhs.is_floating_point():
         raise ValueError(f"damped_solve needs floating gram and rhs, got {gram.dtype} and {rhs.dtype}")
-    if dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(f"Invalid dtype: {dtype!r} (must be None, torch.float32 or torch.float64)")
+    check_solve_dtype(dtype, "dtype")
 
 
 def damped_solution(

@@ -26,6 +26,7 @@ from .solve import (
     all_finite,
     as_dtype,
     check_damping,
+    check_solve_dtype,
     damped_solution,
     is_number,
     jacobian_solve,
@@ -277,21 +278,26 @@ def gram_gauss_newton_direction(
     return step
 
 
+def check_momentum(momentum: float) -> None:
+    """Raise ``ValueError`` unless ``momentum`` is a number (:func:`~gramnewton.solve.is_number`)
+    in ``[0, 1)``."""
+    if not is_number(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"Invalid momentum value: {momentum!r} (must be a number in [0, 1))")
+
+
 def _check_arguments(
     params: Sequence[Tensor], momentum: float, previous: Sequence[Tensor] | None, solve_dtype: torch.dtype | None
 ) -> None:
     """Raise ``ValueError`` before anything is computed unless ``0 <= momentum < 1``, ``previous``
     (``phi_{t-1}``, if given) has one tensor per parameter of its shape, and ``solve_dtype`` is
     ``None``, float32 or float64 (:func:`gram_gauss_newton_direction`'s public input)."""
-    if not is_number(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"Invalid momentum value: {momentum!r} (must be a number in [0, 1))")
+    check_momentum(momentum)
     if previous is not None and [tuple(b.shape) for b in previous] != [tuple(p.shape) for p in params]:
         raise ValueError(
             f"previous (phi_t-1) must be one tensor per parameter, of its shape: got shapes "
             f"{[tuple(b.shape) for b in previous]} for parameters {[tuple(p.shape) for p in params]}"
         )
-    if not any(solve_dtype is d for d in (None, torch.float32, torch.float64)):
-        raise ValueError(f"Invalid solve_dtype: {solve_dtype!r} (must be None, torch.float32 or torch.float64)")
+    check_solve_dtype(solve_dtype)
 
 
 def _sample_space(
