@@ -19,6 +19,7 @@ from PIL import Image
 
 from gramnewton.lab.data import IDXError, get_dataset, read_idx
 from gramnewton.lab.data import cache as cache_module
+from gramnewton.lab.data import images as images_module
 
 IDX_DTYPES = {0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}
 
@@ -162,6 +163,27 @@ def test_a_cache_that_cannot_be_written_loses_no_decoded_image(tmp_path: Path, m
     messages = [str(w.message) for w in record]
     assert len(messages) == 1 and "cannot write the cache entry" in messages[0] and str(cache) in messages[0], messages
     assert list(cache.iterdir()) == []
+
+
+def test_two_copies_of_a_data_set_used_in_turn_keep_their_cache_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two roots of one data set (a local copy and a scratch copy) shared the stale-entry prefix:
+    each load deleted the other's entry, so every switch decoded all images again."""
+    roots = [afad_tree(tmp_path / "a"), afad_tree(tmp_path / "b")]
+    cache = tmp_path / "cache"
+    for root in roots:
+        get_dataset("afad-lite", root=str(root), cache_dir=str(cache), size=8)
+    builds = []
+    real = cache_module.cached
+
+    def counting(name, files, params, build, cache_dir, keys=()):
+        return real(name, files, params, lambda: builds.append(name) or build(), cache_dir, keys)
+
+    monkeypatch.setattr(images_module, "cached", counting)
+    for root in roots:
+        get_dataset("afad-lite", root=str(root), cache_dir=str(cache), size=8)
+    assert builds == [] and len(list(cache.glob("*.pt"))) == 2
 
 
 # ---------------------------------------------------------------- CSV (RSNA Bone Age)

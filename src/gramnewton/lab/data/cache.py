@@ -2,9 +2,10 @@
 
 An entry is valid for exactly one file list (paths, sizes, modification and change times,
 inodes) and one set of decoding parameters; any change to a file gives a new key, so the entry
-is rebuilt. Older entries of the same data set and parameters are removed when a new one is
-written. An entry that cannot be written (a read-only folder, a full disk) is used all the same,
-with a warning.
+is rebuilt. Older entries of the same data set, parameters and source folder are removed when a
+new one is written (two copies of a data set used in turn keep one entry each, instead of each
+load deleting the other's). An entry that cannot be written (a read-only folder, a full disk) is
+used all the same, with a warning.
 
 Every entry stores a SHA-256 checksum of its decoded contents (tensor bytes, dtypes, shapes and the
 other values); an entry whose checksum does not match (a flipped byte on disk), that cannot be read
@@ -97,7 +98,9 @@ def cached(
             f"cannot use the image cache folder {folder} ({error.strerror}): set ${CACHE_ENV} or the data "
             "set's cache_dir to a writable folder, or pass cache=False"
         ) from None
-    prefix = f"{name}-{_digest(params)}"
+    # the stale entries a new one replaces: same data set, parameters and source folder
+    source = os.path.commonpath([str(path.resolve().parent) for path in files]) if files else ""
+    prefix = f"{name}-{_digest([params, source])}"
     path = folder / f"{prefix}-{files_fingerprint(files)}.pt"
     entry = _read(path, keys)
     if entry is not None:
