@@ -188,7 +188,7 @@ def test_a_step_releases_its_outputs_and_graph(loss):
     for _ in range(2):
         opt.zero_grad()
         logits = model(x)
-        outputs += [weakref.ref(opt._captured[layer]["output"]) for layer in opt.layers]
+        outputs += [weakref.ref(opt._captured[layer][0]["output"]) for layer in opt.layers]
         if loss == "cross_entropy":
             opt.backward_fisher(logits)
             nn.functional.cross_entropy(logits, y).backward()

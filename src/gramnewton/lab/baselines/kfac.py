@@ -7,6 +7,10 @@ package index, so this module is a small self-contained one.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -20,8 +24,9 @@ KFAC_LOSSES = ("mse", "cross_entropy")
 
 
 class KFAC(Optimizer):
-    r"""K-FAC for ``nn.Linear`` and ``nn.Conv2d`` (``groups == 1``, zero padding); every other
-    parameter gets plain SGD with momentum on its gradient.
+    r"""K-FAC for ``nn.Linear`` and ``nn.Conv2d`` (``groups == 1``, ``padding_mode="zeros"``); every
+    other parameter gets plain SGD with momentum on its gradient, and so do the parameters of such
+    a layer that another module also holds (tied weights: their gradient is not the layer's alone).
 
     For a layer with weight matrix :math:`W` of shape ``(out, in)`` (a convolution's weight
     reshaped to ``(out, in_channels * kh * kw)``; the bias, if any, appended as the last column
@@ -35,10 +40,18 @@ class KFAC(Optimizer):
     (``A <- decay * A + (1 - decay) * A_batch``, the first batch taken as is) of
 
     - :math:`A_\text{batch} = \frac{1}{bT} \sum_{i,t} \bar a_{it} \bar a_{it}^\top`: the layer's
-      input (unfolded patches for a convolution, ``T`` output positions; ``T = 1`` for Linear)
-      with a trailing 1 when the layer has a bias, shape ``(in[+1], in[+1])``;
+      input (unfolded patches for a convolution) with a trailing 1 when the layer has a trainable
+      bias, shape ``(in[+1], in[+1])``;
     - :math:`G_\text{batch} = \frac{1}{b} \sum_{i,t} g_{it} g_{it}^\top` with
-      :math:`g_{it} = b\, \partial L / \partial s_{it}`, shape ``(out, out)``.
+      :math:`g_{it} = b\, \partial L / \partial s_{it}`, shape ``(out, out)``;
+
+    the positions ``t`` (``T`` in all) are a convolution's output pixels, a Linear's leading
+    dimensions after the batch (a sequence's tokens; ``T = 1`` for a ``(b, in)`` input) and, for a
+    layer called several times (a shared layer, or forward and backward passes accumulated before
+    one step), the positions of every call backpropagated through since the last :meth:`zero_grad`
+    or step (K-FAC-expand; a ``torch.autograd.grad`` through the layer counts as a backward).
+    Calls of different batch sizes (a last, smaller micro-batch) each bring
+    :math:`\frac{1}{b} \sum_{i,t} g_{it} g_{it}^\top` with their own ``b``.
 
     **Loss scaling.** :math:`L` is the mini-batch MSE, ``mean_i mean_c (f_ic - y_ic)^2`` (what
     :func:`~gramnewton.lab.experiments.training.make_train_step` backpropagates), so
@@ -59,7 +72,10 @@ class KFAC(Optimizer):
     Factors are updated at a layer's first step and every ``factor_every`` steps after (the
     batch factors cost about a weight gradient per layer); the inverses
     :math:`(A + \sqrt{d} I)^{-1}`, :math:`(G + \sqrt{d} I)^{-1}` are recomputed (in float64)
-    at the first step and every ``inverse_every`` steps after. With ``kl_clip`` set, all preconditioned gradients are scaled by
+    at the first step and every ``inverse_every`` steps after. Batch factors that are not finite
+    (a diverged step: NaN gradients) are left out, so the factors keep their last values while the
+    step itself, like SGD's, shows the divergence; a layer whose bias is frozen or unfrozen starts
+    new factors of the new shape. With ``kl_clip`` set, all preconditioned gradients are scaled by
     :math:`\nu = \min(1, \sqrt{\text{kl\_clip} / (\text{lr}^2 \sum_l \langle V_l, \nabla_l \rangle)})`
     (Ba et al., 2017). Then, for every parameter with update direction :math:`v` (:math:`V` or
     the raw gradient), coupled weight decay and heavy-ball momentum as in ``torch.optim.SGD``:
@@ -68,7 +84,9 @@ class KFAC(Optimizer):
     Args:
         model: the network; hooks on its Linear/Conv2d layers record inputs and output gradients
             of forward passes run in training mode with gradients enabled.
-        lr, momentum, damping, weight_decay: as above (paper: 0.02, 0.9, 0.1, 1e-4).
+        lr, momentum, damping, weight_decay: as above (paper: 0.02, 0.9, 0.1, 1e-4). Every
+            hyper-parameter is checked at construction and, when set in ``param_groups`` later
+            (a scheduler), at each step before anything changes.
         factor_decay: running-average weight of the old factors.
         factor_every: steps between factor updates (10, as in the common PyTorch K-FAC).
         inverse_every: steps between inverse updates (paper: 100).
@@ -99,18 +117,6 @@ class KFAC(Optimizer):
     ):
         if loss not in KFAC_LOSSES:
             raise ValueError(f"Invalid loss: {loss!r}; expected one of {KFAC_LOSSES}")
-        if not lr > 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not damping > 0:
-            raise ValueError(f"Invalid damping value: {damping}")
-        if not 0 <= factor_decay < 1:
-            raise ValueError(f"Invalid factor_decay value: {factor_decay}")
-        if inverse_every < 1 or factor_every < 1:
-            raise ValueError(f"Invalid inverse_every / factor_every value: {inverse_every} / {factor_every}")
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"Invalid kl_clip value: {kl_clip}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -121,26 +127,51 @@ class KFAC(Optimizer):
             inverse_every=inverse_every,
             kl_clip=kl_clip,
         )
+        check_hyper_parameters(defaults)
         super().__init__(model.parameters(), defaults)
         self.loss = loss
-        self.layers = [m for m in model.modules() if _supported(m)]
-        self._captured: dict[nn.Module, dict[str, Tensor]] = {}
+        self.layers = kfac_layers(model)
+        # Calls of each layer that may still be backpropagated, with their outputs (what
+        # backward_fisher differentiates); forgotten at each forward of the model and each step.
+        self._captured: dict[nn.Module, list[dict[str, Any]]] = {}
+        # (call, dL/ds) of each call backpropagated through since the last zero_grad or step: the
+        # factors' rows. The hooks append to these lists, so they are emptied in place.
+        self._backpropagated: dict[nn.Module, list[tuple[dict[str, Any], Tensor]]] = {m: [] for m in self.layers}
+        # on during backward_fisher: its gradients reach the hooks too, and are not ``.grad``'s
+        self._fisher_pass = {"on": False}
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._forward_hook) for m in self.layers]
+        self._handles.append(model.register_forward_pre_hook(self._forget_pending_calls))
+
+    def _forget_pending_calls(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        # a new forward of the model: the outputs of the last one are no longer needed (a call of it
+        # backpropagated later still reaches the factors through its hook)
+        self._captured.clear()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         # Only training forwards that will be backpropagated feed the factors (not evaluation).
         if not (module.training and torch.is_grad_enabled() and output.requires_grad):
             return
-        grads: dict[str, Tensor] = {}
-        self._captured[module] = {"input": inputs[0].detach(), "output": output, "grads": grads}
+        x = inputs[0].detach()
+        # an unbatched call (a Linear's (in,), a convolution's (C, H, W)) is a batch of one
+        unbatched = x.dim() == (1 if isinstance(module, nn.Linear) else 3)
+        call: dict[str, Any] = {"input": x.unsqueeze(0) if unbatched else x}
+        self._captured.setdefault(module, []).append({"output": output, "call": call})
+        backpropagated, fisher_pass = self._backpropagated[module], self._fisher_pass
 
-        # The hook may reference ``grads`` but not the record: a hook that reaches ``output``
-        # makes a cycle through autograd's C++ hook table that no garbage collection breaks,
-        # and every step's output and graph (its saved activations) would be kept for good.
+        # The hook may reference ``call`` and the lists but not the optimizer or ``output``: a hook
+        # that reaches ``output`` makes a cycle through autograd's C++ hook table that no garbage
+        # collection breaks, and every step's output and graph (its saved activations) would be kept.
         def save_grad(grad: Tensor) -> None:
-            grads["grad_output"] = grad.detach()
+            if not fisher_pass["on"]:
+                backpropagated.append((call, (grad.unsqueeze(0) if unbatched else grad).detach()))
 
         output.register_hook(save_grad)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim``'s; the calls whose gradients it clears no longer count in the factors."""
+        super().zero_grad(set_to_none)
+        for calls in self._backpropagated.values():
+            calls.clear()
 
     def backward_fisher(self, logits: Tensor) -> None:
         """Sampled-Fisher backward for ``loss="cross_entropy"`` (class docstring), from the logits
@@ -148,8 +179,7 @@ class KFAC(Optimizer):
         steps where no factor is updated."""
         if self.loss != "cross_entropy":
             raise RuntimeError("backward_fisher is for KFAC(loss='cross_entropy')")
-        records = [(layer, self._captured[layer]) for layer in self.layers if layer in self._captured]
-        due = [r for layer, r in records if self._factors_due(layer)]
+        due = [record for layer in self.layers if self._factors_due(layer) for record in self._captured.get(layer, [])]
         if not due:
             return
         with torch.no_grad():
@@ -158,36 +188,52 @@ class KFAC(Optimizer):
             # a diverged run: there is no distribution to sample (multinomial would raise and end
             # the run); the factors keep their last values and the NaN loss shows the divergence
             for record in due:
-                record["fisher_grad"] = None
+                record["call"]["fisher_grad"] = None
             return
         with torch.no_grad():
             sampled = torch.multinomial(probabilities, 1).squeeze(1)
         with torch.enable_grad():
             total = F.cross_entropy(logits, sampled, reduction="sum")
-            grads = torch.autograd.grad(total, [r["output"] for r in due], retain_graph=True, allow_unused=True)
+            self._fisher_pass["on"] = True
+            try:
+                outputs = [r["output"] for r in due]
+                grads = torch.autograd.grad(total, outputs, retain_graph=True, allow_unused=True)
+            finally:
+                self._fisher_pass["on"] = False
         for record, grad in zip(due, grads):
-            if grad is not None:
-                record["fisher_grad"] = grad.detach()
+            # a call the logits do not depend on has a zero Fisher gradient
+            record["call"]["fisher_grad"] = torch.zeros_like(record["output"]) if grad is None else grad.detach()
 
     def _factors_due(self, layer: nn.Module) -> bool:
-        steps = int(self.state[layer.weight].get("kfac_steps", 0))
-        return steps % self.param_groups[0]["factor_every"] == 0
+        """Whether this step updates ``layer``'s factors: every ``factor_every``-th step, and any step
+        until it has finite factors of its current shape (first step, a bias frozen or unfrozen)."""
+        state = self.state[layer.weight]
+        if "A" not in state or state["A"].shape[0] != factor_width(layer):
+            return True
+        return int(state["kfac_steps"]) % self.param_groups[0]["factor_every"] == 0
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
         """One K-FAC step from the gradients in ``.grad`` (``closure`` re-evaluates the loss)."""
+        for group in self.param_groups:
+            check_hyper_parameters(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        # every refusal before the first change: an error leaves parameters and state as they were
+        rows = {
+            layer: self._factor_rows(layer)
+            for layer in self.layers
+            if layer.weight.grad is not None and self._backpropagated[layer]
+        }
         directions: dict[Tensor, Tensor] = {}
-        for layer in self.layers:
-            record = self._captured.get(layer)
-            if record is None or "grad_output" not in record["grads"] or layer.weight.grad is None:
-                continue
-            directions.update(self._precondition(layer, record, group))
+        for layer, layer_rows in rows.items():
+            directions.update(self._precondition(layer, layer_rows, group))
         self._captured.clear()
+        for calls in self._backpropagated.values():
+            calls.clear()
         scale = self._kl_scale(directions, group)
         for group in self.param_groups:
             for p in group["params"]:
@@ -204,46 +250,63 @@ class KFAC(Optimizer):
                 p.add_(v, alpha=-group["lr"])
         return loss
 
+    def _factor_rows(self, layer: nn.Module) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Inputs and ``dL/ds`` of ``layer``'s backpropagated calls for this step's batch factors, or
+        ``None`` when no factor update is due (or a diverged Fisher backward left none)."""
+        if not self._factors_due(layer):
+            return None
+        calls = self._backpropagated[layer]
+        inputs = [call["input"] for call, _ in calls]
+        if self.loss == "mse":
+            return inputs, [grad for _, grad in calls]
+        if any("fisher_grad" not in call for call, _ in calls):
+            raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")
+        if any(call["fisher_grad"] is None for call, _ in calls):
+            return None  # a diverged step: the factors keep their values
+        # per-sample gradients of the sampled loss; batch_factors expects dL/ds of a mean
+        return inputs, [call["fisher_grad"].reshape(grad.shape) / grad.shape[0] for call, grad in calls]
+
     @staticmethod
     def _update_factors(
-        state: dict[str, Any], layer: nn.Module, inputs: Tensor, grad_output: Tensor, decay: float
+        state: dict[str, Any], layer: nn.Module, inputs: list[Tensor], grad_outputs: list[Tensor], decay: float
     ) -> None:
-        """Running averages ``A``, ``G`` of this batch's Kronecker factors (the batch's own at first)."""
-        a_batch, g_batch = batch_factors(layer, inputs, grad_output)
-        if "A" not in state:
+        """Running averages ``A``, ``G`` of this step's Kronecker factors (the step's own at first, and
+        after the shape changed); factors that are not finite (NaN gradients) are left out."""
+        a_batch, g_batch = batch_factors(layer, inputs, grad_outputs)
+        if not bool(torch.isfinite(a_batch).all() and torch.isfinite(g_batch).all()):
+            return
+        if "A" not in state or state["A"].shape != a_batch.shape:
             state["A"], state["G"] = a_batch, g_batch
         else:
             state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
             state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
 
-    def _precondition(self, layer: nn.Module, record: dict[str, Tensor], group: dict[str, Any]) -> dict[Tensor, Tensor]:
-        """Update ``layer``'s factors (and inverses when due); return ``{param: V part}``."""
+    def _precondition(
+        self, layer: nn.Module, rows: tuple[list[Tensor], list[Tensor]] | None, group: dict[str, Any]
+    ) -> dict[Tensor, Tensor]:
+        """Update ``layer``'s factors from ``rows`` (if given) and the inverses when due (or out of
+        date); return ``{param: V part}``."""
         state = self.state[layer.weight]
         steps = int(state.get("kfac_steps", 0))
-        if steps % group["factor_every"] == 0:
-            grad_output = record["grads"]["grad_output"]
-            if self.loss == "cross_entropy":
-                if "fisher_grad" not in record:
-                    raise RuntimeError("KFAC(loss='cross_entropy'): call backward_fisher(logits) before step()")
-                fisher = record["fisher_grad"]  # None: a diverged step, the factors keep their values
-                # per-sample gradients of the sampled loss; batch_factors expects dL/ds of a mean
-                grad_output = None if fisher is None else fisher / record["input"].shape[0]
-            if grad_output is not None:
-                self._update_factors(state, layer, record["input"], grad_output, group["factor_decay"])
-        if steps % group["inverse_every"] == 0 and "A" in state:
+        if rows is not None:
+            self._update_factors(state, layer, *rows, group["factor_decay"])
+        if "A" in state and (
+            steps % group["inverse_every"] == 0 or "A_inv" not in state or state["A_inv"].shape != state["A"].shape
+        ):
             shift = group["damping"] ** 0.5
             state["A_inv"] = damped_inverse(state["A"], shift)
             state["G_inv"] = damped_inverse(state["G"], shift)
         state["kfac_steps"] = torch.tensor(float(steps + 1))
-        if "A_inv" not in state:  # diverged before the first factors: nothing to precondition with
+        if "A_inv" not in state or state["A_inv"].shape[0] != factor_width(layer):
+            # no finite factors of this shape yet (diverged from the start): nothing to precondition with
             return split_matrix(layer, gradient_matrix(layer))
         v = state["G_inv"] @ gradient_matrix(layer) @ state["A_inv"]
         return split_matrix(layer, v)
 
     def _kl_scale(self, directions: dict[Tensor, Tensor], group: dict[str, Any]) -> float:
-        if group["kl_clip"] is None or not directions:
-            return 1.0
-        vg = sum(float((v * p.grad).sum()) for p, v in directions.items())
+        if group["kl_clip"] is None or not directions or group["lr"] == 0:
+            return 1.0  # (a scheduler's lr of 0: the step moves nothing)
+        vg = sum(float((v * p.grad).sum()) for p, v in directions.items() if p.grad is not None)
         if vg <= 0:
             return 1.0
         return min(1.0, (group["kl_clip"] / (group["lr"] ** 2 * vg)) ** 0.5)
@@ -255,10 +318,48 @@ class KFAC(Optimizer):
         self._handles.clear()
 
 
+def check_hyper_parameters(group: Mapping[str, Any]) -> None:
+    """Refuse, with a ``ValueError`` naming it, a hyper-parameter of ``group`` the step cannot use."""
+    ranges = {
+        "lr": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "damping": (lambda v: 0 < v < math.inf, "finite and > 0"),
+        "weight_decay": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+        "factor_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "kl_clip": (lambda v: v is None or v > 0, "> 0, or None for no clipping"),
+        "factor_every": (lambda v: isinstance(v, Integral) and v >= 1, "an integer >= 1"),
+        "inverse_every": (lambda v: isinstance(v, Integral) and v >= 1, "an integer >= 1"),
+    }
+    for name, (valid, what) in ranges.items():
+        value = group[name]
+        number = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
+        if not ((number or (value is None and name == "kl_clip")) and valid(value)):
+            raise ValueError(f"Invalid {name} value: {value!r} (must be {what})")
+
+
+def kfac_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` K-FAC preconditions: the supported layers none of whose parameters
+    another module also holds (a tied weight's gradient has parts the layer's factors do not see)."""
+    holders = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    return [
+        m for m in model.modules() if _supported(m) and all(holders[id(p)] == 1 for p in m.parameters(recurse=False))
+    ]
+
+
 def _supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+        return module.groups == 1 and module.padding_mode == "zeros"
     return isinstance(module, nn.Linear)
+
+
+def bias_column(layer: nn.Module) -> bool:
+    """Whether the factors carry the bias column: the layer has a bias that is trained."""
+    return layer.bias is not None and layer.bias.requires_grad
+
+
+def factor_width(layer: nn.Module) -> int:
+    """``in[+1]``: the side of ``layer``'s factor ``A``."""
+    return layer.weight[0].numel() + bias_column(layer)
 
 
 def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
@@ -266,27 +367,34 @@ def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
     if isinstance(layer, nn.Conv2d):
         # im2col as a convolution with one-hot kernels: F.unfold was ~10x slower than the
         # equivalent convolution on our CPU. Channel c, offset (i, j) lands in row
-        # c*kh*kw + i*kw + j, the order of F.unfold and of the flattened weight.
+        # c*kh*kw + i*kw + j, the order of F.unfold and of the flattened weight. The layer's own
+        # padding (a "same" string included) pads the patches as it pads the input.
         k = x.shape[1] * layer.kernel_size[0] * layer.kernel_size[1]
         eye = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, x.shape[1], *layer.kernel_size)
         patches = F.conv2d(x, eye, None, layer.stride, layer.padding, layer.dilation)  # (b, in, Ho, Wo)
         rows = patches.movedim(1, -1).reshape(-1, k)
     else:
         rows = x.reshape(-1, x.shape[-1])
-    if layer.bias is not None:
+    if bias_column(layer):
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
     return rows
 
 
-def batch_factors(layer: nn.Module, x: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-    """``(A_batch, G_batch)`` of the class docstring from the layer input ``x`` and ``dL/ds``.
+def batch_factors(layer: nn.Module, inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(A_batch, G_batch)`` of the class docstring from the inputs ``x`` of the layer's calls and
+    their ``dL/ds``, every call's positions counted, each call's ``g`` scaled by its own batch size.
 
-    ``x``: ``(b, in)`` or ``(b, C, H, W)``; ``grad_output``: ``(b, out)`` or ``(b, out, Ho, Wo)``.
+    ``x``: ``(b, ..., in)`` or ``(b, C, H, W)``; ``dL/ds``: ``(b, ..., out)`` or ``(b, out, Ho, Wo)``.
     """
-    b = x.shape[0]
-    a = layer_inputs(layer, x)
-    g = grad_output.movedim(1, -1).reshape(-1, grad_output.shape[1]) * b  # (b*T, out)
-    return a.T @ a / a.shape[0], g.T @ g / b
+    a = torch.cat([layer_inputs(layer, x) for x in inputs])
+    g_factor = 0
+    for x, grad_output in zip(inputs, grad_outputs):
+        # output channels last: a convolution's are dimension 1, a Linear's the last
+        channels_last = grad_output.movedim(1, -1) if isinstance(layer, nn.Conv2d) else grad_output
+        b = x.shape[0]
+        g = channels_last.reshape(-1, channels_last.shape[-1]) * b  # (b*T, out)
+        g_factor = g_factor + g.T @ g / b
+    return a.T @ a / a.shape[0], g_factor
 
 
 def damped_inverse(factor: Tensor, shift: float) -> Tensor:
@@ -296,16 +404,17 @@ def damped_inverse(factor: Tensor, shift: float) -> Tensor:
 
 
 def gradient_matrix(layer: nn.Module) -> Tensor:
-    """``[grad W, grad b]`` of shape ``(out, in[+1])``."""
+    """``[grad W, grad b]`` of shape ``(out, in[+1])`` (a trained bias without a gradient: zeros)."""
     grad = layer.weight.grad.reshape(layer.weight.shape[0], -1)
-    if layer.bias is not None:
-        grad = torch.cat([grad, layer.bias.grad.unsqueeze(1)], dim=1)
+    if bias_column(layer):
+        bias_grad = layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(layer.bias)
+        grad = torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
     return grad
 
 
 def split_matrix(layer: nn.Module, v: Tensor) -> dict[Tensor, Tensor]:
     """Inverse of :func:`gradient_matrix`: ``{weight: (out, ...) part, bias: last column}``."""
     parts = {layer.weight: v[:, : layer.weight[0].numel()].reshape(layer.weight.shape)}
-    if layer.bias is not None:
+    if bias_column(layer):
         parts[layer.bias] = v[:, -1].contiguous()
     return parts
