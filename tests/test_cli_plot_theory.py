@@ -148,6 +148,37 @@ def test_plot_prints_the_file_it_writes(tmp_path, capsys, finished_run):
     assert snapshot(run) == before
 
 
+def test_plot_draws_the_accuracy_of_a_classification_run(tmp_path, capsys, monkeypatch):
+    """Was: ``error: argument --metric: invalid choice: 'test_accuracy'``: a classification run's
+    accuracy columns could not be plotted."""
+    config = tmp_path / "digits.toml"
+    config.write_text(TINY.replace('"rotated-digits"', '"digits"'))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0
+    drawn = {}
+    real = plot_command.plot_curves
+
+    def record(curves, *args, **kwargs):
+        drawn.update(curves)
+        return real(curves, *args, **kwargs)
+
+    monkeypatch.setattr(plot_command, "plot_curves", record)
+    png = tmp_path / "accuracy.png"
+    assert main(["plot", str(tmp_path / "run"), "--metric", "test_accuracy", "--log", "--out", str(png)]) == 0
+    accuracies = [row["test_accuracy"] for row in drawn["tiny"]]
+    assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies) and png.is_file()
+
+
+@pytest.mark.parametrize("metric", ["val_loss", "test_accuracy"])
+def test_a_metric_no_run_has_is_one_line(tmp_path, capsys, finished_run, metric):
+    """Was: ``wrote e.png``, exit 0, an empty panel (a regression run without a validation split
+    has no val_loss and no accuracy)."""
+    png = tmp_path / "e.png"
+    capsys.readouterr()
+    assert main(["plot", str(finished_run), "--metric", "train_loss", "--metric", metric, "--out", str(png)]) == 1
+    assert f"no run given has a {metric} column" in one_line_error(capsys)
+    assert not png.exists()
+
+
 def test_theory_refuses_an_occupied_out_unless_overwrite(tmp_path, capsys, finished_run):
     """``theory quadratic --out th`` replaced an earlier quadratic.json/.png, and wrote into a
     training run folder, without a word; like ``train --out`` it now needs ``--overwrite``."""

@@ -17,6 +17,7 @@ from ..experiments.step_diagnostics import DIAGNOSTIC_COLUMNS
 
 X_AXES = {"epoch": "epoch", "time": "seconds"}
 LOSSES = ["train_loss", "test_loss", "running_loss", "train_rmse", "test_rmse", "val_loss", "val_rmse"]
+ACCURACIES = ["train_accuracy", "test_accuracy", "val_accuracy"]  # classification runs' columns
 DIAGNOSTICS = ["alpha", "gain_ratio", "rejected"]  # what --diagnostics adds
 
 
@@ -33,9 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metric",
         action="append",
-        choices=LOSSES + list(DIAGNOSTIC_COLUMNS),
-        help="y axis (repeatable; default train_loss and test_loss); val_* exist in runs with "
-        "data.validation_fraction; the GGN diagnostics columns are per-epoch summaries (NaN for other optimizers)",
+        choices=LOSSES + ACCURACIES + list(DIAGNOSTIC_COLUMNS),
+        help="y axis (repeatable; default train_loss and test_loss); *_rmse exist in regression runs, "
+        "*_accuracy in classification runs, val_* in runs with data.validation_fraction; the GGN "
+        "diagnostics columns are per-epoch summaries (NaN for other optimizers)",
     )
     p.add_argument(
         "--diagnostics",
@@ -63,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
         label: read_metrics(run / METRICS_FILE, columns=[*xs, *metrics], required=xs)
         for label, run in zip(run_labels(args.runs), args.runs)
     }
+    absent = [m for m in metrics if not any(m in rows[0] for rows in curves.values())]
+    if absent:  # a panel without a line: say why instead of drawing it
+        raise ValueError(
+            f"no run given has a {', '.join(absent)} column: *_rmse are logged by regression runs, "
+            "*_accuracy by classification runs, val_* by runs with data.validation_fraction > 0"
+        )
     path = plot_curves(curves, out, title=args.title, metrics=metrics, xs=xs, log=args.log)
     print(f"wrote {path}")
     return 0

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             if not (out / CHECKPOINT).is_file():
                 raise  # a second Ctrl-C during set-up: nothing to resume; the CLI says "interrupted"
             if rank == 0:
-                print(f"\ninterrupted: checkpoint saved in {out}; continue with --resume")
+                print(f"\ninterrupted: the last checkpoint is in {out}; continue with --resume")
             return 130
     if rank:
         return 0

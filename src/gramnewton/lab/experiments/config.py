@@ -156,10 +156,10 @@ def resolve(raw: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, 
 def validate(config: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` (one line, naming the key) for a missing required key, an unknown
     section or key, or a value of the wrong type or out of range."""
+    _check_names(config, DEFAULTS, "")  # first: `optimizer = "ggn"` is no table, not a missing optimizer.name
     for key in REQUIRED:
         if not get_dotted(config, key):
             raise ValueError(f"config is missing {key} (set it in the file or with --set {key}=...)")
-    _check_names(config, DEFAULTS, "")
     for key, (kind, low) in RANGES.items():
         value = get_dotted(config, key)
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
@@ -236,10 +236,11 @@ def _check_names(config: Mapping[str, Any], valid: Mapping[str, Any], prefix: st
             close = difflib.get_close_matches(key, list(valid), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid: {', '.join(valid)}"
             raise ValueError(f"unknown config key {prefix}{key}{hint}")
-        if isinstance(valid[key], Mapping) and key not in ("kwargs", "optimizer"):
+        if isinstance(valid[key], Mapping):
             if not isinstance(value, Mapping):
                 raise ValueError(f"{prefix}{key} must be a table [{prefix}{key}], got {value!r}")
-            _check_names(value, valid[key], f"{prefix}{key}.")
+            if key not in ("kwargs", "optimizer"):  # their keys are the builder's or constructor's
+                _check_names(value, valid[key], f"{prefix}{key}.")
 
 
 def _check_optimizer(section: Mapping[str, Any]) -> None:

@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 X_LABELS = {"epoch": "epoch", "seconds": "training time (s)"}
-LINEAR = {"gain_ratio", "rejected", "jitter"}  # may be zero or negative: never on a log scale
+# may be zero or negative: never on a log scale
+LINEAR = {"gain_ratio", "rejected", "jitter", "train_accuracy", "test_accuracy", "val_accuracy"}
 
 
 def plot_curves(

@@ -1,7 +1,7 @@
 """One experiment run from a resolved config: train, evaluate, log, checkpoint, resume.
 
 A run folder holds ``config.toml`` (the resolved config), ``metrics.csv`` (one row per epoch)
-and ``checkpoint.pt`` (rewritten atomically after every epoch and on interruption). A run
+and ``checkpoint.pt`` (rewritten atomically after every epoch and on an interruption between steps). A run
 resumed from its checkpoint produces the same rows as an uninterrupted one, apart from the
 wall-clock seconds: the data order depends only on ``(seed, epoch)``, a checkpoint taken
 mid-epoch records the losses of the batches already taken (those batches are skipped), and the
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
@@ -97,8 +97,11 @@ def run_experiment(
     Nothing in ``out`` changes until the data, the model and the optimizer are set up: a run that
     fails at set-up leaves the old run resumable.
     ``callbacks`` (progress, say) are
-    passed to :func:`~gramnewton.lab.experiments.training.fit`; a ``KeyboardInterrupt`` (raised
-    by one of them on Ctrl-C, say) saves a checkpoint after the last finished step and re-raises.
+    passed to :func:`~gramnewton.lab.experiments.training.fit`; a ``KeyboardInterrupt`` raised
+    between steps (by one of them on Ctrl-C, say) saves a checkpoint after the last finished step
+    and re-raises; one that cuts a step or an epoch's evaluation and checkpoint short (a second
+    Ctrl-C) leaves the last checkpoint as it is, since the model, optimizer and RNG may then be
+    past the steps counted (the resumed run redoes the steps after it).
 
     The optimizer is ``config["optimizer"]`` with ``train.weight_decay``: GGN's decay is decoupled
     (``w <- (1 - wd) w`` each step, see :class:`~gramnewton.GramGaussNewton`); SGD, Adam and K-FAC
@@ -144,7 +147,7 @@ def run_experiment(
             f"{world} processes need a data-parallel optimizer: optimizer.name = 'ggn' with "
             "optimizer.distributed 'auto', 'exact' or 'local'"
         )
-    step = make_train_step(model, optimizer, task_loss(train_set), train["label_smoothing"])
+    train_step = make_train_step(model, optimizer, task_loss(train_set), train["label_smoothing"])
     augment = translation(train_set, train["shift"])
     evaluator = EpochEvaluator(model, train_set, test_set, every=train["eval_every"], last_epoch=train["epochs"])
     diagnostics = DiagnosticsLog(optimizer, checkpoint.get("diagnostics", ()) if checkpoint else ())
@@ -182,6 +185,12 @@ def run_experiment(
         write_rows(out / METRICS_FILE, log.rows)
         if checkpoint is None:
             log.keep_if_best(log.rows[0])
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        # the update may be cut short by Ctrl-C: nothing to checkpoint until _RunLog.on_step has run
+        log.consistent = False
+        return train_step(x, y)
+
     model.train()
     if log.finished(state):  # a resumed run that early stopping or its seconds had ended
         return log.rows if rank == 0 else []
@@ -198,7 +207,9 @@ def run_experiment(
             augment=augment,
         )
     except KeyboardInterrupt:
-        if rank == 0:
+        # cut short inside a step or an epoch end, the model, optimizer, RNG and state disagree: the
+        # checkpoint on disk (the last epoch's, or none) stands and the resumed run redoes the rest
+        if rank == 0 and log.consistent:
             save_checkpoint(out, model, optimizer, log.checkpoint_state(state))
         raise
     if world > 1:  # rank 0's last checkpoint is on disk before any rank returns (and may resume it)
@@ -286,6 +297,9 @@ class _RunLog(Callback):
         self.validation_set, self.keep_best, self.seconds = validation_set, keep_best, seconds
         self.stopping = EarlyStopping() if stopping is None else stopping
         self.improved = False  # whether the last row's validation loss is the best so far
+        # whether model, optimizer, RNG, ``state`` and :attr:`rows` agree (between steps, outside
+        # an epoch end's evaluate-log-checkpoint): only then may an interrupt be checkpointed
+        self.consistent = True
 
     def finished(self, state: FitState) -> bool:
         """Whether early stopping or the seconds budget has ended the run."""
@@ -310,11 +324,18 @@ class _RunLog(Callback):
         if self.keep_best and self.improved:
             save_best(self.out, self.model, row)
 
+    def on_step(self, state: FitState, loss: float) -> None:
+        self.consistent = True  # fit has counted the step (and the diagnostics log, before, its entry)
+
     def on_epoch_end(self, state: FitState, running_loss: float) -> bool:
+        # fit has counted the epoch, its row is not yet in rows: an interrupt until the checkpoint
+        # is written would record the epoch without its row
+        self.consistent = False
         self.rows.append({**self.evaluate_row(state, running_loss), **self.diagnostics.summary()})
         self.keep_if_best(self.rows[-1])  # before the checkpoint that records it as the best
         write_rows(self.out / METRICS_FILE, self.rows)
         save_checkpoint(self.out, self.model, self.optimizer, self.checkpoint_state(state))
+        self.consistent = True
         return self.finished(state)
 
     def checkpoint_state(self, state: FitState) -> dict[str, Any]:
