@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..cli import DEBUG_HELP
 from ..experiments.runner import CONFIG_FILE, METRICS_FILE
 from ..experiments.setup import CHECKPOINT
 from ..models import activation
@@ -20,7 +21,7 @@ from ..theory.data import sphere_data
 from ..theory.figures import plot_minibatch, plot_quadratic
 from ..theory.gauss_seidel import best_sgd_rate, iteration_matrix, spectral_radius
 from ..theory.minibatch import MinibatchStudy, minibatch_run
-from ..theory.ntk import least_eigenvalue, ntk_limit
+from ..theory.ntk import ntk_limit, positive_lambda_0
 from ..theory.quadratic import QuadraticStudy, quadratic_run
 
 
@@ -74,6 +75,9 @@ def _common(p: argparse.ArgumentParser, n: int, out: str) -> None:
         action="store_true",
         help="replace this study's earlier output in --out, or write beside a training run there",
     )
+    # The main parser adds --debug to `theory`, whose study parser then refused it after the
+    # study's name, where every error message says to put it.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
 def _positive(text: str) -> int:
@@ -101,7 +105,8 @@ def run_quadratic(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     x, y = sphere_data(args.n, args.d, args.seed)
     kernel = ntk_limit(x, activation(args.act))
-    study = QuadraticStudy(n=args.n, d=args.d, steps=args.steps, act=args.act, lambda_0=least_eigenvalue(kernel))
+    study = QuadraticStudy(n=args.n, d=args.d, steps=args.steps, act=args.act, lambda_0=positive_lambda_0(kernel, x))
+    make_out(args.out)
     jobs = [(2**p, args.seed + s) for p in args.widths for s in range(args.seeds)]
     for width, seed in tqdm(jobs, desc="theory quadratic", unit="run"):
         study.runs.append(quadratic_run(x, y, kernel, width, args.steps, seed, args.act, args.engine))
@@ -143,6 +148,7 @@ def run_quadratic(args: argparse.Namespace) -> int:
 
 
 def run_minibatch(args: argparse.Namespace) -> int:
+    check_widths(args.widths, args.n, args.d)
     check_out(args.out, "minibatch", overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     x, y = sphere_data(args.n, args.d, args.seed)
@@ -153,10 +159,11 @@ def run_minibatch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         epochs=args.epochs,
         act=args.act,
-        lambda_0=least_eigenvalue(kernel),
+        lambda_0=positive_lambda_0(kernel, x),
         rho_a_limit=spectral_radius(iteration_matrix(kernel, args.batch_size)),
         sgd_limit=best_sgd_rate(kernel, args.batch_size),
     )
+    make_out(args.out)
     for p in tqdm(args.widths, desc="theory minibatch", unit="width"):
         study.runs.append(minibatch_run(x, y, 2**p, args.batch_size, args.epochs, args.seed, args.act, args.engine))
     print(
@@ -217,6 +224,26 @@ def check_out(out: Path, study: str, *, overwrite: bool) -> None:
             f"{out} holds a training run ({', '.join(run)}): pick another --out, "
             "or pass --overwrite to write the study beside it"
         )
+
+
+def check_widths(exponents: list[int], n: int, d: int) -> None:
+    """Refuse, before the minibatch study runs, a width ``M`` with ``M d < n``: its ``G_0`` (rank
+    ``<= M d``) is singular, so ``rho(A) = 1`` and no SGD learning rate contracts; the study ended
+    there in ``min() arg is an empty sequence``, the widths before it lost, or printed an SGD rate
+    picked by round-off."""
+    small = [p for p in exponents if 2**p * d < n]
+    if small:
+        least = math.ceil(math.log2(n / d))
+        raise ValueError(
+            f"--widths {small[0]}: width M = {2 ** small[0]} has M d = {2 ** small[0] * d} trained weights for n = {n} "
+            f"samples, so G_0 is singular and Theorem 2's rates are undefined; use log2 widths >= {least}"
+        )
+
+
+def make_out(out: Path) -> None:
+    """Create ``out`` once the set-up is done, before the study runs: an ``--out`` under a file
+    failed only when the results were written, after the whole study."""
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def plot_quadratic(study: QuadraticStudy, path: str | Path) -> Path:
     ms = [r.width for r in rows]
     for run in study.runs:
         ax[1].scatter([run.width] * len(run.constants), [_nan(c) for c in run.constants], s=8, color="0.6")
-    for t in (0, 1):
+    for t in range(min(2, study.steps)):  # one C_t per step taken
         ax[1].plot(ms, [_nan(r.constants[t]) for r in rows], "o-", label=f"median C_{t}")
     ax[1].plot(ms, [_nan(r.constant_max) for r in rows], "k:", lw=0.8, label="median max_t C_t")
     ax[1].set(

@@ -76,12 +76,28 @@ class SgdRate:
     rho_batch: float
 
 
+# A spectral radius this close to 1 is 1 up to round-off: a singular ``G`` leaves its null
+# directions untouched at every ``lr`` (radius exactly 1, computed as 1 -+ 2e-16).
+CONTRACTION_ROUNDOFF = 1e-12
+
+
 def best_sgd_rate(gram: Tensor, batch_size: int, grid: int = 400) -> SgdRate:
-    """Scan ``lr`` over ``[1e-2, 4] / max_B lambda_max(G_BB)`` (log grid) for the fastest stable SGD."""
+    """Scan ``lr`` over ``[1e-2, 4] / max_B lambda_max(G_BB)`` (log grid) for the fastest stable SGD.
+
+    Raises ``ValueError`` when no ``lr`` of the grid contracts (radius ``< 1 - 1e-12``), as for a
+    singular ``G`` (``M d < n``): the "best" rate was then picked by round-off, or the scan ended
+    in ``min() arg is an empty sequence``.
+    """
     top = max(float(torch.linalg.eigvalsh(gram[s, s])[-1]) for s in _batches(gram.shape[0], batch_size))
     lrs = torch.logspace(-2, float(torch.log10(torch.tensor(4.0))), grid, dtype=torch.float64) / top
     rhos = [spectral_radius(sgd_epoch_matrix(gram, batch_size, float(lr))) for lr in lrs]
-    stable = [i for i, r in enumerate(rhos) if r < 1.0]
+    stable = [i for i, r in enumerate(rhos) if r < 1.0 - CONTRACTION_ROUNDOFF]
+    if not stable:
+        raise ValueError(
+            f"cyclic SGD contracts at no learning rate in [{float(lrs[0]):.3g}, {float(lrs[-1]):.3g}]: the smallest "
+            f"per-epoch spectral radius is {min(rhos):.16g} (lambda_min(G) = {float(torch.linalg.eigvalsh(gram)[0]):.2g}:"
+            " a singular Gram matrix leaves its null directions untouched)"
+        )
     best = min(stable, key=lambda i: rhos[i])
     return SgdRate(
         lr=float(lrs[best]),

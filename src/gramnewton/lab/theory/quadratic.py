@@ -89,11 +89,15 @@ def quadratic_run(
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points)."""
-    if len(xs) < 2:
+    """Least-squares slope of ``log y`` against ``log x`` over the points with ``y > 0`` (NaN with
+    fewer than two). A zero is a quantity not measured, not a value: the drift of a run that took
+    one step (``--steps 1``, or round-off reached at once) is 0, and its log ended the study in
+    ``math domain error`` before anything was written."""
+    points = [(a, b) for a, b in zip(xs, ys) if b > 0]
+    if len(points) < 2:
         return float("nan")
-    lx = [math.log(v) for v in xs]
-    ly = [math.log(v) for v in ys]
+    lx = [math.log(a) for a, _ in points]
+    ly = [math.log(b) for _, b in points]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
@@ -154,7 +158,7 @@ class QuadraticStudy:
             "kernel_error": loglog_slope([r.width for r in rows], [r.kernel_error for r in rows]),
         }
         for t in (0, 1):
-            with_c = [r for r in rows if r.constants[t] is not None]
+            with_c = [r for r in rows if t < len(r.constants) and r.constants[t] is not None]  # C_1: steps >= 2
             out[f"C_{t}"] = loglog_slope([r.width for r in with_c], [r.constants[t] for r in with_c])
         return out
 
