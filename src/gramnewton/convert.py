@@ -25,7 +25,8 @@ def convert_batchnorm(model: nn.Module, groups: int = 8) -> nn.Module:
     BatchNorm in training mode couples the samples of a batch, which the per-sample Gram matrix
     cannot express; GroupNorm normalises each sample on its own. Each replacement has
     :func:`group_count` ``(C, groups)`` groups, the same ``eps``, and the BatchNorm's affine
-    parameters copied (so a pretrained scale and shift are kept). Running statistics are dropped.
+    parameters copied (so a pretrained scale and shift are kept, frozen ones frozen). A BatchNorm
+    used in several places becomes one GroupNorm used there. Running statistics are dropped.
 
     Args:
         model: the network; a bare BatchNorm module is replaced and returned.
@@ -50,13 +51,18 @@ def convert_batchnorm(model: nn.Module, groups: int = 8) -> nn.Module:
 
 
 def _convert(model: nn.Module, groups: int) -> nn.Module:
-    """:func:`convert_batchnorm` once its arguments are checked."""
+    """:func:`convert_batchnorm` once its arguments are checked. Every use of a BatchNorm is
+    replaced (``named_children`` skips a module's second use in one parent), all uses of one
+    BatchNorm by one GroupNorm, its parameters shared there as before."""
     if isinstance(model, _BatchNorm):
         return _group_norm_like(model, groups)
-    for name, child in model.named_children():
-        converted = _convert(child, groups)
-        if converted is not child:
-            setattr(model, name, converted)
+    replacements: dict[int, nn.GroupNorm] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, _BatchNorm):
+            if id(module) not in replacements:
+                replacements[id(module)] = _group_norm_like(module, groups)
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, replacements[id(module)])
     return model
 
 
@@ -68,4 +74,7 @@ def _group_norm_like(bn: _BatchNorm, groups: int) -> nn.GroupNorm:
         with torch.no_grad():
             gn.weight.copy_(bn.weight)
             gn.bias.copy_(bn.bias)
+        # a frozen scale or shift stays frozen: the optimizer trains what requires grad
+        gn.weight.requires_grad_(bn.weight.requires_grad)
+        gn.bias.requires_grad_(bn.bias.requires_grad)
     return gn

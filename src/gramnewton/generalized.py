@@ -117,9 +117,13 @@ def subspace_factor(basis: Tensor, sqrt_h: Tensor, grad: Tensor, what: str = "th
 
 def top_basis(grad: Tensor, c: int) -> Tensor:
     """``(b, k, c + 1)`` orthonormal basis: the unit vectors of the ``c`` largest ``|g_ic|`` and
-    ``g_i`` on the remaining coordinates, normalised (a zero column when nothing remains)."""
+    ``g_i`` on the remaining coordinates, normalised (a zero column when nothing remains). With
+    ``c >= k - 1`` every unit vector, ``(b, k, k)``: ``g_i`` on the one coordinate left is zero
+    when that output's gradient is (a label predicted exactly), and its column then dropped that
+    coordinate's curvature from the "exact" ``H_i`` this ``c`` promises."""
     b, k = grad.shape
-    c = min(c, k - 1)
+    if c >= k - 1:
+        return torch.eye(k, dtype=grad.dtype, device=grad.device).expand(b, k, k)
     top = grad.abs().topk(c, dim=1).indices  # (b, c)
     units = torch.nn.functional.one_hot(top, k).to(grad.dtype).transpose(1, 2)  # (b, k, c)
     rest = grad.scatter(1, top, 0.0)

@@ -26,10 +26,11 @@ the engine mirrors the lower-left block into it once at the end (:func:`mirror_l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -836,10 +837,33 @@ def _autograd_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names:
     # its own parameters, and any of its descendants' it used without calling them (adopted)
     params = {name: p for name, p in module.named_parameters() if name in names}
     changed = any(t._version != v for t, v in zip(call.outputs, call.versions))
-    rows = None if changed else _rows_by_recomputation(module, call, g, params)
-    if rows is None:
-        rows = _rows_through_graph(call, g, params)
+    with _cut_at_inputs(call, params.values()):
+        rows = None if changed else _rows_by_recomputation(module, call, g, params)
+        if rows is None:
+            rows = _rows_through_graph(call, g, params)
     return {name: Dense(rows[name]) for name in params}
+
+
+@contextlib.contextmanager
+def _cut_at_inputs(call: RecordedCall, params: Iterable[Tensor]) -> Iterator[None]:
+    """While open, the gradient arriving at any tensor argument of ``call`` (nested: an LSTM's
+    ``(h0, c0)``) is zero, so that a backward pass from the call's outputs differentiates the
+    module's own operations only. Without the cut, a path that leaves the call through an input
+    and reaches the module's parameters again through an earlier call of the same module (a
+    cell in a loop, a state passed from one call to the next) was counted in this call's rows as
+    well as in that call's own. An argument that is one of the rows' ``params`` (a module handed
+    its own weight) is not cut: its gradient there is the rows'."""
+    own = {id(p) for p in params}
+    handles = [
+        t.register_hook(torch.zeros_like)
+        for t in output_tensors((call.args, call.kwargs))
+        if isinstance(t, Tensor) and t.requires_grad and id(t) not in own
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _rows_by_recomputation(

@@ -648,9 +648,11 @@ class HooksEngine:
                 x = args[0] if args else next(iter(kwargs.values()))
                 rows = (x.shape[0] if x.dim() else 0, *out_rows)
                 kept, version = (x.detach() if handler.needs_input else None), x._version
+            # nested arguments too: an LSTM's state (h0, c0) is a tuple, and a path through it that
+            # reaches the module's parameters (a state from an earlier batch, not detached) leaves the call
             inputs = frozenset(
                 t.grad_fn or get_gradient_edge(t).node  # the same node; a leaf's is its gradient accumulator
-                for t in (*args, *kwargs.values())
+                for t in output_tensors((*args, *kwargs.values()))
                 if isinstance(t, Tensor) and t.requires_grad
             )
             dtype = (

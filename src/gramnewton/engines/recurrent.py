@@ -15,8 +15,10 @@ backward pass from the rows' output gradients gives every ``dgi_t`` and ``dgh_t`
 gradients at the pre-activations themselves). Samples are independent, so row ``r``'s gradients are
 its own. The run must reproduce the recorded outputs (to ``sqrt(eps)`` of their dtype), else the
 general way (:func:`.handlers._autograd_rows`, through the recorded graph: a layer backward per
-row) is taken, as it is for what this does not cover: packed sequences, projections
-(``proj_size``), dropout between layers in training, unbatched inputs, autocast.
+row) is taken, as it is for what this does not cover: projections (``proj_size``), dropout between
+layers in training, autocast. Packed sequences and unbatched inputs, whose outputs do not have the
+batch in the dimension the layer's type fixes, never reach it: the engine's batch check sends
+them to the reference engine.
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: fro
     path through ``h'`` already, so the run differentiates ``h'`` through its output gate only
     (``c'`` detached there) and ``c'`` with the gradient as it arrived, each path once. Its calls
     must be run again (the general way through the graph would count that path twice): an input
-    or output changed in place since the call is refused."""
+    or output changed in place since the call, or a call under ``torch.autocast`` (which returns
+    float32 states from bfloat16 gates, so the run in float32 does not reproduce them), is refused."""
     x, h, c, alone = _arguments(call)
     lstm = type(module) is nn.LSTMCell
     if alone and _runs_again(module, call, g, (x, h, c), 2):
@@ -224,9 +227,13 @@ def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: fro
             return pieces
     if not lstm:
         return _autograd_rows(module, call, g, names)
+    # under torch.autocast the cell computes its gates in bfloat16 but returns float32 states, so
+    # the engine cannot tell it from a float32 call: its run again (in float32) differs by bfloat16's rounding
     raise RuntimeError(
-        "an LSTMCell's input or output was changed in place after the call (or the call could not be "
-        "run again); the hooks engine needs them unchanged (engine='reference' is exact for it)"
+        "an LSTMCell's input or output was changed in place after the call, or the cell ran under "
+        "torch.autocast (its gates in a lower precision): its call could not be run again to its recorded "
+        "outputs, which the hooks engine needs (run the cell outside autocast, or use engine='reference', "
+        "exact for it); no parameter was changed"
     )
 
 
