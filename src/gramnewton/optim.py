@@ -206,10 +206,13 @@ class GramGaussNewton(Optimizer):
             J_B^\top + \alpha I)^{-1} (r_B - \lambda \mu J_B \phi_{t-1})`, solved in sample space
             from the engine's dense per-sample rows (``{"name": "second_moment", "per_tensor":
             True}``: one weight per parameter tensor, from the engine's per-parameter Gram
-            blocks at the Euclidean Gram's cost); the second moment is kept in the state
-            (``metric_moment``, one per parameter, and ``metric_count``) and advances only on an
-            accepted step. With ``distributed="exact"`` one weight per tensor only (each rank
-            holds a slice of ``J``'s columns); not with ``distributed="local"``.
+            blocks at the Euclidean Gram's cost); the second moment is kept in the state as its
+            root ``sqrt(v)`` (``metric_root_moment``, one per parameter, in its dtype: float32 keeps
+            ``g``'s range, where ``v = g^2`` would underflow or overflow; a ``state_dict`` of an
+            older version, with ``metric_moment = v``, is loaded as its root) and ``metric_count``,
+            and advances only on an accepted step. With ``distributed="exact"`` one weight per
+            tensor only (each rank holds a slice of ``J``'s columns); not with
+            ``distributed="local"``.
         geodesic_acceleration: ``True`` (a :class:`~gramnewton.update.GeodesicAcceleration`
             with its defaults) or an instance: Levenberg-Marquardt's geodesic acceleration, the
             step ``v`` replaced by ``v + a/2`` with ``a = -J^T (lam G + alpha I)^{-1} lam r_vv``
@@ -432,9 +435,14 @@ class GramGaussNewton(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy's state (:meth:`__getstate__`), or torch's ``load_state_dict``'s (``state`` and
-        ``param_groups`` only: the engine stays)."""
+        ``param_groups`` only: the engine stays). A metric's second moment ``metric_moment = v`` of
+        an older version becomes the root ``metric_root_moment = sqrt(v)`` kept now."""
         differentiable = "differentiable" in (state["defaults"] if "defaults" in state else self.defaults)
         super().__setstate__(state)
+        for saved in self.state.values():  # torch's copies (load_state_dict's, a copy's): not the caller's dicts
+            if "metric_moment" in saved:
+                moment = saved.pop("metric_moment")  # a NaN or negative entry: a NaN root, refused at the next step
+                saved.setdefault("metric_root_moment", moment.sqrt())
         if not differentiable:  # torch adds it to the defaults, and add_param_group would to the groups
             del self.defaults["differentiable"]
         if "defaults" in state:  # a copy: an engine for its parameters
@@ -500,7 +508,7 @@ class GramGaussNewton(Optimizer):
         new = [p for p in trainable if id(p) not in known]
         for p in new:  # a phi (and a metric's moment) kept from before it was frozen is stale
             self.state[p].pop("momentum_buffer", None)
-            self.state[p].pop("metric_moment", None)
+            self.state[p].pop("metric_root_moment", None)
         if self.communicator is not None:
             self.communicator.broadcast_(new)
         self.engine = self._build_engine(trainable)
@@ -599,7 +607,7 @@ class GramGaussNewton(Optimizer):
         previous = self._momentum_buffers() if momentum and self.rejections_in_a_row < 2 else None
         hyper = dict(lam=lam, solve_dtype=self.solve_dtype, momentum=momentum, solve_space=self.solve_space)
         system = None  # the batch's system, kept for a rejected step's retries (not in local mode)
-        metric_moment = None  # the metric's second moment after this batch, kept if the step is accepted
+        metric_root = None  # the metric's root second moment after this batch, kept if the step is accepted
         if self.distributed == "local":
             losses = (lambda s: s.residuals.pow(2)) if general is None else (lambda s: general.per_sample)
             result, loss = local_direction(
@@ -615,7 +623,7 @@ class GramGaussNewton(Optimizer):
                 result = replace(result, mean_loss=general.per_sample.mean())
         else:
             if self.metric is not None:
-                system, metric_moment = self._metric_system(general or closure, need_gram=choose is not None)
+                system, metric_root = self._metric_system(general or closure, need_gram=choose is not None)
             else:
                 system = compute_system(
                     self.engine,
@@ -666,7 +674,7 @@ class GramGaussNewton(Optimizer):
         if self.damping is not None and not diagnostics.rejected:
             self._decay(backup, lr)
         if not diagnostics.rejected:
-            self._count_step(phi, count, metric_moment)
+            self._count_step(phi, count, metric_root)
         self.last_step = taken
         self.last_diagnostics = diagnostics
         return loss
@@ -700,9 +708,9 @@ class GramGaussNewton(Optimizer):
             apply_direction(params, [updates[id(p)] for p in params], decay)
         return phi, result
 
-    def _count_step(self, phi: list[Tensor] | None, count: int, metric_moment: tuple[Tensor, int] | None) -> None:
+    def _count_step(self, phi: list[Tensor] | None, count: int, metric_root: tuple[Tensor, int] | None) -> None:
         """Record an accepted step: each parameter's step count and, with momentum, ``phi_t`` (and
-        its ``count`` under ``bias_correction``); with a metric its second moment and count."""
+        its ``count`` under ``bias_correction``); with a metric its root second moment and count."""
         states = [self.state[p] for p in self.engine.params]
         # One new count tensor per distinct old one (usually one for all parameters, which then
         # share it) instead of one per parameter (~3 us each). Never updated in place, so the
@@ -725,15 +733,15 @@ class GramGaussNewton(Optimizer):
                 state["momentum_buffer"] = buffer.to(p.dtype)
                 if self.bias_correction:
                     state["momentum_count"] = count
-        if metric_moment is not None:
-            moment, metric_count = metric_moment
-            for p, state, part in zip(params, states, split_like(moment, params)):
-                state["metric_moment"], state["metric_count"] = part.to(p.dtype), metric_count
+        if metric_root is not None:
+            root, metric_count = metric_root
+            for p, state, part in zip(params, states, split_like(root, params)):
+                state["metric_root_moment"], state["metric_count"] = part.to(p.dtype), metric_count
 
     def _metric_system(self, closure: Closure, need_gram: bool) -> tuple[GramSystem, tuple[Tensor, int] | None]:
         """The batch's system in the metric (:func:`~gramnewton.metric.metric_system`; the engine
-        skips the plain Gram), and the metric's second moment ``(m,)`` with its count after this
-        batch: the state :meth:`_count_step` keeps once the step is accepted.
+        skips the plain Gram), and the metric's root second moment ``(m,)`` with its count after
+        this batch: the state :meth:`_count_step` keeps once the step is accepted.
 
         Under ``metric="auto"`` a batch whose step the ``"auto"`` solve space puts in parameter
         space (more residuals than parameters: Levenberg-Marquardt's regime) gets the Euclidean
@@ -766,15 +774,15 @@ class GramGaussNewton(Optimizer):
         # a parameter new to the steps (added, or unfrozen) starts from a zero moment, as phi does
         previous = flatten(
             [
-                s["metric_moment"] if "metric_moment" in s else torch.zeros_like(p)
+                s["metric_root_moment"] if "metric_root_moment" in s else torch.zeros_like(p)
                 for p, s in zip(engine.params, states)
             ],
             gradient.dtype,
         )
         count = 1 + max((int(s["metric_count"]) for s in states if "metric_count" in s), default=0)
-        moment = self.metric.updated_moment(previous, gradient)
-        scaling = self.metric.scaling(moment, count, [p.numel() for p in engine.params])
-        return metric_system(system, engine.params, scaling, per_tensor=self.metric.per_tensor), (moment, count)
+        root = self.metric.updated_root_moment(previous, gradient)
+        scaling = self.metric.scaling(root, count, [p.numel() for p in engine.params])
+        return metric_system(system, engine.params, scaling, per_tensor=self.metric.per_tensor), (root, count)
 
     @torch.no_grad()
     def _decay(self, before: list[Tensor], lr: float) -> None:
