@@ -463,6 +463,14 @@ class GramGaussNewton(Optimizer):
                 "GramGaussNewton.step needs autograd (the Jacobian comes from the closure's graph) but was "
                 "called inside torch.inference_mode(); no parameter was changed"
             )
+        devices = {p.device.type for group in self.param_groups for p in group["params"]}
+        autocast = sorted(d for d in devices if torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d))
+        if autocast:  # the solve, the direction and the update would run in its lower precision too
+            raise ValueError(
+                f"GramGaussNewton.step was called inside torch.autocast ({autocast[0]}): its Gram solve and "
+                "update would run in the autocast dtype; run only the model under autocast, inside the closure "
+                "(def closure(): with torch.autocast(...): return model(x) - y); no parameter was changed"
+            )
         for group in self.param_groups:
             _check_hyper(group["lam"], group["alpha"], group["weight_decay"], group["momentum"], group["lr"])
         self._follow_trainable()
