@@ -137,9 +137,7 @@ def with_state(self: Head, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
     return self.head(out[:, -1]), state
 
 
-@pytest.mark.parametrize(
-    "kind", ["GRU", "LSTM", "LSTMCell"]
-)
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "LSTMCell"])
 def test_a_state_from_the_previous_batch_not_detached_gives_the_total_derivative(kind: str) -> None:
     """Truncated backpropagation through time without the ``detach()``: the residuals depend on
     the parameters through the previous batch's graph as well, and the Gram is that of the total
@@ -355,3 +353,18 @@ def test_convert_batchnorm_keeps_a_frozen_scale_frozen() -> None:
     norm.weight.requires_grad_(False)
     converted = gramnewton.convert_batchnorm(nn.Sequential(norm))[0]
     assert not converted.weight.requires_grad and converted.bias.requires_grad
+
+
+def test_a_batchnorm1d_left_with_one_channel_per_group_is_converted_with_a_warning() -> None:
+    """``BatchNorm1d(4)`` with ``groups=8`` became ``GroupNorm(4, 4)`` silently: on ``(b, C)``
+    features each group is one number, so the layer returned its bias whatever the input."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.warns(UserWarning, match=r"BatchNorm1d\(4\) becomes GroupNorm\(4, 4\).*LayerNorm\(4\)") as record:
+        gramnewton.convert_batchnorm(model, groups=8)
+    assert record[0].filename == __file__  # points at the caller's line
+    x = torch.randn(5, 3)
+    # what the warning says: the bias, up to the round-off of x - mean(x) over one number (/ sqrt(eps))
+    assert torch.allclose(model[1](model[0](x)), model[1].bias.expand(5, 4), atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # more than one channel per group, or a 2-D norm: no warning
+        gramnewton.convert_batchnorm(nn.Sequential(nn.BatchNorm1d(16), nn.BatchNorm2d(4)), groups=8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -27,6 +29,9 @@ def convert_batchnorm(model: nn.Module, groups: int = 8) -> nn.Module:
     :func:`group_count` ``(C, groups)`` groups, the same ``eps``, and the BatchNorm's affine
     parameters copied (so a pretrained scale and shift are kept, frozen ones frozen). A BatchNorm
     used in several places becomes one GroupNorm used there. Running statistics are dropped.
+    A ``BatchNorm1d`` whose GroupNorm gets one channel per group is converted with a warning: on
+    ``(b, C)`` inputs (features, not sequences) each group is then one number, and the layer's
+    output is its bias alone, whatever the input (``nn.LayerNorm(C)`` is the per-sample norm there).
 
     Args:
         model: the network; a bare BatchNorm module is replaced and returned.
@@ -68,7 +73,15 @@ def _convert(model: nn.Module, groups: int) -> nn.Module:
 
 def _group_norm_like(bn: _BatchNorm, groups: int) -> nn.GroupNorm:
     channels = bn.num_features
-    gn = nn.GroupNorm(group_count(channels, groups), channels, eps=bn.eps, affine=bn.affine)
+    count = group_count(channels, groups)
+    if isinstance(bn, nn.BatchNorm1d) and count == channels:
+        warnings.warn(
+            f"convert_batchnorm: BatchNorm1d({channels}) becomes GroupNorm({count}, {channels}), one channel per "
+            "group: on (b, C) inputs its output is its bias whatever the input; pass fewer groups, or use "
+            f"nn.LayerNorm({channels}) for features",
+            stacklevel=4,  # the caller of convert_batchnorm
+        )
+    gn = nn.GroupNorm(count, channels, eps=bn.eps, affine=bn.affine)
     if bn.affine:
         gn = gn.to(bn.weight)
         with torch.no_grad():
