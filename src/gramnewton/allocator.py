@@ -52,6 +52,8 @@ class AllocatorTuning:
 
 def _glibc() -> ctypes.CDLL | None:
     """The process's glibc, or ``None`` when the C library is something else."""
+    if os.name != "posix":  # Windows: ``ctypes.CDLL(None)`` raises TypeError there, not OSError
+        return None
     try:
         libc = ctypes.CDLL(None)
         version = libc.gnu_get_libc_version

@@ -129,27 +129,38 @@ def check_fits(shape: tuple[int, int], residuals: Tensor, what: str) -> None:
         )
 
 
-def slice_columns(block: Callable[[int], Tensor], sizes: Sequence[int], rows: Tensor, start: int, stop: int) -> Tensor:
+def slice_columns(
+    block: Callable[[int], Tensor], sizes: Sequence[int], residuals: Tensor, start: int, stop: int
+) -> Tensor:
     """Columns ``start:stop`` of the ``(n, sum(sizes))`` matrix whose column blocks are ``block(i)``.
 
     Args:
         block: ``i -> (n, sizes[i])``, called only for the blocks overlapping the range.
         sizes: the width of each block (a parameter's ``numel``).
-        rows: any ``(n, ...)`` tensor giving ``n``, the dtype and the device of an empty result.
+        residuals: the ``(b, k)`` residuals: ``n = b*k`` rows, and the dtype and device of the result.
         start, stop: ``0 <= start <= stop <= sum(sizes)``.
 
     Returns:
-        ``(n, stop - start)``.
+        ``(n, stop - start)``: a view of ``block(i)`` when the range lies in one block, else a new
+        matrix.
+
+    Raises:
+        ValueError: (:func:`check_fits`) a range over several blocks whose new ``(n, stop - start)``
+            matrix alone would not fit the device's memory (the whole ``J`` of a parameter-space
+            step), before any block is formed.
     """
-    parts, offset = [], 0
+    spans, offset = [], 0
     for i, size in enumerate(sizes):
         lo, hi = max(start, offset), min(stop, offset + size)
         if lo < hi:
-            parts.append(block(i)[:, lo - offset : hi - offset])
+            spans.append((i, lo - offset, hi - offset))
         offset += size
-    if not parts:
-        return rows.new_zeros(rows.shape[0], 0)
-    return torch.cat(parts, dim=1)
+    if len(spans) > 1:
+        check_fits((residuals.numel(), stop - start), residuals, "dense Jacobian")
+    if not spans:
+        return residuals.new_zeros(residuals.numel(), 0)
+    parts = [block(i)[:, lo:hi] for i, lo, hi in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 ClosureResult = Tensor | tuple[Tensor, Tensor]
