@@ -219,3 +219,33 @@ def test_levers_that_do_not_fit_the_data_are_refused_before_the_folder_changes(t
 def _flat_data(override: str) -> list[str]:
     # for the shift case, a regression data set with flat (non-image) inputs: diabetes, 10 features
     return ['data.name="diabetes"', "model.kwargs={ in_channels = 10, hidden = [8] }"] if "shift" in override else []
+
+
+def test_the_runner_translates_training_batches_only(tmp_path, monkeypatch):
+    """Every call of the run's augmentation gets one training batch (rows of the training set, one
+    call per step) and moves it; evaluation (train and test loss) and the test set never go through it."""
+    from gramnewton.lab.experiments import runner
+    from gramnewton.lab.experiments.setup import load_data
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def recording(dataset, shift):
+        augment = translation(dataset, shift)
+
+        def recorded(x, generator):
+            moved = augment(x, generator)
+            seen.append((x, moved))
+            return moved
+
+        return recorded
+
+    monkeypatch.setattr(runner, "translation", recording)
+    path = tmp_path / "digits.toml"
+    path.write_text(CLASSIFY.format(optimizer="sgd", hyper=CLASSIFY_HYPER["sgd"]))
+    config = load_config(path, ["train.shift=1", "train.epochs=1"])
+    rows = run_experiment(config, tmp_path / "run")
+    train_rows = load_data(config, "train").inputs.flatten(1)
+    assert len(seen) == rows[-1]["step"] == 4
+    for x, moved in seen:
+        assert (x.flatten(1)[:, None, :] == train_rows[None]).all(-1).any(1).all()  # training rows only
+        assert not torch.equal(x, moved)

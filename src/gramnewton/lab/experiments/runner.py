@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from ...optim import GramGaussNewton, check_per_sample_independence
 from ..data.augment import translation
 from .config import dumps, load_config
 from .early_stopping import BEST, EarlyStopping, save_best
@@ -142,6 +143,8 @@ def run_experiment(
         warm_start(model, config["warm_start"]["run"])
     decay = {"weight_decay": train["weight_decay"]} if takes_weight_decay(config["optimizer"]["name"]) else {}
     optimizer = build_optimizer({**config["optimizer"], **decay}, model)
+    if isinstance(optimizer, GramGaussNewton):  # a BatchNorm model fails at its first step: refuse it at set-up
+        check_per_sample_independence(model)
     if world > 1 and getattr(optimizer, "distributed", None) is None:
         raise ValueError(
             f"{world} processes need a data-parallel optimizer: optimizer.name = 'ggn' with "

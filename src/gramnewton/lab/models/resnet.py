@@ -4,8 +4,10 @@ Three normalisations:
 - ``fixup``: no normalisation, Fixup initialisation (Zhang et al. 2019): scalar biases before
   each convolution and activation, a scalar multiplier per branch, the last convolution of each
   branch and the final layer zero-initialised, the other branch convolutions scaled by
-  ``L^(-1/(2m-2))`` (``L`` residual branches, ``m = 2`` layers per branch).
-- ``gn``: GroupNorm after each convolution (8 groups by default).
+  ``L^(-1/(2m-2))`` (``L`` residual branches, ``m = 2`` layers per branch); the blocks are those
+  of the official code (hongyi-zhang/Fixup, ``cifar/models/fixup_resnet_cifar.py``).
+- ``gn``: GroupNorm after each convolution, ``group_count(C, groups)`` groups for ``C`` channels
+  (:func:`gramnewton.convert.group_count`; ``groups = 8`` by default: 8 in every layer).
 - ``bn``: BatchNorm (first-order baselines only; GGN refuses it in training mode).
 
 The shortcut of a downsampling block is the parameter-free "option A" of the CIFAR ResNets
@@ -22,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...convert import group_count
 from ...nn import ScalarBias, ScalarScale
-from .registry import register_model
+from .registry import check_sizes, register_model
 
 STAGE_WIDTHS = (16, 32, 64)
 LAYERS_PER_BRANCH = 2  # Fixup's m: two convolutions per residual branch
@@ -50,7 +53,8 @@ def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class FixupBlock(nn.Module):
-    """``relu(b2b + s * conv2(b2a + relu(b1b + conv1(b1a + x))) + shortcut(b1a + x))``."""
+    """``relu(b2b + s * conv2(b2a + relu(b1b + conv1(b1a + x))) + x)``; a downsampling block's
+    shortcut is ``shortcut(b1a + x)`` instead of ``x``, as in the official code."""
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -64,10 +68,13 @@ class FixupBlock(nn.Module):
         self.shortcut = shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.bias1a(x)
-        out = F.relu(self.bias1b(self.conv1(x)))
+        biased = self.bias1a(x)
+        out = F.relu(self.bias1b(self.conv1(biased)))
         out = self.bias2b(self.scale(self.conv2(self.bias2a(out))))
-        return F.relu(out + self.shortcut(x))
+        # b1a is a bias before conv1: the identity shortcut bypasses it (the official block's
+        # identity is x), the downsampling shortcut takes the biased input as the official one does
+        identity = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(biased)
+        return F.relu(out + identity)
 
 
 class NormBlock(nn.Module):
@@ -86,14 +93,28 @@ class NormBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet of ``6 * blocks_per_stage + 2`` layers; input ``(b, C, H, W)``, output ``(b, num_outputs)``."""
+    """CIFAR ResNet of ``6 * blocks_per_stage + 2`` layers; input ``(b, C, H, W)``, output ``(b, num_outputs)``.
+
+    ``groups`` (``norm="gn"`` only; 8 when None) is the wanted number of groups of each GroupNorm.
+    Raises ``ValueError`` for a size that is not a positive integer, an unknown ``norm``, or
+    ``groups`` given to another norm (it would be ignored).
+    """
 
     def __init__(
-        self, blocks_per_stage: int, in_channels: int = 3, num_outputs: int = 1, norm: str = "fixup", groups: int = 8
+        self,
+        blocks_per_stage: int,
+        in_channels: int = 3,
+        num_outputs: int = 1,
+        norm: str = "fixup",
+        groups: int | None = None,
     ):
-        super().__init__()
         if norm not in ("fixup", "gn", "bn"):
             raise ValueError(f"unknown norm {norm!r}; expected 'fixup', 'gn' or 'bn'")
+        if norm != "gn" and groups is not None:
+            raise ValueError(f"groups={groups!r} is for the GroupNorm ResNets (norm 'gn'); this one has norm {norm!r}")
+        groups = 8 if groups is None else groups
+        check_sizes(blocks_per_stage=blocks_per_stage, in_channels=in_channels, num_outputs=num_outputs, groups=groups)
+        super().__init__()
         self.norm = norm
         self.num_branches = 3 * blocks_per_stage
         self.conv1 = conv3x3(in_channels, STAGE_WIDTHS[0])
@@ -121,7 +142,7 @@ class ResNet(nn.Module):
     def _norm_layer(norm: str, groups: int) -> Callable[[int], nn.Module]:
         if norm == "bn":
             return nn.BatchNorm2d
-        return lambda channels: nn.GroupNorm(min(groups, channels), channels)
+        return lambda channels: nn.GroupNorm(group_count(channels, groups), channels)
 
     def reset_parameters(self) -> None:
         """He initialisation (``fan_out``); for Fixup, the rescaled branches and zero-initialised layers."""
@@ -161,7 +182,7 @@ def _register_resnets() -> None:
         for norm in ("fixup", "gn", "bn"):
 
             def builder(
-                in_channels: int = 3, num_outputs: int = 1, groups: int = 8, _d: int = depth, _n: str = norm
+                in_channels: int = 3, num_outputs: int = 1, groups: int | None = None, _d: int = depth, _n: str = norm
             ) -> ResNet:
                 return ResNet((_d - 2) // 6, in_channels=in_channels, num_outputs=num_outputs, norm=_n, groups=groups)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .mlp import activation
-from .registry import register_model
+from .registry import check_sizes, register_model
 
 
 class TwoLayerNet(nn.Module):
@@ -17,10 +17,12 @@ class TwoLayerNet(nn.Module):
     ``W`` (``hidden.weight``, ``(M, d)``) has i.i.d. ``N(0, 1)`` entries and is the only trained
     parameter; ``a`` (``(M,)`` buffer) is uniform on ``{-1, +1}`` and fixed.
     Input ``(b, d)`` (or any shape flattening to ``d``), output ``(b, num_outputs)``; with
-    several outputs each has its own fixed ``a``.
+    several outputs each has its own fixed ``a``. Raises ``ValueError`` for a size that is not a
+    positive integer (``width = 0`` gave NaN outputs, ``0 / sqrt(0)``).
     """
 
     def __init__(self, in_channels: int, width: int = 4096, act: str = "softplus", num_outputs: int = 1):
+        check_sizes(in_channels=in_channels, width=width, num_outputs=num_outputs)
         super().__init__()
         self.width = width
         self.hidden = nn.Linear(in_channels, width, bias=False)
