@@ -47,7 +47,13 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` to the JSON list in ``path`` (created, with its folder, if missing), with
-    a ``host`` entry (:func:`host`) unless it has one."""
+    a ``host`` entry (:func:`host`) unless it has one.
+
+    The list is written to a temporary file that then replaces ``path``: writing ``path`` in place
+    truncated it first, so a write that failed (a full disk, an interrupt) lost every earlier record.
+    """
     records = read_records(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([*records, {**record, "host": record.get("host", host())}], indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([*records, {**record, "host": record.get("host", host())}], indent=1))
+    tmp.replace(path)

@@ -742,31 +742,34 @@ def describe(run: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------- the report
 def median_or_none(values: list[float | None]) -> float | None:
-    """Median that counts a missing value (target never reached) as infinitely late."""
+    """Median that counts a missing or NaN value (target never reached, a failed run's loss) as
+    infinitely late or high; ``None`` when the median is. (``statistics.median`` sorts a NaN
+    wherever it stands: ``[0.1, nan, 0.2]`` gave NaN, ``[nan, 0.1, 0.2]`` 0.1.)"""
     if not values:
         return None
-    med = statistics.median([math.inf if v is None else v for v in values])
+    med = statistics.median([math.inf if v is None or math.isnan(v) else v for v in values])
     return None if math.isinf(med) else med
 
 
 def median_best_test(runs: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Median over seeds of each run's lowest test MSE and of the training seconds to it."""
-    bests = [b for b in map(best_test, runs) if b is not None]
-    return {
-        "best_test": statistics.median([b[0] for b in bests]) if bests else None,
-        "best_test_s": statistics.median([b[1] for b in bests]) if bests else None,
-    }
+    """Median over seeds of each run's lowest test MSE and of the training seconds to it; a seed
+    without a finite evaluation (crashed, timed out, out of memory before its first) counts as
+    infinitely high and late (:func:`median_or_none`), not left out of the median."""
+    bests = [best_test(r) or (None, None) for r in runs]
+    return {"best_test": median_or_none([b[0] for b in bests]), "best_test_s": median_or_none([b[1] for b in bests])}
 
 
 def summarise(task_result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per optimizer: median seconds to each target, final losses, peak RSS, failures, seeds."""
+    """Per optimizer: median seconds to each target, final losses (a failed run, which did not
+    reach the end of its run, counts as infinitely high: :func:`median_or_none`), peak RSS,
+    failures, seeds."""
     rows = {}
     for optimizer, runs in task_result["runs"].items():
-        ok = [r for r in runs if r.get("final_train") is not None]
+        ended = [None if r.get("failure") else r for r in runs]
         rows[optimizer] = {
             "targets": {str(f): median_or_none([seconds_to(r, f) for r in runs]) for f in TARGETS},
-            "final_train": statistics.median([r["final_train"] for r in ok]) if ok else None,
-            "final_test": statistics.median([r["final_test"] for r in ok]) if ok else None,
+            "final_train": median_or_none([r and r.get("final_train") for r in ended]),
+            "final_test": median_or_none([r and r.get("final_test") for r in ended]),
             **median_best_test(runs),
             "peak_rss_mb": statistics.median([r["peak_rss_mb"] for r in runs if "peak_rss_mb" in r] or [math.nan]),
             "failures": [r.get("failure") for r in runs],
@@ -923,8 +926,8 @@ def render_task(name: str, task_result: dict[str, Any], figure: Path | None = No
     seeds = ", ".join(f"{LABELS[o]} {row['seeds']}" for o, row in rows.items())
     implementations = "; ".join(f"{LABELS[o]}: {row['implementation']}" for o, row in rows.items())
     lines += [
-        f"Parameters: {first['params']:,}; budget {first['budget_s']:.0f} s per run; seeds per method: {seeds}. "
-        f"Implementations: {implementations}.",
+        f"Parameters: {fmt(task_params(task_result), ',')}; budget {first['budget_s']:.0f} s per run; "
+        f"seeds per method: {seeds}. Implementations: {implementations}.",
         "",
     ]
     meta = task_result.get("meta")
@@ -948,11 +951,14 @@ FIRST_ORDER = ("adam", "sgd")
 def best_of(
     rows: dict[str, dict[str, Any]], candidates: tuple[str, ...], target: str
 ) -> tuple[str | None, float | None]:
-    """The candidate with the shortest median time to ``target`` (None if none reached it)."""
-    reached = [
-        (rows[o]["targets"][target], o) for o in candidates if o in rows and rows[o]["targets"][target] is not None
-    ]
-    return (min(reached)[1], min(reached)[0]) if reached else (next((o for o in candidates if o in rows), None), None)
+    """The candidate with the shortest median time to ``target`` and that time; if none reached it,
+    the first candidate that did not run out of memory (else the first present: its cell reads
+    ``OOM`` only when every candidate did) and ``None``; ``(None, None)`` if no candidate ran."""
+    present = [o for o in candidates if o in rows]
+    reached = [(rows[o]["targets"][target], o) for o in present if rows[o]["targets"][target] is not None]
+    if reached:
+        return min(reached)[1], min(reached)[0]
+    return next((o for o in present if "oom" not in rows[o]["failures"]), next(iter(present), None)), None
 
 
 def summary_table(results: dict[str, Any]) -> list[str]:
@@ -1089,7 +1095,8 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any], figures: dict
         "seed did not get there). *Time vs GGN* is the other method's time divided by GGN's (so `5.0x` means GGN was 5 times "
         "faster; `>Nx` means the method did not reach the target within the budget, N = budget / GGN's time; below 1 GGN was slower). "
         "Final losses are medians at the end of the run (budget, or training MSE below "
-        f"{STOP_FACTOR:g} x initial). Peak RSS is the child process's `ru_maxrss` (Python, torch and data included).",
+        f"{STOP_FACTOR:g} x initial; a failed run counts as infinitely high, `-` = the median seed failed). "
+        "Peak RSS is the child process's `ru_maxrss` (Python, torch and data included).",
         "",
     ]
     if not meta.get("kfac_available", False):
@@ -1104,9 +1111,9 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any], figures: dict
         "",
         *summary_table(results),
         "",
-        "Lowest test MSE each method reached at its evaluations (median over seeds) and, in brackets, the training "
-        "seconds to it (median). A method whose best test MSE comes early and whose final one is higher over-fits "
-        "the training set within the budget.",
+        "Lowest test MSE each method reached at its evaluations (median over seeds; a seed without an evaluation "
+        "counts as infinitely high) and, in brackets, the training seconds to it (median). A method whose best test "
+        "MSE comes early and whose final one is higher over-fits the training set within the budget.",
         "",
         *best_test_table(results),
         "",
@@ -1243,6 +1250,9 @@ def main(argv: list[str] | None = None) -> None:
             data["tasks"][name] = run_task(TASKS[name], optimizers, args, lambda s: print(s, flush=True))
             data["meta"]["load_average_at_end"] = os.getloadavg()  # other jobs on the machine skew timings
             save_results(data)  # after every task, so an interrupted run keeps what it measured
+        # the report from what was saved (6 digits), so that --report-only redraws it bit for bit: from
+        # the unrounded times a ratio of 1.4999996 was cut to 1.49x, from the JSON's to 1.50x
+        data = load_results()
     write_report(data["tasks"], data["meta"])
 
 
