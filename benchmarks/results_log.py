@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from gramnewton.lab.files import write_atomically
+
 # CPU features that change which kernels torch runs (AVX-512, bfloat16 and AMX tiles)
 NOTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -54,6 +56,5 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
     """
     records = read_records(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps([*records, {**record, "host": record.get("host", host())}], indent=1))
-    tmp.replace(path)
+    text = json.dumps([*records, {**record, "host": record.get("host", host())}], indent=1)
+    write_atomically(path, lambda tmp: tmp.write_text(text))

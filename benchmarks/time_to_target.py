@@ -109,6 +109,7 @@ from gramnewton.lab.experiments.training import (
     make_train_step,
     mean_squared_error,
 )
+from gramnewton.lab.files import write_atomically
 from gramnewton.lab.models import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1173,9 +1174,8 @@ def save_results(data: dict[str, Any]) -> None:
     evaluated (``EVAL_STEPWISE``) the indented file passed 5 MB (3.5 MB compact), and again with
     sinc on ten seeds (5.5 MB compact)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rounded(data), separators=(",", ":")))
-    tmp.replace(RESULTS)
+    text = json.dumps(rounded(data), separators=(",", ":"))
+    write_atomically(RESULTS, lambda tmp: tmp.write_text(text))
 
 
 def rounded(value: Any) -> Any:

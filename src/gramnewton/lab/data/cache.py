@@ -14,7 +14,6 @@ or that lacks a required key is rebuilt, with a warning, never used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..files import write_atomically
 
 CACHE_ENV = "GRAMNEWTON_CACHE"
 CHECKSUM_KEY = "checksum"
@@ -107,15 +108,11 @@ def cached(
         return entry
     entry = build()
     # Write then rename: an interrupted write never leaves a truncated entry under the real name.
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        torch.save({**entry, CHECKSUM_KEY: entry_checksum(entry)}, tmp)
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: torch.save({**entry, CHECKSUM_KEY: entry_checksum(entry)}, tmp))
     # A read-only folder (OSError) or a full disk (torch's writer raises RuntimeError): the
     # decoded images are used all the same, never thrown away for want of a cache.
     except (OSError, RuntimeError) as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         reason = getattr(error, "strerror", None) or f"{type(error).__name__}: {error}"
         warnings.warn(
             f"cannot write the cache entry {path} ({reason}); using the decoded images without caching "

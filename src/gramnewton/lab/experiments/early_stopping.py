@@ -9,7 +9,6 @@ evaluation, so the choice of the model never looks at the test set.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..files import write_atomically
 
 BEST = "best.pt"
 
@@ -70,11 +71,7 @@ class EarlyStopping:
 def save_best(out: Path, model: nn.Module, row: Mapping[str, Any]) -> Path:
     """Write ``out/best.pt`` atomically: ``model`` (the state dict) and ``row`` (its metrics row,
     with the test metrics of the same evaluation); ``torch.load(..., weights_only=True)`` reads it."""
-    path = out / BEST
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"model": model.state_dict(), "row": dict(row)}, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(out / BEST, lambda tmp: torch.save({"model": model.state_dict(), "row": dict(row)}, tmp))
 
 
 def load_best(out: str | Path, model: nn.Module | None = None) -> dict[str, Any]:

@@ -5,29 +5,29 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..files import write_atomically
 
 REWRITE = "fix or delete that line, or rerun the run with gramnewton train"
 
 
 def write_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``rows`` (dicts with the same keys) as CSV, creating parent folders.
-
-    Atomically (a temporary file, then ``os.replace``): a run rewrites its metrics.csv after every
-    epoch, and ``gramnewton plot`` reading it meanwhile, or a kill during the write, must find the
-    old file or the new one, never a half-written one.
-    """
+    """Write ``rows`` (dicts with the same keys) as CSV, creating parent folders; atomically
+    (:func:`~gramnewton.lab.files.write_atomically`): a run rewrites its metrics.csv after every
+    epoch, and ``gramnewton plot`` may read it meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def read_rows(path: str | Path, numeric: Collection[str] = ()) -> list[dict[str, Any]]:

@@ -26,7 +26,6 @@ rank 0 alone evaluates and writes ``config.toml``, ``metrics.csv`` and ``checkpo
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -41,6 +40,7 @@ from torch.utils.data import Dataset
 
 from ...optim import GramGaussNewton, check_per_sample_independence
 from ..data.augment import translation
+from ..files import write_atomically
 from .config import dumps, load_config
 from .early_stopping import BEST, EarlyStopping, save_best
 from .metrics import read_rows, write_rows
@@ -184,7 +184,8 @@ def run_experiment(
         if checkpoint is None:  # a replaced run's checkpoint must never be resumed under this config
             (out / CHECKPOINT).unlink(missing_ok=True)
             (out / BEST).unlink(missing_ok=True)  # nor its best model taken for this run's
-        (out / CONFIG_FILE).write_text(dumps(config))
+        text = dumps(config)
+        write_atomically(out / CONFIG_FILE, lambda tmp: tmp.write_text(text))
         write_rows(out / METRICS_FILE, log.rows)
         if checkpoint is None:
             log.keep_if_best(log.rows[0])
@@ -369,7 +370,7 @@ def _row(record: EpochRecord, scale: Any, validation: tuple[float, float] | None
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Mapping[str, Any]) -> Path:
-    """Write ``out/checkpoint.pt`` atomically (temporary file, then ``os.replace``).
+    """Write ``out/checkpoint.pt`` atomically (:func:`~gramnewton.lab.files.write_atomically`).
 
     Holds only tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)``
     reads it: ``model``, ``optimizer`` (state dicts), ``rng`` (torch CPU RNG state), ``epoch``
@@ -379,22 +380,16 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: Optimizer, state: Ma
     per-step diagnostics of the unfinished epoch, :class:`DiagnosticsLog` entries; ``[]`` if none)
     and ``early_stopping`` (:meth:`EarlyStopping.state_dict`; ``{}`` if none).
     """
-    path = out / CHECKPOINT
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-            **{k: state[k] for k in ("epoch", "step", "seconds", "batch_losses", "rows")},
-            "world_size": state.get("world_size", 1),
-            "diagnostics": list(state.get("diagnostics", [])),
-            "early_stopping": dict(state.get("early_stopping", {})),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
-    return path
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        **{k: state[k] for k in ("epoch", "step", "seconds", "batch_losses", "rows")},
+        "world_size": state.get("world_size", 1),
+        "diagnostics": list(state.get("diagnostics", [])),
+        "early_stopping": dict(state.get("early_stopping", {})),
+    }
+    return write_atomically(out / CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def resumable(out: str | Path, config: Mapping[str, Any]) -> bool:
