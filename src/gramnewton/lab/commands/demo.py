@@ -121,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# What a demo writes: a folder holding these alone is an earlier demo's, which a new one replaces.
-DEMO_FILES = frozenset({"metrics.csv", "curves.png"})
+# What a demo writes (sweep.csv with --sweep): a folder holding these alone is an earlier demo's,
+# which a new one replaces.
+DEMO_FILES = frozenset({"metrics.csv", "curves.png", "sweep.csv"})
 
 
 def check_demo_folder(out: Path) -> None:
@@ -134,12 +135,13 @@ def check_demo_folder(out: Path) -> None:
     if others:
         raise ValueError(
             f"{out} holds other files than a demo's ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
-            "pick another --out (a demo writes metrics.csv and curves.png)"
+            "pick another --out (a demo writes metrics.csv, curves.png and, with --sweep, sweep.csv)"
         )
 
 
 def print_marks(logs: dict[str, list[EpochRecord]], config: DemoConfig) -> None:
-    """Train MSE (test MSE) at every ``config.mark`` seconds: the first evaluation past it."""
+    """Train MSE (test MSE) at every ``config.mark`` seconds: the first evaluation past it (:func:`at_mark`:
+    NaN past a divergence, ``-`` past the end of a run that ran out of epochs)."""
     marks = [config.mark * i for i in range(1, int(config.seconds / config.mark + 1e-9) + 1)]
     if not marks:
         return
@@ -173,18 +175,17 @@ def _accuracy_table(logs: dict[str, list[EpochRecord]], settings: dict[str, dict
 
 
 def sweep(args: argparse.Namespace, config: DemoConfig) -> dict[str, dict[str, float]]:
-    """Run every grid point for ``--sweep-seconds``; write sweep.csv; return the winners (lowest
-    final train MSE; highest final test accuracy for classification)."""
+    """Run every grid point for ``--sweep-seconds``; write sweep.csv; return the winners: the lowest
+    final training loss (MSE; cross-entropy for classification). The test split plays no part in
+    the choice: the table then reports it for settings that were not picked on it."""
     short = dataclasses.replace(config, seconds=args.sweep_seconds)  # the same data, model and levers
-    classify = config.task == "classification"
     results = []
     for name, hp in tqdm(sweep_points(TASKS[config.task].grid), desc="sweep", unit="run"):
         final = run_demo(short, {name: hp})[name][-1]
-        results.append((name, hp, -final.test_accuracy if classify else final.train_loss))
-    score = "minus_test_accuracy" if classify else "train_loss"
+        results.append((name, hp, final.train_loss))
     write_rows(
         args.out / "sweep.csv",
-        [{"optimizer": n, "hyper_parameters": _format(hp), score: value} for n, hp, value in results],
+        [{"optimizer": n, "hyper_parameters": _format(hp), "train_loss": value} for n, hp, value in results],
     )
     winners = best_settings(results)
     print("sweep winners:", winners)

@@ -158,8 +158,12 @@ class TimeMarks(Callback):
 
 
 def at_mark(records: list[EpochRecord], seconds: float) -> EpochRecord | None:
-    """The first evaluation at or after ``seconds`` of training (None if the run ended before)."""
-    return next((r for r in records if r.seconds >= seconds), None)
+    """The first evaluation at or after ``seconds`` of training. For a run that ended before: its
+    NaN record if it diverged (:func:`run_demo`: it loses every later comparison), else None."""
+    found = next((r for r in records if r.seconds >= seconds), None)
+    if found is None and records and math.isnan(records[-1].test_loss):
+        return records[-1]
+    return found
 
 
 def initial_model(config: DemoConfig) -> nn.Module:
@@ -189,6 +193,9 @@ def run_demo(
     """
     train_set = get_dataset(config.dataset, split="train", seed=config.seed)
     test_set = get_dataset(config.dataset, split="test", seed=config.seed)
+    task = "classification" if is_classification(train_set) else "regression"
+    if task != config.task:  # else GGN refuses its first step with a fix the demo gives no way to apply
+        raise ValueError(f"{config.dataset} is a {task} data set: run it with --task {task}")
     augment = translation(train_set, config.shift)
     init = initial_model(config)
     specs = TASKS[config.task].specs
@@ -233,8 +240,8 @@ def sweep_points(grid: Mapping[str, Mapping[str, list[float]]] = SWEEP_GRID) -> 
 
 
 def best_settings(results: list[tuple[str, dict[str, float], float]]) -> dict[str, dict[str, Any]]:
-    """For each optimizer, the hyper-parameters with the lowest score (final train MSE, or minus
-    the final test accuracy for classification; NaN loses)."""
+    """For each optimizer, the hyper-parameters with the lowest score (the final training loss: MSE,
+    or cross-entropy for classification; NaN loses; of equal scores the first)."""
     best: dict[str, tuple[float, dict[str, float]]] = {}
     for name, hp, loss in results:
         score = loss if loss == loss else float("inf")
