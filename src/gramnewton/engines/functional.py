@@ -5,7 +5,9 @@ time derivative: physics-informed residuals) is out of reach of the hooks engine
 reference engine pays ``b`` backward passes through the whole batch for it. When the residual is
 given as a *function of one sample*, ``r_i = fn(w, x_i)``, the rows of ``J`` are per-sample
 gradients: ``J = vmap(jacrev(fn))(w, x)``, one vectorised reverse pass over the samples, in chunks
-of ``chunk_size`` samples so that memory stays bounded. The input derivatives inside ``fn`` are
+of ``chunk_size`` samples so that memory stays bounded. The first chunk gives the number of
+residuals per sample, so the size of ``J`` (and of the Gram matrix) is checked against the
+device's memory before any other chunk is formed. The input derivatives inside ``fn`` are
 ``torch.func`` transforms too (``jacrev``, ``hessian``, ``jvp``; see :mod:`gramnewton.pinn`), so
 they compose exactly.
 
@@ -28,7 +30,7 @@ from torch import Tensor
 from torch.func import jacrev, vmap
 
 from ..solve import NonFiniteError
-from .base import Closure, GramSystem
+from .base import Closure, GramSystem, check_fits
 from .reference import ReferenceEngine, flatten, split_like
 
 PerSample = Callable[..., Tensor]
@@ -95,7 +97,7 @@ class FunctionalEngine:
             reach a missing one, e.g. ``functional_call`` falls back to the module's own tensors,
             and its columns of ``J`` could not be formed).
         chunk_size: samples per vectorised Jacobian (bounds the memory of the per-sample
-            intermediates); ``None``: all at once.
+            intermediates); ``None``: each term at once.
 
     A closure that is not a :class:`FunctionalResidual` goes to the reference engine (exact,
     slower), with a one-time warning.
@@ -112,7 +114,14 @@ class FunctionalEngine:
 
     def compute(self, closure: Closure, *, form_gram: Callable[[int], bool] | None = None) -> GramSystem:
         """Residuals ``(b, k)``, Gram ``J J^T`` ``(b*k, b*k)`` and ``v -> J^T v``; ``form_gram`` as
-        in :meth:`ReferenceEngine.compute` (``False``: no Gram, for a parameter-space solve)."""
+        in :meth:`ReferenceEngine.compute` (``False``: no Gram, for a parameter-space solve).
+
+        Raises:
+            ValueError: a trained parameter missing from the closure's; terms of different numbers
+                of outputs; a ``J`` or Gram matrix larger than the device's memory
+                (:func:`~.base.check_fits`, once the first chunk gives the outputs per sample:
+                before any other chunk is formed). Nothing was changed.
+        """
         if not isinstance(closure, FunctionalResidual):
             if self._fallback is None:
                 warnings.warn(
@@ -131,11 +140,25 @@ class FunctionalEngine:
                 "pass every trained parameter, e.g. dict(model.named_parameters()), or freeze the others "
                 "(requires_grad=False); no parameter was changed"
             )
-        blocks = [self._term_jacobian(term, closure.params, names) for term in closure.terms]
-        if len({r.shape[1] for r, _ in blocks}) != 1:
-            raise ValueError(
-                f"every Term must return the same number of outputs, got {[r.shape[1] for r, _ in blocks]}"
-            )
+        blocks: list[tuple[Tensor, Tensor]] = []  # (values, rows of J) per chunk of samples, in row order
+        form = True
+        for term in closure.terms:
+            size = self.chunk_size or len(term)
+            for start in range(0, len(term), size):
+                values, rows = self._chunk_jacobian(term, closure.params, names, start, start + size)
+                if not blocks:  # the outputs per sample are known: the sizes of J and G are
+                    shape = (sum(len(t) for t in closure.terms), values.shape[1])
+                    whole = values.new_empty(()).expand(shape)  # the residuals' shape, dtype and device
+                    check_fits((whole.numel(), sum(p.numel() for p in self.params)), whole, "dense Jacobian")
+                    form = form_gram is None or form_gram(whole.numel())
+                    if form:
+                        check_fits((whole.numel(), whole.numel()), whole, "Gram matrix")
+                elif values.shape[1] != blocks[0][0].shape[1]:
+                    raise ValueError(
+                        "every Term must return the same number of outputs, got "
+                        f"{blocks[0][0].shape[1]} and {values.shape[1]}"
+                    )
+                blocks.append((values, rows))
         residuals = torch.cat([r for r, _ in blocks])
         bad = ~torch.isfinite(residuals)
         if bool(bad.any()):
@@ -144,7 +167,7 @@ class FunctionalEngine:
                 "and inputs); no parameter was changed"
             )
         jac = torch.cat([j for _, j in blocks])
-        gram = jac @ jac.T if form_gram is None or form_gram(jac.shape[0]) else None
+        gram = jac @ jac.T if form else None
 
         def jt_times(v: Tensor) -> list[Tensor]:
             flat = jac.T @ v.to(jac.dtype)
@@ -160,8 +183,11 @@ class FunctionalEngine:
             residuals=residuals, gram=gram, jt_times=jt_times, j_times=j_times, jacobian_columns=jacobian_columns
         )
 
-    def _term_jacobian(self, term: Term, params: dict[str, Tensor], names: list[str]) -> tuple[Tensor, Tensor]:
-        """``(n, k)`` residuals and ``(n*k, m)`` Jacobian rows of one term (weight applied)."""
+    def _chunk_jacobian(
+        self, term: Term, params: dict[str, Tensor], names: list[str], start: int, stop: int
+    ) -> tuple[Tensor, Tensor]:
+        """``(c, k)`` residuals and ``(c*k, m)`` Jacobian rows of samples ``start:stop`` of one term
+        (``c`` of them; weight applied)."""
         # every name the closure gives a trained tensor under (an alias too: a dict of
         # named_parameters(remove_duplicate=False) names a shared layer's weight twice) gets the
         # same differentiated tensor; a detached alias would drop that path from J, silently
@@ -175,8 +201,9 @@ class FunctionalEngine:
             return r, r
 
         in_dims = (None, *[0] * len(term.inputs))
-        per_sample = vmap(jacrev(one, has_aux=True), in_dims=in_dims, chunk_size=self.chunk_size)
-        jac, values = per_sample(free, *[t.detach() for t in term.inputs])
+        jac, values = vmap(jacrev(one, has_aux=True), in_dims=in_dims)(
+            free, *[t[start:stop].detach() for t in term.inputs]
+        )
         n, k = values.shape
         columns = [jac[name].reshape(n * k, -1) for name in names]
         return term.weight * values, term.weight * torch.cat(columns, dim=1)

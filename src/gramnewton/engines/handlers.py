@@ -796,7 +796,11 @@ class RecordedCall:
     returned; ``batch_dims``, its batch dimension (:func:`output_batch_dims`); ``edges``, its place
     in the autograd graph; ``versions``, its version counter when the module returned it: the
     caller may change an output in place afterwards (``h.mul_(2)``), after which the tensor stands
-    for the changed values and their graph, the edge still for the module's."""
+    for the changed values and their graph, the edge still for the module's. ``stops``: the graph
+    edges ``(node, output_nr)`` of outputs of the same module's earlier calls that a path from this
+    call's outputs reaches without leaving through its arguments (a state the module keeps on
+    itself, ``self.h``), found by the locality walk (:mod:`.locality`): its rows stop there
+    (:func:`_cut_outside`)."""
 
     outputs: tuple[Tensor, ...]
     args: tuple
@@ -805,6 +809,7 @@ class RecordedCall:
     batch_dims: tuple[int, ...]
     edges: tuple[GradientEdge, ...]
     versions: tuple[int, ...]
+    stops: tuple[tuple[Any, int], ...] = ()
 
 
 # The gradients at a recorded call's outputs, one per output in RecordedCall order: ``(n, ...)``
@@ -837,7 +842,7 @@ def _autograd_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names:
     # its own parameters, and any of its descendants' it used without calling them (adopted)
     params = {name: p for name, p in module.named_parameters() if name in names}
     changed = any(t._version != v for t, v in zip(call.outputs, call.versions))
-    with _cut_at_inputs(call, params.values()):
+    with _cut_outside(call, params.values()):
         rows = None if changed else _rows_by_recomputation(module, call, g, params)
         if rows is None:
             rows = _rows_through_graph(call, g, params)
@@ -845,25 +850,36 @@ def _autograd_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names:
 
 
 @contextlib.contextmanager
-def _cut_at_inputs(call: RecordedCall, params: Iterable[Tensor]) -> Iterator[None]:
+def _cut_outside(call: RecordedCall, params: Iterable[Tensor]) -> Iterator[None]:
     """While open, the gradient arriving at any tensor argument of ``call`` (nested: an LSTM's
-    ``(h0, c0)``) is zero, so that a backward pass from the call's outputs differentiates the
-    module's own operations only. Without the cut, a path that leaves the call through an input
-    and reaches the module's parameters again through an earlier call of the same module (a
-    cell in a loop, a state passed from one call to the next) was counted in this call's rows as
-    well as in that call's own. An argument that is one of the rows' ``params`` (a module handed
-    its own weight) is not cut: its gradient there is the rows'."""
+    ``(h0, c0)``) and at the outputs of the module's earlier calls (``call.stops``) is zero, so
+    that a backward pass from the call's outputs differentiates the module's own operations only.
+    Without the cut, a path that leaves the call through an input and reaches the module's
+    parameters again through an earlier call of the same module (a cell in a loop, a state passed
+    from one call to the next) was counted in this call's rows as well as in that call's own; so
+    was a path through a state the module keeps on itself (``self.h = tanh(lin(x) + w * self.h)``,
+    the previous call's output, no argument: Gram 0.3-1% off): the gradient at the earlier call's
+    output holds the paths through this call, and its rows count them. An argument that is one of
+    the rows' ``params`` (a module handed its own weight) is not cut: its gradient there is the
+    rows'. The locality walk (:mod:`.locality`) routes the module where a path beyond the cut
+    is in no call's rows."""
     own = {id(p) for p in params}
     handles = [
         t.register_hook(torch.zeros_like)
         for t in output_tensors((call.args, call.kwargs))
         if isinstance(t, Tensor) and t.requires_grad and id(t) not in own
     ]
+    handles += [node.register_prehook(functools.partial(_zero_at, nr)) for node, nr in call.stops]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _zero_at(index: int, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """A node's incoming gradients with the one at output ``index`` zeroed (a pre-hook)."""
+    return tuple(torch.zeros_like(g) if i == index and g is not None else g for i, g in enumerate(grads))
 
 
 def _rows_by_recomputation(
@@ -874,8 +890,10 @@ def _rows_by_recomputation(
     dimension dropped), or ``None`` where it cannot be used or does not reproduce every recorded
     output (to ``sqrt(eps)`` of its dtype, relative to its largest entry). The run gets copies of
     the module's buffers, so none is changed (``torch.func`` refuses most writes to a buffer, not
-    an ``out=`` one); a run that wrote to one is not used. Other side effects of the forward's
-    Python code would happen again."""
+    an ``out=`` one); a run that wrote to one is not used. The attributes of the module and its
+    descendants are set back to the forward's afterwards: its Python code runs again, and
+    ``self.h = ...`` was left holding a tensor of the ``vmap`` (a state carried to the next step),
+    ``self.calls += 1`` counted twice. Other side effects (a list appended to) would happen again."""
     outputs, dims = call.outputs, call.batch_dims
     b = outputs[0].shape[dims[0]]
     if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
@@ -913,6 +931,7 @@ def _rows_by_recomputation(
         columns = [vjp(tuple(t[c] for t in cotangent))[0] for c in range(k)]
         return out, {name: torch.stack([column[name] for column in columns]) for name in values}
 
+    attributes = [(m, dict(vars(m))) for m in module.modules()]  # the entries, not copies of them
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             # torch.func's note that an operation has no batching rule (it then loops over the
@@ -923,6 +942,10 @@ def _rows_by_recomputation(
             )(cotangents, *args)
     except Exception:  # torch.func refuses random draws, writes to buffers, data-dependent control flow, ...
         return None
+    finally:
+        for m, saved in attributes:
+            vars(m).clear()
+            vars(m).update(saved)
     if any(t._version for t in copies.values()):  # the run wrote a buffer: not the recorded forward
         return None
     for again, recorded in zip(outs, outputs):

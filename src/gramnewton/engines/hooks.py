@@ -120,6 +120,7 @@ class _Call:
     # names of its parameters that the module did not hold during the call (replaced or tied after
     # the engine was built, or swapped by torch.func.functional_call): the call used other tensors
     stale: tuple[str, ...] = ()
+    hooks: list[Any] = field(default_factory=list)  # handles of the tensor hooks on its outputs
 
 
 # Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
@@ -182,10 +183,15 @@ def _release(calls: list[_Call]) -> None:
     its inputs' nodes) makes a cycle through C++ that Python's collector does not free. The leaked
     nodes, small blocks scattered among the step's large ones, made glibc's heap grow by 70-300 MB
     per step on a ResNet (docs/performance.md); a refused step (NaN residuals) leaked its whole
-    graph, activations included.
+    graph, activations included. The hooks are removed too: a model that keeps a tensor of the
+    forward on itself (``self.h``, ``self.last = out``) keeps its graph, whose nodes held the
+    hooks, the hooks the engine, and the engine the model: a cycle through C++, the model, the
+    engine and the graph never freed once the model was dropped.
     """
     for call in calls:
-        call.edges, call.input_nodes, call.output = (), frozenset(), None
+        for handle in call.hooks:
+            handle.remove()
+        call.edges, call.input_nodes, call.output, call.hooks = (), frozenset(), None, []
 
 
 def _hooked_edges(calls: Iterable[_Call]) -> dict[Any, list[GradientEdge]]:
@@ -681,8 +687,9 @@ class HooksEngine:
             call.stale = tuple(n for n, p in own.items() if _held(module, n) is not p)  # one look-up each
             if x is not None:
                 call.in_shape = tuple(x.shape)
-            for index, t in enumerate(outputs):
-                t.register_hook(functools.partial(self._on_grad, call, index))
+            call.hooks = [
+                t.register_hook(functools.partial(self._on_grad, call, index)) for index, t in enumerate(outputs)
+            ]
             calls.append(call)
 
         handles = []
@@ -722,14 +729,21 @@ class HooksEngine:
     def _locality(self, residuals: Tensor, calls: list[_Call]) -> Locality:
         """Ids of hooked parameters that the residuals reach other than through their modules'
         outputs, e.g. through an input derivative, and of those whose module computes one of its
-        outputs from another (see :mod:`.locality`)."""
+        outputs from another (see :mod:`.locality`). Each call whose rows may come through its
+        graph is given the earlier calls' outputs where they stop (``RecordedCall.stops``)."""
         regions = [
             Region(
-                frozenset((e.node, e.output_nr) for e in c.edges), c.input_nodes, frozenset(map(id, c.params.values()))
+                frozenset((e.node, e.output_nr) for e in c.edges),
+                c.input_nodes,
+                frozenset(map(id, c.params.values())),
+                id(c.module) if c.output is not None else None,
             )
             for c in calls
         ]
-        return params_off_module_paths(residuals.grad_fn, regions, self._hooked, residuals.output_nr)
+        locality = params_off_module_paths(residuals.grad_fn, regions, self._hooked, residuals.output_nr)
+        for index, stops in locality.stops.items():
+            calls[index].output.stops = tuple(stops)
+        return locality
 
     def _route(
         self, calls: list[_Call], foreign: set[int], locality: Locality, residuals: Tensor, post: list[Any]

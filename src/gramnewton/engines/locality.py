@@ -33,11 +33,17 @@ class Region:
             outputs, a cuDNN LSTM's or a custom Function's, is entered through these only).
         inputs: the autograd nodes of the module's tensor inputs (where the region ends).
         params: ids of the parameters this call owns (reaching them inside the region is fine).
+        family: for a call whose rows may be taken through its recorded graph (its handler needs
+            its outputs), an id of its module, else ``None``. Such a call's region also ends at
+            the outputs of the same module's earlier calls (a state kept on the module,
+            ``self.h``, leads there): its rows stop there (``handlers._cut_outside``), and the
+            path beyond is the earlier call's, whose rows hold it.
     """
 
     outputs: frozenset[tuple[Any, int]]
     inputs: frozenset[Any]
     params: frozenset[int]
+    family: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,13 @@ class Locality:
         entangled: parameters of a module one of whose outputs the residuals reach from inside the
             module itself, through another of its outputs (``(h, h * h)``): the gradient arriving
             at the first output already holds the second's, and their rows would count it twice.
+        stops: per region (its index), the outputs ``(node, output_nr)`` of its module's earlier
+            calls that a path from it reaches while inside it: where its rows must stop.
     """
 
     off_path: set[int]
     entangled: set[int]
+    stops: dict[int, set[tuple[Any, int]]]
 
 
 def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Iterable[int], root_nr: int = 0) -> Locality:
@@ -62,11 +71,14 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
     A path is fine if the innermost hooked region it is in, entered through one of that region's
     outputs (the node and which of its outputs), owns the parameter and the path stays inside the
     region (does not leave through an input node) until the parameter's ``AccumulateGrad`` node.
-    Regions nest: a module whose rows come through its own graph (its handler needs its output)
-    may call hooked modules inside its forward, whose regions the path then enters and leaves
-    (through their inputs) before it is back in the outer one; regions sharing an output (an outer
-    module returning an inner one's output) are entered outermost first (the inner call is
-    recorded first). Any other path to a watched parameter (through a double-backward node, a
+    A path that arrives at an output of an earlier call of the same module (``Region.family``,
+    through a state kept on the module) leaves the region there (noted in ``Locality.stops``) and
+    enters the earlier call's, whose rows hold it: beyond that call's inputs it is in neither
+    (the parameters reached there are off path). Regions nest: a module whose rows come through
+    its own graph (its handler needs its output) may call hooked modules inside its forward, whose
+    regions the path then enters and leaves (through their inputs) before it is back in the outer
+    one; regions sharing an output (an outer module returning an inner one's output) are entered
+    outermost first (the inner call is recorded first). Any other path to a watched parameter (through a double-backward node, a
     view of the weight used elsewhere, another module's region) makes the parameter "off path".
     A path inside a region that arrives at one of that region's own outputs makes the region
     entangled. Each node is visited at most once per nesting of regions.
@@ -78,6 +90,9 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
         root_nr: which output of ``root`` the residuals are.
     """
     watched = set(watched)
+    families = [region.family for region in regions if region.family is not None]
+    stopping = len(set(families)) < len(families)  # a module called twice; most networks: none
+    stops: dict[int, set[tuple[Any, int]]] = {}
     at_output: dict[tuple[Any, int], list[int]] = {}
     for index, region in enumerate(regions):
         for edge in region.outputs:
@@ -91,6 +106,17 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
     while stack:
         node, nr, path, entering = stack.pop()
         here = at_output.get((node, nr))  # the regions with an output at this edge (most edges: none)
+        if here and stopping and path and getattr(node, "variable", None) is None:
+            # an earlier call's output (not a leaf: nothing of that call lies beyond it) ends the
+            # regions of its module's later calls: their rows stop here
+            ended = [
+                i
+                for i in path
+                if regions[i].family is not None and any(j < i and regions[j].family == regions[i].family for j in here)
+            ]
+            for i in ended:
+                stops.setdefault(i, set()).add((node, nr))
+            path = tuple(i for i in path if i not in ended)
         if here and not entering and path:  # before the visit check: the edge may be seen already, entered from outside
             entangled.update(index for index in here if index in path)
         key = (node, nr, path)
@@ -110,4 +136,4 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
                 found.add(id(variable))
             continue
         stack.extend((child, child_nr, path, False) for child, child_nr in node.next_functions if child is not None)
-    return Locality(found, {p for index in entangled for p in regions[index].params if p in watched})
+    return Locality(found, {p for index in entangled for p in regions[index].params if p in watched}, stops)
