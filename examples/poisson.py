@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from gramnewton import GainRatioDamping, GramGaussNewton, gram_gauss_newton_direction, pinn
 from gramnewton.engines import FunctionalResidual
 from gramnewton.engines.select import select_engine
+from gramnewton.solve import check_damping
+from gramnewton.update import check_momentum
 
 Residual = FunctionalResidual | pinn.TaylorResidual
 # residual form -> the engine that computes its Gram matrix exactly and fast
@@ -168,6 +170,13 @@ class LineSearchGGN:
     def __init__(
         self, model: nn.Module, alpha: float = 1e-10, momentum: float = 0.0, halvings: int = 30, form: str = "taylor"
     ):
+        # refused here, before a run starts, not at its first step
+        check_damping(1.0, alpha)
+        check_momentum(momentum)
+        if isinstance(halvings, bool) or not isinstance(halvings, int) or halvings < 1:
+            raise ValueError(f"Invalid halvings: {halvings!r} (must be an int >= 1)")
+        if form not in ENGINES:
+            raise ValueError(f"unknown residual form {form!r}; expected one of {sorted(ENGINES)}")
         self.engine = select_engine(list(model.parameters()), model, ENGINES[form])
         self.alpha, self.momentum, self.halvings = alpha, momentum, halvings
         self.phi: list[Tensor] | None = None  # the previous direction, unscaled (SPRING's phi)
@@ -199,18 +208,46 @@ class LineSearchGGN:
         return found.loss
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (a width or point count of 0 would train a constant)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (NaN or 0 would run no step, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, choices=sorted(PROBLEMS), default=2)
-    parser.add_argument("--seconds", type=float, default=60.0, help="training time budget")
+    parser.add_argument("--seconds", type=positive_seconds, default=60.0, help="training time budget")
     parser.add_argument("--resample", action="store_true", help="new collocation points every step")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--momentum", type=float, default=0.0, help="SPRING momentum of the GGN direction")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--widths", type=int, nargs="+", help="hidden widths (default: the problem's)")
-    parser.add_argument("--points", type=int, nargs=2, help="interior and boundary points (default: the problem's)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SPRING momentum of the GGN direction, in [0, 1)")
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--widths", type=positive_int, nargs="+", help="hidden widths (default: the problem's)")
+    parser.add_argument(
+        "--points", type=positive_int, nargs=2, help="interior and boundary points (default: the problem's)"
+    )
     parser.add_argument("--form", choices=sorted(ENGINES), default="taylor", help="residual form (and engine)")
     args = parser.parse_args()
+    try:  # one line, before any work, as argparse's own errors
+        check_momentum(args.momentum)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     problem, widths, n_in, n_bd = PROBLEMS[args.dim]
     widths = tuple(args.widths or widths)

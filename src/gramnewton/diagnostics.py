@@ -9,11 +9,12 @@ from dataclasses import dataclass
 class StepDiagnostics:
     """Scalars of one step; each costs at most one reduction of a ``(b*k,)`` or ``(m,)`` vector.
 
-    Losses are mean squared residuals over the batch's ``b*k`` entries, the same quantity
-    ``step()`` returns.
+    Losses are the batch's mean loss, the same quantity ``step()`` returns: the mean squared
+    residual over the batch's ``b*k`` entries for ``loss="mse"``, the mean of ``l_i`` over its
+    samples for another loss.
 
     Attributes:
-        loss_before: loss of the batch before the step, ``mean(r^2)``.
+        loss_before: loss of the batch before the step (``mean(r^2)`` for the square loss).
         loss_after: loss of the same batch after the step, when adaptive damping re-evaluated it
             (``None`` otherwise); under a rule with a ``subset``, of the re-evaluated samples only.
         predicted_decrease: ``loss_before - mean((r - J phi)^2)``, the decrease the linearised

@@ -464,6 +464,11 @@ def local_direction(
     """Local mode (module docstring): ``d = sum_p (b_p / B) d_p`` from each rank's own step ``d_p``.
 
     Args:
+        engine: this rank's engine over the parameters (every rank's in the same layout).
+        closure: this rank's shard of the batch, returning residuals ``(b_p,)`` or ``(b_p, k)``
+            (or a general loss's closure); a plain function's shard of no sample takes part
+            with weight ``0`` (:func:`_no_empty_shard`).
+        comm: the ranks' :class:`Communicator`.
         losses: the step's per-sample (or per-entry) losses, whose mean over the union batch
             is returned (e.g. the squared residuals).
         options: :func:`~gramnewton.update.gram_gauss_newton_direction`'s keywords (``lam``,

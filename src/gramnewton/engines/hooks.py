@@ -9,7 +9,7 @@ How a step runs (docs/design.md, "The hooks engine"):
    retained between them) with ``torch.autograd.grad`` whose ``inputs`` are only the hooked
    outputs nearest the graph's leaves: no weight-gradient kernel runs. Samples are independent,
    so the gradient reaching a layer's output holds every sample's own output gradient.
-3. As soon as a call has all its ``k`` output gradients, its handler (:mod:`.layers`) forms the
+3. As soon as a call has all its ``k`` output gradients, its handler (:mod:`.handlers`) forms the
    per-sample gradients (or the factors) of its parameters, which are added to the Gram matrix
    with one ``addmm_`` and kept for ``J^T v`` (one contraction per layer, no second backward).
    A module returning several differentiable tensors (``GRU``'s ``(out, h)``, ``LSTM``'s
