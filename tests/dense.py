@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,17 @@ def dense_jacobian(model: nn.Module, x: Tensor) -> Tensor:
 
     jac = jacrev(outputs, argnums=tuple(range(len(params))))(*params)
     return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+
+
+def autograd_rows(params: list[Tensor], closure: Callable[[], Tensor]) -> Tensor:
+    """``(b*k, m)``: row ``r`` is the gradient of residual ``r`` of ``closure()`` (sample-major) for
+    ``params``, one autograd pass each (zero columns for a parameter it does not reach)."""
+    residuals = closure().reshape(-1)
+    rows = []
+    for r in range(residuals.numel()):
+        grads = torch.autograd.grad(residuals[r], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows)
 
 
 def dense_step(model: nn.Module, x: Tensor, y: Tensor, lam: float, alpha: float) -> Tensor:

@@ -100,10 +100,8 @@ def test_a_clean_metrics_csv_with_nan_diagnostics_still_plots(tmp_path, capsys, 
     assert png.stat().st_size > 5_000
 
 
-def test_runs_sharing_a_name_get_a_line_each(tmp_path, capsys, finished_run, monkeypatch):
-    """Two run folders of the config ``name = "tiny"`` left one line: the curves were keyed by the
-    name, the later run replacing the earlier."""
-    first, second = copy_run(finished_run, tmp_path / "a"), copy_run(finished_run, tmp_path / "b")
+def drawn_curves(monkeypatch) -> dict:
+    """The curves ``gramnewton plot`` draws (``{label: rows}``), recorded as it passes them on."""
     drawn = {}
     real = plot_command.plot_curves
 
@@ -112,6 +110,14 @@ def test_runs_sharing_a_name_get_a_line_each(tmp_path, capsys, finished_run, mon
         return real(curves, *args, **kwargs)
 
     monkeypatch.setattr(plot_command, "plot_curves", record)
+    return drawn
+
+
+def test_runs_sharing_a_name_get_a_line_each(tmp_path, capsys, finished_run, monkeypatch):
+    """Two run folders of the config ``name = "tiny"`` left one line: the curves were keyed by the
+    name, the later run replacing the earlier."""
+    first, second = copy_run(finished_run, tmp_path / "a"), copy_run(finished_run, tmp_path / "b")
+    drawn = drawn_curves(monkeypatch)
     assert main(["plot", str(first), str(second), "--out", str(tmp_path / "two.png")]) == 0
     assert sorted(drawn) == [f"tiny ({first})", f"tiny ({second})"]
     # a run with a name of its own keeps the bare name; the same folder twice is numbered
@@ -154,14 +160,7 @@ def test_plot_draws_the_accuracy_of_a_classification_run(tmp_path, capsys, monke
     config = tmp_path / "digits.toml"
     config.write_text(TINY.replace('"rotated-digits"', '"digits"'))
     assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0
-    drawn = {}
-    real = plot_command.plot_curves
-
-    def record(curves, *args, **kwargs):
-        drawn.update(curves)
-        return real(curves, *args, **kwargs)
-
-    monkeypatch.setattr(plot_command, "plot_curves", record)
+    drawn = drawn_curves(monkeypatch)
     png = tmp_path / "accuracy.png"
     assert main(["plot", str(tmp_path / "run"), "--metric", "test_accuracy", "--log", "--out", str(png)]) == 0
     accuracies = [row["test_accuracy"] for row in drawn["tiny"]]

@@ -13,14 +13,13 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from dense import dense_jacobian, dense_step, flat_params
+from dense import autograd_rows, dense_jacobian, dense_step, flat_params
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -36,16 +35,6 @@ RTOL = 1e-10
 def relative(got: Tensor, want: Tensor) -> float:
     got, want = got.detach(), want.detach()
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
-
-
-def dense_rows(params: list[Tensor], closure: Callable[[], Tensor]) -> Tensor:
-    """``(b*k, m)``: row ``r`` is the gradient of residual ``r`` (sample-major), one autograd pass each."""
-    residuals = closure().reshape(-1)
-    rows = []
-    for r in range(residuals.numel()):
-        grads = torch.autograd.grad(residuals[r], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
-    return torch.stack(rows)
 
 
 def mlp(dtype: torch.dtype = D, outputs: int = 2) -> nn.Sequential:
@@ -204,7 +193,7 @@ def test_the_row_check_sees_rows_reordered_by_the_same_operation(kind: str) -> N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # routing warns; exactness is what is checked
             system = engine.compute(closure)
-        jac = dense_rows(params, closure)
+        jac = autograd_rows(params, closure)
         assert relative(system.gram, jac @ jac.T) < RTOL
 
 

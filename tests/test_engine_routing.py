@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from dense import autograd_rows
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -24,21 +25,11 @@ D = torch.float64
 RTOL = 1e-10
 
 
-def dense_rows(params: list[Tensor], closure: Callable[[], Tensor]) -> Tensor:
-    """``(b*k, m)``: row ``r`` is the gradient of residual ``r`` (sample-major) for ``params``."""
-    residuals = closure().reshape(-1)
-    rows = []
-    for r in range(residuals.numel()):
-        grads = torch.autograd.grad(residuals[r], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
-    return torch.stack(rows)
-
-
 def assert_exact(engine: HooksEngine, closure: Callable[[], Tensor]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # routing warns once; exactness is what is checked
         system = engine.compute(closure)
-    jac = dense_rows(engine.params, closure)
+    jac = autograd_rows(engine.params, closure)
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(jac.shape[0], dtype=D, generator=gen)
     u = [torch.randn(p.shape, dtype=D, generator=gen) for p in engine.params]
