@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--diagnostics",
         action="store_true",
-        help=f"add panels of GGN's per-epoch {', '.join(DIAGNOSTICS)} (rejected-step count)",
+        help=f"add panels of GGN's per-epoch {', '.join(DIAGNOSTICS)} (rejected-attempt count, retries included)",
     )
     p.add_argument("--title", default="")
     p.add_argument(

@@ -79,8 +79,14 @@ def is_classification(dataset: Dataset) -> bool:
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of rows of ``logits`` ``(b, k)`` whose largest entry is at ``labels`` ``(b,)``."""
-    return float((logits.argmax(1) == labels).double().mean())
+    """Top-1 accuracy of ``logits`` ``(b, k)`` against ``labels`` ``(b,)``: the fraction of rows
+    whose largest entry is at the label. A row whose largest value ``m`` entries share, the
+    label's among them, counts ``1/m`` (the chance a random tie-break picks the label), so the
+    all-equal logits of a zero-initialised head score ``1/k``, not the frequency of class 0
+    (``argmax`` takes the first); a row with a NaN never counts (a diverged model scores 0)."""
+    top = logits == logits.amax(1, keepdim=True)  # all False in a row with a NaN (amax is NaN)
+    share = top.sum(1).clamp(min=1).double()
+    return float((top.gather(1, labels.unsqueeze(1)).squeeze(1).double() / share).mean())
 
 
 def _split(

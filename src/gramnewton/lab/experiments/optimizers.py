@@ -62,9 +62,21 @@ def takes_weight_decay(name: str) -> bool:
 def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> Optimizer:
     """``spec["name"]``'s optimizer for ``model`` with the other keys of ``spec`` as keyword
     arguments (over :attr:`OptimizerKind.defaults`, TOML values converted as the module docstring
-    says); the constructor validates their values."""
-    kind = _kind(spec.get("name", ""))
+    says); the constructor validates their values.
+
+    Raises:
+        ValueError: an unknown ``name``, or a key the constructor does not take (one line, with
+            the closest name: ``{"name": "ggn", "lamb": 8}`` asks "did you mean 'lam'?").
+    """
+    name = spec.get("name", "")
+    kind = _kind(name)
     parameters = inspect.signature(kind.cls).parameters
+    accepted = hyper_parameters(name)
+    for key in spec:
+        if key != "name" and key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; {name} takes {', '.join(accepted)}"
+            raise ValueError(f"unknown {name} hyper-parameter {key!r}{hint}")
     hyper = {**kind.defaults, **{k: _from_toml(v, parameters.get(k)) for k, v in spec.items() if k != "name"}}
     return kind.cls(model if kind.takes_model else model.parameters(), **hyper)
 

@@ -104,25 +104,28 @@ def run_experiment(
     Ctrl-C) leaves the last checkpoint as it is, since the model, optimizer and RNG may then be
     past the steps counted (the resumed run redoes the steps after it).
 
-    The optimizer is ``config["optimizer"]`` with ``train.weight_decay``: GGN's decay is decoupled
-    (``w <- (1 - wd) w`` each step, see :class:`~gramnewton.GramGaussNewton`); SGD, Adam and K-FAC
-    add ``wd * w`` to the gradient (torch's ``weight_decay``); L-BFGS has none (the config check
-    allows it only 0). ``train.label_smoothing`` (every optimizer's cross-entropy targets,
+    The optimizer is ``config["optimizer"]`` with ``train.weight_decay`` (default ``1e-4``, so
+    ``[optimizer] name = "ggn"`` alone is ``GramGaussNewton(model, weight_decay=1e-4)``): GGN's
+    decay is decoupled (``w <- (1 - lr wd) w`` each step, see :class:`~gramnewton.GramGaussNewton`);
+    SGD and Adam add ``wd * w`` to the gradient (torch's ``weight_decay``), K-FAC to its
+    preconditioned direction; L-BFGS has none (the config check allows it only 0).
+    ``train.label_smoothing`` (every optimizer's cross-entropy targets,
     :func:`~gramnewton.lab.experiments.training.make_train_step`) and ``train.shift`` (random
     translations of the training images,
     :func:`~gramnewton.lab.data.augment.translation`) are checked against the data at set-up.
 
-    Row keys: ``epoch``, ``step``, ``seconds`` (training only), ``running_loss`` (mean of the
-    epoch's mini-batch MSEs before each update), ``train_loss`` and ``test_loss`` (full-pass
-    MSE in evaluation mode, NaN when not evaluated), ``train_rmse`` and ``test_rmse`` (in the
-    target's original unit). For a classification data set (integer labels) the losses are
+    Row keys: ``epoch``, ``step``, ``seconds`` (training only), ``running_loss`` (mean over the
+    epoch's steps of each step's mini-batch loss before its update, each step weighted alike: the
+    loss the optimizer saw, label smoothing and ``train.shift`` included), ``train_loss`` and
+    ``test_loss`` (full-pass MSE in evaluation mode, NaN when not evaluated), ``train_rmse`` and
+    ``test_rmse`` (in the target's original unit). For a classification data set (integer labels) the losses are
     mean cross-entropies and ``train_accuracy`` / ``test_accuracy`` replace the RMSE columns.
     With a validation split, ``val_loss`` and ``val_rmse`` (``val_accuracy`` for
     classification) follow, evaluated with the test set (NaN when not evaluated).
     Then the epoch's summary of GGN's ``last_diagnostics``
     (:mod:`~gramnewton.lab.experiments.step_diagnostics`): ``gain_ratio`` (median), ``alpha``
-    (of the last step), ``step_norm`` (median), ``rejected`` (count), ``jitter`` (max),
-    ``condition`` (median); NaN at epoch 0 and for other optimizers.
+    (of the last step), ``step_norm`` (median), ``rejected`` (rejected attempts, retries
+    included), ``jitter`` (max), ``condition`` (median); NaN at epoch 0 and for other optimizers.
     Under ``torch.distributed`` only rank 0 returns the rows (the other ranks return ``[]``).
     """
     out = Path(out)

@@ -12,7 +12,7 @@ from .training import Callback, FitState
 
 # Per-step values kept (one list of floats per step, so checkpoints stay ``weights_only``-loadable)
 # and the metrics-row columns summarising them: median gain ratio, alpha of the epoch's last
-# step, median ``||phi||``, rejected-step count, largest jitter, median condition estimate.
+# step, median ``||phi||``, rejected-attempt count, largest jitter, median condition estimate.
 DIAGNOSTIC_COLUMNS = ("gain_ratio", "alpha", "step_norm", "rejected", "jitter", "condition")
 
 
@@ -28,6 +28,11 @@ class DiagnosticsLog(Callback):
     summaries are all NaN. :attr:`steps` stays aligned with ``state.batch_losses`` (a step's
     entry replaces any left from the previous epoch), so the callback order does not matter and a
     checkpoint resumes it with :meth:`pending`.
+
+    A step's ``rejected`` entry counts its rejected attempts, ``retries + rejected`` (every retry
+    follows a rejected attempt of the same batch): with ``GainRatioDamping(retries=n)`` a step
+    whose first attempt the rule undid and whose retry it kept counts 1, not 0, so the column
+    shows every step's cost the rule threw away.
     """
 
     def __init__(self, optimizer: Optimizer, steps: Iterable[Sequence[float]] = ()):
@@ -45,7 +50,7 @@ class DiagnosticsLog(Callback):
                 nan if d.gain_ratio is None else float(d.gain_ratio),
                 float(d.alpha),
                 float(d.step_norm),
-                float(d.rejected),
+                float(d.retries + d.rejected),
                 float(d.jitter),
                 nan if d.condition is None else float(d.condition),
             ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,35 +148,46 @@ def batches(dataset: Dataset, indices: list[Tensor]) -> Iterator[tuple[Tensor, T
         yield dataset[idx]
 
 
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in evaluation mode inside the block; after it (also when it raises) every
+    submodule is back in its own mode: a BatchNorm or Dropout the user froze with ``.eval()``
+    (as GGN's refusal of a training-mode BatchNorm advises) stays frozen, where
+    ``model.train()`` would put it back in training mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:  # parents first: a child's own mode is set last
+            module.train(training)
+
+
 @torch.no_grad()
 def mean_squared_error(model: nn.Module, dataset: Dataset, batch_size: int = 500) -> float:
-    """Mean over samples and outputs of ``(f(x) - y)^2``, in evaluation mode."""
-    was_training = model.training
-    model.eval()
+    """Mean over samples and outputs of ``(f(x) - y)^2``, in :func:`evaluation_mode`."""
     total, count = 0.0, 0
-    for x, y in batches(dataset, list(torch.arange(len(dataset)).split(batch_size))):
-        r = residuals(model(x), y)
-        total += float(r.double().pow(2).sum())
-        count += r.numel()
-    model.train(was_training)
+    with evaluation_mode(model):
+        for x, y in batches(dataset, list(torch.arange(len(dataset)).split(batch_size))):
+            r = residuals(model(x), y)
+            total += float(r.double().pow(2).sum())
+            count += r.numel()
     return total / count
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, loss: str = "mse", batch_size: int = 500) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` over ``dataset`` in evaluation mode: the MSE and NaN for
+    """``(mean loss, accuracy)`` over ``dataset`` in :func:`evaluation_mode`: the MSE and NaN for
     ``loss="mse"``, the mean cross-entropy and the top-1 accuracy for ``"cross_entropy"``."""
     if loss == "mse":
         return mean_squared_error(model, dataset, batch_size), math.nan
-    was_training = model.training
-    model.eval()
     total, correct, count = 0.0, 0.0, 0
-    for x, y in batches(dataset, list(torch.arange(len(dataset)).split(batch_size))):
-        logits = model(x)
-        total += float(F.cross_entropy(logits.double(), y, reduction="sum"))
-        correct += accuracy(logits, y) * len(y)
-        count += len(y)
-    model.train(was_training)
+    with evaluation_mode(model):
+        for x, y in batches(dataset, list(torch.arange(len(dataset)).split(batch_size))):
+            logits = model(x)
+            total += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+            correct += accuracy(logits, y) * len(y)
+            count += len(y)
     return total / count, correct / count
 
 
@@ -228,10 +240,13 @@ class Callback:
         """Before the first step (``state`` may be a resumed one)."""
 
     def on_step(self, state: FitState, loss: float) -> bool | None:
-        """After every step; ``loss`` is the batch MSE before the update."""
+        """After every step; ``loss`` is the step's mini-batch mean loss before the update (what
+        :func:`make_train_step` returns: the MSE, or the cross-entropy, label-smoothed if so)."""
 
     def on_epoch_end(self, state: FitState, running_loss: float) -> bool | None:
-        """After every finished epoch; ``running_loss`` is the mean of its batch losses."""
+        """After every finished epoch; ``running_loss`` is the mean of its steps' losses, each step
+        weighted alike (a last partial batch too): the loss the optimizer saw on the (augmented)
+        batches during the epoch, not a full-pass evaluation of the model at its end."""
 
     def on_end(self, state: FitState) -> None:
         """After the last step, also when the loop is left by an exception."""
