@@ -23,7 +23,8 @@ def dense_jacobian(model: nn.Module, x: Tensor) -> Tensor:
     def outputs(*ps: Tensor) -> Tensor:
         return functional_call(model, dict(zip(names, ps)), (x,)).reshape(-1)
 
-    jac = jacrev(outputs, argnums=tuple(range(len(params))))(*params)
+    with torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN refuses functorch's tensors
+        jac = jacrev(outputs, argnums=tuple(range(len(params))))(*params)
     return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
 
 

@@ -200,9 +200,11 @@ def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: fro
     one backward pass from the rows' output gradients. A cell called at every step of a loop
     has its calls' rows summed by the engine.
 
-    An ``LSTMCell``'s ``h'`` is computed from its ``c'``: the gradient arriving at ``c'`` holds the
-    path through ``h'`` already, so the run differentiates ``h'`` through its output gate only
-    (``c'`` detached there) and ``c'`` with the gradient as it arrived, each path once. Its calls
+    An ``LSTMCell``'s ``h'`` is computed from its ``c'`` on the CPU: the gradient arriving at ``c'``
+    holds the path through ``h'`` already, so the run differentiates ``h'`` through its output gate
+    only (``c'`` detached there) and ``c'`` with the gradient as it arrived, each path once. CUDA's
+    fused kernel returns both from one node, the gradient at ``c'`` its consumers' alone: the run
+    then differentiates ``h'`` through ``c'`` too (:func:`_h_from_c` tells the two apart). Its calls
     must be run again (the general way through the graph would count that path twice): an input
     or output changed in place since the call, or a call under ``torch.autocast`` (which returns
     float32 states from bfloat16 gates, so the run in float32 does not reproduce them), is refused."""
@@ -219,7 +221,8 @@ def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: fro
             gi.requires_grad_()
             gh.requires_grad_()
             mode = "LSTM" if lstm else "GRU" if type(module) is nn.GRUCell else f"RNN_{module.nonlinearity.upper()}"
-            again = list(_cell(mode, gi, gh, states, cells if lstm else None, chained=False))
+            chained = lstm and not _h_from_c(call)
+            again = list(_cell(mode, gi, gh, states, cells if lstm else None, chained=chained))
         if _reproduces(module, call, again, k):
             dgi, dgh = _differentiated(call, g, again, [gi, gh])
             pieces = _projection_pieces(inputs[:, None, None], dgi[:, None, None], "weight_ih", "bias_ih", names)
@@ -234,6 +237,35 @@ def _cell_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: fro
         "torch.autocast (its gates in a lower precision): its call could not be run again to its recorded "
         "outputs, which the hooks engine needs (run the cell outside autocast, or use engine='reference', "
         "exact for it); no parameter was changed"
+    )
+
+
+def _h_from_c(call: RecordedCall) -> bool:
+    """Whether an ``LSTMCell`` call's ``h'`` was computed from its ``c'`` in the autograd graph
+    (PyTorch's CPU kernel: ``h' = o * tanh(c')``, ``c'`` two nodes up), so that the gradient
+    arriving at ``c'`` holds the path through ``h'``; ``False`` where both are outputs of one node
+    (CUDA's fused kernel) or no gradient reaches one of them. Any other shape of graph is refused: counting
+    the path through ``h'`` zero times or twice would be a silently wrong Gram."""
+    edges = dict(zip(call.positions, call.edges))
+    if 0 not in edges or 1 not in edges:
+        return False  # no gradient reaches one of them: no path through h' to count
+    h_edge, c_edge = edges[0], edges[1]
+    if h_edge.node is c_edge.node:
+        return False
+    frontier = [h_edge.node]
+    for _ in range(3):  # h' = o * tanh(c'): c' is two nodes above h'
+        upper = []
+        for node in frontier:
+            for parent, output_nr in node.next_functions:
+                if parent is c_edge.node and output_nr == c_edge.output_nr:
+                    return True
+                if parent is not None:
+                    upper.append(parent)
+        frontier = upper
+    raise RuntimeError(
+        "an LSTMCell's h' and c' are neither outputs of one autograd node nor h' computed from c' "
+        "(an unknown kernel): the hooks engine cannot tell which gradients it gets; use engine='reference', "
+        "exact for it; no parameter was changed"
     )
 
 
