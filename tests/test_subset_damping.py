@@ -212,3 +212,28 @@ def test_the_labs_train_step_closures_take_the_rows(loss):
     y = torch.randint(0, 3, (6,)) if loss == "cross_entropy" else torch.randn(6, 3)
     step(x, y)
     assert opt.last_diagnostics.gain_ratio is not None
+
+
+def test_a_subset_the_step_is_predicted_to_worsen_is_measured_on_the_whole_batch():
+    """Two samples at one input with residuals 1 and -3: the step moves both outputs by about
+    +1, so the first sample's residual is predicted to grow to 2 while the batch's loss falls
+    (10 -> 8). Measured on that sample alone, the ratio's sign rule judged the step by the rise
+    and rejected it (``rho = -inf``, ``alpha`` raised); the batch measures it: ``rho`` the dense
+    ratio of the whole batch, the step kept."""
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    x, y = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([[-1.0], [3.0], [0.0]])
+    opt = GramGaussNewton(model, lam=1.0, alpha=1e-3, momentum=0.0, adaptive_damping=GainRatioDamping(subset=1))
+    calls = []
+
+    def closure(rows=slice(None)):
+        calls.append(rows)
+        return model(x[rows]) - y[rows]
+
+    before = flat_params(model)
+    opt.step(closure)
+    assert not opt.last_diagnostics.rejected
+    assert not torch.equal(flat_params(model), before)
+    assert opt.last_gain_ratio == pytest.approx(square_loss_ratio(model, before, x, y), rel=1e-10)
+    assert calls[-1] == slice(None)  # the whole batch re-evaluated

@@ -137,8 +137,10 @@ class GainRatioDamping(DampingRule):
             gradients of 32 samples costs about a third of one of 128 (docs/convergence.md). The
             ratio restricts exactly: the loss and the predicted decrease are sums over samples, so
             ``rho`` on the subset compares the same two quantities over fewer samples (a noisier
-            estimate of the batch's ``rho``; a random subset when the batches are shuffled). Needs
-            a closure that takes the rows to evaluate, ``closure(rows)`` with ``rows`` a
+            estimate of the batch's ``rho``; a random subset when the batches are shuffled). A
+            step the model predicts to raise the subset's loss (a few samples can rise while the
+            batch falls) is measured on the whole batch: the ratio of two rises says nothing of
+            the step, and the sign alone would reject it. Needs a closure that takes the rows to evaluate, ``closure(rows)`` with ``rows`` a
             ``slice`` of the batch (:class:`~gramnewton.GramGaussNewton`); not with
             ``distributed``.
         retries: a rejected step is solved again, up to ``retries`` times, from the same batch's

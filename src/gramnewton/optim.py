@@ -872,19 +872,34 @@ class GramGaussNewton(Optimizer):
         self.rejections_in_a_row = 0 if decision.accept else self.rejections_in_a_row + 1
         return replace(diagnostics, rejected=not decision.accept)
 
+    def _measured_rows(self, result: GramGaussNewtonStep) -> slice | None:
+        """The rows the gain ratio is measured on: the rule's ``subset`` (the batch's first rows),
+        or ``None`` (all of them) where there is none, it covers the batch, or the model predicts
+        no decrease on it. The step lowers the batch's predicted loss, not each sample's: on a few
+        samples the prediction can be a rise, and the ratio's sign rule would judge the step by
+        their change alone (and reject it when their loss rose as predicted)."""
+        b = result.residuals.shape[0]
+        subset = self._subset()
+        if subset is None or subset >= b:
+            return None
+        rows = slice(0, subset)
+        change = None if result.change is None else result.change.reshape(b, -1)[rows]
+        decrease = predicted_decrease(result.residuals[rows], result.predicted.reshape(b, -1)[rows], change)
+        return rows if decrease > 0 else None
+
     @torch.no_grad()
     def _measure(
         self, closure: Closure, result: GramGaussNewtonStep, diagnostics: StepDiagnostics, general: LossClosure | None
     ) -> StepDiagnostics:
         """Re-evaluate the batch (the union batch in exact mode; its first ``subset`` rows under a
-        rule with a ``subset``): diagnostics with the loss after the step and the gain ratio.
+        rule with a ``subset``, :meth:`_measured_rows`): diagnostics with the loss after the step and
+        the gain ratio.
 
         The gain ratio restricted to rows ``S`` is exact for them: the loss, ``sum_i l_i``, and the
         decrease the model predicts, ``1/2 (||u_i||^2 - ||u_i - (B^T J phi)_i||^2)`` (for the square
         loss ``||r_i||^2 - ||r_i - (J phi)_i||^2``), are sums over samples ``i``."""
         b = result.residuals.shape[0]
-        subset = self._subset()
-        rows = slice(0, subset) if subset is not None and subset < b else None
+        rows = self._measured_rows(result)
         before_rows = result.residuals if rows is None else result.residuals[rows]  # (s, q): r or u
         predicted = result.predicted.reshape(b, -1)
         predicted = predicted if rows is None else predicted[rows]
