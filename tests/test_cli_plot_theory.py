@@ -3,11 +3,13 @@ written path, and an occupied ``--out`` (rows of "Data, runs and the command lin
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 from test_lab_reliability import TINY, one_line_error, snapshot
+from test_theory_reliability import fail_at
 
 from gramnewton.lab.cli import main
 from gramnewton.lab.commands import plot as plot_command
@@ -205,3 +207,25 @@ def test_theory_refuses_an_occupied_out_unless_overwrite(tmp_path, capsys, finis
     assert (th / "quadratic.json").read_bytes() != before["quadratic.json"]
     assert main([*QUADRATIC, "--out", str(run), "--overwrite"]) == 0
     assert {name: data for name, data in snapshot(run).items() if name in kept} == kept
+
+
+def test_an_incomplete_theory_study_beside_a_run_resumes_without_overwrite(tmp_path, monkeypatch, finished_run):
+    """A study written beside a training run with ``--overwrite`` and cut short resumes when rerun
+    without it (the study's own file is what is there to resume), the run's files untouched;
+    its rerun with ``--overwrite`` resumes too instead of redoing the finished jobs."""
+    run = copy_run(finished_run, tmp_path / "run")
+    kept = snapshot(run)
+    two = [*QUADRATIC, "--widths", "4,5", "--seeds", "2"]
+    with monkeypatch.context() as patch:
+        fail_at(patch, "quadratic_run", 2, KeyboardInterrupt())
+        assert main([*two, "--out", str(run), "--overwrite"]) == 130
+    with monkeypatch.context() as patch:
+        calls = fail_at(patch, "quadratic_run", 2, KeyboardInterrupt())
+        assert main([*two, "--out", str(run)]) == 130
+    assert len(calls) == 2  # job 2 then job 3 (interrupted)
+    with monkeypatch.context() as patch:
+        calls = fail_at(patch, "quadratic_run", 0, RuntimeError("never"))
+        assert main([*two, "--out", str(run), "--overwrite"]) == 0
+    assert len(calls) == 2
+    assert {name: data for name, data in snapshot(run).items() if name in kept} == kept
+    assert json.loads((run / "quadratic.json").read_text())["complete"] is True

@@ -5,12 +5,13 @@ ended a study without its results (rows of "The theory studies" in docs/reliabil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
-from test_lab_reliability import one_line_error
+from test_lab_reliability import one_line_error, snapshot
 
 from gramnewton.lab.cli import main
 from gramnewton.lab.commands import theory as theory_command
@@ -165,3 +166,146 @@ def test_debug_after_the_study_name_shows_the_traceback(tmp_path):
     unrecognized argument (exit 2) instead of raising."""
     with pytest.raises(ValueError, match="K is singular"):
         main([*QUADRATIC, "--d", "1", "--out", str(tmp_path / "q"), "--debug"])
+
+
+# ------------------------------------------------------------------ a failure mid-study, and the resume
+# Four jobs (widths 16, 32 x seeds 0, 1) of a few steps: a second in all.
+FOUR_JOBS = [*QUADRATIC, "--seeds", "2", "--steps", "3"]
+THREE_WIDTHS = [*MINIBATCH, "--n", "8", "--widths", "3,4,5"]
+
+
+def fail_at(monkeypatch, name: str, k: int, error: BaseException) -> list[tuple]:
+    """``theory_command.<name>`` (the per-job function the command calls) raising ``error`` at its
+    ``k``-th call (never for ``k = 0``); returns the list of the calls' arguments."""
+    real = getattr(theory_command, name)
+    calls = []
+
+    def job(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == k:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(theory_command, name, job)
+    return calls
+
+
+def error_line(capsys) -> str:
+    """The one ``error:`` line, last on stderr (the progress bar's lines are above it)."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines[-1].startswith("error: "), captured.err
+    assert sum(line.startswith("error: ") for line in lines) == 1, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    return lines[-1]
+
+
+def numbers(path) -> dict:
+    """A study's JSON without the --out it names (two folders are compared)."""
+    payload = json.loads(path.read_text())
+    del payload["config"]["out"]
+    return payload
+
+
+def test_a_failing_job_keeps_the_finished_runs_and_the_rerun_resumes_bit_for_bit(tmp_path, capsys, monkeypatch):
+    """Job 3 of 4 raising (a singular system, a NaN, out of memory at one width) ended the study
+    with its message and nothing written: the two finished runs were lost. Now the error names
+    the job and its cause, ``quadratic.json`` holds the finished runs marked incomplete after each
+    job (written atomically), and the same command again runs only jobs 3 and 4: the study
+    written equals the uninterrupted one's, every number bit for bit."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*FOUR_JOBS, "--out", str(whole)]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        fail_at(patch, "quadratic_run", 3, RuntimeError("simulated: linalg.solve: the matrix is singular"))
+        assert main([*FOUR_JOBS, "--out", str(cut)]) == 1
+    error = error_line(capsys)
+    assert (
+        f"theory quadratic: job 3 of 4 (width M = 32, seed 0) failed; jobs 1-2 are kept in {cut / 'quadratic.json'}, "
+        "marked incomplete: rerun the same command to resume from job 3; the cause: "
+    ) in error
+    assert error.endswith(
+        "RuntimeError: simulated: linalg.solve: the matrix is singular (rerun with --debug for the traceback)"
+    )
+    partial = json.loads((cut / "quadratic.json").read_text())
+    assert partial["complete"] is False and partial["jobs_done"] == [[16, 0], [16, 1]]
+    assert partial["study"]["runs"] == json.loads((whole / "quadratic.json").read_text())["study"]["runs"][:2]
+    assert sorted(p.name for p in cut.iterdir()) == ["quadratic.json"]  # no temporary file, no figure
+    with monkeypatch.context() as patch:
+        calls = fail_at(patch, "quadratic_run", 0, RuntimeError("never"))
+        assert main([*FOUR_JOBS, "--out", str(cut)]) == 0
+    assert [(args[3], args[5]) for args in calls] == [(32, 0), (32, 1)]  # only the jobs not done
+    assert f"resuming {cut / 'quadratic.json'}: 2 of 4 runs done" in capsys.readouterr().out
+    assert numbers(cut / "quadratic.json") == numbers(whole / "quadratic.json")
+    assert numbers(whole / "quadratic.json")["complete"] is True
+    assert (cut / "quadratic.png").stat().st_size > 0
+    # a finished study is refused as before
+    assert main([*FOUR_JOBS, "--out", str(cut)]) == 1
+    assert "already holds quadratic.json and quadratic.png" in one_line_error(capsys)
+
+
+def test_minibatch_resumed_after_a_failing_width_is_the_uninterrupted_study(tmp_path, capsys, monkeypatch):
+    """The same for ``theory minibatch`` (one job per width), with a NaN contraction in the
+    first width's run (``tail_contraction`` of too few epochs above round-off), which the
+    JSON writes as ``null``: read back as ``None`` it ended the resumed study in a TypeError."""
+    real = theory_command.minibatch_run
+
+    def first_nan(x, y, width, *args):
+        run = real(x, y, width, *args)
+        return dataclasses.replace(run, ggn_contraction=math.nan) if width == 8 else run
+
+    monkeypatch.setattr(theory_command, "minibatch_run", first_nan)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*THREE_WIDTHS, "--out", str(whole)]) == 0
+    with monkeypatch.context() as patch:
+        fail_at(patch, "minibatch_run", 2, torch.OutOfMemoryError("simulated: CUDA out of memory"))
+        assert main([*THREE_WIDTHS, "--out", str(cut)]) == 1
+    error = error_line(capsys)
+    assert "theory minibatch: job 2 of 3 (width M = 16, seed 0) failed; job 1 is kept in" in error
+    assert "OutOfMemoryError: simulated: CUDA out of memory" in error
+    assert json.loads((cut / "minibatch.json").read_text())["jobs_done"] == [[8, 0]]
+    with monkeypatch.context() as patch:
+        calls = fail_at(patch, "minibatch_run", 0, RuntimeError("never"))
+        assert main([*THREE_WIDTHS, "--out", str(cut)]) == 0
+    assert [args[2] for args in calls] == [16, 32]
+    assert numbers(cut / "minibatch.json") == numbers(whole / "minibatch.json")
+    assert numbers(cut / "minibatch.json")["study"]["runs"][0]["ggn_contraction"] is None
+
+
+def test_ctrl_c_keeps_the_finished_runs_and_other_options_are_refused(tmp_path, capsys, monkeypatch):
+    """Ctrl-C at job 2 stops the study (status 130) with job 1 on disk (was: nothing). A rerun
+    with other options is refused, naming them, the folder unchanged; ``--overwrite`` starts
+    afresh, and its rerun (the same command, ``--overwrite`` included) resumes. A failing first
+    job writes nothing."""
+    out = tmp_path / "q"
+    with monkeypatch.context() as patch:
+        fail_at(patch, "quadratic_run", 2, KeyboardInterrupt())
+        assert main([*FOUR_JOBS, "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert json.loads((out / "quadratic.json").read_text())["jobs_done"] == [[16, 0]]
+    before = snapshot(out)
+    assert main([*FOUR_JOBS, "--seed", "1", "--steps", "2", "--out", str(out)]) == 1
+    assert (
+        f"{out / 'quadratic.json'} is an incomplete study of other options (--seed 0 there, 1 here; "
+        "--steps 3 there, 2 here): rerun with its options to resume it, pass --overwrite"
+    ) in one_line_error(capsys)
+    assert snapshot(out) == before
+    # --overwrite replaces it: all four jobs of the new options run
+    with monkeypatch.context() as patch:
+        calls = fail_at(patch, "quadratic_run", 4, KeyboardInterrupt())
+        assert main([*FOUR_JOBS, "--seed", "1", "--out", str(out), "--overwrite"]) == 130
+    assert len(calls) == 4
+    assert json.loads((out / "quadratic.json").read_text())["jobs_done"] == [[16, 1], [16, 2], [32, 1]]
+    with monkeypatch.context() as patch:
+        calls = fail_at(patch, "quadratic_run", 0, RuntimeError("never"))
+        assert main([*FOUR_JOBS, "--seed", "1", "--out", str(out), "--overwrite", "--threads", "2"]) == 0
+    assert len(calls) == 1
+    capsys.readouterr()
+    first = tmp_path / "first"
+    with monkeypatch.context() as patch:
+        fail_at(patch, "quadratic_run", 1, ValueError("simulated"))
+        assert main([*FOUR_JOBS, "--out", str(first)]) == 1
+    assert error_line(capsys).endswith(
+        "job 1 of 4 (width M = 16, seed 0) failed; no job had finished, nothing is written; the cause: simulated"
+    )
+    assert list(first.iterdir()) == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,17 +14,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..cli import DEBUG_HELP
+from ..cli import DEBUG_HELP, describe_error
 from ..experiments.runner import CONFIG_FILE, METRICS_FILE
 from ..experiments.setup import CHECKPOINT
+from ..files import write_atomically
 from ..models import activation
 from ..theory.closed_form import ENGINES
 from ..theory.data import sphere_data
 from ..theory.figures import plot_minibatch, plot_quadratic
 from ..theory.gauss_seidel import best_sgd_rate, iteration_matrix, spectral_radius
-from ..theory.minibatch import MinibatchStudy, minibatch_run
+from ..theory.minibatch import MinibatchRun, MinibatchStudy, minibatch_run
 from ..theory.ntk import ntk_limit, positive_lambda_0
-from ..theory.quadratic import QuadraticStudy, quadratic_run
+from ..theory.quadratic import QuadraticRun, QuadraticStudy, quadratic_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,15 +104,25 @@ def _exponents(text: str) -> list[int]:
 
 
 def run_quadratic(args: argparse.Namespace) -> int:
-    check_out(args.out, "quadratic", overwrite=args.overwrite)
+    config = _config(args)
+    earlier = check_out(args.out, "quadratic", overwrite=args.overwrite, config=config)
     torch.set_num_threads(args.threads)
     x, y = sphere_data(args.n, args.d, args.seed)
     kernel = ntk_limit(x, activation(args.act))
     study = QuadraticStudy(n=args.n, d=args.d, steps=args.steps, act=args.act, lambda_0=positive_lambda_0(kernel, x))
     make_out(args.out)
     jobs = [(2**p, args.seed + s) for p in args.widths for s in range(args.seeds)]
-    for width, seed in tqdm(jobs, desc="theory quadratic", unit="run"):
-        study.runs.append(quadratic_run(x, y, kernel, width, args.steps, seed, args.act, args.engine))
+    run_jobs(
+        study,
+        QuadraticRun,
+        jobs,
+        lambda width, seed: quadratic_run(x, y, kernel, width, args.steps, seed, args.act, args.engine),
+        earlier,
+        args.out,
+        "quadratic",
+        config,
+        unit="run",
+    )
     rows = study.rows()
     print(
         f"\nTheorem 1, full-batch GGN: n={args.n}, d={args.d}, {args.act}, lambda_0 = lambda_min(K) = "
@@ -134,22 +147,25 @@ def run_quadratic(args: argparse.Namespace) -> int:
         "log-log slopes against M (all widths / M >= 4096): "
         + ", ".join(f"{k} {slopes[k]:.2f} / {wide[k]:.2f}" for k in slopes)
     )
+    # the figure first: a failure drawing it leaves the study incomplete, and the rerun draws it
+    plot_quadratic(study, args.out / "quadratic.png")
     payload = {
-        "config": _config(args),
+        "config": config,
+        "complete": True,
         "study": asdict(study),
         "rows": [asdict(r) for r in rows],
         "slopes": slopes,
         "slopes_from_4096": wide,
     }
     _write(args.out, payload, "quadratic")
-    plot_quadratic(study, args.out / "quadratic.png")
     print(f"wrote {args.out / 'quadratic.json'} and {args.out / 'quadratic.png'}")
     return 0
 
 
 def run_minibatch(args: argparse.Namespace) -> int:
     check_widths(args.widths, args.n, args.d)
-    check_out(args.out, "minibatch", overwrite=args.overwrite)
+    config = _config(args)
+    earlier = check_out(args.out, "minibatch", overwrite=args.overwrite, config=config)
     torch.set_num_threads(args.threads)
     x, y = sphere_data(args.n, args.d, args.seed)
     kernel = ntk_limit(x, activation(args.act))
@@ -164,8 +180,17 @@ def run_minibatch(args: argparse.Namespace) -> int:
         sgd_limit=best_sgd_rate(kernel, args.batch_size),
     )
     make_out(args.out)
-    for p in tqdm(args.widths, desc="theory minibatch", unit="width"):
-        study.runs.append(minibatch_run(x, y, 2**p, args.batch_size, args.epochs, args.seed, args.act, args.engine))
+    run_jobs(
+        study,
+        MinibatchRun,
+        [(2**p, args.seed) for p in args.widths],
+        lambda width, seed: minibatch_run(x, y, width, args.batch_size, args.epochs, seed, args.act, args.engine),
+        earlier,
+        args.out,
+        "minibatch",
+        config,
+        unit="width",
+    )
     print(
         f"\nTheorem 2, cyclic mini-batch GGN: n={args.n}, d={args.d}, b={args.batch_size}, {args.epochs} epochs, "
         f"{args.act}; lambda_0 = {study.lambda_0:.4g}; from K: rho(A) = {study.rho_a_limit:.4f}, "
@@ -192,9 +217,9 @@ def run_minibatch(args: argparse.Namespace) -> int:
         + ("none" if width is None else str(width))
         + " on"
     )
-    payload = {"config": _config(args), "study": asdict(study), "first_matching_width": width}
+    plot_minibatch(study, args.out / "minibatch.png")  # before the study is marked complete, as above
+    payload = {"config": config, "complete": True, "study": asdict(study), "first_matching_width": width}
     _write(args.out, payload, "minibatch")
-    plot_minibatch(study, args.out / "minibatch.png")
     print(f"wrote {args.out / 'minibatch.json'} and {args.out / 'minibatch.png'}")
     return 0
 
@@ -203,15 +228,39 @@ def run_minibatch(args: argparse.Namespace) -> int:
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT)
 
 
-def check_out(out: Path, study: str, *, overwrite: bool) -> None:
+# Options that change no number of a study: a rerun with others still resumes it.
+NOT_STUDY_OPTIONS = ("out", "overwrite", "threads", "debug")
+
+
+def check_out(out: Path, study: str, *, overwrite: bool, config: dict[str, Any]) -> dict[str, Any] | None:
     """Refuse, before the study runs, an ``out`` that is a file, or (without ``overwrite``) a folder
     holding this study's ``<study>.json`` or ``.png`` or a training run: both were overwritten or
     written into without a word. Another study's files are left alone, as ``train --out`` and
-    ``demo --out`` refuse a folder they would overwrite."""
+    ``demo --out`` refuse a folder they would overwrite.
+
+    Returns the payload of an incomplete ``<study>.json`` (``"complete": false``, written by
+    :func:`run_jobs`) whose ``config`` equals ``config`` but for :data:`NOT_STUDY_OPTIONS`: the
+    study to resume, with or without ``overwrite`` (its finished runs are what a fresh start would
+    compute again); ``None`` for a fresh start. An incomplete study of other options is refused
+    without ``overwrite``, naming them."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: pick another --out")
+    earlier = _read_incomplete(out / f"{study}.json")
+    if earlier is not None:
+        changed = [
+            f"--{key.replace('_', '-')} {earlier['config'].get(key)} there, {value} here"
+            for key, value in config.items()
+            if key not in NOT_STUDY_OPTIONS and earlier["config"].get(key) != value
+        ]
+        if not changed:
+            return earlier
+        if not overwrite:
+            raise ValueError(
+                f"{out / f'{study}.json'} is an incomplete study of other options ({'; '.join(changed)}): rerun "
+                "with its options to resume it, pass --overwrite to replace it, or pick another --out"
+            )
     if overwrite or not out.is_dir():
-        return
+        return None
     earlier = [name for name in (f"{study}.json", f"{study}.png") if (out / name).exists()]
     if earlier:
         raise ValueError(
@@ -224,6 +273,93 @@ def check_out(out: Path, study: str, *, overwrite: bool) -> None:
             f"{out} holds a training run ({', '.join(run)}): pick another --out, "
             "or pass --overwrite to write the study beside it"
         )
+    return None
+
+
+def _read_incomplete(path: Path) -> dict[str, Any] | None:
+    """The payload of ``path`` if it is an incomplete study (:func:`run_jobs`), else ``None`` (no
+    file, a complete study, or a file that is no study's JSON: :func:`check_out` refuses those as
+    before)."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, unreadable, not UTF-8, not JSON
+        return None
+    if not (isinstance(payload, dict) and payload.get("complete") is False):
+        return None
+    parts = payload.get("config"), payload.get("jobs_done"), payload.get("study", {}).get("runs")
+    return payload if all(isinstance(part, t) for part, t in zip(parts, (dict, list, list))) else None
+
+
+Job = tuple[int, int]  # (width M, network seed)
+
+
+def run_jobs(
+    study: QuadraticStudy | MinibatchStudy,
+    run_type: type[QuadraticRun] | type[MinibatchRun],
+    jobs: list[Job],
+    run_job: Callable[[int, int], QuadraticRun | MinibatchRun],
+    earlier: dict[str, Any] | None,
+    out: Path,
+    name: str,
+    config: dict[str, Any],
+    unit: str,
+) -> None:
+    """Append ``run_job(width, seed)`` of each job to ``study.runs``, in order, writing the finished
+    runs to ``out/<name>.json`` (atomically, ``"complete": false``) after each: a failure or an
+    interrupt hours into a study kept nothing. ``earlier`` (from :func:`check_out`) holds the
+    runs of the first jobs, done by an earlier invocation: they are read back and not redone.
+
+    The first failing job stops the study with a ``ValueError`` naming it and its cause (the
+    original error chained): the jobs run by growing width, and what fails at one width (memory,
+    a system too ill-conditioned) mostly fails at the next; the rerun resumes at that job. A
+    ``KeyboardInterrupt`` propagates, the runs finished before it on disk."""
+    done: list[Job] = []
+    if earlier is not None:
+        done = [(int(width), int(seed)) for width, seed in earlier["jobs_done"]]
+        if done != jobs[: len(done)] or len(earlier["study"]["runs"]) != len(done):
+            raise ValueError(
+                f"{out / f'{name}.json'} lists finished jobs {done} that are not the first of this study's "
+                f"{jobs}: pass --overwrite to start it again, or pick another --out"
+            )
+        study.runs.extend(_run_from_json(run_type, run) for run in earlier["study"]["runs"])
+        print(f"resuming {out / f'{name}.json'}: {len(done)} of {len(jobs)} {unit}s done")
+    path = out / f"{name}.json"
+    for width, seed in tqdm(jobs[len(done) :], desc=f"theory {name}", unit=unit, total=len(jobs), initial=len(done)):
+        try:
+            run = run_job(width, seed)
+        except Exception as error:
+            k = len(done)
+            kept = (
+                f"{'jobs 1-' if k > 1 else 'job '}{k} {'are' if k > 1 else 'is'} kept in {path}, marked incomplete: "
+                f"rerun the same command to resume from job {k + 1}"
+                if done
+                else "no job had finished, nothing is written"
+            )
+            raise ValueError(
+                f"theory {name}: job {k + 1} of {len(jobs)} (width M = {width}, seed {seed}) failed; {kept}; "
+                f"the cause: {describe_error(error)}"
+            ) from error
+        study.runs.append(run)
+        done.append((width, seed))
+        _write(out, {"config": config, "complete": False, "jobs_done": done, "study": asdict(study)}, name)
+        # a figure belongs to a finished study: one left by a study this one replaces would
+        # lie beside its JSON (the finished study redraws it)
+        (out / f"{name}.png").unlink(missing_ok=True)
+
+
+def _run_from_json(run_type: type[QuadraticRun] | type[MinibatchRun], fields: dict[str, Any]) -> Any:
+    """A run as :func:`_finite` wrote it, back: ``null`` is NaN again in ``float`` fields and lists
+    (``float | None`` ones keep ``None``). Finite floats are written by ``repr``: bit for bit."""
+
+    def back(kind: str, value: Any) -> Any:
+        if kind == "float":
+            return math.nan if value is None else value
+        if kind == "list[float]":
+            return [math.nan if v is None else v for v in value]
+        return value
+
+    # the run modules use ``from __future__ import annotations``: ``f.type`` is the annotation's text
+    return run_type(**{f.name: back(str(f.type), fields[f.name]) for f in dataclasses.fields(run_type)})
 
 
 def check_widths(exponents: list[int], n: int, d: int) -> None:
@@ -262,7 +398,7 @@ def _finite(obj: Any) -> Any:
 
 
 def _write(out: Path, payload: dict[str, Any], name: str) -> Path:
+    """Write ``out/<name>.json`` atomically: cut short, the earlier file stands whole."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(_finite(payload), indent=1))
-    return path
+    text = json.dumps(_finite(payload), indent=1)
+    return write_atomically(out / f"{name}.json", lambda tmp: tmp.write_text(text))
