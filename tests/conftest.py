@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``GRAMNEWTON_TEST_DEFAULT_DEVICE`` set (e.g. ``cuda``, by benchmarks/cuda_check.sh), it
+    is torch's default device for the whole session; unset, nothing changes."""
+    if "GRAMNEWTON_TEST_DEFAULT_DEVICE" in os.environ:
+        from dense import DEFAULT_DEVICE
+
+        torch.set_default_device(DEFAULT_DEVICE)
 
 
 @pytest.fixture(autouse=True)

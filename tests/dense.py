@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
@@ -14,6 +15,22 @@ from gramnewton.lab.models import get_model
 # Where the engine's float64 checks run (``test_hooks_engine``): the CPU, or a GPU when
 # ``GRAMNEWTON_TEST_DEVICE=cuda`` (benchmarks/cuda_check.sh runs them so on a lent GPU machine).
 DEVICE = torch.device(os.environ.get("GRAMNEWTON_TEST_DEVICE", "cpu"))
+# The default device of the other numerics tests: unset, the CPU and nothing changes; with
+# ``GRAMNEWTON_TEST_DEFAULT_DEVICE=cuda`` tests/conftest.py makes it torch's default device for the
+# session, so every tensor and module a test makes without a device is on the GPU.
+DEFAULT_DEVICE = torch.device(os.environ.get("GRAMNEWTON_TEST_DEFAULT_DEVICE", "cpu"))
+
+
+def cpu_only(reason: str) -> pytest.MarkDecorator:
+    """Skips a test that is about the CPU by nature (CPU autocast, a CPU-only path, a packed
+    sequence's CPU lengths) when the tests run on another default device."""
+    return pytest.mark.skipif(DEFAULT_DEVICE.type != "cpu", reason=f"CPU only: {reason}")
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` on torch's default device (a CPU generator cannot draw
+    tensors made on a GPU default device); on the CPU the stream of ``torch.Generator()``."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
 
 
 def dense_jacobian(model: nn.Module, x: Tensor) -> Tensor:
@@ -64,6 +81,19 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, what: str) -> No
             for i in worst
         )
         raise AssertionError(f"{what}: relative error {rel:.3g} >= {rtol:g}; largest differences:\n{rows}")
+
+
+def assert_same_run(actual: Tensor, expected: Tensor, what: str = "two runs") -> None:
+    """Two runs of one computation (a resumed and an uninterrupted run, a step and its twin's)
+    agree bit for bit on the CPU. Off the CPU to 1e-9 relative in the max norm in float64 (1e-4
+    in float32, 1e-2 (a few units in the last place) in half precision): cuBLAS and cuDNN may
+    pick another kernel or add in another order (atomics) in the second run, so equal inputs
+    need not give equal bits there; a lost or wrong state still differs by far more. Integers
+    (counts) are compared exactly everywhere."""
+    if actual.device.type == "cpu" or not expected.is_floating_point():
+        assert torch.equal(actual, expected), what
+    else:
+        assert_close(actual, expected, {torch.float64: 1e-9, torch.float32: 1e-4}.get(expected.dtype, 1e-2), what)
 
 
 def groupnorm_cnn(outputs: int = 2) -> nn.Module:

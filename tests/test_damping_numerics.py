@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dense import dense_jacobian, flat_params
+from dense import assert_same_run, dense_jacobian, flat_params, seeded
 from torch import nn
 
 from gramnewton import GramGaussNewton
@@ -42,7 +42,7 @@ def brute_force_leave_one_out(gram: torch.Tensor, r: torch.Tensor, s: float) -> 
 def random_system(b: int, k: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``G = J J^T`` (rank ``min(b*k, m)``) with correlated outputs of a sample, and ``(b, k)`` residuals
     partly predictable from ``J``."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded(seed)
     base = torch.randn(b, 1, m, dtype=torch.float64, generator=gen)
     jac = (base + 0.3 * torch.randn(b, k, m, dtype=torch.float64, generator=gen)).reshape(b * k, m)
     r = jac @ torch.randn(m, dtype=torch.float64, generator=gen) / m**0.5
@@ -166,7 +166,7 @@ class Recorder(GainRatioDamping):
 )
 def test_gain_ratio_equals_the_dense_ratio_of_the_step(loss, momentum, lr, weight_decay, subset):
     model = _mlp(3)
-    gen = torch.Generator().manual_seed(2)
+    gen = seeded(2)
     x = torch.randn(12, 3, dtype=torch.float64, generator=gen)
     y = (
         torch.randn(12, 3, dtype=torch.float64, generator=gen)
@@ -254,7 +254,7 @@ def reference_decision(rule, alpha, rho, jitter, state):
     ],
 )
 def test_decisions_follow_the_documented_rule(kwargs):
-    gen = torch.Generator().manual_seed(5)
+    gen = seeded(5)
     rule = GainRatioDamping(**kwargs)
     state, alpha = (0, False, 0), 1.0
     for step in range(300):
@@ -284,7 +284,7 @@ def test_a_resumed_run_continues_bit_for_bit(rule):
         )
         return model, GramGaussNewton(model, lam=2.0, alpha=0.3, momentum=0.6, adaptive_damping=damping)
 
-    gen = torch.Generator().manual_seed(7)
+    gen = seeded(7)
     batches = [
         (torch.randn(8, 3, dtype=torch.float64, generator=gen), torch.randn(8, 2, dtype=torch.float64, generator=gen))
         for _ in range(10)
@@ -302,14 +302,14 @@ def test_a_resumed_run_continues_bit_for_bit(rule):
     opt2.load_state_dict(saved_opt)
     for x, y in batches[5:]:
         opt2.step(lambda x=x, y=y: resumed(x) - y)
-    assert torch.equal(flat_params(model), flat_params(resumed))
+    assert_same_run(flat_params(model), flat_params(resumed))
     assert opt.damping.state_dict() == opt2.damping.state_dict()
     assert opt.param_groups[0]["alpha"] == opt2.param_groups[0]["alpha"]
 
 
 def test_a_rejected_step_changes_nothing():
     model = _mlp(2)
-    gen = torch.Generator().manual_seed(8)
+    gen = seeded(8)
     x, y = torch.randn(8, 3, dtype=torch.float64, generator=gen), torch.randn(8, 2, dtype=torch.float64, generator=gen)
     opt = GramGaussNewton(model, lam=1.0, alpha=0.1, momentum=0.5, weight_decay=0.1, adaptive_damping=True)
     opt.step(lambda: model(x) - y)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from dense import autograd_rows, dense_jacobian, dense_step, flat_params
+from dense import autograd_rows, cpu_only, dense_jacobian, dense_step, flat_params
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -84,6 +84,10 @@ def conv_net() -> nn.Module:
     ).to(D)
 
 
+CPU_WORKSPACE = cpu_only("the hooks engine's workspace is used on the CPU only")
+
+
+@CPU_WORKSPACE
 @pytest.mark.parametrize("path", ["patches", "grouped", "grouped_chunks"])
 def test_workspace_buffers_across_batch_sizes_and_a_failed_step(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The workspace reuses its buffers while shapes repeat: batches of 4, 8, 4, 6 samples in a
@@ -136,6 +140,7 @@ def test_workspace_buffers_across_batch_sizes_and_a_failed_step(path: str, monke
         first.jt_times(torch.randn(8, dtype=D))
 
 
+@CPU_WORKSPACE
 @pytest.mark.parametrize("path", ["patches", "grouped"])
 def test_workspace_buffers_follow_the_models_dtype(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model cast float32 -> float64 -> float32 -> float64 between steps: the workspace's

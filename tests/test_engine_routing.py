@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from dense import autograd_rows
+from dense import autograd_rows, seeded
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -30,7 +30,7 @@ def assert_exact(engine: HooksEngine, closure: Callable[[], Tensor]) -> None:
         warnings.simplefilter("ignore")  # routing warns once; exactness is what is checked
         system = engine.compute(closure)
     jac = autograd_rows(engine.params, closure)
-    gen = torch.Generator().manual_seed(1)
+    gen = seeded(1)
     v = torch.randn(jac.shape[0], dtype=D, generator=gen)
     u = [torch.randn(p.shape, dtype=D, generator=gen) for p in engine.params]
     pairs = {

@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from dense import assert_close, flat_params, groupnorm_cnn
+from dense import assert_close, assert_same_run, flat_params, groupnorm_cnn, seeded
 from test_classification import WeightedSquares, _blockdiag, _blocks, _dense_ggn, _derivatives, _top_c_hessian
 from torch import Tensor, nn
 from torch.func import grad, hessian
@@ -358,8 +358,8 @@ def test_metric_state_dict_round_trip_with_cross_entropy_is_bit_for_bit(per_tens
     resumed.load_state_dict(saved["opt"])
     assert any("metric_root_moment" in s for s in resumed.state_dict()["state"].values())
     for x, y in batches[2:]:
-        assert torch.equal(opt.step(lambda: (model(x), y)), resumed.step(lambda: (twin(x), y)))
-        assert torch.equal(flat_params(model), flat_params(twin))
+        assert_same_run(opt.step(lambda: (model(x), y)), resumed.step(lambda: (twin(x), y)))
+        assert_same_run(flat_params(model), flat_params(twin))
         assert opt.param_groups[0]["alpha"] == resumed.param_groups[0]["alpha"]
 
 
@@ -408,7 +408,7 @@ class _WeightedSquares(WeightedSquares):
     orthogonal): ``B B^T = diag(w)``, the least-squares ``sqrt_solve`` without a diagonal ``B``."""
 
     def hessian_sqrt(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        mixing = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+        mixing = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=seeded(0)))[0]
         factor = torch.diag(self.weights.sqrt()) @ mixing.to(outputs.dtype)  # B B^T = diag(w), B dense
         return factor.expand(outputs.shape[0], 3, 3)
 

@@ -15,7 +15,7 @@ import dataclasses
 
 import pytest
 import torch
-from dense import assert_close, dense_jacobian, flat_params
+from dense import assert_close, assert_same_run, dense_jacobian, flat_params
 from test_classification import MODEL_IDS, MODELS, _blockdiag, _blocks, _derivatives, _sum_loss, _top_c_hessian
 from test_momentum import _batches, _Scripted, _set_flat, assert_resumed_steps_are_identical
 from test_optim import CASES
@@ -273,7 +273,8 @@ def test_engine_without_jacobian_columns_is_refused_and_nothing_changes_or_eucli
     for _ in range(2):
         default.step(lambda: model(x) - y)
         euclidean.step(lambda: twin(x) - y)
-    assert torch.equal(flat_params(model), flat_params(twin)) and not torch.equal(flat_params(model), before)
+    assert_same_run(flat_params(model), flat_params(twin))
+    assert not torch.equal(flat_params(model), before)
 
 
 def test_metric_from_passes_an_instance_and_none_through():
@@ -306,7 +307,7 @@ def test_auto_takes_the_metric_in_sample_space_and_the_euclidean_step_in_paramet
     for x, y in small:
         for t, opt in zip(twins[:2], opts[:2]):
             opt.step(lambda: t(x) - y)
-    assert torch.equal(flat_params(twins[0]), flat_params(twins[1]))
+    assert_same_run(flat_params(twins[0]), flat_params(twins[1]))
     moment = _state(opts[0], twins[0], "metric_root_moment")
     x, y = large[0]
     _set_flat(twins[2], flat_params(twins[0]))
@@ -314,7 +315,7 @@ def test_auto_takes_the_metric_in_sample_space_and_the_euclidean_step_in_paramet
     opts[0].step(lambda: twins[0](x) - y)
     opts[2].step(lambda: twins[2](x) - y)
     assert opts[0].last_diagnostics.solve_space == "parameter"
-    assert torch.equal(flat_params(twins[0]), flat_params(twins[2]))
+    assert_same_run(flat_params(twins[0]), flat_params(twins[2]))
     assert torch.equal(_state(opts[0], twins[0], "metric_root_moment"), moment)
     assert GramGaussNewton(nn.Linear(2, 3), metric="auto", loss="cross_entropy").metric is None
     assert GramGaussNewton(nn.Linear(2, 3), metric="auto", solve_space="parameter").metric is None

@@ -10,7 +10,7 @@ import io
 
 import pytest
 import torch
-from dense import assert_close, flat_params
+from dense import assert_close, assert_same_run, flat_params, seeded
 from torch import Tensor, nn
 
 from gramnewton import GramGaussNewton
@@ -22,7 +22,7 @@ def _model(dtype: torch.dtype) -> nn.Module:
 
 
 def _batches(dtype: torch.dtype, count: int = 6) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(1)
+    g = seeded(1)
     return [(torch.randn(5, 3, generator=g).to(dtype), torch.randn(5, 2, generator=g).to(dtype)) for _ in range(count)]
 
 
@@ -58,7 +58,7 @@ def test_resumed_run_with_tiny_gradients_is_the_uninterrupted_one_bit_for_bit(dt
     for x, y in batches[3:]:
         opt.step(lambda x=x, y=y: scale * (model(x) - y))
         resumed.step(lambda x=x, y=y: scale * (twin(x) - y))
-        assert torch.equal(flat_params(model), flat_params(twin))
+        assert_same_run(flat_params(model), flat_params(twin))
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from dense import assert_close, dense_jacobian, dense_step, flat_params
+from dense import assert_close, assert_same_run, dense_jacobian, dense_step, flat_params
 from test_optim import CASES
 from torch import Tensor, nn
 
@@ -87,7 +87,7 @@ def test_zero_momentum_is_todays_step_bit_for_bit(engine):
         system = twin_engine.compute(lambda: twin(x) - y)
         c, _ = damped_solve(system.gram, system.residuals.reshape(-1), 0.5, 0.2)
         apply_direction(list(twin.parameters()), [-d for d in system.jt_times(c)], 1e-3)
-        assert torch.equal(flat_params(model), flat_params(twin))
+        assert_same_run(flat_params(model), flat_params(twin))
     assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
 
 
@@ -179,8 +179,10 @@ def test_parameter_space_solve_is_accurate_in_float32(solve_dtype, method, toler
     normal equations 1.9e-5 here, the float32 QR of ``[sqrt(lam) J; sqrt(alpha) I]`` 8.8e-5; an SVD
     of ``J`` alone (no cut-off) was off by 1.4e-3, the normal equations ``J^T J`` in float32 by 0.74."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1))  # the sinc network, m = 61
-    x = 2 * torch.rand(1000, 1) - 1
+    with torch.device("cpu"):  # the CPU's draws on any default device: the errors above are theirs
+        model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1))  # the sinc network, m = 61
+        x = 2 * torch.rand(1000, 1) - 1
+    model, x = model.to(torch.get_default_device()), x.to(torch.get_default_device())
     y = torch.sinc(10 * x)
     steps = {}
     for dtype in (torch.float32, torch.float64):
@@ -198,7 +200,10 @@ def test_parameter_space_solve_is_accurate_in_float32(solve_dtype, method, toler
         opt.step(lambda: trial(x.to(dtype)) - y.to(dtype))
         assert opt.last_diagnostics.solve_method == (method if dtype == torch.float32 else "qr")
         steps[dtype] = flat_params(trial).double() - before
-    assert_close(steps[torch.float32], steps[torch.float64], tolerance, "float32 parameter-space step")
+    # on an H200 the float32 Jacobian is 1.1e-7 off the float64 one (5e-8 on the CPU), and the
+    # conditioning (alpha = 1e-3) takes both methods' steps to 3.3e-4 and 4.2e-4 (forty-eighth session)
+    off_cpu = 1e-3 if torch.get_default_device().type != "cpu" else tolerance
+    assert_close(steps[torch.float32], steps[torch.float64], off_cpu, "float32 parameter-space step")
 
 
 class _Scripted:
@@ -282,7 +287,7 @@ def test_state_dict_round_trip_with_momentum_gives_identical_steps():
     for x, y in batches[2:]:
         opt.step(lambda: model(x) - y)
         twin_opt.step(lambda: twin(x) - y)
-        assert torch.equal(flat_params(model), flat_params(twin))
+        assert_same_run(flat_params(model), flat_params(twin))
 
 
 def test_diagnostics_are_consistent():
@@ -542,7 +547,7 @@ def assert_resumed_steps_are_identical(options: dict, case: tuple = CASES[2]) ->
     for x, y in batches[2:]:
         opt.step(lambda: model(x) - y)
         twin_opt.step(lambda: twin(x) - y)
-        assert torch.equal(flat_params(model), flat_params(twin)), name
+        assert_same_run(flat_params(model), flat_params(twin), name)
 
 
 def test_state_dict_round_trip_with_bias_correction_gives_identical_steps():

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from dense import assert_close, dense_jacobian, flat_params
+from dense import assert_close, dense_jacobian, flat_params, seeded
 from torch import nn
 
 import gramnewton
@@ -20,7 +20,7 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-X, Y = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), torch.linspace(-1, 1, 16)
+X, Y = torch.randn(16, 3, generator=seeded(0)), torch.linspace(-1, 1, 16)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

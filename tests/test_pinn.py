@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dense import assert_close
+from dense import assert_close, cpu_only, seeded
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
@@ -258,6 +258,25 @@ def test_term_and_residual_validate_their_arguments():
         FunctionalEngine([], chunk_size=0)
 
 
+def test_sampling_with_a_generator_draws_on_its_device_whatever_the_default_device():
+    """``sample_interior``/``sample_boundary`` with a CPU generator under another default device
+    (``torch.set_default_device("cuda")``, here ``meta``): the points on the generator's device,
+    the same as under the CPU default (was: torch refused the CPU generator's draw on the
+    default device, "Expected a 'cuda' device type for generator", seen on a GPU)."""
+    low, high = [0.0, -1.0], [1.0, 2.0]
+    want = [
+        sample(7, low, high, generator=torch.Generator().manual_seed(3))
+        for sample in (pinn.sample_interior, pinn.sample_boundary)
+    ]
+    with torch.device("meta"):
+        got = [
+            sample(7, low, high, generator=torch.Generator().manual_seed(3))
+            for sample in (pinn.sample_interior, pinn.sample_boundary)
+        ]
+    for g, w in zip(got, want):
+        assert g.device.type == "cpu" and torch.equal(g, w)
+
+
 def test_sampling_stays_in_the_box_and_on_its_faces():
     low, high = [0.0, -1.0, 2.0], [1.0, 1.0, 2.5]
     lo, hi = torch.tensor(low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64)
@@ -289,6 +308,7 @@ def test_derivative_helpers_and_relative_error():
         pinn.relative_l2(exact, exact[:1])
 
 
+@cpu_only("examples/poisson.py runs on the CPU: its points come from CPU generators")
 @pytest.mark.parametrize(("form", "momentum"), [("taylor", 0.0), ("taylor", 0.3), ("functional", 0.0)])
 def test_example_line_search_ggn_solves_a_small_poisson_problem(form, momentum):
     """``examples/poisson.py``'s ENGD-W / SPRING-style optimizer on both residual forms (forward
@@ -305,7 +325,7 @@ def test_example_line_search_ggn_solves_a_small_poisson_problem(form, momentum):
 
     problem = PROBLEMS[2][0]
     model = make_model(2, (32,), seed=0)
-    residual = make_residual(model, problem, 150, 50, torch.Generator().manual_seed(0), form)
+    residual = make_residual(model, problem, 150, 50, seeded(0), form)
     error = make_error(model, problem, n_eval=500)
     opt = LineSearchGGN(model, alpha=1e-8, momentum=momentum, form=form)
     losses = [float(opt.step(residual)) for _ in range(60)]
@@ -313,7 +333,16 @@ def test_example_line_search_ggn_solves_a_small_poisson_problem(form, momentum):
     assert error() < 1e-3
 
 
-@pytest.mark.parametrize("engine", ["functional", "hooks_laplacian", "full_batch"])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        # torch.func.hessian under torch.device("meta") with a CUDA default device fails inside
+        # PyTorch (aten::detach_ of a captured tensor in its standard basis) before it calls u
+        pytest.param("functional", marks=cpu_only("torch.func.hessian under a meta device over a CUDA default")),
+        "hooks_laplacian",
+        "full_batch",
+    ],
+)
 def test_pinn_steps_follow_the_model_not_torchs_default_device(engine: str) -> None:
     """As ``test_reliability.py::test_a_step_follows_the_model_not_torchs_default_device``, for the
     physics-informed paths: the functional engine, the hooks engine on an autograd Laplacian (its
@@ -328,6 +357,7 @@ def test_pinn_steps_follow_the_model_not_torchs_default_device(engine: str) -> N
     else:
         closure = lambda: autograd_poisson_closure(model, x)  # noqa: E731
     before = [p.detach().clone() for p in model.parameters()]
+    home = torch.get_default_device().type  # the model's: the CPU, or the tests' default device
     with torch.device("meta"):
         if engine == "full_batch":
             full_batch_step(model.parameters(), closure)
@@ -335,7 +365,7 @@ def test_pinn_steps_follow_the_model_not_torchs_default_device(engine: str) -> N
             opt = GramGaussNewton(model, engine="functional" if engine == "functional" else "auto")
             for _ in range(2):
                 opt.step(closure)
-    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.device.type == home and torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 

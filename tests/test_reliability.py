@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from dense import assert_close, dense_jacobian, dense_step, flat_params
+from dense import assert_close, assert_same_run, cpu_only, dense_jacobian, dense_step, flat_params, seeded
 from torch import Tensor, nn
 
 from gramnewton import GramGaussNewton, SingularGramError, damped_solve, full_batch_step
@@ -205,8 +205,8 @@ def test_a_compiled_model_steps_eagerly_without_recompiling(given: str) -> None:
     opt = GramGaussNewton(compiled if given == "model" else compiled.parameters(), adaptive_damping=False)
     reference = GramGaussNewton(twin, adaptive_damping=False)
     for _ in range(4):
-        assert torch.equal(opt.step(lambda: compiled(x) - y), reference.step(lambda: twin(x) - y))
-        assert torch.equal(flat_params(model), flat_params(twin))
+        assert_same_run(opt.step(lambda: compiled(x) - y), reference.step(lambda: twin(x) - y))
+        assert_same_run(flat_params(model), flat_params(twin))
     assert not compiled_graphs
 
 
@@ -704,13 +704,15 @@ def test_a_step_follows_the_model_not_torchs_default_device(options: dict) -> No
         return out - targets[rows] if loss == "mse" else (out, targets[rows])
 
     before = [p.detach().clone() for p in model.parameters()]
+    home = torch.get_default_device().type  # the model's: the CPU, or the tests' default device
     with torch.device("meta"):
         for _ in range(3):
             opt.step(closure)
-    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.device.type == home and torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
-    assert state and all(t.device.type == "cpu" for t in state)
+    state = [(k, t) for s in opt.state.values() for k, t in s.items() if isinstance(t, Tensor)]
+    # the step count is a CPU scalar on every device, as torch.optim keeps it
+    assert state and all(t.device.type == home for k, t in state if k != "step")
 
 
 class MixedAfter(nn.Module):
@@ -723,6 +725,9 @@ class MixedAfter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.first(x))
         return self.head(h - h.mean(0))
+
+
+CPU_AUTOCAST = cpu_only("torch.autocast('cpu') leaves a GPU's tensors alone")
 
 
 def autocast_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
@@ -740,6 +745,7 @@ def autocast_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     }
 
 
+@CPU_AUTOCAST
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("accelerated", [False, True])
 def test_autocast_outputs_and_targets_give_the_residuals_of_promotion(engine: str, accelerated: bool) -> None:
@@ -765,10 +771,11 @@ def test_autocast_outputs_and_targets_give_the_residuals_of_promotion(engine: st
     options = dict(engine=engine, geodesic_acceleration=accelerated)
     opt, reference = GramGaussNewton(model, **options), GramGaussNewton(twin, **options)
     for _ in range(3):
-        assert torch.equal(opt.step(pair), reference.step(promoted))
-        assert torch.equal(flat_params(model), flat_params(twin))
+        assert_same_run(opt.step(pair), reference.step(promoted))
+        assert_same_run(flat_params(model), flat_params(twin))
 
 
+@CPU_AUTOCAST
 @pytest.mark.parametrize("name", list(autocast_models()))
 def test_autocast_modules_are_handled_in_the_parameters_precision(name: str) -> None:
     """Under ``torch.autocast`` (bfloat16) Linear, convolutions, GroupNorm and LayerNorm compute in
@@ -1068,7 +1075,7 @@ def test_a_resumed_run_takes_the_uninterrupted_runs_steps_bit_for_bit(dtypes, kw
     def closure(m: nn.Module, x: Tensor, y: Tensor):
         return lambda: (m[2](m[1](m[0](x)).to(dtypes[1])), y)
 
-    gen = torch.Generator().manual_seed(1)
+    gen = seeded(1)
     data = [
         (torch.randn(6, 3, generator=gen).to(dtypes[0]), torch.randn(6, 1, generator=gen).to(dtypes[1]))
         for _ in range(6)
@@ -1086,7 +1093,8 @@ def test_a_resumed_run_takes_the_uninterrupted_runs_steps_bit_for_bit(dtypes, kw
     for x, y in data[3:]:
         opt.step(closure(model, x, y))
         resumed.step(closure(twin, x, y))
-        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert_same_run(a, b)
 
 
 @pytest.mark.parametrize(

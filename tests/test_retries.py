@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from dense import groupnorm_cnn
+from dense import groupnorm_cnn, seeded
 from torch import nn
 
 from gramnewton import GramGaussNewton
@@ -42,7 +42,7 @@ def cnn() -> nn.Module:
 
 
 def batches(model: nn.Module, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
+    gen = seeded(1)
     shape = (6, 4) if isinstance(model[0], nn.Linear) else (6, 1, 6, 6)
     return [
         (torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(6, 3, generator=gen, dtype=torch.float64))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense import assert_same_run, seeded
 
 from gramnewton import SingularGramError, damped_solve
 from gramnewton.solve import all_finite, cholesky_solve, damped_solution
@@ -40,7 +41,7 @@ def test_jitter_starts_at_the_shift_that_passes_the_pivot_test(seed: int, monkey
     factorisations = []
     cholesky_ex = torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m: factorisations.append(m) or cholesky_ex(m))
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     a = torch.randn(200, 50, generator=generator)
     gram, rhs, alpha = a @ a.T, torch.randn(200, generator=generator), 1e-4
     x, info = damped_solve(gram, rhs, 1.0, alpha)
@@ -63,13 +64,13 @@ def test_again_reuses_the_accepted_factorisation_bit_for_bit(path: str, monkeypa
     """``damped_solution(...).again(e)`` equals a new ``damped_solve`` of ``e`` bit for bit on each
     path (the same factorisation accepted), without factorising again (a spy counts the Cholesky
     factorisations and eigendecompositions)."""
-    generator = torch.Generator().manual_seed(3)
+    generator = seeded(3)
     a = torch.randn(40, 10 if path != "cholesky" else 60, generator=generator)
     gram, rhs, e = a @ a.T, torch.randn(40, generator=generator), torch.randn(40, generator=generator)
     alpha, tries = {"cholesky": (0.3, 4), "jitter": (1e-6, 4), "eigh": (1e-6, 0)}[path]
     solution = damped_solution(gram, rhs, 2.0, alpha, max_jitter_tries=tries)
     assert solution.info.method == path
-    assert torch.equal(solution.x, damped_solve(gram, rhs, 2.0, alpha, max_jitter_tries=tries)[0])
+    assert_same_run(solution.x, damped_solve(gram, rhs, 2.0, alpha, max_jitter_tries=tries)[0])
     fresh, _ = damped_solve(gram, e, 2.0, alpha, max_jitter_tries=tries)
     calls = []
     for name in ("cholesky_ex", "eigh"):
@@ -77,7 +78,7 @@ def test_again_reuses_the_accepted_factorisation_bit_for_bit(path: str, monkeypa
         monkeypatch.setattr(torch.linalg, name, lambda *args, f=original, n=name: calls.append(n) or f(*args))
     again = solution.again(e.double())
     assert calls == [] and again.dtype == torch.float64
-    assert torch.equal(again.float(), fresh)  # the float32 system's solution, returned in e's dtype
+    assert_same_run(again.float(), fresh)  # the float32 system's solution, returned in e's dtype
 
 
 def test_float64_solve_option_returns_input_dtype():
@@ -117,4 +118,4 @@ def test_cholesky_solve_is_torchs_bit_for_bit(n: int, dtype: torch.dtype):
     factor = torch.linalg.cholesky(a @ a.T + torch.eye(n, dtype=dtype))
     for k in (1, 3):
         rhs = torch.randn(n, k, dtype=dtype)
-        assert torch.equal(cholesky_solve(rhs, factor), torch.cholesky_solve(rhs, factor))
+        assert_same_run(cholesky_solve(rhs, factor), torch.cholesky_solve(rhs, factor))

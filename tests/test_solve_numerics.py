@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense import assert_same_run, seeded
 
 from gramnewton.solve import damped_solution, damped_solve, jacobian_solve, parameter_space_solve
 
@@ -18,14 +19,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _duplicated(seed: int) -> torch.Tensor:
     """A float64 ``J`` ``(20, 40)`` whose last four rows repeat its first four: ``G`` of rank 16."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded(seed)
     jac = torch.randn(16, 40, dtype=torch.float64, generator=gen)
     return torch.cat([jac, jac[:4]])
 
 
 def _zero_row(seed: int) -> torch.Tensor:
     """A float64 ``J`` ``(16, 40)`` with an exactly zero row (a sample with zero Jacobian)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded(seed)
     jac = torch.randn(16, 40, dtype=torch.float64, generator=gen)
     jac[3] = 0
     return jac
@@ -38,7 +39,7 @@ def test_jacobian_solve_coefficients_solve_the_damped_system(shape, alpha):
     ``b*k > m``: the part of ``r`` outside the range of ``J`` is divided by ``alpha``, not dropped
     (was: ``c = U diag(1 / (lam s^2 + alpha)) U^T r`` from the thin SVD, relative error about 1
     for ``J`` ``(30, 6)``, and a condition estimate without the eigenvalue ``alpha``); ``J^T c`` equals the parameter-space solve (push-through)."""
-    gen = torch.Generator().manual_seed(1)
+    gen = seeded(1)
     jac = torch.randn(*shape, dtype=torch.float64, generator=gen)
     rhs = torch.randn(shape[0], dtype=torch.float64, generator=gen)
     lam = 0.7
@@ -63,7 +64,7 @@ def test_alpha_zero_singular_gram_gives_the_minimum_norm_solution_in_float64(mak
     the minimum norm, ``J^T c`` off by 4e-8 relative, the zero-Jacobian sample's coefficient 1e8)."""
     jac = make(seed)
     n = jac.shape[0]
-    rhs = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + seed))
+    rhs = torch.randn(n, dtype=torch.float64, generator=seeded(10 + seed))
     gram = jac @ jac.T
     c, info = damped_solve(gram, rhs, 1.0, 0.0)
     expected = torch.linalg.pinv(gram, hermitian=True) @ rhs
@@ -83,7 +84,7 @@ def test_alpha_zero_singular_float32_gram(make, work):
     ``J^T c`` within 1e-4 of the minimum-norm step (was: jitter ``n * eps32 * mean(diag)``,
     relative error 1e-2 for duplicated samples, 3e-5 for a zero row)."""
     jac = make(0).float()
-    rhs = torch.randn(jac.shape[0], generator=torch.Generator().manual_seed(5))
+    rhs = torch.randn(jac.shape[0], generator=seeded(5))
     gram = jac @ jac.T
     c, info = damped_solve(gram, rhs, 1.0, 0.0, dtype=work)
     assert c.dtype == torch.float32 and info.jitter == 0.0
@@ -95,10 +96,10 @@ def test_alpha_zero_again_equals_a_fresh_solve():
     """``again(e)`` after an ``alpha = 0`` solve of a singular ``G`` is a fresh solve of ``e``."""
     jac = _duplicated(3)
     gram = jac @ jac.T
-    gen = torch.Generator().manual_seed(4)
+    gen = seeded(4)
     rhs, other = torch.randn(2, 20, dtype=torch.float64, generator=gen)
     solution = damped_solution(gram, rhs, 1.0, 0.0)
-    assert torch.equal(solution.again(other), damped_solve(gram, other, 1.0, 0.0)[0])
+    assert_same_run(solution.again(other), damped_solve(gram, other, 1.0, 0.0)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -106,7 +107,7 @@ def test_jitter_reported_is_the_jitter_used(dtype):
     """A tiny ``alpha`` with ``cond(G) = 1e12``: the jittered Cholesky's solution solves
     ``(G + (alpha + jitter) I) x = r`` to ``cond * eps`` and its condition estimate is a lower bound
     of (and within a factor 1e3 of) ``torch.linalg.cond`` of that matrix."""
-    gen = torch.Generator().manual_seed(7)
+    gen = seeded(7)
     q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=gen))
     gram = (q * torch.logspace(0, -12, 40, dtype=torch.float64)) @ q.T
     rhs = torch.randn(40, dtype=torch.float64, generator=gen)

@@ -66,8 +66,11 @@ def _count(n: int) -> int:
     return n
 
 
-def _box(low: Sequence[float], high: Sequence[float], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    lo, hi = torch.as_tensor(low, dtype=dtype).reshape(-1), torch.as_tensor(high, dtype=dtype).reshape(-1)
+def _box(
+    low: Sequence[float], high: Sequence[float], dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    lo = torch.as_tensor(low, dtype=dtype, device=device).reshape(-1)
+    hi = torch.as_tensor(high, dtype=dtype, device=device).reshape(-1)
     if lo.shape != hi.shape or lo.numel() == 0 or not bool((hi > lo).all()):
         raise ValueError(f"need low < high in every coordinate, got low={list(low)}, high={list(high)}")
     return lo, hi
@@ -81,10 +84,17 @@ def sample_interior(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """``(n, d)`` points drawn uniformly from the box ``[low, high]`` (``d = len(low)``, ``n >= 1``)."""
+    """``(n, d)`` points drawn uniformly from the box ``[low, high]`` (``d = len(low)``, ``n >= 1``),
+    on the ``generator``'s device (a CPU generator draws on the CPU whatever torch's default
+    device), else on the default device."""
     n = _count(n)
-    lo, hi = _box(low, high, dtype)
-    return lo + (hi - lo) * torch.rand(n, lo.numel(), generator=generator, dtype=dtype)
+    lo, hi = _box(low, high, dtype, _device(generator))
+    return lo + (hi - lo) * torch.rand(n, lo.numel(), generator=generator, dtype=dtype, device=lo.device)
+
+
+def _device(generator: torch.Generator | None) -> torch.device | None:
+    """Where a draw with ``generator`` must be made (torch refuses one on another device)."""
+    return None if generator is None else generator.device
 
 
 def sample_boundary(
@@ -99,17 +109,20 @@ def sample_boundary(
 
     A face is chosen with probability proportional to its ``(d-1)``-volume (both faces normal to
     a coordinate have the same area), then a point uniformly on it. In one dimension the two end
-    points are drawn with equal probability. ``n >= 1``.
+    points are drawn with equal probability. ``n >= 1``. On the ``generator``'s device, as
+    :func:`sample_interior`.
     """
     n = _count(n)
-    lo, hi = _box(low, high, dtype)
-    d = lo.numel()
+    lo, hi = _box(low, high, dtype, _device(generator))
+    d, device = lo.numel(), lo.device
     x = sample_interior(n, low, high, generator=generator, dtype=dtype)
     widths = hi - lo
-    areas = torch.stack([widths[torch.arange(d) != j].prod() for j in range(d)])  # prod() of nothing is 1
+    areas = torch.stack(
+        [widths[torch.arange(d, device=device) != j].prod() for j in range(d)]
+    )  # prod() of nothing is 1
     axis = torch.multinomial(areas, n, replacement=True, generator=generator)
-    upper = torch.rand(n, generator=generator, dtype=dtype) < 0.5
-    rows = torch.arange(n)
+    upper = torch.rand(n, generator=generator, dtype=dtype, device=device) < 0.5
+    rows = torch.arange(n, device=device)
     x[rows, axis] = torch.where(upper, hi[axis], lo[axis])
     return x
 
