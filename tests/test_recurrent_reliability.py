@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from dense import assert_close
+from dense import assert_close, cpu_only
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -106,7 +106,7 @@ def hidden_state_as_keyword(self: Head, x: Tensor) -> Tensor:
 
 
 def packed(self: Head, x: Tensor) -> Tensor:
-    lengths = torch.tensor([3, 1, 2, 3])
+    lengths = torch.tensor([3, 1, 2, 3], device="cpu")  # torch wants them on the CPU, whatever the device
     out, state = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
     out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
     return self.head(out.sum(1) + _h(state)[-1])
@@ -124,6 +124,13 @@ def test_recurrent_calls_of_every_shape_give_jacrevs_gram(kind: str, forward_fn:
     rnn = getattr(nn, kind)(3, 5, num_layers=2, dropout=0.5, batch_first=True).eval()
     model = Head(rnn, 5, forward_fn).double()
     x = torch.randn(4, 3, 3, dtype=torch.float64)
+    with torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN has no backward in eval mode (a GPU's)
+        check_calls(model, x, forward_fn, routed)
+
+
+def check_calls(model: nn.Module, x: Tensor, forward_fn: Forward, routed: bool) -> None:
+    """The hooks engine's Gram of ``model(x)``: jacrev's, or for a packed batch (routed) the
+    reference engine's."""
     if forward_fn is packed:  # jacrev cannot run a packed sequence: the reference engine's rows are dense autograd's
         gram, reasons = hooks_gram(model, lambda: model(x))
         reference = ReferenceEngine(list(model.parameters())).compute(lambda: model(x)).gram
@@ -332,6 +339,7 @@ def test_an_lstm_cell_from_an_unknown_kernel_is_refused(monkeypatch: pytest.Monk
         assert torch.equal(value, before[name]), name
 
 
+@cpu_only("torch.autocast('cpu') leaves a GPU's tensors alone")
 def test_an_lstm_cell_under_autocast_is_refused_with_the_reason() -> None:
     """Under CPU autocast an LSTMCell computes its gates in bfloat16 but returns float32 states,
     so the engine cannot tell it from a float32 call, and its run again in float32 differs: the
@@ -349,6 +357,7 @@ def test_an_lstm_cell_under_autocast_is_refused_with_the_reason() -> None:
     assert not opt.state
 
 
+@cpu_only("torch.autocast('cpu') leaves a GPU's tensors alone")
 def test_a_gru_cell_loop_under_autocast_gives_autograds_gram() -> None:
     """A GRUCell under autocast (bfloat16 gates, float32 states: not reproduced by the run again)
     takes the general way, one call at a time: its rows then agree with the reference engine's to
@@ -361,6 +370,7 @@ def test_a_gru_cell_loop_under_autocast_gives_autograds_gram() -> None:
     assert_close(gram, reference, 1e-2, "hooks vs reference under autocast")
 
 
+@cpu_only("torch.autocast('cpu') leaves a GPU's tensors alone")
 @pytest.mark.parametrize("engine", ["hooks", "reference"])
 def test_a_step_inside_autocast_is_refused_and_changes_nothing(engine: str) -> None:
     """``with torch.autocast(...): opt.step(closure)`` ran the solve, the direction and the update
