@@ -117,9 +117,8 @@ def sample_boundary(
     d, device = lo.numel(), lo.device
     x = sample_interior(n, low, high, generator=generator, dtype=dtype)
     widths = hi - lo
-    areas = torch.stack(
-        [widths[torch.arange(d, device=device) != j].prod() for j in range(d)]
-    )  # prod() of nothing is 1
+    # each face's (d-1)-volume: the product of the other widths (prod() of nothing is 1)
+    areas = torch.stack([widths[torch.arange(d, device=device) != j].prod() for j in range(d)])
     axis = torch.multinomial(areas, n, replacement=True, generator=generator)
     upper = torch.rand(n, generator=generator, dtype=dtype, device=device) < 0.5
     rows = torch.arange(n, device=device)
