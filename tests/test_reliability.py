@@ -627,16 +627,21 @@ def test_jacobian_solve_matches_the_pseudo_inverse_and_the_damped_formula() -> N
     assert_close(jt_c, a.T @ expected, 1e-10, "J^T c at alpha > 0")
 
 
+@pytest.mark.parametrize("proof", [True, False], ids=["graph_proof", "numerical_only"])
 def test_row_check_passes_ordinary_float32_models_and_runs_at_doubling_intervals_per_signature(
-    monkeypatch: pytest.MonkeyPatch,
+    proof: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The check runs at each forward signature's 1st, 2nd, 4th, ... forward; on a ResNet the
+    graph's node types prove every row kept (no backward pass), and without the proof the
+    numerical check's float32 tolerance absorbs the rounding (nothing routed either way)."""
     import warnings
 
     from gramnewton.engines import HooksEngine, hooks
     from gramnewton.lab.models import get_model
 
-    runs = []
-    check = hooks.rows_not_samples
+    proofs, runs = [], []
+    prove, check = hooks.rows_kept_by_graph, hooks.rows_not_samples
+    monkeypatch.setattr(hooks, "rows_kept_by_graph", lambda *a: proofs.append(1) or (prove(*a) if proof else set()))
     monkeypatch.setattr(hooks, "rows_not_samples", lambda *a: runs.append(1) or check(*a))
     torch.manual_seed(0)
     model = get_model("resnet8_gn", groups=4)  # float32: the tolerance must absorb rounding
@@ -646,7 +651,8 @@ def test_row_check_passes_ordinary_float32_models_and_runs_at_doubling_intervals
         for batch in (4, 4, 3, 4, 4, 4, 4):
             x = torch.randn(batch, 3, 8, 8)
             engine.compute(lambda: model(x).squeeze(1))
-    assert len(runs) == 4  # batch 4 at its 1st, 2nd and 4th forward (of six), batch 3 at its one
+    assert len(proofs) == 4  # batch 4 at its 1st, 2nd and 4th forward (of six), batch 3 at its one
+    assert len(runs) == (0 if proof else 4)
 
 
 def test_row_check_runs_its_passes_without_tf32(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,7 +75,7 @@ from .handlers import (
 )
 from .locality import Locality, Region, params_off_module_paths
 from .reference import flatten, jacobian_rows, split_like
-from .rows import graph_signature, post_order, rows_not_samples
+from .rows import graph_signature, post_order, rows_kept_by_graph, rows_not_samples
 from .workspace import Workspace, activated
 
 # Modules that only hold parameters for their parent's forward (never called themselves).
@@ -874,18 +874,30 @@ class HooksEngine:
                 and not _batch_mismatch(c, b, reachable)
                 and any(e.node in reachable for e in c.edges)
             ]
-            bad = self._check_rows(residuals, [calls[n] for n in checked], reachable, post) if checked else []
-            routed = routed | {n for n, failed in zip(checked, bad) if failed}
+            # the calls whose rows the graph's node types prove kept need no backward pass
+            # (.rows.rows_kept_by_graph; a sequence-first call's rows are not its tensor rows)
+            outputs = {n: [e.node for e in calls[n].edges if e.node in reachable] for n in checked}
+            provable = {node for n in checked if not any(calls[n].batch_dims) for node in outputs[n]}
+            proven = rows_kept_by_graph(post, provable, b) if provable else set()
+            numerical = [n for n in checked if any(calls[n].batch_dims) or not proven.issuperset(outputs[n])]
+            # autocast: the least precise dtype a hooked module computed in sets the tolerance (of
+            # all calls: a proven bfloat16 head rounds the gradients that reach the checked ones)
+            precision = max([c.out_dtype for c in calls] + [residuals.dtype], key=lambda d: torch.finfo(d).eps)
+            checking = [calls[n] for n in numerical]
+            bad = self._check_rows(residuals, checking, reachable, post, precision) if numerical else []
+            routed = routed | {n for n, failed in zip(numerical, bad) if failed}
             if signature not in self._row_verdicts and len(self._row_verdicts) >= MAX_ROW_VERDICTS:
                 self._row_verdicts.clear()  # e.g. many sequence lengths: start afresh
         self._row_verdicts[signature] = (routed, seen)
         return [calls[n] for n in routed]
 
-    def _check_rows(self, residuals: Tensor, checked: list[_Call], reachable: set[Any], post: list[Any]) -> list[bool]:
+    def _check_rows(
+        self, residuals: Tensor, checked: list[_Call], reachable: set[Any], post: list[Any], precision: torch.dtype
+    ) -> list[bool]:
         """:func:`.rows.rows_not_samples` for the outputs of ``checked`` whose nodes the residuals
-        reach (a call fails when one of them does); their gradients reach the check through the
-        calls' own output hooks, one at a time (none is kept), each with its batch moved to
-        dimension 0."""
+        reach (a call fails when one of them does), at the tolerance of ``precision``; their
+        gradients reach the check through the calls' own output hooks, one at a time (none is
+        kept), each with its batch moved to dimension 0."""
         outputs = [(call, j) for call in checked for j, e in enumerate(call.edges) if e.node in reachable]
         index = {(id(call), j): n for n, (call, j) in enumerate(outputs)}
         sinks = _sink_edges(post, _hooked_edges(checked))
@@ -904,9 +916,6 @@ class HooksEngine:
             finally:
                 self._observe = None
 
-        # autocast: the least precise dtype a checked module computed in sets the tolerance
-        precision = max((c.out_dtype for c in checked), key=lambda d: torch.finfo(d).eps, default=residuals.dtype)
-        precision = max(precision, residuals.dtype, key=lambda d: torch.finfo(d).eps)
         widths = [math.prod(sample_shape(call.out_shapes[j], call.batch_dims[j])) for call, j in outputs]
         failed = rows_not_samples(residuals, widths, backward, precision)
         return [any(failed[index[(id(c), j)]] for j in range(len(c.edges)) if (id(c), j) in index) for c in checked]
