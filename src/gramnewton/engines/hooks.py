@@ -849,9 +849,10 @@ class HooksEngine:
         return {id(p) for p in self.params if id(p) in reference}
 
     def _rows_not_samples(self, calls: list[_Call], residuals: Tensor, post: list[Any]) -> list[_Call]:
-        """The calls with ``b`` rows whose rows are not the samples (:mod:`.rows`), the verdict
-        cached per forward signature and checked again at its 2nd, 4th, 8th, ... forward (a
-        call found mixing stays routed). The check is numerical, at the parameters of the
+        """The calls with ``b`` rows whose rows are not the samples (:mod:`.rows`: proven kept from
+        the graph's node types, else checked numerically), the verdict cached per forward
+        signature and found again at its 2nd, 4th, 8th, ... forward (a call found mixing stays
+        routed). The check is numerical, at the parameters of the
         forward it runs on: a mixing of samples through a term that is zero there (a gate
         ``h + gamma * h.mean(0)`` at ``gamma = 0``, ReZero's start) is invisible to it, and
         appears once training moves the gate; a check at every forward would cost two backward

@@ -382,7 +382,7 @@ def _keeps_rows(node: Any, slots: list[tuple[int, Any, int]], b: int) -> bool:
     try:
         outputs = [tuple(m.shape) for m in node._input_metadata]  # the node's forward outputs
         inputs = [(i, tuple(c._input_metadata[nr].shape)) for i, c, nr in slots]
-    except (AttributeError, IndexError, RuntimeError):  # no metadata (a node type torch may add): unproven
+    except (AttributeError, IndexError, RuntimeError, TypeError):  # no metadata (a node type torch may add): unproven
         return False
     if b == 1:
         return True  # one row: nothing to mix
