@@ -140,9 +140,9 @@ class GainRatioDamping(DampingRule):
             estimate of the batch's ``rho``; a random subset when the batches are shuffled). A
             step the model predicts to raise the subset's loss (a few samples can rise while the
             batch falls) is measured on the whole batch: the ratio of two rises says nothing of
-            the step, and the sign alone would reject it. Needs a closure that takes the rows to evaluate, ``closure(rows)`` with ``rows`` a
-            ``slice`` of the batch (:class:`~gramnewton.GramGaussNewton`); not with
-            ``distributed``.
+            the step, and the sign alone would reject it. Needs a closure that takes the rows to
+            evaluate, ``closure(rows)`` with ``rows`` a ``slice`` of the batch
+            (:class:`~gramnewton.GramGaussNewton`); not with ``distributed``.
         retries: a rejected step is solved again, up to ``retries`` times, from the same batch's
             system (the Gram, ``J^T v`` and ``J v`` the engine formed for it) with the ``alpha``
             this rule raised, and judged by its own gain ratio: Levenberg-Marquardt's inner loop.

@@ -364,6 +364,8 @@ def rows_kept_by_graph(post: Sequence[Any], targets: set[Any], b: int) -> set[An
         targets: the nodes to prove.
         b: the number of samples (rows of the residuals).
     """
+    if b == 1:
+        return set(targets)  # one row: nothing to mix
     carries: dict[Any, bool] = {}
     for node in post:  # children first: does a path from node reach a target?
         carries[node] = node in targets or any(c is not None and carries[c] for c, _ in node.next_functions)
@@ -384,8 +386,6 @@ def _keeps_rows(node: Any, slots: list[tuple[int, Any, int]], b: int) -> bool:
         inputs = [(i, tuple(c._input_metadata[nr].shape)) for i, c, nr in slots]
     except (AttributeError, IndexError, RuntimeError, TypeError):  # no metadata (a node type torch may add): unproven
         return False
-    if b == 1:
-        return True  # one row: nothing to mix
     if any(not shape or shape[0] % b for shape in outputs + [s for _, s in inputs]):
         return False
     if name in FLAT_VIEWS:
