@@ -223,11 +223,12 @@ def test_a_system_larger_than_the_machine_is_refused_before_it_is_allocated(
 
     assert base.device_memory(torch.device("cpu")) > 2**30
     with monkeypatch.context() as patch:  # a container's limit, where lower than the machine's memory
-        limit = tmp_path / "memory.max"
-        limit.write_text("1073741824\n")
-        patch.setattr(base, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+        limited, unlimited = tmp_path / "limited", tmp_path / "unlimited"
+        limited.write_text("1073741824\n")
+        unlimited.write_text("max\n")  # cgroup v2's "no limit"
+        patch.setattr(base, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limited)))
         assert base.device_memory(torch.device("cpu")) == 2**30
-        limit.write_text("max\n")  # cgroup v2's "no limit"
+        patch.setattr(base, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(unlimited)))
         assert base.device_memory(torch.device("cpu")) > 2**30
     monkeypatch.setattr(base, "device_memory", lambda device: 8 * 1024)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 1, 3, padding=1)).double()

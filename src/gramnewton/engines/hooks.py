@@ -487,9 +487,6 @@ class HooksEngine:
         # parameter id -> the type of its module, whose output in the last forward held no
         # differentiable tensor (set by each forward, read by the routing)
         self._untracked: dict[int, str] = {}
-        # (rows, dtype, device) of the last Gram matrix found to fit the device's memory: checked
-        # again only when they change (the check reads the system's limits: 36 us, 2% of a small step)
-        self._fits: tuple[int, torch.dtype, torch.device] | None = None
 
     can_skip_gram = True  # compute(closure, form_gram=...) is understood
 
@@ -923,12 +920,9 @@ class HooksEngine:
 
     def _new_gram(self, residuals: Tensor) -> Tensor:
         """A zero ``(b*k, b*k)`` Gram matrix for ``residuals`` ``(b, k)``, after checking that it fits
-        the device's memory (only when its size, dtype or device changed: the check reads the
-        system's limits, 36 us, 2% of a small step)."""
+        the device's memory."""
         rows = residuals.numel()
-        if self._fits != (rows, residuals.dtype, residuals.device):
-            check_fits((rows, rows), residuals, "Gram matrix")
-            self._fits = (rows, residuals.dtype, residuals.device)
+        check_fits((rows, rows), residuals, "Gram matrix")
         return residuals.new_zeros(rows, rows)
 
     def _backward(
