@@ -91,8 +91,8 @@ _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.lim
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory of ``device`` (for the CPU the machine's physical memory, or the container's
     limit where lower), ``None`` where unknown. The CPU's is read once per process (per
-    :data:`_CGROUP_LIMITS`): reading the limit took 37 us, 1-2% of a small network's step, which
-    checks its dense ``J`` against it every step."""
+    :data:`_CGROUP_LIMITS`): read at every step's size check, the limit file cost 5-6% of a small
+    network's step (sinc's MLP; docs/convergence.md, fiftieth session)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
