@@ -849,12 +849,12 @@ class HooksEngine:
         """The calls with ``b`` rows whose rows are not the samples (:mod:`.rows`: proven kept from
         the graph's node types, else checked numerically), the verdict cached per forward
         signature and found again at its 2nd, 4th, 8th, ... forward (a call found mixing stays
-        routed). The check is numerical, at the parameters of the
-        forward it runs on: a mixing of samples through a term that is zero there (a gate
-        ``h + gamma * h.mean(0)`` at ``gamma = 0``, ReZero's start) is invisible to it, and
-        appears once training moves the gate; a check at every forward would cost two backward
-        passes a step, these a number that grows as the logarithm of the steps. A gate that
-        opens between two checks is found at the next one."""
+        routed). The numerical check runs at the parameters of the forward it runs on: a mixing
+        of samples through a term that is zero there (a gate ``h + gamma * h.mean(0)`` at
+        ``gamma = 0``, ReZero's start) is invisible to it, and appears once training moves the
+        gate; a check at every forward would cost two backward passes a step, these a number
+        that grows as the logarithm of the steps. A gate that opens between two checks is found
+        at the next one."""
         b = residuals.shape[0]
         reachable = set(post)
         shapes = tuple(
