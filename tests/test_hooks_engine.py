@@ -78,12 +78,32 @@ class Foreign(nn.Module):
 
 def weight_norm_head() -> nn.Module:
     """``weight_norm``'s pre-hook forms a Linear's ``weight`` from its parameters ``weight_g`` and
-    ``weight_v`` before each call: the graph then reaches them inside the Linear's own region, so
-    only the forward's watch (a parameter used while no module owning it runs) routes them."""
+    ``weight_v`` before each call: the graph reaches them inside the Linear's own region, and the
+    Linear's handler computes neither (``parameter_names``): the Linear's rows come through its
+    graph, the formed weight included."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the pre-hook form is deprecated, not gone
         hidden = nn.utils.weight_norm(nn.Linear(4, 5))
     return seq(hidden, nn.Tanh(), nn.Linear(5, 2))
+
+
+class SpectralNormAttention(nn.Module):
+    """``spectral_norm``'s pre-hook (the old form) forms an attention's ``in_proj_weight`` from
+    ``in_proj_weight_orig`` (in eval mode, with its stored power-iteration vectors): the attention's
+    handler computes the usual names only, so its rows come through its graph; ``out_proj``'s
+    parameters, which the attention uses without calling ``out_proj``, are adopted there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            attention = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.attn = nn.utils.spectral_norm(attention, "in_proj_weight")
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (b, T, 3)
+        h = torch.tanh(self.inp(x))
+        return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))
 
 
 def pruned_conv() -> nn.Module:
@@ -642,7 +662,7 @@ CASES = [
     Case("reused_module", Reused, lambda b: torch.randn(b, 4)),
     Case("tied_embedding_output", Tied, tokens(7, 3)),
     Case("foreign_use", Foreign, tokens(6, 2), reference_params=1),
-    Case("weight_norm_prehook", weight_norm_head, lambda b: torch.randn(b, 4), reference_params=2),
+    Case("weight_norm_prehook", weight_norm_head, lambda b: torch.randn(b, 4)),
     # torch.nn.utils.parametrize: the module's rows through its own graph, for the originals
     Case(
         "weight_norm_parametrization",
@@ -662,7 +682,8 @@ CASES = [
         ),
         images(2, 4),
     ),
-    Case("pruned_prehook", pruned_conv, images(2, 3), reference_params=1),
+    Case("pruned_prehook", pruned_conv, images(2, 3)),
+    Case("spectral_norm_attention_prehook", SpectralNormAttention, lambda b: torch.randn(b, 5, 3), eval_mode=True),
     *(
         Case(f"forward_hook_{change}", output_changed_by_a_forward_hook(change), lambda b: torch.randn(b, 4), **kw)
         for change, kw in (("replaced", {}), ("in_place", {}), ("bias_again", {"reference_params": 1}))
@@ -1740,6 +1761,44 @@ def test_masked_attention_takes_the_attention_handlers_factors(name: str, monkey
     model, x, _ = build(next(c for c in CASES if c.name == name))
     HooksEngine(model).compute(lambda: model(x))
     assert not fallbacks
+
+
+class WeightAndGain(nn.Module):
+    """``F.linear(x, weight) * gain``, given (below) a handler that computes ``weight`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.gain = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.rand(3) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight) * self.gain
+
+
+def test_a_handler_that_leaves_out_a_parameter_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler registered without ``parameter_names`` and asked for a parameter it does not
+    compute (``gain``): the step raises and changes nothing, where the parameter's rows would have
+    been zero (a wrong Gram). The same handler declaring its names has the module's rows taken
+    through its graph, equal to the dense ``J``."""
+
+    def weight_only(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict:
+        return {"weight": handlers.Dense(torch.einsum("no,ni->noi", g, a).reshape(g.shape[0], -1))}
+
+    torch.manual_seed(0)
+    model = seq(WeightAndGain(), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    monkeypatch.setitem(handlers.HANDLERS, WeightAndGain, handlers.LayerHandler(weight_only))
+    before = copy.deepcopy(model.state_dict())
+    opt = gramnewton.GramGaussNewton(model, engine="hooks")
+    with pytest.raises(RuntimeError, match=r"WeightAndGain computed no rows for its parameter\(s\) \['gain'\]"):
+        opt.step(lambda: model(x) - y)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    declared = handlers.LayerHandler(weight_only, parameter_names=handlers.fixed_names("weight"))
+    monkeypatch.setitem(handlers.HANDLERS, WeightAndGain, declared)
+    params = list(model.parameters())
+    gram = HooksEngine(model, params).compute(lambda: model(x) - y).gram
+    jac = dense_jacobian(model, x, params)
+    assert_close("gram vs jacrev", gram, jac @ jac.T)
 
 
 def test_residuals_independent_of_hooked_parameters() -> None:

@@ -30,7 +30,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -715,6 +715,13 @@ class LayerHandler:
             (the total at that output, holding the paths through another output computed from it
             inside the module) and counts each path once (``LSTMCell``: ``h'`` from ``c'``); the
             engine then does not route a module whose outputs are computed one from another.
+        parameter_names: ``module -> names`` of the parameters ``contributions`` computes, those
+            the module's type registers (Linear: ``weight``, ``bias``). A module holding another
+            takes :data:`AUTOGRAD_ROWS` instead: a forward pre-hook forms its ``weight`` from
+            ``weight_g`` and ``weight_v`` (``torch.nn.utils.weight_norm``) or from
+            ``weight_orig`` (``prune``, ``spectral_norm``), and only the module's graph, through
+            the formed weight, leads to them. ``None`` (a handler registered without it): a name
+            asked for and not returned raises, never zero rows.
     """
 
     contributions: Contributions
@@ -725,6 +732,12 @@ class LayerHandler:
     autocast: bool = False
     sequence_first: bool = False
     chained_outputs: bool = False
+    parameter_names: Callable[[nn.Module], Collection[str]] | None = None
+
+
+def fixed_names(*fixed: str) -> Callable[[nn.Module], Collection[str]]:
+    """``parameter_names`` of a module type whose parameters' names do not depend on the instance."""
+    return lambda module: fixed
 
 
 HANDLERS: dict[type, LayerHandler] = {}
@@ -1177,7 +1190,15 @@ def _attention_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names
 
 # MultiheadAttention: its output and arguments (needs_output) to check the call's options and to
 # fall back on AUTOGRAD_ROWS; its out_proj's parameters are adopted (it applies them itself)
-HANDLERS[nn.MultiheadAttention] = LayerHandler(_attention_rows, needs_input=False, needs_output=True, autocast=True)
+HANDLERS[nn.MultiheadAttention] = LayerHandler(
+    _attention_rows,
+    needs_input=False,
+    needs_output=True,
+    autocast=True,
+    parameter_names=fixed_names(
+        "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"
+    ),
+)
 
 
 def _sum_to_rows(x: Tensor) -> Tensor:
@@ -1191,18 +1212,18 @@ def _sum_to_rows(x: Tensor) -> Tensor:
     return x.sum(tuple(range(1, x.dim()))).unsqueeze(1)
 
 
-@register_handler(ScalarBias, needs_input=False, sequence_first=True)
+@register_handler(ScalarBias, needs_input=False, sequence_first=True, parameter_names=fixed_names("bias"))
 def _scalar_bias(module: nn.Module, a: Tensor | None, g: Tensor, names: frozenset) -> dict[str, Piece]:
     # d(x + b)/db sums the output gradient over every entry of the sample.
     return {"bias": Dense(_sum_to_rows(g))}
 
 
-@register_handler(ScalarScale, sequence_first=True)
+@register_handler(ScalarScale, sequence_first=True, parameter_names=fixed_names("scale"))
 def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     return {"scale": Dense(_sum_to_rows(g * a))}
 
 
-@register_handler(nn.Linear, autocast=True, sequence_first=True)
+@register_handler(nn.Linear, autocast=True, sequence_first=True, parameter_names=fixed_names("weight", "bias"))
 def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     n, out_features = g.shape[0], module.out_features
     positions = math.prod(g.shape[1:-1])  # all leading dimensions are positions (not -1: in may be 0)
@@ -1476,7 +1497,14 @@ def _patch_view(
     return xp.as_strided((n, groups, ho, wo, kh, kw, cin), (sn, cin * sc, st_h * sh, st_w * sw, dh * sh, dw * sw, sc))
 
 
-@register_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, unsupported=_conv_unsupported, autocast=True)
+@register_handler(
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    unsupported=_conv_unsupported,
+    autocast=True,
+    parameter_names=fixed_names("weight", "bias"),
+)
 def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     n = g.shape[0]
     pieces: dict[str, Piece] = {}
@@ -1550,12 +1578,12 @@ def _channel_affine_pieces(
     return pieces
 
 
-@register_handler(nn.GroupNorm, autocast=True)
+@register_handler(nn.GroupNorm, autocast=True, parameter_names=fixed_names("weight", "bias"))
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     return _channel_affine_pieces(lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names)
 
 
-@register_handler(nn.LayerNorm, autocast=True, sequence_first=True)
+@register_handler(nn.LayerNorm, autocast=True, sequence_first=True, parameter_names=fixed_names("weight", "bias"))
 def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
     return _affine_pieces(x_hat, g, len(module.normalized_shape), names)
@@ -1581,7 +1609,12 @@ def _batch_norm_unsupported(module: nn.Module) -> str | None:
 
 
 @register_handler(
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, unsupported=_batch_norm_unsupported, check=batch_norm_check
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    unsupported=_batch_norm_unsupported,
+    check=batch_norm_check,
+    parameter_names=fixed_names("weight", "bias"),
 )
 def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     # eval mode: a fixed per-channel affine map of the input, normalised by the running statistics
@@ -1600,7 +1633,9 @@ def _embedding_unsupported(module: nn.Module) -> str | None:
     return None
 
 
-@register_handler(nn.Embedding, unsupported=_embedding_unsupported, sequence_first=True)
+@register_handler(
+    nn.Embedding, unsupported=_embedding_unsupported, sequence_first=True, parameter_names=fixed_names("weight")
+)
 def _embedding(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     """Per-sample gradients of the table's rows the batch uses (the others are zero for every
     sample): ``(n, u * dim)`` for the ``u`` distinct tokens of ``a`` (:class:`UsedRows`), the

@@ -2,9 +2,10 @@
 
 How a step runs (docs/design.md, "The hooks engine"):
 1. Forward with forward hooks on every supported module: each call's input is kept and a tensor
-   hook is put on its output. A ``TorchFunctionMode`` watches the forward for a parameter used
-   outside its own module (e.g. ``x @ emb.weight.T``, or by a forward pre-hook forming the
-   module's weight, as ``weight_norm`` and ``prune`` do), which the hooks could not see.
+   hook is put on its output. A parameter used outside its own module (``x @ emb.weight.T``) is
+   found afterwards in the residuals' graph (:mod:`.locality`); a module holding a parameter its
+   handler does not compute (a forward pre-hook forming its ``weight`` from ``weight_g`` and
+   ``weight_v``, as ``weight_norm`` does) takes its rows through its own graph.
 2. Backward of ``residuals[:, c].sum()`` for each output column ``c`` (``k`` passes, the graph is
    retained between them) with ``torch.autograd.grad`` whose ``inputs`` are only the hooked
    outputs nearest the graph's leaves: no weight-gradient kernel runs. Samples are independent,
@@ -50,7 +51,6 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
-from torch.overrides import TorchFunctionMode
 
 from . import (
     handlers,
@@ -121,59 +121,6 @@ class _Call:
     # the engine was built, or swapped by torch.func.functional_call): the call used other tensors
     stale: tuple[str, ...] = ()
     hooks: list[Any] = field(default_factory=list)  # handles of the tensor hooks on its outputs
-
-
-# Tensor attributes whose reading is no use of a parameter's values in the forward: read outside
-# its module (torch.profiler(with_stack=True) reads every parameter's ``grad``) they route nothing
-_METADATA = frozenset({"grad", "requires_grad", "is_leaf", "grad_fn", "shape", "dtype", "device", "layout", "_version"})
-
-
-class _ForeignUse(TorchFunctionMode):
-    """Records hooked parameters that an operation uses outside the module owning them (reading
-    their metadata, :data:`_METADATA`, or any operation without grad mode, is no use)."""
-
-    def __init__(
-        self,
-        owners: dict[int, set[int]],
-        stack: list[int],
-        found: set[int],
-        adopters: dict[int, dict[int, str]],
-        adopted: dict[int, dict[str, Tensor]],
-    ):
-        super().__init__()
-        self.owners, self.stack, self.found = owners, stack, found
-        # a descendant's parameter used by a module that takes it (HooksEngine._adopters) is
-        # recorded in ``adopted`` (module id -> name -> parameter), not as a foreign use
-        self.adopters, self.adopted = adopters, adopted
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        owners, stack = self.owners, self.stack
-        for arg in (*args, *kwargs.values()) if kwargs else args:  # no tuple built for the usual call
-            # parameters reach operations directly or in a flat list (torch.cat, F.linear's args)
-            for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
-                owner = owners.get(id(leaf))
-                if owner is not None and (not stack or stack[-1] not in owner):  # outside every owner
-                    if not _is_use(func):
-                        return func(*args, **kwargs)
-                    name = self.adopters.get(stack[-1], {}).get(id(leaf)) if stack else None
-                    if name is None:
-                        self.found.add(id(leaf))
-                    else:
-                        self.adopted.setdefault(stack[-1], {})[name] = leaf
-        return func(*args, **kwargs)
-
-
-def _is_use(func: Any) -> bool:
-    """Whether ``func`` uses the values of a parameter among its arguments: not without grad
-    mode, where no operation puts the parameter in the graph (a lazy module's initialisation, a
-    power iteration's update: no path the Jacobian could miss), nor a read of its metadata
-    (:data:`_METADATA`). Asked only of operations that take a parameter outside its module: the
-    look-ups of :class:`_ForeignUse` find none in most operations, and cost less than this."""
-    return torch.is_grad_enabled() and not (
-        getattr(func, "__name__", None) == "__get__"
-        and getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA
-    )
 
 
 def _release(calls: list[_Call]) -> None:
@@ -434,6 +381,13 @@ class HooksEngine:
                 originals = module.parametrizations.named_parameters(prefix="parametrizations")
                 own.update((n, p) for n, p in originals if id(p) in wanted)
                 handler = AUTOGRAD_ROWS
+            known = handler.parameter_names if handler is not None else None
+            if known is not None and not set(own) <= set(known(module)):
+                # a parameter its handler does not compute: a forward pre-hook forms the module's
+                # ``weight`` from it (weight_norm's ``weight_g``, prune's ``weight_orig``); the
+                # module's graph leads through the formed weight to it (the handler gave it none:
+                # a Gram 0.99 off on a weight-normalised Linear, docs/performance.md)
+                handler = AUTOGRAD_ROWS
             if not own:
                 continue
             owned.update(id(p) for p in own.values())
@@ -456,9 +410,10 @@ class HooksEngine:
                 self._owners.setdefault(id(p), set()).add(id(module))
         # A module taken through its own graph may use a descendant's parameter in its forward
         # without calling the descendant (MultiheadAttention's out_proj): that call's rows are
-        # exact for it too. module id -> {id of such a hooked parameter: its name in the module}
-        self._adopters: dict[int, dict[int, str]] = {
-            id(module): {id(p): n for n, p in module.named_parameters() if id(p) in self._owners and n not in own}
+        # exact for it too, where the residuals' graph reaches it inside the module's region
+        # (:mod:`.locality`). module id -> {id of such a hooked parameter: (its name in the module, it)}
+        self._adopters: dict[int, dict[int, tuple[str, Tensor]]] = {
+            id(module): {id(p): (n, p) for n, p in module.named_parameters() if id(p) in self._owners and n not in own}
             for module, handler, own in self._modules
             if handler.needs_output
         }
@@ -501,11 +456,11 @@ class HooksEngine:
             check(module)
         timings = {"forward": 0.0, "reference": 0.0, "backward": 0.0, "per_sample": 0.0, "gram": 0.0}
         start = time.perf_counter()
-        residuals, calls, foreign = self._forward_with_hooks(closure)
+        residuals, calls = self._forward_with_hooks(closure)
         timings["forward"] = time.perf_counter() - start
         try:
             post = post_order(residuals.grad_fn)
-            reference_ids = self._route(calls, foreign, self._locality(residuals, calls), residuals, post)
+            reference_ids = self._route(calls, self._locality(residuals, calls), residuals, post)
             b, k = residuals.shape
 
             start = time.perf_counter()
@@ -594,13 +549,10 @@ class HooksEngine:
             weighted_gram=weighted_gram,
         )
 
-    def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call], set[int]]:
-        """Run the closure with forward hooks; returns the residuals ``(b, k)``, the hooked calls
-        and the ids of parameters used outside their modules."""
+    def _forward_with_hooks(self, closure: Closure) -> tuple[Tensor, list[_Call]]:
+        """Run the closure with forward hooks; returns the residuals ``(b, k)`` and the hooked calls."""
         calls: list[_Call] = []
-        stack: list[int] = []
-        foreign: set[int] = set()
-        adopted: dict[int, dict[str, Tensor]] = {}
+        stack: list[int] = []  # ids of the hooked modules whose forward is running
         self._untracked = {}
 
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -611,7 +563,6 @@ class HooksEngine:
         ) -> None:
             stack.pop()
             if handler.needs_output:
-                own = {**own, **adopted.pop(id(module), {})}
                 # a tuple, list or dict (nested: LSTM's (out, (h, c))) is followed through each of
                 # its differentiable tensors; with none its rows cannot be taken
                 if not isinstance(output, Tensor) and not any(
@@ -621,11 +572,7 @@ class HooksEngine:
                     return
             if isinstance(output, Tensor) and not output.requires_grad:
                 return  # e.g. run under no_grad: nothing to differentiate
-            # the bookkeeping below uses no parameter: kept out of _ForeignUse, whose Python handler
-            # would see each of its tensor calls (sinc network, b = 100: the forward with hooks
-            # took 0.23 ms with them seen, 0.15 ms without, a plain forward 0.07 ms)
-            with torch._C.DisableTorchFunction():
-                record(handler, own, module, args, kwargs, output)
+            record(handler, own, module, args, kwargs, output)
 
         def record(
             handler: LayerHandler, own: dict[str, Tensor], module: nn.Module, args: Any, kwargs: Any, output: Any
@@ -692,10 +639,9 @@ class HooksEngine:
         handles = []
         try:
             for module, handler, own in self._modules:
-                # the pre-hook after the user's (theirs run outside the module: a weight formed
-                # from its parameters there is watched), the post-hook before the user's: the
-                # module's own output is recorded, and a user's hook that changes it with the
-                # module's parameters (``o + m.bias``) runs outside the module and is watched
+                # the post-hook before the user's: the module's own output is recorded, and a
+                # user's hook that changes it with the module's parameters (``o + m.bias``) lies
+                # outside the module's region of the graph, where the locality walk finds it
                 handles.append(module.register_forward_pre_hook(pre_hook))
                 handles.append(
                     module.register_forward_hook(
@@ -705,10 +651,7 @@ class HooksEngine:
             # autograd is on: compute enables it. A torch.compile'd model runs eagerly here: its
             # compiled code would trace the engine's hooks and mode, which change every step (a
             # recompilation a step, then dynamo's limit; a 2 ms step took 110 ms)
-            with (
-                _ForeignUse(self._owners, stack, foreign, self._adopters, adopted),
-                torch.compiler.set_stance("force_eager"),
-            ):
+            with torch.compiler.set_stance("force_eager"):
                 value = closure()
         except BaseException:
             _release(calls)  # a closure failing mid-forward: its calls so far
@@ -716,9 +659,8 @@ class HooksEngine:
         finally:
             for handle in handles:
                 handle.remove()
-        try:  # validated outside the mode: its checks are not forward operations to watch
-            # the parameters' dtype now, not when the engine was built (``model.double()`` afterwards)
-            return residuals_2d(value, params_dtype(self.params)), calls, foreign
+        try:  # the parameters' dtype now, not when the engine was built (``model.double()`` afterwards)
+            return residuals_2d(value, params_dtype(self.params)), calls
         except BaseException:
             _release(calls)  # e.g. NaN residuals: refused before compute's own cleanup
             raise
@@ -727,31 +669,40 @@ class HooksEngine:
         """Ids of hooked parameters that the residuals reach other than through their modules'
         outputs, e.g. through an input derivative, and of those whose module computes one of its
         outputs from another (see :mod:`.locality`). Each call whose rows may come through its
-        graph is given the earlier calls' outputs where they stop (``RecordedCall.stops``)."""
+        graph is given the earlier calls' outputs where they stop (``RecordedCall.stops``), and
+        the descendants' parameters the walk found it using (``HooksEngine._adopters``)."""
+        no_adoption: dict[int, tuple[str, Tensor]] = {}
         regions = [
             Region(
                 frozenset((e.node, e.output_nr) for e in c.edges),
                 c.input_nodes,
                 frozenset(map(id, c.params.values())),
                 id(c.module) if c.output is not None else None,
+                frozenset(self._adopters.get(id(c.module), no_adoption)),
             )
             for c in calls
         ]
         locality = params_off_module_paths(residuals.grad_fn, regions, self._hooked, residuals.output_nr)
         for index, stops in locality.stops.items():
             calls[index].output.stops = tuple(stops)
+        for index, adopted in locality.adopted.items():
+            call = calls[index]
+            call.params.update(self._adopters[id(call.module)][i] for i in adopted)
         return locality
 
-    def _route(
-        self, calls: list[_Call], foreign: set[int], locality: Locality, residuals: Tensor, post: list[Any]
-    ) -> set[int]:
+    def _route(self, calls: list[_Call], locality: Locality, residuals: Tensor, post: list[Any]) -> set[int]:
         """Move to the reference engine, for this step, the parameters the hooks cannot see
         exactly; returns the ids of all reference parameters."""
         b = residuals.shape[0]
         reachable = set(post)
         for call in calls:
             _take_sequence_first(call, b)
-        dynamic: dict[int, str] = {i: "used outside its own module" for i in foreign}
+        dynamic: dict[int, str] = {
+            i: "used outside its own module, or reached by a path that bypasses its module's output, e.g. an "
+            "input derivative (torch.autograd.grad with create_graph=True); for the latter engine='functional' "
+            "with a gramnewton.pinn.residual / FunctionalResidual closure is exact and faster"
+            for i in locality.off_path
+        }
         for i, name in self._untracked.items():
             dynamic.setdefault(
                 i,
@@ -775,13 +726,6 @@ class HooksEngine:
                             f"used by {type(outer.module).__name__} and by a module called inside it (its rows "
                             "through the outer module's output would count the inner use twice)",
                         )
-        for i in locality.off_path:
-            dynamic.setdefault(
-                i,
-                "reached by a path that bypasses its module's output, e.g. an input derivative "
-                "(torch.autograd.grad with create_graph=True); engine='functional' with a "
-                "gramnewton.pinn.residual / FunctionalResidual closure is exact and faster",
-            )
         if _global_forward_hooks():
             for call in calls:
                 for p in call.params.values():
@@ -985,6 +929,14 @@ class HooksEngine:
                 new = call.handler.contributions(call.module, a, g, frozenset(names))
             finally:
                 self._in_handler = False
+            missing = names.keys() - new.keys()
+            if missing:  # zero rows for them would be a silently wrong Gram
+                raise RuntimeError(
+                    f"the handler of {type(call.module).__name__} computed no rows for its parameter(s) "
+                    f"{sorted(missing)}: register it with the names it computes (register_handler(..., "
+                    "parameter_names=...)), and a module holding others takes its rows through its own graph; "
+                    "no parameter was changed"
+                )
             if any(uses[id(p)] > 1 for p in names.values()):
                 # a bias folded into a weight that other calls use too (a tied weight): the weight's
                 # summed piece folds nothing (:class:`_Summed`), so the bias adds its own Gram part

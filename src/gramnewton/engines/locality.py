@@ -38,12 +38,17 @@ class Region:
             the outputs of the same module's earlier calls (a state kept on the module,
             ``self.h``, leads there): its rows stop there (``handlers._cut_outside``), and the
             path beyond is the earlier call's, whose rows hold it.
+        adoptable: ids of parameters the module does not own that its rows, taken through its
+            graph, may hold (a descendant's that its forward uses without calling the
+            descendant: ``nn.MultiheadAttention``'s ``out_proj``): reached inside the region
+            (the innermost one) they are the call's, not off path.
     """
 
     outputs: frozenset[tuple[Any, int]]
     inputs: frozenset[Any]
     params: frozenset[int]
     family: int | None = None
+    adoptable: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,13 @@ class Locality:
             at the first output already holds the second's, and their rows would count it twice.
         stops: per region (its index), the outputs ``(node, output_nr)`` of its module's earlier
             calls that a path from it reaches while inside it: where its rows must stop.
+        adopted: per region (its index), the ``Region.adoptable`` parameters reached inside it.
     """
 
     off_path: set[int]
     entangled: set[int]
     stops: dict[int, set[tuple[Any, int]]]
+    adopted: dict[int, set[int]]
 
 
 def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Iterable[int], root_nr: int = 0) -> Locality:
@@ -78,8 +85,10 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
     its own graph (its handler needs its output) may call hooked modules inside its forward, whose
     regions the path then enters and leaves (through their inputs) before it is back in the outer
     one; regions sharing an output (an outer module returning an inner one's output) are entered
-    outermost first (the inner call is recorded first). Any other path to a watched parameter (through a double-backward node, a
-    view of the weight used elsewhere, another module's region) makes the parameter "off path".
+    outermost first (the inner call is recorded first). A parameter reached with an innermost
+    region that may adopt it (``Region.adoptable``) is that region's. Any other path to a watched
+    parameter (a use outside every module owning it, a double-backward node, a view of the weight
+    used elsewhere, another module's region) makes the parameter "off path".
     A path inside a region that arrives at one of that region's own outputs makes the region
     entangled. Each node is visited at most once per nesting of regions.
 
@@ -98,6 +107,7 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
         for edge in region.outputs:
             at_output.setdefault(edge, []).append(index)
     found: set[int] = set()
+    adopted: dict[int, set[int]] = {}
     entangled: set[int] = set()
     seen: set[tuple[Any, int, tuple[int, ...]]] = set()
     # (node, the output of it the edge leads to, the regions it is in, outermost first (() is
@@ -133,7 +143,10 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
         variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
         if variable is not None:
             if id(variable) in watched and (not path or id(variable) not in regions[path[-1]].params):
-                found.add(id(variable))
+                if path and id(variable) in regions[path[-1]].adoptable:
+                    adopted.setdefault(path[-1], set()).add(id(variable))
+                else:
+                    found.add(id(variable))
             continue
         stack.extend((child, child_nr, path, False) for child, child_nr in node.next_functions if child is not None)
-    return Locality(found, {p for index in entangled for p in regions[index].params if p in watched}, stops)
+    return Locality(found, {p for index in entangled for p in regions[index].params if p in watched}, stops, adopted)

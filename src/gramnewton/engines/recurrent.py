@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .handlers import OutputGrads, Piece, RecordedCall, _autograd_rows, _projection_pieces, register_handler
+from .handlers import (
+    OutputGrads,
+    Piece,
+    RecordedCall,
+    _autograd_rows,
+    _projection_pieces,
+    fixed_names,
+    register_handler,
+)
 
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 
@@ -98,7 +106,14 @@ def _repeated(t: Tensor, k: int, dim: int) -> Tensor:
     return t.expand(*t.shape[: dim + 1], k, *t.shape[dim + 2 :]).flatten(dim, dim + 1)
 
 
-@register_handler(nn.RNN, nn.GRU, nn.LSTM, needs_input=False, needs_output=True)
+@register_handler(
+    nn.RNN,
+    nn.GRU,
+    nn.LSTM,
+    needs_input=False,
+    needs_output=True,
+    parameter_names=lambda module: module._flat_weights_names,
+)
 def _recurrent_rows(module: nn.Module, call: RecordedCall, g: OutputGrads, names: frozenset) -> dict[str, Piece]:
     """The per-sample gradients of an ``RNN``/``GRU``/``LSTM`` call (module docstring): for layer
     ``l`` and direction ``d``, ``weight_ih`` / ``bias_ih`` from the factors (the layer's input
@@ -269,5 +284,8 @@ def _h_from_c(call: RecordedCall) -> bool:
     )
 
 
-register_handler(nn.RNNCell, nn.GRUCell, needs_input=False, needs_output=True)(_cell_rows)
-register_handler(nn.LSTMCell, needs_input=False, needs_output=True, chained_outputs=True)(_cell_rows)
+_CELL_NAMES = fixed_names("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+register_handler(nn.RNNCell, nn.GRUCell, needs_input=False, needs_output=True, parameter_names=_CELL_NAMES)(_cell_rows)
+register_handler(nn.LSTMCell, needs_input=False, needs_output=True, chained_outputs=True, parameter_names=_CELL_NAMES)(
+    _cell_rows
+)
