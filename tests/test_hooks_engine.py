@@ -257,6 +257,25 @@ class PairUser(nn.Module):
         return self.head(torch.cat(self.pair(torch.tanh(self.lin(x))), 1))
 
 
+class PairAdopter(nn.Module):
+    """Applies its child ``proj``'s parameters without calling ``proj`` (adopted, as an attention
+    takes its ``out_proj``'s) and returns ``(h, h^2)``: entangled, so its adopted parameters are
+    routed with its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.proj = nn.Parameter(torch.ones(4)), nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(F.linear(x, self.proj.weight, self.proj.bias)) * self.scale
+        return h, h * h
+
+
+class Concatenate(nn.Module):
+    def forward(self, pair: tuple[Tensor, Tensor]) -> Tensor:
+        return torch.cat(pair, 1)
+
+
 class Encoder(nn.Module):
     """``TransformerEncoderLayer(batch_first=True)``: its attention (``MultiheadAttention``, no
     handler) returns ``(out, None)`` and uses ``out_proj``'s parameters without calling it."""
@@ -710,6 +729,12 @@ CASES = [
     Case("film_two_inputs", Conditioned, lambda b: torch.randn(b, 6)),
     # (h, h^2): one output computed from the other inside the module
     Case("tuple_output", PairUser, lambda b: torch.randn(b, 3), reference_params=1),
+    Case(
+        "tuple_output_adopted",
+        lambda: nn.Sequential(PairAdopter(), Concatenate(), nn.Linear(8, 1)),
+        lambda b: torch.randn(b, 3),
+        reference_params=3,
+    ),
     Case("two_outputs_both_used", lambda: SplitUser("both"), lambda b: torch.randn(b, 3)),
     Case("two_outputs_one_used", lambda: SplitUser("first"), lambda b: torch.randn(b, 3)),
     Case("two_outputs_in_a_dict", lambda: SplitUser("both", as_dict=True), lambda b: torch.randn(b, 3)),

@@ -417,6 +417,7 @@ class HooksEngine:
             for module, handler, own in self._modules
             if handler.needs_output
         }
+        self._adoptable = {module: frozenset(adopted) for module, adopted in self._adopters.items()}
         self.reference_reasons = {i: reasons[id(p)] for i, p in enumerate(self.params) if id(p) in reasons}
         self._warned: set[int] = set(self._static_reference)
         if reasons:
@@ -649,7 +650,7 @@ class HooksEngine:
                     )
                 )
             # autograd is on: compute enables it. A torch.compile'd model runs eagerly here: its
-            # compiled code would trace the engine's hooks and mode, which change every step (a
+            # compiled code would trace the engine's hooks, which change every step (a
             # recompilation a step, then dynamo's limit; a 2 ms step took 110 ms)
             with torch.compiler.set_stance("force_eager"):
                 value = closure()
@@ -671,14 +672,13 @@ class HooksEngine:
         outputs from another (see :mod:`.locality`). Each call whose rows may come through its
         graph is given the earlier calls' outputs where they stop (``RecordedCall.stops``), and
         the descendants' parameters the walk found it using (``HooksEngine._adopters``)."""
-        no_adoption: dict[int, tuple[str, Tensor]] = {}
         regions = [
             Region(
                 frozenset((e.node, e.output_nr) for e in c.edges),
                 c.input_nodes,
                 frozenset(map(id, c.params.values())),
                 id(c.module) if c.output is not None else None,
-                frozenset(self._adopters.get(id(c.module), no_adoption)),
+                self._adoptable.get(id(c.module), frozenset()),
             )
             for c in calls
         ]

@@ -149,4 +149,6 @@ def params_off_module_paths(root: Any, regions: Sequence[Region], watched: Itera
                     found.add(id(variable))
             continue
         stack.extend((child, child_nr, path, False) for child, child_nr in node.next_functions if child is not None)
-    return Locality(found, {p for index in entangled for p in regions[index].params if p in watched}, stops, adopted)
+    # an entangled region's adopted parameters are its call's too
+    tangled = {p for index in entangled for p in regions[index].params | adopted.get(index, set()) if p in watched}
+    return Locality(found, tangled, stops, adopted)
