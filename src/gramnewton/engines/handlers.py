@@ -740,6 +740,8 @@ def fixed_names(*fixed: str) -> Callable[[nn.Module], Collection[str]]:
     return lambda module: fixed
 
 
+_WEIGHT_AND_BIAS = fixed_names("weight", "bias")  # Linear, the convolutions, the norm layers
+
 HANDLERS: dict[type, LayerHandler] = {}
 
 
@@ -1223,7 +1225,7 @@ def _scalar_scale(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> 
     return {"scale": Dense(_sum_to_rows(g * a))}
 
 
-@register_handler(nn.Linear, autocast=True, sequence_first=True, parameter_names=fixed_names("weight", "bias"))
+@register_handler(nn.Linear, autocast=True, sequence_first=True, parameter_names=_WEIGHT_AND_BIAS)
 def _linear(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     n, out_features = g.shape[0], module.out_features
     positions = math.prod(g.shape[1:-1])  # all leading dimensions are positions (not -1: in may be 0)
@@ -1498,12 +1500,7 @@ def _patch_view(
 
 
 @register_handler(
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    unsupported=_conv_unsupported,
-    autocast=True,
-    parameter_names=fixed_names("weight", "bias"),
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, unsupported=_conv_unsupported, autocast=True, parameter_names=_WEIGHT_AND_BIAS
 )
 def _conv(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     n = g.shape[0]
@@ -1578,12 +1575,12 @@ def _channel_affine_pieces(
     return pieces
 
 
-@register_handler(nn.GroupNorm, autocast=True, parameter_names=fixed_names("weight", "bias"))
+@register_handler(nn.GroupNorm, autocast=True, parameter_names=_WEIGHT_AND_BIAS)
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     return _channel_affine_pieces(lambda x: F.group_norm(x, module.num_groups, None, None, module.eps), a, g, names)
 
 
-@register_handler(nn.LayerNorm, autocast=True, sequence_first=True, parameter_names=fixed_names("weight", "bias"))
+@register_handler(nn.LayerNorm, autocast=True, sequence_first=True, parameter_names=_WEIGHT_AND_BIAS)
 def _layer_norm(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
     return _affine_pieces(x_hat, g, len(module.normalized_shape), names)
@@ -1608,13 +1605,11 @@ def _batch_norm_unsupported(module: nn.Module) -> str | None:
     return None
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 @register_handler(
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    unsupported=_batch_norm_unsupported,
-    check=batch_norm_check,
-    parameter_names=fixed_names("weight", "bias"),
+    *_BATCH_NORMS, unsupported=_batch_norm_unsupported, check=batch_norm_check, parameter_names=_WEIGHT_AND_BIAS
 )
 def _batch_norm_eval(module: nn.Module, a: Tensor, g: Tensor, names: frozenset) -> dict[str, Piece]:
     # eval mode: a fixed per-channel affine map of the input, normalised by the running statistics
