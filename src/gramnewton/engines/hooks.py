@@ -404,16 +404,12 @@ class HooksEngine:
         self._static_reference = set(reasons)
         # ids of the parameters the hooks compute, as the locality walk watches them every step
         self._hooked = frozenset(id(p) for _, _, own in self._modules for p in own.values())
-        self._owners: dict[int, set[int]] = {}  # id of a hooked parameter -> ids of the modules owning it
-        for module, _, own in self._modules:
-            for p in own.values():
-                self._owners.setdefault(id(p), set()).add(id(module))
         # A module taken through its own graph may use a descendant's parameter in its forward
         # without calling the descendant (MultiheadAttention's out_proj): that call's rows are
         # exact for it too, where the residuals' graph reaches it inside the module's region
         # (:mod:`.locality`). module id -> {id of such a hooked parameter: (its name in the module, it)}
         self._adopters: dict[int, dict[int, tuple[str, Tensor]]] = {
-            id(module): {id(p): (n, p) for n, p in module.named_parameters() if id(p) in self._owners and n not in own}
+            id(module): {id(p): (n, p) for n, p in module.named_parameters() if id(p) in self._hooked and n not in own}
             for module, handler, own in self._modules
             if handler.needs_output
         }
