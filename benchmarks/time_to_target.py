@@ -497,14 +497,40 @@ def train_for_budget(
     }
 
 
+def warm_up(task: Task, train: Dataset, spec: dict[str, Any]) -> FitState:
+    """``spec["warm_up_steps"]`` untimed steps of the same optimizer and configuration on a model of
+    another seed, before the timed run (``target_probe.py --warm-up``): the process has then run
+    every code path of the step once, as a user's second fit in one process (a sweep, an ensemble)
+    has; the timed run's seed, initialisation and batches are those of a run without it. Returns
+    the warm-up's :class:`FitState`."""
+    torch.manual_seed(spec["seed"] + 10_000)
+    model = task.model()
+    step, _ = make_step(spec["optimizer"], model, spec["config"])
+    batch = len(train) if spec["config"]["batch"] == "full" else int(spec["config"]["batch"])
+    steps = spec["warm_up_steps"]
+    return fit(step, train, batch_size=batch, seed=spec["seed"] + 10_000, epochs=1, callbacks=[_StopAfter(steps)])
+
+
+class _StopAfter(Callback):
+    """Stops :func:`fit` after ``steps`` steps."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step(self, state: FitState, loss: float) -> bool:
+        return state.step >= self.steps
+
+
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One run as described by ``spec`` (task, optimizer, config, seed, budget, cap, and ``threads``
-    when not :data:`THREADS`); in-process."""
+    """One run as described by ``spec`` (task, optimizer, config, seed, budget, cap, ``threads``
+    when not :data:`THREADS`, ``warm_up_steps`` when the process is to run :func:`warm_up` first); in-process."""
     cap = int(spec["memory_cap_gib"] * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.set_num_threads(spec.get("threads", THREADS))
     task = TASKS[spec["task"]]
     train, test = task.data()
+    if spec.get("warm_up_steps"):
+        warm_up(task, train, spec)
     torch.manual_seed(spec["seed"])
     model = task.model()
     config = spec["config"]

@@ -153,3 +153,31 @@ def test_time_to_target_never_rounds_a_ratio_across_the_issues_line(monkeypatch:
     assert text(158.7) == "158x"  # not "1.6e+02x"
     assert cell(0.17, None, 10.0, False) == ">58x" and cell(None, 0.2, 10.0, False) == "GGN never"
     assert cell(0.1, None, 10.0, True) == "OOM" and cell(None, None, 10.0, False) == "neither"
+
+
+def test_a_warm_up_leaves_the_timed_run_as_a_cold_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``target_probe.py --warm-up`` times a run in a process that has taken steps of its own
+    configuration on another seed's model first (:func:`time_to_target.warm_up`, then the child's
+    own seeding, as in ``run_child``); the timed run must then take the very steps a fresh process
+    takes, or warm and cold differ in more than the process's one-time costs: nothing the warm-up
+    leaves behind (torch's settings, a cache keyed by the freed model's id) may reach it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ttt = importlib.import_module("time_to_target")
+    from gramnewton.lab.experiments.training import fit
+
+    task = ttt.TASKS["sinc"]
+    train, _ = task.data()
+    config = {"batch": 500, "lam": 1.0, "momentum": 0.8, "alpha": 0.3, "adaptive_damping": False}
+
+    def timed_run(warm: bool) -> torch.Tensor:
+        if warm:
+            state = ttt.warm_up(task, train, {"optimizer": "ggn", "config": config, "seed": 3, "warm_up_steps": 2})
+            assert state.step == 2
+        torch.manual_seed(3)
+        model = task.model()
+        step, _ = ttt.make_step("ggn", model, config)
+        fit(step, train, batch_size=500, seed=3, epochs=1, callbacks=[ttt._StopAfter(3)])
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    cold = timed_run(warm=False)
+    assert torch.equal(timed_run(warm=True), cold)
