@@ -22,7 +22,8 @@ numerics="test_engine_routing test_engine_plumbing test_engine_state_reliability
     test_parameter_space_solve test_solve test_solve_numerics test_damping test_damping_numerics test_geodesic
     test_optim test_optim_compat test_metric test_metric_state test_metric_geodesic_numerics test_retries
     test_reliability test_random_models test_classification test_loss_reliability test_handler_options
-    test_forward_laplacian test_pinn test_pinn_reliability test_recurrent_reliability test_rows_by_graph"
+    test_forward_laplacian test_pinn test_pinn_reliability test_recurrent_reliability test_rows_by_graph
+    test_subset_damping test_subsampled_prototype test_theory_reliability"
 parallel=()  # 31 s with 8 workers on the H200; pytest-xdist may be missing
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 GRAMNEWTON_TEST_DEFAULT_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -rfEs "${parallel[@]}" \

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from dense import assert_same_run, seeded
 from test_lab_reliability import one_line_error, snapshot
 
 from gramnewton.lab.cli import main
@@ -84,7 +85,7 @@ def test_ntk_limit_refuses_inputs_off_the_sphere_and_keeps_float32_ones():
     x, _ = sphere_data(5, 4, seed=0)
     with pytest.raises(ValueError, match="unit sphere.*off 1 by 1e-06"):
         ntk_limit(x * (1 + 1e-6), torch.nn.Softplus())
-    x32 = torch.randn(20, 30, generator=torch.Generator().manual_seed(0))
+    x32 = torch.randn(20, 30, generator=seeded(0))
     x32 = x32 / x32.norm(dim=1, keepdim=True)
     assert ntk_limit(x32, torch.nn.Softplus()).shape == (20, 20)
 
@@ -131,7 +132,7 @@ def test_minibatch_refuses_widths_whose_gram_is_singular(tmp_path, capsys):
     assert "--widths 1: width M = 2 has M d = 6 trained weights for n = 16 samples" in error
     assert "use log2 widths >= 3" in error
     assert not out.exists()
-    j = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    j = torch.randn(8, 3, generator=seeded(1), dtype=torch.float64)
     with pytest.raises(ValueError, match="cyclic SGD contracts at no learning rate"):
         best_sgd_rate(j @ j.T, 4, grid=50)
 
@@ -207,6 +208,26 @@ def numbers(path) -> dict:
     return payload
 
 
+def assert_same_study(actual, expected) -> None:
+    """Two studies' JSON (or parts of it) agree: every key, string, integer and null equal, and the
+    floats, in order, by :func:`assert_same_run` (bit for bit on the CPU; off it to 1e-9 relative,
+    cuBLAS may add in another order in the second run)."""
+
+    def split(obj, floats: list[float]):
+        if isinstance(obj, dict):
+            return {k: split(v, floats) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [split(v, floats) for v in obj]
+        if isinstance(obj, float):
+            floats.append(obj)
+            return float  # the float's place
+        return obj
+
+    got, want = [], []
+    assert split(actual, got) == split(expected, want)
+    assert_same_run(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), "the studies")
+
+
 def test_a_failing_job_keeps_the_finished_runs_and_the_rerun_resumes_bit_for_bit(tmp_path, capsys, monkeypatch):
     """Job 3 of 4 raising (a singular system, a NaN, out of memory at one width) ended the study
     with its message and nothing written: the two finished runs were lost. Now the error names
@@ -229,14 +250,14 @@ def test_a_failing_job_keeps_the_finished_runs_and_the_rerun_resumes_bit_for_bit
     )
     partial = json.loads((cut / "quadratic.json").read_text())
     assert partial["complete"] is False and partial["jobs_done"] == [[16, 0], [16, 1]]
-    assert partial["study"]["runs"] == json.loads((whole / "quadratic.json").read_text())["study"]["runs"][:2]
+    assert_same_study(partial["study"]["runs"], json.loads((whole / "quadratic.json").read_text())["study"]["runs"][:2])
     assert sorted(p.name for p in cut.iterdir()) == ["quadratic.json"]  # no temporary file, no figure
     with monkeypatch.context() as patch:
         calls = fail_at(patch, "quadratic_run", 0, RuntimeError("never"))
         assert main([*FOUR_JOBS, "--out", str(cut)]) == 0
     assert [(args[3], args[5]) for args in calls] == [(32, 0), (32, 1)]  # only the jobs not done
     assert f"resuming {cut / 'quadratic.json'}: 2 of 4 runs done" in capsys.readouterr().out
-    assert numbers(cut / "quadratic.json") == numbers(whole / "quadratic.json")
+    assert_same_study(numbers(cut / "quadratic.json"), numbers(whole / "quadratic.json"))
     assert numbers(whole / "quadratic.json")["complete"] is True
     assert (cut / "quadratic.png").stat().st_size > 0
     # a finished study is refused as before
@@ -268,7 +289,7 @@ def test_minibatch_resumed_after_a_failing_width_is_the_uninterrupted_study(tmp_
         calls = fail_at(patch, "minibatch_run", 0, RuntimeError("never"))
         assert main([*THREE_WIDTHS, "--out", str(cut)]) == 0
     assert [args[2] for args in calls] == [16, 32]
-    assert numbers(cut / "minibatch.json") == numbers(whole / "minibatch.json")
+    assert_same_study(numbers(cut / "minibatch.json"), numbers(whole / "minibatch.json"))
     assert numbers(cut / "minibatch.json")["study"]["runs"][0]["ggn_contraction"] is None
 
 

@@ -11,13 +11,17 @@ def sphere_data(n: int, d: int, seed: int, noise: float = 0.1) -> tuple[Tensor, 
 
     ``u`` is a fixed random unit vector; the smooth part keeps ``|y| <= 1`` up to the noise.
 
+    Drawn on the CPU (a CPU generator cannot draw a tensor on a GPU default device), the same
+    data for a seed on every device, then moved to torch's default device.
+
     Returns:
-        ``x`` of shape ``(n, d)`` and ``y`` of shape ``(n,)``, float64.
+        ``x`` of shape ``(n, d)`` and ``y`` of shape ``(n,)``, float64, on the default device.
     """
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    cpu = {"generator": torch.Generator().manual_seed(seed), "dtype": torch.float64, "device": "cpu"}
+    x = torch.randn(n, d, **cpu)
     x = x / x.norm(dim=1, keepdim=True)
-    u = torch.randn(d, generator=gen, dtype=torch.float64)
+    u = torch.randn(d, **cpu)
     u = u / u.norm()
-    y = torch.sin(3.0 * (x @ u)) + noise * torch.randn(n, generator=gen, dtype=torch.float64)
-    return x, y
+    y = torch.sin(3.0 * (x @ u)) + noise * torch.randn(n, **cpu)
+    device = torch.get_default_device()
+    return x.to(device), y.to(device)
