@@ -12,8 +12,8 @@ once it reaches the target. ``--threads`` runs every configuration at each of th
 counts (``torch.set_num_threads`` in the child; default the benchmark's 2), interleaved with the
 others. ``--warm-up STEPS`` has each child first take that many untimed steps of the same
 configuration on another seed's model, so the timed run starts in a process that has run the step
-(a user's second fit in one process) rather than a fresh one. Prints the median seconds and the steps to the target per configuration and appends a
-record to ``--out``. ``--count-steps`` counts the steps only, in this process: no fork, no
+(a user's second fit in one process) rather than a fresh one. Prints the median seconds and the
+steps to the target per configuration and appends a record to ``--out``. ``--count-steps`` counts the steps only, in this process: no fork, no
 timing, the full training MSE evaluated after every step (on sinc about 0.2 s a run against a timed
 run's 1-2 s, for scanning many configurations' step counts before timing the few that matter)::
 
