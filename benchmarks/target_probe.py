@@ -115,7 +115,7 @@ def count_steps(
     model = task.model()
     step, _ = ttt.make_step(optimizer, model, config)
     stop = _StopAtTarget(model, train, args.target * mean_squared_error(model, train), args.count_steps)
-    batch = len(train) if config["batch"] == "full" else int(config["batch"])
+    batch = ttt.batch_size(config, train)
     try:
         # every epoch has a step: the callback stops the run first
         fit(step, train, batch_size=batch, seed=seed, epochs=args.count_steps, state=FitState(), callbacks=[stop])

@@ -507,19 +507,24 @@ def train_for_budget(
     }
 
 
+def batch_size(config: dict[str, Any], train: Dataset) -> int:
+    """The batch size of ``config``: its ``batch``, or the whole training set for ``"full"``."""
+    return len(train) if config["batch"] == "full" else int(config["batch"])
+
+
 def warm_up(task: Task, train: Dataset, spec: dict[str, Any]) -> FitState:
     """``spec["warm_up_steps"]`` untimed steps of the same optimizer and configuration on a model of
     another seed, before the timed run (``target_probe.py --warm-up``): the process has then run
     every code path of the step once, as a user's second fit in one process (a sweep, an ensemble)
     has; the timed run's seed, initialisation and batches are those of a run without it. Returns
     the warm-up's :class:`FitState`."""
-    torch.manual_seed(spec["seed"] + 10_000)
+    other_seed = spec["seed"] + 10_000
+    torch.manual_seed(other_seed)
     model = task.model()
     step, _ = make_step(spec["optimizer"], model, spec["config"])
-    batch = len(train) if spec["config"]["batch"] == "full" else int(spec["config"]["batch"])
-    steps = spec["warm_up_steps"]
+    batch, steps = batch_size(spec["config"], train), spec["warm_up_steps"]
     # every epoch has a step: the callback stops the run first
-    return fit(step, train, batch_size=batch, seed=spec["seed"] + 10_000, epochs=steps, callbacks=[_StopAfter(steps)])
+    return fit(step, train, batch_size=batch, seed=other_seed, epochs=steps, callbacks=[_StopAfter(steps)])
 
 
 class _StopAfter(Callback):
@@ -545,7 +550,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(spec["seed"])
     model = task.model()
     config = spec["config"]
-    batch = len(train) if config["batch"] == "full" else int(config["batch"])
+    batch = batch_size(config, train)
     warnings = WarningCounter()
     logging.getLogger("torch_levenberg_marquardt").addHandler(warnings)
     result: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "batch_size": batch}
