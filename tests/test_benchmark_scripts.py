@@ -181,3 +181,41 @@ def test_a_warm_up_leaves_the_timed_run_as_a_cold_one(monkeypatch: pytest.Monkey
 
     cold = timed_run(warm=False)
     assert torch.equal(timed_run(warm=True), cold)
+
+
+def test_race_steps_splits_a_race_into_its_first_step_and_the_later_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``race_steps.py`` reads a time_to_target result: per method and target the steps to it,
+    the first step's seconds and each later step's, and that step over the baseline's; a seed
+    that never reached the target is left out of the medians, not counted as zero."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    race_steps = importlib.import_module("race_steps")
+
+    def run(seconds_per_step: float, first: float, steps: int, reach_at: int | None) -> dict:
+        curve = [{"seconds": 0.0, "steps": 0, "train_loss": 1.0}]
+        for s in range(1, steps + 1):
+            loss = 0.05 if reach_at is not None and s >= reach_at else 0.5
+            curve.append({"seconds": first + (s - 1) * seconds_per_step, "steps": s, "train_loss": loss})
+        return {"config": {"batch": 8}, "initial_train": 1.0, "curve": curve}
+
+    ggn = [run(0.002, 0.010, 6, 4), run(0.002, 0.012, 6, 6), run(0.002, 0.010, 6, None)]
+    adam = [run(0.0005, 0.005, 40, 30)]
+    document = {
+        "meta": {"host": {"cpu": "a CPU"}, "git": "abc1234"},
+        "tasks": {"toy": {"target_runs": {"ggn": {"0.1": ggn}, "adam": {"0.1": adam}}}},
+    }
+    path = tmp_path / "time_to_target.json"
+    path.write_text(json.dumps(document))
+
+    rows = race_steps.summary(document["tasks"]["toy"])
+    assert rows["ggn"]["0.1"]["reached"] == 2 and rows["ggn"]["0.1"]["seeds"] == 3
+    assert rows["ggn"]["0.1"]["steps"] == 5 and rows["ggn"]["0.1"]["first"] == pytest.approx(0.011)
+    assert rows["ggn"]["0.1"]["per_step"] == pytest.approx(0.002)
+    assert rows["adam"]["0.1"]["per_step"] == pytest.approx(0.0005)
+
+    race_steps.main(["--task", "toy", str(path)])
+    printed = capsys.readouterr().out
+    assert "a CPU" in printed and "2 of 3" in printed
+    ggn_line = next(line for line in printed.splitlines() if line.strip().startswith("ggn"))
+    assert ggn_line.split()[8:10] == ["2.00", "4.00"]  # its later step in ms, and in Adam steps
