@@ -29,7 +29,7 @@ SCRIPTS = {
     "user_models": "user_models.py --models raw_mlp gru_state --reps 1",
     "step_trace": "step_trace.py ggn:damping=gain_ratio,check_every=4,retries=1 --task digits --steps 3 --every 2",
     "demo_variants": "demo_variants.py GGN={} --seconds 1 --mark 0.25",
-    "damping_floor": "damping_floor.py --task concrete --steps 2 --floors 1000 --seeds 0",
+    "damping_floor": "damping_floor.py --task concrete --epochs 1 --floors 1000 --seeds 0",
 }
 
 
