@@ -47,7 +47,9 @@ over the rest, stepping in turn (each step's Gram, backward and update cover one
 fraction of its step taken) from its value to ``F`` times it along a half cosine over the race's
 ``--seconds`` of the variant's CPU time, set before every step as a scheduler would set it.
 ``floor_until=S`` lowers a GGN variant's gain-ratio floor (``min_alpha``) to the rule's default
-(``1e-8``) once its steps have taken ``S`` CPU seconds: the floor early, none late.
+(``1e-8``) once its steps have taken ``S`` CPU seconds: the floor early, none late. ``floor_from=A@S``
+does the opposite: from ``S`` CPU seconds on the floor is ``A`` (and ``alpha`` at least ``A``): none
+early, while a zero-initialised network's Gram is still near zero, a ridge late.
 ``channels_last=true`` converts the variant's copy of the model to the channels-last memory
 format (``model.to(memory_format=torch.channels_last)``, a user's switch for faster convolutions on
 the CPU; its batches stay as the data set gives them). ``then=LR@S`` hands a variant over to
@@ -265,6 +267,7 @@ def race(
         optimizer_spec, handoff = pop_key(optimizer_spec, "then")
         optimizer_spec, cosine = pop_key(optimizer_spec, "cosine")
         optimizer_spec, floor_until = pop_key(optimizer_spec, "floor_until")
+        optimizer_spec, floor_from = pop_key(optimizer_spec, "floor_from")
         optimizer_spec, channels_last = pop_key(optimizer_spec, "channels_last")
         if channels_last not in (None, "true", "false"):
             raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
@@ -279,6 +282,7 @@ def race(
         runs[-1]["schedule"] = schedule
         runs[-1]["handoff"] = None if handoff is None else tuple(float(v) for v in handoff.split("@"))
         runs[-1]["floor_until"] = None if floor_until is None else float(floor_until)
+        runs[-1]["floor_from"] = None if floor_from is None else tuple(float(v) for v in floor_from.split("@"))
         runs[-1]["cosine"] = (
             None if cosine is None else (float(cosine), [[g["lr"] for g in o.param_groups] for o in opts])
         )
@@ -306,6 +310,13 @@ def race(
                 for o in run["opts"]:
                     o.damping.min_alpha = GainRatioDamping.min_alpha
                 run["floor_until"] = None
+            if run["floor_from"] is not None and run["cpu"] >= run["floor_from"][1]:
+                floor = run["floor_from"][0]
+                for o in run["opts"]:
+                    o.damping.min_alpha = floor
+                    for group in o.param_groups:
+                        group["alpha"] = max(group["alpha"], floor)
+                run["floor_from"] = None
             if run["cosine"] is not None:
                 final, base = run["cosine"]
                 factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(run["cpu"] / seconds, 1.0)))
