@@ -19,6 +19,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "gramnewton.lab.commands.demo",
     "gramnewton.lab.commands.train",
+    "gramnewton.lab.commands.sweep",
     "gramnewton.lab.commands.plot",
     "gramnewton.lab.commands.reproduce",
     "gramnewton.lab.commands.theory",

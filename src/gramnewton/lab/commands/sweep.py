@@ -1,0 +1,123 @@
+"""``gramnewton sweep CONFIG --grid KEY=[V1, V2, ...]``: one run per grid point, the point of least
+validation loss chosen (:mod:`gramnewton.lab.experiments.sweep`).
+
+A point whose optimizer gives up (a GGN step that is not finite at any damping) is reported as
+failed and the sweep goes on; any other error ends it, and ``--resume`` continues where it ended
+(finished points are read, not retrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ...solve import NonFiniteError, SingularGramError
+from ..experiments.config import load_config
+from ..experiments.runner import check_run_folder
+from ..experiments.sweep import check_sweep_folder, parse_axes, plot_summary, summarise, sweep_points, write_summary
+from .train import config_path, train_with_progress
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="train a config at every point of a grid and choose on the validation split"
+    )
+    p.add_argument("config", type=config_path, help="TOML experiment file, or the name of a packaged config")
+    p.add_argument(
+        "--grid",
+        dest="axes",
+        action="append",
+        default=[],
+        metavar="KEY=[V1, V2, ...]",
+        help="a grid axis: a config key and a TOML array of its values, e.g. --grid 'optimizer.lr=[1e-3, 3e-3]' "
+        "(repeatable: every combination is run)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value for every point, e.g. --set data.validation_fraction=0.2 (repeatable)",
+    )
+    p.add_argument("--out", type=Path, help="sweep folder, one run folder per point (default sweeps/<config name>)")
+    replace = p.add_mutually_exclusive_group()
+    replace.add_argument("--resume", action="store_true", help="continue a sweep: finished points are kept")
+    replace.add_argument(
+        "--overwrite", action="store_true", help="replace the runs of this grid's points (other files stay)"
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("gramnewton sweep runs its points one after another in one process: start it without torchrun")
+    config = load_config(args.config, args.overrides)
+    axes = parse_axes(args.axes)
+    points = sweep_points(config, axes)
+    out = args.out or Path("sweeps") / args.config.stem
+    # the whole folder first (an occupied one is refused before anything trains), then each point's
+    check_sweep_folder(out, resume=args.resume, overwrite=args.overwrite)
+    for point in points:
+        check_run_folder(out / point.folder, resume=args.resume, overwrite=args.overwrite, config=point.config)
+    failures: dict[str, str] = {}
+    for number, point in enumerate(points, 1):
+        desc = f"{number}/{len(points)} {point.folder}"
+        try:
+            train_with_progress(
+                point.config, out / point.folder, resume=args.resume, overwrite=args.overwrite, desc=desc
+            )
+        except KeyboardInterrupt:
+            print(f"\ninterrupted at point {desc}: continue the sweep with --resume")
+            return 130
+        except (SingularGramError, NonFiniteError) as error:
+            failures[point.folder] = " ".join(str(error).split())
+            print(f"{desc}: failed ({failures[point.folder]})")
+            continue
+        print(f"{desc}: {_describe(summarise(out, [point])[0])}")
+    rows = summarise(out, points, failures)
+    name = config["name"] or args.config.stem
+    print(_table(rows, [axis.key for axis in axes]))
+    chosen = next(row for row in rows if row["chosen"])
+    sets = " ".join(f"--set '{key}={_toml(value)}'" for key, value in points[rows.index(chosen)].overrides)
+    print(f"{name}: chosen on the validation split: {chosen['point']} ({_describe(chosen)}); train it with {sets}")
+    written = [write_summary(out, rows), plot_summary(out, rows, axes, title=name)]
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _describe(row: dict[str, Any]) -> str:
+    """``"val loss <v> at epoch <e>, test loss <t> there"`` of a summary row."""
+    if not math.isfinite(row["val_loss"]):
+        return "no finite validation loss"
+    return f"val loss {row['val_loss']:.4g} at epoch {row['best_epoch']:g}, test loss {row['test_loss']:.4g} there"
+
+
+def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """A plain-text table of the summary rows, the chosen one marked ``*``."""
+    quality = "test_accuracy" if "test_accuracy" in rows[0] else "test_rmse"
+    columns = [*keys, "best_epoch", "val_loss", "train_loss", "test_loss", quality, "last_test_loss"]
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    table = [["", *columns]] + [["*" if row["chosen"] else "", *(cell(row[c]) for c in columns)] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in table)
+
+
+def _toml(value: Any) -> str:
+    """A value as ``--set`` reads it back (inline TOML)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    return repr(value)

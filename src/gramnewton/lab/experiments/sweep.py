@@ -1,0 +1,234 @@
+"""A grid of runs of one config, chosen on the validation split (``gramnewton sweep``).
+
+A sweep trains one config at every point of a grid of overrides, the Cartesian product of its
+axes (``key=[v1, v2, ...]``, :func:`parse_axes`), each point into its own run folder
+``<out>/<NN>-<leaf>=<value>,...`` (:func:`sweep_points`; the runner's checkpoints and resume).
+It then picks the point whose lowest validation loss is least: ``val_loss`` over every
+evaluation of the run, the model ``train.keep_best`` keeps. The test set never takes part in the
+choice; the summary reports it beside the validation loss (:func:`summarise`).
+
+Every point is trained on the same split: the config must hold part of its training set out
+(``data.validation_fraction > 0``), and no axis may change the data or the seed that draws the
+split (``seed``, ``data.*``): validation losses of two splits do not rank two settings. Every
+point's config is resolved and validated before any training, so a typo in the last value fails
+before the first run.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import parse_override, set_dotted, validate
+from .figures import plt
+from .metrics import read_rows, write_rows
+from .optimizers import build_optimizer, takes_weight_decay
+from .runner import METRICS_FILE
+
+SUMMARY_FILE, FIGURE_FILE = "sweep.csv", "sweep.png"
+# Keys that change the training/validation split: points differing in them are not comparable.
+SPLIT_KEYS = ("seed", "data")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]+")
+_FOLDER_CHARS = 80
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One grid axis: the dotted config ``key`` and its ``values`` (TOML values, in order)."""
+
+    key: str
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One grid point: its ``folder`` name under the sweep folder, its ``overrides`` (key, value)
+    in axis order, and the resolved, validated ``config`` it trains."""
+
+    folder: str
+    overrides: tuple[tuple[str, Any], ...]
+    config: dict[str, Any]
+
+
+def parse_axes(items: Iterable[str]) -> list[Axis]:
+    """``["optimizer.lr=[1e-3, 3e-3]"]`` -> ``[Axis("optimizer.lr", (0.001, 0.003))]``.
+
+    Each item is ``key=<TOML array>``, read like a ``--set`` value (so tables are inline TOML
+    tables: ``optimizer.adaptive_damping=[{name = "gain_ratio", min_alpha = 10}, "auto"]``).
+
+    Raises:
+        ValueError: an item without ``=``, a value that is not a non-empty array, a key given
+            twice, or a key that changes the split (``seed``, ``data.*``).
+    """
+    axes: list[Axis] = []
+    for item in items:
+        key, values = parse_override(item)
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"--grid {item!r}: the values must be a non-empty TOML array, e.g. {key}=[0.1, 1.0]")
+        if key.split(".")[0] in SPLIT_KEYS:
+            raise ValueError(
+                f"--grid {key}: a sweep compares its points on one validation split, which seed and data.* "
+                "choose; run one sweep per seed or data set"
+            )
+        if any(axis.key == key for axis in axes):
+            raise ValueError(f"--grid {key} is given twice: put all its values in one array")
+        axes.append(Axis(key, tuple(values)))
+    if not axes:
+        raise ValueError("a sweep needs at least one --grid key=[values]")
+    return axes
+
+
+def sweep_points(config: Mapping[str, Any], axes: Sequence[Axis]) -> list[SweepPoint]:
+    """Every point of the grid of ``axes`` over the resolved ``config`` (the last axis varying
+    fastest), each resolved and validated.
+
+    Raises:
+        ValueError: ``config`` holds no validation split, or a point's config is not valid
+            (naming the point).
+    """
+    if not config["data"]["validation_fraction"]:
+        raise ValueError(
+            "a sweep chooses on held-out data: set data.validation_fraction, e.g. --set data.validation_fraction=0.2"
+        )
+    points = []
+    for index, values in enumerate(itertools.product(*(axis.values for axis in axes))):
+        overrides = tuple((axis.key, value) for axis, value in zip(axes, values))
+        label = ",".join(f"{key.rsplit('.', 1)[-1]}={_format(value)}" for key, value in overrides)
+        point = copy.deepcopy(dict(config))
+        try:
+            for key, value in overrides:
+                set_dotted(point, key, copy.deepcopy(value))
+            validate(point)
+            _check_optimizer_values(point)
+        except ValueError as error:
+            raise ValueError(f"grid point {label}: {error}") from None
+        folder = f"{index:02d}-{_UNSAFE.sub('_', label)[:_FOLDER_CHARS]}"
+        points.append(SweepPoint(folder, overrides, point))
+    return points
+
+
+def _check_optimizer_values(config: Mapping[str, Any]) -> None:
+    """Build the point's optimizer for a stand-in model: its constructor checks the values' ranges
+    (``alpha >= 0``, ...), which :func:`~gramnewton.lab.experiments.config.validate` leaves to it."""
+    decay = {"weight_decay": config["train"]["weight_decay"]} if takes_weight_decay(config["optimizer"]["name"]) else {}
+    build_optimizer({**config["optimizer"], **decay}, nn.Linear(2, 1))
+
+
+def check_sweep_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder without ``resume`` or ``overwrite``
+    (each point's folder is then checked as a run folder,
+    :func:`~gramnewton.lab.experiments.runner.check_run_folder`)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise ValueError(
+            f"{out} is not empty (another sweep?): pass --resume to continue the sweep there, "
+            "--overwrite to replace its points' runs, or pick another --out"
+        )
+
+
+def _format(value: Any) -> str:
+    """A short, readable text of a TOML value for folder names and tables."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}={_format(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(_format, value)) + "]"
+    return str(value)
+
+
+def summarise(
+    out: str | Path, points: Sequence[SweepPoint], failures: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """One summary row per point, from its run folder's ``metrics.csv``.
+
+    Row keys: ``point`` (the folder), one column per axis (its dotted key; tables and lists as
+    text), ``epochs`` and ``seconds`` (trained), ``best_epoch`` (of the lowest ``val_loss``),
+    ``val_loss`` (that lowest), ``train_loss`` and ``test_loss`` at the same evaluation, then
+    ``test_rmse`` or ``test_accuracy`` there (regression or classification), ``last_test_loss``,
+    ``chosen`` (1 for the point of least ``val_loss``, 0 else) and ``error`` (why a point failed,
+    from ``failures``: folder -> message; "" else). A point without a finite validation loss
+    (diverged, failed, or not yet evaluated) has NaN there and is never chosen.
+
+    Raises:
+        ValueError: no point has a finite validation loss.
+    """
+    out, failures = Path(out), dict(failures or {})
+    rows = []
+    for point in points:
+        path = out / point.folder / METRICS_FILE
+        metrics = read_rows(path) if path.is_file() else []
+        finite = [r for r in metrics if math.isfinite(r.get("val_loss", math.nan))]
+        best = min(finite, key=lambda r: r["val_loss"]) if finite else {}
+        last = metrics[-1] if metrics else {}
+        quality = "test_accuracy" if "test_accuracy" in (best or last) else "test_rmse"
+        row: dict[str, Any] = {"point": point.folder}
+        for key, value in point.overrides:
+            row[key] = value if isinstance(value, (int, float, str)) else _format(value)
+        row |= {
+            "epochs": last.get("epoch", 0),
+            "seconds": last.get("seconds", 0.0),
+            "best_epoch": best.get("epoch", math.nan),
+            "val_loss": best.get("val_loss", math.nan),
+            "train_loss": best.get("train_loss", math.nan),
+            "test_loss": best.get("test_loss", math.nan),
+            quality: best.get(quality, math.nan),
+            "last_test_loss": last.get("test_loss", math.nan),
+            "chosen": 0,
+            "error": failures.get(point.folder, ""),
+        }
+        rows.append(row)
+    candidates = [i for i, row in enumerate(rows) if math.isfinite(row["val_loss"])]
+    if not candidates:
+        raise ValueError(f"no point of the sweep in {out} reached a finite validation loss")
+    rows[min(candidates, key=lambda i: rows[i]["val_loss"])]["chosen"] = 1
+    return rows
+
+
+def write_summary(out: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write ``rows`` (:func:`summarise`) to ``<out>/sweep.csv``; return the path."""
+    path = Path(out) / SUMMARY_FILE
+    write_rows(path, rows)
+    return path
+
+
+def plot_summary(out: str | Path, rows: Sequence[dict[str, Any]], axes: Sequence[Axis], *, title: str = "") -> Path:
+    """``<out>/sweep.png``: each point's lowest validation loss and the test loss at the same
+    evaluation, the chosen point ringed. One numeric axis is the x axis (logarithmic when its
+    values are positive and span a decade or more); other grids are drawn point by point."""
+    path = Path(out) / FIGURE_FILE
+    numeric = len(axes) == 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in axes[0].values)
+    xs = [row[axes[0].key] for row in rows] if numeric else list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [row["val_loss"] for row in rows], marker="o", label="validation loss (lowest)")
+    ax.plot(xs, [row["test_loss"] for row in rows], marker="s", label="test loss (same evaluation)")
+    chosen = [i for i, row in enumerate(rows) if row["chosen"]]
+    ax.plot([xs[i] for i in chosen], [rows[i]["val_loss"] for i in chosen], "o", ms=14, mfc="none", label="chosen")
+    if numeric:
+        ax.set_xlabel(axes[0].key)
+        positive = min(xs) > 0
+        if positive and max(xs) >= 10 * min(xs):
+            ax.set_xscale("log")
+    else:
+        ax.set_xticks(xs, [row["point"] for row in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,188 @@
+"""``gramnewton sweep``: a grid of runs of one config, chosen on the validation split (issue 15)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_early_stopping import VALIDATED
+from test_lab_reliability import one_line_error, snapshot
+
+from gramnewton.lab.cli import main
+from gramnewton.lab.commands import sweep as sweep_command
+from gramnewton.lab.experiments.config import load_config
+from gramnewton.lab.experiments.metrics import read_rows, write_rows
+from gramnewton.lab.experiments.reproduce import CONFIGS_DIR
+from gramnewton.lab.experiments.sweep import Axis, parse_axes, summarise, sweep_points
+from gramnewton.solve import SingularGramError
+
+# VALIDATED (256 images, a quarter held out) for 3 epochs, no early stopping: a point trains in a second
+SHORT = ["train.epochs=3", "train.early_stopping_patience=0", "train.keep_best=false"]
+SETS = [f"--set={s}" for s in SHORT]
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "validated.toml"
+    path.write_text(VALIDATED)
+    return path
+
+
+def test_axes_are_toml_arrays_and_may_not_change_the_split():
+    axes = parse_axes(
+        ["optimizer.lr=[1e-3, 3e-3]", 'optimizer.adaptive_damping=[{name = "gain_ratio", min_alpha = 10}, "auto"]']
+    )
+    assert axes == [
+        Axis("optimizer.lr", (1e-3, 3e-3)),
+        Axis("optimizer.adaptive_damping", ({"name": "gain_ratio", "min_alpha": 10}, "auto")),
+    ]
+    refused = {
+        "optimizer.lr=0.1": "non-empty TOML array",
+        "optimizer.lr=[]": "non-empty TOML array",
+        "optimizer.lr": "section.key=value",
+        "seed=[0, 1]": "one validation split",
+        "data.validation_fraction=[0.1, 0.2]": "one validation split",
+    }
+    for item, words in refused.items():
+        with pytest.raises(ValueError, match=words):
+            parse_axes([item])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_axes(["optimizer.lr=[1]", "optimizer.lr=[2]"])
+    with pytest.raises(ValueError, match="at least one"):
+        parse_axes([])
+
+
+def test_points_are_the_grids_product_each_validated_before_any_training(config_file):
+    config = load_config(config_file, SHORT)
+    points = sweep_points(config, parse_axes(["optimizer.alpha=[0.1, 10]", "optimizer.lam=[1, 4]"]))
+    assert [p.folder for p in points] == [
+        "00-alpha=0.1,lam=1",
+        "01-alpha=0.1,lam=4",
+        "02-alpha=10,lam=1",
+        "03-alpha=10,lam=4",
+    ]
+    assert [(p.config["optimizer"]["alpha"], p.config["optimizer"]["lam"]) for p in points] == [
+        (0.1, 1),
+        (0.1, 4),
+        (10, 1),
+        (10, 4),
+    ]
+    assert points[0].overrides == (("optimizer.alpha", 0.1), ("optimizer.lam", 1))
+    assert config["optimizer"]["alpha"] == 0.3  # the base config is not changed
+    # the constructor's range check and the config's key check, for the last point, before any run
+    with pytest.raises(ValueError, match=r"grid point alpha=-1: .*alpha"):
+        sweep_points(config, parse_axes(["optimizer.alpha=[0.1, -1]"]))
+    with pytest.raises(ValueError, match="grid point alhpa=1: unknown config key optimizer.alhpa"):
+        sweep_points(config, parse_axes(["optimizer.alhpa=[1]"]))
+    with pytest.raises(ValueError, match="validation_fraction"):
+        sweep_points(
+            load_config(config_file, [*SHORT, "data.validation_fraction=0"]), parse_axes(["optimizer.alpha=[1]"])
+        )
+
+
+def test_the_choice_is_the_lowest_validation_loss_never_the_test_loss(config_file, tmp_path):
+    points = sweep_points(load_config(config_file, SHORT), parse_axes(["optimizer.alpha=[1, 2, 3]"]))
+    nan = math.nan
+    curves = {  # (val_loss, test_loss) per epoch
+        points[0].folder: [(nan, nan), (0.5, 0.10), (0.6, 0.05)],  # the test set's favourite
+        points[1].folder: [(nan, nan), (0.3, 0.40), (0.2, 0.30), (0.4, 0.20)],  # least validation loss, mid-run
+        points[2].folder: [(nan, nan), (nan, nan)],  # diverged
+    }
+    for folder, curve in curves.items():
+        rows = [
+            {"epoch": e, "seconds": e, "train_loss": 1.0, "val_loss": v, "test_loss": t, "test_rmse": 2 * t}
+            for e, (v, t) in enumerate(curve)
+        ]
+        write_rows(tmp_path / "sweep" / folder / "metrics.csv", rows)
+    rows = summarise(tmp_path / "sweep", points, {points[2].folder: "not finite"})
+    assert [r["chosen"] for r in rows] == [0, 1, 0]
+    chosen = rows[1]
+    assert (chosen["best_epoch"], chosen["val_loss"], chosen["test_loss"], chosen["test_rmse"]) == (2, 0.2, 0.3, 0.6)
+    assert (chosen["epochs"], chosen["last_test_loss"], chosen["optimizer.alpha"]) == (3, 0.2, 2)
+    assert math.isnan(rows[2]["val_loss"]) and rows[2]["error"] == "not finite"
+    write_rows(tmp_path / "sweep" / points[1].folder / "metrics.csv", [{"epoch": 0, "val_loss": nan, "test_loss": 1.0}])
+    with pytest.raises(ValueError, match="no point .* finite validation loss"):
+        summarise(tmp_path / "sweep", points[1:])
+
+
+def test_sweep_trains_each_point_as_train_would_and_resumes_without_retraining(config_file, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    grid = ["--grid", "optimizer.alpha=[0.1, 10]", *SETS]
+    assert main(["sweep", str(config_file), *grid, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = read_rows(out / "sweep.csv")
+    assert [r["point"] for r in summary] == ["00-alpha=0.1", "01-alpha=10"] and sum(r["chosen"] for r in summary) == 1
+    chosen = next(r for r in summary if r["chosen"])
+    assert f"chosen on the validation split: {chosen['point']}" in printed
+    assert f"--set 'optimizer.alpha={chosen['optimizer.alpha']:g}'" in printed.replace(".0'", "'")
+    assert (out / "sweep.png").stat().st_size > 0
+    # a point is the run `gramnewton train` makes with the same --set (wall-clock seconds aside)
+    alone = tmp_path / "alone"
+    assert main(["train", str(config_file), *SETS, "--set=optimizer.alpha=10", f"--out={alone}"]) == 0
+
+    def strip(rows):  # NaN-aware: compare the numbers' text
+        return [{k: repr(v) for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert strip(read_rows(out / "01-alpha=10" / "metrics.csv")) == strip(read_rows(alone / "metrics.csv"))
+    # an occupied folder is refused unchanged; --resume reads the finished points, trains none
+    before = {p.name: snapshot(p) for p in out.iterdir() if p.is_dir()}
+    capsys.readouterr()
+    assert main(["sweep", str(config_file), *grid, "--out", str(out)]) == 1
+    assert "is not empty" in one_line_error(capsys)
+    assert main(["sweep", str(config_file), *grid, "--out", str(out), "--resume"]) == 0
+    assert {p.name: snapshot(p) for p in out.iterdir() if p.is_dir()} == before
+    assert [r["val_loss"] for r in read_rows(out / "sweep.csv")] == [r["val_loss"] for r in summary]
+
+
+def test_a_point_whose_step_fails_is_reported_and_the_sweep_goes_on(config_file, tmp_path, capsys, monkeypatch):
+    train = sweep_command.train_with_progress
+
+    def failing(config, out, **kwargs):
+        if config["optimizer"]["alpha"] == 0.1:
+            raise SingularGramError("the Gram-Gauss-Newton step is not finite")
+        return train(config, out, **kwargs)
+
+    monkeypatch.setattr(sweep_command, "train_with_progress", failing)
+    out = tmp_path / "sweep"
+    args = ["sweep", str(config_file), "--grid", "optimizer.alpha=[0.1, 10]", *SETS]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "00-alpha=0.1: failed (the Gram-Gauss-Newton step is not finite)" in capsys.readouterr().out
+    rows = read_rows(out / "sweep.csv")
+    assert rows[0]["error"] == "the Gram-Gauss-Newton step is not finite" and math.isnan(rows[0]["val_loss"])
+    assert [r["chosen"] for r in rows] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--grid", "seed=[1, 2]"], "one validation split"),
+        (["--grid", "optimizer.alpha=[0.1, -1]"], "grid point alpha=-1"),
+        (["--grid", "optimizer.alpha=[1]", *SETS, "--set=data.validation_fraction=0"], "held-out data"),
+        ([], "at least one --grid"),
+    ],
+)
+def test_bad_sweeps_are_one_line_errors_that_train_nothing(config_file, tmp_path, capsys, argv, words):
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(config_file), *argv, "--out", str(out)]) == 1
+    assert words in one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "axis"),
+    [
+        ("concrete_ggn_mlp", "optimizer.adaptive_damping.min_alpha=[1e-8, 10, 100, 1000, 1e4, 1e5, 1e6]"),
+        ("concrete_adam_mlp", "optimizer.lr=[3e-4, 1e-3, 3e-3, 1e-2]"),
+    ],
+)
+def test_the_packaged_tabular_configs_take_their_documented_grids(name, axis):
+    for data in ("concrete", "diabetes"):
+        config = load_config(CONFIGS_DIR / f"{name}.toml", [f"data.name={data}"])
+        points = sweep_points(config, parse_axes([axis]))
+        assert len(points) == len(parse_axes([axis])[0].values) and config["data"]["validation_fraction"] == 0.2
+    if name == "concrete_ggn_mlp":  # the floor 1e-8 is the constructor's default rule
+        assert points[0].config["optimizer"]["adaptive_damping"] == {
+            "name": "gain_ratio",
+            "check_every": 4,
+            "min_alpha": 1e-8,
+        }
