@@ -186,3 +186,21 @@ def test_the_packaged_tabular_configs_take_their_documented_grids(name, axis):
             "check_every": 4,
             "min_alpha": 1e-8,
         }
+
+
+def test_a_table_valued_axis_prints_the_set_that_trains_the_chosen_point(config_file, tmp_path, capsys):
+    rule = '{name = "gain_ratio", check_every = 4, min_alpha = 10.0}'
+    out = tmp_path / "sweep"
+    grid = f"optimizer.adaptive_damping=[{rule}, false]"
+    assert main(["sweep", str(config_file), "--grid", grid, *SETS, "--set=train.epochs=1", f"--out={out}"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00-adaptive_damping=_name=gain_ratio,check_every=4,min_alpha=10_",
+        "01-adaptive_damping=false",
+        "sweep.csv",
+        "sweep.png",
+    ]
+    printed = capsys.readouterr().out
+    chosen = next(r for r in read_rows(out / "sweep.csv") if r["chosen"])
+    point = sweep_points(load_config(config_file, SHORT), parse_axes([grid]))[int(chosen["point"][:2])]
+    given = printed.rsplit("train it with --set '", 1)[1].split("'")[0]
+    assert load_config(config_file, [*SHORT, given]) == point.config  # the printed --set is that point's config

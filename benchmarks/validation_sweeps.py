@@ -1,0 +1,108 @@
+"""GGN and Adam, each tuned on a validation split with ``gramnewton sweep``, at equal training time.
+
+Not a test. The protocol a user follows on a small data set: hold a fifth of the training set
+out, train every grid point of each method for the same training seconds, keep each point's model
+of least validation loss (``train.keep_best``), choose each method's point of least validation
+loss, and only then read the test set. Grids:
+
+- GGN on the tabular sets: the damping floor of the constructor's rule
+  (``GainRatioDamping(check_every=4, min_alpha=A)``, ``A`` = 1e-8, the default, then 10 ... 1e6);
+  on rotated-digits its weight decay (0, 1e-4, 1e-3, 1e-2), since a floor freezes a
+  zero-initialised Fixup network (docs/convergence.md, fifty-fourth session);
+- Adam: its learning rate, 3e-4, 1e-3, 3e-3, 1e-2.
+
+The configs are the packaged ``concrete_ggn_mlp`` / ``concrete_adam_mlp`` (a 256-256 tanh MLP,
+batch 128, no weight decay, ``train.threads = 2``), with ``--set`` for diabetes and for
+rotated-digits (ResNet-8-Fixup). Each (task, method, seed) is one sweep in
+``<out>/<task>-<method>-<seed>``, run with ``--resume``: a rerun reads finished sweeps and trains
+nothing. Printed per (task, seed): each method's chosen point, its validation MSE and the test MSE of
+that kept model, and GGN's defaults point (the floor 1e-8, or no weight decay); a record per run is
+appended to ``--record``::
+
+    python benchmarks/validation_sweeps.py --tasks concrete diabetes --seeds 0 1 2
+    python benchmarks/validation_sweeps.py --tasks rotated-digits --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gramnewton.lab.experiments.metrics import read_rows
+from gramnewton.lab.experiments.sweep import SUMMARY_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_log import append_record  # noqa: E402
+
+RECORD = Path(__file__).resolve().parent / "results" / "validation_sweeps.json"
+FLOORS = "optimizer.adaptive_damping.min_alpha=[1e-8, 10, 100, 1000, 1e4, 1e5, 1e6]"
+DECAYS = "train.weight_decay=[0, 1e-4, 1e-3, 1e-2]"
+RATES = "optimizer.lr=[3e-4, 1e-3, 3e-3, 1e-2]"
+RESNET = ["model.name=resnet8_fixup", "model.kwargs={}"]
+# task -> (the overrides of both packaged configs, GGN's grid)
+TASKS: dict[str, tuple[list[str], str]] = {
+    "concrete": ([], FLOORS),
+    "diabetes": (["data.name=diabetes"], FLOORS),
+    "rotated-digits": (["data.name=rotated-digits", *RESNET], DECAYS),
+}
+METHODS = {"ggn": "concrete_ggn_mlp", "adam": "concrete_adam_mlp"}
+
+
+def sweep(task: str, method: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run (or, when finished, read) one sweep; its ``sweep.csv`` rows."""
+    sets, ggn_grid = TASKS[task]
+    out = args.out / f"{task}-{method}-{seed}"
+    overrides = [*sets, f"seed={seed}", f"train.seconds={args.seconds:.1f}"]
+    command = [sys.executable, "-m", "gramnewton", "sweep", METHODS[method], "--out", str(out), "--resume"]
+    command += ["--grid", ggn_grid if method == "ggn" else RATES, *(f"--set={s}" for s in overrides)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return read_rows(out / SUMMARY_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["concrete", "diabetes"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seconds", type=float, default=30.0, help="training seconds per grid point")
+    p.add_argument("--out", type=Path, default=Path("sweeps"), help="folder of the sweeps")
+    p.add_argument("--record", type=Path, default=RECORD)
+    args = p.parse_args(argv)
+    for task in args.tasks:
+        ratios = []
+        for seed in args.seeds:
+            rows = {method: sweep(task, method, seed, args) for method in METHODS}
+            chosen = {method: next(r for r in rows[method] if r["chosen"]) for method in METHODS}
+            defaults = rows["ggn"][0]
+            ratios.append(chosen["ggn"]["test_loss"] / chosen["adam"]["test_loss"])
+            for method in METHODS:
+                c = chosen[method]
+                print(
+                    f"{task} seed {seed} {method:4} chosen {c['point']:28} val {c['val_loss']:.4f} "
+                    f"test {c['test_loss']:.4f} (at {args.seconds:g} s {c['last_test_loss']:.4f})"
+                )
+            print(
+                f"{task} seed {seed} ggn  defaults {defaults['point']:26} val {defaults['val_loss']:.4f} "
+                f"test {defaults['test_loss']:.4f}; chosen GGN / chosen Adam test {ratios[-1]:.2f}",
+                flush=True,
+            )
+            append_record(
+                args.record,
+                {
+                    "date": datetime.datetime.now(datetime.UTC).isoformat(),
+                    "command": " ".join(["benchmarks/validation_sweeps.py", *(argv or sys.argv[1:])]),
+                    "task": task,
+                    "seed": seed,
+                    "seconds": args.seconds,
+                    "sweeps": rows,
+                },
+            )
+        print(f"{task}: chosen GGN / chosen Adam test MSE, median over seeds {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
