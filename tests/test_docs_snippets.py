@@ -272,9 +272,11 @@ def readme_command_lines() -> list[str]:
 
 def argv_variants(command: str) -> list[list[str]]:
     """The argument lists a command line stands for: ``[--flag x]`` optional parts taken,
-    ``a | b`` alternatives each, ``CONFIG`` a packaged config, ``...`` dropped."""
-    command = command.replace("[", "").replace("]", "").replace("CONFIG", "rotated_mnist_ggn_fixup")
-    words = [w for w in shlex.split(command) if w != "..."]
+    ``a | b`` alternatives each, ``CONFIG`` a packaged config, ``...`` dropped; a word with ``=[``
+    keeps its brackets (a TOML array: ``--grid 'key=[1, 2]'``)."""
+    words = shlex.split(command.replace("CONFIG", "rotated_mnist_ggn_fixup"))
+    words = [w if "=[" in w else w.replace("[", "").replace("]", "") for w in words]
+    words = [w for w in words if w and w != "..."]
     if "|" in words:
         i = words.index("|")
         return [words[:i], words[: i - 1] + words[i + 1 :]]
@@ -293,6 +295,7 @@ def script_flags(path: Path) -> set[str]:
 def test_every_readme_command_line_parses() -> None:
     from gramnewton.lab.cli import build_parser
     from gramnewton.lab.experiments.config import load_config
+    from gramnewton.lab.experiments.sweep import parse_axes, sweep_points
 
     commands = readme_command_lines()
     assert any(c.startswith("gramnewton train") for c in commands) and any("benchmarks/" in c for c in commands)
@@ -319,9 +322,11 @@ def test_every_readme_command_line_parses() -> None:
                 except SystemExit:
                     problems.append(f"{command}: {err.getvalue().strip()}")
                     continue
-                if args.command == "train":
+                if args.command in ("train", "sweep"):
                     try:
-                        load_config(args.config, args.overrides)
+                        config = load_config(args.config, args.overrides)
+                        if args.command == "sweep":  # every point resolves, its optimizer builds
+                            sweep_points(config, parse_axes(args.axes))
                     except ValueError as error:
                         problems.append(f"{command}: {error}")
     assert not problems, "\n".join(problems)

@@ -101,8 +101,7 @@ def test_the_choice_is_the_lowest_validation_loss_never_the_test_loss(config_fil
     assert (chosen["epochs"], chosen["last_test_loss"], chosen["optimizer.alpha"]) == (3, 0.2, 2)
     assert math.isnan(rows[2]["val_loss"]) and rows[2]["error"] == "not finite"
     write_rows(tmp_path / "sweep" / points[1].folder / "metrics.csv", [{"epoch": 0, "val_loss": nan, "test_loss": 1.0}])
-    with pytest.raises(ValueError, match="no point .* finite validation loss"):
-        summarise(tmp_path / "sweep", points[1:])
+    assert [r["chosen"] for r in summarise(tmp_path / "sweep", points[1:])] == [0, 0]  # none to choose
 
 
 def test_sweep_trains_each_point_as_train_would_and_resumes_without_retraining(config_file, tmp_path, capsys):
@@ -150,6 +149,13 @@ def test_a_point_whose_step_fails_is_reported_and_the_sweep_goes_on(config_file,
     rows = read_rows(out / "sweep.csv")
     assert rows[0]["error"] == "the Gram-Gauss-Newton step is not finite" and math.isnan(rows[0]["val_loss"])
     assert [r["chosen"] for r in rows] == [0, 1]
+    # every point failing: the rows are written, and the sweep is an error
+    monkeypatch.setattr(sweep_command, "train_with_progress", lambda *a, **k: failing({"optimizer": {"alpha": 0.1}}, 0))
+    assert main([*args, "--out", str(tmp_path / "none")]) == 1
+    assert "no point of the sweep reached a finite validation loss" in one_line_error(capsys)
+    assert [r["error"] for r in read_rows(tmp_path / "none" / "sweep.csv")] == [
+        "the Gram-Gauss-Newton step is not finite"
+    ] * 2
 
 
 @pytest.mark.parametrize(

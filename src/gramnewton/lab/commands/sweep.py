@@ -18,7 +18,15 @@ from typing import Any
 from ...solve import NonFiniteError, SingularGramError
 from ..experiments.config import load_config
 from ..experiments.runner import check_run_folder
-from ..experiments.sweep import check_sweep_folder, parse_axes, plot_summary, summarise, sweep_points, write_summary
+from ..experiments.sweep import (
+    check_sweep_folder,
+    parse_axes,
+    plot_summary,
+    point_summary,
+    summarise,
+    sweep_points,
+    write_summary,
+)
 from .train import config_path, train_with_progress
 
 
@@ -78,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
             failures[point.folder] = " ".join(str(error).split())
             print(f"{desc}: failed ({failures[point.folder]})")
             continue
-        print(f"{desc}: {_describe(summarise(out, [point])[0])}")
+        print(f"{desc}: {_describe(point_summary(out, point))}")
     rows = summarise(out, points, failures)
     name = config["name"] or args.config.stem
     print(_table(rows, [axis.key for axis in axes]))
+    if not any(row["chosen"] for row in rows):
+        path = write_summary(out, rows)
+        raise ValueError(f"no point of the sweep reached a finite validation loss (each point's row: {path})")
     chosen = next(row for row in rows if row["chosen"])
     sets = " ".join(f"--set '{key}={_toml(value)}'" for key, value in points[rows.index(chosen)].overrides)
     print(f"{name}: chosen on the validation split: {chosen['point']} ({_describe(chosen)}); train it with {sets}")

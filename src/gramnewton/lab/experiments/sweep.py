@@ -148,10 +148,36 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def point_summary(out: str | Path, point: SweepPoint, error: str = "") -> dict[str, Any]:
+    """The summary row of one point, from its run folder's ``metrics.csv`` (see :func:`summarise`;
+    ``chosen`` is 0 here)."""
+    path = Path(out) / point.folder / METRICS_FILE
+    metrics = read_rows(path) if path.is_file() else []
+    finite = [r for r in metrics if math.isfinite(r.get("val_loss", math.nan))]
+    best = min(finite, key=lambda r: r["val_loss"]) if finite else {}
+    last = metrics[-1] if metrics else {}
+    quality = "test_accuracy" if "test_accuracy" in (best or last) else "test_rmse"
+    row: dict[str, Any] = {"point": point.folder}
+    for key, value in point.overrides:
+        row[key] = value if isinstance(value, (int, float, str)) else _format(value)
+    return row | {
+        "epochs": last.get("epoch", 0),
+        "seconds": last.get("seconds", 0.0),
+        "best_epoch": best.get("epoch", math.nan),
+        "val_loss": best.get("val_loss", math.nan),
+        "train_loss": best.get("train_loss", math.nan),
+        "test_loss": best.get("test_loss", math.nan),
+        quality: best.get(quality, math.nan),
+        "last_test_loss": last.get("test_loss", math.nan),
+        "chosen": 0,
+        "error": error,
+    }
+
+
 def summarise(
     out: str | Path, points: Sequence[SweepPoint], failures: Mapping[str, str] | None = None
 ) -> list[dict[str, Any]]:
-    """One summary row per point, from its run folder's ``metrics.csv``.
+    """One summary row per point (:func:`point_summary`), the point of least validation loss chosen.
 
     Row keys: ``point`` (the folder), one column per axis (its dotted key; tables and lists as
     text), ``epochs`` and ``seconds`` (trained), ``best_epoch`` (of the lowest ``val_loss``),
@@ -159,40 +185,14 @@ def summarise(
     ``test_rmse`` or ``test_accuracy`` there (regression or classification), ``last_test_loss``,
     ``chosen`` (1 for the point of least ``val_loss``, 0 else) and ``error`` (why a point failed,
     from ``failures``: folder -> message; "" else). A point without a finite validation loss
-    (diverged, failed, or not yet evaluated) has NaN there and is never chosen.
-
-    Raises:
-        ValueError: no point has a finite validation loss.
+    (diverged, failed, or not yet evaluated) has NaN there and is never chosen; when no point has
+    one, none is chosen.
     """
-    out, failures = Path(out), dict(failures or {})
-    rows = []
-    for point in points:
-        path = out / point.folder / METRICS_FILE
-        metrics = read_rows(path) if path.is_file() else []
-        finite = [r for r in metrics if math.isfinite(r.get("val_loss", math.nan))]
-        best = min(finite, key=lambda r: r["val_loss"]) if finite else {}
-        last = metrics[-1] if metrics else {}
-        quality = "test_accuracy" if "test_accuracy" in (best or last) else "test_rmse"
-        row: dict[str, Any] = {"point": point.folder}
-        for key, value in point.overrides:
-            row[key] = value if isinstance(value, (int, float, str)) else _format(value)
-        row |= {
-            "epochs": last.get("epoch", 0),
-            "seconds": last.get("seconds", 0.0),
-            "best_epoch": best.get("epoch", math.nan),
-            "val_loss": best.get("val_loss", math.nan),
-            "train_loss": best.get("train_loss", math.nan),
-            "test_loss": best.get("test_loss", math.nan),
-            quality: best.get(quality, math.nan),
-            "last_test_loss": last.get("test_loss", math.nan),
-            "chosen": 0,
-            "error": failures.get(point.folder, ""),
-        }
-        rows.append(row)
+    failures = dict(failures or {})
+    rows = [point_summary(out, point, failures.get(point.folder, "")) for point in points]
     candidates = [i for i, row in enumerate(rows) if math.isfinite(row["val_loss"])]
-    if not candidates:
-        raise ValueError(f"no point of the sweep in {out} reached a finite validation loss")
-    rows[min(candidates, key=lambda i: rows[i]["val_loss"])]["chosen"] = 1
+    if candidates:
+        rows[min(candidates, key=lambda i: rows[i]["val_loss"])]["chosen"] = 1
     return rows
 
 
