@@ -27,7 +27,7 @@ from ..experiments.sweep import (
     sweep_points,
     write_summary,
 )
-from .train import config_path, train_with_progress
+from .train import add_overrides, config_path, train_with_progress
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,14 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a grid axis: a config key and a TOML array of its values, e.g. --grid 'optimizer.lr=[1e-3, 3e-3]' "
         "(repeatable: every combination is run)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value for every point, e.g. --set data.validation_fraction=0.2 (repeatable)",
-    )
+    add_overrides(p, "override a config value for every point, e.g. --set data.validation_fraction=0.2 (repeatable)")
     p.add_argument("--out", type=Path, help="sweep folder, one run folder per point (default sweeps/<config name>)")
     replace = p.add_mutually_exclusive_group()
     replace.add_argument("--resume", action="store_true", help="continue a sweep: finished points are kept")

@@ -38,15 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replace = p.add_mutually_exclusive_group()
     replace.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     replace.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty run folder")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optimizer.alpha=0.1 (repeatable)",
-    )
+    add_overrides(p, "override a config value, e.g. --set optimizer.alpha=0.1 (repeatable)")
     p.set_defaults(run=run)
+
+
+def add_overrides(parser: argparse.ArgumentParser, description: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option (``args.overrides``, for ``load_config``)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=description)
 
 
 def config_path(text: str) -> Path:

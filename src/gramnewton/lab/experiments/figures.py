@@ -51,10 +51,7 @@ def plot_curves(
     axes[0][0].legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_heatmap(
@@ -90,6 +87,11 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax, label=label)
     if title:
         ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (110 dpi, the format its suffix names), close it."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from .config import parse_override, set_dotted, validate
-from .figures import plt
+from .figures import plt, save_figure
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer, takes_weight_decay
 from .runner import METRICS_FILE
@@ -228,7 +228,4 @@ def plot_summary(out: str | Path, rows: Sequence[dict[str, Any]], axes: Sequence
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
