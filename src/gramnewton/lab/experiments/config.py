@@ -16,6 +16,9 @@ A configuration is a nested dict. Sections and keys (defaults in :data:`DEFAULTS
                  label_smoothing = 0.0           # classification: targets (1 - eps) onehot + eps / k, in [0, 1)
                  shift = 0                       # image data: random translations by up to shift pixels
                  seconds = 0.0                   # stop after the first epoch ending past it (0: none)
+                 checkpoint_seconds = 10.0       # write checkpoint.pt, metrics.csv, best.pt at most
+                                                 # this often (wall clock; 0: every epoch); the
+                                                 # last epoch and an interrupt are always written
                  early_stopping_patience = 0     # stop after n evaluations without a lower
                                                  # validation loss (0: never)
                  keep_best = false               # save the best-validation model in best.pt
@@ -77,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "label_smoothing": 0.0,
         "shift": 0,
         "seconds": 0.0,
+        "checkpoint_seconds": 10.0,
         "early_stopping_patience": 0,
         "keep_best": False,
     },
@@ -101,6 +105,7 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "train.label_smoothing": (NUMBERS, 0),
     "train.shift": (int, 0),
     "train.seconds": (NUMBERS, 0),
+    "train.checkpoint_seconds": (NUMBERS, 0),
     "train.early_stopping_patience": (int, 0),
     "train.keep_best": (bool, None),
     "data.validation_fraction": (NUMBERS, 0),

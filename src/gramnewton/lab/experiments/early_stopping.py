@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..files import write_atomically
 
@@ -68,10 +68,12 @@ class EarlyStopping:
         )
 
 
-def save_best(out: Path, model: nn.Module, row: Mapping[str, Any]) -> Path:
-    """Write ``out/best.pt`` atomically: ``model`` (the state dict) and ``row`` (its metrics row,
-    with the test metrics of the same evaluation); ``torch.load(..., weights_only=True)`` reads it."""
-    return write_atomically(out / BEST, lambda tmp: torch.save({"model": model.state_dict(), "row": dict(row)}, tmp))
+def save_best(out: Path, model: nn.Module | Mapping[str, Tensor], row: Mapping[str, Any]) -> Path:
+    """Write ``out/best.pt`` atomically: ``model`` (a module, or its state dict taken earlier) and
+    ``row`` (its metrics row, with the test metrics of the same evaluation);
+    ``torch.load(..., weights_only=True)`` reads it."""
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    return write_atomically(out / BEST, lambda tmp: torch.save({"model": state, "row": dict(row)}, tmp))
 
 
 def load_best(out: str | Path, model: nn.Module | None = None) -> dict[str, Any]:

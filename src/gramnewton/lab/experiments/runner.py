@@ -1,7 +1,11 @@
 """One experiment run from a resolved config: train, evaluate, log, checkpoint, resume.
 
 A run folder holds ``config.toml`` (the resolved config), ``metrics.csv`` (one row per epoch)
-and ``checkpoint.pt`` (rewritten atomically after every epoch and on an interruption between steps). A run
+and ``checkpoint.pt``, rewritten atomically (with ``best.pt`` when kept) after an epoch once
+``train.checkpoint_seconds`` of wall clock have passed since the last write (default 10; 0: after
+every epoch), after the last epoch and on an interruption between steps: a run of many short
+epochs (a small tabular set: thousands per minute) spent most of its wall clock rewriting files
+that grow with every epoch. A run
 resumed from its checkpoint produces the same rows as an uninterrupted one, apart from the
 wall-clock seconds: the data order depends only on ``(seed, epoch)``, a checkpoint taken
 mid-epoch records the losses of the batches already taken (those batches are skipped), and the
@@ -26,6 +30,7 @@ rank 0 alone evaluates and writes ``config.toml``, ``metrics.csv`` and ``checkpo
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -169,6 +174,7 @@ def run_experiment(
         stopping=EarlyStopping(patience=train["early_stopping_patience"]),
         keep_best=train["keep_best"],
         seconds=train["seconds"],
+        write_every=train["checkpoint_seconds"],
     )
     if checkpoint is None:
         state = FitState()
@@ -192,6 +198,7 @@ def run_experiment(
         write_rows(out / METRICS_FILE, log.rows)
         if checkpoint is None:
             log.keep_if_best(log.rows[0])
+            log.write_best()
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         # the update may be cut short by Ctrl-C: nothing to checkpoint until _RunLog.on_step has run
@@ -217,8 +224,10 @@ def run_experiment(
         # cut short inside a step or an epoch end, the model, optimizer, RNG and state disagree: the
         # checkpoint on disk (the last epoch's, or none) stands and the resumed run redoes the rest
         if rank == 0 and log.consistent:
-            save_checkpoint(out, model, optimizer, log.checkpoint_state(state))
+            log.write(state)
         raise
+    if rank == 0 and log.unwritten:  # the last epochs, inside the write interval
+        log.write(state)
     if world > 1:  # rank 0's last checkpoint is on disk before any rank returns (and may resume it)
         dist.barrier()
     return log.rows if rank == 0 else []
@@ -279,8 +288,9 @@ def _restore(out: Path, checkpoint: Mapping[str, Any], model: nn.Module, optimiz
 
 class _RunLog(Callback):
     """After every epoch: evaluate (when due), append a metrics row (with the epoch's
-    ``diagnostics`` summary and the validation loss), keep the best-validation model, rewrite
-    metrics.csv, checkpoint; stop the run when :attr:`stopping` says so or :attr:`seconds`
+    ``diagnostics`` summary and the validation loss), keep the best-validation model (in memory);
+    once :attr:`write_every` wall-clock seconds have passed since the last write, or when the run
+    ends, :meth:`write` the files; stop the run when :attr:`stopping` says so or :attr:`seconds`
     (0: no limit) of training have passed."""
 
     def __init__(
@@ -297,11 +307,15 @@ class _RunLog(Callback):
         stopping: EarlyStopping | None = None,
         keep_best: bool = False,
         seconds: float = 0.0,
+        write_every: float = 0.0,
     ):
         self.out, self.model, self.optimizer, self.evaluator, self.scale = out, model, optimizer, evaluator, scale
         self.world, self.diagnostics = world, diagnostics
         self.rows: list[dict[str, Any]] = []
         self.validation_set, self.keep_best, self.seconds = validation_set, keep_best, seconds
+        self.write_every, self.last_write = write_every, time.monotonic()
+        self.unwritten = False  # whether rows (or a best model) are newer than the files
+        self.best: tuple[dict[str, Tensor], dict[str, Any]] | None = None  # (state dict, row) not yet in best.pt
         self.stopping = EarlyStopping() if stopping is None else stopping
         self.improved = False  # whether the last row's validation loss is the best so far
         # whether model, optimizer, RNG, ``state`` and :attr:`rows` agree (between steps, outside
@@ -327,23 +341,39 @@ class _RunLog(Callback):
         return _row(record, self.scale, validation)
 
     def keep_if_best(self, row: dict[str, Any]) -> None:
-        """Save the model as ``best.pt`` if ``row`` (the last evaluated) is the best so far."""
+        """Keep a copy of the model for ``best.pt`` if ``row`` (the last evaluated) is the best so far."""
         if self.keep_best and self.improved:
-            save_best(self.out, self.model, row)
+            self.best = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}, row)
+
+    def write_best(self) -> None:
+        """Write the kept best model to ``best.pt`` (if one is waiting)."""
+        if self.best is not None:
+            save_best(self.out, *self.best)
+            self.best = None
+
+    def write(self, state: FitState) -> None:
+        """Write ``best.pt`` (if a better model is waiting: before the checkpoint that records it as
+        the best), metrics.csv and the checkpoint."""
+        self.consistent = False  # cut short, the files would disagree: the last checkpoint stands
+        self.write_best()
+        write_rows(self.out / METRICS_FILE, self.rows)
+        save_checkpoint(self.out, self.model, self.optimizer, self.checkpoint_state(state))
+        self.last_write, self.unwritten, self.consistent = time.monotonic(), False, True
 
     def on_step(self, state: FitState, loss: float) -> None:
         self.consistent = True  # fit has counted the step (and the diagnostics log, before, its entry)
 
     def on_epoch_end(self, state: FitState, running_loss: float) -> bool:
-        # fit has counted the epoch, its row is not yet in rows: an interrupt until the checkpoint
-        # is written would record the epoch without its row
+        # fit has counted the epoch, its row is not yet in rows: an interrupt until it is would
+        # record the epoch without its row
         self.consistent = False
         self.rows.append({**self.evaluate_row(state, running_loss), **self.diagnostics.summary()})
-        self.keep_if_best(self.rows[-1])  # before the checkpoint that records it as the best
-        write_rows(self.out / METRICS_FILE, self.rows)
-        save_checkpoint(self.out, self.model, self.optimizer, self.checkpoint_state(state))
-        self.consistent = True
-        return self.finished(state)
+        self.keep_if_best(self.rows[-1])
+        self.consistent, self.unwritten = True, True
+        finished = self.finished(state)
+        if finished or time.monotonic() - self.last_write >= self.write_every:
+            self.write(state)
+        return finished
 
     def checkpoint_state(self, state: FitState) -> dict[str, Any]:
         """What :func:`save_checkpoint` records besides the model and optimizer."""
@@ -432,7 +462,9 @@ def _load_checkpoint(out: Path, config: Mapping[str, Any], world: int = 1) -> di
 
 
 def _without_budget(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {**config, "train": {k: v for k, v in config["train"].items() if k not in ("epochs", "seconds")}}
+    """``config`` less what a resumed run may change: its budget, and how often it writes its files."""
+    kept = {k: v for k, v in config["train"].items() if k not in ("epochs", "seconds", "checkpoint_seconds")}
+    return {**config, "train": kept}
 
 
 def is_complete(out: str | Path, config: Mapping[str, Any]) -> bool:
