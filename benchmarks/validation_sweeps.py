@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                 c = chosen[method]
                 print(
                     f"{task} seed {seed} {method:4} chosen {c['point']:28} val {c['val_loss']:.4f} "
-                    f"test {c['test_loss']:.4f} (at {args.seconds:g} s {c['last_test_loss']:.4f})"
+                    f"test {c['test_loss']:.4f}, kept at {c['best_seconds']:.2f} s (at {args.seconds:g} s "
+                    f"{c['last_test_loss']:.4f})"
                 )
             print(
                 f"{task} seed {seed} ggn  defaults {defaults['point']:26} val {defaults['val_loss']:.4f} "

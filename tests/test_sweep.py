@@ -97,7 +97,8 @@ def test_the_choice_is_the_lowest_validation_loss_never_the_test_loss(config_fil
     rows = summarise(tmp_path / "sweep", points, {points[2].folder: "not finite"})
     assert [r["chosen"] for r in rows] == [0, 1, 0]
     chosen = rows[1]
-    assert (chosen["best_epoch"], chosen["val_loss"], chosen["test_loss"], chosen["test_rmse"]) == (2, 0.2, 0.3, 0.6)
+    assert (chosen["best_epoch"], chosen["best_seconds"], chosen["val_loss"]) == (2, 2, 0.2)
+    assert (chosen["test_loss"], chosen["test_rmse"]) == (0.3, 0.6)
     assert (chosen["epochs"], chosen["last_test_loss"], chosen["optimizer.alpha"]) == (3, 0.2, 2)
     assert math.isnan(rows[2]["val_loss"]) and rows[2]["error"] == "not finite"
     write_rows(tmp_path / "sweep" / points[1].folder / "metrics.csv", [{"epoch": 0, "val_loss": nan, "test_loss": 1.0}])

@@ -98,13 +98,14 @@ def _describe(row: dict[str, Any]) -> str:
     """``"val loss <v> at epoch <e>, test loss <t> there"`` of a summary row."""
     if not math.isfinite(row["val_loss"]):
         return "no finite validation loss"
-    return f"val loss {row['val_loss']:.4g} at epoch {row['best_epoch']:g}, test loss {row['test_loss']:.4g} there"
+    where = f"epoch {row['best_epoch']:g} ({row['best_seconds']:.1f} s of training)"
+    return f"val loss {row['val_loss']:.4g} at {where}, test loss {row['test_loss']:.4g} there"
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """A plain-text table of the summary rows, the chosen one marked ``*``."""
     quality = "test_accuracy" if "test_accuracy" in rows[0] else "test_rmse"
-    columns = [*keys, "best_epoch", "val_loss", "train_loss", "test_loss", quality, "last_test_loss"]
+    columns = [*keys, "best_epoch", "best_seconds", "val_loss", "train_loss", "test_loss", quality, "last_test_loss"]
 
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)

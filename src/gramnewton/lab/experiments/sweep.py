@@ -164,6 +164,7 @@ def point_summary(out: str | Path, point: SweepPoint, error: str = "") -> dict[s
         "epochs": last.get("epoch", 0),
         "seconds": last.get("seconds", 0.0),
         "best_epoch": best.get("epoch", math.nan),
+        "best_seconds": best.get("seconds", math.nan),
         "val_loss": best.get("val_loss", math.nan),
         "train_loss": best.get("train_loss", math.nan),
         "test_loss": best.get("test_loss", math.nan),
@@ -180,7 +181,8 @@ def summarise(
     """One summary row per point (:func:`point_summary`), the point of least validation loss chosen.
 
     Row keys: ``point`` (the folder), one column per axis (its dotted key; tables and lists as
-    text), ``epochs`` and ``seconds`` (trained), ``best_epoch`` (of the lowest ``val_loss``),
+    text), ``epochs`` and ``seconds`` (trained), ``best_epoch`` and ``best_seconds`` (the epoch and
+    training seconds of the lowest ``val_loss``),
     ``val_loss`` (that lowest), ``train_loss`` and ``test_loss`` at the same evaluation, then
     ``test_rmse`` or ``test_accuracy`` there (regression or classification), ``last_test_loss``,
     ``chosen`` (1 for the point of least ``val_loss``, 0 else) and ``error`` (why a point failed,
