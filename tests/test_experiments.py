@@ -106,6 +106,34 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer):
     )
 
 
+def test_deterministic_run_times_no_conv_path_repeats_bit_for_bit_and_restores_the_setting(tmp_path):
+    from gramnewton.engines import handlers
+
+    seen = []
+
+    class Watch(Callback):
+        def on_step(self, state, loss):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    class Interrupt(Callback):
+        def on_step(self, state, loss):
+            raise KeyboardInterrupt
+
+    path = tiny_config(tmp_path)
+    sets = ["model.name=resnet8_fixup", "model.kwargs={}", "train.epochs=2", "train.deterministic=true"]
+    first = run_experiment(load_config(path, sets), tmp_path / "a", callbacks=[Watch()])
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()
+    choice = handlers.CONV_WEIGHT_PATHS
+    assert choice.used and not choice.trials  # every convolution ran its first path, none was timed
+    assert _losses(run_experiment(load_config(path, sets), tmp_path / "b")) == _losses(first)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(path, sets), tmp_path / "c", callbacks=[Interrupt()])
+    assert not torch.are_deterministic_algorithms_enabled()
+    # the same run without it times the candidate paths of its convolutions (what the setting removes)
+    run_experiment(load_config(path, sets[:-1]), tmp_path / "d")
+    assert choice.trials
+
+
 def test_ggn_diagnostics_columns_and_plot(tmp_path):
     ggn = run_experiment(load_config(tiny_config(tmp_path)), tmp_path / "ggn")
     assert ggn[0]["alpha"] != ggn[0]["alpha"]  # epoch 0: no step yet

@@ -22,6 +22,9 @@ A configuration is a nested dict. Sections and keys (defaults in :data:`DEFAULTS
                  early_stopping_patience = 0     # stop after n evaluations without a lower
                                                  # validation loss (0: never)
                  keep_best = false               # save the best-validation model in best.pt
+                 deterministic = false           # torch.use_deterministic_algorithms(True) for the
+                                                 # run: no per-layer path timed, a seeded run
+                                                 # repeats bit for bit (same machine and threads)
     [warm_start] run = ""            # run folder whose final checkpoint initialises the model
 
 Overrides are ``section.key=value`` strings; ``value`` is parsed as a TOML value (``0.1``,
@@ -83,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_seconds": 10.0,
         "early_stopping_patience": 0,
         "keep_best": False,
+        "deterministic": False,
     },
     "warm_start": {"run": ""},
 }
@@ -108,6 +112,7 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "train.checkpoint_seconds": (NUMBERS, 0),
     "train.early_stopping_patience": (int, 0),
     "train.keep_best": (bool, None),
+    "train.deterministic": (bool, None),
     "data.validation_fraction": (NUMBERS, 0),
     "name": (str, None),
     "model.name": (str, None),

@@ -29,10 +29,11 @@ rank 0 alone evaluates and writes ``config.toml``, ``metrics.csv`` and ``checkpo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,37 @@ def run_experiment(
     (of the last step), ``step_norm`` (median), ``rejected`` (rejected attempts, retries
     included), ``jitter`` (max), ``condition`` (median); NaN at epoch 0 and for other optimizers.
     Under ``torch.distributed`` only rank 0 returns the rows (the other ranks return ``[]``).
+
+    ``train.deterministic`` runs the whole run under ``torch.use_deterministic_algorithms(True)``
+    (the previous setting is restored after it): the engine then times no candidate path per layer
+    (:class:`~gramnewton.engines.choice.MeasuredChoice`), whose choice by the clock otherwise makes
+    two runs of one seed differ in their last bits and from there in their trajectories, so a run
+    repeats bit for bit on one machine with the same ``train.threads`` (on CUDA torch also needs
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). ``train.seconds`` still ends it by the clock.
     """
-    out = Path(out)
+    with deterministic_algorithms(config["train"]["deterministic"]):
+        return _run(config, Path(out), resume=resume, overwrite=overwrite, callbacks=callbacks)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside when ``enabled`` (else nothing changes);
+    the previous setting, ``warn_only`` included, is restored on the way out, error or not."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _run(
+    config: Mapping[str, Any], out: Path, *, resume: bool, overwrite: bool, callbacks: Sequence[Callback]
+) -> list[dict[str, Any]]:
+    """:func:`run_experiment` inside its ``train.deterministic`` setting."""
     rank, world = _rank_and_world()
     check_run_folder(out, resume=resume, overwrite=overwrite, config=config)
     torch.set_num_threads(config["train"]["threads"])
