@@ -1206,15 +1206,10 @@ def test_measured_choice_runs_an_untimed_candidate_without_a_trial() -> None:
 @pytest.fixture
 def deterministic_algorithms() -> Iterator[None]:
     """``torch.use_deterministic_algorithms(True)`` for one test, the previous setting restored."""
-    enabled, warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True)
-    try:
+    from gramnewton.lab.experiments.runner import deterministic_algorithms as enabled
+
+    with enabled(True):
         yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @pytest.mark.usefixtures("deterministic_algorithms")
