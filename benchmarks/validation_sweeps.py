@@ -18,12 +18,16 @@ The configs are the packaged ``concrete_ggn_mlp`` / ``concrete_adam_mlp`` (a 256
 batch 128, no weight decay, ``train.threads = 2``), with ``--set`` for diabetes and for
 rotated-digits (ResNet-8-Fixup). Each (task, method, seed) is one sweep in
 ``<out>/<task>-<method>-<seed>``, run with ``--resume``: a rerun reads finished sweeps and trains
-nothing. Printed per (task, seed): each method's chosen point, its validation MSE and the test MSE of
-that kept model, and GGN's defaults point (the floor 1e-8, or ``lam = 16``); a record per run is
-appended to ``--record``::
+nothing. ``--ggn-grid`` / ``--adam-grid`` (each repeatable: one axis per flag, their Cartesian
+product swept) replace a method's grid, e.g. two axes for GGN. Printed per (task, seed): each
+method's chosen point, its validation MSE and the test MSE of that kept model, and GGN's first
+point (the defaults in the default grids: the floor 1e-8, or ``lam = 16``); a record per run, with
+the grids swept, is appended to ``--record``::
 
     python benchmarks/validation_sweeps.py --tasks concrete diabetes --seeds 0 1 2
     python benchmarks/validation_sweeps.py --tasks rotated-digits --seeds 0 1 2
+    python benchmarks/validation_sweeps.py --tasks concrete --out sweeps-lam \
+        --ggn-grid 'optimizer.lam=[16, 4, 1]' --ggn-grid 'optimizer.adaptive_damping.min_alpha=[1e-8, 100, 1000]'
 """
 
 from __future__ import annotations
@@ -56,13 +60,18 @@ TASKS: dict[str, tuple[list[str], str, list[str]]] = {
 METHODS = {"ggn": "concrete_ggn_mlp", "adam": "concrete_adam_mlp"}
 
 
-def sweep(task: str, method: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run (or, when finished, read) one sweep; its ``sweep.csv`` rows."""
-    sets, ggn_grid, ggn_sets = TASKS[task]
+def grids(task: str, args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each method's grid axes (``KEY=[V1, ...]``) on ``task``: the flags' where given."""
+    return {"ggn": args.ggn_grid or [TASKS[task][1]], "adam": args.adam_grid or [RATES]}
+
+
+def sweep(task: str, method: str, seed: int, axes: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run (or, when finished, read) one sweep over ``axes``; its ``sweep.csv`` rows."""
+    sets, _, ggn_sets = TASKS[task]
     out = args.out / f"{task}-{method}-{seed}"
     overrides = [*sets, *(ggn_sets if method == "ggn" else []), f"seed={seed}", f"train.seconds={args.seconds:.1f}"]
     command = [sys.executable, "-m", "gramnewton", "sweep", METHODS[method], "--out", str(out), "--resume"]
-    command += ["--grid", ggn_grid if method == "ggn" else RATES, *(f"--set={s}" for s in overrides)]
+    command += [*(f"--grid={axis}" for axis in axes), *(f"--set={s}" for s in overrides)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return read_rows(out / SUMMARY_FILE)
 
@@ -74,13 +83,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="training seconds per grid point")
     p.add_argument("--out", type=Path, default=Path("sweeps"), help="folder of the sweeps")
     p.add_argument("--record", type=Path, default=RECORD)
+    for method in METHODS:
+        p.add_argument(
+            f"--{method}-grid",
+            action="append",
+            metavar="KEY=[V1, ...]",
+            help=f"an axis of {method}'s grid instead of the task's (repeat for more axes)",
+        )
     args = p.parse_args(argv)
     for task in args.tasks:
         ratios = []
+        axes = grids(task, args)
         for seed in args.seeds:
-            rows = {method: sweep(task, method, seed, args) for method in METHODS}
+            rows = {method: sweep(task, method, seed, axes[method], args) for method in METHODS}
             chosen = {method: next(r for r in rows[method] if r["chosen"]) for method in METHODS}
-            defaults = rows["ggn"][0]
+            first = rows["ggn"][0]
             ratios.append(chosen["ggn"]["test_loss"] / chosen["adam"]["test_loss"])
             for method in METHODS:
                 c = chosen[method]
@@ -90,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{c['last_test_loss']:.4f})"
                 )
             print(
-                f"{task} seed {seed} ggn  defaults {defaults['point']:26} val {defaults['val_loss']:.4f} "
-                f"test {defaults['test_loss']:.4f}; chosen GGN / chosen Adam test {ratios[-1]:.2f}",
+                f"{task} seed {seed} ggn  first {first['point']:29} val {first['val_loss']:.4f} "
+                f"test {first['test_loss']:.4f}; chosen GGN / chosen Adam test {ratios[-1]:.2f}",
                 flush=True,
             )
             append_record(
@@ -102,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                     "task": task,
                     "seed": seed,
                     "seconds": args.seconds,
+                    "grids": axes,
                     "sweeps": rows,
                 },
             )

@@ -220,3 +220,44 @@ def test_race_steps_splits_a_race_into_its_first_step_and_the_later_ones(
     assert "a CPU" in printed and "2 of 3" in printed
     ggn_line = next(line for line in printed.splitlines() if line.strip().startswith("ggn"))
     assert ggn_line.split()[8:10] == ["2.00", "4.00"]  # its later step in ms, and in Adam steps
+
+
+@pytest.mark.slow
+def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished_sweeps(tmp_path: Path) -> None:
+    """One (task, seed) on grids given by the flags: two GGN axes (their product), one Adam axis;
+    the record names the grids and holds every point, and a rerun trains nothing (``--resume``)."""
+    record = tmp_path / "record.json"
+    argv = [
+        sys.executable,
+        str(BENCHMARKS / "validation_sweeps.py"),
+        "--tasks=diabetes",
+        "--seeds=0",
+        "--seconds=0.2",
+        f"--out={tmp_path / 'sweeps'}",
+        f"--record={record}",
+        "--ggn-grid=optimizer.lam=[16, 1]",
+        "--ggn-grid=optimizer.adaptive_damping.min_alpha=[1e-8, 1e5]",
+        "--adam-grid=optimizer.lr=[1e-2]",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "chosen GGN / chosen Adam test" in done.stdout and "median over seeds" in done.stdout
+    (run,) = json.loads(record.read_text())
+    assert run["grids"] == {
+        "ggn": ["optimizer.lam=[16, 1]", "optimizer.adaptive_damping.min_alpha=[1e-8, 1e5]"],
+        "adam": ["optimizer.lr=[1e-2]"],
+    }
+    assert len(run["sweeps"]["ggn"]) == 4 and len(run["sweeps"]["adam"]) == 1
+    assert {(r["optimizer.lam"], r["optimizer.adaptive_damping.min_alpha"]) for r in run["sweeps"]["ggn"]} == {
+        (16, 1e-8),
+        (16, 1e5),
+        (1, 1e-8),
+        (1, 1e5),
+    }
+    assert all(sum(r["chosen"] for r in rows) == 1 for rows in run["sweeps"].values())
+    checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweeps").rglob("checkpoint.pt")}
+    assert len(checkpoints) == 5
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # no point trained again
+    assert json.loads(record.read_text())[1]["sweeps"] == run["sweeps"]
