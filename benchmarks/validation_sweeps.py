@@ -83,13 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="training seconds per grid point")
     p.add_argument("--out", type=Path, default=Path("sweeps"), help="folder of the sweeps")
     p.add_argument("--record", type=Path, default=RECORD)
-    for method in METHODS:
-        p.add_argument(
-            f"--{method}-grid",
-            action="append",
-            metavar="KEY=[V1, ...]",
-            help=f"an axis of {method}'s grid instead of the task's (repeat for more axes)",
-        )
+    axis = dict(action="append", metavar="KEY=[V1, ...]")
+    p.add_argument("--ggn-grid", **axis, help="an axis of GGN's grid instead of the task's (repeat for more axes)")
+    p.add_argument("--adam-grid", **axis, help="an axis of Adam's grid instead of its learning rates (repeat for more)")
     args = p.parse_args(argv)
     for task in args.tasks:
         ratios = []
