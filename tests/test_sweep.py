@@ -10,6 +10,7 @@ from test_lab_reliability import one_line_error, snapshot
 
 from gramnewton.lab.cli import main
 from gramnewton.lab.commands import sweep as sweep_command
+from gramnewton.lab.experiments import sweep as sweep_module
 from gramnewton.lab.experiments.config import load_config
 from gramnewton.lab.experiments.metrics import read_rows, write_rows
 from gramnewton.lab.experiments.reproduce import CONFIGS_DIR
@@ -211,3 +212,37 @@ def test_a_table_valued_axis_prints_the_set_that_trains_the_chosen_point(config_
     point = sweep_points(load_config(config_file, SHORT), parse_axes([grid]))[int(chosen["point"][:2])]
     given = printed.rsplit("train it with --set '", 1)[1].split("'")[0]
     assert load_config(config_file, [*SHORT, given]) == point.config  # the printed --set is that point's config
+
+
+def test_the_figure_draws_one_pair_of_lines_per_value_of_the_other_axes(tmp_path, monkeypatch):
+    """Two axes: the last (numeric) is the x axis, one validation and one test line per value of
+    the first, each through its own points; a string-valued last axis falls back to point by point."""
+    drawn = []
+    monkeypatch.setattr(sweep_module, "save_figure", lambda fig, path: drawn.append(fig) or path)
+    axes = [Axis("optimizer.lam", (16, 1)), Axis("optimizer.adaptive_damping.min_alpha", (1e-8, 100, 1000))]
+    rows = [
+        {"point": f"{i:02d}", "optimizer.lam": lam, "optimizer.adaptive_damping.min_alpha": floor}
+        | {"val_loss": 0.1 * (i + 1), "test_loss": 0.2 * (i + 1), "chosen": i == 4}
+        for i, (lam, floor) in enumerate((lam, floor) for lam in (16, 1) for floor in (1e-8, 100, 1000))
+    ]
+    sweep_module.plot_summary(tmp_path, rows, axes)
+    lines = {line.get_label(): line for line in drawn[-1].axes[0].get_lines()}
+    assert sorted(lines) == sorted(
+        [
+            f"lam={lam}: {kind}"
+            for lam in (16, 1)
+            for kind in ("validation loss (lowest)", "test loss (same evaluation)")
+        ]
+        + ["chosen"]
+    )
+    assert list(lines["lam=1: validation loss (lowest)"].get_xdata()) == [1e-8, 100, 1000]
+    assert list(lines["lam=1: test loss (same evaluation)"].get_ydata()) == pytest.approx([0.8, 1.0, 1.2])
+    assert list(lines["chosen"].get_xdata()) == [100] and list(lines["chosen"].get_ydata()) == [0.5]
+    assert drawn[-1].axes[0].get_xscale() == "log"
+
+    words = [Axis("optimizer.lam", (16, 1)), Axis("optimizer.metric", ("auto", "euclidean"))]
+    rows = [r | {"optimizer.metric": m} for r, m in zip(rows[:4], ("auto", "euclidean") * 2)]
+    sweep_module.plot_summary(tmp_path, rows, words)
+    labels = [line.get_label() for line in drawn[-1].axes[0].get_lines()]
+    assert labels == ["validation loss (lowest)", "test loss (same evaluation)", "chosen"]
+    assert list(drawn[-1].axes[0].get_lines()[0].get_xdata()) == [0, 1, 2, 3]

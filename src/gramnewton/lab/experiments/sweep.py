@@ -101,7 +101,7 @@ def sweep_points(config: Mapping[str, Any], axes: Sequence[Axis]) -> list[SweepP
     points = []
     for index, values in enumerate(itertools.product(*(axis.values for axis in axes))):
         overrides = tuple((axis.key, value) for axis, value in zip(axes, values))
-        label = ",".join(f"{key.rsplit('.', 1)[-1]}={_format(value)}" for key, value in overrides)
+        label = ",".join(_setting(key, value) for key, value in overrides)
         point = copy.deepcopy(dict(config))
         try:
             for key, value in overrides:
@@ -133,6 +133,11 @@ def check_sweep_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"{out} is not empty (another sweep?): pass --resume to continue the sweep there, "
             "--overwrite to replace its points' runs, or pick another --out"
         )
+
+
+def _setting(key: str, value: Any) -> str:
+    """``leaf=value``, as a point's folder name and the figure's legend write one axis's value."""
+    return f"{key.rsplit('.', 1)[-1]}={_format(value)}"
 
 
 def _format(value: Any) -> str:
@@ -207,27 +212,33 @@ def write_summary(out: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 def plot_summary(out: str | Path, rows: Sequence[dict[str, Any]], axes: Sequence[Axis], *, title: str = "") -> Path:
     """``<out>/sweep.png``: each point's lowest validation loss and the test loss at the same
-    evaluation, the chosen point ringed. One numeric axis is the x axis (logarithmic when its
-    values are positive and span a decade or more); other grids are drawn point by point."""
+    evaluation, the chosen point ringed. A numeric last axis is the x axis (logarithmic when its
+    values are positive and span a decade or more), one pair of lines (validation solid, test
+    dashed) per combination of the other axes' values; other grids are drawn point by point."""
     path = Path(out) / FIGURE_FILE
-    numeric = len(axes) == 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in axes[0].values)
-    xs = [row[axes[0].key] for row in rows] if numeric else list(range(len(rows)))
+    *others, last = axes
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in last.values)
+    xs = [row[last.key] for row in rows] if numeric else list(range(len(rows)))
+    groups: dict[str, list[int]] = {}  # the other axes' values (as the folder names write them) -> rows
+    for i, row in enumerate(rows):
+        groups.setdefault(", ".join(_setting(a.key, row[a.key]) for a in others) if numeric else "", []).append(i)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, [row["val_loss"] for row in rows], marker="o", label="validation loss (lowest)")
-    ax.plot(xs, [row["test_loss"] for row in rows], marker="s", label="test loss (same evaluation)")
+    for n, (group, indices) in enumerate(groups.items()):
+        prefix, x = f"{group}: " if group else "", [xs[i] for i in indices]
+        ax.plot(x, [rows[i]["val_loss"] for i in indices], f"C{n}o-", label=f"{prefix}validation loss (lowest)")
+        ax.plot(x, [rows[i]["test_loss"] for i in indices], f"C{n}s--", label=f"{prefix}test loss (same evaluation)")
     chosen = [i for i, row in enumerate(rows) if row["chosen"]]
-    ax.plot([xs[i] for i in chosen], [rows[i]["val_loss"] for i in chosen], "o", ms=14, mfc="none", label="chosen")
+    ax.plot([xs[i] for i in chosen], [rows[i]["val_loss"] for i in chosen], "ko", ms=14, mfc="none", label="chosen")
     if numeric:
-        ax.set_xlabel(axes[0].key)
-        positive = min(xs) > 0
-        if positive and max(xs) >= 10 * min(xs):
+        ax.set_xlabel(last.key)
+        if min(xs) > 0 and max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
     else:
         ax.set_xticks(xs, [row["point"] for row in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7 if len(groups) > 1 else 8)
     if title:
         ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
