@@ -19,7 +19,8 @@ batch 128, no weight decay, ``train.threads = 2``), with ``--set`` for diabetes 
 rotated-digits (ResNet-8-Fixup). Each (task, method, seed) is one sweep in
 ``<out>/<task>-<method>-<seed>``, run with ``--resume``: a rerun reads finished sweeps and trains
 nothing. ``--ggn-grid`` / ``--adam-grid`` (each repeatable: one axis per flag, their Cartesian
-product swept) replace a method's grid, e.g. two axes for GGN. Printed per (task, seed): each
+product swept) replace a method's grid, e.g. two axes for GGN; ``--folds K`` cross-validates
+each point on K validation folds (``gramnewton sweep --folds``). Printed per (task, seed): each
 method's chosen point, its validation MSE and the test MSE of that kept model, and GGN's first
 point (the defaults in the default grids: the floor 1e-8, or ``lam = 16``); a record per run, with
 the grids swept, is appended to ``--record``::
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import statistics
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from gramnewton.lab.experiments.metrics import read_rows
+from gramnewton.lab.experiments.runner import METRICS_FILE
 from gramnewton.lab.experiments.sweep import SUMMARY_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,9 +74,22 @@ def sweep(task: str, method: str, seed: int, axes: list[str], args: argparse.Nam
     out = args.out / f"{task}-{method}-{seed}"
     overrides = [*sets, *(ggn_sets if method == "ggn" else []), f"seed={seed}", f"train.seconds={args.seconds:.1f}"]
     command = [sys.executable, "-m", "gramnewton", "sweep", METHODS[method], "--out", str(out), "--resume"]
-    command += [*(f"--grid={axis}" for axis in axes), *(f"--set={s}" for s in overrides)]
+    command += [*(f"--grid={axis}" for axis in axes), *(f"--set={s}" for s in overrides), f"--folds={args.folds}"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return read_rows(out / SUMMARY_FILE)
+
+
+def first_fold_choice(task: str, method: str, seed: int, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """The row (its numbers the folds' means) that fold 0 alone, the plain split, would choose:
+    least lowest validation loss of ``<point>/fold-0``."""
+
+    def fold_zero(row: dict[str, Any]) -> float:
+        losses = [
+            r["val_loss"] for r in read_rows(out / f"{task}-{method}-{seed}" / row["point"] / "fold-0" / METRICS_FILE)
+        ]
+        return min((v for v in losses if math.isfinite(v)), default=math.inf)
+
+    return min(rows, key=fold_zero)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,12 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="training seconds per grid point")
     p.add_argument("--out", type=Path, default=Path("sweeps"), help="folder of the sweeps")
     p.add_argument("--record", type=Path, default=RECORD)
+    p.add_argument("--folds", type=int, default=1, help="validation folds per point (gramnewton sweep --folds)")
     axis = dict(action="append", metavar="KEY=[V1, ...]")
     p.add_argument("--ggn-grid", **axis, help="an axis of GGN's grid instead of the task's (repeat for more axes)")
     p.add_argument("--adam-grid", **axis, help="an axis of Adam's grid instead of its learning rates (repeat for more)")
     args = p.parse_args(argv)
     for task in args.tasks:
-        ratios = []
+        ratios, single = [], []  # GGN / Adam test: chosen on the folds' mean; chosen on fold 0 alone
         axes = grids(task, args)
         for seed in args.seeds:
             rows = {method: sweep(task, method, seed, axes[method], args) for method in METHODS}
@@ -107,6 +124,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"test {first['test_loss']:.4f}; chosen GGN / chosen Adam test {ratios[-1]:.2f}",
                 flush=True,
             )
+            if args.folds > 1:  # what the plain split would have chosen, judged by the folds' mean test
+                alone = {method: first_fold_choice(task, method, seed, rows[method], args.out) for method in METHODS}
+                single.append(alone["ggn"]["test_loss"] / alone["adam"]["test_loss"])
+                print(
+                    f"{task} seed {seed} fold 0 alone: "
+                    + ", ".join(
+                        f"{method} {c['point']} (folds' mean test {c['test_loss']:.4f})" for method, c in alone.items()
+                    )
+                    + f"; GGN / Adam test {single[-1]:.2f}",
+                    flush=True,
+                )
             append_record(
                 args.record,
                 {
@@ -116,10 +144,13 @@ def main(argv: list[str] | None = None) -> None:
                     "seed": seed,
                     "seconds": args.seconds,
                     "grids": axes,
+                    "folds": args.folds,
                     "sweeps": rows,
                 },
             )
         print(f"{task}: chosen GGN / chosen Adam test MSE, median over seeds {statistics.median(ratios):.2f}")
+        if single:
+            print(f"{task}: the same, each chosen on fold 0 alone, median {statistics.median(single):.2f}")
 
 
 if __name__ == "__main__":

@@ -224,8 +224,9 @@ def test_race_steps_splits_a_race_into_its_first_step_and_the_later_ones(
 
 @pytest.mark.slow
 def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished_sweeps(tmp_path: Path) -> None:
-    """One (task, seed) on grids given by the flags: two GGN axes (their product), one Adam axis;
-    the record names the grids and holds every point, and a rerun trains nothing (``--resume``)."""
+    """One (task, seed) on grids given by the flags: two GGN axes (their product), one Adam axis,
+    two validation folds; the record names the grids and holds every point, what fold 0 alone would
+    choose is printed, and a rerun trains nothing (``--resume``)."""
     record = tmp_path / "record.json"
     argv = [
         sys.executable,
@@ -238,10 +239,12 @@ def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished
         "--ggn-grid=optimizer.lam=[16, 1]",
         "--ggn-grid=optimizer.adaptive_damping.min_alpha=[1e-8, 1e5]",
         "--adam-grid=optimizer.lr=[1e-2]",
+        "--folds=2",
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "chosen GGN / chosen Adam test" in done.stdout and "median over seeds" in done.stdout
+    assert "diabetes seed 0 fold 0 alone: ggn 0" in done.stdout and "each chosen on fold 0 alone" in done.stdout
     (run,) = json.loads(record.read_text())
     assert run["grids"] == {
         "ggn": ["optimizer.lam=[16, 1]", "optimizer.adaptive_damping.min_alpha=[1e-8, 1e5]"],
@@ -256,7 +259,7 @@ def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished
     }
     assert all(sum(r["chosen"] for r in rows) == 1 for rows in run["sweeps"].values())
     checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweeps").rglob("checkpoint.pt")}
-    assert len(checkpoints) == 5
+    assert len(checkpoints) == 10 and run["folds"] == 2  # (4 GGN points + 1 Adam point) x 2 folds
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # no point trained again

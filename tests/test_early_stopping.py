@@ -203,3 +203,27 @@ def test_packaged_early_stopping_configs_hold_out_a_tenth(name):
     config = load_config(CONFIGS_DIR / f"{name}.toml")
     assert config["train"]["early_stopping_patience"] == 5 and config["train"]["keep_best"]
     assert [len(load_data(config, split)) for split in ("train", "validation", "test")] == [3600, 400, 1000]
+
+
+def test_validation_folds_are_disjoint_cover_the_training_set_and_fold_zero_is_the_plain_split(validated):
+    """K-fold cross-validation: ``round(1 / fraction)`` folds whose held-out parts partition the
+    training set; fold 0 holds out what ``validation_fraction`` alone does."""
+    plain = validation_split(824, 0.2, 3)
+    folds = [validation_split(824, 0.2, 3, fold) for fold in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, folds[0]))
+    assert [len(held) for _, held in folds] == [165, 165, 165, 165, 164]
+    assert sorted(torch.cat([held for _, held in folds]).tolist()) == list(range(824))
+    for train, held in folds:
+        assert set(train.tolist()).isdisjoint(held.tolist()) and len(train) + len(held) == 824
+    with pytest.raises(ValueError, match="validation fold 5 out of range"):
+        validation_split(824, 0.2, 3, 5)
+    # through the config: data.validation_fold, checked against the fraction
+    config = load_config(validated, ["data.validation_fold=3"])  # a quarter held out: folds 0-3
+    whole = load_data(load_config(validated, WITHOUT), "train")
+    index_train, index_held = validation_split(256, 0.25, config["seed"], 3)
+    assert torch.equal(load_data(config, "validation").inputs, whole.inputs[index_held])
+    assert torch.equal(load_data(config, "train").targets, whole.targets[index_train])
+    with pytest.raises(ValueError, match=r"validation_fold = 4 is out of range: .* gives 4 folds \(0 to 3\)"):
+        load_config(validated, ["data.validation_fold=4"])
+    with pytest.raises(ValueError, match="validation_fold needs a validation split"):
+        load_config(validated, [*WITHOUT, "data.validation_fold=1"])

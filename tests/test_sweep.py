@@ -246,3 +246,48 @@ def test_the_figure_draws_one_pair_of_lines_per_value_of_the_other_axes(tmp_path
     labels = [line.get_label() for line in drawn[-1].axes[0].get_lines()]
     assert labels == ["validation loss (lowest)", "test loss (same evaluation)", "chosen"]
     assert list(drawn[-1].axes[0].get_lines()[0].get_xdata()) == [0, 1, 2, 3]
+
+
+def test_folds_run_each_point_on_each_validation_fold_and_choose_on_the_mean(config_file, tmp_path, capsys):
+    """``--folds 2``: one run per (point, fold), each a ``gramnewton train`` run with that
+    ``data.validation_fold``; the summary's numbers are the folds' means; more folds than the
+    validation share gives are refused before anything trains."""
+    out = tmp_path / "sweep"
+    grid = ["--grid", "optimizer.alpha=[0.1, 10]", *SETS, "--folds", "2"]
+    assert main(["sweep", str(config_file), *grid, "--out", str(out)]) == 0
+    assert "chosen on mean over 2 validation folds" in capsys.readouterr().out
+    summary = read_rows(out / "sweep.csv")
+    for row in summary:
+        folds = [read_rows(out / row["point"] / f"fold-{i}" / "metrics.csv") for i in range(2)]
+        best = [min(rows, key=lambda r: r["val_loss"]) for rows in folds]
+        assert row["val_loss"] == pytest.approx((best[0]["val_loss"] + best[1]["val_loss"]) / 2)
+        assert row["test_loss"] == pytest.approx((best[0]["test_loss"] + best[1]["test_loss"]) / 2)
+        assert best[0]["val_loss"] != best[1]["val_loss"]  # two splits
+    # fold 1 of the last point is the run train makes with data.validation_fold = 1
+    alone = tmp_path / "alone"
+    assert (
+        main(
+            [
+                "train",
+                str(config_file),
+                *SETS,
+                "--set=optimizer.alpha=10",
+                "--set=data.validation_fold=1",
+                f"--out={alone}",
+            ]
+        )
+        == 0
+    )
+
+    def strip(rows):
+        return [{k: repr(v) for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert strip(read_rows(out / "01-alpha=10" / "fold-1" / "metrics.csv")) == strip(read_rows(alone / "metrics.csv"))
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert (
+        main(["sweep", str(config_file), "--grid", "optimizer.alpha=[1]", *SETS, "--folds", "5", "--out", str(refused)])
+        == 1
+    )
+    assert "--folds 5: data.validation_fraction = 0.25 gives 4 folds" in one_line_error(capsys)
+    assert not refused.exists()

@@ -45,6 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(repeatable: every combination is run)",
     )
     add_overrides(p, "override a config value for every point, e.g. --set data.validation_fraction=0.2 (repeatable)")
+    p.add_argument(
+        "--folds",
+        type=_positive,
+        default=1,
+        metavar="K",
+        help="cross-validate: run each point on K validation folds (data.validation_fold 0 to K-1, at most "
+        "round(1 / data.validation_fraction)) and choose on their mean validation loss (default 1: one split)",
+    )
     p.add_argument("--out", type=Path, help="sweep folder, one run folder per point (default sweeps/<config name>)")
     replace = p.add_mutually_exclusive_group()
     replace.add_argument("--resume", action="store_true", help="continue a sweep: finished points are kept")
@@ -59,27 +67,28 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("gramnewton sweep runs its points one after another in one process: start it without torchrun")
     config = load_config(args.config, args.overrides)
     axes = parse_axes(args.axes)
-    points = sweep_points(config, axes)
+    points = sweep_points(config, axes, args.folds)
     out = args.out or Path("sweeps") / args.config.stem
-    # the whole folder first (an occupied one is refused before anything trains), then each point's
+    # the whole folder first (an occupied one is refused before anything trains), then each run's
     check_sweep_folder(out, resume=args.resume, overwrite=args.overwrite)
     for point in points:
-        check_run_folder(out / point.folder, resume=args.resume, overwrite=args.overwrite, config=point.config)
+        for folder, run_config in point.runs:
+            check_run_folder(out / folder, resume=args.resume, overwrite=args.overwrite, config=run_config)
     failures: dict[str, str] = {}
     for number, point in enumerate(points, 1):
-        desc = f"{number}/{len(points)} {point.folder}"
-        try:
-            train_with_progress(
-                point.config, out / point.folder, resume=args.resume, overwrite=args.overwrite, desc=desc
-            )
-        except KeyboardInterrupt:
-            print(f"\ninterrupted at point {desc}: continue the sweep with --resume")
-            return 130
-        except (SingularGramError, NonFiniteError) as error:
-            failures[point.folder] = " ".join(str(error).split())
-            print(f"{desc}: failed ({failures[point.folder]})")
-            continue
-        print(f"{desc}: {_describe(point_summary(out, point))}")
+        for folder, run_config in point.runs:
+            desc = f"{number}/{len(points)} {folder}"
+            try:
+                train_with_progress(run_config, out / folder, resume=args.resume, overwrite=args.overwrite, desc=desc)
+            except KeyboardInterrupt:
+                print(f"\ninterrupted at {desc}: continue the sweep with --resume")
+                return 130
+            except (SingularGramError, NonFiniteError) as error:  # the point fails, its other folds untrained
+                failures[point.folder] = " ".join(str(error).split())
+                print(f"{desc}: failed ({failures[point.folder]})")
+                break
+        else:
+            print(f"{number}/{len(points)} {point.folder}: {_describe(point_summary(out, point))}")
     rows = summarise(out, points, failures)
     name = config["name"] or args.config.stem
     print(_table(rows, [axis.key for axis in axes]))
@@ -88,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no point of the sweep reached a finite validation loss (each point's row: {path})")
     chosen = next(row for row in rows if row["chosen"])
     sets = " ".join(f"--set '{key}={_toml(value)}'" for key, value in points[rows.index(chosen)].overrides)
-    print(f"{name}: chosen on the validation split: {chosen['point']} ({_describe(chosen)}); train it with {sets}")
+    split = f"mean over {args.folds} validation folds" if args.folds > 1 else "the validation split"
+    print(f"{name}: chosen on {split}: {chosen['point']} ({_describe(chosen)}); train it with {sets}")
     written = [write_summary(out, rows), plot_summary(out, rows, axes, title=name)]
     print(f"wrote {', '.join(map(str, written))}")
     return 0
@@ -126,3 +136,10 @@ def _toml(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(map(_toml, value)) + "]"
     return repr(value)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -9,6 +9,8 @@ A configuration is a nested dict. Sections and keys (defaults in :data:`DEFAULTS
                  train_subset = 0; test_subset = 0               # first n of a seeded permutation (0: all)
                  image_size = 0                                  # resize inputs to n x n (0: as loaded)
                  validation_fraction = 0.0                       # share of the training set held out
+                 validation_fold = 0             # which of round(1 / validation_fraction) folds is
+                                                 # held out (0: the share above; cross-validation)
     [optimizer]  name = "ggn" | "sgd" | "adam" | "kfac"; other keys are its hyper-parameters
                  adaptive_damping = {name = "gain_ratio", check_every = 4, min_alpha = 1.0}
                                                  # ggn: a damping rule with its number arguments
@@ -72,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "test_subset": 0,
         "image_size": 0,
         "validation_fraction": 0.0,
+        "validation_fold": 0,
     },
     "optimizer": {"name": ""},
     "train": {
@@ -114,6 +117,7 @@ RANGES: dict[str, tuple[type | tuple[type, ...], float | None]] = {
     "train.keep_best": (bool, None),
     "train.deterministic": (bool, None),
     "data.validation_fraction": (NUMBERS, 0),
+    "data.validation_fold": (int, 0),
     "name": (str, None),
     "model.name": (str, None),
     "data.name": (str, None),
@@ -238,6 +242,21 @@ def _check_validation(config: Mapping[str, Any]) -> None:
     ):
         if used and config["data"]["validation_fraction"] == 0:
             raise ValueError(f"train.{key} needs a validation split: set data.validation_fraction (e.g. 0.1)")
+    fraction, fold = config["data"]["validation_fraction"], config["data"]["validation_fold"]
+    if fold and fraction == 0:
+        raise ValueError("data.validation_fold needs a validation split: set data.validation_fraction (e.g. 0.2)")
+    if fraction and fold >= validation_folds(fraction):
+        raise ValueError(
+            f"data.validation_fold = {fold} is out of range: data.validation_fraction = {fraction:g} gives "
+            f"{validation_folds(fraction)} folds (0 to {validation_folds(fraction) - 1})"
+        )
+
+
+def validation_folds(fraction: float) -> int:
+    """How many folds a validation share ``fraction`` gives: ``round(1 / fraction)`` (at least 1).
+    Fold 0 is the share held out without folds; the others split the rest evenly
+    (:func:`~gramnewton.lab.experiments.setup.validation_split`)."""
+    return max(1, round(1 / fraction))
 
 
 def _check_names(config: Mapping[str, Any], valid: Mapping[str, Any], prefix: str) -> None:

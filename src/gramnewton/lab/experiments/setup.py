@@ -21,6 +21,7 @@ from ..data import get_dataset
 from ..data.base import TensorRegressionDataset, split_indices
 from ..data.classification import TensorClassificationDataset, is_classification
 from ..models import get_model
+from .config import validation_folds
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -51,15 +52,27 @@ def load_data(config: Mapping[str, Any], split: str) -> TensorRegressionDataset:
         return dataset
     if fraction == 0:
         raise ValueError("no validation split: set data.validation_fraction > 0")
-    train_index, validation_index = validation_split(len(dataset), fraction, config["seed"])
+    train_index, validation_index = validation_split(len(dataset), fraction, config["seed"], data["validation_fold"])
     return subset(dataset, validation_index if split == "validation" else train_index)
 
 
-def validation_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Sorted indices ``(train (n_train,), validation (n - n_train,))`` of ``range(n)``: a
-    ``seed``-ed permutation's first ``n_train = round((1 - fraction) n)`` items and the rest.
-    Raises ``ValueError`` (one line) when either part would be empty."""
+def validation_split(n: int, fraction: float, seed: int, fold: int = 0) -> tuple[Tensor, Tensor]:
+    """Sorted indices ``(train, validation)`` of ``range(n)``, from a ``seed``-ed permutation.
+
+    Fold 0: the permutation's first ``n_train = round((1 - fraction) n)`` items and the rest. Fold
+    ``i >= 1`` of :func:`~gramnewton.lab.experiments.config.validation_folds` ``K``: the ``i``-th of
+    ``K - 1`` near-equal consecutive parts of those first ``n_train`` items is held out instead, so
+    the ``K`` folds' validation parts are disjoint and cover ``range(n)`` (K-fold cross-validation).
+    Raises ``ValueError`` (one line) when either part would be empty or ``fold`` is out of range."""
     train, validation = (split_indices(n, part, seed, train_fraction=1.0 - fraction) for part in ("train", "test"))
+    if fold:
+        folds = validation_folds(fraction)
+        if not 0 < fold < folds:
+            raise ValueError(f"validation fold {fold} out of range: a fraction of {fraction:g} gives {folds} folds")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # split_indices' permutation
+        parts = [order[n - len(validation) :], *torch.tensor_split(order[: n - len(validation)], folds - 1)]
+        validation = parts[fold].sort().values
+        train = torch.cat(parts[:fold] + parts[fold + 1 :]).sort().values
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(
             f"data.validation_fraction = {fraction:g} of {n} training samples leaves {len(validation)} "

@@ -9,7 +9,9 @@ choice; the summary reports it beside the validation loss (:func:`summarise`).
 
 Every point is trained on the same split: the config must hold part of its training set out
 (``data.validation_fraction > 0``), and no axis may change the data or the seed that draws the
-split (``seed``, ``data.*``): validation losses of two splits do not rank two settings. Every
+split (``seed``, ``data.*``): validation losses of two splits do not rank two settings. With
+``folds`` (``--folds K``) every point runs on the same K validation folds
+(``data.validation_fold``: K-fold cross-validation) and is ranked by their mean. Every
 point's config is resolved and validated before any training, so a typo in the last value fails
 before the first run.
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import parse_override, set_dotted, validate
+from .config import parse_override, set_dotted, validate, validation_folds
 from .figures import plt, save_figure
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer, takes_weight_decay
@@ -51,11 +53,13 @@ class Axis:
 @dataclass(frozen=True)
 class SweepPoint:
     """One grid point: its ``folder`` name under the sweep folder, its ``overrides`` (key, value)
-    in axis order, and the resolved, validated ``config`` it trains."""
+    in axis order, the resolved, validated ``config`` it trains, and its ``runs``: (run folder
+    under the sweep folder, config) per validation fold, ``((folder, config),)`` without folds."""
 
     folder: str
     overrides: tuple[tuple[str, Any], ...]
     config: dict[str, Any]
+    runs: tuple[tuple[str, dict[str, Any]], ...]
 
 
 def parse_axes(items: Iterable[str]) -> list[Axis]:
@@ -86,17 +90,28 @@ def parse_axes(items: Iterable[str]) -> list[Axis]:
     return axes
 
 
-def sweep_points(config: Mapping[str, Any], axes: Sequence[Axis]) -> list[SweepPoint]:
+def sweep_points(config: Mapping[str, Any], axes: Sequence[Axis], folds: int = 1) -> list[SweepPoint]:
     """Every point of the grid of ``axes`` over the resolved ``config`` (the last axis varying
-    fastest), each resolved and validated.
+    fastest), each resolved and validated; with ``folds > 1`` each point runs on the first
+    ``folds`` validation folds (``data.validation_fold`` 0, 1, ...; run folders ``<point>/fold-<i>``).
 
     Raises:
-        ValueError: ``config`` holds no validation split, or a point's config is not valid
-            (naming the point).
+        ValueError: ``config`` holds no validation split, more ``folds`` than its
+            ``validation_fraction`` gives, or a point's config is not valid (naming the point).
     """
-    if not config["data"]["validation_fraction"]:
+    fraction = config["data"]["validation_fraction"]
+    if not fraction:
         raise ValueError(
             "a sweep chooses on held-out data: set data.validation_fraction, e.g. --set data.validation_fraction=0.2"
+        )
+    if folds > 1 and (folds > validation_folds(fraction) or config["data"]["validation_fold"]):
+        raise ValueError(
+            f"--folds {folds}: data.validation_fraction = {fraction:g} gives {validation_folds(fraction)} folds"
+            + (
+                ", and data.validation_fold must be left at 0 (the folds are the sweep's)"
+                if config["data"]["validation_fold"]
+                else ""
+            )
         )
     points = []
     for index, values in enumerate(itertools.product(*(axis.values for axis in axes))):
@@ -111,7 +126,12 @@ def sweep_points(config: Mapping[str, Any], axes: Sequence[Axis]) -> list[SweepP
         except ValueError as error:
             raise ValueError(f"grid point {label}: {error}") from None
         folder = f"{index:02d}-{_UNSAFE.sub('_', label)[:_FOLDER_CHARS]}"
-        points.append(SweepPoint(folder, overrides, point))
+        runs = [(folder, point)]
+        if folds > 1:
+            runs = [(f"{folder}/fold-{i}", copy.deepcopy(point)) for i in range(folds)]
+            for i, (_, fold) in enumerate(runs):
+                fold["data"]["validation_fold"] = i
+        points.append(SweepPoint(folder, overrides, point, tuple(runs)))
     return points
 
 
@@ -154,18 +174,23 @@ def _format(value: Any) -> str:
 
 
 def point_summary(out: str | Path, point: SweepPoint, error: str = "") -> dict[str, Any]:
-    """The summary row of one point, from its run folder's ``metrics.csv`` (see :func:`summarise`;
-    ``chosen`` is 0 here)."""
-    path = Path(out) / point.folder / METRICS_FILE
+    """The summary row of one point, from its run folders' ``metrics.csv`` (see :func:`summarise`;
+    ``chosen`` is 0 here); with validation folds each number is the mean over the folds' runs."""
+    runs = [_run_summary(Path(out) / folder / METRICS_FILE) for folder, _ in point.runs]
+    row: dict[str, Any] = {"point": point.folder}
+    for key, value in point.overrides:
+        row[key] = value if isinstance(value, (int, float, str)) else _format(value)
+    return row | {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]} | {"chosen": 0, "error": error}
+
+
+def _run_summary(path: Path) -> dict[str, float]:
+    """One run's numbers of a summary row, read from its ``metrics.csv`` (NaN where none)."""
     metrics = read_rows(path) if path.is_file() else []
     finite = [r for r in metrics if math.isfinite(r.get("val_loss", math.nan))]
     best = min(finite, key=lambda r: r["val_loss"]) if finite else {}
     last = metrics[-1] if metrics else {}
     quality = "test_accuracy" if "test_accuracy" in (best or last) else "test_rmse"
-    row: dict[str, Any] = {"point": point.folder}
-    for key, value in point.overrides:
-        row[key] = value if isinstance(value, (int, float, str)) else _format(value)
-    return row | {
+    return {
         "epochs": last.get("epoch", 0),
         "seconds": last.get("seconds", 0.0),
         "best_epoch": best.get("epoch", math.nan),
@@ -175,8 +200,6 @@ def point_summary(out: str | Path, point: SweepPoint, error: str = "") -> dict[s
         "test_loss": best.get("test_loss", math.nan),
         quality: best.get(quality, math.nan),
         "last_test_loss": last.get("test_loss", math.nan),
-        "chosen": 0,
-        "error": error,
     }
 
 
