@@ -68,10 +68,15 @@ def grids(task: str, args: argparse.Namespace) -> dict[str, list[str]]:
     return {"ggn": args.ggn_grid or [TASKS[task][1]], "adam": args.adam_grid or [RATES]}
 
 
+def sweep_folder(task: str, method: str, seed: int, args: argparse.Namespace) -> Path:
+    """The folder of one (task, method, seed) sweep."""
+    return args.out / f"{task}-{method}-{seed}"
+
+
 def sweep(task: str, method: str, seed: int, axes: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run (or, when finished, read) one sweep over ``axes``; its ``sweep.csv`` rows."""
     sets, _, ggn_sets = TASKS[task]
-    out = args.out / f"{task}-{method}-{seed}"
+    out = sweep_folder(task, method, seed, args)
     overrides = [*sets, *(ggn_sets if method == "ggn" else []), f"seed={seed}", f"train.seconds={args.seconds:.1f}"]
     command = [sys.executable, "-m", "gramnewton", "sweep", METHODS[method], "--out", str(out), "--resume"]
     command += [*(f"--grid={axis}" for axis in axes), *(f"--set={s}" for s in overrides), f"--folds={args.folds}"]
@@ -79,14 +84,12 @@ def sweep(task: str, method: str, seed: int, axes: list[str], args: argparse.Nam
     return read_rows(out / SUMMARY_FILE)
 
 
-def first_fold_choice(task: str, method: str, seed: int, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """The row (its numbers the folds' means) that fold 0 alone, the plain split, would choose:
-    least lowest validation loss of ``<point>/fold-0``."""
+def first_fold_choice(folder: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row (its numbers the folds' means) of the sweep in ``folder`` that fold 0 alone, the
+    plain split, would choose: least lowest validation loss of ``<point>/fold-0``."""
 
     def fold_zero(row: dict[str, Any]) -> float:
-        losses = [
-            r["val_loss"] for r in read_rows(out / f"{task}-{method}-{seed}" / row["point"] / "fold-0" / METRICS_FILE)
-        ]
+        losses = [r["val_loss"] for r in read_rows(folder / row["point"] / "fold-0" / METRICS_FILE)]
         return min((v for v in losses if math.isfinite(v)), default=math.inf)
 
     return min(rows, key=fold_zero)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             if args.folds > 1:  # what the plain split would have chosen, judged by the folds' mean test
-                alone = {method: first_fold_choice(task, method, seed, rows[method], args.out) for method in METHODS}
+                alone = {m: first_fold_choice(sweep_folder(task, m, seed, args), rows[m]) for m in METHODS}
                 single.append(alone["ggn"]["test_loss"] / alone["adam"]["test_loss"])
                 print(
                     f"{task} seed {seed} fold 0 alone: "

@@ -38,14 +38,22 @@ def fit_scale(train_values: Tensor, unit: str, name: str = "") -> TargetScale:
     return TargetScale(mean=float(values.mean()), std=std if std > 0 else 1.0, unit=unit)
 
 
+def permuted_parts(n: int, seed: int, train_fraction: float = 0.8) -> tuple[Tensor, Tensor]:
+    """A ``seed``-ed permutation of ``range(n)`` cut after its first ``round(train_fraction * n)``
+    items: ``(first, rest)``, each in the permutation's order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = int(round(train_fraction * n))
+    return order[:n_train], order[n_train:]
+
+
 def split_indices(n: int, split: str, seed: int, train_fraction: float = 0.8) -> Tensor:
     """Indices ``(n_split,)`` of ``split`` in a seeded permutation of ``range(n)``, sorted.
 
-    The first ``round(train_fraction * n)`` permuted items are ``"train"``, the rest ``"test"``.
+    The first ``round(train_fraction * n)`` permuted items are ``"train"``, the rest ``"test"``
+    (:func:`permuted_parts`).
     """
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train = int(round(train_fraction * n))
-    return (order[:n_train] if split == "train" else order[n_train:]).sort().values
+    first, rest = permuted_parts(n, seed, train_fraction)
+    return (first if split == "train" else rest).sort().values
 
 
 class TensorRegressionDataset(Dataset):

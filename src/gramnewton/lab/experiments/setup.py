@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data import get_dataset
-from ..data.base import TensorRegressionDataset, split_indices
+from ..data.base import TensorRegressionDataset, permuted_parts
 from ..data.classification import TensorClassificationDataset, is_classification
 from ..models import get_model
 from .config import validation_folds
@@ -34,7 +34,7 @@ def load_data(config: Mapping[str, Any], split: str) -> TensorRegressionDataset:
     subset and resized as the config says.
 
     With ``data.validation_fraction = f > 0`` the (subset) training set is split by a
-    ``seed``-ed permutation (:func:`~gramnewton.lab.data.base.split_indices`): its last
+    ``seed``-ed permutation (:func:`~gramnewton.lab.data.base.permuted_parts`): its last
     ``n - round((1 - f) n)`` items are ``"validation"``, the others ``"train"``; the test set is
     never touched. With ``f = 0`` ``"train"`` is the whole training set (as before the option
     existed) and ``"validation"`` is refused.
@@ -64,15 +64,15 @@ def validation_split(n: int, fraction: float, seed: int, fold: int = 0) -> tuple
     ``K - 1`` near-equal consecutive parts of those first ``n_train`` items is held out instead, so
     the ``K`` folds' validation parts are disjoint and cover ``range(n)`` (K-fold cross-validation).
     Raises ``ValueError`` (one line) when either part would be empty or ``fold`` is out of range."""
-    train, validation = (split_indices(n, part, seed, train_fraction=1.0 - fraction) for part in ("train", "test"))
+    kept, held = permuted_parts(n, seed, train_fraction=1.0 - fraction)
+    parts = [held, kept]  # fold 0 held out first, then the parts the other folds hold out
     if fold:
         folds = validation_folds(fraction)
         if not 0 < fold < folds:
             raise ValueError(f"validation fold {fold} out of range: a fraction of {fraction:g} gives {folds} folds")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # split_indices' permutation
-        parts = [order[n - len(validation) :], *torch.tensor_split(order[: n - len(validation)], folds - 1)]
-        validation = parts[fold].sort().values
-        train = torch.cat(parts[:fold] + parts[fold + 1 :]).sort().values
+        parts = [held, *torch.tensor_split(kept, folds - 1)]
+    validation = parts[fold].sort().values
+    train = torch.cat(parts[:fold] + parts[fold + 1 :]).sort().values
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(
             f"data.validation_fraction = {fraction:g} of {n} training samples leaves {len(validation)} "
