@@ -20,7 +20,11 @@ rotated-digits (ResNet-8-Fixup). Each (task, method, seed) is one sweep in
 ``<out>/<task>-<method>-<seed>``, run with ``--resume``: a rerun reads finished sweeps and trains
 nothing. ``--ggn-grid`` / ``--adam-grid`` (each repeatable: one axis per flag, their Cartesian
 product swept) replace a method's grid, e.g. two axes for GGN; ``--folds K`` cross-validates
-each point on K validation folds (``gramnewton sweep --folds``). Printed per (task, seed): each
+each point on K validation folds (``gramnewton sweep --folds``), and the K kept models of each
+method's choice are then also averaged (their mean prediction's test MSE, a cross-validation
+committee); ``--refit`` then trains each
+method's choice on the whole training set for its best epochs (``gramnewton sweep --refit``) and
+compares the refits' test MSEs as well. Printed per (task, seed): each
 method's chosen point, its validation MSE and the test MSE of that kept model, and GGN's first
 point (the defaults in the default grids: the floor 1e-8, or ``lam = 16``); a record per run, with
 the grids swept, is appended to ``--record``::
@@ -42,9 +46,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from gramnewton.lab.experiments.config import load_config
+from gramnewton.lab.experiments.early_stopping import load_best
 from gramnewton.lab.experiments.metrics import read_rows
-from gramnewton.lab.experiments.runner import METRICS_FILE
-from gramnewton.lab.experiments.sweep import SUMMARY_FILE
+from gramnewton.lab.experiments.runner import CONFIG_FILE, METRICS_FILE
+from gramnewton.lab.experiments.setup import build_model, load_data
+from gramnewton.lab.experiments.sweep import REFIT_FOLDER, SUMMARY_FILE
+from gramnewton.lab.experiments.training import evaluation_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_log import append_record  # noqa: E402
@@ -80,6 +90,7 @@ def sweep(task: str, method: str, seed: int, axes: list[str], args: argparse.Nam
     overrides = [*sets, *(ggn_sets if method == "ggn" else []), f"seed={seed}", f"train.seconds={args.seconds:.1f}"]
     command = [sys.executable, "-m", "gramnewton", "sweep", METHODS[method], "--out", str(out), "--resume"]
     command += [*(f"--grid={axis}" for axis in axes), *(f"--set={s}" for s in overrides), f"--folds={args.folds}"]
+    command += ["--refit"] if args.refit else []
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return read_rows(out / SUMMARY_FILE)
 
@@ -95,6 +106,22 @@ def first_fold_choice(folder: Path, rows: list[dict[str, Any]]) -> dict[str, Any
     return min(rows, key=fold_zero)
 
 
+@torch.no_grad()
+def ensemble_test_mse(point: Path) -> float:
+    """Test MSE of the mean prediction of the kept (best-validation) models of ``point``'s fold
+    runs ``<point>/fold-<i>``: each model is trained on a different four fifths of the rows."""
+    predictions, targets = [], None
+    for fold in sorted(point.glob("fold-*")):
+        config = load_config(fold / CONFIG_FILE)
+        test = load_data(config, "test")
+        inputs, targets = test[torch.arange(len(test))]
+        model = build_model(config, test)
+        load_best(fold, model)
+        with evaluation_mode(model):
+            predictions.append(model(inputs).double().reshape(targets.shape))
+    return float((torch.stack(predictions).mean(0) - targets.double()).pow(2).mean())
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["concrete", "diabetes"])
@@ -103,12 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("sweeps"), help="folder of the sweeps")
     p.add_argument("--record", type=Path, default=RECORD)
     p.add_argument("--folds", type=int, default=1, help="validation folds per point (gramnewton sweep --folds)")
+    p.add_argument("--refit", action="store_true", help="refit each choice on all training rows (sweep --refit)")
     axis = dict(action="append", metavar="KEY=[V1, ...]")
     p.add_argument("--ggn-grid", **axis, help="an axis of GGN's grid instead of the task's (repeat for more axes)")
     p.add_argument("--adam-grid", **axis, help="an axis of Adam's grid instead of its learning rates (repeat for more)")
     args = p.parse_args(argv)
     for task in args.tasks:
-        ratios, single = [], []  # GGN / Adam test: chosen on the folds' mean; chosen on fold 0 alone
+        # GGN / Adam test: chosen on the folds' mean; on fold 0 alone; the folds' models averaged; refit
+        ratios, single, ensembles, refits = [], [], [], []
         axes = grids(task, args)
         for seed in args.seeds:
             rows = {method: sweep(task, method, seed, axes[method], args) for method in METHODS}
@@ -138,6 +167,35 @@ def main(argv: list[str] | None = None) -> None:
                     + f"; GGN / Adam test {single[-1]:.2f}",
                     flush=True,
                 )
+            ensemble = {}
+            if args.folds > 1:  # the chosen point's fold models, their predictions averaged
+                for method in METHODS:
+                    ensemble[method] = ensemble_test_mse(
+                        sweep_folder(task, method, seed, args) / chosen[method]["point"]
+                    )
+                ensembles.append(ensemble["ggn"] / ensemble["adam"])
+                print(
+                    f"{task} seed {seed} the {args.folds} fold models averaged: "
+                    + ", ".join(f"{m} test {v:.4f}" for m, v in ensemble.items())
+                    + f"; GGN / Adam test {ensembles[-1]:.2f}",
+                    flush=True,
+                )
+            refit = {}
+            if args.refit:  # each choice trained on every training row: its test MSE at its last epoch
+                for method in METHODS:
+                    last = read_rows(sweep_folder(task, method, seed, args) / REFIT_FOLDER / METRICS_FILE)[-1]
+                    refit[method] = {
+                        "epochs": last["epoch"],
+                        "seconds": last["seconds"],
+                        "test_loss": last["test_loss"],
+                    }
+                refits.append(refit["ggn"]["test_loss"] / refit["adam"]["test_loss"])
+                print(
+                    f"{task} seed {seed} refit on all training rows: "
+                    + ", ".join(f"{m} test {r['test_loss']:.4f} ({r['epochs']:g} epochs)" for m, r in refit.items())
+                    + f"; GGN / Adam test {refits[-1]:.2f}",
+                    flush=True,
+                )
             append_record(
                 args.record,
                 {
@@ -149,11 +207,17 @@ def main(argv: list[str] | None = None) -> None:
                     "grids": axes,
                     "folds": args.folds,
                     "sweeps": rows,
+                    "ensemble": ensemble,
+                    "refit": refit,
                 },
             )
         print(f"{task}: chosen GGN / chosen Adam test MSE, median over seeds {statistics.median(ratios):.2f}")
         if single:
             print(f"{task}: the same, each chosen on fold 0 alone, median {statistics.median(single):.2f}")
+        if ensembles:
+            print(f"{task}: the same, each choice's fold models averaged, median {statistics.median(ensembles):.2f}")
+        if refits:
+            print(f"{task}: the same, each choice refit on all training rows, median {statistics.median(refits):.2f}")
 
 
 if __name__ == "__main__":

@@ -225,8 +225,8 @@ def test_race_steps_splits_a_race_into_its_first_step_and_the_later_ones(
 @pytest.mark.slow
 def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished_sweeps(tmp_path: Path) -> None:
     """One (task, seed) on grids given by the flags: two GGN axes (their product), one Adam axis,
-    two validation folds; the record names the grids and holds every point, what fold 0 alone would
-    choose is printed, and a rerun trains nothing (``--resume``)."""
+    two validation folds, each choice's fold models averaged and the choice refit; the record names
+    the grids and holds every point, the averages and the refits, what fold 0 alone would choose is printed, and a rerun trains nothing (``--resume``)."""
     record = tmp_path / "record.json"
     argv = [
         sys.executable,
@@ -240,6 +240,7 @@ def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished
         "--ggn-grid=optimizer.adaptive_damping.min_alpha=[1e-8, 1e5]",
         "--adam-grid=optimizer.lr=[1e-2]",
         "--folds=2",
+        "--refit",
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -259,7 +260,13 @@ def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished
     }
     assert all(sum(r["chosen"] for r in rows) == 1 for rows in run["sweeps"].values())
     checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweeps").rglob("checkpoint.pt")}
-    assert len(checkpoints) == 10 and run["folds"] == 2  # (4 GGN points + 1 Adam point) x 2 folds
+    assert "diabetes seed 0 refit on all training rows: ggn test" in done.stdout
+    assert "diabetes seed 0 the 2 fold models averaged: ggn test" in done.stdout
+    for method, rows in run["sweeps"].items():  # a mean prediction's MSE is at most its members' mean MSE
+        chosen = next(r for r in rows if r["chosen"])
+        assert 0 < run["ensemble"][method] <= chosen["test_loss"] * (1 + 1e-6)  # float32 predictions
+    assert set(run["refit"]) == {"ggn", "adam"} and all(r["epochs"] >= 1 for r in run["refit"].values())
+    assert len(checkpoints) == 12 and run["folds"] == 2  # (4 GGN points + 1 Adam point) x 2 folds, 2 refits
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # no point trained again

@@ -291,3 +291,48 @@ def test_folds_run_each_point_on_each_validation_fold_and_choose_on_the_mean(con
     )
     assert "--folds 5: data.validation_fraction = 0.25 gives 4 folds" in one_line_error(capsys)
     assert not refused.exists()
+
+
+def test_refit_trains_the_choice_on_the_whole_training_set_for_its_best_epochs(config_file, tmp_path, capsys):
+    """``--refit``: the chosen point is the run ``train`` makes with that point's ``--set``, no
+    validation split and ``train.epochs`` = its best epoch; a resumed sweep trains nothing again;
+    an occupied refit folder is refused before any point trains."""
+    out = tmp_path / "sweep"
+    grid = ["--grid", "optimizer.alpha=[0.1, 10]", *SETS, "--refit"]
+    assert main(["sweep", str(config_file), *grid, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    chosen = next(r for r in read_rows(out / "sweep.csv") if r["chosen"])
+    epochs = round(chosen["best_epoch"])
+    refit = read_rows(out / "refit" / "metrics.csv")
+    assert f"refit {chosen['point']} on the whole training set, {epochs} epochs: test loss" in printed
+    assert [r["epoch"] for r in refit] == list(range(epochs + 1)) and "val_loss" not in refit[-1]
+    alone = tmp_path / "alone"
+    sets = [*SETS, f"--set=optimizer.alpha={chosen['optimizer.alpha']}", "--set=data.validation_fraction=0"]
+    assert main(["train", str(config_file), *sets, f"--set=train.epochs={epochs}", f"--out={alone}"]) == 0
+
+    def strip(rows):
+        return [{k: repr(v) for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert strip(refit) == strip(read_rows(alone / "metrics.csv"))
+    before = snapshot(out / "refit")
+    assert main(["sweep", str(config_file), *grid, "--out", str(out), "--resume"]) == 0
+    assert snapshot(out / "refit") == before
+    capsys.readouterr()
+    occupied = tmp_path / "occupied"
+    (occupied / "refit").mkdir(parents=True)
+    (occupied / "refit" / "notes.txt").write_text("mine")
+    assert main(["sweep", str(config_file), *grid, "--out", str(occupied), "--resume"]) == 1
+    assert "holds no checkpoint and no run of this config" in one_line_error(capsys)
+    assert sorted(p.name for p in occupied.iterdir()) == ["refit"]
+
+
+def test_refit_config_rounds_the_best_epoch_and_drops_the_split(config_file):
+    config = load_config(config_file, SHORT)
+    point = sweep_points(config, [Axis("optimizer.alpha", (1.0,))], folds=2)[0]
+    refit = sweep_module.refit_config(point, {"best_epoch": 2.5})
+    assert refit["train"]["epochs"] == 2 and refit["train"]["seconds"] == 0  # round half to even
+    assert refit["data"]["validation_fraction"] == 0 and refit["data"]["validation_fold"] == 0
+    assert sweep_module.refit_config(point, {"best_epoch": 0.0})["train"]["epochs"] == 1
+    assert point.config["data"]["validation_fraction"] > 0  # the point's config is left as it was
+    with pytest.raises(ValueError, match="no epoch of finite validation loss"):
+        sweep_module.refit_config(point, {"best_epoch": math.nan})

@@ -1,5 +1,6 @@
 """``gramnewton sweep CONFIG --grid KEY=[V1, V2, ...]``: one run per grid point, the point of least
-validation loss chosen (:mod:`gramnewton.lab.experiments.sweep`).
+validation loss chosen (:mod:`gramnewton.lab.experiments.sweep`); with ``--refit`` the choice is
+then trained on the whole training set (``<out>/refit``).
 
 A point whose optimizer gives up (a GGN step that is not finite at any damping) is reported as
 failed and the sweep goes on; any other error ends it, and ``--resume`` continues where it ended
@@ -19,10 +20,12 @@ from ...solve import NonFiniteError, SingularGramError
 from ..experiments.config import load_config
 from ..experiments.runner import check_run_folder
 from ..experiments.sweep import (
+    REFIT_FOLDER,
     check_sweep_folder,
     parse_axes,
     plot_summary,
     point_summary,
+    refit_config,
     summarise,
     sweep_points,
     write_summary,
@@ -53,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cross-validate: run each point on K validation folds (data.validation_fold 0 to K-1, at most "
         "round(1 / data.validation_fraction)) and choose on their mean validation loss (default 1: one split)",
     )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="then train the chosen point on the whole training set (validation rows included) for the epochs "
+        "of its lowest validation loss, into <out>/refit",
+    )
     p.add_argument("--out", type=Path, help="sweep folder, one run folder per point (default sweeps/<config name>)")
     replace = p.add_mutually_exclusive_group()
     replace.add_argument("--resume", action="store_true", help="continue a sweep: finished points are kept")
@@ -74,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     for point in points:
         for folder, run_config in point.runs:
             check_run_folder(out / folder, resume=args.resume, overwrite=args.overwrite, config=run_config)
+    if args.refit:  # its config waits for the choice; an occupied folder is refused now all the same
+        check_run_folder(out / REFIT_FOLDER, resume=args.resume, overwrite=args.overwrite)
     failures: dict[str, str] = {}
     for number, point in enumerate(points, 1):
         for folder, run_config in point.runs:
@@ -101,6 +112,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"{name}: chosen on {split}: {chosen['point']} ({_describe(chosen)}); train it with {sets}")
     written = [write_summary(out, rows), plot_summary(out, rows, axes, title=name)]
     print(f"wrote {', '.join(map(str, written))}")
+    if args.refit:
+        config = refit_config(points[rows.index(chosen)], chosen)
+        epochs = config["train"]["epochs"]
+        desc = f"refit {chosen['point']} on the whole training set, {epochs} epochs"
+        try:
+            last = train_with_progress(
+                config, out / REFIT_FOLDER, resume=args.resume, overwrite=args.overwrite, desc=desc
+            )[-1]
+        except KeyboardInterrupt:
+            print("\ninterrupted at the refit: continue it with --resume")
+            return 130
+        print(f"{desc}: test loss {last['test_loss']:.4g} (in {out / REFIT_FOLDER})")
     return 0
 
 

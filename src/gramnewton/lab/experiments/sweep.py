@@ -13,7 +13,10 @@ split (``seed``, ``data.*``): validation losses of two splits do not rank two se
 ``folds`` (``--folds K``) every point runs on the same K validation folds
 (``data.validation_fold``: K-fold cross-validation) and is ranked by their mean. Every
 point's config is resolved and validated before any training, so a typo in the last value fails
-before the first run.
+before the first run. With ``refit`` (``--refit``) the chosen point is then trained once more on
+the whole training set, held-out rows included, for the epochs at which its validation loss was
+lowest (:func:`refit_config`), into ``<out>/refit``: the model a user deploys, its test loss
+read only after the choice.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer, takes_weight_decay
 from .runner import METRICS_FILE
 
-SUMMARY_FILE, FIGURE_FILE = "sweep.csv", "sweep.png"
+SUMMARY_FILE, FIGURE_FILE, REFIT_FOLDER = "sweep.csv", "sweep.png", "refit"
 # Keys that change the training/validation split: points differing in them are not comparable.
 SPLIT_KEYS = ("seed", "data")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]+")
@@ -140,6 +143,31 @@ def _check_optimizer_values(config: Mapping[str, Any]) -> None:
     (``alpha >= 0``, ...), which :func:`~gramnewton.lab.experiments.config.validate` leaves to it."""
     decay = {"weight_decay": config["train"]["weight_decay"]} if takes_weight_decay(config["optimizer"]["name"]) else {}
     build_optimizer({**config["optimizer"], **decay}, nn.Linear(2, 1))
+
+
+def refit_config(point: SweepPoint, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The chosen ``point``'s config trained on its whole training set: no validation split
+    (``data.validation_fraction = 0``, so no best-model keeping or early stopping), for
+    ``train.epochs = round(row["best_epoch"])`` (at least 1; with folds the folds' mean), the epoch
+    of the lowest validation loss in ``row`` (:func:`summarise`), and no ``train.seconds`` limit.
+
+    The refit sees ``1 / (1 - validation_fraction)`` times the rows per epoch, so it takes as
+    many more steps: the epoch count, not the step count, is what carries over (the usual
+    practice, e.g. scikit-learn's ``refit``).
+
+    Raises:
+        ValueError: ``row`` has no finite ``best_epoch`` (the point never reached a finite
+            validation loss).
+    """
+    if not math.isfinite(row["best_epoch"]):
+        raise ValueError(f"{point.folder} has no epoch of finite validation loss to refit for")
+    config = copy.deepcopy(point.config)
+    config["data"].update(validation_fraction=0.0, validation_fold=0)
+    config["train"].update(
+        epochs=max(1, round(row["best_epoch"])), seconds=0.0, keep_best=False, early_stopping_patience=0
+    )
+    validate(config)
+    return config
 
 
 def check_sweep_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
