@@ -46,15 +46,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gramnewton.lab.experiments.config import load_config
-from gramnewton.lab.experiments.early_stopping import load_best
 from gramnewton.lab.experiments.metrics import read_rows
 from gramnewton.lab.experiments.runner import CONFIG_FILE, METRICS_FILE
-from gramnewton.lab.experiments.setup import build_model, load_data
-from gramnewton.lab.experiments.sweep import REFIT_FOLDER, SUMMARY_FILE
-from gramnewton.lab.experiments.training import evaluation_mode
+from gramnewton.lab.experiments.setup import load_data
+from gramnewton.lab.experiments.sweep import REFIT_FOLDER, SUMMARY_FILE, fold_ensemble
+from gramnewton.lab.experiments.training import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_log import append_record  # noqa: E402
@@ -106,20 +103,11 @@ def first_fold_choice(folder: Path, rows: list[dict[str, Any]]) -> dict[str, Any
     return min(rows, key=fold_zero)
 
 
-@torch.no_grad()
 def ensemble_test_mse(point: Path) -> float:
     """Test MSE of the mean prediction of the kept (best-validation) models of ``point``'s fold
-    runs ``<point>/fold-<i>``: each model is trained on a different four fifths of the rows."""
-    predictions, targets = [], None
-    for fold in sorted(point.glob("fold-*")):
-        config = load_config(fold / CONFIG_FILE)
-        test = load_data(config, "test")
-        inputs, targets = test[torch.arange(len(test))]
-        model = build_model(config, test)
-        load_best(fold, model)
-        with evaluation_mode(model):
-            predictions.append(model(inputs).double().reshape(targets.shape))
-    return float((torch.stack(predictions).mean(0) - targets.double()).pow(2).mean())
+    runs ``<point>/fold-<i>`` (:func:`~gramnewton.lab.experiments.sweep.fold_ensemble`)."""
+    folds = sorted(point.glob("fold-*"))
+    return evaluate(fold_ensemble(folds), load_data(load_config(folds[0] / CONFIG_FILE), "test"))[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from test_early_stopping import VALIDATED
 from test_lab_reliability import one_line_error, snapshot
 
@@ -14,7 +15,9 @@ from gramnewton.lab.experiments import sweep as sweep_module
 from gramnewton.lab.experiments.config import load_config
 from gramnewton.lab.experiments.metrics import read_rows, write_rows
 from gramnewton.lab.experiments.reproduce import CONFIGS_DIR
+from gramnewton.lab.experiments.setup import build_model, load_data
 from gramnewton.lab.experiments.sweep import Axis, parse_axes, summarise, sweep_points
+from gramnewton.lab.experiments.training import evaluate, evaluation_mode
 from gramnewton.solve import SingularGramError
 
 # VALIDATED (256 images, a quarter held out) for 3 epochs, no early stopping: a point trains in a second
@@ -336,3 +339,44 @@ def test_refit_config_rounds_the_best_epoch_and_drops_the_split(config_file):
     assert point.config["data"]["validation_fraction"] > 0  # the point's config is left as it was
     with pytest.raises(ValueError, match="no epoch of finite validation loss"):
         sweep_module.refit_config(point, {"best_epoch": math.nan})
+
+
+def test_the_fold_models_averaged_are_the_mean_of_the_kept_models_outputs(config_file, tmp_path, capsys):
+    """``--folds 2`` with kept models: the printed test loss is that of the two ``best.pt``
+    models' outputs averaged, computed here by hand in float64, and (a mean prediction's MSE being
+    at most its members' mean MSE) no higher than the folds' mean test loss of the chosen row."""
+    out = tmp_path / "sweep"
+    grid = ["--grid", "optimizer.alpha=[0.1, 10]", *SETS, "--set=train.keep_best=true", "--folds", "2"]
+    assert main(["sweep", str(config_file), *grid, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    chosen = next(r for r in read_rows(out / "sweep.csv") if r["chosen"])
+    folds = [out / chosen["point"] / f"fold-{i}" for i in range(2)]
+    config = load_config(folds[0] / "config.toml")
+    test = load_data(config, "test")
+    inputs, targets = test[torch.arange(len(test))]
+    outputs = []
+    for fold in folds:
+        model = build_model(config, test).double()
+        model.load_state_dict(torch.load(fold / "best.pt", weights_only=True)["model"])
+        with evaluation_mode(model), torch.no_grad():
+            outputs.append(model(inputs.double()).reshape(targets.shape))
+    by_hand = float(((outputs[0] + outputs[1]) / 2 - targets.double()).pow(2).mean())
+    assert f"{chosen['point']}: its 2 fold models averaged: test loss {by_hand:.4g}" in printed
+    ensemble = sweep_module.fold_ensemble(folds)
+    assert evaluate(ensemble, test)[0] == pytest.approx(by_hand, rel=1e-5)  # float32 against float64
+    assert by_hand <= chosen["test_loss"] * (1 + 1e-6)
+    assert not torch.equal(outputs[0], outputs[1])  # two models, so the average is not one of them
+    # without kept models there is nothing to average: said, and the sweep still succeeds
+    grid[grid.index("--set=train.keep_best=true")] = "--set=train.keep_best=false"
+    assert main(["sweep", str(config_file), *grid, "--out", str(tmp_path / "unkept")]) == 0
+    assert "no fold models to average (the folds kept none: set train.keep_best = true)" in capsys.readouterr().out
+
+
+def test_a_fold_ensemble_averages_its_models_outputs():
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(3, 2) for _ in range(3)]
+    x = torch.randn(5, 3)
+    expected = sum(model(x) for model in models) / 3
+    torch.testing.assert_close(sweep_module.FoldEnsemble(models)(x), expected)
+    with pytest.raises(ValueError, match="at least one model"):
+        sweep_module.FoldEnsemble([])

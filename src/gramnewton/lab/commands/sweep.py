@@ -1,6 +1,7 @@
 """``gramnewton sweep CONFIG --grid KEY=[V1, V2, ...]``: one run per grid point, the point of least
-validation loss chosen (:mod:`gramnewton.lab.experiments.sweep`); with ``--refit`` the choice is
-then trained on the whole training set (``<out>/refit``).
+validation loss chosen (:mod:`gramnewton.lab.experiments.sweep`); with ``--folds`` the test loss
+of the chosen point's fold models averaged is printed too; with ``--refit`` the choice is then
+trained on the whole training set (``<out>/refit``).
 
 A point whose optimizer gives up (a GGN step that is not finite at any damping) is reported as
 failed and the sweep goes on; any other error ends it, and ``--resume`` continues where it ended
@@ -19,9 +20,12 @@ from typing import Any
 from ...solve import NonFiniteError, SingularGramError
 from ..experiments.config import load_config
 from ..experiments.runner import check_run_folder
+from ..experiments.setup import load_data
 from ..experiments.sweep import (
     REFIT_FOLDER,
+    SweepPoint,
     check_sweep_folder,
+    fold_ensemble,
     parse_axes,
     plot_summary,
     point_summary,
@@ -30,6 +34,7 @@ from ..experiments.sweep import (
     sweep_points,
     write_summary,
 )
+from ..experiments.training import evaluate, task_loss
 from .train import add_overrides, config_path, train_with_progress
 
 
@@ -112,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{name}: chosen on {split}: {chosen['point']} ({_describe(chosen)}); train it with {sets}")
     written = [write_summary(out, rows), plot_summary(out, rows, axes, title=name)]
     print(f"wrote {', '.join(map(str, written))}")
+    if args.folds > 1:
+        print(_describe_ensemble(out, points[rows.index(chosen)]))
     if args.refit:
         config = refit_config(points[rows.index(chosen)], chosen)
         epochs = config["train"]["epochs"]
@@ -133,6 +140,18 @@ def _describe(row: dict[str, Any]) -> str:
         return "no finite validation loss"
     where = f"epoch {row['best_epoch']:g} ({row['best_seconds']:.1f} s of training)"
     return f"val loss {row['val_loss']:.4g} at {where}, test loss {row['test_loss']:.4g} there"
+
+
+def _describe_ensemble(out: Path, point: SweepPoint) -> str:
+    """The test loss (and accuracy) of ``point``'s fold models averaged (:func:`fold_ensemble`)."""
+    try:
+        ensemble = fold_ensemble([out / folder for folder, _ in point.runs])
+    except FileNotFoundError:
+        return f"{point.folder}: no fold models to average (the folds kept none: set train.keep_best = true)"
+    test = load_data(point.config, "test")
+    loss, accuracy = evaluate(ensemble, test, task_loss(test))
+    quality = f", test accuracy {accuracy:.4g}" if math.isfinite(accuracy) else ""
+    return f"{point.folder}: its {len(point.runs)} fold models averaged: test loss {loss:.4g}{quality}"
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:

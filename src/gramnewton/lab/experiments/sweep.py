@@ -16,7 +16,8 @@ point's config is resolved and validated before any training, so a typo in the l
 before the first run. With ``refit`` (``--refit``) the chosen point is then trained once more on
 the whole training set, held-out rows included, for the epochs at which its validation loss was
 lowest (:func:`refit_config`), into ``<out>/refit``: the model a user deploys, its test loss
-read only after the choice.
+read only after the choice. With folds the chosen point's K kept models also make one model, their
+outputs averaged (:func:`fold_ensemble`): each saw a different part of the rows.
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .config import parse_override, set_dotted, validate, validation_folds
+from .config import load_config, parse_override, set_dotted, validate, validation_folds
+from .early_stopping import load_best
 from .figures import plt, save_figure
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer, takes_weight_decay
-from .runner import METRICS_FILE
+from .runner import CONFIG_FILE, METRICS_FILE
+from .setup import build_model, load_data
 
 SUMMARY_FILE, FIGURE_FILE, REFIT_FOLDER = "sweep.csv", "sweep.png", "refit"
 # Keys that change the training/validation split: points differing in them are not comparable.
@@ -151,9 +155,9 @@ def refit_config(point: SweepPoint, row: Mapping[str, Any]) -> dict[str, Any]:
     ``train.epochs = round(row["best_epoch"])`` (at least 1; with folds the folds' mean), the epoch
     of the lowest validation loss in ``row`` (:func:`summarise`), and no ``train.seconds`` limit.
 
-    The refit sees ``1 / (1 - validation_fraction)`` times the rows per epoch, so it takes as
-    many more steps: the epoch count, not the step count, is what carries over (the usual
-    practice, e.g. scikit-learn's ``refit``).
+    The chosen setting retrained on every row, as scikit-learn's ``refit`` does, with the
+    training length a setting of its own: the epoch count carries over, not the step count, so
+    the refit takes ``1 / (1 - validation_fraction)`` times the steps of an epoch on the split.
 
     Raises:
         ValueError: ``row`` has no finite ``best_epoch`` (the point never reached a finite
@@ -168,6 +172,38 @@ def refit_config(point: SweepPoint, row: Mapping[str, Any]) -> dict[str, Any]:
     )
     validate(config)
     return config
+
+
+class FoldEnsemble(nn.Module):
+    """The mean of its ``models``' outputs: ``(b, ...) -> (b, k)``, each model's ``(b, k)``
+    output (a regression's predictions, a classifier's logits) averaged over the models."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("a fold ensemble needs at least one model")
+        self.models = nn.ModuleList(models)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return torch.stack([model(inputs) for model in self.models]).mean(0)
+
+
+def fold_ensemble(runs: Sequence[str | Path]) -> FoldEnsemble:
+    """The kept (best-validation, ``best.pt``) models of the fold runs ``runs`` (run folders,
+    e.g. ``<point>/fold-<i>`` of a ``--folds`` sweep), each built from its ``config.toml``,
+    averaged (:class:`FoldEnsemble`): a cross-validation committee, each member trained without a
+    different fold.
+
+    Raises:
+        FileNotFoundError: a run kept no model (``train.keep_best`` off).
+    """
+    models = []
+    for run in map(Path, runs):
+        config = load_config(run / CONFIG_FILE)
+        model = build_model(config, load_data(config, "test"))  # the test split: shapes, no validation needed
+        load_best(run, model)
+        models.append(model)
+    return FoldEnsemble(models)
 
 
 def check_sweep_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
