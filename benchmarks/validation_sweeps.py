@@ -46,12 +46,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gramnewton.lab.experiments.config import load_config
 from gramnewton.lab.experiments.metrics import read_rows
-from gramnewton.lab.experiments.runner import CONFIG_FILE, METRICS_FILE
-from gramnewton.lab.experiments.setup import load_data
-from gramnewton.lab.experiments.sweep import REFIT_FOLDER, SUMMARY_FILE, fold_ensemble
-from gramnewton.lab.experiments.training import evaluate
+from gramnewton.lab.experiments.runner import METRICS_FILE
+from gramnewton.lab.experiments.sweep import REFIT_FOLDER, SUMMARY_FILE, fold_ensemble_test
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_log import append_record  # noqa: E402
@@ -105,9 +102,8 @@ def first_fold_choice(folder: Path, rows: list[dict[str, Any]]) -> dict[str, Any
 
 def ensemble_test_mse(point: Path) -> float:
     """Test MSE of the mean prediction of the kept (best-validation) models of ``point``'s fold
-    runs ``<point>/fold-<i>`` (:func:`~gramnewton.lab.experiments.sweep.fold_ensemble`)."""
-    folds = sorted(point.glob("fold-*"))
-    return evaluate(fold_ensemble(folds), load_data(load_config(folds[0] / CONFIG_FILE), "test"))[0]
+    runs ``<point>/fold-<i>`` (:func:`~gramnewton.lab.experiments.sweep.fold_ensemble_test`)."""
+    return fold_ensemble_test(sorted(point.glob("fold-*")))[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,12 +20,11 @@ from typing import Any
 from ...solve import NonFiniteError, SingularGramError
 from ..experiments.config import load_config
 from ..experiments.runner import check_run_folder
-from ..experiments.setup import load_data
 from ..experiments.sweep import (
     REFIT_FOLDER,
     SweepPoint,
     check_sweep_folder,
-    fold_ensemble,
+    fold_ensemble_test,
     parse_axes,
     plot_summary,
     point_summary,
@@ -34,7 +33,6 @@ from ..experiments.sweep import (
     sweep_points,
     write_summary,
 )
-from ..experiments.training import evaluate, task_loss
 from .train import add_overrides, config_path, train_with_progress
 
 
@@ -112,15 +110,16 @@ def run(args: argparse.Namespace) -> int:
         path = write_summary(out, rows)
         raise ValueError(f"no point of the sweep reached a finite validation loss (each point's row: {path})")
     chosen = next(row for row in rows if row["chosen"])
-    sets = " ".join(f"--set '{key}={_toml(value)}'" for key, value in points[rows.index(chosen)].overrides)
+    chosen_point = points[rows.index(chosen)]
+    sets = " ".join(f"--set '{key}={_toml(value)}'" for key, value in chosen_point.overrides)
     split = f"mean over {args.folds} validation folds" if args.folds > 1 else "the validation split"
     print(f"{name}: chosen on {split}: {chosen['point']} ({_describe(chosen)}); train it with {sets}")
     written = [write_summary(out, rows), plot_summary(out, rows, axes, title=name)]
     print(f"wrote {', '.join(map(str, written))}")
     if args.folds > 1:
-        print(_describe_ensemble(out, points[rows.index(chosen)]))
+        print(_describe_ensemble(out, chosen_point))
     if args.refit:
-        config = refit_config(points[rows.index(chosen)], chosen)
+        config = refit_config(chosen_point, chosen)
         epochs = config["train"]["epochs"]
         desc = f"refit {chosen['point']} on the whole training set, {epochs} epochs"
         try:
@@ -143,13 +142,11 @@ def _describe(row: dict[str, Any]) -> str:
 
 
 def _describe_ensemble(out: Path, point: SweepPoint) -> str:
-    """The test loss (and accuracy) of ``point``'s fold models averaged (:func:`fold_ensemble`)."""
+    """The test loss (and accuracy) of ``point``'s fold models averaged (:func:`fold_ensemble_test`)."""
     try:
-        ensemble = fold_ensemble([out / folder for folder, _ in point.runs])
+        loss, accuracy = fold_ensemble_test([out / folder for folder, _ in point.runs])
     except FileNotFoundError:
         return f"{point.folder}: no fold models to average (the folds kept none: set train.keep_best = true)"
-    test = load_data(point.config, "test")
-    loss, accuracy = evaluate(ensemble, test, task_loss(test))
     quality = f", test accuracy {accuracy:.4g}" if math.isfinite(accuracy) else ""
     return f"{point.folder}: its {len(point.runs)} fold models averaged: test loss {loss:.4g}{quality}"
 

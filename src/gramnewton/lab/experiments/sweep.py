@@ -41,6 +41,7 @@ from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer, takes_weight_decay
 from .runner import CONFIG_FILE, METRICS_FILE
 from .setup import build_model, load_data
+from .training import evaluate, task_loss
 
 SUMMARY_FILE, FIGURE_FILE, REFIT_FOLDER = "sweep.csv", "sweep.png", "refit"
 # Keys that change the training/validation split: points differing in them are not comparable.
@@ -204,6 +205,14 @@ def fold_ensemble(runs: Sequence[str | Path]) -> FoldEnsemble:
         load_best(run, model)
         models.append(model)
     return FoldEnsemble(models)
+
+
+def fold_ensemble_test(runs: Sequence[str | Path]) -> tuple[float, float]:
+    """``(test loss, test accuracy)`` of :func:`fold_ensemble` ``(runs)`` on the runs' test split
+    (:func:`~gramnewton.lab.experiments.training.evaluate`; accuracy NaN for regression)."""
+    ensemble = fold_ensemble(runs)
+    test = load_data(load_config(Path(runs[0]) / CONFIG_FILE), "test")
+    return evaluate(ensemble, test, task_loss(test))
 
 
 def check_sweep_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
