@@ -271,3 +271,15 @@ def test_validation_sweeps_runs_each_methods_grid_and_a_rerun_reads_the_finished
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # no point trained again
     assert json.loads(record.read_text())[1]["sweeps"] == run["sweeps"]
+    # fold_ensembles.py reads the finished sweep: its members alone and their predictions averaged
+    averaged = tmp_path / "averaged.json"
+    sweep = tmp_path / "sweeps" / "diabetes-ggn-0"
+    argv = [sys.executable, str(BENCHMARKS / "fold_ensembles.py"), str(sweep), f"--record={averaged}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (ensemble,) = json.loads(averaged.read_text())
+    chosen = next(r for r in run["sweeps"]["ggn"] if r["chosen"])
+    assert ensemble["point"] == chosen["point"] and ensemble["folds"] == 2
+    assert set(ensemble["test"]) == {"folds' mean", "outputs"}  # no probabilities for a regression
+    assert ensemble["test"]["folds' mean"]["loss"] == pytest.approx(chosen["test_loss"])
+    assert ensemble["test"]["outputs"]["loss"] == pytest.approx(run["ensemble"]["ggn"])

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_classification_lab import CLASSIFY
 from test_early_stopping import VALIDATED
 from test_lab_reliability import one_line_error, snapshot
 
@@ -17,7 +18,7 @@ from gramnewton.lab.experiments.metrics import read_rows, write_rows
 from gramnewton.lab.experiments.reproduce import CONFIGS_DIR
 from gramnewton.lab.experiments.setup import build_model, load_data
 from gramnewton.lab.experiments.sweep import Axis, parse_axes, summarise, sweep_points
-from gramnewton.lab.experiments.training import evaluate, evaluation_mode
+from gramnewton.lab.experiments.training import evaluation_mode
 from gramnewton.solve import SingularGramError
 
 # VALIDATED (256 images, a quarter held out) for 3 epochs, no early stopping: a point trains in a second
@@ -341,6 +342,23 @@ def test_refit_config_rounds_the_best_epoch_and_drops_the_split(config_file):
         sweep_module.refit_config(point, {"best_epoch": math.nan})
 
 
+def _chosen_folds_by_hand(out, folds: int):
+    """The chosen row of the sweep in ``out``, its fold runs, the test split's targets and each
+    fold's kept (``best.pt``) model's test outputs ``(n, k)``, computed in float64."""
+    chosen = next(r for r in read_rows(out / "sweep.csv") if r["chosen"])
+    runs = [out / chosen["point"] / f"fold-{i}" for i in range(folds)]
+    config = load_config(runs[0] / "config.toml")
+    test = load_data(config, "test")
+    inputs, targets = test[torch.arange(len(test))]
+    outputs = []
+    for run in runs:
+        model = build_model(config, test).double()
+        model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
+        with evaluation_mode(model), torch.no_grad():
+            outputs.append(model(inputs.double()))
+    return chosen, runs, targets, outputs
+
+
 def test_the_fold_models_averaged_are_the_mean_of_the_kept_models_outputs(config_file, tmp_path, capsys):
     """``--folds 2`` with kept models: the printed test loss is that of the two ``best.pt``
     models' outputs averaged, computed here by hand in float64, and (a mean prediction's MSE being
@@ -349,21 +367,11 @@ def test_the_fold_models_averaged_are_the_mean_of_the_kept_models_outputs(config
     grid = ["--grid", "optimizer.alpha=[0.1, 10]", *SETS, "--set=train.keep_best=true", "--folds", "2"]
     assert main(["sweep", str(config_file), *grid, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    chosen = next(r for r in read_rows(out / "sweep.csv") if r["chosen"])
-    folds = [out / chosen["point"] / f"fold-{i}" for i in range(2)]
-    config = load_config(folds[0] / "config.toml")
-    test = load_data(config, "test")
-    inputs, targets = test[torch.arange(len(test))]
-    outputs = []
-    for fold in folds:
-        model = build_model(config, test).double()
-        model.load_state_dict(torch.load(fold / "best.pt", weights_only=True)["model"])
-        with evaluation_mode(model), torch.no_grad():
-            outputs.append(model(inputs.double()).reshape(targets.shape))
+    chosen, folds, targets, outputs = _chosen_folds_by_hand(out, 2)
+    outputs = [output.reshape(targets.shape) for output in outputs]
     by_hand = float(((outputs[0] + outputs[1]) / 2 - targets.double()).pow(2).mean())
     assert f"{chosen['point']}: its 2 fold models averaged: test loss {by_hand:.4g}" in printed
-    ensemble = sweep_module.fold_ensemble(folds)
-    assert evaluate(ensemble, test)[0] == pytest.approx(by_hand, rel=1e-5)  # float32 against float64
+    assert sweep_module.fold_ensemble_test(folds)[0] == pytest.approx(by_hand, rel=1e-5)  # float32 against float64
     assert by_hand <= chosen["test_loss"] * (1 + 1e-6)
     assert not torch.equal(outputs[0], outputs[1])  # two models, so the average is not one of them
     # without kept models there is nothing to average: said, and the sweep still succeeds
@@ -372,11 +380,44 @@ def test_the_fold_models_averaged_are_the_mean_of_the_kept_models_outputs(config
     assert "no fold models to average (the folds kept none: set train.keep_best = true)" in capsys.readouterr().out
 
 
-def test_a_fold_ensemble_averages_its_models_outputs():
+def test_a_fold_ensemble_averages_its_models_outputs_or_probabilities():
     torch.manual_seed(0)
-    models = [torch.nn.Linear(3, 2) for _ in range(3)]
-    x = torch.randn(5, 3)
+    models = [torch.nn.Linear(3, 4).double() for _ in range(3)]
+    x = torch.randn(5, 3, dtype=torch.float64)
     expected = sum(model(x) for model in models) / 3
     torch.testing.assert_close(sweep_module.FoldEnsemble(models)(x), expected)
+    # probabilities: the log of the members' mean softmax, which a softmax maps back to that mean
+    mean_probabilities = sum(model(x).softmax(-1) for model in models) / 3
+    log_mean = sweep_module.FoldEnsemble(models, average="probabilities")(x)
+    torch.testing.assert_close(log_mean, mean_probabilities.log(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_mean.softmax(-1), mean_probabilities, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(log_mean.softmax(-1), expected.softmax(-1))  # the two averages differ
     with pytest.raises(ValueError, match="at least one model"):
         sweep_module.FoldEnsemble([])
+    with pytest.raises(ValueError, match="average must be one of outputs, probabilities, not 'logits'"):
+        sweep_module.FoldEnsemble(models, average="logits")
+
+
+def test_a_classifiers_fold_models_average_their_probabilities(tmp_path, capsys):
+    """A classification sweep with ``--folds 2``: the printed test cross-entropy is that of the
+    two kept models' mean softmax probabilities (by hand, float64), and by the concavity of the
+    log no higher than the folds' mean test loss; ``average="outputs"`` averages the logits."""
+    path = tmp_path / "classify.toml"
+    path.write_text(
+        CLASSIFY.format(optimizer="adam", hyper="lr = 0.01").replace(
+            "test_subset = 64", "test_subset = 64\nvalidation_fraction = 0.25"
+        )
+        + "keep_best = true\n"
+    )
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--grid", "optimizer.lr=[0.01]", "--folds", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    chosen, folds, labels, logits = _chosen_folds_by_hand(out, 2)
+    probabilities = (logits[0].softmax(-1) + logits[1].softmax(-1)) / 2
+    by_hand = float(torch.nn.functional.nll_loss(probabilities.log(), labels))
+    accuracy = float((probabilities.argmax(-1) == labels).double().mean())
+    assert f"its 2 fold models averaged: test loss {by_hand:.4g}, test accuracy {accuracy:.4g}" in printed
+    assert by_hand <= chosen["test_loss"] * (1 + 1e-6)
+    loss, _ = sweep_module.fold_ensemble_test(folds, average="outputs")
+    by_logits = float(torch.nn.functional.cross_entropy((logits[0] + logits[1]) / 2, labels))
+    assert loss == pytest.approx(by_logits, rel=1e-5) and by_logits != pytest.approx(by_hand, rel=1e-5)

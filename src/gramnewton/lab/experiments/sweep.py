@@ -16,8 +16,9 @@ point's config is resolved and validated before any training, so a typo in the l
 before the first run. With ``refit`` (``--refit``) the chosen point is then trained once more on
 the whole training set, held-out rows included, for the epochs at which its validation loss was
 lowest (:func:`refit_config`), into ``<out>/refit``: the model a user deploys, its test loss
-read only after the choice. With folds the chosen point's K kept models also make one model, their
-outputs averaged (:func:`fold_ensemble`): each saw a different part of the rows.
+read only after the choice. With folds the chosen point's K kept models also make one model
+(:func:`fold_ensemble`: a regression's predictions averaged, a classifier's probabilities): each
+saw a different part of the rows.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from .training import evaluate, task_loss
 SUMMARY_FILE, FIGURE_FILE, REFIT_FOLDER = "sweep.csv", "sweep.png", "refit"
 # Keys that change the training/validation split: points differing in them are not comparable.
 SPLIT_KEYS = ("seed", "data")
+# What a fold ensemble averages (:class:`FoldEnsemble`), and its choice per task loss (a
+# classifier's: see docs/design.md, "Choices").
+ENSEMBLE_AVERAGES = ("outputs", "probabilities")
+TASK_AVERAGES = {"mse": "outputs", "cross_entropy": "probabilities"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]+")
 _FOLDER_CHARS = 80
 
@@ -176,24 +181,35 @@ def refit_config(point: SweepPoint, row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class FoldEnsemble(nn.Module):
-    """The mean of its ``models``' outputs: ``(b, ...) -> (b, k)``, each model's ``(b, k)``
-    output (a regression's predictions, a classifier's logits) averaged over the models."""
+    """The mean of its ``models``' outputs: ``(b, ...) -> (b, k)``, each model's output ``(b, k)``.
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    ``average="outputs"`` averages the outputs themselves (a regression's predictions, a
+    classifier's logits). ``average="probabilities"`` averages a classifier's softmax
+    probabilities and returns the mean's logarithm, ``log((1/K) sum_i softmax(z_i))``: read as
+    logits (its softmax is that mean), so cross-entropy and argmax take it as any classifier's.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], average: str = "outputs") -> None:
         super().__init__()
         if not models:
             raise ValueError("a fold ensemble needs at least one model")
+        if average not in ENSEMBLE_AVERAGES:
+            raise ValueError(f"average must be one of {', '.join(ENSEMBLE_AVERAGES)}, not {average!r}")
         self.models = nn.ModuleList(models)
+        self.average = average
 
     def forward(self, inputs: Tensor) -> Tensor:
-        return torch.stack([model(inputs) for model in self.models]).mean(0)
+        outputs = torch.stack([model(inputs) for model in self.models])  # (K, b, k)
+        if self.average == "outputs":
+            return outputs.mean(0)
+        return torch.logsumexp(outputs.log_softmax(-1), 0) - math.log(len(self.models))
 
 
-def fold_ensemble(runs: Sequence[str | Path]) -> FoldEnsemble:
+def fold_ensemble(runs: Sequence[str | Path], average: str | None = None) -> FoldEnsemble:
     """The kept (best-validation, ``best.pt``) models of the fold runs ``runs`` (run folders,
     e.g. ``<point>/fold-<i>`` of a ``--folds`` sweep), each built from its ``config.toml``,
     averaged (:class:`FoldEnsemble`): a cross-validation committee, each member trained without a
-    different fold.
+    different fold. ``average`` (``None``: the task's, :data:`TASK_AVERAGES`) is what is averaged.
 
     Raises:
         FileNotFoundError: a run kept no model (``train.keep_best`` off).
@@ -201,16 +217,17 @@ def fold_ensemble(runs: Sequence[str | Path]) -> FoldEnsemble:
     models = []
     for run in map(Path, runs):
         config = load_config(run / CONFIG_FILE)
-        model = build_model(config, load_data(config, "test"))  # the test split: shapes, no validation needed
+        test = load_data(config, "test")  # the test split: shapes, no validation needed
+        model = build_model(config, test)
         load_best(run, model)
         models.append(model)
-    return FoldEnsemble(models)
+    return FoldEnsemble(models, average or TASK_AVERAGES[task_loss(test)])
 
 
-def fold_ensemble_test(runs: Sequence[str | Path]) -> tuple[float, float]:
-    """``(test loss, test accuracy)`` of :func:`fold_ensemble` ``(runs)`` on the runs' test split
-    (:func:`~gramnewton.lab.experiments.training.evaluate`; accuracy NaN for regression)."""
-    ensemble = fold_ensemble(runs)
+def fold_ensemble_test(runs: Sequence[str | Path], average: str | None = None) -> tuple[float, float]:
+    """``(test loss, test accuracy)`` of :func:`fold_ensemble` ``(runs, average)`` on the runs'
+    test split (:func:`~gramnewton.lab.experiments.training.evaluate`; accuracy NaN for regression)."""
+    ensemble = fold_ensemble(runs, average)
     test = load_data(load_config(Path(runs[0]) / CONFIG_FILE), "test")
     return evaluate(ensemble, test, task_loss(test))
 
