@@ -14,7 +14,8 @@ two averages are compared on the same models. The sweeps of the fifty-ninth sess
         --set seed=S --set data.validation_fraction=0.2 --set train.keep_best=true \\
         --set train.epochs=100000 --set train.seconds=10
     gramnewton sweep mnist_adam_fixup --folds 5 --out sweeps/digits-adam-S --grid 'optimizer.lr=[1e-3, 1e-2]' \\
-        --set data.name=digits --set seed=S --set data.validation_fraction=0.2 --set train.keep_best=true \\
+        --set data.name=digits --set train.label_smoothing=0 --set train.shift=0 \\
+        --set seed=S --set data.validation_fraction=0.2 --set train.keep_best=true \\
         --set train.epochs=100000 --set train.seconds=10
     python benchmarks/fold_ensembles.py sweeps/digits-*
 """

@@ -396,6 +396,8 @@ def test_a_fold_ensemble_averages_its_models_outputs_or_probabilities():
         sweep_module.FoldEnsemble([])
     with pytest.raises(ValueError, match="average must be one of outputs, probabilities, not 'logits'"):
         sweep_module.FoldEnsemble(models, average="logits")
+    with pytest.raises(ValueError, match=r"needs a classifier's logits \(b, k >= 2\), got \(5, 1\)"):
+        sweep_module.FoldEnsemble([torch.nn.Linear(3, 1).double()], average="probabilities")(x)
 
 
 def test_a_classifiers_fold_models_average_their_probabilities(tmp_path, capsys):

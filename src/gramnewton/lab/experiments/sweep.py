@@ -202,6 +202,10 @@ class FoldEnsemble(nn.Module):
         outputs = torch.stack([model(inputs) for model in self.models])  # (K, b, k)
         if self.average == "outputs":
             return outputs.mean(0)
+        if outputs.shape[-1] < 2:  # a softmax over one output is 1 whatever the model says
+            raise ValueError(
+                f"average='probabilities' needs a classifier's logits (b, k >= 2), got {tuple(outputs.shape[1:])}"
+            )
         return torch.logsumexp(outputs.log_softmax(-1), 0) - math.log(len(self.models))
 
 
