@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data.base import TensorRegressionDataset
 from .config import load_config, parse_override, set_dotted, validate, validation_folds
 from .early_stopping import load_best
 from .figures import plt, save_figure
@@ -218,22 +219,31 @@ def fold_ensemble(runs: Sequence[str | Path], average: str | None = None) -> Fol
     Raises:
         FileNotFoundError: a run kept no model (``train.keep_best`` off).
     """
-    models = []
-    for run in map(Path, runs):
-        config = load_config(run / CONFIG_FILE)
-        test = load_data(config, "test")  # the test split: shapes, no validation needed
-        model = build_model(config, test)
-        load_best(run, model)
-        models.append(model)
-    return FoldEnsemble(models, average or TASK_AVERAGES[task_loss(test)])
+    return _fold_ensemble_and_test(runs, average)[0]
 
 
 def fold_ensemble_test(runs: Sequence[str | Path], average: str | None = None) -> tuple[float, float]:
     """``(test loss, test accuracy)`` of :func:`fold_ensemble` ``(runs, average)`` on the runs'
     test split (:func:`~gramnewton.lab.experiments.training.evaluate`; accuracy NaN for regression)."""
-    ensemble = fold_ensemble(runs, average)
-    test = load_data(load_config(Path(runs[0]) / CONFIG_FILE), "test")
+    ensemble, test = _fold_ensemble_and_test(runs, average)
     return evaluate(ensemble, test, task_loss(test))
+
+
+def _fold_ensemble_and_test(
+    runs: Sequence[str | Path], average: str | None
+) -> tuple[FoldEnsemble, TensorRegressionDataset]:
+    """:func:`fold_ensemble` and the runs' test split, loaded once: the folds of a point differ
+    only in their validation rows, so they share it (the models take their shapes from it)."""
+    if not runs:
+        raise ValueError("a fold ensemble needs at least one model")
+    configs = [load_config(Path(run) / CONFIG_FILE) for run in runs]
+    test = load_data(configs[0], "test")
+    models = []
+    for run, config in zip(runs, configs):
+        model = build_model(config, test)
+        load_best(Path(run), model)
+        models.append(model)
+    return FoldEnsemble(models, average or TASK_AVERAGES[task_loss(test)]), test
 
 
 def check_sweep_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
