@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from gramnewton.lab.experiments.metrics import read_rows
-from gramnewton.lab.experiments.sweep import ENSEMBLE_AVERAGES, SUMMARY_FILE, fold_ensemble_test
+from gramnewton.lab.experiments.predictions import ENSEMBLE_AVERAGES
+from gramnewton.lab.experiments.sweep import SUMMARY_FILE, chosen_runs, fold_ensemble_test
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_log import append_record  # noqa: E402
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)  # the machine's two cores; evaluation only, no timing
     for sweep in args.sweeps:
         chosen = next(row for row in read_rows(sweep / SUMMARY_FILE) if row["chosen"])
-        runs = sorted((sweep / chosen["point"]).glob("fold-*"))
+        runs = chosen_runs(sweep)
         results = {"folds' mean": (chosen["test_loss"], chosen.get("test_accuracy", float("nan")))}
         averages = ENSEMBLE_AVERAGES if "test_accuracy" in chosen else ("outputs",)  # a regression: predictions
         results |= {average: fold_ensemble_test(runs, average) for average in averages}

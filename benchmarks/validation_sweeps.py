@@ -7,7 +7,8 @@ loss, and only then read the test set. Grids:
 
 - GGN on the tabular sets: the damping floor of the constructor's rule
   (``GainRatioDamping(check_every=4, min_alpha=A)``, ``A`` = 1e-8, the default, then 10 ... 1e6);
-  on rotated-digits its ``lam`` (16, the default, then 1, 2, 4, 8), since a floor freezes a
+  on rotated-digits and rotated-mnist (the demo's 4,000 images) its ``lam`` (16, the default,
+  then 1, 2, 4, 8), since a floor freezes a
   zero-initialised Fixup network (docs/convergence.md, fifty-fourth session) and weight decay
   only raised the test MSE (fifty-fifth session, whose records have that grid), under
   ``train.deterministic`` (the convolutions' timed path choice otherwise moves a point's result
@@ -16,7 +17,7 @@ loss, and only then read the test set. Grids:
 
 The configs are the packaged ``concrete_ggn_mlp`` / ``concrete_adam_mlp`` (a 256-256 tanh MLP,
 batch 128, no weight decay, ``train.threads = 2``), with ``--set`` for diabetes and for
-rotated-digits (ResNet-8-Fixup). Each (task, method, seed) is one sweep in
+rotated-digits and rotated-mnist (ResNet-8-Fixup). Each (task, method, seed) is one sweep in
 ``<out>/<task>-<method>-<seed>``, run with ``--resume``: a rerun reads finished sweeps and trains
 nothing. ``--ggn-grid`` / ``--adam-grid`` (each repeatable: one axis per flag, their Cartesian
 product swept) replace a method's grid, e.g. two axes for GGN; ``--folds K`` cross-validates
@@ -31,6 +32,8 @@ the grids swept, is appended to ``--record``::
 
     python benchmarks/validation_sweeps.py --tasks concrete diabetes --seeds 0 1 2
     python benchmarks/validation_sweeps.py --tasks rotated-digits --seeds 0 1 2
+    python benchmarks/validation_sweeps.py --tasks rotated-mnist --folds 5 --out sweeps-rm \
+        --ggn-grid 'optimizer.lam=[16, 4, 1]' --adam-grid 'optimizer.lr=[1e-3, 3e-3, 1e-2]'
     python benchmarks/validation_sweeps.py --tasks concrete --out sweeps-lam \
         --ggn-grid 'optimizer.lam=[16, 4, 1]' --ggn-grid 'optimizer.adaptive_damping.min_alpha=[1e-8, 100, 1000]'
 """
@@ -63,6 +66,7 @@ TASKS: dict[str, tuple[list[str], str, list[str]]] = {
     "concrete": ([], FLOORS, []),
     "diabetes": (["data.name=diabetes"], FLOORS, []),
     "rotated-digits": (["data.name=rotated-digits", *RESNET], LAMS, ["train.deterministic=true"]),
+    "rotated-mnist": (["data.name=rotated-mnist", *RESNET], LAMS, ["train.deterministic=true"]),
 }
 METHODS = {"ggn": "concrete_ggn_mlp", "adam": "concrete_adam_mlp"}
 

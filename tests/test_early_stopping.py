@@ -28,6 +28,13 @@ VALIDATED = (
     .replace("epochs = 3", "epochs = 30\nearly_stopping_patience = 3\nkeep_best = true")
     .replace("test_subset = 64", "test_subset = 64\nvalidation_fraction = 0.25")
 )
+# digits on Adam, a quarter of the training images held out, the best-validation model kept
+CLASSIFY_VALIDATED = (
+    CLASSIFY.format(optimizer="adam", hyper="lr = 0.01").replace(
+        "test_subset = 64", "test_subset = 64\nvalidation_fraction = 0.25"
+    )
+    + "keep_best = true\n"
+)
 # The metrics columns of a regression run before the validation split existed.
 COLUMNS = ["epoch", "step", "seconds", "running_loss", "train_loss", "test_loss", "train_rmse", "test_rmse"]
 COLUMNS += ["gain_ratio", "alpha", "step_norm", "rejected", "jitter", "condition"]
@@ -154,12 +161,7 @@ def test_seconds_budget_ends_at_an_epoch_and_evaluates_it(validated, tmp_path):
 
 def test_classification_run_logs_validation_accuracy(tmp_path, capsys):
     path = tmp_path / "classify.toml"
-    path.write_text(
-        CLASSIFY.format(optimizer="adam", hyper="lr = 0.01").replace(
-            "test_subset = 64", "test_subset = 64\nvalidation_fraction = 0.25"
-        )
-        + "keep_best = true\n"
-    )
+    path.write_text(CLASSIFY_VALIDATED)
     assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "best model" in out and "test accuracy" in out and "stopped early" not in out

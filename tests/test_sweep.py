@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from test_classification_lab import CLASSIFY
-from test_early_stopping import VALIDATED
+from test_early_stopping import CLASSIFY_VALIDATED, VALIDATED
 from test_lab_reliability import one_line_error, snapshot
 
 from gramnewton.lab.cli import main
@@ -15,6 +14,7 @@ from gramnewton.lab.commands import sweep as sweep_command
 from gramnewton.lab.experiments import sweep as sweep_module
 from gramnewton.lab.experiments.config import load_config
 from gramnewton.lab.experiments.metrics import read_rows, write_rows
+from gramnewton.lab.experiments.predictions import FoldEnsemble
 from gramnewton.lab.experiments.reproduce import CONFIGS_DIR
 from gramnewton.lab.experiments.setup import build_model, load_data
 from gramnewton.lab.experiments.sweep import Axis, parse_axes, summarise, sweep_points
@@ -385,19 +385,19 @@ def test_a_fold_ensemble_averages_its_models_outputs_or_probabilities():
     models = [torch.nn.Linear(3, 4).double() for _ in range(3)]
     x = torch.randn(5, 3, dtype=torch.float64)
     expected = sum(model(x) for model in models) / 3
-    torch.testing.assert_close(sweep_module.FoldEnsemble(models)(x), expected)
+    torch.testing.assert_close(FoldEnsemble(models)(x), expected)
     # probabilities: the log of the members' mean softmax, which a softmax maps back to that mean
     mean_probabilities = sum(model(x).softmax(-1) for model in models) / 3
-    log_mean = sweep_module.FoldEnsemble(models, average="probabilities")(x)
+    log_mean = FoldEnsemble(models, average="probabilities")(x)
     torch.testing.assert_close(log_mean, mean_probabilities.log(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(log_mean.softmax(-1), mean_probabilities, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(log_mean.softmax(-1), expected.softmax(-1))  # the two averages differ
     with pytest.raises(ValueError, match="at least one model"):
-        sweep_module.FoldEnsemble([])
+        FoldEnsemble([])
     with pytest.raises(ValueError, match="average must be one of outputs, probabilities, not 'logits'"):
-        sweep_module.FoldEnsemble(models, average="logits")
+        FoldEnsemble(models, average="logits")
     with pytest.raises(ValueError, match=r"needs a classifier's logits \(b, k >= 2\), got \(5, 1\)"):
-        sweep_module.FoldEnsemble([torch.nn.Linear(3, 1).double()], average="probabilities")(x)
+        FoldEnsemble([torch.nn.Linear(3, 1).double()], average="probabilities")(x)
 
 
 def test_a_classifiers_fold_models_average_their_probabilities(tmp_path, capsys):
@@ -405,12 +405,7 @@ def test_a_classifiers_fold_models_average_their_probabilities(tmp_path, capsys)
     two kept models' mean softmax probabilities (by hand, float64), and by the concavity of the
     log no higher than the folds' mean test loss; ``average="outputs"`` averages the logits."""
     path = tmp_path / "classify.toml"
-    path.write_text(
-        CLASSIFY.format(optimizer="adam", hyper="lr = 0.01").replace(
-            "test_subset = 64", "test_subset = 64\nvalidation_fraction = 0.25"
-        )
-        + "keep_best = true\n"
-    )
+    path.write_text(CLASSIFY_VALIDATED)
     out = tmp_path / "sweep"
     assert main(["sweep", str(path), "--grid", "optimizer.lr=[0.01]", "--folds", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "gramnewton.lab.commands.demo",
     "gramnewton.lab.commands.train",
     "gramnewton.lab.commands.sweep",
+    "gramnewton.lab.commands.predict",
     "gramnewton.lab.commands.plot",
     "gramnewton.lab.commands.reproduce",
     "gramnewton.lab.commands.theory",

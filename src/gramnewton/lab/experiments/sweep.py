@@ -32,26 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..data.base import TensorRegressionDataset
-from .config import load_config, parse_override, set_dotted, validate, validation_folds
-from .early_stopping import load_best
+from .config import parse_override, set_dotted, validate, validation_folds
 from .figures import plt, save_figure
 from .metrics import read_rows, write_rows
 from .optimizers import build_optimizer, takes_weight_decay
-from .runner import CONFIG_FILE, METRICS_FILE
-from .setup import build_model, load_data
+from .predictions import FoldEnsemble, load_ensemble
+from .runner import METRICS_FILE
 from .training import evaluate, task_loss
 
 SUMMARY_FILE, FIGURE_FILE, REFIT_FOLDER = "sweep.csv", "sweep.png", "refit"
 # Keys that change the training/validation split: points differing in them are not comparable.
 SPLIT_KEYS = ("seed", "data")
-# What a fold ensemble averages (:class:`FoldEnsemble`), and its choice per task loss (a
-# classifier's: see docs/design.md, "Choices").
-ENSEMBLE_AVERAGES = ("outputs", "probabilities")
-TASK_AVERAGES = {"mse": "outputs", "cross_entropy": "probabilities"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]+")
 _FOLDER_CHARS = 80
 
@@ -181,69 +174,43 @@ def refit_config(point: SweepPoint, row: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-class FoldEnsemble(nn.Module):
-    """The mean of its ``models``' outputs: ``(b, ...) -> (b, k)``, each model's output ``(b, k)``.
-
-    ``average="outputs"`` averages the outputs themselves (a regression's predictions, a
-    classifier's logits). ``average="probabilities"`` averages a classifier's softmax
-    probabilities and returns the mean's logarithm, ``log((1/K) sum_i softmax(z_i))``: read as
-    logits (its softmax is that mean), so cross-entropy and argmax take it as any classifier's.
-    """
-
-    def __init__(self, models: Sequence[nn.Module], average: str = "outputs") -> None:
-        super().__init__()
-        if not models:
-            raise ValueError("a fold ensemble needs at least one model")
-        if average not in ENSEMBLE_AVERAGES:
-            raise ValueError(f"average must be one of {', '.join(ENSEMBLE_AVERAGES)}, not {average!r}")
-        self.models = nn.ModuleList(models)
-        self.average = average
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        outputs = torch.stack([model(inputs) for model in self.models])  # (K, b, k)
-        if self.average == "outputs":
-            return outputs.mean(0)
-        if outputs.shape[-1] < 2:  # a softmax over one output is 1 whatever the model says
-            raise ValueError(
-                f"average='probabilities' needs a classifier's logits (b, k >= 2), got {tuple(outputs.shape[1:])}"
-            )
-        return torch.logsumexp(outputs.log_softmax(-1), 0) - math.log(len(self.models))
-
-
 def fold_ensemble(runs: Sequence[str | Path], average: str | None = None) -> FoldEnsemble:
     """The kept (best-validation, ``best.pt``) models of the fold runs ``runs`` (run folders,
     e.g. ``<point>/fold-<i>`` of a ``--folds`` sweep), each built from its ``config.toml``,
-    averaged (:class:`FoldEnsemble`): a cross-validation committee, each member trained without a
-    different fold. ``average`` (``None``: the task's, :data:`TASK_AVERAGES`) is what is averaged.
+    averaged (:class:`~gramnewton.lab.experiments.predictions.FoldEnsemble`): a cross-validation
+    committee, each member trained without a different fold. ``average`` (``None``: the task's,
+    :data:`~gramnewton.lab.experiments.predictions.TASK_AVERAGES`) is what is averaged.
 
     Raises:
         FileNotFoundError: a run kept no model (``train.keep_best`` off).
     """
-    return _fold_ensemble_and_test(runs, average)[0]
+    return load_ensemble(runs, "test", "best", average)[0]
 
 
 def fold_ensemble_test(runs: Sequence[str | Path], average: str | None = None) -> tuple[float, float]:
     """``(test loss, test accuracy)`` of :func:`fold_ensemble` ``(runs, average)`` on the runs'
     test split (:func:`~gramnewton.lab.experiments.training.evaluate`; accuracy NaN for regression)."""
-    ensemble, test = _fold_ensemble_and_test(runs, average)
+    ensemble, test, _ = load_ensemble(runs, "test", "best", average)
     return evaluate(ensemble, test, task_loss(test))
 
 
-def _fold_ensemble_and_test(
-    runs: Sequence[str | Path], average: str | None
-) -> tuple[FoldEnsemble, TensorRegressionDataset]:
-    """:func:`fold_ensemble` and the runs' test split, loaded once: the folds of a point differ
-    only in their validation rows, so they share it (the models take their shapes from it)."""
-    if not runs:
-        raise ValueError("a fold ensemble needs at least one model")
-    configs = [load_config(Path(run) / CONFIG_FILE) for run in runs]
-    test = load_data(configs[0], "test")
-    models = []
-    for run, config in zip(runs, configs):
-        model = build_model(config, test)
-        load_best(Path(run), model)
-        models.append(model)
-    return FoldEnsemble(models, average or TASK_AVERAGES[task_loss(test)]), test
+def chosen_runs(out: str | Path) -> list[Path]:
+    """The run folders of the chosen point of the sweep in ``out`` (its ``sweep.csv``): the
+    point's folder, or its fold runs ``<point>/fold-<i>`` in fold order with ``--folds``.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no ``sweep.csv``.
+        ValueError: no point is chosen (none reached a finite validation loss).
+    """
+    out = Path(out)
+    if not (out / SUMMARY_FILE).is_file():
+        raise FileNotFoundError(f"{out} is not a sweep folder: it has no {SUMMARY_FILE}")
+    chosen = [row for row in read_rows(out / SUMMARY_FILE) if row["chosen"]]
+    if not chosen:
+        raise ValueError(f"the sweep in {out} chose no point (none reached a finite validation loss)")
+    point = out / chosen[0]["point"]
+    folds = sorted(point.glob("fold-*"), key=lambda run: int(run.name.removeprefix("fold-")))
+    return folds or [point]
 
 
 def check_sweep_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
