@@ -92,7 +92,7 @@ def test_a_sweeps_fold_models_predict_their_mean_probabilities(tmp_path, capsys)
     path.write_text(CLASSIFY_VALIDATED)
     sweep = tmp_path / "sweep"
     assert main(["sweep", str(path), "--grid", "optimizer.lr=[0.01]", "--folds", "2", "--out", str(sweep)]) == 0
-    capsys.readouterr()
+    assert f"(their predictions: gramnewton predict {sweep})" in capsys.readouterr().out  # the sweep says how
     assert main(["predict", str(sweep)]) == 0
     printed = capsys.readouterr().out
     runs = chosen_runs(sweep)

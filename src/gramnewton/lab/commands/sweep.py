@@ -148,7 +148,10 @@ def _describe_ensemble(out: Path, point: SweepPoint) -> str:
     except FileNotFoundError:
         return f"{point.folder}: no fold models to average (the folds kept none: set train.keep_best = true)"
     quality = f", test accuracy {accuracy:.4g}" if math.isfinite(accuracy) else ""
-    return f"{point.folder}: its {len(point.runs)} fold models averaged: test loss {loss:.4g}{quality}"
+    return (
+        f"{point.folder}: its {len(point.runs)} fold models averaged: test loss {loss:.4g}{quality} "
+        f"(their predictions: gramnewton predict {out})"
+    )
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
