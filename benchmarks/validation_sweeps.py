@@ -51,7 +51,7 @@ from typing import Any
 
 from gramnewton.lab.experiments.metrics import read_rows
 from gramnewton.lab.experiments.runner import METRICS_FILE
-from gramnewton.lab.experiments.sweep import REFIT_FOLDER, SUMMARY_FILE, fold_ensemble_test
+from gramnewton.lab.experiments.sweep import REFIT_FOLDER, SUMMARY_FILE, chosen_runs, fold_ensemble_test
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_log import append_record  # noqa: E402
@@ -104,12 +104,6 @@ def first_fold_choice(folder: Path, rows: list[dict[str, Any]]) -> dict[str, Any
     return min(rows, key=fold_zero)
 
 
-def ensemble_test_mse(point: Path) -> float:
-    """Test MSE of the mean prediction of the kept (best-validation) models of ``point``'s fold
-    runs ``<point>/fold-<i>`` (:func:`~gramnewton.lab.experiments.sweep.fold_ensemble_test`)."""
-    return fold_ensemble_test(sorted(point.glob("fold-*")))[0]
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["concrete", "diabetes"])
@@ -158,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             ensemble = {}
             if args.folds > 1:  # the chosen point's fold models, their predictions averaged
                 for method in METHODS:
-                    ensemble[method] = ensemble_test_mse(
-                        sweep_folder(task, method, seed, args) / chosen[method]["point"]
-                    )
+                    ensemble[method] = fold_ensemble_test(chosen_runs(sweep_folder(task, method, seed, args)))[0]
                 ensembles.append(ensemble["ggn"] / ensemble["adam"])
                 print(
                     f"{task} seed {seed} the {args.folds} fold models averaged: "

@@ -113,7 +113,7 @@ def load_ensemble(
 ) -> tuple[FoldEnsemble, TensorRegressionDataset, list[str]]:
     """The models of ``runs`` (:func:`load_run_model` ``model``) averaged (:class:`FoldEnsemble`
     ``average``; ``None``: the task's, :data:`TASK_AVERAGES`), the split ``split`` they predict
-    (:func:`load_split`, loaded once per run and checked equal) and each model's file name.
+    (:func:`load_split`; each other run's is loaded and checked equal to the first's) and each model's file name.
 
     Raises:
         ValueError: no run, or two runs trained on different data (their ``split`` differs).
@@ -121,13 +121,14 @@ def load_ensemble(
     if not runs:
         raise ValueError("a fold ensemble needs at least one model")
     dataset = load_split(runs[0], split)
-    models, files = [], []
-    for run in runs:
+    for run in runs[1:]:
         if not _same_samples(load_split(run, split), dataset):  # the data sets are cached: cheap
             raise ValueError(
                 f"{run} and {runs[0]} were trained on different data (their {split} splits differ): "
                 "average only runs of one data set, subset and seed"
             )
+    models, files = [], []
+    for run in runs:
         network, file = load_run_model(run, dataset, model)
         models.append(network)
         files.append(file)
